@@ -1,0 +1,178 @@
+//! The HTTP surface: every route, its OpenAPI description, and the layers around them.
+
+use axum::Json;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderName, StatusCode, header};
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::{admin, openai};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Garage AI gateway",
+        description = "An OpenAI-compatible inference gateway for a community GPU network.",
+        license(name = "MIT")
+    ),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "openai", description = "OpenAI-compatible API; authenticate with an API key"),
+        (name = "admin", description = "Operator API; authenticate with the admin token"),
+        (name = "ops", description = "Health, readiness and metrics")
+    )
+)]
+struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let bearer = || {
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build())
+        };
+        components.add_security_scheme("api_key", bearer());
+        components.add_security_scheme("admin_token", bearer());
+    }
+}
+
+/// Routes and spec, built together so that a route cannot be served without being described.
+pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
+    let admin = OpenApiRouter::new()
+        .routes(routes!(admin::create_key, admin::list_keys))
+        .routes(routes!(admin::get_key, admin::revoke_key))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin::require_admin,
+        ));
+    let (router, spec) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(openai::chat_completions))
+        .routes(routes!(openai::completions))
+        .routes(routes!(openai::embeddings))
+        .routes(routes!(openai::list_models))
+        .routes(routes!(openai::get_model))
+        .routes(routes!(health))
+        .routes(routes!(ready))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .merge(admin)
+        .with_state(state)
+        .split_for_parts();
+    (router, spec)
+}
+
+/// The whole application: routes, docs, error fallbacks and layers.
+pub fn app(state: AppState) -> axum::Router {
+    let max_body = state.config.max_body_bytes;
+    let (router, spec) = routes(state);
+    let x_request_id = HeaderName::from_static("x-request-id");
+    router
+        // The spec is also served at /openapi.json by `openapi_json`; Swagger UI reads it there.
+        .merge(SwaggerUi::new("/docs").config(utoipa_swagger_ui::Config::from("/openapi.json")))
+        .layer(axum::Extension(std::sync::Arc::new(spec)))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+        .layer(TraceLayer::new_for_http().make_span_with(
+            |request: &axum::http::Request<axum::body::Body>| {
+                let id = request
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
+            },
+        ))
+        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("Unknown route. See /docs for the API.".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed("This route does not take that method. See /docs.".into())
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok`
+    pub status: String,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/health", tag = "ops", responses((status = 200, body = Health)))]
+pub async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    pub status: String,
+    /// Whether the state store answered.
+    pub store: bool,
+    /// Backends currently in rotation.
+    pub healthy_backends: usize,
+}
+
+/// Readiness: the store answers and at least one backend is healthy.
+#[utoipa::path(
+    get, path = "/ready", tag = "ops",
+    responses((status = 200, body = Readiness), (status = 503, body = Readiness))
+)]
+pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    let store = state.store.ping().await.is_ok();
+    let healthy_backends = state.backends.snapshot().healthy_count();
+    let is_ready = store && healthy_backends > 0;
+    let status = if is_ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(Readiness {
+            status: if is_ready { "ready" } else { "not_ready" }.into(),
+            store,
+            healthy_backends,
+        }),
+    )
+}
+
+/// Prometheus metrics.
+#[utoipa::path(
+    get, path = "/metrics", tag = "ops",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain"))
+)]
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+}
+
+/// This OpenAPI document.
+#[utoipa::path(
+    get, path = "/openapi.json", tag = "ops",
+    responses((status = 200, description = "The OpenAPI 3.1 spec", content_type = "application/json"))
+)]
+pub async fn openapi_json(
+    axum::Extension(spec): axum::Extension<std::sync::Arc<utoipa::openapi::OpenApi>>,
+) -> impl IntoResponse {
+    Json(spec.as_ref().clone())
+}
+

@@ -1,0 +1,293 @@
+//! Backends: where requests go. Static upstreams from the config today, registered rigs later,
+//! all behind one type. The set is an immutable snapshot behind an `ArcSwap`, with a candidate
+//! list per model built once, so picking a backend never scans the registry.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use crate::config::UpstreamConfig;
+use crate::error::ApiError;
+
+/// One OpenAI-compatible backend and its live health.
+#[derive(Debug)]
+pub struct Backend {
+    pub id: String,
+    /// Base URL including the API version, without a trailing slash.
+    pub base_url: String,
+    pub models: Vec<String>,
+    pub api_key: Option<String>,
+    /// Full URL of the health endpoint, when the backend has one.
+    pub health_url: Option<String>,
+    /// Milliseconds since `origin` until which the backend is cooling down after a failure.
+    cooldown_until_ms: AtomicU64,
+    /// Result of the last active health check (true when never checked).
+    probe_ok: AtomicBool,
+    in_flight: AtomicU32,
+    origin: Instant,
+}
+
+impl Backend {
+    pub fn from_upstream(config: &UpstreamConfig, origin: Instant) -> Self {
+        let base_url = config.base_url.trim_end_matches('/').to_owned();
+        let health_url = config.health_path.as_ref().map(|path| {
+            let origin_url = url_origin(&base_url);
+            format!("{origin_url}/{}", path.trim_start_matches('/'))
+        });
+        Backend {
+            id: config.name.clone(),
+            base_url,
+            models: config.models.clone(),
+            api_key: config.api_key.clone(),
+            health_url,
+            cooldown_until_ms: AtomicU64::new(0),
+            probe_ok: AtomicBool::new(true),
+            in_flight: AtomicU32::new(0),
+            origin,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.probe_ok.load(Ordering::Relaxed)
+            && self.cooldown_until_ms.load(Ordering::Relaxed) <= self.now_ms()
+    }
+
+    /// Takes the backend out of rotation for `period` after a failure.
+    pub fn cool_down(&self, period: Duration) {
+        let until = self.now_ms() + period.as_millis() as u64;
+        self.cooldown_until_ms.fetch_max(until, Ordering::Relaxed);
+    }
+
+    pub fn set_probe(&self, ok: bool) {
+        let was = self.probe_ok.swap(ok, Ordering::Relaxed);
+        if was != ok {
+            tracing::info!(backend = %self.id, healthy = ok, "backend health changed");
+        }
+        if ok {
+            // A passing health check ends an earlier cooldown: the backend is back.
+            self.cooldown_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request as in flight until the guard drops.
+    pub fn track(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(Arc::clone(self))
+    }
+}
+
+/// `scheme://host:port` of a URL.
+fn url_origin(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    match url[after_scheme..].find('/') {
+        Some(i) => &url[..after_scheme + i],
+        None => url,
+    }
+}
+
+pub struct InFlight(Arc<Backend>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct ModelCandidates {
+    backends: Vec<Arc<Backend>>,
+    /// Round-robin cursor.
+    next: AtomicUsize,
+}
+
+/// An immutable snapshot of every backend.
+#[derive(Default)]
+pub struct BackendSet {
+    all: Vec<Arc<Backend>>,
+    by_model: HashMap<String, ModelCandidates>,
+}
+
+impl BackendSet {
+    pub fn new(backends: Vec<Arc<Backend>>) -> Self {
+        let mut by_model: HashMap<String, ModelCandidates> = HashMap::new();
+        for backend in &backends {
+            for model in &backend.models {
+                by_model
+                    .entry(model.clone())
+                    .or_insert_with(|| ModelCandidates {
+                        backends: Vec::new(),
+                        next: AtomicUsize::new(0),
+                    })
+                    .backends
+                    .push(Arc::clone(backend));
+            }
+        }
+        BackendSet {
+            all: backends,
+            by_model,
+        }
+    }
+
+    pub fn all(&self) -> &[Arc<Backend>] {
+        &self.all
+    }
+
+    /// Healthy backends of `model`, in round-robin order starting at the next one in turn.
+    /// 404 when nothing serves the model, 503 when nothing healthy does.
+    pub fn candidates(&self, model: &str) -> Result<Vec<Arc<Backend>>, ApiError> {
+        let entry = self
+            .by_model
+            .get(model)
+            .ok_or_else(|| ApiError::ModelNotFound(model.to_owned()))?;
+        let n = entry.backends.len();
+        let start = entry.next.fetch_add(1, Ordering::Relaxed);
+        let ordered: Vec<_> = (0..n)
+            .map(|i| &entry.backends[(start + i) % n])
+            .filter(|b| b.is_healthy())
+            .cloned()
+            .collect();
+        if ordered.is_empty() {
+            return Err(ApiError::Unavailable(format!(
+                "No healthy backend serves `{model}` right now; retry shortly."
+            )));
+        }
+        Ok(ordered)
+    }
+
+    /// Models that at least one healthy backend serves, sorted.
+    pub fn healthy_models(&self) -> BTreeSet<&str> {
+        self.by_model
+            .iter()
+            .filter(|(_, c)| c.backends.iter().any(|b| b.is_healthy()))
+            .map(|(m, _)| m.as_str())
+            .collect()
+    }
+
+    pub fn healthy_count(&self) -> usize {
+        self.all.iter().filter(|b| b.is_healthy()).count()
+    }
+}
+
+/// The live backend registry.
+pub struct Backends {
+    current: ArcSwap<BackendSet>,
+    origin: Instant,
+}
+
+impl Backends {
+    pub fn from_upstreams(upstreams: &[UpstreamConfig]) -> Self {
+        let origin = Instant::now();
+        let backends = upstreams
+            .iter()
+            .map(|u| Arc::new(Backend::from_upstream(u, origin)))
+            .collect();
+        Backends {
+            current: ArcSwap::from_pointee(BackendSet::new(backends)),
+            origin,
+        }
+    }
+
+    /// The current snapshot; a request keeps the one it started with.
+    pub fn snapshot(&self) -> Arc<BackendSet> {
+        self.current.load_full()
+    }
+
+    /// Adds a static upstream at run time (the demo's rigs, later registered nodes).
+    pub fn add(&self, upstream: &UpstreamConfig) {
+        let backend = Arc::new(Backend::from_upstream(upstream, self.origin));
+        self.current.rcu(|set| {
+            let mut all = set.all.clone();
+            all.retain(|b| b.id != backend.id);
+            all.push(Arc::clone(&backend));
+            BackendSet::new(all)
+        });
+    }
+
+    /// Probes every backend that has a health endpoint, forever, one round per `interval`.
+    pub async fn run_health_checks(self: Arc<Self>, client: reqwest::Client, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let set = self.snapshot();
+            let probes = set.all().iter().filter_map(|backend| {
+                let url = backend.health_url.as_ref()?;
+                let client = client.clone();
+                let backend = Arc::clone(backend);
+                let url = url.clone();
+                Some(async move {
+                    let ok = matches!(
+                        tokio::time::timeout(interval, client.get(&url).send()).await,
+                        Ok(Ok(resp)) if resp.status().is_success()
+                    );
+                    backend.set_probe(ok);
+                })
+            });
+            futures::future::join_all(probes).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(name: &str, models: &[&str]) -> UpstreamConfig {
+        UpstreamConfig {
+            name: name.into(),
+            base_url: format!("http://{name}.invalid:8000/v1/"),
+            models: models.iter().map(|m| m.to_string()).collect(),
+            api_key: None,
+            health_path: Some("/health".into()),
+        }
+    }
+
+    #[test]
+    fn round_robin_skips_cooling_backends() {
+        let backends = Backends::from_upstreams(&[
+            upstream("a", &["m"]),
+            upstream("b", &["m"]),
+            upstream("c", &["m", "other"]),
+        ]);
+        let set = backends.snapshot();
+        let firsts: Vec<String> = (0..3)
+            .map(|_| set.candidates("m").unwrap()[0].id.clone())
+            .collect();
+        assert_eq!(firsts, ["a", "b", "c"]);
+        set.all()[1].cool_down(Duration::from_secs(60));
+        let ids: Vec<String> = set
+            .candidates("m")
+            .unwrap()
+            .iter()
+            .map(|b| b.id.clone())
+            .collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert!(matches!(
+            set.candidates("nope"),
+            Err(ApiError::ModelNotFound(_))
+        ));
+        set.all()[2].set_probe(false);
+        assert!(matches!(
+            set.candidates("other"),
+            Err(ApiError::Unavailable(_))
+        ));
+        assert_eq!(set.healthy_models().into_iter().collect::<Vec<_>>(), ["m"]);
+    }
+
+    #[test]
+    fn health_url_from_origin() {
+        let b = Backend::from_upstream(&upstream("a", &["m"]), Instant::now());
+        assert_eq!(b.base_url, "http://a.invalid:8000/v1");
+        assert_eq!(b.health_url.as_deref(), Some("http://a.invalid:8000/health"));
+    }
+}

@@ -1,0 +1,175 @@
+//! The `gateway` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, LogFormat};
+use crate::demo::{Demo, DemoOptions};
+use crate::server::Gateway;
+
+#[derive(Parser)]
+#[command(name = "gateway", version, about = "Garage AI gateway: OpenAI-compatible inference over a community GPU network")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway from a config file (or embedded defaults), overridable by GARAGE_* variables.
+    Serve(ServeArgs),
+    /// Run the gateway with simulated rigs and a ready API key: the one-command experience.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct CommonArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Admin API bearer token.
+    #[arg(long)]
+    admin_token: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormatArg>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// State store: `memory` or a redis:// URL.
+    #[arg(long)]
+    store: Option<String>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Number of simulated rigs.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Use this API key instead of a random one.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Simulated time to first token, in milliseconds.
+    #[arg(long, default_value_t = 60)]
+    ttft_ms: u64,
+    /// Simulated decode speed in tokens per second (0: no delay).
+    #[arg(long, default_value_t = 40.0)]
+    tokens_per_sec: f64,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl CommonArgs {
+    fn apply(&self, config: &mut Config) {
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(token) = &self.admin_token {
+            config.auth.admin_token = Some(token.clone());
+        }
+        if let Some(format) = self.log_format {
+            config.log_format = match format {
+                LogFormatArg::Text => LogFormat::Text,
+                LogFormatArg::Json => LogFormat::Json,
+            };
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs the command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let (mut config, report) = match &args.config {
+                Some(path) => Config::load_file(path, std::env::vars())?,
+                None => Config::load(None, std::env::vars())?,
+            };
+            if let Some(store) = args.store {
+                config.store = store;
+            }
+            args.common.apply(&mut config);
+            init_logging(config.log_format);
+            for name in report.ignored_env {
+                tracing::warn!(variable = %name, "not a gateway setting; ignored");
+            }
+            let grace = Duration::from_secs(config.shutdown_grace_secs);
+            let gateway = Gateway::start(config)
+                .await
+                .context("cannot start the gateway")?;
+            shutdown_on_signal(gateway, grace).await
+        }
+        Command::Demo(args) => {
+            let (mut config, _) = Config::load(None, std::iter::empty())?;
+            args.common.apply(&mut config);
+            init_logging(config.log_format);
+            let grace = Duration::from_secs(config.shutdown_grace_secs);
+            let demo = Demo::start(
+                config,
+                DemoOptions {
+                    nodes: args.nodes,
+                    api_key: args.api_key,
+                    ttft: Duration::from_millis(args.ttft_ms),
+                    tokens_per_sec: args.tokens_per_sec,
+                },
+            )
+            .await
+            .context("cannot start the demo")?;
+            println!("{}", demo.banner());
+            let Demo {
+                gateway, engines, ..
+            } = demo;
+            shutdown_on_signal(gateway, grace).await?;
+            for engine in engines {
+                engine.shutdown().await;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_on_signal(gateway: Gateway, grace: Duration) -> anyhow::Result<()> {
+    wait_for_signal().await?;
+    tracing::info!(grace_secs = grace.as_secs(), "shutting down: finishing in-flight requests");
+    if gateway.shutdown(grace).await {
+        tracing::info!("stopped cleanly");
+    } else {
+        tracing::warn!("grace period over; closing the remaining connections");
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("cannot listen for SIGINT")?,
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}

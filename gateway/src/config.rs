@@ -1,0 +1,378 @@
+//! Gateway configuration: strict TOML, validated once, overridable from the environment.
+//!
+//! Parsing takes its sources as arguments (the TOML text and an iterator of environment pairs) so
+//! tests never touch the process environment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every environment variable that overrides a config field.
+pub const ENV_PREFIX: &str = "GARAGE_";
+
+/// Config fields that an environment variable may override, as dotted paths. A field `a.b` is set
+/// by `GARAGE_A_B`. Kept as a table (not derived) so a renamed field breaks a test, not an
+/// operator's deployment silently; `every_field_has_an_env_name` checks it against the schema.
+pub const ENV_FIELDS: &[&str] = &[
+    "listen",
+    "store",
+    "log_format",
+    "max_body_bytes",
+    "shutdown_grace_secs",
+    "auth.admin_token",
+    "auth.key_secret",
+    "auth.key_cache_secs",
+    "dispatch.connect_timeout_ms",
+    "dispatch.first_byte_timeout_secs",
+    "dispatch.request_timeout_secs",
+    "dispatch.max_attempts",
+    "dispatch.cooldown_secs",
+    "dispatch.health_interval_secs",
+    "upstreams",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the HTTP server listens on.
+    pub listen: SocketAddr,
+    /// `memory` (embedded, the default) or a `redis://` / `rediss://` URL.
+    pub store: String,
+    /// `text` (readable) or `json`.
+    pub log_format: LogFormat,
+    /// Largest request body accepted, in bytes; larger gets 413.
+    pub max_body_bytes: usize,
+    /// On SIGTERM/SIGINT, how long in-flight requests and streams may take to finish.
+    pub shutdown_grace_secs: u64,
+    pub auth: AuthConfig,
+    pub dispatch: DispatchConfig,
+    /// Static OpenAI-compatible upstreams (an existing vLLM server, another gateway...).
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Bearer token of the admin API. When unset, a random one is generated and logged once.
+    pub admin_token: Option<String>,
+    /// Server secret keying the HMAC under which API keys are stored. Required with Redis (every
+    /// replica must hash alike and keys must survive a restart); random per process otherwise.
+    pub key_secret: Option<String>,
+    /// How long an authenticated key stays in the in-process cache. Revocations invalidate it at
+    /// once through the store's events; this bound only matters if an event is lost.
+    pub key_cache_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchConfig {
+    /// TCP connect timeout to a backend. Loopback and LAN rigs connect in well under this.
+    pub connect_timeout_ms: u64,
+    /// How long to wait for a backend's response headers. A cold engine can take long to
+    /// prefill a big prompt, so this is generous; past it the client gets 504.
+    pub first_byte_timeout_secs: u64,
+    /// Bound on reading a whole non-streamed response body.
+    pub request_timeout_secs: u64,
+    /// Backends tried per request (the first choice plus retries on connect failure or 5xx).
+    pub max_attempts: usize,
+    /// How long a backend that failed stays out of rotation.
+    pub cooldown_secs: u64,
+    /// Period of active health checks for upstreams that set `health_path`.
+    pub health_interval_secs: u64,
+}
+
+/// A static OpenAI-compatible backend.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Unique name, used in logs and metrics.
+    pub name: String,
+    /// Base URL including the API version, e.g. `http://10.0.0.5:8000/v1`.
+    pub base_url: String,
+    /// Model names this upstream serves.
+    pub models: Vec<String>,
+    /// Bearer token sent to the upstream, if it wants one.
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// Path of a health endpoint on the upstream's origin (vLLM: `/health`). When set, the
+    /// upstream is probed periodically; when unset, only failed requests take it out of rotation.
+    #[serde(default)]
+    pub health_path: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            store: "memory".into(),
+            log_format: LogFormat::Text,
+            // Chat requests with long contexts and base64 images run to a few MB; 16 MiB leaves
+            // room while still bounding what one request can make us buffer.
+            max_body_bytes: 16 * 1024 * 1024,
+            shutdown_grace_secs: 30,
+            auth: AuthConfig {
+                admin_token: None,
+                key_secret: None,
+                key_cache_secs: 60,
+            },
+            dispatch: DispatchConfig::default(),
+            upstreams: Vec::new(),
+        }
+    }
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            connect_timeout_ms: 2_000,
+            first_byte_timeout_secs: 120,
+            request_timeout_secs: 600,
+            max_attempts: 3,
+            cooldown_secs: 10,
+            health_interval_secs: 5,
+        }
+    }
+}
+
+impl DispatchConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn first_byte_timeout(&self) -> Duration {
+        Duration::from_secs(self.first_byte_timeout_secs)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+    pub fn cooldown(&self) -> Duration {
+        Duration::from_secs(self.cooldown_secs)
+    }
+}
+
+/// What the config loader saw that an operator should know about but is not an error.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// `GARAGE_*` variables that name no config field (client tools use some, e.g.
+    /// `GARAGE_API_KEY`), so they are ignored rather than refused.
+    pub ignored_env: Vec<String>,
+}
+
+impl Config {
+    /// Parses `toml_text` (or the defaults when `None`), then applies `GARAGE_*` overrides from
+    /// `env`, then validates.
+    pub fn load(
+        toml_text: Option<&str>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Config, LoadReport), ConfigError> {
+        let mut table: toml::Table = match toml_text {
+            Some(text) => toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?,
+            None => toml::Table::new(),
+        };
+        let mut report = LoadReport::default();
+        for (name, raw) in env {
+            let Some(suffix) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let Some(path) = ENV_FIELDS
+                .iter()
+                .find(|field| field.replace('.', "_").eq_ignore_ascii_case(suffix))
+            else {
+                report.ignored_env.push(name);
+                continue;
+            };
+            set_path(&mut table, path, parse_env_value(&raw));
+        }
+        let config: Config = Config::deserialize(toml::Value::Table(table))
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok((config, report))
+    }
+
+    /// Reads and parses a config file.
+    pub fn load_file(
+        path: &std::path::Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(Config, LoadReport), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::load(Some(&text), env)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.store != "memory"
+            && !self.store.starts_with("redis://")
+            && !self.store.starts_with("rediss://")
+        {
+            return invalid(format!(
+                "store = {:?}: expected \"memory\" or a redis:// URL",
+                self.store
+            ));
+        }
+        if self.store != "memory" && self.auth.key_secret.is_none() {
+            return invalid(
+                "auth.key_secret is required with a Redis store: every replica must hash API keys \
+                 alike, and keys must survive a restart"
+                    .into(),
+            );
+        }
+        if self.dispatch.max_attempts == 0 {
+            return invalid("dispatch.max_attempts must be at least 1".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for upstream in &self.upstreams {
+            if !names.insert(upstream.name.as_str()) {
+                return invalid(format!("upstream name {:?} is used twice", upstream.name));
+            }
+            if !upstream.base_url.starts_with("http://") && !upstream.base_url.starts_with("https://")
+            {
+                return invalid(format!(
+                    "upstream {:?}: base_url {:?} must start with http:// or https://",
+                    upstream.name, upstream.base_url
+                ));
+            }
+            if upstream.models.is_empty() {
+                return invalid(format!("upstream {:?} serves no models", upstream.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An environment value is read as a TOML value when it parses as one (numbers, booleans,
+/// arrays, inline tables), and as a plain string otherwise, so `GARAGE_LISTEN=0.0.0.0:80` needs
+/// no quoting.
+fn parse_env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn set_path(table: &mut toml::Table, path: &str, value: toml::Value) {
+    let mut parts = path.split('.').peekable();
+    let mut current = table;
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            current.insert(part.to_owned(), value);
+            return;
+        }
+        let entry = current
+            .entry(part.to_owned())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        let toml::Value::Table(next) = entry else {
+            return;
+        };
+        current = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_without_a_file() {
+        let (config, _) = Config::load(None, env(&[])).unwrap();
+        assert_eq!(config.store, "memory");
+        assert!(config.upstreams.is_empty());
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let text = "listen = \"127.0.0.1:9000\"\n[dispatch]\nmax_attempts = 2\n";
+        let (config, report) = Config::load(
+            Some(text),
+            env(&[
+                ("GARAGE_LISTEN", "0.0.0.0:7000"),
+                ("GARAGE_DISPATCH_MAX_ATTEMPTS", "5"),
+                ("GARAGE_AUTH_ADMIN_TOKEN", "s3cret"),
+                ("GARAGE_API_KEY", "client-side"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:7000");
+        assert_eq!(config.dispatch.max_attempts, 5);
+        assert_eq!(config.auth.admin_token.as_deref(), Some("s3cret"));
+        assert_eq!(report.ignored_env, vec!["GARAGE_API_KEY".to_string()]);
+    }
+
+    #[test]
+    fn upstreams_from_env_as_inline_toml() {
+        let (config, _) = Config::load(
+            None,
+            env(&[(
+                "GARAGE_UPSTREAMS",
+                r#"[{name = "a", base_url = "http://127.0.0.1:8000/v1", models = ["m"]}]"#,
+            )]),
+        )
+        .unwrap();
+        assert_eq!(config.upstreams[0].models, vec!["m".to_string()]);
+    }
+
+    #[test]
+    fn every_field_has_an_env_name() {
+        // Every leaf of the serialized defaults (plus the optional fields, which serialize to
+        // nothing) must be reachable from the environment.
+        let mut config = Config::default();
+        config.auth.admin_token = Some("x".into());
+        config.auth.key_secret = Some("x".into());
+        let value = toml::Value::try_from(&config).unwrap();
+        let mut leaves = Vec::new();
+        fn walk(prefix: &str, value: &toml::Value, out: &mut Vec<String>) {
+            match value {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let path = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        walk(&path, v, out);
+                    }
+                }
+                _ => out.push(prefix.to_owned()),
+            }
+        }
+        walk("", &value, &mut leaves);
+        for leaf in leaves {
+            assert!(ENV_FIELDS.contains(&leaf.as_str()), "{leaf} has no env name");
+        }
+    }
+}

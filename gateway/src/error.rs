@@ -1,0 +1,168 @@
+//! Every failure the gateway reports, and the one place that turns it into OpenAI's error shape.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::store::StoreError;
+
+/// OpenAI's error envelope: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Human-readable explanation.
+    pub message: String,
+    /// Error class, e.g. `invalid_request_error`, `server_error`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The request parameter at fault, if any.
+    pub param: Option<&'static str>,
+    /// Machine-readable code, e.g. `invalid_api_key`, `model_not_found`.
+    pub code: Option<&'static str>,
+}
+
+/// Where a failure came from: the client, a backend, or the gateway itself. Decides the status
+/// class and whether another backend may help.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{message}")]
+    Forbidden {
+        message: String,
+        code: &'static str,
+    },
+    #[error("The model `{0}` does not exist or is not served right now.")]
+    ModelNotFound(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// Backends answered, but with failures (5xx, refused connections, broken streams).
+    #[error("{0}")]
+    BadGateway(String),
+    /// No backend can take the request: none healthy, or the store is down.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A backend took too long to answer.
+    #[error("{0}")]
+    GatewayTimeout(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        ApiError::BadRequest {
+            message: message.into(),
+            param,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest { .. }
+            | ApiError::Unauthorized(_)
+            | ApiError::ModelNotFound(_)
+            | ApiError::NotFound(_)
+            | ApiError::MethodNotAllowed(_)
+            | ApiError::PayloadTooLarge(_) => "invalid_request_error",
+            ApiError::Forbidden { .. } => "permission_error",
+            ApiError::BadGateway(_)
+            | ApiError::Unavailable(_)
+            | ApiError::GatewayTimeout(_)
+            | ApiError::Internal(_) => "server_error",
+        }
+    }
+
+    fn param(&self) -> Option<&'static str> {
+        match self {
+            ApiError::BadRequest { param, .. } => *param,
+            ApiError::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    fn code(&self) -> Option<&'static str> {
+        match self {
+            ApiError::Unauthorized(_) => Some("invalid_api_key"),
+            ApiError::Forbidden { code, .. } => Some(code),
+            ApiError::ModelNotFound(_) => Some("model_not_found"),
+            ApiError::NotFound(_) => Some("not_found"),
+            ApiError::PayloadTooLarge(_) => Some("request_too_large"),
+            ApiError::BadGateway(_) => Some("upstream_error"),
+            ApiError::Unavailable(_) => Some("no_backend_available"),
+            ApiError::GatewayTimeout(_) => Some("upstream_timeout"),
+            _ => None,
+        }
+    }
+
+    /// The OpenAI-shaped body of this error.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.to_string(),
+                kind: self.kind(),
+                param: self.param(),
+                code: self.code(),
+            },
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        tracing::error!(error = %err, "store failure");
+        ApiError::Unavailable("the gateway's state store is unavailable; retry shortly".into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
+        }
+        (status, Json(self.body())).into_response()
+    }
+}
+
+/// Maps axum's extractor rejections (body too large, unreadable body...) into the OpenAI shape,
+/// keeping their status.
+pub fn from_rejection(status: StatusCode, text: String) -> ApiError {
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(
+            "request body is larger than this gateway accepts (max_body_bytes)".into(),
+        ),
+        s if s.is_server_error() => ApiError::Internal(text),
+        _ => ApiError::bad_request(text, None),
+    }
+}

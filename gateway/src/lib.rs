@@ -1,0 +1,23 @@
+//! Garage AI gateway: an OpenAI-compatible inference gateway for a community GPU network.
+//!
+//! The binary (`main.rs`) only parses the command line; everything lives here so tests and the
+//! benchmarks drive the same code.
+
+pub mod admin;
+pub mod api;
+pub mod auth;
+pub mod backends;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod dispatch;
+pub mod error;
+pub mod metrics;
+pub mod openai;
+pub mod server;
+pub mod sse;
+pub mod state;
+pub mod store;
+
+pub use config::Config;
+pub use server::Gateway;

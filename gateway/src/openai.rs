@@ -1,0 +1,463 @@
+//! The OpenAI-compatible API under `/v1`.
+
+use std::borrow::Cow;
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use utoipa::ToSchema;
+
+use crate::dispatch::{Outgoing, forward};
+use crate::error::{ApiError, ErrorBody, from_rejection};
+use crate::state::AppState;
+use crate::store::ApiKeyRecord;
+
+/// The three inference endpoints; they differ only in path and required input field.
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Chat,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/chat/completions",
+            Endpoint::Completions => "/completions",
+            Endpoint::Embeddings => "/embeddings",
+        }
+    }
+    fn route(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "chat_completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+    fn input_field(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "messages",
+            Endpoint::Completions => "prompt",
+            Endpoint::Embeddings => "input",
+        }
+    }
+}
+
+/// The few fields the gateway reads; everything else passes through unread.
+#[derive(Deserialize)]
+struct RequestHead<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptionsHead>,
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptionsHead {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+struct Admitted {
+    model: String,
+    stream: bool,
+    client_wants_usage: bool,
+}
+
+fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
+    let head: RequestHead<'_> = serde_json::from_slice(body).map_err(|err| {
+        ApiError::bad_request(
+            format!(
+                "We could not parse the JSON body of your request ({err}). The body must be a \
+                 JSON object."
+            ),
+            None,
+        )
+    })?;
+    let model = match head.model {
+        Some(model) if !model.is_empty() => model.into_owned(),
+        _ => {
+            return Err(ApiError::bad_request(
+                "You must provide a model parameter.",
+                Some("model"),
+            ));
+        }
+    };
+    let field = endpoint.input_field();
+    let input = match endpoint {
+        Endpoint::Chat => head.messages,
+        Endpoint::Completions => head.prompt,
+        Endpoint::Embeddings => head.input,
+    };
+    match input.map(|raw| raw.get().trim_start().as_bytes().first().copied()) {
+        None | Some(Some(b'n')) => {
+            return Err(ApiError::bad_request(
+                format!("Missing required parameter: '{field}'."),
+                Some(field),
+            ));
+        }
+        Some(first) if matches!(endpoint, Endpoint::Chat) && first != Some(b'[') => {
+            return Err(ApiError::bad_request(
+                "Invalid type for 'messages': expected an array of messages.",
+                Some("messages"),
+            ));
+        }
+        _ => {}
+    }
+    let stream = !matches!(endpoint, Endpoint::Embeddings) && head.stream.unwrap_or(false);
+    let client_wants_usage = head
+        .stream_options
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    Ok(Admitted {
+        model,
+        stream,
+        client_wants_usage,
+    })
+}
+
+/// The body with `stream_options.include_usage` set, so the backend reports usage on a stream.
+/// Key order and every other field are kept.
+fn with_include_usage(body: &[u8]) -> Result<Bytes, ApiError> {
+    let mut map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}"), None))?;
+    let options = map
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    if !options.is_object() {
+        *options = serde_json::Value::Object(Default::default());
+    }
+    if let Some(options) = options.as_object_mut() {
+        options.insert("include_usage".into(), serde_json::Value::Bool(true));
+    }
+    serde_json::to_vec(&map)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+fn check_model_allowed(key: &ApiKeyRecord, model: &str) -> Result<(), ApiError> {
+    match &key.allowed_models {
+        Some(allowed) if !allowed.iter().any(|m| m == model) => Err(ApiError::Forbidden {
+            message: format!("This API key may not use the model `{model}`."),
+            code: "model_not_allowed",
+        }),
+        _ => Ok(()),
+    }
+}
+
+async fn proxy(
+    state: AppState,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let result = admit_and_forward(&state, endpoint, &headers, body, started).await;
+    if let Err(err) = &result {
+        // Errors before a backend was chosen. The model label stays bounded: a model nobody
+        // serves is not recorded by name.
+        if !matches!(
+            err,
+            ApiError::BadGateway(_) | ApiError::GatewayTimeout(_) | ApiError::Unavailable(_)
+        ) {
+            state
+                .metrics
+                .requests
+                .with_label_values(&[endpoint.route(), "", err.status().as_str()])
+                .inc();
+        }
+    }
+    result
+}
+
+async fn admit_and_forward(
+    state: &AppState,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let key = state.auth.authenticate(headers).await?;
+    let body = body.map_err(|r| from_rejection(r.status(), r.body_text()))?;
+    let admitted = parse(endpoint, &body)?;
+    check_model_allowed(&key, &admitted.model)?;
+    let candidates = state.backends.snapshot().candidates(&admitted.model)?;
+    let hide_usage_chunk = admitted.stream && !admitted.client_wants_usage;
+    let body = if hide_usage_chunk {
+        with_include_usage(&body)?
+    } else {
+        body
+    };
+    forward(
+        state,
+        &candidates,
+        Outgoing {
+            route: endpoint.route(),
+            path: endpoint.path(),
+            model: admitted.model,
+            body,
+            stream: admitted.stream,
+            hide_usage_chunk,
+            request_id: headers.get("x-request-id").cloned(),
+            started,
+        },
+    )
+    .await
+}
+
+/// Creates a model response for the given chat conversation; with `"stream": true` the answer
+/// arrives as server-sent events.
+#[utoipa::path(
+    post, path = "/v1/chat/completions", tag = "openai",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "A chat completion (or an event stream of chunks)", body = serde_json::Value),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 403, description = "Revoked key, or a model the key may not use", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 502, description = "Backends failed", body = ErrorBody),
+        (status = 503, description = "No healthy backend", body = ErrorBody),
+        (status = 504, description = "Backend timed out", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    proxy(state, Endpoint::Chat, headers, body).await
+}
+
+/// Creates a completion for the given prompt (legacy completions API).
+#[utoipa::path(
+    post, path = "/v1/completions", tag = "openai",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "A completion (or an event stream of chunks)", body = serde_json::Value),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 502, description = "Backends failed", body = ErrorBody),
+        (status = 503, description = "No healthy backend", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    proxy(state, Endpoint::Completions, headers, body).await
+}
+
+/// Creates embedding vectors for the input.
+#[utoipa::path(
+    post, path = "/v1/embeddings", tag = "openai",
+    request_body = EmbeddingRequest,
+    responses(
+        (status = 200, description = "Embeddings", body = serde_json::Value),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 502, description = "Backends failed", body = ErrorBody),
+        (status = 503, description = "No healthy backend", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn embeddings(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    proxy(state, Endpoint::Embeddings, headers, body).await
+}
+
+/// A model, as OpenAI lists it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Model {
+    pub id: String,
+    /// Always `model`.
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub owned_by: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ModelList {
+    /// Always `list`.
+    pub object: String,
+    pub data: Vec<Model>,
+}
+
+fn model(state: &AppState, id: &str) -> Model {
+    Model {
+        id: id.to_owned(),
+        object: "model".into(),
+        created: state.started_at,
+        owned_by: "garage".into(),
+    }
+}
+
+/// Lists the models that healthy backends serve right now (and this key may use).
+#[utoipa::path(
+    get, path = "/v1/models", tag = "openai",
+    responses(
+        (status = 200, body = ModelList),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn list_models(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<ModelList>, ApiError> {
+    let key = state.auth.authenticate(&headers).await?;
+    let backends = state.backends.snapshot();
+    let data = backends
+        .healthy_models()
+        .into_iter()
+        .filter(|m| check_model_allowed(&key, m).is_ok())
+        .map(|m| model(&state, m))
+        .collect();
+    Ok(Json(ModelList {
+        object: "list".into(),
+        data,
+    }))
+}
+
+/// One model, if a healthy backend serves it.
+#[utoipa::path(
+    get, path = "/v1/models/{model}", tag = "openai",
+    params(("model" = String, Path, description = "Model name")),
+    responses(
+        (status = 200, body = Model),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 404, description = "Not served", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn get_model(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Model>, ApiError> {
+    let key = state.auth.authenticate(&headers).await?;
+    let served = state.backends.snapshot().healthy_models().contains(id.as_str());
+    if !served || check_model_allowed(&key, &id).is_err() {
+        return Err(ApiError::ModelNotFound(id));
+    }
+    Ok(Json(model(&state, &id)))
+}
+
+// Request schemas for the spec. The gateway forwards bodies without deserializing them into
+// these, so any field OpenAI or a backend adds passes through.
+
+/// A chat completion request (the fields the gateway documents; any other passes through).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ChatCompletionRequest {
+    /// Model name, as listed by `GET /v1/models`.
+    model: String,
+    /// The conversation so far.
+    messages: Vec<ChatMessage>,
+    /// Stream the answer as server-sent events.
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    /// Tools, response_format, logprobs, vendor extensions...: passed to the backend as is.
+    #[schema(additional_properties)]
+    extra: Option<serde_json::Value>,
+}
+
+/// One chat message.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant` or `tool`.
+    role: String,
+    /// Text, or an array of content parts.
+    content: serde_json::Value,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct StreamOptions {
+    /// Send a last chunk with the token usage of the whole request.
+    include_usage: Option<bool>,
+}
+
+/// A completion request.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct CompletionRequest {
+    model: String,
+    /// A string, an array of strings, or token arrays.
+    prompt: serde_json::Value,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+}
+
+/// An embeddings request.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct EmbeddingRequest {
+    model: String,
+    /// A string, an array of strings, or token arrays.
+    input: serde_json::Value,
+    /// `float` or `base64`.
+    encoding_format: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_rejects_what_openai_rejects() {
+        let err = |e: Endpoint, b: &str| parse(e, b.as_bytes()).err().map(|e| e.to_string());
+        assert!(err(Endpoint::Chat, "{").unwrap().contains("parse the JSON"));
+        assert!(err(Endpoint::Chat, "[1]").unwrap().contains("parse the JSON"));
+        assert!(err(Endpoint::Chat, r#"{"messages":[]}"#).unwrap().contains("model"));
+        assert!(err(Endpoint::Chat, r#"{"model":"m"}"#).unwrap().contains("messages"));
+        assert!(err(Endpoint::Chat, r#"{"model":"m","messages":"hi"}"#).unwrap().contains("array"));
+        assert!(err(Endpoint::Completions, r#"{"model":"m","prompt":null}"#).unwrap().contains("prompt"));
+        assert!(err(Endpoint::Embeddings, r#"{"model":"m","input":"x"}"#).is_none());
+        let ok = parse(Endpoint::Chat, br#"{"model":"m\u0031","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        assert_eq!(ok.model, "m1");
+        assert!(ok.stream && ok.client_wants_usage);
+    }
+
+    #[test]
+    fn include_usage_keeps_everything_else() {
+        let body = br#"{"model":"m","tools":[{"type":"function"}],"stream":true,"x_vendor":1.5}"#;
+        let out = with_include_usage(body).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"model":"m","tools":[{"type":"function"}],"stream":true,"x_vendor":1.5,"stream_options":{"include_usage":true}}"#
+        );
+    }
+}

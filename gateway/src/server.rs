@@ -1,0 +1,167 @@
+//! Starting and stopping a gateway.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{KeyAuth, KeyHasher, random_token, unix_now};
+use crate::backends::Backends;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::state::{AppState, Inner, backend_client};
+use crate::store::{self, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the state store {url}: {source}")]
+    Store { url: String, source: StoreError },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot build the backend HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// A running gateway: its server task and background tasks, stopped together.
+pub struct Gateway {
+    addr: SocketAddr,
+    state: AppState,
+    shutdown: CancellationToken,
+    server: JoinHandle<std::io::Result<()>>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Opens the store, binds the listener and starts serving.
+    pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        let store = store::open(&config.store)
+            .await
+            .map_err(|source| StartError::Store {
+                url: redact_url(&config.store),
+                source,
+            })?;
+        let key_secret = match &config.auth.key_secret {
+            Some(secret) => secret.clone().into_bytes(),
+            // Memory store only (config validation requires a secret with Redis): keys live and
+            // die with this process, so a per-process secret is enough.
+            None => random_token(48).into_bytes(),
+        };
+        let admin_token = match &config.auth.admin_token {
+            Some(token) => token.clone(),
+            None => {
+                let token = random_token(32);
+                tracing::warn!(admin_token = %token, "no auth.admin_token configured; generated one for this run");
+                token
+            }
+        };
+        let auth = KeyAuth::new(
+            store.clone(),
+            KeyHasher::new(&key_secret),
+            Duration::from_secs(config.auth.key_cache_secs),
+        );
+        let backends = Arc::new(Backends::from_upstreams(&config.upstreams));
+        let http = backend_client(&config)?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let health_interval = Duration::from_secs(config.dispatch.health_interval_secs.max(1));
+        let state = AppState::new(Inner {
+            config,
+            store,
+            auth: auth.clone(),
+            backends: backends.clone(),
+            http: http.clone(),
+            metrics: Metrics::new(),
+            admin_token,
+            started_at: unix_now(),
+        });
+        let background = vec![
+            auth.spawn_invalidator(),
+            tokio::spawn(backends.run_health_checks(http, health_interval)),
+        ];
+        let shutdown = CancellationToken::new();
+        // Nagle off on every client socket: see `state::backend_client`.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+            }
+        });
+        let app = crate::api::app(state.clone());
+        let server = tokio::spawn(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                .into_future(),
+        );
+        tracing::info!(%addr, "gateway listening");
+        Ok(Gateway {
+            addr,
+            state,
+            shutdown,
+            server,
+            background,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    pub fn admin_token(&self) -> &str {
+        &self.state.admin_token
+    }
+
+    /// Stops accepting, lets in-flight requests and streams finish within `grace`, then stops.
+    /// Returns false when the grace period ran out with requests still open.
+    pub async fn shutdown(self, grace: Duration) -> bool {
+        self.shutdown.cancel();
+        let finished = tokio::time::timeout(grace, self.server).await.is_ok();
+        for task in self.background {
+            task.abort();
+        }
+        finished
+    }
+}
+
+/// A store URL for logs, without its password.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***{}", &url[..scheme_end], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn store_urls_lose_their_password() {
+        assert_eq!(
+            super::redact_url("redis://:hunter2@db:6379/0"),
+            "redis://***@db:6379/0"
+        );
+        assert_eq!(super::redact_url("memory"), "memory");
+    }
+}

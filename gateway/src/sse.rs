@@ -1,0 +1,234 @@
+//! Server-sent events from a backend, passed through chunk by chunk while the gateway reads the
+//! usage out of them.
+//!
+//! The gateway always asks the backend for `stream_options.include_usage`, so that it learns the
+//! token counts of every stream. When the client did not ask for it, the extra usage chunk (the
+//! one with `"choices": []`) is taken out before it reaches the client. Everything else is
+//! forwarded byte for byte as soon as an event is complete: nothing waits for more than one
+//! event.
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+
+/// Token counts as OpenAI reports them.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct ChunkHead {
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    choices: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+/// Usage of a whole (non-streamed) response body, if it reports one.
+pub fn usage_of_body(body: &[u8]) -> Option<Usage> {
+    #[derive(Deserialize)]
+    struct Body {
+        #[serde(default)]
+        usage: Option<Usage>,
+    }
+    serde_json::from_slice::<Body>(body).ok()?.usage
+}
+
+/// Incremental SSE scanner.
+pub struct SseTap {
+    pending: BytesMut,
+    /// Drop the usage-only chunk: the gateway asked for it, not the client.
+    hide_usage_chunk: bool,
+    usage: Option<Usage>,
+}
+
+const USAGE_KEY: &[u8] = b"\"usage\"";
+
+impl SseTap {
+    pub fn new(hide_usage_chunk: bool) -> Self {
+        SseTap {
+            pending: BytesMut::new(),
+            hide_usage_chunk,
+            usage: None,
+        }
+    }
+
+    /// The usage seen so far (the last report wins).
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// Takes a chunk from the backend; returns what to send to the client now (possibly empty).
+    pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+        // Fast path: whole events, none of which mention usage, pass through untouched without
+        // a copy. This is almost every chunk of a stream.
+        if self.pending.is_empty()
+            && ends_with_blank_line(&chunk)
+            && memchr::memmem::find(&chunk, USAGE_KEY).is_none()
+        {
+            return chunk;
+        }
+        self.pending.extend_from_slice(&chunk);
+        let mut out = BytesMut::new();
+        while let Some(end) = event_end(&self.pending) {
+            let event = self.pending.split_to(end).freeze();
+            if self.keep(&event) {
+                out.extend_from_slice(&event);
+            }
+        }
+        out.freeze()
+    }
+
+    /// Whatever is left when the backend ends the stream (an unterminated last event).
+    pub fn finish(&mut self) -> Bytes {
+        let rest = self.pending.split().freeze();
+        if !rest.is_empty() && self.keep(&rest) {
+            rest
+        } else {
+            Bytes::new()
+        }
+    }
+
+    /// Reads usage from an event and decides whether the client sees it.
+    fn keep(&mut self, event: &[u8]) -> bool {
+        if memchr::memmem::find(event, USAGE_KEY).is_none() {
+            return true;
+        }
+        let Some(data) = event_data(event) else {
+            return true;
+        };
+        let Ok(head) = serde_json::from_slice::<ChunkHead>(&data) else {
+            return true;
+        };
+        let Some(usage) = head.usage else {
+            return true;
+        };
+        self.usage = Some(usage);
+        let usage_only = head.choices.is_some_and(|c| c.is_empty());
+        !(self.hide_usage_chunk && usage_only)
+    }
+}
+
+fn ends_with_blank_line(chunk: &[u8]) -> bool {
+    chunk.ends_with(b"\n\n") || chunk.ends_with(b"\r\n\r\n")
+}
+
+/// Length of the first complete event in `buf` (through its terminating blank line).
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = memchr::memchr(b'\n', &buf[from..]) {
+        let nl = from + i;
+        match buf.get(nl + 1) {
+            Some(b'\n') => return Some(nl + 2),
+            Some(b'\r') if buf.get(nl + 2) == Some(&b'\n') => return Some(nl + 3),
+            _ => from = nl + 1,
+        }
+    }
+    None
+}
+
+/// The `data:` payload of one event (multiple data lines joined by newlines, as SSE defines).
+fn event_data(event: &[u8]) -> Option<Vec<u8>> {
+    let mut data: Option<Vec<u8>> = None;
+    for line in event.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(value) = line.strip_prefix(b"data:") {
+            let value = value.strip_prefix(b" ").unwrap_or(value);
+            let buf = data.get_or_insert_with(Vec::new);
+            if !buf.is_empty() {
+                buf.push(b'\n');
+            }
+            buf.extend_from_slice(value);
+        }
+    }
+    data
+}
+
+/// An SSE event carrying an OpenAI-shaped error: how a stream that already started reports a
+/// failure (the openai SDKs raise it as an `APIError`).
+pub fn error_event(message: &str) -> Bytes {
+    let body = serde_json::json!({
+        "error": {
+            "message": message,
+            "type": "server_error",
+            "param": null,
+            "code": "upstream_error",
+        }
+    });
+    Bytes::from(format!("data: {body}\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONTENT: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n";
+    const USAGE: &str =
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":5}}\n\n";
+    const DONE: &str = "data: [DONE]\n\n";
+
+    fn run(tap: &mut SseTap, pieces: &[&str]) -> String {
+        let mut out = Vec::new();
+        for piece in pieces {
+            out.extend_from_slice(&tap.feed(Bytes::copy_from_slice(piece.as_bytes())));
+        }
+        out.extend_from_slice(&tap.finish());
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn hides_usage_chunk_when_asked() {
+        let mut tap = SseTap::new(true);
+        let out = run(&mut tap, &[CONTENT, USAGE, DONE]);
+        assert_eq!(out, format!("{CONTENT}{DONE}"));
+        assert_eq!(
+            tap.usage(),
+            Some(Usage {
+                prompt_tokens: 3,
+                completion_tokens: 5
+            })
+        );
+    }
+
+    #[test]
+    fn keeps_usage_chunk_for_clients_that_asked() {
+        let mut tap = SseTap::new(false);
+        let out = run(&mut tap, &[CONTENT, USAGE, DONE]);
+        assert_eq!(out, format!("{CONTENT}{USAGE}{DONE}"));
+        assert_eq!(tap.usage().unwrap().completion_tokens, 5);
+    }
+
+    #[test]
+    fn events_split_across_chunks_and_crlf() {
+        let all = format!("{CONTENT}{USAGE}{DONE}").replace("\n\n", "\r\n\r\n");
+        let bytes = all.as_bytes();
+        let mut tap = SseTap::new(true);
+        // Feed one byte at a time: the worst fragmentation a backend can produce.
+        let pieces: Vec<String> = bytes.iter().map(|b| (*b as char).to_string()).collect();
+        let refs: Vec<&str> = pieces.iter().map(String::as_str).collect();
+        let out = run(&mut tap, &refs);
+        let expected = format!("{CONTENT}{DONE}").replace("\n\n", "\r\n\r\n");
+        assert_eq!(out, expected);
+        assert_eq!(tap.usage().unwrap().prompt_tokens, 3);
+    }
+
+    #[test]
+    fn content_mentioning_usage_is_not_dropped() {
+        let tricky = "data: {\"choices\":[{\"delta\":{\"content\":\"\\\"usage\\\"\"}}]}\n\n";
+        let named = "data: {\"choices\":[{\"delta\":{\"content\":\"usage\"}}],\"usage\":null}\n\n";
+        let mut tap = SseTap::new(true);
+        let out = run(&mut tap, &[tricky, named]);
+        assert_eq!(out, format!("{tricky}{named}"));
+        assert_eq!(tap.usage(), None);
+    }
+
+    #[test]
+    fn body_usage() {
+        let body = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#;
+        assert_eq!(usage_of_body(body).unwrap().prompt_tokens, 7);
+        assert_eq!(usage_of_body(b"not json"), None);
+    }
+}

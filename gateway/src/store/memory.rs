@@ -1,0 +1,153 @@
+//! The embedded store: everything in this process, nothing to install.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+use super::{ApiKeyRecord, EVENT_BUFFER, Store, StoreError, StoreEvent};
+
+#[derive(Default)]
+struct Inner {
+    keys: HashMap<String, ApiKeyRecord>,
+    key_ids_by_hash: HashMap<String, String>,
+    kv: HashMap<String, (Vec<u8>, Option<Instant>)>,
+}
+
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+    events: broadcast::Sender<StoreEvent>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        MemoryStore {
+            inner: Mutex::new(Inner::default()),
+            events: broadcast::channel(EVENT_BUFFER).0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the maps half-updated in a way that
+        // matters more than losing the process's state, so a poisoned lock is used as is.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn live(entry: &(Vec<u8>, Option<Instant>), now: Instant) -> bool {
+    entry.1.is_none_or(|expiry| expiry > now)
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        inner
+            .key_ids_by_hash
+            .insert(key.hash.clone(), key.id.clone());
+        inner.keys.insert(key.id.clone(), key.clone());
+        Ok(())
+    }
+
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .key_ids_by_hash
+            .get(hash)
+            .and_then(|id| inner.keys.get(id))
+            .cloned())
+    }
+
+    async fn key_by_id(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        Ok(self.lock().keys.get(id).cloned())
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let mut keys: Vec<_> = self.lock().keys.values().cloned().collect();
+        keys.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(keys)
+    }
+
+    async fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        match inner.kv.get(key) {
+            Some(entry) if live(entry, now) => Ok(Some(entry.0.clone())),
+            Some(_) => {
+                inner.kv.remove(key);
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn kv_set(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let expiry = ttl.map(|ttl| Instant::now() + ttl);
+        self.lock()
+            .kv
+            .insert(key.to_owned(), (value.to_vec(), expiry));
+        Ok(())
+    }
+
+    async fn kv_incr(
+        &self,
+        key: &str,
+        delta: i64,
+        ttl: Option<Duration>,
+    ) -> Result<i64, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let current = match inner.kv.get(key) {
+            Some(entry) if live(entry, now) => Some(entry),
+            _ => None,
+        };
+        let (value, expiry) = match current {
+            Some((bytes, expiry)) => {
+                let text = std::str::from_utf8(bytes)
+                    .map_err(|_| StoreError::Corrupt(format!("{key} is not an integer")))?;
+                let value: i64 = text
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("{key} is not an integer")))?;
+                (value, *expiry)
+            }
+            None => (0, ttl.map(|ttl| now + ttl)),
+        };
+        let next = value.saturating_add(delta);
+        inner
+            .kv
+            .insert(key.to_owned(), (next.to_string().into_bytes(), expiry));
+        Ok(next)
+    }
+
+    async fn kv_delete(&self, key: &str) -> Result<(), StoreError> {
+        self.lock().kv.remove(key);
+        Ok(())
+    }
+
+    async fn publish(&self, event: &StoreEvent) -> Result<(), StoreError> {
+        // No subscriber is not an error: nobody needed to hear it.
+        let _ = self.events.send(event.clone());
+        Ok(())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.events.subscribe()
+    }
+}

@@ -1,0 +1,107 @@
+//! The state store: one trait, an embedded in-memory implementation (the default) and a Redis one
+//! (for several gateway replicas). Both pass the same test suite (`tests/store_suite.rs`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+mod memory;
+mod redis;
+
+pub use memory::MemoryStore;
+pub use redis::RedisStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store backend error: {0}")]
+    Backend(String),
+    #[error("corrupt record in store: {0}")]
+    Corrupt(String),
+}
+
+impl From<::redis::RedisError> for StoreError {
+    fn from(err: ::redis::RedisError) -> Self {
+        StoreError::Backend(err.to_string())
+    }
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(err: serde_json::Error) -> Self {
+        StoreError::Corrupt(err.to_string())
+    }
+}
+
+/// An API key as stored: the secret itself is never here, only its keyed hash.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApiKeyRecord {
+    pub id: String,
+    pub name: String,
+    /// HMAC-SHA256 of the secret under the server's key secret, hex.
+    pub hash: String,
+    /// The first characters of the secret, so people can tell their keys apart.
+    pub prefix: String,
+    /// Models this key may call; `None` means all.
+    pub allowed_models: Option<Vec<String>>,
+    /// Free-form metadata set by the admin (limits and budgets read it later).
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds; a revoked key is refused.
+    pub revoked_at: Option<u64>,
+}
+
+/// Events every gateway replica hears, whichever replica caused them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum StoreEvent {
+    /// A key was created, changed or revoked: drop it from caches.
+    KeyChanged { id: String, hash: String },
+    /// The event stream had a gap (a reconnect): every cache must be dropped.
+    Resync,
+}
+
+/// A store every gateway replica shares. Implementations are cheap to share (`Arc<dyn Store>`).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Checks the store is reachable.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Inserts or replaces a key record (indexed by id and by hash).
+    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError>;
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
+    async fn key_by_id(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError>;
+    /// All keys, oldest first.
+    async fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError>;
+
+    /// Plain key-value state (plugins' counters and such), namespaced by the caller.
+    async fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Sets a value; with a TTL it expires by itself.
+    async fn kv_set(&self, key: &str, value: &[u8], ttl: Option<Duration>)
+    -> Result<(), StoreError>;
+    /// Atomically adds `delta` (a missing key counts as 0) and returns the new value. The TTL,
+    /// if any, is set only when the key is created, so a counter's window does not slide.
+    async fn kv_incr(&self, key: &str, delta: i64, ttl: Option<Duration>)
+    -> Result<i64, StoreError>;
+    async fn kv_delete(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Sends an event to every replica (this one included).
+    async fn publish(&self, event: &StoreEvent) -> Result<(), StoreError>;
+    /// Events published from now on.
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
+}
+
+/// Opens the store a config names: `memory` or a Redis URL.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if url == "memory" {
+        Ok(Arc::new(MemoryStore::new()))
+    } else {
+        Ok(Arc::new(RedisStore::connect(url).await?))
+    }
+}
+
+/// How many events a slow subscriber may lag before it must resync. Events are rare (key and
+/// plugin changes), so this is generous.
+const EVENT_BUFFER: usize = 1024;

@@ -1,0 +1,218 @@
+//! The Redis store: the shared state of several gateway replicas.
+//!
+//! Layout (every key under `garage:`): `key:{id}` → JSON record, `keyhash:{hash}` → id,
+//! `keys` → sorted set of ids by creation time, `kv:{name}` → plugin state; events on the
+//! `garage:events` channel.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+use super::{ApiKeyRecord, EVENT_BUFFER, Store, StoreError, StoreEvent};
+
+const EVENTS_CHANNEL: &str = "garage:events";
+
+/// INCRBY that sets the expiry only on a key that has none, so a rate-limit window starts when
+/// its counter is created and does not slide with every hit.
+const INCR_WITH_TTL: &str = r"
+local v = redis.call('INCRBY', KEYS[1], ARGV[1])
+if tonumber(ARGV[2]) > 0 and redis.call('PTTL', KEYS[1]) == -1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return v
+";
+
+pub struct RedisStore {
+    conn: ConnectionManager,
+    events: broadcast::Sender<StoreEvent>,
+    incr_script: redis::Script,
+    subscriber: JoinHandle<()>,
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        self.subscriber.abort();
+    }
+}
+
+fn key_key(id: &str) -> String {
+    format!("garage:key:{id}")
+}
+fn hash_key(hash: &str) -> String {
+    format!("garage:keyhash:{hash}")
+}
+fn kv_key(name: &str) -> String {
+    format!("garage:kv:{name}")
+}
+const KEYS_INDEX: &str = "garage:keys";
+
+impl RedisStore {
+    /// Connects (and fails if Redis cannot be reached now); later outages are retried.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url)?;
+        let conn = ConnectionManager::new(client.clone()).await?;
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let subscriber = tokio::spawn(forward_events(client, events.clone()));
+        Ok(RedisStore {
+            conn,
+            events,
+            incr_script: redis::Script::new(INCR_WITH_TTL),
+            subscriber,
+        })
+    }
+}
+
+/// Relays the Redis channel into the local broadcast, reconnecting after a loss. A reconnect
+/// means events may have been missed, so it announces `Resync` for caches to drop everything.
+async fn forward_events(client: redis::Client, events: broadcast::Sender<StoreEvent>) {
+    let mut backoff = Duration::from_millis(100);
+    let mut first = true;
+    loop {
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => {
+                if let Err(err) = pubsub.subscribe(EVENTS_CHANNEL).await {
+                    tracing::warn!(error = %err, "cannot subscribe to store events");
+                } else {
+                    if !first {
+                        let _ = events.send(StoreEvent::Resync);
+                    }
+                    first = false;
+                    backoff = Duration::from_millis(100);
+                    let mut messages = pubsub.on_message();
+                    while let Some(msg) = messages.next().await {
+                        let payload: Vec<u8> = msg.get_payload_bytes().to_vec();
+                        match serde_json::from_slice::<StoreEvent>(&payload) {
+                            Ok(event) => {
+                                let _ = events.send(event);
+                            }
+                            Err(err) => tracing::warn!(error = %err, "unreadable store event"),
+                        }
+                    }
+                    tracing::warn!("store event subscription lost; reconnecting");
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot reach store for events"),
+        }
+        tokio::time::sleep(backoff).await;
+        // Reconnect quickly at first (a restart of Redis), then back off to a few seconds.
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn put_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        let json = serde_json::to_string(key)?;
+        let mut conn = self.conn.clone();
+        let _: () = redis::pipe()
+            .atomic()
+            .set(key_key(&key.id), json)
+            .ignore()
+            .set(hash_key(&key.hash), &key.id)
+            .ignore()
+            .zadd(KEYS_INDEX, &key.id, key.created_at)
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let id: Option<String> = conn.get(hash_key(hash)).await?;
+        match id {
+            Some(id) => self.key_by_id(&id).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn key_by_id(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let json: Option<String> = conn.get(key_key(id)).await?;
+        Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = conn.zrange(KEYS_INDEX, 0, -1).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| key_key(id)).collect();
+        let records: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await?;
+        records
+            .into_iter()
+            .flatten()
+            .map(|json| serde_json::from_str(&json).map_err(StoreError::from))
+            .collect()
+    }
+
+    async fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.get(kv_key(key)).await?)
+    }
+
+    async fn kv_set(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(kv_key(key)).arg(value);
+        if let Some(ttl) = ttl {
+            cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
+        }
+        let _: () = cmd.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn kv_incr(
+        &self,
+        key: &str,
+        delta: i64,
+        ttl: Option<Duration>,
+    ) -> Result<i64, StoreError> {
+        let mut conn = self.conn.clone();
+        let ttl_ms = ttl.map_or(0, |ttl| ttl.as_millis().max(1) as u64);
+        Ok(self
+            .incr_script
+            .key(kv_key(key))
+            .arg(delta)
+            .arg(ttl_ms)
+            .invoke_async(&mut conn)
+            .await?)
+    }
+
+    async fn kv_delete(&self, key: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn.del(kv_key(key)).await?;
+        Ok(())
+    }
+
+    async fn publish(&self, event: &StoreEvent) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let json = serde_json::to_string(event)?;
+        let _: () = conn.publish(EVENTS_CHANNEL, json).await?;
+        Ok(())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.events.subscribe()
+    }
+}

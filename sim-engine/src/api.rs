@@ -1,0 +1,647 @@
+//! The HTTP surface: vLLM's OpenAI-compatible routes and its errors.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::state::{Fate, Finish, Running, SimState};
+use crate::synth;
+
+/// Streams are dropped after this many frames when the drop fault hits: late enough that the
+/// client has seen a response start, early enough that it never sees `[DONE]`.
+const DROP_AFTER_FRAMES: u32 = 2;
+
+/// Context length the simulated model reports and enforces (Llama 3 8B's); it also bounds what a
+/// request can make us allocate.
+const MAX_MODEL_LEN: u32 = 8192;
+
+/// The engine's routes on `state`; serve it on any listener.
+pub fn router(state: SimState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async {}))
+        .route(
+            "/version",
+            get(|| async { Json(json!({"version": "0.10.1+garage.sim"})) }),
+        )
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::NoRoute })
+        .with_state(state)
+}
+
+/// Every failure, answered in vLLM's OpenAI error shape.
+#[derive(Debug)]
+enum ApiError {
+    BadRequest(String),
+    UnknownModel(String),
+    NoRoute,
+    Simulated,
+    ShuttingDown,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind, param, message) = match self {
+            ApiError::BadRequest(message) => {
+                (StatusCode::BAD_REQUEST, "BadRequestError", None, message)
+            }
+            ApiError::UnknownModel(model) => (
+                StatusCode::NOT_FOUND,
+                "NotFoundError",
+                Some("model"),
+                format!("The model `{model}` does not exist."),
+            ),
+            ApiError::NoRoute => (
+                StatusCode::NOT_FOUND,
+                "NotFoundError",
+                None,
+                "Not Found".to_owned(),
+            ),
+            ApiError::Simulated => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalServerError",
+                None,
+                "simulated engine failure".to_owned(),
+            ),
+            ApiError::ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailableError",
+                None,
+                "the engine is shutting down".to_owned(),
+            ),
+        };
+        let body = json!({"error": {"message": message, "type": kind, "param": param, "code": status.as_u16()}});
+        (status, Json(body)).into_response()
+    }
+}
+
+/// A chat or text completion request; unknown fields are ignored, as vLLM does.
+#[derive(Deserialize)]
+struct GenerateRequest {
+    model: Option<String>,
+    messages: Option<Vec<ChatMessage>>,
+    prompt: Option<Value>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    n: Option<u32>,
+    /// Simulator extension: how many tokens the "model" wants to say before stopping.
+    sim_tokens: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    #[serde(default)]
+    content: Value,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+    continuous_usage_stats: Option<bool>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// The response envelope shared by chat and text completions, streamed or not.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: &'a [Choice<'a>],
+    /// Absent (not null) on stream chunks unless usage was asked for, as in vLLM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+struct Choice<'a> {
+    index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<Message<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<Message<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    logprobs: (),
+    finish_reason: Option<&'static str>,
+    stop_reason: (),
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct Usage {
+    prompt_tokens: u32,
+    total_tokens: u32,
+    completion_tokens: u32,
+}
+
+impl Usage {
+    fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        let total_tokens = prompt_tokens.saturating_add(completion_tokens);
+        Self {
+            prompt_tokens,
+            total_tokens,
+            completion_tokens,
+        }
+    }
+}
+
+/// One admitted generation: what to answer and how.
+struct Job {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    prompt_tokens: u32,
+    tokens: u32,
+    finish: Finish,
+}
+
+impl Job {
+    fn object(&self, streamed: bool) -> &'static str {
+        match (self.kind, streamed) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Completion, _) => "text_completion",
+        }
+    }
+
+    /// A choice carrying `content` in the shape of this job's kind.
+    fn choice<'a>(
+        &self,
+        streamed: bool,
+        role: bool,
+        content: Option<&'a str>,
+        finish: Option<Finish>,
+    ) -> Choice<'a> {
+        let message = Message {
+            role: role.then_some("assistant"),
+            content,
+        };
+        let (message, delta, text) = match (self.kind, streamed) {
+            (Kind::Chat, false) => (Some(message), None, None),
+            (Kind::Chat, true) => (None, Some(message), None),
+            (Kind::Completion, _) => (None, None, Some(content.unwrap_or(""))),
+        };
+        Choice {
+            index: 0,
+            message,
+            delta,
+            text,
+            logprobs: (),
+            finish_reason: finish.map(Finish::as_str),
+            stop_reason: (),
+        }
+    }
+
+    fn envelope<'a>(
+        &'a self,
+        streamed: bool,
+        choices: &'a [Choice<'a>],
+        usage: Option<Usage>,
+    ) -> Envelope<'a> {
+        Envelope {
+            id: &self.id,
+            object: self.object(streamed),
+            created: self.created,
+            model: &self.model,
+            choices,
+            usage,
+        }
+    }
+}
+
+async fn chat(State(state): State<SimState>, body: Bytes) -> Result<Response, ApiError> {
+    generate(state, &body, Kind::Chat).await
+}
+
+async fn completions(State(state): State<SimState>, body: Bytes) -> Result<Response, ApiError> {
+    generate(state, &body, Kind::Completion).await
+}
+
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|error| ApiError::BadRequest(format!("Invalid request body: {error}")))
+}
+
+fn resolve_model(state: &SimState, requested: Option<String>) -> Result<String, ApiError> {
+    match state.model(requested.as_deref()) {
+        Some(model) => Ok(model.to_owned()),
+        None => Err(ApiError::UnknownModel(requested.unwrap_or_default())),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// Rolls the fault dice, fails or hangs as they say, and otherwise waits for a running slot.
+async fn admit(state: &SimState, streamed: bool) -> Result<(Running, bool), ApiError> {
+    let drop_stream = match state.roll(streamed) {
+        Fate::Serve => false,
+        Fate::DropStream => true,
+        Fate::Fail => return Err(ApiError::Simulated),
+        Fate::Hang => {
+            // The client going away drops this future; only shutdown ends it otherwise.
+            state.hang().await;
+            return Err(ApiError::ShuttingDown);
+        }
+    };
+    let running = state.admit().await.ok_or(ApiError::ShuttingDown)?;
+    Ok((running, drop_stream))
+}
+
+async fn generate(state: SimState, body: &[u8], kind: Kind) -> Result<Response, ApiError> {
+    let request: GenerateRequest = parse(body)?;
+    let model = resolve_model(&state, request.model)?;
+    let prompt_tokens = match kind {
+        Kind::Chat => {
+            let messages = request
+                .messages
+                .ok_or_else(|| ApiError::BadRequest("Field required: messages".to_owned()))?;
+            // Chat templates add a few tokens of framing around each message.
+            messages
+                .iter()
+                .map(|m| synth::count_tokens(&m.content).saturating_add(4))
+                .fold(0, u32::saturating_add)
+        }
+        Kind::Completion => {
+            let prompt = request
+                .prompt
+                .ok_or_else(|| ApiError::BadRequest("Field required: prompt".to_owned()))?;
+            synth::count_tokens(&prompt)
+        }
+    }
+    .max(1);
+    if request.n.unwrap_or(1) != 1 {
+        return Err(ApiError::BadRequest(
+            "sim-engine supports only n=1".to_owned(),
+        ));
+    }
+    // The model "wants" sim_tokens (or the default); a max_tokens below that cuts it at "length".
+    let limit = request.max_completion_tokens.or(request.max_tokens);
+    let wanted = request
+        .sim_tokens
+        .or(limit)
+        .unwrap_or(state.config().default_max_tokens);
+    let (tokens, finish) = match limit {
+        Some(limit) if wanted >= limit => (limit, Finish::Length),
+        _ => (wanted, Finish::Stop),
+    };
+    if u64::from(prompt_tokens) + u64::from(tokens) > u64::from(MAX_MODEL_LEN) {
+        return Err(ApiError::BadRequest(format!(
+            "This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you requested \
+             {} tokens ({prompt_tokens} in the messages, {tokens} in the completion). Please reduce \
+             the length of the messages or completion.",
+            u64::from(prompt_tokens) + u64::from(tokens)
+        )));
+    }
+    let streamed = request.stream.unwrap_or(false);
+    let (mut running, drop_stream) = admit(&state, streamed).await?;
+    let start = Instant::now();
+    let job = Job {
+        kind,
+        id: match kind {
+            Kind::Chat => format!("chatcmpl-{:032x}", rand::random::<u128>()),
+            Kind::Completion => format!("cmpl-{:032x}", rand::random::<u128>()),
+        },
+        created: unix_now(),
+        model,
+        prompt_tokens,
+        tokens,
+        finish,
+    };
+    if streamed {
+        let options = request.stream_options;
+        let include_usage = options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        let continuous_usage = include_usage
+            && options
+                .and_then(|o| o.continuous_usage_stats)
+                .unwrap_or(false);
+        let stream = Streamer {
+            state,
+            job,
+            running,
+            start,
+            include_usage,
+            continuous_usage,
+            drop_stream,
+            frames: 0,
+            phase: if kind == Kind::Chat {
+                Phase::Role
+            } else {
+                Phase::Token(0)
+            },
+        };
+        let frames = futures::stream::unfold(stream, |mut stream| async move {
+            let frame = stream.next_frame().await?;
+            Some((frame, stream))
+        });
+        return Ok((
+            [(header::CONTENT_TYPE, "text/event-stream")],
+            Body::from_stream(frames),
+        )
+            .into_response());
+    }
+    if !state
+        .pace(state.token_due(start, tokens.saturating_sub(1)))
+        .await
+    {
+        return Err(ApiError::ShuttingDown);
+    }
+    let text = synth::text(tokens);
+    running.finish(prompt_tokens, tokens, finish);
+    let choices = [job.choice(false, true, Some(&text), Some(finish))];
+    Ok(
+        Json(job.envelope(false, &choices, Some(Usage::new(prompt_tokens, tokens))))
+            .into_response(),
+    )
+}
+
+/// Where a stream is: chat opens with a role chunk; `Token(tokens)` emits the finish chunk.
+#[derive(Clone, Copy)]
+enum Phase {
+    Role,
+    Token(u32),
+    Usage,
+    Done,
+    End,
+}
+
+/// Produces a streamed answer one SSE frame at a time, paced like a real engine.
+struct Streamer {
+    state: SimState,
+    job: Job,
+    running: Running,
+    start: Instant,
+    include_usage: bool,
+    continuous_usage: bool,
+    drop_stream: bool,
+    frames: u32,
+    phase: Phase,
+}
+
+impl Streamer {
+    async fn next_frame(&mut self) -> Option<std::io::Result<Bytes>> {
+        let job = &self.job;
+        let usage = |generated| {
+            self.continuous_usage
+                .then(|| Usage::new(job.prompt_tokens, generated))
+        };
+        let frame = match self.phase {
+            Phase::Role => {
+                // vLLM sends the role with the first output, so it too waits for the TTFT.
+                if !self.state.pace(self.state.token_due(self.start, 0)).await {
+                    return self.abort("engine shutting down");
+                }
+                self.phase = Phase::Token(0);
+                sse(&job.envelope(true, &[job.choice(true, true, Some(""), None)], usage(0)))
+            }
+            Phase::Token(index)
+                if self.drop_stream
+                    && (self.frames >= DROP_AFTER_FRAMES || index == job.tokens) =>
+            {
+                // Hyper writes out buffered frames only once the body is pending; without this
+                // yield the error would arrive first and the client would see no response at all.
+                tokio::task::yield_now().await;
+                return self.abort("simulated connection drop");
+            }
+            Phase::Token(index) if index < job.tokens => {
+                if !self
+                    .state
+                    .pace(self.state.token_due(self.start, index))
+                    .await
+                {
+                    return self.abort("engine shutting down");
+                }
+                self.phase = Phase::Token(index + 1);
+                sse(&job.envelope(
+                    true,
+                    &[job.choice(true, false, Some(synth::word(index)), None)],
+                    usage(index + 1),
+                ))
+            }
+            Phase::Token(_) => {
+                self.running
+                    .finish(job.prompt_tokens, job.tokens, job.finish);
+                self.phase = if self.include_usage {
+                    Phase::Usage
+                } else {
+                    Phase::Done
+                };
+                let content = if job.kind == Kind::Chat {
+                    None
+                } else {
+                    Some("")
+                };
+                sse(&job.envelope(
+                    true,
+                    &[job.choice(true, false, content, Some(job.finish))],
+                    usage(job.tokens),
+                ))
+            }
+            Phase::Usage => {
+                self.phase = Phase::Done;
+                sse(&job.envelope(true, &[], Some(Usage::new(job.prompt_tokens, job.tokens))))
+            }
+            Phase::Done => {
+                self.phase = Phase::End;
+                Ok(Bytes::from_static(b"data: [DONE]\n\n"))
+            }
+            Phase::End => return None,
+        };
+        self.frames += 1;
+        Some(frame)
+    }
+
+    /// Ends the body with an error, which makes hyper cut the connection without the final chunk.
+    fn abort(&mut self, why: &'static str) -> Option<std::io::Result<Bytes>> {
+        self.phase = Phase::End;
+        Some(Err(std::io::Error::other(why)))
+    }
+}
+
+/// One server-sent event, `data: <json>\n\n`, in a single allocation.
+fn sse(value: &impl Serialize) -> std::io::Result<Bytes> {
+    let mut buf = Vec::with_capacity(320);
+    buf.extend_from_slice(b"data: ");
+    serde_json::to_writer(&mut buf, value)?;
+    buf.extend_from_slice(b"\n\n");
+    Ok(Bytes::from(buf))
+}
+
+#[derive(Deserialize)]
+struct EmbeddingRequest {
+    model: Option<String>,
+    input: Option<Value>,
+    encoding_format: Option<String>,
+}
+
+#[derive(Serialize)]
+struct EmbeddingResponse {
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: String,
+    data: Vec<EmbeddingData>,
+    usage: EmbeddingUsage,
+}
+
+#[derive(Serialize)]
+struct EmbeddingUsage {
+    prompt_tokens: u32,
+    total_tokens: u32,
+}
+
+#[derive(Serialize)]
+struct EmbeddingData {
+    object: &'static str,
+    index: usize,
+    embedding: EmbeddingVector,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum EmbeddingVector {
+    Float(Vec<f32>),
+    /// Little-endian f32s in base64, what the openai Python SDK asks for by default.
+    Base64(String),
+}
+
+/// Splits `input` into the items to embed: a string, a list of strings, one list of token ids
+/// or a list of such lists.
+fn embedding_inputs(input: &Value) -> Result<Vec<&Value>, ApiError> {
+    let invalid = || {
+        ApiError::BadRequest("input must be a string, a list of strings or token ids".to_owned())
+    };
+    match input {
+        Value::String(_) => Ok(vec![input]),
+        Value::Array(items) if items.is_empty() => Err(invalid()),
+        Value::Array(items) if items.iter().all(Value::is_u64) => Ok(vec![input]),
+        Value::Array(items) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(_) => Ok(item),
+                Value::Array(ids) if !ids.is_empty() && ids.iter().all(Value::is_u64) => Ok(item),
+                _ => Err(invalid()),
+            })
+            .collect(),
+        _ => Err(invalid()),
+    }
+}
+
+async fn embeddings(State(state): State<SimState>, body: Bytes) -> Result<Response, ApiError> {
+    let request: EmbeddingRequest = parse(&body)?;
+    let model = resolve_model(&state, request.model)?;
+    let input = request
+        .input
+        .ok_or_else(|| ApiError::BadRequest("Field required: input".to_owned()))?;
+    let items = embedding_inputs(&input)?;
+    let base64 = match request.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "unsupported encoding_format `{other}`"
+            )));
+        }
+    };
+    let (mut running, _) = admit(&state, false).await?;
+    if !state.pace(state.token_due(Instant::now(), 0)).await {
+        return Err(ApiError::ShuttingDown);
+    }
+    let dim = state.config().embedding_dim;
+    let mut prompt_tokens = 0u32;
+    let data: Vec<EmbeddingData> = items
+        .into_iter()
+        .enumerate()
+        .map(|(index, item)| {
+            prompt_tokens = prompt_tokens.saturating_add(synth::count_tokens(item).max(1));
+            let vector = synth::embedding(item, dim);
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                EmbeddingVector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                EmbeddingVector::Float(vector)
+            };
+            EmbeddingData {
+                object: "embedding",
+                index,
+                embedding,
+            }
+        })
+        .collect();
+    running.finish(prompt_tokens, 0, Finish::Stop);
+    let body = EmbeddingResponse {
+        id: format!("embd-{:032x}", rand::random::<u128>()),
+        object: "list",
+        created: unix_now(),
+        model,
+        data,
+        usage: EmbeddingUsage {
+            prompt_tokens,
+            total_tokens: prompt_tokens,
+        },
+    };
+    Ok(Json(body).into_response())
+}
+
+async fn models(State(state): State<SimState>) -> Json<Value> {
+    let created = unix_now();
+    let data: Vec<Value> = state
+        .config()
+        .models
+        .iter()
+        .map(|id| {
+            json!({
+                "id": id, "object": "model", "created": created, "owned_by": "vllm",
+                "root": id, "parent": null, "max_model_len": MAX_MODEL_LEN, "permission": [],
+            })
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn metrics(State(state): State<SimState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.render_metrics(),
+    )
+}

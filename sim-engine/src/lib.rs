@@ -1,0 +1,145 @@
+//! A simulated vLLM OpenAI-compatible server for machines with no GPU.
+//!
+//! It speaks the subset of vLLM's HTTP surface the gateway relies on (chat and text completions,
+//! streamed or not, embeddings, `/v1/models`, `/health`, `/version`, `/metrics`), generates
+//! deterministic text, paces tokens like a real engine when asked to, queues beyond
+//! `max_num_seqs`, and injects failures (500s, hangs, dropped streams) at configurable rates.
+//! With no latency configured it is fast enough to be the baseline of the gateway's benchmarks.
+
+mod api;
+mod state;
+mod synth;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub use api::router;
+pub use state::SimState;
+
+/// The model name served when none is configured.
+pub const DEFAULT_MODEL: &str = "sim-llama-3-8b";
+
+/// How a simulated engine behaves.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Served model names; a request naming another gets vLLM's 404. Empty means [`DEFAULT_MODEL`].
+    pub models: Vec<String>,
+    /// Time to first token.
+    pub ttft: Duration,
+    /// Decode speed after the first token; 0 means unlimited (no delay at all).
+    pub tokens_per_sec: f64,
+    /// Tokens generated when a request sets no `max_tokens` (finish reason `stop`).
+    pub default_max_tokens: u32,
+    /// Requests running at once; the others wait in a queue, as in vLLM's scheduler.
+    pub max_num_seqs: usize,
+    /// Failure injection at startup; see [`SimEngine::set_faults`] to change it later.
+    pub faults: Faults,
+    /// Length of the vectors `/v1/embeddings` returns.
+    pub embedding_dim: usize,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            models: vec![DEFAULT_MODEL.to_owned()],
+            ttft: Duration::ZERO,
+            tokens_per_sec: 0.0,
+            default_max_tokens: 16,
+            max_num_seqs: 64,
+            faults: Faults::default(),
+            embedding_dim: 16,
+        }
+    }
+}
+
+/// Failure injection: each rate is the share (0..=1) of requests it hits, decided per request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Faults {
+    /// Share of inference requests answered 500 with an OpenAI error body.
+    pub error_rate: f64,
+    /// Share of inference requests that never answer (until the client leaves or we shut down).
+    pub hang_rate: f64,
+    /// Share of streamed requests whose connection is dropped after a few chunks, without
+    /// `[DONE]` or the terminal HTTP chunk.
+    pub drop_rate: f64,
+}
+
+/// A running simulated engine, serving on its own task until [`SimEngine::shutdown`] or drop.
+pub struct SimEngine {
+    addr: SocketAddr,
+    state: SimState,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl SimEngine {
+    /// Binds `addr` (port 0 picks a free port) and starts serving on a spawned task.
+    pub async fn start(addr: SocketAddr, config: SimConfig) -> std::io::Result<SimEngine> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = SimState::new(config);
+        let shutdown = state.shutdown_token();
+        // Streaming sends many small frames: Nagle's algorithm would hold them back.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let app = router(state.clone());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        });
+        Ok(SimEngine {
+            addr,
+            state,
+            task: Some(task),
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The OpenAI base URL, `http://ADDR/v1`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Changes failure injection for requests admitted from now on.
+    pub fn set_faults(&self, faults: Faults) {
+        self.state.set_faults(faults);
+    }
+
+    /// Requests answered in full so far (generation finished or embeddings returned).
+    pub fn requests_served(&self) -> u64 {
+        self.state.requests_served()
+    }
+
+    /// The shared state, e.g. to read metrics without HTTP.
+    pub fn state(&self) -> &SimState {
+        &self.state
+    }
+
+    /// Stops accepting, ends hung and paced requests, and waits for connections to close.
+    pub async fn shutdown(mut self) {
+        self.state.shutdown();
+        if let Some(task) = self.task.take() {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::warn!(%error, "sim-engine server failed"),
+                Err(error) => tracing::warn!(%error, "sim-engine server task panicked"),
+            }
+        }
+    }
+}
+
+impl Drop for SimEngine {
+    fn drop(&mut self) {
+        // The server task winds down on its own once told to; nobody waits for it here.
+        self.state.shutdown();
+    }
+}

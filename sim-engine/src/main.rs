@@ -1,0 +1,91 @@
+//! `sim-engine`: runs the simulated vLLM server until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use garage_sim_engine::{DEFAULT_MODEL, Faults, SimConfig, SimEngine};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// A simulated vLLM OpenAI-compatible server for machines with no GPU.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Served model name (repeatable); the first labels the metrics.
+    #[arg(long = "model", default_value = DEFAULT_MODEL)]
+    models: Vec<String>,
+    /// Time to first token, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    ttft_ms: u64,
+    /// Decode speed after the first token; 0 means unlimited.
+    #[arg(long, default_value_t = 0.0)]
+    tokens_per_sec: f64,
+    /// Requests running at once; the rest wait in a queue.
+    #[arg(long, default_value_t = 64)]
+    max_num_seqs: usize,
+    /// Tokens generated when a request sets no max_tokens.
+    #[arg(long, default_value_t = 16)]
+    default_max_tokens: u32,
+    /// Length of embedding vectors.
+    #[arg(long, default_value_t = 16)]
+    embedding_dim: usize,
+    /// Share of requests answered 500.
+    #[arg(long, default_value_t = 0.0, value_parser = rate)]
+    error_rate: f64,
+    /// Share of requests never answered.
+    #[arg(long, default_value_t = 0.0, value_parser = rate)]
+    hang_rate: f64,
+    /// Share of streamed requests whose connection is dropped mid-stream.
+    #[arg(long, default_value_t = 0.0, value_parser = rate)]
+    drop_rate: f64,
+}
+
+fn rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
+        _ => Err(format!("`{text}` is not a rate between 0 and 1")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let config = SimConfig {
+        models: args.models,
+        ttft: Duration::from_millis(args.ttft_ms),
+        tokens_per_sec: args.tokens_per_sec,
+        default_max_tokens: args.default_max_tokens,
+        max_num_seqs: args.max_num_seqs,
+        embedding_dim: args.embedding_dim,
+        faults: Faults {
+            error_rate: args.error_rate,
+            hang_rate: args.hang_rate,
+            drop_rate: args.drop_rate,
+        },
+    };
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let engine = SimEngine::start(args.listen, config)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    // Scripts and the node runner read this line to learn the (possibly ephemeral) port.
+    println!("sim-engine listening on http://{}", engine.addr());
+    tracing::info!(addr = %engine.addr(), "sim-engine ready");
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutting down");
+    engine.shutdown().await;
+    Ok(())
+}

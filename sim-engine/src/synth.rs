@@ -1,0 +1,109 @@
+//! Deterministic stand-ins for a model: token counts, generated words and embedding vectors.
+
+use serde_json::Value;
+
+/// Generated words, each one token. The trailing space lets a streamed delta be exactly one word
+/// while the concatenated deltas equal the non-streamed text.
+const WORDS: [&str; 16] = [
+    "the ",
+    "quick ",
+    "brown ",
+    "fox ",
+    "jumps ",
+    "over ",
+    "a ",
+    "lazy ",
+    "dog ",
+    "while ",
+    "simulated ",
+    "engines ",
+    "answer ",
+    "every ",
+    "prompt ",
+    "politely ",
+];
+
+/// The `index`th generated token.
+pub(crate) fn word(index: u32) -> &'static str {
+    WORDS[index as usize % WORDS.len()]
+}
+
+/// The whole generated text of `tokens` tokens.
+pub(crate) fn text(tokens: u32) -> String {
+    let mut out = String::with_capacity(tokens as usize * 8);
+    for index in 0..tokens {
+        out.push_str(word(index));
+    }
+    out
+}
+
+/// Approximate token count of a prompt-like JSON value: words in strings, one per token id,
+/// `text` of content parts (`[{"type":"text","text":...}]`); images and the like count nothing.
+pub(crate) fn count_tokens(value: &Value) -> u32 {
+    match value {
+        Value::String(text) => text
+            .split_whitespace()
+            .count()
+            .try_into()
+            .unwrap_or(u32::MAX),
+        Value::Number(_) => 1,
+        Value::Array(items) => items.iter().map(count_tokens).fold(0, u32::saturating_add),
+        Value::Object(part) => part.get("text").map_or(0, count_tokens),
+        Value::Null | Value::Bool(_) => 0,
+    }
+}
+
+/// A unit-norm vector derived from a hash of `input` (a string or token ids), so equal inputs
+/// embed equally and different ones almost surely differ.
+pub(crate) fn embedding(input: &Value, dim: usize) -> Vec<f32> {
+    // FNV-1a: tiny, stable across Rust versions (unlike std's DefaultHasher), good enough here.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for byte in bytes {
+            hash = (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    match input {
+        Value::String(text) => feed(text.as_bytes()),
+        other => feed(other.to_string().as_bytes()),
+    }
+    // SplitMix64 expands the seed into as many well-mixed numbers as needed.
+    let mut seed = hash;
+    let mut vector: Vec<f32> = (0..dim)
+        .map(|_| {
+            seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = seed;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            // The top 24 bits fit an f32 mantissa exactly; map them onto [-1, 1).
+            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        vector.iter_mut().for_each(|x| *x /= norm);
+    }
+    vector
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embeddings_are_deterministic_unit_vectors() {
+        let a = embedding(&Value::from("hello"), 16);
+        assert_eq!(a, embedding(&Value::from("hello"), 16));
+        assert_ne!(a, embedding(&Value::from("hullo"), 16));
+        let norm: f32 = a.iter().map(|x| x * x).sum();
+        assert!((norm - 1.0).abs() < 1e-4, "norm² {norm}");
+    }
+
+    #[test]
+    fn counts_words_parts_and_token_ids() {
+        let prompt = serde_json::json!(["two words", [1, 2, 3], [{"type": "text", "text": "one"}]]);
+        assert_eq!(count_tokens(&prompt), 6);
+        assert_eq!(text(3), "the quick brown ");
+    }
+}
