@@ -14,7 +14,11 @@ use crate::state::AppState;
 use crate::store::ApiKeyRecord;
 
 /// Middleware: only the admin token passes. API keys and node credentials are not admin tokens.
-pub async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn require_admin(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
     match bearer(request.headers()) {
         Some(token) if admin_token_matches(token, &state.admin_token) => next.run(request).await,
         Some(_) => ApiError::Unauthorized("Invalid admin token.".into()).into_response(),
@@ -103,7 +107,10 @@ pub async fn create_key(
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
     let Json(request) = body.map_err(|r| ApiError::bad_request(r.body_text(), None))?;
     if request.name.trim().is_empty() {
-        return Err(ApiError::bad_request("name must not be empty", Some("name")));
+        return Err(ApiError::bad_request(
+            "name must not be empty",
+            Some("name"),
+        ));
     }
     let (record, secret) = state
         .auth

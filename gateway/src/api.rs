@@ -38,9 +38,8 @@ struct SecuritySchemes;
 impl Modify for SecuritySchemes {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        let bearer = || {
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build())
-        };
+        let bearer =
+            || SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build());
         components.add_security_scheme("api_key", bearer());
         components.add_security_scheme("admin_token", bearer());
     }
@@ -175,4 +174,3 @@ pub async fn openapi_json(
 ) -> impl IntoResponse {
     Json(spec.as_ref().clone())
 }
-

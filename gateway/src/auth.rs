@@ -154,13 +154,16 @@ impl KeyAuth {
                             redact(secret)
                         ))
                     })?;
-                self.cache.write().unwrap_or_else(|p| p.into_inner()).insert(
-                    hash,
-                    CachedKey {
-                        record: Arc::clone(&record),
-                        fetched: Instant::now(),
-                    },
-                );
+                self.cache
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(
+                        hash,
+                        CachedKey {
+                            record: Arc::clone(&record),
+                            fetched: Instant::now(),
+                        },
+                    );
                 record
             }
         };

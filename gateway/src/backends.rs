@@ -288,6 +288,9 @@ mod tests {
     fn health_url_from_origin() {
         let b = Backend::from_upstream(&upstream("a", &["m"]), Instant::now());
         assert_eq!(b.base_url, "http://a.invalid:8000/v1");
-        assert_eq!(b.health_url.as_deref(), Some("http://a.invalid:8000/health"));
+        assert_eq!(
+            b.health_url.as_deref(),
+            Some("http://a.invalid:8000/health")
+        );
     }
 }

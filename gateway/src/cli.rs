@@ -12,7 +12,11 @@ use crate::demo::{Demo, DemoOptions};
 use crate::server::Gateway;
 
 #[derive(Parser)]
-#[command(name = "gateway", version, about = "Garage AI gateway: OpenAI-compatible inference over a community GPU network")]
+#[command(
+    name = "gateway",
+    version,
+    about = "Garage AI gateway: OpenAI-compatible inference over a community GPU network"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -155,7 +159,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn shutdown_on_signal(gateway: Gateway, grace: Duration) -> anyhow::Result<()> {
     wait_for_signal().await?;
-    tracing::info!(grace_secs = grace.as_secs(), "shutting down: finishing in-flight requests");
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: finishing in-flight requests"
+    );
     if gateway.shutdown(grace).await {
         tracing::info!("stopped cleanly");
     } else {

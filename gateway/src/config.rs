@@ -249,7 +249,8 @@ impl Config {
             if !names.insert(upstream.name.as_str()) {
                 return invalid(format!("upstream name {:?} is used twice", upstream.name));
             }
-            if !upstream.base_url.starts_with("http://") && !upstream.base_url.starts_with("https://")
+            if !upstream.base_url.starts_with("http://")
+                && !upstream.base_url.starts_with("https://")
             {
                 return invalid(format!(
                     "upstream {:?}: base_url {:?} must start with http:// or https://",
@@ -372,7 +373,10 @@ mod tests {
         }
         walk("", &value, &mut leaves);
         for leaf in leaves {
-            assert!(ENV_FIELDS.contains(&leaf.as_str()), "{leaf} has no env name");
+            assert!(
+                ENV_FIELDS.contains(&leaf.as_str()),
+                "{leaf} has no env name"
+            );
         }
     }
 }

@@ -9,7 +9,11 @@ use crate::config::{Config, UpstreamConfig};
 use crate::server::{Gateway, StartError};
 
 /// Models the simulated rigs serve: two chat models and an embedding model.
-pub const DEMO_MODELS: &[&str] = &["llama-3.1-8b-instruct", "qwen2.5-7b-instruct", "bge-small-en"];
+pub const DEMO_MODELS: &[&str] = &[
+    "llama-3.1-8b-instruct",
+    "qwen2.5-7b-instruct",
+    "bge-small-en",
+];
 
 pub struct DemoOptions {
     pub nodes: usize,
@@ -63,12 +67,7 @@ impl Demo {
         let (_, api_key) = gateway
             .state()
             .auth
-            .create(
-                "demo".into(),
-                None,
-                Default::default(),
-                options.api_key,
-            )
+            .create("demo".into(), None, Default::default(), options.api_key)
             .await?;
         Ok(Demo {
             gateway,

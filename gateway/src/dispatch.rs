@@ -108,11 +108,7 @@ pub async fn forward(
     state
         .metrics
         .requests
-        .with_label_values(&[
-            out.route,
-            &out.model,
-            error.status().as_str(),
-        ])
+        .with_label_values(&[out.route, &out.model, error.status().as_str()])
         .inc();
     Err(error)
 }

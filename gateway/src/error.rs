@@ -39,10 +39,7 @@ pub enum ApiError {
     #[error("{0}")]
     Unauthorized(String),
     #[error("{message}")]
-    Forbidden {
-        message: String,
-        code: &'static str,
-    },
+    Forbidden { message: String, code: &'static str },
     #[error("The model `{0}` does not exist or is not served right now.")]
     ModelNotFound(String),
     #[error("{0}")]

@@ -25,7 +25,10 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("garage_requests_total", "Requests by route, model and status"),
+            Opts::new(
+                "garage_requests_total",
+                "Requests by route, model and status",
+            ),
             &["route", "model", "status"],
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
@@ -99,7 +102,9 @@ impl Metrics {
     }
 
     pub fn backend_error(&self, backend: &str, kind: &str) {
-        self.backend_errors.with_label_values(&[backend, kind]).inc();
+        self.backend_errors
+            .with_label_values(&[backend, kind])
+            .inc();
     }
 }
 

@@ -361,7 +361,11 @@ pub async fn get_model(
     Path(id): Path<String>,
 ) -> Result<Json<Model>, ApiError> {
     let key = state.auth.authenticate(&headers).await?;
-    let served = state.backends.snapshot().healthy_models().contains(id.as_str());
+    let served = state
+        .backends
+        .snapshot()
+        .healthy_models()
+        .contains(id.as_str());
     if !served || check_model_allowed(&key, &id).is_err() {
         return Err(ApiError::ModelNotFound(id));
     }
@@ -440,11 +444,31 @@ mod tests {
     fn parse_rejects_what_openai_rejects() {
         let err = |e: Endpoint, b: &str| parse(e, b.as_bytes()).err().map(|e| e.to_string());
         assert!(err(Endpoint::Chat, "{").unwrap().contains("parse the JSON"));
-        assert!(err(Endpoint::Chat, "[1]").unwrap().contains("parse the JSON"));
-        assert!(err(Endpoint::Chat, r#"{"messages":[]}"#).unwrap().contains("model"));
-        assert!(err(Endpoint::Chat, r#"{"model":"m"}"#).unwrap().contains("messages"));
-        assert!(err(Endpoint::Chat, r#"{"model":"m","messages":"hi"}"#).unwrap().contains("array"));
-        assert!(err(Endpoint::Completions, r#"{"model":"m","prompt":null}"#).unwrap().contains("prompt"));
+        assert!(
+            err(Endpoint::Chat, "[1]")
+                .unwrap()
+                .contains("parse the JSON")
+        );
+        assert!(
+            err(Endpoint::Chat, r#"{"messages":[]}"#)
+                .unwrap()
+                .contains("model")
+        );
+        assert!(
+            err(Endpoint::Chat, r#"{"model":"m"}"#)
+                .unwrap()
+                .contains("messages")
+        );
+        assert!(
+            err(Endpoint::Chat, r#"{"model":"m","messages":"hi"}"#)
+                .unwrap()
+                .contains("array")
+        );
+        assert!(
+            err(Endpoint::Completions, r#"{"model":"m","prompt":null}"#)
+                .unwrap()
+                .contains("prompt")
+        );
         assert!(err(Endpoint::Embeddings, r#"{"model":"m","input":"x"}"#).is_none());
         let ok = parse(Endpoint::Chat, br#"{"model":"m\u0031","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
         assert_eq!(ok.model, "m1");

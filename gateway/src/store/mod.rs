@@ -79,12 +79,20 @@ pub trait Store: Send + Sync + 'static {
     /// Plain key-value state (plugins' counters and such), namespaced by the caller.
     async fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Sets a value; with a TTL it expires by itself.
-    async fn kv_set(&self, key: &str, value: &[u8], ttl: Option<Duration>)
-    -> Result<(), StoreError>;
+    async fn kv_set(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError>;
     /// Atomically adds `delta` (a missing key counts as 0) and returns the new value. The TTL,
     /// if any, is set only when the key is created, so a counter's window does not slide.
-    async fn kv_incr(&self, key: &str, delta: i64, ttl: Option<Duration>)
-    -> Result<i64, StoreError>;
+    async fn kv_incr(
+        &self,
+        key: &str,
+        delta: i64,
+        ttl: Option<Duration>,
+    ) -> Result<i64, StoreError>;
     async fn kv_delete(&self, key: &str) -> Result<(), StoreError>;
 
     /// Sends an event to every replica (this one included).

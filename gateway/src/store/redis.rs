@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
@@ -55,7 +55,13 @@ impl RedisStore {
     /// Connects (and fails if Redis cannot be reached now); later outages are retried.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client.clone()).await?;
+        // Bounded waits: on the request path a store outage must turn into a quick 503, not a
+        // request that hangs while the client library retries.
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2);
+        let conn = ConnectionManager::new_with_config(client.clone(), manager_config).await?;
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let subscriber = tokio::spawn(forward_events(client, events.clone()));
         Ok(RedisStore {
@@ -150,10 +156,8 @@ impl Store for RedisStore {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = ids.iter().map(|id| key_key(id)).collect();
-        let records: Vec<Option<String>> = redis::cmd("MGET")
-            .arg(&keys)
-            .query_async(&mut conn)
-            .await?;
+        let records: Vec<Option<String>> =
+            redis::cmd("MGET").arg(&keys).query_async(&mut conn).await?;
         records
             .into_iter()
             .flatten()

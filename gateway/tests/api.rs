@@ -1,0 +1,563 @@
+//! The gateway over real sockets: a gateway on port 0, simulated engines in front of it, the
+//! embedded store.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::routing::post;
+use futures::StreamExt;
+use garage_sim_engine::{Faults, SimConfig};
+use serde_json::json;
+use support::*;
+
+/// A backend that answers with what it received, so tests can see exactly what the gateway sent.
+async fn echo_upstream() -> (String, tokio::task::JoinHandle<()>) {
+    async fn echo(
+        headers: axum::http::HeaderMap,
+        body: bytes::Bytes,
+    ) -> axum::Json<serde_json::Value> {
+        let received: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        axum::Json(json!({
+            "id": "echo-1",
+            "object": "chat.completion",
+            "received": received,
+            "received_raw": String::from_utf8_lossy(&body),
+            "received_auth": headers.get("authorization").and_then(|v| v.to_str().ok()),
+            "received_request_id": headers.get("x-request-id").and_then(|v| v.to_str().ok()),
+            "backend_extension": {"kv_cache_hit": true},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "echo"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 1, "total_tokens": 12}
+        }))
+    }
+    let app = axum::Router::new().route("/v1/chat/completions", post(echo));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}/v1"), task)
+}
+
+#[tokio::test]
+async fn chat_plain_and_streamed_with_usage_hidden_unless_asked() {
+    let engine = fast_sim().await;
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+
+    let (status, body) = post_chat(&base, &key, &chat(false)).await;
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(value["object"], "chat.completion");
+    assert_eq!(value["usage"]["completion_tokens"], 5);
+
+    // Streamed, client did not ask for usage: the gateway asked, read it, and hid the chunk.
+    let (status, body) = post_chat(&base, &key, &chat(true)).await;
+    assert_eq!(status, 200);
+    let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert!(events.len() >= 3, "{body}");
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    assert!(!body.contains("\"usage\""), "usage chunk leaked: {body}");
+
+    // Streamed, client asked: it gets the usage chunk.
+    let mut asked = chat(true);
+    asked["stream_options"] = json!({"include_usage": true});
+    let (_, body) = post_chat(&base, &key, &asked).await;
+    let usage_event = body
+        .split("\n\n")
+        .find(|e| e.contains("\"usage\""))
+        .expect("usage chunk");
+    let usage: serde_json::Value =
+        serde_json::from_str(usage_event.trim_start_matches("data: ")).unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 5);
+
+    // The gateway metered all three requests, streamed or not.
+    let metrics = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "garage_tokens_total{{direction=\"completion\",model=\"{MODEL}\"}} 15"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "garage_requests_total{model=\"sim-model\",route=\"chat_completions\",status=\"200\"} 3"
+    ));
+    assert!(metrics.contains("garage_time_to_first_token_seconds_count{model=\"sim-model\"} 2"));
+}
+
+#[tokio::test]
+async fn completions_and_embeddings_pass_through() {
+    let engine = fast_sim().await;
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let completion: serde_json::Value = client()
+        .post(format!("{base}/v1/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": MODEL, "prompt": "once upon", "max_tokens": 3}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(completion["object"], "text_completion");
+    assert_eq!(completion["usage"]["completion_tokens"], 3);
+    let embedding = client()
+        .post(format!("{base}/v1/embeddings"))
+        .bearer_auth(&key)
+        .json(&json!({"model": MODEL, "input": ["a", "b"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(embedding.status(), 200);
+    let embedding: serde_json::Value = embedding.json().await.unwrap();
+    assert_eq!(embedding["data"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn streams_are_not_buffered() {
+    // Two tokens a second: the whole answer takes seconds, the first chunk must not wait for it.
+    let engine = sim(SimConfig {
+        models: vec![MODEL.into()],
+        ttft: Duration::ZERO,
+        tokens_per_sec: 2.0,
+        ..SimConfig::default()
+    })
+    .await;
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let response = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat(true))
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    let mut seen = String::new();
+    // The first chunk only announces the role; wait for the first generated token.
+    while !seen.contains("\"delta\":{\"content\":\"") {
+        let chunk = body.next().await.expect("a chunk").unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    // A content token reached us while the engine was still generating the rest.
+    assert_eq!(
+        engine.requests_served(),
+        0,
+        "the gateway waited for the whole answer"
+    );
+    assert!(!seen.contains("[DONE]"));
+    while let Some(chunk) = body.next().await {
+        seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    assert!(seen.ends_with("data: [DONE]\n\n"));
+}
+
+#[tokio::test]
+async fn bodies_pass_through_untouched() {
+    let (url, _echo) = echo_upstream().await;
+    let mut up = upstream("echo", url);
+    up.api_key = Some("upstream-secret".into());
+    let gw = gateway(config(vec![up])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let raw = format!(
+        r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"hi"}}],"tools":[{{"type":"function","function":{{"name":"f","parameters":{{}}}}}}],"response_format":{{"type":"json_object"}},"logprobs":true,"vendor_ext":{{"x":1}}}}"#
+    );
+    let response = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .header("x-request-id", "req-from-client")
+        .body(raw.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "req-from-client");
+    let value: serde_json::Value = response.json().await.unwrap();
+    // Byte for byte what the client sent; the client's key replaced by the upstream's.
+    assert_eq!(value["received_raw"], raw);
+    assert_eq!(value["received_auth"], "Bearer upstream-secret");
+    assert_eq!(value["received_request_id"], "req-from-client");
+    // The backend's own fields reach the client.
+    assert_eq!(value["backend_extension"]["kv_cache_hit"], true);
+}
+
+#[tokio::test]
+async fn client_errors_in_openai_shape() {
+    let engine = fast_sim().await;
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let (_, limited) = create_key(&base, json!({"name": "l", "allowed_models": ["other"]})).await;
+    let send = |path: &str, key: Option<&str>, body: String| {
+        let mut request = client()
+            .post(format!("{base}{path}"))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            assert!(response.headers().contains_key("x-request-id"));
+            (status, error_of(&response.text().await.unwrap()))
+        }
+    };
+    let good = chat(false).to_string();
+
+    let (status, error) = send("/v1/chat/completions", None, good.clone()).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (401, Some("invalid_api_key"))
+    );
+    let (status, _) = send("/v1/chat/completions", Some("sk-garage-nope"), good.clone()).await;
+    assert_eq!(status, 401);
+    let (status, _) = send("/v1/chat/completions", Some(&key), "{not json".into()).await;
+    assert_eq!(status, 400);
+    let (status, error) = send(
+        "/v1/chat/completions",
+        Some(&key),
+        json!({"messages": []}).to_string(),
+    )
+    .await;
+    assert_eq!((status, error["param"].as_str()), (400, Some("model")));
+    let (status, error) = send(
+        "/v1/chat/completions",
+        Some(&key),
+        json!({"model": MODEL}).to_string(),
+    )
+    .await;
+    assert_eq!((status, error["param"].as_str()), (400, Some("messages")));
+    let (status, error) = send(
+        "/v1/embeddings",
+        Some(&key),
+        json!({"model": MODEL}).to_string(),
+    )
+    .await;
+    assert_eq!((status, error["param"].as_str()), (400, Some("input")));
+    let unknown = json!({"model": "no-such-model", "messages": []}).to_string();
+    let (status, error) = send("/v1/chat/completions", Some(&key), unknown).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+    let (status, error) = send("/v1/chat/completions", Some(&limited), good.clone()).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (403, Some("model_not_allowed"))
+    );
+    let huge = format!(
+        r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(17 * 1024 * 1024)
+    );
+    let (status, error) = send("/v1/chat/completions", Some(&key), huge).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (413, Some("request_too_large"))
+    );
+    let (status, _) = send("/v1/nothing-here", Some(&key), good.clone()).await;
+    assert_eq!(status, 404);
+    let response = client()
+        .get(format!("{base}/v1/chat/completions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    error_of(&response.text().await.unwrap());
+    // Nothing reached the engine but nothing was lost either: the good request still works.
+    assert_eq!(post_chat(&base, &key, &chat(false)).await.0, 200);
+}
+
+#[tokio::test]
+async fn failing_backend_is_retried_and_cooled_down() {
+    let broken = sim(SimConfig {
+        models: vec![MODEL.into()],
+        ttft: Duration::ZERO,
+        tokens_per_sec: 0.0,
+        faults: Faults {
+            error_rate: 1.0,
+            ..Faults::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let healthy = fast_sim().await;
+    // A port nobody listens on: connection refused.
+    let refused = format!("http://127.0.0.1:{}/v1", free_port());
+    let gw = gateway(config(vec![
+        upstream("broken", broken.base_url()),
+        upstream("refused", refused),
+        upstream("healthy", healthy.base_url()),
+    ]))
+    .await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    for _ in 0..6 {
+        let (status, body) = post_chat(&base, &key, &chat(false)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(healthy.requests_served(), 6);
+    let metrics = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Each bad backend failed once, then sat out its cooldown instead of failing again.
+    assert!(
+        metrics.contains("garage_backend_errors_total{backend=\"broken\",kind=\"status_5xx\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("garage_backend_errors_total{backend=\"refused\",kind=\"connect\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn backend_failures_map_to_502_503_504() {
+    let broken = sim(SimConfig {
+        models: vec![MODEL.into()],
+        faults: Faults {
+            error_rate: 1.0,
+            ..Faults::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let gw = gateway(config(vec![upstream("broken", broken.base_url())])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let (status, body) = post_chat(&base, &key, &chat(false)).await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(error_of(&body)["code"], "upstream_error");
+    // The only backend is cooling down now: nothing healthy serves the model.
+    let (status, body) = post_chat(&base, &key, &chat(false)).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(error_of(&body)["code"], "no_backend_available");
+
+    let hanging = sim(SimConfig {
+        models: vec![MODEL.into()],
+        faults: Faults {
+            hang_rate: 1.0,
+            ..Faults::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let mut cfg = config(vec![upstream("hanging", hanging.base_url())]);
+    cfg.dispatch.first_byte_timeout_secs = 1;
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let (status, body) = post_chat(&base, &key, &chat(false)).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(error_of(&body)["code"], "upstream_timeout");
+}
+
+#[tokio::test]
+async fn stream_broken_mid_way_ends_with_an_error_event() {
+    let engine = sim(SimConfig {
+        models: vec![MODEL.into()],
+        faults: Faults {
+            drop_rate: 1.0,
+            ..Faults::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let (status, body) = post_chat(&base, &key, &chat(true)).await;
+    assert_eq!(status, 200);
+    assert!(!body.contains("[DONE]"), "{body}");
+    let last = body.trim_end().rsplit("\n\n").next().unwrap();
+    error_of(last.trim_start_matches("data: "));
+}
+
+#[tokio::test]
+async fn health_checks_take_dead_backends_out_of_models_and_readiness() {
+    let engine = fast_sim().await;
+    let mut up = upstream("a", engine.base_url());
+    up.health_path = Some("/health".into());
+    let mut cfg = config(vec![up]);
+    cfg.dispatch.health_interval_secs = 1;
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let models = || async {
+        let list: serde_json::Value = client()
+            .get(format!("{base}/v1/models"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(models().await, [MODEL]);
+    let ready = client().get(format!("{base}/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let model = client()
+        .get(format!("{base}/v1/models/{MODEL}"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(model.status(), 200);
+
+    engine.shutdown().await;
+    wait_until(
+        Duration::from_secs(10),
+        "dead backend leaves the model list",
+        || async { models().await.is_empty() },
+    )
+    .await;
+    let ready = client().get(format!("{base}/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let model = client()
+        .get(format!("{base}/v1/models/{MODEL}"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(model.status(), 404);
+}
+
+#[tokio::test]
+async fn admin_api_manages_keys() {
+    let engine = fast_sim().await;
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+
+    // No token, a wrong token, an API key: all refused.
+    let refused = client()
+        .get(format!("{base}/admin/keys"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    error_of(&refused.text().await.unwrap());
+    let (id, key) = create_key(&base, json!({"name": "app", "metadata": {"team": "x"}})).await;
+    assert!(key.starts_with("sk-garage-"));
+    for token in ["wrong", key.as_str()] {
+        let refused = client()
+            .get(format!("{base}/admin/keys"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 401);
+    }
+
+    let listed = client()
+        .get(format!("{base}/admin/keys"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(listed.contains(&id));
+    assert!(!listed.contains(&key), "the secret is shown once only");
+    assert!(!listed.contains("hash"), "hashes stay inside");
+    let one: serde_json::Value = client()
+        .get(format!("{base}/admin/keys/{id}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["metadata"]["team"], "x");
+    assert_eq!(one["revoked_at"], serde_json::Value::Null);
+    let missing = client()
+        .get(format!("{base}/admin/keys/key_nope"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let bad = client()
+        .post(format!("{base}/admin/keys"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"nam": "typo"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    error_of(&bad.text().await.unwrap());
+
+    assert_eq!(post_chat(&base, &key, &chat(false)).await.0, 200);
+    let revoked = client()
+        .delete(format!("{base}/admin/keys/{id}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    let (status, body) = post_chat(&base, &key, &chat(false)).await;
+    assert_eq!(status, 403);
+    assert_eq!(error_of(&body)["code"], "api_key_revoked");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_streams_finish() {
+    let engine = sim(SimConfig {
+        models: vec![MODEL.into()],
+        tokens_per_sec: 10.0,
+        ..SimConfig::default()
+    })
+    .await;
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    let addr: SocketAddr = gw.addr();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let response = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat(true))
+        .send()
+        .await
+        .unwrap();
+    let stream = tokio::spawn(async move { response.text().await.unwrap() });
+    let shutdown = tokio::spawn(gw.shutdown(Duration::from_secs(30)));
+    // New connections are refused once shutdown begins...
+    wait_until(Duration::from_secs(5), "listener closed", || async {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    // ...while the stream already under way runs to its end.
+    let body = stream.await.unwrap();
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    assert!(
+        shutdown.await.unwrap(),
+        "shutdown finished within its grace period"
+    );
+}

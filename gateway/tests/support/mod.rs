@@ -1,0 +1,185 @@
+//! Shared test support: a real `redis-server` on a free port, simulated engines, gateways on
+//! port 0 — all stopped on drop.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of this module"
+)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use garage_gateway::Gateway;
+use garage_gateway::config::{Config, UpstreamConfig};
+use garage_sim_engine::{SimConfig, SimEngine};
+
+pub const ADMIN: &str = "admin-test-token";
+pub const MODEL: &str = "sim-model";
+
+/// Waits for `condition` to hold, polling, for at most `bound`.
+pub async fn wait_until<F, Fut>(bound: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + bound;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// A throwaway `redis-server`, killed on drop.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (scripts/test.sh installs it)");
+        let server = RedisServer { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn sim(config: SimConfig) -> SimEngine {
+    SimEngine::start(SocketAddr::from(([127, 0, 0, 1], 0)), config)
+        .await
+        .expect("simulated engine starts")
+}
+
+/// A fast simulated engine serving [`MODEL`].
+pub async fn fast_sim() -> SimEngine {
+    sim(SimConfig {
+        models: vec![MODEL.into()],
+        ttft: Duration::ZERO,
+        tokens_per_sec: 0.0,
+        ..SimConfig::default()
+    })
+    .await
+}
+
+pub fn upstream(name: &str, base_url: String) -> UpstreamConfig {
+    UpstreamConfig {
+        name: name.into(),
+        base_url,
+        models: vec![MODEL.into()],
+        api_key: None,
+        health_path: None,
+    }
+}
+
+/// A test config: port 0, a known admin token, quick cooldowns.
+pub fn config(upstreams: Vec<UpstreamConfig>) -> Config {
+    let mut config = Config::default();
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.auth.admin_token = Some(ADMIN.into());
+    config.upstreams = upstreams;
+    config
+}
+
+pub async fn gateway(config: Config) -> Gateway {
+    Gateway::start(config).await.expect("gateway starts")
+}
+
+/// An HTTP client for tests (ring as the TLS provider, as the gateway uses).
+pub fn client() -> reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT
+        .get_or_init(|| {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            reqwest::Client::new()
+        })
+        .clone()
+}
+
+/// Creates an API key through the admin API; returns (id, secret).
+pub async fn create_key(base: &str, body: serde_json::Value) -> (String, String) {
+    let response = client()
+        .post(format!("{base}/admin/keys"))
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .expect("admin API answers");
+    assert_eq!(response.status(), 201);
+    let created: serde_json::Value = response.json().await.expect("json");
+    (
+        created["id"].as_str().expect("id").to_owned(),
+        created["key"].as_str().expect("key").to_owned(),
+    )
+}
+
+pub fn chat(stream: bool) -> serde_json::Value {
+    serde_json::json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": 5,
+        "stream": stream,
+    })
+}
+
+/// Posts a chat request with `key`; returns status and body text.
+pub async fn post_chat(base: &str, key: &str, body: &serde_json::Value) -> (u16, String) {
+    let response = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(body)
+        .send()
+        .await
+        .expect("gateway answers");
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap_or_default())
+}
+
+/// The OpenAI error envelope of a body, asserting its shape.
+pub fn error_of(body: &str) -> serde_json::Value {
+    let value: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"));
+    let error = value["error"].clone();
+    assert!(error["message"].is_string(), "no error.message in {body}");
+    assert!(error["type"].is_string(), "no error.type in {body}");
+    assert!(error.get("param").is_some(), "no error.param in {body}");
+    assert!(error.get("code").is_some(), "no error.code in {body}");
+    error
+}
