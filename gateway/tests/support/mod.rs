@@ -111,10 +111,12 @@ pub fn upstream(name: &str, base_url: String) -> UpstreamConfig {
 
 /// A test config: port 0, a known admin token, quick cooldowns.
 pub fn config(upstreams: Vec<UpstreamConfig>) -> Config {
-    let mut config = Config::default();
-    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut config = Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        upstreams,
+        ..Config::default()
+    };
     config.auth.admin_token = Some(ADMIN.into());
-    config.upstreams = upstreams;
     config
 }
 

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# The project's test command: Rust tests of the whole workspace, then the OpenAI SDK
+# compatibility tests (Python) against the real gateway binary.
+#
+# Works on a fresh Debian machine with only the Rust toolchain: installs what is missing
+# (redis-server, python3-venv, a C compiler) with apt-get, as root or through sudo.
+set -Eeuo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO_ROOT="$(pwd)"
+
+STEP="setup"
+STARTED_AT=$SECONDS
+STEP_STARTED_AT=$SECONDS
+
+step_done() {
+    if [[ "$STEP" != "setup" ]]; then
+        printf -- '--- %s: ok (%ss)\n' "$STEP" "$((SECONDS - STEP_STARTED_AT))"
+    fi
+}
+
+section() {
+    step_done
+    STEP="$1"
+    STEP_STARTED_AT=$SECONDS
+    printf '\n==> %s\n' "$STEP"
+}
+
+trap 'status=$?; printf "\nFAILED (exit %s) during: %s\n" "$status" "$STEP" >&2' ERR
+
+# Root runs apt-get directly; anyone else goes through sudo when there is one.
+as_root() {
+    if [[ "$(id -u)" -eq 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        echo "need root to run: $* (run as root or install sudo)" >&2
+        return 1
+    fi
+}
+
+APT_UPDATED=0
+apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "missing: $* -- no apt-get here; install it with your package manager" >&2
+        return 1
+    fi
+    if [[ "$APT_UPDATED" -eq 0 ]]; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+        APT_UPDATED=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+}
+
+# ---------------------------------------------------------------------------------------------
+section "Rust target wasm32-wasip2"
+if command -v rustup >/dev/null 2>&1; then
+    # Run in the repository so that rust-toolchain.toml picks the toolchain it applies to.
+    rustup target add wasm32-wasip2
+else
+    echo "rustup not found: skipping (the plugins will need the wasm32-wasip2 target)"
+fi
+
+# ---------------------------------------------------------------------------------------------
+section "System packages"
+needed=()
+if ! command -v cc >/dev/null 2>&1; then
+    needed+=(build-essential)
+fi
+installing_redis=0
+if ! command -v redis-server >/dev/null 2>&1; then
+    needed+=(redis-server)
+    installing_redis=1
+fi
+if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    needed+=(python3 python3-venv)
+fi
+if [[ ${#needed[@]} -gt 0 ]]; then
+    echo "installing: ${needed[*]}"
+    apt_install "${needed[@]}"
+    if [[ "$installing_redis" -eq 1 ]]; then
+        # The Rust tests start their own redis-server on a free port; the packaged service is
+        # not needed, so stop the one the package may have started (best effort).
+        if [[ -d /run/systemd/system ]]; then
+            as_root systemctl stop redis-server >/dev/null 2>&1 || true
+        else
+            as_root service redis-server stop >/dev/null 2>&1 || true
+        fi
+    fi
+else
+    echo "all present: cc, redis-server, python3 with venv"
+fi
+echo "redis-server: $(redis-server --version | head -n1)"
+
+# ---------------------------------------------------------------------------------------------
+section "Python environment (.venv)"
+VENV="$REPO_ROOT/.venv"
+REQUIREMENTS="$REPO_ROOT/tests/python/requirements.txt"
+if [[ ! -x "$VENV/bin/python" ]]; then
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+fi
+# Reinstall only when requirements.txt (or the interpreter) changed since the last install.
+stamp="$VENV/.requirements.sha256"
+want="$( { sha256sum "$REQUIREMENTS"; "$VENV/bin/python" --version; } | sha256sum | cut -d' ' -f1)"
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$REQUIREMENTS"
+    echo "$want" >"$stamp"
+    echo "installed tests/python/requirements.txt"
+else
+    echo "requirements already installed"
+fi
+
+# ---------------------------------------------------------------------------------------------
+section "cargo build --workspace --bins"
+cargo build --workspace --bins
+
+# ---------------------------------------------------------------------------------------------
+if cargo nextest --version >/dev/null 2>&1; then
+    section "Rust tests: cargo nextest run --workspace --no-fail-fast"
+    cargo nextest run --workspace --no-fail-fast
+    # nextest does not run doctests.
+    section "Rust doctests: cargo test --workspace --doc"
+    cargo test --workspace --doc
+else
+    section "Rust tests: cargo test --workspace --no-fail-fast"
+    cargo test --workspace --no-fail-fast
+fi
+
+# ---------------------------------------------------------------------------------------------
+section "OpenAI SDK compatibility: pytest tests/python"
+GARAGE_GATEWAY_BIN=target/debug/gateway "$VENV/bin/python" -m pytest tests/python -q
+
+step_done
+printf '\nAll tests passed in %ss.\n' "$((SECONDS - STARTED_AT))"

@@ -1,0 +1,531 @@
+"""Compatibility of the gateway with the official `openai` Python SDK.
+
+Every test talks to a real `gateway demo` (see conftest.py) through `openai.OpenAI`, the way a
+user would; plain httpx is used only where the SDK cannot express the request (malformed bodies)
+and for the admin API, which is not part of OpenAI's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+import time
+import uuid
+
+import httpx
+import openai
+import pytest
+
+from conftest import ADMIN_TOKEN, API_KEY, CHAT_MODELS, DEMO_MODELS, EMBEDDING_MODEL
+
+CHAT_MODEL = CHAT_MODELS[0]
+MESSAGES = [{"role": "user", "content": "Say hello to the garage."}]
+ERROR_FIELDS = {"message", "type", "param", "code"}
+
+
+class ResponseLog:
+    """Every HTTP response a client received, to check headers the SDK does not surface."""
+
+    def __init__(self) -> None:
+        self.responses: list[httpx.Response] = []
+
+    def __call__(self, response: httpx.Response) -> None:
+        self.responses.append(response)
+
+    def without_request_id(self) -> list[str]:
+        return [
+            f"{r.request.method} {r.request.url.path} -> {r.status_code}"
+            for r in self.responses
+            if not r.headers.get("x-request-id")
+        ]
+
+
+def make_client(base_url: str, api_key: str, log: ResponseLog) -> openai.OpenAI:
+    http_client = httpx.Client(timeout=30.0, event_hooks={"response": [log]})
+    # No retries: a failure must show as itself, not be papered over by the SDK retrying it.
+    return openai.OpenAI(
+        base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, http_client=http_client
+    )
+
+
+@pytest.fixture
+def responses() -> ResponseLog:
+    return ResponseLog()
+
+
+@pytest.fixture
+def client(gateway_url: str, responses: ResponseLog):
+    """An SDK client with the demo key. On teardown, checks that every response it received,
+    errors and streams included, carried an `x-request-id` header."""
+    sdk = make_client(gateway_url, API_KEY, responses)
+    yield sdk
+    sdk.close()
+    missing = responses.without_request_id()
+    assert not missing, f"responses without an x-request-id header: {missing}"
+
+
+@pytest.fixture
+def admin(gateway_url: str):
+    with httpx.Client(
+        base_url=gateway_url,
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=30.0,
+    ) as http:
+        yield http
+
+
+def assert_openai_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers.get("x-request-id")
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == ERROR_FIELDS, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert isinstance(body["error"]["type"], str) and body["error"]["type"]
+    return body["error"]
+
+
+# --- chat completions ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", CHAT_MODELS)
+def test_chat_completion(client: openai.OpenAI, model: str):
+    completion = client.chat.completions.create(model=model, messages=MESSAGES)
+    assert completion.object == "chat.completion"
+    assert completion.model == model
+    assert completion.id
+    assert len(completion.choices) == 1
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content and choice.message.content.strip()
+    assert choice.finish_reason in ("stop", "length")
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens > 0
+    assert completion.usage.completion_tokens > 0
+    assert completion.usage.total_tokens == (
+        completion.usage.prompt_tokens + completion.usage.completion_tokens
+    )
+    # The SDK exposes the x-request-id header as `_request_id`.
+    assert completion._request_id
+
+
+def test_chat_completion_streamed_hides_the_usage_chunk(client: openai.OpenAI):
+    """The gateway asks the backend for usage on every stream (to meter it) but must not show
+    the extra usage chunk to a client that did not ask for it."""
+    stream = client.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES, stream=True)
+    chunks = list(stream)
+    assert len(chunks) >= 3, chunks
+    for chunk in chunks:
+        assert chunk.object == "chat.completion.chunk"
+        assert chunk.model == CHAT_MODEL
+        assert chunk.choices, f"chunk with no choices (the hidden usage chunk leaked?): {chunk}"
+        assert chunk.usage is None, f"usage chunk the client did not ask for: {chunk}"
+    assert len({chunk.id for chunk in chunks}) == 1
+    content = "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+    assert content.strip()
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_completion_streamed_with_usage(client: openai.OpenAI):
+    stream = client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert len(chunks) >= 3, chunks
+    last = chunks[-1]
+    assert last.choices == []
+    assert last.usage is not None
+    assert last.usage.prompt_tokens > 0
+    assert last.usage.completion_tokens > 0
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    # Only the last chunk carries usage; the others carry the content.
+    assert all(chunk.usage is None and chunk.choices for chunk in chunks[:-1])
+    content = "".join(chunk.choices[0].delta.content or "" for chunk in chunks[:-1])
+    assert content.strip()
+
+
+def test_chat_stream_helper(client: openai.OpenAI):
+    """The SDK's higher-level streaming helper, which accumulates the final completion."""
+    with client.chat.completions.stream(model=CHAT_MODEL, messages=MESSAGES) as stream:
+        deltas = [event.delta for event in stream if event.type == "content.delta"]
+        final = stream.get_final_completion()
+    assert deltas
+    assert final.choices[0].message.content
+    assert final.choices[0].message.content == "".join(deltas)
+
+
+def test_chat_completion_accepts_extra_fields(client: openai.OpenAI):
+    """Fields the gateway does not know (vendor extensions, tools, sampling knobs) pass through."""
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city.",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
+    completion = client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=MESSAGES,
+        tools=tools,
+        tool_choice="auto",
+        temperature=0.2,
+        top_p=0.9,
+        max_tokens=64,
+        seed=7,
+        user="pytest",
+        extra_body={"vendor_x": 1, "nested_vendor": {"a": [1, 2, 3]}},
+    )
+    assert completion.choices
+    stream = client.chat.completions.create(
+        model=CHAT_MODEL,
+        messages=MESSAGES,
+        tools=tools,
+        stream=True,
+        extra_body={"vendor_x": 1},
+    )
+    chunks = list(stream)
+    assert chunks and all(chunk.choices for chunk in chunks)
+
+
+def test_chat_raw_response_has_request_id(client: openai.OpenAI):
+    raw = client.chat.completions.with_raw_response.create(model=CHAT_MODEL, messages=MESSAGES)
+    assert raw.status_code == 200
+    request_id = raw.headers.get("x-request-id")
+    assert request_id
+    completion = raw.parse()
+    assert completion.choices[0].message.content
+    assert completion._request_id == request_id
+
+
+def test_streamed_raw_response_has_request_id(client: openai.OpenAI):
+    raw = client.chat.completions.with_raw_response.create(
+        model=CHAT_MODEL, messages=MESSAGES, stream=True
+    )
+    assert raw.headers.get("x-request-id")
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    chunks = list(raw.parse())
+    assert chunks
+
+
+def test_client_request_id_is_kept(client: openai.OpenAI):
+    """A request id the caller chose is echoed back, not replaced."""
+    mine = f"pytest-{uuid.uuid4()}"
+    raw = client.chat.completions.with_raw_response.create(
+        model=CHAT_MODEL, messages=MESSAGES, extra_headers={"x-request-id": mine}
+    )
+    assert raw.headers.get("x-request-id") == mine
+
+
+def test_async_client_streams(gateway_url: str):
+    async def run() -> str:
+        async with openai.AsyncOpenAI(
+            base_url=f"{gateway_url}/v1", api_key=API_KEY, max_retries=0
+        ) as client:
+            stream = await client.chat.completions.create(
+                model=CHAT_MODEL, messages=MESSAGES, stream=True
+            )
+            parts = []
+            async for chunk in stream:
+                assert chunk.choices and chunk.usage is None
+                parts.append(chunk.choices[0].delta.content or "")
+            return "".join(parts)
+
+    assert asyncio.run(run()).strip()
+
+
+# --- legacy completions -------------------------------------------------------------------------
+
+
+def test_completion(client: openai.OpenAI):
+    completion = client.completions.create(model=CHAT_MODEL, prompt="Once upon a time")
+    assert completion.object == "text_completion"
+    assert completion.model == CHAT_MODEL
+    assert completion.choices[0].text.strip()
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens > 0
+    assert completion.usage.completion_tokens > 0
+
+
+def test_completion_streamed(client: openai.OpenAI):
+    chunks = list(
+        client.completions.create(model=CHAT_MODEL, prompt="Once upon a time", stream=True)
+    )
+    assert len(chunks) >= 3, chunks
+    assert all(chunk.choices and chunk.usage is None for chunk in chunks), chunks
+    assert "".join(chunk.choices[0].text for chunk in chunks).strip()
+
+
+def test_completion_streamed_with_usage(client: openai.OpenAI):
+    chunks = list(
+        client.completions.create(
+            model=CHAT_MODEL,
+            prompt="Once upon a time",
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert "".join(chunk.choices[0].text for chunk in chunks[:-1]).strip()
+
+
+# --- embeddings ---------------------------------------------------------------------------------
+
+
+def test_embeddings_default_encoding(client: openai.OpenAI):
+    """The SDK asks for base64 when the caller gives no encoding_format, then decodes it."""
+    inputs = ["first text", "second text", "third"]
+    raw = client.embeddings.with_raw_response.create(model=EMBEDDING_MODEL, input=inputs)
+    wire = raw.http_response.json()
+    assert all(isinstance(item["embedding"], str) for item in wire["data"]), (
+        "the SDK asked for base64; the gateway should return base64 strings"
+    )
+    result = raw.parse()
+    assert result.model == EMBEDDING_MODEL
+    assert [item.index for item in result.data] == [0, 1, 2]
+    lengths = {len(item.embedding) for item in result.data}
+    assert len(lengths) == 1 and lengths.pop() > 0, lengths
+    for item in result.data:
+        assert all(isinstance(x, float) for x in item.embedding)
+        assert any(x != 0.0 for x in item.embedding)
+    assert result.usage.prompt_tokens > 0
+
+
+def test_embeddings_float_matches_base64(client: openai.OpenAI):
+    as_float = client.embeddings.create(
+        model=EMBEDDING_MODEL, input="same text", encoding_format="float"
+    )
+    as_base64 = client.embeddings.create(
+        model=EMBEDDING_MODEL, input="same text", encoding_format="base64"
+    )
+    floats = as_float.data[0].embedding
+    encoded = as_base64.data[0].embedding
+    assert isinstance(encoded, str)
+    raw = base64.b64decode(encoded)
+    decoded = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+    assert len(decoded) == len(floats) > 0
+    assert decoded == pytest.approx(floats, rel=1e-6, abs=1e-6)
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def test_models_list(client: openai.OpenAI):
+    models = list(client.models.list())
+    ids = {model.id for model in models}
+    assert set(DEMO_MODELS) <= ids, ids
+    for model in models:
+        assert model.object == "model"
+        assert model.owned_by
+        assert model.created > 0
+
+
+@pytest.mark.parametrize("model_id", DEMO_MODELS)
+def test_models_retrieve(client: openai.OpenAI, model_id: str):
+    model = client.models.retrieve(model_id)
+    assert model.id == model_id
+    assert model.object == "model"
+
+
+def test_models_retrieve_unknown(client: openai.OpenAI):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("no-such-model")
+    assert caught.value.status_code == 404
+    assert caught.value.code == "model_not_found"
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def test_bad_key_is_authentication_error(gateway_url: str, responses: ResponseLog):
+    bad = make_client(gateway_url, "sk-garage-not-a-real-key", responses)
+    with pytest.raises(openai.AuthenticationError) as caught:
+        bad.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES)
+    err = caught.value
+    assert err.status_code == 401
+    assert err.code == "invalid_api_key"
+    assert err.type == "invalid_request_error"
+    assert err.request_id
+    # The secret is not echoed back whole.
+    assert "sk-garage-not-a-real-key" not in err.message
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert not responses.without_request_id()
+
+
+def test_missing_key_is_401(gateway_url: str):
+    response = httpx.post(
+        f"{gateway_url}/v1/chat/completions", json={"model": CHAT_MODEL, "messages": MESSAGES}
+    )
+    assert_openai_error(response, 401)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.chat.completions.create(model="no-such-model", messages=MESSAGES),
+        lambda c: c.chat.completions.create(model="no-such-model", messages=MESSAGES, stream=True),
+        lambda c: c.completions.create(model="no-such-model", prompt="hi"),
+        lambda c: c.embeddings.create(model="no-such-model", input="hi"),
+    ],
+    ids=["chat", "chat-stream", "completions", "embeddings"],
+)
+def test_unknown_model_is_not_found(client: openai.OpenAI, call):
+    with pytest.raises(openai.NotFoundError) as caught:
+        call(client)
+    err = caught.value
+    assert err.status_code == 404
+    assert err.code == "model_not_found"
+    assert err.param == "model"
+    assert "no-such-model" in err.message
+
+
+def test_missing_messages_is_bad_request(client: openai.OpenAI):
+    """The SDK's types forbid this request, so send it through the client's generic post."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.post("/chat/completions", body={"model": CHAT_MODEL}, cast_to=httpx.Response)
+    err = caught.value
+    assert err.status_code == 400
+    assert err.param == "messages"
+    assert err.type == "invalid_request_error"
+    assert err.request_id
+    # The SDK hands over the inner `error` object as `body`.
+    assert isinstance(err.body, dict) and set(err.body) == ERROR_FIELDS, err.body
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {"model": CHAT_MODEL}, "messages"),
+        ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": None}, "messages"),
+        ("/v1/chat/completions", {"model": CHAT_MODEL, "messages": "hi"}, "messages"),
+        ("/v1/chat/completions", {"messages": MESSAGES}, "model"),
+        ("/v1/completions", {"model": CHAT_MODEL}, "prompt"),
+        ("/v1/embeddings", {"model": EMBEDDING_MODEL}, "input"),
+    ],
+)
+def test_malformed_requests_get_openai_errors(gateway_url: str, path: str, body: dict, param: str):
+    response = httpx.post(
+        gateway_url + path, json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+    )
+    error = assert_openai_error(response, 400)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+
+
+def test_unparseable_json_is_bad_request(gateway_url: str):
+    response = httpx.post(
+        f"{gateway_url}/v1/chat/completions",
+        content=b'{"model": "x", "messages": [',
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
+    error = assert_openai_error(response, 400)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_unknown_route_is_openai_shaped_404(gateway_url: str):
+    response = httpx.get(
+        f"{gateway_url}/v1/no-such-route", headers={"Authorization": f"Bearer {API_KEY}"}
+    )
+    assert_openai_error(response, 404)
+
+
+# --- admin API: key lifecycle seen from the SDK ------------------------------------------------
+
+
+def test_admin_requires_admin_token(gateway_url: str):
+    assert_openai_error(httpx.get(f"{gateway_url}/admin/keys"), 401)
+    # An API key is not an admin token.
+    response = httpx.get(
+        f"{gateway_url}/admin/keys", headers={"Authorization": f"Bearer {API_KEY}"}
+    )
+    assert_openai_error(response, 401)
+
+
+def test_admin_key_lifecycle(gateway_url: str, admin: httpx.Client, responses: ResponseLog):
+    created = admin.post("/admin/keys", json={"name": "pytest-lifecycle"})
+    assert created.status_code == 201, created.text
+    assert created.headers.get("x-request-id")
+    record = created.json()
+    key, key_id = record["key"], record["id"]
+    assert key.startswith("sk-garage-")
+    assert record["name"] == "pytest-lifecycle"
+    assert record["revoked_at"] is None
+    assert key.startswith(record["prefix"])
+
+    # The secret is shown once: never again in listings.
+    listed = admin.get("/admin/keys")
+    assert listed.status_code == 200
+    assert key_id in {k["id"] for k in listed.json()["data"]}
+    assert key not in listed.text
+
+    sdk = make_client(gateway_url, key, responses)
+    completion = sdk.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES)
+    assert completion.choices[0].message.content
+    assert {m.id for m in sdk.models.list()} >= set(DEMO_MODELS)
+
+    revoked = admin.delete(f"/admin/keys/{key_id}")
+    assert revoked.status_code == 200, revoked.text
+    assert revoked.json()["revoked_at"] is not None
+    assert admin.get(f"/admin/keys/{key_id}").json()["revoked_at"] is not None
+
+    # Revocation reaches every replica within a second (documented); poll a little past that.
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            sdk.chat.completions.create(model=CHAT_MODEL, messages=MESSAGES)
+        except openai.PermissionDeniedError as err:
+            assert err.status_code == 403
+            assert err.code == "api_key_revoked"
+            assert err.type == "permission_error"
+            break
+        if time.monotonic() > deadline:
+            pytest.fail("a revoked key still works 2 s after DELETE /admin/keys/{id}")
+        time.sleep(0.05)
+    with pytest.raises(openai.PermissionDeniedError):
+        sdk.models.list()
+    sdk.close()
+    assert not responses.without_request_id(), responses.without_request_id()
+
+    # The demo key is untouched.
+    assert admin.get("/admin/keys").status_code == 200
+
+
+def test_admin_unknown_key_is_404(admin: httpx.Client):
+    assert_openai_error(admin.delete("/admin/keys/key_does_not_exist"), 404)
+    assert_openai_error(admin.get("/admin/keys/key_does_not_exist"), 404)
+
+
+def test_admin_create_key_rejects_bad_body(admin: httpx.Client):
+    error = assert_openai_error(admin.post("/admin/keys", json={"name": "  "}), 400)
+    assert error["param"] == "name"
+    assert_openai_error(admin.post("/admin/keys", json={"nom": "typo"}), 400)
+
+
+def test_key_restricted_to_models(gateway_url: str, admin: httpx.Client, responses: ResponseLog):
+    created = admin.post(
+        "/admin/keys", json={"name": "pytest-restricted", "allowed_models": [CHAT_MODELS[1]]}
+    )
+    assert created.status_code == 201, created.text
+    sdk = make_client(gateway_url, created.json()["key"], responses)
+    try:
+        assert sdk.chat.completions.create(model=CHAT_MODELS[1], messages=MESSAGES).choices
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            sdk.chat.completions.create(model=CHAT_MODELS[0], messages=MESSAGES)
+        assert caught.value.code == "model_not_allowed"
+        assert {m.id for m in sdk.models.list()} == {CHAT_MODELS[1]}
+    finally:
+        sdk.close()
+        admin.delete(f"/admin/keys/{created.json()['id']}")
