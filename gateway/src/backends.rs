@@ -9,8 +9,12 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
+use bytes::Bytes;
+use http::header;
+
 use crate::config::UpstreamConfig;
 use crate::error::ApiError;
+use crate::upstream::{HttpClient, RequestBody, SendError, UpstreamResponse, send_http};
 
 /// One OpenAI-compatible backend and its live health.
 #[derive(Debug)]
@@ -78,6 +82,31 @@ impl Backend {
 
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Sends `POST {base_url}{path}` with a JSON body.
+    pub async fn post(
+        &self,
+        client: &HttpClient,
+        path: &str,
+        body: Bytes,
+        request_id: Option<&http::HeaderValue>,
+    ) -> Result<UpstreamResponse, SendError> {
+        let mut request = http::Request::post(format!("{}{path}", self.base_url))
+            .header(header::CONTENT_TYPE, "application/json");
+        if let Some(id) = request_id {
+            request = request.header("x-request-id", id);
+        }
+        if let Some(key) = &self.api_key {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let request = request
+            .body(RequestBody::new(body))
+            .map_err(|e| SendError {
+                connect: true,
+                message: format!("invalid backend URL {}: {e}", self.base_url),
+            })?;
+        send_http(client, request).await
     }
 
     /// Counts a request as in flight until the guard drops.
@@ -214,7 +243,7 @@ impl Backends {
     }
 
     /// Probes every backend that has a health endpoint, forever, one round per `interval`.
-    pub async fn run_health_checks(self: Arc<Self>, client: reqwest::Client, interval: Duration) {
+    pub async fn run_health_checks(self: Arc<Self>, client: HttpClient, interval: Duration) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -226,10 +255,13 @@ impl Backends {
                 let backend = Arc::clone(backend);
                 let url = url.clone();
                 Some(async move {
-                    let ok = matches!(
-                        tokio::time::timeout(interval, client.get(&url).send()).await,
-                        Ok(Ok(resp)) if resp.status().is_success()
-                    );
+                    let ok = match http::Request::get(&url).body(RequestBody::default()) {
+                        Ok(request) => matches!(
+                            tokio::time::timeout(interval, send_http(&client, request)).await,
+                            Ok(Ok(resp)) if resp.status().is_success()
+                        ),
+                        Err(_) => false,
+                    };
                     backend.set_probe(ok);
                 })
             });

@@ -10,12 +10,15 @@ use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use futures::Stream;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 
 use crate::backends::{Backend, InFlight};
 use crate::error::ApiError;
 use crate::sse::{SseTap, Usage, error_event, usage_of_body};
 use crate::state::AppState;
+use crate::upstream::UpstreamResponse;
 
 /// One admitted request, ready to send.
 pub struct Outgoing {
@@ -42,31 +45,28 @@ pub async fn forward(
     let mut last_error = None;
     for backend in candidates.iter().take(dispatch.max_attempts) {
         let in_flight = backend.track();
-        let mut request = state
-            .http
-            .post(format!("{}{}", backend.base_url, out.path))
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(out.body.clone());
-        if let Some(id) = &out.request_id {
-            request = request.header("x-request-id", id.clone());
-        }
-        if let Some(key) = &backend.api_key {
-            request = request.bearer_auth(key);
-        }
-        let response = match tokio::time::timeout(dispatch.first_byte_timeout(), request.send())
-            .await
-        {
+        let send = backend.post(
+            &state.http,
+            out.path,
+            out.body.clone(),
+            out.request_id.as_ref(),
+        );
+        let response = match tokio::time::timeout(dispatch.first_byte_timeout(), send).await {
             // The backend may still be working on it: retrying elsewhere would double the load
             // of a slow request, so a timeout ends the attempt.
             Err(_) => {
                 state.metrics.backend_error(&backend.id, "timeout");
-                return Err(ApiError::GatewayTimeout(format!(
-                    "The backend did not answer within {} s.",
-                    dispatch.first_byte_timeout_secs
-                )));
+                return Err(count(
+                    state,
+                    &out,
+                    ApiError::GatewayTimeout(format!(
+                        "The backend did not answer within {} s.",
+                        dispatch.first_byte_timeout_secs
+                    )),
+                ));
             }
             Ok(Err(err)) => {
-                let kind = if err.is_connect() { "connect" } else { "send" };
+                let kind = if err.connect { "connect" } else { "send" };
                 state.metrics.backend_error(&backend.id, kind);
                 tracing::warn!(backend = %backend.id, error = %err, "backend unreachable; trying the next");
                 backend.cool_down(dispatch.cooldown());
@@ -105,38 +105,41 @@ pub async fn forward(
     }
     let error =
         last_error.unwrap_or_else(|| ApiError::Unavailable("No backend could be tried.".into()));
+    Err(count(state, &out, error))
+}
+
+/// Counts a request that ended in a gateway error after admission.
+fn count(state: &AppState, out: &Outgoing, error: ApiError) -> ApiError {
     state
         .metrics
         .requests
         .with_label_values(&[out.route, &out.model, error.status().as_str()])
         .inc();
-    Err(error)
+    error
 }
 
 /// A non-streamed answer: read it whole (bounded in time), meter it, pass it on untouched.
 async fn whole_response(
     state: &AppState,
-    response: reqwest::Response,
+    response: UpstreamResponse,
     out: Outgoing,
 ) -> Result<Response, ApiError> {
-    let status = response.status();
-    let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
-    let body = match tokio::time::timeout(state.config.dispatch.request_timeout(), response.bytes())
-        .await
-    {
-        Ok(Ok(body)) => body,
-        Ok(Err(err)) => {
-            return Err(ApiError::BadGateway(format!(
-                "The backend's response broke off: {err}"
-            )));
-        }
-        Err(_) => {
-            return Err(ApiError::GatewayTimeout(
-                "The backend did not finish its response in time.".into(),
-            ));
-        }
-    };
-    if status.is_success() {
+    let (parts, body) = response.into_parts();
+    let body =
+        match tokio::time::timeout(state.config.dispatch.request_timeout(), body.collect()).await {
+            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Err(err)) => {
+                return Err(ApiError::BadGateway(format!(
+                    "The backend's response broke off: {err}"
+                )));
+            }
+            Err(_) => {
+                return Err(ApiError::GatewayTimeout(
+                    "The backend did not finish its response in time.".into(),
+                ));
+            }
+        };
+    if parts.status.is_success() {
         record_usage(state, &out.model, usage_of_body(&body));
     }
     state
@@ -144,8 +147,8 @@ async fn whole_response(
         .request_duration
         .with_label_values(&[out.route, &out.model])
         .observe(out.started.elapsed().as_secs_f64());
-    let mut builder = Response::builder().status(status);
-    if let Some(ct) = content_type {
+    let mut builder = Response::builder().status(parts.status);
+    if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
         builder = builder.header(header::CONTENT_TYPE, ct);
     }
     builder
@@ -169,11 +172,11 @@ fn stream_response(
     state: &AppState,
     backend: &Arc<Backend>,
     in_flight: InFlight,
-    response: reqwest::Response,
+    response: UpstreamResponse,
     out: Outgoing,
 ) -> Response {
-    let tap = MeteredStream {
-        upstream: Box::pin(response.bytes_stream()),
+    let body = MeteredBody {
+        upstream: response.into_body(),
         tap: SseTap::new(out.hide_usage_chunk),
         state: state.clone(),
         backend_id: backend.id.clone(),
@@ -188,16 +191,15 @@ fn stream_response(
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(tap))
+        .body(Body::new(body))
         .unwrap_or_else(|_| ApiError::Internal("cannot build response".into()).into_response())
 }
 
-type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
-
-/// The backend's event stream on its way to the client: forwarded as it arrives, its usage read,
-/// metrics recorded when it ends (or when the client goes away, which drops it).
-struct MeteredStream {
-    upstream: ByteStream,
+/// The backend's event stream on its way to the client: forwarded frame by frame as it
+/// arrives, its usage read, metrics recorded when it ends (or when the client goes away, which
+/// drops it).
+struct MeteredBody {
+    upstream: Incoming,
     tap: SseTap,
     state: AppState,
     backend_id: String,
@@ -209,18 +211,26 @@ struct MeteredStream {
     _in_flight: InFlight,
 }
 
-impl Stream for MeteredStream {
-    type Item = Result<Bytes, std::io::Error>;
+impl HttpBody for MeteredBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = &mut *self;
         loop {
             if this.done {
                 return Poll::Ready(None);
             }
-            match this.upstream.as_mut().poll_next(cx) {
+            match Pin::new(&mut this.upstream).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(chunk))) => {
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Trailers (none from OpenAI-style servers) are not forwarded.
+                    let Ok(chunk) = frame.into_data() else {
+                        continue;
+                    };
                     if !this.first_chunk_seen {
                         this.first_chunk_seen = true;
                         this.state
@@ -231,7 +241,7 @@ impl Stream for MeteredStream {
                     }
                     let out = this.tap.feed(chunk);
                     if !out.is_empty() {
-                        return Poll::Ready(Some(Ok(out)));
+                        return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
                 }
                 Poll::Ready(Some(Err(err))) => {
@@ -244,22 +254,30 @@ impl Stream for MeteredStream {
                     out.extend_from_slice(&error_event(
                         "The backend stopped in the middle of the response; retry the request.",
                     ));
-                    return Poll::Ready(Some(Ok(Bytes::from(out))));
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
                 }
                 Poll::Ready(None) => {
                     this.done = true;
                     let rest = this.tap.finish();
                     if !rest.is_empty() {
-                        return Poll::Ready(Some(Ok(rest)));
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
                     }
                     return Poll::Ready(None);
                 }
             }
         }
     }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
 }
 
-impl Drop for MeteredStream {
+impl Drop for MeteredBody {
     fn drop(&mut self) {
         record_usage(&self.state, &self.model, self.tap.usage());
         self.state

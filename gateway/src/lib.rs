@@ -18,6 +18,7 @@ pub mod server;
 pub mod sse;
 pub mod state;
 pub mod store;
+pub mod upstream;
 
 pub use config::Config;
 pub use server::Gateway;

@@ -12,8 +12,9 @@ use crate::auth::{KeyAuth, KeyHasher, random_token, unix_now};
 use crate::backends::Backends;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::state::{AppState, Inner, backend_client};
+use crate::state::{AppState, Inner};
 use crate::store::{self, StoreError};
+use crate::upstream::http_client;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -24,8 +25,6 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot build the backend HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
 }
 
 /// A running gateway: its server task and background tasks, stopped together.
@@ -66,7 +65,7 @@ impl Gateway {
             Duration::from_secs(config.auth.key_cache_secs),
         );
         let backends = Arc::new(Backends::from_upstreams(&config.upstreams));
-        let http = backend_client(&config)?;
+        let http = http_client(&config);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind {
