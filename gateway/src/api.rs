@@ -15,7 +15,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::{admin, openai};
+use crate::{admin, node_api, openai};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -28,6 +28,7 @@ use crate::{admin, openai};
     tags(
         (name = "openai", description = "OpenAI-compatible API; authenticate with an API key"),
         (name = "admin", description = "Operator API; authenticate with the admin token"),
+        (name = "nodes", description = "Node protocol, spoken by node-runner; authenticate with the node credential"),
         (name = "ops", description = "Health, readiness and metrics")
     )
 )]
@@ -42,6 +43,7 @@ impl Modify for SecuritySchemes {
             || SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build());
         components.add_security_scheme("api_key", bearer());
         components.add_security_scheme("admin_token", bearer());
+        components.add_security_scheme("node_credential", bearer());
     }
 }
 
@@ -50,6 +52,11 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
     let admin = OpenApiRouter::new()
         .routes(routes!(admin::create_key, admin::list_keys))
         .routes(routes!(admin::get_key, admin::revoke_key))
+        .routes(routes!(node_api::create_enrollment_token))
+        .routes(routes!(node_api::list_nodes))
+        .routes(routes!(node_api::get_node, node_api::remove_node))
+        .routes(routes!(node_api::drain_node))
+        .routes(routes!(node_api::resume_node))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin::require_admin,
@@ -64,6 +71,10 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(ready))
         .routes(routes!(metrics))
         .routes(routes!(openapi_json))
+        .routes(routes!(node_api::enroll))
+        .routes(routes!(node_api::connect))
+        .routes(routes!(node_api::heartbeat))
+        .routes(routes!(node_api::deregister))
         .merge(admin)
         .with_state(state)
         .split_for_parts();

@@ -127,6 +127,7 @@ impl KeyAuth {
                     Ok(StoreEvent::Resync)
                     | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => cache.clear(),
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    Ok(_) => {}
                 }
             }
         })

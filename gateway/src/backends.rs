@@ -14,21 +14,50 @@ use http::header;
 
 use crate::config::UpstreamConfig;
 use crate::error::ApiError;
-use crate::upstream::{HttpClient, RequestBody, SendError, UpstreamResponse, send_http};
+use crate::upstream::{
+    HttpClient, RequestBody, SendError, UpstreamResponse, send_http, send_tunnel,
+};
+
+/// How requests reach a backend.
+pub enum Transport {
+    /// An OpenAI-compatible base URL, through the pooled HTTP client.
+    Url {
+        /// Base URL including the API version, without a trailing slash.
+        base_url: String,
+        api_key: Option<String>,
+        /// Full URL of the health endpoint, when the backend has one.
+        health_url: Option<String>,
+    },
+    /// A rig's tunnel: an HTTP/2 connection the rig opened to this gateway.
+    Tunnel(hyper::client::conn::http2::SendRequest<RequestBody>),
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Url { base_url, .. } => write!(f, "Url({base_url})"),
+            Transport::Tunnel(_) => write!(f, "Tunnel"),
+        }
+    }
+}
+
+/// A backend that is a rig: who it is, for the admin API and (later) the router.
+#[derive(Debug, Clone)]
+pub struct RigInfo {
+    pub node_id: String,
+    pub operator: String,
+}
 
 /// One OpenAI-compatible backend and its live health.
 #[derive(Debug)]
 pub struct Backend {
     pub id: String,
-    /// Base URL including the API version, without a trailing slash.
-    pub base_url: String,
     pub models: Vec<String>,
-    pub api_key: Option<String>,
-    /// Full URL of the health endpoint, when the backend has one.
-    pub health_url: Option<String>,
+    pub transport: Transport,
+    pub rig: Option<RigInfo>,
     /// Milliseconds since `origin` until which the backend is cooling down after a failure.
     cooldown_until_ms: AtomicU64,
-    /// Result of the last active health check (true when never checked).
+    /// Result of the last active health check or heartbeat (true when never checked).
     probe_ok: AtomicBool,
     in_flight: AtomicU32,
     origin: Instant,
@@ -41,16 +70,42 @@ impl Backend {
             let origin_url = url_origin(&base_url);
             format!("{origin_url}/{}", path.trim_start_matches('/'))
         });
+        Self::new(
+            config.name.clone(),
+            config.models.clone(),
+            Transport::Url {
+                base_url,
+                api_key: config.api_key.clone(),
+                health_url,
+            },
+            None,
+            origin,
+        )
+    }
+
+    pub fn new(
+        id: String,
+        models: Vec<String>,
+        transport: Transport,
+        rig: Option<RigInfo>,
+        origin: Instant,
+    ) -> Self {
         Backend {
-            id: config.name.clone(),
-            base_url,
-            models: config.models.clone(),
-            api_key: config.api_key.clone(),
-            health_url,
+            id,
+            models,
+            transport,
+            rig,
             cooldown_until_ms: AtomicU64::new(0),
             probe_ok: AtomicBool::new(true),
             in_flight: AtomicU32::new(0),
             origin,
+        }
+    }
+
+    fn health_url(&self) -> Option<&str> {
+        match &self.transport {
+            Transport::Url { health_url, .. } => health_url.as_deref(),
+            Transport::Tunnel(_) => None,
         }
     }
 
@@ -84,7 +139,7 @@ impl Backend {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Sends `POST {base_url}{path}` with a JSON body.
+    /// Sends `POST {base}{path}` with a JSON body, over whichever transport the backend has.
     pub async fn post(
         &self,
         client: &HttpClient,
@@ -92,21 +147,32 @@ impl Backend {
         body: Bytes,
         request_id: Option<&http::HeaderValue>,
     ) -> Result<UpstreamResponse, SendError> {
-        let mut request = http::Request::post(format!("{}{path}", self.base_url))
-            .header(header::CONTENT_TYPE, "application/json");
+        let (uri, api_key) = match &self.transport {
+            Transport::Url {
+                base_url, api_key, ..
+            } => (format!("{base_url}{path}"), api_key.as_deref()),
+            Transport::Tunnel(_) => (
+                format!("http://{}/v1{path}", garage_node_protocol::TUNNEL_AUTHORITY),
+                None,
+            ),
+        };
+        let mut request = http::Request::post(uri).header(header::CONTENT_TYPE, "application/json");
         if let Some(id) = request_id {
             request = request.header("x-request-id", id);
         }
-        if let Some(key) = &self.api_key {
+        if let Some(key) = api_key {
             request = request.header(header::AUTHORIZATION, format!("Bearer {key}"));
         }
         let request = request
             .body(RequestBody::new(body))
             .map_err(|e| SendError {
                 connect: true,
-                message: format!("invalid backend URL {}: {e}", self.base_url),
+                message: format!("invalid backend request: {e}"),
             })?;
-        send_http(client, request).await
+        match &self.transport {
+            Transport::Url { .. } => send_http(client, request).await,
+            Transport::Tunnel(sender) => send_tunnel(sender.clone(), request).await,
+        }
     }
 
     /// Counts a request as in flight until the guard drops.
@@ -231,15 +297,28 @@ impl Backends {
         self.current.load_full()
     }
 
-    /// Adds a static upstream at run time (the demo's rigs, later registered nodes).
-    pub fn add(&self, upstream: &UpstreamConfig) {
-        let backend = Arc::new(Backend::from_upstream(upstream, self.origin));
+    /// Adds or replaces (by id) a backend: a rig that connected or changed its models.
+    pub fn upsert(&self, backend: Arc<Backend>) {
         self.current.rcu(|set| {
             let mut all = set.all.clone();
             all.retain(|b| b.id != backend.id);
             all.push(Arc::clone(&backend));
             BackendSet::new(all)
         });
+    }
+
+    /// Takes a backend out (a rig that left). In-flight requests keep their snapshot.
+    pub fn remove(&self, id: &str) {
+        self.current.rcu(|set| {
+            let mut all = set.all.clone();
+            all.retain(|b| b.id != id);
+            BackendSet::new(all)
+        });
+    }
+
+    /// The process-wide origin of backend clocks (cooldowns).
+    pub fn origin(&self) -> Instant {
+        self.origin
     }
 
     /// Probes every backend that has a health endpoint, forever, one round per `interval`.
@@ -250,10 +329,9 @@ impl Backends {
             ticker.tick().await;
             let set = self.snapshot();
             let probes = set.all().iter().filter_map(|backend| {
-                let url = backend.health_url.as_ref()?;
+                let url = backend.health_url()?.to_owned();
                 let client = client.clone();
                 let backend = Arc::clone(backend);
-                let url = url.clone();
                 Some(async move {
                     let ok = match http::Request::get(&url).body(RequestBody::default()) {
                         Ok(request) => matches!(
@@ -319,10 +397,9 @@ mod tests {
     #[test]
     fn health_url_from_origin() {
         let b = Backend::from_upstream(&upstream("a", &["m"]), Instant::now());
-        assert_eq!(b.base_url, "http://a.invalid:8000/v1");
-        assert_eq!(
-            b.health_url.as_deref(),
-            Some("http://a.invalid:8000/health")
+        assert!(
+            matches!(&b.transport, Transport::Url { base_url, .. } if base_url == "http://a.invalid:8000/v1")
         );
+        assert_eq!(b.health_url(), Some("http://a.invalid:8000/health"));
     }
 }

@@ -29,6 +29,9 @@ pub const ENV_FIELDS: &[&str] = &[
     "dispatch.max_attempts",
     "dispatch.cooldown_secs",
     "dispatch.health_interval_secs",
+    "nodes.heartbeat_interval_secs",
+    "nodes.missed_heartbeats",
+    "nodes.enrollment_token_ttl_secs",
     "upstreams",
 ];
 
@@ -61,6 +64,7 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     pub auth: AuthConfig,
     pub dispatch: DispatchConfig,
+    pub nodes: NodesConfig,
     /// Static OpenAI-compatible upstreams (an existing vLLM server, another gateway...).
     pub upstreams: Vec<UpstreamConfig>,
 }
@@ -104,6 +108,39 @@ pub struct DispatchConfig {
     pub health_interval_secs: u64,
 }
 
+/// Rigs that connect through `node-runner`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodesConfig {
+    /// How often rigs send heartbeats (told to each rig when it enrolls).
+    pub heartbeat_interval_secs: u64,
+    /// Heartbeats a rig may miss before it leaves routing; it comes back with the next one.
+    pub missed_heartbeats: u32,
+    /// Default lifetime of an enrollment token.
+    pub enrollment_token_ttl_secs: u64,
+}
+
+impl Default for NodesConfig {
+    fn default() -> Self {
+        NodesConfig {
+            // A few seconds: stats fresh enough for routing, a trickle of traffic per rig.
+            heartbeat_interval_secs: 5,
+            missed_heartbeats: 3,
+            enrollment_token_ttl_secs: 24 * 3600,
+        }
+    }
+}
+
+impl NodesConfig {
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_interval_secs.max(1))
+    }
+    /// Silence longer than this takes a rig out of routing.
+    pub fn heartbeat_deadline(&self) -> Duration {
+        self.heartbeat_interval() * self.missed_heartbeats.max(1)
+    }
+}
+
 /// A static OpenAI-compatible backend.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -139,6 +176,7 @@ impl Default for Config {
                 key_cache_secs: 60,
             },
             dispatch: DispatchConfig::default(),
+            nodes: NodesConfig::default(),
             upstreams: Vec::new(),
         }
     }

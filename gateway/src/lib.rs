@@ -13,6 +13,8 @@ pub mod demo;
 pub mod dispatch;
 pub mod error;
 pub mod metrics;
+pub mod node_api;
+pub mod nodes;
 pub mod openai;
 pub mod server;
 pub mod sse;

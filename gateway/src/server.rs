@@ -12,6 +12,7 @@ use crate::auth::{KeyAuth, KeyHasher, random_token, unix_now};
 use crate::backends::Backends;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::nodes::Nodes;
 use crate::state::{AppState, Inner};
 use crate::store::{self, StoreError};
 use crate::upstream::http_client;
@@ -65,6 +66,12 @@ impl Gateway {
             Duration::from_secs(config.auth.key_cache_secs),
         );
         let backends = Arc::new(Backends::from_upstreams(&config.upstreams));
+        let nodes = Nodes::new(
+            store.clone(),
+            KeyHasher::new(&key_secret),
+            backends.clone(),
+            config.nodes.clone(),
+        );
         let http = http_client(&config);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -82,6 +89,7 @@ impl Gateway {
             store,
             auth: auth.clone(),
             backends: backends.clone(),
+            nodes: nodes.clone(),
             http: http.clone(),
             metrics: Metrics::new(),
             admin_token,
@@ -90,6 +98,8 @@ impl Gateway {
         let background = vec![
             auth.spawn_invalidator(),
             tokio::spawn(backends.run_health_checks(http, health_interval)),
+            tokio::spawn(nodes.clone().watch_heartbeats()),
+            tokio::spawn(nodes.follow_events()),
         ];
         let shutdown = CancellationToken::new();
         // Nagle off on every client socket: see `state::backend_client`.
@@ -136,6 +146,8 @@ impl Gateway {
     pub async fn shutdown(self, grace: Duration) -> bool {
         self.shutdown.cancel();
         let finished = tokio::time::timeout(grace, self.server).await.is_ok();
+        // Client requests are done (or out of time): now the rigs' tunnels can close.
+        self.state.nodes.close_all();
         for task in self.background {
             task.abort();
         }

@@ -6,6 +6,7 @@ use crate::auth::KeyAuth;
 use crate::backends::Backends;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::nodes::Nodes;
 use crate::store::Store;
 use crate::upstream::HttpClient;
 
@@ -18,6 +19,7 @@ pub struct Inner {
     pub store: Arc<dyn Store>,
     pub auth: KeyAuth,
     pub backends: Arc<Backends>,
+    pub nodes: Arc<Nodes>,
     /// Connection pool to backends; outside anything swappable so connections survive swaps.
     pub http: HttpClient,
     pub metrics: Metrics,

@@ -70,3 +70,21 @@ pub async fn send_http(
         message: err.to_string(),
     })
 }
+
+/// Sends a request through a rig's tunnel. A tunnel that is closed or refuses the stream
+/// (the rig is draining) took nothing: safe to try another backend.
+pub async fn send_tunnel(
+    mut sender: hyper::client::conn::http2::SendRequest<RequestBody>,
+    request: http::Request<RequestBody>,
+) -> Result<UpstreamResponse, SendError> {
+    if let Err(err) = sender.ready().await {
+        return Err(SendError {
+            connect: true,
+            message: format!("rig tunnel closed: {err}"),
+        });
+    }
+    sender.send_request(request).await.map_err(|err| SendError {
+        connect: err.is_closed() || err.is_canceled(),
+        message: format!("rig tunnel: {err}"),
+    })
+}

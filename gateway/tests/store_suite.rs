@@ -107,6 +107,25 @@ async fn suite(store: Arc<dyn Store>) {
     store.kv_set("text", b"abc", None).await.unwrap();
     assert!(store.kv_incr("text", 1, None).await.is_err());
 
+    // Records by kind.
+    assert_eq!(store.record_get("node", "n1").await.unwrap(), None);
+    store.record_put("node", "n1", b"{\"a\":1}").await.unwrap();
+    store.record_put("node", "n2", b"{\"a\":2}").await.unwrap();
+    store
+        .record_put("token", "n1", b"other kind")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.record_get("node", "n1").await.unwrap().as_deref(),
+        Some(&b"{\"a\":1}"[..])
+    );
+    let mut listed = store.record_list("node").await.unwrap();
+    listed.sort();
+    assert_eq!(listed, [b"{\"a\":1}".to_vec(), b"{\"a\":2}".to_vec()]);
+    store.record_delete("node", "n1").await.unwrap();
+    assert_eq!(store.record_list("node").await.unwrap().len(), 1);
+    assert_eq!(store.record_list("nothing").await.unwrap().len(), 0);
+
     // Events reach subscribers.
     let mut events = store.subscribe();
     let event = StoreEvent::KeyChanged {

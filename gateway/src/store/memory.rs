@@ -14,6 +14,7 @@ struct Inner {
     keys: HashMap<String, ApiKeyRecord>,
     key_ids_by_hash: HashMap<String, String>,
     kv: HashMap<String, (Vec<u8>, Option<Instant>)>,
+    records: HashMap<String, HashMap<String, Vec<u8>>>,
 }
 
 pub struct MemoryStore {
@@ -138,6 +139,40 @@ impl Store for MemoryStore {
 
     async fn kv_delete(&self, key: &str) -> Result<(), StoreError> {
         self.lock().kv.remove(key);
+        Ok(())
+    }
+
+    async fn record_put(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.lock()
+            .records
+            .entry(kind.to_owned())
+            .or_default()
+            .insert(id.to_owned(), value.to_vec());
+        Ok(())
+    }
+
+    async fn record_get(&self, kind: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .lock()
+            .records
+            .get(kind)
+            .and_then(|records| records.get(id))
+            .cloned())
+    }
+
+    async fn record_list(&self, kind: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(self
+            .lock()
+            .records
+            .get(kind)
+            .map(|records| records.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn record_delete(&self, kind: &str, id: &str) -> Result<(), StoreError> {
+        if let Some(records) = self.lock().records.get_mut(kind) {
+            records.remove(id);
+        }
         Ok(())
     }
 

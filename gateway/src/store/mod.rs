@@ -59,6 +59,13 @@ pub struct ApiKeyRecord {
 pub enum StoreEvent {
     /// A key was created, changed or revoked: drop it from caches.
     KeyChanged { id: String, hash: String },
+    /// A node's record changed (drained, revoked...): replicas reload it.
+    NodeChanged { id: String },
+    /// A node's heartbeat, relayed to the replica that holds its tunnel.
+    NodeHeartbeat {
+        id: String,
+        heartbeat: garage_node_protocol::Heartbeat,
+    },
     /// The event stream had a gap (a reconnect): every cache must be dropped.
     Resync,
 }
@@ -94,6 +101,13 @@ pub trait Store: Send + Sync + 'static {
         ttl: Option<Duration>,
     ) -> Result<i64, StoreError>;
     async fn kv_delete(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Records: JSON documents of one `kind` (nodes, enrollment tokens...) by id.
+    async fn record_put(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError>;
+    async fn record_get(&self, kind: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every record of a kind, in no particular order.
+    async fn record_list(&self, kind: &str) -> Result<Vec<Vec<u8>>, StoreError>;
+    async fn record_delete(&self, kind: &str, id: &str) -> Result<(), StoreError>;
 
     /// Sends an event to every replica (this one included).
     async fn publish(&self, event: &StoreEvent) -> Result<(), StoreError>;

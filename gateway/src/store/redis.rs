@@ -1,7 +1,8 @@
 //! The Redis store: the shared state of several gateway replicas.
 //!
 //! Layout (every key under `garage:`): `key:{id}` → JSON record, `keyhash:{hash}` → id,
-//! `keys` → sorted set of ids by creation time, `kv:{name}` → plugin state; events on the
+//! `keys` → sorted set of ids by creation time, `kv:{name}` → plugin state,
+//! `rec:{kind}` → hash of JSON records by id; events on the
 //! `garage:events` channel.
 
 use std::time::Duration;
@@ -48,6 +49,10 @@ fn hash_key(hash: &str) -> String {
 }
 fn kv_key(name: &str) -> String {
     format!("garage:kv:{name}")
+}
+/// Records of one kind live in one hash: listing a kind is one HVALS.
+fn record_key(kind: &str) -> String {
+    format!("garage:rec:{kind}")
 }
 const KEYS_INDEX: &str = "garage:keys";
 
@@ -206,6 +211,28 @@ impl Store for RedisStore {
     async fn kv_delete(&self, key: &str) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let _: () = conn.del(kv_key(key)).await?;
+        Ok(())
+    }
+
+    async fn record_put(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn.hset(record_key(kind), id, value).await?;
+        Ok(())
+    }
+
+    async fn record_get(&self, kind: &str, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.hget(record_key(kind), id).await?)
+    }
+
+    async fn record_list(&self, kind: &str) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.hvals(record_key(kind)).await?)
+    }
+
+    async fn record_delete(&self, kind: &str, id: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn.hdel(record_key(kind), id).await?;
         Ok(())
     }
 

@@ -1,0 +1,227 @@
+//! HTTP endpoints of the node protocol (`/node/v1/*`, called by `node-runner`) and the admin
+//! API for rigs (`/admin/nodes`, `/admin/enrollment-tokens`).
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::Response;
+use garage_node_protocol::{
+    EnrollRequest, EnrollResponse, Heartbeat, HeartbeatAck, TUNNEL_PROTOCOL,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, ErrorBody};
+use crate::nodes::{CreateEnrollmentToken, CreatedEnrollmentToken, NodeInfo};
+use crate::state::AppState;
+
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(value)| value)
+        .map_err(|r| ApiError::bad_request(r.body_text(), None))
+}
+
+/// Trades an enrollment token for the rig's node id and credential (shown once).
+#[utoipa::path(
+    post, path = "/node/v1/enroll", tag = "nodes",
+    request_body = EnrollRequest,
+    responses(
+        (status = 200, body = EnrollResponse),
+        (status = 400, body = ErrorBody),
+        (status = 401, description = "Invalid, expired or used-up token", body = ErrorBody),
+    )
+)]
+pub async fn enroll(
+    State(state): State<AppState>,
+    body: Result<Json<EnrollRequest>, JsonRejection>,
+) -> Result<Json<EnrollResponse>, ApiError> {
+    Ok(Json(state.nodes.enroll(json_body(body)?).await?))
+}
+
+/// Opens the rig's tunnel: after `101 Switching Protocols` the connection speaks HTTP/2 with the
+/// gateway as client and the rig as server.
+#[utoipa::path(
+    get, path = "/node/v1/connect", tag = "nodes",
+    params(("upgrade" = String, Header, description = "Must be `garage-tunnel/1`")),
+    responses(
+        (status = 101, description = "Switching to the tunnel"),
+        (status = 400, description = "Not an upgrade request", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The rig was removed", body = ErrorBody),
+    ),
+    security(("node_credential" = []))
+)]
+pub async fn connect(
+    State(state): State<AppState>,
+    mut request: Request,
+) -> Result<Response, ApiError> {
+    let record = state.nodes.authenticate(request.headers()).await?;
+    let upgrade = request
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok());
+    if upgrade != Some(TUNNEL_PROTOCOL) {
+        return Err(ApiError::bad_request(
+            format!("Expected `Upgrade: {TUNNEL_PROTOCOL}`."),
+            None,
+        ));
+    }
+    let Some(on_upgrade) = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
+        return Err(ApiError::bad_request(
+            "This connection cannot be upgraded (HTTP/1.1 is required).",
+            None,
+        ));
+    };
+    state.nodes.spawn_tunnel(record, on_upgrade);
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, TUNNEL_PROTOCOL)
+        .body(Body::empty())
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// A rig's heartbeat: its GPUs and engines. Missed heartbeats take it out of routing.
+#[utoipa::path(
+    post, path = "/node/v1/heartbeat", tag = "nodes",
+    request_body = Heartbeat,
+    responses(
+        (status = 200, body = HeartbeatAck),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The rig was removed", body = ErrorBody),
+    ),
+    security(("node_credential" = []))
+)]
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<Heartbeat>, JsonRejection>,
+) -> Result<Json<HeartbeatAck>, ApiError> {
+    let record = state.nodes.authenticate(&headers).await?;
+    let heartbeat = json_body(body)?;
+    Ok(Json(state.nodes.heartbeat(&record, heartbeat).await?))
+}
+
+/// Acknowledgement of a deregistration.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Deregistered {
+    pub node_id: String,
+}
+
+/// The rig is shutting down: no new requests; what is in flight finishes.
+#[utoipa::path(
+    post, path = "/node/v1/deregister", tag = "nodes",
+    responses((status = 200, body = Deregistered), (status = 401, body = ErrorBody)),
+    security(("node_credential" = []))
+)]
+pub async fn deregister(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Deregistered>, ApiError> {
+    let record = state.nodes.authenticate(&headers).await?;
+    state.nodes.deregister(&record.id);
+    tracing::info!(node = %record.id, "rig deregistered; draining");
+    Ok(Json(Deregistered { node_id: record.id }))
+}
+
+/// Issues an enrollment token for an operator's rigs (shown once).
+#[utoipa::path(
+    post, path = "/admin/enrollment-tokens", tag = "admin",
+    request_body = CreateEnrollmentToken,
+    responses(
+        (status = 201, body = CreatedEnrollmentToken),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn create_enrollment_token(
+    State(state): State<AppState>,
+    body: Result<Json<CreateEnrollmentToken>, JsonRejection>,
+) -> Result<(StatusCode, Json<CreatedEnrollmentToken>), ApiError> {
+    let created = state
+        .nodes
+        .create_enrollment_token(json_body(body)?)
+        .await?;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct NodeList {
+    /// Always `list`.
+    pub object: String,
+    pub data: Vec<NodeInfo>,
+}
+
+/// Lists rigs with their GPUs, engines, models, health and last heartbeat.
+#[utoipa::path(
+    get, path = "/admin/nodes", tag = "admin",
+    responses((status = 200, body = NodeList), (status = 401, body = ErrorBody)),
+    security(("admin_token" = []))
+)]
+pub async fn list_nodes(State(state): State<AppState>) -> Result<Json<NodeList>, ApiError> {
+    Ok(Json(NodeList {
+        object: "list".into(),
+        data: state.nodes.list().await?,
+    }))
+}
+
+/// One rig.
+#[utoipa::path(
+    get, path = "/admin/nodes/{id}", tag = "admin",
+    params(("id" = String, Path, description = "Node id")),
+    responses((status = 200, body = NodeInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("admin_token" = []))
+)]
+pub async fn get_node(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<NodeInfo>, ApiError> {
+    Ok(Json(state.nodes.get_info(&id).await?))
+}
+
+/// Removes a rig: its credential is refused and its tunnel closed at once.
+#[utoipa::path(
+    delete, path = "/admin/nodes/{id}", tag = "admin",
+    params(("id" = String, Path, description = "Node id")),
+    responses((status = 200, body = NodeInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("admin_token" = []))
+)]
+pub async fn remove_node(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<NodeInfo>, ApiError> {
+    Ok(Json(state.nodes.revoke(&id).await?))
+}
+
+/// Drains a rig: out of routing (in-flight requests finish) until resumed.
+#[utoipa::path(
+    post, path = "/admin/nodes/{id}/drain", tag = "admin",
+    params(("id" = String, Path, description = "Node id")),
+    responses((status = 200, body = NodeInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("admin_token" = []))
+)]
+pub async fn drain_node(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<NodeInfo>, ApiError> {
+    Ok(Json(state.nodes.set_drained(&id, true).await?))
+}
+
+/// Puts a drained rig back in routing (with its next heartbeat).
+#[utoipa::path(
+    post, path = "/admin/nodes/{id}/resume", tag = "admin",
+    params(("id" = String, Path, description = "Node id")),
+    responses((status = 200, body = NodeInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("admin_token" = []))
+)]
+pub async fn resume_node(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<NodeInfo>, ApiError> {
+    Ok(Json(state.nodes.set_drained(&id, false).await?))
+}
