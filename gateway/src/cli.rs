@@ -145,12 +145,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
             .context("cannot start the demo")?;
             println!("{}", demo.banner());
-            let Demo {
-                gateway, engines, ..
-            } = demo;
-            shutdown_on_signal(gateway, grace).await?;
-            for engine in engines {
-                engine.shutdown().await;
+            wait_for_signal().await?;
+            tracing::info!(
+                grace_secs = grace.as_secs(),
+                "shutting down: finishing in-flight requests"
+            );
+            if demo.shutdown(grace).await {
+                tracing::info!("stopped cleanly");
+            } else {
+                tracing::warn!("grace period over; closed the remaining connections");
             }
             Ok(())
         }

@@ -1,11 +1,16 @@
 //! `gateway demo`: the gateway, simulated rigs and a ready API key, in one command.
+//!
+//! The rigs are real `node-runner` agents (in this process) with simulated engines: they enroll
+//! with a token, open their tunnels and send heartbeats exactly as rigs in garages do.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use garage_sim_engine::{SimConfig, SimEngine};
+use garage_node_runner::agent::{Agent, AgentError, AgentOptions};
+use garage_node_runner::cli::simulated_engine;
+use garage_node_runner::engines::EngineSet;
 
-use crate::config::{Config, UpstreamConfig};
+use crate::config::Config;
+use crate::nodes::CreateEnrollmentToken;
 use crate::server::{Gateway, StartError};
 
 /// Models the simulated rigs serve: two chat models and an embedding model.
@@ -14,6 +19,11 @@ pub const DEMO_MODELS: &[&str] = &[
     "qwen2.5-7b-instruct",
     "bge-small-en",
 ];
+
+/// The operator the demo's rigs belong to.
+const DEMO_OPERATOR: &str = "demo-operator";
+/// Rigs come up in well under a second on loopback; this only bounds a broken start.
+const RIGS_READY_BOUND: Duration = Duration::from_secs(30);
 
 pub struct DemoOptions {
     pub nodes: usize,
@@ -27,53 +37,86 @@ pub struct DemoOptions {
 /// A running demo: the gateway, its rigs and the key it made.
 pub struct Demo {
     pub gateway: Gateway,
-    pub engines: Vec<SimEngine>,
+    pub rigs: Vec<Agent>,
     pub api_key: String,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("cannot start a simulated rig: {0}")]
-    Engine(std::io::Error),
     #[error(transparent)]
     Start(#[from] StartError),
-    #[error("cannot create the demo API key: {0}")]
-    Key(#[from] crate::store::StoreError),
+    #[error("cannot set up the demo: {0}")]
+    Setup(String),
+    #[error("a simulated rig cannot join: {0}")]
+    Rig(#[from] AgentError),
+    #[error("the simulated rigs did not come up within {0:?}")]
+    RigsNotReady(Duration),
 }
 
 impl Demo {
-    pub async fn start(mut config: Config, options: DemoOptions) -> Result<Demo, DemoError> {
-        let mut engines = Vec::with_capacity(options.nodes);
-        for i in 0..options.nodes {
-            let sim = SimConfig {
-                models: DEMO_MODELS.iter().map(|m| m.to_string()).collect(),
-                ttft: options.ttft,
-                tokens_per_sec: options.tokens_per_sec,
-                ..SimConfig::default()
-            };
-            let engine = SimEngine::start(SocketAddr::from(([127, 0, 0, 1], 0)), sim)
-                .await
-                .map_err(DemoError::Engine)?;
-            config.upstreams.push(UpstreamConfig {
-                name: format!("sim-rig-{}", i + 1),
-                base_url: engine.base_url(),
-                models: DEMO_MODELS.iter().map(|m| m.to_string()).collect(),
-                api_key: None,
-                health_path: Some("/health".into()),
-            });
-            engines.push(engine);
-        }
+    pub async fn start(config: Config, options: DemoOptions) -> Result<Demo, DemoError> {
         let gateway = Gateway::start(config).await?;
-        let (_, api_key) = gateway
-            .state()
+        let state = gateway.state();
+        let (_, api_key) = state
             .auth
             .create("demo".into(), None, Default::default(), options.api_key)
+            .await
+            .map_err(|e| DemoError::Setup(e.to_string()))?;
+        let token = state
+            .nodes
+            .create_enrollment_token(CreateEnrollmentToken {
+                operator: DEMO_OPERATOR.into(),
+                expires_in_secs: Some(600),
+                max_uses: Some(options.nodes as u32),
+            })
+            .await
+            .map_err(|e| DemoError::Setup(e.to_string()))?;
+        let models: Vec<String> = DEMO_MODELS.iter().map(|m| m.to_string()).collect();
+        let http = garage_node_runner::agent::http_client();
+        let mut rigs = Vec::with_capacity(options.nodes);
+        for i in 0..options.nodes {
+            let engines = EngineSet::start(vec![simulated_engine(
+                "sim-vllm",
+                &models,
+                options.ttft.as_millis() as u64,
+                options.tokens_per_sec,
+            )])
+            .await;
+            let rig = Agent::start(
+                AgentOptions {
+                    gateway_url: gateway.url(),
+                    name: format!("sim-rig-{}", i + 1),
+                    enrollment_token: Some(token.token.clone()),
+                    state_file: None,
+                    heartbeat_interval: None,
+                    drain_timeout: Duration::from_secs(10),
+                    http: Some(http.clone()),
+                    probe_gpus: false,
+                },
+                engines,
+            )
             .await?;
+            rigs.push(rig);
+        }
+        let started = Instant::now();
+        while state.backends.snapshot().healthy_count() < options.nodes {
+            if started.elapsed() > RIGS_READY_BOUND {
+                return Err(DemoError::RigsNotReady(RIGS_READY_BOUND));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Ok(Demo {
             gateway,
-            engines,
+            rigs,
             api_key,
         })
+    }
+
+    /// Drains the rigs, then stops the gateway within `grace`.
+    pub async fn shutdown(self, grace: Duration) -> bool {
+        let finished = self.gateway.shutdown(grace).await;
+        futures::future::join_all(self.rigs.into_iter().map(Agent::shutdown)).await;
+        finished
     }
 
     /// What the demo prints for a person to try it.
@@ -81,19 +124,21 @@ impl Demo {
         let url = self.gateway.url();
         let model = DEMO_MODELS[0];
         format!(
-            "\nGarage AI gateway demo is running with {rigs} simulated rigs.\n\n\
+            "\nGarage AI gateway demo is running with {rigs} simulated rigs (node-runner agents \
+             with simulated vLLM engines, connected through their tunnels).\n\n\
              \x20 listen address  {addr}\n\
              \x20 OpenAI base URL {url}/v1\n\
              \x20 API key         {key}\n\
              \x20 admin token     {admin}\n\
              \x20 models          {models}\n\
-             \x20 API docs        {url}/docs\n\n\
+             \x20 API docs        {url}/docs\n\
+             \x20 rigs            curl -H 'Authorization: Bearer {admin}' {url}/admin/nodes\n\n\
              Try it:\n\n\
              \x20 curl {url}/v1/chat/completions \\\n\
              \x20   -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n\
              \x20   -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n\
              Add \"stream\": true for a streamed answer (curl -N). Ctrl-C stops.\n",
-            rigs = self.engines.len(),
+            rigs = self.rigs.len(),
             addr = self.gateway.addr(),
             key = self.api_key,
             admin = self.gateway.admin_token(),

@@ -483,10 +483,11 @@ impl Nodes {
                 let silent = tunnel
                     .last_heartbeat
                     .is_none_or(|at| at.elapsed() > deadline);
-                if let Some(backend) = &tunnel.backend {
-                    if silent && backend.is_healthy() {
-                        backend.set_probe(false);
-                    }
+                if let Some(backend) = &tunnel.backend
+                    && silent
+                    && backend.is_healthy()
+                {
+                    backend.set_probe(false);
                 }
                 if silent && tunnel.last_heartbeat.is_some() && !tunnel.silent_logged {
                     tunnel.silent_logged = true;
