@@ -185,3 +185,71 @@ pub fn error_of(body: &str) -> serde_json::Value {
     assert!(error.get("code").is_some(), "no error.code in {body}");
     error
 }
+
+/// A binary of this workspace, built beside the test executable (`scripts/test.sh` builds
+/// them all first with `cargo build --workspace --bins`).
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// GET an admin endpoint as JSON.
+pub async fn admin_get(base: &str, path: &str) -> serde_json::Value {
+    client()
+        .get(format!("{base}{path}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("admin API answers")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// POST to an admin endpoint; returns status and JSON.
+pub async fn admin_post(
+    base: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let response = client()
+        .post(format!("{base}{path}"))
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .expect("admin API answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+/// An enrollment token for `uses` rigs.
+pub async fn enrollment_token(base: &str, uses: u32) -> String {
+    let (status, body) = admin_post(
+        base,
+        "/admin/enrollment-tokens",
+        serde_json::json!({"operator": "op-test", "max_uses": uses}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    body["token"].as_str().expect("token").to_owned()
+}
+
+/// Rigs the gateway routes to right now.
+pub async fn routable_rigs(base: &str) -> usize {
+    admin_get(base, "/admin/nodes").await["data"]
+        .as_array()
+        .map_or(0, |nodes| {
+            nodes.iter().filter(|n| n["routable"] == true).count()
+        })
+}
