@@ -15,7 +15,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::{admin, node_api, openai};
+use crate::{admin, node_api, openai, usage_api};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -57,6 +57,9 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(node_api::get_node, node_api::remove_node))
         .routes(routes!(node_api::drain_node))
         .routes(routes!(node_api::resume_node))
+        .routes(routes!(usage_api::all_usage))
+        .routes(routes!(usage_api::ledger_entry))
+        .routes(routes!(usage_api::leaderboard))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin::require_admin,
@@ -67,6 +70,7 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(openai::embeddings))
         .routes(routes!(openai::list_models))
         .routes(routes!(openai::get_model))
+        .routes(routes!(usage_api::own_usage))
         .routes(routes!(health))
         .routes(routes!(ready))
         .routes(routes!(metrics))

@@ -19,6 +19,7 @@ use crate::error::ApiError;
 use crate::sse::{SseTap, Usage, error_event, usage_of_body};
 use crate::state::AppState;
 use crate::upstream::UpstreamResponse;
+use crate::usage::UsageEvent;
 
 /// One admitted request, ready to send.
 pub struct Outgoing {
@@ -32,7 +33,56 @@ pub struct Outgoing {
     /// The client did not ask for the usage chunk; the gateway did, so hide it.
     pub hide_usage_chunk: bool,
     pub request_id: Option<HeaderValue>,
+    /// Id of the API key, for usage events.
+    pub key_id: String,
     pub started: Instant,
+    /// Wall-clock start, Unix milliseconds.
+    pub started_at_ms: u64,
+}
+
+impl Outgoing {
+    fn request_id(&self) -> String {
+        self.request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The usage event of a finished request.
+fn usage_event(
+    out: &Outgoing,
+    backend: &Backend,
+    usage: Usage,
+    ttft: std::time::Duration,
+) -> UsageEvent {
+    let (rig, operator) = match &backend.rig {
+        Some(rig) => (rig.node_id.clone(), rig.operator.clone()),
+        None => (String::new(), String::new()),
+    };
+    UsageEvent {
+        request_id: out.request_id(),
+        key_id: out.key_id.clone(),
+        model: out.model.clone(),
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.completion_tokens,
+        cached_tokens: 0,
+        latency_ms: out.started.elapsed().as_millis() as u64,
+        ttft_ms: ttft.as_millis() as u64,
+        backend: backend.id.clone(),
+        rig,
+        operator,
+        started_at_ms: out.started_at_ms,
+        finished_at_ms: unix_ms(),
+        batch: false,
+    }
 }
 
 /// Forwards `out` to the first candidate that takes it.
@@ -100,7 +150,7 @@ pub async fn forward(
         return if out.stream && status.is_success() && is_event_stream {
             Ok(stream_response(state, backend, in_flight, response, out))
         } else {
-            whole_response(state, response, out).await
+            whole_response(state, backend, response, out).await
         };
     }
     let error =
@@ -121,6 +171,7 @@ fn count(state: &AppState, out: &Outgoing, error: ApiError) -> ApiError {
 /// A non-streamed answer: read it whole (bounded in time), meter it, pass it on untouched.
 async fn whole_response(
     state: &AppState,
+    backend: &Backend,
     response: UpstreamResponse,
     out: Outgoing,
 ) -> Result<Response, ApiError> {
@@ -139,8 +190,14 @@ async fn whole_response(
                 ));
             }
         };
-    if parts.status.is_success() {
-        record_usage(state, &out.model, usage_of_body(&body));
+    if parts.status.is_success()
+        && let Some(usage) = usage_of_body(&body)
+    {
+        record_usage(state, &out.model, Some(usage));
+        let elapsed = out.started.elapsed();
+        state
+            .usage
+            .record(usage_event(&out, backend, usage, elapsed));
     }
     state
         .metrics
@@ -179,11 +236,9 @@ fn stream_response(
         upstream: response.into_body(),
         tap: SseTap::new(out.hide_usage_chunk),
         state: state.clone(),
-        backend_id: backend.id.clone(),
-        route: out.route,
-        model: out.model,
-        started: out.started,
-        first_chunk_seen: false,
+        backend: Arc::clone(backend),
+        out,
+        first_chunk_at: None,
         done: false,
         _in_flight: in_flight,
     };
@@ -202,11 +257,10 @@ struct MeteredBody {
     upstream: Incoming,
     tap: SseTap,
     state: AppState,
-    backend_id: String,
-    route: &'static str,
-    model: String,
-    started: Instant,
-    first_chunk_seen: bool,
+    backend: Arc<Backend>,
+    out: Outgoing,
+    /// Time to first token, once it came.
+    first_chunk_at: Option<std::time::Duration>,
     done: bool,
     _in_flight: InFlight,
 }
@@ -231,13 +285,14 @@ impl HttpBody for MeteredBody {
                     let Ok(chunk) = frame.into_data() else {
                         continue;
                     };
-                    if !this.first_chunk_seen {
-                        this.first_chunk_seen = true;
+                    if this.first_chunk_at.is_none() {
+                        let ttft = this.out.started.elapsed();
+                        this.first_chunk_at = Some(ttft);
                         this.state
                             .metrics
                             .time_to_first_token
-                            .with_label_values(&[&this.model])
-                            .observe(this.started.elapsed().as_secs_f64());
+                            .with_label_values(&[&this.out.model])
+                            .observe(ttft.as_secs_f64());
                     }
                     let out = this.tap.feed(chunk);
                     if !out.is_empty() {
@@ -248,8 +303,8 @@ impl HttpBody for MeteredBody {
                     // The rig or engine went away mid-stream. The client gets an error event it
                     // can act on, then the end of the stream (never a silent truncation).
                     this.done = true;
-                    this.state.metrics.backend_error(&this.backend_id, "stream");
-                    tracing::warn!(backend = %this.backend_id, error = %err, "backend stream broke off");
+                    this.state.metrics.backend_error(&this.backend.id, "stream");
+                    tracing::warn!(backend = %this.backend.id, error = %err, "backend stream broke off");
                     let mut out = this.tap.finish().to_vec();
                     out.extend_from_slice(&error_event(
                         "The backend stopped in the middle of the response; retry the request.",
@@ -279,11 +334,18 @@ impl HttpBody for MeteredBody {
 
 impl Drop for MeteredBody {
     fn drop(&mut self) {
-        record_usage(&self.state, &self.model, self.tap.usage());
+        let usage = self.tap.usage();
+        record_usage(&self.state, &self.out.model, usage);
+        if let Some(usage) = usage {
+            let ttft = self.first_chunk_at.unwrap_or_default();
+            self.state
+                .usage
+                .record(usage_event(&self.out, &self.backend, usage, ttft));
+        }
         self.state
             .metrics
             .request_duration
-            .with_label_values(&[self.route, &self.model])
-            .observe(self.started.elapsed().as_secs_f64());
+            .with_label_values(&[self.out.route, &self.out.model])
+            .observe(self.out.started.elapsed().as_secs_f64());
     }
 }

@@ -21,6 +21,8 @@ pub mod sse;
 pub mod state;
 pub mod store;
 pub mod upstream;
+pub mod usage;
+pub mod usage_api;
 
 pub use config::Config;
 pub use server::Gateway;

@@ -214,7 +214,11 @@ async fn admit_and_forward(
             stream: admitted.stream,
             hide_usage_chunk,
             request_id: headers.get("x-request-id").cloned(),
+            key_id: key.id.clone(),
             started,
+            started_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
         },
     )
     .await

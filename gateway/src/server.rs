@@ -13,6 +13,7 @@ use crate::backends::Backends;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::nodes::Nodes;
+use crate::usage::{Outcome, UsageEvent, Usage, UsageProcessor};
 use crate::state::{AppState, Inner};
 use crate::store::{self, StoreError};
 use crate::upstream::http_client;
@@ -73,6 +74,7 @@ impl Gateway {
             config.nodes.clone(),
         );
         let http = http_client(&config);
+        let usage = Usage::new(store.clone());
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -90,6 +92,7 @@ impl Gateway {
             auth: auth.clone(),
             backends: backends.clone(),
             nodes: nodes.clone(),
+            usage: usage.clone(),
             http: http.clone(),
             metrics: Metrics::new(),
             admin_token,
@@ -100,6 +103,7 @@ impl Gateway {
             tokio::spawn(backends.run_health_checks(http, health_interval)),
             tokio::spawn(nodes.clone().watch_heartbeats()),
             tokio::spawn(nodes.follow_events()),
+            tokio::spawn(usage.run_worker(Arc::new(LedgerOnly))),
         ];
         let shutdown = CancellationToken::new();
         // Nagle off on every client socket: see `state::backend_client`.
@@ -152,6 +156,17 @@ impl Gateway {
             task.abort();
         }
         finished
+    }
+}
+
+/// Usage processing with no meter or reward policy installed: the ledger records usage with no
+/// charge and no points.
+struct LedgerOnly;
+
+#[async_trait::async_trait]
+impl UsageProcessor for LedgerOnly {
+    async fn process(&self, _event: &UsageEvent) -> Result<Outcome, String> {
+        Ok(Outcome::default())
     }
 }
 

@@ -9,6 +9,7 @@ use crate::metrics::Metrics;
 use crate::nodes::Nodes;
 use crate::store::Store;
 use crate::upstream::HttpClient;
+use crate::usage::Usage;
 
 /// Shared state of a running gateway. Cheap to clone.
 #[derive(Clone)]
@@ -20,6 +21,7 @@ pub struct Inner {
     pub auth: KeyAuth,
     pub backends: Arc<Backends>,
     pub nodes: Arc<Nodes>,
+    pub usage: Arc<Usage>,
     /// Connection pool to backends; outside anything swappable so connections survive swaps.
     pub http: HttpClient,
     pub metrics: Metrics,

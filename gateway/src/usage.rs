@@ -1,0 +1,430 @@
+//! Usage events: recorded when a request ends, queued durably in the store, then metered and
+//! rewarded off the hot path into append-only ledgers.
+//!
+//! - **Durable**: an event is written to the store's `usage_queue` before anything else happens
+//!   to it. While the store is unreachable, events wait in memory and are retried.
+//! - **At least once, charged once**: a worker claims an event with an expiring lease (a worker
+//!   that dies mid-way loses its lease and another takes the event over), and the ledger is
+//!   keyed by request id, so an event processed twice is charged and rewarded once.
+//! - **Replayable**: the ledger keeps each event with what was charged and awarded for it.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::store::{Store, StoreError};
+
+const QUEUE: &str = "usage_queue";
+const LEDGER: &str = "usage_ledger";
+const DAILY_INDEX: &str = "usage_daily_index";
+const OPERATOR_INDEX: &str = "reward_operator_index";
+/// How long a worker owns an event it claimed. Meter and reward calls take milliseconds; a
+/// claim older than this belongs to a worker that died.
+const CLAIM_LEASE: Duration = Duration::from_secs(30);
+/// Credits and points are kept as integer millionths in counters, so that concurrent workers
+/// on several replicas add them up atomically.
+const MICRO: f64 = 1_000_000.0;
+/// Events kept in memory while the store is down. Past this the oldest are dropped (and
+/// counted): bounded memory beats an out-of-memory crash that would lose them all.
+const PENDING_CAP: usize = 100_000;
+
+/// A finished request, as metering and rewards see it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct UsageEvent {
+    pub request_id: String,
+    pub key_id: String,
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub latency_ms: u64,
+    pub ttft_ms: u64,
+    /// Backend id that served it.
+    pub backend: String,
+    /// Node id of the rig that served it; empty for static upstreams.
+    pub rig: String,
+    /// Operator of that rig; empty for static upstreams.
+    pub operator: String,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+    /// From the Batch API.
+    pub batch: bool,
+}
+
+impl UsageEvent {
+    /// UTC day of the request, `YYYY-MM-DD`.
+    pub fn day(&self) -> String {
+        day_of(self.finished_at_ms)
+    }
+}
+
+/// `YYYY-MM-DD` of a Unix time in milliseconds (civil-from-days, proleptic Gregorian).
+pub fn day_of(unix_ms: u64) -> String {
+    let days = (unix_ms / 86_400_000) as i64;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Points for an operator.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Award {
+    pub operator: String,
+    pub points: f64,
+    pub reason: String,
+}
+
+/// What metering and rewards made of an event.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Outcome {
+    /// Credits charged to the key (0 when no meter is installed).
+    pub credits: f64,
+    /// The key's budget is spent.
+    pub budget_exhausted: bool,
+    pub awards: Vec<Award>,
+}
+
+/// Turns an event into an outcome: the meter and reward plugins, in the gateway.
+#[async_trait]
+pub trait UsageProcessor: Send + Sync {
+    /// `Err` leaves the event queued, to be retried (a faulting plugin).
+    async fn process(&self, event: &UsageEvent) -> Result<Outcome, String>;
+}
+
+/// The ledger entry of one request: append-only, keyed by request id.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct LedgerEntry {
+    pub event: UsageEvent,
+    pub outcome: Outcome,
+    /// Unix milliseconds.
+    pub processed_at_ms: u64,
+}
+
+/// Usage of one key for one model on one day.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct DailyUsage {
+    pub key_id: String,
+    pub model: String,
+    /// `YYYY-MM-DD`, UTC.
+    pub day: String,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub credits: f64,
+}
+
+/// An operator's standing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct OperatorPoints {
+    pub operator: String,
+    pub points: f64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn corrupt(err: serde_json::Error) -> StoreError {
+    StoreError::Corrupt(err.to_string())
+}
+
+/// Records usage events and works the queue.
+pub struct Usage {
+    store: Arc<dyn Store>,
+    /// Events the store did not take yet (it was down).
+    pending: Mutex<VecDeque<UsageEvent>>,
+    wake: tokio::sync::Notify,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl Usage {
+    pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
+        Arc::new(Usage {
+            store,
+            pending: Mutex::new(VecDeque::new()),
+            wake: tokio::sync::Notify::new(),
+            dropped: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<UsageEvent>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues an event; never blocks the request that produced it.
+    pub fn record(self: &Arc<Self>, event: UsageEvent) {
+        let usage = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(err) = usage.enqueue(&event).await {
+                tracing::warn!(request_id = %event.request_id, error = %err, "store unavailable; usage event kept in memory for retry");
+                usage.hold(event);
+            }
+            usage.wake.notify_one();
+        });
+    }
+
+    fn hold(&self, event: UsageEvent) {
+        let mut pending = self.pending();
+        if pending.len() >= PENDING_CAP {
+            pending.pop_front();
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        pending.push_back(event);
+    }
+
+    async fn enqueue(&self, event: &UsageEvent) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(event).map_err(corrupt)?;
+        self.store
+            .record_put(QUEUE, &event.request_id, &json)
+            .await
+    }
+
+    /// Events waiting in memory for the store to come back.
+    pub fn pending_len(&self) -> usize {
+        self.pending().len()
+    }
+
+    /// Events in the store's queue, not yet processed.
+    pub async fn queued_len(&self) -> Result<usize, StoreError> {
+        Ok(self.store.record_list(QUEUE).await?.len())
+    }
+
+    /// Works the queue forever: flush what waited in memory, then claim and process events.
+    pub async fn run_worker(self: Arc<Self>, processor: Arc<dyn UsageProcessor>) {
+        loop {
+            let worked = match self.work_once(processor.as_ref()).await {
+                Ok(n) => n,
+                Err(err) => {
+                    tracing::warn!(error = %err, "usage queue unavailable; retrying");
+                    0
+                }
+            };
+            if worked == 0 {
+                // Idle: wait for a new event, or poll now and then for events other replicas
+                // queued or leases that expired.
+                let _ = tokio::time::timeout(Duration::from_millis(500), self.wake.notified())
+                    .await;
+            }
+        }
+    }
+
+    /// One pass over the queue; returns how many events were processed.
+    pub async fn work_once(&self, processor: &dyn UsageProcessor) -> Result<usize, StoreError> {
+        let held: Vec<UsageEvent> = self.pending().drain(..).collect();
+        for (i, event) in held.iter().enumerate() {
+            if let Err(err) = self.enqueue(event).await {
+                let mut pending = self.pending();
+                for event in held[i..].iter().rev() {
+                    pending.push_front(event.clone());
+                }
+                return Err(err);
+            }
+        }
+        let mut processed = 0;
+        for bytes in self.store.record_list(QUEUE).await? {
+            let event: UsageEvent = match serde_json::from_slice(&bytes) {
+                Ok(event) => event,
+                Err(err) => {
+                    tracing::error!(error = %err, "unreadable usage event skipped");
+                    continue;
+                }
+            };
+            // Claim it: the first worker to bump the counter owns it until the lease ends.
+            let claim = format!("usage_claim:{}", event.request_id);
+            if self.store.kv_incr(&claim, 1, Some(CLAIM_LEASE)).await? != 1 {
+                continue;
+            }
+            if self.process(&event, processor).await? {
+                processed += 1;
+            }
+            // Processed or not, let the next pass retry it without waiting out the lease.
+            self.store.kv_delete(&claim).await?;
+        }
+        Ok(processed)
+    }
+
+    /// Meters and rewards one claimed event into the ledger; false when the processor failed
+    /// (the event stays queued).
+    async fn process(
+        &self,
+        event: &UsageEvent,
+        processor: &dyn UsageProcessor,
+    ) -> Result<bool, StoreError> {
+        if self
+            .store
+            .record_get(LEDGER, &event.request_id)
+            .await?
+            .is_some()
+        {
+            // Already in the ledger (a crash after writing it, before dequeuing): done.
+            self.store.record_delete(QUEUE, &event.request_id).await?;
+            return Ok(true);
+        }
+        let outcome = match processor.process(event).await {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                tracing::warn!(request_id = %event.request_id, error = %err, "usage processing failed; will retry");
+                return Ok(false);
+            }
+        };
+        let entry = LedgerEntry {
+            event: event.clone(),
+            outcome: outcome.clone(),
+            processed_at_ms: now_ms(),
+        };
+        let json = serde_json::to_vec(&entry).map_err(corrupt)?;
+        // The ledger entry first: from here on the event counts as processed, whatever happens.
+        self.store
+            .record_put(LEDGER, &event.request_id, &json)
+            .await?;
+        self.aggregate(event, &outcome).await?;
+        self.store.record_delete(QUEUE, &event.request_id).await?;
+        Ok(true)
+    }
+
+    /// Adds the event to the daily and per-operator counters.
+    async fn aggregate(&self, event: &UsageEvent, outcome: &Outcome) -> Result<(), StoreError> {
+        // Guards the counters: a crash between the ledger write and here replays the event's
+        // aggregation at most once more, never twice.
+        let guard = format!("usage_aggregated:{}", event.request_id);
+        if self
+            .store
+            .kv_incr(&guard, 1, Some(Duration::from_secs(7 * 86_400)))
+            .await?
+            != 1
+        {
+            return Ok(());
+        }
+        let day = event.day();
+        let slot = format!("{}|{}|{}", event.key_id, event.model, day);
+        // Index records hold their own id, so listing the index lists the ids.
+        self.store
+            .record_put(DAILY_INDEX, &slot, slot.as_bytes())
+            .await?;
+        let counter = |name: &str| format!("usage:{slot}:{name}");
+        self.store.kv_incr(&counter("requests"), 1, None).await?;
+        self.store
+            .kv_incr(&counter("prompt"), event.prompt_tokens as i64, None)
+            .await?;
+        self.store
+            .kv_incr(&counter("completion"), event.completion_tokens as i64, None)
+            .await?;
+        self.store
+            .kv_incr(&counter("credits_micro"), (outcome.credits * MICRO) as i64, None)
+            .await?;
+        for award in &outcome.awards {
+            if award.operator.is_empty() {
+                continue;
+            }
+            self.store
+                .record_put(OPERATOR_INDEX, &award.operator, award.operator.as_bytes())
+                .await?;
+            self.store
+                .kv_incr(
+                    &format!("points_micro:{}", award.operator),
+                    (award.points * MICRO) as i64,
+                    None,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn index(&self, kind: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .store
+            .record_list(kind)
+            .await?
+            .into_iter()
+            .filter_map(|id| String::from_utf8(id).ok())
+            .collect())
+    }
+
+    async fn counter(&self, key: &str) -> Result<i64, StoreError> {
+        Ok(self
+            .store
+            .kv_get(key)
+            .await?
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Daily usage, optionally only one key's, newest day first.
+    pub async fn daily(&self, key_id: Option<&str>) -> Result<Vec<DailyUsage>, StoreError> {
+        let mut rows = Vec::new();
+        for slot in self.index(DAILY_INDEX).await? {
+            let mut parts = slot.splitn(3, '|');
+            let (Some(key), Some(model), Some(day)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            if key_id.is_some_and(|k| k != key) {
+                continue;
+            }
+            let counter = |name: &str| format!("usage:{slot}:{name}");
+            rows.push(DailyUsage {
+                key_id: key.to_owned(),
+                model: model.to_owned(),
+                day: day.to_owned(),
+                requests: self.counter(&counter("requests")).await?.max(0) as u64,
+                prompt_tokens: self.counter(&counter("prompt")).await?.max(0) as u64,
+                completion_tokens: self.counter(&counter("completion")).await?.max(0) as u64,
+                credits: self.counter(&counter("credits_micro")).await? as f64 / MICRO,
+            });
+        }
+        rows.sort_by(|a, b| {
+            (b.day.as_str(), a.key_id.as_str(), a.model.as_str()).cmp(&(
+                a.day.as_str(),
+                b.key_id.as_str(),
+                b.model.as_str(),
+            ))
+        });
+        Ok(rows)
+    }
+
+    /// Operators by points, best first.
+    pub async fn leaderboard(&self) -> Result<Vec<OperatorPoints>, StoreError> {
+        let mut rows = Vec::new();
+        for operator in self.index(OPERATOR_INDEX).await? {
+            let points = self.counter(&format!("points_micro:{operator}")).await? as f64 / MICRO;
+            rows.push(OperatorPoints { operator, points });
+        }
+        rows.sort_by(|a, b| b.points.total_cmp(&a.points).then(a.operator.cmp(&b.operator)));
+        Ok(rows)
+    }
+
+    /// The ledger entry of one request.
+    pub async fn ledger_entry(&self, request_id: &str) -> Result<Option<LedgerEntry>, StoreError> {
+        match self.store.record_get(LEDGER, request_id).await? {
+            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(corrupt)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_are_utc_calendar_days() {
+        assert_eq!(day_of(0), "1970-01-01");
+        assert_eq!(day_of(951_782_400_000), "2000-02-29");
+        assert_eq!(day_of(1_795_329_644_000), "2026-11-22");
+    }
+}

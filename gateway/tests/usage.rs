@@ -1,0 +1,200 @@
+//! Usage events: queued durably, processed once into the ledger, readable through the API.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use garage_gateway::store::{MemoryStore, Store};
+use garage_gateway::usage::{Award, Outcome, Usage, UsageEvent, UsageProcessor};
+use serde_json::json;
+use support::*;
+
+fn event(id: &str, key: &str) -> UsageEvent {
+    UsageEvent {
+        request_id: id.into(),
+        key_id: key.into(),
+        model: "m".into(),
+        prompt_tokens: 10,
+        completion_tokens: 5,
+        cached_tokens: 0,
+        latency_ms: 20,
+        ttft_ms: 5,
+        backend: "b".into(),
+        rig: "node_1".into(),
+        operator: "op".into(),
+        started_at_ms: 1_795_329_644_000,
+        finished_at_ms: 1_795_329_644_020,
+        batch: false,
+    }
+}
+
+/// Charges a credit per event and a point per token, counting calls; can be made to fail.
+#[derive(Default)]
+struct Counting {
+    calls: AtomicUsize,
+    failing: AtomicBool,
+}
+
+#[async_trait]
+impl UsageProcessor for Counting {
+    async fn process(&self, event: &UsageEvent) -> Result<Outcome, String> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.failing.load(Ordering::SeqCst) {
+            return Err("meter plugin faulted".into());
+        }
+        Ok(Outcome {
+            credits: 1.5,
+            budget_exhausted: false,
+            awards: vec![Award {
+                operator: event.operator.clone(),
+                points: (event.prompt_tokens + event.completion_tokens) as f64,
+                reason: "tokens".into(),
+            }],
+        })
+    }
+}
+
+async fn queue_raw(store: &Arc<dyn Store>, event: &UsageEvent) {
+    store
+        .record_put("usage_queue", &event.request_id, &serde_json::to_vec(event).unwrap())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_event_is_charged_once_however_often_it_is_queued() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let usage = Usage::new(store.clone());
+    let processor = Counting::default();
+    queue_raw(&store, &event("r1", "k1")).await;
+    assert_eq!(usage.work_once(&processor).await.unwrap(), 1);
+    // Delivered again (a replica crashed after processing, before dequeuing).
+    queue_raw(&store, &event("r1", "k1")).await;
+    usage.work_once(&processor).await.unwrap();
+    assert_eq!(processor.calls.load(Ordering::SeqCst), 1, "charged twice");
+    assert_eq!(usage.queued_len().await.unwrap(), 0);
+    let daily = usage.daily(Some("k1")).await.unwrap();
+    assert_eq!(daily.len(), 1);
+    assert_eq!((daily[0].requests, daily[0].prompt_tokens, daily[0].credits), (1, 10, 1.5));
+    assert_eq!(daily[0].day, "2026-11-22");
+    let board = usage.leaderboard().await.unwrap();
+    assert_eq!((board[0].operator.as_str(), board[0].points), ("op", 15.0));
+    let entry = usage.ledger_entry("r1").await.unwrap().unwrap();
+    assert_eq!(entry.outcome.credits, 1.5);
+}
+
+#[tokio::test]
+async fn a_failing_processor_leaves_events_queued_until_it_recovers() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let usage = Usage::new(store.clone());
+    let processor = Counting::default();
+    processor.failing.store(true, Ordering::SeqCst);
+    queue_raw(&store, &event("r1", "k1")).await;
+    queue_raw(&store, &event("r2", "k1")).await;
+    assert_eq!(usage.work_once(&processor).await.unwrap(), 0);
+    assert_eq!(usage.queued_len().await.unwrap(), 2);
+    processor.failing.store(false, Ordering::SeqCst);
+    assert_eq!(usage.work_once(&processor).await.unwrap(), 2);
+    assert_eq!(usage.daily(None).await.unwrap()[0].requests, 2);
+}
+
+#[tokio::test]
+async fn keys_read_their_own_usage_and_admins_read_all() {
+    let engine = fast_sim().await;
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    let (alice_id, alice) = create_key(&base, json!({"name": "alice"})).await;
+    let (_, bob) = create_key(&base, json!({"name": "bob"})).await;
+    assert_eq!(post_chat(&base, &alice, &chat(false)).await.0, 200);
+    assert_eq!(post_chat(&base, &alice, &chat(true)).await.0, 200);
+    assert_eq!(post_chat(&base, &bob, &chat(false)).await.0, 200);
+
+    let own = |key: String| {
+        let base = base.clone();
+        async move {
+            client()
+                .get(format!("{base}/v1/usage"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    wait_until(Duration::from_secs(10), "usage processed", || async {
+        own(alice.clone()).await["data"][0]["requests"] == 2
+    })
+    .await;
+    let mine = own(alice.clone()).await;
+    let rows = mine["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "alice sees only her own usage: {mine}");
+    assert_eq!(rows[0]["key_id"], alice_id.as_str());
+    assert_eq!(rows[0]["model"], MODEL);
+    // Both requests metered, the streamed one included: 5 completion tokens each.
+    assert_eq!(rows[0]["completion_tokens"], 10);
+
+    wait_until(Duration::from_secs(10), "all usage processed", || async {
+        let all = admin_get(&base, "/admin/usage").await;
+        all["data"].as_array().map(Vec::len) == Some(2)
+    })
+    .await;
+    let filtered = admin_get(&base, &format!("/admin/usage?key_id={alice_id}")).await;
+    assert_eq!(filtered["data"].as_array().unwrap().len(), 1);
+    let refused = client().get(format!("{base}/admin/usage")).bearer_auth(&alice).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+
+    // Each request's ledger entry is there under its request id.
+    let response = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&bob)
+        .header("x-request-id", "ledger-probe-1")
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    wait_until(Duration::from_secs(10), "ledger entry", || async {
+        admin_get(&base, "/admin/usage/requests/ledger-probe-1").await["event"]["request_id"]
+            == "ledger-probe-1"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_store_outage_loses_no_usage() {
+    let redis = RedisServer::start();
+    let port = redis.port;
+    let engine = fast_sim().await;
+    let mut cfg = config(vec![upstream("a", engine.base_url())]);
+    cfg.store = redis.url();
+    cfg.auth.key_secret = Some("s".into());
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    let (key_id, key) = create_key(&base, json!({"name": "t"})).await;
+    // Cached now: requests authenticate without the store.
+    assert_eq!(post_chat(&base, &key, &chat(false)).await.0, 200);
+
+    drop(redis);
+    for _ in 0..3 {
+        assert_eq!(post_chat(&base, &key, &chat(false)).await.0, 200);
+    }
+    let usage = gw.state().usage.clone();
+    wait_until(Duration::from_secs(10), "events held in memory", || {
+        let usage = usage.clone();
+        async move { usage.pending_len() >= 3 }
+    })
+    .await;
+
+    let _redis = RedisServer::start_on(port);
+    wait_until(Duration::from_secs(20), "held events processed after the outage", || async {
+        let all = admin_get(&base, &format!("/admin/usage?key_id={key_id}")).await;
+        all["data"][0]["requests"].as_u64().unwrap_or(0) >= 3
+    })
+    .await;
+    assert_eq!(usage.pending_len(), 0);
+}
