@@ -76,6 +76,10 @@ fi
 if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     needed+=(python3 python3-venv)
 fi
+# The JavaScript example plugin is built with componentize-js, from npm.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    needed+=(nodejs npm)
+fi
 if [[ ${#needed[@]} -gt 0 ]]; then
     echo "installing: ${needed[*]}"
     apt_install "${needed[@]}"
@@ -113,6 +117,12 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
+# The Python and JavaScript example plugins, built into components (the gateway's plugin tests
+# load them), then checked in wasmtime with their own unit tests.
+section "Polyglot plugins: scripts/build-plugins-polyglot.sh --check"
+scripts/build-plugins-polyglot.sh --check
+
+# ---------------------------------------------------------------------------------------------
 section "cargo build --workspace --bins"
 cargo build --workspace --bins
 
@@ -127,6 +137,12 @@ else
     section "Rust tests: cargo test --workspace --no-fail-fast"
     cargo test --workspace --no-fail-fast
 fi
+
+# ---------------------------------------------------------------------------------------------
+# The default plugins' own workspace (they build for wasm32-wasip2; their tests run natively
+# against the SDK's in-memory host).
+section "Default plugins: cargo test in plugins/guests"
+(cd plugins/guests && cargo test --locked)
 
 # ---------------------------------------------------------------------------------------------
 section "OpenAI SDK compatibility: pytest tests/python"

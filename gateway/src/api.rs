@@ -15,7 +15,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::{admin, node_api, openai, usage_api};
+use crate::{admin, node_api, openai, plugins_api, usage_api};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -60,9 +60,25 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(usage_api::all_usage))
         .routes(routes!(usage_api::ledger_entry))
         .routes(routes!(usage_api::leaderboard))
+        .routes(routes!(plugins_api::list))
+        .routes(routes!(plugins_api::versions))
+        .routes(routes!(plugins_api::activate))
+        .routes(routes!(plugins_api::promote))
+        .routes(routes!(plugins_api::rollback))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin::require_admin,
+        ));
+    // Components are bigger than chat requests (a Python plugin is ~20 MB): their route gets the
+    // plugin size limit instead of `max_body_bytes`.
+    let uploads = OpenApiRouter::new()
+        .routes(routes!(plugins_api::upload, plugins_api::deactivate))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin::require_admin,
+        ))
+        .layer(DefaultBodyLimit::max(
+            state.config.plugins.max_component_bytes,
         ));
     let (router, spec) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(openai::chat_completions))
@@ -80,6 +96,7 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(node_api::heartbeat))
         .routes(routes!(node_api::deregister))
         .merge(admin)
+        .merge(uploads)
         .with_state(state)
         .split_for_parts();
     (router, spec)

@@ -48,6 +48,52 @@ pub struct RigInfo {
     pub operator: String,
 }
 
+/// What a rig last reported about its load (zero for static upstreams).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RigLoad {
+    pub engine_running: u32,
+    pub engine_waiting: u32,
+    /// 0.0–1.0.
+    pub kv_cache_usage: f32,
+    /// Mean over the rig's GPUs, 0.0–1.0.
+    pub gpu_utilization: f32,
+    pub gpu_memory_free_bytes: u64,
+}
+
+impl RigLoad {
+    pub fn from_heartbeat(heartbeat: &garage_node_protocol::Heartbeat) -> Self {
+        let stats = heartbeat.engines.iter().filter_map(|e| e.stats);
+        let (mut running, mut waiting, mut kv, mut engines) = (0.0, 0.0, 0.0f64, 0u32);
+        for s in stats {
+            running += s.requests_running;
+            waiting += s.requests_waiting;
+            kv = kv.max(s.kv_cache_usage);
+            engines += 1;
+        }
+        let gpus = heartbeat.gpus.len().max(1) as f32;
+        RigLoad {
+            engine_running: running as u32,
+            engine_waiting: waiting as u32,
+            kv_cache_usage: if engines > 0 { kv as f32 } else { 0.0 },
+            gpu_utilization: heartbeat
+                .gpus
+                .iter()
+                .map(|g| g.utilization_percent as f32 / 100.0)
+                .sum::<f32>()
+                / gpus,
+            gpu_memory_free_bytes: heartbeat
+                .gpus
+                .iter()
+                .map(|g| g.memory_total_bytes.saturating_sub(g.memory_used_bytes))
+                .sum(),
+        }
+    }
+}
+
+/// Smoothing of measured latency and speed: each request moves the average a fifth of the way,
+/// so one slow outlier does not swing routing but a real slowdown shows within a few requests.
+const EWMA_WEIGHT: f32 = 0.2;
+
 /// One OpenAI-compatible backend and its live health.
 #[derive(Debug)]
 pub struct Backend {
@@ -55,6 +101,12 @@ pub struct Backend {
     pub models: Vec<String>,
     pub transport: Transport,
     pub rig: Option<RigInfo>,
+    /// The rig's last reported load.
+    pub load: arc_swap::ArcSwap<RigLoad>,
+    /// EWMA of time to first token, milliseconds, as f32 bits (0: not measured).
+    latency_ms: AtomicU32,
+    /// EWMA of decode speed, tokens per second, as f32 bits (0: not measured).
+    tokens_per_sec: AtomicU32,
     /// Milliseconds since `origin` until which the backend is cooling down after a failure.
     cooldown_until_ms: AtomicU64,
     /// Result of the last active health check or heartbeat (true when never checked).
@@ -95,6 +147,9 @@ impl Backend {
             models,
             transport,
             rig,
+            load: arc_swap::ArcSwap::from_pointee(RigLoad::default()),
+            latency_ms: AtomicU32::new(0),
+            tokens_per_sec: AtomicU32::new(0),
             cooldown_until_ms: AtomicU64::new(0),
             probe_ok: AtomicBool::new(true),
             in_flight: AtomicU32::new(0),
@@ -133,6 +188,36 @@ impl Backend {
             // A passing health check ends an earlier cooldown: the backend is back.
             self.cooldown_until_ms.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// Folds one finished request into the measured latency and speed.
+    pub fn observe(&self, ttft: Duration, decode: Duration, completion_tokens: u64) {
+        fn fold(cell: &AtomicU32, sample: f32) {
+            let old = f32::from_bits(cell.load(Ordering::Relaxed));
+            let new = if old == 0.0 {
+                sample
+            } else {
+                old + EWMA_WEIGHT * (sample - old)
+            };
+            cell.store(new.to_bits(), Ordering::Relaxed);
+        }
+        fold(&self.latency_ms, ttft.as_secs_f32() * 1000.0);
+        // Only answers long enough to measure: a handful of tokens in a millisecond says
+        // nothing about a GPU's decode speed.
+        if completion_tokens >= 8 && decode > Duration::from_millis(1) {
+            fold(
+                &self.tokens_per_sec,
+                completion_tokens as f32 / decode.as_secs_f32(),
+            );
+        }
+    }
+
+    /// (EWMA time to first token in ms, EWMA tokens per second); zeros when not measured.
+    pub fn measured(&self) -> (f32, f32) {
+        (
+            f32::from_bits(self.latency_ms.load(Ordering::Relaxed)),
+            f32::from_bits(self.tokens_per_sec.load(Ordering::Relaxed)),
+        )
     }
 
     pub fn in_flight(&self) -> u32 {

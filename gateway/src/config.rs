@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 pub const ENV_PREFIX: &str = "GARAGE_";
 
 /// Config fields that an environment variable may override, as dotted paths. A field `a.b` is set
-/// by `GARAGE_A_B`. Kept as a table (not derived) so a renamed field breaks a test, not an
+/// by `GARAGE_A_B` (a `-` in a name is also `_`: `GARAGE_PLUGINS_RATE_LIMITER_MEMORY_MIB`). Kept as a table (not derived) so a renamed field breaks a test, not an
 /// operator's deployment silently; `every_field_has_an_env_name` checks it against the schema.
 pub const ENV_FIELDS: &[&str] = &[
     "listen",
@@ -20,6 +20,7 @@ pub const ENV_FIELDS: &[&str] = &[
     "log_format",
     "max_body_bytes",
     "shutdown_grace_secs",
+    "default_plugins",
     "auth.admin_token",
     "auth.key_secret",
     "auth.key_cache_secs",
@@ -32,6 +33,34 @@ pub const ENV_FIELDS: &[&str] = &[
     "nodes.heartbeat_interval_secs",
     "nodes.missed_heartbeats",
     "nodes.enrollment_token_ttl_secs",
+    "plugins.fault_threshold",
+    "plugins.fault_window_secs",
+    "plugins.rate_limiter_fail_open",
+    "plugins.max_instances",
+    "plugins.max_component_bytes",
+    "plugins.history",
+    "plugins.resync_interval_secs",
+    "plugins.files",
+    "plugins.router.deadline_ms",
+    "plugins.router.memory_mib",
+    "plugins.router.warm",
+    "plugins.router.warm_instances",
+    "plugins.router.warm_max_uses",
+    "plugins.rate-limiter.deadline_ms",
+    "plugins.rate-limiter.memory_mib",
+    "plugins.rate-limiter.warm",
+    "plugins.rate-limiter.warm_instances",
+    "plugins.rate-limiter.warm_max_uses",
+    "plugins.meter.deadline_ms",
+    "plugins.meter.memory_mib",
+    "plugins.meter.warm",
+    "plugins.meter.warm_instances",
+    "plugins.meter.warm_max_uses",
+    "plugins.reward.deadline_ms",
+    "plugins.reward.memory_mib",
+    "plugins.reward.warm",
+    "plugins.reward.warm_instances",
+    "plugins.reward.warm_max_uses",
     "upstreams",
 ];
 
@@ -65,6 +94,11 @@ pub struct Config {
     pub auth: AuthConfig,
     pub dispatch: DispatchConfig,
     pub nodes: NodesConfig,
+    /// Install the default policy plugins into slots that were never configured (least-loaded
+    /// router, token-bucket rate limiter, price-table meter, points reward).
+    pub default_plugins: bool,
+    /// Policy plugins: limits, fault handling, component files.
+    pub plugins: crate::plugins::PluginsConfig,
     /// Static OpenAI-compatible upstreams (an existing vLLM server, another gateway...).
     pub upstreams: Vec<UpstreamConfig>,
 }
@@ -177,6 +211,8 @@ impl Default for Config {
             },
             dispatch: DispatchConfig::default(),
             nodes: NodesConfig::default(),
+            default_plugins: true,
+            plugins: crate::plugins::PluginsConfig::default(),
             upstreams: Vec::new(),
         }
     }
@@ -236,7 +272,7 @@ impl Config {
             };
             let Some(path) = ENV_FIELDS
                 .iter()
-                .find(|field| field.replace('.', "_").eq_ignore_ascii_case(suffix))
+                .find(|field| field.replace(['.', '-'], "_").eq_ignore_ascii_case(suffix))
             else {
                 report.ignored_env.push(name);
                 continue;
@@ -392,6 +428,14 @@ mod tests {
         let mut config = Config::default();
         config.auth.admin_token = Some("x".into());
         config.auth.key_secret = Some("x".into());
+        for limits in [
+            &mut config.plugins.router,
+            &mut config.plugins.rate_limiter,
+            &mut config.plugins.meter,
+            &mut config.plugins.reward,
+        ] {
+            limits.deadline_ms = Some(1);
+        }
         let value = toml::Value::try_from(&config).unwrap();
         let mut leaves = Vec::new();
         fn walk(prefix: &str, value: &toml::Value, out: &mut Vec<String>) {

@@ -38,6 +38,8 @@ pub struct Outgoing {
     pub started: Instant,
     /// Wall-clock start, Unix milliseconds.
     pub started_at_ms: u64,
+    /// Tokens the rate limiter reserved at admission, settled when the request ends.
+    pub reserved_tokens: u32,
 }
 
 impl Outgoing {
@@ -190,15 +192,12 @@ async fn whole_response(
                 ));
             }
         };
-    if parts.status.is_success()
-        && let Some(usage) = usage_of_body(&body)
-    {
-        record_usage(state, &out.model, Some(usage));
-        let elapsed = out.started.elapsed();
-        state
-            .usage
-            .record(usage_event(&out, backend, usage, elapsed));
-    }
+    let usage = parts
+        .status
+        .is_success()
+        .then(|| usage_of_body(&body))
+        .flatten();
+    finish(state, backend, &out, usage, out.started.elapsed());
     state
         .metrics
         .request_duration
@@ -211,6 +210,32 @@ async fn whole_response(
     builder
         .body(Body::from(body))
         .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// Everything that happens when a request ends: metrics, the usage event, the backend's
+/// measured speed, and the rate limiter's settlement.
+fn finish(
+    state: &AppState,
+    backend: &Backend,
+    out: &Outgoing,
+    usage: Option<Usage>,
+    ttft: std::time::Duration,
+) {
+    record_usage(state, &out.model, usage);
+    let used = usage.map_or(0, |u| u.prompt_tokens + u.completion_tokens);
+    if let Some(usage) = usage {
+        let total = out.started.elapsed();
+        backend.observe(ttft, total.saturating_sub(ttft), usage.completion_tokens);
+        state.usage.record(usage_event(out, backend, usage, ttft));
+    }
+    crate::policy::settle(
+        state,
+        &out.request_id(),
+        &out.key_id,
+        &out.model,
+        out.reserved_tokens,
+        used,
+    );
 }
 
 fn record_usage(state: &AppState, model: &str, usage: Option<Usage>) {
@@ -334,14 +359,14 @@ impl HttpBody for MeteredBody {
 
 impl Drop for MeteredBody {
     fn drop(&mut self) {
-        let usage = self.tap.usage();
-        record_usage(&self.state, &self.out.model, usage);
-        if let Some(usage) = usage {
-            let ttft = self.first_chunk_at.unwrap_or_default();
-            self.state
-                .usage
-                .record(usage_event(&self.out, &self.backend, usage, ttft));
-        }
+        let ttft = self.first_chunk_at.unwrap_or_default();
+        finish(
+            &self.state,
+            &self.backend,
+            &self.out,
+            self.tap.usage(),
+            ttft,
+        );
         self.state
             .metrics
             .request_duration

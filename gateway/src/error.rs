@@ -48,6 +48,16 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// Refused by the rate limiter (`rate_limit_exceeded`) or the meter (`insufficient_quota`).
+    #[error("{message}")]
+    TooManyRequests {
+        message: String,
+        code: &'static str,
+        /// Seconds, for the `retry-after` header.
+        retry_after_secs: Option<u64>,
+        /// `x-ratelimit-*` headers.
+        headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    },
     /// Backends answered, but with failures (5xx, refused connections, broken streams).
     #[error("{0}")]
     BadGateway(String),
@@ -77,6 +87,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -93,6 +104,10 @@ impl ApiError {
             | ApiError::MethodNotAllowed(_)
             | ApiError::PayloadTooLarge(_) => "invalid_request_error",
             ApiError::Forbidden { .. } => "permission_error",
+            ApiError::TooManyRequests { code, .. } if *code == "insufficient_quota" => {
+                "insufficient_quota"
+            }
+            ApiError::TooManyRequests { .. } => "rate_limit_error",
             ApiError::BadGateway(_)
             | ApiError::Unavailable(_)
             | ApiError::GatewayTimeout(_)
@@ -112,6 +127,7 @@ impl ApiError {
         match self {
             ApiError::Unauthorized(_) => Some("invalid_api_key"),
             ApiError::Forbidden { code, .. } => Some(code),
+            ApiError::TooManyRequests { code, .. } => Some(code),
             ApiError::ModelNotFound(_) => Some("model_not_found"),
             ApiError::NotFound(_) => Some("not_found"),
             ApiError::PayloadTooLarge(_) => Some("request_too_large"),
@@ -148,7 +164,22 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         }
-        (status, Json(self.body())).into_response()
+        let mut response = (status, Json(self.body())).into_response();
+        if let ApiError::TooManyRequests {
+            retry_after_secs,
+            headers,
+            ..
+        } = self
+        {
+            let map = response.headers_mut();
+            if let Some(secs) = retry_after_secs {
+                map.insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+            }
+            for (name, value) in headers {
+                map.insert(name, value);
+            }
+        }
+        response
     }
 }
 

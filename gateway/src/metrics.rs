@@ -91,6 +91,15 @@ impl Metrics {
         }
     }
 
+    /// Adds collectors defined elsewhere (the plugin host's) to this registry.
+    pub fn register_all(&self, collectors: Vec<Box<dyn prometheus::core::Collector>>) {
+        for collector in collectors {
+            if let Err(err) = self.registry.register(collector) {
+                tracing::error!(error = %err, "cannot register a metric");
+            }
+        }
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

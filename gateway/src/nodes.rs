@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
 use crate::auth::{KeyHasher, bearer, random_token, unix_now};
-use crate::backends::{Backend, Backends, RigInfo, Transport};
+use crate::backends::{Backend, Backends, RigInfo, RigLoad, Transport};
 use crate::config::NodesConfig;
 use crate::error::ApiError;
 use crate::store::{Store, StoreError, StoreEvent};
@@ -434,6 +434,11 @@ impl Nodes {
             self.route(tunnel, models);
         } else if let Some(backend) = &tunnel.backend {
             backend.set_probe(true);
+        }
+        if let Some(backend) = &tunnel.backend {
+            backend
+                .load
+                .store(Arc::new(RigLoad::from_heartbeat(&heartbeat)));
         }
         true
     }

@@ -15,6 +15,7 @@ use utoipa::ToSchema;
 
 use crate::dispatch::{Outgoing, forward};
 use crate::error::{ApiError, ErrorBody, from_rejection};
+use crate::policy::{self, RequestFacts};
 use crate::state::AppState;
 use crate::store::ApiKeyRecord;
 
@@ -65,6 +66,10 @@ struct RequestHead<'a> {
     prompt: Option<&'a RawValue>,
     #[serde(borrow, default)]
     input: Option<&'a RawValue>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -77,6 +82,7 @@ struct Admitted {
     model: String,
     stream: bool,
     client_wants_usage: bool,
+    facts: RequestFacts,
 }
 
 fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
@@ -104,6 +110,10 @@ fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
         Endpoint::Completions => head.prompt,
         Endpoint::Embeddings => head.input,
     };
+    let facts = RequestFacts::new(
+        input.map_or(&b""[..], |raw| raw.get().as_bytes()),
+        head.max_completion_tokens.or(head.max_tokens),
+    );
     match input.map(|raw| raw.get().trim_start().as_bytes().first().copied()) {
         None | Some(Some(b'n')) => {
             return Err(ApiError::bad_request(
@@ -128,6 +138,7 @@ fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
         model,
         stream,
         client_wants_usage,
+        facts,
     })
 }
 
@@ -197,13 +208,31 @@ async fn admit_and_forward(
     let admitted = parse(endpoint, &body)?;
     check_model_allowed(&key, &admitted.model)?;
     let candidates = state.backends.snapshot().candidates(&admitted.model)?;
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let rate_limit_headers =
+        policy::admit(state, &key, &admitted.model, &request_id, &admitted.facts).await?;
+    let reserved = admitted.facts.reserved_tokens();
+    let candidates = policy::order(
+        state,
+        &key.id,
+        &admitted.model,
+        admitted.stream,
+        &admitted.facts,
+        candidates,
+    )
+    .await;
     let hide_usage_chunk = admitted.stream && !admitted.client_wants_usage;
+    let admitted_model = admitted.model.clone();
     let body = if hide_usage_chunk {
         with_include_usage(&body)?
     } else {
         body
     };
-    forward(
+    let result = forward(
         state,
         &candidates,
         Outgoing {
@@ -219,9 +248,24 @@ async fn admit_and_forward(
             started_at_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
+            reserved_tokens: reserved,
         },
     )
-    .await
+    .await;
+    match result {
+        Ok(mut response) => {
+            let map = response.headers_mut();
+            for (name, value) in rate_limit_headers {
+                map.insert(name, value);
+            }
+            Ok(response)
+        }
+        Err(err) => {
+            // Admitted but nothing served: give the whole reservation back.
+            policy::settle(state, &request_id, &key.id, &admitted_model, reserved, 0);
+            Err(err)
+        }
+    }
 }
 
 /// Creates a model response for the given chat conversation; with `"stream": true` the answer

@@ -13,15 +13,19 @@ use crate::backends::Backends;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::nodes::Nodes;
-use crate::usage::{Outcome, UsageEvent, Usage, UsageProcessor};
+use crate::plugins::{PluginHost, Slot};
+use crate::policy::{PluginProcessor, Policy};
 use crate::state::{AppState, Inner};
 use crate::store::{self, StoreError};
 use crate::upstream::http_client;
+use crate::usage::Usage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot open the state store {url}: {source}")]
     Store { url: String, source: StoreError },
+    #[error("cannot start the plugin host: {0}")]
+    Plugins(#[from] crate::plugins::PluginError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -75,6 +79,12 @@ impl Gateway {
         );
         let http = http_client(&config);
         let usage = Usage::new(store.clone());
+        let plugins = PluginHost::new(store.clone(), config.plugins.clone()).await?;
+        if config.default_plugins {
+            install_defaults(&plugins).await?;
+        }
+        let metrics = Metrics::new();
+        metrics.register_all(plugins.metrics().collectors());
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -88,23 +98,29 @@ impl Gateway {
         let health_interval = Duration::from_secs(config.dispatch.health_interval_secs.max(1));
         let state = AppState::new(Inner {
             config,
-            store,
+            store: store.clone(),
             auth: auth.clone(),
             backends: backends.clone(),
             nodes: nodes.clone(),
             usage: usage.clone(),
+            plugins: plugins.clone(),
+            policy: Policy::default(),
             http: http.clone(),
-            metrics: Metrics::new(),
+            metrics,
             admin_token,
             started_at: unix_now(),
         });
-        let background = vec![
+        let mut background = plugins.spawn_background();
+        background.extend([
             auth.spawn_invalidator(),
             tokio::spawn(backends.run_health_checks(http, health_interval)),
             tokio::spawn(nodes.clone().watch_heartbeats()),
             tokio::spawn(nodes.follow_events()),
-            tokio::spawn(usage.run_worker(Arc::new(LedgerOnly))),
-        ];
+            tokio::spawn(usage.run_worker(Arc::new(PluginProcessor {
+                plugins: plugins.clone(),
+                store: store.clone(),
+            }))),
+        ]);
         let shutdown = CancellationToken::new();
         // Nagle off on every client socket: see `state::backend_client`.
         let listener = listener.tap_io(|tcp| {
@@ -152,6 +168,7 @@ impl Gateway {
         let finished = tokio::time::timeout(grace, self.server).await.is_ok();
         // Client requests are done (or out of time): now the rigs' tunnels can close.
         self.state.nodes.close_all();
+        self.state.plugins.shutdown();
         for task in self.background {
             task.abort();
         }
@@ -159,15 +176,28 @@ impl Gateway {
     }
 }
 
-/// Usage processing with no meter or reward policy installed: the ledger records usage with no
-/// charge and no points.
-struct LedgerOnly;
+/// The default policies, compiled from `plugins/guests/` by the build.
+const DEFAULT_PLUGINS: &[(Slot, &[u8])] = &[
+    (Slot::Router, garage_plugins::ROUTER_LEAST_LOADED),
+    (Slot::RateLimiter, garage_plugins::RATE_LIMITER),
+    (Slot::Meter, garage_plugins::METER),
+    (Slot::Reward, garage_plugins::REWARD),
+];
 
-#[async_trait::async_trait]
-impl UsageProcessor for LedgerOnly {
-    async fn process(&self, _event: &UsageEvent) -> Result<Outcome, String> {
-        Ok(Outcome::default())
+/// Installs the default plugin of every slot that was never configured. A slot an operator
+/// emptied on purpose (it has a history) stays empty.
+async fn install_defaults(plugins: &PluginHost) -> Result<(), crate::plugins::PluginError> {
+    let status = plugins.status();
+    for (slot, wasm) in DEFAULT_PLUGINS {
+        let untouched = status.iter().any(|s| {
+            s.slot == *slot && s.active.is_none() && s.canary.is_none() && s.history.is_empty()
+        });
+        if untouched {
+            let info = plugins.install(*slot, wasm, "{}", "defaults").await?;
+            tracing::info!(plugin = %slot, sha256 = %info.sha256, "default plugin installed");
+        }
     }
+    Ok(())
 }
 
 /// A store URL for logs, without its password.

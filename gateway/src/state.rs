@@ -7,6 +7,8 @@ use crate::backends::Backends;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::nodes::Nodes;
+use crate::plugins::PluginHost;
+use crate::policy::Policy;
 use crate::store::Store;
 use crate::upstream::HttpClient;
 use crate::usage::Usage;
@@ -22,6 +24,8 @@ pub struct Inner {
     pub backends: Arc<Backends>,
     pub nodes: Arc<Nodes>,
     pub usage: Arc<Usage>,
+    pub plugins: Arc<PluginHost>,
+    pub policy: Policy,
     /// Connection pool to backends; outside anything swappable so connections survive swaps.
     pub http: HttpClient,
     pub metrics: Metrics,

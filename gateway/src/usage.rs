@@ -188,9 +188,7 @@ impl Usage {
 
     async fn enqueue(&self, event: &UsageEvent) -> Result<(), StoreError> {
         let json = serde_json::to_vec(event).map_err(corrupt)?;
-        self.store
-            .record_put(QUEUE, &event.request_id, &json)
-            .await
+        self.store.record_put(QUEUE, &event.request_id, &json).await
     }
 
     /// Events waiting in memory for the store to come back.
@@ -216,8 +214,8 @@ impl Usage {
             if worked == 0 {
                 // Idle: wait for a new event, or poll now and then for events other replicas
                 // queued or leases that expired.
-                let _ = tokio::time::timeout(Duration::from_millis(500), self.wake.notified())
-                    .await;
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(500), self.wake.notified()).await;
             }
         }
     }
@@ -324,7 +322,11 @@ impl Usage {
             .kv_incr(&counter("completion"), event.completion_tokens as i64, None)
             .await?;
         self.store
-            .kv_incr(&counter("credits_micro"), (outcome.credits * MICRO) as i64, None)
+            .kv_incr(
+                &counter("credits_micro"),
+                (outcome.credits * MICRO) as i64,
+                None,
+            )
             .await?;
         for award in &outcome.awards {
             if award.operator.is_empty() {
@@ -404,7 +406,11 @@ impl Usage {
             let points = self.counter(&format!("points_micro:{operator}")).await? as f64 / MICRO;
             rows.push(OperatorPoints { operator, points });
         }
-        rows.sort_by(|a, b| b.points.total_cmp(&a.points).then(a.operator.cmp(&b.operator)));
+        rows.sort_by(|a, b| {
+            b.points
+                .total_cmp(&a.points)
+                .then(a.operator.cmp(&b.operator))
+        });
         Ok(rows)
     }
 

@@ -57,7 +57,10 @@ async fn two_hundred_rigs_join_and_share_the_traffic() {
         async move { backends.snapshot().healthy_count() == RIGS }
     })
     .await;
-    eprintln!("{RIGS} rigs enrolled, connected and routed in {:?}", started.elapsed());
+    eprintln!(
+        "{RIGS} rigs enrolled, connected and routed in {:?}",
+        started.elapsed()
+    );
 
     // Three requests per rig, sixteen at a time.
     let requests = RIGS * 3;

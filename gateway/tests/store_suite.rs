@@ -106,6 +106,41 @@ async fn suite(store: Arc<dyn Store>) {
     // A value that is not a counter is an error, not a panic.
     store.kv_set("text", b"abc", None).await.unwrap();
     assert!(store.kv_incr("text", 1, None).await.is_err());
+    assert!(store.kv_reserve("text", 1, 10, None).await.is_err());
+
+    // Reservations stay within the limit, even when concurrent; a refused one changes nothing.
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store.kv_reserve("quota", 3, 30, None).await
+        }));
+    }
+    let mut granted = 0;
+    for task in tasks {
+        if task.await.unwrap().unwrap().is_some() {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, 10);
+    assert_eq!(store.kv_reserve("quota", 1, 30, None).await.unwrap(), None);
+    assert_eq!(
+        store.kv_reserve("quota", -5, 30, None).await.unwrap(),
+        Some(25)
+    );
+    assert_eq!(
+        store
+            .kv_reserve("quota-window", 2, 5, Some(Duration::from_millis(200)))
+            .await
+            .unwrap(),
+        Some(2)
+    );
+    let s = store.clone();
+    wait_until(Duration::from_secs(5), "reservation window expiry", || {
+        let s = s.clone();
+        async move { s.kv_get("quota-window").await.unwrap().is_none() }
+    })
+    .await;
 
     // Records by kind.
     assert_eq!(store.record_get("node", "n1").await.unwrap(), None);

@@ -59,7 +59,11 @@ impl UsageProcessor for Counting {
 
 async fn queue_raw(store: &Arc<dyn Store>, event: &UsageEvent) {
     store
-        .record_put("usage_queue", &event.request_id, &serde_json::to_vec(event).unwrap())
+        .record_put(
+            "usage_queue",
+            &event.request_id,
+            &serde_json::to_vec(event).unwrap(),
+        )
         .await
         .unwrap();
 }
@@ -78,7 +82,10 @@ async fn an_event_is_charged_once_however_often_it_is_queued() {
     assert_eq!(usage.queued_len().await.unwrap(), 0);
     let daily = usage.daily(Some("k1")).await.unwrap();
     assert_eq!(daily.len(), 1);
-    assert_eq!((daily[0].requests, daily[0].prompt_tokens, daily[0].credits), (1, 10, 1.5));
+    assert_eq!(
+        (daily[0].requests, daily[0].prompt_tokens, daily[0].credits),
+        (1, 10, 1.5)
+    );
     assert_eq!(daily[0].day, "2026-11-22");
     let board = usage.leaderboard().await.unwrap();
     assert_eq!((board[0].operator.as_str(), board[0].points), ("op", 15.0));
@@ -145,7 +152,12 @@ async fn keys_read_their_own_usage_and_admins_read_all() {
     .await;
     let filtered = admin_get(&base, &format!("/admin/usage?key_id={alice_id}")).await;
     assert_eq!(filtered["data"].as_array().unwrap().len(), 1);
-    let refused = client().get(format!("{base}/admin/usage")).bearer_auth(&alice).send().await.unwrap();
+    let refused = client()
+        .get(format!("{base}/admin/usage"))
+        .bearer_auth(&alice)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(refused.status(), 401);
 
     // Each request's ledger entry is there under its request id.
@@ -191,10 +203,14 @@ async fn a_store_outage_loses_no_usage() {
     .await;
 
     let _redis = RedisServer::start_on(port);
-    wait_until(Duration::from_secs(20), "held events processed after the outage", || async {
-        let all = admin_get(&base, &format!("/admin/usage?key_id={key_id}")).await;
-        all["data"][0]["requests"].as_u64().unwrap_or(0) >= 3
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "held events processed after the outage",
+        || async {
+            let all = admin_get(&base, &format!("/admin/usage?key_id={key_id}")).await;
+            all["data"][0]["requests"].as_u64().unwrap_or(0) >= 3
+        },
+    )
     .await;
     assert_eq!(usage.pending_len(), 0);
 }

@@ -47,6 +47,26 @@ fn live(entry: &(Vec<u8>, Option<Instant>), now: Instant) -> bool {
     entry.1.is_none_or(|expiry| expiry > now)
 }
 
+/// The live integer at `key` (0 when missing or expired) and the expiry it keeps: its own, or
+/// `ttl` from now for a counter about to be created.
+fn counter(
+    inner: &Inner,
+    key: &str,
+    ttl: Option<Duration>,
+) -> Result<(i64, Option<Instant>), StoreError> {
+    let now = Instant::now();
+    match inner.kv.get(key) {
+        Some(entry @ (bytes, expiry)) if live(entry, now) => {
+            let value = std::str::from_utf8(bytes)
+                .ok()
+                .and_then(|text| text.parse::<i64>().ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("{key} is not an integer")))?;
+            Ok((value, *expiry))
+        }
+        _ => Ok((0, ttl.map(|ttl| now + ttl))),
+    }
+}
+
 #[async_trait]
 impl Store for MemoryStore {
     async fn ping(&self) -> Result<(), StoreError> {
@@ -113,28 +133,32 @@ impl Store for MemoryStore {
         delta: i64,
         ttl: Option<Duration>,
     ) -> Result<i64, StoreError> {
-        let now = Instant::now();
         let mut inner = self.lock();
-        let current = match inner.kv.get(key) {
-            Some(entry) if live(entry, now) => Some(entry),
-            _ => None,
-        };
-        let (value, expiry) = match current {
-            Some((bytes, expiry)) => {
-                let text = std::str::from_utf8(bytes)
-                    .map_err(|_| StoreError::Corrupt(format!("{key} is not an integer")))?;
-                let value: i64 = text
-                    .parse()
-                    .map_err(|_| StoreError::Corrupt(format!("{key} is not an integer")))?;
-                (value, *expiry)
-            }
-            None => (0, ttl.map(|ttl| now + ttl)),
-        };
+        let (value, expiry) = counter(&inner, key, ttl)?;
         let next = value.saturating_add(delta);
         inner
             .kv
             .insert(key.to_owned(), (next.to_string().into_bytes(), expiry));
         Ok(next)
+    }
+
+    async fn kv_reserve(
+        &self,
+        key: &str,
+        amount: i64,
+        limit: i64,
+        ttl: Option<Duration>,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut inner = self.lock();
+        let (value, expiry) = counter(&inner, key, ttl)?;
+        let next = value.saturating_add(amount);
+        if next > limit {
+            return Ok(None);
+        }
+        inner
+            .kv
+            .insert(key.to_owned(), (next.to_string().into_bytes(), expiry));
+        Ok(Some(next))
     }
 
     async fn kv_delete(&self, key: &str) -> Result<(), StoreError> {

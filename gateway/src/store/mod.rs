@@ -66,6 +66,8 @@ pub enum StoreEvent {
         id: String,
         heartbeat: garage_node_protocol::Heartbeat,
     },
+    /// A plugin slot's active version or canary changed: replicas reload that slot.
+    PluginActivated { slot: String },
     /// The event stream had a gap (a reconnect): every cache must be dropped.
     Resync,
 }
@@ -101,6 +103,16 @@ pub trait Store: Send + Sync + 'static {
         ttl: Option<Duration>,
     ) -> Result<i64, StoreError>;
     async fn kv_delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Atomically adds `amount` to the counter at `key` (a missing key counts as 0) only if the
+    /// result stays at or below `limit`; returns the new value, or `None` (and changes nothing)
+    /// when it would exceed the limit. The TTL, as with `kv_incr`, is set only on creation.
+    async fn kv_reserve(
+        &self,
+        key: &str,
+        amount: i64,
+        limit: i64,
+        ttl: Option<Duration>,
+    ) -> Result<Option<i64>, StoreError>;
 
     /// Records: JSON documents of one `kind` (nodes, enrollment tokens...) by id.
     async fn record_put(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError>;

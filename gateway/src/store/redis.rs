@@ -28,10 +28,28 @@ end
 return v
 ";
 
+/// Adds to a counter only if the result stays within a limit (nil when it would not), with the
+/// same create-time expiry as `INCR_WITH_TTL`.
+const RESERVE_WITH_TTL: &str = r"
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current == nil then
+  return redis.error_reply('value is not an integer')
+end
+if current + tonumber(ARGV[1]) > tonumber(ARGV[2]) then
+  return false
+end
+local v = redis.call('INCRBY', KEYS[1], ARGV[1])
+if tonumber(ARGV[3]) > 0 and redis.call('PTTL', KEYS[1]) == -1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return v
+";
+
 pub struct RedisStore {
     conn: ConnectionManager,
     events: broadcast::Sender<StoreEvent>,
     incr_script: redis::Script,
+    reserve_script: redis::Script,
     subscriber: JoinHandle<()>,
 }
 
@@ -73,6 +91,7 @@ impl RedisStore {
             conn,
             events,
             incr_script: redis::Script::new(INCR_WITH_TTL),
+            reserve_script: redis::Script::new(RESERVE_WITH_TTL),
             subscriber,
         })
     }
@@ -203,6 +222,25 @@ impl Store for RedisStore {
             .incr_script
             .key(kv_key(key))
             .arg(delta)
+            .arg(ttl_ms)
+            .invoke_async(&mut conn)
+            .await?)
+    }
+
+    async fn kv_reserve(
+        &self,
+        key: &str,
+        amount: i64,
+        limit: i64,
+        ttl: Option<Duration>,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut conn = self.conn.clone();
+        let ttl_ms = ttl.map_or(0, |ttl| ttl.as_millis().max(1) as u64);
+        Ok(self
+            .reserve_script
+            .key(kv_key(key))
+            .arg(amount)
+            .arg(limit)
             .arg(ttl_ms)
             .invoke_async(&mut conn)
             .await?)

@@ -113,11 +113,14 @@ pub fn upstream(name: &str, base_url: String) -> UpstreamConfig {
     }
 }
 
-/// A test config: port 0, a known admin token, quick cooldowns.
+/// A test config: port 0, a known admin token, quick cooldowns, and no default plugins (the
+/// built-in fallbacks), so tests of other things do not compile components; plugin tests turn
+/// them on.
 pub fn config(upstreams: Vec<UpstreamConfig>) -> Config {
     let mut config = Config {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         upstreams,
+        default_plugins: false,
         ..Config::default()
     };
     config.auth.admin_token = Some(ADMIN.into());

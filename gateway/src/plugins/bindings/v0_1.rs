@@ -1,0 +1,223 @@
+//! `garage:policy@0.1.0`: bindings for the four worlds and the glue from its imports to
+//! [`HostState`].
+//!
+//! The router world generates the shared interfaces (`types`, `kv`, `clock`, `log`, `config`);
+//! the other worlds reuse them through `with`, so a record such as `usage-event` is one Rust type
+//! whichever world uses it, and each import is implemented once.
+
+use wasmtime::Store;
+use wasmtime::component::{HasSelf, InstancePre, Linker};
+
+use super::{Answer, Call};
+use crate::plugins::Slot;
+use crate::plugins::state::{HostState, LogLevel};
+
+mod router_world {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "router",
+        // The key-value store is async (Redis) and can fail: a failure traps the guest, which
+        // the host reports as a host fault rather than the plugin's.
+        imports: { "garage:policy/kv": async | trappable },
+        exports: { default: async },
+        // Usage events travel through the store's durable queue; the admin API shows records.
+        additional_derives: [serde::Serialize, serde::Deserialize, PartialEq],
+    });
+}
+
+mod rate_limiter_world {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "rate-limiter",
+        exports: { default: async },
+        with: {
+            "garage:policy/types": super::router_world::garage::policy::types,
+            "garage:policy/kv": super::router_world::garage::policy::kv,
+            "garage:policy/clock": super::router_world::garage::policy::clock,
+            "garage:policy/log": super::router_world::garage::policy::log,
+            "garage:policy/config": super::router_world::garage::policy::config,
+        },
+    });
+}
+
+mod meter_world {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "meter",
+        exports: { default: async },
+        with: {
+            "garage:policy/types": super::router_world::garage::policy::types,
+            "garage:policy/kv": super::router_world::garage::policy::kv,
+            "garage:policy/clock": super::router_world::garage::policy::clock,
+            "garage:policy/log": super::router_world::garage::policy::log,
+            "garage:policy/config": super::router_world::garage::policy::config,
+        },
+    });
+}
+
+mod reward_world {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "reward",
+        exports: { default: async },
+        with: {
+            "garage:policy/types": super::router_world::garage::policy::types,
+            "garage:policy/kv": super::router_world::garage::policy::kv,
+            "garage:policy/clock": super::router_world::garage::policy::clock,
+            "garage:policy/log": super::router_world::garage::policy::log,
+            "garage:policy/config": super::router_world::garage::policy::config,
+        },
+    });
+}
+
+use router_world::garage::policy::{clock, config, kv, log};
+
+/// The records of `garage:policy/types@0.1.0`.
+pub mod types {
+    pub use super::router_world::garage::policy::types::*;
+}
+
+pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    types::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
+    kv::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
+    clock::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
+    log::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
+    config::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
+    Ok(())
+}
+
+impl types::Host for HostState {}
+
+impl kv::Host for HostState {
+    async fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        self.kv_get(&key).await
+    }
+
+    async fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> wasmtime::Result<()> {
+        self.kv_set(&key, &value, ttl_ms).await
+    }
+
+    async fn delete(&mut self, key: String) -> wasmtime::Result<()> {
+        self.kv_delete(&key).await
+    }
+
+    async fn incr(
+        &mut self,
+        key: String,
+        delta: i64,
+        ttl_ms: Option<u64>,
+    ) -> wasmtime::Result<i64> {
+        self.kv_incr(&key, delta, ttl_ms).await
+    }
+
+    async fn reserve(
+        &mut self,
+        key: String,
+        amount: i64,
+        limit: i64,
+        ttl_ms: Option<u64>,
+    ) -> wasmtime::Result<Option<i64>> {
+        self.kv_reserve(&key, amount, limit, ttl_ms).await
+    }
+}
+
+impl clock::Host for HostState {
+    fn now_ms(&mut self) -> u64 {
+        self.clock_now_ms()
+    }
+}
+
+impl log::Host for HostState {
+    fn log(&mut self, level: log::Level, message: String) {
+        let level = match level {
+            log::Level::Debug => LogLevel::Debug,
+            log::Level::Info => LogLevel::Info,
+            log::Level::Warn => LogLevel::Warn,
+            log::Level::Error => LogLevel::Error,
+        };
+        self.log_line(level, &message);
+    }
+}
+
+impl config::Host for HostState {
+    fn get(&mut self) -> String {
+        self.config_json().to_owned()
+    }
+}
+
+/// A component of this version, checked against its slot's world.
+pub(crate) enum Prepared {
+    Router(router_world::RouterPre<HostState>),
+    RateLimiter(rate_limiter_world::RateLimiterPre<HostState>),
+    Meter(meter_world::MeterPre<HostState>),
+    Reward(reward_world::RewardPre<HostState>),
+}
+
+impl Prepared {
+    pub(crate) fn new(slot: Slot, pre: InstancePre<HostState>) -> wasmtime::Result<Prepared> {
+        Ok(match slot {
+            Slot::Router => Prepared::Router(router_world::RouterPre::new(pre)?),
+            Slot::RateLimiter => {
+                Prepared::RateLimiter(rate_limiter_world::RateLimiterPre::new(pre)?)
+            }
+            Slot::Meter => Prepared::Meter(meter_world::MeterPre::new(pre)?),
+            Slot::Reward => Prepared::Reward(reward_world::RewardPre::new(pre)?),
+        })
+    }
+
+    pub(crate) async fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Live> {
+        Ok(match self {
+            Prepared::Router(pre) => Live::Router(pre.instantiate_async(store).await?),
+            Prepared::RateLimiter(pre) => Live::RateLimiter(pre.instantiate_async(store).await?),
+            Prepared::Meter(pre) => Live::Meter(pre.instantiate_async(store).await?),
+            Prepared::Reward(pre) => Live::Reward(pre.instantiate_async(store).await?),
+        })
+    }
+}
+
+/// The exports of one instance of this version.
+pub(crate) enum Live {
+    Router(router_world::Router),
+    RateLimiter(rate_limiter_world::RateLimiter),
+    Meter(meter_world::Meter),
+    Reward(reward_world::Reward),
+}
+
+impl Live {
+    pub(crate) async fn call(
+        &self,
+        store: &mut Store<HostState>,
+        call: Call<'_>,
+    ) -> wasmtime::Result<Answer> {
+        Ok(match (self, call) {
+            (Live::Router(router), Call::Route(request, candidates)) => {
+                Answer::Route(router.call_route(store, request, candidates).await?)
+            }
+            (Live::RateLimiter(limiter), Call::Admit(admission)) => {
+                Answer::Admit(limiter.call_admit(store, admission).await?)
+            }
+            (Live::RateLimiter(limiter), Call::Settle(settlement)) => {
+                limiter.call_settle(store, settlement).await?;
+                Answer::Settle
+            }
+            (Live::Meter(meter), Call::Charge(event)) => {
+                Answer::Charge(meter.call_charge(store, event).await?)
+            }
+            (Live::Reward(reward), Call::OnUsage(event)) => {
+                Answer::Awards(reward.call_on_usage(store, event).await?)
+            }
+            (Live::Reward(reward), Call::OnReport(report)) => {
+                Answer::Awards(reward.call_on_report(store, report).await?)
+            }
+            (_, call) => wasmtime::bail!(
+                "internal: `{}` called on a plugin of another slot",
+                call.export_name()
+            ),
+        })
+    }
+}

@@ -1,0 +1,191 @@
+//! `[plugins]` in the gateway's configuration.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::Slot;
+
+/// How the plugin host runs policies.
+///
+/// ```toml
+/// [plugins]
+/// fault_threshold = 5
+/// fault_window_secs = 60
+/// rate_limiter_fail_open = true
+///
+/// [plugins.router]
+/// deadline_ms = 5
+///
+/// [plugins.meter]
+/// deadline_ms = 1000
+/// memory_mib = 256
+/// warm = true
+///
+/// [plugins.files.router]
+/// path = "/etc/garage/router.wasm"
+/// config = { sticky = true }
+/// ```
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    pub router: SlotLimits,
+    #[serde(rename = "rate-limiter", alias = "rate_limiter")]
+    pub rate_limiter: SlotLimits,
+    pub meter: SlotLimits,
+    pub reward: SlotLimits,
+    /// Faults (traps, blown deadlines, memory cap, nonsensical answers) of one version within
+    /// `fault_window_secs` that roll its slot back to the previous version by itself.
+    pub fault_threshold: u32,
+    pub fault_window_secs: u64,
+    /// When the rate limiter faults: `true` lets the request through, `false` refuses it (429).
+    pub rate_limiter_fail_open: bool,
+    /// Component instances that may exist at once, over all slots (the pooling allocator's
+    /// capacity): every call in flight holds one, and so does every warm instance. A call that
+    /// finds the pool full falls back as a host fault (not the plugin's).
+    pub max_instances: u32,
+    /// Largest component accepted, in bytes. Python and JavaScript runtimes make components of
+    /// 10 to 20 MB.
+    pub max_component_bytes: usize,
+    /// Previous versions kept per slot for rollback.
+    pub history: usize,
+    /// How often every slot is re-read from the store even without an event, in case one was
+    /// lost; 0 disables it.
+    pub resync_interval_secs: u64,
+    /// Slots loaded from files and reinstalled when a file changes (checked every second).
+    pub files: BTreeMap<Slot, PluginFile>,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            router: SlotLimits::default(),
+            rate_limiter: SlotLimits::default(),
+            meter: SlotLimits::default(),
+            reward: SlotLimits::default(),
+            fault_threshold: 5,
+            fault_window_secs: 60,
+            rate_limiter_fail_open: true,
+            max_instances: 1000,
+            max_component_bytes: 64 << 20,
+            history: 10,
+            resync_interval_secs: 30,
+            files: BTreeMap::new(),
+        }
+    }
+}
+
+impl PluginsConfig {
+    pub fn limits(&self, slot: Slot) -> &SlotLimits {
+        match slot {
+            Slot::Router => &self.router,
+            Slot::RateLimiter => &self.rate_limiter,
+            Slot::Meter => &self.meter,
+            Slot::Reward => &self.reward,
+        }
+    }
+
+    /// Checks values that parse but make no sense; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        for slot in Slot::ALL {
+            let limits = self.limits(slot);
+            if limits.deadline_ms == Some(0) {
+                return Err(format!("plugins.{slot}.deadline_ms must be at least 1"));
+            }
+            if limits.memory_mib == 0 || limits.memory_mib > 4096 {
+                return Err(format!("plugins.{slot}.memory_mib must be within 1..=4096"));
+            }
+            if limits.warm && (limits.warm_instances == 0 || limits.warm_max_uses == 0) {
+                return Err(format!(
+                    "plugins.{slot}: warm reuse needs warm_instances and warm_max_uses above 0"
+                ));
+            }
+        }
+        if self.fault_threshold == 0 {
+            return Err("plugins.fault_threshold must be at least 1".into());
+        }
+        if self.max_instances == 0 {
+            return Err("plugins.max_instances must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The deadline of a call into `slot`'s plugin.
+    pub fn deadline(&self, slot: Slot) -> Duration {
+        let default_ms = match slot {
+            // On every request: a policy there must answer in microseconds.
+            Slot::Router | Slot::RateLimiter => 5,
+            // Off the request path, from a queue: any language is fine.
+            Slot::Meter | Slot::Reward => 1000,
+        };
+        Duration::from_millis(self.limits(slot).deadline_ms.unwrap_or(default_ms))
+    }
+
+    pub(crate) fn fault_window(&self) -> Duration {
+        Duration::from_secs(self.fault_window_secs)
+    }
+
+    /// The largest memory cap of any slot: the pooling allocator's per-memory size.
+    pub(crate) fn max_memory_bytes(&self) -> usize {
+        Slot::ALL
+            .iter()
+            .map(|slot| self.limits(*slot).memory_bytes())
+            .max()
+            .unwrap_or(64 << 20)
+    }
+}
+
+/// Limits of the plugin in one slot.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SlotLimits {
+    /// Guest time a call may take (host waits excluded), milliseconds; past it the call traps
+    /// and the slot falls back. Checked every millisecond. Default: 5 for the router and the
+    /// rate limiter (every request waits on them), 1000 for the meter and reward.
+    pub deadline_ms: Option<u64>,
+    /// Linear memory an instance may grow to, MiB.
+    pub memory_mib: usize,
+    /// Reuse instances across calls instead of a fresh one per call: for heavy runtimes
+    /// (Python, JavaScript) whose instantiation costs a millisecond or more. State then
+    /// survives between calls of the same instance, so only enable it for trusted plugins.
+    pub warm: bool,
+    /// Warm instances kept per version.
+    pub warm_instances: usize,
+    /// Calls an instance serves before it is retired (bounds leaks inside the guest).
+    pub warm_max_uses: u32,
+}
+
+impl SlotLimits {
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.memory_mib << 20
+    }
+}
+
+impl Default for SlotLimits {
+    fn default() -> Self {
+        SlotLimits {
+            deadline_ms: None,
+            memory_mib: 64,
+            warm: false,
+            warm_instances: 4,
+            warm_max_uses: 1000,
+        }
+    }
+}
+
+/// A slot fed from a file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginFile {
+    /// The component (`.wasm`).
+    pub path: PathBuf,
+    /// The plugin's configuration (any TOML table, handed to the plugin as JSON).
+    #[serde(default = "empty_object")]
+    pub config: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(serde_json::Map::new())
+}

@@ -1,0 +1,194 @@
+//! One version of a plugin, compiled, checked and ready to call.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wasmtime::{Store, Trap};
+
+use super::bindings::{Answer, Call, Live, Prepared};
+use super::config::SlotLimits;
+use super::engine::PluginEngine;
+use super::registry::VersionInfo;
+use super::state::{HostState, PluginContext};
+use super::{FaultKind, Slot};
+
+/// A version loaded into the engine: what a call needs, plus the version's fault window.
+pub(crate) struct LoadedPlugin {
+    pub slot: Slot,
+    pub info: VersionInfo,
+    prepared: Prepared,
+    ctx: Arc<PluginContext>,
+    deadline: Duration,
+    memory_cap_bytes: usize,
+    warm: Option<WarmPool>,
+    /// When recent faults happened, for the automatic rollback.
+    faults: Mutex<VecDeque<Instant>>,
+    /// Set once a rollback was asked for, so a burst of faults asks once.
+    rollback_requested: AtomicBool,
+    /// When a fault was last logged: a plugin faulting on every request logs once a second.
+    last_fault_log: Mutex<Option<Instant>>,
+}
+
+/// An instance with its store.
+struct Instance {
+    store: Store<HostState>,
+    live: Live,
+    uses: u32,
+}
+
+struct WarmPool {
+    idle: Mutex<Vec<Instance>>,
+    keep: usize,
+    max_uses: u32,
+}
+
+impl LoadedPlugin {
+    pub fn new(
+        slot: Slot,
+        info: VersionInfo,
+        prepared: Prepared,
+        ctx: Arc<PluginContext>,
+        deadline: Duration,
+        limits: &SlotLimits,
+    ) -> Self {
+        LoadedPlugin {
+            slot,
+            info,
+            prepared,
+            ctx,
+            deadline,
+            memory_cap_bytes: limits.memory_bytes(),
+            warm: limits.warm.then(|| WarmPool {
+                idle: Mutex::new(Vec::new()),
+                keep: limits.warm_instances,
+                max_uses: limits.warm_max_uses,
+            }),
+            faults: Mutex::new(VecDeque::new()),
+            rollback_requested: AtomicBool::new(false),
+            last_fault_log: Mutex::new(None),
+        }
+    }
+
+    /// Whether this loaded version can stand for `info` (same bytes, same configuration), so a
+    /// reload keeps its warm instances and fault window.
+    pub fn serves(&self, info: &VersionInfo) -> bool {
+        self.info.sha256 == info.sha256 && self.info.config == info.config
+    }
+
+    /// Calls the plugin: a warm instance if reuse is on and one is idle, else a fresh one.
+    pub async fn invoke(
+        &self,
+        engine: &PluginEngine,
+        call: Call<'_>,
+    ) -> Result<Answer, (FaultKind, String)> {
+        let mut instance = match self.take_warm() {
+            Some(mut instance) => {
+                instance.store.data_mut().begin_call(self.deadline);
+                instance
+            }
+            None => {
+                let mut store = engine.new_store(self.ctx.clone(), self.memory_cap_bytes);
+                // Instantiation may run guest code (start functions): it is on the clock too.
+                store.data_mut().begin_call(self.deadline);
+                store.set_epoch_deadline(1);
+                match self.prepared.instantiate(&mut store).await {
+                    Ok(live) => Instance {
+                        store,
+                        live,
+                        uses: 0,
+                    },
+                    Err(err) => return Err(classify(&err, store.data(), true)),
+                }
+            }
+        };
+        instance.store.set_epoch_deadline(1);
+        let result = instance.live.call(&mut instance.store, call).await;
+        match result {
+            Ok(answer) => {
+                instance.uses += 1;
+                self.put_back(instance);
+                Ok(answer)
+            }
+            // A faulted instance is dropped, never reused.
+            Err(err) => Err(classify(&err, instance.store.data(), false)),
+        }
+    }
+
+    fn take_warm(&self) -> Option<Instance> {
+        let warm = self.warm.as_ref()?;
+        warm.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
+
+    fn put_back(&self, instance: Instance) {
+        let Some(warm) = &self.warm else { return };
+        if instance.uses >= warm.max_uses {
+            return;
+        }
+        let mut idle = warm.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < warm.keep {
+            idle.push(instance);
+        }
+    }
+
+    /// Notes a fault that counts towards a rollback; true when the version crossed the
+    /// threshold and nobody asked for its rollback yet.
+    pub fn note_fault(&self, window: Duration, threshold: u32) -> bool {
+        let now = Instant::now();
+        let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        faults.push_back(now);
+        while faults
+            .front()
+            .is_some_and(|at| now.duration_since(*at) > window)
+        {
+            faults.pop_front();
+        }
+        faults.len() >= threshold as usize && !self.rollback_requested.swap(true, Ordering::SeqCst)
+    }
+
+    /// Lets a failed rollback be asked for again.
+    pub fn clear_rollback_request(&self) {
+        self.rollback_requested.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether a fault should be logged now (at most one line a second per version); the
+    /// metrics count every one.
+    pub fn should_log_fault(&self) -> bool {
+        let now = Instant::now();
+        let mut last = self
+            .last_fault_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
+/// Names the cause of a failed instantiation or call.
+fn classify(err: &wasmtime::Error, state: &HostState, instantiating: bool) -> (FaultKind, String) {
+    let message = format!("{err:#}");
+    if let Some(host) = state.host_error() {
+        return (FaultKind::Host, host.to_owned());
+    }
+    if state.memory_cap_hit() {
+        return (FaultKind::MemoryCap, message);
+    }
+    match err.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => (FaultKind::Timeout, "deadline exceeded".to_owned()),
+        Some(_) => (FaultKind::Trap, message),
+        // Instantiation failing without a trap: the instance pool is full, or the like.
+        None if instantiating
+            && err
+                .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+                .is_some() =>
+        {
+            (FaultKind::Host, message)
+        }
+        // Otherwise a host import refused the guest (a key too long...): the plugin's doing.
+        None => (FaultKind::Trap, message),
+    }
+}

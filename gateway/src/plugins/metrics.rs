@@ -1,0 +1,89 @@
+//! Counters of the plugin host, for the gateway's Prometheus registry.
+
+use prometheus::core::Collector;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+/// Call latency buckets, seconds: a compiled router answers in tens of microseconds, an
+/// interpreted meter in milliseconds, and a deadline blows at 5 ms or 1 s.
+const CALL_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// The plugin host's metrics. Register them with [`PluginMetrics::register`].
+#[derive(Clone)]
+pub struct PluginMetrics {
+    /// `garage_plugin_calls_total{slot, role}`: calls made, by slot and `active`/`canary`.
+    pub calls: IntCounterVec,
+    /// `garage_plugin_faults_total{slot, kind}`: calls that fell back, by kind of fault.
+    pub faults: IntCounterVec,
+    /// `garage_plugin_call_duration_seconds{slot}`: instantiation plus call.
+    pub call_duration: HistogramVec,
+    /// `garage_plugin_rollbacks_total{slot}`: automatic rollbacks after repeated faults.
+    pub rollbacks: IntCounterVec,
+}
+
+impl PluginMetrics {
+    pub fn new() -> Self {
+        let calls = IntCounterVec::new(
+            Opts::new("garage_plugin_calls_total", "Plugin calls by slot and role"),
+            &["slot", "role"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let faults = IntCounterVec::new(
+            Opts::new(
+                "garage_plugin_faults_total",
+                "Plugin calls that fell back, by slot and kind (trap, timeout, memory_cap, \
+                 bad_output, plugin_error, host)",
+            ),
+            &["slot", "kind"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let call_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "garage_plugin_call_duration_seconds",
+                "Plugin call latency, instantiation included",
+            )
+            .buckets(CALL_BUCKETS.to_vec()),
+            &["slot"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let rollbacks = IntCounterVec::new(
+            Opts::new(
+                "garage_plugin_rollbacks_total",
+                "Automatic rollbacks of a plugin slot after repeated faults",
+            ),
+            &["slot"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        PluginMetrics {
+            calls,
+            faults,
+            call_duration,
+            rollbacks,
+        }
+    }
+
+    /// The collectors, to register with a Prometheus registry.
+    pub fn collectors(&self) -> Vec<Box<dyn Collector>> {
+        vec![
+            Box::new(self.calls.clone()),
+            Box::new(self.faults.clone()),
+            Box::new(self.call_duration.clone()),
+            Box::new(self.rollbacks.clone()),
+        ]
+    }
+
+    pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
+        for collector in self.collectors() {
+            registry.register(collector)?;
+        }
+        Ok(())
+    }
+}
+
+impl Default for PluginMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

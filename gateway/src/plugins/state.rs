@@ -1,0 +1,429 @@
+//! What a plugin's instance can reach: the per-store state behind every import.
+//!
+//! One [`HostState`] lives in each wasmtime `Store` (one per call, or per warm instance). It
+//! holds the plugin's shared context (slot, namespace, configuration, the gateway's store), the
+//! memory cap, an empty WASI context, and the bookkeeping of the call in progress: when it
+//! started, how long it waited on the host, and whether the host or a limit caused a trap.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::Slot;
+use crate::store::{Store, StoreError};
+
+/// Longest key a plugin may use, before namespacing.
+const MAX_KV_KEY_BYTES: usize = 512;
+/// Largest value a plugin may store: state is for counters and small documents, and every
+/// replica shares it through the store.
+const MAX_KV_VALUE_BYTES: usize = 1 << 20;
+/// Store operations one call may make. A policy needs a handful; a guest looping on the store
+/// would hammer Redis while its deadline (which excludes host time) barely moves.
+const MAX_KV_CALLS_PER_CALL: u32 = 1000;
+/// Log lines one call may write; the rest are dropped (and counted).
+const MAX_LOG_LINES_PER_CALL: u32 = 32;
+/// Log lines one plugin version may write per second across all its calls.
+const MAX_LOG_LINES_PER_SECOND: u32 = 100;
+/// Longest log message kept; longer ones are cut (at a character boundary).
+const MAX_LOG_MESSAGE_BYTES: usize = 2048;
+/// Wall-clock bound on a call, whatever it waited on, as a multiple of its deadline plus a
+/// constant: the deadline itself excludes host waits and scheduling delays (see
+/// [`HostState::deadline_passed`]), and this keeps a call that mostly waits from running forever.
+const WALL_CLOCK_FACTOR: u32 = 20;
+const WALL_CLOCK_SLACK: Duration = Duration::from_secs(5);
+
+/// What every instance of one plugin version shares.
+pub(crate) struct PluginContext {
+    pub slot: Slot,
+    /// Short form of the version's sha256, for logs.
+    pub version: String,
+    /// Prefix of every key this plugin touches in the store (`plugin:<slot>:`). Versions of a
+    /// slot share it, so an upgrade keeps the counters of the version it replaces.
+    namespace: String,
+    config_json: String,
+    store: Arc<dyn Store>,
+    log_budget: LogBudget,
+}
+
+impl PluginContext {
+    pub fn new(slot: Slot, sha256: &str, config_json: String, store: Arc<dyn Store>) -> Self {
+        PluginContext {
+            slot,
+            version: sha256.chars().take(12).collect(),
+            namespace: kv_namespace(slot),
+            config_json,
+            store,
+            log_budget: LogBudget::default(),
+        }
+    }
+}
+
+/// The store prefix of a slot's plugin state.
+pub fn kv_namespace(slot: Slot) -> String {
+    format!("plugin:{slot}:")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// The per-store state.
+pub(crate) struct HostState {
+    ctx: Arc<PluginContext>,
+    limits: CallLimits,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    call: CallClock,
+    /// Set when a host operation (the store) failed and trapped the guest: the fault is the
+    /// host's, not the plugin's, and does not count towards a rollback.
+    host_error: Option<String>,
+    kv_calls: u32,
+    log_lines: u32,
+}
+
+impl HostState {
+    pub fn new(ctx: Arc<PluginContext>, memory_cap_bytes: usize) -> Self {
+        HostState {
+            ctx,
+            limits: CallLimits::new(memory_cap_bytes),
+            wasi: empty_wasi(),
+            table: ResourceTable::new(),
+            call: CallClock::new(Duration::ZERO),
+            host_error: None,
+            kv_calls: 0,
+            log_lines: 0,
+        }
+    }
+
+    pub fn limiter(&mut self) -> &mut dyn ResourceLimiter {
+        &mut self.limits
+    }
+
+    /// Starts the bookkeeping of a call that may run for `deadline` of guest time.
+    pub fn begin_call(&mut self, deadline: Duration) {
+        self.call = CallClock::new(deadline);
+        self.host_error = None;
+        self.limits.hit = false;
+        self.kv_calls = 0;
+        self.log_lines = 0;
+    }
+
+    /// Whether the call has run out of time. Guest time is the wall time since the call began
+    /// less the time spent waiting for the store and yielded to the executor: a slow Redis or a
+    /// busy runtime does not make a well-behaved plugin miss its deadline.
+    pub fn deadline_passed(&self) -> bool {
+        let wall = self.call.started.elapsed();
+        let waited = self.call.host_wait + self.call.yielded();
+        wall.saturating_sub(waited) >= self.call.deadline
+            || wall >= self.call.deadline * WALL_CLOCK_FACTOR + WALL_CLOCK_SLACK
+    }
+
+    /// The counter the epoch callback adds yielded time to.
+    pub fn yielded_nanos(&self) -> Arc<AtomicU64> {
+        self.call.yielded_nanos.clone()
+    }
+
+    pub fn host_error(&self) -> Option<&str> {
+        self.host_error.as_deref()
+    }
+
+    pub fn memory_cap_hit(&self) -> bool {
+        self.limits.hit
+    }
+
+    fn key(&mut self, key: &str) -> wasmtime::Result<String> {
+        if key.len() > MAX_KV_KEY_BYTES {
+            wasmtime::bail!("kv key of {} bytes (at most {MAX_KV_KEY_BYTES})", key.len());
+        }
+        self.kv_calls += 1;
+        if self.kv_calls > MAX_KV_CALLS_PER_CALL {
+            wasmtime::bail!("more than {MAX_KV_CALLS_PER_CALL} kv operations in one call");
+        }
+        Ok(format!("{}{key}", self.ctx.namespace))
+    }
+
+    /// Accounts for one store operation: its time is the host's, and its failure traps the
+    /// guest as a host fault.
+    fn settle<T>(
+        &mut self,
+        started: Instant,
+        result: Result<T, StoreError>,
+    ) -> wasmtime::Result<T> {
+        self.call.host_wait += started.elapsed();
+        result.map_err(|err| {
+            let message = format!("store: {err}");
+            self.host_error = Some(message.clone());
+            wasmtime::Error::msg(message)
+        })
+    }
+
+    pub async fn kv_get(&mut self, key: &str) -> wasmtime::Result<Option<Vec<u8>>> {
+        let key = self.key(key)?;
+        let store = self.ctx.store.clone();
+        let started = Instant::now();
+        let result = store.kv_get(&key).await;
+        self.settle(started, result)
+    }
+
+    pub async fn kv_set(
+        &mut self,
+        key: &str,
+        value: &[u8],
+        ttl_ms: Option<u64>,
+    ) -> wasmtime::Result<()> {
+        if value.len() > MAX_KV_VALUE_BYTES {
+            wasmtime::bail!(
+                "kv value of {} bytes (at most {MAX_KV_VALUE_BYTES})",
+                value.len()
+            );
+        }
+        let key = self.key(key)?;
+        let store = self.ctx.store.clone();
+        let started = Instant::now();
+        let result = store.kv_set(&key, value, ttl(ttl_ms)).await;
+        self.settle(started, result)
+    }
+
+    pub async fn kv_delete(&mut self, key: &str) -> wasmtime::Result<()> {
+        let key = self.key(key)?;
+        let store = self.ctx.store.clone();
+        let started = Instant::now();
+        let result = store.kv_delete(&key).await;
+        self.settle(started, result)
+    }
+
+    pub async fn kv_incr(
+        &mut self,
+        key: &str,
+        delta: i64,
+        ttl_ms: Option<u64>,
+    ) -> wasmtime::Result<i64> {
+        let key = self.key(key)?;
+        let store = self.ctx.store.clone();
+        let started = Instant::now();
+        let result = store.kv_incr(&key, delta, ttl(ttl_ms)).await;
+        self.settle(started, result)
+    }
+
+    pub async fn kv_reserve(
+        &mut self,
+        key: &str,
+        amount: i64,
+        limit: i64,
+        ttl_ms: Option<u64>,
+    ) -> wasmtime::Result<Option<i64>> {
+        let key = self.key(key)?;
+        let store = self.ctx.store.clone();
+        let started = Instant::now();
+        let result = store.kv_reserve(&key, amount, limit, ttl(ttl_ms)).await;
+        self.settle(started, result)
+    }
+
+    pub fn clock_now_ms(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    pub fn config_json(&self) -> &str {
+        &self.ctx.config_json
+    }
+
+    pub fn log_line(&mut self, level: LogLevel, message: &str) {
+        self.log_lines += 1;
+        if self.log_lines > MAX_LOG_LINES_PER_CALL || !self.ctx.log_budget.take(&self.ctx) {
+            return;
+        }
+        let message = sanitize(message);
+        let plugin = self.ctx.slot.as_str();
+        let version = self.ctx.version.as_str();
+        match level {
+            LogLevel::Debug => tracing::debug!(plugin, version, "{message}"),
+            LogLevel::Info => tracing::info!(plugin, version, "{message}"),
+            LogLevel::Warn => tracing::warn!(plugin, version, "{message}"),
+            LogLevel::Error => tracing::error!(plugin, version, "{message}"),
+        }
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// WASI with nothing granted. Rust guests built for `wasm32-wasip2` (and other languages'
+/// runtimes) import parts of WASI even when the policy never uses them, so it is linked, but a
+/// plugin gets no environment variables, arguments, preopened directories (so no filesystem),
+/// network (no TCP, UDP or name lookup), stdin, and its stdout and stderr go nowhere. Clocks and
+/// random numbers stay: they reveal nothing and `HashMap` needs a seed.
+fn empty_wasi() -> WasiCtx {
+    WasiCtx::builder()
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false)
+        .build()
+}
+
+fn ttl(ttl_ms: Option<u64>) -> Option<Duration> {
+    ttl_ms.map(Duration::from_millis)
+}
+
+/// Cuts a plugin's message to [`MAX_LOG_MESSAGE_BYTES`] and neutralises control characters, so
+/// a plugin cannot forge log lines or flood the log with one giant message.
+fn sanitize(message: &str) -> String {
+    let mut end = message.len().min(MAX_LOG_MESSAGE_BYTES);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out: String = message[..end]
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if end < message.len() {
+        out.push_str(" [cut]");
+    }
+    out
+}
+
+/// The time accounting of the call in progress.
+struct CallClock {
+    started: Instant,
+    deadline: Duration,
+    host_wait: Duration,
+    /// Time the call spent yielded to the executor, in nanoseconds; written by the futures the
+    /// epoch callback hands to wasmtime, which outlive the borrow of the state.
+    yielded_nanos: Arc<AtomicU64>,
+}
+
+impl CallClock {
+    fn new(deadline: Duration) -> Self {
+        CallClock {
+            started: Instant::now(),
+            deadline,
+            host_wait: Duration::ZERO,
+            yielded_nanos: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn yielded(&self) -> Duration {
+        Duration::from_nanos(self.yielded_nanos.load(Ordering::Relaxed))
+    }
+}
+
+/// `StoreLimits` (the memory cap) plus a note of whether it refused something, so a trap can be
+/// told apart as "memory cap".
+struct CallLimits {
+    inner: StoreLimits,
+    hit: bool,
+}
+
+impl CallLimits {
+    fn new(memory_cap_bytes: usize) -> Self {
+        CallLimits {
+            inner: StoreLimitsBuilder::new()
+                .memory_size(memory_cap_bytes)
+                // A guest whose `memory.grow` fails usually aborts anyway; trapping at once
+                // makes the cause plain.
+                .trap_on_grow_failure(true)
+                .build(),
+            hit: false,
+        }
+    }
+}
+
+impl ResourceLimiter for CallLimits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.inner.memory_growing(current, desired, maximum);
+        if !matches!(allowed, Ok(true)) {
+            self.hit = true;
+        }
+        allowed
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.inner.table_growing(current, desired, maximum);
+        if !matches!(allowed, Ok(true)) {
+            self.hit = true;
+        }
+        allowed
+    }
+
+    fn instances(&self) -> usize {
+        self.inner.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.inner.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.inner.memories()
+    }
+}
+
+/// A per-version bound on log lines per second.
+#[derive(Default)]
+struct LogBudget {
+    window: Mutex<LogWindow>,
+}
+
+#[derive(Default)]
+struct LogWindow {
+    started: Option<Instant>,
+    lines: u32,
+    dropped: u64,
+}
+
+impl LogBudget {
+    /// Whether one more line may be written now.
+    fn take(&self, ctx: &PluginContext) -> bool {
+        let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if window
+            .started
+            .is_none_or(|started| now.duration_since(started) >= Duration::from_secs(1))
+        {
+            if window.dropped > 0 {
+                tracing::warn!(
+                    plugin = ctx.slot.as_str(),
+                    version = ctx.version.as_str(),
+                    dropped = window.dropped,
+                    "plugin log lines dropped (more than {MAX_LOG_LINES_PER_SECOND} a second)"
+                );
+            }
+            *window = LogWindow {
+                started: Some(now),
+                lines: 0,
+                dropped: 0,
+            };
+        }
+        if window.lines >= MAX_LOG_LINES_PER_SECOND {
+            window.dropped += 1;
+            return false;
+        }
+        window.lines += 1;
+        true
+    }
+}

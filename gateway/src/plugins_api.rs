@@ -1,0 +1,198 @@
+//! The admin API for policy plugins: upload and activate, canaries, promotion, rollback.
+
+use axum::Json;
+use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::{Path, Query, State};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use crate::error::{ApiError, ErrorBody, from_rejection};
+use crate::plugins::{PluginError, Slot, SlotStatus, StoredVersion, VersionInfo};
+use crate::state::AppState;
+
+/// Who the registry records as having made a change. The admin token is one shared secret,
+/// so there is one admin.
+const ADMIN_ACTOR: &str = "admin";
+
+impl From<PluginError> for ApiError {
+    fn from(err: PluginError) -> Self {
+        match err {
+            PluginError::UnknownSlot(_) | PluginError::UnknownVersion(_) => {
+                ApiError::NotFound(err.to_string())
+            }
+            PluginError::TooLarge { .. } => ApiError::PayloadTooLarge(err.to_string()),
+            err if err.is_client_error() => ApiError::bad_request(err.to_string(), None),
+            PluginError::Store(store) => store.into(),
+            err => ApiError::Internal(err.to_string()),
+        }
+    }
+}
+
+fn slot(name: &str) -> Result<Slot, ApiError> {
+    Ok(name.parse::<Slot>()?)
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PluginSlots {
+    /// Always `list`.
+    pub object: String,
+    pub data: Vec<SlotStatus>,
+}
+
+/// Every slot with its active version (sha256, when, by whom), canary, history and faults.
+#[utoipa::path(
+    get, path = "/admin/plugins", tag = "admin",
+    responses((status = 200, body = PluginSlots), (status = 401, body = ErrorBody)),
+    security(("admin_token" = []))
+)]
+pub async fn list(State(state): State<AppState>) -> Json<PluginSlots> {
+    Json(PluginSlots {
+        object: "list".into(),
+        data: state.plugins.status(),
+    })
+}
+
+/// How an upload is activated.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct UploadQuery {
+    /// The plugin's configuration, JSON (what its `config.get` returns); `{}` when omitted.
+    pub config: Option<String>,
+    /// Activate as a canary taking this share of traffic (0–100) instead of replacing the
+    /// active version.
+    pub canary: Option<u8>,
+}
+
+/// Uploads a component (`application/wasm` body) for a slot and activates it, on every replica.
+/// It is validated against the slot's world and compiled first: a bad component changes nothing.
+#[utoipa::path(
+    put, path = "/admin/plugins/{slot}", tag = "admin",
+    params(("slot" = String, Path, description = "router, rate-limiter, meter or reward"), UploadQuery),
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The WebAssembly component"),
+    responses(
+        (status = 200, body = VersionInfo),
+        (status = 400, description = "Not a component of this slot's world, or bad config", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "Unknown slot", body = ErrorBody),
+        (status = 413, body = ErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn upload(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<UploadQuery>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<VersionInfo>, ApiError> {
+    let slot = slot(&name)?;
+    let wasm = body.map_err(|r| from_rejection(r.status(), r.body_text()))?;
+    let config = query.config.as_deref().unwrap_or("{}");
+    let plugins = &state.plugins;
+    let version = plugins.upload(slot, &wasm, config, ADMIN_ACTOR).await?;
+    let info = plugins
+        .activate(slot, &version.sha256, query.canary, ADMIN_ACTOR)
+        .await?;
+    tracing::info!(plugin = %slot, sha256 = %info.sha256, canary = ?query.canary, "plugin uploaded and activated");
+    Ok(Json(info))
+}
+
+/// Stored versions of a slot, newest first.
+#[utoipa::path(
+    get, path = "/admin/plugins/{slot}/versions", tag = "admin",
+    params(("slot" = String, Path, description = "router, rate-limiter, meter or reward")),
+    responses((status = 200, body = Vec<StoredVersion>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("admin_token" = []))
+)]
+pub async fn versions(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<StoredVersion>>, ApiError> {
+    Ok(Json(state.plugins.versions(slot(&name)?).await?))
+}
+
+/// Activates a stored version.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Activate {
+    /// The version's sha256.
+    pub sha256: String,
+    /// As a canary with this share of traffic (0–100), instead of replacing the active one.
+    #[serde(default)]
+    pub canary_percent: Option<u8>,
+}
+
+/// Activates a stored version by hash, outright or as a canary.
+#[utoipa::path(
+    post, path = "/admin/plugins/{slot}/activate", tag = "admin",
+    params(("slot" = String, Path, description = "router, rate-limiter, meter or reward")),
+    request_body = Activate,
+    responses((status = 200, body = VersionInfo), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("admin_token" = []))
+)]
+pub async fn activate(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<Activate>, JsonRejection>,
+) -> Result<Json<VersionInfo>, ApiError> {
+    let slot = slot(&name)?;
+    let Json(request) = body.map_err(|r| ApiError::bad_request(r.body_text(), None))?;
+    Ok(Json(
+        state
+            .plugins
+            .activate(slot, &request.sha256, request.canary_percent, ADMIN_ACTOR)
+            .await?,
+    ))
+}
+
+/// Makes the canary the active version.
+#[utoipa::path(
+    post, path = "/admin/plugins/{slot}/promote", tag = "admin",
+    params(("slot" = String, Path, description = "router, rate-limiter, meter or reward")),
+    responses((status = 200, body = VersionInfo), (status = 400, description = "No canary", body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("admin_token" = []))
+)]
+pub async fn promote(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<VersionInfo>, ApiError> {
+    Ok(Json(
+        state.plugins.promote(slot(&name)?, ADMIN_ACTOR).await?,
+    ))
+}
+
+/// Goes back one version (or drops the canary).
+#[utoipa::path(
+    post, path = "/admin/plugins/{slot}/rollback", tag = "admin",
+    params(("slot" = String, Path, description = "router, rate-limiter, meter or reward")),
+    responses((status = 200, body = VersionInfo), (status = 400, description = "Nothing to roll back to", body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("admin_token" = []))
+)]
+pub async fn rollback(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<VersionInfo>, ApiError> {
+    Ok(Json(
+        state.plugins.rollback(slot(&name)?, ADMIN_ACTOR).await?,
+    ))
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Deactivated {
+    pub slot: Slot,
+}
+
+/// Empties a slot: the gateway's built-in fallback takes over.
+#[utoipa::path(
+    delete, path = "/admin/plugins/{slot}", tag = "admin",
+    params(("slot" = String, Path, description = "router, rate-limiter, meter or reward")),
+    responses((status = 200, body = Deactivated), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("admin_token" = []))
+)]
+pub async fn deactivate(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Deactivated>, ApiError> {
+    let slot = slot(&name)?;
+    state.plugins.deactivate(slot, ADMIN_ACTOR).await?;
+    Ok(Json(Deactivated { slot }))
+}

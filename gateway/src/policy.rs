@@ -1,0 +1,367 @@
+//! Where the request path meets the policy plugins: admission (rate limits and budgets),
+//! routing, settlement, and the metering and rewards of usage events.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use http::{HeaderName, HeaderValue};
+
+use crate::backends::Backend;
+use crate::error::ApiError;
+use crate::plugins::{self, PluginHost};
+use crate::state::AppState;
+use crate::store::{ApiKeyRecord, Store};
+use crate::usage::{Award, Outcome, UsageEvent, UsageProcessor};
+
+/// Bytes of the prompt that make its "prefix" for affinity routing: about the system prompt and
+/// first turn, which is what repeats across a conversation and what a KV cache keeps.
+const PREFIX_BYTES: usize = 2048;
+/// Completion tokens a rate limiter reserves for a request that sets no `max_tokens`.
+const DEFAULT_RESERVED_COMPLETION: u32 = 256;
+/// How long a "budget spent" verdict is trusted in process before asking the store again.
+const BUDGET_CACHE: Duration = Duration::from_secs(1);
+
+/// What policies need to know about a request, read once at admission.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts {
+    pub prefix_hash: u64,
+    pub prompt_tokens: u32,
+    pub max_tokens: u32,
+}
+
+impl RequestFacts {
+    /// `input` is the raw JSON of the prompt (`messages`, `prompt` or `input`).
+    pub fn new(input: &[u8], max_tokens: Option<u32>) -> Self {
+        let prefix = &input[..input.len().min(PREFIX_BYTES)];
+        // SipHash with fixed keys: equal prefixes hash equally on every replica.
+        let mut hasher = std::hash::DefaultHasher::new();
+        prefix.hash(&mut hasher);
+        RequestFacts {
+            prefix_hash: hasher.finish(),
+            // About four bytes of JSON-escaped text per token.
+            prompt_tokens: (input.len() / 4).max(1).min(u32::MAX as usize) as u32,
+            max_tokens: max_tokens.unwrap_or(0),
+        }
+    }
+
+    /// Tokens a limiter must hold for this request.
+    pub fn reserved_tokens(&self) -> u32 {
+        let completion = if self.max_tokens > 0 {
+            self.max_tokens
+        } else {
+            DEFAULT_RESERVED_COMPLETION
+        };
+        self.prompt_tokens.saturating_add(completion)
+    }
+}
+
+/// Per-process policy state: the budget verdict cache.
+#[derive(Default)]
+pub struct Policy {
+    budgets: Mutex<HashMap<String, (Instant, bool)>>,
+}
+
+fn budget_key(key_id: &str) -> String {
+    format!("budget_exhausted:{key_id}")
+}
+
+impl Policy {
+    async fn budget_spent(&self, store: &dyn Store, key_id: &str) -> Result<bool, ApiError> {
+        if let Some((at, spent)) = self
+            .budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key_id)
+            .copied()
+            && at.elapsed() < BUDGET_CACHE
+        {
+            return Ok(spent);
+        }
+        let spent = store.kv_get(&budget_key(key_id)).await?.is_some();
+        self.budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key_id.to_owned(), (Instant::now(), spent));
+        Ok(spent)
+    }
+}
+
+fn header(name: &'static str, value: u64) -> (HeaderName, HeaderValue) {
+    (HeaderName::from_static(name), HeaderValue::from(value))
+}
+
+/// OpenAI's `x-ratelimit-*` headers from a limiter's answer (resets as durations, e.g. `6s`).
+fn rate_limit_headers(h: &plugins::RateLimitHeaders) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::new();
+    let reset = |name: &'static str, ms: u64| {
+        let text = if ms >= 1000 && ms.is_multiple_of(1000) {
+            format!("{}s", ms / 1000)
+        } else {
+            format!("{ms}ms")
+        };
+        HeaderValue::from_str(&text)
+            .ok()
+            .map(|v| (HeaderName::from_static(name), v))
+    };
+    if let Some(v) = h.limit_requests {
+        out.push(header("x-ratelimit-limit-requests", v));
+    }
+    if let Some(v) = h.remaining_requests {
+        out.push(header("x-ratelimit-remaining-requests", v));
+    }
+    if let Some(pair) = h
+        .reset_requests_ms
+        .and_then(|ms| reset("x-ratelimit-reset-requests", ms))
+    {
+        out.push(pair);
+    }
+    if let Some(v) = h.limit_tokens {
+        out.push(header("x-ratelimit-limit-tokens", v));
+    }
+    if let Some(v) = h.remaining_tokens {
+        out.push(header("x-ratelimit-remaining-tokens", v));
+    }
+    if let Some(pair) = h
+        .reset_tokens_ms
+        .and_then(|ms| reset("x-ratelimit-reset-tokens", ms))
+    {
+        out.push(pair);
+    }
+    out
+}
+
+/// Admission: the key's budget, then the rate limiter. The headers go on the response.
+pub async fn admit(
+    state: &AppState,
+    key: &ApiKeyRecord,
+    model: &str,
+    request_id: &str,
+    facts: &RequestFacts,
+) -> Result<Vec<(HeaderName, HeaderValue)>, ApiError> {
+    if state
+        .policy
+        .budget_spent(state.store.as_ref(), &key.id)
+        .await?
+    {
+        return Err(ApiError::TooManyRequests {
+            message: "You exceeded your current quota: this key's budget is spent.".into(),
+            code: "insufficient_quota",
+            retry_after_secs: None,
+            headers: Vec::new(),
+        });
+    }
+    let admission = plugins::Admission {
+        request_id: request_id.to_owned(),
+        key_id: key.id.clone(),
+        model: model.to_owned(),
+        reserved_tokens: facts.reserved_tokens(),
+        key_metadata: serde_json::Value::Object(key.metadata.clone()).to_string(),
+    };
+    let Some(decision) = state.plugins.admit(&admission).await else {
+        return Ok(Vec::new());
+    };
+    let headers = rate_limit_headers(&decision.headers);
+    if decision.allow {
+        return Ok(headers);
+    }
+    let message = if decision.reason.is_empty() {
+        "Rate limit reached for this key; retry later.".to_owned()
+    } else {
+        decision.reason
+    };
+    Err(ApiError::TooManyRequests {
+        message,
+        code: "rate_limit_exceeded",
+        retry_after_secs: Some(decision.retry_after_ms.div_ceil(1000).max(1)),
+        headers,
+    })
+}
+
+/// Orders the healthy candidates by the router plugin's preference; the built-in round robin
+/// order when there is no router or it faulted.
+pub async fn order(
+    state: &AppState,
+    key_id: &str,
+    model: &str,
+    stream: bool,
+    facts: &RequestFacts,
+    candidates: Vec<Arc<Backend>>,
+) -> Vec<Arc<Backend>> {
+    // One candidate leaves nothing to choose (a router may only reorder or leave out).
+    if candidates.len() < 2 {
+        return candidates;
+    }
+    let request = plugins::RouteRequest {
+        model: model.to_owned(),
+        key_id: key_id.to_owned(),
+        prefix_hash: facts.prefix_hash,
+        prompt_tokens: facts.prompt_tokens,
+        max_tokens: facts.max_tokens,
+        stream,
+    };
+    let described: Vec<plugins::Candidate> = candidates.iter().map(|b| describe(b)).collect();
+    match state.plugins.route(&request, &described).await {
+        Some(order) => order
+            .into_iter()
+            .filter_map(|i| candidates.get(i as usize).cloned())
+            .collect(),
+        None => candidates,
+    }
+}
+
+fn describe(backend: &Backend) -> plugins::Candidate {
+    let load = **backend.load.load();
+    let (latency_ms, tokens_per_second) = backend.measured();
+    let operator = backend
+        .rig
+        .as_ref()
+        .map(|r| r.operator.clone())
+        .unwrap_or_default();
+    plugins::Candidate {
+        id: backend.id.clone(),
+        operator,
+        labels: Vec::new(),
+        in_flight: backend.in_flight(),
+        engine_running: load.engine_running,
+        engine_waiting: load.engine_waiting,
+        kv_cache_usage: load.kv_cache_usage,
+        tokens_per_second,
+        latency_ms,
+        gpu_utilization: load.gpu_utilization,
+        gpu_memory_free_bytes: load.gpu_memory_free_bytes,
+    }
+}
+
+/// Tells the rate limiter what an admitted request really used, off the request's path.
+pub fn settle(
+    state: &AppState,
+    request_id: &str,
+    key_id: &str,
+    model: &str,
+    reserved: u32,
+    used: u64,
+) {
+    let settlement = plugins::Settlement {
+        request_id: request_id.to_owned(),
+        key_id: key_id.to_owned(),
+        model: model.to_owned(),
+        reserved_tokens: reserved,
+        used_tokens: used.min(u64::from(u32::MAX)) as u32,
+    };
+    let plugins = Arc::clone(&state.plugins);
+    tokio::spawn(async move { plugins.settle(&settlement).await });
+}
+
+/// Meters and rewards usage events with the meter and reward plugins.
+pub struct PluginProcessor {
+    pub plugins: Arc<PluginHost>,
+    pub store: Arc<dyn Store>,
+}
+
+fn to_plugin_event(e: &UsageEvent) -> plugins::UsageEvent {
+    plugins::UsageEvent {
+        request_id: e.request_id.clone(),
+        key_id: e.key_id.clone(),
+        model: e.model.clone(),
+        prompt_tokens: e.prompt_tokens,
+        completion_tokens: e.completion_tokens,
+        cached_tokens: e.cached_tokens,
+        latency_ms: e.latency_ms,
+        ttft_ms: e.ttft_ms,
+        backend: e.backend.clone(),
+        rig: e.rig.clone(),
+        operator: e.operator.clone(),
+        started_at_ms: e.started_at_ms,
+        finished_at_ms: e.finished_at_ms,
+        batch: e.batch,
+    }
+}
+
+#[async_trait]
+impl UsageProcessor for PluginProcessor {
+    async fn process(&self, event: &UsageEvent) -> Result<Outcome, String> {
+        let plugin_event = to_plugin_event(event);
+        let charge = self
+            .plugins
+            .charge(&plugin_event)
+            .await
+            .map_err(|f| format!("meter: {f}"))?;
+        let awards = self
+            .plugins
+            .reward_usage(&plugin_event)
+            .await
+            .map_err(|f| format!("reward: {f}"))?;
+        let (credits, budget_exhausted) =
+            charge.map_or((0.0, false), |c| (c.credits, c.budget_exhausted));
+        if budget_exhausted {
+            self.store
+                .kv_set(&budget_key(&event.key_id), b"1", None)
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::info!(key_id = %event.key_id, "budget spent; the key gets 429 insufficient_quota");
+        }
+        Ok(Outcome {
+            credits,
+            budget_exhausted,
+            awards: awards
+                .unwrap_or_default()
+                .into_iter()
+                .map(|a| Award {
+                    operator: a.operator,
+                    points: a.points,
+                    reason: a.reason,
+                })
+                .collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equal_prefixes_hash_equally() {
+        let a = RequestFacts::new(br#"[{"role":"system","content":"You are helpful."}]"#, None);
+        let b = RequestFacts::new(
+            br#"[{"role":"system","content":"You are helpful."}]"#,
+            Some(9),
+        );
+        let c = RequestFacts::new(br#"[{"role":"system","content":"You are terse."}]"#, None);
+        assert_eq!(a.prefix_hash, b.prefix_hash);
+        assert_ne!(a.prefix_hash, c.prefix_hash);
+        assert_eq!(
+            a.reserved_tokens(),
+            a.prompt_tokens + DEFAULT_RESERVED_COMPLETION
+        );
+        assert_eq!(b.reserved_tokens(), b.prompt_tokens + 9);
+    }
+
+    #[test]
+    fn headers_in_openai_form() {
+        let headers = rate_limit_headers(&plugins::RateLimitHeaders {
+            limit_requests: Some(60),
+            remaining_requests: Some(59),
+            reset_requests_ms: Some(1000),
+            limit_tokens: None,
+            remaining_tokens: None,
+            reset_tokens_ms: Some(250),
+        });
+        let text: Vec<String> = headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            text,
+            [
+                "x-ratelimit-limit-requests: 60",
+                "x-ratelimit-remaining-requests: 59",
+                "x-ratelimit-reset-requests: 1s",
+                "x-ratelimit-reset-tokens: 250ms",
+            ]
+        );
+    }
+}

@@ -1,0 +1,415 @@
+//! Policy plugins through the gateway: defaults on the request path, the admin API (upload,
+//! rollback, canary, promotion), swaps under load, hostile components, and every replica
+//! following an activation.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use garage_node_runner::agent::{Agent, AgentOptions};
+use garage_node_runner::cli::simulated_engine;
+use garage_node_runner::engines::EngineSet;
+use serde_json::json;
+use support::*;
+
+fn with_defaults(upstreams: Vec<garage_gateway::config::UpstreamConfig>) -> garage_gateway::Config {
+    let mut cfg = config(upstreams);
+    cfg.default_plugins = true;
+    cfg
+}
+
+/// PUT a component into a slot; returns status and body.
+async fn upload(base: &str, slot: &str, wasm: &[u8], query: &str) -> (u16, serde_json::Value) {
+    let response = client()
+        .put(format!("{base}/admin/plugins/{slot}{query}"))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/wasm")
+        .body(wasm.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+async fn slot_status(base: &str, slot: &str) -> serde_json::Value {
+    let all = admin_get(base, "/admin/plugins").await;
+    all["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["slot"] == slot)
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn config_query(config: serde_json::Value) -> String {
+    let text = config.to_string();
+    let encoded: String = text
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    format!("?config={encoded}")
+}
+
+#[tokio::test]
+async fn defaults_serve_and_rate_limits_hold() {
+    let engine = fast_sim().await;
+    let gw = gateway(with_defaults(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    for slot in ["router", "rate-limiter", "meter", "reward"] {
+        let status = slot_status(&base, slot).await;
+        assert_eq!(
+            status["active"]["activated_by"], "defaults",
+            "{slot}: {status}"
+        );
+    }
+
+    let (_, limited) = create_key(&base, json!({"name": "l", "metadata": {"rpm": 2}})).await;
+    let (_, free) = create_key(&base, json!({"name": "f"})).await;
+    for remaining in ["1", "0"] {
+        let response = client()
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&limited)
+            .json(&chat(false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-ratelimit-limit-requests"], "2");
+        assert_eq!(
+            response.headers()["x-ratelimit-remaining-requests"],
+            remaining
+        );
+    }
+    let refused = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&limited)
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let body = refused.text().await.unwrap();
+    assert_eq!(error_of(&body)["code"], "rate_limit_exceeded");
+    // Another key is not affected.
+    assert_eq!(post_chat(&base, &free, &chat(false)).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_spent_budget_gets_insufficient_quota() {
+    let engine = fast_sim().await;
+    let gw = gateway(with_defaults(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    // One credit per 1,000 tokens and a budget a single request exceeds.
+    let query = config_query(json!({"default_budget": 0.001}));
+    let (status, body) = upload(&base, "meter", garage_plugins::METER, &query).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    assert_eq!(post_chat(&base, &key, &chat(false)).await.0, 200);
+    wait_until(Duration::from_secs(10), "the budget verdict", || async {
+        let (status, body) = post_chat(&base, &key, &chat(false)).await;
+        status == 429 && error_of(&body)["code"] == "insufficient_quota"
+    })
+    .await;
+    let usage = admin_get(&base, "/admin/usage").await;
+    assert!(
+        usage["data"][0]["credits"].as_f64().unwrap() > 0.001,
+        "{usage}"
+    );
+}
+
+#[tokio::test]
+async fn swapping_the_router_twenty_times_under_load_fails_nothing() {
+    let a = fast_sim().await;
+    let b = fast_sim().await;
+    let gw = gateway(with_defaults(vec![
+        upstream("a", a.base_url()),
+        upstream("b", b.base_url()),
+    ]))
+    .await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "load"})).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut load = Vec::new();
+    for i in 0..4 {
+        let (base, key, stop, ok, failures) = (
+            base.clone(),
+            key.clone(),
+            stop.clone(),
+            ok.clone(),
+            failures.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let (status, body) = post_chat(&base, &key, &chat(i % 2 == 0)).await;
+                if status == 200 {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failures.lock().unwrap().push((status, body));
+                }
+            }
+        }));
+    }
+    let routers = [
+        garage_plugins::ROUTER_ROUND_ROBIN,
+        garage_plugins::ROUTER_PREFIX_AFFINITY,
+        garage_plugins::ROUTER_LEAST_LOADED,
+    ];
+    let mut shas = std::collections::HashSet::new();
+    for swap in 0..20 {
+        let served_before = ok.load(Ordering::Relaxed);
+        let (status, body) = upload(&base, "router", routers[swap % 3], "").await;
+        assert_eq!(status, 200, "{body}");
+        shas.insert(body["sha256"].as_str().unwrap().to_owned());
+        // Traffic keeps flowing between swaps.
+        wait_until(Duration::from_secs(10), "requests after a swap", || {
+            let ok = ok.clone();
+            async move { ok.load(Ordering::Relaxed) > served_before + 5 }
+        })
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    let failures = std::mem::take(&mut *failures.lock().unwrap());
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    assert_eq!(shas.len(), 3);
+    assert!(ok.load(Ordering::Relaxed) > 100);
+    let router = slot_status(&base, "router").await;
+    assert!(router["history"].as_array().unwrap().len() >= 3, "{router}");
+}
+
+#[tokio::test]
+async fn hostile_components_are_refused_or_contained() {
+    let engine = fast_sim().await;
+    let gw = gateway(with_defaults(vec![
+        upstream("a", engine.base_url()),
+        upstream("b", engine.base_url().replace("127.0.0.1", "localhost")),
+    ]))
+    .await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let before = slot_status(&base, "router").await["active"]["sha256"].clone();
+
+    // Refused at upload, with a reason; nothing changes.
+    let (status, body) = upload(&base, "router", b"\0asm garbage, not a component", "").await;
+    assert_eq!(status, 400, "{body}");
+    error_of(&body.to_string());
+    let (status, body) = upload(&base, "router", garage_plugins::fixtures::WRONG_WORLD, "").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("router"), "{body}");
+    let (status, _) = upload(
+        &base,
+        "no-such-slot",
+        garage_plugins::ROUTER_ROUND_ROBIN,
+        "",
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        slot_status(&base, "router").await["active"]["sha256"],
+        before
+    );
+
+    // Accepted but broken at run time: requests fall back to round robin and succeed, and
+    // repeated faults roll the slot back by themselves.
+    for fixture in [
+        garage_plugins::fixtures::INFINITE_LOOP,
+        garage_plugins::fixtures::MEMORY_BOMB,
+        garage_plugins::fixtures::TRAP,
+    ] {
+        let (status, body) = upload(&base, "router", fixture, "").await;
+        assert_eq!(status, 200, "{body}");
+        let bad = body["sha256"].clone();
+        for _ in 0..8 {
+            let (status, body) = post_chat(&base, &key, &chat(false)).await;
+            assert_eq!(status, 200, "{body}");
+        }
+        wait_until(Duration::from_secs(10), "automatic rollback", || async {
+            let router = slot_status(&base, "router").await;
+            router["active"]["sha256"] != bad
+        })
+        .await;
+        let router = slot_status(&base, "router").await;
+        assert_eq!(
+            router["active"]["activated_by"], "auto-rollback",
+            "{router}"
+        );
+    }
+    let metrics = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("garage_plugin_faults_total"),
+        "fault metrics missing"
+    );
+}
+
+#[tokio::test]
+async fn rollback_activation_by_hash_canary_and_promotion() {
+    let engine = fast_sim().await;
+    let gw = gateway(with_defaults(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    let default = slot_status(&base, "router").await["active"]["sha256"].clone();
+    let (_, rr) = upload(&base, "router", garage_plugins::ROUTER_ROUND_ROBIN, "").await;
+    let (status, back) = admin_post(&base, "/admin/plugins/router/rollback", json!({})).await;
+    assert_eq!(status, 200, "{back}");
+    assert_eq!(back["sha256"], default);
+
+    let (status, canary) = admin_post(
+        &base,
+        "/admin/plugins/router/activate",
+        json!({"sha256": rr["sha256"], "canary_percent": 50}),
+    )
+    .await;
+    assert_eq!(status, 200, "{canary}");
+    let router = slot_status(&base, "router").await;
+    assert_eq!(router["canary"]["sha256"], rr["sha256"], "{router}");
+    assert_eq!(router["canary"]["percent"], 50);
+    assert_eq!(router["active"]["sha256"], default);
+    let (status, promoted) = admin_post(&base, "/admin/plugins/router/promote", json!({})).await;
+    assert_eq!(status, 200, "{promoted}");
+    assert_eq!(
+        slot_status(&base, "router").await["active"]["sha256"],
+        rr["sha256"]
+    );
+
+    let (status, _) = admin_post(
+        &base,
+        "/admin/plugins/router/activate",
+        json!({"sha256": "00"}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let versions = admin_get(&base, "/admin/plugins/router/versions").await;
+    assert!(versions.as_array().unwrap().len() >= 2, "{versions}");
+    let refused = client()
+        .get(format!("{base}/admin/plugins"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+}
+
+#[tokio::test]
+async fn an_activation_reaches_every_replica_within_a_second() {
+    let redis = RedisServer::start();
+    let engine = fast_sim().await;
+    let replica = || {
+        let mut cfg = with_defaults(vec![upstream("a", engine.base_url())]);
+        cfg.store = redis.url();
+        cfg.auth.key_secret = Some("s".into());
+        cfg
+    };
+    let one = gateway(replica()).await;
+    let two = gateway(replica()).await;
+    let (status, body) = upload(
+        &one.url(),
+        "router",
+        garage_plugins::ROUTER_PREFIX_AFFINITY,
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let started = Instant::now();
+    wait_until(
+        Duration::from_secs(1),
+        "the other replica follows",
+        || async { slot_status(&two.url(), "router").await["active"]["sha256"] == body["sha256"] },
+    )
+    .await;
+    eprintln!(
+        "activation reached the other replica in {:?}",
+        started.elapsed()
+    );
+}
+
+/// A reward plugin written in Python or JavaScript, built by `scripts/build-plugins-polyglot.sh`.
+fn polyglot(name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/polyglot-plugins")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|_| {
+        panic!(
+            "{} is missing: run scripts/build-plugins-polyglot.sh (scripts/test.sh does)",
+            path.display()
+        )
+    })
+}
+
+#[tokio::test]
+async fn rewards_in_rust_python_and_javascript_pay_the_rig_operator() {
+    let gw = gateway(with_defaults(vec![])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let token = enrollment_token(&base, 1).await;
+    let engines =
+        EngineSet::start(vec![simulated_engine("sim", &[MODEL.to_owned()], 0, 0.0)]).await;
+    let rig = Agent::start(
+        AgentOptions {
+            gateway_url: base.clone(),
+            name: "rig".into(),
+            enrollment_token: Some(token),
+            state_file: None,
+            heartbeat_interval: None,
+            drain_timeout: Duration::from_secs(5),
+            http: None,
+            probe_gpus: false,
+        },
+        engines,
+    )
+    .await
+    .unwrap();
+    wait_until(Duration::from_secs(10), "the rig in routing", || async {
+        routable_rigs(&base).await == 1
+    })
+    .await;
+    let points = || async {
+        admin_get(&base, "/admin/rewards").await["data"][0]["points"]
+            .as_f64()
+            .unwrap_or(0.0)
+    };
+    let plugins: [(&str, Vec<u8>); 3] = [
+        ("rust", garage_plugins::REWARD.to_vec()),
+        ("python", polyglot("reward-python.wasm")),
+        ("javascript", polyglot("reward-js.wasm")),
+    ];
+    for (language, wasm) in plugins {
+        let (status, body) = upload(&base, "reward", &wasm, "").await;
+        assert_eq!(status, 200, "{language}: {body}");
+        let before = points().await;
+        assert_eq!(post_chat(&base, &key, &chat(false)).await.0, 200);
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{language} reward points"),
+            || async { points().await > before },
+        )
+        .await;
+        let board = admin_get(&base, "/admin/rewards").await;
+        assert_eq!(
+            board["data"][0]["operator"], "op-test",
+            "{language}: {board}"
+        );
+    }
+    rig.shutdown().await;
+}

@@ -1,0 +1,302 @@
+//! Inside the component (`wasm32` only): the wit-bindgen bindings, the [`Host`] backed by the
+//! WIT imports, the conversions between WIT records and the SDK's types, and the glue the
+//! export macros call.
+//!
+//! One `generate!` describes the imports and the shared `types` interface; one per world then
+//! reuses them through `with`, so every world speaks the same Rust types and one set of
+//! conversions serves all. Each world's macro is `pub_export_macro`: wit-bindgen then emits a
+//! world's exports into the component only where a plugin invokes its export macro, so a
+//! router component does not claim to export `charge`.
+
+use crate::{
+    Admission, Award, Candidate, Charge, Decision, Host, LogLevel, Meter, RateLimitHeaders,
+    RateLimiter, Reward, RigReport, RouteRequest, Router, Settlement, UsageEvent,
+};
+
+/// The imports of every world, and the shared records.
+mod imports {
+    #![expect(missing_docs, reason = "generated from the WIT, whose docs it carries")]
+
+    wit_bindgen::generate!({
+        path: "../wit",
+        inline: r#"
+            package garage:plugin-sdk;
+
+            world imports {
+                import garage:policy/types@0.1.0;
+                import garage:policy/kv@0.1.0;
+                import garage:policy/clock@0.1.0;
+                import garage:policy/log@0.1.0;
+                import garage:policy/config@0.1.0;
+            }
+        "#,
+        generate_all,
+        generate_unused_types: true,
+    });
+}
+
+/// The WIT records as wit-bindgen generates them.
+pub use imports::garage::policy::types as wit;
+
+use imports::garage::policy::{clock, config, kv, log};
+
+macro_rules! world {
+    ($module:ident, $world:literal, $export_macro:literal, $bindings:literal) => {
+        #[doc = concat!("Bindings of the `", $world, "` world.")]
+        pub mod $module {
+            #![expect(missing_docs, reason = "generated from the WIT, whose docs it carries")]
+            // `allow`, not `expect`: whether it fires depends on the world's records.
+            #![allow(
+                clippy::too_many_arguments,
+                reason = "the canonical ABI passes a record's fields as separate arguments"
+            )]
+
+            wit_bindgen::generate!({
+                path: "../wit",
+                world: $world,
+                with: {
+                    "garage:policy/types@0.1.0": crate::guest::imports::garage::policy::types,
+                    "garage:policy/kv@0.1.0": crate::guest::imports::garage::policy::kv,
+                    "garage:policy/clock@0.1.0": crate::guest::imports::garage::policy::clock,
+                    "garage:policy/log@0.1.0": crate::guest::imports::garage::policy::log,
+                    "garage:policy/config@0.1.0": crate::guest::imports::garage::policy::config,
+                },
+                pub_export_macro: true,
+                export_macro_name: $export_macro,
+                default_bindings_module: $bindings,
+            });
+        }
+    };
+}
+
+world!(
+    router,
+    "router",
+    "export_router_world",
+    "garage_plugin_sdk::__private::router"
+);
+world!(
+    rate_limiter,
+    "rate-limiter",
+    "export_rate_limiter_world",
+    "garage_plugin_sdk::__private::rate_limiter"
+);
+world!(
+    meter,
+    "meter",
+    "export_meter_world",
+    "garage_plugin_sdk::__private::meter"
+);
+world!(
+    reward,
+    "reward",
+    "export_reward_world",
+    "garage_plugin_sdk::__private::reward"
+);
+
+/// The [`Host`] of a plugin running in the gateway: every call goes to a WIT import.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WasmHost;
+
+impl Host for WasmHost {
+    fn kv_get(&self, key: &str) -> Option<Vec<u8>> {
+        kv::get(key)
+    }
+
+    fn kv_set(&self, key: &str, value: &[u8], ttl_ms: Option<u64>) {
+        kv::set(key, value, ttl_ms);
+    }
+
+    fn kv_delete(&self, key: &str) {
+        kv::delete(key);
+    }
+
+    fn kv_incr(&self, key: &str, delta: i64, ttl_ms: Option<u64>) -> i64 {
+        kv::incr(key, delta, ttl_ms)
+    }
+
+    fn kv_reserve(&self, key: &str, amount: i64, limit: i64, ttl_ms: Option<u64>) -> Option<i64> {
+        kv::reserve(key, amount, limit, ttl_ms)
+    }
+
+    fn now_ms(&self) -> u64 {
+        clock::now_ms()
+    }
+
+    fn log(&self, level: LogLevel, message: &str) {
+        let level = match level {
+            LogLevel::Debug => log::Level::Debug,
+            LogLevel::Info => log::Level::Info,
+            LogLevel::Warn => log::Level::Warn,
+            LogLevel::Error => log::Level::Error,
+        };
+        log::log(level, message);
+    }
+
+    fn config(&self) -> String {
+        config::get()
+    }
+}
+
+/// `route` of the `router` world, for `export_router!`.
+pub fn route<P: Router>(
+    request: wit::RouteRequest,
+    candidates: Vec<wit::Candidate>,
+) -> Result<Vec<u32>, String> {
+    let request = RouteRequest::from(request);
+    let candidates: Vec<Candidate> = candidates.into_iter().map(Candidate::from).collect();
+    P::route(&WasmHost, &request, &candidates)
+}
+
+/// `admit` of the `rate-limiter` world, for `export_rate_limiter!`.
+pub fn admit<P: RateLimiter>(request: wit::Admission) -> wit::Decision {
+    P::admit(&WasmHost, &Admission::from(request)).into()
+}
+
+/// `settle` of the `rate-limiter` world, for `export_rate_limiter!`.
+pub fn settle<P: RateLimiter>(settlement: wit::Settlement) {
+    P::settle(&WasmHost, &Settlement::from(settlement));
+}
+
+/// `charge` of the `meter` world, for `export_meter!`.
+pub fn charge<P: Meter>(event: wit::UsageEvent) -> Result<wit::Charge, String> {
+    P::charge(&WasmHost, &UsageEvent::from(event)).map(Into::into)
+}
+
+/// `on-usage` of the `reward` world, for `export_reward!`.
+pub fn on_usage<P: Reward>(event: wit::UsageEvent) -> Result<Vec<wit::Award>, String> {
+    P::on_usage(&WasmHost, &UsageEvent::from(event)).map(awards)
+}
+
+/// `on-report` of the `reward` world, for `export_reward!`.
+pub fn on_report<P: Reward>(report: wit::RigReport) -> Result<Vec<wit::Award>, String> {
+    P::on_report(&WasmHost, &RigReport::from(report)).map(awards)
+}
+
+fn awards(awards: Vec<Award>) -> Vec<wit::Award> {
+    awards
+        .into_iter()
+        .map(|a| wit::Award {
+            operator: a.operator,
+            points: a.points,
+            reason: a.reason,
+        })
+        .collect()
+}
+
+impl From<wit::RouteRequest> for RouteRequest {
+    fn from(r: wit::RouteRequest) -> Self {
+        Self {
+            model: r.model,
+            key_id: r.key_id,
+            prefix_hash: r.prefix_hash,
+            prompt_tokens: r.prompt_tokens,
+            max_tokens: r.max_tokens,
+            stream: r.stream,
+        }
+    }
+}
+
+impl From<wit::Candidate> for Candidate {
+    fn from(c: wit::Candidate) -> Self {
+        Self {
+            id: c.id,
+            operator: c.operator,
+            labels: c.labels,
+            in_flight: c.in_flight,
+            engine_running: c.engine_running,
+            engine_waiting: c.engine_waiting,
+            kv_cache_usage: c.kv_cache_usage,
+            tokens_per_second: c.tokens_per_second,
+            latency_ms: c.latency_ms,
+            gpu_utilization: c.gpu_utilization,
+            gpu_memory_free_bytes: c.gpu_memory_free_bytes,
+        }
+    }
+}
+
+impl From<wit::Admission> for Admission {
+    fn from(a: wit::Admission) -> Self {
+        Self {
+            request_id: a.request_id,
+            key_id: a.key_id,
+            model: a.model,
+            reserved_tokens: a.reserved_tokens,
+            key_metadata: a.key_metadata,
+        }
+    }
+}
+
+impl From<Decision> for wit::Decision {
+    fn from(d: Decision) -> Self {
+        let h: RateLimitHeaders = d.headers;
+        Self {
+            allow: d.allow,
+            retry_after_ms: d.retry_after_ms,
+            reason: d.reason,
+            headers: wit::RateLimitHeaders {
+                limit_requests: h.limit_requests,
+                remaining_requests: h.remaining_requests,
+                reset_requests_ms: h.reset_requests_ms,
+                limit_tokens: h.limit_tokens,
+                remaining_tokens: h.remaining_tokens,
+                reset_tokens_ms: h.reset_tokens_ms,
+            },
+        }
+    }
+}
+
+impl From<wit::Settlement> for Settlement {
+    fn from(s: wit::Settlement) -> Self {
+        Self {
+            request_id: s.request_id,
+            key_id: s.key_id,
+            model: s.model,
+            reserved_tokens: s.reserved_tokens,
+            used_tokens: s.used_tokens,
+        }
+    }
+}
+
+impl From<wit::UsageEvent> for UsageEvent {
+    fn from(e: wit::UsageEvent) -> Self {
+        Self {
+            request_id: e.request_id,
+            key_id: e.key_id,
+            model: e.model,
+            prompt_tokens: e.prompt_tokens,
+            completion_tokens: e.completion_tokens,
+            cached_tokens: e.cached_tokens,
+            latency_ms: e.latency_ms,
+            ttft_ms: e.ttft_ms,
+            backend: e.backend,
+            rig: e.rig,
+            operator: e.operator,
+            started_at_ms: e.started_at_ms,
+            finished_at_ms: e.finished_at_ms,
+            batch: e.batch,
+        }
+    }
+}
+
+impl From<Charge> for wit::Charge {
+    fn from(c: Charge) -> Self {
+        Self {
+            credits: c.credits,
+            budget_exhausted: c.budget_exhausted,
+        }
+    }
+}
+
+impl From<wit::RigReport> for RigReport {
+    fn from(r: wit::RigReport) -> Self {
+        Self {
+            rig: r.rig,
+            operator: r.operator,
+            period_ms: r.period_ms,
+            uptime_ms: r.uptime_ms,
+            gpu_seconds: r.gpu_seconds,
+            at_ms: r.at_ms,
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! Plain Rust mirrors of the records in `wit/policy.wit` (`interface types`).
+//!
+//! Field for field the same as the WIT records (kebab-case names become snake_case), so the
+//! WIT documentation applies unchanged. They are ordinary structs: build them with struct
+//! literals and `..Default::default()` in tests, no WebAssembly involved.
+
+/// A request about to be routed (WIT `route-request`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteRequest {
+    /// Model name as the client asked for it.
+    pub model: String,
+    /// Id of the API key making the request.
+    pub key_id: String,
+    /// Hash of the first part of the prompt (system prompt and first messages): equal prefixes
+    /// hash equally, so a router can send them where the KV cache holds them.
+    pub prefix_hash: u64,
+    /// Estimated prompt tokens (about 4 characters per token).
+    pub prompt_tokens: u32,
+    /// `max_tokens` of the request, or 0 when the client set none.
+    pub max_tokens: u32,
+    /// The client asked for a streamed answer.
+    pub stream: bool,
+}
+
+/// One backend that can serve the request, with its live stats (WIT `candidate`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Candidate {
+    /// Backend id: the node id of a rig, or the name of a static upstream.
+    pub id: String,
+    /// Operator the rig belongs to; empty for static upstreams.
+    pub operator: String,
+    /// Free-form labels (region, GPU class...), as `key=value` pairs.
+    pub labels: Vec<(String, String)>,
+    /// Requests this gateway has in flight on this backend.
+    pub in_flight: u32,
+    /// Requests running in the engine (vLLM `num_requests_running`), 0 when unknown.
+    pub engine_running: u32,
+    /// Requests queued in the engine (vLLM `num_requests_waiting`), 0 when unknown.
+    pub engine_waiting: u32,
+    /// KV-cache use of the engine, 0.0 to 1.0; 0.0 when unknown.
+    pub kv_cache_usage: f32,
+    /// Measured decode speed of this backend, tokens per second; 0.0 when not measured yet.
+    pub tokens_per_second: f32,
+    /// Smoothed (EWMA) time to first token of this backend, milliseconds; 0.0 when unknown.
+    pub latency_ms: f32,
+    /// Mean GPU utilisation of the rig, 0.0 to 1.0; 0.0 when unknown.
+    pub gpu_utilization: f32,
+    /// Free GPU memory of the rig, bytes; 0 when unknown.
+    pub gpu_memory_free_bytes: u64,
+}
+
+impl Candidate {
+    /// A candidate with this id and every stat unknown (zero), for tests and examples.
+    ///
+    /// ```
+    /// use garage_plugin_sdk::Candidate;
+    ///
+    /// let rig = Candidate { in_flight: 3, ..Candidate::new("rig-a") };
+    /// assert_eq!(rig.id, "rig-a");
+    /// assert_eq!(rig.load(), 3);
+    /// ```
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Requests on this backend as far as anyone knows: this gateway's in-flight requests plus
+    /// the engine's running and waiting ones.
+    ///
+    /// The engine's counts include this gateway's own requests once the engine has seen them,
+    /// so the sum leans high for a busy backend; it is a ranking signal, not an exact count.
+    pub fn load(&self) -> u64 {
+        u64::from(self.in_flight) + u64::from(self.engine_running) + u64::from(self.engine_waiting)
+    }
+
+    /// The value of label `key`, if the backend has it.
+    ///
+    /// ```
+    /// use garage_plugin_sdk::Candidate;
+    ///
+    /// let rig = Candidate {
+    ///     labels: vec![("region".into(), "eu".into())],
+    ///     ..Candidate::new("rig-a")
+    /// };
+    /// assert_eq!(rig.label("region"), Some("eu"));
+    /// assert_eq!(rig.label("gpu"), None);
+    /// ```
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A request at admission, before it is dispatched (WIT `admission`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// Request id (unique per request, also the `x-request-id`).
+    pub request_id: String,
+    /// Id of the API key making the request.
+    pub key_id: String,
+    /// Model name as the client asked for it.
+    pub model: String,
+    /// Estimated prompt tokens plus the completion tokens it may produce (`max-tokens`, or a
+    /// default when the client set none): what a token limit must reserve.
+    pub reserved_tokens: u32,
+    /// The key's metadata as a JSON object (limits and budgets are read from here).
+    pub key_metadata: String,
+}
+
+/// Values for OpenAI's `x-ratelimit-*` headers (WIT `rate-limit-headers`). Every field is
+/// optional: a limiter that does not limit tokens leaves the token fields empty.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimitHeaders {
+    /// `x-ratelimit-limit-requests`.
+    pub limit_requests: Option<u64>,
+    /// `x-ratelimit-remaining-requests`.
+    pub remaining_requests: Option<u64>,
+    /// Milliseconds until the request limit is fully replenished.
+    pub reset_requests_ms: Option<u64>,
+    /// `x-ratelimit-limit-tokens`.
+    pub limit_tokens: Option<u64>,
+    /// `x-ratelimit-remaining-tokens`.
+    pub remaining_tokens: Option<u64>,
+    /// Milliseconds until the token limit is fully replenished.
+    pub reset_tokens_ms: Option<u64>,
+}
+
+/// The rate limiter's answer (WIT `decision`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// The request may go ahead.
+    pub allow: bool,
+    /// When denied: milliseconds after which a retry may succeed (`retry-after`).
+    pub retry_after_ms: u64,
+    /// Shown to the client when denied.
+    pub reason: String,
+    /// Values for the `x-ratelimit-*` headers, sent whether allowed or not.
+    pub headers: RateLimitHeaders,
+}
+
+impl Decision {
+    /// Let the request through.
+    ///
+    /// ```
+    /// use garage_plugin_sdk::{Decision, RateLimitHeaders};
+    ///
+    /// assert!(Decision::allow(RateLimitHeaders::default()).allow);
+    /// ```
+    pub fn allow(headers: RateLimitHeaders) -> Self {
+        Self {
+            allow: true,
+            retry_after_ms: 0,
+            reason: String::new(),
+            headers,
+        }
+    }
+
+    /// Turn the request away; the client may retry after `retry_after_ms`.
+    ///
+    /// ```
+    /// use garage_plugin_sdk::{Decision, RateLimitHeaders};
+    ///
+    /// let no = Decision::deny(1_500, "too many requests", RateLimitHeaders::default());
+    /// assert!(!no.allow);
+    /// assert_eq!(no.retry_after_ms, 1_500);
+    /// ```
+    pub fn deny(retry_after_ms: u64, reason: impl Into<String>, headers: RateLimitHeaders) -> Self {
+        Self {
+            allow: false,
+            retry_after_ms,
+            reason: reason.into(),
+            headers,
+        }
+    }
+}
+
+/// What a request really used, once it is done or failed (WIT `settlement`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settlement {
+    /// Request id, as at admission.
+    pub request_id: String,
+    /// Id of the API key that made the request.
+    pub key_id: String,
+    /// Model name as the client asked for it.
+    pub model: String,
+    /// What `admit` reserved.
+    pub reserved_tokens: u32,
+    /// Prompt plus completion tokens actually used; 0 when the request failed.
+    pub used_tokens: u32,
+}
+
+/// A completed request, for metering and rewards (WIT `usage-event`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageEvent {
+    /// Unique per request: metering and rewards are idempotent on it.
+    pub request_id: String,
+    /// Id of the API key that made the request.
+    pub key_id: String,
+    /// Model name as the client asked for it.
+    pub model: String,
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Completion tokens.
+    pub completion_tokens: u64,
+    /// Prompt tokens served from a prefix cache, when the engine reports them.
+    pub cached_tokens: u64,
+    /// Whole request, milliseconds.
+    pub latency_ms: u64,
+    /// Time to first token, milliseconds (equal to latency for non-streamed requests).
+    pub ttft_ms: u64,
+    /// Backend id that served it.
+    pub backend: String,
+    /// Node id of the rig that served it; empty for static upstreams.
+    pub rig: String,
+    /// Operator of that rig; empty for static upstreams.
+    pub operator: String,
+    /// When the request started, milliseconds since the Unix epoch.
+    pub started_at_ms: u64,
+    /// When the request finished, milliseconds since the Unix epoch.
+    pub finished_at_ms: u64,
+    /// The request came from the Batch API (a reward plugin may pay it differently).
+    pub batch: bool,
+}
+
+/// The meter's answer for one usage event (WIT `charge`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Charge {
+    /// Credits charged to the key.
+    pub credits: f64,
+    /// The key's budget is spent: further requests get 429 `insufficient_quota`.
+    pub budget_exhausted: bool,
+}
+
+/// Periodic report of a rig, for uptime rewards (WIT `rig-report`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RigReport {
+    /// Node id of the rig.
+    pub rig: String,
+    /// Operator the rig belongs to.
+    pub operator: String,
+    /// Length of the period, milliseconds.
+    pub period_ms: u64,
+    /// Milliseconds of the period the rig was connected and routable.
+    pub uptime_ms: u64,
+    /// GPU-seconds the rig offered in the period (GPUs × seconds available).
+    pub gpu_seconds: f64,
+    /// End of the period, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// Points for an operator (WIT `award`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Award {
+    /// Operator who earns the points.
+    pub operator: String,
+    /// Points earned.
+    pub points: f64,
+    /// Why, for the ledger (`tokens`, `uptime`...).
+    pub reason: String,
+}
+
+impl Award {
+    /// `points` for `operator`, for `reason`.
+    ///
+    /// ```
+    /// use garage_plugin_sdk::Award;
+    ///
+    /// let award = Award::new("alice", 2.5, "uptime");
+    /// assert_eq!(award.points, 2.5);
+    /// ```
+    pub fn new(operator: impl Into<String>, points: f64, reason: impl Into<String>) -> Self {
+        Self {
+            operator: operator.into(),
+            points,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Severity of a log line (WIT `log.level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LogLevel {
+    /// Detail for whoever debugs the plugin.
+    Debug,
+    /// Normal operation worth recording.
+    Info,
+    /// Something looks wrong, but the plugin carried on (a bad config value ignored...).
+    Warn,
+    /// The plugin could not do its job.
+    Error,
+}
