@@ -33,6 +33,7 @@ pub const ENV_FIELDS: &[&str] = &[
     "nodes.heartbeat_interval_secs",
     "nodes.missed_heartbeats",
     "nodes.enrollment_token_ttl_secs",
+    "nodes.report_interval_secs",
     "plugins.fault_threshold",
     "plugins.fault_window_secs",
     "plugins.rate_limiter_fail_open",
@@ -152,6 +153,8 @@ pub struct NodesConfig {
     pub missed_heartbeats: u32,
     /// Default lifetime of an enrollment token.
     pub enrollment_token_ttl_secs: u64,
+    /// How often each rig's availability is reported to the reward plugin (uptime rewards).
+    pub report_interval_secs: u64,
 }
 
 impl Default for NodesConfig {
@@ -161,6 +164,7 @@ impl Default for NodesConfig {
             heartbeat_interval_secs: 5,
             missed_heartbeats: 3,
             enrollment_token_ttl_secs: 24 * 3600,
+            report_interval_secs: 60,
         }
     }
 }
@@ -168,6 +172,9 @@ impl Default for NodesConfig {
 impl NodesConfig {
     pub fn heartbeat_interval(&self) -> Duration {
         Duration::from_secs(self.heartbeat_interval_secs.max(1))
+    }
+    pub fn report_interval(&self) -> Duration {
+        Duration::from_secs(self.report_interval_secs.max(1))
     }
     /// Silence longer than this takes a rig out of routing.
     pub fn heartbeat_deadline(&self) -> Duration {

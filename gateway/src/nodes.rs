@@ -131,6 +131,19 @@ struct Tunnel {
     draining: bool,
     backend: Option<Arc<Backend>>,
     silent_logged: bool,
+    /// Milliseconds the rig was routable since its last report (sampled every second).
+    routable_ms: u64,
+    /// GPUs in its last heartbeat.
+    gpus: u32,
+}
+
+/// A rig's availability over a report period, for uptime rewards.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Availability {
+    pub node_id: String,
+    pub operator: String,
+    pub uptime_ms: u64,
+    pub gpus: u32,
 }
 
 pub struct Nodes {
@@ -353,6 +366,8 @@ impl Nodes {
                 draining: drained,
                 backend: None,
                 silent_logged: false,
+                routable_ms: 0,
+                gpus: 0,
             },
         );
         if let Some(previous) = previous {
@@ -420,6 +435,7 @@ impl Nodes {
             return false;
         };
         tunnel.last_heartbeat = Some(Instant::now());
+        tunnel.gpus = heartbeat.gpus.len() as u32;
         if tunnel.silent_logged {
             tracing::info!(node = %id, "rig heartbeats resumed; back in routing");
             tunnel.silent_logged = false;
@@ -494,12 +510,28 @@ impl Nodes {
                 {
                     backend.set_probe(false);
                 }
+                if tunnel.backend.as_ref().is_some_and(|b| b.is_healthy()) {
+                    tunnel.routable_ms += 1000;
+                }
                 if silent && tunnel.last_heartbeat.is_some() && !tunnel.silent_logged {
                     tunnel.silent_logged = true;
                     tracing::warn!(node = %id, "rig missed its heartbeats; out of routing");
                 }
             }
         }
+    }
+
+    /// Each connected rig's routable time since the last call, which starts a new period.
+    pub fn take_availability(&self) -> Vec<Availability> {
+        self.tunnels()
+            .values_mut()
+            .map(|tunnel| Availability {
+                node_id: tunnel.record.id.clone(),
+                operator: tunnel.record.operator.clone(),
+                uptime_ms: std::mem::take(&mut tunnel.routable_ms),
+                gpus: tunnel.gpus,
+            })
+            .collect()
     }
 
     /// Follows other replicas' changes: relayed heartbeats, drains and removals.

@@ -96,6 +96,7 @@ impl Gateway {
             source,
         })?;
         let health_interval = Duration::from_secs(config.dispatch.health_interval_secs.max(1));
+        let report_interval = config.nodes.report_interval();
         let state = AppState::new(Inner {
             config,
             store: store.clone(),
@@ -115,7 +116,13 @@ impl Gateway {
             auth.spawn_invalidator(),
             tokio::spawn(backends.run_health_checks(http, health_interval)),
             tokio::spawn(nodes.clone().watch_heartbeats()),
-            tokio::spawn(nodes.follow_events()),
+            tokio::spawn(nodes.clone().follow_events()),
+            tokio::spawn(report_rigs(
+                nodes.clone(),
+                plugins.clone(),
+                usage.clone(),
+                report_interval,
+            )),
             tokio::spawn(usage.run_worker(Arc::new(PluginProcessor {
                 plugins: plugins.clone(),
                 store: store.clone(),
@@ -173,6 +180,53 @@ impl Gateway {
             task.abort();
         }
         finished
+    }
+}
+
+/// Every report interval, tells the reward plugin how long each rig on this replica was
+/// available, and credits what it awards (once per rig and period).
+async fn report_rigs(
+    nodes: Arc<Nodes>,
+    plugins: Arc<PluginHost>,
+    usage: Arc<Usage>,
+    interval: Duration,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let at_ms = crate::auth::unix_now() * 1000;
+        for rig in nodes.take_availability() {
+            let uptime_ms = rig.uptime_ms.min(interval.as_millis() as u64);
+            let report = crate::plugins::RigReport {
+                rig: rig.node_id.clone(),
+                operator: rig.operator.clone(),
+                period_ms: interval.as_millis() as u64,
+                uptime_ms,
+                gpu_seconds: f64::from(rig.gpus) * uptime_ms as f64 / 1000.0,
+                at_ms,
+            };
+            match plugins.reward_report(&report).await {
+                Ok(Some(awards)) => {
+                    let awards: Vec<_> = awards
+                        .into_iter()
+                        .map(|a| crate::usage::Award {
+                            operator: a.operator,
+                            points: a.points,
+                            reason: a.reason,
+                        })
+                        .collect();
+                    let id = format!("report:{}:{at_ms}", rig.node_id);
+                    if let Err(err) = usage.award(&id, &awards).await {
+                        tracing::warn!(node = %rig.node_id, error = %err, "cannot credit the uptime reward");
+                    }
+                }
+                Ok(None) => {}
+                Err(fault) => {
+                    tracing::warn!(node = %rig.node_id, error = %fault, "reward plugin failed on a rig report")
+                }
+            }
+        }
     }
 }
 

@@ -328,7 +328,15 @@ impl Usage {
                 None,
             )
             .await?;
-        for award in &outcome.awards {
+        self.credit(&outcome.awards).await
+    }
+
+    fn points_key(operator: &str) -> String {
+        format!("points_micro:{operator}")
+    }
+
+    async fn credit(&self, awards: &[Award]) -> Result<(), StoreError> {
+        for award in awards {
             if award.operator.is_empty() {
                 continue;
             }
@@ -337,11 +345,26 @@ impl Usage {
                 .await?;
             self.store
                 .kv_incr(
-                    &format!("points_micro:{}", award.operator),
+                    &Self::points_key(&award.operator),
                     (award.points * MICRO) as i64,
                     None,
                 )
                 .await?;
+        }
+        Ok(())
+    }
+
+    /// Credits awards that did not come from a usage event (a rig's periodic report), once per
+    /// `id` however often it is called.
+    pub async fn award(&self, id: &str, awards: &[Award]) -> Result<(), StoreError> {
+        let guard = format!("awarded:{id}");
+        if self
+            .store
+            .kv_incr(&guard, 1, Some(Duration::from_secs(7 * 86_400)))
+            .await?
+            == 1
+        {
+            self.credit(awards).await?;
         }
         Ok(())
     }
@@ -403,7 +426,7 @@ impl Usage {
     pub async fn leaderboard(&self) -> Result<Vec<OperatorPoints>, StoreError> {
         let mut rows = Vec::new();
         for operator in self.index(OPERATOR_INDEX).await? {
-            let points = self.counter(&format!("points_micro:{operator}")).await? as f64 / MICRO;
+            let points = self.counter(&Self::points_key(&operator)).await? as f64 / MICRO;
             rows.push(OperatorPoints { operator, points });
         }
         rows.sort_by(|a, b| {

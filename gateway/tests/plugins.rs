@@ -413,3 +413,41 @@ async fn rewards_in_rust_python_and_javascript_pay_the_rig_operator() {
     }
     rig.shutdown().await;
 }
+
+#[tokio::test]
+async fn rigs_earn_uptime_points_from_periodic_reports() {
+    let mut cfg = with_defaults(vec![]);
+    cfg.nodes.report_interval_secs = 1;
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    // One point per second of availability.
+    let query = config_query(json!({"points_per_uptime_hour": 3600.0}));
+    let (status, body) = upload(&base, "reward", garage_plugins::REWARD, &query).await;
+    assert_eq!(status, 200, "{body}");
+    let token = enrollment_token(&base, 1).await;
+    let engines =
+        EngineSet::start(vec![simulated_engine("sim", &[MODEL.to_owned()], 0, 0.0)]).await;
+    let rig = Agent::start(
+        AgentOptions {
+            gateway_url: base.clone(),
+            name: "idle-rig".into(),
+            enrollment_token: Some(token),
+            state_file: None,
+            heartbeat_interval: None,
+            drain_timeout: Duration::from_secs(5),
+            http: None,
+            probe_gpus: false,
+        },
+        engines,
+    )
+    .await
+    .unwrap();
+    // No request at all: the points are for being there.
+    wait_until(Duration::from_secs(15), "uptime points", || async {
+        let board = admin_get(&base, "/admin/rewards").await;
+        board["data"][0]["operator"] == "op-test"
+            && board["data"][0]["points"].as_f64() >= Some(1.0)
+    })
+    .await;
+    rig.shutdown().await;
+}
