@@ -264,6 +264,7 @@ fn stream_response(
         backend: Arc::clone(backend),
         out,
         first_chunk_at: None,
+        terminal: None,
         done: false,
         _in_flight: in_flight,
     };
@@ -286,8 +287,53 @@ struct MeteredBody {
     out: Outgoing,
     /// Time to first token, once it came.
     first_chunk_at: Option<std::time::Duration>,
+    /// How the backend's stream ended (`None` inside: cleanly), seen while gathering frames
+    /// and acted on at the next poll.
+    terminal: Option<Option<hyper::Error>>,
     done: bool,
     _in_flight: InFlight,
+}
+
+/// Most bytes gathered into one write to the client.
+const GATHER_LIMIT: usize = 64 * 1024;
+
+impl MeteredBody {
+    /// Appends the frames the backend has already delivered (nothing waits for more): when an
+    /// engine produces events faster than they travel, one write carries them all instead of
+    /// one write per event. A frame that is not there yet ends the gathering; an error or the
+    /// end of the stream is left for the next poll.
+    fn gather(&mut self, cx: &mut Context<'_>, first: Bytes) -> Bytes {
+        let mut gathered: Option<bytes::BytesMut> = None;
+        let mut total = first.len();
+        while total < GATHER_LIMIT && self.terminal.is_none() {
+            let frame = match Pin::new(&mut self.upstream).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => frame,
+                // Nothing more yet: the waker is registered, send what we have.
+                Poll::Pending => break,
+                // Kept for the next poll, after this data went out.
+                Poll::Ready(Some(Err(err))) => {
+                    self.terminal = Some(Some(err));
+                    break;
+                }
+                Poll::Ready(None) => {
+                    self.terminal = Some(None);
+                    break;
+                }
+            };
+            let Ok(chunk) = frame.into_data() else {
+                continue;
+            };
+            let more = self.tap.feed(chunk);
+            if more.is_empty() {
+                continue;
+            }
+            total += more.len();
+            gathered
+                .get_or_insert_with(|| bytes::BytesMut::from(&first[..]))
+                .extend_from_slice(&more);
+        }
+        gathered.map_or(first, bytes::BytesMut::freeze)
+    }
 }
 
 impl HttpBody for MeteredBody {
@@ -303,7 +349,12 @@ impl HttpBody for MeteredBody {
             if this.done {
                 return Poll::Ready(None);
             }
-            match Pin::new(&mut this.upstream).poll_frame(cx) {
+            let next = match this.terminal.take() {
+                Some(Some(err)) => Poll::Ready(Some(Err(err))),
+                Some(None) => Poll::Ready(None),
+                None => Pin::new(&mut this.upstream).poll_frame(cx),
+            };
+            match next {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => {
                     // Trailers (none from OpenAI-style servers) are not forwarded.
@@ -320,6 +371,7 @@ impl HttpBody for MeteredBody {
                             .observe(ttft.as_secs_f64());
                     }
                     let out = this.tap.feed(chunk);
+                    let out = this.gather(cx, out);
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
