@@ -1,0 +1,583 @@
+#!/usr/bin/env bash
+# Gateway overhead benchmark: the same chat-completion load sent straight to a zero-latency
+# simulated engine and through the gateway in front of it, so the difference is what the gateway
+# adds. See bench/README.md.
+#
+# Usage: bench/run.sh            (full run, about 2 minutes of load)
+#        BENCH_DURATION=2 BENCH_CONCURRENCY="1 16" bench/run.sh   (quick run)
+#
+# Environment:
+#   BENCH_DURATION     seconds of measured load per case (default 8)
+#   BENCH_WARMUP       seconds of unmeasured load before each case (default 2; 0 disables)
+#   BENCH_CONCURRENCY  connections per case, space- or comma-separated (default "1 16 64")
+#   BENCH_THREADS      wrk threads, capped at the connection count (default 1: leave the cores
+#                      to the servers; wrk's one epoll thread is far from saturated here)
+#   BENCH_MAX_TOKENS   tokens the engine generates per request (default 16)
+#   BENCH_SKIP_BUILD   1: use the release binaries already in the target directory
+#   BENCH_WAIT_IDLE    seconds to wait, before measuring, for compilers (cargo, rustc...) on the
+#                      machine to finish (default 0: do not wait); the run goes on after that
+#   BENCH_NOISY_RETRIES  times a group of rows (one stream mode and concurrency) is measured
+#                      again when something else used over 10 % of the machine during it
+#                      (default 2); each retry first waits, up to 60 s, for compilers to finish
+#   BENCH_REFERENCE_NGINX  1: also measure nginx (must be installed) as a reverse proxy in front
+#                      of the same engine: a yardstick for what any HTTP proxy costs on this box
+#
+# Progress goes to stderr; the markdown report goes to stdout and bench/results/latest.md.
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+DURATION=${BENCH_DURATION:-8}
+WARMUP=${BENCH_WARMUP:-2}
+CONCURRENCY=${BENCH_CONCURRENCY:-"1 16 64"}
+CONCURRENCY=${CONCURRENCY//,/ }
+THREADS=${BENCH_THREADS:-1}
+MAX_TOKENS=${BENCH_MAX_TOKENS:-16}
+SKIP_BUILD=${BENCH_SKIP_BUILD:-0}
+REFERENCE_NGINX=${BENCH_REFERENCE_NGINX:-0}
+WAIT_IDLE=${BENCH_WAIT_IDLE:-0}
+NOISY_RETRIES=${BENCH_NOISY_RETRIES:-2}
+# Policy plugins on the hot path: 0 = the gateway's built-in fallbacks only, 1 = the default
+# plugins (least-loaded router, rate limiter, meter, reward).
+PLUGINS=${BENCH_PLUGINS:-0}
+# Upstream entries, all pointing at the one engine: the router plugin chooses among this many
+# candidates (it is not called for one).
+UPSTREAMS=${BENCH_UPSTREAMS:-1}
+NOISY_PERCENT=10
+MODEL=sim-llama-3-8b
+RESULTS_DIR=$ROOT/bench/results
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$TARGET_DIR/release
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
+is_uint "$DURATION" && ((DURATION > 0)) || die "BENCH_DURATION must be a positive integer (seconds)"
+is_uint "$WARMUP" || die "BENCH_WARMUP must be a non-negative integer (seconds)"
+is_uint "$THREADS" && ((THREADS > 0)) || die "BENCH_THREADS must be a positive integer"
+is_uint "$MAX_TOKENS" && ((MAX_TOKENS > 0)) || die "BENCH_MAX_TOKENS must be a positive integer"
+is_uint "$WAIT_IDLE" || die "BENCH_WAIT_IDLE must be a non-negative integer (seconds)"
+is_uint "$NOISY_RETRIES" || die "BENCH_NOISY_RETRIES must be a non-negative integer"
+for c in $CONCURRENCY; do
+    is_uint "$c" && ((c > 0)) || die "BENCH_CONCURRENCY: '$c' is not a positive integer"
+done
+[[ -n ${CONCURRENCY// /} ]] || die "BENCH_CONCURRENCY is empty"
+
+# --- tools -------------------------------------------------------------------------------------
+
+command -v curl >/dev/null || die "curl is required"
+if [[ $REFERENCE_NGINX == 1 ]]; then
+    command -v nginx >/dev/null || die "BENCH_REFERENCE_NGINX=1 needs nginx (apt-get install nginx-light)"
+fi
+if ! command -v wrk >/dev/null; then
+    log "wrk not found; installing it with apt-get"
+    command -v apt-get >/dev/null || die "wrk is missing and there is no apt-get: install wrk by hand"
+    SUDO=()
+    if (($(id -u) != 0)); then
+        command -v sudo >/dev/null || die "installing wrk needs root or sudo"
+        SUDO=(sudo)
+    fi
+    "${SUDO[@]}" apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq wrk >&2
+fi
+
+if [[ $SKIP_BUILD != 1 ]]; then
+    log "building release binaries (may wait for the cargo lock)"
+    cargo build --release -p garage-gateway -p garage-sim-engine >&2
+fi
+[[ -x $BIN/gateway && -x $BIN/sim-engine ]] || die "no release binaries in $BIN"
+
+CLK_TCK=$(getconf CLK_TCK)
+NPROC=$(nproc)
+
+# --- processes and cleanup ---------------------------------------------------------------------
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/garage-bench.XXXXXX")
+ENGINE_PID=""
+GATEWAY_PID=""
+NGINX_PID=""
+
+stop() { # pid name: SIGTERM, wait up to 5 s, then SIGKILL
+    local pid=$1 name=$2 i
+    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "$name ($pid) ignored SIGTERM; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    stop "$NGINX_PID" nginx
+    stop "$GATEWAY_PID" gateway
+    stop "$ENGINE_PID" sim-engine
+    if ((status != 0)) && [[ -d $WORK ]]; then
+        for f in "$WORK"/*.log; do
+            [[ -s $f ]] || continue
+            log "--- last lines of $(basename "$f") ---"
+            tail -n 20 "$f" >&2
+        done
+    fi
+    rm -rf "$WORK"
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Polls `cmd...` every 0.1 s until it succeeds, for at most `timeout` seconds; fails early when
+# process `pid` has died.
+wait_until() { # description timeout_s pid cmd...
+    local what=$1 timeout=$2 pid=$3
+    shift 3
+    local deadline=$((SECONDS + timeout))
+    until "$@"; do
+        kill -0 "$pid" 2>/dev/null || die "$what: the process exited"
+        ((SECONDS < deadline)) || die "$what: not ready after ${timeout} s"
+        sleep 0.1
+    done
+}
+
+http_ok() { # url [curl args...]: true when the answer is 2xx
+    local url=$1
+    shift
+    curl -fsS -o /dev/null --max-time 2 "$@" "$url" 2>/dev/null
+}
+
+# The TCP port `pid` listens on, from procfs (no dependency on ss or lsof).
+listening_port() { # pid
+    local pid=$1 fd link inodes=" "
+    for fd in /proc/"$pid"/fd/*; do
+        link=$(readlink "$fd" 2>/dev/null) || continue
+        [[ $link == socket:\[*\] ]] && inodes+="${link:8:-1} "
+    done
+    local sl local_addr rem st rest inode _
+    while read -r sl local_addr rem st _ _ _ _ _ inode rest; do
+        if [[ $st == 0A && $inodes == *" $inode "* ]]; then
+            echo $((16#${local_addr##*:}))
+            return 0
+        fi
+    done < <(tail -n +2 /proc/net/tcp)
+    return 1
+}
+
+gateway_port_known() {
+    GATEWAY_PORT=$(listening_port "$GATEWAY_PID") && [[ -n $GATEWAY_PORT ]]
+}
+
+engine_addr_known() {
+    ENGINE_ADDR=$(sed -n 's|^sim-engine listening on http://\([0-9.]*:[0-9]*\).*|\1|p' "$WORK/engine.log")
+    [[ -n $ENGINE_ADDR ]]
+}
+
+# --- start the engine and the gateway ----------------------------------------------------------
+
+log "starting sim-engine (no delays, $MAX_TOKENS tokens per answer)"
+RUST_LOG=warn "$BIN/sim-engine" \
+    --listen 127.0.0.1:0 \
+    --model "$MODEL" \
+    --ttft-ms 0 --tokens-per-sec 0 \
+    --default-max-tokens "$MAX_TOKENS" \
+    --max-num-seqs 4096 \
+    >"$WORK/engine.log" 2>&1 &
+ENGINE_PID=$!
+ENGINE_ADDR=""
+wait_until "sim-engine address" 20 "$ENGINE_PID" engine_addr_known
+wait_until "sim-engine /health" 20 "$ENGINE_PID" http_ok "http://$ENGINE_ADDR/health"
+ENGINE_URL="http://$ENGINE_ADDR"
+
+ADMIN_TOKEN="bench-admin-$RANDOM$RANDOM$RANDOM"
+if [[ "$PLUGINS" == 1 ]]; then DEFAULT_PLUGINS=true; else DEFAULT_PLUGINS=false; fi
+cat >"$WORK/gateway.toml" <<EOF
+listen = "127.0.0.1:0"
+shutdown_grace_secs = 2
+default_plugins = $DEFAULT_PLUGINS
+
+[auth]
+admin_token = "$ADMIN_TOKEN"
+EOF
+for i in $(seq 1 "$UPSTREAMS"); do
+    cat >>"$WORK/gateway.toml" <<EOF
+
+[[upstreams]]
+name = "sim-$i"
+base_url = "$ENGINE_URL/v1"
+models = ["$MODEL"]
+health_path = "/health"
+EOF
+done
+
+log "starting the gateway in front of $ENGINE_URL"
+# GARAGE_* variables would override the file; the benchmark must not inherit any.
+mapfile -t GARAGE_VARS < <(compgen -e | grep '^GARAGE_' || true)
+UNSETS=()
+for v in "${GARAGE_VARS[@]}"; do UNSETS+=(-u "$v"); done
+env "${UNSETS[@]}" RUST_LOG=warn "$BIN/gateway" serve --config "$WORK/gateway.toml" \
+    >"$WORK/gateway.log" 2>&1 &
+GATEWAY_PID=$!
+GATEWAY_PORT=""
+wait_until "gateway listening socket" 20 "$GATEWAY_PID" gateway_port_known
+GATEWAY_URL="http://127.0.0.1:$GATEWAY_PORT"
+wait_until "gateway /ready" 30 "$GATEWAY_PID" http_ok "$GATEWAY_URL/ready"
+
+CREATED=$(curl -fsS --max-time 5 -X POST "$GATEWAY_URL/admin/keys" \
+    -H "Authorization: Bearer $ADMIN_TOKEN" -H 'Content-Type: application/json' \
+    -d '{"name":"bench"}') || die "POST /admin/keys failed"
+API_KEY=$(sed -n 's/.*"key"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' <<<"$CREATED")
+[[ -n $API_KEY ]] || die "no key in the POST /admin/keys response: $CREATED"
+export BENCH_KEY=$API_KEY BENCH_MODEL=$MODEL
+
+# Each combination answers correctly before any load is measured.
+smoke() { # base_url stream
+    local url=$1 stream=$2 body
+    body=$(curl -fsS --max-time 5 "$url/v1/chat/completions" \
+        -H "Authorization: Bearer $API_KEY" -H 'Content-Type: application/json' \
+        -d "{\"model\":\"$MODEL\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":$stream}") ||
+        die "smoke test failed: $url stream=$stream"
+    if [[ $stream == true ]]; then
+        [[ $body == *"data: [DONE]"* ]] || die "smoke test: no [DONE] from $url: $body"
+    else
+        [[ $body == *'"choices"'* ]] || die "smoke test: unexpected answer from $url: $body"
+    fi
+}
+for u in "$ENGINE_URL" "$GATEWAY_URL"; do
+    smoke "$u" false
+    smoke "$u" true
+done
+log "engine $ENGINE_URL (pid $ENGINE_PID), gateway $GATEWAY_URL (pid $GATEWAY_PID): ready"
+
+free_port() { # a loopback port nothing listens on (nginx needs one named in its config)
+    local port i
+    for ((i = 0; i < 100; i++)); do
+        port=$((20000 + RANDOM % 40000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return 0
+        fi
+    done
+    return 1
+}
+
+NGINX_URL=""
+MODES="direct gateway"
+if [[ $REFERENCE_NGINX == 1 ]]; then
+    NGINX_PORT=$(free_port) || die "no free port for nginx"
+    mkdir -p "$WORK/nginx"
+    # The usual reverse-proxy setup for an SSE API: keep-alive to the upstream, no buffering.
+    cat >"$WORK/nginx/nginx.conf" <<EOF
+worker_processes auto;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx/body;
+    proxy_temp_path $WORK/nginx/proxy;
+    fastcgi_temp_path $WORK/nginx/fastcgi;
+    uwsgi_temp_path $WORK/nginx/uwsgi;
+    scgi_temp_path $WORK/nginx/scgi;
+    upstream engine { server $ENGINE_ADDR; keepalive 256; }
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location / {
+            proxy_pass http://engine;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+EOF
+    log "starting nginx (reference proxy) on port $NGINX_PORT"
+    nginx -c "$WORK/nginx/nginx.conf" -g 'daemon off;' >>"$WORK/nginx.log" 2>&1 &
+    NGINX_PID=$!
+    NGINX_URL="http://127.0.0.1:$NGINX_PORT"
+    wait_until "nginx" 20 "$NGINX_PID" http_ok "$NGINX_URL/health"
+    smoke "$NGINX_URL" false
+    smoke "$NGINX_URL" true
+    MODES="direct gateway nginx"
+fi
+
+# --- measurement -------------------------------------------------------------------------------
+
+proc_ticks() { # pid... -> utime+stime of these processes (all their threads), in clock ticks
+    local pid s total=0
+    for pid in "$@"; do
+        s=$(<"/proc/$pid/stat") || continue
+        s=${s##*) }
+        # shellcheck disable=SC2086
+        set -- $s
+        total=$((total + ${12} + ${13}))
+    done
+    echo "$total"
+}
+
+nginx_pids() { # master and workers
+    [[ -n $NGINX_PID ]] || return 0
+    # shellcheck disable=SC2046
+    echo "$NGINX_PID" $(pgrep -P "$NGINX_PID" || true)
+}
+
+children_ticks() { # cutime+cstime of this shell: every child it has waited for (here: wrk)
+    local s
+    s=$(<"/proc/$$/stat")
+    s=${s##*) }
+    # shellcheck disable=SC2086
+    set -- $s
+    echo $((${14} + ${15}))
+}
+
+system_ticks() { # "busy total" over all CPUs, from /proc/stat
+    local _cpu user nice sys idle iowait irq softirq steal _rest
+    read -r _cpu user nice sys idle iowait irq softirq steal _rest </proc/stat
+    local busy=$((user + nice + sys + irq + softirq + steal))
+    echo "$busy $((busy + idle + iowait))"
+}
+
+field() { # name line -> value of name=... in a BENCH_RESULT line
+    sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $2"
+}
+
+run_wrk() { # url script connections duration_s output_file
+    local threads=$THREADS
+    ((threads > $3)) && threads=$3
+    wrk -t"$threads" -c"$3" -d"$4"s --timeout 10s --latency -s "$2" "$1" >"$5" 2>&1
+}
+
+ROWS=()
+measure() { # mode(direct|gateway) stream(no|yes) concurrency
+    local mode=$1 stream=$2 conc=$3 url script
+    case $mode in
+        direct) url=$ENGINE_URL ;;
+        gateway) url=$GATEWAY_URL ;;
+        nginx) url=$NGINX_URL ;;
+    esac
+    [[ $stream == yes ]] && script=bench/chat_stream.lua || script=bench/chat.lua
+    kill -0 "$ENGINE_PID" 2>/dev/null || die "sim-engine died"
+    kill -0 "$GATEWAY_PID" 2>/dev/null || die "gateway died"
+    [[ -z $NGINX_PID ]] || kill -0 "$NGINX_PID" 2>/dev/null || die "nginx died"
+
+    log "$mode stream=$stream c=$conc: ${WARMUP}s warm-up, ${DURATION}s measured"
+    if ((WARMUP > 0)); then
+        run_wrk "$url" "$script" "$conc" "$WARMUP" "$WORK/warmup.out" ||
+            die "wrk warm-up failed: $(cat "$WORK/warmup.out")"
+    fi
+
+    local ngx gw0 ng0 en0 ch0 sys0 gw1 ng1 en1 ch1 sys1
+    # shellcheck disable=SC2207
+    ngx=($(nginx_pids))
+    gw0=$(proc_ticks "$GATEWAY_PID")
+    ng0=$(proc_ticks "${ngx[@]}")
+    en0=$(proc_ticks "$ENGINE_PID")
+    ch0=$(children_ticks)
+    sys0=$(system_ticks)
+    run_wrk "$url" "$script" "$conc" "$DURATION" "$WORK/wrk.out" ||
+        die "wrk failed: $(cat "$WORK/wrk.out")"
+    gw1=$(proc_ticks "$GATEWAY_PID")
+    ng1=$(proc_ticks "${ngx[@]}")
+    en1=$(proc_ticks "$ENGINE_PID")
+    ch1=$(children_ticks)
+    sys1=$(system_ticks)
+
+    local line
+    line=$(grep '^BENCH_RESULT ' "$WORK/wrk.out" | tail -n 1) ||
+        die "no BENCH_RESULT line in the wrk output: $(cat "$WORK/wrk.out")"
+    local requests rps p50 p99 errors
+    requests=$(field requests "$line")
+    rps=$(field rps "$line")
+    p50=$(field p50_us "$line")
+    p99=$(field p99_us "$line")
+    errors=0
+    for e in err_connect err_read err_write err_status err_timeout; do
+        errors=$((errors + $(field "$e" "$line")))
+    done
+    ((requests > 0)) || die "$mode stream=$stream c=$conc: no request completed"
+    local sb0 st0 sb1 st1
+    read -r sb0 st0 <<<"$sys0"
+    read -r sb1 st1 <<<"$sys1"
+    local gw=$((gw1 - gw0)) ng=$((ng1 - ng0)) en=$((en1 - en0)) ch=$((ch1 - ch0)) proxy=0
+    [[ $mode == gateway ]] && proxy=$gw
+    [[ $mode == nginx ]] && proxy=$ng
+    # One row, tab-separated: mode stream conc requests rps p50_us p99_us errors proxy_ticks
+    #   engine_ticks wrk_ticks other_ticks (busy, less every benchmark process) total_ticks
+    ROWS+=("$mode	$stream	$conc	$requests	$rps	$p50	$p99	$errors	$proxy	$en	$ch	$((sb1 - sb0 - gw - ng - en - ch))	$((st1 - st0))")
+    log "  -> $(printf '%.0f' "$rps") req/s, p50 ${p50} us, p99 ${p99} us, errors $errors"
+}
+
+compilers_running() { # how many compiler processes run on the machine now
+    ps -eo comm= | grep -cE '^(cargo|rustc|cc1|cc1plus|ld|rust-lld)$' || true
+}
+wait_for_compilers() { # max_seconds
+    local deadline=$((SECONDS + $1))
+    while (($(compilers_running) > 0 && SECONDS < deadline)); do
+        log "compilers running ($(compilers_running)); waiting up to $((deadline - SECONDS)) s more"
+        sleep 5
+    done
+}
+is_noisy() { # row: true when other processes used over NOISY_PERCENT of the machine
+    local ot st
+    IFS=$'\t' read -r _ _ _ _ _ _ _ _ _ _ _ ot st <<<"$1"
+    ((st > 0 && ot * 100 > st * NOISY_PERCENT))
+}
+((WAIT_IDLE > 0)) && wait_for_compilers "$WAIT_IDLE"
+RETRIED=0
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+BUSY_BEFORE=$(compilers_running)
+for stream in no yes; do
+    for conc in $CONCURRENCY; do
+        # The rows of one stream mode and concurrency back to back, so that a disturbance hits
+        # them alike.
+        attempt=0
+        while :; do
+            first=${#ROWS[@]}
+            for mode in $MODES; do
+                measure "$mode" "$stream" "$conc"
+            done
+            noisy=0
+            for row in "${ROWS[@]:first}"; do
+                if is_noisy "$row"; then noisy=1; fi
+            done
+            ((noisy && attempt < NOISY_RETRIES)) || break
+            attempt=$((attempt + 1))
+            RETRIED=$((RETRIED + 1))
+            log "other processes used over $NOISY_PERCENT % of the machine: measuring this group again ($attempt/$NOISY_RETRIES)"
+            ROWS=("${ROWS[@]:0:first}")
+            wait_for_compilers 60
+        done
+    done
+done
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# --- report ------------------------------------------------------------------------------------
+
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+DIRTY=$(git status --porcelain -- gateway sim-engine Cargo.toml Cargo.lock 2>/dev/null | wc -l)
+if ((DIRTY > 0)); then
+    # Identifies the exact working tree measured: others may be editing while this runs.
+    DIFF_ID=$(git diff HEAD -- gateway sim-engine Cargo.toml Cargo.lock | sha256sum | cut -c1-12)
+    COMMIT="$COMMIT + uncommitted changes in $DIRTY file(s) of gateway/, sim-engine/, Cargo.* (diff sha256 $DIFF_ID)"
+fi
+CPU_MODEL=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
+[[ -n $CPU_MODEL ]] || CPU_MODEL=unknown
+# `wrk -v` prints its version, then its usage, and exits non-zero.
+WRK_VERSION=$({ wrk -v 2>&1 || true; } | awk 'NR == 1 {print $1, $2}')
+
+report() {
+    echo "## Gateway overhead benchmark"
+    echo
+    echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "- Commit: $COMMIT"
+    if [[ $SKIP_BUILD == 1 ]]; then
+        echo "- Binaries not rebuilt (BENCH_SKIP_BUILD=1): gateway built $(date -u -r "$BIN/gateway" '+%Y-%m-%d %H:%M UTC'), which may predate the tree above"
+    fi
+    echo "- Machine: $NPROC CPU(s), $CPU_MODEL, Linux $(uname -r)"
+    echo "- Load average (1/5/15 min) before: $LOAD_BEFORE; after: $LOAD_AFTER; compiler processes at start: $BUSY_BEFORE"
+    echo "- Gateway: default_plugins = $DEFAULT_PLUGINS (BENCH_PLUGINS=$PLUGINS), $UPSTREAMS upstream entr(y|ies) for the one engine (BENCH_UPSTREAMS)"
+    echo "- Load: $WRK_VERSION, up to $THREADS thread(s), ${DURATION} s measured after ${WARMUP} s warm-up per row," \
+        "POST /v1/chat/completions (2 messages), sim-engine with no delays and $MAX_TOKENS tokens per answer"
+    echo
+    echo "| mode | stream | conc | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s vs direct | gateway CPU µs/req | engine CPU µs/req | wrk CPU µs/req | other CPU % | errors |"
+    echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+    local row
+    for row in "${ROWS[@]}"; do
+        local mode stream conc requests rps p50 p99 errors gw en ch ot st
+        IFS=$'\t' read -r mode stream conc requests rps p50 p99 errors gw en ch ot st <<<"$row"
+        local d_rps="" d_p50="" d_p99=""
+        if [[ $mode != direct ]]; then
+            local d
+            for d in "${ROWS[@]}"; do
+                local dm ds dc _r drps dp50 dp99 _rest
+                IFS=$'\t' read -r dm ds dc _r drps dp50 dp99 _rest <<<"$d"
+                if [[ $dm == direct && $ds == "$stream" && $dc == "$conc" ]]; then
+                    d_rps=$drps d_p50=$dp50 d_p99=$dp99
+                fi
+            done
+        fi
+        awk -v mode="$mode" -v stream="$stream" -v conc="$conc" -v n="$requests" -v rps="$rps" \
+            -v p50="$p50" -v p99="$p99" -v err="$errors" -v gw="$gw" -v en="$en" -v ch="$ch" \
+            -v ot="$ot" -v st="$st" -v tck="$CLK_TCK" \
+            -v drps="$d_rps" -v dp50="$d_p50" -v dp99="$d_p99" 'BEGIN {
+                us = 1e6 / tck
+                other = st > 0 ? 100 * ot / st : 0
+                if (other < 0) other = 0
+                if (mode != "direct" && drps != "") {
+                    add50 = sprintf("%+.3f", (p50 - dp50) / 1000)
+                    add99 = sprintf("%+.3f", (p99 - dp99) / 1000)
+                    ratio = sprintf("%.2f", rps / drps)
+                    gwcpu = sprintf("%.1f", gw * us / n)
+                } else {
+                    add50 = "–"; add99 = "–"; ratio = "–"; gwcpu = "–"
+                }
+                printf "| %s | %s | %d | %.0f | %.3f | %.3f | %s | %s | %s | %s | %.1f | %.1f | %.0f | %d |\n",
+                    mode, stream, conc, rps, p50 / 1000, p99 / 1000, add50, add99, ratio, gwcpu,
+                    en * us / n, ch * us / n, other, err
+            }'
+    done
+    echo
+    echo "Added latency is a proxied row minus the direct row of the same stream mode and" \
+        "concurrency. CPU columns: user+system time from /proc over the measured ${DURATION} s," \
+        "per completed request (clock tick: $((1000 / CLK_TCK)) ms). \"other CPU %\" is the share of" \
+        "all $NPROC CPUs used by anything else (other processes, interrupts) during the row."
+    local noisy=0
+    for row in "${ROWS[@]}"; do
+        if is_noisy "$row"; then noisy=$((noisy + 1)); fi
+    done
+    if ((RETRIED > 0)); then
+        echo
+        echo "$RETRIED group(s) of rows were measured again because other processes were busy."
+    fi
+    if ((noisy > 0)); then
+        echo
+        echo "**Warning: in $noisy row(s) something else used over $NOISY_PERCENT % of the machine" \
+            "(\"other CPU %\"); those numbers are skewed. Rerun on a quiet machine.**"
+    fi
+    if [[ $REFERENCE_NGINX == 1 ]]; then
+        echo
+        echo "nginx rows: nginx $(nginx -v 2>&1 | sed 's|.*nginx/||') as a reverse proxy in front of the" \
+            "same engine (keep-alive upstream, proxy_buffering off), as a yardstick; their" \
+            "\"gateway CPU\" column is nginx's (master and workers)."
+    fi
+    # The stated target, checked at concurrency 16.
+    local stream
+    for stream in no yes; do
+        local g="" d=""
+        for row in "${ROWS[@]}"; do
+            IFS=$'\t' read -r mode s conc _ <<<"$row"
+            [[ $s == "$stream" && $conc == 16 ]] || continue
+            case $mode in
+                gateway) g=$row ;;
+                direct) d=$row ;;
+            esac
+        done
+        [[ -n $g && -n $d ]] || continue
+        local grps gp50 gp99 drps dp50 dp99
+        IFS=$'\t' read -r _ _ _ _ grps gp50 gp99 _ <<<"$g"
+        IFS=$'\t' read -r _ _ _ _ drps dp50 dp99 _ <<<"$d"
+        awk -v s="$stream" -v grps="$grps" -v gp50="$gp50" -v gp99="$gp99" \
+            -v drps="$drps" -v dp50="$dp50" -v dp99="$dp99" 'BEGIN {
+                a50 = (gp50 - dp50) / 1000; a99 = (gp99 - dp99) / 1000; r = grps / drps
+                ok = (a50 < 0.3 && a99 < 1.5 && r >= 0.5)
+                if (s == "no") { label = "plain" } else { label = "streamed" }
+                if (ok) { verdict = "MET" } else { verdict = "MISSED" }
+                printf "\nTarget at concurrency 16, %s: added p50 %.3f ms (< 0.3), added p99 %.3f ms (< 1.5), req/s ratio %.2f (>= 0.5): %s\n",
+                    label, a50, a99, r, verdict
+            }'
+    done
+}
+
+mkdir -p "$RESULTS_DIR"
+report >"$WORK/report.md"
+cp "$WORK/report.md" "$RESULTS_DIR/latest.md"
+cp "$WORK/report.md" "$RESULTS_DIR/$(date -u +%Y%m%dT%H%M%SZ).md"
+cat "$WORK/report.md"
+log "report written to bench/results/latest.md"
