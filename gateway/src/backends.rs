@@ -290,6 +290,12 @@ struct ModelCandidates {
     next: AtomicUsize,
 }
 
+/// Most candidates one request considers (and the router plugin sees). The window starts at the
+/// next backend in round-robin turn, so over successive requests every backend is offered; with
+/// thousands of rigs serving one model a request still costs the same. 128 covers the "router
+/// over 100 candidate rigs" case in full.
+pub const MAX_CANDIDATES: usize = 128;
+
 /// An immutable snapshot of every backend.
 #[derive(Default)]
 pub struct BackendSet {
@@ -322,8 +328,9 @@ impl BackendSet {
         &self.all
     }
 
-    /// Healthy backends of `model`, in round-robin order starting at the next one in turn.
-    /// 404 when nothing serves the model, 503 when nothing healthy does.
+    /// Healthy backends of `model`, in round-robin order starting at the next one in turn, at
+    /// most [`MAX_CANDIDATES`] of them. 404 when nothing serves the model, 503 when nothing
+    /// healthy does.
     pub fn candidates(&self, model: &str) -> Result<Vec<Arc<Backend>>, ApiError> {
         let entry = self
             .by_model
@@ -334,6 +341,7 @@ impl BackendSet {
         let ordered: Vec<_> = (0..n)
             .map(|i| &entry.backends[(start + i) % n])
             .filter(|b| b.is_healthy())
+            .take(MAX_CANDIDATES)
             .cloned()
             .collect();
         if ordered.is_empty() {
@@ -477,6 +485,23 @@ mod tests {
             Err(ApiError::Unavailable(_))
         ));
         assert_eq!(set.healthy_models().into_iter().collect::<Vec<_>>(), ["m"]);
+    }
+
+    #[test]
+    fn a_request_considers_a_bounded_rotating_window() {
+        let names: Vec<String> = (0..300).map(|i| format!("b{i}")).collect();
+        let upstreams: Vec<_> = names.iter().map(|n| upstream(n, &["m"])).collect();
+        let set = Backends::from_upstreams(&upstreams).snapshot();
+        let first = set.candidates("m").unwrap();
+        let second = set.candidates("m").unwrap();
+        assert_eq!(first.len(), MAX_CANDIDATES);
+        assert_eq!(first[0].id, "b0");
+        assert_eq!(second[0].id, "b1");
+        // Over enough requests every backend is offered first.
+        let firsts: std::collections::HashSet<String> = (0..300)
+            .map(|_| set.candidates("m").unwrap()[0].id.clone())
+            .collect();
+        assert_eq!(firsts.len(), 300);
     }
 
     #[test]
