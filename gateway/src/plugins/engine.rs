@@ -165,13 +165,15 @@ impl PluginEngine {
         let mut store = Store::new(&self.engine, HostState::new(ctx, memory_cap_bytes));
         store.limiter(|state| state.limiter());
         // Every tick, a running guest comes here: past its deadline it traps (`Trap::Interrupt`);
-        // otherwise it yields to the executor, so a long call (a meter with a 1 s deadline)
-        // never holds an async worker thread for more than a tick. Time spent yielded is not
-        // counted against the plugin.
+        // otherwise a long call yields to the executor (see `HostState::yields`), and the time
+        // it spends yielded is not counted against the plugin.
         store.epoch_deadline_callback(|context| {
             let state = context.data();
             if state.deadline_passed() {
                 return Ok(UpdateDeadline::Interrupt);
+            }
+            if !state.yields() {
+                return Ok(UpdateDeadline::Continue(1));
             }
             let yielded = state.yielded_nanos();
             Ok(UpdateDeadline::YieldCustom(

@@ -228,24 +228,25 @@ impl PluginHost {
         {
             return Err(PluginError::InvalidCanary(percent));
         }
-        let config = match self
+        // The configuration it was uploaded with; a component uploaded for another slot only
+        // has its bytes here, and runs with an empty configuration.
+        let (config, size) = match self
             .store
             .record_get(VERSION_KIND, &version_id(slot, sha256))
             .await?
         {
             Some(bytes) => {
-                serde_json::from_slice::<StoredVersion>(&bytes)
-                    .map_err(store_json)?
-                    .config
+                let stored: StoredVersion = serde_json::from_slice(&bytes).map_err(store_json)?;
+                (stored.config, stored.size)
             }
-            None => serde_json::Value::Object(serde_json::Map::new()),
+            None => (serde_json::Value::Object(serde_json::Map::new()), 0),
         };
         let sha256 = sha256.to_owned();
         let actor = actor.to_owned();
         self.change(slot, move |record, size_of| {
             let version = VersionInfo {
                 sha256: sha256.clone(),
-                size: size_of(&sha256),
+                size: size_of(&sha256).max(size),
                 config,
                 activated_at: unix_secs(),
                 activated_by: actor,

@@ -178,7 +178,10 @@ fn classify(err: &wasmtime::Error, state: &HostState, instantiating: bool) -> (F
         return (FaultKind::MemoryCap, message);
     }
     match err.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => (FaultKind::Timeout, "deadline exceeded".to_owned()),
+        Some(Trap::Interrupt) => (
+            FaultKind::Timeout,
+            format!("deadline of {:?} exceeded", state.deadline()),
+        ),
         Some(_) => (FaultKind::Trap, message),
         // Instantiation failing without a trap: the instance pool is full, or the like.
         None if instantiating

@@ -35,6 +35,11 @@ const MAX_LOG_MESSAGE_BYTES: usize = 2048;
 /// [`HostState::deadline_passed`]), and this keeps a call that mostly waits from running forever.
 const WALL_CLOCK_FACTOR: u32 = 20;
 const WALL_CLOCK_SLACK: Duration = Duration::from_secs(5);
+/// Calls with a deadline above this yield to the executor every epoch tick, so a long call (a
+/// meter with a 1 s deadline) never holds an async worker for more than a tick. Shorter calls
+/// (the hot path) run to their end or deadline without being rescheduled: blocking a worker for
+/// a few milliseconds at most costs less than a trip through the run queue.
+const YIELD_ABOVE: Duration = Duration::from_millis(10);
 
 /// What every instance of one plugin version shares.
 pub(crate) struct PluginContext {
@@ -124,6 +129,15 @@ impl HostState {
         let waited = self.call.host_wait + self.call.yielded();
         wall.saturating_sub(waited) >= self.call.deadline
             || wall >= self.call.deadline * WALL_CLOCK_FACTOR + WALL_CLOCK_SLACK
+    }
+
+    /// Whether the call should yield to the executor at each epoch tick.
+    pub fn yields(&self) -> bool {
+        self.call.deadline > YIELD_ABOVE
+    }
+
+    pub fn deadline(&self) -> Duration {
+        self.call.deadline
     }
 
     /// The counter the epoch callback adds yielded time to.
