@@ -8,9 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use garage_node_runner::agent::{Agent, AgentOptions};
-use garage_node_runner::cli::simulated_engine;
-use garage_node_runner::engines::EngineSet;
 use serde_json::json;
 use support::*;
 
@@ -363,23 +360,7 @@ async fn rewards_in_rust_python_and_javascript_pay_the_rig_operator() {
     let base = gw.url();
     let (_, key) = create_key(&base, json!({"name": "t"})).await;
     let token = enrollment_token(&base, 1).await;
-    let engines =
-        EngineSet::start(vec![simulated_engine("sim", &[MODEL.to_owned()], 0, 0.0)]).await;
-    let rig = Agent::start(
-        AgentOptions {
-            gateway_url: base.clone(),
-            name: "rig".into(),
-            enrollment_token: Some(token),
-            state_file: None,
-            heartbeat_interval: None,
-            drain_timeout: Duration::from_secs(5),
-            http: None,
-            probe_gpus: false,
-        },
-        engines,
-    )
-    .await
-    .unwrap();
+    let rig = sim_rig(rig_options(&base, "rig", &token), 0.0).await;
     wait_until(Duration::from_secs(10), "the rig in routing", || async {
         routable_rigs(&base).await == 1
     })
@@ -425,23 +406,7 @@ async fn rigs_earn_uptime_points_from_periodic_reports() {
     let (status, body) = upload(&base, "reward", garage_plugins::REWARD, &query).await;
     assert_eq!(status, 200, "{body}");
     let token = enrollment_token(&base, 1).await;
-    let engines =
-        EngineSet::start(vec![simulated_engine("sim", &[MODEL.to_owned()], 0, 0.0)]).await;
-    let rig = Agent::start(
-        AgentOptions {
-            gateway_url: base.clone(),
-            name: "idle-rig".into(),
-            enrollment_token: Some(token),
-            state_file: None,
-            heartbeat_interval: None,
-            drain_timeout: Duration::from_secs(5),
-            http: None,
-            probe_gpus: false,
-        },
-        engines,
-    )
-    .await
-    .unwrap();
+    let rig = sim_rig(rig_options(&base, "idle-rig", &token), 0.0).await;
     // No request at all: the points are for being there.
     wait_until(Duration::from_secs(15), "uptime points", || async {
         let board = admin_get(&base, "/admin/rewards").await;

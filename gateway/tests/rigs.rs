@@ -8,9 +8,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures::StreamExt;
-use garage_node_runner::agent::{Agent, AgentOptions};
-use garage_node_runner::cli::simulated_engine;
-use garage_node_runner::engines::EngineSet;
 use serde_json::json;
 use support::*;
 
@@ -20,31 +17,6 @@ fn rig_gateway_config() -> garage_gateway::Config {
     cfg.nodes.heartbeat_interval_secs = 1;
     cfg.nodes.missed_heartbeats = 2;
     cfg
-}
-
-fn rig_options(base: &str, name: &str, token: &str) -> AgentOptions {
-    AgentOptions {
-        gateway_url: base.to_owned(),
-        name: name.to_owned(),
-        enrollment_token: Some(token.to_owned()),
-        state_file: None,
-        heartbeat_interval: None,
-        drain_timeout: Duration::from_secs(10),
-        http: None,
-        probe_gpus: false,
-    }
-}
-
-/// An in-process rig with a simulated engine serving [`MODEL`].
-async fn sim_rig(options: AgentOptions, tokens_per_sec: f64) -> Agent {
-    let engines = EngineSet::start(vec![simulated_engine(
-        "sim",
-        &[MODEL.to_owned()],
-        0,
-        tokens_per_sec,
-    )])
-    .await;
-    Agent::start(options, engines).await.expect("rig joins")
 }
 
 async fn wait_routable(base: &str, n: usize) {

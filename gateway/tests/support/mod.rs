@@ -260,3 +260,31 @@ pub async fn routable_rigs(base: &str) -> usize {
             nodes.iter().filter(|n| n["routable"] == true).count()
         })
 }
+
+/// Options of an in-process rig (a real node-runner agent) joining the gateway at `base`.
+pub fn rig_options(base: &str, name: &str, token: &str) -> garage_node_runner::agent::AgentOptions {
+    garage_node_runner::agent::AgentOptions {
+        gateway_url: base.to_owned(),
+        name: name.to_owned(),
+        enrollment_token: Some(token.to_owned()),
+        state_file: None,
+        heartbeat_interval: None,
+        drain_timeout: Duration::from_secs(10),
+        http: None,
+        probe_gpus: false,
+    }
+}
+
+/// An in-process rig with a simulated engine serving [`MODEL`].
+pub async fn sim_rig(
+    options: garage_node_runner::agent::AgentOptions,
+    tokens_per_sec: f64,
+) -> garage_node_runner::agent::Agent {
+    let engines = garage_node_runner::engines::EngineSet::start(vec![
+        garage_node_runner::cli::simulated_engine("sim", &[MODEL.to_owned()], 0, tokens_per_sec),
+    ])
+    .await;
+    garage_node_runner::agent::Agent::start(options, engines)
+        .await
+        .expect("rig joins")
+}
