@@ -415,3 +415,34 @@ async fn missed_heartbeats_take_a_rig_out_until_they_resume() {
     assert_eq!(routable_rigs(&base).await, 1);
     rig.shutdown().await;
 }
+
+#[tokio::test]
+async fn rigs_reconnect_by_themselves_after_a_gateway_restart() {
+    let redis = RedisServer::start();
+    let replica = |listen: std::net::SocketAddr| {
+        let mut cfg = rig_gateway_config();
+        cfg.listen = listen;
+        cfg.store = redis.url();
+        cfg.auth.key_secret = Some("s".into());
+        cfg
+    };
+    let first = gateway(replica("127.0.0.1:0".parse().unwrap())).await;
+    let addr = first.addr();
+    let base = first.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let token = enrollment_token(&base, 1).await;
+    let rig = sim_rig(rig_options(&base, "survivor", &token), 0.0).await;
+    wait_routable(&base, 1).await;
+
+    // The gateway goes away and comes back on the same address (a redeploy).
+    assert!(first.shutdown(Duration::from_secs(5)).await);
+    let second = gateway(replica(addr)).await;
+    wait_until(Duration::from_secs(30), "the rig reconnected", || async {
+        routable_rigs(&base).await == 1
+    })
+    .await;
+    let (status, body) = post_chat(&base, &key, &chat(true)).await;
+    assert_eq!(status, 200, "{body}");
+    rig.shutdown().await;
+    drop(second);
+}
