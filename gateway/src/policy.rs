@@ -190,8 +190,9 @@ pub async fn order(
     facts: &RequestFacts,
     candidates: Vec<Arc<Backend>>,
 ) -> Vec<Arc<Backend>> {
-    // One candidate leaves nothing to choose (a router may only reorder or leave out).
-    if candidates.len() < 2 {
+    // One candidate leaves nothing to choose (a router may only reorder or leave out), and
+    // without a router there is nobody to describe the candidates to.
+    if candidates.len() < 2 || !state.plugins.is_active(plugins::Slot::Router) {
         return candidates;
     }
     let request = plugins::RouteRequest {

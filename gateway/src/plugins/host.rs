@@ -138,6 +138,13 @@ impl PluginHost {
         &self.config
     }
 
+    /// Whether a call to `slot` would reach a plugin (an active version or a canary), so the
+    /// request path can skip preparing a call that would only fall back.
+    pub fn is_active(&self, slot: Slot) -> bool {
+        let bundle = self.cell(slot).bundle.load();
+        bundle.active.is_some() || bundle.canary.is_some()
+    }
+
     fn cell(&self, slot: Slot) -> &SlotCell {
         &self.slots[slot.index()]
     }
