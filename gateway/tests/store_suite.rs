@@ -5,7 +5,9 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use garage_gateway::store::{ApiKeyRecord, MemoryStore, RedisStore, Store, StoreEvent};
+use garage_gateway::store::{
+    ApiKeyRecord, MemoryStore, QueueCounts, QueueItem, RedisStore, Store, StoreEvent,
+};
 use support::{RedisServer, wait_until};
 
 fn record(id: &str, hash: &str, created_at: u64) -> ApiKeyRecord {
@@ -161,6 +163,20 @@ async fn suite(store: Arc<dyn Store>) {
     assert_eq!(store.record_list("node").await.unwrap().len(), 1);
     assert_eq!(store.record_list("nothing").await.unwrap().len(), 0);
 
+    // First writer wins; counts; a whole kind goes at once.
+    assert!(store.record_put_new("res", "1", b"first").await.unwrap());
+    assert!(!store.record_put_new("res", "1", b"second").await.unwrap());
+    assert!(store.record_put_new("res", "2", b"other").await.unwrap());
+    assert_eq!(
+        store.record_get("res", "1").await.unwrap().as_deref(),
+        Some(&b"first"[..])
+    );
+    assert_eq!(store.record_count("res").await.unwrap(), 2);
+    store.record_delete_kind("res").await.unwrap();
+    assert_eq!(store.record_count("res").await.unwrap(), 0);
+
+    queues(store.as_ref()).await;
+
     // Events reach subscribers.
     let mut events = store.subscribe();
     let event = StoreEvent::KeyChanged {
@@ -181,6 +197,112 @@ async fn suite(store: Arc<dyn Store>) {
     .await
     .expect("event delivered");
     assert_eq!(received, event);
+}
+
+fn item(id: &str) -> QueueItem {
+    QueueItem {
+        id: id.into(),
+        payload: format!("payload of {id}").into_bytes(),
+    }
+}
+
+fn ids(items: &[QueueItem]) -> Vec<&str> {
+    items.iter().map(|i| i.id.as_str()).collect()
+}
+
+async fn queues(store: &dyn Store) {
+    let q = "work";
+    assert!(
+        store
+            .queue_lease(q, 5, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let items: Vec<QueueItem> = ["a", "b", "c", "d", "e"].map(item).into();
+    store.queue_push(q, &items).await.unwrap();
+    // Pushing again changes nothing but the payloads.
+    store.queue_push(q, &items[..2]).await.unwrap();
+    let counts = |waiting, leased| QueueCounts { waiting, leased };
+    assert_eq!(store.queue_counts(q).await.unwrap(), counts(5, 0));
+
+    // FIFO leases, with their payloads; leased items are hidden from the next lease.
+    let first = store
+        .queue_lease(q, 2, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(ids(&first), ["a", "b"]);
+    assert_eq!(first[0].payload, b"payload of a");
+    // A leased item pushed again stays leased (no duplicate).
+    store.queue_push(q, &items[..1]).await.unwrap();
+    assert_eq!(store.queue_counts(q).await.unwrap(), counts(3, 2));
+
+    // A short lease runs out: its item goes back to the head of the queue.
+    let short = store
+        .queue_lease(q, 1, Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(ids(&short), ["c"]);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(store.queue_counts(q).await.unwrap(), counts(3, 2));
+    let again = store
+        .queue_lease(q, 2, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(ids(&again), ["c", "d"]);
+
+    // Acks remove leased or waiting items, once.
+    assert!(store.queue_ack(q, "a").await.unwrap());
+    assert!(!store.queue_ack(q, "a").await.unwrap());
+    assert!(store.queue_ack(q, "e").await.unwrap());
+    assert!(!store.queue_ack("no-such-queue", "a").await.unwrap());
+    assert_eq!(store.queue_counts(q).await.unwrap(), counts(0, 3));
+
+    // Dropping the waiting items keeps leased ones (and takes back expired leases first).
+    store.queue_push(q, &[item("f"), item("g")]).await.unwrap();
+    let brief = store
+        .queue_lease(q, 1, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(ids(&brief), ["f"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.queue_drop_waiting(q).await.unwrap(), 2);
+    assert_eq!(store.queue_counts(q).await.unwrap(), counts(0, 3));
+    for id in ["b", "c", "d"] {
+        assert!(store.queue_ack(q, id).await.unwrap());
+    }
+    assert_eq!(store.queue_counts(q).await.unwrap(), counts(0, 0));
+    assert!(
+        store
+            .queue_lease(q, 5, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Concurrent workers never lease the same item twice.
+    let many: Vec<QueueItem> = (0..300).map(|i| item(&format!("i{i:03}"))).collect();
+    store.queue_push("many", &many).await.unwrap();
+    let mut workers = Vec::new();
+    for _ in 0..6 {
+        workers.push(async {
+            let mut got = Vec::new();
+            loop {
+                let leased = store
+                    .queue_lease("many", 7, Duration::from_secs(60))
+                    .await
+                    .unwrap();
+                if leased.is_empty() {
+                    return got;
+                }
+                got.extend(leased.into_iter().map(|i| i.id));
+            }
+        });
+    }
+    let mut all: Vec<String> = futures::future::join_all(workers).await.concat();
+    all.sort();
+    let expected: Vec<String> = many.iter().map(|i| i.id.clone()).collect();
+    assert_eq!(all, expected);
 }
 
 #[tokio::test]

@@ -1,13 +1,13 @@
 //! The embedded store: everything in this process, nothing to install.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-use super::{ApiKeyRecord, EVENT_BUFFER, Store, StoreError, StoreEvent};
+use super::{ApiKeyRecord, EVENT_BUFFER, QueueCounts, QueueItem, Store, StoreError, StoreEvent};
 
 #[derive(Default)]
 struct Inner {
@@ -15,6 +15,42 @@ struct Inner {
     key_ids_by_hash: HashMap<String, String>,
     kv: HashMap<String, (Vec<u8>, Option<Instant>)>,
     records: HashMap<String, HashMap<String, Vec<u8>>>,
+    queues: HashMap<String, Queue>,
+}
+
+/// A work queue: waiting items ordered by a sequence number (0 for items whose lease ran out,
+/// so they go first), leased ones with their deadline.
+#[derive(Default)]
+struct Queue {
+    next_seq: u64,
+    waiting: BTreeSet<(u64, String)>,
+    seq_of: HashMap<String, u64>,
+    leased: HashMap<String, Instant>,
+    payloads: HashMap<String, Vec<u8>>,
+}
+
+impl Queue {
+    /// Puts items whose lease ran out back at the head of the queue.
+    fn requeue_expired(&mut self, now: Instant) {
+        let expired: Vec<String> = self
+            .leased
+            .iter()
+            .filter(|(_, deadline)| **deadline <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            self.leased.remove(&id);
+            self.waiting.insert((0, id.clone()));
+            self.seq_of.insert(id, 0);
+        }
+    }
+
+    fn remove_waiting(&mut self, id: &str) -> bool {
+        match self.seq_of.remove(id) {
+            Some(seq) => self.waiting.remove(&(seq, id.to_owned())),
+            None => false,
+        }
+    }
 }
 
 pub struct MemoryStore {
@@ -198,6 +234,108 @@ impl Store for MemoryStore {
             records.remove(id);
         }
         Ok(())
+    }
+
+    async fn record_put_new(&self, kind: &str, id: &str, value: &[u8]) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let records = inner.records.entry(kind.to_owned()).or_default();
+        if records.contains_key(id) {
+            return Ok(false);
+        }
+        records.insert(id.to_owned(), value.to_vec());
+        Ok(true)
+    }
+
+    async fn record_count(&self, kind: &str) -> Result<u64, StoreError> {
+        Ok(self.lock().records.get(kind).map_or(0, |r| r.len() as u64))
+    }
+
+    async fn record_delete_kind(&self, kind: &str) -> Result<(), StoreError> {
+        self.lock().records.remove(kind);
+        Ok(())
+    }
+
+    async fn queue_push(&self, queue: &str, items: &[QueueItem]) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let queue = inner.queues.entry(queue.to_owned()).or_default();
+        for item in items {
+            queue.payloads.insert(item.id.clone(), item.payload.clone());
+            if queue.leased.contains_key(&item.id) || queue.seq_of.contains_key(&item.id) {
+                continue;
+            }
+            queue.next_seq += 1;
+            let seq = queue.next_seq;
+            queue.waiting.insert((seq, item.id.clone()));
+            queue.seq_of.insert(item.id.clone(), seq);
+        }
+        Ok(())
+    }
+
+    async fn queue_lease(
+        &self,
+        queue: &str,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<QueueItem>, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let Some(queue) = inner.queues.get_mut(queue) else {
+            return Ok(Vec::new());
+        };
+        queue.requeue_expired(now);
+        let mut leased = Vec::new();
+        while leased.len() < max {
+            let Some((_, id)) = queue.waiting.pop_first() else {
+                break;
+            };
+            queue.seq_of.remove(&id);
+            queue.leased.insert(id.clone(), now + lease);
+            let payload = queue.payloads.get(&id).cloned().unwrap_or_default();
+            leased.push(QueueItem { id, payload });
+        }
+        Ok(leased)
+    }
+
+    async fn queue_ack(&self, name: &str, id: &str) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let Some(queue) = inner.queues.get_mut(name) else {
+            return Ok(false);
+        };
+        let was_leased = queue.leased.remove(id).is_some();
+        let was_waiting = queue.remove_waiting(id);
+        queue.payloads.remove(id);
+        if queue.payloads.is_empty() && queue.leased.is_empty() && queue.waiting.is_empty() {
+            inner.queues.remove(name);
+        }
+        Ok(was_leased || was_waiting)
+    }
+
+    async fn queue_counts(&self, queue: &str) -> Result<QueueCounts, StoreError> {
+        let now = Instant::now();
+        let inner = self.lock();
+        let Some(queue) = inner.queues.get(queue) else {
+            return Ok(QueueCounts::default());
+        };
+        let expired = queue.leased.values().filter(|d| **d <= now).count() as u64;
+        Ok(QueueCounts {
+            waiting: queue.waiting.len() as u64 + expired,
+            leased: queue.leased.len() as u64 - expired,
+        })
+    }
+
+    async fn queue_drop_waiting(&self, queue: &str) -> Result<u64, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let Some(queue) = inner.queues.get_mut(queue) else {
+            return Ok(0);
+        };
+        queue.requeue_expired(now);
+        let dropped = std::mem::take(&mut queue.waiting);
+        for (_, id) in &dropped {
+            queue.seq_of.remove(id);
+            queue.payloads.remove(id);
+        }
+        Ok(dropped.len() as u64)
     }
 
     async fn publish(&self, event: &StoreEvent) -> Result<(), StoreError> {

@@ -68,8 +68,24 @@ pub enum StoreEvent {
     },
     /// A plugin slot's active version or canary changed: replicas reload that slot.
     PluginActivated { slot: String },
+    /// A batch's lines were queued: wake the rigs waiting for batch work of that model.
+    BatchQueued { model: String },
     /// The event stream had a gap (a reconnect): every cache must be dropped.
     Resync,
+}
+
+/// One item of a work queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueItem {
+    pub id: String,
+    pub payload: Vec<u8>,
+}
+
+/// The size of a work queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub waiting: u64,
+    pub leased: u64,
 }
 
 /// A store every gateway replica shares. Implementations are cheap to share (`Arc<dyn Store>`).
@@ -120,6 +136,33 @@ pub trait Store: Send + Sync + 'static {
     /// Every record of a kind, in no particular order.
     async fn record_list(&self, kind: &str) -> Result<Vec<Vec<u8>>, StoreError>;
     async fn record_delete(&self, kind: &str, id: &str) -> Result<(), StoreError>;
+
+    /// Inserts a record only if none has that id; true when this call inserted it. The first
+    /// writer wins, whichever replica it is on.
+    async fn record_put_new(&self, kind: &str, id: &str, value: &[u8]) -> Result<bool, StoreError>;
+    /// How many records of a kind there are.
+    async fn record_count(&self, kind: &str) -> Result<u64, StoreError>;
+    /// Deletes every record of a kind.
+    async fn record_delete_kind(&self, kind: &str) -> Result<(), StoreError>;
+
+    /// Work queues. Items wait in FIFO order until a worker leases them; a lease hides an item
+    /// until it is acknowledged (gone for good) or the lease runs out (back to the head of the
+    /// queue, for another worker). Pushing an id that is already queued replaces its payload.
+    async fn queue_push(&self, queue: &str, items: &[QueueItem]) -> Result<(), StoreError>;
+    /// Leases up to `max` items, oldest first (items whose lease ran out come first).
+    async fn queue_lease(
+        &self,
+        queue: &str,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<QueueItem>, StoreError>;
+    /// Removes an item, leased or waiting; true when it was there.
+    async fn queue_ack(&self, queue: &str, id: &str) -> Result<bool, StoreError>;
+    /// Items waiting (an item whose lease ran out counts as waiting) and leased.
+    async fn queue_counts(&self, queue: &str) -> Result<QueueCounts, StoreError>;
+    /// Removes every waiting item (leased ones stay until acknowledged or expired); returns how
+    /// many it removed.
+    async fn queue_drop_waiting(&self, queue: &str) -> Result<u64, StoreError>;
 
     /// Sends an event to every replica (this one included).
     async fn publish(&self, event: &StoreEvent) -> Result<(), StoreError>;

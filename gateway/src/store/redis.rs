@@ -2,8 +2,9 @@
 //!
 //! Layout (every key under `garage:`): `key:{id}` → JSON record, `keyhash:{hash}` → id,
 //! `keys` → sorted set of ids by creation time, `kv:{name}` → plugin state,
-//! `rec:{kind}` → hash of JSON records by id; events on the
-//! `garage:events` channel.
+//! `rec:{kind}` → hash of JSON records by id; work queues as `q:{name}:waiting` (sorted set by
+//! arrival), `q:{name}:leased` (sorted set by lease deadline, Unix ms by the server's clock),
+//! `q:{name}:items` (hash of payloads) and `q:{name}:seq`; events on the `garage:events` channel.
 
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
-use super::{ApiKeyRecord, EVENT_BUFFER, Store, StoreError, StoreEvent};
+use super::{ApiKeyRecord, EVENT_BUFFER, QueueCounts, QueueItem, Store, StoreError, StoreEvent};
 
 const EVENTS_CHANNEL: &str = "garage:events";
 
@@ -45,11 +46,91 @@ end
 return v
 ";
 
+/// Queues items not already there (waiting or leased); every payload is replaced.
+/// KEYS: waiting, leased, items, seq. ARGV: id, payload, id, payload...
+const QUEUE_PUSH: &str = r"
+for i = 1, #ARGV, 2 do
+  local id = ARGV[i]
+  redis.call('HSET', KEYS[3], id, ARGV[i + 1])
+  if not redis.call('ZSCORE', KEYS[2], id) and not redis.call('ZSCORE', KEYS[1], id) then
+    redis.call('ZADD', KEYS[1], redis.call('INCR', KEYS[4]), id)
+  end
+end
+return 1
+";
+
+/// The server's clock in Unix milliseconds, so that every replica agrees on lease deadlines.
+const NOW_MS: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+";
+
+/// Puts items whose lease ran out back at the head of the queue (score 0).
+const REQUEUE_EXPIRED: &str = r"
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+for _, id in ipairs(expired) do
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('ZADD', KEYS[1], 0, id)
+end
+";
+
+/// KEYS: waiting, leased, items. ARGV: max, lease ms. Returns id, payload, id, payload...
+const QUEUE_LEASE: &str = r"
+local popped = redis.call('ZPOPMIN', KEYS[1], ARGV[1])
+local out = {}
+for i = 1, #popped, 2 do
+  local id = popped[i]
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), id)
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGET', KEYS[3], id) or ''
+end
+return out
+";
+
+/// KEYS: waiting, leased, items, seq. ARGV: id. Returns 1 when the item was there.
+const QUEUE_ACK: &str = r"
+local found = redis.call('ZREM', KEYS[2], ARGV[1]) + redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+if redis.call('HLEN', KEYS[3]) == 0 then
+  redis.call('DEL', KEYS[4])
+end
+if found > 0 then return 1 else return 0 end
+";
+
+/// KEYS: waiting, leased. Returns {waiting, leased}, an expired lease counting as waiting.
+const QUEUE_COUNTS: &str = r"
+local expired = redis.call('ZCOUNT', KEYS[2], '-inf', now)
+return {redis.call('ZCARD', KEYS[1]) + expired, redis.call('ZCARD', KEYS[2]) - expired}
+";
+
+/// KEYS: waiting, leased, items. Returns how many waiting items it removed.
+const QUEUE_DROP_WAITING: &str = r"
+local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+for _, id in ipairs(ids) do
+  redis.call('HDEL', KEYS[3], id)
+end
+redis.call('DEL', KEYS[1])
+return #ids
+";
+
+/// A queue's keys: waiting, leased, items, seq.
+fn queue_keys(name: &str) -> [String; 4] {
+    ["waiting", "leased", "items", "seq"].map(|part| format!("garage:q:{name}:{part}"))
+}
+
+/// Pushes go in chunks: one script call stays short, so other clients are not held up.
+const PUSH_CHUNK: usize = 500;
+
 pub struct RedisStore {
     conn: ConnectionManager,
     events: broadcast::Sender<StoreEvent>,
     incr_script: redis::Script,
     reserve_script: redis::Script,
+    queue_push: redis::Script,
+    queue_lease: redis::Script,
+    queue_ack: redis::Script,
+    queue_counts: redis::Script,
+    queue_drop_waiting: redis::Script,
     subscriber: JoinHandle<()>,
 }
 
@@ -92,6 +173,13 @@ impl RedisStore {
             events,
             incr_script: redis::Script::new(INCR_WITH_TTL),
             reserve_script: redis::Script::new(RESERVE_WITH_TTL),
+            queue_push: redis::Script::new(QUEUE_PUSH),
+            queue_lease: redis::Script::new(&format!("{NOW_MS}{REQUEUE_EXPIRED}{QUEUE_LEASE}")),
+            queue_ack: redis::Script::new(QUEUE_ACK),
+            queue_counts: redis::Script::new(&format!("{NOW_MS}{QUEUE_COUNTS}")),
+            queue_drop_waiting: redis::Script::new(&format!(
+                "{NOW_MS}{REQUEUE_EXPIRED}{QUEUE_DROP_WAITING}"
+            )),
             subscriber,
         })
     }
@@ -272,6 +360,97 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         let _: () = conn.hdel(record_key(kind), id).await?;
         Ok(())
+    }
+
+    async fn record_put_new(&self, kind: &str, id: &str, value: &[u8]) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.hset_nx(record_key(kind), id, value).await?)
+    }
+
+    async fn record_count(&self, kind: &str) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.hlen(record_key(kind)).await?)
+    }
+
+    async fn record_delete_kind(&self, kind: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn.del(record_key(kind)).await?;
+        Ok(())
+    }
+
+    async fn queue_push(&self, queue: &str, items: &[QueueItem]) -> Result<(), StoreError> {
+        let keys = queue_keys(queue);
+        let mut conn = self.conn.clone();
+        for chunk in items.chunks(PUSH_CHUNK) {
+            let mut call = self.queue_push.prepare_invoke();
+            call.key(&keys[..]);
+            for item in chunk {
+                call.arg(&item.id).arg(&item.payload[..]);
+            }
+            let _: i64 = call.invoke_async(&mut conn).await?;
+        }
+        Ok(())
+    }
+
+    async fn queue_lease(
+        &self,
+        queue: &str,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<QueueItem>, StoreError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let keys = queue_keys(queue);
+        let mut conn = self.conn.clone();
+        let flat: Vec<Vec<u8>> = self
+            .queue_lease
+            .key(&keys[..3])
+            .arg(max)
+            .arg(lease.as_millis().max(1) as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        let mut items = Vec::with_capacity(flat.len() / 2);
+        let mut flat = flat.into_iter();
+        while let (Some(id), Some(payload)) = (flat.next(), flat.next()) {
+            let id = String::from_utf8(id)
+                .map_err(|_| StoreError::Corrupt(format!("queue {queue}: id is not UTF-8")))?;
+            items.push(QueueItem { id, payload });
+        }
+        Ok(items)
+    }
+
+    async fn queue_ack(&self, queue: &str, id: &str) -> Result<bool, StoreError> {
+        let keys = queue_keys(queue);
+        let mut conn = self.conn.clone();
+        let found: i64 = self
+            .queue_ack
+            .key(&keys[..])
+            .arg(id)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(found == 1)
+    }
+
+    async fn queue_counts(&self, queue: &str) -> Result<QueueCounts, StoreError> {
+        let keys = queue_keys(queue);
+        let mut conn = self.conn.clone();
+        let (waiting, leased): (u64, u64) = self
+            .queue_counts
+            .key(&keys[..2])
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(QueueCounts { waiting, leased })
+    }
+
+    async fn queue_drop_waiting(&self, queue: &str) -> Result<u64, StoreError> {
+        let keys = queue_keys(queue);
+        let mut conn = self.conn.clone();
+        Ok(self
+            .queue_drop_waiting
+            .key(&keys[..3])
+            .invoke_async(&mut conn)
+            .await?)
     }
 
     async fn publish(&self, event: &StoreEvent) -> Result<(), StoreError> {
