@@ -15,7 +15,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::{admin, node_api, openai, plugins_api, usage_api};
+use crate::{admin, batch_api, node_api, openai, plugins_api, usage_api};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -80,12 +80,21 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .layer(DefaultBodyLimit::max(
             state.config.plugins.max_component_bytes,
         ));
+    // Batch input files are bigger than chat requests: the upload gets `batch.max_file_bytes`.
+    let files = OpenApiRouter::new()
+        .routes(routes!(batch_api::upload_file, batch_api::list_files))
+        .layer(DefaultBodyLimit::max(state.config.batch.max_file_bytes));
     let (router, spec) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(openai::chat_completions))
         .routes(routes!(openai::completions))
         .routes(routes!(openai::embeddings))
         .routes(routes!(openai::list_models))
         .routes(routes!(openai::get_model))
+        .routes(routes!(batch_api::get_file, batch_api::delete_file))
+        .routes(routes!(batch_api::file_content))
+        .routes(routes!(batch_api::create_batch, batch_api::list_batches))
+        .routes(routes!(batch_api::get_batch))
+        .routes(routes!(batch_api::cancel_batch))
         .routes(routes!(usage_api::own_usage))
         .routes(routes!(health))
         .routes(routes!(ready))
@@ -95,8 +104,11 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(node_api::connect))
         .routes(routes!(node_api::heartbeat))
         .routes(routes!(node_api::deregister))
+        .routes(routes!(batch_api::lease))
+        .routes(routes!(batch_api::results))
         .merge(admin)
         .merge(uploads)
+        .merge(files)
         .with_state(state)
         .split_for_parts();
     (router, spec)

@@ -34,6 +34,12 @@ pub const ENV_FIELDS: &[&str] = &[
     "nodes.missed_heartbeats",
     "nodes.enrollment_token_ttl_secs",
     "nodes.report_interval_secs",
+    "batch.max_file_bytes",
+    "batch.max_requests",
+    "batch.lease_secs",
+    "batch.max_lease",
+    "batch.max_wait_ms",
+    "batch.sweep_interval_ms",
     "plugins.fault_threshold",
     "plugins.fault_window_secs",
     "plugins.rate_limiter_fail_open",
@@ -95,6 +101,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub dispatch: DispatchConfig,
     pub nodes: NodesConfig,
+    /// The Batch API: files, queues and leases.
+    pub batch: BatchConfig,
     /// Install the default policy plugins into slots that were never configured (least-loaded
     /// router, token-bucket rate limiter, price-table meter, points reward).
     pub default_plugins: bool,
@@ -182,6 +190,40 @@ impl NodesConfig {
     }
 }
 
+/// The Batch API.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Largest file `POST /v1/files` accepts, in bytes.
+    pub max_file_bytes: usize,
+    /// Most requests in one batch.
+    pub max_requests: usize,
+    /// How long a rig has to answer a line it leased before the line goes to another rig.
+    pub lease_secs: u64,
+    /// Most lines one rig may lease at once.
+    pub max_lease: u32,
+    /// Longest a rig's request for work is held open waiting for some (a long poll).
+    pub max_wait_ms: u64,
+    /// How often each replica looks for batches to finish (cancelled, expired, or whose last
+    /// answer arrived while a replica crashed).
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            // OpenAI's limits: 200 MB and 50,000 requests per batch.
+            max_file_bytes: 200 * 1024 * 1024,
+            max_requests: 50_000,
+            // Long enough for a long generation on a slow rig; a dead rig's lines wait this long.
+            lease_secs: 600,
+            max_lease: 64,
+            max_wait_ms: 20_000,
+            sweep_interval_ms: 2_000,
+        }
+    }
+}
+
 /// A static OpenAI-compatible backend.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -218,6 +260,7 @@ impl Default for Config {
             },
             dispatch: DispatchConfig::default(),
             nodes: NodesConfig::default(),
+            batch: BatchConfig::default(),
             default_plugins: true,
             plugins: crate::plugins::PluginsConfig::default(),
             upstreams: Vec::new(),

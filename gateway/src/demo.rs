@@ -92,6 +92,7 @@ impl Demo {
                     drain_timeout: Duration::from_secs(10),
                     http: Some(http.clone()),
                     probe_gpus: false,
+                    batch: garage_node_runner::batch::BatchOptions::default(),
                 },
                 engines,
             )

@@ -7,6 +7,8 @@ pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod backends;
+pub mod batch;
+pub mod batch_api;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{KeyAuth, KeyHasher, random_token, unix_now};
 use crate::backends::Backends;
+use crate::batch::Batches;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::nodes::Nodes;
@@ -79,6 +80,13 @@ impl Gateway {
         );
         let http = http_client(&config);
         let usage = Usage::new(store.clone());
+        let batches = Batches::new(
+            store.clone(),
+            nodes.clone(),
+            usage.clone(),
+            config.batch.clone(),
+        );
+        let sweep_interval = Duration::from_millis(config.batch.sweep_interval_ms.max(100));
         let plugins = PluginHost::new(store.clone(), config.plugins.clone()).await?;
         if config.default_plugins {
             install_defaults(&plugins).await?;
@@ -104,6 +112,7 @@ impl Gateway {
             backends: backends.clone(),
             nodes: nodes.clone(),
             usage: usage.clone(),
+            batches: batches.clone(),
             plugins: plugins.clone(),
             policy: Policy::default(),
             http: http.clone(),
@@ -117,6 +126,8 @@ impl Gateway {
             tokio::spawn(backends.run_health_checks(http, health_interval)),
             tokio::spawn(nodes.clone().watch_heartbeats()),
             tokio::spawn(nodes.clone().follow_events()),
+            tokio::spawn(batches.clone().watch_events()),
+            tokio::spawn(batches.clone().run_sweeper(sweep_interval)),
             tokio::spawn(report_rigs(
                 nodes.clone(),
                 plugins.clone(),
@@ -172,6 +183,8 @@ impl Gateway {
     /// Returns false when the grace period ran out with requests still open.
     pub async fn shutdown(self, grace: Duration) -> bool {
         self.shutdown.cancel();
+        // Rigs waiting for batch work get their (empty) answer now, not at the end of the wait.
+        self.state.batches.stop();
         let finished = tokio::time::timeout(grace, self.server).await.is_ok();
         // Client requests are done (or out of time): now the rigs' tunnels can close.
         self.state.nodes.close_all();

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::auth::KeyAuth;
 use crate::backends::Backends;
+use crate::batch::Batches;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::nodes::Nodes;
@@ -24,6 +25,7 @@ pub struct Inner {
     pub backends: Arc<Backends>,
     pub nodes: Arc<Nodes>,
     pub usage: Arc<Usage>,
+    pub batches: Arc<Batches>,
     pub plugins: Arc<PluginHost>,
     pub policy: Policy,
     /// Connection pool to backends; outside anything swappable so connections survive swaps.

@@ -4,7 +4,7 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -28,17 +28,17 @@ async fn wait_routable(base: &str, n: usize) {
     .await;
 }
 
-/// `node-runner run` as a real process, killed on drop.
-struct NodeRunner {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl NodeRunner {
-    fn start(dir: &Path, base: &str, token: &str, engine_port: u16, tokens_per_sec: u32) -> Self {
-        let sim_engine = workspace_binary("sim-engine");
-        let config = format!(
-            r#"gateway_url = "{base}"
+/// `node-runner run` with the process driver running `sim-engine` on `engine_port`.
+fn process_rig(
+    dir: &Path,
+    base: &str,
+    token: &str,
+    engine_port: u16,
+    tokens_per_sec: u32,
+) -> NodeRunner {
+    let sim_engine = workspace_binary("sim-engine");
+    let config = format!(
+        r#"gateway_url = "{base}"
 enrollment_token = "{token}"
 name = "garage-pc"
 state_file = "{state}"
@@ -51,59 +51,10 @@ port = {engine_port}
 driver = "process"
 command = ["{sim}", "--listen", "127.0.0.1:{{port}}", "--model", "{MODEL}", "--tokens-per-sec", "{tokens_per_sec}"]
 "#,
-            state = dir.join("state.json").display(),
-            sim = sim_engine.display(),
-        );
-        let config_path = dir.join("node-runner.toml");
-        std::fs::write(&config_path, config).expect("config written");
-        let log = dir.join("node-runner.log");
-        let log_file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(workspace_binary("node-runner"))
-            .arg("run")
-            .arg("--config")
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("node-runner starts");
-        NodeRunner { child, log }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits for the process to exit; its exit code.
-    async fn wait_exit(&mut self, bound: Duration) -> Option<i32> {
-        let deadline = std::time::Instant::now() + bound;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "node-runner did not exit:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for NodeRunner {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        state = dir.join("state.json").display(),
+        sim = sim_engine.display(),
+    );
+    NodeRunner::start(dir, &config)
 }
 
 /// The pid of the process whose command line mentions `needle` (the engine on its port).
@@ -139,7 +90,7 @@ async fn node_runner_serves_survives_its_engine_dying_and_drains_on_sigterm() {
     let token = enrollment_token(&base, 1).await;
     let dir = tempfile::tempdir().unwrap();
     let engine_port = free_port();
-    let mut rig = NodeRunner::start(dir.path(), &base, &token, engine_port, 20);
+    let mut rig = process_rig(dir.path(), &base, &token, engine_port, 20);
 
     wait_until(Duration::from_secs(30), "the rig in routing", || async {
         routable_rigs(&base).await == 1
@@ -232,7 +183,7 @@ async fn a_rig_dying_mid_stream_ends_that_stream_and_others_take_over() {
     let (_, key) = create_key(&base, json!({"name": "t"})).await;
     let token = enrollment_token(&base, 2).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut doomed = NodeRunner::start(dir.path(), &base, &token, free_port(), 5);
+    let mut doomed = process_rig(dir.path(), &base, &token, free_port(), 5);
     wait_routable(&base, 1).await;
 
     let response = stream_body(&base, &key, 50).await;

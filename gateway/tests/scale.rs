@@ -41,6 +41,11 @@ async fn two_hundred_rigs_join_and_share_the_traffic() {
                         drain_timeout: Duration::from_secs(5),
                         http: Some(http),
                         probe_gpus: false,
+                        // 200 idle long polls would only add noise to the numbers.
+                        batch: garage_node_runner::batch::BatchOptions {
+                            enabled: false,
+                            ..Default::default()
+                        },
                     },
                     engines,
                 )

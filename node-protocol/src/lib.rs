@@ -8,6 +8,10 @@
 //!    the server and answers them from its engines. The rig dialled out, so no port is forwarded.
 //! 3. **Heartbeat** (every few seconds): `POST /node/v1/heartbeat` with GPU and engine stats.
 //! 4. **Deregister** (on shutdown): `POST /node/v1/deregister`: take no more requests.
+//! 5. **Batch work** (pulled, while the rig has spare capacity): `POST /node/v1/batch/lease`
+//!    long-polls for lines of Batch API jobs; the rig runs them on its engines and sends what
+//!    they answered to `POST /node/v1/batch/results`. A line whose lease runs out before its
+//!    result arrives goes back to the queue for another rig.
 #![deny(missing_docs)]
 
 use serde::{Deserialize, Serialize};
@@ -20,6 +24,10 @@ pub const CONNECT_PATH: &str = "/node/v1/connect";
 pub const HEARTBEAT_PATH: &str = "/node/v1/heartbeat";
 /// Deregistration endpoint on the gateway.
 pub const DEREGISTER_PATH: &str = "/node/v1/deregister";
+/// Batch work lease endpoint on the gateway.
+pub const BATCH_LEASE_PATH: &str = "/node/v1/batch/lease";
+/// Batch results endpoint on the gateway.
+pub const BATCH_RESULTS_PATH: &str = "/node/v1/batch/results";
 /// The `Upgrade` protocol token of the tunnel.
 pub const TUNNEL_PROTOCOL: &str = "garage-tunnel/1";
 /// Authority the gateway puts in requests sent through a tunnel (HTTP/2 needs one; the rig
@@ -188,4 +196,85 @@ mod tests {
         let json = serde_json::to_string(&heartbeat).unwrap();
         assert_eq!(serde_json::from_str::<Heartbeat>(&json).unwrap(), heartbeat);
     }
+}
+
+/// `POST /node/v1/batch/lease` body: the rig asks for batch lines it can run now.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BatchLeaseRequest {
+    /// Models the rig's healthy engines serve.
+    pub models: Vec<String>,
+    /// Most lines wanted (the rig's free batch slots).
+    pub max: u32,
+    /// How long the gateway may hold the request open waiting for work, in milliseconds (a
+    /// long poll); 0 answers at once.
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+/// One batch line to run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BatchWorkItem {
+    /// The batch it belongs to.
+    pub batch_id: String,
+    /// The model of the line (its queue).
+    pub model: String,
+    /// The line's number in the batch's input file (1-based).
+    pub line: u64,
+    /// The OpenAI endpoint to call on the engine, e.g. `/v1/chat/completions`.
+    pub url: String,
+    /// The request body, as the input file gave it.
+    pub body: serde_json::Value,
+}
+
+/// `POST /node/v1/batch/lease` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BatchLease {
+    /// Lines leased to this rig, possibly none (the wait ran out).
+    pub items: Vec<BatchWorkItem>,
+    /// How long the rig has to send each line's result, in seconds, before the line goes to
+    /// another rig.
+    pub lease_secs: u64,
+}
+
+/// What the engine answered to one batch line.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BatchLineResult {
+    /// The batch it belongs to.
+    pub batch_id: String,
+    /// The model of the line (its queue).
+    pub model: String,
+    /// The line's number in the input file.
+    pub line: u64,
+    /// The engine's HTTP status.
+    pub status_code: u16,
+    /// The engine's response body (an OpenAI error object for a failure).
+    pub body: serde_json::Value,
+    /// How long the engine took, in milliseconds.
+    #[serde(default)]
+    pub latency_ms: u64,
+}
+
+/// `POST /node/v1/batch/results` body.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BatchResults {
+    /// Results, in any order.
+    pub results: Vec<BatchLineResult>,
+}
+
+/// `POST /node/v1/batch/results` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct BatchResultsAck {
+    /// Results recorded now.
+    pub accepted: u32,
+    /// Results for lines that already had one (another rig answered first, or the batch
+    /// ended): dropped.
+    pub ignored: u32,
 }

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::batch::BatchOptions;
 use crate::engines::EngineSet;
 use crate::gpu::Gpus;
 
@@ -69,6 +70,8 @@ pub struct AgentOptions {
     pub http: Option<reqwest::Client>,
     /// Read GPUs through NVML. Off for simulated rigs, which have none.
     pub probe_gpus: bool,
+    /// Pulling Batch API work.
+    pub batch: BatchOptions,
 }
 
 /// Things every task of the agent shares.
@@ -93,8 +96,10 @@ pub struct Agent {
     shared: Arc<Shared>,
     stop_heartbeats: CancellationToken,
     stop_tunnel: CancellationToken,
+    stop_batch: CancellationToken,
     heartbeats: JoinHandle<()>,
     tunnel: JoinHandle<()>,
+    batch: Option<JoinHandle<()>>,
     drain_timeout: Duration,
 }
 
@@ -245,12 +250,31 @@ impl Agent {
             stop_tunnel.clone(),
             options.drain_timeout,
         ));
+        let stop_batch = CancellationToken::new();
+        let batch = options.batch.enabled.then(|| {
+            let context = Arc::new(crate::batch::Context {
+                gateway_url: shared.identity.gateway_url.clone(),
+                credential: shared.identity.credential.clone(),
+                http: shared.http.clone(),
+                local: shared.local.clone(),
+                engines: Arc::clone(&shared.engines),
+                revoked: shared.revoked.clone(),
+            });
+            tokio::spawn(crate::batch::run(
+                context,
+                options.batch.clone(),
+                stop_batch.clone(),
+                options.drain_timeout,
+            ))
+        });
         Ok(Agent {
             shared,
             stop_heartbeats,
             stop_tunnel,
+            stop_batch,
             heartbeats,
             tunnel,
+            batch,
             drain_timeout: options.drain_timeout,
         })
     }
@@ -286,7 +310,12 @@ impl Agent {
             Ok(r) => tracing::warn!(status = r.status().as_u16(), "deregistration refused"),
             Err(err) => tracing::warn!(error = %err, "cannot deregister; draining anyway"),
         }
+        // No new batch lines; the running ones finish alongside the interactive requests.
+        self.stop_batch.cancel();
         self.stop_tunnel.cancel();
+        if let Some(batch) = self.batch {
+            let _ = tokio::time::timeout(self.drain_timeout + Duration::from_secs(11), batch).await;
+        }
         if tokio::time::timeout(self.drain_timeout + Duration::from_secs(1), self.tunnel)
             .await
             .is_err()

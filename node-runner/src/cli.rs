@@ -105,6 +105,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     drain_timeout: Duration::from_secs(config.drain_timeout_secs),
                     http: None,
                     probe_gpus: true,
+                    batch: config.batch.options(),
                 },
                 engines,
             )
@@ -151,6 +152,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         drain_timeout: Duration::from_secs(10),
                         http: Some(http.clone()),
                         probe_gpus: false,
+                        batch: crate::batch::BatchOptions::default(),
                     },
                     engines,
                 )

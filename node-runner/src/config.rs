@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
@@ -70,6 +71,48 @@ pub struct NodeConfig {
     /// The engines this rig runs (`[[engines]]` tables).
     #[serde(default)]
     pub engines: Vec<EngineConfig>,
+    /// Batch API work (`[batch]`).
+    #[serde(default)]
+    pub batch: BatchConfig,
+}
+
+/// How the rig takes Batch API work: only while its engines have room, so interactive requests
+/// come first.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Pull batch work at all.
+    pub enabled: bool,
+    /// Most batch lines running at once on this rig. Keep it well under the engines'
+    /// `max_num_seqs` so that interactive requests always find a free sequence.
+    pub max_concurrency: usize,
+    /// Take batch work only while no engine has more requests than this waiting.
+    pub max_waiting: u32,
+    /// How long one request for work may wait at the gateway, in seconds (a long poll).
+    pub poll_wait_secs: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        let options = crate::batch::BatchOptions::default();
+        BatchConfig {
+            enabled: options.enabled,
+            max_concurrency: options.max_concurrency,
+            max_waiting: options.max_waiting,
+            poll_wait_secs: options.poll_wait.as_secs(),
+        }
+    }
+}
+
+impl BatchConfig {
+    pub fn options(&self) -> crate::batch::BatchOptions {
+        crate::batch::BatchOptions {
+            enabled: self.enabled,
+            max_concurrency: self.max_concurrency.max(1),
+            max_waiting: self.max_waiting,
+            poll_wait: Duration::from_secs(self.poll_wait_secs.max(1)),
+        }
+    }
 }
 
 /// One engine: a server speaking vLLM's OpenAI API on `127.0.0.1:port`.

@@ -1,7 +1,9 @@
 //! `node-runner`: the agent a rig owner runs beside their GPUs. It enrolls with a gateway, keeps
-//! an outbound tunnel open to it, supervises the rig's engines and reports heartbeats.
+//! an outbound tunnel open to it, supervises the rig's engines and reports heartbeats; when the
+//! engines have room, it pulls Batch API work.
 
 pub mod agent;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod engines;

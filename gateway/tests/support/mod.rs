@@ -272,6 +272,7 @@ pub fn rig_options(base: &str, name: &str, token: &str) -> garage_node_runner::a
         drain_timeout: Duration::from_secs(10),
         http: None,
         probe_gpus: false,
+        batch: garage_node_runner::batch::BatchOptions::default(),
     }
 }
 
@@ -287,4 +288,66 @@ pub async fn sim_rig(
     garage_node_runner::agent::Agent::start(options, engines)
         .await
         .expect("rig joins")
+}
+
+/// `node-runner run` as a real process with the given config, killed on drop.
+pub struct NodeRunner {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl NodeRunner {
+    /// Writes `config` to `dir/node-runner.toml` and starts the binary on it; its log goes to
+    /// `dir/node-runner.log`.
+    pub fn start(dir: &std::path::Path, config: &str) -> Self {
+        let config_path = dir.join("node-runner.toml");
+        std::fs::write(&config_path, config).expect("config written");
+        let log = dir.join("node-runner.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(workspace_binary("node-runner"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("node-runner starts");
+        NodeRunner { child, log }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit; its exit code.
+    pub async fn wait_exit(&mut self, bound: Duration) -> Option<i32> {
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node-runner did not exit:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for NodeRunner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -169,6 +169,31 @@ impl EngineSet {
         Some(format!("http://127.0.0.1:{}", idle[turn]))
     }
 
+    /// Models served by healthy engines, sorted, without repeats.
+    pub fn healthy_models(&self) -> Vec<String> {
+        let mut models: Vec<String> = self
+            .engines
+            .iter()
+            .filter(|engine| engine.live.borrow().state == EngineState::Healthy)
+            .flat_map(|engine| engine.models.iter().cloned())
+            .collect();
+        models.sort();
+        models.dedup();
+        models
+    }
+
+    /// Whether a healthy engine has more than `max_waiting` requests queued (last scrape): it
+    /// is full, and batch work should wait.
+    pub fn busy(&self, max_waiting: u32) -> bool {
+        self.engines.iter().any(|engine| {
+            let live = engine.live.borrow();
+            live.state == EngineState::Healthy
+                && live
+                    .stats
+                    .is_some_and(|s| s.requests_waiting > f64::from(max_waiting))
+        })
+    }
+
     /// Whether any engine is healthy (the rig can take some request).
     pub fn serves_any(&self) -> bool {
         self.engines
