@@ -60,8 +60,9 @@ fn counter(batch_id: &str, name: &str) -> String {
     format!("batch_count:{batch_id}:{name}")
 }
 
+/// Ids that sort by creation time (UUIDv7), so listings are newest first even within a second.
 fn new_id(prefix: &str) -> String {
-    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+    format!("{prefix}{}", uuid::Uuid::now_v7().simple())
 }
 
 fn corrupt(err: serde_json::Error) -> StoreError {
@@ -606,7 +607,7 @@ impl Batches {
             .filter(|f| f.owner == owner && purpose.is_none_or(|p| f.file.purpose == p))
             .map(|f| f.file)
             .collect();
-        files.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
+        files.sort_by(|a, b| b.id.cmp(&a.id));
         let (data, has_more) = page(files, |f| &f.id, after, limit);
         Ok(FileList {
             object: "list".into(),
@@ -829,9 +830,7 @@ impl Batches {
             .filter_map(|bytes| serde_json::from_slice::<StoredBatch>(bytes).ok())
             .filter(|b| b.owner == owner)
             .collect();
-        all.sort_by(|a, b| {
-            (b.batch.created_at, &b.batch.id).cmp(&(a.batch.created_at, &a.batch.id))
-        });
+        all.sort_by(|a, b| b.batch.id.cmp(&a.batch.id));
         let (page, has_more) = page(all, |b| &b.batch.id, after, limit);
         let mut data = Vec::with_capacity(page.len());
         for stored in page {

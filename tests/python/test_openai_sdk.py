@@ -529,3 +529,144 @@ def test_key_restricted_to_models(gateway_url: str, admin: httpx.Client, respons
     finally:
         sdk.close()
         admin.delete(f"/admin/keys/{created.json()['id']}")
+
+
+# --- batch API (files and batches, run by the demo's rigs) -----------------------------------------
+
+
+def _batch_lines(n: int, endpoint: str = "/v1/chat/completions") -> bytes:
+    import json
+
+    lines = []
+    for i in range(n):
+        if endpoint == "/v1/embeddings":
+            body = {"model": EMBEDDING_MODEL, "input": f"text number {i}"}
+        else:
+            body = {"model": CHAT_MODEL, "messages": MESSAGES, "max_tokens": 5}
+        lines.append(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": endpoint, "body": body}))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _wait_for_batch(client: openai.OpenAI, batch_id: str, bound_s: float = 60.0):
+    deadline = time.monotonic() + bound_s
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "expired", "cancelled"):
+            return batch
+        if time.monotonic() > deadline:
+            pytest.fail(f"batch {batch_id} still {batch.status} after {bound_s:.0f} s: {batch}")
+        time.sleep(0.1)
+
+
+def test_batch_end_to_end(client: openai.OpenAI):
+    import json
+
+    uploaded = client.files.create(file=("requests.jsonl", _batch_lines(25)), purpose="batch")
+    assert uploaded.object == "file" and uploaded.purpose == "batch"
+    assert client.files.retrieve(uploaded.id).bytes == uploaded.bytes
+
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"suite": "pytest"},
+    )
+    assert batch.object == "batch"
+    assert batch.status in ("validating", "in_progress")
+    assert batch.request_counts.total == 25
+
+    done = _wait_for_batch(client, batch.id)
+    assert done.status == "completed", done
+    assert (done.request_counts.completed, done.request_counts.failed) == (25, 0)
+    assert done.metadata == {"suite": "pytest"}
+    assert done.error_file_id is None
+
+    output = client.files.content(done.output_file_id).text
+    lines = [json.loads(line) for line in output.splitlines()]
+    assert [line["custom_id"] for line in lines] == [f"req-{i}" for i in range(25)]
+    for line in lines:
+        assert line["response"]["status_code"] == 200
+        assert line["response"]["body"]["choices"][0]["message"]["content"]
+        assert line["error"] is None
+
+    # The SDK's auto-pagination walks the list with `after`.
+    second = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    ids = [b.id for b in client.batches.list(limit=1)]
+    assert ids.index(second.id) < ids.index(batch.id)
+    _wait_for_batch(client, second.id)
+
+    # Finished batches cannot be cancelled.
+    with pytest.raises(openai.BadRequestError):
+        client.batches.cancel(batch.id)
+
+    deleted = client.files.delete(uploaded.id)
+    assert deleted.deleted and deleted.id == uploaded.id
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(uploaded.id)
+
+
+def test_batch_of_embeddings(client: openai.OpenAI):
+    import json
+
+    uploaded = client.files.create(
+        file=("embed.jsonl", _batch_lines(5, "/v1/embeddings")), purpose="batch"
+    )
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h"
+    )
+    done = _wait_for_batch(client, batch.id)
+    assert done.request_counts.completed == 5, done
+    for line in client.files.content(done.output_file_id).text.splitlines():
+        assert json.loads(line)["response"]["body"]["data"][0]["embedding"]
+
+
+def test_batch_with_bad_lines_fails_with_line_errors(client: openai.OpenAI):
+    content = _batch_lines(2) + b"{oops\n" + _batch_lines(1)  # the third line, and a repeated id
+    uploaded = client.files.create(file=("bad.jsonl", content), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    failed = client.batches.retrieve(batch.id)
+    assert failed.status == "failed"
+    errors = [(e.line, e.code) for e in failed.errors.data]
+    assert errors == [(3, "invalid_json_line"), (4, "duplicate_custom_id")]
+    assert all(e.message for e in failed.errors.data)
+
+
+def test_batch_bad_requests_are_openai_errors(client: openai.OpenAI):
+    uploaded = client.files.create(file=("ok.jsonl", _batch_lines(1)), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as err:
+        client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/images/generations", completion_window="24h"
+        )
+    assert err.value.param == "endpoint"
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(
+            input_file_id="file-missing", endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("x.jsonl", b"{}"), purpose="fine-tune")
+    assert err.value.param == "purpose"
+
+
+def test_batches_and_files_belong_to_their_key(
+    client: openai.OpenAI, gateway_url: str, admin: httpx.Client, responses: ResponseLog
+):
+    uploaded = client.files.create(file=("mine.jsonl", _batch_lines(2)), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    created = admin.post("/admin/keys", json={"name": "pytest-batch-other"})
+    assert created.status_code == 201, created.text
+    other = make_client(gateway_url, created.json()["key"], responses)
+    with pytest.raises(openai.NotFoundError):
+        other.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        other.files.retrieve(uploaded.id)
+    with pytest.raises(openai.NotFoundError):
+        other.files.content(uploaded.id)
+    assert batch.id not in [b.id for b in other.batches.list()]
+    other.close()
+    _wait_for_batch(client, batch.id)
