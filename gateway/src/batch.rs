@@ -120,6 +120,20 @@ pub enum BatchStatus {
 }
 
 impl BatchStatus {
+    /// The name OpenAI gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            BatchStatus::Validating => "validating",
+            BatchStatus::Failed => "failed",
+            BatchStatus::InProgress => "in_progress",
+            BatchStatus::Finalizing => "finalizing",
+            BatchStatus::Completed => "completed",
+            BatchStatus::Expired => "expired",
+            BatchStatus::Cancelling => "cancelling",
+            BatchStatus::Cancelled => "cancelled",
+        }
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
@@ -470,6 +484,55 @@ pub struct Batches {
     queued: tokio::sync::Notify,
     /// Cancelled at shutdown: rigs waiting for work get their answer at once.
     stopping: tokio_util::sync::CancellationToken,
+    metrics: BatchMetrics,
+}
+
+/// Prometheus metrics of the Batch API.
+#[derive(Clone)]
+pub struct BatchMetrics {
+    /// Lines handed to rigs (a line leased again after a lost lease counts again).
+    pub leased: prometheus::IntCounter,
+    /// Answers from rigs by outcome: `completed`, `failed` (an error status), `ignored` (the
+    /// line already had an answer, or its batch ended).
+    pub answers: prometheus::IntCounterVec,
+    /// Batches that ended, by final status.
+    pub finished: prometheus::IntCounterVec,
+}
+
+impl BatchMetrics {
+    fn new() -> Self {
+        BatchMetrics {
+            leased: prometheus::IntCounter::new(
+                "garage_batch_lines_leased_total",
+                "Batch lines handed to rigs",
+            )
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+            answers: prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "garage_batch_answers_total",
+                    "Batch line answers from rigs by outcome (completed, failed, ignored)",
+                ),
+                &["outcome"],
+            )
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+            finished: prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "garage_batches_finished_total",
+                    "Batches that ended, by status",
+                ),
+                &["status"],
+            )
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+        }
+    }
+
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.leased.clone()),
+            Box::new(self.answers.clone()),
+            Box::new(self.finished.clone()),
+        ]
+    }
 }
 
 impl Batches {
@@ -486,7 +549,12 @@ impl Batches {
             config,
             queued: tokio::sync::Notify::new(),
             stopping: tokio_util::sync::CancellationToken::new(),
+            metrics: BatchMetrics::new(),
         })
+    }
+
+    pub fn metrics(&self) -> &BatchMetrics {
+        &self.metrics
     }
 
     /// Ends every wait for work (the gateway is shutting down).
@@ -854,13 +922,7 @@ impl Batches {
             BatchStatus::Cancelling => return Ok(self.view(stored).await?),
             status => {
                 return Err(ApiError::bad_request(
-                    format!(
-                        "A batch that is {} cannot be cancelled.",
-                        serde_json::to_value(status)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default()
-                    ),
+                    format!("A batch that is {} cannot be cancelled.", status.name()),
                     None,
                 ));
             }
@@ -904,6 +966,7 @@ impl Batches {
             // missed.
             let queued = self.queued.notified();
             let items = self.lease_now(models, max, lease).await?;
+            self.metrics.leased.inc_by(items.len() as u64);
             if !items.is_empty() {
                 return Ok(BatchLease { items, lease_secs });
             }
@@ -1013,6 +1076,7 @@ impl Batches {
             );
             if !live || result.line == 0 || result.line > u64::MAX / 2 {
                 ack.ignored += 1;
+                self.metrics.answers.with_label_values(&["ignored"]).inc();
                 continue;
             }
             let ok = (200..300).contains(&result.status_code);
@@ -1034,6 +1098,7 @@ impl Batches {
             if first {
                 ack.accepted += 1;
                 let name = if ok { "completed" } else { "failed" };
+                self.metrics.answers.with_label_values(&[name]).inc();
                 self.store
                     .kv_incr(&counter(&result.batch_id, name), 1, None)
                     .await?;
@@ -1050,6 +1115,7 @@ impl Batches {
                 }
             } else {
                 ack.ignored += 1;
+                self.metrics.answers.with_label_values(&["ignored"]).inc();
             }
             // Whoever answered first, the line is done.
             self.store
@@ -1227,6 +1293,10 @@ impl Batches {
             _ => stored.batch.cancelled_at = Some(now),
         }
         self.save(&stored).await?;
+        self.metrics
+            .finished
+            .with_label_values(&[outcome.name()])
+            .inc();
         // The batch is over: its queues, index entries, answers and counters go.
         for model in &stored.models {
             let queue = queue_name(&id, model);

@@ -93,6 +93,7 @@ impl Gateway {
         }
         let metrics = Metrics::new();
         metrics.register_all(plugins.metrics().collectors());
+        metrics.register_all(batches.metrics().collectors());
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind {

@@ -237,6 +237,25 @@ async fn a_batch_runs_end_to_end_and_belongs_to_its_key() {
     assert!(finished["completed_at"].is_u64() && finished["finalizing_at"].is_u64());
     assert!(finished["usage"]["output_tokens"].as_u64().unwrap() >= 40);
 
+    let metrics = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "garage_batch_answers_total{outcome=\"completed\"} 40",
+        "garage_batch_answers_total{outcome=\"failed\"} 1",
+        "garage_batches_finished_total{status=\"completed\"} 1",
+    ] {
+        assert!(
+            metrics.contains(line),
+            "{line} missing from /metrics:\n{metrics}"
+        );
+    }
+
     // Answers in input order, each under its custom_id, with the engine's body.
     let output = file_lines(&base, &owner, finished["output_file_id"].as_str().unwrap()).await;
     let ids: Vec<&str> = output
