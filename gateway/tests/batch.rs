@@ -760,3 +760,42 @@ async fn ten_thousand_lines_complete_while_chat_latency_holds() {
         "chat p50 {busy_p50:?} during the batch exceeds {bound:?} (idle {idle_p50:?})"
     );
 }
+
+/// Batch lines go through the same meter and reward plugins as chat, marked as batch: the
+/// default reward plugin pays them as `batch-tokens`.
+#[tokio::test]
+async fn batch_tokens_are_metered_and_rewarded_by_the_plugins() {
+    let mut cfg = config(vec![]);
+    cfg.default_plugins = true;
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    let _rigs = rigs(&base, 1, 0, 0.0, 64, quick_batch()).await;
+    let (_, key) = create_key(&base, json!({"name": "metered"})).await;
+    let file_id = upload_ok(&base, &key, lines(3, 8)).await;
+    let id = create_batch(&base, &key, &file_id).await.1["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        wait_batch(&base, &key, &id, Duration::from_secs(60)).await["status"],
+        "completed"
+    );
+
+    let request = format!("/admin/usage/requests/{id}:2");
+    wait_until(
+        Duration::from_secs(20),
+        "the line's ledger entry",
+        || async { admin_get(&base, &request).await["outcome"].is_object() },
+    )
+    .await;
+    let entry = admin_get(&base, &request).await;
+    assert_eq!(entry["event"]["batch"], true, "{entry}");
+    assert_eq!(entry["event"]["completion_tokens"], 8, "{entry}");
+    assert!(
+        entry["outcome"]["credits"].as_f64().unwrap() > 0.0,
+        "{entry}"
+    );
+    let award = &entry["outcome"]["awards"][0];
+    assert_eq!(award["operator"], "op-test", "{entry}");
+    assert_eq!(award["reason"], "batch-tokens", "{entry}");
+}
