@@ -1,11 +1,12 @@
 //! Usage events: recorded when a request ends, queued durably in the store, then metered and
 //! rewarded off the hot path into append-only ledgers.
 //!
-//! - **Durable**: an event is written to the store's `usage_queue` before anything else happens
-//!   to it. While the store is unreachable, events wait in memory and are retried.
-//! - **At least once, charged once**: a worker claims an event with an expiring lease (a worker
-//!   that dies mid-way loses its lease and another takes the event over), and the ledger is
-//!   keyed by request id, so an event processed twice is charged and rewarded once.
+//! - **Durable**: an event is written to the store's `usage_queue` (a work queue, in batches:
+//!   one round trip for many requests) before anything else happens to it. While the store is
+//!   unreachable, events wait in memory and are retried.
+//! - **At least once, charged once**: a worker leases events (a worker that dies mid-way loses
+//!   its lease and another takes the events over), and the ledger is keyed by request id, so an
+//!   event processed twice is charged and rewarded once.
 //! - **Replayable**: the ledger keeps each event with what was charged and awarded for it.
 
 use std::collections::VecDeque;
@@ -16,7 +17,16 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::store::{Store, StoreError};
+use crate::store::{QueueItem, Store, StoreError};
+
+/// Aborts a task when dropped (the worker's flusher goes with the worker).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 const QUEUE: &str = "usage_queue";
 const LEDGER: &str = "usage_ledger";
@@ -144,19 +154,31 @@ fn corrupt(err: serde_json::Error) -> StoreError {
 /// Records usage events and works the queue.
 pub struct Usage {
     store: Arc<dyn Store>,
-    /// Events the store did not take yet (it was down).
+    /// Events not yet in the store's queue: just recorded, or held while the store is down.
     pending: Mutex<VecDeque<UsageEvent>>,
+    /// Wakes the flusher: events are pending.
+    flush_wake: tokio::sync::Notify,
+    /// Wakes the worker: events were queued.
     wake: tokio::sync::Notify,
     dropped: std::sync::atomic::AtomicU64,
+    /// The last flush failed (logged once per outage, not per retry).
+    store_down: std::sync::atomic::AtomicBool,
 }
+
+/// Events written to the store's queue per call, and leased per call: one round trip for many
+/// requests' events.
+const FLUSH_BATCH: usize = 512;
+const LEASE_BATCH: usize = 128;
 
 impl Usage {
     pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
         Arc::new(Usage {
             store,
             pending: Mutex::new(VecDeque::new()),
+            flush_wake: tokio::sync::Notify::new(),
             wake: tokio::sync::Notify::new(),
             dropped: std::sync::atomic::AtomicU64::new(0),
+            store_down: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -164,16 +186,11 @@ impl Usage {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues an event; never blocks the request that produced it.
-    pub fn record(self: &Arc<Self>, event: UsageEvent) {
-        let usage = Arc::clone(self);
-        tokio::spawn(async move {
-            if let Err(err) = usage.enqueue(&event).await {
-                tracing::warn!(request_id = %event.request_id, error = %err, "store unavailable; usage event kept in memory for retry");
-                usage.hold(event);
-            }
-            usage.wake.notify_one();
-        });
+    /// Queues an event; never blocks the request that produced it. The flusher writes it to
+    /// the store's queue at once, together with whatever else arrived meanwhile.
+    pub fn record(&self, event: UsageEvent) {
+        self.hold(event);
+        self.flush_wake.notify_one();
     }
 
     fn hold(&self, event: UsageEvent) {
@@ -186,25 +203,57 @@ impl Usage {
         pending.push_back(event);
     }
 
-    async fn enqueue(&self, event: &UsageEvent) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(event).map_err(corrupt)?;
-        self.store.record_put(QUEUE, &event.request_id, &json).await
+    /// Writes pending events to the store's queue, in batches; on a store error they stay
+    /// pending (in order) and the error is returned.
+    async fn flush(&self) -> Result<usize, StoreError> {
+        let mut flushed = 0;
+        loop {
+            let batch: Vec<UsageEvent> = {
+                let mut pending = self.pending();
+                let n = pending.len().min(FLUSH_BATCH);
+                pending.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                return Ok(flushed);
+            }
+            let items = batch
+                .iter()
+                .map(|event| {
+                    Ok(QueueItem {
+                        id: event.request_id.clone(),
+                        payload: serde_json::to_vec(event).map_err(corrupt)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            if let Err(err) = self.store.queue_push(QUEUE, &items).await {
+                let mut pending = self.pending();
+                for event in batch.into_iter().rev() {
+                    pending.push_front(event);
+                }
+                return Err(err);
+            }
+            flushed += batch.len();
+        }
     }
 
-    /// Events waiting in memory for the store to come back.
+    /// Events waiting in memory for the store (just recorded, or held through an outage).
     pub fn pending_len(&self) -> usize {
         self.pending().len()
     }
 
     /// Events in the store's queue, not yet processed.
     pub async fn queued_len(&self) -> Result<usize, StoreError> {
-        Ok(self.store.record_list(QUEUE).await?.len())
+        let counts = self.store.queue_counts(QUEUE).await?;
+        Ok((counts.waiting + counts.leased) as usize)
     }
 
-    /// Works the queue forever: flush what waited in memory, then claim and process events.
+    /// Works the queue forever: a flusher writes recorded events to the store, a worker leases
+    /// and processes them.
     pub async fn run_worker(self: Arc<Self>, processor: Arc<dyn UsageProcessor>) {
+        let flusher = tokio::spawn(Arc::clone(&self).run_flusher());
+        let _stop_flusher = AbortOnDrop(flusher);
         loop {
-            let worked = match self.work_once(processor.as_ref()).await {
+            let worked = match self.process_queued(processor.as_ref()).await {
                 Ok(n) => n,
                 Err(err) => {
                     tracing::warn!(error = %err, "usage queue unavailable; retrying");
@@ -220,43 +269,75 @@ impl Usage {
         }
     }
 
-    /// One pass over the queue; returns how many events were processed.
-    pub async fn work_once(&self, processor: &dyn UsageProcessor) -> Result<usize, StoreError> {
-        let held: Vec<UsageEvent> = self.pending().drain(..).collect();
-        for (i, event) in held.iter().enumerate() {
-            if let Err(err) = self.enqueue(event).await {
-                let mut pending = self.pending();
-                for event in held[i..].iter().rev() {
-                    pending.push_front(event.clone());
+    async fn run_flusher(self: Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        loop {
+            // Woken by a new event; while the store is down, retried twice a second.
+            let _ =
+                tokio::time::timeout(Duration::from_millis(500), self.flush_wake.notified()).await;
+            match self.flush().await {
+                Ok(0) => {}
+                Ok(_) => {
+                    if self.store_down.swap(false, Ordering::Relaxed) {
+                        tracing::info!("store back; held usage events queued");
+                    }
+                    self.wake.notify_one();
                 }
-                return Err(err);
-            }
-        }
-        let mut processed = 0;
-        for bytes in self.store.record_list(QUEUE).await? {
-            let event: UsageEvent = match serde_json::from_slice(&bytes) {
-                Ok(event) => event,
                 Err(err) => {
-                    tracing::error!(error = %err, "unreadable usage event skipped");
-                    continue;
+                    if !self.store_down.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(error = %err, pending = self.pending_len(), "store unavailable; usage events kept in memory for retry");
+                    }
                 }
-            };
-            // Claim it: the first worker to bump the counter owns it until the lease ends.
-            let claim = format!("usage_claim:{}", event.request_id);
-            if self.store.kv_incr(&claim, 1, Some(CLAIM_LEASE)).await? != 1 {
-                continue;
             }
-            if self.process(&event, processor).await? {
-                processed += 1;
-            }
-            // Processed or not, let the next pass retry it without waiting out the lease.
-            self.store.kv_delete(&claim).await?;
         }
-        Ok(processed)
     }
 
-    /// Meters and rewards one claimed event into the ledger; false when the processor failed
-    /// (the event stays queued).
+    /// One pass: writes pending events to the queue, then processes what is queued; returns
+    /// how many events were processed.
+    pub async fn work_once(&self, processor: &dyn UsageProcessor) -> Result<usize, StoreError> {
+        self.flush().await?;
+        self.process_queued(processor).await
+    }
+
+    /// Leases queued events and processes them, until the queue is empty or the processor
+    /// fails (the events it failed on go back to the queue for a later pass).
+    async fn process_queued(&self, processor: &dyn UsageProcessor) -> Result<usize, StoreError> {
+        let mut processed = 0;
+        loop {
+            // A worker that dies mid-way loses its lease; another takes the events over.
+            let leased = self
+                .store
+                .queue_lease(QUEUE, LEASE_BATCH, CLAIM_LEASE)
+                .await?;
+            if leased.is_empty() {
+                return Ok(processed);
+            }
+            let mut failed = false;
+            for item in leased {
+                let event: UsageEvent = match serde_json::from_slice(&item.payload) {
+                    Ok(event) => event,
+                    Err(err) => {
+                        tracing::error!(id = %item.id, error = %err, "unreadable usage event dropped");
+                        self.store.queue_ack(QUEUE, &item.id).await?;
+                        continue;
+                    }
+                };
+                if !failed && self.process(&event, processor).await? {
+                    processed += 1;
+                    self.store.queue_ack(QUEUE, &item.id).await?;
+                } else {
+                    // Back to the queue now, not when the lease runs out.
+                    failed = true;
+                    self.store.queue_release(QUEUE, &item.id).await?;
+                }
+            }
+            if failed {
+                return Ok(processed);
+            }
+        }
+    }
+
+    /// Meters and rewards one leased event into the ledger; false when the processor failed.
     async fn process(
         &self,
         event: &UsageEvent,
@@ -269,7 +350,6 @@ impl Usage {
             .is_some()
         {
             // Already in the ledger (a crash after writing it, before dequeuing): done.
-            self.store.record_delete(QUEUE, &event.request_id).await?;
             return Ok(true);
         }
         let outcome = match processor.process(event).await {
@@ -290,7 +370,6 @@ impl Usage {
             .record_put(LEDGER, &event.request_id, &json)
             .await?;
         self.aggregate(event, &outcome).await?;
-        self.store.record_delete(QUEUE, &event.request_id).await?;
         Ok(true)
     }
 

@@ -251,6 +251,16 @@ async fn queues(store: &dyn Store) {
         .unwrap();
     assert_eq!(ids(&again), ["c", "d"]);
 
+    // A released item goes back to the head of the queue at once; only leased items release.
+    assert!(store.queue_release(q, "d").await.unwrap());
+    assert!(!store.queue_release(q, "d").await.unwrap());
+    assert!(!store.queue_release(q, "e").await.unwrap());
+    let back = store
+        .queue_lease(q, 1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(ids(&back), ["d"]);
+
     // Acks remove leased or waiting items, once.
     assert!(store.queue_ack(q, "a").await.unwrap());
     assert!(!store.queue_ack(q, "a").await.unwrap());

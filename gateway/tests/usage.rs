@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use garage_gateway::store::{MemoryStore, Store};
+use garage_gateway::store::{MemoryStore, QueueItem, Store};
 use garage_gateway::usage::{Award, Outcome, Usage, UsageEvent, UsageProcessor};
 use serde_json::json;
 use support::*;
@@ -58,14 +58,11 @@ impl UsageProcessor for Counting {
 }
 
 async fn queue_raw(store: &Arc<dyn Store>, event: &UsageEvent) {
-    store
-        .record_put(
-            "usage_queue",
-            &event.request_id,
-            &serde_json::to_vec(event).unwrap(),
-        )
-        .await
-        .unwrap();
+    let item = QueueItem {
+        id: event.request_id.clone(),
+        payload: serde_json::to_vec(event).unwrap(),
+    };
+    store.queue_push("usage_queue", &[item]).await.unwrap();
 }
 
 #[tokio::test]

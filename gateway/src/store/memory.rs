@@ -296,6 +296,19 @@ impl Store for MemoryStore {
         Ok(leased)
     }
 
+    async fn queue_release(&self, queue: &str, id: &str) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let Some(queue) = inner.queues.get_mut(queue) else {
+            return Ok(false);
+        };
+        if queue.leased.remove(id).is_none() {
+            return Ok(false);
+        }
+        queue.waiting.insert((0, id.to_owned()));
+        queue.seq_of.insert(id.to_owned(), 0);
+        Ok(true)
+    }
+
     async fn queue_ack(&self, name: &str, id: &str) -> Result<bool, StoreError> {
         let mut inner = self.lock();
         let Some(queue) = inner.queues.get_mut(name) else {

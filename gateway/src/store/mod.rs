@@ -156,6 +156,9 @@ pub trait Store: Send + Sync + 'static {
         max: usize,
         lease: Duration,
     ) -> Result<Vec<QueueItem>, StoreError>;
+    /// Gives a leased item back before its lease runs out: it goes to the head of the queue.
+    /// True when it was leased.
+    async fn queue_release(&self, queue: &str, id: &str) -> Result<bool, StoreError>;
     /// Removes an item, leased or waiting; true when it was there.
     async fn queue_ack(&self, queue: &str, id: &str) -> Result<bool, StoreError>;
     /// Items waiting (an item whose lease ran out counts as waiting) and leased.

@@ -97,6 +97,15 @@ end
 if found > 0 then return 1 else return 0 end
 ";
 
+/// KEYS: waiting, leased. ARGV: id. Returns 1 when the item was leased.
+const QUEUE_RELEASE: &str = r"
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
+  redis.call('ZADD', KEYS[1], 0, ARGV[1])
+  return 1
+end
+return 0
+";
+
 /// KEYS: waiting, leased. Returns {waiting, leased}, an expired lease counting as waiting.
 const QUEUE_COUNTS: &str = r"
 local expired = redis.call('ZCOUNT', KEYS[2], '-inf', now)
@@ -129,6 +138,7 @@ pub struct RedisStore {
     queue_push: redis::Script,
     queue_lease: redis::Script,
     queue_ack: redis::Script,
+    queue_release: redis::Script,
     queue_counts: redis::Script,
     queue_drop_waiting: redis::Script,
     subscriber: JoinHandle<()>,
@@ -176,6 +186,7 @@ impl RedisStore {
             queue_push: redis::Script::new(QUEUE_PUSH),
             queue_lease: redis::Script::new(&format!("{NOW_MS}{REQUEUE_EXPIRED}{QUEUE_LEASE}")),
             queue_ack: redis::Script::new(QUEUE_ACK),
+            queue_release: redis::Script::new(QUEUE_RELEASE),
             queue_counts: redis::Script::new(&format!("{NOW_MS}{QUEUE_COUNTS}")),
             queue_drop_waiting: redis::Script::new(&format!(
                 "{NOW_MS}{REQUEUE_EXPIRED}{QUEUE_DROP_WAITING}"
@@ -418,6 +429,18 @@ impl Store for RedisStore {
             items.push(QueueItem { id, payload });
         }
         Ok(items)
+    }
+
+    async fn queue_release(&self, queue: &str, id: &str) -> Result<bool, StoreError> {
+        let keys = queue_keys(queue);
+        let mut conn = self.conn.clone();
+        let released: i64 = self
+            .queue_release
+            .key(&keys[..2])
+            .arg(id)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(released == 1)
     }
 
     async fn queue_ack(&self, queue: &str, id: &str) -> Result<bool, StoreError> {
