@@ -17,7 +17,7 @@ use crate::nodes::Nodes;
 use crate::plugins::{PluginHost, Slot};
 use crate::policy::{PluginProcessor, Policy};
 use crate::state::{AppState, Inner};
-use crate::store::{self, StoreError};
+use crate::store::{self, QueueItem, StoreError};
 use crate::upstream::http_client;
 use crate::usage::Usage;
 
@@ -133,6 +133,7 @@ impl Gateway {
                 nodes.clone(),
                 plugins.clone(),
                 usage.clone(),
+                store.clone(),
                 report_interval,
             )),
             tokio::spawn(usage.run_worker(Arc::new(PluginProcessor {
@@ -197,32 +198,106 @@ impl Gateway {
     }
 }
 
-/// Every report interval, tells the reward plugin how long each rig on this replica was
-/// available, and credits what it awards (once per rig and period).
+/// Queue of rig availability reports waiting for the reward plugin: durable, so a faulting
+/// plugin or a crash delays uptime rewards instead of losing them.
+const REPORT_QUEUE: &str = "rig_report_queue";
+
+/// A rig's availability over one report period, as queued.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct QueuedReport {
+    rig: String,
+    operator: String,
+    period_ms: u64,
+    uptime_ms: u64,
+    gpu_seconds: f64,
+    at_ms: u64,
+}
+
+/// Every report interval: queues each rig's availability, then hands the queued reports to the
+/// reward plugin and credits what it awards (once per report, however often it is retried).
 async fn report_rigs(
     nodes: Arc<Nodes>,
     plugins: Arc<PluginHost>,
     usage: Arc<Usage>,
+    store: Arc<dyn store::Store>,
     interval: Duration,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.tick().await;
+    // Reports the store did not take (it was down), retried at the next tick.
+    let mut unqueued: Vec<QueueItem> = Vec::new();
     loop {
         ticker.tick().await;
         let at_ms = crate::auth::unix_now() * 1000;
         for rig in nodes.take_availability() {
             let uptime_ms = rig.uptime_ms.min(interval.as_millis() as u64);
-            let report = crate::plugins::RigReport {
+            let report = QueuedReport {
                 rig: rig.node_id.clone(),
-                operator: rig.operator.clone(),
+                operator: rig.operator,
                 period_ms: interval.as_millis() as u64,
                 uptime_ms,
                 gpu_seconds: f64::from(rig.gpus) * uptime_ms as f64 / 1000.0,
                 at_ms,
             };
+            if let Ok(payload) = serde_json::to_vec(&report) {
+                unqueued.push(QueueItem {
+                    id: format!("report:{}:{at_ms}", rig.node_id),
+                    payload,
+                });
+            }
+        }
+        if !unqueued.is_empty() {
+            match store.queue_push(REPORT_QUEUE, &unqueued).await {
+                Ok(()) => unqueued.clear(),
+                Err(err) => {
+                    tracing::warn!(error = %err, reports = unqueued.len(), "cannot queue rig reports; retrying");
+                    continue;
+                }
+            }
+        }
+        if let Err(err) = credit_reports(&plugins, &usage, store.as_ref()).await {
+            tracing::warn!(error = %err, "cannot work the rig report queue; retrying");
+        }
+    }
+}
+
+/// Hands queued reports to the reward plugin until the queue is empty or the plugin faults
+/// (the report then goes back to the queue, for the next tick).
+async fn credit_reports(
+    plugins: &PluginHost,
+    usage: &Usage,
+    store: &dyn store::Store,
+) -> Result<(), StoreError> {
+    loop {
+        let leased = store
+            .queue_lease(REPORT_QUEUE, 64, Duration::from_secs(60))
+            .await?;
+        if leased.is_empty() {
+            return Ok(());
+        }
+        let mut faulted = false;
+        for item in leased {
+            let Ok(queued) = serde_json::from_slice::<QueuedReport>(&item.payload) else {
+                tracing::error!(id = %item.id, "unreadable rig report dropped");
+                store.queue_ack(REPORT_QUEUE, &item.id).await?;
+                continue;
+            };
+            if faulted {
+                store.queue_release(REPORT_QUEUE, &item.id).await?;
+                continue;
+            }
+            let report = crate::plugins::RigReport {
+                rig: queued.rig,
+                operator: queued.operator,
+                period_ms: queued.period_ms,
+                uptime_ms: queued.uptime_ms,
+                gpu_seconds: queued.gpu_seconds,
+                at_ms: queued.at_ms,
+            };
             match plugins.reward_report(&report).await {
-                Ok(Some(awards)) => {
+                Ok(awards) => {
                     let awards: Vec<_> = awards
+                        .unwrap_or_default()
                         .into_iter()
                         .map(|a| crate::usage::Award {
                             operator: a.operator,
@@ -230,16 +305,18 @@ async fn report_rigs(
                             reason: a.reason,
                         })
                         .collect();
-                    let id = format!("report:{}:{at_ms}", rig.node_id);
-                    if let Err(err) = usage.award(&id, &awards).await {
-                        tracing::warn!(node = %rig.node_id, error = %err, "cannot credit the uptime reward");
-                    }
+                    usage.award(&item.id, &awards).await?;
+                    store.queue_ack(REPORT_QUEUE, &item.id).await?;
                 }
-                Ok(None) => {}
                 Err(fault) => {
-                    tracing::warn!(node = %rig.node_id, error = %fault, "reward plugin failed on a rig report")
+                    tracing::warn!(node = %report.rig, error = %fault, "reward plugin failed on a rig report; kept for retry");
+                    faulted = true;
+                    store.queue_release(REPORT_QUEUE, &item.id).await?;
                 }
             }
+        }
+        if faulted {
+            return Ok(());
         }
     }
 }

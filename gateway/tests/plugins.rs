@@ -395,6 +395,54 @@ async fn rewards_in_rust_python_and_javascript_pay_the_rig_operator() {
     rig.shutdown().await;
 }
 
+/// A reward plugin that faults on rig reports delays the uptime points; it does not lose them.
+#[tokio::test]
+async fn rig_reports_wait_out_a_faulting_reward_plugin() {
+    let mut cfg = with_defaults(vec![]);
+    cfg.nodes.report_interval_secs = 1;
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    // A negative rate is refused by the plugin on every call: a fault.
+    let broken = config_query(json!({"points_per_uptime_hour": -1.0}));
+    let (status, body) = upload(&base, "reward", garage_plugins::REWARD, &broken).await;
+    assert_eq!(status, 200, "{body}");
+    let token = enrollment_token(&base, 1).await;
+    let rig = sim_rig(rig_options(&base, "patient-rig", &token), 0.0).await;
+
+    let store = gw.state().store.clone();
+    wait_until(Duration::from_secs(15), "two reports kept", || async {
+        store
+            .queue_counts("rig_report_queue")
+            .await
+            .unwrap()
+            .waiting
+            >= 2
+    })
+    .await;
+    let board = admin_get(&base, "/admin/rewards").await;
+    assert_eq!(
+        board["data"],
+        json!([]),
+        "nothing credited while the plugin faults"
+    );
+
+    // Fixed: every kept report is credited, at one point per second of availability.
+    let fixed = config_query(json!({"points_per_uptime_hour": 3600.0}));
+    let (status, body) = upload(&base, "reward", garage_plugins::REWARD, &fixed).await;
+    assert_eq!(status, 200, "{body}");
+    wait_until(Duration::from_secs(15), "kept reports credited", || async {
+        store
+            .queue_counts("rig_report_queue")
+            .await
+            .unwrap()
+            .waiting
+            == 0
+            && admin_get(&base, "/admin/rewards").await["data"][0]["points"].as_f64() >= Some(1.5)
+    })
+    .await;
+    rig.shutdown().await;
+}
+
 #[tokio::test]
 async fn rigs_earn_uptime_points_from_periodic_reports() {
     let mut cfg = with_defaults(vec![]);
