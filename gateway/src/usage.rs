@@ -7,7 +7,10 @@
 //! - **At least once, charged once**: a worker leases events (a worker that dies mid-way loses
 //!   its lease and another takes the events over), and the ledger is keyed by request id, so an
 //!   event processed twice is charged and rewarded once.
-//! - **Replayable**: the ledger keeps each event with what was charged and awarded for it.
+//! - **Replayable**: the ledger keeps each event with what was charged and awarded for it. It is
+//!   the record; the per-day and per-operator counters are a view of it, updated once per
+//!   leased batch of events (a crash between a batch's ledger writes and its counter update
+//!   leaves the counters short by that batch, never counts anything twice).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -119,6 +122,40 @@ pub struct LedgerEntry {
     pub outcome: Outcome,
     /// Unix milliseconds.
     pub processed_at_ms: u64,
+}
+
+/// Counter updates gathered over a batch of events.
+#[derive(Default)]
+struct Totals {
+    /// By `key|model|day`.
+    slots: std::collections::BTreeMap<String, SlotSums>,
+    /// By operator.
+    points_micro: std::collections::BTreeMap<String, i64>,
+}
+
+#[derive(Default)]
+struct SlotSums {
+    requests: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    credits_micro: i64,
+}
+
+impl Totals {
+    fn add(&mut self, event: &UsageEvent, outcome: &Outcome) {
+        let slot = format!("{}|{}|{}", event.key_id, event.model, event.day());
+        let sums = self.slots.entry(slot).or_default();
+        sums.requests += 1;
+        sums.prompt_tokens += event.prompt_tokens as i64;
+        sums.completion_tokens += event.completion_tokens as i64;
+        sums.credits_micro += (outcome.credits * MICRO) as i64;
+        for award in &outcome.awards {
+            if !award.operator.is_empty() {
+                *self.points_micro.entry(award.operator.clone()).or_default() +=
+                    (award.points * MICRO) as i64;
+            }
+        }
+    }
 }
 
 /// Usage of one key for one model on one day.
@@ -312,24 +349,42 @@ impl Usage {
             if leased.is_empty() {
                 return Ok(processed);
             }
+            let mut totals = Totals::default();
+            let mut done = Vec::with_capacity(leased.len());
             let mut failed = false;
             for item in leased {
                 let event: UsageEvent = match serde_json::from_slice(&item.payload) {
                     Ok(event) => event,
                     Err(err) => {
                         tracing::error!(id = %item.id, error = %err, "unreadable usage event dropped");
-                        self.store.queue_ack(QUEUE, &item.id).await?;
+                        done.push(item.id);
                         continue;
                     }
                 };
-                if !failed && self.process(&event, processor).await? {
-                    processed += 1;
-                    self.store.queue_ack(QUEUE, &item.id).await?;
-                } else {
-                    // Back to the queue now, not when the lease runs out.
-                    failed = true;
+                if failed {
                     self.store.queue_release(QUEUE, &item.id).await?;
+                    continue;
                 }
+                match self.process(&event, processor).await? {
+                    Some(outcome) => {
+                        if let Some(outcome) = outcome {
+                            totals.add(&event, &outcome);
+                        }
+                        processed += 1;
+                        done.push(item.id);
+                    }
+                    None => {
+                        // Back to the queue now, not when the lease runs out.
+                        failed = true;
+                        self.store.queue_release(QUEUE, &item.id).await?;
+                    }
+                }
+            }
+            // Counters before acks: a crash in between replays events whose ledger entries
+            // exist, which count nothing twice.
+            self.apply(totals).await?;
+            for id in done {
+                self.store.queue_ack(QUEUE, &id).await?;
             }
             if failed {
                 return Ok(processed);
@@ -337,77 +392,79 @@ impl Usage {
         }
     }
 
-    /// Meters and rewards one leased event into the ledger; false when the processor failed.
+    /// Meters and rewards one leased event into the ledger. `None`: the processor failed;
+    /// `Some(None)`: the event was already in the ledger (processed before); `Some(Some(_))`:
+    /// processed now, by this worker alone.
     async fn process(
         &self,
         event: &UsageEvent,
         processor: &dyn UsageProcessor,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<Option<Outcome>>, StoreError> {
         if self
             .store
             .record_get(LEDGER, &event.request_id)
             .await?
             .is_some()
         {
-            // Already in the ledger (a crash after writing it, before dequeuing): done.
-            return Ok(true);
+            // Processed before (a crash after the ledger write, before the ack): the meter
+            // must not see it again.
+            return Ok(Some(None));
         }
         let outcome = match processor.process(event).await {
             Ok(outcome) => outcome,
             Err(err) => {
                 tracing::warn!(request_id = %event.request_id, error = %err, "usage processing failed; will retry");
-                return Ok(false);
+                return Ok(None);
             }
         };
         let entry = LedgerEntry {
             event: event.clone(),
-            outcome: outcome.clone(),
+            outcome,
             processed_at_ms: now_ms(),
         };
         let json = serde_json::to_vec(&entry).map_err(corrupt)?;
-        // The ledger entry first: from here on the event counts as processed, whatever happens.
-        self.store
-            .record_put(LEDGER, &event.request_id, &json)
-            .await?;
-        self.aggregate(event, &outcome).await?;
-        Ok(true)
-    }
-
-    /// Adds the event to the daily and per-operator counters.
-    async fn aggregate(&self, event: &UsageEvent, outcome: &Outcome) -> Result<(), StoreError> {
-        // Guards the counters: a crash between the ledger write and here replays the event's
-        // aggregation at most once more, never twice.
-        let guard = format!("usage_aggregated:{}", event.request_id);
+        // First writer wins: an event delivered twice (a crash before its ack, two workers on
+        // an expired lease) has one ledger entry and is counted once.
         if self
             .store
-            .kv_incr(&guard, 1, Some(Duration::from_secs(7 * 86_400)))
+            .record_put_new(LEDGER, &event.request_id, &json)
             .await?
-            != 1
         {
-            return Ok(());
+            Ok(Some(Some(entry.outcome)))
+        } else {
+            Ok(Some(None))
         }
-        let day = event.day();
-        let slot = format!("{}|{}|{}", event.key_id, event.model, day);
-        // Index records hold their own id, so listing the index lists the ids.
-        self.store
-            .record_put(DAILY_INDEX, &slot, slot.as_bytes())
-            .await?;
-        let counter = |name: &str| format!("usage:{slot}:{name}");
-        self.store.kv_incr(&counter("requests"), 1, None).await?;
-        self.store
-            .kv_incr(&counter("prompt"), event.prompt_tokens as i64, None)
-            .await?;
-        self.store
-            .kv_incr(&counter("completion"), event.completion_tokens as i64, None)
-            .await?;
-        self.store
-            .kv_incr(
-                &counter("credits_micro"),
-                (outcome.credits * MICRO) as i64,
-                None,
-            )
-            .await?;
-        self.credit(&outcome.awards).await
+    }
+
+    /// Adds a batch of events to the daily and per-operator counters: one update per counter
+    /// however many events fed it.
+    async fn apply(&self, totals: Totals) -> Result<(), StoreError> {
+        for (slot, sums) in totals.slots {
+            // Index records hold their own id, so listing the index lists the ids.
+            self.store
+                .record_put(DAILY_INDEX, &slot, slot.as_bytes())
+                .await?;
+            let counter = |name: &str| format!("usage:{slot}:{name}");
+            for (name, value) in [
+                ("requests", sums.requests),
+                ("prompt", sums.prompt_tokens),
+                ("completion", sums.completion_tokens),
+                ("credits_micro", sums.credits_micro),
+            ] {
+                if value != 0 {
+                    self.store.kv_incr(&counter(name), value, None).await?;
+                }
+            }
+        }
+        for (operator, points_micro) in totals.points_micro {
+            self.store
+                .record_put(OPERATOR_INDEX, &operator, operator.as_bytes())
+                .await?;
+            self.store
+                .kv_incr(&Self::points_key(&operator), points_micro, None)
+                .await?;
+        }
+        Ok(())
     }
 
     fn points_key(operator: &str) -> String {
