@@ -750,11 +750,12 @@ async fn ten_thousand_lines_complete_while_chat_latency_holds() {
         progress_after_chat < 10_000,
         "the batch ended before the chat probe did"
     );
-    // The stated bound: the median chat request takes at most twice its idle time plus 50 ms
-    // (the rest is this one process's two cores running the gateway, four rigs, their engines
-    // and the batch at once). A chat request queued behind batch lines would wait whole
-    // batch-line times (about 30 ms each, several deep).
-    let bound = idle_p50 * 2 + Duration::from_millis(50);
+    // The stated bound: the median chat request takes at most 1.5 times its idle time plus
+    // 30 ms (the slack is this one process's two cores running the gateway, four rigs, their
+    // engines and the batch at once). Measured on a quiet machine: idle 42.9 ms, 60.6 ms during
+    // the batch. With the rigs taking batch work regardless of their engines' room (16 lines on
+    // 8-sequence engines), chat waits behind batch lines: 103.9 ms, over this bound.
+    let bound = idle_p50 * 3 / 2 + Duration::from_millis(30);
     assert!(
         busy_p50 <= bound,
         "chat p50 {busy_p50:?} during the batch exceeds {bound:?} (idle {idle_p50:?})"
