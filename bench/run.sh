@@ -355,6 +355,17 @@ run_wrk() { # url script connections duration_s output_file
 }
 
 ROWS=()
+plugin_calls() { # -> "slot=calls ..." totals of garage_plugin_calls_total from the gateway
+    curl -s "$GATEWAY_URL/metrics" | awk '
+        /^garage_plugin_calls_total\{/ {
+            if (match($0, /slot="[^"]+"/)) { t[substr($0, RSTART + 6, RLENGTH - 7)] += $NF }
+        }
+        END { for (s in t) printf "%s=%d ", s, t[s] }'
+}
+
+# Plugin calls per second in each gateway row (BENCH_PLUGINS=1): "stream conc slot=calls/s ...".
+PLUGIN_RATES=()
+
 measure() { # mode(direct|gateway) stream(no|yes) concurrency
     local mode=$1 stream=$2 conc=$3 url script
     case $mode in
@@ -376,6 +387,8 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
     local ngx gw0 ng0 en0 ch0 sys0 gw1 ng1 en1 ch1 sys1
     # shellcheck disable=SC2207
     ngx=($(nginx_pids))
+    local calls0=""
+    [[ $mode == gateway && $PLUGINS == 1 ]] && calls0=$(plugin_calls)
     gw0=$(proc_ticks "$GATEWAY_PID")
     ng0=$(proc_ticks "${ngx[@]}")
     en0=$(proc_ticks "$ENGINE_PID")
@@ -388,6 +401,16 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
     en1=$(proc_ticks "$ENGINE_PID")
     ch1=$(children_ticks)
     sys1=$(system_ticks)
+    if [[ $mode == gateway && $PLUGINS == 1 ]]; then
+        local calls1 rates
+        calls1=$(plugin_calls)
+        rates=$(awk -v a="$calls0" -v b="$calls1" -v d="$DURATION" 'BEGIN {
+            n = split(a, x, " "); for (i = 1; i <= n; i++) { split(x[i], kv, "="); before[kv[1]] = kv[2] }
+            n = split(b, y, " "); for (i = 1; i <= n; i++) { split(y[i], kv, "="); printf "%s=%.0f ", kv[1], (kv[2] - before[kv[1]]) / d }
+        }')
+        PLUGIN_RATES+=("$stream	$conc	$rates")
+        log "  plugin calls/s: $rates"
+    fi
 
     local line
     line=$(grep '^BENCH_RESULT ' "$WORK/wrk.out" | tail -n 1) ||
@@ -440,6 +463,7 @@ for stream in no yes; do
         attempt=0
         while :; do
             first=${#ROWS[@]}
+            first_rates=${#PLUGIN_RATES[@]}
             for mode in $MODES; do
                 measure "$mode" "$stream" "$conc"
             done
@@ -452,6 +476,7 @@ for stream in no yes; do
             RETRIED=$((RETRIED + 1))
             log "other processes used over $NOISY_PERCENT % of the machine: measuring this group again ($attempt/$NOISY_RETRIES)"
             ROWS=("${ROWS[@]:0:first}")
+            PLUGIN_RATES=("${PLUGIN_RATES[@]:0:first_rates}")
             wait_for_compilers 60
         done
     done
@@ -546,6 +571,19 @@ report() {
         echo "nginx rows: nginx $(nginx -v 2>&1 | sed 's|.*nginx/||') as a reverse proxy in front of the" \
             "same engine (keep-alive upstream, proxy_buffering off), as a yardstick; their" \
             "\"gateway CPU\" column is nginx's (master and workers)."
+    fi
+    if ((${#PLUGIN_RATES[@]} > 0)); then
+        echo
+        echo "Plugin calls per second through the gateway rows (from garage_plugin_calls_total; the" \
+            "rate limiter is called twice per request, admit and settle):"
+        echo
+        echo "| stream | conc | calls/s by slot |"
+        echo "|---|--:|---|"
+        local r
+        for r in "${PLUGIN_RATES[@]}"; do
+            IFS=$'\t' read -r s c rates <<<"$r"
+            echo "| $s | $c | $rates |"
+        done
     fi
     # The stated target, checked at concurrency 16.
     local stream
