@@ -6,4 +6,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if command -v rustup >/dev/null 2>&1; then
     rustup target add wasm32-wasip2 >/dev/null 2>&1 || echo "warning: could not add the wasm32-wasip2 target" >&2
 fi
-exec cargo run --release -p garage-gateway --bin gateway -- demo "$@"
+# The gateway, and the `garage` command line its banner suggests for batch jobs.
+cargo build --release -p garage-gateway -p garage-cli --bins
+exec "${CARGO_TARGET_DIR:-target}/release/gateway" demo "$@"

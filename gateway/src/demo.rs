@@ -124,6 +124,12 @@ impl Demo {
     pub fn banner(&self) -> String {
         let url = self.gateway.url();
         let model = DEMO_MODELS[0];
+        // The `garage` command line is built beside this binary (scripts/demo.sh builds both).
+        let garage = std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.join("garage")))
+            .filter(|path| path.exists())
+            .map_or_else(|| "garage".to_owned(), |path| path.display().to_string());
         format!(
             "\nGarage AI gateway demo is running with {rigs} simulated rigs (node-runner agents \
              with simulated vLLM engines, connected through their tunnels).\n\n\
@@ -138,7 +144,12 @@ impl Demo {
              \x20 curl {url}/v1/chat/completions \\\n\
              \x20   -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n\
              \x20   -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n\
-             Add \"stream\": true for a streamed answer (curl -N). Ctrl-C stops.\n",
+             Add \"stream\": true for a streamed answer (curl -N).\n\n\
+             A batch job, run by the rigs when they have room (one prompt per line):\n\n\
+             \x20 printf 'Hello!\\nWhat is a GPU?\\n' > prompts.txt\n\
+             \x20 GARAGE_URL={url} GARAGE_API_KEY={key} {garage} job submit \\\n\
+             \x20   --model {model} --input prompts.txt --wait\n\n\
+             Ctrl-C stops.\n",
             rigs = self.rigs.len(),
             addr = self.gateway.addr(),
             key = self.api_key,
