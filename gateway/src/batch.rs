@@ -7,9 +7,10 @@
 //!   batch's lines go into one work queue per (batch, model) in the store; an index record per
 //!   queue tells rigs where to look.
 //! - **Rigs lease lines** (`/node/v1/batch/lease`, a long poll), run them on their engines and
-//!   send the results (`/node/v1/batch/results`). A result is stored under its line number only
-//!   if that line has none yet (first writer wins), then the line leaves the queue; a lease that
-//!   runs out (the rig died or stalled) puts the line back for another rig. So no line is lost
+//!   send the results (`/node/v1/batch/results`). A result counts only from the rig that holds
+//!   the line's lease, and is stored under its line number only if that line has none yet
+//!   (first writer wins); then the line leaves the queue. A lease that runs out (the rig died or
+//!   stalled) puts the line back for another rig. So no line is lost
 //!   and none is answered twice, on the memory store and across Redis replicas alike.
 //! - **Finalizing** writes the output and error files (in input order) once every line has a
 //!   result, or when the batch is cancelled or expires; any replica may do it, under a lock.
@@ -54,6 +55,11 @@ fn results_kind(batch_id: &str) -> String {
 
 fn queue_name(batch_id: &str, model: &str) -> String {
     format!("batch:{batch_id}:{model}")
+}
+
+/// Who holds the lease of a line: only that rig's answer is taken.
+fn holder_key(batch_id: &str, model: &str, line: u64) -> String {
+    format!("batch_holder:{batch_id}:{model}:{line}")
 }
 
 fn counter(batch_id: &str, name: &str) -> String {
@@ -965,7 +971,7 @@ impl Batches {
             // Register for the wake-up before looking, so a batch queued in between is not
             // missed.
             let queued = self.queued.notified();
-            let items = self.lease_now(models, max, lease).await?;
+            let items = self.lease_now(&node.id, models, max, lease).await?;
             self.metrics.leased.inc_by(items.len() as u64);
             if !items.is_empty() {
                 return Ok(BatchLease { items, lease_secs });
@@ -987,6 +993,7 @@ impl Batches {
 
     async fn lease_now(
         &self,
+        node_id: &str,
         models: &[String],
         max: usize,
         lease: Duration,
@@ -1037,6 +1044,13 @@ impl Batches {
                     tracing::error!(batch = %queue.batch_id, item = %item.id, "unreadable queued line dropped");
                     continue;
                 };
+                self.store
+                    .kv_set(
+                        &holder_key(&queue.batch_id, &queue.model, line),
+                        node_id.as_bytes(),
+                        Some(lease),
+                    )
+                    .await?;
                 items.push(BatchWorkItem {
                     batch_id: queue.batch_id.clone(),
                     model: queue.model.clone(),
@@ -1075,6 +1089,14 @@ impl Batches {
                 BatchStatus::InProgress | BatchStatus::Cancelling
             );
             if !live || result.line == 0 || result.line > u64::MAX / 2 {
+                ack.ignored += 1;
+                self.metrics.answers.with_label_values(&["ignored"]).inc();
+                continue;
+            }
+            // Only the rig holding the line's lease may answer it: a rig cannot answer lines
+            // it was never given, nor one whose lease it lost to another rig.
+            let holder = holder_key(&result.batch_id, &result.model, result.line);
+            if self.store.kv_get(&holder).await?.as_deref() != Some(node.id.as_bytes()) {
                 ack.ignored += 1;
                 self.metrics.answers.with_label_values(&["ignored"]).inc();
                 continue;
@@ -1118,6 +1140,7 @@ impl Batches {
                 self.metrics.answers.with_label_values(&["ignored"]).inc();
             }
             // Whoever answered first, the line is done.
+            self.store.kv_delete(&holder).await?;
             self.store
                 .queue_ack(
                     &queue_name(&result.batch_id, &result.model),

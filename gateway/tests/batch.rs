@@ -800,3 +800,70 @@ async fn batch_tokens_are_metered_and_rewarded_by_the_plugins() {
     assert_eq!(award["operator"], "op-test", "{entry}");
     assert_eq!(award["reason"], "batch-tokens", "{entry}");
 }
+
+/// A rig can answer only the lines it holds a lease on: answers for lines it was never given
+/// are ignored, and the batch ends with the real rig's answers.
+#[tokio::test]
+async fn a_rig_cannot_answer_lines_it_did_not_lease() {
+    let gw = gateway(config(vec![])).await;
+    let base = gw.url();
+    // One real rig, slow enough that the lines are still pending when the rogue answers.
+    let options = BatchOptions {
+        max_concurrency: 1,
+        ..quick_batch()
+    };
+    let _rigs = rigs(&base, 1, 0, 20.0, 64, options).await;
+    // The rogue is an enrolled rig too: a valid node credential, no leases.
+    let token = enrollment_token(&base, 1).await;
+    let enrolled: Value = client()
+        .post(format!("{base}/node/v1/enroll"))
+        .json(&json!({"token": token, "name": "rogue"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rogue = enrolled["credential"]
+        .as_str()
+        .expect("credential")
+        .to_owned();
+
+    let (_, key) = create_key(&base, json!({"name": "k"})).await;
+    let file_id = upload_ok(&base, &key, lines(5, 4)).await;
+    let id = create_batch(&base, &key, &file_id).await.1["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let fake: Vec<Value> = (1..=5)
+        .map(|line| {
+            json!({
+                "batch_id": id, "model": MODEL, "line": line, "status_code": 200,
+                "body": {"forged": true}, "latency_ms": 1,
+            })
+        })
+        .collect();
+    let response = client()
+        .post(format!("{base}/node/v1/batch/results"))
+        .bearer_auth(&rogue)
+        .json(&json!({"results": fake}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let ack: Value = response.json().await.unwrap();
+    assert_eq!(ack, json!({"accepted": 0, "ignored": 5}));
+
+    let finished = wait_batch(&base, &key, &id, Duration::from_secs(60)).await;
+    assert_eq!(
+        finished["request_counts"],
+        json!({"total": 5, "completed": 5, "failed": 0})
+    );
+    let output = file_lines(&base, &key, finished["output_file_id"].as_str().unwrap()).await;
+    assert!(
+        output
+            .iter()
+            .all(|l| l["response"]["body"]["object"] == "chat.completion"),
+        "a forged answer got in: {output:?}"
+    );
+}
