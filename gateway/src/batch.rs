@@ -29,7 +29,7 @@ use crate::auth::unix_now;
 use crate::config::BatchConfig;
 use crate::error::ApiError;
 use crate::nodes::{NodeRecord, Nodes};
-use crate::store::{QueueItem, Store, StoreError, StoreEvent};
+use crate::store::{QueueItem, Store, StoreError, StoreEvent, read_counter};
 use crate::usage::{Usage, UsageEvent};
 
 /// The endpoints a batch may target.
@@ -291,8 +291,12 @@ struct QueueIndex {
 
 impl QueueIndex {
     fn id(&self) -> String {
-        format!("{}|{}", self.batch_id, self.model)
+        queue_index_id(&self.batch_id, &self.model)
     }
+}
+
+fn queue_index_id(batch_id: &str, model: &str) -> String {
+    format!("{batch_id}|{model}")
 }
 
 /// What a queued line carries to the rig.
@@ -592,8 +596,9 @@ impl Batches {
         if content.is_empty() {
             return Err(ApiError::bad_request("The file is empty.", Some("file")));
         }
-        self.put_file(owner, &new_id("file-"), filename, purpose, content)
-            .await
+        Ok(self
+            .put_file(owner, &new_id("file-"), filename, purpose, content)
+            .await?)
     }
 
     async fn put_file(
@@ -603,7 +608,7 @@ impl Batches {
         filename: &str,
         purpose: &str,
         content: &[u8],
-    ) -> Result<FileObject, ApiError> {
+    ) -> Result<FileObject, StoreError> {
         let file = FileObject {
             id: id.to_owned(),
             object: "file".into(),
@@ -864,14 +869,7 @@ impl Batches {
     }
 
     async fn count(&self, key: &str) -> Result<u64, StoreError> {
-        Ok(self
-            .store
-            .kv_get(key)
-            .await?
-            .and_then(|b| String::from_utf8(b).ok())
-            .and_then(|s| s.parse::<i64>().ok())
-            .unwrap_or(0)
-            .max(0) as u64)
+        Ok(read_counter(self.store.as_ref(), key).await?.max(0) as u64)
     }
 
     /// The batch as a client sees it: live counts while it runs.
@@ -1289,8 +1287,7 @@ impl Batches {
                     "batch_output",
                     &jsonl(&output),
                 )
-                .await
-                .map_err(|e| StoreError::Backend(e.to_string()))?;
+                .await?;
             stored.batch.output_file_id = Some(file.id);
         }
         if !errors.is_empty() {
@@ -1302,8 +1299,7 @@ impl Batches {
                     "batch_output",
                     &jsonl(&errors),
                 )
-                .await
-                .map_err(|e| StoreError::Backend(e.to_string()))?;
+                .await?;
             stored.batch.error_file_id = Some(file.id);
         }
         usage.total_tokens = usage.input_tokens + usage.output_tokens;
@@ -1324,12 +1320,9 @@ impl Batches {
         for model in &stored.models {
             let queue = queue_name(&id, model);
             self.store.queue_drop_waiting(&queue).await?;
-            let index = QueueIndex {
-                batch_id: id.clone(),
-                model: model.clone(),
-                created_at: 0,
-            };
-            self.store.record_delete(QUEUES, &index.id()).await?;
+            self.store
+                .record_delete(QUEUES, &queue_index_id(&id, model))
+                .await?;
         }
         self.store.record_delete_kind(&results_kind(&id)).await?;
         self.store.kv_delete(&counter(&id, "completed")).await?;
@@ -1439,26 +1432,20 @@ fn jsonl(lines: &[serde_json::Value]) -> Vec<u8> {
     out
 }
 
-fn tokens(body: &serde_json::Value, path: &[&str]) -> u64 {
-    let mut value = body;
-    for key in path {
-        match value.get(key) {
-            Some(v) => value = v,
-            None => return 0,
-        }
-    }
-    value.as_u64().unwrap_or(0)
+/// A token count in an answer's body, by JSON pointer (`/usage/prompt_tokens`); 0 if absent.
+fn tokens(body: &serde_json::Value, pointer: &str) -> u64 {
+    body.pointer(pointer)
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0)
 }
 
 fn add_usage(usage: &mut BatchUsage, body: &serde_json::Value) {
-    usage.input_tokens += tokens(body, &["usage", "prompt_tokens"]);
-    usage.output_tokens += tokens(body, &["usage", "completion_tokens"]);
+    usage.input_tokens += tokens(body, "/usage/prompt_tokens");
+    usage.output_tokens += tokens(body, "/usage/completion_tokens");
     usage.input_tokens_details.cached_tokens +=
-        tokens(body, &["usage", "prompt_tokens_details", "cached_tokens"]);
-    usage.output_tokens_details.reasoning_tokens += tokens(
-        body,
-        &["usage", "completion_tokens_details", "reasoning_tokens"],
-    );
+        tokens(body, "/usage/prompt_tokens_details/cached_tokens");
+    usage.output_tokens_details.reasoning_tokens +=
+        tokens(body, "/usage/completion_tokens_details/reasoning_tokens");
 }
 
 fn usage_event(
@@ -1476,9 +1463,9 @@ fn usage_event(
         request_id: format!("{batch_id}:{line}"),
         key_id: key_id.to_owned(),
         model: model.to_owned(),
-        prompt_tokens: tokens(body, &["usage", "prompt_tokens"]),
-        completion_tokens: tokens(body, &["usage", "completion_tokens"]),
-        cached_tokens: tokens(body, &["usage", "prompt_tokens_details", "cached_tokens"]),
+        prompt_tokens: tokens(body, "/usage/prompt_tokens"),
+        completion_tokens: tokens(body, "/usage/completion_tokens"),
+        cached_tokens: tokens(body, "/usage/prompt_tokens_details/cached_tokens"),
         latency_ms,
         ttft_ms: 0,
         backend: format!("rig:{}", node.id),

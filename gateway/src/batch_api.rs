@@ -15,13 +15,8 @@ use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::batch::{BatchList, BatchObject, CreateBatch, FileDeleted, FileList, FileObject};
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, json_body};
 use crate::state::AppState;
-
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(value)| value)
-        .map_err(|r| ApiError::bad_request(r.body_text(), None))
-}
 
 fn multipart_error(err: MultipartError) -> ApiError {
     if err.status() == StatusCode::PAYLOAD_TOO_LARGE {

@@ -194,3 +194,11 @@ pub fn from_rejection(status: StatusCode, text: String) -> ApiError {
         _ => ApiError::bad_request(text, None),
     }
 }
+
+/// A JSON body, or axum's rejection as a 400 in OpenAI's shape.
+pub fn json_body<T>(
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, ApiError> {
+    body.map(|Json(value)| value)
+        .map_err(|r| ApiError::bad_request(r.body_text(), None))
+}

@@ -13,14 +13,9 @@ use garage_node_protocol::{
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, json_body};
 use crate::nodes::{CreateEnrollmentToken, CreatedEnrollmentToken, NodeInfo};
 use crate::state::AppState;
-
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(value)| value)
-        .map_err(|r| ApiError::bad_request(r.body_text(), None))
-}
 
 /// Trades an enrollment token for the rig's node id and credential (shown once).
 #[utoipa::path(

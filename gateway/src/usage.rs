@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::store::{QueueItem, Store, StoreError};
+use crate::store::{QueueItem, Store, StoreError, read_counter};
 
 /// Aborts a task when dropped (the worker's flusher goes with the worker).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -122,6 +122,16 @@ pub struct LedgerEntry {
     pub outcome: Outcome,
     /// Unix milliseconds.
     pub processed_at_ms: u64,
+}
+
+/// What became of one leased event.
+enum Processed {
+    /// Metered and rewarded now, by this worker alone: its outcome goes into the counters.
+    Now(Outcome),
+    /// Already in the ledger (processed before, or by another worker just now).
+    Before,
+    /// The processor failed; the event goes back to the queue.
+    Failed,
 }
 
 /// Counter updates gathered over a batch of events.
@@ -366,14 +376,16 @@ impl Usage {
                     continue;
                 }
                 match self.process(&event, processor).await? {
-                    Some(outcome) => {
-                        if let Some(outcome) = outcome {
-                            totals.add(&event, &outcome);
-                        }
+                    Processed::Now(outcome) => {
+                        totals.add(&event, &outcome);
                         processed += 1;
                         done.push(item.id);
                     }
-                    None => {
+                    Processed::Before => {
+                        processed += 1;
+                        done.push(item.id);
+                    }
+                    Processed::Failed => {
                         // Back to the queue now, not when the lease runs out.
                         failed = true;
                         self.store.queue_release(QUEUE, &item.id).await?;
@@ -392,14 +404,12 @@ impl Usage {
         }
     }
 
-    /// Meters and rewards one leased event into the ledger. `None`: the processor failed;
-    /// `Some(None)`: the event was already in the ledger (processed before); `Some(Some(_))`:
-    /// processed now, by this worker alone.
+    /// Meters and rewards one leased event into the ledger.
     async fn process(
         &self,
         event: &UsageEvent,
         processor: &dyn UsageProcessor,
-    ) -> Result<Option<Option<Outcome>>, StoreError> {
+    ) -> Result<Processed, StoreError> {
         if self
             .store
             .record_get(LEDGER, &event.request_id)
@@ -408,13 +418,13 @@ impl Usage {
         {
             // Processed before (a crash after the ledger write, before the ack): the meter
             // must not see it again.
-            return Ok(Some(None));
+            return Ok(Processed::Before);
         }
         let outcome = match processor.process(event).await {
             Ok(outcome) => outcome,
             Err(err) => {
                 tracing::warn!(request_id = %event.request_id, error = %err, "usage processing failed; will retry");
-                return Ok(None);
+                return Ok(Processed::Failed);
             }
         };
         let entry = LedgerEntry {
@@ -430,9 +440,9 @@ impl Usage {
             .record_put_new(LEDGER, &event.request_id, &json)
             .await?
         {
-            Ok(Some(Some(entry.outcome)))
+            Ok(Processed::Now(entry.outcome))
         } else {
-            Ok(Some(None))
+            Ok(Processed::Before)
         }
     }
 
@@ -516,13 +526,7 @@ impl Usage {
     }
 
     async fn counter(&self, key: &str) -> Result<i64, StoreError> {
-        Ok(self
-            .store
-            .kv_get(key)
-            .await?
-            .and_then(|b| String::from_utf8(b).ok())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0))
+        read_counter(self.store.as_ref(), key).await
     }
 
     /// Daily usage, optionally only one key's, newest day first.

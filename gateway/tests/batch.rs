@@ -103,22 +103,18 @@ fn done(batch: &Value) -> u64 {
         + batch["request_counts"]["failed"].as_u64().unwrap_or(0)
 }
 
+fn terminal(batch: &Value) -> bool {
+    ["completed", "failed", "expired", "cancelled"]
+        .contains(&batch["status"].as_str().unwrap_or(""))
+}
+
 /// Waits for the batch to reach a terminal status; returns it.
 async fn wait_batch(base: &str, key: &str, id: &str, bound: Duration) -> Value {
-    let deadline = Instant::now() + bound;
-    loop {
-        let batch = batch(base, key, id).await;
-        if ["completed", "failed", "expired", "cancelled"]
-            .contains(&batch["status"].as_str().unwrap_or(""))
-        {
-            return batch;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "batch did not finish in {bound:?}: {batch}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(bound, &format!("batch {id} to finish"), || async {
+        terminal(&batch(base, key, id).await)
+    })
+    .await;
+    batch(base, key, id).await
 }
 
 async fn file_lines(base: &str, key: &str, id: &str) -> Vec<Value> {

@@ -243,8 +243,12 @@ async fn queues(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(ids(&short), ["c"]);
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(store.queue_counts(q).await.unwrap(), counts(3, 2));
+    wait_until(
+        Duration::from_secs(5),
+        "the short lease runs out",
+        || async { store.queue_counts(q).await.unwrap() == counts(3, 2) },
+    )
+    .await;
     let again = store
         .queue_lease(q, 2, Duration::from_secs(60))
         .await
@@ -275,7 +279,12 @@ async fn queues(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(ids(&brief), ["f"]);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until(
+        Duration::from_secs(5),
+        "the brief lease runs out",
+        || async { store.queue_counts(q).await.unwrap() == counts(2, 3) },
+    )
+    .await;
     assert_eq!(store.queue_drop_waiting(q).await.unwrap(), 2);
     assert_eq!(store.queue_counts(q).await.unwrap(), counts(0, 3));
     for id in ["b", "c", "d"] {

@@ -173,6 +173,16 @@ pub trait Store: Send + Sync + 'static {
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
 }
 
+/// The integer a counter (`kv_incr`) holds: 0 when it is missing or unreadable.
+pub async fn read_counter(store: &dyn Store, key: &str) -> Result<i64, StoreError> {
+    Ok(store
+        .kv_get(key)
+        .await?
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0))
+}
+
 /// Opens the store a config names: `memory` or a Redis URL.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     if url == "memory" {
