@@ -98,6 +98,11 @@ const EWMA_WEIGHT: f32 = 0.2;
 #[derive(Debug)]
 pub struct Backend {
     pub id: String,
+    /// The id's stable 64-bit key, as routers see it (`candidate.key`).
+    pub key: u64,
+    /// Who the backend is, as a router asks (`candidates.describe`): built once, shared by
+    /// every request.
+    pub info: Arc<crate::plugins::CandidateInfo>,
     pub models: Vec<String>,
     pub transport: Transport,
     pub rig: Option<RigInfo>,
@@ -122,7 +127,7 @@ impl Backend {
             let origin_url = url_origin(&base_url);
             format!("{origin_url}/{}", path.trim_start_matches('/'))
         });
-        Self::new(
+        let mut backend = Self::new(
             config.name.clone(),
             config.models.clone(),
             Transport::Url {
@@ -132,7 +137,12 @@ impl Backend {
             },
             None,
             origin,
-        )
+        );
+        backend.info = Arc::new(crate::plugins::CandidateInfo {
+            labels: config.labels.clone().into_iter().collect(),
+            ..(*backend.info).clone()
+        });
+        backend
     }
 
     pub fn new(
@@ -142,7 +152,15 @@ impl Backend {
         rig: Option<RigInfo>,
         origin: Instant,
     ) -> Self {
+        let info = Arc::new(crate::plugins::CandidateInfo {
+            id: id.clone(),
+            rig: rig.as_ref().map(|r| r.node_id.clone()).unwrap_or_default(),
+            operator: rig.as_ref().map(|r| r.operator.clone()).unwrap_or_default(),
+            labels: Vec::new(),
+        });
         Backend {
+            key: crate::plugins::candidate_key(&id),
+            info,
             id,
             models,
             transport,
@@ -452,6 +470,7 @@ mod tests {
             models: models.iter().map(|m| m.to_string()).collect(),
             api_key: None,
             health_path: Some("/health".into()),
+            labels: Default::default(),
         }
     }
 

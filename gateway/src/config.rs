@@ -241,6 +241,9 @@ pub struct UpstreamConfig {
     /// upstream is probed periodically; when unset, only failed requests take it out of rotation.
     #[serde(default)]
     pub health_path: Option<String>,
+    /// Labels a router may read (`candidates.describe`), such as `{ region = "eu" }`.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for Config {

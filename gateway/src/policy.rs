@@ -204,7 +204,9 @@ pub async fn order(
         stream,
     };
     let described: Vec<plugins::Candidate> = candidates.iter().map(|b| describe(b)).collect();
-    match state.plugins.route(&request, &described).await {
+    let infos: Vec<Arc<plugins::CandidateInfo>> =
+        candidates.iter().map(|b| Arc::clone(&b.info)).collect();
+    match state.plugins.route(&request, &described, &infos).await {
         Some(order) => order
             .into_iter()
             .filter_map(|i| candidates.get(i as usize).cloned())
@@ -216,15 +218,8 @@ pub async fn order(
 fn describe(backend: &Backend) -> plugins::Candidate {
     let load = **backend.load.load();
     let (latency_ms, tokens_per_second) = backend.measured();
-    let operator = backend
-        .rig
-        .as_ref()
-        .map(|r| r.operator.clone())
-        .unwrap_or_default();
     plugins::Candidate {
-        id: backend.id.clone(),
-        operator,
-        labels: Vec::new(),
+        key: backend.key,
         in_flight: backend.in_flight(),
         engine_running: load.engine_running,
         engine_waiting: load.engine_waiting,

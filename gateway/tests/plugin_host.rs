@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use garage_gateway::plugins::{
-    Admission, Candidate, PluginError, PluginHost, PluginsConfig, RigReport, RouteRequest,
-    Settlement, Slot, SlotLimits, SlotStatus, UsageEvent,
+    Admission, Candidate, CandidateInfo, PluginError, PluginHost, PluginsConfig, RigReport,
+    RouteRequest, Settlement, Slot, SlotLimits, SlotStatus, UsageEvent,
 };
 use garage_gateway::store::{MemoryStore, RedisStore, Store};
 use sha2::{Digest, Sha256};
@@ -85,15 +85,34 @@ fn request(model: &str) -> RouteRequest {
     }
 }
 
-fn candidates(n: usize) -> Vec<Candidate> {
-    (0..n)
+/// Candidates for a `route` call: their numbers, and who they are (index for index).
+#[derive(Clone)]
+struct Cands {
+    list: Vec<Candidate>,
+    infos: Vec<Arc<CandidateInfo>>,
+}
+
+async fn route(host: &PluginHost, model: &str, cands: &Cands) -> Option<Vec<u32>> {
+    host.route(&request(model), &cands.list, &cands.infos).await
+}
+
+fn candidates(n: usize) -> Cands {
+    let infos = (0..n)
+        .map(|i| {
+            Arc::new(CandidateInfo {
+                id: format!("rig-{i}"),
+                rig: format!("rig-{i}"),
+                operator: format!("operator-{}", i % 7),
+                labels: vec![
+                    ("region".into(), if i % 2 == 0 { "eu" } else { "us" }.into()),
+                    ("gpu".into(), "4090".into()),
+                ],
+            })
+        })
+        .collect();
+    let list = (0..n)
         .map(|i| Candidate {
-            id: format!("rig-{i}"),
-            operator: format!("operator-{}", i % 7),
-            labels: vec![
-                ("region".into(), "eu".into()),
-                ("gpu".into(), "4090".into()),
-            ],
+            key: garage_gateway::plugins::candidate_key(&format!("rig-{i}")),
             in_flight: (i % 5) as u32,
             engine_running: (i % 3) as u32,
             engine_waiting: (i % 4) as u32,
@@ -103,7 +122,8 @@ fn candidates(n: usize) -> Vec<Candidate> {
             gpu_utilization: 0.5,
             gpu_memory_free_bytes: 8 << 30,
         })
-        .collect()
+        .collect();
+    Cands { list, infos }
 }
 
 fn admission(request_id: &str, metadata: &str) -> Admission {
@@ -165,7 +185,7 @@ async fn every_default_plugin_loads_and_answers() {
     let cands = candidates(10);
 
     // No plugin: every call says "fall back".
-    assert_eq!(host.route(&request("m"), &cands).await, None);
+    assert_eq!(route(&host, "m", &cands).await, None);
     assert!(host.admit(&admission("r0", "{}")).await.is_none());
     assert!(host.charge(&usage("r0")).await.unwrap().is_none());
     assert!(host.reward_usage(&usage("r0")).await.unwrap().is_none());
@@ -181,20 +201,33 @@ async fn every_default_plugin_loads_and_answers() {
             .unwrap();
         assert_eq!(info.sha256, sha256(router));
         assert_eq!(info.size, router.len() as u64);
-        let order = host
-            .route(&request("m"), &cands)
-            .await
-            .expect("a router answers");
-        assert_valid_order(&order, cands.len());
+        let order = route(&host, "m", &cands).await.expect("a router answers");
+        assert_valid_order(&order, cands.list.len());
     }
 
     // Round robin takes turns: consecutive requests start one further along.
     host.install(Slot::Router, components::ROUTER_ROUND_ROBIN, "{}", "test")
         .await
         .unwrap();
-    let first = host.route(&request("rr"), &cands).await.unwrap()[0];
-    let second = host.route(&request("rr"), &cands).await.unwrap()[0];
-    assert_eq!(second, (first + 1) % cands.len() as u32);
+    let first = route(&host, "rr", &cands).await.unwrap()[0];
+    let second = route(&host, "rr", &cands).await.unwrap()[0];
+    assert_eq!(second, (first + 1) % cands.list.len() as u32);
+
+    // A router asks who the candidates are only when it needs to: least loaded, told to prefer
+    // a region, reads every candidate's labels through `candidates.describe` and puts the even
+    // (eu) indices first.
+    host.install(
+        Slot::Router,
+        components::ROUTER_LEAST_LOADED,
+        r#"{"prefer": {"region": "eu"}}"#,
+        "test",
+    )
+    .await
+    .unwrap();
+    let order = route(&host, "m", &cands).await.unwrap();
+    assert_valid_order(&order, cands.list.len());
+    assert!(order[..5].iter().all(|i| i % 2 == 0), "{order:?}");
+    assert!(order[5..].iter().all(|i| i % 2 == 1), "{order:?}");
 
     // Rate limiter: two requests a minute for this key, the third is refused with a retry.
     host.install(Slot::RateLimiter, components::RATE_LIMITER, "{}", "test")
@@ -387,7 +420,7 @@ async fn an_infinite_loop_hits_its_deadline_and_the_runtime_keeps_running() {
         .map(|_| {
             let host = host.clone();
             let cands = cands.clone();
-            tokio::spawn(async move { host.route(&request("m"), &cands).await })
+            tokio::spawn(async move { route(&host, "m", &cands).await })
         })
         .collect();
     let timer = Instant::now();
@@ -409,7 +442,7 @@ async fn an_infinite_loop_hits_its_deadline_and_the_runtime_keeps_running() {
     host.install(Slot::Router, components::ROUTER_ROUND_ROBIN, "{}", "test")
         .await
         .unwrap();
-    assert!(host.route(&request("m"), &cands).await.is_some());
+    assert!(route(&host, "m", &cands).await.is_some());
 }
 
 /// A host whose router may run long: the cap or the check must be what stops the plugin, not
@@ -426,7 +459,7 @@ async fn a_memory_bomb_hits_the_cap() {
     host.install(Slot::Router, components::MEMORY_BOMB, "{}", "test")
         .await
         .unwrap();
-    assert_eq!(host.route(&request("m"), &candidates(3)).await, None);
+    assert_eq!(route(&host, "m", &candidates(3)).await, None);
     let faults = status(&host, Slot::Router).faults;
     assert_eq!(faults.memory_cap, 1, "{faults:?}");
 }
@@ -437,7 +470,7 @@ async fn a_trap_falls_back() {
     host.install(Slot::Router, components::TRAP, "{}", "test")
         .await
         .unwrap();
-    assert_eq!(host.route(&request("m"), &candidates(3)).await, None);
+    assert_eq!(route(&host, "m", &candidates(3)).await, None);
     assert_eq!(status(&host, Slot::Router).faults.trap, 1);
 }
 
@@ -447,7 +480,7 @@ async fn a_huge_answer_is_refused() {
     host.install(Slot::Router, components::HUGE_OUTPUT, "{}", "test")
         .await
         .unwrap();
-    assert_eq!(host.route(&request("m"), &candidates(3)).await, None);
+    assert_eq!(route(&host, "m", &candidates(3)).await, None);
     let faults = status(&host, Slot::Router).faults;
     assert_eq!(faults.bad_output + faults.memory_cap, 1, "{faults:?}");
 }
@@ -465,12 +498,12 @@ async fn nonsensical_or_failing_answers_fall_back() {
     .await
     .unwrap();
     assert_eq!(
-        host.route(&request("m"), &candidates(100)).await,
+        route(&host, "m", &candidates(100)).await,
         Some(vec![0, 1, 2])
     );
     // ...over 2 candidates it repeats an index, and over none the router is not even called.
-    assert_eq!(host.route(&request("m"), &candidates(2)).await, None);
-    assert_eq!(host.route(&request("m"), &[]).await, None);
+    assert_eq!(route(&host, "m", &candidates(2)).await, None);
+    assert_eq!(host.route(&request("m"), &[], &[]).await, None);
     // An invalid config makes the plugin return its own error: a fallback, not a crash.
     host.install(
         Slot::Router,
@@ -480,7 +513,7 @@ async fn nonsensical_or_failing_answers_fall_back() {
     )
     .await
     .unwrap();
-    assert_eq!(host.route(&request("m"), &candidates(2)).await, None);
+    assert_eq!(route(&host, "m", &candidates(2)).await, None);
     let faults = status(&host, Slot::Router).faults;
     assert_eq!(
         (faults.bad_output, faults.plugin_error),
@@ -535,7 +568,7 @@ async fn repeated_faults_roll_the_slot_back_by_itself() {
 
     let cands = candidates(3);
     for _ in 0..5 {
-        assert_eq!(host.route(&request("m"), &cands).await, None);
+        assert_eq!(route(&host, "m", &cands).await, None);
     }
     let h = host.clone();
     let good_sha = good.sha256.clone();
@@ -547,7 +580,7 @@ async fn repeated_faults_roll_the_slot_back_by_itself() {
     .await;
     let after = status(&host, Slot::Router);
     assert_eq!(after.active.unwrap().activated_by, "auto-rollback");
-    assert!(host.route(&request("m"), &cands).await.is_some());
+    assert!(route(&host, "m", &cands).await.is_some());
     assert_eq!(
         host.metrics()
             .rollbacks
@@ -564,7 +597,7 @@ async fn repeated_faults_roll_the_slot_back_by_itself() {
         .await
         .unwrap();
     for _ in 0..5 {
-        assert_eq!(host.route(&request("m"), &cands).await, None);
+        assert_eq!(route(&host, "m", &cands).await, None);
     }
     let h = host.clone();
     wait_until(Duration::from_secs(5), "canary withdrawn", || {
@@ -573,7 +606,7 @@ async fn repeated_faults_roll_the_slot_back_by_itself() {
     })
     .await;
     assert_eq!(active_sha(&host, Slot::Router), Some(good.sha256));
-    assert!(host.route(&request("m"), &cands).await.is_some());
+    assert!(route(&host, "m", &cands).await.is_some());
 }
 
 #[tokio::test]
@@ -598,7 +631,7 @@ async fn rollback_activate_canary_and_promote() {
         .upload(
             Slot::Router,
             components::ROUTER_LEAST_LOADED,
-            r#"{"a": 1}"#,
+            r#"{"prefer": {"gpu": "4090"}}"#,
             "bob",
         )
         .await
@@ -626,7 +659,10 @@ async fn rollback_activate_canary_and_promote() {
         .await
         .unwrap();
     assert_eq!(canary.sha256, v2.sha256);
-    assert_eq!(canary.config, serde_json::json!({"a": 1}));
+    assert_eq!(
+        canary.config,
+        serde_json::json!({"prefer": {"gpu": "4090"}})
+    );
     let s = status(&host, Slot::Router);
     assert_eq!(s.canary.as_ref().map(|c| c.percent), Some(50));
     assert_eq!(s.active.unwrap().sha256, v1.sha256);
@@ -634,7 +670,7 @@ async fn rollback_activate_canary_and_promote() {
     // About half the calls go to the canary.
     let cands = candidates(5);
     for _ in 0..200 {
-        assert!(host.route(&request("m"), &cands).await.is_some());
+        assert!(route(&host, "m", &cands).await.is_some());
     }
     let calls = |role: &str| {
         host.metrics()
@@ -677,7 +713,7 @@ async fn rollback_activate_canary_and_promote() {
 
     host.deactivate(Slot::Router, "erin").await.unwrap();
     assert_eq!(active_sha(&host, Slot::Router), None);
-    assert_eq!(host.route(&request("m"), &cands).await, None);
+    assert_eq!(route(&host, "m", &cands).await, None);
 }
 
 // ---- Replicas -------------------------------------------------------------------------------
@@ -710,11 +746,11 @@ async fn replicas_follow_each_other(store_a: Arc<dyn Store>, store_b: Arc<dyn St
         "replica followed an activation in {:?}",
         activated.elapsed()
     );
-    assert!(b.route(&request("m"), &cands).await.is_some());
+    assert!(route(&b, "m", &cands).await.is_some());
 
     // Both replicas share the router's state: round robin takes turns across them.
-    let first = a.route(&request("shared"), &cands).await.unwrap()[0];
-    let second = b.route(&request("shared"), &cands).await.unwrap()[0];
+    let first = route(&a, "shared", &cands).await.unwrap()[0];
+    let second = route(&b, "shared", &cands).await.unwrap()[0];
     assert_eq!(second, (first + 1) % 4);
 
     // A canary and a rollback made on b reach a.
@@ -746,7 +782,7 @@ async fn replicas_follow_each_other(store_a: Arc<dyn Store>, store_b: Arc<dyn St
     drop(a);
     let restarted = PluginHost::new(store_a, config()).await.unwrap();
     assert_eq!(active_sha(&restarted, Slot::Router), Some(v1.sha256));
-    assert!(restarted.route(&request("m"), &cands).await.is_some());
+    assert!(route(&restarted, "m", &cands).await.is_some());
 }
 
 #[tokio::test]
@@ -799,7 +835,7 @@ async fn a_corrupt_slot_record_does_not_stop_the_host() {
     host.install(Slot::Router, components::ROUTER_ROUND_ROBIN, "{}", "admin")
         .await
         .unwrap();
-    assert!(host.route(&request("m"), &candidates(2)).await.is_some());
+    assert!(route(&host, "m", &candidates(2)).await.is_some());
 }
 
 // ---- Isolation ------------------------------------------------------------------------------
@@ -811,7 +847,7 @@ async fn plugin_state_is_namespaced_per_slot() {
         .await
         .unwrap();
     let cands = candidates(5);
-    host.route(&request("m"), &cands).await.unwrap();
+    route(&host, "m", &cands).await.unwrap();
     assert_eq!(
         store.kv_get("plugin:router:rr:m").await.unwrap().as_deref(),
         Some(&b"1"[..])
@@ -823,7 +859,7 @@ async fn plugin_state_is_namespaced_per_slot() {
         .kv_set("plugin:rate-limiter:rr:m", b"40", None)
         .await
         .unwrap();
-    host.route(&request("m"), &cands).await.unwrap();
+    route(&host, "m", &cands).await.unwrap();
     assert_eq!(
         store.kv_get("plugin:router:rr:m").await.unwrap().as_deref(),
         Some(&b"2"[..])
@@ -956,10 +992,8 @@ const WASI_PROBE: &str = r#"
     (field "model" string) (field "key-id" string) (field "prefix-hash" u64)
     (field "prompt-tokens" u32) (field "max-tokens" u32) (field "stream" bool)))
   (export $request "route-request" (type $route_request))
-  (type $labels (list (tuple string string)))
   (type $candidate (record
-    (field "id" string) (field "operator" string) (field "labels" $labels)
-    (field "in-flight" u32) (field "engine-running" u32) (field "engine-waiting" u32)
+    (field "key" u64) (field "in-flight" u32) (field "engine-running" u32) (field "engine-waiting" u32)
     (field "kv-cache-usage" f32) (field "tokens-per-second" f32) (field "latency-ms" f32)
     (field "gpu-utilization" f32) (field "gpu-memory-free-bytes" u64)))
   (export $cand "candidate" (type $candidate))
@@ -982,10 +1016,7 @@ async fn a_guest_gets_no_environment_arguments_files_or_network() {
     // The test process has environment variables and arguments; the guest sees none of them,
     // no preopened directory, and may not create a socket.
     assert!(std::env::vars().next().is_some());
-    assert_eq!(
-        host.route(&request("m"), &candidates(100)).await,
-        Some(vec![0])
-    );
+    assert_eq!(route(&host, "m", &candidates(100)).await, Some(vec![0]));
 }
 
 // ---- Files ----------------------------------------------------------------------------------
@@ -1082,15 +1113,15 @@ async fn warm_instances_are_reused_and_retired_after_a_trap() {
     let cands = candidates(4);
     let mut firsts = Vec::new();
     for _ in 0..8 {
-        firsts.push(host.route(&request("m"), &cands).await.unwrap()[0]);
+        firsts.push(route(&host, "m", &cands).await.unwrap()[0]);
     }
     // State lives in the store, so reuse does not change the answers.
     assert_eq!(firsts, [0, 1, 2, 3, 0, 1, 2, 3]);
     host.install(Slot::Router, components::TRAP, "{}", "test")
         .await
         .unwrap();
-    assert_eq!(host.route(&request("m"), &cands).await, None);
-    assert_eq!(host.route(&request("m"), &cands).await, None);
+    assert_eq!(route(&host, "m", &cands).await, None);
+    assert_eq!(route(&host, "m", &cands).await, None);
     assert_eq!(status(&host, Slot::Router).faults.trap, 2);
 }
 
@@ -1126,30 +1157,28 @@ async fn latency_of_each_default_plugin() {
                 .await
                 .unwrap();
             let stats = measure(iterations, || async {
-                assert!(host.route(&request("m"), &cands).await.is_some());
+                assert!(route(&host, "m", &cands).await.is_some());
             })
             .await;
             println!("{name:<24} {mode:<15} 100 candidates  {stats}");
         }
-        // The same, without labels: most of a router call is lowering the candidates' strings
-        // into the guest (one allocation in the guest per string).
-        host.install(Slot::Router, components::ROUTER_ROUND_ROBIN, "{}", "bench")
-            .await
-            .unwrap();
-        let bare: Vec<Candidate> = cands
-            .iter()
-            .map(|c| Candidate {
-                labels: Vec::new(),
-                ..c.clone()
-            })
-            .collect();
+        // The same router asking who every candidate is (`candidates.describe`), as it does
+        // when configured to prefer some labels: the cost of the strings a router reads.
+        host.install(
+            Slot::Router,
+            components::ROUTER_LEAST_LOADED,
+            r#"{"prefer": {"region": "eu"}}"#,
+            "bench",
+        )
+        .await
+        .unwrap();
         let stats = measure(iterations, || async {
-            assert!(host.route(&request("m"), &bare).await.is_some());
+            assert!(route(&host, "m", &cands).await.is_some());
         })
         .await;
         println!(
-            "{:<24} {mode:<15} 100, no labels  {stats}",
-            "router-round-robin"
+            "{:<24} {mode:<15} 100, describes  {stats}",
+            "router-least-loaded"
         );
         host.install(Slot::RateLimiter, components::RATE_LIMITER, "{}", "bench")
             .await

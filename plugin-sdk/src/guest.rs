@@ -9,8 +9,8 @@
 //! router component does not claim to export `charge`.
 
 use crate::{
-    Admission, Award, Candidate, Charge, Decision, Host, LogLevel, Meter, RateLimitHeaders,
-    RateLimiter, Reward, RigReport, RouteRequest, Router, Settlement, UsageEvent,
+    Admission, Award, Candidate, CandidateInfo, Charge, Decision, Host, LogLevel, Meter,
+    RateLimitHeaders, RateLimiter, Reward, RigReport, RouteRequest, Router, Settlement, UsageEvent,
 };
 
 /// The imports of every world, and the shared records.
@@ -23,11 +23,11 @@ mod imports {
             package garage:plugin-sdk;
 
             world imports {
-                import garage:policy/types@0.1.0;
-                import garage:policy/kv@0.1.0;
-                import garage:policy/clock@0.1.0;
-                import garage:policy/log@0.1.0;
-                import garage:policy/config@0.1.0;
+                import garage:policy/types@0.2.0;
+                import garage:policy/kv@0.2.0;
+                import garage:policy/clock@0.2.0;
+                import garage:policy/log@0.2.0;
+                import garage:policy/config@0.2.0;
             }
         "#,
         generate_all,
@@ -55,11 +55,11 @@ macro_rules! world {
                 path: "../wit",
                 world: $world,
                 with: {
-                    "garage:policy/types@0.1.0": crate::guest::imports::garage::policy::types,
-                    "garage:policy/kv@0.1.0": crate::guest::imports::garage::policy::kv,
-                    "garage:policy/clock@0.1.0": crate::guest::imports::garage::policy::clock,
-                    "garage:policy/log@0.1.0": crate::guest::imports::garage::policy::log,
-                    "garage:policy/config@0.1.0": crate::guest::imports::garage::policy::config,
+                    "garage:policy/types@0.2.0": crate::guest::imports::garage::policy::types,
+                    "garage:policy/kv@0.2.0": crate::guest::imports::garage::policy::kv,
+                    "garage:policy/clock@0.2.0": crate::guest::imports::garage::policy::clock,
+                    "garage:policy/log@0.2.0": crate::guest::imports::garage::policy::log,
+                    "garage:policy/config@0.2.0": crate::guest::imports::garage::policy::config,
                 },
                 pub_export_macro: true,
                 export_macro_name: $export_macro,
@@ -138,6 +138,53 @@ impl Host for WasmHost {
     }
 }
 
+/// The [`Host`] of a router: a [`WasmHost`] that can also describe the candidates. Only the
+/// router world imports `candidates`, so only a router's glue may call it.
+struct RouterHost;
+
+impl Host for RouterHost {
+    fn kv_get(&self, key: &str) -> Option<Vec<u8>> {
+        WasmHost.kv_get(key)
+    }
+
+    fn kv_set(&self, key: &str, value: &[u8], ttl_ms: Option<u64>) {
+        WasmHost.kv_set(key, value, ttl_ms);
+    }
+
+    fn kv_delete(&self, key: &str) {
+        WasmHost.kv_delete(key);
+    }
+
+    fn kv_incr(&self, key: &str, delta: i64, ttl_ms: Option<u64>) -> i64 {
+        WasmHost.kv_incr(key, delta, ttl_ms)
+    }
+
+    fn kv_reserve(&self, key: &str, amount: i64, limit: i64, ttl_ms: Option<u64>) -> Option<i64> {
+        WasmHost.kv_reserve(key, amount, limit, ttl_ms)
+    }
+
+    fn now_ms(&self) -> u64 {
+        WasmHost.now_ms()
+    }
+
+    fn log(&self, level: LogLevel, message: &str) {
+        WasmHost.log(level, message);
+    }
+
+    fn config(&self) -> String {
+        WasmHost.config()
+    }
+
+    fn candidate(&self, index: u32) -> Option<CandidateInfo> {
+        router::garage::policy::candidates::describe(index).map(|info| CandidateInfo {
+            id: info.id,
+            rig: info.rig,
+            operator: info.operator,
+            labels: info.labels,
+        })
+    }
+}
+
 /// `route` of the `router` world, for `export_router!`.
 pub fn route<P: Router>(
     request: wit::RouteRequest,
@@ -145,7 +192,7 @@ pub fn route<P: Router>(
 ) -> Result<Vec<u32>, String> {
     let request = RouteRequest::from(request);
     let candidates: Vec<Candidate> = candidates.into_iter().map(Candidate::from).collect();
-    P::route(&WasmHost, &request, &candidates)
+    P::route(&RouterHost, &request, &candidates)
 }
 
 /// `admit` of the `rate-limiter` world, for `export_rate_limiter!`.
@@ -200,9 +247,7 @@ impl From<wit::RouteRequest> for RouteRequest {
 impl From<wit::Candidate> for Candidate {
     fn from(c: wit::Candidate) -> Self {
         Self {
-            id: c.id,
-            operator: c.operator,
-            labels: c.labels,
+            key: c.key,
             in_flight: c.in_flight,
             engine_running: c.engine_running,
             engine_waiting: c.engine_waiting,

@@ -1,9 +1,10 @@
 //! What the gateway offers a plugin: the imports of every `garage:policy` world.
 
-use crate::LogLevel;
+use crate::{CandidateInfo, LogLevel};
 
-/// The gateway as a plugin sees it: key-value state, a clock, logging and the plugin's own
-/// configuration (WIT interfaces `kv`, `clock`, `log` and `config`).
+/// The gateway as a plugin sees it: key-value state, a clock, logging, the plugin's own
+/// configuration, and for a router who its candidates are (WIT interfaces `kv`, `clock`, `log`,
+/// `config` and `candidates`).
 ///
 /// A plugin receives a `&dyn Host` in every call. Inside a component it is backed by the WIT
 /// imports; in native unit tests it is a [`MemoryHost`](crate::testing::MemoryHost).
@@ -58,4 +59,15 @@ pub trait Host {
     /// The plugin's configuration as JSON text (`{}` when the operator gave none). See
     /// [`config::parse`](crate::config::parse) to read it into a struct.
     fn config(&self) -> String;
+
+    /// Who `candidates[index]` of the `route` call in progress is (WIT
+    /// `candidates.describe`); `None` when `index` is out of range, and outside a `route` call.
+    ///
+    /// Candidates carry numbers only, so handing a router a hundred of them costs next to
+    /// nothing; a router that needs a backend's id, operator or labels asks here, for the
+    /// candidates it cares about.
+    fn candidate(&self, index: u32) -> Option<CandidateInfo> {
+        let _ = index;
+        None
+    }
 }

@@ -1,6 +1,6 @@
 //! The SDK for Garage policy plugins (routing, rate limits, metering, rewards) written in Rust.
 //!
-//! A policy is a WebAssembly component implementing one world of the `garage:policy@0.1.0`
+//! A policy is a WebAssembly component implementing one world of the `garage:policy@0.2.0`
 //! WIT package (`wit/policy.wit`): `router`, `rate-limiter`, `meter` or `reward`. With this
 //! crate a plugin is plain Rust:
 //!
@@ -93,8 +93,8 @@ mod guest;
 
 pub use host::Host;
 pub use types::{
-    Admission, Award, Candidate, Charge, Decision, LogLevel, RateLimitHeaders, RigReport,
-    RouteRequest, Settlement, UsageEvent,
+    Admission, Award, Candidate, CandidateInfo, Charge, Decision, LogLevel, RateLimitHeaders,
+    RigReport, RouteRequest, Settlement, UsageEvent, candidate_key,
 };
 
 /// The `router` world: picks where a request goes.

@@ -6,7 +6,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
-use crate::{Host, LogLevel};
+use crate::{CandidateInfo, Host, LogLevel};
 
 /// A [`Host`] for tests: key-value state in memory with TTLs that follow a clock the test
 /// sets, captured log lines, and a configuration string.
@@ -40,6 +40,7 @@ pub struct MemoryHost {
     now_ms: Cell<u64>,
     logs: RefCell<Vec<(LogLevel, String)>>,
     config: RefCell<String>,
+    candidates: RefCell<Vec<CandidateInfo>>,
 }
 
 #[derive(Debug, Clone)]
@@ -78,7 +79,23 @@ impl MemoryHost {
             now_ms: Cell::new(Self::DEFAULT_NOW_MS),
             logs: RefCell::default(),
             config: RefCell::new(config.into()),
+            candidates: RefCell::default(),
         }
+    }
+
+    /// Says who the candidates of the next `route` calls are, index for index, as the
+    /// gateway does for a call ([`Host::candidate`]).
+    ///
+    /// ```
+    /// use garage_plugin_sdk::{CandidateInfo, Host, testing::MemoryHost};
+    ///
+    /// let host = MemoryHost::new();
+    /// host.set_candidates(vec![CandidateInfo::new("rig-a")]);
+    /// assert_eq!(host.candidate(0).map(|c| c.id), Some("rig-a".to_owned()));
+    /// assert_eq!(host.candidate(1), None);
+    /// ```
+    pub fn set_candidates(&self, infos: Vec<CandidateInfo>) {
+        *self.candidates.borrow_mut() = infos;
     }
 
     /// Replaces the plugin configuration.
@@ -221,6 +238,10 @@ impl Host for MemoryHost {
 
     fn config(&self) -> String {
         self.config.borrow().clone()
+    }
+
+    fn candidate(&self, index: u32) -> Option<CandidateInfo> {
+        self.candidates.borrow().get(index as usize).cloned()
     }
 }
 

@@ -23,14 +23,14 @@ pub struct RouteRequest {
 }
 
 /// One backend that can serve the request, with its live stats (WIT `candidate`).
-#[derive(Debug, Clone, Default, PartialEq)]
+///
+/// Numbers only: who the backend is (id, rig, operator, labels) is one call away,
+/// [`Host::candidate`](crate::Host::candidate), for the routers that need it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Candidate {
-    /// Backend id: the node id of a rig, or the name of a static upstream.
-    pub id: String,
-    /// Operator the rig belongs to; empty for static upstreams.
-    pub operator: String,
-    /// Free-form labels (region, GPU class...), as `key=value` pairs.
-    pub labels: Vec<(String, String)>,
+    /// Stable 64-bit key of the backend, [`candidate_key`] of its id: the same in every call
+    /// and on every gateway replica, so it can drive consistent hashing.
+    pub key: u64,
     /// Requests this gateway has in flight on this backend.
     pub in_flight: u32,
     /// Requests running in the engine (vLLM `num_requests_running`), 0 when unknown.
@@ -50,18 +50,19 @@ pub struct Candidate {
 }
 
 impl Candidate {
-    /// A candidate with this id and every stat unknown (zero), for tests and examples.
+    /// A candidate for the backend with this id, every stat unknown (zero), for tests and
+    /// examples.
     ///
     /// ```
-    /// use garage_plugin_sdk::Candidate;
+    /// use garage_plugin_sdk::{Candidate, candidate_key};
     ///
     /// let rig = Candidate { in_flight: 3, ..Candidate::new("rig-a") };
-    /// assert_eq!(rig.id, "rig-a");
+    /// assert_eq!(rig.key, candidate_key("rig-a"));
     /// assert_eq!(rig.load(), 3);
     /// ```
-    pub fn new(id: impl Into<String>) -> Self {
+    pub fn new(id: &str) -> Self {
         Self {
-            id: id.into(),
+            key: candidate_key(id),
             ..Self::default()
         }
     }
@@ -74,15 +75,55 @@ impl Candidate {
     pub fn load(&self) -> u64 {
         u64::from(self.in_flight) + u64::from(self.engine_running) + u64::from(self.engine_waiting)
     }
+}
+
+/// The key of the backend with id `id`, as the gateway gives it in [`Candidate::key`]:
+/// FNV-1a (64-bit) of the id's UTF-8 bytes.
+///
+/// ```
+/// use garage_plugin_sdk::candidate_key;
+///
+/// assert_eq!(candidate_key(""), 0xcbf2_9ce4_8422_2325);
+/// assert_ne!(candidate_key("rig-a"), candidate_key("rig-b"));
+/// ```
+pub fn candidate_key(id: &str) -> u64 {
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    id.bytes().fold(FNV_OFFSET, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME)
+    })
+}
+
+/// Who a candidate is (WIT `candidate-info`), from [`Host::candidate`](crate::Host::candidate).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CandidateInfo {
+    /// Backend id: the node id of a rig, or the name of a static upstream.
+    pub id: String,
+    /// Node id of the rig; empty for static upstreams.
+    pub rig: String,
+    /// Operator the rig belongs to; empty for static upstreams.
+    pub operator: String,
+    /// Free-form labels (region, GPU class...), as `key=value` pairs.
+    pub labels: Vec<(String, String)>,
+}
+
+impl CandidateInfo {
+    /// A description with this id and nothing else, for tests and examples.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            ..Self::default()
+        }
+    }
 
     /// The value of label `key`, if the backend has it.
     ///
     /// ```
-    /// use garage_plugin_sdk::Candidate;
+    /// use garage_plugin_sdk::CandidateInfo;
     ///
-    /// let rig = Candidate {
+    /// let rig = CandidateInfo {
     ///     labels: vec![("region".into(), "eu".into())],
-    ///     ..Candidate::new("rig-a")
+    ///     ..CandidateInfo::new("rig-a")
     /// };
     /// assert_eq!(rig.label("region"), Some("eu"));
     /// assert_eq!(rig.label("gpu"), None);

@@ -26,7 +26,7 @@ import wasmtime
 from wasmtime import component as wc
 
 POLICY_IMPORTS = {
-    f"garage:policy/{name}@0.1.0" for name in ("types", "kv", "clock", "log", "config")
+    f"garage:policy/{name}@0.2.0" for name in ("types", "kv", "clock", "log", "config")
 }
 
 # The example configuration of the reward slot.
@@ -81,17 +81,17 @@ class Host:
             # componentize-js's default features import wasi:http (for fetch) too.
             self.linker.add_wasi_http()
         root = self.linker.root()
-        with root.add_instance("garage:policy/kv@0.1.0") as kv:
+        with root.add_instance("garage:policy/kv@0.2.0") as kv:
             kv.add_func("get", lambda _s, key: self.kv.get(key))
             kv.add_func("set", lambda _s, key, value, _ttl: self.kv.__setitem__(key, bytes(value)))
             kv.add_func("delete", lambda _s, key: self.kv.pop(key, None) and None)
             kv.add_func("incr", self._incr)
             kv.add_func("reserve", self._reserve)
-        with root.add_instance("garage:policy/clock@0.1.0") as clock:
+        with root.add_instance("garage:policy/clock@0.2.0") as clock:
             clock.add_func("now-ms", lambda _s: 1_700_000_000_000)
-        with root.add_instance("garage:policy/log@0.1.0") as log:
+        with root.add_instance("garage:policy/log@0.2.0") as log:
             log.add_func("log", lambda _s, level, message: self.logs.append((level, message)))
-        with root.add_instance("garage:policy/config@0.1.0") as config:
+        with root.add_instance("garage:policy/config@0.2.0") as config:
             config.add_func("get", lambda _s: self.config_text)
         root.close()
 

@@ -1,5 +1,5 @@
 //! The default policy plugins and the hostile test fixtures, as compiled WebAssembly components
-//! (`wasm32-wasip2`, world of the `garage:policy@0.1.0` package in `wit/`).
+//! (`wasm32-wasip2`, world of the `garage:policy@0.2.0` package in `wit/`).
 //!
 //! `build.rs` compiles them from `guests/` (a workspace of its own) on every change of their
 //! sources, the SDK or the WIT; this crate holds their bytes. Each plugin's behaviour and

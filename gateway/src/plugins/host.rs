@@ -22,7 +22,9 @@ use super::registry::{
     CanaryInfo, FaultCounts, SlotRecord, SlotStatus, StoredVersion, VersionInfo,
 };
 use super::state::PluginContext;
-use super::types::{Admission, Award, Candidate, Charge, Decision, RateLimitHeaders};
+use super::types::{
+    Admission, Award, Candidate, CandidateInfo, Charge, Decision, RateLimitHeaders,
+};
 use super::types::{RigReport, RouteRequest, Settlement, UsageEvent};
 use super::{COMPONENT_KIND, SLOT_KIND, VERSION_KIND};
 use super::{FaultKind, PluginError, PluginFault, Slot};
@@ -589,18 +591,21 @@ impl PluginHost {
 
     /// Orders `candidates` by preference: indices, best first. `None` means use the built-in
     /// round robin: no router installed, no candidates, or the router faulted (a trap, its
-    /// deadline, an error, an empty list, an index out of range or repeated).
+    /// deadline, an error, an empty list, an index out of range or repeated). `infos` says who
+    /// the candidates are, index for index, for a router that asks (`candidates.describe`).
     pub async fn route(
         &self,
         request: &RouteRequest,
         candidates: &[Candidate],
+        infos: &[Arc<CandidateInfo>],
     ) -> Option<Vec<u32>> {
+        debug_assert_eq!(candidates.len(), infos.len());
         if candidates.is_empty() {
             return None;
         }
         let pick = Pick::Random;
         let (plugin, answer) = self
-            .call(Slot::Router, pick, Call::Route(request, candidates))
+            .call(Slot::Router, pick, Call::Route(request, candidates, infos))
             .await?;
         let checked = match answer {
             Ok(Answer::Route(Ok(order))) => check_route(order, candidates.len()),

@@ -35,13 +35,23 @@ use crate::store::StoreError;
 /// The records plugins and the gateway exchange (`garage:policy/types`), as generated from the
 /// contract's current version.
 pub mod types {
-    pub use super::bindings::v0_1::types::{
-        Admission, Award, Candidate, Charge, Decision, RateLimitHeaders, RigReport, RouteRequest,
-        Settlement, UsageEvent,
+    pub use super::bindings::v0_2::types::{
+        Admission, Award, Candidate, CandidateInfo, Charge, Decision, RateLimitHeaders, RigReport,
+        RouteRequest, Settlement, UsageEvent,
     };
 }
 
 pub use types::*;
+
+/// A backend's `candidate.key`: FNV-1a (64-bit) of its id's UTF-8 bytes, as the contract
+/// defines it (`garage_plugin_sdk::candidate_key` computes the same).
+pub fn candidate_key(id: &str) -> u64 {
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    id.bytes().fold(FNV_OFFSET, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME)
+    })
+}
 
 /// Store record kinds of the plugin registry.
 pub const COMPONENT_KIND: &str = "plugin_component";

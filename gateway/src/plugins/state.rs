@@ -14,6 +14,7 @@ use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::Slot;
+use super::types::CandidateInfo;
 use crate::store::{Store, StoreError};
 
 /// Longest key a plugin may use, before namespacing.
@@ -92,6 +93,8 @@ pub(crate) struct HostState {
     host_error: Option<String>,
     kv_calls: u32,
     log_lines: u32,
+    /// Who the candidates of the `route` call in progress are, for `candidates.describe`.
+    candidates: Vec<Arc<CandidateInfo>>,
 }
 
 impl HostState {
@@ -105,7 +108,19 @@ impl HostState {
             host_error: None,
             kv_calls: 0,
             log_lines: 0,
+            candidates: Vec::new(),
         }
+    }
+
+    /// Sets who the candidates of the coming `route` call are (empty after it).
+    pub fn set_candidates(&mut self, infos: &[Arc<CandidateInfo>]) {
+        self.candidates.clear();
+        self.candidates.extend(infos.iter().cloned());
+    }
+
+    /// Who `candidates[index]` of the `route` call in progress is.
+    pub fn candidate(&self, index: u32) -> Option<&CandidateInfo> {
+        self.candidates.get(index as usize).map(|info| &**info)
     }
 
     pub fn limiter(&mut self) -> &mut dyn ResourceLimiter {

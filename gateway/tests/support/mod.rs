@@ -110,6 +110,7 @@ pub fn upstream(name: &str, base_url: String) -> UpstreamConfig {
         models: vec![MODEL.into()],
         api_key: None,
         health_path: None,
+        labels: Default::default(),
     }
 }
 

@@ -2,14 +2,14 @@
 // and policy.js. Build: `node build.mjs` (scripts/build-plugins-polyglot.sh does it).
 //
 // WIT -> JS, as componentize-js maps it:
-//   - each imported interface is an ES module named by its WIT id ('garage:policy/log@0.1.0');
+//   - each imported interface is an ES module named by its WIT id ('garage:policy/log@0.2.0');
 //   - the world's exported functions are this module's named exports, in camelCase;
 //   - record fields are camelCase properties; u64/s64 are BigInt, u32 and smaller and floats
 //     are Number; an enum case is its name as a string ('debug');
 //   - a `result<T, string>` export returns T, or throws a string for the err case (a thrown
 //     Error object, or any other exception, traps: the gateway counts a fault).
-import { get as getConfig } from 'garage:policy/config@0.1.0';
-import { log } from 'garage:policy/log@0.1.0';
+import { get as getConfig } from 'garage:policy/config@0.2.0';
+import { log } from 'garage:policy/log@0.2.0';
 
 import { parseConfig, usageAwards, reportAwards } from './policy.js';
 

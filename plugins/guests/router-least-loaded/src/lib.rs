@@ -7,19 +7,40 @@
 //! when none is measured). The `+ 1` counts the request being placed: among idle rigs the
 //! fastest wins instead of a tie. Ties go to the emptier KV cache, then to the lower index.
 //!
-//! Config: none. State: none.
+//! Config: `{"prefer": {"region": "eu"}}` (optional): candidates whose labels match every pair
+//! come first, each group ordered by score; the others stay as fallbacks. Only then does the
+//! router ask the gateway who the candidates are. State: none.
 
-use garage_plugin_sdk::{Candidate, Host, RouteRequest, Router};
+use std::collections::BTreeMap;
+
+use garage_plugin_sdk::{Candidate, Host, RouteRequest, Router, config};
+use serde::Deserialize;
 
 /// Orders every candidate by expected queueing time, shortest first.
 pub struct LeastLoaded;
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Config {
+    /// Labels a candidate must all have to be preferred.
+    prefer: BTreeMap<String, String>,
+}
+
 impl Router for LeastLoaded {
     fn route(
-        _host: &dyn Host,
+        host: &dyn Host,
         _request: &RouteRequest,
         candidates: &[Candidate],
     ) -> Result<Vec<u32>, String> {
+        let Config { prefer } = config::parse(host)?;
+        let preferred = |index: u32| {
+            prefer.is_empty()
+                || host.candidate(index).is_some_and(|info| {
+                    prefer
+                        .iter()
+                        .all(|(key, value)| info.label(key) == Some(value.as_str()))
+                })
+        };
         let unknown_speed = median_known_speed(candidates).unwrap_or(1.0);
         let score = |c: &Candidate| {
             let speed = if is_known(c.tokens_per_second) {
@@ -29,17 +50,18 @@ impl Router for LeastLoaded {
             };
             (c.load() + 1) as f64 / speed
         };
-        let mut ranked: Vec<(f64, f32, u32)> = candidates
+        let mut ranked: Vec<(bool, f64, f32, u32)> = candidates
             .iter()
             .zip(0u32..)
-            .map(|(c, index)| (score(c), c.kv_cache_usage, index))
+            .map(|(c, index)| (!preferred(index), score(c), c.kv_cache_usage, index))
             .collect();
         ranked.sort_by(|a, b| {
-            a.0.total_cmp(&b.0)
+            a.0.cmp(&b.0)
                 .then(a.1.total_cmp(&b.1))
-                .then(a.2.cmp(&b.2))
+                .then(a.2.total_cmp(&b.2))
+                .then(a.3.cmp(&b.3))
         });
-        Ok(ranked.into_iter().map(|(_, _, index)| index).collect())
+        Ok(ranked.into_iter().map(|(.., index)| index).collect())
     }
 }
 
@@ -143,6 +165,37 @@ mod tests {
             route(&[full, empty, rig("unknown", 0, 40.0)]),
             vec![2, 1, 0]
         );
+    }
+
+    #[test]
+    fn preferred_labels_come_first_and_the_rest_stay_as_fallbacks() {
+        use garage_plugin_sdk::CandidateInfo;
+        let host = MemoryHost::with_config(r#"{"prefer": {"region": "eu"}}"#);
+        let located = |id: &str, region: &str| CandidateInfo {
+            labels: vec![("region".into(), region.into())],
+            ..CandidateInfo::new(id)
+        };
+        host.set_candidates(vec![
+            located("us-idle", "us"),
+            located("eu-busy", "eu"),
+            CandidateInfo::new("unlabelled"),
+            located("eu-idle", "eu"),
+        ]);
+        let candidates = [
+            rig("us-idle", 0, 50.0),
+            rig("eu-busy", 3, 50.0),
+            rig("unlabelled", 1, 50.0),
+            rig("eu-idle", 0, 50.0),
+        ];
+        let order = LeastLoaded::route(&host, &RouteRequest::default(), &candidates).unwrap();
+        assert_eq!(order, vec![3, 1, 0, 2]);
+    }
+
+    #[test]
+    fn a_bad_config_is_an_error() {
+        let host = MemoryHost::with_config(r#"{"prefer": "eu"}"#);
+        let error = LeastLoaded::route(&host, &RouteRequest::default(), &[rig("a", 0, 1.0)]);
+        assert!(error.is_err());
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Default router: prompt-prefix affinity. Requests whose prompts start alike go to the same rig,
 //! whose engine then serves the shared prefix from its KV cache instead of recomputing it.
 //!
-//! Each request's `prefix_hash` ranks the candidates by rendezvous hashing over their ids, so
-//! every replica agrees and a rig joining or leaving moves only its own share of prefixes. A
+//! Each request's `prefix_hash` ranks the candidates by rendezvous hashing over their keys
+//! (stable hashes of their ids), so every replica agrees and a rig joining or leaving moves
+//! only its own share of prefixes. A
 //! bounded-load rule keeps one hot prefix from swamping its rig (consistent hashing with
 //! bounded loads, Mirrokni et al. 2018): a candidate is overloaded when taking this request
 //! would put it above `ceil((1 + epsilon) × (total load + 1) / candidates)`, load being
@@ -55,10 +56,7 @@ impl Router for PrefixAffinity {
         let bound = ((1.0 + epsilon) * fair_share).ceil();
         let overloaded = |c: &Candidate| (c.load() + 1) as f64 > bound;
 
-        let by_score = hrw::rank(
-            request.prefix_hash,
-            candidates.iter().map(|c| c.id.as_str()),
-        );
+        let by_score = hrw::rank(request.prefix_hash, candidates.iter().map(|c| c.key));
         let (fits, spills): (Vec<usize>, Vec<usize>) = by_score
             .into_iter()
             .partition(|&index| !overloaded(&candidates[index]));
@@ -90,7 +88,7 @@ mod tests {
             .enumerate()
             .map(|(i, &load)| Candidate {
                 in_flight: load,
-                ..Candidate::new(format!("rig-{i}"))
+                ..Candidate::new(&format!("rig-{i}"))
             })
             .collect()
     }
@@ -118,12 +116,9 @@ mod tests {
     fn the_order_does_not_depend_on_the_candidates_order() {
         let host = MemoryHost::new();
         let forward = rigs(&[0, 0, 0]);
-        let backward: Vec<Candidate> = forward.iter().rev().cloned().collect();
-        let ids = |c: &[Candidate], order: Vec<u32>| -> Vec<String> {
-            order
-                .into_iter()
-                .map(|i| c[i as usize].id.clone())
-                .collect()
+        let backward: Vec<Candidate> = forward.iter().rev().copied().collect();
+        let ids = |c: &[Candidate], order: Vec<u32>| -> Vec<u64> {
+            order.into_iter().map(|i| c[i as usize].key).collect()
         };
         assert_eq!(
             ids(&forward, route(&host, 99, &forward)),

@@ -1,7 +1,8 @@
-//! `garage:policy@0.1.0`: bindings for the four worlds and the glue from its imports to
+//! `garage:policy@0.2.0`: bindings for the four worlds and the glue from its imports to
 //! [`HostState`].
 //!
-//! The router world generates the shared interfaces (`types`, `kv`, `clock`, `log`, `config`);
+//! The router world generates the shared interfaces (`types`, `kv`, `clock`, `log`, `config`,
+//! and its own `candidates`);
 //! the other worlds reuse them through `with`, so a record such as `usage-event` is one Rust type
 //! whichever world uses it, and each import is implemented once.
 
@@ -70,15 +71,16 @@ mod reward_world {
     });
 }
 
-use router_world::garage::policy::{clock, config, kv, log};
+use router_world::garage::policy::{candidates, clock, config, kv, log};
 
-/// The records of `garage:policy/types@0.1.0`.
+/// The records of `garage:policy/types@0.2.0`.
 pub mod types {
     pub use super::router_world::garage::policy::types::*;
 }
 
 pub(crate) fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     types::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
+    candidates::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
     kv::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
     clock::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
     log::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)?;
@@ -123,6 +125,12 @@ impl kv::Host for HostState {
         ttl_ms: Option<u64>,
     ) -> wasmtime::Result<Option<i64>> {
         self.kv_reserve(&key, amount, limit, ttl_ms).await
+    }
+}
+
+impl candidates::Host for HostState {
+    fn describe(&mut self, index: u32) -> Option<types::CandidateInfo> {
+        self.candidate(index).cloned()
     }
 }
 
@@ -195,8 +203,11 @@ impl Live {
         call: Call<'_>,
     ) -> wasmtime::Result<Answer> {
         Ok(match (self, call) {
-            (Live::Router(router), Call::Route(request, candidates)) => {
-                Answer::Route(router.call_route(store, request, candidates).await?)
+            (Live::Router(router), Call::Route(request, candidates, infos)) => {
+                store.data_mut().set_candidates(infos);
+                let answer = router.call_route(&mut *store, request, candidates).await;
+                store.data_mut().set_candidates(&[]);
+                Answer::Route(answer?)
             }
             (Live::RateLimiter(limiter), Call::Admit(admission)) => {
                 Answer::Admit(limiter.call_admit(store, admission).await?)
