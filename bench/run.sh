@@ -355,12 +355,15 @@ run_wrk() { # url script connections duration_s output_file
 }
 
 ROWS=()
-plugin_calls() { # -> "slot=calls ..." totals of garage_plugin_calls_total from the gateway
+plugin_calls() { # -> "slot=calls:seconds ..." totals of the gateway's plugin call histogram
     curl -s "$GATEWAY_URL/metrics" | awk '
-        /^garage_plugin_calls_total\{/ {
-            if (match($0, /slot="[^"]+"/)) { t[substr($0, RSTART + 6, RLENGTH - 7)] += $NF }
+        /^garage_plugin_call_duration_seconds_(count|sum)\{/ {
+            if (match($0, /slot="[^"]+"/)) {
+                slot = substr($0, RSTART + 6, RLENGTH - 7)
+                if ($0 ~ /_count\{/) n[slot] += $NF; else t[slot] += $NF
+            }
         }
-        END { for (s in t) printf "%s=%d ", s, t[s] }'
+        END { for (s in n) printf "%s=%d:%.9f ", s, n[s], t[s] }'
 }
 
 # Plugin calls per second in each gateway row (BENCH_PLUGINS=1): "stream conc slot=calls/s ...".
@@ -404,9 +407,17 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
     if [[ $mode == gateway && $PLUGINS == 1 ]]; then
         local calls1 rates
         calls1=$(plugin_calls)
+        # Per slot: calls per second, and the mean time of a call (instance and call, as the
+        # request waits for it) over the row.
         rates=$(awk -v a="$calls0" -v b="$calls1" -v d="$DURATION" 'BEGIN {
-            n = split(a, x, " "); for (i = 1; i <= n; i++) { split(x[i], kv, "="); before[kv[1]] = kv[2] }
-            n = split(b, y, " "); for (i = 1; i <= n; i++) { split(y[i], kv, "="); printf "%s=%.0f ", kv[1], (kv[2] - before[kv[1]]) / d }
+            n = split(a, x, " ")
+            for (i = 1; i <= n; i++) { split(x[i], kv, "[=:]"); c0[kv[1]] = kv[2]; t0[kv[1]] = kv[3] }
+            n = split(b, y, " ")
+            for (i = 1; i <= n; i++) {
+                split(y[i], kv, "[=:]"); calls = kv[2] - c0[kv[1]]
+                mean = calls > 0 ? (kv[3] - t0[kv[1]]) / calls * 1e6 : 0
+                printf "%s=%.0f/s (%.1f µs) ", kv[1], calls / d, mean
+            }
         }')
         PLUGIN_RATES+=("$stream	$conc	$rates")
         log "  plugin calls/s: $rates"
@@ -574,8 +585,9 @@ report() {
     fi
     if ((${#PLUGIN_RATES[@]} > 0)); then
         echo
-        echo "Plugin calls per second through the gateway rows (from garage_plugin_calls_total; the" \
-            "rate limiter is called twice per request, admit and settle):"
+        echo "Plugin calls per second through the gateway rows, and the mean time of a call (from" \
+            "garage_plugin_call_duration_seconds: getting an instance plus the call, what a request" \
+            "waits for; the rate limiter is called twice per request, admit and settle):"
         echo
         echo "| stream | conc | calls/s by slot |"
         echo "|---|--:|---|"

@@ -1125,6 +1125,85 @@ async fn warm_instances_are_reused_and_retired_after_a_trap() {
     assert_eq!(status(&host, Slot::Router).faults.trap, 2);
 }
 
+/// A router that counts its calls in a global of its instance and answers `[calls so far]`: a
+/// fresh instance always answers `[0]`, a reused one `[1]`, `[2]`...
+const CALL_COUNTER: &str = r#"
+(component
+  (core module $Main
+    (memory (export "memory") 1)
+    (global $heap (mut i32) (i32.const 8192))
+    (global $calls (mut i32) (i32.const 0))
+    (func (export "realloc") (param i32 i32 i32 i32) (result i32)
+      (local $p i32)
+      (local.set $p (i32.and
+        (i32.add (global.get $heap) (i32.sub (local.get 2) (i32.const 1)))
+        (i32.sub (i32.const 0) (local.get 2))))
+      (global.set $heap (i32.add (local.get $p) (local.get 3)))
+      (local.get $p))
+    (func (export "route")
+      (param i32 i32 i32 i32 i64 i32 i32 i32 i32 i32) (result i32)
+      (i32.store (i32.const 4096) (global.get $calls))
+      (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+      (i32.store8 (i32.const 48) (i32.const 0))
+      (i32.store (i32.const 52) (i32.const 4096))
+      (i32.store (i32.const 56) (i32.const 1))
+      (i32.const 48)))
+  (core instance $main (instantiate $Main))
+  (alias core export $main "memory" (core memory $mem))
+  (alias core export $main "realloc" (core func $realloc))
+  (type $route_request (record
+    (field "model" string) (field "key-id" string) (field "prefix-hash" u64)
+    (field "prompt-tokens" u32) (field "max-tokens" u32) (field "stream" bool)))
+  (export $request "route-request" (type $route_request))
+  (type $candidate (record
+    (field "key" u64) (field "in-flight" u32) (field "engine-running" u32)
+    (field "engine-waiting" u32) (field "kv-cache-usage" f32) (field "tokens-per-second" f32)
+    (field "latency-ms" f32) (field "gpu-utilization" f32) (field "gpu-memory-free-bytes" u64)))
+  (export $cand "candidate" (type $candidate))
+  (type $candidates (list $cand))
+  (type $order (list u32))
+  (type $routed (result $order (error string)))
+  (func $route (param "request" $request) (param "candidates" $candidates) (result $routed)
+    (canon lift (core func $main "route") (memory $mem) (realloc $realloc)))
+  (export "route" (func $route))
+)
+"#;
+
+#[tokio::test]
+async fn instances_made_ahead_are_fresh_and_warm_ones_are_not() {
+    let counter = wat::parse_str(CALL_COUNTER).expect("the counter is valid WAT");
+    let cands = candidates(8);
+    for (ready, warm) in [(0, false), (2, false), (4, true)] {
+        let mut config = config();
+        config.router.ready_instances = ready;
+        config.router.warm = warm;
+        let host = host_with(Arc::new(MemoryStore::new()), config).await;
+        host.install(Slot::Router, &counter, "{}", "test")
+            .await
+            .unwrap();
+        let mut answers = Vec::new();
+        for _ in 0..6 {
+            answers.push(route(&host, "m", &cands).await.unwrap()[0]);
+            // Time for the host to make the next instances ahead.
+            for _ in 0..8 {
+                tokio::task::yield_now().await;
+            }
+        }
+        if warm {
+            assert_eq!(
+                answers,
+                [0, 1, 2, 3, 4, 5],
+                "one warm instance serves them all"
+            );
+        } else {
+            assert_eq!(
+                answers, [0; 6],
+                "ready_instances = {ready}: every call is fresh"
+            );
+        }
+    }
+}
+
 /// Prints the cost of a fresh instance plus a call (and of a warm instance) for each default
 /// plugin, with 100 candidates for routers. Run in release to read real numbers.
 #[tokio::test]
@@ -1223,6 +1302,11 @@ where
     }
     let mut samples = Vec::with_capacity(iterations);
     for _ in 0..iterations {
+        // Between requests the host makes the next fresh instances (`ready_instances`), off
+        // the timed path, as it does between a gateway's requests.
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
         let started = Instant::now();
         call().await;
         samples.push(started.elapsed());

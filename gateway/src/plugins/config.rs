@@ -155,6 +155,10 @@ pub struct SlotLimits {
     pub warm_instances: usize,
     /// Calls an instance serves before it is retired (bounds leaks inside the guest).
     pub warm_max_uses: u32,
+    /// Fresh instances made ahead of the calls that will use them, off the request's path
+    /// (without `warm`): a call takes one that no call has touched, and the one it used is torn
+    /// down after the answer, also off the path. 0 instantiates on the call itself.
+    pub ready_instances: usize,
 }
 
 impl SlotLimits {
@@ -171,6 +175,7 @@ impl Default for SlotLimits {
             warm: false,
             warm_instances: 4,
             warm_max_uses: 1000,
+            ready_instances: 2,
         }
     }
 }

@@ -47,7 +47,7 @@ const FAIL_CLOSED_RETRY_MS: u64 = 1000;
 pub struct PluginHost {
     store: Arc<dyn Store>,
     config: PluginsConfig,
-    engine: PluginEngine,
+    engine: Arc<PluginEngine>,
     slots: [SlotCell; 4],
     metrics: PluginMetrics,
     rollbacks: mpsc::Sender<AutoRollback>,
@@ -88,7 +88,7 @@ impl PluginHost {
         config: PluginsConfig,
     ) -> Result<Arc<Self>, PluginError> {
         config.validate().map_err(PluginError::Engine)?;
-        let engine = PluginEngine::new(&config)?;
+        let engine = Arc::new(PluginEngine::new(&config)?);
         let (rollbacks, rollback_queue) = mpsc::channel(ROLLBACK_QUEUE);
         let host = Arc::new(PluginHost {
             store,
@@ -745,11 +745,17 @@ impl PluginHost {
             .with_label_values(&[slot.as_str(), role])
             .inc();
         let started = Instant::now();
-        let answer = plugin.invoke(&self.engine, call).await;
+        let (answer, used) = plugin.invoke(&self.engine, call).await;
         self.metrics
             .call_duration
             .with_label_values(&[slot.as_str()])
             .observe(started.elapsed().as_secs_f64());
+        plugin.put_away(used);
+        if plugin.wants_refill() {
+            // The next calls' instances are made off this request's path.
+            let (next, engine) = (Arc::clone(&plugin), Arc::clone(&self.engine));
+            tokio::spawn(async move { next.refill(&engine).await });
+        }
         Some((plugin, answer))
     }
 

@@ -23,6 +23,8 @@ pub(crate) struct LoadedPlugin {
     deadline: Duration,
     memory_cap_bytes: usize,
     warm: Option<WarmPool>,
+    /// Fresh instances made ahead of calls (when not `warm`).
+    ready: Option<ReadyPool>,
     /// When recent faults happened, for the automatic rollback.
     faults: Mutex<VecDeque<Instant>>,
     /// Set once a rollback was asked for, so a burst of faults asks once.
@@ -36,6 +38,25 @@ struct Instance {
     store: Store<HostState>,
     live: Live,
     uses: u32,
+}
+
+/// Fresh instances no call has touched yet, made off the request's path.
+struct ReadyPool {
+    idle: Mutex<Vec<Instance>>,
+    keep: usize,
+    /// Set while a refill runs, so calls in a burst start one refill, not one each.
+    refilling: AtomicBool,
+    /// Cleared when making an instance ahead failed: calls then instantiate themselves (and
+    /// report the fault) until a call succeeds again.
+    healthy: AtomicBool,
+}
+
+/// What a call leaves behind: the instance it used, to keep warm or tear down
+/// ([`LoadedPlugin::put_away`]).
+pub(crate) struct Used {
+    instance: Option<Instance>,
+    /// The call went well: the instance may serve again (when reuse is on).
+    reusable: bool,
 }
 
 struct WarmPool {
@@ -65,6 +86,12 @@ impl LoadedPlugin {
                 keep: limits.warm_instances,
                 max_uses: limits.warm_max_uses,
             }),
+            ready: (!limits.warm && limits.ready_instances > 0).then(|| ReadyPool {
+                idle: Mutex::new(Vec::new()),
+                keep: limits.ready_instances,
+                refilling: AtomicBool::new(false),
+                healthy: AtomicBool::new(true),
+            }),
             faults: Mutex::new(VecDeque::new()),
             rollback_requested: AtomicBool::new(false),
             last_fault_log: Mutex::new(None),
@@ -77,48 +104,120 @@ impl LoadedPlugin {
         self.info.sha256 == info.sha256 && self.info.config == info.config
     }
 
-    /// Calls the plugin: a warm instance if reuse is on and one is idle, else a fresh one.
+    /// Calls the plugin: a warm instance if reuse is on and one is idle, else a fresh one (made
+    /// ahead when there is one ready). The instance comes back in [`Used`], for
+    /// [`put_away`](Self::put_away).
     pub async fn invoke(
         &self,
         engine: &PluginEngine,
         call: Call<'_>,
-    ) -> Result<Answer, (FaultKind, String)> {
-        let mut instance = match self.take_warm() {
+    ) -> (Result<Answer, (FaultKind, String)>, Used) {
+        let mut instance = match self.take_warm().or_else(|| self.take_ready()) {
             Some(mut instance) => {
                 instance.store.data_mut().begin_call(self.deadline);
                 instance
             }
-            None => {
-                let mut store = engine.new_store(self.ctx.clone(), self.memory_cap_bytes);
-                // Instantiation may run guest code (start functions): it is on the clock too.
-                store.data_mut().begin_call(self.deadline);
-                store.set_epoch_deadline(1);
-                match self.prepared.instantiate(&mut store).await {
-                    Ok(live) => Instance {
-                        store,
-                        live,
-                        uses: 0,
-                    },
-                    Err(err) => return Err(classify(&err, store.data(), true)),
+            None => match self.instantiate(engine).await {
+                Ok(instance) => instance,
+                Err(fault) => {
+                    let used = Used {
+                        instance: None,
+                        reusable: false,
+                    };
+                    return (Err(fault), used);
                 }
-            }
+            },
         };
         instance.store.set_epoch_deadline(1);
         let result = instance.live.call(&mut instance.store, call).await;
         match result {
             Ok(answer) => {
                 instance.uses += 1;
-                self.put_back(instance);
-                Ok(answer)
+                if let Some(ready) = &self.ready {
+                    ready.healthy.store(true, Ordering::Relaxed);
+                }
+                let used = Used {
+                    instance: Some(instance),
+                    reusable: true,
+                };
+                (Ok(answer), used)
             }
             // A faulted instance is dropped, never reused.
-            Err(err) => Err(classify(&err, instance.store.data(), false)),
+            Err(err) => {
+                let fault = classify(&err, instance.store.data(), false);
+                let used = Used {
+                    instance: Some(instance),
+                    reusable: false,
+                };
+                (Err(fault), used)
+            }
         }
+    }
+
+    /// A fresh instance, its instantiation on the call's clock (start functions run guest
+    /// code).
+    async fn instantiate(&self, engine: &PluginEngine) -> Result<Instance, (FaultKind, String)> {
+        let mut store = engine.new_store(self.ctx.clone(), self.memory_cap_bytes);
+        store.data_mut().begin_call(self.deadline);
+        store.set_epoch_deadline(1);
+        match self.prepared.instantiate(&mut store).await {
+            Ok(live) => Ok(Instance {
+                store,
+                live,
+                uses: 0,
+            }),
+            Err(err) => Err(classify(&err, store.data(), true)),
+        }
+    }
+
+    /// Right after a call: keeps its instance warm when reuse is on and the call went well,
+    /// else tears it down (returning its memory to the pool resets it). Inline rather than in a
+    /// task: a task starved under load would pile up instances until the pool runs dry.
+    pub fn put_away(&self, used: Used) {
+        if let Some(instance) = used.instance
+            && used.reusable
+        {
+            self.put_back(instance);
+        }
+    }
+
+    /// Whether the ready instances need topping up (and nobody is doing it yet).
+    pub fn wants_refill(&self) -> bool {
+        self.ready.as_ref().is_some_and(|ready| {
+            ready.healthy.load(Ordering::Relaxed)
+                && !ready.refilling.load(Ordering::Relaxed)
+                && lock(&ready.idle).len() < ready.keep
+        })
+    }
+
+    /// Off the request's path: tops the ready instances up.
+    pub async fn refill(&self, engine: &PluginEngine) {
+        let Some(ready) = &self.ready else { return };
+        if !ready.healthy.load(Ordering::Relaxed) || ready.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        while lock(&ready.idle).len() < ready.keep {
+            match self.instantiate(engine).await {
+                Ok(instance) => lock(&ready.idle).push(instance),
+                Err((kind, message)) => {
+                    // The next calls instantiate themselves and report it as their fault.
+                    tracing::debug!(plugin = %self.slot, kind = kind.as_str(), "cannot make an instance ahead: {message}");
+                    ready.healthy.store(false, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+        ready.refilling.store(false, Ordering::Release);
+    }
+
+    fn take_ready(&self) -> Option<Instance> {
+        let ready = self.ready.as_ref()?;
+        lock(&ready.idle).pop()
     }
 
     fn take_warm(&self) -> Option<Instance> {
         let warm = self.warm.as_ref()?;
-        warm.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+        lock(&warm.idle).pop()
     }
 
     fn put_back(&self, instance: Instance) {
@@ -166,6 +265,10 @@ impl LoadedPlugin {
         *last = Some(now);
         true
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Names the cause of a failed instantiation or call.
