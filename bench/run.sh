@@ -41,6 +41,7 @@ WAIT_IDLE=${BENCH_WAIT_IDLE:-0}
 NOISY_RETRIES=${BENCH_NOISY_RETRIES:-2}
 # Policy plugins on the hot path: 0 = the gateway's built-in fallbacks only, 1 = the default
 # plugins (least-loaded router, rate limiter, meter, reward).
+# hot = the default router and rate limiter only (the hot path), from the files the build made.
 PLUGINS=${BENCH_PLUGINS:-0}
 # Upstream entries, all pointing at the one engine: the router plugin chooses among this many
 # candidates (it is not called for one).
@@ -198,6 +199,20 @@ ENGINE_URL="http://$ENGINE_ADDR"
 
 ADMIN_TOKEN="bench-admin-$RANDOM$RANDOM$RANDOM"
 if [[ "$PLUGINS" == 1 ]]; then DEFAULT_PLUGINS=true; else DEFAULT_PLUGINS=false; fi
+# BENCH_PLUGINS=hot: only the hot-path slots (the default router and rate limiter, loaded from
+# the files the build made); no meter or reward competing for the cores.
+HOT_FILES=""
+if [[ "$PLUGINS" == hot ]]; then
+    WASM_DIR=$TARGET_DIR/wasm-plugins/wasm32-wasip2/release
+    [[ -f $WASM_DIR/router_least_loaded.wasm && -f $WASM_DIR/rate_limiter.wasm ]] ||
+        die "BENCH_PLUGINS=hot needs the plugins built in $WASM_DIR (cargo build --release)"
+    HOT_FILES="
+[plugins.files.router]
+path = \"$WASM_DIR/router_least_loaded.wasm\"
+
+[plugins.files.rate-limiter]
+path = \"$WASM_DIR/rate_limiter.wasm\""
+fi
 cat >"$WORK/gateway.toml" <<EOF
 listen = "127.0.0.1:0"
 shutdown_grace_secs = 2
@@ -205,6 +220,7 @@ default_plugins = $DEFAULT_PLUGINS
 
 [auth]
 admin_token = "$ADMIN_TOKEN"
+$HOT_FILES
 EOF
 for i in $(seq 1 "$UPSTREAMS"); do
     cat >>"$WORK/gateway.toml" <<EOF
@@ -391,7 +407,7 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
     # shellcheck disable=SC2207
     ngx=($(nginx_pids))
     local calls0=""
-    [[ $mode == gateway && $PLUGINS == 1 ]] && calls0=$(plugin_calls)
+    [[ $mode == gateway && $PLUGINS != 0 ]] && calls0=$(plugin_calls)
     gw0=$(proc_ticks "$GATEWAY_PID")
     ng0=$(proc_ticks "${ngx[@]}")
     en0=$(proc_ticks "$ENGINE_PID")
@@ -404,7 +420,7 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
     en1=$(proc_ticks "$ENGINE_PID")
     ch1=$(children_ticks)
     sys1=$(system_ticks)
-    if [[ $mode == gateway && $PLUGINS == 1 ]]; then
+    if [[ $mode == gateway && $PLUGINS != 0 ]]; then
         local calls1 rates
         calls1=$(plugin_calls)
         # Per slot: calls per second, and the mean time of a call (instance and call, as the

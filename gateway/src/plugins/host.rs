@@ -746,11 +746,11 @@ impl PluginHost {
             .inc();
         let started = Instant::now();
         let (answer, used) = plugin.invoke(&self.engine, call).await;
+        plugin.put_away(used);
         self.metrics
             .call_duration
             .with_label_values(&[slot.as_str()])
             .observe(started.elapsed().as_secs_f64());
-        plugin.put_away(used);
         if plugin.wants_refill() {
             // The next calls' instances are made off this request's path.
             let (next, engine) = (Arc::clone(&plugin), Arc::clone(&self.engine));

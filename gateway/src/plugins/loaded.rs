@@ -40,10 +40,16 @@ struct Instance {
     uses: u32,
 }
 
+/// Used instances waiting to be torn down, at most.
+const MAX_RETIRED: usize = 64;
+
 /// Fresh instances no call has touched yet, made off the request's path.
 struct ReadyPool {
     idle: Mutex<Vec<Instance>>,
     keep: usize,
+    /// Used instances waiting to be torn down off the request's path (bounded: past
+    /// [`MAX_RETIRED`] a call tears its instance down itself).
+    retired: Mutex<Vec<Instance>>,
     /// Set while a refill runs, so calls in a burst start one refill, not one each.
     refilling: AtomicBool,
     /// Cleared when making an instance ahead failed: calls then instantiate themselves (and
@@ -89,6 +95,7 @@ impl LoadedPlugin {
             ready: (!limits.warm && limits.ready_instances > 0).then(|| ReadyPool {
                 idle: Mutex::new(Vec::new()),
                 keep: limits.ready_instances,
+                retired: Mutex::new(Vec::new()),
                 refilling: AtomicBool::new(false),
                 healthy: AtomicBool::new(true),
             }),
@@ -170,33 +177,47 @@ impl LoadedPlugin {
         }
     }
 
-    /// Right after a call: keeps its instance warm when reuse is on and the call went well,
-    /// else tears it down (returning its memory to the pool resets it). Inline rather than in a
-    /// task: a task starved under load would pile up instances until the pool runs dry.
+    /// Right after a call: keeps its instance warm when reuse is on and the call went well;
+    /// else the instance is torn down (returning its memory to the pool resets it), off the
+    /// request's path by [`refill`](Self::refill) when instances are made ahead, here
+    /// otherwise. The queue of instances to tear down is bounded, so a refill task starved
+    /// under load cannot pile them up until the pool runs dry.
     pub fn put_away(&self, used: Used) {
-        if let Some(instance) = used.instance
-            && used.reusable
-        {
+        let Some(instance) = used.instance else {
+            return;
+        };
+        if used.reusable && self.warm.is_some() {
             self.put_back(instance);
+            return;
+        }
+        if let Some(ready) = &self.ready {
+            let mut retired = lock(&ready.retired);
+            if retired.len() < MAX_RETIRED {
+                retired.push(instance);
+            }
         }
     }
 
-    /// Whether the ready instances need topping up (and nobody is doing it yet).
+    /// Whether instances wait to be torn down, or the ready ones need topping up (and nobody
+    /// is at it yet).
     pub fn wants_refill(&self) -> bool {
         self.ready.as_ref().is_some_and(|ready| {
-            ready.healthy.load(Ordering::Relaxed)
-                && !ready.refilling.load(Ordering::Relaxed)
-                && lock(&ready.idle).len() < ready.keep
+            !ready.refilling.load(Ordering::Relaxed)
+                && (!lock(&ready.retired).is_empty()
+                    || (ready.healthy.load(Ordering::Relaxed)
+                        && lock(&ready.idle).len() < ready.keep))
         })
     }
 
-    /// Off the request's path: tops the ready instances up.
+    /// Off the request's path: tears used instances down and tops the ready ones up.
     pub async fn refill(&self, engine: &PluginEngine) {
         let Some(ready) = &self.ready else { return };
-        if !ready.healthy.load(Ordering::Relaxed) || ready.refilling.swap(true, Ordering::AcqRel) {
+        if ready.refilling.swap(true, Ordering::AcqRel) {
             return;
         }
-        while lock(&ready.idle).len() < ready.keep {
+        let retired = std::mem::take(&mut *lock(&ready.retired));
+        drop(retired);
+        while ready.healthy.load(Ordering::Relaxed) && lock(&ready.idle).len() < ready.keep {
             match self.instantiate(engine).await {
                 Ok(instance) => lock(&ready.idle).push(instance),
                 Err((kind, message)) => {

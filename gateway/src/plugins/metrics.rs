@@ -17,7 +17,8 @@ pub struct PluginMetrics {
     pub calls: IntCounterVec,
     /// `garage_plugin_faults_total{slot, kind}`: calls that fell back, by kind of fault.
     pub faults: IntCounterVec,
-    /// `garage_plugin_call_duration_seconds{slot}`: instantiation plus call.
+    /// `garage_plugin_call_duration_seconds{slot}`: what a caller waits for: getting an instance
+    /// (instantiating it when none is ready), the call, and putting the instance away.
     pub call_duration: HistogramVec,
     /// `garage_plugin_rollbacks_total{slot}`: automatic rollbacks after repeated faults.
     pub rollbacks: IntCounterVec,
@@ -42,7 +43,7 @@ impl PluginMetrics {
         let call_duration = HistogramVec::new(
             HistogramOpts::new(
                 "garage_plugin_call_duration_seconds",
-                "Plugin call latency, instantiation included",
+                "Plugin call latency: getting an instance, the call, putting the instance away",
             )
             .buckets(CALL_BUCKETS.to_vec()),
             &["slot"],
