@@ -46,6 +46,8 @@ impl std::fmt::Debug for Transport {
 pub struct RigInfo {
     pub node_id: String,
     pub operator: String,
+    /// What the rig's heartbeats say of it (region...), for routers.
+    pub labels: Vec<(String, String)>,
 }
 
 /// What a rig last reported about its load (zero for static upstreams).
@@ -156,7 +158,7 @@ impl Backend {
             id: id.clone(),
             rig: rig.as_ref().map(|r| r.node_id.clone()).unwrap_or_default(),
             operator: rig.as_ref().map(|r| r.operator.clone()).unwrap_or_default(),
-            labels: Vec::new(),
+            labels: rig.as_ref().map(|r| r.labels.clone()).unwrap_or_default(),
         });
         Backend {
             key: crate::plugins::candidate_key(&id),

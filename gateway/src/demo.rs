@@ -93,6 +93,7 @@ impl Demo {
                     http: Some(http.clone()),
                     probe_gpus: false,
                     batch: garage_node_runner::batch::BatchOptions::default(),
+                    labels: Default::default(),
                 },
                 engines,
             )

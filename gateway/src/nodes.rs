@@ -127,6 +127,8 @@ struct Tunnel {
     last_heartbeat: Option<Instant>,
     /// Models of the backend currently in routing (empty: not routed).
     routed_models: Vec<String>,
+    /// The rig's labels, from its last heartbeat.
+    labels: Vec<(String, String)>,
     /// The rig said it is shutting down, or an admin drained it.
     draining: bool,
     backend: Option<Arc<Backend>>,
@@ -363,6 +365,7 @@ impl Nodes {
                 close,
                 last_heartbeat: None,
                 routed_models: Vec::new(),
+                labels: Vec::new(),
                 draining: drained,
                 backend: None,
                 silent_logged: false,
@@ -446,7 +449,9 @@ impl Nodes {
         } else {
             heartbeat.serving_models()
         };
-        if models != tunnel.routed_models || tunnel.backend.is_none() {
+        let labels: Vec<(String, String)> = heartbeat.labels.clone().into_iter().collect();
+        if models != tunnel.routed_models || labels != tunnel.labels || tunnel.backend.is_none() {
+            tunnel.labels = labels;
             self.route(tunnel, models);
         } else if let Some(backend) = &tunnel.backend {
             backend.set_probe(true);
@@ -475,6 +480,7 @@ impl Nodes {
                 Some(RigInfo {
                     node_id: id.clone(),
                     operator: tunnel.record.operator.clone(),
+                    labels: tunnel.labels.clone(),
                 }),
                 self.backends.origin(),
             ));

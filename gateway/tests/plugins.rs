@@ -464,3 +464,27 @@ async fn rigs_earn_uptime_points_from_periodic_reports() {
     .await;
     rig.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_rigs_labels_reach_the_routers_description_of_it() {
+    let gw = gateway(with_defaults(vec![])).await;
+    let base = gw.url();
+    let token = enrollment_token(&base, 1).await;
+    let mut options = rig_options(&base, "eu-rig", &token);
+    options.labels = [("region".to_owned(), "eu".to_owned())].into();
+    let _rig = sim_rig(options, 0.0).await;
+    let backends = gw.state().backends.clone();
+    wait_until(
+        Duration::from_secs(10),
+        "the rig in routing with its labels",
+        || {
+            let backends = backends.clone();
+            async move {
+                backends.snapshot().all().iter().any(|b| {
+                    b.info.rig == b.id && b.info.labels == [("region".to_owned(), "eu".to_owned())]
+                })
+            }
+        },
+    )
+    .await;
+}

@@ -46,6 +46,7 @@ async fn two_hundred_rigs_join_and_share_the_traffic() {
                             enabled: false,
                             ..Default::default()
                         },
+                        labels: Default::default(),
                     },
                     engines,
                 )

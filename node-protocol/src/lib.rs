@@ -144,6 +144,9 @@ pub struct Heartbeat {
     /// Seconds since node-runner started.
     #[serde(default)]
     pub uptime_secs: u64,
+    /// Labels the operator gave the rig (`region = "eu"`, a GPU class...): routers read them.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Heartbeat {

@@ -72,6 +72,8 @@ pub struct AgentOptions {
     pub probe_gpus: bool,
     /// Pulling Batch API work.
     pub batch: BatchOptions,
+    /// Labels routers may read, sent with every heartbeat.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Things every task of the agent shares.
@@ -89,6 +91,7 @@ struct Shared {
     /// Wakes the heartbeat loop when a tunnel opens: the gateway routes to a rig from its first
     /// heartbeat over a live tunnel, so waiting a whole interval would waste it.
     tunnel_opened: tokio::sync::Notify,
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 /// A running agent.
@@ -237,6 +240,7 @@ impl Agent {
             started: Instant::now(),
             revoked: CancellationToken::new(),
             tunnel_opened: tokio::sync::Notify::new(),
+            labels: options.labels.clone(),
         });
         let stop_heartbeats = CancellationToken::new();
         let stop_tunnel = CancellationToken::new();
@@ -335,6 +339,7 @@ fn heartbeat(shared: &Shared) -> Heartbeat {
         draining: shared.draining.load(Ordering::Relaxed),
         version: env!("CARGO_PKG_VERSION").into(),
         uptime_secs: shared.started.elapsed().as_secs(),
+        labels: shared.labels.clone(),
     }
 }
 

@@ -106,6 +106,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     http: None,
                     probe_gpus: true,
                     batch: config.batch.options(),
+                    labels: config.labels.clone(),
                 },
                 engines,
             )
@@ -153,6 +154,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         http: Some(http.clone()),
                         probe_gpus: false,
                         batch: crate::batch::BatchOptions::default(),
+                        labels: Default::default(),
                     },
                     engines,
                 )

@@ -74,6 +74,9 @@ pub struct NodeConfig {
     /// Batch API work (`[batch]`).
     #[serde(default)]
     pub batch: BatchConfig,
+    /// Labels routers may read (`[labels]`, e.g. `region = "eu"`), sent with every heartbeat.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// How the rig takes Batch API work: only while its engines have room, so interactive requests

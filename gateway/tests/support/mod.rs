@@ -274,6 +274,7 @@ pub fn rig_options(base: &str, name: &str, token: &str) -> garage_node_runner::a
         http: None,
         probe_gpus: false,
         batch: garage_node_runner::batch::BatchOptions::default(),
+        labels: Default::default(),
     }
 }
 
