@@ -14,6 +14,12 @@ use support::*;
 fn with_defaults(upstreams: Vec<garage_gateway::config::UpstreamConfig>) -> garage_gateway::Config {
     let mut cfg = config(upstreams);
     cfg.default_plugins = true;
+    // A CI machine runs several test processes on two cores: a 5 ms guest deadline can be
+    // blown by the scheduler alone, and the limiter's fail-open answer carries no headers.
+    // Deadlines have their own tests (`plugin_host`).
+    for slot in [&mut cfg.plugins.router, &mut cfg.plugins.rate_limiter] {
+        slot.deadline_ms = Some(200);
+    }
     cfg
 }
 
