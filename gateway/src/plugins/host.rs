@@ -745,8 +745,7 @@ impl PluginHost {
             .with_label_values(&[slot.as_str(), role])
             .inc();
         let started = Instant::now();
-        let (answer, used) = plugin.invoke(&self.engine, call).await;
-        plugin.put_away(used);
+        let answer = plugin.invoke(&self.engine, call).await;
         self.metrics
             .call_duration
             .with_label_values(&[slot.as_str()])

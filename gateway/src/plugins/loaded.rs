@@ -57,14 +57,6 @@ struct ReadyPool {
     healthy: AtomicBool,
 }
 
-/// What a call leaves behind: the instance it used, to keep warm or tear down
-/// ([`LoadedPlugin::put_away`]).
-pub(crate) struct Used {
-    instance: Option<Instance>,
-    /// The call went well: the instance may serve again (when reuse is on).
-    reusable: bool,
-}
-
 struct WarmPool {
     idle: Mutex<Vec<Instance>>,
     keep: usize,
@@ -112,51 +104,37 @@ impl LoadedPlugin {
     }
 
     /// Calls the plugin: a warm instance if reuse is on and one is idle, else a fresh one (made
-    /// ahead when there is one ready). The instance comes back in [`Used`], for
-    /// [`put_away`](Self::put_away).
+    /// ahead when there is one ready); the instance is put away before the answer returns.
     pub async fn invoke(
         &self,
         engine: &PluginEngine,
         call: Call<'_>,
-    ) -> (Result<Answer, (FaultKind, String)>, Used) {
+    ) -> Result<Answer, (FaultKind, String)> {
         let mut instance = match self.take_warm().or_else(|| self.take_ready()) {
             Some(mut instance) => {
                 instance.store.data_mut().begin_call(self.deadline);
                 instance
             }
-            None => match self.instantiate(engine).await {
-                Ok(instance) => instance,
-                Err(fault) => {
-                    let used = Used {
-                        instance: None,
-                        reusable: false,
-                    };
-                    return (Err(fault), used);
-                }
-            },
+            None => self.instantiate(engine).await?,
         };
         instance.store.set_epoch_deadline(1);
         let result = instance.live.call(&mut instance.store, call).await;
         match result {
             Ok(answer) => {
                 instance.uses += 1;
-                if let Some(ready) = &self.ready {
+                if let Some(ready) = &self.ready
+                    && !ready.healthy.load(Ordering::Relaxed)
+                {
                     ready.healthy.store(true, Ordering::Relaxed);
                 }
-                let used = Used {
-                    instance: Some(instance),
-                    reusable: true,
-                };
-                (Ok(answer), used)
+                self.put_away(instance, true);
+                Ok(answer)
             }
-            // A faulted instance is dropped, never reused.
+            // A faulted instance is never reused.
             Err(err) => {
                 let fault = classify(&err, instance.store.data(), false);
-                let used = Used {
-                    instance: Some(instance),
-                    reusable: false,
-                };
-                (Err(fault), used)
+                self.put_away(instance, false);
+                Err(fault)
             }
         }
     }
@@ -182,11 +160,8 @@ impl LoadedPlugin {
     /// request's path by [`refill`](Self::refill) when instances are made ahead, here
     /// otherwise. The queue of instances to tear down is bounded, so a refill task starved
     /// under load cannot pile them up until the pool runs dry.
-    pub fn put_away(&self, used: Used) {
-        let Some(instance) = used.instance else {
-            return;
-        };
-        if used.reusable && self.warm.is_some() {
+    fn put_away(&self, instance: Instance, reusable: bool) {
+        if reusable && self.warm.is_some() {
             self.put_back(instance);
             return;
         }
