@@ -153,6 +153,9 @@ pub async fn admit(
             headers: Vec::new(),
         });
     }
+    if !state.plugins.is_active(plugins::Slot::RateLimiter) {
+        return Ok(Vec::new());
+    }
     let admission = plugins::Admission {
         request_id: request_id.to_owned(),
         key_id: key.id.clone(),
@@ -240,6 +243,10 @@ pub fn settle(
     reserved: u32,
     used: u64,
 ) {
+    // Nothing to settle with (and no task to spawn) when no rate limiter is installed.
+    if !state.plugins.is_active(plugins::Slot::RateLimiter) {
+        return;
+    }
     let settlement = plugins::Settlement {
         request_id: request_id.to_owned(),
         key_id: key_id.to_owned(),

@@ -188,6 +188,20 @@ impl Gateway {
         // Rigs waiting for batch work get their (empty) answer now, not at the end of the wait.
         self.state.batches.stop();
         let finished = tokio::time::timeout(grace, self.server).await.is_ok();
+        // Usage of the requests that just finished goes to the store's queue before the
+        // worker stops (bounded: the store may be what is down).
+        match tokio::time::timeout(Duration::from_secs(2), self.state.usage.flush_pending()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, pending = self.state.usage.pending_len(), "usage events not queued at shutdown")
+            }
+            Err(_) => {
+                tracing::warn!(
+                    pending = self.state.usage.pending_len(),
+                    "usage events not queued at shutdown (store too slow)"
+                )
+            }
+        }
         // Client requests are done (or out of time): now the rigs' tunnels can close.
         self.state.nodes.close_all();
         self.state.plugins.shutdown();

@@ -172,6 +172,48 @@ async fn suite(store: Arc<dyn Store>) {
         Some(&b"first"[..])
     );
     assert_eq!(store.record_count("res").await.unwrap(), 2);
+    // The same, many at once: each answer is for its own record, a repeat within the call
+    // included.
+    assert_eq!(
+        store
+            .record_put_new_many(
+                "res",
+                &[
+                    ("1", b"third"),
+                    ("3", b"new"),
+                    ("3", b"again"),
+                    ("4", b"four")
+                ]
+            )
+            .await
+            .unwrap(),
+        [false, true, false, true]
+    );
+    assert_eq!(
+        store.record_get("res", "3").await.unwrap().as_deref(),
+        Some(&b"new"[..])
+    );
+    assert_eq!(
+        store.record_get("res", "1").await.unwrap().as_deref(),
+        Some(&b"first"[..])
+    );
+    assert_eq!(
+        store.records_exist("res", &["4", "5", "1"]).await.unwrap(),
+        [true, false, true]
+    );
+    assert_eq!(
+        store.records_exist("nothing", &["1"]).await.unwrap(),
+        [false]
+    );
+    assert!(store.records_exist("res", &[]).await.unwrap().is_empty());
+    assert!(
+        store
+            .record_put_new_many("res", &[])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.record_count("res").await.unwrap(), 4);
     store.record_delete_kind("res").await.unwrap();
     assert_eq!(store.record_count("res").await.unwrap(), 0);
 
@@ -270,6 +312,20 @@ async fn queues(store: &dyn Store) {
     assert!(!store.queue_ack(q, "a").await.unwrap());
     assert!(store.queue_ack(q, "e").await.unwrap());
     assert!(!store.queue_ack("no-such-queue", "a").await.unwrap());
+    // Many at once: only those there count.
+    store.queue_push(q, &[item("x"), item("y")]).await.unwrap();
+    assert_eq!(
+        store
+            .queue_ack_many(q, &["x", "a", "y", "y"])
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(store.queue_ack_many(q, &[]).await.unwrap(), 0);
+    assert_eq!(
+        store.queue_ack_many("no-such-queue", &["x"]).await.unwrap(),
+        0
+    );
     assert_eq!(store.queue_counts(q).await.unwrap(), counts(0, 3));
 
     // Dropping the waiting items keeps leased ones (and takes back expired leases first).

@@ -105,6 +105,71 @@ async fn a_failing_processor_leaves_events_queued_until_it_recovers() {
     assert_eq!(usage.daily(None).await.unwrap()[0].requests, 2);
 }
 
+/// Fails on the events it is told to, succeeds on the others.
+struct FailingOn(&'static str, Counting);
+
+#[async_trait]
+impl UsageProcessor for FailingOn {
+    async fn process(&self, event: &UsageEvent) -> Result<Outcome, String> {
+        if event.request_id == self.0 {
+            return Err("meter plugin faulted".into());
+        }
+        self.1.process(event).await
+    }
+}
+
+#[tokio::test]
+async fn one_leased_batch_mixes_replayed_new_and_failing_events() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let usage = Usage::new(store.clone());
+    let processor = FailingOn("r4", Counting::default());
+    queue_raw(&store, &event("r1", "k1")).await;
+    assert_eq!(usage.work_once(&processor).await.unwrap(), 1);
+    // One batch: r1 again (replayed), r2 and r3 new, r4 faulting, r5 after the fault.
+    for id in ["r1", "r2", "r3", "r4", "r5"] {
+        queue_raw(&store, &event(id, "k1")).await;
+    }
+    assert_eq!(usage.work_once(&processor).await.unwrap(), 3);
+    assert_eq!(
+        processor.1.calls.load(Ordering::SeqCst),
+        3,
+        "r1 charged twice"
+    );
+    // The fault and what came after it stay queued, for a later pass.
+    assert_eq!(usage.queued_len().await.unwrap(), 2);
+    assert!(usage.ledger_entry("r4").await.unwrap().is_none());
+    assert!(usage.ledger_entry("r5").await.unwrap().is_none());
+    assert_eq!(usage.daily(Some("k1")).await.unwrap()[0].requests, 3);
+
+    let recovered = Counting::default();
+    assert_eq!(usage.work_once(&recovered).await.unwrap(), 2);
+    assert_eq!(usage.queued_len().await.unwrap(), 0);
+    let daily = usage.daily(Some("k1")).await.unwrap();
+    assert_eq!((daily[0].requests, daily[0].prompt_tokens), (5, 50));
+}
+
+#[tokio::test]
+async fn usage_of_the_last_requests_is_queued_at_shutdown() {
+    let redis = RedisServer::start();
+    let engine = fast_sim().await;
+    let mut cfg = config(vec![upstream("a", engine.base_url())]);
+    cfg.store = redis.url();
+    cfg.auth.key_secret = Some("s".into());
+    let gw = gateway(cfg).await;
+    let (key_id, key) = create_key(&gw.url(), json!({"name": "t"})).await;
+    for _ in 0..5 {
+        assert_eq!(post_chat(&gw.url(), &key, &chat(false)).await.0, 200);
+    }
+    // Straight after the last answer: the flusher may still be gathering events.
+    assert!(gw.shutdown(Duration::from_secs(5)).await);
+
+    let store = garage_gateway::store::open(&redis.url()).await.unwrap();
+    let usage = Usage::new(store);
+    usage.work_once(&Counting::default()).await.unwrap();
+    let daily = usage.daily(Some(&key_id)).await.unwrap();
+    assert_eq!(daily.iter().map(|d| d.requests).sum::<u64>(), 5);
+}
+
 #[tokio::test]
 async fn keys_read_their_own_usage_and_admins_read_all() {
     let engine = fast_sim().await;

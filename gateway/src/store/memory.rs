@@ -246,6 +246,34 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
+    async fn record_put_new_many(
+        &self,
+        kind: &str,
+        new: &[(&str, &[u8])],
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut inner = self.lock();
+        let records = inner.records.entry(kind.to_owned()).or_default();
+        Ok(new
+            .iter()
+            .map(|(id, value)| {
+                if records.contains_key(*id) {
+                    return false;
+                }
+                records.insert((*id).to_owned(), value.to_vec());
+                true
+            })
+            .collect())
+    }
+
+    async fn records_exist(&self, kind: &str, ids: &[&str]) -> Result<Vec<bool>, StoreError> {
+        let inner = self.lock();
+        let records = inner.records.get(kind);
+        Ok(ids
+            .iter()
+            .map(|id| records.is_some_and(|r| r.contains_key(*id)))
+            .collect())
+    }
+
     async fn record_count(&self, kind: &str) -> Result<u64, StoreError> {
         Ok(self.lock().records.get(kind).map_or(0, |r| r.len() as u64))
     }
@@ -310,17 +338,25 @@ impl Store for MemoryStore {
     }
 
     async fn queue_ack(&self, name: &str, id: &str) -> Result<bool, StoreError> {
+        Ok(self.queue_ack_many(name, &[id]).await? == 1)
+    }
+
+    async fn queue_ack_many(&self, name: &str, ids: &[&str]) -> Result<u64, StoreError> {
         let mut inner = self.lock();
         let Some(queue) = inner.queues.get_mut(name) else {
-            return Ok(false);
+            return Ok(0);
         };
-        let was_leased = queue.leased.remove(id).is_some();
-        let was_waiting = queue.remove_waiting(id);
-        queue.payloads.remove(id);
+        let mut found = 0;
+        for id in ids {
+            let was_leased = queue.leased.remove(*id).is_some();
+            let was_waiting = queue.remove_waiting(id);
+            queue.payloads.remove(*id);
+            found += u64::from(was_leased || was_waiting);
+        }
         if queue.payloads.is_empty() && queue.leased.is_empty() && queue.waiting.is_empty() {
             inner.queues.remove(name);
         }
-        Ok(was_leased || was_waiting)
+        Ok(found)
     }
 
     async fn queue_counts(&self, queue: &str) -> Result<QueueCounts, StoreError> {

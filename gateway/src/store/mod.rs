@@ -140,6 +140,15 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts a record only if none has that id; true when this call inserted it. The first
     /// writer wins, whichever replica it is on.
     async fn record_put_new(&self, kind: &str, id: &str, value: &[u8]) -> Result<bool, StoreError>;
+    /// `record_put_new` for many records in one round trip; for each, true when this call
+    /// inserted it.
+    async fn record_put_new_many(
+        &self,
+        kind: &str,
+        records: &[(&str, &[u8])],
+    ) -> Result<Vec<bool>, StoreError>;
+    /// For each id, whether a record of that kind has it (one round trip).
+    async fn records_exist(&self, kind: &str, ids: &[&str]) -> Result<Vec<bool>, StoreError>;
     /// How many records of a kind there are.
     async fn record_count(&self, kind: &str) -> Result<u64, StoreError>;
     /// Deletes every record of a kind.
@@ -161,6 +170,8 @@ pub trait Store: Send + Sync + 'static {
     async fn queue_release(&self, queue: &str, id: &str) -> Result<bool, StoreError>;
     /// Removes an item, leased or waiting; true when it was there.
     async fn queue_ack(&self, queue: &str, id: &str) -> Result<bool, StoreError>;
+    /// `queue_ack` for many items in one round trip; returns how many were there.
+    async fn queue_ack_many(&self, queue: &str, ids: &[&str]) -> Result<u64, StoreError>;
     /// Items waiting (an item whose lease ran out counts as waiting) and leased.
     async fn queue_counts(&self, queue: &str) -> Result<QueueCounts, StoreError>;
     /// Removes every waiting item (leased ones stay until acknowledged or expired); returns how

@@ -87,14 +87,19 @@ end
 return out
 ";
 
-/// KEYS: waiting, leased, items, seq. ARGV: id. Returns 1 when the item was there.
+/// KEYS: waiting, leased, items, seq. ARGV: ids. Returns how many of them were there.
 const QUEUE_ACK: &str = r"
-local found = redis.call('ZREM', KEYS[2], ARGV[1]) + redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
+local found = 0
+for i = 1, #ARGV do
+  if redis.call('ZREM', KEYS[2], ARGV[i]) + redis.call('ZREM', KEYS[1], ARGV[i]) > 0 then
+    found = found + 1
+  end
+  redis.call('HDEL', KEYS[3], ARGV[i])
+end
 if redis.call('HLEN', KEYS[3]) == 0 then
   redis.call('DEL', KEYS[4])
 end
-if found > 0 then return 1 else return 0 end
+return found
 ";
 
 /// KEYS: waiting, leased. ARGV: id. Returns 1 when the item was leased.
@@ -378,6 +383,36 @@ impl Store for RedisStore {
         Ok(conn.hset_nx(record_key(kind), id, value).await?)
     }
 
+    async fn record_put_new_many(
+        &self,
+        kind: &str,
+        records: &[(&str, &[u8])],
+    ) -> Result<Vec<bool>, StoreError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = record_key(kind);
+        let mut pipe = redis::pipe();
+        for (id, value) in records {
+            pipe.hset_nx(&key, *id, *value);
+        }
+        let mut conn = self.conn.clone();
+        Ok(pipe.query_async(&mut conn).await?)
+    }
+
+    async fn records_exist(&self, kind: &str, ids: &[&str]) -> Result<Vec<bool>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let key = record_key(kind);
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hexists(&key, *id);
+        }
+        let mut conn = self.conn.clone();
+        Ok(pipe.query_async(&mut conn).await?)
+    }
+
     async fn record_count(&self, kind: &str) -> Result<u64, StoreError> {
         let mut conn = self.conn.clone();
         Ok(conn.hlen(record_key(kind)).await?)
@@ -444,15 +479,23 @@ impl Store for RedisStore {
     }
 
     async fn queue_ack(&self, queue: &str, id: &str) -> Result<bool, StoreError> {
+        Ok(self.queue_ack_many(queue, &[id]).await? == 1)
+    }
+
+    async fn queue_ack_many(&self, queue: &str, ids: &[&str]) -> Result<u64, StoreError> {
         let keys = queue_keys(queue);
         let mut conn = self.conn.clone();
-        let found: i64 = self
-            .queue_ack
-            .key(&keys[..])
-            .arg(id)
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(found == 1)
+        let mut found = 0;
+        for chunk in ids.chunks(PUSH_CHUNK) {
+            let mut call = self.queue_ack.prepare_invoke();
+            call.key(&keys[..]);
+            for id in chunk {
+                call.arg(*id);
+            }
+            let n: u64 = call.invoke_async(&mut conn).await?;
+            found += n;
+        }
+        Ok(found)
     }
 
     async fn queue_counts(&self, queue: &str) -> Result<QueueCounts, StoreError> {
