@@ -144,7 +144,22 @@ fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
 
 /// The body with `stream_options.include_usage` set, so the backend reports usage on a stream.
 /// Key order and every other field are kept.
-fn with_include_usage(body: &[u8]) -> Result<Bytes, ApiError> {
+fn with_include_usage(body: &Bytes) -> Result<Bytes, ApiError> {
+    // Usually the client sent no `stream_options` at all: the member goes in before the
+    // closing brace, and the client's bytes stay as they were (no parse and re-serialization).
+    // The body parsed as an object with a model, so it is not empty. The quoted name can only
+    // appear unescaped as a key or as a whole string value; either way, the general path.
+    if memchr::memmem::find(body, b"\"stream_options\"").is_none()
+        && let Some(end) = body.iter().rposition(|b| !b.is_ascii_whitespace())
+        && body[end] == b'}'
+    {
+        const MEMBER: &[u8] = br#","stream_options":{"include_usage":true}"#;
+        let mut out = Vec::with_capacity(body.len() + MEMBER.len());
+        out.extend_from_slice(&body[..end]);
+        out.extend_from_slice(MEMBER);
+        out.extend_from_slice(&body[end..]);
+        return Ok(Bytes::from(out));
+    }
     let mut map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("Invalid JSON body: {e}"), None))?;
     let options = map
@@ -526,10 +541,39 @@ mod tests {
     #[test]
     fn include_usage_keeps_everything_else() {
         let body = br#"{"model":"m","tools":[{"type":"function"}],"stream":true,"x_vendor":1.5}"#;
-        let out = with_include_usage(body).unwrap();
+        let out = with_include_usage(&Bytes::from_static(body)).unwrap();
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"{"model":"m","tools":[{"type":"function"}],"stream":true,"x_vendor":1.5,"stream_options":{"include_usage":true}}"#
+        );
+        let set = |body: &str| {
+            let out = with_include_usage(&Bytes::from(body.to_owned())).unwrap();
+            serde_json::from_slice::<serde_json::Value>(&out).unwrap()
+        };
+        // The client's bytes are kept as they were (spacing, number forms), member added last.
+        let out = with_include_usage(&Bytes::from_static(
+            b"{ \"model\" : \"m\", \"temperature\": 1.50 }\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "{ \"model\" : \"m\", \"temperature\": 1.50 ,\"stream_options\":{\"include_usage\":true}}\n"
+        );
+        // Options the client set are kept; a null or malformed one is replaced.
+        assert_eq!(
+            set(r#"{"model":"m","stream_options":{"include_usage":false,"x":1}}"#)["stream_options"],
+            serde_json::json!({"include_usage": true, "x": 1})
+        );
+        assert_eq!(
+            set(r#"{"model":"m","stream_options":null}"#)["stream_options"],
+            serde_json::json!({"include_usage": true})
+        );
+        // The name as a value takes the general path, and still gets exactly one member.
+        let out = set(r#"{"model":"m","user":"stream_options"}"#);
+        assert_eq!(out["user"], "stream_options");
+        assert_eq!(
+            out["stream_options"],
+            serde_json::json!({"include_usage": true})
         );
     }
 }

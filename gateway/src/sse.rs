@@ -65,10 +65,7 @@ impl SseTap {
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
         // Fast path: whole events, none of which mention usage, pass through untouched without
         // a copy. This is almost every chunk of a stream.
-        if self.pending.is_empty()
-            && ends_with_blank_line(&chunk)
-            && memchr::memmem::find(&chunk, USAGE_KEY).is_none()
-        {
+        if self.pending.is_empty() && ends_with_blank_line(&chunk) && no_usage_reported(&chunk) {
             return chunk;
         }
         self.pending.extend_from_slice(&chunk);
@@ -94,7 +91,7 @@ impl SseTap {
 
     /// Reads usage from an event and decides whether the client sees it.
     fn keep(&mut self, event: &[u8]) -> bool {
-        if memchr::memmem::find(event, USAGE_KEY).is_none() {
+        if no_usage_reported(event) {
             return true;
         }
         let Some(data) = event_data(event) else {
@@ -110,6 +107,19 @@ impl SseTap {
         let usage_only = head.choices.is_some_and(|c| c.is_empty());
         !(self.hide_usage_chunk && usage_only)
     }
+}
+
+/// True when `bytes` report no usage: no `"usage"` member, or only `"usage": null` ones (what
+/// OpenAI sends on every chunk but the last when usage was asked for). Such events need no
+/// parsing. A quoted `usage` inside a JSON string is escaped (`\"usage\"`), so it cannot match;
+/// anything else that matches the name goes to the parser.
+fn no_usage_reported(bytes: &[u8]) -> bool {
+    memchr::memmem::find_iter(bytes, USAGE_KEY).all(|at| {
+        let rest = &bytes[at + USAGE_KEY.len()..];
+        let rest = rest.trim_ascii_start();
+        rest.strip_prefix(b":")
+            .is_some_and(|value| value.trim_ascii_start().starts_with(b"null"))
+    })
 }
 
 fn ends_with_blank_line(chunk: &[u8]) -> bool {
@@ -223,6 +233,31 @@ mod tests {
         let out = run(&mut tap, &[tricky, named]);
         assert_eq!(out, format!("{tricky}{named}"));
         assert_eq!(tap.usage(), None);
+    }
+
+    #[test]
+    fn null_usage_needs_no_parse_and_real_usage_is_never_missed() {
+        assert!(no_usage_reported(br#"{"choices":[]}"#));
+        assert!(no_usage_reported(br#"{"usage":null}"#));
+        assert!(no_usage_reported(
+            b"{\"usage\" :\n null, \"x\": {\"usage\":null}}"
+        ));
+        assert!(!no_usage_reported(br#"{"usage":{"prompt_tokens":1}}"#));
+        assert!(!no_usage_reported(
+            br#"{"a":{"usage":null},"usage":{"prompt_tokens":1}}"#
+        ));
+        // The name as a value: not a member, so it goes to the parser.
+        assert!(!no_usage_reported(br#"{"role":"usage"}"#));
+        // OpenAI's shape: `"usage": null` on every chunk, the counts on the last one.
+        let content = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n";
+        let mut tap = SseTap::new(true);
+        let chunk = Bytes::from(format!("{content}{content}"));
+        let passed = tap.feed(chunk.clone());
+        // Passed on as it came: the same bytes, not a copy.
+        assert_eq!(passed.as_ptr(), chunk.as_ptr());
+        let out = run(&mut tap, &[USAGE, DONE]);
+        assert_eq!(out, DONE);
+        assert_eq!(tap.usage().unwrap().completion_tokens, 5);
     }
 
     #[test]
