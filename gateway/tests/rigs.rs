@@ -183,7 +183,8 @@ async fn a_rig_dying_mid_stream_ends_that_stream_and_others_take_over() {
     let (_, key) = create_key(&base, json!({"name": "t"})).await;
     let token = enrollment_token(&base, 2).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut doomed = process_rig(dir.path(), &base, &token, free_port(), 5);
+    let doomed_port = free_port();
+    let mut doomed = process_rig(dir.path(), &base, &token, doomed_port, 5);
     wait_routable(&base, 1).await;
 
     let response = stream_body(&base, &key, 50).await;
@@ -200,6 +201,13 @@ async fn a_rig_dying_mid_stream_ends_that_stream_and_others_take_over() {
 
     doomed.signal("KILL");
     doomed.wait_exit(Duration::from_secs(10)).await;
+    // A SIGKILLed agent cannot stop its engine: the engine goes on, orphaned, and the rig is
+    // gone from routing only because its tunnel closed. This test leaves no process behind.
+    if let Some(orphan) = pid_of(&format!("127.0.0.1:{doomed_port}")) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &orphan.to_string()])
+            .status();
+    }
     while let Some(chunk) = stream.next().await {
         match chunk {
             Ok(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk)),
