@@ -184,6 +184,18 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Events handled between two yields to the scheduler. A batch of events is CPU work that
+/// never waits (with the embedded store nothing does): done in one go, a few hundred events
+/// would hold a worker thread for a millisecond or more while requests wait behind it.
+const EVENTS_PER_YIELD: usize = 16;
+
+/// Yields to the scheduler before every [`EVENTS_PER_YIELD`]th event but the first.
+async fn yield_now_and_then(i: usize) {
+    if i > 0 && i.is_multiple_of(EVENTS_PER_YIELD) {
+        tokio::task::yield_now().await;
+    }
+}
+
 fn corrupt(err: serde_json::Error) -> StoreError {
     StoreError::Corrupt(err.to_string())
 }
@@ -267,15 +279,14 @@ impl Usage {
             if batch.is_empty() {
                 return Ok(flushed);
             }
-            let items = batch
-                .iter()
-                .map(|event| {
-                    Ok(QueueItem {
-                        id: event.request_id.clone(),
-                        payload: serde_json::to_vec(event).map_err(corrupt)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, StoreError>>()?;
+            let mut items = Vec::with_capacity(batch.len());
+            for (i, event) in batch.iter().enumerate() {
+                yield_now_and_then(i).await;
+                items.push(QueueItem {
+                    id: event.request_id.clone(),
+                    payload: serde_json::to_vec(event).map_err(corrupt)?,
+                });
+            }
             if let Err(err) = self.store.queue_push(QUEUE, &items).await {
                 let mut pending = self.pending();
                 for event in batch.into_iter().rev() {
@@ -386,7 +397,8 @@ impl Usage {
             let known = self.store.records_exist(LEDGER, &ids).await?;
             let mut entries = Vec::with_capacity(events.len());
             let mut failed = false;
-            for ((id, event), known) in events.into_iter().zip(known) {
+            for (i, ((id, event), known)) in events.into_iter().zip(known).enumerate() {
+                yield_now_and_then(i).await;
                 if failed {
                     self.store.queue_release(QUEUE, &id).await?;
                 } else if known {
@@ -411,10 +423,11 @@ impl Usage {
                     }
                 }
             }
-            let json = entries
-                .iter()
-                .map(|(_, entry)| serde_json::to_vec(entry).map_err(corrupt))
-                .collect::<Result<Vec<_>, _>>()?;
+            let mut json = Vec::with_capacity(entries.len());
+            for (i, (_, entry)) in entries.iter().enumerate() {
+                yield_now_and_then(i).await;
+                json.push(serde_json::to_vec(entry).map_err(corrupt)?);
+            }
             let records: Vec<(&str, &[u8])> = entries
                 .iter()
                 .zip(&json)
