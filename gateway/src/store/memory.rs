@@ -1,6 +1,6 @@
 //! The embedded store: everything in this process, nothing to install.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,10 @@ struct Inner {
     keys: HashMap<String, ApiKeyRecord>,
     key_ids_by_hash: HashMap<String, String>,
     kv: HashMap<String, (Vec<u8>, Option<Instant>)>,
-    records: HashMap<String, HashMap<String, Vec<u8>>>,
+    /// Ordered maps, not hash maps: a kind can grow to millions of records (the usage ledger
+    /// gets one per request), and a hash map that doubles rehashes every key at once, holding
+    /// the store's lock (and a worker thread) for milliseconds. A B-tree grows a node at a time.
+    records: HashMap<String, BTreeMap<String, Vec<u8>>>,
     queues: HashMap<String, Queue>,
 }
 
