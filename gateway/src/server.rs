@@ -41,6 +41,8 @@ pub struct Gateway {
     shutdown: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
     background: Vec<JoinHandle<()>>,
+    /// The usage worker, stopped in order at shutdown (see [`Usage::stop`]).
+    usage_worker: JoinHandle<()>,
 }
 
 impl Gateway {
@@ -136,11 +138,11 @@ impl Gateway {
                 store.clone(),
                 report_interval,
             )),
-            tokio::spawn(usage.run_worker(Arc::new(PluginProcessor {
-                plugins: plugins.clone(),
-                store: store.clone(),
-            }))),
         ]);
+        let usage_worker = tokio::spawn(usage.clone().run_worker(Arc::new(PluginProcessor {
+            plugins: plugins.clone(),
+            store: store.clone(),
+        })));
         let shutdown = CancellationToken::new();
         // Nagle off on every client socket: see `state::backend_client`.
         let listener = listener.tap_io(|tcp| {
@@ -161,6 +163,7 @@ impl Gateway {
             shutdown,
             server,
             background,
+            usage_worker,
         })
     }
 
@@ -201,6 +204,15 @@ impl Gateway {
                     "usage events not queued at shutdown (store too slow)"
                 )
             }
+        }
+        self.state.usage.stop();
+        let worker = self.usage_worker.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(2), self.usage_worker)
+            .await
+            .is_err()
+        {
+            // Its leased events go back to the queue when their lease runs out.
+            worker.abort();
         }
         // Client requests are done (or out of time): now the rigs' tunnels can close.
         self.state.nodes.close_all();

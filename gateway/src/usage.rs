@@ -212,6 +212,8 @@ pub struct Usage {
     dropped: std::sync::atomic::AtomicU64,
     /// The last flush failed (logged once per outage, not per retry).
     store_down: std::sync::atomic::AtomicBool,
+    /// The worker stops after the batch in hand (a gateway shutting down).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Events written to the store's queue per call, and leased per call: one round trip for many
@@ -232,6 +234,7 @@ impl Usage {
             wake: tokio::sync::Notify::new(),
             dropped: std::sync::atomic::AtomicU64::new(0),
             store_down: std::sync::atomic::AtomicBool::new(false),
+            stopping: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -314,7 +317,7 @@ impl Usage {
     pub async fn run_worker(self: Arc<Self>, processor: Arc<dyn UsageProcessor>) {
         let flusher = tokio::spawn(Arc::clone(&self).run_flusher());
         let _stop_flusher = AbortOnDrop(flusher);
-        loop {
+        while !self.is_stopping() {
             let worked = match self.process_queued(processor.as_ref()).await {
                 Ok(n) => n,
                 Err(err) => {
@@ -329,6 +332,19 @@ impl Usage {
                     tokio::time::timeout(Duration::from_millis(500), self.wake.notified()).await;
             }
         }
+    }
+
+    /// Asks the worker to stop once the batch in hand is done: its events are then processed
+    /// and acknowledged, or still waiting in the queue, never left leased to a stopped worker
+    /// (which would hide them from every replica until the lease ran out).
+    pub fn stop(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn run_flusher(self: Arc<Self>) {
@@ -372,6 +388,9 @@ impl Usage {
     async fn process_queued(&self, processor: &dyn UsageProcessor) -> Result<usize, StoreError> {
         let mut processed = 0;
         loop {
+            if self.is_stopping() {
+                return Ok(processed);
+            }
             // A worker that dies mid-way loses its lease; another takes the events over.
             let leased = self
                 .store
