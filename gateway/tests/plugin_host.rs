@@ -874,10 +874,32 @@ async fn plugin_state_is_namespaced_per_slot() {
     );
 }
 
+/// The end of a hand-written router component: the contract's `route` export (its record
+/// types as `garage:policy@0.2.0` defines them), lifted from the core module's `route`,
+/// `memory` and `realloc`.
+const ROUTE_EXPORT: &str = r#"
+  (type $route_request (record
+    (field "model" string) (field "key-id" string) (field "prefix-hash" u64)
+    (field "prompt-tokens" u32) (field "max-tokens" u32) (field "stream" bool)))
+  (export $request "route-request" (type $route_request))
+  (type $candidate (record
+    (field "key" u64) (field "in-flight" u32) (field "engine-running" u32) (field "engine-waiting" u32)
+    (field "kv-cache-usage" f32) (field "tokens-per-second" f32) (field "latency-ms" f32)
+    (field "gpu-utilization" f32) (field "gpu-memory-free-bytes" u64)))
+  (export $cand "candidate" (type $candidate))
+  (type $candidates (list $cand))
+  (type $order (list u32))
+  (type $routed (result $order (error string)))
+  (func $route (param "request" $request) (param "candidates" $candidates) (result $routed)
+    (canon lift (core func $main "route") (memory $mem) (realloc $realloc)))
+  (export "route" (func $route))
+)
+"#;
+
 /// A router that counts what WASI gives it: environment variables, arguments, preopened
 /// directories, and whether it may create a TCP socket. It answers `[0, 1, ..., n]` where `n` is
-/// that count, so `[0]` means "nothing".
-const WASI_PROBE: &str = r#"
+/// that count, so `[0]` means "nothing". Completed by [`ROUTE_EXPORT`].
+const WASI_PROBE_CORE: &str = r#"
 (component $C
   (import "wasi:cli/environment@0.2.0" (instance $env
     (type $pair (tuple string string))
@@ -988,28 +1010,13 @@ const WASI_PROBE: &str = r#"
       (export "get-directories" (func $get_directories))
       (export "create-tcp-socket" (func $create_tcp_socket))))))
 
-  (type $route_request (record
-    (field "model" string) (field "key-id" string) (field "prefix-hash" u64)
-    (field "prompt-tokens" u32) (field "max-tokens" u32) (field "stream" bool)))
-  (export $request "route-request" (type $route_request))
-  (type $candidate (record
-    (field "key" u64) (field "in-flight" u32) (field "engine-running" u32) (field "engine-waiting" u32)
-    (field "kv-cache-usage" f32) (field "tokens-per-second" f32) (field "latency-ms" f32)
-    (field "gpu-utilization" f32) (field "gpu-memory-free-bytes" u64)))
-  (export $cand "candidate" (type $candidate))
-  (type $candidates (list $cand))
-  (type $order (list u32))
-  (type $routed (result $order (error string)))
-  (func $route (param "request" $request) (param "candidates" $candidates) (result $routed)
-    (canon lift (core func $main "route") (memory $mem) (realloc $realloc)))
-  (export "route" (func $route))
-)
 "#;
 
 #[tokio::test]
 async fn a_guest_gets_no_environment_arguments_files_or_network() {
     let (host, _store) = host().await;
-    let probe = wat::parse_str(WASI_PROBE).expect("the probe is valid WAT");
+    let probe =
+        wat::parse_str([WASI_PROBE_CORE, ROUTE_EXPORT].concat()).expect("the probe is valid WAT");
     host.install(Slot::Router, &probe, "{}", "test")
         .await
         .unwrap();
@@ -1126,8 +1133,9 @@ async fn warm_instances_are_reused_and_retired_after_a_trap() {
 }
 
 /// A router that counts its calls in a global of its instance and answers `[calls so far]`: a
-/// fresh instance always answers `[0]`, a reused one `[1]`, `[2]`...
-const CALL_COUNTER: &str = r#"
+/// fresh instance always answers `[0]`, a reused one `[1]`, `[2]`... Completed by
+/// [`ROUTE_EXPORT`].
+const CALL_COUNTER_CORE: &str = r#"
 (component
   (core module $Main
     (memory (export "memory") 1)
@@ -1151,27 +1159,12 @@ const CALL_COUNTER: &str = r#"
   (core instance $main (instantiate $Main))
   (alias core export $main "memory" (core memory $mem))
   (alias core export $main "realloc" (core func $realloc))
-  (type $route_request (record
-    (field "model" string) (field "key-id" string) (field "prefix-hash" u64)
-    (field "prompt-tokens" u32) (field "max-tokens" u32) (field "stream" bool)))
-  (export $request "route-request" (type $route_request))
-  (type $candidate (record
-    (field "key" u64) (field "in-flight" u32) (field "engine-running" u32)
-    (field "engine-waiting" u32) (field "kv-cache-usage" f32) (field "tokens-per-second" f32)
-    (field "latency-ms" f32) (field "gpu-utilization" f32) (field "gpu-memory-free-bytes" u64)))
-  (export $cand "candidate" (type $candidate))
-  (type $candidates (list $cand))
-  (type $order (list u32))
-  (type $routed (result $order (error string)))
-  (func $route (param "request" $request) (param "candidates" $candidates) (result $routed)
-    (canon lift (core func $main "route") (memory $mem) (realloc $realloc)))
-  (export "route" (func $route))
-)
 "#;
 
 #[tokio::test]
 async fn instances_made_ahead_are_fresh_and_warm_ones_are_not() {
-    let counter = wat::parse_str(CALL_COUNTER).expect("the counter is valid WAT");
+    let counter = wat::parse_str([CALL_COUNTER_CORE, ROUTE_EXPORT].concat())
+        .expect("the counter is valid WAT");
     let cands = candidates(8);
     for (ready, warm) in [(0, false), (2, false), (4, true)] {
         let mut config = config();

@@ -221,7 +221,7 @@ impl LoadedPlugin {
         if instance.uses >= warm.max_uses {
             return;
         }
-        let mut idle = warm.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = lock(&warm.idle);
         if idle.len() < warm.keep {
             idle.push(instance);
         }
@@ -231,7 +231,7 @@ impl LoadedPlugin {
     /// threshold and nobody asked for its rollback yet.
     pub fn note_fault(&self, window: Duration, threshold: u32) -> bool {
         let now = Instant::now();
-        let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        let mut faults = lock(&self.faults);
         faults.push_back(now);
         while faults
             .front()
@@ -251,10 +251,7 @@ impl LoadedPlugin {
     /// metrics count every one.
     pub fn should_log_fault(&self) -> bool {
         let now = Instant::now();
-        let mut last = self
-            .last_fault_log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut last = lock(&self.last_fault_log);
         if last.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
             return false;
         }

@@ -240,13 +240,7 @@ impl Store for MemoryStore {
     }
 
     async fn record_put_new(&self, kind: &str, id: &str, value: &[u8]) -> Result<bool, StoreError> {
-        let mut inner = self.lock();
-        let records = inner.records.entry(kind.to_owned()).or_default();
-        if records.contains_key(id) {
-            return Ok(false);
-        }
-        records.insert(id.to_owned(), value.to_vec());
-        Ok(true)
+        Ok(self.record_put_new_many(kind, &[(id, value)]).await?[0])
     }
 
     async fn record_put_new_many(
