@@ -193,7 +193,7 @@ impl Gateway {
         let finished = tokio::time::timeout(grace, self.server).await.is_ok();
         // Usage of the requests that just finished goes to the store's queue before the
         // worker stops (bounded: the store may be what is down).
-        match tokio::time::timeout(Duration::from_secs(2), self.state.usage.flush_pending()).await {
+        match tokio::time::timeout(Duration::from_secs(2), self.state.usage.flush()).await {
             Ok(Ok(_)) => {}
             Ok(Err(err)) => {
                 tracing::warn!(error = %err, pending = self.state.usage.pending_len(), "usage events not queued at shutdown")

@@ -214,6 +214,9 @@ pub struct Usage {
     store_down: std::sync::atomic::AtomicBool,
     /// The worker stops after the batch in hand (a gateway shutting down).
     stopping: std::sync::atomic::AtomicBool,
+    /// Held through a flush: events taken from `pending` are in no one else's sight until
+    /// they are in the store's queue (or back in `pending`).
+    flushing: tokio::sync::Mutex<()>,
 }
 
 /// Events written to the store's queue per call, and leased per call: one round trip for many
@@ -235,6 +238,7 @@ impl Usage {
             dropped: std::sync::atomic::AtomicU64::new(0),
             store_down: std::sync::atomic::AtomicBool::new(false),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            flushing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -264,14 +268,12 @@ impl Usage {
         pending.len()
     }
 
-    /// Writes every held event to the store's queue now (a gateway shutting down).
-    pub async fn flush_pending(&self) -> Result<usize, StoreError> {
-        self.flush().await
-    }
-
     /// Writes pending events to the store's queue, in batches; on a store error they stay
-    /// pending (in order) and the error is returned.
-    async fn flush(&self) -> Result<usize, StoreError> {
+    /// pending (in order) and the error is returned. The flusher calls it; so does a gateway
+    /// shutting down, for the events the flusher has not written yet.
+    pub async fn flush(&self) -> Result<usize, StoreError> {
+        // One flush at a time: a shutdown's flush waits for the flusher's batch to be written.
+        let _flushing = self.flushing.lock().await;
         let mut flushed = 0;
         loop {
             let batch: Vec<UsageEvent> = {
@@ -315,8 +317,7 @@ impl Usage {
     /// Works the queue forever: a flusher writes recorded events to the store, a worker leases
     /// and processes them.
     pub async fn run_worker(self: Arc<Self>, processor: Arc<dyn UsageProcessor>) {
-        let flusher = tokio::spawn(Arc::clone(&self).run_flusher());
-        let _stop_flusher = AbortOnDrop(flusher);
+        let mut flusher = AbortOnDrop(tokio::spawn(Arc::clone(&self).run_flusher()));
         while !self.is_stopping() {
             let worked = match self.process_queued(processor.as_ref()).await {
                 Ok(n) => n,
@@ -332,6 +333,11 @@ impl Usage {
                     tokio::time::timeout(Duration::from_millis(500), self.wake.notified()).await;
             }
         }
+        // Stopped: the flusher goes too, but not in the middle of a flush (the events it took
+        // from `pending` would be lost with it). Holding the flush lock keeps it out of one.
+        let _flushing = self.flushing.lock().await;
+        flusher.0.abort();
+        let _ = (&mut flusher.0).await;
     }
 
     /// Asks the worker to stop once the batch in hand is done: its events are then processed
