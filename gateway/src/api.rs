@@ -2,11 +2,10 @@
 
 use axum::Json;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderName, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
+use tower_http::catch_panic::CatchPanicLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -14,6 +13,7 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::error::ApiError;
+use crate::request_id::RequestIdLayer;
 use crate::state::AppState;
 use crate::{admin, batch_api, node_api, openai, plugins_api, usage_api};
 
@@ -118,7 +118,6 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
 pub fn app(state: AppState) -> axum::Router {
     let max_body = state.config.max_body_bytes;
     let (router, spec) = routes(state);
-    let x_request_id = HeaderName::from_static("x-request-id");
     router
         // The spec is also served at /openapi.json by `openapi_json`; Swagger UI reads it there.
         .merge(SwaggerUi::new("/docs").config(utoipa_swagger_ui::Config::from("/openapi.json")))
@@ -126,18 +125,21 @@ pub fn app(state: AppState) -> axum::Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
-        .layer(TraceLayer::new_for_http().make_span_with(
-            |request: &axum::http::Request<axum::body::Body>| {
-                let id = request
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
-            },
-        ))
-        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+        // A bug that panics in a handler answers 500 in OpenAI's shape instead of dropping the
+        // connection; the rest of the process is unaffected either way.
+        .layer(CatchPanicLayer::custom(handler_panicked))
+        .layer(RequestIdLayer)
+}
+
+fn handler_panicked(panic: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {
+    let what = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    tracing::error!(panic = what, "request handler panicked");
+    ApiError::Internal("The gateway hit an internal error while handling this request.".into())
+        .into_response()
 }
 
 async fn not_found() -> ApiError {
@@ -217,4 +219,38 @@ pub async fn openapi_json(
     axum::Extension(spec): axum::Extension<std::sync::Arc<utoipa::openapi::OpenApi>>,
 ) -> impl IntoResponse {
     Json(spec.as_ref().clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_in_openai_shape() {
+        async fn boom() -> &'static str {
+            panic!("bug in a handler")
+        }
+        let app = axum::Router::new()
+            .route("/boom", axum::routing::get(boom))
+            .layer(CatchPanicLayer::custom(handler_panicked))
+            .layer(RequestIdLayer);
+        let request = axum::http::Request::get("/boom")
+            .body(Body::empty())
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(response.headers().contains_key("x-request-id"));
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["error"]["type"], "server_error");
+        assert!(
+            value["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("internal error")
+        );
+    }
 }

@@ -21,6 +21,7 @@ pub mod openai;
 pub mod plugins;
 pub mod plugins_api;
 pub mod policy;
+pub mod request_id;
 pub mod server;
 pub mod sse;
 pub mod state;

@@ -70,7 +70,7 @@ pub async fn all_usage(
 /// The ledger entry of one request: the usage event and what was charged and awarded for it.
 #[utoipa::path(
     get, path = "/admin/usage/requests/{request_id}", tag = "admin",
-    params(("request_id" = String, Path, description = "The request's x-request-id")),
+    params(("request_id" = String, Path, description = "The x-request-id the gateway gave the request")),
     responses((status = 200, body = LedgerEntry), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("admin_token" = []))
 )]

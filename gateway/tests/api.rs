@@ -181,16 +181,30 @@ async fn bodies_pass_through_untouched() {
         .bearer_auth(&key)
         .header("content-type", "application/json")
         .header("x-request-id", "req-from-client")
+        .header("x-client-request-id", "mine-1")
         .body(raw.clone())
         .send()
         .await
         .unwrap();
-    assert_eq!(response.headers()["x-request-id"], "req-from-client");
+    // The gateway's own request id, not the client's, goes to the backend and comes back; the
+    // client's correlation id is echoed.
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(request_id, "req-from-client");
+    assert_eq!(
+        uuid::Uuid::parse_str(&request_id)
+            .unwrap()
+            .get_version_num(),
+        7
+    );
+    assert_eq!(response.headers()["x-client-request-id"], "mine-1");
     let value: serde_json::Value = response.json().await.unwrap();
     // Byte for byte what the client sent; the client's key replaced by the upstream's.
     assert_eq!(value["received_raw"], raw);
     assert_eq!(value["received_auth"], "Bearer upstream-secret");
-    assert_eq!(value["received_request_id"], "req-from-client");
+    assert_eq!(value["received_request_id"], request_id.as_str());
     // The backend's own fields reach the client.
     assert_eq!(value["backend_extension"]["kv_cache_hit"], true);
 }

@@ -222,19 +222,36 @@ async fn keys_read_their_own_usage_and_admins_read_all() {
         .unwrap();
     assert_eq!(refused.status(), 401);
 
-    // Each request's ledger entry is there under its request id.
-    let response = client()
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(&bob)
-        .header("x-request-id", "ledger-probe-1")
-        .json(&chat(false))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    wait_until(Duration::from_secs(10), "ledger entry", || async {
-        admin_get(&base, "/admin/usage/requests/ledger-probe-1").await["event"]["request_id"]
-            == "ledger-probe-1"
+    // Each request's ledger entry is there under the request id the gateway minted. A client
+    // repeating its own x-request-id is charged for every request, not once.
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let response = client()
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&bob)
+            .header("x-request-id", "ledger-probe-1")
+            .json(&chat(false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        ids.push(
+            response.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_ne!(ids[0], ids[1]);
+    for id in &ids {
+        wait_until(Duration::from_secs(10), "ledger entry", || async {
+            admin_get(&base, &format!("/admin/usage/requests/{id}")).await["event"]["request_id"]
+                == id.as_str()
+        })
+        .await;
+    }
+    wait_until(Duration::from_secs(10), "bob charged for both", || async {
+        own(bob.clone()).await["data"][0]["requests"] == 3
     })
     .await;
 }

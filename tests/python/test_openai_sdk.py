@@ -219,13 +219,19 @@ def test_streamed_raw_response_has_request_id(client: openai.OpenAI):
     assert chunks
 
 
-def test_client_request_id_is_kept(client: openai.OpenAI):
-    """A request id the caller chose is echoed back, not replaced."""
+def test_client_request_id_is_echoed_beside_the_gateways_own(client: openai.OpenAI):
+    """The caller's correlation id comes back in x-client-request-id; x-request-id is always
+    the gateway's own (it keys the usage ledger), even when the caller sent one."""
     mine = f"pytest-{uuid.uuid4()}"
     raw = client.chat.completions.with_raw_response.create(
-        model=CHAT_MODEL, messages=MESSAGES, extra_headers={"x-request-id": mine}
+        model=CHAT_MODEL,
+        messages=MESSAGES,
+        extra_headers={"x-client-request-id": mine, "x-request-id": mine},
     )
-    assert raw.headers.get("x-request-id") == mine
+    assert raw.headers.get("x-client-request-id") == mine
+    request_id = raw.headers.get("x-request-id")
+    assert request_id and request_id != mine
+    assert uuid.UUID(request_id).version == 7
 
 
 def test_async_client_streams(gateway_url: str):
