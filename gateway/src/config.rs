@@ -34,6 +34,7 @@ pub const ENV_FIELDS: &[&str] = &[
     "nodes.missed_heartbeats",
     "nodes.enrollment_token_ttl_secs",
     "nodes.report_interval_secs",
+    "usage.ledger_max_entries",
     "batch.max_file_bytes",
     "batch.max_requests",
     "batch.lease_secs",
@@ -105,6 +106,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub dispatch: DispatchConfig,
     pub nodes: NodesConfig,
+    /// Usage metering: the ledger's retention on the embedded store.
+    pub usage: UsageConfig,
     /// The Batch API: files, queues and leases.
     pub batch: BatchConfig,
     /// Install the default policy plugins into slots that were never configured (least-loaded
@@ -194,6 +197,25 @@ impl NodesConfig {
     }
 }
 
+/// Usage metering.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsageConfig {
+    /// On the embedded store, how many requests' ledger entries are kept (about 0.5 KB each);
+    /// past this the oldest go. Totals (per key and day, per operator) are counters and keep
+    /// counting; only `GET /admin/usage/requests/{id}` of an older request answers 404. The
+    /// embedded store loses everything at a restart anyway; on Redis every entry is kept.
+    pub ledger_max_entries: usize,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            ledger_max_entries: 100_000,
+        }
+    }
+}
+
 /// The Batch API.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -267,6 +289,7 @@ impl Default for Config {
             },
             dispatch: DispatchConfig::default(),
             nodes: NodesConfig::default(),
+            usage: UsageConfig::default(),
             batch: BatchConfig::default(),
             default_plugins: true,
             plugins: crate::plugins::PluginsConfig::default(),
@@ -374,6 +397,9 @@ impl Config {
         }
         if self.dispatch.max_attempts == 0 {
             return invalid("dispatch.max_attempts must be at least 1".into());
+        }
+        if self.usage.ledger_max_entries == 0 {
+            return invalid("usage.ledger_max_entries must be at least 1".into());
         }
         let mut names = std::collections::HashSet::new();
         for upstream in &self.upstreams {

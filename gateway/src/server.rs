@@ -48,12 +48,15 @@ pub struct Gateway {
 impl Gateway {
     /// Opens the store, binds the listener and starts serving.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
-        let store = store::open(&config.store)
-            .await
-            .map_err(|source| StartError::Store {
-                url: redact_url(&config.store),
-                source,
-            })?;
+        let store = store::open(
+            &config.store,
+            &[(crate::usage::LEDGER, config.usage.ledger_max_entries)],
+        )
+        .await
+        .map_err(|source| StartError::Store {
+            url: redact_url(&config.store),
+            source,
+        })?;
         let key_secret = match &config.auth.key_secret {
             Some(secret) => secret.clone().into_bytes(),
             // Memory store only (config validation requires a secret with Redis): keys live and

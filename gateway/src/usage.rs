@@ -10,7 +10,8 @@
 //! - **Replayable**: the ledger keeps each event with what was charged and awarded for it. It is
 //!   the record; the per-day and per-operator counters are a view of it, updated once per
 //!   leased batch of events (a crash between a batch's ledger writes and its counter update
-//!   leaves the counters short by that batch, never counts anything twice).
+//!   leaves the counters short by that batch, never counts anything twice). On the embedded
+//!   store the ledger keeps the newest `usage.ledger_max_entries` entries; the counters go on.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -32,7 +33,8 @@ impl Drop for AbortOnDrop {
 }
 
 const QUEUE: &str = "usage_queue";
-const LEDGER: &str = "usage_ledger";
+/// Record kind of the ledger: one entry per request, keyed by its request id.
+pub const LEDGER: &str = "usage_ledger";
 const DAILY_INDEX: &str = "usage_daily_index";
 const OPERATOR_INDEX: &str = "reward_operator_index";
 /// How long a worker owns an event it claimed. Meter and reward calls take milliseconds; a

@@ -386,6 +386,46 @@ async fn memory_store() {
 }
 
 #[tokio::test]
+async fn memory_store_caps_a_kind_dropping_the_oldest_inserted() {
+    let store = MemoryStore::new();
+    store.cap_records("ledger", 3);
+    // Ids out of key order: eviction follows insertion, not the ids' sort order.
+    for id in ["c", "a", "d"] {
+        store.record_put("ledger", id, id.as_bytes()).await.unwrap();
+    }
+    // Replacing a record neither grows the kind nor makes the record younger.
+    store.record_put("ledger", "c", b"c2").await.unwrap();
+    let inserted = store
+        .record_put_new_many("ledger", &[("b", b"b"), ("a", b"again"), ("e", b"e")])
+        .await
+        .unwrap();
+    assert_eq!(inserted, vec![true, false, true]);
+    assert_eq!(store.record_count("ledger").await.unwrap(), 3);
+    let present = store
+        .records_exist("ledger", &["c", "a", "d", "b", "e"])
+        .await
+        .unwrap();
+    assert_eq!(present, vec![false, false, true, true, true]);
+    // A record deleted by hand leaves room; its id's turn in the order is a no-op later.
+    store.record_delete("ledger", "d").await.unwrap();
+    store.record_put("ledger", "f", b"f").await.unwrap();
+    store.record_put("ledger", "g", b"g").await.unwrap();
+    let present = store
+        .records_exist("ledger", &["b", "e", "f", "g"])
+        .await
+        .unwrap();
+    assert_eq!(present, vec![false, true, true, true]);
+    // Other kinds are unbounded.
+    for i in 0..10 {
+        store
+            .record_put("other", &i.to_string(), b"x")
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.record_count("other").await.unwrap(), 10);
+}
+
+#[tokio::test]
 async fn redis_store() {
     let redis = RedisServer::start();
     suite(Arc::new(RedisStore::connect(&redis.url()).await.unwrap())).await;

@@ -163,7 +163,9 @@ async fn usage_of_the_last_requests_is_queued_at_shutdown() {
     // Straight after the last answer: the flusher may still be gathering events.
     assert!(gw.shutdown(Duration::from_secs(5)).await);
 
-    let store = garage_gateway::store::open(&redis.url()).await.unwrap();
+    let store = garage_gateway::store::open(&redis.url(), &[])
+        .await
+        .unwrap();
     let usage = Usage::new(store);
     usage.work_once(&Counting::default()).await.unwrap();
     let daily = usage.daily(Some(&key_id)).await.unwrap();
@@ -254,6 +256,54 @@ async fn keys_read_their_own_usage_and_admins_read_all() {
         own(bob.clone()).await["data"][0]["requests"] == 3
     })
     .await;
+}
+
+#[tokio::test]
+async fn the_embedded_ledger_keeps_the_newest_entries_and_all_totals() {
+    let engine = fast_sim().await;
+    let mut cfg = config(vec![upstream("a", engine.base_url())]);
+    cfg.usage.ledger_max_entries = 2;
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let response = client()
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&chat(false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        ids.push(
+            response.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+        // One at a time, so the ledger's insertion order is the requests' order.
+        let id = ids.last().unwrap().clone();
+        wait_until(Duration::from_secs(10), "ledger entry", || async {
+            admin_get(&base, &format!("/admin/usage/requests/{id}")).await["event"]["request_id"]
+                == id.as_str()
+        })
+        .await;
+    }
+    let oldest = client()
+        .get(format!("{base}/admin/usage/requests/{}", ids[0]))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(oldest.status(), 404);
+    for id in &ids[1..] {
+        let entry = admin_get(&base, &format!("/admin/usage/requests/{id}")).await;
+        assert_eq!(entry["event"]["request_id"], id.as_str());
+    }
+    // The totals are counters, not a view of the kept entries.
+    let all = admin_get(&base, "/admin/usage").await;
+    assert_eq!(all["data"][0]["requests"], 3, "{all}");
 }
 
 #[tokio::test]

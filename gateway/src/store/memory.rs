@@ -1,6 +1,6 @@
 //! The embedded store: everything in this process, nothing to install.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,39 @@ struct Inner {
     /// gets one per request), and a hash map that doubles rehashes every key at once, holding
     /// the store's lock (and a worker thread) for milliseconds. A B-tree grows a node at a time.
     records: HashMap<String, BTreeMap<String, Vec<u8>>>,
+    /// Kinds that keep at most so many records: the cap, and their ids oldest first.
+    capped: HashMap<String, Capped>,
     queues: HashMap<String, Queue>,
+}
+
+/// A kind with a bound: past `max` records, the oldest inserted go.
+struct Capped {
+    max: usize,
+    /// Ids in insertion order. An id deleted by hand stays here until its turn comes, when
+    /// removing it again is a no-op.
+    order: VecDeque<String>,
+}
+
+impl Inner {
+    /// Inserts a record that is not there yet, dropping the kind's oldest past its cap.
+    fn insert_new(&mut self, kind: &str, id: &str, value: &[u8]) {
+        if !self.records.contains_key(kind) {
+            self.records.insert(kind.to_owned(), BTreeMap::new());
+        }
+        let Some(records) = self.records.get_mut(kind) else {
+            unreachable!("inserted above")
+        };
+        records.insert(id.to_owned(), value.to_vec());
+        if let Some(capped) = self.capped.get_mut(kind) {
+            capped.order.push_back(id.to_owned());
+            while records.len() > capped.max {
+                let Some(oldest) = capped.order.pop_front() else {
+                    break;
+                };
+                records.remove(&oldest);
+            }
+        }
+    }
 }
 
 /// A work queue: waiting items ordered by a sequence number (0 for items whose lease ran out,
@@ -73,6 +105,19 @@ impl MemoryStore {
             inner: Mutex::new(Inner::default()),
             events: broadcast::channel(EVENT_BUFFER).0,
         }
+    }
+
+    /// Keeps at most `max` records of `kind` from now on (the oldest inserted go first), for
+    /// kinds that grow with traffic, such as the usage ledger. Records already there count
+    /// towards the cap only as they are replaced.
+    pub fn cap_records(&self, kind: &str, max: usize) {
+        self.lock().capped.insert(
+            kind.to_owned(),
+            Capped {
+                max: max.max(1),
+                order: VecDeque::new(),
+            },
+        );
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -206,11 +251,11 @@ impl Store for MemoryStore {
     }
 
     async fn record_put(&self, kind: &str, id: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.lock()
-            .records
-            .entry(kind.to_owned())
-            .or_default()
-            .insert(id.to_owned(), value.to_vec());
+        let mut inner = self.lock();
+        match inner.records.get_mut(kind).and_then(|r| r.get_mut(id)) {
+            Some(existing) => *existing = value.to_vec(),
+            None => inner.insert_new(kind, id, value),
+        }
         Ok(())
     }
 
@@ -249,14 +294,13 @@ impl Store for MemoryStore {
         new: &[(&str, &[u8])],
     ) -> Result<Vec<bool>, StoreError> {
         let mut inner = self.lock();
-        let records = inner.records.entry(kind.to_owned()).or_default();
         Ok(new
             .iter()
             .map(|(id, value)| {
-                if records.contains_key(*id) {
+                if inner.records.get(kind).is_some_and(|r| r.contains_key(*id)) {
                     return false;
                 }
-                records.insert((*id).to_owned(), value.to_vec());
+                inner.insert_new(kind, id, value);
                 true
             })
             .collect())
@@ -276,7 +320,11 @@ impl Store for MemoryStore {
     }
 
     async fn record_delete_kind(&self, kind: &str) -> Result<(), StoreError> {
-        self.lock().records.remove(kind);
+        let mut inner = self.lock();
+        inner.records.remove(kind);
+        if let Some(capped) = inner.capped.get_mut(kind) {
+            capped.order.clear();
+        }
         Ok(())
     }
 
