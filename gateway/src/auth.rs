@@ -57,10 +57,16 @@ impl KeyHasher {
         KeyHasher { mac }
     }
 
+    /// The stored form of a secret: its HMAC, in hex.
     pub fn hash(&self, secret: &str) -> String {
+        hex::encode(self.digest(secret))
+    }
+
+    /// The HMAC of a secret, as bytes (what the key cache is keyed by).
+    pub fn digest(&self, secret: &str) -> KeyDigest {
         let mut mac = self.mac.clone();
         mac.update(secret.as_bytes());
-        hex::encode(mac.finalize().into_bytes())
+        mac.finalize().into_bytes().into()
     }
 }
 
@@ -82,6 +88,9 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// An HMAC-SHA256 output.
+pub type KeyDigest = [u8; 32];
+
 struct CachedKey {
     record: Arc<ApiKeyRecord>,
     fetched: Instant,
@@ -92,7 +101,8 @@ struct CachedKey {
 pub struct KeyAuth {
     store: Arc<dyn Store>,
     hasher: KeyHasher,
-    cache: Arc<RwLock<HashMap<String, CachedKey>>>,
+    /// Keyed by the raw digest: no hex string built and hashed on every request.
+    cache: Arc<RwLock<HashMap<KeyDigest, CachedKey>>>,
     cache_ttl: Duration,
 }
 
@@ -120,7 +130,14 @@ impl KeyAuth {
                 let mut cache = cache.write().unwrap_or_else(|p| p.into_inner());
                 match event {
                     Ok(StoreEvent::KeyChanged { hash, .. }) => {
-                        cache.remove(&hash);
+                        let mut digest = KeyDigest::default();
+                        match hex::decode_to_slice(&hash, &mut digest) {
+                            Ok(()) => {
+                                cache.remove(&digest);
+                            }
+                            // Not a hash this gateway makes: forget everything to be safe.
+                            Err(_) => cache.clear(),
+                        }
                     }
                     // A gap in the events (a store reconnect, or this task lagging): we no
                     // longer know what changed, so forget everything.
@@ -140,13 +157,13 @@ impl KeyAuth {
                 "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.".into(),
             )
         })?;
-        let hash = self.hasher.hash(secret);
-        let record = match self.cached(&hash) {
+        let digest = self.hasher.digest(secret);
+        let record = match self.cached(&digest) {
             Some(record) => record,
             None => {
                 let record = self
                     .store
-                    .key_by_hash(&hash)
+                    .key_by_hash(&hex::encode(digest))
                     .await?
                     .map(Arc::new)
                     .ok_or_else(|| {
@@ -159,7 +176,7 @@ impl KeyAuth {
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(
-                        hash,
+                        digest,
                         CachedKey {
                             record: Arc::clone(&record),
                             fetched: Instant::now(),
@@ -177,9 +194,9 @@ impl KeyAuth {
         Ok(record)
     }
 
-    fn cached(&self, hash: &str) -> Option<Arc<ApiKeyRecord>> {
+    fn cached(&self, digest: &KeyDigest) -> Option<Arc<ApiKeyRecord>> {
         let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
-        let entry = cache.get(hash)?;
+        let entry = cache.get(digest)?;
         (entry.fetched.elapsed() < self.cache_ttl).then(|| Arc::clone(&entry.record))
     }
 
