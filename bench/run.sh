@@ -19,6 +19,8 @@
 #   BENCH_NOISY_RETRIES  times a group of rows (one stream mode and concurrency) is measured
 #                      again when something else used over 10 % of the machine during it
 #                      (default 2); each retry first waits, up to 60 s, for compilers to finish
+#   BENCH_REFERENCE_HYPER  1: also measure hyper-floor (bench/hyper-floor, built here): a bare
+#                      hyper reverse proxy on the gateway's own libraries, doing nothing else
 #   BENCH_REFERENCE_NGINX  1: also measure nginx (must be installed) as a reverse proxy in front
 #                      of the same engine: a yardstick for what any HTTP proxy costs on this box
 #
@@ -37,6 +39,7 @@ THREADS=${BENCH_THREADS:-1}
 MAX_TOKENS=${BENCH_MAX_TOKENS:-16}
 SKIP_BUILD=${BENCH_SKIP_BUILD:-0}
 REFERENCE_NGINX=${BENCH_REFERENCE_NGINX:-0}
+REFERENCE_HYPER=${BENCH_REFERENCE_HYPER:-0}
 WAIT_IDLE=${BENCH_WAIT_IDLE:-0}
 NOISY_RETRIES=${BENCH_NOISY_RETRIES:-2}
 # Policy plugins on the hot path: 0 = the gateway's built-in fallbacks only, 1 = the default
@@ -87,9 +90,10 @@ fi
 
 if [[ $SKIP_BUILD != 1 ]]; then
     log "building release binaries (may wait for the cargo lock)"
-    cargo build --release -p garage-gateway -p garage-sim-engine >&2
+    cargo build --release -p garage-gateway -p garage-sim-engine -p garage-hyper-floor >&2
 fi
 [[ -x $BIN/gateway && -x $BIN/sim-engine ]] || die "no release binaries in $BIN"
+[[ $REFERENCE_HYPER != 1 || -x $BIN/hyper-floor ]] || die "no hyper-floor binary in $BIN"
 
 CLK_TCK=$(getconf CLK_TCK)
 NPROC=$(nproc)
@@ -100,6 +104,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/garage-bench.XXXXXX")
 ENGINE_PID=""
 GATEWAY_PID=""
 NGINX_PID=""
+HYPER_PID=""
 
 stop() { # pid name: SIGTERM, wait up to 5 s, then SIGKILL
     local pid=$1 name=$2 i
@@ -120,6 +125,7 @@ cleanup() {
     local status=$?
     trap - EXIT INT TERM
     stop "$NGINX_PID" nginx
+    stop "$HYPER_PID" hyper-floor
     stop "$GATEWAY_PID" gateway
     stop "$ENGINE_PID" sim-engine
     if ((status != 0)) && [[ -d $WORK ]]; then
@@ -321,7 +327,22 @@ EOF
     wait_until "nginx" 20 "$NGINX_PID" http_ok "$NGINX_URL/health"
     smoke "$NGINX_URL" false
     smoke "$NGINX_URL" true
-    MODES="direct gateway nginx"
+    MODES="$MODES nginx"
+fi
+HYPER_URL=""
+if [[ $REFERENCE_HYPER == 1 ]]; then
+    log "starting hyper-floor (reference proxy)"
+    "$BIN/hyper-floor" --listen 127.0.0.1:0 --upstream "$ENGINE_URL" >"$WORK/hyper.log" 2>&1 &
+    HYPER_PID=$!
+    hyper_addr_known() {
+        HYPER_URL=$(sed -n 's|^hyper-floor listening on \(http://[0-9.]*:[0-9]*\).*|\1|p' "$WORK/hyper.log")
+        [[ -n $HYPER_URL ]]
+    }
+    wait_until "hyper-floor address" 20 "$HYPER_PID" hyper_addr_known
+    wait_until "hyper-floor" 20 "$HYPER_PID" http_ok "$HYPER_URL/health"
+    smoke "$HYPER_URL" false
+    smoke "$HYPER_URL" true
+    MODES="$MODES hyper"
 fi
 
 # --- measurement -------------------------------------------------------------------------------
@@ -391,11 +412,13 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
         direct) url=$ENGINE_URL ;;
         gateway) url=$GATEWAY_URL ;;
         nginx) url=$NGINX_URL ;;
+        hyper) url=$HYPER_URL ;;
     esac
     [[ $stream == yes ]] && script=bench/chat_stream.lua || script=bench/chat.lua
     kill -0 "$ENGINE_PID" 2>/dev/null || die "sim-engine died"
     kill -0 "$GATEWAY_PID" 2>/dev/null || die "gateway died"
     [[ -z $NGINX_PID ]] || kill -0 "$NGINX_PID" 2>/dev/null || die "nginx died"
+    [[ -z $HYPER_PID ]] || kill -0 "$HYPER_PID" 2>/dev/null || die "hyper-floor died"
 
     log "$mode stream=$stream c=$conc: ${WARMUP}s warm-up, ${DURATION}s measured"
     if ((WARMUP > 0)); then
@@ -403,13 +426,15 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
             die "wrk warm-up failed: $(cat "$WORK/warmup.out")"
     fi
 
-    local ngx gw0 ng0 en0 ch0 sys0 gw1 ng1 en1 ch1 sys1
+    local ngx gw0 ng0 hy0 en0 ch0 sys0 gw1 ng1 hy1 en1 ch1 sys1
     # shellcheck disable=SC2207
     ngx=($(nginx_pids))
     local calls0=""
     [[ $mode == gateway && $PLUGINS != 0 ]] && calls0=$(plugin_calls)
     gw0=$(proc_ticks "$GATEWAY_PID")
     ng0=$(proc_ticks "${ngx[@]}")
+    # shellcheck disable=SC2086 # no pid: no ticks
+    hy0=$(proc_ticks $HYPER_PID)
     en0=$(proc_ticks "$ENGINE_PID")
     ch0=$(children_ticks)
     sys0=$(system_ticks)
@@ -417,6 +442,8 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
         die "wrk failed: $(cat "$WORK/wrk.out")"
     gw1=$(proc_ticks "$GATEWAY_PID")
     ng1=$(proc_ticks "${ngx[@]}")
+    # shellcheck disable=SC2086
+    hy1=$(proc_ticks $HYPER_PID)
     en1=$(proc_ticks "$ENGINE_PID")
     ch1=$(children_ticks)
     sys1=$(system_ticks)
@@ -455,12 +482,13 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
     local sb0 st0 sb1 st1
     read -r sb0 st0 <<<"$sys0"
     read -r sb1 st1 <<<"$sys1"
-    local gw=$((gw1 - gw0)) ng=$((ng1 - ng0)) en=$((en1 - en0)) ch=$((ch1 - ch0)) proxy=0
+    local gw=$((gw1 - gw0)) ng=$((ng1 - ng0)) hy=$((hy1 - hy0)) en=$((en1 - en0)) ch=$((ch1 - ch0)) proxy=0
     [[ $mode == gateway ]] && proxy=$gw
     [[ $mode == nginx ]] && proxy=$ng
+    [[ $mode == hyper ]] && proxy=$hy
     # One row, tab-separated: mode stream conc requests rps p50_us p99_us errors proxy_ticks
     #   engine_ticks wrk_ticks other_ticks (busy, less every benchmark process) total_ticks
-    ROWS+=("$mode	$stream	$conc	$requests	$rps	$p50	$p99	$errors	$proxy	$en	$ch	$((sb1 - sb0 - gw - ng - en - ch))	$((st1 - st0))")
+    ROWS+=("$mode	$stream	$conc	$requests	$rps	$p50	$p99	$errors	$proxy	$en	$ch	$((sb1 - sb0 - gw - ng - hy - en - ch))	$((st1 - st0))")
     log "  -> $(printf '%.0f' "$rps") req/s, p50 ${p50} us, p99 ${p99} us, errors $errors"
 }
 
@@ -598,6 +626,12 @@ report() {
         echo "nginx rows: nginx $(nginx -v 2>&1 | sed 's|.*nginx/||') as a reverse proxy in front of the" \
             "same engine (keep-alive upstream, proxy_buffering off), as a yardstick; their" \
             "\"gateway CPU\" column is nginx's (master and workers)."
+    fi
+    if [[ $REFERENCE_HYPER == 1 ]]; then
+        echo
+        echo "hyper rows: bench/hyper-floor, a bare reverse proxy on the gateway's HTTP stack" \
+            "(hyper server, hyper-util pooled client, tokio, mimalloc) that does nothing else: the" \
+            "floor under any gateway built on it. Their \"gateway CPU\" column is hyper-floor's."
     fi
     if ((${#PLUGIN_RATES[@]} > 0)); then
         echo
