@@ -1,14 +1,16 @@
 //! The benchmark's yardstick for "a proxy built on the same libraries as the gateway, doing
 //! nothing else": it reads the request, sends it to one upstream over a pooled keep-alive
-//! connection, and streams the answer back. No routing table, auth, parsing, metering, metrics
-//! or logs. `bench/run.sh` measures it beside the gateway with `BENCH_REFERENCE_HYPER=1`.
+//! connection, and passes the answer back the way the gateway does (an event stream frame by
+//! frame as it arrives, any other answer read whole first). No routing table, auth, parsing,
+//! metering, metrics or logs. `bench/run.sh` measures it beside the gateway with
+//! `BENCH_REFERENCE_HYPER=1`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use clap::Parser;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::client::legacy::Client;
@@ -37,7 +39,10 @@ struct Proxy {
 }
 
 impl Proxy {
-    async fn handle(&self, request: Request<Incoming>) -> Result<Response<Incoming>, String> {
+    async fn handle(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<Response<Either<Incoming, Full<Bytes>>>, String> {
         let (parts, body) = request.into_parts();
         let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -50,10 +55,21 @@ impl Proxy {
             }
         }
         let outgoing = outgoing.body(Full::new(body)).map_err(|e| e.to_string())?;
-        self.client
+        let response = self
+            .client
             .request(outgoing)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        let is_event_stream = response
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .is_some_and(|ct| ct.as_bytes().starts_with(b"text/event-stream"));
+        let (parts, body) = response.into_parts();
+        if is_event_stream {
+            return Ok(Response::from_parts(parts, Either::Left(body)));
+        }
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(Response::from_parts(parts, Either::Right(Full::new(body))))
     }
 }
 
