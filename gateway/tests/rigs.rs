@@ -201,12 +201,20 @@ async fn a_rig_dying_mid_stream_ends_that_stream_and_others_take_over() {
 
     doomed.signal("KILL");
     doomed.wait_exit(Duration::from_secs(10)).await;
-    // A SIGKILLed agent cannot stop its engine: the engine goes on, orphaned, and the rig is
-    // gone from routing only because its tunnel closed. This test leaves no process behind.
-    if let Some(orphan) = pid_of(&format!("127.0.0.1:{doomed_port}")) {
+    // A SIGKILLed agent runs no code to stop its engine: the engine goes with it (its
+    // parent-death signal), so the port and GPU memory are free for the agent's restart. The
+    // rig is gone from routing because its tunnel closed.
+    let engine = format!("127.0.0.1:{doomed_port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pid_of(&engine).is_some() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Some(orphan) = pid_of(&engine) {
+        // Leave no process behind, even failing.
         let _ = std::process::Command::new("kill")
             .args(["-KILL", &orphan.to_string()])
             .status();
+        panic!("the engine outlived its SIGKILLed agent");
     }
     while let Some(chunk) = stream.next().await {
         match chunk {

@@ -2,10 +2,12 @@
 //! `sim-engine` binary...), in its own process group so that a stop reaches its workers too.
 
 use std::process::{ExitStatus, Stdio};
+use std::sync::{OnceLock, mpsc};
 use std::time::Duration;
 
+use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use nix::unistd::{Pid, getppid};
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
@@ -31,6 +33,73 @@ pub(crate) struct ProcessEngine {
     port: u16,
     exit: Option<ExitStatus>,
     log_forwarders: Vec<JoinHandle<()>>,
+}
+
+/// Makes the engine get SIGKILL when node-runner dies, SIGKILL included: otherwise a killed agent
+/// leaves its engine running, holding the port and the GPUs' memory, and the agent that
+/// restarts cannot start its own. Only the engine process itself gets the signal; workers it
+/// forks (vLLM's, one per GPU) see their parent die and are up to the engine.
+fn die_with_node_runner(command: &mut Command) {
+    let node_runner = Pid::this();
+    #[expect(
+        unsafe_code,
+        reason = "pre_exec runs in the forked child before exec: it makes two async-signal-safe \
+                  syscalls (prctl, getppid) and allocates nothing"
+    )]
+    // SAFETY: the closure only calls prctl(2) and getppid(2) and builds errors from errno
+    // values, all async-signal-safe, as code between fork and exec must be.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            // node-runner may have died between the fork and the prctl: no signal will come.
+            if getppid() != node_runner {
+                return Err(Errno::ESRCH.into());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A command for the spawner thread, and where its result goes.
+struct SpawnJob {
+    command: Command,
+    runtime: tokio::runtime::Handle,
+    reply: mpsc::SyncSender<std::io::Result<Child>>,
+}
+
+/// Spawns from one thread that lives as long as node-runner. The kernel sends the parent-death
+/// signal when the *thread* that forked the child exits, not the process: an engine spawned from
+/// a runtime thread that later ends (tokio's blocking threads end when idle) would be killed
+/// while node-runner runs on.
+fn spawn_from_lasting_thread(command: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Option<mpsc::Sender<SpawnJob>>> = OnceLock::new();
+    let gone = || std::io::Error::other("node-runner's engine-spawner thread is gone");
+    let spawner = SPAWNER.get_or_init(|| {
+        let (jobs, incoming) = mpsc::channel::<SpawnJob>();
+        std::thread::Builder::new()
+            .name("engine-spawner".into())
+            .spawn(move || {
+                for mut job in incoming {
+                    // Tokio's child handling (reaping, kill on drop) needs its runtime.
+                    let _runtime = job.runtime.enter();
+                    let _ = job.reply.send(job.command.spawn());
+                }
+            })
+            .ok()
+            .map(|_| jobs)
+    });
+    let spawner = spawner.as_ref().ok_or_else(gone)?;
+    let runtime = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
+    let (reply, answer) = mpsc::sync_channel(1);
+    spawner
+        .send(SpawnJob {
+            command,
+            runtime,
+            reply,
+        })
+        .map_err(|_| gone())?;
+    // A fork and an exec: as brief as the spawn itself would be on this thread.
+    answer.recv().map_err(|_| gone())?
 }
 
 impl ProcessEngine {
@@ -77,11 +146,12 @@ impl ProcessEngine {
         if let Some(workdir) = &driver.workdir {
             command.current_dir(workdir);
         }
+        die_with_node_runner(&mut command);
         let spawn_error = |source| EngineError::Spawn {
             program: program.clone(),
             source,
         };
-        let mut child = command.spawn().map_err(spawn_error)?;
+        let mut child = spawn_from_lasting_thread(command).map_err(spawn_error)?;
         let pid = child
             .id()
             .ok_or_else(|| spawn_error(std::io::Error::other("the process exited at once")))?;
