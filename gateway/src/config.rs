@@ -127,7 +127,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Bearer token of the admin API. When unset, a random one is generated and logged once.
@@ -138,6 +138,19 @@ pub struct AuthConfig {
     /// How long an authenticated key stays in the in-process cache. Revocations invalidate it at
     /// once through the store's events; this bound only matters if an event is lost.
     pub key_cache_secs: u64,
+}
+
+/// Written out, not derived: a table's missing fields take these values, and a derived default
+/// made `key_cache_secs` 0 in any config with an `[auth]` table (no key cache at all: a store
+/// lookup per request).
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            admin_token: None,
+            key_secret: None,
+            key_cache_secs: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -282,11 +295,7 @@ impl Default for Config {
             // room while still bounding what one request can make us buffer.
             max_body_bytes: 16 * 1024 * 1024,
             shutdown_grace_secs: 30,
-            auth: AuthConfig {
-                admin_token: None,
-                key_secret: None,
-                key_cache_secs: 60,
-            },
+            auth: AuthConfig::default(),
             dispatch: DispatchConfig::default(),
             nodes: NodesConfig::default(),
             usage: UsageConfig::default(),
@@ -462,6 +471,18 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn a_section_given_in_part_keeps_the_defaults_of_the_rest() {
+        // A section present in the file is built from its own `Default`: that must agree with
+        // the defaults a config without the section gets.
+        let text = "[auth]\n[dispatch]\n[nodes]\n[usage]\n[batch]\n[plugins]\n";
+        let (given, _) = Config::load(Some(text), env(&[])).unwrap();
+        let (absent, _) = Config::load(None, env(&[])).unwrap();
+        let json = |config: &Config| serde_json::to_value(config).unwrap();
+        assert_eq!(json(&given), json(&absent));
+        assert_eq!(given.auth.key_cache_secs, 60);
     }
 
     #[test]
