@@ -10,6 +10,10 @@
 #   BENCH_DURATION     seconds of measured load per case (default 8)
 #   BENCH_WARMUP       seconds of unmeasured load before each case (default 2; 0 disables)
 #   BENCH_CONCURRENCY  connections per case, space- or comma-separated (default "1 16 64")
+#   BENCH_ROUNDS       times each group of rows (one stream mode and concurrency, every mode)
+#                      is measured, the modes alternating; each row reported is the mode's
+#                      median round by req/s, and every round is listed under the table
+#                      (default 1). On a machine whose speed drifts, 3 or 5.
 #   BENCH_THREADS      wrk threads, capped at the connection count (default 1: leave the cores
 #                      to the servers; wrk's one epoll thread is far from saturated here)
 #   BENCH_MAX_TOKENS   tokens the engine generates per request (default 16)
@@ -36,6 +40,7 @@ WARMUP=${BENCH_WARMUP:-2}
 CONCURRENCY=${BENCH_CONCURRENCY:-"1 16 64"}
 CONCURRENCY=${CONCURRENCY//,/ }
 THREADS=${BENCH_THREADS:-1}
+ROUNDS=${BENCH_ROUNDS:-1}
 MAX_TOKENS=${BENCH_MAX_TOKENS:-16}
 SKIP_BUILD=${BENCH_SKIP_BUILD:-0}
 REFERENCE_NGINX=${BENCH_REFERENCE_NGINX:-0}
@@ -62,6 +67,7 @@ is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 is_uint "$DURATION" && ((DURATION > 0)) || die "BENCH_DURATION must be a positive integer (seconds)"
 is_uint "$WARMUP" || die "BENCH_WARMUP must be a non-negative integer (seconds)"
 is_uint "$THREADS" && ((THREADS > 0)) || die "BENCH_THREADS must be a positive integer"
+is_uint "$ROUNDS" && ((ROUNDS > 0)) || die "BENCH_ROUNDS must be a positive integer"
 is_uint "$MAX_TOKENS" && ((MAX_TOKENS > 0)) || die "BENCH_MAX_TOKENS must be a positive integer"
 is_uint "$WAIT_IDLE" || die "BENCH_WAIT_IDLE must be a non-negative integer (seconds)"
 is_uint "$NOISY_RETRIES" || die "BENCH_NOISY_RETRIES must be a non-negative integer"
@@ -507,6 +513,25 @@ is_noisy() { # row: true when other processes used over NOISY_PERCENT of the mac
     IFS=$'\t' read -r _ _ _ _ _ _ _ _ _ _ _ ot st <<<"$1"
     ((st > 0 && ot * 100 > st * NOISY_PERCENT))
 }
+# Per group and mode, every round's req/s and proxy CPU, for the report (BENCH_ROUNDS > 1).
+ROUND_NOTES=()
+keep_median_rounds() { # first_row_of_group: keeps, per mode, the round with the median req/s
+    local first=$1 mode kept=() rows sorted note
+    for mode in $MODES; do
+        rows=()
+        for row in "${ROWS[@]:first}"; do
+            [[ ${row%%$'\t'*} == "$mode" ]] && rows+=("$row")
+        done
+        # Sorted by req/s (field 5); the middle one (the lower middle for an even count).
+        mapfile -t sorted < <(printf '%s\n' "${rows[@]}" | sort -t $'\t' -k5,5g)
+        kept+=("${sorted[$(((${#sorted[@]} - 1) / 2))]}")
+        note=$(printf '%s\n' "${rows[@]}" | awk -F'\t' -v tck="$CLK_TCK" '
+            { printf "%s%.0f", (NR > 1 ? ", " : ""), $5
+              if ($9 > 0) printf " (%.1f µs)", $9 * 1e6 / tck / $4 }')
+        ROUND_NOTES+=("$mode, stream $stream, c=$conc: $note")
+    done
+    ROWS=("${ROWS[@]:0:first}" "${kept[@]}")
+}
 ((WAIT_IDLE > 0)) && wait_for_compilers "$WAIT_IDLE"
 RETRIED=0
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -519,8 +544,10 @@ for stream in no yes; do
         while :; do
             first=${#ROWS[@]}
             first_rates=${#PLUGIN_RATES[@]}
-            for mode in $MODES; do
-                measure "$mode" "$stream" "$conc"
+            for ((round = 1; round <= ROUNDS; round++)); do
+                for mode in $MODES; do
+                    measure "$mode" "$stream" "$conc"
+                done
             done
             noisy=0
             for row in "${ROWS[@]:first}"; do
@@ -534,6 +561,7 @@ for stream in no yes; do
             PLUGIN_RATES=("${PLUGIN_RATES[@]:0:first_rates}")
             wait_for_compilers 60
         done
+        ((ROUNDS > 1)) && keep_median_rounds "$first"
     done
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -564,7 +592,8 @@ report() {
     echo "- Load average (1/5/15 min) before: $LOAD_BEFORE; after: $LOAD_AFTER; compiler processes at start: $BUSY_BEFORE"
     echo "- Gateway: default_plugins = $DEFAULT_PLUGINS (BENCH_PLUGINS=$PLUGINS), $UPSTREAMS upstream entr(y|ies) for the one engine (BENCH_UPSTREAMS)"
     echo "- Load: $WRK_VERSION, up to $THREADS thread(s), ${DURATION} s measured after ${WARMUP} s warm-up per row," \
-        "POST /v1/chat/completions (2 messages), sim-engine with no delays and $MAX_TOKENS tokens per answer"
+        "$ROUNDS round(s) per group, POST /v1/chat/completions (2 messages), sim-engine with no delays and" \
+        "$MAX_TOKENS tokens per answer"
     echo
     echo "| mode | stream | conc | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s vs direct | gateway CPU µs/req | engine CPU µs/req | wrk CPU µs/req | other CPU % | errors |"
     echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
@@ -612,6 +641,16 @@ report() {
     for row in "${ROWS[@]}"; do
         if is_noisy "$row"; then noisy=$((noisy + 1)); fi
     done
+    if ((${#ROUND_NOTES[@]} > 0)); then
+        echo
+        echo "Each row is the median of $ROUNDS rounds (by req/s; the modes alternating within a" \
+            "group). Every round, in order: req/s (proxy CPU per request):"
+        echo
+        local note
+        for note in "${ROUND_NOTES[@]}"; do
+            echo "- $note"
+        done
+    fi
     if ((RETRIED > 0)); then
         echo
         echo "$RETRIED group(s) of rows were measured again because other processes were busy."
