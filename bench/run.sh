@@ -285,9 +285,14 @@ done
 log "engine $ENGINE_URL (pid $ENGINE_PID), gateway $GATEWAY_URL (pid $GATEWAY_PID): ready"
 
 free_port() { # a loopback port nothing listens on (nginx needs one named in its config)
-    local port i
+    local port i low=32768 _high
+    # Below the kernel's ephemeral range: a port taken from inside it could be handed to one of
+    # the many outgoing connections made before nginx binds it (it happened: nginx failed with
+    # "Address already in use").
+    read -r low _high </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+    ((low > 11024)) || low=32768
     for ((i = 0; i < 100; i++)); do
-        port=$((20000 + RANDOM % 40000))
+        port=$((10000 + RANDOM % (low - 10000)))
         if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             echo "$port"
             return 0
