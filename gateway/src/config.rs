@@ -477,7 +477,8 @@ mod tests {
     fn a_section_given_in_part_keeps_the_defaults_of_the_rest() {
         // A section present in the file is built from its own `Default`: that must agree with
         // the defaults a config without the section gets.
-        let text = "[auth]\n[dispatch]\n[nodes]\n[usage]\n[batch]\n[plugins]\n";
+        let text = "[auth]\n[dispatch]\n[nodes]\n[usage]\n[batch]\n[plugins]\n\
+                    [plugins.router]\n[plugins.rate-limiter]\n[plugins.meter]\n[plugins.reward]\n";
         let (given, _) = Config::load(Some(text), env(&[])).unwrap();
         let (absent, _) = Config::load(None, env(&[])).unwrap();
         let json = |config: &Config| serde_json::to_value(config).unwrap();
