@@ -263,7 +263,7 @@ impl Backend {
         };
         let mut request = http::Request::post(uri).header(header::CONTENT_TYPE, "application/json");
         if let Some(id) = request_id {
-            request = request.header("x-request-id", id);
+            request = request.header(crate::request_id::X_REQUEST_ID, id);
         }
         if let Some(key) = api_key {
             request = request.header(header::AUTHORIZATION, format!("Bearer {key}"));

@@ -43,12 +43,11 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    fn request_id(&self) -> String {
+    fn request_id(&self) -> &str {
         self.request_id
             .as_ref()
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
-            .to_owned()
     }
 }
 
@@ -70,7 +69,7 @@ fn usage_event(
         None => (String::new(), String::new()),
     };
     UsageEvent {
-        request_id: out.request_id(),
+        request_id: out.request_id().to_owned(),
         key_id: out.key_id.clone(),
         model: out.model.clone(),
         prompt_tokens: usage.prompt_tokens,
@@ -230,7 +229,7 @@ fn finish(
     }
     crate::policy::settle(
         state,
-        &out.request_id(),
+        out.request_id(),
         &out.key_id,
         &out.model,
         out.reserved_tokens,

@@ -16,6 +16,7 @@ use utoipa::ToSchema;
 use crate::dispatch::{Outgoing, forward};
 use crate::error::{ApiError, ErrorBody, from_rejection};
 use crate::policy::{self, RequestFacts};
+use crate::request_id::X_REQUEST_ID;
 use crate::state::AppState;
 use crate::store::ApiKeyRecord;
 
@@ -223,13 +224,13 @@ async fn admit_and_forward(
     let admitted = parse(endpoint, &body)?;
     check_model_allowed(&key, &admitted.model)?;
     let candidates = state.backends.snapshot().candidates(&admitted.model)?;
-    let request_id = headers
-        .get("x-request-id")
+    // Set by `RequestIdLayer` on every request.
+    let request_id_value = headers.get(X_REQUEST_ID);
+    let request_id = request_id_value
         .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+        .unwrap_or_default();
     let rate_limit_headers =
-        policy::admit(state, &key, &admitted.model, &request_id, &admitted.facts).await?;
+        policy::admit(state, &key, &admitted.model, request_id, &admitted.facts).await?;
     let reserved = admitted.facts.reserved_tokens();
     let candidates = policy::order(
         state,
@@ -257,7 +258,7 @@ async fn admit_and_forward(
             body,
             stream: admitted.stream,
             hide_usage_chunk,
-            request_id: headers.get("x-request-id").cloned(),
+            request_id: request_id_value.cloned(),
             key_id: key.id.clone(),
             started,
             started_at_ms: std::time::SystemTime::now()
@@ -277,7 +278,7 @@ async fn admit_and_forward(
         }
         Err(err) => {
             // Admitted but nothing served: give the whole reservation back.
-            policy::settle(state, &request_id, &key.id, &admitted_model, reserved, 0);
+            policy::settle(state, request_id, &key.id, &admitted_model, reserved, 0);
             Err(err)
         }
     }
