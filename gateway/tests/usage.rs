@@ -172,6 +172,31 @@ async fn usage_of_the_last_requests_is_queued_at_shutdown() {
     assert_eq!(daily.iter().map(|d| d.requests).sum::<u64>(), 5);
 }
 
+/// Sends a plain chat (with the client's own `x-request-id`, if any); returns the request id
+/// the gateway answered with.
+async fn chat_request_id(base: &str, key: &str, client_id: Option<&str>) -> String {
+    let mut request = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&chat(false));
+    if let Some(client_id) = client_id {
+        request = request.header("x-request-id", client_id);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn wait_for_ledger_entry(base: &str, id: &str) {
+    wait_until(Duration::from_secs(10), "ledger entry", || async {
+        admin_get(base, &format!("/admin/usage/requests/{id}")).await["event"]["request_id"] == id
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn keys_read_their_own_usage_and_admins_read_all() {
     let engine = fast_sim().await;
@@ -228,29 +253,11 @@ async fn keys_read_their_own_usage_and_admins_read_all() {
     // repeating its own x-request-id is charged for every request, not once.
     let mut ids = Vec::new();
     for _ in 0..2 {
-        let response = client()
-            .post(format!("{base}/v1/chat/completions"))
-            .bearer_auth(&bob)
-            .header("x-request-id", "ledger-probe-1")
-            .json(&chat(false))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        ids.push(
-            response.headers()["x-request-id"]
-                .to_str()
-                .unwrap()
-                .to_owned(),
-        );
+        ids.push(chat_request_id(&base, &bob, Some("ledger-probe-1")).await);
     }
     assert_ne!(ids[0], ids[1]);
     for id in &ids {
-        wait_until(Duration::from_secs(10), "ledger entry", || async {
-            admin_get(&base, &format!("/admin/usage/requests/{id}")).await["event"]["request_id"]
-                == id.as_str()
-        })
-        .await;
+        wait_for_ledger_entry(&base, id).await;
     }
     wait_until(Duration::from_secs(10), "bob charged for both", || async {
         own(bob.clone()).await["data"][0]["requests"] == 3
@@ -268,27 +275,10 @@ async fn the_embedded_ledger_keeps_the_newest_entries_and_all_totals() {
     let (_, key) = create_key(&base, json!({"name": "t"})).await;
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let response = client()
-            .post(format!("{base}/v1/chat/completions"))
-            .bearer_auth(&key)
-            .json(&chat(false))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        ids.push(
-            response.headers()["x-request-id"]
-                .to_str()
-                .unwrap()
-                .to_owned(),
-        );
+        let id = chat_request_id(&base, &key, None).await;
         // One at a time, so the ledger's insertion order is the requests' order.
-        let id = ids.last().unwrap().clone();
-        wait_until(Duration::from_secs(10), "ledger entry", || async {
-            admin_get(&base, &format!("/admin/usage/requests/{id}")).await["event"]["request_id"]
-                == id.as_str()
-        })
-        .await;
+        wait_for_ledger_entry(&base, &id).await;
+        ids.push(id);
     }
     let oldest = client()
         .get(format!("{base}/admin/usage/requests/{}", ids[0]))
