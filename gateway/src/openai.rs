@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use bytes::Bytes;
@@ -187,14 +187,15 @@ fn check_model_allowed(key: &ApiKeyRecord, model: &str) -> Result<(), ApiError> 
     }
 }
 
+/// Takes the whole request rather than `HeaderMap` and `Bytes` extractors: the `HeaderMap`
+/// extractor clones every header, and the body is read only once the key is known good.
 async fn proxy(
     state: AppState,
     endpoint: Endpoint,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let result = admit_and_forward(&state, endpoint, &headers, body, started).await;
+    let result = admit_and_forward(&state, endpoint, request, started).await;
     if let Err(err) = &result {
         // Errors before a backend was chosen. The model label stays bounded: a model nobody
         // serves is not recorded by name.
@@ -215,12 +216,15 @@ async fn proxy(
 async fn admit_and_forward(
     state: &AppState,
     endpoint: Endpoint,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    mut request: Request,
     started: Instant,
 ) -> Result<Response, ApiError> {
+    let headers = &std::mem::take(request.headers_mut());
     let key = state.auth.authenticate(headers).await?;
-    let body = body.map_err(|r| from_rejection(r.status(), r.body_text()))?;
+    // Read within the body limit the request carries (`DefaultBodyLimit`).
+    let body = Bytes::from_request(request, &())
+        .await
+        .map_err(|r: BytesRejection| from_rejection(r.status(), r.body_text()))?;
     let admitted = parse(endpoint, &body)?;
     check_model_allowed(&key, &admitted.model)?;
     let candidates = state.backends.snapshot().candidates(&admitted.model)?;
@@ -304,10 +308,9 @@ async fn admit_and_forward(
 )]
 pub async fn chat_completions(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    proxy(state, Endpoint::Chat, headers, body).await
+    proxy(state, Endpoint::Chat, request).await
 }
 
 /// Creates a completion for the given prompt (legacy completions API).
@@ -326,10 +329,9 @@ pub async fn chat_completions(
 )]
 pub async fn completions(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    proxy(state, Endpoint::Completions, headers, body).await
+    proxy(state, Endpoint::Completions, request).await
 }
 
 /// Creates embedding vectors for the input.
@@ -348,10 +350,9 @@ pub async fn completions(
 )]
 pub async fn embeddings(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, ApiError> {
-    proxy(state, Endpoint::Embeddings, headers, body).await
+    proxy(state, Endpoint::Embeddings, request).await
 }
 
 /// A model, as OpenAI lists it.

@@ -9,16 +9,24 @@
 //! Ids are UUIDv7: unique, and ordered by time, so the ledger's ordered maps take new entries
 //! at their right edge instead of at random places.
 //!
-//! One hand-written layer instead of tower-http's set-id, propagate-id and trace layers: it is
-//! on every request's path, and it does only what the gateway needs of those three (no response
-//! classifier, no body wrapper, no id parsing).
+//! The same layer catches a handler that panics and answers 500 in OpenAI's shape instead of
+//! dropping the connection (the rest of the process is unaffected either way).
+//!
+//! One hand-written layer instead of tower-http's set-id, propagate-id, trace and catch-panic
+//! layers: it is on every request's path, and it does only what the gateway needs of those four
+//! (no response classifier, no id parsing, and no boxing of the response body, which
+//! catch-panic does for every response and every frame of a stream).
 
+use std::any::Any;
 use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
+use axum::body::Body;
 use axum::http::{HeaderName, HeaderValue, Request, Response};
+use axum::response::IntoResponse;
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing::instrument::Instrumented;
@@ -34,7 +42,8 @@ pub fn mint() -> HeaderValue {
 }
 
 /// Gives every request a fresh `x-request-id` (replacing any the client sent), runs it inside
-/// a `request` span, and puts the id (and the client's `x-client-request-id`) on the response.
+/// a `request` span, puts the id (and the client's `x-client-request-id`) on the response, and
+/// turns a panic of the inner service into a 500.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RequestIdLayer;
 
@@ -51,11 +60,11 @@ pub struct RequestId<S> {
     inner: S,
 }
 
-impl<S, B, R> Service<Request<B>> for RequestId<S>
+impl<S, B> Service<Request<B>> for RequestId<S>
 where
-    S: Service<Request<B>, Response = Response<R>>,
+    S: Service<Request<B>, Response = Response<Body>>,
 {
-    type Response = Response<R>;
+    type Response = Response<Body>;
     type Error = S::Error;
     type Future = WithRequestId<S::Future>;
 
@@ -78,8 +87,20 @@ where
         }
         request.headers_mut().insert(X_REQUEST_ID, id.clone());
         let started = tracing::enabled!(tracing::Level::DEBUG).then(Instant::now);
+        let inner = {
+            let _entered = span.enter();
+            catch_unwind(AssertUnwindSafe(|| self.inner.call(request)))
+        };
+        let inner = match inner {
+            Ok(future) => Some(future.instrument(span)),
+            Err(panic) => {
+                let _entered = span.enter();
+                log_panic(panic.as_ref());
+                None
+            }
+        };
         WithRequestId {
-            inner: self.inner.call(request).instrument(span),
+            inner,
             id: Some(id),
             client_id,
             started,
@@ -88,25 +109,38 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// The inner service's future; puts the ids on its response.
+    /// The inner service's future; puts the ids on its response. `None`: the inner service
+    /// panicked (in `call`, or in this future, which is not polled again).
     pub struct WithRequestId<F> {
         #[pin]
-        inner: Instrumented<F>,
+        inner: Option<Instrumented<F>>,
         id: Option<HeaderValue>,
         client_id: Option<HeaderValue>,
         started: Option<Instant>,
     }
 }
 
-impl<F, R, E> Future for WithRequestId<F>
+impl<F, E> Future for WithRequestId<F>
 where
-    F: Future<Output = Result<Response<R>, E>>,
+    F: Future<Output = Result<Response<Body>, E>>,
 {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut response = ready!(this.inner.poll(cx))?;
+        let mut this = self.project();
+        let mut response = match this.inner.as_mut().as_pin_mut() {
+            // Unwinding out of `poll` leaves the future unusable; it is dropped, never polled
+            // again.
+            Some(inner) => match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+                Ok(poll) => ready!(poll)?,
+                Err(panic) => {
+                    log_panic(panic.as_ref());
+                    this.inner.set(None);
+                    internal_error()
+                }
+            },
+            None => internal_error(),
+        };
         let headers = response.headers_mut();
         if let Some(id) = this.id.take() {
             headers.insert(X_REQUEST_ID, id);
@@ -125,6 +159,22 @@ where
     }
 }
 
+fn log_panic(panic: &(dyn Any + Send)) {
+    let what = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("(no message)");
+    tracing::error!(panic = what, "request handler panicked");
+}
+
+fn internal_error() -> Response<Body> {
+    crate::error::ApiError::Internal(
+        "The gateway hit an internal error while handling this request.".into(),
+    )
+    .into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +191,53 @@ mod tests {
         }
         // Strictly increasing: no two alike, and the ledger's maps grow at one end.
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    async fn answer_of(
+        service: impl tower::Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = std::convert::Infallible,
+        >,
+    ) -> (axum::http::StatusCode, bool, serde_json::Value) {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let request = Request::get("/boom").body(Body::empty()).unwrap();
+        let response = RequestIdLayer
+            .layer(service)
+            .oneshot(request)
+            .await
+            .unwrap();
+        let has_id = response.headers().contains_key(X_REQUEST_ID);
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, has_id, serde_json::from_slice(&body).unwrap())
+    }
+
+    fn assert_internal_error(
+        (status, has_id, body): (axum::http::StatusCode, bool, serde_json::Value),
+    ) {
+        assert_eq!(status, axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(has_id, "the 500 carries the request id");
+        assert_eq!(body["error"]["type"], "server_error");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("internal error"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_panics_answers_500_in_openai_shape() {
+        async fn boom() -> &'static str {
+            panic!("bug in a handler")
+        }
+        let app = axum::Router::new().route("/boom", axum::routing::get(boom));
+        assert_internal_error(answer_of(app).await);
+    }
+
+    #[tokio::test]
+    async fn a_service_that_panics_when_called_answers_500_in_openai_shape() {
+        let service = tower::service_fn(|_: Request<Body>| -> std::future::Ready<
+            Result<Response<Body>, std::convert::Infallible>,
+        > { panic!("bug before the future") });
+        assert_internal_error(answer_of(service).await);
     }
 }

@@ -125,6 +125,7 @@ impl Gateway {
             metrics,
             admin_token,
             started_at: unix_now(),
+            openapi: Default::default(),
         });
         let mut background = plugins.spawn_background();
         background.extend([
@@ -155,7 +156,7 @@ impl Gateway {
         });
         let app = crate::api::app(state.clone());
         let server = tokio::spawn(
-            axum::serve(listener, app)
+            axum::serve(listener, axum::ServiceExt::into_make_service(app))
                 .with_graceful_shutdown(shutdown.clone().cancelled_owned())
                 .into_future(),
         );

@@ -34,6 +34,8 @@ pub struct Inner {
     pub admin_token: String,
     /// Unix seconds when this gateway started (the `created` of models it lists).
     pub started_at: u64,
+    /// The OpenAPI document as served at `/openapi.json`, written once the routes are built.
+    pub openapi: std::sync::OnceLock<bytes::Bytes>,
 }
 
 impl AppState {

@@ -19,7 +19,7 @@ const NOT_OPERATIONS: &[&str] = &[
 #[tokio::test]
 async fn every_served_route_is_in_the_spec() {
     let gw = gateway(config(vec![])).await;
-    let app = garage_gateway::api::app(gw.state().clone());
+    let app = garage_gateway::api::router(gw.state().clone());
     // axum keeps no public list of its routes, but its Debug output names every path; parse the
     // quoted strings that look like paths.
     let debug = format!("{app:?}");
