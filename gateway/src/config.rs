@@ -388,7 +388,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
-        if self.store != "memory"
+        if !crate::store::is_embedded(&self.store)
             && !self.store.starts_with("redis://")
             && !self.store.starts_with("rediss://")
         {
@@ -397,7 +397,7 @@ impl Config {
                 self.store
             ));
         }
-        if self.store != "memory" && self.auth.key_secret.is_none() {
+        if !crate::store::is_embedded(&self.store) && self.auth.key_secret.is_none() {
             return invalid(
                 "auth.key_secret is required with a Redis store: every replica must hash API keys \
                  alike, and keys must survive a restart"

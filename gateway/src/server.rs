@@ -84,7 +84,13 @@ impl Gateway {
             config.nodes.clone(),
         );
         let http = http_client(&config);
-        let usage = Usage::new(store.clone());
+        // The embedded store lives and dies with this process: its usage queue would add cost
+        // and no durability, so events go from memory straight to the worker.
+        let usage = if store::is_embedded(&config.store) {
+            Usage::in_process(store.clone())
+        } else {
+            Usage::new(store.clone())
+        };
         let batches = Batches::new(
             store.clone(),
             nodes.clone(),

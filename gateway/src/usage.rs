@@ -12,6 +12,12 @@
 //!   leased batch of events (a crash between a batch's ledger writes and its counter update
 //!   leaves the counters short by that batch, never counts anything twice). On the embedded
 //!   store the ledger keeps the newest `usage.ledger_max_entries` entries; the counters go on.
+//!
+//! With the embedded store ([`Usage::in_process`]) events go from memory straight to the worker:
+//! there, the store's queue would be a second in-memory copy, bought with encoding, storing,
+//! leasing, decoding and acknowledging every event (about a fifth of the gateway's instructions
+//! per request, measured with `bench/`), and what it gives a Redis deployment (events that
+//! outlive a crash, a lease another replica takes over) does not exist in one process.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -205,7 +211,10 @@ fn corrupt(err: serde_json::Error) -> StoreError {
 /// Records usage events and works the queue.
 pub struct Usage {
     store: Arc<dyn Store>,
+    /// The worker takes events from `pending` itself; the store's queue is not used.
+    in_process: bool,
     /// Events not yet in the store's queue: just recorded, or held while the store is down.
+    /// In process: every event not yet taken by the worker.
     pending: Mutex<VecDeque<UsageEvent>>,
     /// Wakes the flusher: events are pending.
     flush_wake: tokio::sync::Notify,
@@ -230,10 +239,30 @@ const LEASE_BATCH: usize = 128;
 /// 10,000 requests/s, about 50).
 const FLUSH_WINDOW: Duration = Duration::from_millis(5);
 
+/// An event in the worker's hands, and where it came from.
+struct Taken {
+    /// Id of the store's queue item (acknowledged or released by it); `None` in process.
+    lease: Option<String>,
+    event: UsageEvent,
+}
+
 impl Usage {
+    /// Events go through the store's queue: durable with Redis, shared by every replica.
     pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
+        Self::build(store, false)
+    }
+
+    /// Events go from memory straight to the worker, for a store that lives in this process
+    /// (see the module's documentation). Nothing is dropped while the worker is behind: the
+    /// embedded store's queue did not drop either.
+    pub fn in_process(store: Arc<dyn Store>) -> Arc<Self> {
+        Self::build(store, true)
+    }
+
+    fn build(store: Arc<dyn Store>, in_process: bool) -> Arc<Self> {
         Arc::new(Usage {
             store,
+            in_process,
             pending: Mutex::new(VecDeque::new()),
             flush_wake: tokio::sync::Notify::new(),
             wake: tokio::sync::Notify::new(),
@@ -261,7 +290,7 @@ impl Usage {
     /// Holds an event for the flusher; returns how many are held now.
     fn hold(&self, event: UsageEvent) -> usize {
         let mut pending = self.pending();
-        if pending.len() >= PENDING_CAP {
+        if !self.in_process && pending.len() >= PENDING_CAP {
             pending.pop_front();
             self.dropped
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -272,8 +301,12 @@ impl Usage {
 
     /// Writes pending events to the store's queue, in batches; on a store error they stay
     /// pending (in order) and the error is returned. The flusher calls it; so does a gateway
-    /// shutting down, for the events the flusher has not written yet.
+    /// shutting down, for the events the flusher has not written yet. In process, the events
+    /// stay where the worker takes them; returns how many wait there.
     pub async fn flush(&self) -> Result<usize, StoreError> {
+        if self.in_process {
+            return Ok(self.pending_len());
+        }
         // One flush at a time: a shutdown's flush waits for the flusher's batch to be written.
         let _flushing = self.flushing.lock().await;
         let mut flushed = 0;
@@ -310,8 +343,11 @@ impl Usage {
         self.pending().len()
     }
 
-    /// Events in the store's queue, not yet processed.
+    /// Events in the store's queue, not yet processed (in process: waiting in memory).
     pub async fn queued_len(&self) -> Result<usize, StoreError> {
+        if self.in_process {
+            return Ok(self.pending_len());
+        }
         let counts = self.store.queue_counts(QUEUE).await?;
         Ok((counts.waiting + counts.leased) as usize)
     }
@@ -390,62 +426,99 @@ impl Usage {
         self.process_queued(processor).await
     }
 
-    /// Leases queued events and processes them, until the queue is empty or the processor
-    /// fails (the events it failed on go back to the queue for a later pass). The store sees a
-    /// handful of round trips per leased batch, not several per event.
+    /// Takes the next batch of events: leased from the store's queue (a worker that dies
+    /// mid-way loses its lease and another takes the events over), or in process from memory.
+    /// Also returns the ids of queue items that could not be read, to acknowledge.
+    async fn take(&self) -> Result<(Vec<Taken>, Vec<String>), StoreError> {
+        if self.in_process {
+            let mut pending = self.pending();
+            let n = pending.len().min(LEASE_BATCH);
+            let taken = pending
+                .drain(..n)
+                .map(|event| Taken { lease: None, event })
+                .collect();
+            return Ok((taken, Vec::new()));
+        }
+        let leased = self
+            .store
+            .queue_lease(QUEUE, LEASE_BATCH, CLAIM_LEASE)
+            .await?;
+        let mut taken = Vec::with_capacity(leased.len());
+        let mut unreadable = Vec::new();
+        for item in leased {
+            match serde_json::from_slice::<UsageEvent>(&item.payload) {
+                Ok(event) => taken.push(Taken {
+                    lease: Some(item.id),
+                    event,
+                }),
+                Err(err) => {
+                    tracing::error!(id = %item.id, error = %err, "unreadable usage event dropped");
+                    unreadable.push(item.id);
+                }
+            }
+        }
+        Ok((taken, unreadable))
+    }
+
+    /// Hands back events the processor failed on (and those after them) for a later pass:
+    /// released to the store's queue now, not when the lease runs out; in process, back at the
+    /// front of `pending`, in order.
+    async fn give_back(&self, events: Vec<Taken>) -> Result<(), StoreError> {
+        let mut in_memory = Vec::new();
+        for taken in events {
+            match taken.lease {
+                Some(id) => {
+                    self.store.queue_release(QUEUE, &id).await?;
+                }
+                None => in_memory.push(taken.event),
+            }
+        }
+        let mut pending = self.pending();
+        for event in in_memory.into_iter().rev() {
+            pending.push_front(event);
+        }
+        Ok(())
+    }
+
+    /// Takes events and processes them, until none are left or the processor fails (the events
+    /// it failed on go back for a later pass). The store sees a handful of round trips per
+    /// batch of events, not several per event.
     async fn process_queued(&self, processor: &dyn UsageProcessor) -> Result<usize, StoreError> {
         let mut processed = 0;
         loop {
             if self.is_stopping() {
                 return Ok(processed);
             }
-            // A worker that dies mid-way loses its lease; another takes the events over.
-            let leased = self
-                .store
-                .queue_lease(QUEUE, LEASE_BATCH, CLAIM_LEASE)
-                .await?;
-            if leased.is_empty() {
+            let (taken, mut done) = self.take().await?;
+            if taken.is_empty() && done.is_empty() {
                 return Ok(processed);
-            }
-            let mut done: Vec<String> = Vec::with_capacity(leased.len());
-            let mut events = Vec::with_capacity(leased.len());
-            for item in leased {
-                match serde_json::from_slice::<UsageEvent>(&item.payload) {
-                    Ok(event) => events.push((item.id, event)),
-                    Err(err) => {
-                        tracing::error!(id = %item.id, error = %err, "unreadable usage event dropped");
-                        done.push(item.id);
-                    }
-                }
             }
             // Already in the ledger: processed before (a crash after the ledger write, before
             // the ack). The meter must not see those again.
-            let ids: Vec<&str> = events.iter().map(|(_, e)| e.request_id.as_str()).collect();
+            let ids: Vec<&str> = taken.iter().map(|t| t.event.request_id.as_str()).collect();
             let known = self.store.records_exist(LEDGER, &ids).await?;
-            let mut entries = Vec::with_capacity(events.len());
-            let mut failed = false;
-            for (i, ((id, event), known)) in events.into_iter().zip(known).enumerate() {
+            let mut entries = Vec::with_capacity(taken.len());
+            let mut failed = Vec::new();
+            for (i, (taken, known)) in taken.into_iter().zip(known).enumerate() {
                 yield_now_and_then(i).await;
-                if failed {
-                    self.store.queue_release(QUEUE, &id).await?;
+                if !failed.is_empty() {
+                    failed.push(taken);
                 } else if known {
                     processed += 1;
-                    done.push(id);
+                    done.extend(taken.lease);
                 } else {
-                    match processor.process(&event).await {
+                    match processor.process(&taken.event).await {
                         Ok(outcome) => entries.push((
-                            id,
+                            taken.lease,
                             LedgerEntry {
-                                event,
+                                event: taken.event,
                                 outcome,
                                 processed_at_ms: now_ms(),
                             },
                         )),
                         Err(err) => {
-                            tracing::warn!(request_id = %event.request_id, error = %err, "usage processing failed; will retry");
-                            // Back to the queue now, not when the lease runs out.
-                            failed = true;
-                            self.store.queue_release(QUEUE, &id).await?;
+                            tracing::warn!(request_id = %taken.event.request_id, error = %err, "usage processing failed; will retry");
+                            failed.push(taken);
                         }
                     }
                 }
@@ -464,19 +537,22 @@ impl Usage {
             // on an expired lease) has one ledger entry and is counted once.
             let inserted = self.store.record_put_new_many(LEDGER, &records).await?;
             let mut totals = Totals::default();
-            for ((id, entry), inserted) in entries.into_iter().zip(inserted) {
+            for ((lease, entry), inserted) in entries.into_iter().zip(inserted) {
                 if inserted {
                     totals.add(&entry.event, &entry.outcome);
                 }
                 processed += 1;
-                done.push(id);
+                done.extend(lease);
             }
             // Counters before acks: a crash in between replays events whose ledger entries
             // exist, which count nothing twice.
             self.apply(totals).await?;
-            let done: Vec<&str> = done.iter().map(String::as_str).collect();
-            self.store.queue_ack_many(QUEUE, &done).await?;
-            if failed {
+            if !done.is_empty() {
+                let done: Vec<&str> = done.iter().map(String::as_str).collect();
+                self.store.queue_ack_many(QUEUE, &done).await?;
+            }
+            if !failed.is_empty() {
+                self.give_back(failed).await?;
                 return Ok(processed);
             }
         }

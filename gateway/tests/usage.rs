@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use garage_gateway::store::{MemoryStore, QueueItem, Store};
-use garage_gateway::usage::{Award, Outcome, Usage, UsageEvent, UsageProcessor};
+use garage_gateway::usage::{Award, LEDGER, Outcome, Usage, UsageEvent, UsageProcessor};
 use serde_json::json;
 use support::*;
 
@@ -146,6 +146,59 @@ async fn one_leased_batch_mixes_replayed_new_and_failing_events() {
     assert_eq!(usage.queued_len().await.unwrap(), 0);
     let daily = usage.daily(Some("k1")).await.unwrap();
     assert_eq!((daily[0].requests, daily[0].prompt_tokens), (5, 50));
+}
+
+#[tokio::test]
+async fn in_process_events_reach_the_ledger_without_the_store_queue() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let usage = Usage::in_process(store.clone());
+    let processor = Counting::default();
+    for id in ["r1", "r2", "r3"] {
+        usage.record(event(id, "k1"));
+    }
+    assert_eq!(usage.queued_len().await.unwrap(), 3);
+    assert_eq!(usage.work_once(&processor).await.unwrap(), 3);
+    assert_eq!(usage.queued_len().await.unwrap(), 0);
+    let queue = store.queue_counts("usage_queue").await.unwrap();
+    assert_eq!((queue.waiting, queue.leased), (0, 0));
+    assert_eq!(store.record_count(LEDGER).await.unwrap(), 3);
+    let daily = usage.daily(Some("k1")).await.unwrap();
+    assert_eq!((daily[0].requests, daily[0].credits), (3, 4.5));
+    assert_eq!(usage.leaderboard().await.unwrap()[0].points, 45.0);
+}
+
+#[tokio::test]
+async fn in_process_a_failing_processor_keeps_events_in_order_until_it_recovers() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let usage = Usage::in_process(store.clone());
+    for id in ["r1", "r2", "r3", "r4"] {
+        usage.record(event(id, "k1"));
+    }
+    let processor = FailingOn("r2", Counting::default());
+    assert_eq!(usage.work_once(&processor).await.unwrap(), 1);
+    // The fault and what came after it wait for a later pass, ahead of newer events.
+    usage.record(event("r5", "k1"));
+    assert_eq!(usage.queued_len().await.unwrap(), 4);
+    assert!(usage.ledger_entry("r2").await.unwrap().is_none());
+
+    let order = Recording::default();
+    assert_eq!(usage.work_once(&order).await.unwrap(), 4);
+    assert_eq!(*order.ids.lock().unwrap(), ["r2", "r3", "r4", "r5"]);
+    assert_eq!(usage.daily(Some("k1")).await.unwrap()[0].requests, 5);
+}
+
+/// Succeeds on every event, noting the order it saw them in.
+#[derive(Default)]
+struct Recording {
+    ids: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl UsageProcessor for Recording {
+    async fn process(&self, event: &UsageEvent) -> Result<Outcome, String> {
+        self.ids.lock().unwrap().push(event.request_id.clone());
+        Ok(Outcome::default())
+    }
 }
 
 #[tokio::test]
