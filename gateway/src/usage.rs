@@ -83,9 +83,11 @@ impl UsageEvent {
     }
 }
 
+const MS_PER_DAY: u64 = 86_400_000;
+
 /// `YYYY-MM-DD` of a Unix time in milliseconds (civil-from-days, proleptic Gregorian).
 pub fn day_of(unix_ms: u64) -> String {
-    let days = (unix_ms / 86_400_000) as i64;
+    let days = (unix_ms / MS_PER_DAY) as i64;
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -132,13 +134,14 @@ pub struct LedgerEntry {
     pub processed_at_ms: u64,
 }
 
-/// Counter updates gathered over a batch of events.
+/// Counter updates gathered over a batch of events, borrowing from them: the counter names are
+/// formatted once per counter, not once per event.
 #[derive(Default)]
-struct Totals {
-    /// By `key|model|day`.
-    slots: std::collections::BTreeMap<String, SlotSums>,
+struct Totals<'a> {
+    /// By key, model and day (days since the Unix epoch, UTC).
+    slots: std::collections::BTreeMap<(&'a str, &'a str, u64), SlotSums>,
     /// By operator.
-    points_micro: std::collections::BTreeMap<String, i64>,
+    points_micro: std::collections::BTreeMap<&'a str, i64>,
 }
 
 #[derive(Default)]
@@ -149,17 +152,20 @@ struct SlotSums {
     credits_micro: i64,
 }
 
-impl Totals {
-    fn add(&mut self, event: &UsageEvent, outcome: &Outcome) {
-        let slot = format!("{}|{}|{}", event.key_id, event.model, event.day());
-        let sums = self.slots.entry(slot).or_default();
+impl<'a> Totals<'a> {
+    fn add(&mut self, event: &'a UsageEvent, outcome: &'a Outcome) {
+        let day = event.finished_at_ms / MS_PER_DAY;
+        let sums = self
+            .slots
+            .entry((&event.key_id, &event.model, day))
+            .or_default();
         sums.requests += 1;
         sums.prompt_tokens += event.prompt_tokens as i64;
         sums.completion_tokens += event.completion_tokens as i64;
         sums.credits_micro += (outcome.credits * MICRO) as i64;
         for award in &outcome.awards {
             if !award.operator.is_empty() {
-                *self.points_micro.entry(award.operator.clone()).or_default() +=
+                *self.points_micro.entry(&award.operator).or_default() +=
                     (award.points * MICRO) as i64;
             }
         }
@@ -229,6 +235,9 @@ pub struct Usage {
     /// they are in the store's queue (or back in `pending`).
     flushing: tokio::sync::Mutex<()>,
 }
+
+/// About the size of a ledger entry in JSON.
+const LEDGER_ENTRY_BYTES: usize = 768;
 
 /// Events written to the store's queue per call, and leased per call: one round trip for many
 /// requests' events.
@@ -526,7 +535,10 @@ impl Usage {
             let mut json = Vec::with_capacity(entries.len());
             for (i, (_, entry)) in entries.iter().enumerate() {
                 yield_now_and_then(i).await;
-                json.push(serde_json::to_vec(entry).map_err(corrupt)?);
+                // Room for a typical entry up front, instead of growing from 128 bytes.
+                let mut buf = Vec::with_capacity(LEDGER_ENTRY_BYTES);
+                serde_json::to_writer(&mut buf, entry).map_err(corrupt)?;
+                json.push(buf);
             }
             let records: Vec<(&str, &[u8])> = entries
                 .iter()
@@ -537,16 +549,16 @@ impl Usage {
             // on an expired lease) has one ledger entry and is counted once.
             let inserted = self.store.record_put_new_many(LEDGER, &records).await?;
             let mut totals = Totals::default();
-            for ((lease, entry), inserted) in entries.into_iter().zip(inserted) {
+            for ((_, entry), inserted) in entries.iter().zip(inserted) {
                 if inserted {
                     totals.add(&entry.event, &entry.outcome);
                 }
-                processed += 1;
-                done.extend(lease);
             }
             // Counters before acks: a crash in between replays events whose ledger entries
             // exist, which count nothing twice.
             self.apply(totals).await?;
+            processed += entries.len();
+            done.extend(entries.into_iter().filter_map(|(lease, _)| lease));
             if !done.is_empty() {
                 let done: Vec<&str> = done.iter().map(String::as_str).collect();
                 self.store.queue_ack_many(QUEUE, &done).await?;
@@ -560,8 +572,9 @@ impl Usage {
 
     /// Adds a batch of events to the daily and per-operator counters: one update per counter
     /// however many events fed it.
-    async fn apply(&self, totals: Totals) -> Result<(), StoreError> {
-        for (slot, sums) in totals.slots {
+    async fn apply(&self, totals: Totals<'_>) -> Result<(), StoreError> {
+        for ((key_id, model, day), sums) in totals.slots {
+            let slot = format!("{key_id}|{model}|{}", day_of(day * MS_PER_DAY));
             // Index records hold their own id, so listing the index lists the ids.
             self.store
                 .record_put(DAILY_INDEX, &slot, slot.as_bytes())
@@ -580,10 +593,10 @@ impl Usage {
         }
         for (operator, points_micro) in totals.points_micro {
             self.store
-                .record_put(OPERATOR_INDEX, &operator, operator.as_bytes())
+                .record_put(OPERATOR_INDEX, operator, operator.as_bytes())
                 .await?;
             self.store
-                .kv_incr(&Self::points_key(&operator), points_micro, None)
+                .kv_incr(&Self::points_key(operator), points_micro, None)
                 .await?;
         }
         Ok(())
