@@ -24,7 +24,10 @@ pub enum Transport {
     Url {
         /// Base URL including the API version, without a trailing slash.
         base_url: String,
-        api_key: Option<String>,
+        /// The inference endpoints under `base_url`, parsed once.
+        endpoints: Endpoints,
+        /// `Bearer <api key>`, when the backend wants one.
+        authorization: Option<http::HeaderValue>,
         /// Full URL of the health endpoint, when the backend has one.
         health_url: Option<String>,
     },
@@ -40,6 +43,42 @@ impl std::fmt::Debug for Transport {
         }
     }
 }
+
+/// Paths of the inference endpoints under a backend's base URL.
+pub const INFERENCE_PATHS: [&str; 3] = ["/chat/completions", "/completions", "/embeddings"];
+
+/// The URIs of [`INFERENCE_PATHS`] under one base URL, parsed once instead of formatted and
+/// parsed for every request.
+pub struct Endpoints(Vec<(&'static str, http::Uri)>);
+
+impl Endpoints {
+    pub fn new(base_url: &str) -> Self {
+        Endpoints(
+            INFERENCE_PATHS
+                .iter()
+                .filter_map(|path| {
+                    let uri = http::Uri::try_from(format!("{base_url}{path}")).ok()?;
+                    Some((*path, uri))
+                })
+                .collect(),
+        )
+    }
+
+    /// `{base_url}{path}`: parsed already for an inference path, parsed now for another.
+    fn uri(&self, base_url: &str, path: &str) -> Result<http::Uri, http::uri::InvalidUri> {
+        match self.0.iter().find(|(known, _)| *known == path) {
+            Some((_, uri)) => Ok(uri.clone()),
+            None => http::Uri::try_from(format!("{base_url}{path}")),
+        }
+    }
+}
+
+/// Where every rig's tunnel takes requests: the same URIs for all of them.
+static TUNNEL_BASE: std::sync::LazyLock<(String, Endpoints)> = std::sync::LazyLock::new(|| {
+    let base = format!("http://{}/v1", garage_node_protocol::TUNNEL_AUTHORITY);
+    let endpoints = Endpoints::new(&base);
+    (base, endpoints)
+});
 
 /// A backend that is a rig: who it is, for the admin API and (later) the router.
 #[derive(Debug, Clone)]
@@ -129,12 +168,19 @@ impl Backend {
             let origin_url = url_origin(&base_url);
             format!("{origin_url}/{}", path.trim_start_matches('/'))
         });
+        // A key that cannot be a header value is refused when the config is loaded.
+        let authorization = config.api_key.as_ref().and_then(|key| {
+            let mut value = http::HeaderValue::try_from(format!("Bearer {key}")).ok()?;
+            value.set_sensitive(true);
+            Some(value)
+        });
         let mut backend = Self::new(
             config.name.clone(),
             config.models.clone(),
             Transport::Url {
+                endpoints: Endpoints::new(&base_url),
                 base_url,
-                api_key: config.api_key.clone(),
+                authorization,
                 health_url,
             },
             None,
@@ -252,21 +298,25 @@ impl Backend {
         body: Bytes,
         request_id: Option<&http::HeaderValue>,
     ) -> Result<UpstreamResponse, SendError> {
-        let (uri, api_key) = match &self.transport {
+        let (uri, authorization) = match &self.transport {
             Transport::Url {
-                base_url, api_key, ..
-            } => (format!("{base_url}{path}"), api_key.as_deref()),
-            Transport::Tunnel(_) => (
-                format!("http://{}/v1{path}", garage_node_protocol::TUNNEL_AUTHORITY),
-                None,
-            ),
+                base_url,
+                endpoints,
+                authorization,
+                ..
+            } => (endpoints.uri(base_url, path), authorization.as_ref()),
+            Transport::Tunnel(_) => (TUNNEL_BASE.1.uri(&TUNNEL_BASE.0, path), None),
         };
+        let uri = uri.map_err(|e| SendError {
+            connect: true,
+            message: format!("invalid backend URL: {e}"),
+        })?;
         let mut request = http::Request::post(uri).header(header::CONTENT_TYPE, "application/json");
         if let Some(id) = request_id {
             request = request.header(crate::request_id::X_REQUEST_ID, id);
         }
-        if let Some(key) = api_key {
-            request = request.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        if let Some(authorization) = authorization {
+            request = request.header(header::AUTHORIZATION, authorization);
         }
         let request = request
             .body(RequestBody::new(body))

@@ -423,6 +423,16 @@ impl Config {
                     upstream.name, upstream.base_url
                 ));
             }
+            if upstream
+                .api_key
+                .as_ref()
+                .is_some_and(|key| http::HeaderValue::try_from(format!("Bearer {key}")).is_err())
+            {
+                return invalid(format!(
+                    "upstream {:?}: api_key must be printable ASCII (it is sent as a header)",
+                    upstream.name
+                ));
+            }
             if upstream.models.is_empty() {
                 return invalid(format!("upstream {:?} serves no models", upstream.name));
             }

@@ -575,3 +575,23 @@ async fn graceful_shutdown_lets_streams_finish() {
         "shutdown finished within its grace period"
     );
 }
+
+#[tokio::test]
+async fn an_upstream_api_key_reaches_the_backend_and_never_the_client() {
+    let engine = sim(SimConfig {
+        models: vec![MODEL.into()],
+        api_key: Some("engine-secret".into()),
+        ..SimConfig::default()
+    })
+    .await;
+    let mut guarded = upstream("a", engine.base_url());
+    guarded.api_key = Some("engine-secret".into());
+    let gw = gateway(config(vec![guarded])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    for stream in [false, true] {
+        let (status, body) = post_chat(&base, &key, &chat(stream)).await;
+        assert_eq!(status, 200, "stream {stream}: {body}");
+        assert!(!body.contains("engine-secret"), "{body}");
+    }
+}

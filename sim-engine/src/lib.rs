@@ -40,6 +40,9 @@ pub struct SimConfig {
     pub faults: Faults,
     /// Length of the vectors `/v1/embeddings` returns.
     pub embedding_dim: usize,
+    /// When set, `/v1/*` requires `Authorization: Bearer <api_key>` and answers 401 without it,
+    /// as vLLM's `--api-key` does; `/health`, `/metrics` and `/version` stay open.
+    pub api_key: Option<String>,
 }
 
 impl Default for SimConfig {
@@ -52,6 +55,7 @@ impl Default for SimConfig {
             max_num_seqs: 64,
             faults: Faults::default(),
             embedding_dim: 16,
+            api_key: None,
         }
     }
 }

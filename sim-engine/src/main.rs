@@ -42,6 +42,9 @@ struct Args {
     /// Share of streamed requests whose connection is dropped mid-stream.
     #[arg(long, default_value_t = 0.0, value_parser = rate)]
     drop_rate: f64,
+    /// Require this bearer token on /v1/* (vLLM's --api-key).
+    #[arg(long, env = "VLLM_API_KEY")]
+    api_key: Option<String>,
 }
 
 fn rate(text: &str) -> Result<f64, String> {
@@ -72,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
             hang_rate: args.hang_rate,
             drop_rate: args.drop_rate,
         },
+        api_key: args.api_key,
     };
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

@@ -458,3 +458,44 @@ async fn shutdown_ends_slow_requests() -> Result<()> {
     assert_eq!(slow.await??.status(), 503);
     Ok(())
 }
+
+#[tokio::test]
+async fn an_api_key_guards_the_v1_routes_as_vllm_does() -> Result<()> {
+    let engine = engine(SimConfig {
+        api_key: Some("engine-secret".into()),
+        ..SimConfig::default()
+    })
+    .await?;
+    let base = engine.base_url();
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}]});
+    for token in [None, Some("wrong")] {
+        let mut request = client()
+            .post(format!("{base}/chat/completions"))
+            .json(&chat);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await?;
+        ensure!(response.status() == 401, "{token:?}: {}", response.status());
+        let body: Value = response.json().await?;
+        ensure!(body == json!({"error": "Unauthorized"}), "{body}");
+    }
+    let response = client()
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth("engine-secret")
+        .json(&chat)
+        .send()
+        .await?;
+    ensure!(response.status() == 200, "{}", response.status());
+    // Health and metrics stay open, for probes and scrapers.
+    let origin = base.trim_end_matches("/v1");
+    for path in ["/health", "/metrics"] {
+        let status = client()
+            .get(format!("{origin}{path}"))
+            .send()
+            .await?
+            .status();
+        ensure!(status == 200, "{path}: {status}");
+    }
+    Ok(())
+}
