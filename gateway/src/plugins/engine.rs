@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,12 @@ impl PluginEngine {
             compiled: Mutex::new(HashMap::new()),
             _ticker: ticker,
         })
+    }
+
+    /// Keeps the epoch ticking while the guard lives: taken around anything that runs guest
+    /// code (a call, an instantiation).
+    pub(crate) fn ticking(&self) -> Ticking<'_> {
+        self._ticker.ticking()
     }
 
     fn cache_key(&self, sha256: &str) -> String {
@@ -300,23 +306,49 @@ fn wrong_world_reason(slot: Slot, missing: &[&str], exports: &[String]) -> Strin
     }
 }
 
-/// The thread that advances the engine's epoch every [`EPOCH_TICK`]. A thread rather than an
-/// async task: a guest in an infinite loop occupies an async worker until the epoch moves, so
-/// with every worker busy a task could never tick. Stopped and joined on drop.
+/// The thread that advances the engine's epoch every [`EPOCH_TICK`] while guest code runs, and
+/// sleeps (parked, no wake-ups) while none does: a gateway with no plugin installed, or an idle
+/// one, is not woken a thousand times a second for nothing. A thread rather than an async task:
+/// a guest in an infinite loop occupies an async worker until the epoch moves, so with every
+/// worker busy a task could never tick. Stopped and joined on drop.
 struct EpochTicker {
-    stop: Arc<AtomicBool>,
+    shared: Arc<TickerShared>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct TickerShared {
+    stop: AtomicBool,
+    /// Guards alive: calls and instantiations running guest code.
+    running: AtomicUsize,
+}
+
+/// See [`PluginEngine::ticking`].
+pub(crate) struct Ticking<'a>(&'a EpochTicker);
+
+impl Drop for Ticking<'_> {
+    fn drop(&mut self) {
+        self.0.shared.running.fetch_sub(1, Ordering::Release);
+    }
 }
 
 impl EpochTicker {
     fn start(engine: &Engine) -> std::io::Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(TickerShared {
+            stop: AtomicBool::new(false),
+            running: AtomicUsize::new(0),
+        });
         let engine = engine.weak();
-        let flag = stop.clone();
+        let ticker = shared.clone();
         let thread = std::thread::Builder::new()
             .name("plugin-epoch".into())
             .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
+                while !ticker.stop.load(Ordering::Relaxed) {
+                    if ticker.running.load(Ordering::Acquire) == 0 {
+                        // Woken by the first guard (or by drop). An unpark that came since the
+                        // load above makes this return at once, so no guard is missed.
+                        std::thread::park();
+                        continue;
+                    }
                     std::thread::sleep(EPOCH_TICK);
                     match engine.upgrade() {
                         Some(engine) => engine.increment_epoch(),
@@ -325,16 +357,26 @@ impl EpochTicker {
                 }
             })?;
         Ok(EpochTicker {
-            stop,
+            shared,
             thread: Some(thread),
         })
+    }
+
+    fn ticking(&self) -> Ticking<'_> {
+        if self.shared.running.fetch_add(1, Ordering::AcqRel) == 0
+            && let Some(thread) = &self.thread
+        {
+            thread.thread().unpark();
+        }
+        Ticking(self)
     }
 }
 
 impl Drop for EpochTicker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
             let _ = thread.join();
         }
     }

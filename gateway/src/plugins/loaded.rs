@@ -110,6 +110,7 @@ impl LoadedPlugin {
         engine: &PluginEngine,
         call: Call<'_>,
     ) -> Result<Answer, (FaultKind, String)> {
+        let _ticking = engine.ticking();
         let mut instance = match self.take_warm().or_else(|| self.take_ready()) {
             Some(mut instance) => {
                 instance.store.data_mut().begin_call(self.deadline);
@@ -142,6 +143,7 @@ impl LoadedPlugin {
     /// A fresh instance, its instantiation on the call's clock (start functions run guest
     /// code).
     async fn instantiate(&self, engine: &PluginEngine) -> Result<Instance, (FaultKind, String)> {
+        let _ticking = engine.ticking();
         let mut store = engine.new_store(self.ctx.clone(), self.memory_cap_bytes);
         store.data_mut().begin_call(self.deadline);
         store.set_epoch_deadline(1);
