@@ -27,7 +27,9 @@ struct ChunkHead {
     choices: Option<Vec<serde::de::IgnoredAny>>,
 }
 
-/// Usage of a whole (non-streamed) response body, if it reports one.
+/// Usage of a whole (non-streamed) response body: its top-level `usage` member, if it reports
+/// one. (A hand-written scan that looks for the member without parsing the rest measured slower
+/// than serde_json's skipping, on short answers and on 16 KB ones alike.)
 pub fn usage_of_body(body: &[u8]) -> Option<Usage> {
     #[derive(Deserialize)]
     struct Body {
@@ -265,5 +267,67 @@ mod tests {
         let body = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#;
         assert_eq!(usage_of_body(body).unwrap().prompt_tokens, 7);
         assert_eq!(usage_of_body(b"not json"), None);
+    }
+
+    /// Only the answer's own `usage` counts: not one nested in its members, not the word in its
+    /// text.
+    #[test]
+    fn body_usage_is_the_top_level_member_only() {
+        let usage = |p: u64, c: u64| {
+            Some(Usage {
+                prompt_tokens: p,
+                completion_tokens: c,
+            })
+        };
+        let cases: &[(&str, Option<Usage>)] = &[
+            // vLLM's shape: usage last.
+            (
+                r#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#,
+                usage(3, 1),
+            ),
+            // First, with spaces and newlines around the colon.
+            (
+                "{\n  \"usage\" \n : {\"prompt_tokens\": 5, \"completion_tokens\": 6},\n \"id\": \"x\"}",
+                usage(5, 6),
+            ),
+            // A nested `usage` (a tool's, a vendor extension's) is not the answer's.
+            (
+                r#"{"choices":[{"usage":{"prompt_tokens":99,"completion_tokens":99}}],"x":{"usage":{"prompt_tokens":98}},"usage":{"prompt_tokens":2,"completion_tokens":4}}"#,
+                usage(2, 4),
+            ),
+            (
+                r#"{"choices":[{"usage":{"prompt_tokens":99,"completion_tokens":99}}]}"#,
+                None,
+            ),
+            // The word in content, escaped quotes and braces included, is text.
+            (
+                r#"{"choices":[{"message":{"content":"{\"usage\": {\"prompt_tokens\": 99}} \\\\"}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+                usage(1, 2),
+            ),
+            (
+                r#"{"choices":[{"message":{"content":"\"usage\":{\"prompt_tokens\":99}}"}}]}"#,
+                None,
+            ),
+            // A value that spells the key is not a key; nor is a string in an array.
+            (
+                r#"{"object":"usage","list":["usage",{"a":1}],"usage":{"prompt_tokens":8,"completion_tokens":0}}"#,
+                usage(8, 0),
+            ),
+            (r#"{"object":"usage"}"#, None),
+            // Reported as null, or not reported.
+            (r#"{"id":"x","usage":null}"#, None),
+            (r#"{"id":"x"}"#, None),
+            // Unicode escapes and multi-byte text before it.
+            (
+                r#"{"content":"caf\u00e9 \\ \" ☕","usage":{"prompt_tokens":4,"completion_tokens":5}}"#,
+                usage(4, 5),
+            ),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(usage_of_body(body.as_bytes()), *expected, "{body}");
+        }
+        // Broken text: no usage.
+        assert_eq!(usage_of_body(br#"{"content":"never closed"#), None);
+        assert_eq!(usage_of_body(br#"{"content":"ends in an escape\"#), None);
     }
 }
