@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Instructions per request: the gateway (or hyper-floor) under valgrind's callgrind, counting
+# the user-space instructions it executes while wrk sends it chat completions. Unlike the
+# timings of bench/run.sh, the count hardly depends on how busy or fast the machine is, so a
+# change of a few percent shows (two runs of one binary agree within about 1 %). It counts no
+# kernel time and no waiting, and valgrind's virtual CPU lacks some extensions (SHA: the HMAC
+# of the API key costs ~7k instructions there, almost nothing on the real CPU).
+#
+# Usage: bench/instructions.sh                 gateway, plain chat
+#        BENCH_STREAM=1 bench/instructions.sh  gateway, streamed chat
+#        BENCH_TARGET=hyper-floor bench/instructions.sh
+#
+# Environment:
+#   BENCH_TARGET       gateway (default) or hyper-floor
+#   BENCH_STREAM       1: streamed chat (default 0)
+#   BENCH_DURATION     seconds of counted load (default 10)
+#   BENCH_CONCURRENCY  wrk connections (default 4: valgrind runs the program about 50x slower)
+#   BENCH_SKIP_BUILD   1: use the release binaries already in the target directory
+#   BENCH_KEEP         1: keep the callgrind output (for callgrind_annotate) and print its path
+#
+# Needs valgrind (apt-get install valgrind) and wrk. Prints one line:
+#   <target> stream=<0|1>: <requests> requests, <instructions> instructions per request
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+TARGET=${BENCH_TARGET:-gateway}
+STREAM=${BENCH_STREAM:-0}
+DURATION=${BENCH_DURATION:-10}
+CONCURRENCY=${BENCH_CONCURRENCY:-4}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+BIN=$TARGET_DIR/release
+MODEL=sim-llama-3-8b
+ADMIN=bench-admin-token-0123456789
+
+die() { echo "instructions.sh: $*" >&2; exit 1; }
+log() { echo "[instructions $(date +%H:%M:%S)] $*" >&2; }
+
+command -v valgrind >/dev/null || die "valgrind is not installed (apt-get install valgrind)"
+command -v callgrind_control >/dev/null || die "callgrind_control is missing (part of valgrind)"
+command -v wrk >/dev/null || die "wrk is not installed (apt-get install wrk)"
+case $TARGET in gateway | hyper-floor) ;; *) die "BENCH_TARGET must be gateway or hyper-floor" ;; esac
+
+if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
+    log "building release binaries"
+    cargo build --release -p garage-gateway -p garage-sim-engine -p garage-hyper-floor >&2
+fi
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    [[ ${BENCH_KEEP:-0} == 1 ]] || rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+port_of() { # the port a server printed in its "listening on http://ADDR" line
+    local i
+    for ((i = 0; i < 100; i++)); do
+        if grep -qo 'listening on http://[0-9.]*:[0-9]*' "$1" 2>/dev/null; then
+            grep -o 'listening on http://[0-9.]*:[0-9]*' "$1" | head -1 | sed 's/.*://'
+            return 0
+        fi
+        sleep 0.2
+    done
+    die "no listening address in $1"
+}
+
+RUST_LOG=warn "$BIN/sim-engine" --listen 127.0.0.1:0 --model "$MODEL" --ttft-ms 0 \
+    --tokens-per-sec 0 --max-num-seqs 4096 >"$WORK/engine.log" 2>&1 &
+PIDS+=($!)
+ENGINE=127.0.0.1:$(port_of "$WORK/engine.log")
+
+# A fixed free port for the program under valgrind (its startup is slow to parse for).
+PORT=$((20000 + RANDOM % 10000))
+KEY=unused
+if [[ $TARGET == gateway ]]; then
+    cat >"$WORK/gateway.toml" <<TOML
+listen = "127.0.0.1:$PORT"
+default_plugins = false
+[auth]
+admin_token = "$ADMIN"
+[plugins]
+# valgrind cannot reserve the address space of the default instance pool.
+max_instances = 1
+[[upstreams]]
+name = "sim"
+base_url = "http://$ENGINE/v1"
+models = ["$MODEL"]
+health_path = "/health"
+TOML
+    RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no \
+        --callgrind-out-file="$WORK/callgrind.out" "$BIN/gateway" serve --config "$WORK/gateway.toml" \
+        >"$WORK/target.log" 2>&1 &
+else
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/callgrind.out" \
+        "$BIN/hyper-floor" --listen "127.0.0.1:$PORT" --upstream "http://$ENGINE" \
+        >"$WORK/target.log" 2>&1 &
+fi
+PIDS+=($!)
+TARGET_PID=$!
+URL=http://127.0.0.1:$PORT
+for ((i = 0; i < 150; i++)); do
+    curl -fs -o /dev/null "$URL/health" 2>/dev/null && break
+    # hyper-floor forwards /health to the engine; either way an answer means it is up.
+    sleep 0.2
+done
+if [[ $TARGET == gateway ]]; then
+    KEY=$(curl -fsS -X POST "$URL/admin/keys" -H "Authorization: Bearer $ADMIN" \
+        -H 'Content-Type: application/json' -d '{"name":"instructions"}' |
+        sed -n 's/.*"key"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p')
+    [[ -n $KEY ]] || die "could not create an API key (see $WORK/target.log)"
+fi
+
+SCRIPT=bench/chat.lua
+[[ $STREAM == 1 ]] && SCRIPT=bench/chat_stream.lua
+export BENCH_KEY=$KEY BENCH_MODEL=$MODEL
+log "$TARGET under callgrind: 3 s warm-up, then ${DURATION} s counted at concurrency $CONCURRENCY"
+wrk -t1 -c"$CONCURRENCY" -d3s -s "$SCRIPT" "$URL" >/dev/null
+callgrind_control -i on "$TARGET_PID" >/dev/null 2>&1
+wrk -t1 -c"$CONCURRENCY" -d"${DURATION}s" -s "$SCRIPT" "$URL" >"$WORK/wrk.out"
+callgrind_control -i off "$TARGET_PID" >/dev/null 2>&1
+callgrind_control -d "$TARGET_PID" >/dev/null 2>&1
+REQUESTS=$(awk '/requests in/{print $1}' "$WORK/wrk.out")
+ERRORS=$(grep -c 'Non-2xx\|Socket errors' "$WORK/wrk.out" || true)
+[[ $ERRORS == 0 ]] || die "wrk saw errors: $(cat "$WORK/wrk.out")"
+for ((i = 0; i < 50; i++)); do
+    ls "$WORK"/callgrind.out* >/dev/null 2>&1 && grep -qh '^totals:' "$WORK"/callgrind.out* && break
+    sleep 0.2
+done
+TOTAL=$(grep -h '^totals:' "$WORK"/callgrind.out* | awk '{s += $2} END {print s}')
+[[ -n $REQUESTS && $REQUESTS -gt 0 && -n $TOTAL ]] || die "no count (see $WORK)"
+echo "$TARGET stream=$STREAM: $REQUESTS requests, $((TOTAL / REQUESTS)) instructions per request"
+[[ ${BENCH_KEEP:-0} == 1 ]] && echo "callgrind output: $(ls "$WORK"/callgrind.out*)" >&2
+exit 0
