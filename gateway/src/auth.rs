@@ -102,7 +102,8 @@ pub struct KeyAuth {
     store: Arc<dyn Store>,
     hasher: KeyHasher,
     /// Keyed by the raw digest: no hex string built and hashed on every request.
-    cache: Arc<RwLock<HashMap<KeyDigest, CachedKey>>>,
+    /// Keyed by HMAC digests, which no client can steer: the fast hasher is safe here.
+    cache: Arc<RwLock<HashMap<KeyDigest, CachedKey, foldhash::fast::RandomState>>>,
     cache_ttl: Duration,
 }
 
@@ -111,7 +112,7 @@ impl KeyAuth {
         KeyAuth {
             store,
             hasher,
-            cache: Arc::new(RwLock::new(HashMap::new())),
+            cache: Arc::new(RwLock::new(HashMap::default())),
             cache_ttl,
         }
     }

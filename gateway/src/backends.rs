@@ -370,12 +370,15 @@ pub const MAX_CANDIDATES: usize = 128;
 #[derive(Default)]
 pub struct BackendSet {
     all: Vec<Arc<Backend>>,
-    by_model: HashMap<String, ModelCandidates>,
+    /// Looked up on every request: foldhash, seeded per process (rigs name models too), instead
+    /// of std's SipHash.
+    by_model: HashMap<String, ModelCandidates, foldhash::quality::RandomState>,
 }
 
 impl BackendSet {
     pub fn new(backends: Vec<Arc<Backend>>) -> Self {
-        let mut by_model: HashMap<String, ModelCandidates> = HashMap::new();
+        let mut by_model: HashMap<String, ModelCandidates, foldhash::quality::RandomState> =
+            HashMap::default();
         for backend in &backends {
             for model in &backend.models {
                 by_model

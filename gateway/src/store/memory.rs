@@ -1,6 +1,6 @@
 //! The embedded store: everything in this process, nothing to install.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -8,6 +8,10 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use super::{ApiKeyRecord, EVENT_BUFFER, QueueCounts, QueueItem, Store, StoreError, StoreEvent};
+
+/// Hash maps with foldhash instead of std's SipHash (several lookups per request; see
+/// docs/benchmarks.md). Seeded per process, like std's: keys can come from clients.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::quality::RandomState>;
 
 #[derive(Default)]
 struct Inner {
