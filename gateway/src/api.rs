@@ -5,6 +5,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
+use tower_http::compression::CompressionLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -83,6 +84,12 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
     let files = OpenApiRouter::new()
         .routes(routes!(batch_api::upload_file, batch_api::list_files))
         .layer(DefaultBodyLimit::max(state.config.batch.max_file_bytes));
+    // Big text that browsers and scrapers fetch with `Accept-Encoding: gzip`: compressed when
+    // asked. Not the inference routes: their answers are small, or streamed event by event.
+    let docs = OpenApiRouter::new()
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+        .layer(CompressionLayer::new());
     let (router, spec) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(openai::chat_completions))
         .routes(routes!(openai::completions))
@@ -97,8 +104,6 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(usage_api::own_usage))
         .routes(routes!(health))
         .routes(routes!(ready))
-        .routes(routes!(metrics))
-        .routes(routes!(openapi_json))
         .routes(routes!(node_api::enroll))
         .routes(routes!(node_api::connect))
         .routes(routes!(node_api::heartbeat))
@@ -108,6 +113,7 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .merge(admin)
         .merge(uploads)
         .merge(files)
+        .merge(docs)
         .with_state(state)
         .split_for_parts();
     (router, spec)
@@ -125,8 +131,10 @@ pub fn router(state: AppState) -> axum::Router {
             Ok(json) => json.into(),
             Err(err) => unreachable!("the OpenAPI document serializes: {err}"),
         });
+    let swagger_ui =
+        SwaggerUi::new("/docs").config(utoipa_swagger_ui::Config::from("/openapi.json"));
     router
-        .merge(SwaggerUi::new("/docs").config(utoipa_swagger_ui::Config::from("/openapi.json")))
+        .merge(axum::Router::from(swagger_ui).layer(CompressionLayer::new()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
 }

@@ -96,3 +96,63 @@ async fn docs_page_works_offline() {
         .unwrap();
     assert_eq!(js.status(), 200);
 }
+
+/// The spec, the docs page and the metrics are compressed for a client that accepts gzip, and
+/// come back the same once inflated; the inference routes are never touched.
+#[tokio::test]
+async fn docs_and_metrics_are_gzipped_when_asked_and_answers_are_not() {
+    use std::io::Read as _;
+    let engine = fast_sim().await;
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, serde_json::json!({"name": "t"})).await;
+    // One answer, so that the metrics have series in them.
+    assert_eq!(post_chat(&base, &key, &chat(false)).await.0, 200);
+    for path in ["/openapi.json", "/metrics", "/docs/swagger-ui-bundle.js"] {
+        let plain = client().get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(plain.status(), 200, "{path}");
+        assert!(plain.headers().get("content-encoding").is_none(), "{path}");
+        let plain = plain.bytes().await.unwrap();
+        let gzipped = client()
+            .get(format!("{base}{path}"))
+            .header("accept-encoding", "gzip")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(gzipped.headers()["content-encoding"], "gzip", "{path}");
+        let gzipped = gzipped.bytes().await.unwrap();
+        assert!(
+            gzipped.len() * 2 < plain.len(),
+            "{path}: {} of {}",
+            gzipped.len(),
+            plain.len()
+        );
+        let mut inflated = Vec::new();
+        flate2::read::GzDecoder::new(&gzipped[..])
+            .read_to_end(&mut inflated)
+            .unwrap();
+        if path == "/metrics" {
+            // Counters move between two scrapes; the series are the same.
+            let names = |text: &[u8]| -> Vec<String> {
+                String::from_utf8_lossy(text)
+                    .lines()
+                    .filter(|l| l.starts_with("# TYPE"))
+                    .map(str::to_owned)
+                    .collect()
+            };
+            assert_eq!(names(&inflated), names(&plain));
+        } else {
+            assert_eq!(inflated, plain, "{path}");
+        }
+    }
+    let answer = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("accept-encoding", "gzip")
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert!(answer.headers().get("content-encoding").is_none());
+}
