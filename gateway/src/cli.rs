@@ -123,17 +123,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 tracing::warn!(variable = %name, "not a gateway setting; ignored");
             }
             let grace = Duration::from_secs(config.shutdown_grace_secs);
-            let gateway = Gateway::start(config)
-                .await
-                .context("cannot start the gateway")?;
-            shutdown_on_signal(gateway, grace).await
+            let mut signals = Signals::install()?;
+            let gateway = tokio::select! {
+                gateway = Gateway::start(config) => gateway.context("cannot start the gateway")?,
+                () = signals.recv() => {
+                    tracing::info!("stopped while starting");
+                    return Ok(());
+                }
+            };
+            signals.recv().await;
+            tracing::info!(
+                grace_secs = grace.as_secs(),
+                "shutting down: finishing in-flight requests"
+            );
+            if gateway.shutdown(grace).await {
+                tracing::info!("stopped cleanly");
+            } else {
+                tracing::warn!("grace period over; closing the remaining connections");
+            }
+            Ok(())
         }
         Command::Demo(args) => {
             let (mut config, _) = Config::load(None, std::iter::empty())?;
             args.common.apply(&mut config);
             init_logging(config.log_format);
             let grace = Duration::from_secs(config.shutdown_grace_secs);
-            let demo = Demo::start(
+            let mut signals = Signals::install()?;
+            let start = Demo::start(
                 config,
                 DemoOptions {
                     nodes: args.nodes,
@@ -141,11 +157,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     ttft: Duration::from_millis(args.ttft_ms),
                     tokens_per_sec: args.tokens_per_sec,
                 },
-            )
-            .await
-            .context("cannot start the demo")?;
+            );
+            // The gateway answers before every rig is in routing, so a signal may come while the
+            // demo is still starting.
+            let demo = tokio::select! {
+                demo = start => demo.context("cannot start the demo")?,
+                () = signals.recv() => {
+                    tracing::info!("stopped while starting");
+                    return Ok(());
+                }
+            };
             println!("{}", demo.banner());
-            wait_for_signal().await?;
+            signals.recv().await;
             tracing::info!(
                 grace_secs = grace.as_secs(),
                 "shutting down: finishing in-flight requests"
@@ -160,26 +183,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn shutdown_on_signal(gateway: Gateway, grace: Duration) -> anyhow::Result<()> {
-    wait_for_signal().await?;
-    tracing::info!(
-        grace_secs = grace.as_secs(),
-        "shutting down: finishing in-flight requests"
-    );
-    if gateway.shutdown(grace).await {
-        tracing::info!("stopped cleanly");
-    } else {
-        tracing::warn!("grace period over; closing the remaining connections");
-    }
-    Ok(())
+/// SIGTERM and SIGINT, listened for from before the gateway starts: a signal that comes while it
+/// is starting (it answers requests before it is done, in the demo) stops it cleanly instead of
+/// killing the process.
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result.context("cannot listen for SIGINT")?,
-        _ = terminate.recv() => {}
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+        })
     }
-    Ok(())
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
 }
