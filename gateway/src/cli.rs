@@ -124,23 +124,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let grace = Duration::from_secs(config.shutdown_grace_secs);
             let mut signals = Signals::install()?;
-            let gateway = tokio::select! {
-                gateway = Gateway::start(config) => gateway.context("cannot start the gateway")?,
-                () = signals.recv() => {
-                    tracing::info!("stopped while starting");
-                    return Ok(());
-                }
+            let Some(gateway) = signals.unless_signalled(Gateway::start(config)).await else {
+                return Ok(());
             };
-            signals.recv().await;
-            tracing::info!(
-                grace_secs = grace.as_secs(),
-                "shutting down: finishing in-flight requests"
-            );
-            if gateway.shutdown(grace).await {
-                tracing::info!("stopped cleanly");
-            } else {
-                tracing::warn!("grace period over; closing the remaining connections");
-            }
+            let gateway = gateway.context("cannot start the gateway")?;
+            signals
+                .stop_on_signal(grace, |grace| gateway.shutdown(grace))
+                .await;
             Ok(())
         }
         Command::Demo(args) => {
@@ -160,24 +150,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             // The gateway answers before every rig is in routing, so a signal may come while the
             // demo is still starting.
-            let demo = tokio::select! {
-                demo = start => demo.context("cannot start the demo")?,
-                () = signals.recv() => {
-                    tracing::info!("stopped while starting");
-                    return Ok(());
-                }
+            let Some(demo) = signals.unless_signalled(start).await else {
+                return Ok(());
             };
+            let demo = demo.context("cannot start the demo")?;
             println!("{}", demo.banner());
-            signals.recv().await;
-            tracing::info!(
-                grace_secs = grace.as_secs(),
-                "shutting down: finishing in-flight requests"
-            );
-            if demo.shutdown(grace).await {
-                tracing::info!("stopped cleanly");
-            } else {
-                tracing::warn!("grace period over; closed the remaining connections");
-            }
+            signals
+                .stop_on_signal(grace, |grace| demo.shutdown(grace))
+                .await;
             Ok(())
         }
     }
@@ -204,6 +184,35 @@ impl Signals {
         tokio::select! {
             _ = self.terminate.recv() => {}
             _ = self.interrupt.recv() => {}
+        }
+    }
+
+    /// `start`'s output, or `None` when a signal came first.
+    async fn unless_signalled<T>(&mut self, start: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            started = start => Some(started),
+            () = self.recv() => {
+                tracing::info!("stopped while starting");
+                None
+            }
+        }
+    }
+
+    /// Waits for a signal, then runs `shutdown` (true: everything in flight finished within
+    /// `grace`) and says how it went.
+    async fn stop_on_signal<F>(mut self, grace: Duration, shutdown: impl FnOnce(Duration) -> F)
+    where
+        F: Future<Output = bool>,
+    {
+        self.recv().await;
+        tracing::info!(
+            grace_secs = grace.as_secs(),
+            "shutting down: finishing in-flight requests"
+        );
+        if shutdown(grace).await {
+            tracing::info!("stopped cleanly");
+        } else {
+            tracing::warn!("grace period over; closing the remaining connections");
         }
     }
 }

@@ -3,7 +3,7 @@
 mod support;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::*;
 
@@ -11,11 +11,7 @@ use support::*;
 /// window used to kill the process (its signal handler came after the start), exit code -15.
 #[tokio::test]
 async fn sigterm_while_the_demo_is_starting_exits_cleanly() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     // Many rigs: the demo waits for every one of them, long after the gateway answers.
     let mut gateway = Command::new(env!("CARGO_BIN_EXE_gateway"))
         .args([
@@ -30,39 +26,31 @@ async fn sigterm_while_the_demo_is_starting_exits_cleanly() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let up = client()
+    let pid = gateway.id().to_string();
+    let mut stdout = gateway.stdout.take().unwrap();
+    wait_until(Duration::from_secs(30), "the gateway to answer", || async {
+        client()
             .get(format!("http://127.0.0.1:{port}/health"))
             .send()
             .await
-            .is_ok_and(|r| r.status() == 200);
-        if up {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the gateway did not come up");
-        assert!(gateway.try_wait().unwrap().is_none(), "the gateway exited");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    Command::new("kill")
-        .args(["-TERM", &gateway.id().to_string()])
-        .status()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = gateway.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = gateway.kill();
-            panic!("the gateway did not exit within 20 s of SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let exited = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || gateway.wait()),
+    )
+    .await;
+    let Ok(status) = exited else {
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        panic!("the gateway did not exit within 20 s of SIGTERM");
     };
+    let status = status.unwrap().unwrap();
     assert_eq!(status.code(), Some(0), "{status}");
     // It stopped while starting: the banner (printed once every rig is ready) never came.
     let mut banner = String::new();
-    std::io::Read::read_to_string(&mut gateway.stdout.take().unwrap(), &mut banner).unwrap();
+    std::io::Read::read_to_string(&mut stdout, &mut banner).unwrap();
     assert!(
         !banner.contains("curl"),
         "the demo had finished starting: {banner}"
