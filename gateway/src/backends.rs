@@ -22,9 +22,7 @@ use crate::upstream::{
 pub enum Transport {
     /// An OpenAI-compatible base URL, through the pooled HTTP client.
     Url {
-        /// Base URL including the API version, without a trailing slash.
-        base_url: String,
-        /// The inference endpoints under `base_url`, parsed once.
+        /// The base URL and its inference endpoints.
         endpoints: Endpoints,
         /// `Bearer <api key>`, when the backend wants one.
         authorization: Option<http::HeaderValue>,
@@ -38,7 +36,7 @@ pub enum Transport {
 impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Transport::Url { base_url, .. } => write!(f, "Url({base_url})"),
+            Transport::Url { endpoints, .. } => write!(f, "Url({})", endpoints.base_url),
             Transport::Tunnel(_) => write!(f, "Tunnel"),
         }
     }
@@ -47,38 +45,52 @@ impl std::fmt::Debug for Transport {
 /// Paths of the inference endpoints under a backend's base URL.
 pub const INFERENCE_PATHS: [&str; 3] = ["/chat/completions", "/completions", "/embeddings"];
 
-/// The URIs of [`INFERENCE_PATHS`] under one base URL, parsed once instead of formatted and
+/// A base URL and the URIs of [`INFERENCE_PATHS`] under it, parsed once instead of formatted and
 /// parsed for every request.
-pub struct Endpoints(Vec<(&'static str, http::Uri)>);
+pub struct Endpoints {
+    /// Including the API version, without a trailing slash.
+    base_url: String,
+    parsed: Vec<(&'static str, http::Uri)>,
+}
 
 impl Endpoints {
-    pub fn new(base_url: &str) -> Self {
-        Endpoints(
-            INFERENCE_PATHS
-                .iter()
-                .filter_map(|path| {
-                    let uri = http::Uri::try_from(format!("{base_url}{path}")).ok()?;
-                    Some((*path, uri))
-                })
-                .collect(),
-        )
+    pub fn new(base_url: String) -> Self {
+        let parsed = INFERENCE_PATHS
+            .iter()
+            .filter_map(|path| {
+                let uri = http::Uri::try_from(format!("{base_url}{path}")).ok()?;
+                Some((*path, uri))
+            })
+            .collect();
+        Endpoints { base_url, parsed }
     }
 
     /// `{base_url}{path}`: parsed already for an inference path, parsed now for another.
-    fn uri(&self, base_url: &str, path: &str) -> Result<http::Uri, http::uri::InvalidUri> {
-        match self.0.iter().find(|(known, _)| *known == path) {
+    fn uri(&self, path: &str) -> Result<http::Uri, http::uri::InvalidUri> {
+        match self.parsed.iter().find(|(known, _)| *known == path) {
             Some((_, uri)) => Ok(uri.clone()),
-            None => http::Uri::try_from(format!("{base_url}{path}")),
+            None => http::Uri::try_from(format!("{}{path}", self.base_url)),
         }
     }
 }
 
 /// Where every rig's tunnel takes requests: the same URIs for all of them.
-static TUNNEL_BASE: std::sync::LazyLock<(String, Endpoints)> = std::sync::LazyLock::new(|| {
-    let base = format!("http://{}/v1", garage_node_protocol::TUNNEL_AUTHORITY);
-    let endpoints = Endpoints::new(&base);
-    (base, endpoints)
+static TUNNEL_ENDPOINTS: std::sync::LazyLock<Endpoints> = std::sync::LazyLock::new(|| {
+    Endpoints::new(format!(
+        "http://{}/v1",
+        garage_node_protocol::TUNNEL_AUTHORITY
+    ))
 });
+
+/// `Authorization: Bearer <key>` for an upstream's API key, marked sensitive (kept out of
+/// logs); an error for a key that cannot be a header value.
+pub fn bearer_authorization(
+    key: &str,
+) -> Result<http::HeaderValue, http::header::InvalidHeaderValue> {
+    let mut value = http::HeaderValue::try_from(format!("Bearer {key}"))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
 
 /// A backend that is a rig: who it is, for the admin API and (later) the router.
 #[derive(Debug, Clone)]
@@ -169,17 +181,15 @@ impl Backend {
             format!("{origin_url}/{}", path.trim_start_matches('/'))
         });
         // A key that cannot be a header value is refused when the config is loaded.
-        let authorization = config.api_key.as_ref().and_then(|key| {
-            let mut value = http::HeaderValue::try_from(format!("Bearer {key}")).ok()?;
-            value.set_sensitive(true);
-            Some(value)
-        });
+        let authorization = config
+            .api_key
+            .as_deref()
+            .and_then(|key| bearer_authorization(key).ok());
         let mut backend = Self::new(
             config.name.clone(),
             config.models.clone(),
             Transport::Url {
-                endpoints: Endpoints::new(&base_url),
-                base_url,
+                endpoints: Endpoints::new(base_url),
                 authorization,
                 health_url,
             },
@@ -300,12 +310,11 @@ impl Backend {
     ) -> Result<UpstreamResponse, SendError> {
         let (uri, authorization) = match &self.transport {
             Transport::Url {
-                base_url,
                 endpoints,
                 authorization,
                 ..
-            } => (endpoints.uri(base_url, path), authorization.as_ref()),
-            Transport::Tunnel(_) => (TUNNEL_BASE.1.uri(&TUNNEL_BASE.0, path), None),
+            } => (endpoints.uri(path), authorization.as_ref()),
+            Transport::Tunnel(_) => (TUNNEL_ENDPOINTS.uri(path), None),
         };
         let uri = uri.map_err(|e| SendError {
             connect: true,
@@ -582,7 +591,7 @@ mod tests {
     fn health_url_from_origin() {
         let b = Backend::from_upstream(&upstream("a", &["m"]), Instant::now());
         assert!(
-            matches!(&b.transport, Transport::Url { base_url, .. } if base_url == "http://a.invalid:8000/v1")
+            matches!(&b.transport, Transport::Url { endpoints, .. } if endpoints.base_url == "http://a.invalid:8000/v1")
         );
         assert_eq!(b.health_url(), Some("http://a.invalid:8000/health"));
     }

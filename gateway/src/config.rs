@@ -426,7 +426,7 @@ impl Config {
             if upstream
                 .api_key
                 .as_ref()
-                .is_some_and(|key| http::HeaderValue::try_from(format!("Bearer {key}")).is_err())
+                .is_some_and(|key| crate::backends::bearer_authorization(key).is_err())
             {
                 return invalid(format!(
                     "upstream {:?}: api_key must be printable ASCII (it is sent as a header)",

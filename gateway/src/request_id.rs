@@ -87,20 +87,13 @@ where
         }
         request.headers_mut().insert(X_REQUEST_ID, id.clone());
         let started = tracing::enabled!(tracing::Level::DEBUG).then(Instant::now);
-        let inner = {
-            let _entered = span.enter();
+        let inner = span.in_scope(|| {
             catch_unwind(AssertUnwindSafe(|| self.inner.call(request)))
-        };
-        let inner = match inner {
-            Ok(future) => Some(future.instrument(span)),
-            Err(panic) => {
-                let _entered = span.enter();
-                log_panic(panic.as_ref());
-                None
-            }
-        };
+                .map_err(|panic| log_panic(panic.as_ref()))
+                .ok()
+        });
         WithRequestId {
-            inner,
+            inner: inner.map(|future| future.instrument(span)),
             id: Some(id),
             client_id,
             started,

@@ -76,13 +76,6 @@ pub struct UsageEvent {
     pub batch: bool,
 }
 
-impl UsageEvent {
-    /// UTC day of the request, `YYYY-MM-DD`.
-    pub fn day(&self) -> String {
-        day_of(self.finished_at_ms)
-    }
-}
-
 const MS_PER_DAY: u64 = 86_400_000;
 
 /// `YYYY-MM-DD` of a Unix time in milliseconds (civil-from-days, proleptic Gregorian).

@@ -34,9 +34,9 @@ pub fn router(state: SimState) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models));
     // Only when asked for: the benchmarks' direct-to-engine numbers pay for no layer.
-    let v1 = match state.config().api_key {
-        Some(_) => v1.route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
+    let v1 = match &state.config().api_key {
+        Some(key) => v1.route_layer(axum::middleware::from_fn_with_state(
+            std::sync::Arc::<str>::from(key.as_str()),
             require_api_key,
         )),
         None => v1,
@@ -54,23 +54,21 @@ pub fn router(state: SimState) -> Router {
 /// vLLM's `--api-key`: the `/v1` routes want `Authorization: Bearer <key>`, and answer 401
 /// with `{"error": "Unauthorized"}` (vLLM's own body, not the OpenAI shape) without it.
 async fn require_api_key(
-    State(state): State<SimState>,
+    State(expected): State<std::sync::Arc<str>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if let Some(expected) = &state.config().api_key {
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if presented != Some(expected.as_str()) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                Json(json!({"error": "Unauthorized"})),
-            )
-                .into_response();
-        }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if presented != Some(&*expected) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "Unauthorized"})),
+        )
+            .into_response();
     }
     next.run(request).await
 }

@@ -43,7 +43,7 @@ pub(crate) struct PluginEngine {
     compatibility: String,
     /// Compiled components by `sha256@compatibility`.
     compiled: Mutex<HashMap<String, Component>>,
-    _ticker: EpochTicker,
+    ticker: EpochTicker,
 }
 
 impl PluginEngine {
@@ -65,14 +65,14 @@ impl PluginEngine {
             linker,
             compatibility,
             compiled: Mutex::new(HashMap::new()),
-            _ticker: ticker,
+            ticker,
         })
     }
 
     /// Keeps the epoch ticking while the guard lives: taken around anything that runs guest
     /// code (a call, an instantiation).
     pub(crate) fn ticking(&self) -> Ticking<'_> {
-        self._ticker.ticking()
+        self.ticker.ticking()
     }
 
     fn cache_key(&self, sha256: &str) -> String {
