@@ -129,6 +129,21 @@ pub async fn forward(
             Ok(Ok(response)) => response,
         };
         let status = response.status();
+        if status == StatusCode::UNAUTHORIZED {
+            // The client's key was checked here; a backend that refuses the request refuses
+            // the gateway's own upstream key. Passing its 401 on would tell the client that
+            // *their* key is bad.
+            state.metrics.backend_error(&backend.id, "unauthorized");
+            tracing::warn!(
+                backend = %backend.id,
+                "backend refused the gateway's credentials (check the upstream's api_key); trying the next"
+            );
+            backend.cool_down(dispatch.cooldown());
+            last_error = Some(ApiError::BadGateway(
+                "The backend refused the gateway's credentials.".into(),
+            ));
+            continue;
+        }
         if status.is_server_error() {
             state.metrics.backend_error(&backend.id, "status_5xx");
             tracing::warn!(backend = %backend.id, status = status.as_u16(), "backend failed; trying the next");

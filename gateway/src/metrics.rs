@@ -61,7 +61,7 @@ impl Metrics {
         let backend_errors = IntCounterVec::new(
             Opts::new(
                 "garage_backend_errors_total",
-                "Backend failures by backend and kind (connect, status_5xx, timeout, stream)",
+                "Backend failures by backend and kind (connect, send, status_5xx, unauthorized, timeout, stream)",
             ),
             &["backend", "kind"],
         )

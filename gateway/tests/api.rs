@@ -595,3 +595,59 @@ async fn an_upstream_api_key_reaches_the_backend_and_never_the_client() {
         assert!(!body.contains("engine-secret"), "{body}");
     }
 }
+
+#[tokio::test]
+async fn a_backend_refusing_the_upstream_key_is_a_bad_gateway_not_the_clients_401() {
+    let engine = sim(SimConfig {
+        models: vec![MODEL.into()],
+        api_key: Some("engine-secret".into()),
+        ..SimConfig::default()
+    })
+    .await;
+    let mut wrong = upstream("wrong", engine.base_url());
+    wrong.api_key = Some("stale-secret".into());
+    let gw = gateway(config(vec![wrong])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    // The refusal cools the backend down like a 5xx: the next request finds none to try.
+    for (stream, expected, code) in [
+        (false, 502, "upstream_error"),
+        (true, 503, "no_backend_available"),
+    ] {
+        let (status, body) = post_chat(&base, &key, &chat(stream)).await;
+        assert_eq!(status, expected, "stream {stream}: {body}");
+        assert_eq!(error_of(&body)["code"], code, "{body}");
+        assert!(!body.contains("stale-secret"), "{body}");
+    }
+    let metrics = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("garage_backend_errors_total{backend=\"wrong\",kind=\"unauthorized\"}"),
+        "{metrics}"
+    );
+
+    // With a second backend that holds the right key, the request goes there instead.
+    let engine = sim(SimConfig {
+        models: vec![MODEL.into()],
+        api_key: Some("engine-secret".into()),
+        ..SimConfig::default()
+    })
+    .await;
+    let mut wrong = upstream("wrong", engine.base_url());
+    wrong.api_key = Some("stale-secret".into());
+    let mut right = upstream("right", engine.base_url());
+    right.api_key = Some("engine-secret".into());
+    let gw = gateway(config(vec![wrong, right])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    for _ in 0..4 {
+        let (status, body) = post_chat(&base, &key, &chat(false)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
