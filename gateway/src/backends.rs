@@ -15,7 +15,7 @@ use http::header;
 use crate::config::UpstreamConfig;
 use crate::error::ApiError;
 use crate::upstream::{
-    HttpClient, RequestBody, SendError, UpstreamResponse, send_http, send_tunnel,
+    ConnPool, HttpClient, RequestBody, SendError, UpstreamResponse, send_http, send_tunnel,
 };
 
 /// How requests reach a backend.
@@ -23,7 +23,9 @@ pub enum Transport {
     /// An OpenAI-compatible base URL, through the pooled HTTP client.
     Url {
         /// The base URL and its inference endpoints.
-        endpoints: Endpoints,
+        endpoints: Box<Endpoints>,
+        /// Idle connections to it.
+        pool: Arc<ConnPool>,
         /// `Bearer <api key>`, when the backend wants one.
         authorization: Option<http::HeaderValue>,
         /// Full URL of the health endpoint, when the backend has one.
@@ -50,7 +52,13 @@ pub const INFERENCE_PATHS: [&str; 3] = ["/chat/completions", "/completions", "/e
 pub struct Endpoints {
     /// Including the API version, without a trailing slash.
     base_url: String,
-    parsed: Vec<(&'static str, http::Uri)>,
+    /// `scheme://authority`, what connections are opened to.
+    origin: http::Uri,
+    /// The `Host` header of requests sent on our own connections.
+    host: Option<http::HeaderValue>,
+    /// Each path with its absolute URI (for HTTP/2 tunnels, and probes) and its origin-form
+    /// URI (`/v1/chat/completions`, for HTTP/1 connections).
+    parsed: Vec<(&'static str, http::Uri, http::Uri)>,
 }
 
 impl Endpoints {
@@ -58,20 +66,63 @@ impl Endpoints {
         let parsed = INFERENCE_PATHS
             .iter()
             .filter_map(|path| {
-                let uri = http::Uri::try_from(format!("{base_url}{path}")).ok()?;
-                Some((*path, uri))
+                let absolute = http::Uri::try_from(format!("{base_url}{path}")).ok()?;
+                let origin_form = origin_form(&absolute)?;
+                Some((*path, absolute, origin_form))
             })
             .collect();
-        Endpoints { base_url, parsed }
+        let base = http::Uri::try_from(base_url.as_str()).ok();
+        let authority = base.as_ref().and_then(|uri| uri.authority());
+        let origin = base
+            .as_ref()
+            .and_then(|uri| {
+                http::Uri::builder()
+                    .scheme(uri.scheme()?.clone())
+                    .authority(uri.authority()?.clone())
+                    .path_and_query("/")
+                    .build()
+                    .ok()
+            })
+            .unwrap_or_default();
+        let host = authority.and_then(|a| http::HeaderValue::from_str(a.as_str()).ok());
+        Endpoints {
+            base_url,
+            origin,
+            host,
+            parsed,
+        }
     }
 
-    /// `{base_url}{path}`: parsed already for an inference path, parsed now for another.
+    /// `{base_url}{path}`, absolute: parsed already for an inference path, parsed now for
+    /// another.
     fn uri(&self, path: &str) -> Result<http::Uri, http::uri::InvalidUri> {
-        match self.parsed.iter().find(|(known, _)| *known == path) {
-            Some((_, uri)) => Ok(uri.clone()),
+        match self.parsed.iter().find(|(known, ..)| *known == path) {
+            Some((_, uri, _)) => Ok(uri.clone()),
             None => http::Uri::try_from(format!("{}{path}", self.base_url)),
         }
     }
+
+    /// `{base_url}{path}` in origin form (path and query only), as HTTP/1 sends it.
+    fn origin_form(&self, path: &str) -> Result<http::Uri, http::uri::InvalidUri> {
+        match self.parsed.iter().find(|(known, ..)| *known == path) {
+            Some((.., uri)) => Ok(uri.clone()),
+            None => {
+                let absolute = self.uri(path)?;
+                Ok(origin_form(&absolute).unwrap_or(absolute))
+            }
+        }
+    }
+}
+
+/// The path and query of an absolute URI, as a URI of its own.
+fn origin_form(absolute: &http::Uri) -> Option<http::Uri> {
+    let path = absolute.path_and_query()?.clone();
+    http::Uri::from_parts({
+        let mut parts = http::uri::Parts::default();
+        parts.path_and_query = Some(path);
+        parts
+    })
+    .ok()
 }
 
 /// Where every rig's tunnel takes requests: the same URIs for all of them.
@@ -189,7 +240,8 @@ impl Backend {
             config.name.clone(),
             config.models.clone(),
             Transport::Url {
-                endpoints: Endpoints::new(base_url),
+                endpoints: Box::new(Endpoints::new(base_url)),
+                pool: Arc::default(),
                 authorization,
                 health_url,
             },
@@ -308,34 +360,51 @@ impl Backend {
         body: Bytes,
         request_id: Option<&http::HeaderValue>,
     ) -> Result<UpstreamResponse, SendError> {
-        let (uri, authorization) = match &self.transport {
-            Transport::Url {
-                endpoints,
-                authorization,
-                ..
-            } => (endpoints.uri(path), authorization.as_ref()),
-            Transport::Tunnel(_) => (TUNNEL_ENDPOINTS.uri(path), None),
-        };
-        let uri = uri.map_err(|e| SendError {
+        let invalid = |message: String| SendError {
             connect: true,
-            message: format!("invalid backend URL: {e}"),
-        })?;
+            message,
+        };
+        let uri = match &self.transport {
+            Transport::Url { endpoints, .. } => endpoints.origin_form(path),
+            Transport::Tunnel(_) => TUNNEL_ENDPOINTS.uri(path),
+        }
+        .map_err(|e| invalid(format!("invalid backend URL: {e}")))?;
         let mut request = http::Request::post(uri).header(header::CONTENT_TYPE, "application/json");
         if let Some(id) = request_id {
             request = request.header(crate::request_id::X_REQUEST_ID, id);
         }
-        if let Some(authorization) = authorization {
-            request = request.header(header::AUTHORIZATION, authorization);
+        if let Transport::Url {
+            endpoints,
+            authorization,
+            ..
+        } = &self.transport
+        {
+            if let Some(host) = &endpoints.host {
+                request = request.header(header::HOST, host);
+            }
+            if let Some(authorization) = authorization {
+                request = request.header(header::AUTHORIZATION, authorization);
+            }
         }
         let request = request
             .body(RequestBody::new(body))
-            .map_err(|e| SendError {
-                connect: true,
-                message: format!("invalid backend request: {e}"),
-            })?;
+            .map_err(|e| invalid(format!("invalid backend request: {e}")))?;
         match &self.transport {
-            Transport::Url { .. } => send_http(client, request).await,
+            Transport::Url {
+                endpoints, pool, ..
+            } => {
+                pool.send(client.connector(), &endpoints.origin, request)
+                    .await
+            }
             Transport::Tunnel(sender) => send_tunnel(sender.clone(), request).await,
+        }
+    }
+
+    /// Idle pooled connections to this backend (none for a rig).
+    pub fn idle_connections(&self) -> usize {
+        match &self.transport {
+            Transport::Url { pool, .. } => pool.idle_len(),
+            Transport::Tunnel(_) => 0,
         }
     }
 

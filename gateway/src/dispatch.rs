@@ -12,13 +12,12 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::backends::{Backend, InFlight};
 use crate::error::ApiError;
 use crate::sse::{SseTap, Usage, error_event, usage_of_body};
 use crate::state::AppState;
-use crate::upstream::UpstreamResponse;
+use crate::upstream::{UpstreamBody, UpstreamResponse};
 use crate::usage::UsageEvent;
 
 /// One admitted request, ready to send.
@@ -296,7 +295,7 @@ fn stream_response(
 /// arrives, its usage read, metrics recorded when it ends (or when the client goes away, which
 /// drops it).
 struct MeteredBody {
-    upstream: Incoming,
+    upstream: UpstreamBody,
     tap: SseTap,
     state: AppState,
     backend: Arc<Backend>,
@@ -316,7 +315,7 @@ struct MeteredBody {
 
 /// Most bytes gathered into one write to the client.
 const GATHER_LIMIT: usize = 64 * 1024;
-/// Scheduler rounds a body with events gathered waits for the connection to hand over more
+/// Scheduler rounds a tunneled body with events gathered waits for the connection to hand over more
 /// before it sends them. One is not enough on a multi-threaded runtime: another worker may
 /// steal and poll the body before the connection task has run. Measured (bench/run.sh,
 /// streamed, concurrency 16): one write per request instead of one per event, about 40 % less
@@ -387,14 +386,16 @@ impl HttpBody for MeteredBody {
     type Error = std::io::Error;
 
     /// Forwards the backend's events as they come, gathering into one write those that arrive
-    /// together. hyper's client hands a body over one frame at a time, from the connection's
-    /// own task, and hyper's server writes to the client whenever the body is not ready: taken
+    /// together: hyper's server writes to the client whenever the body is not ready, and taken
     /// one by one, a burst of 18 events (an engine ahead of the network, a tunnel delivering
-    /// several at once) costs 18 writes and 18 wake-ups of the client. So when the backend has
-    /// nothing more *right now*, the body yields to the executor (the connection task runs and
-    /// hands over what it has already read) and sends what it gathered only after
-    /// [`GATHER_YIELDS`] rounds brought nothing new. A paced stream pays those few scheduler
-    /// rounds (microseconds) per event.
+    /// several at once) would cost 18 writes and 18 wake-ups of the client. On a URL backend's
+    /// connection, which this body drives, pending means nothing more has arrived, and what
+    /// was gathered goes out at once. A rig's tunnel hands frames over one at a time from its
+    /// connection's own task: there, when the backend has nothing more *right now*, the body
+    /// yields to the executor (the connection task runs and hands over what it has already
+    /// read) and sends what it gathered only after [`GATHER_YIELDS`] rounds brought nothing
+    /// new. A paced stream through a tunnel pays those few scheduler rounds (microseconds) per
+    /// event.
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -420,7 +421,9 @@ impl HttpBody for MeteredBody {
                     return Poll::Ready(this.last_frame().map(|bytes| Ok(Frame::data(bytes))));
                 }
                 Poll::Pending if this.gathered.is_empty() => return Poll::Pending,
-                Poll::Pending if this.yielded < GATHER_YIELDS => {
+                Poll::Pending
+                    if this.yielded < GATHER_YIELDS && !this.upstream.drives_its_connection() =>
+                {
                     this.yielded += 1;
                     cx.waker().wake_by_ref();
                     return Poll::Pending;

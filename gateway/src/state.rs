@@ -28,7 +28,8 @@ pub struct Inner {
     pub batches: Arc<Batches>,
     pub plugins: Arc<PluginHost>,
     pub policy: Policy,
-    /// Connection pool to backends; outside anything swappable so connections survive swaps.
+    /// How backends are reached: the connector for their pooled connections (the pools live
+    /// with each backend) and a client for health probes.
     pub http: HttpClient,
     pub metrics: Metrics,
     pub admin_token: String,
