@@ -400,6 +400,13 @@ impl Backend {
         }
     }
 
+    /// Closes this backend's idle connections that expired or that it closed.
+    fn prune_idle_connections(&self) {
+        if let Transport::Url { pool, .. } = &self.transport {
+            pool.prune();
+        }
+    }
+
     /// Idle pooled connections to this backend (none for a rig).
     pub fn idle_connections(&self) -> usize {
         match &self.transport {
@@ -565,13 +572,17 @@ impl Backends {
         self.origin
     }
 
-    /// Probes every backend that has a health endpoint, forever, one round per `interval`.
+    /// Probes every backend that has a health endpoint, forever, one round per `interval`;
+    /// closes idle connections backends closed on their side.
     pub async fn run_health_checks(self: Arc<Self>, client: HttpClient, interval: Duration) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
             let set = self.snapshot();
+            for backend in set.all() {
+                backend.prune_idle_connections();
+            }
             let probes = set.all().iter().filter_map(|backend| {
                 let url = backend.health_url()?.to_owned();
                 let client = client.clone();

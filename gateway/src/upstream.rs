@@ -170,6 +170,29 @@ impl ConnPool {
         self.lock().len()
     }
 
+    /// Closes the idle connections that expired or that the backend closed: nothing polls an
+    /// idle connection, so without this a backend that gets no traffic would keep them
+    /// half-closed (CLOSE_WAIT) until its next request.
+    pub fn prune(&self) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let closed: Vec<_> = {
+            let mut idle = self.lock();
+            let mut closed = Vec::new();
+            let mut kept = Vec::with_capacity(idle.len());
+            for (since, mut conn) in idle.drain(..) {
+                conn.drive(&mut cx);
+                if conn.closed || since.elapsed() >= IDLE_TIMEOUT {
+                    closed.push(conn);
+                } else {
+                    kept.push((since, conn));
+                }
+            }
+            *idle = kept;
+            closed
+        };
+        drop(closed);
+    }
+
     /// Sends a request (origin-form URI, `Host` set) to the backend at `origin` on an idle
     /// connection, or a new one. A pooled connection the backend closed while it sat idle
     /// took nothing, and the request goes out on the next one.

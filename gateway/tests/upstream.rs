@@ -173,6 +173,25 @@ async fn a_connection_the_backend_closed_while_idle_is_replaced_without_an_error
 }
 
 #[tokio::test]
+async fn idle_connections_the_backend_closed_are_let_go_without_traffic() {
+    let engine = backend(Some(Duration::from_millis(100)), 3, Duration::ZERO).await;
+    let mut config = config(vec![upstream("a", engine.url.clone())]);
+    config.dispatch.health_interval_secs = 1;
+    let gw = gateway(config).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    assert_eq!(post_chat(&base, &key, &chat(false)).await.0, 200);
+    let idle = || gw.state().backends.snapshot().all()[0].idle_connections();
+    assert_eq!(idle(), 1);
+    // The backend closes it; with no request to notice, the health round lets it go.
+    wait_until(Duration::from_secs(10), "the pool to drop it", || async {
+        idle() == 0
+    })
+    .await;
+    assert_eq!(engine.connections.open.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
 async fn a_stream_the_client_left_closes_its_connection_and_the_next_request_opens_one() {
     let engine = backend(None, 50, Duration::from_millis(20)).await;
     let gw = gateway(config(vec![upstream("a", engine.url.clone())])).await;
