@@ -5,8 +5,9 @@
 
 use std::future::poll_fn;
 use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -125,6 +126,70 @@ struct Conn {
     conn: http1::Connection<Io, RequestBody>,
     /// The connection future finished (closed, or failed): never poll or reuse it again.
     closed: bool,
+    /// What the connection and its body are polled with.
+    gate: Arc<Gate>,
+}
+
+/// The waker a request's connection is polled with. Polling the connection and its body wakes
+/// the request's own task all the time: the body taking a frame tells the connection to read
+/// on, the connection handing one over tells the body, a request sent tells the connection.
+/// Passed straight through, each such wake-up made tokio schedule the task again after it
+/// returned pending (at the back of the queue, waking another worker to run it: one eventfd
+/// write and one more `epoll_wait` per request). Through the gate, a wake-up during the poll
+/// only marks it: the poller polls again before it returns, and returns pending only when
+/// nothing woke it meanwhile. Wake-ups while nobody polls (the socket became readable) go to
+/// the task.
+struct Gate {
+    task: futures::task::AtomicWaker,
+    state: AtomicU8,
+}
+
+const POLLING: u8 = 1;
+const WOKEN: u8 = 2;
+/// Rounds of polling again because the connection woke itself, before yielding to the
+/// scheduler (tokio's cooperative budget, once spent, makes I/O wake and pend every time).
+const GATE_ROUNDS: usize = 4;
+
+impl Gate {
+    fn new() -> Arc<Self> {
+        Arc::new(Gate {
+            task: futures::task::AtomicWaker::new(),
+            state: AtomicU8::new(0),
+        })
+    }
+
+    /// Polls `poll` with the gate's waker, again while it woke itself and is pending.
+    fn run<T>(
+        self: &Arc<Self>,
+        cx: &mut Context<'_>,
+        mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        self.task.register(cx.waker());
+        let waker = Waker::from(Arc::clone(self));
+        let mut gated = Context::from_waker(&waker);
+        for _ in 0..GATE_ROUNDS {
+            self.state.store(POLLING, Ordering::SeqCst);
+            let result = poll(&mut gated);
+            let state = self.state.swap(0, Ordering::SeqCst);
+            if result.is_ready() || state & WOKEN == 0 {
+                return result;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.state.fetch_or(WOKEN, Ordering::SeqCst) & POLLING == 0 {
+            self.task.wake();
+        }
+    }
 }
 
 impl ConnPool {
@@ -250,6 +315,7 @@ async fn connect(connector: &Connector, origin: &http::Uri) -> Result<Box<Conn>,
         sender,
         conn,
         closed: false,
+        gate: Gate::new(),
     }))
 }
 
@@ -274,12 +340,15 @@ impl Conn {
         &mut self,
         request: http::Request<RequestBody>,
     ) -> Result<http::Response<Incoming>, SendFailure> {
+        let gate = Arc::clone(&self.gate);
         let ready = poll_fn(|cx| {
-            self.drive(cx);
-            if self.closed {
-                return Poll::Ready(false);
-            }
-            self.sender.poll_ready(cx).map(|ready| ready.is_ok())
+            gate.run(cx, |cx| {
+                self.drive(cx);
+                if self.closed {
+                    return Poll::Ready(false);
+                }
+                self.sender.poll_ready(cx).map(|ready| ready.is_ok())
+            })
         })
         .await;
         if !ready {
@@ -290,20 +359,22 @@ impl Conn {
         }
         let mut answer = pin!(self.sender.try_send_request(request));
         poll_fn(|cx| {
-            self.drive(cx);
-            match answer.as_mut().poll(cx) {
-                Poll::Ready(Ok(response)) => Poll::Ready(Ok(response)),
-                Poll::Ready(Err(mut err)) => Poll::Ready(Err(match err.take_message() {
-                    Some(request) => Unsent(Box::new(request), err.into_error().to_string()),
-                    None => Failed(err.into_error().to_string()),
-                })),
-                // A finished connection answers every waiting request; should one be left,
-                // nothing would ever wake it.
-                Poll::Pending if self.closed => Poll::Ready(Err(Failed(
-                    "the backend closed the connection before answering".into(),
-                ))),
-                Poll::Pending => Poll::Pending,
-            }
+            gate.run(cx, |cx| {
+                self.drive(cx);
+                match answer.as_mut().poll(cx) {
+                    Poll::Ready(Ok(response)) => Poll::Ready(Ok(response)),
+                    Poll::Ready(Err(mut err)) => Poll::Ready(Err(match err.take_message() {
+                        Some(request) => Unsent(Box::new(request), err.into_error().to_string()),
+                        None => Failed(err.into_error().to_string()),
+                    })),
+                    // A finished connection answers every waiting request; should one be left,
+                    // nothing would ever wake it.
+                    Poll::Pending if self.closed => Poll::Ready(Err(Failed(
+                        "the backend closed the connection before answering".into(),
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
         })
         .await
     }
@@ -344,10 +415,16 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        if let Some(driver) = &mut this.driver {
-            driver.conn.drive(cx);
-        }
-        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        let frame = match &mut this.driver {
+            Some(driver) => {
+                let gate = Arc::clone(&driver.conn.gate);
+                gate.run(cx, |cx| {
+                    driver.conn.drive(cx);
+                    Pin::new(&mut this.body).poll_frame(cx)
+                })
+            }
+            None => Pin::new(&mut this.body).poll_frame(cx),
+        };
         let ended = match &frame {
             Poll::Ready(None) => true,
             Poll::Ready(Some(Ok(_))) => this.body.is_end_stream(),
@@ -390,5 +467,92 @@ pub async fn send_tunnel(
             connect: err.is_closed() || err.is_canceled(),
             message: format!("rig tunnel: {err}"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Counts the wake-ups of the task that polls through the gate.
+    #[derive(Default)]
+    struct CountingTask(AtomicUsize);
+
+    impl Wake for CountingTask {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_wake_up_during_the_poll_polls_again_instead_of_waking_the_task() {
+        let task = Arc::new(CountingTask::default());
+        let waker = Waker::from(Arc::clone(&task));
+        let mut cx = Context::from_waker(&waker);
+        let gate = Gate::new();
+        let mut polls = 0;
+        // Wakes itself on its first two polls (a frame handed over), then waits.
+        let result: Poll<()> = gate.run(&mut cx, |cx| {
+            polls += 1;
+            if polls <= 2 {
+                cx.waker().wake_by_ref();
+            }
+            Poll::Pending
+        });
+        assert!(result.is_pending());
+        assert_eq!(polls, 3);
+        assert_eq!(task.0.load(Ordering::SeqCst), 0, "the task was not woken");
+    }
+
+    #[test]
+    fn a_wake_up_while_nobody_polls_wakes_the_task() {
+        let task = Arc::new(CountingTask::default());
+        let waker = Waker::from(Arc::clone(&task));
+        let mut cx = Context::from_waker(&waker);
+        let gate = Gate::new();
+        let mut kept = None;
+        let result: Poll<()> = gate.run(&mut cx, |cx| {
+            kept = Some(cx.waker().clone());
+            Poll::Pending
+        });
+        assert!(result.is_pending());
+        // The socket became readable later.
+        kept.expect("the gate's waker").wake();
+        assert_eq!(task.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_poll_that_always_wakes_itself_yields_to_the_scheduler() {
+        let task = Arc::new(CountingTask::default());
+        let waker = Waker::from(Arc::clone(&task));
+        let mut cx = Context::from_waker(&waker);
+        let gate = Gate::new();
+        let mut polls = 0;
+        // Like I/O once tokio's budget is spent: wakes and pends every time.
+        let result: Poll<()> = gate.run(&mut cx, |cx| {
+            polls += 1;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        });
+        assert!(result.is_pending());
+        assert_eq!(polls, GATE_ROUNDS);
+        assert_eq!(task.0.load(Ordering::SeqCst), 1, "woken to run again later");
+    }
+
+    #[test]
+    fn a_ready_poll_returns_at_once() {
+        let task = Arc::new(CountingTask::default());
+        let waker = Waker::from(Arc::clone(&task));
+        let mut cx = Context::from_waker(&waker);
+        let gate = Gate::new();
+        let mut polls = 0;
+        let result = gate.run(&mut cx, |cx| {
+            polls += 1;
+            cx.waker().wake_by_ref();
+            Poll::Ready(7)
+        });
+        assert_eq!(result, Poll::Ready(7));
+        assert_eq!(polls, 1);
     }
 }
