@@ -496,9 +496,14 @@ impl Usage {
                 return Ok(processed);
             }
             // Already in the ledger: processed before (a crash after the ledger write, before
-            // the ack). The meter must not see those again.
-            let ids: Vec<&str> = taken.iter().map(|t| t.event.request_id.as_str()).collect();
-            let known = self.store.records_exist(LEDGER, &ids).await?;
+            // the ack). The meter must not see those again. Events taken from memory were
+            // never processed: nothing to look up.
+            let known = if self.in_process {
+                vec![false; taken.len()]
+            } else {
+                let ids: Vec<&str> = taken.iter().map(|t| t.event.request_id.as_str()).collect();
+                self.store.records_exist(LEDGER, &ids).await?
+            };
             let mut entries = Vec::with_capacity(taken.len());
             let mut failed = Vec::new();
             for (i, (taken, known)) in taken.into_iter().zip(known).enumerate() {
