@@ -28,7 +28,8 @@ struct ChunkHead {
 }
 
 /// Usage of a whole (non-streamed) response body: its top-level `usage` member, if it reports
-/// one. (A hand-written scan that looks for the member without parsing the rest measured slower
+/// one. Read from the end when the answer ends with it, as vLLM's and OpenAI's do; otherwise
+/// the whole body is parsed. (A hand-written forward scan that tracks nesting measured slower
 /// than serde_json's skipping, on short answers and on 16 KB ones alike.)
 pub fn usage_of_body(body: &[u8]) -> Option<Usage> {
     #[derive(Deserialize)]
@@ -36,7 +37,28 @@ pub fn usage_of_body(body: &[u8]) -> Option<Usage> {
         #[serde(default)]
         usage: Option<Usage>,
     }
+    if let Some(usage) = usage_at_the_end(body) {
+        return usage;
+    }
     serde_json::from_slice::<Body>(body).ok()?.usage
+}
+
+/// The answer's `usage` when it is the last member of the top-level object, found without
+/// reading the rest: the last `"usage"` in the body, which must start a member (after `{` or
+/// `,`), whose value must parse and be followed by nothing but the closing `}`. Those bytes
+/// cannot be inside a string (a string's own quotes are escaped), and a `usage` nested in
+/// another member is followed by that member's closing bracket too. `None`: not that shape;
+/// parse the whole body. (Unlike the full parse, it does not check the bytes before it.)
+fn usage_at_the_end(body: &[u8]) -> Option<Option<Usage>> {
+    let at = memchr::memmem::rfind(body, USAGE_KEY)?;
+    let before = body[..at].iter().rev().find(|b| !b.is_ascii_whitespace())?;
+    if !matches!(before, b'{' | b',') {
+        return None;
+    }
+    let value = body[at + USAGE_KEY.len()..].trim_ascii_start();
+    let value = value.strip_prefix(b":")?.trim_ascii_end();
+    let value = value.strip_suffix(b"}")?;
+    serde_json::from_slice::<Option<Usage>>(value).ok()
 }
 
 /// Incremental SSE scanner.
@@ -325,6 +347,28 @@ mod tests {
         ];
         for (body, expected) in cases {
             assert_eq!(usage_of_body(body.as_bytes()), *expected, "{body}");
+        }
+        // The shapes read from the end, and those left to the full parse.
+        let read_from_the_end = |body: &str| usage_at_the_end(body.as_bytes()).is_some();
+        assert!(read_from_the_end(cases[0].0));
+        assert!(read_from_the_end(cases[2].0));
+        assert!(read_from_the_end(r#"{"id":"x","usage":null}"#));
+        assert!(read_from_the_end(
+            "{\"id\":\"x\",\n \"usage\" : {\"prompt_tokens\":1} \n}\n"
+        ));
+        for nested_or_not_last in [
+            cases[1].0,
+            cases[3].0,
+            r#"{"a":{"usage":{"prompt_tokens":9}}}"#,
+            r#"{"a":[{"usage":{"prompt_tokens":9}}]}"#,
+            r#"{"usage":{"prompt_tokens":1},"id":"x"}"#,
+            r#"{"object":"usage"}"#,
+            r#"{"t":"say \"usage","n":1}"#,
+        ] {
+            assert!(
+                !read_from_the_end(nested_or_not_last),
+                "{nested_or_not_last}"
+            );
         }
         // Broken text: no usage.
         assert_eq!(usage_of_body(br#"{"content":"never closed"#), None);
