@@ -32,6 +32,8 @@ const LIVE_RECORD_TTL: Duration = Duration::from_secs(3600);
 /// rig that lost power sends no FIN, so an unanswered ping is how we notice it went away.
 const TUNNEL_PING_INTERVAL: Duration = Duration::from_secs(15);
 const TUNNEL_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a heartbeat that came before its rig's tunnel attached here stays usable.
+const EARLY_HEARTBEAT_TTL: Duration = Duration::from_secs(10);
 
 /// A rig as the store keeps it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -154,6 +156,12 @@ pub struct Nodes {
     backends: Arc<Backends>,
     config: NodesConfig,
     tunnels: Mutex<HashMap<String, Tunnel>>,
+    /// Heartbeats of rigs with no tunnel attached here, by node id, when they came. A rig
+    /// heartbeats as soon as its side of the tunnel is open, which can beat this side's
+    /// HTTP/2 handshake: that heartbeat is applied when the tunnel attaches, instead of the
+    /// rig waiting out a whole interval for its next one. (Also the heartbeats of rigs whose
+    /// tunnel is on another replica; dropped once stale.) Locked only under `tunnels`.
+    early_heartbeats: Mutex<HashMap<String, (Instant, Heartbeat)>>,
     generations: std::sync::atomic::AtomicU64,
     /// Closes every tunnel at shutdown.
     shutdown: CancellationToken,
@@ -187,6 +195,7 @@ impl Nodes {
             backends,
             config,
             tunnels: Mutex::new(HashMap::new()),
+            early_heartbeats: Mutex::new(HashMap::new()),
             generations: std::sync::atomic::AtomicU64::new(1),
             shutdown: CancellationToken::new(),
         })
@@ -194,6 +203,12 @@ impl Nodes {
 
     fn tunnels(&self) -> std::sync::MutexGuard<'_, HashMap<String, Tunnel>> {
         self.tunnels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn early_heartbeats(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Heartbeat)>> {
+        self.early_heartbeats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     // ---- enrollment ---------------------------------------------------------------------
@@ -356,7 +371,8 @@ impl Nodes {
     ) {
         let id = record.id.clone();
         let drained = record.drained;
-        let previous = self.tunnels().insert(
+        let mut tunnels = self.tunnels();
+        let previous = tunnels.insert(
             id.clone(),
             Tunnel {
                 generation,
@@ -373,12 +389,21 @@ impl Nodes {
                 gpus: 0,
             },
         );
+        // Taken under the tunnels' lock, as heartbeats are stashed: none falls in between.
+        let early = self
+            .early_heartbeats()
+            .remove(&id)
+            .filter(|(at, _)| at.elapsed() < EARLY_HEARTBEAT_TTL);
+        drop(tunnels);
         if let Some(previous) = previous {
             // The rig reconnected before we noticed its old connection die.
             previous.close.cancel();
             self.backends.remove(&id);
         }
         tracing::info!(node = %id, "rig connected");
+        if let Some((_, heartbeat)) = early {
+            self.apply_heartbeat(&id, heartbeat);
+        }
     }
 
     fn detach(&self, id: &str, generation: u64) {
@@ -435,6 +460,8 @@ impl Nodes {
     fn apply_heartbeat(&self, id: &str, heartbeat: Heartbeat) -> bool {
         let mut tunnels = self.tunnels();
         let Some(tunnel) = tunnels.get_mut(id) else {
+            self.early_heartbeats()
+                .insert(id.to_owned(), (Instant::now(), heartbeat));
             return false;
         };
         tunnel.last_heartbeat = Some(Instant::now());
@@ -506,6 +533,8 @@ impl Nodes {
         loop {
             ticker.tick().await;
             let mut tunnels = self.tunnels();
+            self.early_heartbeats()
+                .retain(|_, (at, _)| at.elapsed() < EARLY_HEARTBEAT_TTL);
             for (id, tunnel) in tunnels.iter_mut() {
                 let silent = tunnel
                     .last_heartbeat
@@ -691,5 +720,113 @@ impl Nodes {
             Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(corrupt)?)),
             None => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use garage_node_protocol::{EngineState, EngineStatus};
+
+    fn nodes() -> Arc<Nodes> {
+        Nodes::new(
+            Arc::new(crate::store::MemoryStore::new()),
+            KeyHasher::new(b"secret"),
+            Arc::new(Backends::from_upstreams(&[])),
+            NodesConfig::default(),
+        )
+    }
+
+    fn record(id: &str) -> NodeRecord {
+        NodeRecord {
+            id: id.into(),
+            name: id.into(),
+            operator: "op".into(),
+            credential_hash: String::new(),
+            enrolled_at: 0,
+            revoked_at: None,
+            drained: false,
+            version: String::new(),
+        }
+    }
+
+    fn serving(model: &str) -> Heartbeat {
+        Heartbeat {
+            engines: vec![EngineStatus {
+                name: "e".into(),
+                models: vec![model.into()],
+                state: EngineState::Healthy,
+                restarts: 0,
+                stats: None,
+            }],
+            ..Heartbeat::default()
+        }
+    }
+
+    /// The gateway's end of a real HTTP/2 connection, to a server that answers nothing.
+    async fn tunnel_sender() -> hyper::client::conn::http2::SendRequest<RequestBody> {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(
+                hyper_util::rt::TokioIo::new(theirs),
+                hyper::service::service_fn(|_| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(RequestBody::default()))
+                }),
+            ),
+        );
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(ours),
+        )
+        .await
+        .expect("HTTP/2 handshake");
+        tokio::spawn(connection);
+        sender
+    }
+
+    fn routed(nodes: &Nodes, model: &str) -> Vec<String> {
+        nodes
+            .backends
+            .snapshot()
+            .candidates(model)
+            .map(|c| c.iter().map(|b| b.id.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_that_beat_the_tunnel_routes_the_rig_when_it_attaches() {
+        let nodes = nodes();
+        // The rig's first heartbeat arrives while this side's handshake is still going.
+        assert!(!nodes.apply_heartbeat("rig-1", serving("m")));
+        assert!(routed(&nodes, "m").is_empty());
+        nodes.attach(
+            record("rig-1"),
+            tunnel_sender().await,
+            1,
+            CancellationToken::new(),
+        );
+        assert_eq!(routed(&nodes, "m"), ["rig-1"]);
+        assert!(nodes.early_heartbeats().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_stale_early_heartbeat_is_not_applied() {
+        let nodes = nodes();
+        let long_ago = Instant::now()
+            .checked_sub(EARLY_HEARTBEAT_TTL + Duration::from_secs(1))
+            .expect("a monotonic clock this far along");
+        nodes
+            .early_heartbeats()
+            .insert("rig-1".into(), (long_ago, serving("m")));
+        nodes.attach(
+            record("rig-1"),
+            tunnel_sender().await,
+            1,
+            CancellationToken::new(),
+        );
+        assert!(routed(&nodes, "m").is_empty());
+        // The rig's next heartbeat routes it as usual.
+        assert!(nodes.apply_heartbeat("rig-1", serving("m")));
+        assert_eq!(routed(&nodes, "m"), ["rig-1"]);
     }
 }
