@@ -360,43 +360,46 @@ impl Backend {
         body: Bytes,
         request_id: Option<&http::HeaderValue>,
     ) -> Result<UpstreamResponse, SendError> {
-        let invalid = |message: String| SendError {
-            connect: true,
-            message,
-        };
-        let uri = match &self.transport {
-            Transport::Url { endpoints, .. } => endpoints.origin_form(path),
-            Transport::Tunnel(_) => TUNNEL_ENDPOINTS.uri(path),
-        }
-        .map_err(|e| invalid(format!("invalid backend URL: {e}")))?;
-        let mut request = http::Request::post(uri).header(header::CONTENT_TYPE, "application/json");
-        if let Some(id) = request_id {
-            request = request.header(crate::request_id::X_REQUEST_ID, id);
-        }
-        if let Transport::Url {
-            endpoints,
-            authorization,
-            ..
-        } = &self.transport
-        {
-            if let Some(host) = &endpoints.host {
+        let request = |uri: Result<http::Uri, http::uri::InvalidUri>,
+                       host: Option<&http::HeaderValue>,
+                       authorization: Option<&http::HeaderValue>| {
+            let uri =
+                uri.map_err(|e| SendError::nothing_sent(format!("invalid backend URL: {e}")))?;
+            let mut request =
+                http::Request::post(uri).header(header::CONTENT_TYPE, "application/json");
+            if let Some(id) = request_id {
+                request = request.header(crate::request_id::X_REQUEST_ID, id);
+            }
+            if let Some(host) = host {
                 request = request.header(header::HOST, host);
             }
             if let Some(authorization) = authorization {
                 request = request.header(header::AUTHORIZATION, authorization);
             }
-        }
-        let request = request
-            .body(RequestBody::new(body))
-            .map_err(|e| invalid(format!("invalid backend request: {e}")))?;
+            request
+                .body(RequestBody::new(body))
+                .map_err(|e| SendError::nothing_sent(format!("invalid backend request: {e}")))
+        };
         match &self.transport {
             Transport::Url {
-                endpoints, pool, ..
+                endpoints,
+                pool,
+                authorization,
+                ..
             } => {
+                // Our own HTTP/1 connections: origin-form URI and a `Host` header.
+                let request = request(
+                    endpoints.origin_form(path),
+                    endpoints.host.as_ref(),
+                    authorization.as_ref(),
+                )?;
                 pool.send(client.connector(), &endpoints.origin, request)
                     .await
             }
-            Transport::Tunnel(sender) => send_tunnel(sender.clone(), request).await,
+            Transport::Tunnel(sender) => {
+                let request = request(TUNNEL_ENDPOINTS.uri(path), None, None)?;
+                send_tunnel(sender.clone(), request).await
+            }
         }
     }
 

@@ -128,29 +128,27 @@ pub async fn forward(
             Ok(Ok(response)) => response,
         };
         let status = response.status();
-        if status == StatusCode::UNAUTHORIZED {
-            // The client's key was checked here; a backend that refuses the request refuses
-            // the gateway's own upstream key. Passing its 401 on would tell the client that
-            // *their* key is bad.
-            state.metrics.backend_error(&backend.id, "unauthorized");
-            tracing::warn!(
-                backend = %backend.id,
-                "backend refused the gateway's credentials (check the upstream's api_key); trying the next"
-            );
-            backend.cool_down(dispatch.cooldown());
-            last_error = Some(ApiError::BadGateway(
+        // A 5xx before the first byte, or a 401: the client's key was checked here, so a
+        // backend's 401 refuses the gateway's own upstream key, and passing it on would tell
+        // the client that *their* key is bad. Either way: the next backend, this one cooled.
+        let failed = if status == StatusCode::UNAUTHORIZED {
+            Some((
+                "unauthorized",
                 "The backend refused the gateway's credentials.".into(),
-            ));
-            continue;
-        }
-        if status.is_server_error() {
-            state.metrics.backend_error(&backend.id, "status_5xx");
-            tracing::warn!(backend = %backend.id, status = status.as_u16(), "backend failed; trying the next");
+            ))
+        } else if status.is_server_error() {
+            Some((
+                "status_5xx",
+                format!("The backend failed with status {}.", status.as_u16()),
+            ))
+        } else {
+            None
+        };
+        if let Some((kind, message)) = failed {
+            state.metrics.backend_error(&backend.id, kind);
+            tracing::warn!(backend = %backend.id, status = status.as_u16(), kind, "backend failed; trying the next");
             backend.cool_down(dispatch.cooldown());
-            last_error = Some(ApiError::BadGateway(format!(
-                "The backend failed with status {}.",
-                status.as_u16()
-            )));
+            last_error = Some(ApiError::BadGateway(message));
             continue;
         }
         state

@@ -48,6 +48,24 @@ pub struct SendError {
     pub message: String,
 }
 
+impl SendError {
+    /// Nothing reached the backend.
+    pub fn nothing_sent(message: impl Into<String>) -> Self {
+        SendError {
+            connect: true,
+            message: message.into(),
+        }
+    }
+
+    /// The request may have reached the backend.
+    fn maybe_sent(message: impl Into<String>) -> Self {
+        SendError {
+            connect: false,
+            message: message.into(),
+        }
+    }
+}
+
 /// The HTTP client for URL backends: TCP_NODELAY (a proxy that writes a response in two pieces
 /// otherwise waits ~40 ms for the peer's delayed ACK), pooled keep-alive connections, a connect
 /// timeout, and no overall timeout (streams last as long as generation does).
@@ -281,36 +299,22 @@ impl ConnPool {
                     }));
                 }
                 Err(Unsent(unsent, _)) if reused => request = *unsent,
-                Err(Unsent(_, message)) => {
-                    return Err(SendError {
-                        connect: true,
-                        message,
-                    });
-                }
-                Err(Failed(message)) => {
-                    return Err(SendError {
-                        connect: false,
-                        message,
-                    });
-                }
+                Err(Unsent(_, message)) => return Err(SendError::nothing_sent(message)),
+                Err(Failed(message)) => return Err(SendError::maybe_sent(message)),
             }
         }
     }
 }
 
 async fn connect(connector: &Connector, origin: &http::Uri) -> Result<Box<Conn>, SendError> {
-    let connect_error = |message: String| SendError {
-        connect: true,
-        message,
-    };
     let io = connector
         .clone()
         .oneshot(origin.clone())
         .await
-        .map_err(|e| connect_error(format!("connecting to {origin}: {e}")))?;
+        .map_err(|e| SendError::nothing_sent(format!("connecting to {origin}: {e}")))?;
     let (sender, conn) = http1::handshake(io)
         .await
-        .map_err(|e| connect_error(e.to_string()))?;
+        .map_err(|e| SendError::nothing_sent(e.to_string()))?;
     Ok(Box::new(Conn {
         sender,
         conn,
@@ -456,10 +460,7 @@ pub async fn send_tunnel(
     request: http::Request<RequestBody>,
 ) -> Result<UpstreamResponse, SendError> {
     if let Err(err) = sender.ready().await {
-        return Err(SendError {
-            connect: true,
-            message: format!("rig tunnel closed: {err}"),
-        });
+        return Err(SendError::nothing_sent(format!("rig tunnel closed: {err}")));
     }
     match sender.send_request(request).await {
         Ok(response) => Ok(response.map(UpstreamBody::tunneled)),
@@ -485,69 +486,65 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_wake_up_during_the_poll_polls_again_instead_of_waking_the_task() {
+    /// Runs `poll` through a fresh gate; returns its result and the task whose wake-ups count.
+    fn gated<T>(poll: impl FnMut(&mut Context<'_>) -> Poll<T>) -> (Poll<T>, Arc<CountingTask>) {
         let task = Arc::new(CountingTask::default());
         let waker = Waker::from(Arc::clone(&task));
-        let mut cx = Context::from_waker(&waker);
-        let gate = Gate::new();
+        let result = Gate::new().run(&mut Context::from_waker(&waker), poll);
+        (result, task)
+    }
+
+    fn wakes(task: &CountingTask) -> usize {
+        task.0.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn a_wake_up_during_the_poll_polls_again_instead_of_waking_the_task() {
         let mut polls = 0;
         // Wakes itself on its first two polls (a frame handed over), then waits.
-        let result: Poll<()> = gate.run(&mut cx, |cx| {
+        let (result, task) = gated(|cx| {
             polls += 1;
             if polls <= 2 {
                 cx.waker().wake_by_ref();
             }
-            Poll::Pending
+            Poll::<()>::Pending
         });
         assert!(result.is_pending());
         assert_eq!(polls, 3);
-        assert_eq!(task.0.load(Ordering::SeqCst), 0, "the task was not woken");
+        assert_eq!(wakes(&task), 0, "the task was not woken");
     }
 
     #[test]
     fn a_wake_up_while_nobody_polls_wakes_the_task() {
-        let task = Arc::new(CountingTask::default());
-        let waker = Waker::from(Arc::clone(&task));
-        let mut cx = Context::from_waker(&waker);
-        let gate = Gate::new();
         let mut kept = None;
-        let result: Poll<()> = gate.run(&mut cx, |cx| {
+        let (result, task) = gated(|cx| {
             kept = Some(cx.waker().clone());
-            Poll::Pending
+            Poll::<()>::Pending
         });
         assert!(result.is_pending());
         // The socket became readable later.
         kept.expect("the gate's waker").wake();
-        assert_eq!(task.0.load(Ordering::SeqCst), 1);
+        assert_eq!(wakes(&task), 1);
     }
 
     #[test]
     fn a_poll_that_always_wakes_itself_yields_to_the_scheduler() {
-        let task = Arc::new(CountingTask::default());
-        let waker = Waker::from(Arc::clone(&task));
-        let mut cx = Context::from_waker(&waker);
-        let gate = Gate::new();
         let mut polls = 0;
         // Like I/O once tokio's budget is spent: wakes and pends every time.
-        let result: Poll<()> = gate.run(&mut cx, |cx| {
+        let (result, task) = gated(|cx| {
             polls += 1;
             cx.waker().wake_by_ref();
-            Poll::Pending
+            Poll::<()>::Pending
         });
         assert!(result.is_pending());
         assert_eq!(polls, GATE_ROUNDS);
-        assert_eq!(task.0.load(Ordering::SeqCst), 1, "woken to run again later");
+        assert_eq!(wakes(&task), 1, "woken to run again later");
     }
 
     #[test]
     fn a_ready_poll_returns_at_once() {
-        let task = Arc::new(CountingTask::default());
-        let waker = Waker::from(Arc::clone(&task));
-        let mut cx = Context::from_waker(&waker);
-        let gate = Gate::new();
         let mut polls = 0;
-        let result = gate.run(&mut cx, |cx| {
+        let (result, _) = gated(|cx| {
             polls += 1;
             cx.waker().wake_by_ref();
             Poll::Ready(7)

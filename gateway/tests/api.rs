@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use axum::routing::post;
 use futures::StreamExt;
-use garage_sim_engine::{Faults, SimConfig};
+use garage_gateway::config::UpstreamConfig;
+use garage_sim_engine::{Faults, SimConfig, SimEngine};
 use serde_json::json;
 use support::*;
 
@@ -75,14 +76,7 @@ async fn chat_plain_and_streamed_with_usage_hidden_unless_asked() {
     assert_eq!(usage["usage"]["completion_tokens"], 5);
 
     // The gateway metered all three requests, streamed or not.
-    let metrics = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&base).await;
     assert!(
         metrics.contains(&format!(
             "garage_tokens_total{{direction=\"completion\",model=\"{MODEL}\"}} 15"
@@ -325,14 +319,7 @@ async fn failing_backend_is_retried_and_cooled_down() {
         assert_eq!(status, 200, "{body}");
     }
     assert_eq!(healthy.requests_served(), 6);
-    let metrics = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&base).await;
     // Each bad backend failed once, then sat out its cooldown instead of failing again.
     assert!(
         metrics.contains("garage_backend_errors_total{backend=\"broken\",kind=\"status_5xx\"} 1"),
@@ -576,16 +563,28 @@ async fn graceful_shutdown_lets_streams_finish() {
     );
 }
 
-#[tokio::test]
-async fn an_upstream_api_key_reaches_the_backend_and_never_the_client() {
-    let engine = sim(SimConfig {
+/// A simulated engine that wants `engine-secret`, as vLLM started with `--api-key` does.
+async fn guarded_engine() -> SimEngine {
+    sim(SimConfig {
         models: vec![MODEL.into()],
         api_key: Some("engine-secret".into()),
         ..SimConfig::default()
     })
-    .await;
-    let mut guarded = upstream("a", engine.base_url());
-    guarded.api_key = Some("engine-secret".into());
+    .await
+}
+
+/// An upstream entry for `base_url` that sends `api_key`.
+fn upstream_with_key(name: &str, base_url: String, api_key: &str) -> UpstreamConfig {
+    UpstreamConfig {
+        api_key: Some(api_key.into()),
+        ..upstream(name, base_url)
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_api_key_reaches_the_backend_and_never_the_client() {
+    let engine = guarded_engine().await;
+    let guarded = upstream_with_key("a", engine.base_url(), "engine-secret");
     let gw = gateway(config(vec![guarded])).await;
     let base = gw.url();
     let (_, key) = create_key(&base, json!({"name": "t"})).await;
@@ -598,15 +597,9 @@ async fn an_upstream_api_key_reaches_the_backend_and_never_the_client() {
 
 #[tokio::test]
 async fn a_backend_refusing_the_upstream_key_is_a_bad_gateway_not_the_clients_401() {
-    let engine = sim(SimConfig {
-        models: vec![MODEL.into()],
-        api_key: Some("engine-secret".into()),
-        ..SimConfig::default()
-    })
-    .await;
-    let mut wrong = upstream("wrong", engine.base_url());
-    wrong.api_key = Some("stale-secret".into());
-    let gw = gateway(config(vec![wrong])).await;
+    let engine = guarded_engine().await;
+    let wrong = || upstream_with_key("wrong", engine.base_url(), "stale-secret");
+    let gw = gateway(config(vec![wrong()])).await;
     let base = gw.url();
     let (_, key) = create_key(&base, json!({"name": "t"})).await;
     // The refusal cools the backend down like a 5xx: the next request finds none to try.
@@ -619,31 +612,15 @@ async fn a_backend_refusing_the_upstream_key_is_a_bad_gateway_not_the_clients_40
         assert_eq!(error_of(&body)["code"], code, "{body}");
         assert!(!body.contains("stale-secret"), "{body}");
     }
-    let metrics = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&base).await;
     assert!(
         metrics.contains("garage_backend_errors_total{backend=\"wrong\",kind=\"unauthorized\"}"),
         "{metrics}"
     );
 
     // With a second backend that holds the right key, the request goes there instead.
-    let engine = sim(SimConfig {
-        models: vec![MODEL.into()],
-        api_key: Some("engine-secret".into()),
-        ..SimConfig::default()
-    })
-    .await;
-    let mut wrong = upstream("wrong", engine.base_url());
-    wrong.api_key = Some("stale-secret".into());
-    let mut right = upstream("right", engine.base_url());
-    right.api_key = Some("engine-secret".into());
-    let gw = gateway(config(vec![wrong, right])).await;
+    let right = upstream_with_key("right", engine.base_url(), "engine-secret");
+    let gw = gateway(config(vec![wrong(), right])).await;
     let base = gw.url();
     let (_, key) = create_key(&base, json!({"name": "t"})).await;
     for _ in 0..4 {

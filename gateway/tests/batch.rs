@@ -233,14 +233,7 @@ async fn a_batch_runs_end_to_end_and_belongs_to_its_key() {
     assert!(finished["completed_at"].is_u64() && finished["finalizing_at"].is_u64());
     assert!(finished["usage"]["output_tokens"].as_u64().unwrap() >= 40);
 
-    let metrics = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&base).await;
     for line in [
         "garage_batch_answers_total{outcome=\"completed\"} 40",
         "garage_batch_answers_total{outcome=\"failed\"} 1",

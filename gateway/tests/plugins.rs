@@ -254,14 +254,7 @@ async fn hostile_components_are_refused_or_contained() {
             "{router}"
         );
     }
-    let metrics = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&base).await;
     assert!(
         metrics.contains("garage_plugin_faults_total"),
         "fault metrics missing"

@@ -84,14 +84,7 @@ async fn two_hundred_rigs_join_and_share_the_traffic() {
     let mut idle = 0;
     for rig in &rigs {
         let port = rig.engines().port("sim").expect("engine port");
-        let metrics = client()
-            .get(format!("http://127.0.0.1:{port}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = metrics_text(&format!("http://127.0.0.1:{port}")).await;
         let served: f64 = metrics
             .lines()
             .filter(|l| l.starts_with("vllm:request_success_total"))

@@ -158,14 +158,7 @@ async fn a_connection_the_backend_closed_while_idle_is_replaced_without_an_error
     // Each round needed a new connection; none of the closed ones failed a request (a failure
     // would also have cooled the only backend down: 503 for the next request).
     assert_eq!(engine.connections.accepted.load(Ordering::SeqCst), 3);
-    let metrics = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&base).await;
     assert!(
         !metrics.contains("garage_backend_errors_total{"),
         "{metrics}"

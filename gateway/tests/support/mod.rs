@@ -143,6 +143,18 @@ pub fn client() -> reqwest::Client {
         .clone()
 }
 
+/// The Prometheus text a server at `base` (a gateway or an engine) exposes on `/metrics`.
+pub async fn metrics_text(base: &str) -> String {
+    client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics answer")
+        .text()
+        .await
+        .expect("metrics text")
+}
+
 /// Creates an API key through the admin API; returns (id, secret).
 pub async fn create_key(base: &str, body: serde_json::Value) -> (String, String) {
     let response = client()
