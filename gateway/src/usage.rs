@@ -119,12 +119,42 @@ pub trait UsageProcessor: Send + Sync {
 }
 
 /// The ledger entry of one request: append-only, keyed by request id.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct LedgerEntry {
     pub event: UsageEvent,
     pub outcome: Outcome,
     /// Unix milliseconds.
     pub processed_at_ms: u64,
+}
+
+/// First byte of a ledger entry stored in the compact encoding: postcard (the fields in
+/// declaration order, integers as varints, strings as length and bytes), about a third of the
+/// JSON's size and a tenth of its cost to write. Entries written as JSON by earlier versions
+/// start with `{` and still read. Postcard carries no field names: a change to the fields of
+/// [`LedgerEntry`], [`UsageEvent`], [`Outcome`] or [`Award`] needs a new version byte (a test
+/// pins the encoding, so such a change cannot go unnoticed).
+const LEDGER_POSTCARD_V1: u8 = 1;
+
+impl LedgerEntry {
+    /// The entry as the store keeps it.
+    pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        let mut buf = Vec::with_capacity(LEDGER_ENTRY_BYTES);
+        buf.push(LEDGER_POSTCARD_V1);
+        postcard::to_extend(self, buf).map_err(|err| StoreError::Corrupt(err.to_string()))
+    }
+
+    /// An entry as the store keeps it: compact, or JSON from an earlier version.
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        match bytes.split_first() {
+            Some((&LEDGER_POSTCARD_V1, rest)) => {
+                postcard::from_bytes(rest).map_err(|err| StoreError::Corrupt(err.to_string()))
+            }
+            Some((b'{', _)) => serde_json::from_slice(bytes).map_err(corrupt),
+            _ => Err(StoreError::Corrupt(
+                "ledger entry in an unknown encoding".to_owned(),
+            )),
+        }
+    }
 }
 
 /// Counter updates gathered over a batch of events, borrowing from them: the counter names are
@@ -229,8 +259,9 @@ pub struct Usage {
     flushing: tokio::sync::Mutex<()>,
 }
 
-/// About the size of a ledger entry in JSON.
-const LEDGER_ENTRY_BYTES: usize = 768;
+/// Room for a typical encoded ledger entry (about 150 bytes), so that encoding one allocates
+/// once.
+const LEDGER_ENTRY_BYTES: usize = 256;
 
 /// Events written to the store's queue per call, and leased per call: one round trip for many
 /// requests' events.
@@ -530,18 +561,15 @@ impl Usage {
                     }
                 }
             }
-            let mut json = Vec::with_capacity(entries.len());
+            let mut encoded = Vec::with_capacity(entries.len());
             for (i, (_, entry)) in entries.iter().enumerate() {
                 yield_now_and_then(i).await;
-                // Room for a typical entry up front, instead of growing from 128 bytes.
-                let mut buf = Vec::with_capacity(LEDGER_ENTRY_BYTES);
-                serde_json::to_writer(&mut buf, entry).map_err(corrupt)?;
-                json.push(buf);
+                encoded.push(entry.encode()?);
             }
             let records: Vec<(&str, &[u8])> = entries
                 .iter()
-                .zip(&json)
-                .map(|((_, entry), json)| (entry.event.request_id.as_str(), json.as_slice()))
+                .zip(&encoded)
+                .map(|((_, entry), bytes)| (entry.event.request_id.as_str(), bytes.as_slice()))
                 .collect();
             // First writer wins: an event delivered twice (a crash before its ack, two workers
             // on an expired lease) has one ledger entry and is counted once.
@@ -703,7 +731,7 @@ impl Usage {
     /// The ledger entry of one request.
     pub async fn ledger_entry(&self, request_id: &str) -> Result<Option<LedgerEntry>, StoreError> {
         match self.store.record_get(LEDGER, request_id).await? {
-            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(corrupt)?)),
+            Some(bytes) => Ok(Some(LedgerEntry::decode(&bytes)?)),
             None => Ok(None),
         }
     }
@@ -718,5 +746,82 @@ mod tests {
         assert_eq!(day_of(0), "1970-01-01");
         assert_eq!(day_of(951_782_400_000), "2000-02-29");
         assert_eq!(day_of(1_795_329_644_000), "2026-11-22");
+    }
+
+    fn entry() -> LedgerEntry {
+        LedgerEntry {
+            event: UsageEvent {
+                request_id: "019ab2c4-7e1f-7c3a-9d2e-5b6f8a1c0d3e".into(),
+                key_id: "key-1".into(),
+                model: "sim-llama-3-8b".into(),
+                prompt_tokens: 12,
+                completion_tokens: 300,
+                cached_tokens: 0,
+                latency_ms: 41,
+                ttft_ms: 7,
+                backend: "rig:node-a".into(),
+                rig: "node-a".into(),
+                operator: "op \"quoted\"".into(),
+                started_at_ms: 1_795_329_644_000,
+                finished_at_ms: 1_795_329_644_041,
+                batch: false,
+            },
+            outcome: Outcome {
+                credits: 0.25,
+                budget_exhausted: false,
+                awards: vec![Award {
+                    operator: "op \"quoted\"".into(),
+                    points: 1.5,
+                    reason: "served".into(),
+                }],
+            },
+            processed_at_ms: 1_795_329_644_050,
+        }
+    }
+
+    #[test]
+    fn ledger_entries_are_stored_compact_and_read_back() {
+        let entry = entry();
+        let bytes = entry.encode().unwrap();
+        let json = serde_json::to_vec(&entry).unwrap();
+        assert!(
+            bytes.len() * 2 < json.len(),
+            "{} bytes, JSON {}",
+            bytes.len(),
+            json.len()
+        );
+        assert_eq!(LedgerEntry::decode(&bytes).unwrap(), entry);
+        // Pinned: postcard has no field names, so a change to the entry's fields changes these
+        // bytes, and must come with a new version byte that reads the old layout.
+        assert_eq!(
+            hex::encode(&bytes),
+            "012430313961623263342d376531662d376333612d396432652d356236663861316330643365056b65\
+             792d310e73696d2d6c6c616d612d332d38620cac020029070a7269673a6e6f64652d61066e6f6465\
+             2d610b6f70202271756f74656422e0abf18fa03489acf18fa03400000000000000d03f00010b6f7020\
+             2271756f74656422000000000000f83f0673657276656492acf18fa034"
+        );
+    }
+
+    #[test]
+    fn ledger_entries_written_as_json_still_read() {
+        let entry = entry();
+        let json = serde_json::to_vec(&entry).unwrap();
+        assert_eq!(LedgerEntry::decode(&json).unwrap(), entry);
+    }
+
+    #[test]
+    fn unreadable_ledger_entries_are_corrupt_not_a_panic() {
+        let bytes = entry().encode().unwrap();
+        for bad in [
+            &b""[..],
+            b"\x07abc",
+            b"{\"event\":",
+            &bytes[..bytes.len() / 2],
+        ] {
+            assert!(
+                matches!(LedgerEntry::decode(bad), Err(StoreError::Corrupt(_))),
+                "{bad:?}"
+            );
+        }
     }
 }
