@@ -1,6 +1,6 @@
 //! The embedded store: everything in this process, nothing to install.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque, btree_map};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -36,24 +36,34 @@ struct Capped {
 }
 
 impl Inner {
-    /// Inserts a record that is not there yet, dropping the kind's oldest past its cap.
-    fn insert_new(&mut self, kind: &str, id: &str, value: &[u8]) {
+    /// Inserts the records that are not there yet, dropping the kind's oldest past its cap;
+    /// returns which were new. The kind is looked up once, and each id searched for once.
+    fn insert_new_many(&mut self, kind: &str, new: &[(&str, &[u8])]) -> Vec<bool> {
         if !self.records.contains_key(kind) {
             self.records.insert(kind.to_owned(), BTreeMap::new());
         }
         let Some(records) = self.records.get_mut(kind) else {
             unreachable!("inserted above")
         };
-        records.insert(id.to_owned(), value.to_vec());
-        if let Some(capped) = self.capped.get_mut(kind) {
-            capped.order.push_back(id.to_owned());
-            while records.len() > capped.max {
-                let Some(oldest) = capped.order.pop_front() else {
-                    break;
+        let mut capped = self.capped.get_mut(kind);
+        new.iter()
+            .map(|&(id, value)| {
+                let btree_map::Entry::Vacant(slot) = records.entry(id.to_owned()) else {
+                    return false;
                 };
-                records.remove(&oldest);
-            }
-        }
+                slot.insert(value.to_vec());
+                if let Some(capped) = capped.as_deref_mut() {
+                    capped.order.push_back(id.to_owned());
+                    while records.len() > capped.max {
+                        let Some(oldest) = capped.order.pop_front() else {
+                            break;
+                        };
+                        records.remove(&oldest);
+                    }
+                }
+                true
+            })
+            .collect()
     }
 }
 
@@ -258,7 +268,9 @@ impl Store for MemoryStore {
         let mut inner = self.lock();
         match inner.records.get_mut(kind).and_then(|r| r.get_mut(id)) {
             Some(existing) => *existing = value.to_vec(),
-            None => inner.insert_new(kind, id, value),
+            None => {
+                inner.insert_new_many(kind, &[(id, value)]);
+            }
         }
         Ok(())
     }
@@ -297,17 +309,7 @@ impl Store for MemoryStore {
         kind: &str,
         new: &[(&str, &[u8])],
     ) -> Result<Vec<bool>, StoreError> {
-        let mut inner = self.lock();
-        Ok(new
-            .iter()
-            .map(|(id, value)| {
-                if inner.records.get(kind).is_some_and(|r| r.contains_key(*id)) {
-                    return false;
-                }
-                inner.insert_new(kind, id, value);
-                true
-            })
-            .collect())
+        Ok(self.lock().insert_new_many(kind, new))
     }
 
     async fn records_exist(&self, kind: &str, ids: &[&str]) -> Result<Vec<bool>, StoreError> {
