@@ -11,7 +11,7 @@ use http::{HeaderName, HeaderValue};
 
 use crate::backends::Backend;
 use crate::error::ApiError;
-use crate::plugins::{self, PluginHost};
+use crate::plugins::{self, PluginHost, Slot};
 use crate::state::AppState;
 use crate::store::{ApiKeyRecord, Store};
 use crate::usage::{Award, Outcome, UsageEvent, UsageProcessor};
@@ -286,6 +286,11 @@ fn to_plugin_event(e: &UsageEvent) -> plugins::UsageEvent {
 #[async_trait]
 impl UsageProcessor for PluginProcessor {
     async fn process(&self, event: &UsageEvent) -> Result<Outcome, String> {
+        // No meter and no reward plugin: nothing to charge or award, and no copy of the event
+        // to make for them.
+        if !self.plugins.is_active(Slot::Meter) && !self.plugins.is_active(Slot::Reward) {
+            return Ok(Outcome::default());
+        }
         let plugin_event = to_plugin_event(event);
         let charge = self
             .plugins

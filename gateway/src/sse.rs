@@ -50,7 +50,10 @@ pub fn usage_of_body(body: &[u8]) -> Option<Usage> {
 /// another member is followed by that member's closing bracket too. `None`: not that shape;
 /// parse the whole body. (Unlike the full parse, it does not check the bytes before it.)
 fn usage_at_the_end(body: &[u8]) -> Option<Option<Usage>> {
-    let at = memchr::memmem::rfind(body, USAGE_KEY)?;
+    // The last match in the tail is the last in the body. (The forward searcher is vectorised;
+    // the reverse one is not, and cost more on the whole body than this on the tail.)
+    let tail = body.len().saturating_sub(USAGE_TAIL_BYTES);
+    let at = tail + usage_finder().find_iter(&body[tail..]).last()?;
     let before = body[..at].iter().rev().find(|b| !b.is_ascii_whitespace())?;
     if !matches!(before, b'{' | b',') {
         return None;
@@ -70,6 +73,18 @@ pub struct SseTap {
 }
 
 const USAGE_KEY: &[u8] = b"\"usage\"";
+
+/// How far from the end of an answer its `usage` is looked for (vLLM's member takes under 200
+/// bytes). A larger one gets the full parse.
+const USAGE_TAIL_BYTES: usize = 1024;
+
+/// The searcher for [`USAGE_KEY`], built once: it is looked for in every answer and every
+/// streamed chunk.
+fn usage_finder() -> &'static memchr::memmem::Finder<'static> {
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(USAGE_KEY));
+    &FINDER
+}
 
 impl SseTap {
     pub fn new(hide_usage_chunk: bool) -> Self {
@@ -138,7 +153,7 @@ impl SseTap {
 /// parsing. A quoted `usage` inside a JSON string is escaped (`\"usage\"`), so it cannot match;
 /// anything else that matches the name goes to the parser.
 fn no_usage_reported(bytes: &[u8]) -> bool {
-    memchr::memmem::find_iter(bytes, USAGE_KEY).all(|at| {
+    usage_finder().find_iter(bytes).all(|at| {
         let rest = &bytes[at + USAGE_KEY.len()..];
         let rest = rest.trim_ascii_start();
         rest.strip_prefix(b":")
@@ -370,6 +385,20 @@ mod tests {
                 "{nested_or_not_last}"
             );
         }
+        // A long answer: its usage is still read from the end. A usage member longer than the
+        // tail that is searched is left to the full parse, which finds it.
+        let text = "usage ".repeat(1000);
+        let long = format!(
+            r#"{{"content":"{text}","usage":{{"prompt_tokens":6,"completion_tokens":7}}}}"#
+        );
+        assert!(read_from_the_end(&long));
+        assert_eq!(usage_of_body(long.as_bytes()), usage(6, 7));
+        let padding = " ".repeat(USAGE_TAIL_BYTES);
+        let wide = format!(
+            r#"{{"content":"{text}","usage":{{"prompt_tokens":6,{padding}"completion_tokens":7}}}}"#
+        );
+        assert!(!read_from_the_end(&wide));
+        assert_eq!(usage_of_body(wide.as_bytes()), usage(6, 7));
         // Broken text: no usage.
         assert_eq!(usage_of_body(br#"{"content":"never closed"#), None);
         assert_eq!(usage_of_body(br#"{"content":"ends in an escape\"#), None);
