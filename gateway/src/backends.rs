@@ -365,20 +365,26 @@ impl Backend {
                        authorization: Option<&http::HeaderValue>| {
             let uri =
                 uri.map_err(|e| SendError::nothing_sent(format!("invalid backend URL: {e}")))?;
-            let mut request =
-                http::Request::post(uri).header(header::CONTENT_TYPE, "application/json");
-            if let Some(id) = request_id {
-                request = request.header(crate::request_id::X_REQUEST_ID, id);
+            // Built in place: `http::request::Builder` moves the whole request through each
+            // `.header()` call.
+            let mut request = http::Request::new(RequestBody::new(body));
+            *request.method_mut() = http::Method::POST;
+            *request.uri_mut() = uri;
+            let headers = request.headers_mut();
+            headers.insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            for (name, value) in [
+                (crate::request_id::X_REQUEST_ID, request_id),
+                (header::HOST, host),
+                (header::AUTHORIZATION, authorization),
+            ] {
+                if let Some(value) = value {
+                    headers.insert(name, value.clone());
+                }
             }
-            if let Some(host) = host {
-                request = request.header(header::HOST, host);
-            }
-            if let Some(authorization) = authorization {
-                request = request.header(header::AUTHORIZATION, authorization);
-            }
-            request
-                .body(RequestBody::new(body))
-                .map_err(|e| SendError::nothing_sent(format!("invalid backend request: {e}")))
+            Ok(request)
         };
         match &self.transport {
             Transport::Url {

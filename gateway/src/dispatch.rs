@@ -214,13 +214,14 @@ async fn whole_response(
         .request_duration
         .with_label_values(&[out.route, &out.model])
         .observe(out.started.elapsed().as_secs_f64());
-    let mut builder = Response::builder().status(parts.status);
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = parts.status;
     if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
-        builder = builder.header(header::CONTENT_TYPE, ct);
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, ct.clone());
     }
-    builder
-        .body(Body::from(body))
-        .map_err(|e| ApiError::Internal(e.to_string()))
+    Ok(response)
 }
 
 /// Everything that happens when a request ends: metrics, the usage event, the backend's
