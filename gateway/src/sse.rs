@@ -102,12 +102,37 @@ impl SseTap {
 
     /// Takes a chunk from the backend; returns what to send to the client now (possibly empty).
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
-        // Fast path: whole events, none of which mention usage, pass through untouched without
-        // a copy. This is almost every chunk of a stream.
-        if self.pending.is_empty() && ends_with_blank_line(&chunk) && no_usage_reported(&chunk) {
-            return chunk;
+        if !self.pending.is_empty() {
+            return self.feed_events(&chunk);
         }
-        self.pending.extend_from_slice(&chunk);
+        let Some(at) = first_usage_report(&chunk) else {
+            // Fast path: whole events, none of which report usage, pass through untouched
+            // without a copy. This is almost every chunk of a stream.
+            if ends_with_blank_line(&chunk) {
+                return chunk;
+            }
+            return self.feed_events(&chunk);
+        };
+        // A chunk gathered from many events, usage among the last: the events before the one
+        // that reports it pass in one piece, and only the rest is taken event by event.
+        let start = start_of_event_at(&chunk, at);
+        let rest = self.feed_events(&chunk[start..]);
+        if start == 0 {
+            return rest;
+        }
+        if rest.is_empty() {
+            return chunk.slice(..start);
+        }
+        let mut out = BytesMut::with_capacity(start + rest.len());
+        out.extend_from_slice(&chunk[..start]);
+        out.extend_from_slice(&rest);
+        out.freeze()
+    }
+
+    /// The slow path: `chunk` joins what is pending, and each complete event is read and kept
+    /// or dropped.
+    fn feed_events(&mut self, chunk: &[u8]) -> Bytes {
+        self.pending.extend_from_slice(chunk);
         let mut out = BytesMut::new();
         while let Some(end) = event_end(&self.pending) {
             let event = self.pending.split_to(end).freeze();
@@ -153,12 +178,33 @@ impl SseTap {
 /// parsing. A quoted `usage` inside a JSON string is escaped (`\"usage\"`), so it cannot match;
 /// anything else that matches the name goes to the parser.
 fn no_usage_reported(bytes: &[u8]) -> bool {
-    usage_finder().find_iter(bytes).all(|at| {
+    first_usage_report(bytes).is_none()
+}
+
+/// Where the first `"usage"` that is not `"usage": null` starts (see [`no_usage_reported`]).
+fn first_usage_report(bytes: &[u8]) -> Option<usize> {
+    usage_finder().find_iter(bytes).find(|&at| {
         let rest = &bytes[at + USAGE_KEY.len()..];
         let rest = rest.trim_ascii_start();
-        rest.strip_prefix(b":")
+        !rest
+            .strip_prefix(b":")
             .is_some_and(|value| value.trim_ascii_start().starts_with(b"null"))
     })
+}
+
+/// Where the event holding byte `at` starts: just after the blank line before it, or 0 when
+/// there is none.
+fn start_of_event_at(buf: &[u8], at: usize) -> usize {
+    let mut end = at;
+    while let Some(nl) = memchr::memrchr(b'\n', &buf[..end]) {
+        // A line break preceded by another (`\n\n` or `\n\r\n`) ends the previous event.
+        let before = buf[..nl].strip_suffix(b"\r").unwrap_or(&buf[..nl]);
+        if before.ends_with(b"\n") {
+            return nl + 1;
+        }
+        end = nl;
+    }
+    0
 }
 
 fn ends_with_blank_line(chunk: &[u8]) -> bool {
@@ -262,6 +308,51 @@ mod tests {
         let expected = format!("{CONTENT}{DONE}").replace("\n\n", "\r\n\r\n");
         assert_eq!(out, expected);
         assert_eq!(tap.usage().unwrap().prompt_tokens, 3);
+    }
+
+    /// A backend that writes faster than the gateway reads: many events in one chunk, the usage
+    /// report among the last.
+    #[test]
+    fn a_chunk_of_many_events_keeps_them_all_but_the_hidden_usage() {
+        let many = CONTENT.repeat(5);
+        for (newline, hide) in [("\n\n", true), ("\r\n\r\n", true), ("\n\n", false)] {
+            let crlf = |s: &str| s.replace("\n\n", newline);
+            let mut tap = SseTap::new(hide);
+            let out = tap.feed(Bytes::from(crlf(&format!("{many}{USAGE}{DONE}"))));
+            let expected = if hide {
+                format!("{many}{DONE}")
+            } else {
+                format!("{many}{USAGE}{DONE}")
+            };
+            assert_eq!(out, crlf(&expected), "{newline:?} hide={hide}");
+            assert_eq!(tap.usage().unwrap().completion_tokens, 5);
+            // Cut inside the usage event: the events before it pass now, the rest when it ends.
+            let whole = crlf(&format!("{many}{USAGE}{DONE}"));
+            let cut = crlf(&many).len() + 10;
+            let mut tap = SseTap::new(hide);
+            let first = tap.feed(Bytes::copy_from_slice(&whole.as_bytes()[..cut]));
+            assert_eq!(first, crlf(&many));
+            let second = tap.feed(Bytes::copy_from_slice(&whole.as_bytes()[cut..]));
+            assert_eq!(
+                [first, second].concat(),
+                crlf(&expected).into_bytes(),
+                "{newline:?} hide={hide}"
+            );
+            assert_eq!(tap.usage().unwrap().prompt_tokens, 3);
+        }
+        // The usage first, or its data on two lines: still read, and the events around it kept.
+        let split_usage = "data: {\"choices\":[],\ndata: \"usage\":{\"prompt_tokens\":3,\"completion_tokens\":5}}\n\n";
+        for chunk in [
+            format!("{USAGE}{CONTENT}{DONE}"),
+            format!("{CONTENT}{split_usage}{DONE}"),
+        ] {
+            let mut tap = SseTap::new(false);
+            assert_eq!(tap.feed(Bytes::from(chunk.clone())), chunk);
+            assert_eq!(tap.usage().unwrap().completion_tokens, 5);
+        }
+        assert_eq!(start_of_event_at(b"data: a\n\ndata: b\n\n", 14), 9);
+        assert_eq!(start_of_event_at(b"data: a\r\n\r\ndata: b", 15), 11);
+        assert_eq!(start_of_event_at(b"data: a\ndata: b", 12), 0);
     }
 
     #[test]
