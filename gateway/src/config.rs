@@ -214,7 +214,7 @@ impl NodesConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UsageConfig {
-    /// On the embedded store, how many requests' ledger entries are kept (about 0.5 KB each);
+    /// On the embedded store, how many requests' ledger entries are kept (about 0.35 KB each);
     /// past this the oldest go. Totals (per key and day, per operator) are counters and keep
     /// counting; only `GET /admin/usage/requests/{id}` of an older request answers 404. The
     /// embedded store loses everything at a restart anyway; on Redis every entry is kept.
