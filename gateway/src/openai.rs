@@ -7,7 +7,7 @@ use axum::Json;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, Path, Request, State};
 use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -50,6 +50,36 @@ impl Endpoint {
             Endpoint::Embeddings => "input",
         }
     }
+}
+
+/// A request for one of the three inference routes, answered without the router: `Err` gives
+/// back any other request, for the router. The same match as the router's (the method, and the
+/// path exactly as registered), so a request gets the same answer either way; see
+/// `api::InferenceFirst`.
+pub fn inference(
+    state: &AppState,
+    request: Request,
+) -> Result<impl Future<Output = Response> + Send + 'static, Request> {
+    if request.method() != http::Method::POST {
+        return Err(request);
+    }
+    let path = request.uri().path();
+    let Some(&(_, endpoint)) = INFERENCE_ROUTES.iter().find(|(route, _)| *route == path) else {
+        return Err(request);
+    };
+    let state = state.clone();
+    Ok(async move { proxy(state, endpoint, request).await.into_response() })
+}
+
+const INFERENCE_ROUTES: [(&str, Endpoint); 3] = [
+    ("/v1/chat/completions", Endpoint::Chat),
+    ("/v1/completions", Endpoint::Completions),
+    ("/v1/embeddings", Endpoint::Embeddings),
+];
+
+/// The paths [`inference`] answers (`POST`), for the test that the router has them too.
+pub fn inference_paths() -> impl Iterator<Item = &'static str> {
+    INFERENCE_ROUTES.iter().map(|(path, _)| *path)
 }
 
 /// The few fields the gateway reads; everything else passes through unread.

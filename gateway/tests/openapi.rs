@@ -52,6 +52,16 @@ async fn every_served_route_is_in_the_spec() {
         "served but not in the spec: {undocumented:?}"
     );
 
+    // The inference routes, answered ahead of the router (`api::InferenceFirst`), are the
+    // router's routes too, described as POST.
+    for path in garage_gateway::openai::inference_paths() {
+        assert!(served.contains(path), "{path} is answered but not routed");
+        assert!(
+            spec["paths"][path]["post"].is_object(),
+            "{path} is answered but not described as POST"
+        );
+    }
+
     // And the other way: each described operation answers with something other than the
     // router's own 404/405.
     for (path, operations) in spec["paths"].as_object().unwrap() {
