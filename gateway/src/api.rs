@@ -196,11 +196,11 @@ impl tower::Service<axum::extract::Request> for InferenceFirst {
 
     fn call(&mut self, request: axum::extract::Request) -> Self::Future {
         use futures::FutureExt;
-        match openai::inference(&self.state, request) {
-            Ok(answer) => futures::future::Either::Left(answer.map(Ok).boxed()),
-            Err(request) => {
-                futures::future::Either::Right(tower::Service::call(&mut self.router, request))
+        match openai::InferenceRoute::of(&request) {
+            Some(route) => {
+                futures::future::Either::Left(route.serve(&self.state, request).map(Ok).boxed())
             }
+            None => futures::future::Either::Right(tower::Service::call(&mut self.router, request)),
         }
     }
 }

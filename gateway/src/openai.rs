@@ -52,23 +52,34 @@ impl Endpoint {
     }
 }
 
-/// A request for one of the three inference routes, answered without the router: `Err` gives
-/// back any other request, for the router. The same match as the router's (the method, and the
-/// path exactly as registered), so a request gets the same answer either way; see
-/// `api::InferenceFirst`.
-pub fn inference(
-    state: &AppState,
-    request: Request,
-) -> Result<impl Future<Output = Response> + Send + 'static, Request> {
-    if request.method() != http::Method::POST {
-        return Err(request);
+/// One of the three inference routes, answered without the router (see
+/// `api::InferenceFirst`). Matched as the router matches them, the method and the path exactly
+/// as registered, so a request gets the same answer either way.
+#[derive(Clone, Copy)]
+pub struct InferenceRoute(Endpoint);
+
+impl InferenceRoute {
+    /// The inference route `request` is for, if it is for one.
+    pub fn of(request: &Request) -> Option<Self> {
+        if request.method() != http::Method::POST {
+            return None;
+        }
+        let path = request.uri().path();
+        INFERENCE_ROUTES
+            .iter()
+            .find(|(route, _)| *route == path)
+            .map(|&(_, endpoint)| InferenceRoute(endpoint))
     }
-    let path = request.uri().path();
-    let Some(&(_, endpoint)) = INFERENCE_ROUTES.iter().find(|(route, _)| *route == path) else {
-        return Err(request);
-    };
-    let state = state.clone();
-    Ok(async move { proxy(state, endpoint, request).await.into_response() })
+
+    /// Answers `request`, as the route's handler does.
+    pub fn serve(
+        self,
+        state: &AppState,
+        request: Request,
+    ) -> impl Future<Output = Response> + Send + 'static {
+        let state = state.clone();
+        async move { proxy(state, self.0, request).await.into_response() }
+    }
 }
 
 const INFERENCE_ROUTES: [(&str, Endpoint); 3] = [
@@ -77,7 +88,7 @@ const INFERENCE_ROUTES: [(&str, Endpoint); 3] = [
     ("/v1/embeddings", Endpoint::Embeddings),
 ];
 
-/// The paths [`inference`] answers (`POST`), for the test that the router has them too.
+/// The paths [`InferenceRoute`] answers (`POST`), for the test that the router has them too.
 pub fn inference_paths() -> impl Iterator<Item = &'static str> {
     INFERENCE_ROUTES.iter().map(|(path, _)| *path)
 }
