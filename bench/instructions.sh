@@ -17,6 +17,8 @@
 #   BENCH_CONCURRENCY  wrk connections (default 4: valgrind runs the program about 50x slower)
 #   BENCH_SKIP_BUILD   1: use the release binaries already in the target directory
 #   BENCH_KEEP         1: keep the callgrind output (for callgrind_annotate) and print its path
+#   BENCH_GATEWAY_LOG  the gateway's RUST_LOG (default warn; the gateway's own default is info,
+#                      where the span each request runs in costs ~6k instructions more)
 #
 # Needs valgrind (apt-get install valgrind) and wrk. Prints one line:
 #   <target> stream=<0|1>: <requests> requests, <instructions> instructions per request
@@ -92,7 +94,7 @@ base_url = "http://$ENGINE/v1"
 models = ["$MODEL"]
 health_path = "/health"
 TOML
-    RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no \
+    RUST_LOG=${BENCH_GATEWAY_LOG:-warn} valgrind --tool=callgrind --instr-atstart=no \
         --callgrind-out-file="$WORK/callgrind.out" "$BIN/gateway" serve --config "$WORK/gateway.toml" \
         >"$WORK/target.log" 2>&1 &
 else

@@ -18,6 +18,8 @@
 #                      to the servers; wrk's one epoll thread is far from saturated here)
 #   BENCH_MAX_TOKENS   tokens the engine generates per request (default 16)
 #   BENCH_SKIP_BUILD   1: use the release binaries already in the target directory
+#   BENCH_GATEWAY_LOG  the gateway's RUST_LOG (default warn; the gateway's own default is info,
+#                      where the span each request runs in costs ~6k instructions more)
 #   BENCH_WAIT_IDLE    seconds to wait, before measuring, for compilers (cargo, rustc...) on the
 #                      machine to finish (default 0: do not wait); the run goes on after that
 #   BENCH_NOISY_RETRIES  times a group of rows (one stream mode and concurrency) is measured
@@ -250,7 +252,7 @@ log "starting the gateway in front of $ENGINE_URL"
 mapfile -t GARAGE_VARS < <(compgen -e | grep '^GARAGE_' || true)
 UNSETS=()
 for v in "${GARAGE_VARS[@]}"; do UNSETS+=(-u "$v"); done
-env "${UNSETS[@]}" RUST_LOG=warn "$BIN/gateway" serve --config "$WORK/gateway.toml" \
+env "${UNSETS[@]}" RUST_LOG="${BENCH_GATEWAY_LOG:-warn}" "$BIN/gateway" serve --config "$WORK/gateway.toml" \
     >"$WORK/gateway.log" 2>&1 &
 GATEWAY_PID=$!
 GATEWAY_PORT=""
