@@ -171,7 +171,7 @@ pub fn app(
 /// The three inference routes, taken before the router, which answers everything else (other
 /// methods on their paths included: a `GET` still gets its 405). They are nearly every request
 /// a gateway serves, and the router's path match, its URL-parameter extension and its boxing
-/// of the handler cost about 3,500 instructions each (docs/benchmarks.md). The routes stay in
+/// of the handler cost about 3,300 instructions each (docs/benchmarks.md). The routes stay in
 /// the router too, where the OpenAPI document is built from them.
 #[derive(Clone)]
 struct InferenceFirst {

@@ -59,16 +59,17 @@ impl Endpoint {
 pub struct InferenceRoute(Endpoint);
 
 impl InferenceRoute {
-    /// The inference route `request` is for, if it is for one.
+    /// The inference route `request` is for, if it is for one: `/v1` and the endpoint's path,
+    /// the path the backend is sent to under its own `/v1` base.
     pub fn of(request: &Request) -> Option<Self> {
         if request.method() != http::Method::POST {
             return None;
         }
-        let path = request.uri().path();
-        INFERENCE_ROUTES
-            .iter()
-            .find(|(route, _)| *route == path)
-            .map(|&(_, endpoint)| InferenceRoute(endpoint))
+        let path = request.uri().path().strip_prefix("/v1")?;
+        ENDPOINTS
+            .into_iter()
+            .find(|endpoint| endpoint.path() == path)
+            .map(InferenceRoute)
     }
 
     /// Answers `request`, as the route's handler does.
@@ -82,15 +83,13 @@ impl InferenceRoute {
     }
 }
 
-const INFERENCE_ROUTES: [(&str, Endpoint); 3] = [
-    ("/v1/chat/completions", Endpoint::Chat),
-    ("/v1/completions", Endpoint::Completions),
-    ("/v1/embeddings", Endpoint::Embeddings),
-];
+const ENDPOINTS: [Endpoint; 3] = [Endpoint::Chat, Endpoint::Completions, Endpoint::Embeddings];
 
 /// The paths [`InferenceRoute`] answers (`POST`), for the test that the router has them too.
-pub fn inference_paths() -> impl Iterator<Item = &'static str> {
-    INFERENCE_ROUTES.iter().map(|(path, _)| *path)
+pub fn inference_paths() -> impl Iterator<Item = String> {
+    ENDPOINTS
+        .into_iter()
+        .map(|endpoint| format!("/v1{}", endpoint.path()))
 }
 
 /// The few fields the gateway reads; everything else passes through unread.

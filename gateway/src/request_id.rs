@@ -109,7 +109,7 @@ where
 }
 
 /// What the debug line logged when the response leaves says about the request.
-pub struct Access {
+struct Access {
     started: Instant,
     method: http::Method,
     path: String,

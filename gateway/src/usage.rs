@@ -140,15 +140,13 @@ impl LedgerEntry {
     pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
         let mut buf = Vec::with_capacity(LEDGER_ENTRY_BYTES);
         buf.push(LEDGER_POSTCARD_V1);
-        postcard::to_extend(self, buf).map_err(|err| StoreError::Corrupt(err.to_string()))
+        postcard::to_extend(self, buf).map_err(corrupt)
     }
 
     /// An entry as the store keeps it: compact, or JSON from an earlier version.
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         match bytes.split_first() {
-            Some((&LEDGER_POSTCARD_V1, rest)) => {
-                postcard::from_bytes(rest).map_err(|err| StoreError::Corrupt(err.to_string()))
-            }
+            Some((&LEDGER_POSTCARD_V1, rest)) => postcard::from_bytes(rest).map_err(corrupt),
             Some((b'{', _)) => serde_json::from_slice(bytes).map_err(corrupt),
             _ => Err(StoreError::Corrupt(
                 "ledger entry in an unknown encoding".to_owned(),
@@ -233,7 +231,7 @@ async fn yield_now_and_then(i: usize) {
     }
 }
 
-fn corrupt(err: serde_json::Error) -> StoreError {
+fn corrupt(err: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(err.to_string())
 }
 

@@ -55,9 +55,9 @@ async fn every_served_route_is_in_the_spec() {
     // The inference routes, answered ahead of the router (`api::InferenceFirst`), are the
     // router's routes too, described as POST.
     for path in garage_gateway::openai::inference_paths() {
-        assert!(served.contains(path), "{path} is answered but not routed");
+        assert!(served.contains(&path), "{path} is answered but not routed");
         assert!(
-            spec["paths"][path]["post"].is_object(),
+            spec["paths"][&path]["post"].is_object(),
             "{path} is answered but not described as POST"
         );
     }
