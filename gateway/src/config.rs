@@ -30,6 +30,7 @@ pub const ENV_FIELDS: &[&str] = &[
     "dispatch.max_attempts",
     "dispatch.cooldown_secs",
     "dispatch.health_interval_secs",
+    "dispatch.tls_ca_file",
     "nodes.heartbeat_interval_secs",
     "nodes.missed_heartbeats",
     "nodes.enrollment_token_ttl_secs",
@@ -169,6 +170,10 @@ pub struct DispatchConfig {
     pub cooldown_secs: u64,
     /// Period of active health checks for upstreams that set `health_path`.
     pub health_interval_secs: u64,
+    /// A PEM file of certificate authorities trusted for `https` upstreams besides the public
+    /// web roots, such as the private CA of a vLLM server started with `--ssl-certfile`. Read
+    /// at start; a file that cannot be read or holds no certificate stops the start.
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 /// Rigs that connect through `node-runner`.
@@ -316,6 +321,7 @@ impl Default for DispatchConfig {
             max_attempts: 3,
             cooldown_secs: 10,
             health_interval_secs: 5,
+            tls_ca_file: None,
         }
     }
 }

@@ -25,6 +25,8 @@ use crate::usage::Usage;
 pub enum StartError {
     #[error("cannot open the state store {url}: {source}")]
     Store { url: String, source: StoreError },
+    #[error("cannot set up TLS for https upstreams: {0}")]
+    Tls(#[from] crate::upstream::TlsSetupError),
     #[error("cannot start the plugin host: {0}")]
     Plugins(#[from] crate::plugins::PluginError),
     #[error("cannot listen on {addr}: {source}")]
@@ -83,7 +85,7 @@ impl Gateway {
             backends.clone(),
             config.nodes.clone(),
         );
-        let http = http_client(&config);
+        let http = http_client(&config)?;
         // The embedded store lives and dies with this process: its usage queue would add cost
         // and no durability, so events go from memory straight to the worker.
         let usage = if store::is_embedded(&config.store) {

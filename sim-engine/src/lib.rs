@@ -9,8 +9,10 @@
 mod api;
 mod state;
 mod synth;
+mod tls;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
@@ -19,6 +21,7 @@ use tokio::task::JoinHandle;
 
 pub use api::router;
 pub use state::SimState;
+pub use tls::server_config as tls_server_config;
 
 /// The model name served when none is configured.
 pub const DEFAULT_MODEL: &str = "sim-llama-3-8b";
@@ -75,6 +78,8 @@ pub struct Faults {
 /// A running simulated engine, serving on its own task until [`SimEngine::shutdown`] or drop.
 pub struct SimEngine {
     addr: SocketAddr,
+    /// `http`, or `https` when started with TLS.
+    scheme: &'static str,
     state: SimState,
     task: Option<JoinHandle<std::io::Result<()>>>,
 }
@@ -82,22 +87,53 @@ pub struct SimEngine {
 impl SimEngine {
     /// Binds `addr` (port 0 picks a free port) and starts serving on a spawned task.
     pub async fn start(addr: SocketAddr, config: SimConfig) -> std::io::Result<SimEngine> {
+        Self::start_with(addr, config, None).await
+    }
+
+    /// Like [`SimEngine::start`], serving HTTPS with `tls` (see [`tls_server_config`]).
+    pub async fn start_tls(
+        addr: SocketAddr,
+        config: SimConfig,
+        tls: rustls::ServerConfig,
+    ) -> std::io::Result<SimEngine> {
+        Self::start_with(addr, config, Some(Arc::new(tls))).await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        config: SimConfig,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> std::io::Result<SimEngine> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = SimState::new(config);
-        let shutdown = state.shutdown_token();
-        // Streaming sends many small frames: Nagle's algorithm would hold them back.
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
+        let shutdown = state.shutdown_token().cancelled_owned();
         let app = router(state.clone());
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-        });
+        let tls_on = tls.is_some();
+        let task = match tls {
+            None => {
+                // Streaming sends many small frames: Nagle's algorithm would hold them back.
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(shutdown)
+                        .await
+                })
+            }
+            Some(tls) => {
+                let listener = tls::TlsListener::new(listener, tls)?;
+                tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(shutdown)
+                        .await
+                })
+            }
+        };
         Ok(SimEngine {
             addr,
+            scheme: if tls_on { "https" } else { "http" },
             state,
             task: Some(task),
         })
@@ -108,9 +144,14 @@ impl SimEngine {
         self.addr
     }
 
-    /// The OpenAI base URL, `http://ADDR/v1`.
+    /// The OpenAI base URL, `http://ADDR/v1` (`https` when serving TLS).
     pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.addr)
+        format!("{}://{}/v1", self.scheme, self.addr)
+    }
+
+    /// `http` or `https`.
+    pub fn scheme(&self) -> &'static str {
+        self.scheme
     }
 
     /// Changes failure injection for requests admitted from now on.

@@ -1,6 +1,7 @@
 //! `sim-engine`: runs the simulated vLLM server until SIGINT or SIGTERM.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -45,6 +46,12 @@ struct Args {
     /// Require this bearer token on /v1/* (vLLM's --api-key).
     #[arg(long, env = "VLLM_API_KEY")]
     api_key: Option<String>,
+    /// Serve HTTPS with this PEM certificate chain (vLLM's --ssl-certfile); needs --ssl-keyfile.
+    #[arg(long, requires = "ssl_keyfile")]
+    ssl_certfile: Option<PathBuf>,
+    /// The PEM private key of --ssl-certfile (vLLM's --ssl-keyfile).
+    #[arg(long, requires = "ssl_certfile")]
+    ssl_keyfile: Option<PathBuf>,
 }
 
 fn rate(text: &str) -> Result<f64, String> {
@@ -79,11 +86,20 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let engine = SimEngine::start(args.listen, config)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+    let engine = match (&args.ssl_certfile, &args.ssl_keyfile) {
+        (Some(cert), Some(key)) => {
+            let tls = garage_sim_engine::tls_server_config(cert, key)?;
+            SimEngine::start_tls(args.listen, config, tls).await
+        }
+        _ => SimEngine::start(args.listen, config).await,
+    }
+    .with_context(|| format!("listening on {}", args.listen))?;
     // Scripts and the node runner read this line to learn the (possibly ephemeral) port.
-    println!("sim-engine listening on http://{}", engine.addr());
+    println!(
+        "sim-engine listening on {}://{}",
+        engine.scheme(),
+        engine.addr()
+    );
     tracing::info!(addr = %engine.addr(), "sim-engine ready");
     tokio::select! {
         result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,

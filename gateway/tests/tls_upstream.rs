@@ -1,0 +1,270 @@
+//! `https` upstreams: a simulated vLLM serving TLS with a certificate from a private CA, as
+//! `vllm serve --ssl-certfile --ssl-keyfile` does. The gateway reaches it through its own
+//! connection pool once `dispatch.tls_ca_file` names the CA, refuses it without, and will not
+//! start with a CA file it cannot use.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use garage_gateway::server::Gateway;
+use garage_sim_engine::{SimConfig, SimEngine};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use support::*;
+
+/// A private CA and an engine certificate for `localhost` that it signed, written as PEM files.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "garage test CA");
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        let engine_key = KeyPair::generate().unwrap();
+        let engine = CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&engine_key, &ca)
+            .unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("engine.pem"), engine.pem()).unwrap();
+        std::fs::write(dir.path().join("engine.key"), engine_key.serialize_pem()).unwrap();
+        Pki { dir }
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// The simulated engine on HTTPS with the CA-signed certificate, read from the PEM files as
+/// the `sim-engine --ssl-certfile --ssl-keyfile` command line reads them.
+async fn tls_sim(pki: &Pki) -> SimEngine {
+    let tls =
+        garage_sim_engine::tls_server_config(&pki.file("engine.pem"), &pki.file("engine.key"))
+            .expect("certificate and key load");
+    SimEngine::start_tls(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        SimConfig {
+            models: vec![MODEL.into()],
+            ..SimConfig::default()
+        },
+        tls,
+    )
+    .await
+    .expect("TLS engine starts")
+}
+
+/// A gateway whose one upstream is the engine, by the name its certificate carries; probed
+/// for health when `probed`.
+async fn gateway_to(engine: &SimEngine, ca_file: Option<&Path>, probed: bool) -> Gateway {
+    assert_eq!(engine.scheme(), "https");
+    let url = format!("https://localhost:{}/v1", engine.addr().port());
+    let mut upstream = upstream("tls-engine", url);
+    upstream.health_path = probed.then(|| "/health".into());
+    let mut config = config(vec![upstream]);
+    config.dispatch.tls_ca_file = ca_file.map(Path::to_owned);
+    gateway(config).await
+}
+
+#[tokio::test]
+async fn an_https_upstream_under_the_configured_ca_serves_plain_and_streamed_chat() {
+    let pki = Pki::new();
+    let engine = tls_sim(&pki).await;
+    let gw = gateway_to(&engine, Some(&pki.file("ca.pem")), false).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, serde_json::json!({"name": "tls"})).await;
+
+    for _ in 0..3 {
+        let (status, body) = post_chat(&base, &key, &chat(false)).await;
+        assert_eq!(status, 200, "{body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["object"], "chat.completion");
+        assert_eq!(answer["usage"]["completion_tokens"], 5);
+    }
+    let (status, body) = post_chat(&base, &key, &chat(true)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("chat.completion.chunk"), "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    // The gateway asked for usage; the client did not, so it does not see it.
+    assert!(!body.contains("\"usage\":{"), "{body}");
+    assert_eq!(engine.requests_served(), 4);
+    gw.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The log lines written while `body` runs, at warn and above. The test's runtime runs on this
+/// one thread, the gateway's tasks included, so a thread-local subscriber sees them all.
+async fn warnings_during<F: std::future::Future>(body: F) -> (F::Output, String) {
+    #[derive(Clone, Default)]
+    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let output = body.await;
+    let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+    (output, text)
+}
+
+#[tokio::test]
+async fn an_https_upstream_under_an_unknown_ca_is_refused_and_the_log_says_why() {
+    let pki = Pki::new();
+    let engine = tls_sim(&pki).await;
+    let ((status, body), log) = warnings_during(async {
+        let gw = gateway_to(&engine, None, false).await;
+        let base = gw.url();
+        let (_, key) = create_key(&base, serde_json::json!({"name": "tls"})).await;
+        let answer = post_chat(&base, &key, &chat(false)).await;
+        gw.shutdown(Duration::from_secs(5)).await;
+        answer
+    })
+    .await;
+    // The client gets OpenAI's error shape; the operator's log names the cause.
+    assert_eq!(status, 502, "{body}");
+    error_of(&body);
+    assert!(log.contains("backend unreachable"), "{log}");
+    assert!(log.contains("UnknownIssuer"), "{log}");
+    assert_eq!(engine.requests_served(), 0);
+}
+
+#[tokio::test]
+async fn health_probes_verify_the_certificate_too() {
+    let pki = Pki::new();
+    let engine = tls_sim(&pki).await;
+    let trusting = gateway_to(&engine, Some(&pki.file("ca.pem")), true).await;
+    let distrusting = gateway_to(&engine, None, true).await;
+    // The first probe goes out at start: the gateway that cannot verify the engine takes it
+    // out of rotation.
+    let ready = |gw: &Gateway| {
+        let url = format!("{}/ready", gw.url());
+        async move { client().get(url).send().await.unwrap().status().as_u16() }
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "the unverified engine is out",
+        || async { ready(&distrusting).await == 503 },
+    )
+    .await;
+    // The one that trusts the CA probed it at start as well, and keeps it.
+    assert_eq!(ready(&trusting).await, 200);
+    trusting.shutdown(Duration::from_secs(5)).await;
+    distrusting.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_ca_file_the_gateway_cannot_use_stops_its_start_and_names_the_file() {
+    let pki = Pki::new();
+    let not_pem = pki.file("notes.txt");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    // A key alone: PEM, but no certificate in it.
+    let key_only = pki.file("engine.key");
+    let missing = pki.file("missing.pem");
+    for (file, says) in [
+        (&not_pem, "holds no certificate"),
+        (&key_only, "holds no certificate"),
+        (&missing, "cannot read"),
+    ] {
+        let mut config = config(Vec::new());
+        config.dispatch.tls_ca_file = Some(file.clone());
+        let error = Gateway::start(config)
+            .await
+            .err()
+            .expect("the start fails")
+            .to_string();
+        assert!(error.contains(says), "{error}");
+        assert!(error.contains(&file.display().to_string()), "{error}");
+    }
+}
+
+/// The `sim-engine` binary, killed when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_sim_engine_command_serves_https_with_vllm_flags() {
+    use std::io::BufRead;
+    let pki = Pki::new();
+    let mut child = std::process::Command::new(workspace_binary("sim-engine"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--model",
+            MODEL,
+            "--ssl-certfile",
+        ])
+        .arg(pki.file("engine.pem"))
+        .arg("--ssl-keyfile")
+        .arg(pki.file("engine.key"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sim-engine runs");
+    let stdout = child.stdout.take().unwrap();
+    let child = Child(child);
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        line
+    })
+    .await
+    .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("sim-engine listening on https://")
+        .unwrap_or_else(|| panic!("unexpected first line: {line}"));
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+
+    let url = format!("https://localhost:{port}/v1");
+    let mut config = config(vec![upstream("tls-engine", url)]);
+    config.dispatch.tls_ca_file = Some(pki.file("ca.pem"));
+    let gw = gateway(config).await;
+    let (_, key) = create_key(&gw.url(), serde_json::json!({"name": "tls"})).await;
+    let (status, body) = post_chat(&gw.url(), &key, &chat(true)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    gw.shutdown(Duration::from_secs(5)).await;
+    drop(child);
+}
+
+#[test]
+fn the_sim_engine_command_wants_both_tls_files() {
+    let output = std::process::Command::new(workspace_binary("sim-engine"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--ssl-certfile",
+            "/nonexistent.pem",
+        ])
+        .output()
+        .expect("sim-engine runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--ssl-keyfile"), "{stderr}");
+}
