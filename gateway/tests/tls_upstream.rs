@@ -88,6 +88,14 @@ async fn an_https_upstream_under_the_configured_ca_serves_plain_and_streamed_cha
         assert_eq!(answer["object"], "chat.completion");
         assert_eq!(answer["usage"]["completion_tokens"], 5);
     }
+    // One TLS connection, kept alive and reused: a handshake per request would show as more.
+    let idle = || gw.state().backends.snapshot().all()[0].idle_connections();
+    wait_until(
+        Duration::from_secs(5),
+        "the connection back in the pool",
+        || async { idle() == 1 },
+    )
+    .await;
     let (status, body) = post_chat(&base, &key, &chat(true)).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("chat.completion.chunk"), "{body}");
