@@ -7,6 +7,8 @@
 //! forwarded byte for byte as soon as an event is complete: nothing waits for more than one
 //! event.
 
+use std::borrow::Cow;
+
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
@@ -50,6 +52,11 @@ pub fn usage_of_body(body: &[u8]) -> Option<Usage> {
 /// another member is followed by that member's closing bracket too. `None`: not that shape;
 /// parse the whole body. (Unlike the full parse, it does not check the bytes before it.)
 fn usage_at_the_end(body: &[u8]) -> Option<Option<Usage>> {
+    usage_member_at_the_end(body).map(|(_, usage)| usage)
+}
+
+/// [`usage_at_the_end`], with where the `"usage"` key starts.
+fn usage_member_at_the_end(body: &[u8]) -> Option<(usize, Option<Usage>)> {
     // The last match in the tail is the last in the body. (The forward searcher is vectorised;
     // the reverse one is not, and cost more on the whole body than this on the tail.)
     let tail = body.len().saturating_sub(USAGE_TAIL_BYTES);
@@ -61,7 +68,28 @@ fn usage_at_the_end(body: &[u8]) -> Option<Option<Usage>> {
     let value = body[at + USAGE_KEY.len()..].trim_ascii_start();
     let value = value.strip_prefix(b":")?.trim_ascii_end();
     let value = value.strip_suffix(b"}")?;
-    serde_json::from_slice::<Option<Usage>>(value).ok()
+    let usage = serde_json::from_slice::<Option<Usage>>(value).ok()?;
+    Some((at, usage))
+}
+
+/// The usage of the chunk that reports it and nothing else, as vLLM and OpenAI write it: its
+/// data ends with `"choices": [], "usage": {…}}`. Read without parsing the rest of the chunk
+/// (id, model and the like): `usage` is the top-level object's last member (see
+/// [`usage_at_the_end`]), and the member a single comma before it is its sibling, so an empty
+/// `choices` there is the chunk's own. (Those bytes cannot be inside a string either: a quote
+/// in a string is escaped, so it never follows `{` or `,`.) `None`: another shape, such as
+/// usage on a chunk with content; parse the whole chunk.
+fn usage_only_chunk(data: &[u8]) -> Option<Usage> {
+    let (at, usage) = usage_member_at_the_end(data)?;
+    let before = data[..at].trim_ascii_end().strip_suffix(b",")?;
+    let before = before.trim_ascii_end().strip_suffix(b"]")?;
+    let before = before.trim_ascii_end().strip_suffix(b"[")?;
+    let before = before.trim_ascii_end().strip_suffix(b":")?;
+    let before = before.trim_ascii_end().strip_suffix(b"\"choices\"")?;
+    match before.trim_ascii_end().last() {
+        Some(b'{' | b',') => usage,
+        _ => None,
+    }
 }
 
 /// Incremental SSE scanner.
@@ -161,6 +189,10 @@ impl SseTap {
         let Some(data) = event_data(event) else {
             return true;
         };
+        if let Some(usage) = usage_only_chunk(&data) {
+            self.usage = Some(usage);
+            return !self.hide_usage_chunk;
+        }
         let Ok(head) = serde_json::from_slice::<ChunkHead>(&data) else {
             return true;
         };
@@ -226,17 +258,22 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// The `data:` payload of one event (multiple data lines joined by newlines, as SSE defines).
-fn event_data(event: &[u8]) -> Option<Vec<u8>> {
-    let mut data: Option<Vec<u8>> = None;
+/// Borrowed when there is one data line, as there is in every event vLLM and OpenAI send.
+fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let mut data: Option<Cow<'_, [u8]>> = None;
     for line in event.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if let Some(value) = line.strip_prefix(b"data:") {
             let value = value.strip_prefix(b" ").unwrap_or(value);
-            let buf = data.get_or_insert_with(Vec::new);
-            if !buf.is_empty() {
-                buf.push(b'\n');
-            }
-            buf.extend_from_slice(value);
+            data = Some(match data {
+                None => Cow::Borrowed(value),
+                Some(joined) => {
+                    let mut joined = joined.into_owned();
+                    joined.push(b'\n');
+                    joined.extend_from_slice(value);
+                    Cow::Owned(joined)
+                }
+            });
         }
     }
     data
@@ -387,6 +424,41 @@ mod tests {
         assert_eq!(passed.as_ptr(), chunk.as_ptr());
         let out = run(&mut tap, &[USAGE, DONE]);
         assert_eq!(out, DONE);
+        assert_eq!(tap.usage().unwrap().completion_tokens, 5);
+    }
+
+    /// The usage-only chunk is read from its end; every other shape gets the full parse, and
+    /// a chunk with content that also reports usage (vLLM's `continuous_usage_stats`) is
+    /// never hidden.
+    #[test]
+    fn usage_only_chunks_are_read_from_their_end() {
+        let counts = Usage {
+            prompt_tokens: 10,
+            completion_tokens: 16,
+        };
+        let vllm = br#"{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":10,"total_tokens":26,"completion_tokens":16}}"#;
+        assert_eq!(usage_only_chunk(vllm), Some(counts));
+        let spaced = b"{\"id\": \"x\",\n \"choices\" : [ ] ,\n \"usage\": {\"prompt_tokens\": 10, \"completion_tokens\": 16}\n}";
+        assert_eq!(usage_only_chunk(spaced), Some(counts));
+        for other in [
+            // Content and usage together.
+            &br#"{"choices":[{"delta":{"content":"hi"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}"#[..],
+            // Choices after usage, or not the member before it.
+            br#"{"usage":{"prompt_tokens":1,"completion_tokens":1},"choices":[]}"#,
+            br#"{"choices":[],"id":"x","usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
+            // An empty `choices` nested in the member before usage.
+            br#"{"x":{"choices":[]},"usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
+            // The words inside a string.
+            br#"{"id":"\"choices\":[],","usage":{"prompt_tokens":1,"completion_tokens":1}}"#,
+            // No counts.
+            br#"{"choices":[],"usage":null}"#,
+        ] {
+            assert_eq!(usage_only_chunk(other), None, "{}", String::from_utf8_lossy(other));
+        }
+        let with_content = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n";
+        let mut tap = SseTap::new(true);
+        let out = run(&mut tap, &[with_content, USAGE, DONE]);
+        assert_eq!(out, format!("{with_content}{DONE}"));
         assert_eq!(tap.usage().unwrap().completion_tokens, 5);
     }
 
