@@ -277,7 +277,7 @@ fn stream_response(
         out,
         first_chunk_at: None,
         terminal: None,
-        gathered: bytes::BytesMut::new(),
+        gathered: Gathered::default(),
         yielded: 0,
         done: false,
         _in_flight: in_flight,
@@ -305,11 +305,55 @@ struct MeteredBody {
     /// and acted on at the next poll.
     terminal: Option<Option<hyper::Error>>,
     /// Events read but not sent yet (see `poll_frame`).
-    gathered: bytes::BytesMut,
+    gathered: Gathered,
     /// Rounds the body yielded in a row with events gathered (see [`GATHER_YIELDS`]).
     yielded: u8,
     done: bool,
     _in_flight: InFlight,
+}
+
+/// Events gathered for one write to the client. Most writes carry a single frame from the
+/// backend: that one is held as it came, and only a second one makes a copy of both.
+#[derive(Default)]
+struct Gathered {
+    /// The first frame, while it is the only one (`more` is then empty).
+    first: Bytes,
+    more: bytes::BytesMut,
+}
+
+impl Gathered {
+    fn push(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.is_empty() {
+            self.first = bytes;
+            return;
+        }
+        if !self.first.is_empty() {
+            let first = std::mem::take(&mut self.first);
+            self.more.reserve(first.len() + bytes.len());
+            self.more.extend_from_slice(&first);
+        }
+        self.more.extend_from_slice(&bytes);
+    }
+
+    fn len(&self) -> usize {
+        self.first.len() + self.more.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Everything gathered, in order; empty afterwards.
+    fn take(&mut self) -> Bytes {
+        if self.more.is_empty() {
+            std::mem::take(&mut self.first)
+        } else {
+            self.more.split().freeze()
+        }
+    }
 }
 
 /// Most bytes gathered into one write to the client.
@@ -405,17 +449,17 @@ impl HttpBody for MeteredBody {
         }
         loop {
             if this.gathered.len() >= GATHER_LIMIT {
-                return Poll::Ready(Some(Ok(Frame::data(this.gathered.split().freeze()))));
+                return Poll::Ready(Some(Ok(Frame::data(this.gathered.take()))));
             }
             match this.poll_upstream(cx) {
                 Poll::Ready(Some(out)) => {
-                    this.gathered.extend_from_slice(&out);
+                    this.gathered.push(out);
                     this.yielded = 0;
                 }
                 Poll::Ready(None) => {
                     if !this.gathered.is_empty() {
                         // The end (or the error) goes out at the next poll, after this data.
-                        return Poll::Ready(Some(Ok(Frame::data(this.gathered.split().freeze()))));
+                        return Poll::Ready(Some(Ok(Frame::data(this.gathered.take()))));
                     }
                     return Poll::Ready(this.last_frame().map(|bytes| Ok(Frame::data(bytes))));
                 }
@@ -429,7 +473,7 @@ impl HttpBody for MeteredBody {
                 }
                 Poll::Pending => {
                     this.yielded = 0;
-                    return Poll::Ready(Some(Ok(Frame::data(this.gathered.split().freeze()))));
+                    return Poll::Ready(Some(Ok(Frame::data(this.gathered.take()))));
                 }
             }
         }
@@ -459,5 +503,36 @@ impl Drop for MeteredBody {
             .request_duration
             .with_label_values(&[self.out.route, &self.out.model])
             .observe(self.out.started.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gathered_frames_keep_their_order_and_a_lone_one_is_not_copied() {
+        let mut gathered = Gathered::default();
+        assert!(gathered.is_empty());
+        let one = Bytes::from_static(b"data: 1\n\n");
+        gathered.push(one.clone());
+        gathered.push(Bytes::new());
+        let taken = gathered.take();
+        assert_eq!(
+            taken.as_ptr(),
+            one.as_ptr(),
+            "a lone frame goes out as it came"
+        );
+        assert!(gathered.is_empty());
+
+        for frames in [&["a", "b"][..], &["a", "", "b", "c"]] {
+            for frame in frames {
+                gathered.push(Bytes::copy_from_slice(frame.as_bytes()));
+            }
+            assert_eq!(gathered.len(), frames.concat().len());
+            assert_eq!(gathered.take(), frames.concat());
+            assert!(gathered.is_empty());
+            assert_eq!(gathered.take(), "");
+        }
     }
 }
