@@ -26,7 +26,7 @@ pub enum StartError {
     #[error("cannot open the state store {url}: {source}")]
     Store { url: String, source: StoreError },
     #[error("cannot set up TLS for https upstreams: {0}")]
-    Tls(#[from] crate::upstream::TlsSetupError),
+    Tls(#[from] crate::upstream::CaFileError),
     #[error("cannot start the plugin host: {0}")]
     Plugins(#[from] crate::plugins::PluginError),
     #[error("cannot listen on {addr}: {source}")]

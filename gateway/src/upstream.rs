@@ -4,7 +4,7 @@
 //! which one carried a request.
 
 use std::future::poll_fn;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::ServiceExt;
 
 use crate::config::Config;
+pub use garage_node_protocol::tls::CaFileError;
 
 /// Request bodies are always whole: the gateway has read and checked them before dispatch.
 pub type RequestBody = Full<Bytes>;
@@ -71,7 +72,7 @@ impl SendError {
 /// otherwise waits ~40 ms for the peer's delayed ACK), pooled keep-alive connections, a connect
 /// timeout, and no overall timeout (streams last as long as generation does). `https` backends
 /// are verified against the public web roots plus the CAs of `dispatch.tls_ca_file`.
-pub fn http_client(config: &Config) -> Result<HttpClient, TlsSetupError> {
+pub fn http_client(config: &Config) -> Result<HttpClient, CaFileError> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.enforce_http(false);
@@ -90,62 +91,14 @@ pub fn http_client(config: &Config) -> Result<HttpClient, TlsSetupError> {
     Ok(HttpClient { connector, pooled })
 }
 
-/// Why the TLS settings for `https` backends could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsSetupError {
-    #[error("cannot read the CA file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: rustls::pki_types::pem::Error,
-    },
-    #[error("the CA file {path} holds no certificate")]
-    NoCertificate { path: PathBuf },
-    #[error("the CA file {path} holds a certificate rustls cannot use: {source}")]
-    Unusable {
-        path: PathBuf,
-        source: rustls::Error,
-    },
-}
-
-fn tls_config(extra_cas: Option<&Path>) -> Result<rustls::ClientConfig, TlsSetupError> {
+fn tls_config(extra_cas: Option<&Path>) -> Result<rustls::ClientConfig, CaFileError> {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = extra_cas {
-        add_pem_roots(&mut roots, path)?;
-    }
+    let roots = garage_node_protocol::tls::trust_roots(extra_cas)?;
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap_or_else(|e| unreachable!("ring supports the default TLS versions: {e}"))
         .with_root_certificates(roots)
         .with_no_client_auth())
-}
-
-/// Adds every certificate of a PEM file to `roots` (other PEM sections, such as keys, are
-/// skipped). A file with none is an error: it is surely not what the operator meant.
-fn add_pem_roots(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), TlsSetupError> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let read = |source| TlsSetupError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let mut added = 0;
-    for cert in CertificateDer::pem_file_iter(path).map_err(read)? {
-        roots
-            .add(cert.map_err(read)?)
-            .map_err(|source| TlsSetupError::Unusable {
-                path: path.to_owned(),
-                source,
-            })?;
-        added += 1;
-    }
-    if added == 0 {
-        return Err(TlsSetupError::NoCertificate {
-            path: path.to_owned(),
-        });
-    }
-    Ok(())
 }
 
 impl HttpClient {

@@ -1,7 +1,13 @@
+//! TLS under a private CA, both ways.
+//!
 //! `https` upstreams: a simulated vLLM serving TLS with a certificate from a private CA, as
 //! `vllm serve --ssl-certfile --ssl-keyfile` does. The gateway reaches it through its own
 //! connection pool once `dispatch.tls_ca_file` names the CA, refuses it without, and will not
 //! start with a CA file it cannot use.
+//!
+//! Rigs: a gateway behind a TLS terminator with a certificate from the same kind of CA. A
+//! node-runner agent that trusts the CA (`gateway_ca_file`) enrolls and serves through its
+//! tunnel; one that trusts only the public roots cannot enroll.
 
 mod support;
 
@@ -275,4 +281,70 @@ fn the_sim_engine_command_wants_both_tls_files() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--ssl-keyfile"), "{stderr}");
+}
+
+/// A TLS terminator in front of `upstream` with the CA-signed `localhost` certificate, as a
+/// load balancer in front of a gateway is: TLS outside, plain TCP to the gateway. Returns its
+/// port.
+async fn tls_terminator(pki: &Pki, upstream: SocketAddr) -> u16 {
+    let tls =
+        garage_sim_engine::tls_server_config(&pki.file("engine.pem"), &pki.file("engine.key"))
+            .expect("certificate and key load");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut outside) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut inside) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut outside, &mut inside).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_rig_that_trusts_the_ca_reaches_a_gateway_behind_tls_and_one_that_does_not_cannot() {
+    let pki = Pki::new();
+    let gw = gateway(config(Vec::new())).await;
+    let base = gw.url();
+    let port = tls_terminator(&pki, gw.addr()).await;
+    let outside = format!("https://localhost:{port}");
+    let token = enrollment_token(&base, 2).await;
+
+    // Only the public roots: the gateway's certificate is not one of theirs.
+    let mut distrusting = rig_options(&outside, "distrusting", &token);
+    distrusting.http = Some(garage_node_runner::agent::http_client());
+    let engines = garage_node_runner::engines::EngineSet::start(Vec::new()).await;
+    let refused = garage_node_runner::agent::Agent::start(distrusting, engines).await;
+    let error = format!(
+        "{:#}",
+        anyhow::Error::from(refused.err().expect("cannot enroll"))
+    );
+    assert!(error.contains("certificate"), "{error}");
+    assert_eq!(routable_rigs(&base).await, 0);
+
+    let mut trusting = rig_options(&outside, "trusting", &token);
+    trusting.http = Some(
+        garage_node_runner::agent::http_client_trusting(&pki.file("ca.pem")).expect("CA loads"),
+    );
+    let rig = sim_rig(trusting, 0.0).await;
+    wait_until(Duration::from_secs(10), "the rig is routable", || async {
+        routable_rigs(&base).await == 1
+    })
+    .await;
+    // A request to the gateway reaches the rig through the tunnel it opened over TLS.
+    let (_, key) = create_key(&base, serde_json::json!({"name": "tls"})).await;
+    let (status, body) = post_chat(&base, &key, &chat(true)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    rig.shutdown().await;
+    gw.shutdown(Duration::from_secs(5)).await;
 }

@@ -3,6 +3,8 @@
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
+
+pub use garage_node_protocol::tls::CaFileError;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -109,9 +111,21 @@ pub struct Agent {
 /// An HTTP client with ring as its TLS provider (the workspace builds rustls without a default
 /// one) and TCP_NODELAY.
 pub fn http_client() -> reqwest::Client {
+    let roots = garage_node_protocol::tls::trust_roots(None)
+        .unwrap_or_else(|e| unreachable!("the web roots need no file: {e}"));
+    client_trusting(roots)
+}
+
+/// [`http_client`], trusting the CAs of a PEM file too: for a gateway whose certificate comes
+/// from a private CA (`gateway_ca_file`).
+pub fn http_client_trusting(ca_file: &Path) -> Result<reqwest::Client, CaFileError> {
+    Ok(client_trusting(garage_node_protocol::tls::trust_roots(
+        Some(ca_file),
+    )?))
+}
+
+fn client_trusting(roots: rustls::RootCertStore) -> reqwest::Client {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map(|b| b.with_root_certificates(roots).with_no_client_auth());

@@ -94,6 +94,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = NodeConfig::load_file(&config, std::env::vars())
                 .with_context(|| format!("cannot load {}", config.display()))?;
             let name = config.node_name();
+            let http = match &config.gateway_ca_file {
+                Some(ca_file) => Some(crate::agent::http_client_trusting(ca_file)?),
+                None => None,
+            };
             let engines = EngineSet::start(config.engines.clone()).await;
             let agent = Agent::start(
                 AgentOptions {
@@ -103,7 +107,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     state_file: Some(config.state_file.clone()),
                     heartbeat_interval: config.heartbeat_interval_secs.map(Duration::from_secs),
                     drain_timeout: Duration::from_secs(config.drain_timeout_secs),
-                    http: None,
+                    http,
                     probe_gpus: true,
                     batch: config.batch.options(),
                     labels: config.labels.clone(),

@@ -5,6 +5,7 @@
 //!
 //! ```toml
 //! gateway_url = "https://gateway.example.com"
+//! gateway_ca_file = "/etc/garage/ca.pem" # optional: a private CA the gateway's certificate is from
 //! enrollment_token = "et_..."          # first start only
 //!
 //! [[engines]]
@@ -29,6 +30,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("NODE_RUNNER_ENROLLMENT_TOKEN", "enrollment_token"),
     ("NODE_RUNNER_NAME", "name"),
     ("NODE_RUNNER_STATE_FILE", "state_file"),
+    ("NODE_RUNNER_GATEWAY_CA_FILE", "gateway_ca_file"),
 ];
 
 /// The official vLLM OpenAI-compatible server image.
@@ -53,6 +55,10 @@ pub enum ConfigError {
 pub struct NodeConfig {
     /// The gateway, e.g. `https://gateway.example.com` (plain `http://` for local trials).
     pub gateway_url: String,
+    /// A PEM file of certificate authorities trusted for the gateway besides the public web
+    /// roots: for a gateway whose certificate comes from a private CA.
+    #[serde(default)]
+    pub gateway_ca_file: Option<PathBuf>,
     /// Enrollment token from the admin API; needed only until the state file holds an identity.
     #[serde(default)]
     pub enrollment_token: Option<String>,
@@ -634,6 +640,7 @@ mod tests {
         assert_eq!(config.state_file, PathBuf::from("node-runner-state.json"));
         assert_eq!(config.drain_timeout_secs, 30);
         assert_eq!(config.enrollment_token, None);
+        assert_eq!(config.gateway_ca_file, None);
         assert!(!config.node_name().is_empty());
         let Driver::Simulated(sim) = &config.engines[0].driver else {
             panic!("simulated expected")
@@ -647,6 +654,7 @@ mod tests {
                 ("NODE_RUNNER_ENROLLMENT_TOKEN", "et_env"),
                 ("NODE_RUNNER_NAME", ""),
                 ("NODE_RUNNER_STATE_FILE", "/tmp/s.json"),
+                ("NODE_RUNNER_GATEWAY_CA_FILE", "/etc/garage/ca.pem"),
                 ("NODE_RUNNER_UNRELATED", "x"),
                 ("PATH", "/bin"),
             ]),
@@ -656,6 +664,10 @@ mod tests {
         assert_eq!(config.enrollment_token.as_deref(), Some("et_env"));
         assert_eq!(config.name, None);
         assert_eq!(config.state_file, PathBuf::from("/tmp/s.json"));
+        assert_eq!(
+            config.gateway_ca_file,
+            Some(PathBuf::from("/etc/garage/ca.pem"))
+        );
     }
 
     #[test]
