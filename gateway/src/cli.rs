@@ -51,6 +51,12 @@ struct ServeArgs {
     /// State store: `memory` or a redis:// URL.
     #[arg(long)]
     store: Option<String>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key-file).
+    #[arg(long, requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of --tls-cert-file.
+    #[arg(long, requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -116,6 +122,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             if let Some(store) = args.store {
                 config.store = store;
+            }
+            if args.tls_cert_file.is_some() {
+                config.tls_cert_file = args.tls_cert_file;
+                config.tls_key_file = args.tls_key_file;
             }
             args.common.apply(&mut config);
             init_logging(config.log_format);

@@ -16,6 +16,8 @@ pub const ENV_PREFIX: &str = "GARAGE_";
 /// operator's deployment silently; `every_field_has_an_env_name` checks it against the schema.
 pub const ENV_FIELDS: &[&str] = &[
     "listen",
+    "tls_cert_file",
+    "tls_key_file",
     "store",
     "log_format",
     "max_body_bytes",
@@ -96,6 +98,11 @@ pub enum ConfigError {
 pub struct Config {
     /// Address the HTTP server listens on.
     pub listen: SocketAddr,
+    /// Serve HTTPS with this PEM certificate chain (and `tls_key_file`); plain HTTP when unset,
+    /// as behind a TLS-terminating load balancer. Read at start.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// The PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<std::path::PathBuf>,
     /// `memory` (embedded, the default) or a `redis://` / `rediss://` URL.
     pub store: String,
     /// `text` (readable) or `json`.
@@ -294,6 +301,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls_cert_file: None,
+            tls_key_file: None,
             store: "memory".into(),
             log_format: LogFormat::Text,
             // Chat requests with long contexts and base64 images run to a few MB; 16 MiB leaves
@@ -407,6 +416,12 @@ impl Config {
             return invalid(
                 "auth.key_secret is required with a Redis store: every replica must hash API keys \
                  alike, and keys must survive a restart"
+                    .into(),
+            );
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return invalid(
+                "tls_cert_file and tls_key_file go together: set both to serve HTTPS, or neither"
                     .into(),
             );
         }

@@ -25,6 +25,8 @@ use crate::usage::Usage;
 pub enum StartError {
     #[error("cannot open the state store {url}: {source}")]
     Store { url: String, source: StoreError },
+    #[error("cannot serve TLS: {0:#}")]
+    ServeTls(anyhow::Error),
     #[error("cannot set up TLS for https upstreams: {0}")]
     Tls(#[from] crate::upstream::CaFileError),
     #[error("cannot start the plugin host: {0}")]
@@ -39,6 +41,8 @@ pub enum StartError {
 /// A running gateway: its server task and background tasks, stopped together.
 pub struct Gateway {
     addr: SocketAddr,
+    /// `http`, or `https` when serving TLS.
+    scheme: &'static str,
     state: AppState,
     shutdown: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
@@ -50,6 +54,14 @@ pub struct Gateway {
 impl Gateway {
     /// Opens the store, binds the listener and starts serving.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
+        // Before anything else: a certificate that cannot be read stops the start at once.
+        let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+            (Some(cert), Some(key)) => Some(Arc::new(
+                garage_tls::server_config(cert, key).map_err(StartError::ServeTls)?,
+            )),
+            _ => None,
+        };
+        let config_listen = config.listen;
         let store = store::open(
             &config.store,
             &[(crate::usage::LEDGER, config.usage.ledger_max_entries)],
@@ -156,21 +168,41 @@ impl Gateway {
             store: store.clone(),
         })));
         let shutdown = CancellationToken::new();
-        // Nagle off on every client socket: see `state::backend_client`.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(err) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+        let app = axum::ServiceExt::into_make_service(crate::api::app(state.clone()));
+        let until = shutdown.clone().cancelled_owned();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let server = match tls {
+            None => {
+                // Nagle off on every client socket: see `state::backend_client`.
+                let listener = listener.tap_io(|tcp| {
+                    if let Err(err) = tcp.set_nodelay(true) {
+                        tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+                    }
+                });
+                tokio::spawn(
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(until)
+                        .into_future(),
+                )
             }
-        });
-        let app = crate::api::app(state.clone());
-        let server = tokio::spawn(
-            axum::serve(listener, axum::ServiceExt::into_make_service(app))
-                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-                .into_future(),
-        );
-        tracing::info!(%addr, "gateway listening");
+            Some(tls) => {
+                let listener = garage_tls::TlsListener::new(listener, tls).map_err(|source| {
+                    StartError::Bind {
+                        addr: config_listen,
+                        source,
+                    }
+                })?;
+                tokio::spawn(
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(until)
+                        .into_future(),
+                )
+            }
+        };
+        tracing::info!(%addr, scheme, "gateway listening");
         Ok(Gateway {
             addr,
+            scheme,
             state,
             shutdown,
             server,
@@ -183,9 +215,9 @@ impl Gateway {
         self.addr
     }
 
-    /// `http://ADDR`
+    /// `http://ADDR`, or `https://ADDR` when serving TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     pub fn state(&self) -> &AppState {

@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::ServiceExt;
 
 use crate::config::Config;
-pub use garage_node_protocol::tls::CaFileError;
+pub use garage_tls::CaFileError;
 
 /// Request bodies are always whole: the gateway has read and checked them before dispatch.
 pub type RequestBody = Full<Bytes>;
@@ -93,7 +93,7 @@ pub fn http_client(config: &Config) -> Result<HttpClient, CaFileError> {
 
 fn tls_config(extra_cas: Option<&Path>) -> Result<rustls::ClientConfig, CaFileError> {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let roots = garage_node_protocol::tls::trust_roots(extra_cas)?;
+    let roots = garage_tls::trust_roots(extra_cas)?;
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap_or_else(|e| unreachable!("ring supports the default TLS versions: {e}"))

@@ -5,9 +5,9 @@
 //! connection pool once `dispatch.tls_ca_file` names the CA, refuses it without, and will not
 //! start with a CA file it cannot use.
 //!
-//! Rigs: a gateway behind a TLS terminator with a certificate from the same kind of CA. A
-//! node-runner agent that trusts the CA (`gateway_ca_file`) enrolls and serves through its
-//! tunnel; one that trusts only the public roots cannot enroll.
+//! The gateway's own listener: HTTPS with `tls_cert_file` and `tls_key_file`, for apps and for
+//! rigs. A node-runner agent that trusts the CA (`gateway_ca_file`) enrolls and serves through
+//! its tunnel; one that trusts only the public roots cannot enroll.
 
 mod support;
 
@@ -283,44 +283,123 @@ fn the_sim_engine_command_wants_both_tls_files() {
     assert!(stderr.contains("--ssl-keyfile"), "{stderr}");
 }
 
-/// A TLS terminator in front of `upstream` with the CA-signed `localhost` certificate, as a
-/// load balancer in front of a gateway is: TLS outside, plain TCP to the gateway. Returns its
-/// port.
-async fn tls_terminator(pki: &Pki, upstream: SocketAddr) -> u16 {
-    let tls =
-        garage_sim_engine::tls_server_config(&pki.file("engine.pem"), &pki.file("engine.key"))
-            .expect("certificate and key load");
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut outside) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let Ok(mut inside) = tokio::net::TcpStream::connect(upstream).await else {
-                    return;
-                };
-                let _ = tokio::io::copy_bidirectional(&mut outside, &mut inside).await;
-            });
-        }
-    });
-    port
+/// A gateway serving HTTPS with the CA-signed `localhost` certificate; its URL by that name,
+/// and a client that trusts the CA (a rig agent's client: HTTP/1.1, as OpenAI clients speak).
+async fn tls_gateway(
+    pki: &Pki,
+    upstreams: Vec<garage_gateway::config::UpstreamConfig>,
+) -> (Gateway, String, reqwest::Client) {
+    let mut config = config(upstreams);
+    config.tls_cert_file = Some(pki.file("engine.pem"));
+    config.tls_key_file = Some(pki.file("engine.key"));
+    let gw = gateway(config).await;
+    assert!(gw.url().starts_with("https://"), "{}", gw.url());
+    let base = format!("https://localhost:{}", gw.addr().port());
+    let client = garage_node_runner::agent::http_client_trusting(&pki.file("ca.pem")).unwrap();
+    (gw, base, client)
+}
+
+/// POSTs an admin request over `https`; returns the JSON answer.
+async fn admin_post_over(
+    https: &reqwest::Client,
+    base: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let response = https
+        .post(format!("{base}{path}"))
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .expect("admin API answers");
+    assert_eq!(response.status(), 201);
+    response.json().await.expect("JSON")
+}
+
+/// A streamed chat over `https`; returns status and body.
+async fn chat_over(https: &reqwest::Client, base: &str, key: &str, stream: bool) -> (u16, String) {
+    let response = https
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&chat(stream))
+        .send()
+        .await
+        .expect("gateway answers");
+    (
+        response.status().as_u16(),
+        response.text().await.unwrap_or_default(),
+    )
 }
 
 #[tokio::test]
-async fn a_rig_that_trusts_the_ca_reaches_a_gateway_behind_tls_and_one_that_does_not_cannot() {
+async fn the_gateway_serves_its_api_over_tls() {
     let pki = Pki::new();
-    let gw = gateway(config(Vec::new())).await;
-    let base = gw.url();
-    let port = tls_terminator(&pki, gw.addr()).await;
-    let outside = format!("https://localhost:{port}");
-    let token = enrollment_token(&base, 2).await;
+    let engine = fast_sim().await;
+    let (gw, base, https) = tls_gateway(&pki, vec![upstream("sim", engine.base_url())]).await;
+    let created = admin_post_over(
+        &https,
+        &base,
+        "/admin/keys",
+        serde_json::json!({"name": "tls"}),
+    )
+    .await;
+    let key = created["key"].as_str().unwrap();
+    for stream in [false, true] {
+        let (status, body) = chat_over(&https, &base, key, stream).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("chat.completion"), "{body}");
+    }
+    // Plain HTTP on the TLS port gets no answer it could mistake for one.
+    let plain = client()
+        .get(format!("http://{}/health", gw.addr()))
+        .send()
+        .await;
+    assert!(plain.is_err(), "{plain:?}");
+    gw.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn tls_files_go_together_and_must_load() {
+    let pki = Pki::new();
+    let text = format!(
+        "tls_cert_file = {:?}\n",
+        pki.file("engine.pem").display().to_string()
+    );
+    let error = garage_gateway::Config::load(Some(&text), std::iter::empty())
+        .expect_err("a certificate without its key is refused")
+        .to_string();
+    assert!(error.contains("tls_key_file"), "{error}");
+
+    // A CA certificate with the engine's key: not a pair.
+    let mut config = config(Vec::new());
+    config.tls_cert_file = Some(pki.file("ca.pem"));
+    config.tls_key_file = Some(pki.file("engine.key"));
+    let error = Gateway::start(config)
+        .await
+        .err()
+        .expect("a mismatched pair")
+        .to_string();
+    assert!(error.contains("cannot serve TLS"), "{error}");
+}
+
+#[tokio::test]
+async fn a_rig_that_trusts_the_ca_joins_a_gateway_over_tls_and_one_that_does_not_cannot() {
+    let pki = Pki::new();
+    let (gw, base, https) = tls_gateway(&pki, Vec::new()).await;
+    let token = admin_post_over(
+        &https,
+        &base,
+        "/admin/enrollment-tokens",
+        serde_json::json!({"operator": "op-test", "max_uses": 2}),
+    )
+    .await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     // Only the public roots: the gateway's certificate is not one of theirs.
-    let mut distrusting = rig_options(&outside, "distrusting", &token);
+    let mut distrusting = rig_options(&base, "distrusting", &token);
     distrusting.http = Some(garage_node_runner::agent::http_client());
     let engines = garage_node_runner::engines::EngineSet::start(Vec::new()).await;
     let refused = garage_node_runner::agent::Agent::start(distrusting, engines).await;
@@ -329,20 +408,36 @@ async fn a_rig_that_trusts_the_ca_reaches_a_gateway_behind_tls_and_one_that_does
         anyhow::Error::from(refused.err().expect("cannot enroll"))
     );
     assert!(error.contains("certificate"), "{error}");
-    assert_eq!(routable_rigs(&base).await, 0);
 
-    let mut trusting = rig_options(&outside, "trusting", &token);
+    let mut trusting = rig_options(&base, "trusting", &token);
     trusting.http = Some(
         garage_node_runner::agent::http_client_trusting(&pki.file("ca.pem")).expect("CA loads"),
     );
     let rig = sim_rig(trusting, 0.0).await;
     wait_until(Duration::from_secs(10), "the rig is routable", || async {
-        routable_rigs(&base).await == 1
+        let nodes: serde_json::Value = https
+            .get(format!("{base}/admin/nodes"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        nodes["data"]
+            .as_array()
+            .is_some_and(|n| n.iter().filter(|n| n["routable"] == true).count() == 1)
     })
     .await;
     // A request to the gateway reaches the rig through the tunnel it opened over TLS.
-    let (_, key) = create_key(&base, serde_json::json!({"name": "tls"})).await;
-    let (status, body) = post_chat(&base, &key, &chat(true)).await;
+    let created = admin_post_over(
+        &https,
+        &base,
+        "/admin/keys",
+        serde_json::json!({"name": "tls"}),
+    )
+    .await;
+    let (status, body) = chat_over(&https, &base, created["key"].as_str().unwrap(), true).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
     rig.shutdown().await;

@@ -16,8 +16,6 @@
 
 use serde::{Deserialize, Serialize};
 
-pub mod tls;
-
 /// Enrollment endpoint on the gateway.
 pub const ENROLL_PATH: &str = "/node/v1/enroll";
 /// Tunnel endpoint on the gateway.

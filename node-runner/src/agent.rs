@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 
-pub use garage_node_protocol::tls::CaFileError;
+pub use garage_tls::CaFileError;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -111,7 +111,7 @@ pub struct Agent {
 /// An HTTP client with ring as its TLS provider (the workspace builds rustls without a default
 /// one) and TCP_NODELAY.
 pub fn http_client() -> reqwest::Client {
-    let roots = garage_node_protocol::tls::trust_roots(None)
+    let roots = garage_tls::trust_roots(None)
         .unwrap_or_else(|e| unreachable!("the web roots need no file: {e}"));
     client_trusting(roots)
 }
@@ -119,9 +119,7 @@ pub fn http_client() -> reqwest::Client {
 /// [`http_client`], trusting the CAs of a PEM file too: for a gateway whose certificate comes
 /// from a private CA (`gateway_ca_file`).
 pub fn http_client_trusting(ca_file: &Path) -> Result<reqwest::Client, CaFileError> {
-    Ok(client_trusting(garage_node_protocol::tls::trust_roots(
-        Some(ca_file),
-    )?))
+    Ok(client_trusting(garage_tls::trust_roots(Some(ca_file))?))
 }
 
 fn client_trusting(roots: rustls::RootCertStore) -> reqwest::Client {

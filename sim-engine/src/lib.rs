@@ -9,7 +9,6 @@
 mod api;
 mod state;
 mod synth;
-mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,8 +19,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub use api::router;
+pub use garage_tls::server_config as tls_server_config;
 pub use state::SimState;
-pub use tls::server_config as tls_server_config;
 
 /// The model name served when none is configured.
 pub const DEFAULT_MODEL: &str = "sim-llama-3-8b";
@@ -123,7 +122,7 @@ impl SimEngine {
                 })
             }
             Some(tls) => {
-                let listener = tls::TlsListener::new(listener, tls)?;
+                let listener = garage_tls::TlsListener::new(listener, tls)?;
                 tokio::spawn(async move {
                     axum::serve(listener, app)
                         .with_graceful_shutdown(shutdown)

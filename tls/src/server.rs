@@ -1,5 +1,4 @@
-//! HTTPS, as vLLM serves it with `--ssl-certfile` and `--ssl-keyfile`: the gateway's TLS path
-//! to upstreams is tested against it.
+//! Serving HTTPS from a PEM certificate chain and key.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,7 +12,8 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-/// Server TLS settings from a PEM certificate chain and its PEM private key.
+/// Server TLS settings from a PEM certificate chain and its PEM private key, offering HTTP/1.1
+/// (what OpenAI clients speak, and what a rig's tunnel upgrades from).
 pub fn server_config(cert_file: &Path, key_file: &Path) -> anyhow::Result<rustls::ServerConfig> {
     use anyhow::Context as _;
     let certs = CertificateDer::pem_file_iter(cert_file)
@@ -39,7 +39,7 @@ pub fn server_config(cert_file: &Path, key_file: &Path) -> anyhow::Result<rustls
 /// A listener whose connections have finished their TLS handshake. Handshakes run on tasks of
 /// their own, so a client that stalls in one holds up nobody else; one that fails is logged
 /// and dropped.
-pub(crate) struct TlsListener {
+pub struct TlsListener {
     addr: SocketAddr,
     ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     acceptor: tokio::task::JoinHandle<()>,
@@ -49,10 +49,9 @@ pub(crate) struct TlsListener {
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl TlsListener {
-    pub(crate) fn new(
-        listener: TcpListener,
-        config: Arc<rustls::ServerConfig>,
-    ) -> std::io::Result<Self> {
+    /// Takes over `listener` and handshakes its connections with `config`. Nagle is off on
+    /// every connection: streamed answers are many small writes.
+    pub fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let tls = TlsAcceptor::from(config);
         let (tx, ready) = mpsc::channel(64);

@@ -1,6 +1,5 @@
 //! Whom the gateway and the rigs trust over TLS: the public web roots, plus the certificate
-//! authorities of a PEM file an operator names (a private CA). The gateway uses it for `https`
-//! upstreams, a rig's agent for the gateway.
+//! authorities of a PEM file an operator names (a private CA).
 
 use std::path::{Path, PathBuf};
 
