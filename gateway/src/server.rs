@@ -61,7 +61,6 @@ impl Gateway {
             )),
             _ => None,
         };
-        let config_listen = config.listen;
         let store = store::open(
             &config.store,
             &[(crate::usage::LEDGER, config.usage.ledger_max_entries)],
@@ -186,12 +185,8 @@ impl Gateway {
                 )
             }
             Some(tls) => {
-                let listener = garage_tls::TlsListener::new(listener, tls).map_err(|source| {
-                    StartError::Bind {
-                        addr: config_listen,
-                        source,
-                    }
-                })?;
+                let listener = garage_tls::TlsListener::new(listener, tls)
+                    .map_err(|source| StartError::Bind { addr, source })?;
                 tokio::spawn(
                     axum::serve(listener, app)
                         .with_graceful_shutdown(until)

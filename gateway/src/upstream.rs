@@ -4,7 +4,6 @@
 //! which one carried a request.
 
 use std::future::poll_fn;
-use std::path::Path;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -77,7 +76,7 @@ pub fn http_client(config: &Config) -> Result<HttpClient, CaFileError> {
     http.set_nodelay(true);
     http.enforce_http(false);
     http.set_connect_timeout(Some(config.dispatch.connect_timeout()));
-    let tls = tls_config(config.dispatch.tls_ca_file.as_deref())?;
+    let tls = garage_tls::client_config(config.dispatch.tls_ca_file.as_deref())?;
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -89,16 +88,6 @@ pub fn http_client(config: &Config) -> Result<HttpClient, CaFileError> {
         .pool_max_idle_per_host(MAX_IDLE)
         .build(connector.clone());
     Ok(HttpClient { connector, pooled })
-}
-
-fn tls_config(extra_cas: Option<&Path>) -> Result<rustls::ClientConfig, CaFileError> {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let roots = garage_tls::trust_roots(extra_cas)?;
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap_or_else(|e| unreachable!("ring supports the default TLS versions: {e}"))
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 impl HttpClient {

@@ -299,54 +299,14 @@ async fn tls_gateway(
     (gw, base, client)
 }
 
-/// POSTs an admin request over `https`; returns the JSON answer.
-async fn admin_post_over(
-    https: &reqwest::Client,
-    base: &str,
-    path: &str,
-    body: serde_json::Value,
-) -> serde_json::Value {
-    let response = https
-        .post(format!("{base}{path}"))
-        .bearer_auth(ADMIN)
-        .json(&body)
-        .send()
-        .await
-        .expect("admin API answers");
-    assert_eq!(response.status(), 201);
-    response.json().await.expect("JSON")
-}
-
-/// A streamed chat over `https`; returns status and body.
-async fn chat_over(https: &reqwest::Client, base: &str, key: &str, stream: bool) -> (u16, String) {
-    let response = https
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(&chat(stream))
-        .send()
-        .await
-        .expect("gateway answers");
-    (
-        response.status().as_u16(),
-        response.text().await.unwrap_or_default(),
-    )
-}
-
 #[tokio::test]
 async fn the_gateway_serves_its_api_over_tls() {
     let pki = Pki::new();
     let engine = fast_sim().await;
     let (gw, base, https) = tls_gateway(&pki, vec![upstream("sim", engine.base_url())]).await;
-    let created = admin_post_over(
-        &https,
-        &base,
-        "/admin/keys",
-        serde_json::json!({"name": "tls"}),
-    )
-    .await;
-    let key = created["key"].as_str().unwrap();
+    let (_, key) = create_key_with(&https, &base, serde_json::json!({"name": "tls"})).await;
     for stream in [false, true] {
-        let (status, body) = chat_over(&https, &base, key, stream).await;
+        let (status, body) = post_chat_with(&https, &base, &key, &chat(stream)).await;
         assert_eq!(status, 200, "{body}");
         assert!(body.contains("chat.completion"), "{body}");
     }
@@ -387,16 +347,7 @@ async fn tls_files_go_together_and_must_load() {
 async fn a_rig_that_trusts_the_ca_joins_a_gateway_over_tls_and_one_that_does_not_cannot() {
     let pki = Pki::new();
     let (gw, base, https) = tls_gateway(&pki, Vec::new()).await;
-    let token = admin_post_over(
-        &https,
-        &base,
-        "/admin/enrollment-tokens",
-        serde_json::json!({"operator": "op-test", "max_uses": 2}),
-    )
-    .await["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = enrollment_token_with(&https, &base, 2).await;
 
     // Only the public roots: the gateway's certificate is not one of theirs.
     let mut distrusting = rig_options(&base, "distrusting", &token);
@@ -415,29 +366,12 @@ async fn a_rig_that_trusts_the_ca_joins_a_gateway_over_tls_and_one_that_does_not
     );
     let rig = sim_rig(trusting, 0.0).await;
     wait_until(Duration::from_secs(10), "the rig is routable", || async {
-        let nodes: serde_json::Value = https
-            .get(format!("{base}/admin/nodes"))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        nodes["data"]
-            .as_array()
-            .is_some_and(|n| n.iter().filter(|n| n["routable"] == true).count() == 1)
+        routable_rigs_with(&https, &base).await == 1
     })
     .await;
     // A request to the gateway reaches the rig through the tunnel it opened over TLS.
-    let created = admin_post_over(
-        &https,
-        &base,
-        "/admin/keys",
-        serde_json::json!({"name": "tls"}),
-    )
-    .await;
-    let (status, body) = chat_over(&https, &base, created["key"].as_str().unwrap(), true).await;
+    let (_, key) = create_key_with(&https, &base, serde_json::json!({"name": "tls"})).await;
+    let (status, body) = post_chat_with(&https, &base, &key, &chat(true)).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
     rig.shutdown().await;

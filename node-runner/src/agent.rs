@@ -3,8 +3,6 @@
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
-
-pub use garage_tls::CaFileError;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -23,6 +21,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+pub use garage_tls::CaFileError;
 
 use crate::batch::BatchOptions;
 use crate::engines::EngineSet;
@@ -111,31 +111,26 @@ pub struct Agent {
 /// An HTTP client with ring as its TLS provider (the workspace builds rustls without a default
 /// one) and TCP_NODELAY.
 pub fn http_client() -> reqwest::Client {
-    let roots = garage_tls::trust_roots(None)
+    let tls = garage_tls::client_config(None)
         .unwrap_or_else(|e| unreachable!("the web roots need no file: {e}"));
-    client_trusting(roots)
+    client_with(tls)
 }
 
 /// [`http_client`], trusting the CAs of a PEM file too: for a gateway whose certificate comes
 /// from a private CA (`gateway_ca_file`).
 pub fn http_client_trusting(ca_file: &Path) -> Result<reqwest::Client, CaFileError> {
-    Ok(client_trusting(garage_tls::trust_roots(Some(ca_file))?))
+    Ok(client_with(garage_tls::client_config(Some(ca_file))?))
 }
 
-fn client_trusting(roots: rustls::RootCertStore) -> reqwest::Client {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map(|b| b.with_root_certificates(roots).with_no_client_auth());
-    let mut builder = reqwest::Client::builder()
+fn client_with(tls: rustls::ClientConfig) -> reqwest::Client {
+    reqwest::Client::builder()
         .tcp_nodelay(true)
         // The tunnel is an HTTP/1.1 upgrade; HTTP/2 has no upgrades.
         .http1_only()
-        .connect_timeout(Duration::from_secs(10));
-    if let Ok(tls) = tls {
-        builder = builder.tls_backend_preconfigured(tls);
-    }
-    builder.build().unwrap_or_else(|_| reqwest::Client::new())
+        .connect_timeout(Duration::from_secs(10))
+        .tls_backend_preconfigured(tls)
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new())
 }
 
 fn read_identity(path: &Path) -> Result<Option<NodeIdentity>, AgentError> {

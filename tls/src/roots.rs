@@ -64,3 +64,13 @@ pub fn trust_roots(extra_cas: Option<&Path>) -> Result<RootCertStore, CaFileErro
     }
     Ok(roots)
 }
+
+/// Client TLS settings, ring as the provider, trusting [`trust_roots`]`(extra_cas)`.
+pub fn client_config(extra_cas: Option<&Path>) -> Result<rustls::ClientConfig, CaFileError> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|e| unreachable!("ring supports the default TLS versions: {e}"))
+        .with_root_certificates(trust_roots(extra_cas)?)
+        .with_no_client_auth())
+}

@@ -157,7 +157,16 @@ pub async fn metrics_text(base: &str) -> String {
 
 /// Creates an API key through the admin API; returns (id, secret).
 pub async fn create_key(base: &str, body: serde_json::Value) -> (String, String) {
-    let response = client()
+    create_key_with(&client(), base, body).await
+}
+
+/// [`create_key`] through `client` (one that trusts a test CA, say).
+pub async fn create_key_with(
+    client: &reqwest::Client,
+    base: &str,
+    body: serde_json::Value,
+) -> (String, String) {
+    let response = client
         .post(format!("{base}/admin/keys"))
         .bearer_auth(ADMIN)
         .json(&body)
@@ -183,7 +192,17 @@ pub fn chat(stream: bool) -> serde_json::Value {
 
 /// Posts a chat request with `key`; returns status and body text.
 pub async fn post_chat(base: &str, key: &str, body: &serde_json::Value) -> (u16, String) {
-    let response = client()
+    post_chat_with(&client(), base, key, body).await
+}
+
+/// [`post_chat`] through `client`.
+pub async fn post_chat_with(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    body: &serde_json::Value,
+) -> (u16, String) {
+    let response = client
         .post(format!("{base}/v1/chat/completions"))
         .bearer_auth(key)
         .json(body)
@@ -225,7 +244,12 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
 
 /// GET an admin endpoint as JSON.
 pub async fn admin_get(base: &str, path: &str) -> serde_json::Value {
-    client()
+    admin_get_with(&client(), base, path).await
+}
+
+/// [`admin_get`] through `client`.
+pub async fn admin_get_with(client: &reqwest::Client, base: &str, path: &str) -> serde_json::Value {
+    client
         .get(format!("{base}{path}"))
         .bearer_auth(ADMIN)
         .send()
@@ -242,7 +266,17 @@ pub async fn admin_post(
     path: &str,
     body: serde_json::Value,
 ) -> (u16, serde_json::Value) {
-    let response = client()
+    admin_post_with(&client(), base, path, body).await
+}
+
+/// [`admin_post`] through `client`.
+pub async fn admin_post_with(
+    client: &reqwest::Client,
+    base: &str,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let response = client
         .post(format!("{base}{path}"))
         .bearer_auth(ADMIN)
         .json(&body)
@@ -255,7 +289,13 @@ pub async fn admin_post(
 
 /// An enrollment token for `uses` rigs.
 pub async fn enrollment_token(base: &str, uses: u32) -> String {
-    let (status, body) = admin_post(
+    enrollment_token_with(&client(), base, uses).await
+}
+
+/// [`enrollment_token`] through `client`.
+pub async fn enrollment_token_with(client: &reqwest::Client, base: &str, uses: u32) -> String {
+    let (status, body) = admin_post_with(
+        client,
         base,
         "/admin/enrollment-tokens",
         serde_json::json!({"operator": "op-test", "max_uses": uses}),
@@ -267,7 +307,12 @@ pub async fn enrollment_token(base: &str, uses: u32) -> String {
 
 /// Rigs the gateway routes to right now.
 pub async fn routable_rigs(base: &str) -> usize {
-    admin_get(base, "/admin/nodes").await["data"]
+    routable_rigs_with(&client(), base).await
+}
+
+/// [`routable_rigs`] through `client`.
+pub async fn routable_rigs_with(client: &reqwest::Client, base: &str) -> usize {
+    admin_get_with(client, base, "/admin/nodes").await["data"]
         .as_array()
         .map_or(0, |nodes| {
             nodes.iter().filter(|n| n["routable"] == true).count()
