@@ -47,6 +47,10 @@ case $TARGET in gateway | hyper-floor) ;; *) die "BENCH_TARGET must be gateway o
 
 if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
     log "building release binaries"
+    # The gateway embeds its default plugins, built for wasm32-wasip2.
+    if command -v rustup >/dev/null 2>&1; then
+        rustup target add wasm32-wasip2 >/dev/null 2>&1 || echo "warning: could not add the wasm32-wasip2 target" >&2
+    fi
     cargo build --release -p garage-gateway -p garage-sim-engine -p garage-hyper-floor >&2
 fi
 

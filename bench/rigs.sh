@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 counts=("${@:-200}")
 [[ $# -eq 0 ]] && counts=(200 1000)
 
+# The gateway embeds its default plugins, built for wasm32-wasip2.
+if command -v rustup >/dev/null 2>&1; then
+    rustup target add wasm32-wasip2 >/dev/null 2>&1 || echo "warning: could not add the wasm32-wasip2 target" >&2
+fi
 cargo build --release -q -p garage-gateway -p garage-node-runner
 command -v wrk >/dev/null || { apt-get update -q && apt-get install -y -q wrk; }
 

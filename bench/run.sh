@@ -98,6 +98,10 @@ fi
 
 if [[ $SKIP_BUILD != 1 ]]; then
     log "building release binaries (may wait for the cargo lock)"
+    # The gateway embeds its default plugins, built for wasm32-wasip2.
+    if command -v rustup >/dev/null 2>&1; then
+        rustup target add wasm32-wasip2 >/dev/null 2>&1 || echo "warning: could not add the wasm32-wasip2 target" >&2
+    fi
     cargo build --release -p garage-gateway -p garage-sim-engine -p garage-hyper-floor >&2
 fi
 [[ -x $BIN/gateway && -x $BIN/sim-engine ]] || die "no release binaries in $BIN"
