@@ -157,15 +157,13 @@ pub fn app(
 + Sync
 + 'static {
     let max_body = state.config.max_body_bytes;
+    // The inference routes apply `max_body_bytes` themselves; everything else gets it from this
+    // layer. Routes with bigger bodies (plugin and batch file uploads) set their own limit,
+    // which replaces this one.
+    let router = tower::Layer::layer(&DefaultBodyLimit::max(max_body), router(state.clone()));
     tower::ServiceBuilder::new()
         .layer(RequestIdLayer)
-        // Routes with bigger bodies (plugin and batch file uploads) set their own limit, which
-        // replaces this one.
-        .layer(DefaultBodyLimit::max(max_body))
-        .service(InferenceFirst {
-            router: router(state.clone()),
-            state,
-        })
+        .service(InferenceFirst { router, state })
 }
 
 /// The three inference routes, taken before the router, which answers everything else (other
@@ -173,25 +171,37 @@ pub fn app(
 /// a gateway serves, and the router's path match, its URL-parameter extension and its boxing
 /// of the handler cost about 3,300 instructions each (docs/benchmarks.md). The routes stay in
 /// the router too, where the OpenAPI document is built from them.
+///
+/// They read the request body within `max_body_bytes` themselves, which spares every inference
+/// request the `DefaultBodyLimit` layer's mark in its extensions (a map allocated per request)
+/// and axum's boxing of the limited body.
 #[derive(Clone)]
-struct InferenceFirst {
-    router: axum::Router,
+struct InferenceFirst<R> {
+    /// The router, inside the body limit layer.
+    router: R,
     state: AppState,
 }
 
-impl tower::Service<axum::extract::Request> for InferenceFirst {
+impl<R> tower::Service<axum::extract::Request> for InferenceFirst<R>
+where
+    R: tower::Service<
+            axum::extract::Request,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        >,
+{
     type Response = axum::response::Response;
     type Error = std::convert::Infallible;
     type Future = futures::future::Either<
         futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>,
-        <axum::Router as tower::Service<axum::extract::Request>>::Future,
+        R::Future,
     >;
 
     fn poll_ready(
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
-        tower::Service::<axum::extract::Request>::poll_ready(&mut self.router, cx)
+        self.router.poll_ready(cx)
     }
 
     fn call(&mut self, request: axum::extract::Request) -> Self::Future {
@@ -200,7 +210,7 @@ impl tower::Service<axum::extract::Request> for InferenceFirst {
             Some(route) => {
                 futures::future::Either::Left(route.serve(&self.state, request).map(Ok).boxed())
             }
-            None => futures::future::Either::Right(tower::Service::call(&mut self.router, request)),
+            None => futures::future::Either::Right(self.router.call(request)),
         }
     }
 }

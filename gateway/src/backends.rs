@@ -297,8 +297,9 @@ impl Backend {
     }
 
     pub fn is_healthy(&self) -> bool {
-        self.probe_ok.load(Ordering::Relaxed)
-            && self.cooldown_until_ms.load(Ordering::Relaxed) <= self.now_ms()
+        // Nearly always never cooled down (0): no clock read on every request's path then.
+        let until = self.cooldown_until_ms.load(Ordering::Relaxed);
+        self.probe_ok.load(Ordering::Relaxed) && (until == 0 || until <= self.now_ms())
     }
 
     /// Takes the backend out of rotation for `period` after a failure.

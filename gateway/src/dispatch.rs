@@ -50,19 +50,15 @@ impl Outgoing {
     }
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// The usage event of a finished request.
 fn usage_event(
     out: &Outgoing,
     backend: &Backend,
     usage: Usage,
     ttft: std::time::Duration,
+    total: std::time::Duration,
 ) -> UsageEvent {
+    let latency_ms = total.as_millis() as u64;
     let (rig, operator) = match &backend.rig {
         Some(rig) => (rig.node_id.clone(), rig.operator.clone()),
         None => (String::new(), String::new()),
@@ -74,13 +70,15 @@ fn usage_event(
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
         cached_tokens: 0,
-        latency_ms: out.started.elapsed().as_millis() as u64,
+        latency_ms,
         ttft_ms: ttft.as_millis() as u64,
         backend: backend.id.clone(),
         rig,
         operator,
         started_at_ms: out.started_at_ms,
-        finished_at_ms: unix_ms(),
+        // The start's wall clock plus the monotonic duration: one clock read fewer, and an
+        // end that cannot come before the start when the wall clock steps back.
+        finished_at_ms: out.started_at_ms + latency_ms,
         batch: false,
     }
 }
@@ -208,12 +206,8 @@ async fn whole_response(
         .is_success()
         .then(|| usage_of_body(&body))
         .flatten();
-    finish(state, backend, &out, usage, out.started.elapsed());
-    state
-        .metrics
-        .request_duration
-        .with_label_values(&[out.route, &out.model])
-        .observe(out.started.elapsed().as_secs_f64());
+    let total = out.started.elapsed();
+    finish(state, backend, &out, usage, total, total);
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = parts.status;
     if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
@@ -224,21 +218,28 @@ async fn whole_response(
     Ok(response)
 }
 
-/// Everything that happens when a request ends: metrics, the usage event, the backend's
-/// measured speed, and the rate limiter's settlement.
+/// Everything that happens when a request ends, `total` after it started: metrics, the usage
+/// event, the backend's measured speed, and the rate limiter's settlement.
 fn finish(
     state: &AppState,
     backend: &Backend,
     out: &Outgoing,
     usage: Option<Usage>,
     ttft: std::time::Duration,
+    total: std::time::Duration,
 ) {
+    state
+        .metrics
+        .request_duration
+        .with_label_values(&[out.route, &out.model])
+        .observe(total.as_secs_f64());
     record_usage(state, &out.model, usage);
     let used = usage.map_or(0, |u| u.prompt_tokens + u.completion_tokens);
     if let Some(usage) = usage {
-        let total = out.started.elapsed();
         backend.observe(ttft, total.saturating_sub(ttft), usage.completion_tokens);
-        state.usage.record(usage_event(out, backend, usage, ttft));
+        state
+            .usage
+            .record(usage_event(out, backend, usage, ttft, total));
     }
     crate::policy::settle(
         state,
@@ -497,12 +498,8 @@ impl Drop for MeteredBody {
             &self.out,
             self.tap.usage(),
             ttft,
+            self.out.started.elapsed(),
         );
-        self.state
-            .metrics
-            .request_duration
-            .with_label_values(&[self.out.route, &self.out.model])
-            .observe(self.out.started.elapsed().as_secs_f64());
     }
 }
 

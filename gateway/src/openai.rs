@@ -4,8 +4,7 @@ use std::borrow::Cow;
 use std::time::Instant;
 
 use axum::Json;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -261,10 +260,7 @@ async fn admit_and_forward(
 ) -> Result<Response, ApiError> {
     let headers = &std::mem::take(request.headers_mut());
     let key = state.auth.authenticate(headers).await?;
-    // Read within the body limit the request carries (`DefaultBodyLimit`).
-    let body = Bytes::from_request(request, &())
-        .await
-        .map_err(|r: BytesRejection| from_rejection(r.status(), r.body_text()))?;
+    let body = read_body(request.into_body(), state.config.max_body_bytes).await?;
     let admitted = parse(endpoint, &body)?;
     check_model_allowed(&key, &admitted.model)?;
     let candidates = state.backends.snapshot().candidates(&admitted.model)?;
@@ -326,6 +322,49 @@ async fn admit_and_forward(
             Err(err)
         }
     }
+}
+
+/// The whole request body, at most `limit` bytes (more is a 413). These routes are answered
+/// before the router and its `DefaultBodyLimit` layer (see `api::InferenceFirst`), so the limit
+/// is applied here. A body that came in one piece, as nearly all do, is that piece: no list of
+/// pieces to gather it in.
+async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
+    use http_body::Body as _;
+    use http_body_util::BodyExt;
+    let too_large = || from_rejection(axum::http::StatusCode::PAYLOAD_TOO_LARGE, String::new());
+    let broken = |err: axum::BoxError| {
+        if err.is::<http_body_util::LengthLimitError>() {
+            too_large()
+        } else {
+            ApiError::bad_request(format!("Failed to read the request body: {err}"), None)
+        }
+    };
+    // A declared length over the limit is refused before anything is read.
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    let mut body = http_body_util::Limited::new(body, limit);
+    let mut first = Bytes::new();
+    while first.is_empty() {
+        match body.frame().await {
+            None => return Ok(first),
+            Some(frame) => {
+                // Trailers carry no body bytes; they end it.
+                match frame.map_err(broken)?.into_data() {
+                    Ok(data) => first = data,
+                    Err(_) => return Ok(first),
+                }
+            }
+        }
+    }
+    if body.is_end_stream() {
+        return Ok(first);
+    }
+    let rest = body.collect().await.map_err(broken)?.to_bytes();
+    let mut whole = Vec::with_capacity(first.len() + rest.len());
+    whole.extend_from_slice(&first);
+    whole.extend_from_slice(&rest);
+    Ok(Bytes::from(whole))
 }
 
 /// Creates a model response for the given chat conversation; with `"stream": true` the answer

@@ -285,10 +285,14 @@ fn to_plugin_event(e: &UsageEvent) -> plugins::UsageEvent {
 
 #[async_trait]
 impl UsageProcessor for PluginProcessor {
+    fn is_idle(&self) -> bool {
+        !self.plugins.is_active(Slot::Meter) && !self.plugins.is_active(Slot::Reward)
+    }
+
     async fn process(&self, event: &UsageEvent) -> Result<Outcome, String> {
         // No meter and no reward plugin: nothing to charge or award, and no copy of the event
         // to make for them.
-        if !self.plugins.is_active(Slot::Meter) && !self.plugins.is_active(Slot::Reward) {
+        if self.is_idle() {
             return Ok(Outcome::default());
         }
         let plugin_event = to_plugin_event(event);

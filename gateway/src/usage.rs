@@ -116,6 +116,12 @@ pub struct Outcome {
 pub trait UsageProcessor: Send + Sync {
     /// `Err` leaves the event queued, to be retried (a faulting plugin).
     async fn process(&self, event: &UsageEvent) -> Result<Outcome, String>;
+
+    /// Whether every event's outcome is `Outcome::default()` right now (no meter and no
+    /// reward installed), so that the worker need not ask for each one.
+    fn is_idle(&self) -> bool {
+        false
+    }
 }
 
 /// The ledger entry of one request: append-only, keyed by request id.
@@ -535,6 +541,9 @@ impl Usage {
             };
             let mut entries = Vec::with_capacity(taken.len());
             let mut failed = Vec::new();
+            // One clock read per batch: its events are processed within a few milliseconds.
+            let processed_at_ms = now_ms();
+            let idle = processor.is_idle();
             for (i, (taken, known)) in taken.into_iter().zip(known).enumerate() {
                 yield_now_and_then(i).await;
                 if !failed.is_empty() {
@@ -542,6 +551,15 @@ impl Usage {
                 } else if known {
                     processed += 1;
                     done.extend(taken.lease);
+                } else if idle {
+                    entries.push((
+                        taken.lease,
+                        LedgerEntry {
+                            event: taken.event,
+                            outcome: Outcome::default(),
+                            processed_at_ms,
+                        },
+                    ));
                 } else {
                     match processor.process(&taken.event).await {
                         Ok(outcome) => entries.push((
@@ -549,7 +567,7 @@ impl Usage {
                             LedgerEntry {
                                 event: taken.event,
                                 outcome,
-                                processed_at_ms: now_ms(),
+                                processed_at_ms,
                             },
                         )),
                         Err(err) => {

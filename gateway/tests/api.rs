@@ -203,6 +203,57 @@ async fn bodies_pass_through_untouched() {
     assert_eq!(value["backend_extension"]["kv_cache_hit"], true);
 }
 
+/// A body sent in pieces (chunked transfer encoding, one frame per piece) reaches the backend
+/// whole; pieces that add up to more than `max_body_bytes` get a 413, with no length declared
+/// up front to refuse it by.
+#[tokio::test]
+async fn chunked_bodies_are_read_whole_and_limited() {
+    let (url, _echo) = echo_upstream().await;
+    let mut cfg = config(vec![upstream("echo", url)]);
+    cfg.max_body_bytes = 4096;
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let send = |pieces: Vec<String>| {
+        let stream = futures::stream::iter(
+            pieces
+                .into_iter()
+                .map(|piece| Ok::<_, std::io::Error>(bytes::Bytes::from(piece))),
+        );
+        client()
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(reqwest::Body::wrap_stream(stream))
+            .send()
+    };
+    let pieces = vec![
+        format!(r#"{{"model":"{MODEL}","#),
+        r#""messages":[{"role":"user","content":"in pieces"}]"#.to_owned(),
+        "}".to_owned(),
+    ];
+    let whole = pieces.concat();
+    let response = send(pieces).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let value: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(value["received_raw"], whole);
+
+    let filler = "x".repeat(1500);
+    let pieces = vec![
+        format!(r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":""#),
+        filler.clone(),
+        filler.clone(),
+        filler,
+        r#""}]}"#.to_owned(),
+    ];
+    let response = send(pieces).await.unwrap();
+    assert_eq!(response.status(), 413);
+    let error = error_of(&response.text().await.unwrap());
+    assert_eq!(error["code"], "request_too_large");
+    // The refusal broke nothing: the next request is served.
+    assert_eq!(post_chat(&base, &key, &chat(false)).await.0, 200);
+}
+
 #[tokio::test]
 async fn client_errors_in_openai_shape() {
     let engine = fast_sim().await;
