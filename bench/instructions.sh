@@ -15,7 +15,9 @@
 #   BENCH_STREAM       1: streamed chat (default 0)
 #   BENCH_DURATION     seconds of counted load (default 10)
 #   BENCH_CONCURRENCY  wrk connections (default 4: valgrind runs the program about 50x slower)
-#   BENCH_SKIP_BUILD   1: use the release binaries already in the target directory
+#   BENCH_PROFILE      the cargo profile built and measured (default dist: release with fat
+#                      LTO, what to deploy; release is the demo's, ~7 % more instructions)
+#   BENCH_SKIP_BUILD   1: use the binaries of that profile already in the target directory
 #   BENCH_KEEP         1: keep the callgrind output (for callgrind_annotate) and print its path
 #   BENCH_GATEWAY_LOG  the gateway's RUST_LOG (default warn; the gateway's own default is info,
 #                      where the span each request runs in costs ~6k instructions more)
@@ -33,7 +35,9 @@ STREAM=${BENCH_STREAM:-0}
 DURATION=${BENCH_DURATION:-10}
 CONCURRENCY=${BENCH_CONCURRENCY:-4}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-BIN=$TARGET_DIR/release
+# The cargo profile measured: dist (what to deploy; see Cargo.toml) unless told otherwise.
+PROFILE=${BENCH_PROFILE:-dist}
+BIN=$TARGET_DIR/$PROFILE
 MODEL=sim-llama-3-8b
 ADMIN=bench-admin-token-0123456789
 
@@ -46,12 +50,12 @@ command -v wrk >/dev/null || die "wrk is not installed (apt-get install wrk)"
 case $TARGET in gateway | hyper-floor) ;; *) die "BENCH_TARGET must be gateway or hyper-floor" ;; esac
 
 if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
-    log "building release binaries"
+    log "building the $PROFILE binaries"
     # The gateway embeds its default plugins, built for wasm32-wasip2.
     if command -v rustup >/dev/null 2>&1; then
         rustup target add wasm32-wasip2 >/dev/null 2>&1 || echo "warning: could not add the wasm32-wasip2 target" >&2
     fi
-    cargo build --release -p garage-gateway -p garage-sim-engine -p garage-hyper-floor >&2
+    cargo build --profile "$PROFILE" -p garage-gateway -p garage-sim-engine -p garage-hyper-floor >&2
 fi
 
 WORK=$(mktemp -d)

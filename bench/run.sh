@@ -17,7 +17,9 @@
 #   BENCH_THREADS      wrk threads, capped at the connection count (default 1: leave the cores
 #                      to the servers; wrk's one epoll thread is far from saturated here)
 #   BENCH_MAX_TOKENS   tokens the engine generates per request (default 16)
-#   BENCH_SKIP_BUILD   1: use the release binaries already in the target directory
+#   BENCH_PROFILE      the cargo profile built and measured (default dist: release with fat
+#                      LTO, what to deploy; release is the demo's, ~7 % more instructions)
+#   BENCH_SKIP_BUILD   1: use the binaries of that profile already in the target directory
 #   BENCH_GATEWAY_LOG  the gateway's RUST_LOG (default warn; the gateway's own default is info,
 #                      where the span each request runs in costs ~6k instructions more)
 #   BENCH_WAIT_IDLE    seconds to wait, before measuring, for compilers (cargo, rustc...) on the
@@ -60,7 +62,9 @@ NOISY_PERCENT=10
 MODEL=sim-llama-3-8b
 RESULTS_DIR=$ROOT/bench/results
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-BIN=$TARGET_DIR/release
+# The cargo profile measured: dist (what to deploy; see Cargo.toml) unless told otherwise.
+PROFILE=${BENCH_PROFILE:-dist}
+BIN=$TARGET_DIR/$PROFILE
 
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -97,14 +101,14 @@ if ! command -v wrk >/dev/null; then
 fi
 
 if [[ $SKIP_BUILD != 1 ]]; then
-    log "building release binaries (may wait for the cargo lock)"
+    log "building the $PROFILE binaries (may wait for the cargo lock)"
     # The gateway embeds its default plugins, built for wasm32-wasip2.
     if command -v rustup >/dev/null 2>&1; then
         rustup target add wasm32-wasip2 >/dev/null 2>&1 || echo "warning: could not add the wasm32-wasip2 target" >&2
     fi
-    cargo build --release -p garage-gateway -p garage-sim-engine -p garage-hyper-floor >&2
+    cargo build --profile "$PROFILE" -p garage-gateway -p garage-sim-engine -p garage-hyper-floor >&2
 fi
-[[ -x $BIN/gateway && -x $BIN/sim-engine ]] || die "no release binaries in $BIN"
+[[ -x $BIN/gateway && -x $BIN/sim-engine ]] || die "no $PROFILE binaries in $BIN"
 [[ $REFERENCE_HYPER != 1 || -x $BIN/hyper-floor ]] || die "no hyper-floor binary in $BIN"
 
 CLK_TCK=$(getconf CLK_TCK)
@@ -223,7 +227,7 @@ HOT_FILES=""
 if [[ "$PLUGINS" == hot ]]; then
     WASM_DIR=$TARGET_DIR/wasm-plugins/wasm32-wasip2/release
     [[ -f $WASM_DIR/router_least_loaded.wasm && -f $WASM_DIR/rate_limiter.wasm ]] ||
-        die "BENCH_PLUGINS=hot needs the plugins built in $WASM_DIR (cargo build --release)"
+        die "BENCH_PLUGINS=hot needs the plugins built in $WASM_DIR (any cargo build of the gateway)"
     HOT_FILES="
 [plugins.files.router]
 path = \"$WASM_DIR/router_least_loaded.wasm\"
@@ -595,7 +599,7 @@ report() {
     echo "## Gateway overhead benchmark"
     echo
     echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "- Commit: $COMMIT"
+    echo "- Commit: $COMMIT, cargo profile $PROFILE"
     if [[ $SKIP_BUILD == 1 ]]; then
         echo "- Binaries not rebuilt (BENCH_SKIP_BUILD=1): gateway built $(date -u -r "$BIN/gateway" '+%Y-%m-%d %H:%M UTC'), which may predate the tree above"
     fi
