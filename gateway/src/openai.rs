@@ -344,19 +344,17 @@ async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiErr
         return Err(too_large());
     }
     let mut body = http_body_util::Limited::new(body, limit);
-    let mut first = Bytes::new();
-    while first.is_empty() {
-        match body.frame().await {
-            None => return Ok(first),
-            Some(frame) => {
-                // Trailers carry no body bytes; they end it.
-                match frame.map_err(broken)?.into_data() {
-                    Ok(data) => first = data,
-                    Err(_) => return Ok(first),
-                }
-            }
+    let first = loop {
+        let Some(frame) = body.frame().await else {
+            return Ok(Bytes::new());
+        };
+        match frame.map_err(broken)?.into_data() {
+            Ok(data) if data.is_empty() => {}
+            Ok(data) => break data,
+            // Trailers carry no body bytes; they end it.
+            Err(_) => return Ok(Bytes::new()),
         }
-    }
+    };
     if body.is_end_stream() {
         return Ok(first);
     }

@@ -551,17 +551,13 @@ impl Usage {
                 } else if known {
                     processed += 1;
                     done.extend(taken.lease);
-                } else if idle {
-                    entries.push((
-                        taken.lease,
-                        LedgerEntry {
-                            event: taken.event,
-                            outcome: Outcome::default(),
-                            processed_at_ms,
-                        },
-                    ));
                 } else {
-                    match processor.process(&taken.event).await {
+                    let outcome = if idle {
+                        Ok(Outcome::default())
+                    } else {
+                        processor.process(&taken.event).await
+                    };
+                    match outcome {
                         Ok(outcome) => entries.push((
                             taken.lease,
                             LedgerEntry {

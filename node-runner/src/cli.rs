@@ -94,10 +94,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = NodeConfig::load_file(&config, std::env::vars())
                 .with_context(|| format!("cannot load {}", config.display()))?;
             let name = config.node_name();
-            let http = match &config.gateway_ca_file {
-                Some(ca_file) => Some(crate::agent::http_client_trusting(ca_file)?),
-                None => None,
-            };
+            let http = config
+                .gateway_ca_file
+                .as_deref()
+                .map(crate::agent::http_client_trusting)
+                .transpose()?;
             let engines = EngineSet::start(config.engines.clone()).await;
             let agent = Agent::start(
                 AgentOptions {

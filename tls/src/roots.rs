@@ -37,7 +37,7 @@ pub enum CaFileError {
 /// The public web roots, and every certificate of `extra_cas` when given. Other PEM sections
 /// (keys) are skipped; a file with no certificate at all is an error, as it is surely not what
 /// the operator meant.
-pub fn trust_roots(extra_cas: Option<&Path>) -> Result<RootCertStore, CaFileError> {
+fn trust_roots(extra_cas: Option<&Path>) -> Result<RootCertStore, CaFileError> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let Some(path) = extra_cas else {
