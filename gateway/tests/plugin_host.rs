@@ -1197,6 +1197,29 @@ async fn instances_made_ahead_are_fresh_and_warm_ones_are_not() {
     }
 }
 
+/// Calls that never yield starve the task that tears used instances down; those instances
+/// still hold pool slots. A small pool must not run dry of them: each version keeps only a
+/// share of the pool waiting, and a call that finds the pool full tears its version's down.
+#[tokio::test]
+async fn a_starved_refill_cannot_run_the_instance_pool_dry() {
+    let cands = candidates(8);
+    for max_instances in [4, 8, 32] {
+        let mut config = config();
+        config.max_instances = max_instances;
+        let host = host_with(Arc::new(MemoryStore::new()), config).await;
+        host.install(Slot::Router, components::ROUTER_ROUND_ROBIN, "{}", "test")
+            .await
+            .unwrap();
+        // No yield between calls: the refill tasks they spawn do not run until the end.
+        for call in 0..200 {
+            assert!(
+                route(&host, "m", &cands).await.is_some(),
+                "call {call} with a pool of {max_instances} fell back"
+            );
+        }
+    }
+}
+
 /// Prints the cost of a fresh instance plus a call (and of a warm instance) for each default
 /// plugin, with 100 candidates for routers. Run in release to read real numbers.
 #[tokio::test]

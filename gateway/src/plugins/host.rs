@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::bindings::{Answer, Call};
 use super::config::{PluginFile, PluginsConfig};
 use super::engine::PluginEngine;
-use super::loaded::LoadedPlugin;
+use super::loaded::{self, LoadedPlugin};
 use super::metrics::PluginMetrics;
 use super::registry::{
     CanaryInfo, FaultCounts, SlotRecord, SlotStatus, StoredVersion, VersionInfo,
@@ -525,6 +525,7 @@ impl PluginHost {
             ctx,
             self.config.deadline(slot),
             self.config.limits(slot),
+            loaded::max_retired(self.config.max_instances),
         )))
     }
 

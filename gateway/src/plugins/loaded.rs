@@ -40,16 +40,26 @@ struct Instance {
     uses: u32,
 }
 
-/// Used instances waiting to be torn down, at most.
+/// Used instances waiting to be torn down per version, at most; fewer with a small instance
+/// pool (see [`max_retired`]).
 const MAX_RETIRED: usize = 64;
+
+/// How many used instances one version may leave waiting to be torn down: a sixteenth of the
+/// instance pool, so that the versions of all slots together (active and canary) hold well
+/// under half of it even when their refill tasks are starved. Past that a call tears its
+/// instance down itself.
+pub(crate) fn max_retired(max_instances: u32) -> usize {
+    (max_instances as usize / 16).clamp(1, MAX_RETIRED)
+}
 
 /// Fresh instances no call has touched yet, made off the request's path.
 struct ReadyPool {
     idle: Mutex<Vec<Instance>>,
     keep: usize,
     /// Used instances waiting to be torn down off the request's path (bounded: past
-    /// [`MAX_RETIRED`] a call tears its instance down itself).
+    /// `max_retired` a call tears its instance down itself).
     retired: Mutex<Vec<Instance>>,
+    max_retired: usize,
     /// Set while a refill runs, so calls in a burst start one refill, not one each.
     refilling: AtomicBool,
     /// Cleared when making an instance ahead failed: calls then instantiate themselves (and
@@ -71,6 +81,7 @@ impl LoadedPlugin {
         ctx: Arc<PluginContext>,
         deadline: Duration,
         limits: &SlotLimits,
+        max_retired: usize,
     ) -> Self {
         LoadedPlugin {
             slot,
@@ -88,6 +99,7 @@ impl LoadedPlugin {
                 idle: Mutex::new(Vec::new()),
                 keep: limits.ready_instances,
                 retired: Mutex::new(Vec::new()),
+                max_retired,
                 refilling: AtomicBool::new(false),
                 healthy: AtomicBool::new(true),
             }),
@@ -116,7 +128,15 @@ impl LoadedPlugin {
                 instance.store.data_mut().begin_call(self.deadline);
                 instance
             }
-            None => self.instantiate(engine).await?,
+            None => match self.instantiate(engine).await {
+                Ok(instance) => instance,
+                // The pool is full, maybe of this version's used instances that a starved
+                // refill has not torn down yet: tear them down here and try once more.
+                Err((FaultKind::Host, _)) if self.drop_retired() => {
+                    self.instantiate(engine).await?
+                }
+                Err(fault) => return Err(fault),
+            },
         };
         instance.store.set_epoch_deadline(1);
         let result = instance.live.call(&mut instance.store, call).await;
@@ -169,7 +189,7 @@ impl LoadedPlugin {
         }
         if let Some(ready) = &self.ready {
             let mut retired = lock(&ready.retired);
-            if retired.len() < MAX_RETIRED {
+            if retired.len() < ready.max_retired {
                 retired.push(instance);
             }
         }
@@ -206,6 +226,15 @@ impl LoadedPlugin {
             }
         }
         ready.refilling.store(false, Ordering::Release);
+    }
+
+    /// Tears down the used instances waiting for a refill; true when there were some.
+    fn drop_retired(&self) -> bool {
+        let Some(ready) = &self.ready else {
+            return false;
+        };
+        let retired = std::mem::take(&mut *lock(&ready.retired));
+        !retired.is_empty()
     }
 
     fn take_ready(&self) -> Option<Instance> {
