@@ -277,6 +277,12 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain"))
 )]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    // Counted by the backends themselves (a stream until it ends), so requests pay nothing
+    // more for the gauge; a rig that left is no longer summed, even while it finishes streams.
+    let in_flight: u64 = (state.backends.snapshot().all().iter())
+        .map(|b| u64::from(b.in_flight()))
+        .sum();
+    state.metrics.in_flight.set(in_flight as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -15,15 +15,15 @@ use http_body_util::BodyExt;
 
 use crate::backends::{Backend, InFlight};
 use crate::error::ApiError;
+use crate::metrics::RouteSeries;
 use crate::sse::{SseTap, Usage, error_event, usage_of_body};
 use crate::state::AppState;
+use crate::store::ApiKeyRecord;
 use crate::upstream::{UpstreamBody, UpstreamResponse};
 use crate::usage::UsageEvent;
 
 /// One admitted request, ready to send.
 pub struct Outgoing {
-    /// Metrics label of the route (`chat_completions`...).
-    pub route: &'static str,
     /// Path under the backend's base URL (`/chat/completions`...).
     pub path: &'static str,
     pub model: String,
@@ -32,13 +32,15 @@ pub struct Outgoing {
     /// The client did not ask for the usage chunk; the gateway did, so hide it.
     pub hide_usage_chunk: bool,
     pub request_id: Option<HeaderValue>,
-    /// Id of the API key, for usage events.
-    pub key_id: String,
+    /// The API key, for usage events and the rate limiter.
+    pub key: Arc<ApiKeyRecord>,
     pub started: Instant,
     /// Wall-clock start, Unix milliseconds.
     pub started_at_ms: u64,
     /// Tokens the rate limiter reserved at admission, settled when the request ends.
     pub reserved_tokens: u32,
+    /// The metrics of this route and model.
+    pub series: Arc<RouteSeries>,
 }
 
 impl Outgoing {
@@ -65,7 +67,7 @@ fn usage_event(
     };
     UsageEvent {
         request_id: out.request_id().to_owned(),
-        key_id: out.key_id.clone(),
+        key_id: out.key.id.clone(),
         model: out.model.clone(),
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
@@ -83,12 +85,47 @@ fn usage_event(
     }
 }
 
-/// Forwards `out` to the first candidate that takes it.
+/// Forwards `out` to the first candidate that takes it. A request that ends in an error here
+/// gives its whole rate-limit reservation back.
 pub async fn forward(
     state: &AppState,
     candidates: &[Arc<Backend>],
     out: Outgoing,
 ) -> Result<Response, ApiError> {
+    let result = match send(state, candidates, &out).await {
+        Ok((backend, in_flight, response)) => {
+            let is_event_stream = response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|ct| ct.as_bytes().starts_with(b"text/event-stream"));
+            if out.stream && response.status().is_success() && is_event_stream {
+                return Ok(stream_response(state, backend, in_flight, response, out));
+            }
+            whole_response(state, backend, response, &out).await
+        }
+        Err(err) => Err(err),
+    };
+    if result.is_err() {
+        let out = &out;
+        crate::policy::settle(
+            state,
+            out.request_id(),
+            &out.key.id,
+            &out.model,
+            out.reserved_tokens,
+            0,
+        );
+    }
+    result
+}
+
+/// Sends `out` to the first candidate that answers it: that backend, its in-flight mark, and
+/// the answer's head.
+async fn send<'a>(
+    state: &AppState,
+    candidates: &'a [Arc<Backend>],
+    out: &Outgoing,
+) -> Result<(&'a Arc<Backend>, InFlight, UpstreamResponse), ApiError> {
     let dispatch = &state.config.dispatch;
     let mut last_error = None;
     for backend in candidates.iter().take(dispatch.max_attempts) {
@@ -106,7 +143,7 @@ pub async fn forward(
                 state.metrics.backend_error(&backend.id, "timeout");
                 return Err(count(
                     state,
-                    &out,
+                    out,
                     ApiError::GatewayTimeout(format!(
                         "The backend did not answer within {} s.",
                         dispatch.first_byte_timeout_secs
@@ -149,33 +186,17 @@ pub async fn forward(
             last_error = Some(ApiError::BadGateway(message));
             continue;
         }
-        state
-            .metrics
-            .requests
-            .with_label_values(&[out.route, &out.model, status.as_str()])
-            .inc();
-        let is_event_stream = response
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|ct| ct.as_bytes().starts_with(b"text/event-stream"));
-        return if out.stream && status.is_success() && is_event_stream {
-            Ok(stream_response(state, backend, in_flight, response, out))
-        } else {
-            whole_response(state, backend, response, out).await
-        };
+        state.metrics.count(&out.series, &out.model, status);
+        return Ok((backend, in_flight, response));
     }
     let error =
         last_error.unwrap_or_else(|| ApiError::Unavailable("No backend could be tried.".into()));
-    Err(count(state, &out, error))
+    Err(count(state, out, error))
 }
 
 /// Counts a request that ended in a gateway error after admission.
 fn count(state: &AppState, out: &Outgoing, error: ApiError) -> ApiError {
-    state
-        .metrics
-        .requests
-        .with_label_values(&[out.route, &out.model, error.status().as_str()])
-        .inc();
+    state.metrics.count(&out.series, &out.model, error.status());
     error
 }
 
@@ -184,7 +205,7 @@ async fn whole_response(
     state: &AppState,
     backend: &Backend,
     response: UpstreamResponse,
-    out: Outgoing,
+    out: &Outgoing,
 ) -> Result<Response, ApiError> {
     let (parts, body) = response.into_parts();
     let body =
@@ -207,7 +228,7 @@ async fn whole_response(
         .then(|| usage_of_body(&body))
         .flatten();
     let total = out.started.elapsed();
-    finish(state, backend, &out, usage, total, total);
+    finish(state, backend, out, usage, total, total);
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = parts.status;
     if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
@@ -228,12 +249,11 @@ fn finish(
     ttft: std::time::Duration,
     total: std::time::Duration,
 ) {
-    state
-        .metrics
-        .request_duration
-        .with_label_values(&[out.route, &out.model])
-        .observe(total.as_secs_f64());
-    record_usage(state, &out.model, usage);
+    out.series.duration.observe(total.as_secs_f64());
+    if let Some(usage) = usage {
+        out.series.prompt_tokens.inc_by(usage.prompt_tokens);
+        out.series.completion_tokens.inc_by(usage.completion_tokens);
+    }
     let used = usage.map_or(0, |u| u.prompt_tokens + u.completion_tokens);
     if let Some(usage) = usage {
         backend.observe(ttft, total.saturating_sub(ttft), usage.completion_tokens);
@@ -244,23 +264,11 @@ fn finish(
     crate::policy::settle(
         state,
         out.request_id(),
-        &out.key_id,
+        &out.key.id,
         &out.model,
         out.reserved_tokens,
         used,
     );
-}
-
-fn record_usage(state: &AppState, model: &str, usage: Option<Usage>) {
-    if let Some(usage) = usage {
-        let tokens = &state.metrics.tokens;
-        tokens
-            .with_label_values(&[model, "prompt"])
-            .inc_by(usage.prompt_tokens);
-        tokens
-            .with_label_values(&[model, "completion"])
-            .inc_by(usage.completion_tokens);
-    }
 }
 
 fn stream_response(
@@ -384,10 +392,9 @@ impl MeteredBody {
                 if self.first_chunk_at.is_none() {
                     let ttft = self.out.started.elapsed();
                     self.first_chunk_at = Some(ttft);
-                    self.state
-                        .metrics
+                    self.out
+                        .series
                         .time_to_first_token
-                        .with_label_values(&[&self.out.model])
                         .observe(ttft.as_secs_f64());
                 }
                 Poll::Ready(Some(self.tap.feed(chunk)))

@@ -1,7 +1,12 @@
 //! Prometheus metrics of the gateway, served at `GET /metrics`.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Latency buckets in seconds: from sub-millisecond (errors, cached answers) to minutes (long
@@ -18,7 +23,24 @@ pub struct Metrics {
     pub time_to_first_token: HistogramVec,
     pub tokens: IntCounterVec,
     pub backend_errors: IntCounterVec,
+    /// Set from the backends' own counts when scraped (see [`Metrics::render`]'s callers).
     pub in_flight: IntGauge,
+    /// The series of each model's requests, by route (see [`RouteSeries`]). Read on every
+    /// request without a lock; a model's first request copies the map to add its own.
+    series: ArcSwap<HashMap<Box<str>, Vec<Arc<RouteSeries>>, foldhash::fast::RandomState>>,
+}
+
+/// The series one route and model's requests update, found once and kept. Each
+/// `with_label_values` hashes its labels, takes the vector's read lock and clones the series
+/// out; a request made six of those (counter, duration, tokens twice, time to first token).
+pub struct RouteSeries {
+    route: &'static str,
+    /// `garage_requests_total` with status 200, the usual one; other statuses are looked up.
+    pub ok: IntCounter,
+    pub duration: Histogram,
+    pub time_to_first_token: Histogram,
+    pub prompt_tokens: IntCounter,
+    pub completion_tokens: IntCounter,
 }
 
 impl Metrics {
@@ -66,8 +88,11 @@ impl Metrics {
             &["backend", "kind"],
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
-        let in_flight = IntGauge::new("garage_requests_in_flight", "Requests being served now")
-            .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let in_flight = IntGauge::new(
+            "garage_requests_in_flight",
+            "Requests the backends in routing are serving now, streams until they end",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -88,6 +113,48 @@ impl Metrics {
             tokens,
             backend_errors,
             in_flight,
+            series: ArcSwap::default(),
+        }
+    }
+
+    /// The series of `route`'s requests for `model`. Call it only for a model some backend
+    /// serves: each model named here stays in the metrics for good.
+    pub fn route_series(&self, route: &'static str, model: &str) -> Arc<RouteSeries> {
+        let find = |map: &HashMap<Box<str>, Vec<Arc<RouteSeries>>, _>| {
+            map.get(model)?.iter().find(|s| s.route == route).cloned()
+        };
+        if let Some(found) = find(&self.series.load()) {
+            return found;
+        }
+        let made = Arc::new(RouteSeries {
+            route,
+            ok: self.requests.with_label_values(&[route, model, "200"]),
+            duration: self.request_duration.with_label_values(&[route, model]),
+            time_to_first_token: self.time_to_first_token.with_label_values(&[model]),
+            prompt_tokens: self.tokens.with_label_values(&[model, "prompt"]),
+            completion_tokens: self.tokens.with_label_values(&[model, "completion"]),
+        });
+        // Another request may have added it meanwhile: keep the first one in the map (both
+        // hold handles to the same series, so either counts the same).
+        self.series.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            let routes = map.entry(model.into()).or_default();
+            if !routes.iter().any(|s| s.route == route) {
+                routes.push(Arc::clone(&made));
+            }
+            map
+        });
+        made
+    }
+
+    /// Counts a request that got an answer with `status`.
+    pub fn count(&self, series: &RouteSeries, model: &str, status: http::StatusCode) {
+        if status == http::StatusCode::OK {
+            series.ok.inc();
+        } else {
+            self.requests
+                .with_label_values(&[series.route, model, status.as_str()])
+                .inc();
         }
     }
 

@@ -282,7 +282,6 @@ async fn admit_and_forward(
     )
     .await;
     let hide_usage_chunk = admitted.stream && !admitted.client_wants_usage;
-    let admitted_model = admitted.model.clone();
     let body = if hide_usage_chunk {
         with_include_usage(&body)?
     } else {
@@ -292,14 +291,16 @@ async fn admit_and_forward(
         state,
         &candidates,
         Outgoing {
-            route: endpoint.route(),
+            series: state
+                .metrics
+                .route_series(endpoint.route(), &admitted.model),
             path: endpoint.path(),
             model: admitted.model,
             body,
             stream: admitted.stream,
             hide_usage_chunk,
             request_id: request_id_value.cloned(),
-            key_id: key.id.clone(),
+            key,
             started,
             started_at_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -308,20 +309,12 @@ async fn admit_and_forward(
         },
     )
     .await;
-    match result {
-        Ok(mut response) => {
-            let map = response.headers_mut();
-            for (name, value) in rate_limit_headers {
-                map.insert(name, value);
-            }
-            Ok(response)
-        }
-        Err(err) => {
-            // Admitted but nothing served: give the whole reservation back.
-            policy::settle(state, request_id, &key.id, &admitted_model, reserved, 0);
-            Err(err)
-        }
+    let mut response = result?;
+    let map = response.headers_mut();
+    for (name, value) in rate_limit_headers {
+        map.insert(name, value);
     }
+    Ok(response)
 }
 
 /// The whole request body, at most `limit` bytes (more is a 413). These routes are answered

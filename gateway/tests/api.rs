@@ -89,6 +89,78 @@ async fn chat_plain_and_streamed_with_usage_hidden_unless_asked() {
     assert!(metrics.contains("garage_time_to_first_token_seconds_count{model=\"sim-model\"} 2"));
 }
 
+/// The value of a metric line without labels, such as `garage_requests_in_flight`.
+fn metric_value(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_each_status_and_the_requests_in_flight() {
+    // Five tokens at 10 per second: a stream that lasts about half a second.
+    let engine = sim(SimConfig {
+        models: vec![MODEL.into()],
+        ttft: Duration::ZERO,
+        tokens_per_sec: 10.0,
+        ..SimConfig::default()
+    })
+    .await;
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    assert_eq!(
+        metric_value(&metrics_text(&base).await, "garage_requests_in_flight"),
+        Some(0.0)
+    );
+
+    let mut stream = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat(true))
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    let first = stream.next().await.expect("a first chunk").unwrap();
+    assert!(!first.is_empty());
+    // The stream is under way: its request is in flight until the backend's stream ends.
+    assert_eq!(
+        metric_value(&metrics_text(&base).await, "garage_requests_in_flight"),
+        Some(1.0)
+    );
+    while let Some(chunk) = stream.next().await {
+        chunk.unwrap();
+    }
+    wait_until(Duration::from_secs(5), "no request in flight", || async {
+        metric_value(&metrics_text(&base).await, "garage_requests_in_flight") == Some(0.0)
+    })
+    .await;
+
+    // The backend refuses a message that is not an object: its 400 passes through and is
+    // counted under its own status, beside the 200s.
+    let mut bad = chat(false);
+    bad["messages"] = json!([5]);
+    let (status, body) = post_chat(&base, &key, &bad).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = post_chat(&base, &key, &chat(false)).await;
+    assert_eq!(status, 200);
+    // The stream and one plain request were answered 200; all three were timed.
+    let metrics = metrics_text(&base).await;
+    for (status, count) in [("200", 2), ("400", 1)] {
+        let line = format!(
+            "garage_requests_total{{model=\"{MODEL}\",route=\"chat_completions\",status=\"{status}\"}} {count}"
+        );
+        assert!(metrics.contains(&line), "no `{line}` in {metrics}");
+    }
+    assert!(
+        metrics.contains(&format!(
+            "garage_request_duration_seconds_count{{model=\"{MODEL}\",route=\"chat_completions\"}} 3"
+        )),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn completions_and_embeddings_pass_through() {
     let engine = fast_sim().await;
