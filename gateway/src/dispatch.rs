@@ -92,31 +92,37 @@ pub async fn forward(
     candidates: &[Arc<Backend>],
     out: Outgoing,
 ) -> Result<Response, ApiError> {
-    let result = match send(state, candidates, &out).await {
-        Ok((backend, in_flight, response)) => {
-            let is_event_stream = response
-                .headers()
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|ct| ct.as_bytes().starts_with(b"text/event-stream"));
-            if out.stream && response.status().is_success() && is_event_stream {
-                return Ok(stream_response(state, backend, in_flight, response, out));
-            }
-            whole_response(state, backend, response, &out).await
+    let (backend, in_flight, response) = match send(state, candidates, &out).await {
+        Ok(sent) => sent,
+        Err(err) => {
+            settle(state, &out, 0);
+            return Err(err);
         }
-        Err(err) => Err(err),
     };
+    let is_event_stream = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|ct| ct.as_bytes().starts_with(b"text/event-stream"));
+    if out.stream && response.status().is_success() && is_event_stream {
+        return Ok(stream_response(state, backend, in_flight, response, out));
+    }
+    let result = whole_response(state, backend, response, &out).await;
     if result.is_err() {
-        let out = &out;
-        crate::policy::settle(
-            state,
-            out.request_id(),
-            &out.key.id,
-            &out.model,
-            out.reserved_tokens,
-            0,
-        );
+        settle(state, &out, 0);
     }
     result
+}
+
+/// Settles the rate limiter's reservation of `out` with the tokens the request `used`.
+fn settle(state: &AppState, out: &Outgoing, used: u64) {
+    crate::policy::settle(
+        state,
+        out.request_id(),
+        &out.key.id,
+        &out.model,
+        out.reserved_tokens,
+        used,
+    );
 }
 
 /// Sends `out` to the first candidate that answers it: that backend, its in-flight mark, and
@@ -250,25 +256,16 @@ fn finish(
     total: std::time::Duration,
 ) {
     out.series.duration.observe(total.as_secs_f64());
+    let used = usage.map_or(0, |u| u.prompt_tokens + u.completion_tokens);
     if let Some(usage) = usage {
         out.series.prompt_tokens.inc_by(usage.prompt_tokens);
         out.series.completion_tokens.inc_by(usage.completion_tokens);
-    }
-    let used = usage.map_or(0, |u| u.prompt_tokens + u.completion_tokens);
-    if let Some(usage) = usage {
         backend.observe(ttft, total.saturating_sub(ttft), usage.completion_tokens);
         state
             .usage
             .record(usage_event(out, backend, usage, ttft, total));
     }
-    crate::policy::settle(
-        state,
-        out.request_id(),
-        &out.key.id,
-        &out.model,
-        out.reserved_tokens,
-        used,
-    );
+    settle(state, out, used);
 }
 
 fn stream_response(

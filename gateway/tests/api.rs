@@ -99,13 +99,7 @@ fn metric_value(metrics: &str, name: &str) -> Option<f64> {
 #[tokio::test]
 async fn metrics_count_each_status_and_the_requests_in_flight() {
     // Five tokens at 10 per second: a stream that lasts about half a second.
-    let engine = sim(SimConfig {
-        models: vec![MODEL.into()],
-        ttft: Duration::ZERO,
-        tokens_per_sec: 10.0,
-        ..SimConfig::default()
-    })
-    .await;
+    let engine = paced_sim(10.0).await;
     let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
     let base = gw.url();
     let (_, key) = create_key(&base, json!({"name": "t"})).await;
@@ -194,13 +188,7 @@ async fn completions_and_embeddings_pass_through() {
 #[tokio::test]
 async fn streams_are_not_buffered() {
     // Two tokens a second: the whole answer takes seconds, the first chunk must not wait for it.
-    let engine = sim(SimConfig {
-        models: vec![MODEL.into()],
-        ttft: Duration::ZERO,
-        tokens_per_sec: 2.0,
-        ..SimConfig::default()
-    })
-    .await;
+    let engine = paced_sim(2.0).await;
     let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
     let base = gw.url();
     let (_, key) = create_key(&base, json!({"name": "t"})).await;

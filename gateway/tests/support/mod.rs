@@ -94,10 +94,16 @@ pub async fn sim(config: SimConfig) -> SimEngine {
 
 /// A fast simulated engine serving [`MODEL`].
 pub async fn fast_sim() -> SimEngine {
+    paced_sim(0.0).await
+}
+
+/// An engine serving `MODEL` at once (no time to first token), then `tokens_per_sec` (0: as
+/// fast as it can).
+pub async fn paced_sim(tokens_per_sec: f64) -> SimEngine {
     sim(SimConfig {
         models: vec![MODEL.into()],
         ttft: Duration::ZERO,
-        tokens_per_sec: 0.0,
+        tokens_per_sec,
         ..SimConfig::default()
     })
     .await
