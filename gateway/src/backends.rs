@@ -24,6 +24,9 @@ pub enum Transport {
     Url {
         /// The base URL and its inference endpoints.
         endpoints: Box<Endpoints>,
+        /// What connects to it (TLS trusting the upstream's CAs) and probes its health; shared
+        /// by the upstreams that trust the same CAs.
+        client: Arc<HttpClient>,
         /// Idle connections to it.
         pool: Arc<ConnPool>,
         /// `Bearer <api key>`, when the backend wants one.
@@ -225,7 +228,12 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn from_upstream(config: &UpstreamConfig, origin: Instant) -> Self {
+    /// A static upstream from the config, reached with `client`.
+    pub fn from_upstream(
+        config: &UpstreamConfig,
+        client: Arc<HttpClient>,
+        origin: Instant,
+    ) -> Self {
         let base_url = config.base_url.trim_end_matches('/').to_owned();
         let health_url = config.health_path.as_ref().map(|path| {
             let origin_url = url_origin(&base_url);
@@ -241,6 +249,7 @@ impl Backend {
             config.models.clone(),
             Transport::Url {
                 endpoints: Box::new(Endpoints::new(base_url)),
+                client,
                 pool: Arc::default(),
                 authorization,
                 health_url,
@@ -285,9 +294,12 @@ impl Backend {
         }
     }
 
-    fn health_url(&self) -> Option<&str> {
+    /// The health endpoint and the client to probe it with, when the backend has one.
+    fn health_probe(&self) -> Option<(&str, &HttpClient)> {
         match &self.transport {
-            Transport::Url { health_url, .. } => health_url.as_deref(),
+            Transport::Url {
+                health_url, client, ..
+            } => Some((health_url.as_deref()?, client)),
             Transport::Tunnel(_) => None,
         }
     }
@@ -356,7 +368,6 @@ impl Backend {
     /// Sends `POST {base}{path}` with a JSON body, over whichever transport the backend has.
     pub async fn post(
         &self,
-        client: &HttpClient,
         path: &str,
         body: Bytes,
         request_id: Option<&http::HeaderValue>,
@@ -390,6 +401,7 @@ impl Backend {
         match &self.transport {
             Transport::Url {
                 endpoints,
+                client,
                 pool,
                 authorization,
                 ..
@@ -541,15 +553,28 @@ pub struct Backends {
 }
 
 impl Backends {
-    pub fn from_upstreams(upstreams: &[UpstreamConfig]) -> Self {
+    /// The static upstreams of the config, each reached with the client `client_for` gives it;
+    /// rigs join later.
+    pub fn from_upstreams<E>(
+        upstreams: &[UpstreamConfig],
+        mut client_for: impl FnMut(&UpstreamConfig) -> Result<Arc<HttpClient>, E>,
+    ) -> Result<Self, E> {
         let origin = Instant::now();
         let backends = upstreams
             .iter()
-            .map(|u| Arc::new(Backend::from_upstream(u, origin)))
-            .collect();
-        Backends {
+            .map(|u| Ok(Arc::new(Backend::from_upstream(u, client_for(u)?, origin))))
+            .collect::<Result<_, E>>()?;
+        Ok(Backends {
             current: ArcSwap::from_pointee(BackendSet::new(backends)),
             origin,
+        })
+    }
+
+    /// No backends until rigs join.
+    pub fn empty() -> Self {
+        Backends {
+            current: ArcSwap::from_pointee(BackendSet::new(Vec::new())),
+            origin: Instant::now(),
         }
     }
 
@@ -584,7 +609,7 @@ impl Backends {
 
     /// Probes every backend that has a health endpoint, forever, one round per `interval`;
     /// closes idle connections backends closed on their side.
-    pub async fn run_health_checks(self: Arc<Self>, client: HttpClient, interval: Duration) {
+    pub async fn run_health_checks(self: Arc<Self>, interval: Duration) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -594,13 +619,16 @@ impl Backends {
                 backend.prune_idle_connections();
             }
             let probes = set.all().iter().filter_map(|backend| {
-                let url = backend.health_url()?.to_owned();
-                let client = client.clone();
+                let (url, _) = backend.health_probe()?;
+                let request = http::Request::get(url).body(RequestBody::default());
                 let backend = Arc::clone(backend);
                 Some(async move {
-                    let ok = match http::Request::get(&url).body(RequestBody::default()) {
+                    let Some((_, client)) = backend.health_probe() else {
+                        return;
+                    };
+                    let ok = match request {
                         Ok(request) => matches!(
-                            tokio::time::timeout(interval, send_http(&client, request)).await,
+                            tokio::time::timeout(interval, send_http(client, request)).await,
                             Ok(Ok(resp)) if resp.status().is_success()
                         ),
                         Err(_) => false,
@@ -625,12 +653,19 @@ mod tests {
             api_key: None,
             health_path: Some("/health".into()),
             labels: Default::default(),
+            tls_ca_file: None,
         }
+    }
+
+    fn backends(upstreams: &[UpstreamConfig]) -> Backends {
+        let dispatch = crate::config::DispatchConfig::default();
+        let client = Arc::new(crate::upstream::http_client(&dispatch, None).unwrap());
+        Backends::from_upstreams(upstreams, |_| Ok::<_, ()>(Arc::clone(&client))).unwrap()
     }
 
     #[test]
     fn round_robin_skips_cooling_backends() {
-        let backends = Backends::from_upstreams(&[
+        let backends = backends(&[
             upstream("a", &["m"]),
             upstream("b", &["m"]),
             upstream("c", &["m", "other"]),
@@ -664,7 +699,7 @@ mod tests {
     fn a_request_considers_a_bounded_rotating_window() {
         let names: Vec<String> = (0..300).map(|i| format!("b{i}")).collect();
         let upstreams: Vec<_> = names.iter().map(|n| upstream(n, &["m"])).collect();
-        let set = Backends::from_upstreams(&upstreams).snapshot();
+        let set = backends(&upstreams).snapshot();
         let first = set.candidates("m").unwrap();
         let second = set.candidates("m").unwrap();
         assert_eq!(first.len(), MAX_CANDIDATES);
@@ -679,10 +714,13 @@ mod tests {
 
     #[test]
     fn health_url_from_origin() {
-        let b = Backend::from_upstream(&upstream("a", &["m"]), Instant::now());
+        let b = backends(&[upstream("a", &["m"])]).snapshot().all()[0].clone();
         assert!(
             matches!(&b.transport, Transport::Url { endpoints, .. } if endpoints.base_url == "http://a.invalid:8000/v1")
         );
-        assert_eq!(b.health_url(), Some("http://a.invalid:8000/health"));
+        assert_eq!(
+            b.health_probe().map(|(url, _)| url),
+            Some("http://a.invalid:8000/health")
+        );
     }
 }

@@ -295,6 +295,12 @@ pub struct UpstreamConfig {
     /// Labels a router may read (`candidates.describe`), such as `{ region = "eu" }`.
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// A PEM file of certificate authorities this `https` upstream is verified against, with
+    /// the public web roots, instead of `dispatch.tls_ca_file`: a private CA trusted for this
+    /// upstream and no other. Read at start; a file that cannot be read or holds no
+    /// certificate stops the start.
+    #[serde(default)]
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {

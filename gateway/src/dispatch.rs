@@ -136,12 +136,7 @@ async fn send<'a>(
     let mut last_error = None;
     for backend in candidates.iter().take(dispatch.max_attempts) {
         let in_flight = backend.track();
-        let send = backend.post(
-            &state.http,
-            out.path,
-            out.body.clone(),
-            out.request_id.as_ref(),
-        );
+        let send = backend.post(out.path, out.body.clone(), out.request_id.as_ref());
         let response = match tokio::time::timeout(dispatch.first_byte_timeout(), send).await {
             // The backend may still be working on it: retrying elsewhere would double the load
             // of a slow request, so a timeout ends the attempt.

@@ -732,7 +732,7 @@ mod tests {
         Nodes::new(
             Arc::new(crate::store::MemoryStore::new()),
             KeyHasher::new(b"secret"),
-            Arc::new(Backends::from_upstreams(&[])),
+            Arc::new(Backends::empty()),
             NodesConfig::default(),
         )
     }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{KeyAuth, KeyHasher, random_token, unix_now};
 use crate::backends::Backends;
 use crate::batch::Batches;
-use crate::config::Config;
+use crate::config::{Config, UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::nodes::Nodes;
 use crate::plugins::{PluginHost, Slot};
@@ -29,6 +29,11 @@ pub enum StartError {
     ServeTls(anyhow::Error),
     #[error("cannot set up TLS for https upstreams: {0}")]
     Tls(#[from] crate::upstream::CaFileError),
+    #[error("upstream {upstream:?}: cannot set up TLS: {source}")]
+    UpstreamTls {
+        upstream: String,
+        source: crate::upstream::CaFileError,
+    },
     #[error("cannot start the plugin host: {0}")]
     Plugins(#[from] crate::plugins::PluginError),
     #[error("cannot listen on {addr}: {source}")]
@@ -89,14 +94,29 @@ impl Gateway {
             KeyHasher::new(&key_secret),
             Duration::from_secs(config.auth.key_cache_secs),
         );
-        let backends = Arc::new(Backends::from_upstreams(&config.upstreams));
+        // Upstreams with a CA file of their own get a client trusting it; the rest share one
+        // trusting `dispatch.tls_ca_file` (read even with no upstream: a broken file is an error).
+        let http = Arc::new(http_client(
+            &config.dispatch,
+            config.dispatch.tls_ca_file.as_deref(),
+        )?);
+        let client_for = |upstream: &UpstreamConfig| match &upstream.tls_ca_file {
+            None => Ok(Arc::clone(&http)),
+            Some(path) => match http_client(&config.dispatch, Some(path)) {
+                Ok(own) => Ok(Arc::new(own)),
+                Err(source) => Err(StartError::UpstreamTls {
+                    upstream: upstream.name.clone(),
+                    source,
+                }),
+            },
+        };
+        let backends = Arc::new(Backends::from_upstreams(&config.upstreams, client_for)?);
         let nodes = Nodes::new(
             store.clone(),
             KeyHasher::new(&key_secret),
             backends.clone(),
             config.nodes.clone(),
         );
-        let http = http_client(&config)?;
         // The embedded store lives and dies with this process: its usage queue would add cost
         // and no durability, so events go from memory straight to the worker.
         let usage = if store::is_embedded(&config.store) {
@@ -140,7 +160,6 @@ impl Gateway {
             batches: batches.clone(),
             plugins: plugins.clone(),
             policy: Policy::default(),
-            http: http.clone(),
             metrics,
             admin_token,
             started_at: unix_now(),
@@ -149,7 +168,7 @@ impl Gateway {
         let mut background = plugins.spawn_background();
         background.extend([
             auth.spawn_invalidator(),
-            tokio::spawn(backends.run_health_checks(http, health_interval)),
+            tokio::spawn(backends.run_health_checks(health_interval)),
             tokio::spawn(nodes.clone().watch_heartbeats()),
             tokio::spawn(nodes.clone().follow_events()),
             tokio::spawn(batches.clone().watch_events()),

@@ -11,7 +11,6 @@ use crate::nodes::Nodes;
 use crate::plugins::PluginHost;
 use crate::policy::Policy;
 use crate::store::Store;
-use crate::upstream::HttpClient;
 use crate::usage::Usage;
 
 /// Shared state of a running gateway. Cheap to clone.
@@ -28,9 +27,6 @@ pub struct Inner {
     pub batches: Arc<Batches>,
     pub plugins: Arc<PluginHost>,
     pub policy: Policy,
-    /// How backends are reached: the connector for their pooled connections (the pools live
-    /// with each backend) and a client for health probes.
-    pub http: HttpClient,
     pub metrics: Metrics,
     pub admin_token: String,
     /// Unix seconds when this gateway started (the `created` of models it lists).

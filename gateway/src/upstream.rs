@@ -4,6 +4,7 @@
 //! which one carried a request.
 
 use std::future::poll_fn;
+use std::path::Path;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::ServiceExt;
 
-use crate::config::Config;
+use crate::config::DispatchConfig;
 pub use garage_tls::CaFileError;
 
 /// Request bodies are always whole: the gateway has read and checked them before dispatch.
@@ -67,16 +68,20 @@ impl SendError {
     }
 }
 
-/// The HTTP client for URL backends: TCP_NODELAY (a proxy that writes a response in two pieces
+/// An HTTP client for URL backends: TCP_NODELAY (a proxy that writes a response in two pieces
 /// otherwise waits ~40 ms for the peer's delayed ACK), pooled keep-alive connections, a connect
 /// timeout, and no overall timeout (streams last as long as generation does). `https` backends
-/// are verified against the public web roots plus the CAs of `dispatch.tls_ca_file`.
-pub fn http_client(config: &Config) -> Result<HttpClient, CaFileError> {
+/// are verified against the public web roots plus the CAs of `ca_file` (an upstream's own
+/// `tls_ca_file`, else `dispatch.tls_ca_file`).
+pub fn http_client(
+    dispatch: &DispatchConfig,
+    ca_file: Option<&Path>,
+) -> Result<HttpClient, CaFileError> {
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.enforce_http(false);
-    http.set_connect_timeout(Some(config.dispatch.connect_timeout()));
-    let tls = garage_tls::client_config(config.dispatch.tls_ca_file.as_deref())?;
+    http.set_connect_timeout(Some(dispatch.connect_timeout()));
+    let tls = garage_tls::client_config(ca_file)?;
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()

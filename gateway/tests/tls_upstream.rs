@@ -2,8 +2,9 @@
 //!
 //! `https` upstreams: a simulated vLLM serving TLS with a certificate from a private CA, as
 //! `vllm serve --ssl-certfile --ssl-keyfile` does. The gateway reaches it through its own
-//! connection pool once `dispatch.tls_ca_file` names the CA, refuses it without, and will not
-//! start with a CA file it cannot use.
+//! connection pool once `dispatch.tls_ca_file` (or the upstream's own `tls_ca_file`, which
+//! replaces it for that upstream) names the CA, refuses it without, and will not start with a
+//! CA file it cannot use.
 //!
 //! The gateway's own listener: HTTPS with `tls_cert_file` and `tls_key_file`, for apps and for
 //! rigs. A node-runner agent that trusts the CA (`gateway_ca_file`) enrolls and serves through
@@ -70,13 +71,25 @@ async fn tls_sim(pki: &Pki) -> SimEngine {
 /// A gateway whose one upstream is the engine, by the name its certificate carries; probed
 /// for health when `probed`.
 async fn gateway_to(engine: &SimEngine, ca_file: Option<&Path>, probed: bool) -> Gateway {
+    gateway(config_to(engine, ca_file, None, probed)).await
+}
+
+/// The config of [`gateway_to`], with `dispatch.tls_ca_file` and the upstream's own
+/// `tls_ca_file`.
+fn config_to(
+    engine: &SimEngine,
+    dispatch_ca: Option<&Path>,
+    upstream_ca: Option<&Path>,
+    probed: bool,
+) -> garage_gateway::config::Config {
     assert_eq!(engine.scheme(), "https");
     let url = format!("https://localhost:{}/v1", engine.addr().port());
     let mut upstream = upstream("tls-engine", url);
     upstream.health_path = probed.then(|| "/health".into());
+    upstream.tls_ca_file = upstream_ca.map(Path::to_owned);
     let mut config = config(vec![upstream]);
-    config.dispatch.tls_ca_file = ca_file.map(Path::to_owned);
-    gateway(config).await
+    config.dispatch.tls_ca_file = dispatch_ca.map(Path::to_owned);
+    config
 }
 
 #[tokio::test]
@@ -207,6 +220,77 @@ async fn a_ca_file_the_gateway_cannot_use_stops_its_start_and_names_the_file() {
         assert!(error.contains(says), "{error}");
         assert!(error.contains(&file.display().to_string()), "{error}");
     }
+}
+
+#[tokio::test]
+async fn an_upstreams_own_ca_file_replaces_the_dispatch_one_for_it() {
+    let (ours, other) = (Pki::new(), Pki::new());
+    let engine = tls_sim(&ours).await;
+    let ready = |gw: &Gateway| {
+        let url = format!("{}/ready", gw.url());
+        async move { client().get(url).send().await.unwrap().status().as_u16() }
+    };
+
+    // The upstream names the CA its certificate is from; the dispatch-wide file is another
+    // CA's, which alone would be refused (see the tests above).
+    let own = config_to(
+        &engine,
+        Some(&other.file("ca.pem")),
+        Some(&ours.file("ca.pem")),
+        true,
+    );
+    let gw = gateway(own).await;
+    let (_, key) = create_key(&gw.url(), serde_json::json!({"name": "tls"})).await;
+    let (status, body) = post_chat(&gw.url(), &key, &chat(false)).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post_chat(&gw.url(), &key, &chat(true)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.trim_end().ends_with("data: [DONE]"), "{body}");
+    // Its health probes use the same trust.
+    assert_eq!(ready(&gw).await, 200);
+    gw.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(engine.requests_served(), 2);
+
+    // The other way round: the upstream's own file replaces the dispatch-wide one (the right
+    // CA there does not help), so neither requests nor probes verify the engine.
+    let swapped = |probed| {
+        config_to(
+            &engine,
+            Some(&ours.file("ca.pem")),
+            Some(&other.file("ca.pem")),
+            probed,
+        )
+    };
+    let gw = gateway(swapped(false)).await;
+    let (_, key) = create_key(&gw.url(), serde_json::json!({"name": "tls"})).await;
+    let (status, body) = post_chat(&gw.url(), &key, &chat(false)).await;
+    assert_eq!(status, 502, "{body}");
+    error_of(&body);
+    gw.shutdown(Duration::from_secs(5)).await;
+    let gw = gateway(swapped(true)).await;
+    wait_until(
+        Duration::from_secs(10),
+        "the unverified engine is out",
+        || async { ready(&gw).await == 503 },
+    )
+    .await;
+    gw.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(engine.requests_served(), 2);
+}
+
+#[tokio::test]
+async fn an_upstream_ca_file_the_gateway_cannot_use_stops_its_start_and_names_both() {
+    let pki = Pki::new();
+    let engine = tls_sim(&pki).await;
+    let missing = pki.file("missing.pem");
+    let error = Gateway::start(config_to(&engine, None, Some(&missing), false))
+        .await
+        .err()
+        .expect("the start fails")
+        .to_string();
+    assert!(error.contains("upstream \"tls-engine\""), "{error}");
+    assert!(error.contains("cannot read"), "{error}");
+    assert!(error.contains(&missing.display().to_string()), "{error}");
 }
 
 /// The `sim-engine` binary, killed when dropped.

@@ -117,6 +117,7 @@ pub fn upstream(name: &str, base_url: String) -> UpstreamConfig {
         api_key: None,
         health_path: None,
         labels: Default::default(),
+        tls_ca_file: None,
     }
 }
 
