@@ -24,6 +24,7 @@ use crate::{admin, batch_api, node_api, openai, plugins_api, usage_api};
         description = "An OpenAI-compatible inference gateway for a community GPU network.",
         license(name = "MIT")
     ),
+    paths(openai::get_model),
     modifiers(&SecuritySchemes),
     tags(
         (name = "openai", description = "OpenAI-compatible API; authenticate with an API key"),
@@ -95,7 +96,10 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(openai::completions))
         .routes(routes!(openai::embeddings))
         .routes(routes!(openai::list_models))
-        .routes(routes!(openai::get_model))
+        // A wildcard, for a model name with a slash sent as is (vLLM serves Hugging Face ids
+        // such as `meta-llama/Llama-3.1-8B-Instruct`; the SDKs send it encoded, `%2F`). OpenAPI
+        // has no template for several segments: `ApiDoc` describes it as `/v1/models/{model}`.
+        .route("/v1/models/{*model}", axum::routing::get(openai::get_model))
         .routes(routes!(batch_api::get_file, batch_api::delete_file))
         .routes(routes!(batch_api::file_content))
         .routes(routes!(batch_api::create_batch, batch_api::list_batches))

@@ -482,7 +482,7 @@ pub async fn list_models(
 /// One model, if a healthy backend serves it.
 #[utoipa::path(
     get, path = "/v1/models/{model}", tag = "openai",
-    params(("model" = String, Path, description = "Model name")),
+    params(("model" = String, Path, description = "Model name; a slash in it (`org/name`) may be sent encoded, `%2F`, or as is")),
     responses(
         (status = 200, body = Model),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),

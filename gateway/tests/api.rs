@@ -739,3 +739,56 @@ async fn a_backend_refusing_the_upstream_key_is_a_bad_gateway_not_the_clients_40
         assert_eq!(status, 200, "{body}");
     }
 }
+
+/// Model names with a slash, as vLLM serves Hugging Face ids (`--model org/name`): the OpenAI
+/// SDKs send `GET /v1/models/{model}` with the slash encoded (`%2F`), curl users type it as is.
+#[tokio::test]
+async fn a_model_name_with_a_slash_is_found_encoded_or_not() {
+    const HF_MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+    let engine = sim(SimConfig {
+        models: vec![HF_MODEL.into()],
+        ttft: Duration::ZERO,
+        ..SimConfig::default()
+    })
+    .await;
+    let mut up = upstream("a", engine.base_url());
+    up.models = vec![HF_MODEL.into()];
+    let gw = gateway(config(vec![up])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let get = |path: String| {
+        let key = key.clone();
+        async move {
+            let response = client().get(path).bearer_auth(key).send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    for path in [
+        "meta-llama%2FLlama-3.1-8B-Instruct",
+        "meta-llama%2fLlama-3.1-8B-Instruct",
+        "meta-llama/Llama-3.1-8B-Instruct",
+    ] {
+        let (status, body) = get(format!("{base}/v1/models/{path}")).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        let model: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(model["id"], HF_MODEL, "{path}");
+        assert_eq!(model["object"], "model");
+    }
+    // A name that is not served, with or without a slash: OpenAI's 404, naming it.
+    for path in [
+        "meta-llama/Nope",
+        "meta-llama%2FNope",
+        "nope",
+        "meta-llama/Llama-3.1-8B-Instruct/x",
+    ] {
+        let (status, body) = get(format!("{base}/v1/models/{path}")).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        let error = error_of(&body);
+        assert_eq!(error["code"], "model_not_found", "{path}: {body}");
+    }
+    // Chat names it in the body, slash and all.
+    let request = json!({"model": HF_MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    let (status, body) = post_chat(&base, &key, &request).await;
+    assert_eq!(status, 200, "{body}");
+    gw.shutdown(Duration::from_secs(5)).await;
+}

@@ -176,7 +176,8 @@ class TlsGateway:
     api_key: str
 
 
-TLS_MODEL = "sim-tls-chat"
+# With a slash, as vLLM names models after their Hugging Face ids.
+TLS_MODEL = "garage-tests/sim-tls-chat"
 
 
 @pytest.fixture(scope="session")

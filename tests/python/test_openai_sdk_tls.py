@@ -60,6 +60,10 @@ def test_chat_completion_streamed_over_tls(tls_client: openai.OpenAI):
 
 def test_models_over_tls(tls_client: openai.OpenAI):
     assert [m.id for m in tls_client.models.list()] == [TLS_MODEL]
+    # The SDK sends the slash in the name encoded (`/v1/models/garage-tests%2Fsim-tls-chat`).
+    assert tls_client.models.retrieve(TLS_MODEL).id == TLS_MODEL
+    with pytest.raises(openai.NotFoundError):
+        tls_client.models.retrieve("garage-tests/not-served")
 
 
 def test_embeddings_over_tls(tls_client: openai.OpenAI):
