@@ -295,7 +295,7 @@ impl Backend {
     }
 
     /// The health endpoint and the client to probe it with, when the backend has one.
-    fn health_probe(&self) -> Option<(&str, &HttpClient)> {
+    fn health_probe(&self) -> Option<(&str, &Arc<HttpClient>)> {
         match &self.transport {
             Transport::Url {
                 health_url, client, ..
@@ -619,16 +619,14 @@ impl Backends {
                 backend.prune_idle_connections();
             }
             let probes = set.all().iter().filter_map(|backend| {
-                let (url, _) = backend.health_probe()?;
+                let (url, client) = backend.health_probe()?;
                 let request = http::Request::get(url).body(RequestBody::default());
+                let client = Arc::clone(client);
                 let backend = Arc::clone(backend);
                 Some(async move {
-                    let Some((_, client)) = backend.health_probe() else {
-                        return;
-                    };
                     let ok = match request {
                         Ok(request) => matches!(
-                            tokio::time::timeout(interval, send_http(client, request)).await,
+                            tokio::time::timeout(interval, send_http(&client, request)).await,
                             Ok(Ok(resp)) if resp.status().is_success()
                         ),
                         Err(_) => false,
