@@ -167,7 +167,42 @@ pub fn app(
     let router = tower::Layer::layer(&DefaultBodyLimit::max(max_body), router(state.clone()));
     tower::ServiceBuilder::new()
         .layer(RequestIdLayer)
+        .option_layer(cors(&state.config.cors))
         .service(InferenceFirst { router, state })
+}
+
+/// CORS for the origins the config lists (none: no layer, and nothing for a request to pay).
+/// Preflight requests are answered here, ahead of every route; the request headers a page may
+/// send are whatever its preflight asks for (the OpenAI SDKs add their own `x-stainless-*`
+/// ones), and it may read every response header (`x-request-id`, `retry-after`, the rate
+/// limit's). Credentials are never allowed: keys travel in the `Authorization` header, which a
+/// browser sends only when the page's own code sets it.
+fn cors(config: &crate::config::CorsConfig) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer, ExposeHeaders};
+    let origins = &config.allowed_origins;
+    let allow_origin = match origins.as_slice() {
+        [] => return None,
+        [any] if any == "*" => AllowOrigin::any(),
+        // Checked when the config was loaded.
+        listed => AllowOrigin::list(
+            listed
+                .iter()
+                .filter_map(|origin| http::HeaderValue::from_str(origin).ok()),
+        ),
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow_origin)
+            .allow_methods([
+                http::Method::GET,
+                http::Method::POST,
+                http::Method::PUT,
+                http::Method::DELETE,
+            ])
+            .allow_headers(AllowHeaders::mirror_request())
+            .expose_headers(ExposeHeaders::any())
+            .max_age(std::time::Duration::from_secs(config.max_age_secs)),
+    )
 }
 
 /// The three inference routes, taken before the router, which answers everything else (other

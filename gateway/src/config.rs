@@ -23,6 +23,8 @@ pub const ENV_FIELDS: &[&str] = &[
     "max_body_bytes",
     "shutdown_grace_secs",
     "default_plugins",
+    "cors.allowed_origins",
+    "cors.max_age_secs",
     "auth.admin_token",
     "auth.key_secret",
     "auth.key_cache_secs",
@@ -111,6 +113,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests and streams may take to finish.
     pub shutdown_grace_secs: u64,
+    /// Cross-origin requests from web pages (CORS): off unless origins are listed.
+    pub cors: CorsConfig,
     pub auth: AuthConfig,
     pub dispatch: DispatchConfig,
     pub nodes: NodesConfig,
@@ -125,6 +129,29 @@ pub struct Config {
     pub plugins: crate::plugins::PluginsConfig,
     /// Static OpenAI-compatible upstreams (an existing vLLM server, another gateway...).
     pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// Which web pages may call the gateway from a browser. The API authenticates with bearer tokens,
+/// which a browser never attaches on its own, so allowing an origin lets that page's scripts
+/// use a key they were given, and nothing more (no cookies: credentials are never allowed).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins allowed, such as `"https://app.example.com"`, or `["*"]` for any (as vLLM's
+    /// `--allowed-origins` defaults to). Empty, the default: no CORS headers, so browsers
+    /// refuse cross-origin calls and preflight `OPTIONS` requests get 405.
+    pub allowed_origins: Vec<String>,
+    /// How long a browser may cache a preflight answer.
+    pub max_age_secs: u64,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        CorsConfig {
+            allowed_origins: Vec::new(),
+            max_age_secs: 3600,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -315,6 +342,7 @@ impl Default for Config {
             // room while still bounding what one request can make us buffer.
             max_body_bytes: 16 * 1024 * 1024,
             shutdown_grace_secs: 30,
+            cors: CorsConfig::default(),
             auth: AuthConfig::default(),
             dispatch: DispatchConfig::default(),
             nodes: NodesConfig::default(),
@@ -430,6 +458,30 @@ impl Config {
                 "tls_cert_file and tls_key_file go together: set both to serve HTTPS, or neither"
                     .into(),
             );
+        }
+        for origin in &self.cors.allowed_origins {
+            if origin == "*" {
+                if self.cors.allowed_origins.len() > 1 {
+                    return invalid(
+                        "cors.allowed_origins: \"*\" allows every origin; list it alone".into(),
+                    );
+                }
+                continue;
+            }
+            let scheme_host = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"));
+            let well_formed = scheme_host.is_some_and(|rest| {
+                !rest.is_empty()
+                    && !rest.contains('/')
+                    && http::HeaderValue::from_str(origin).is_ok()
+            });
+            if !well_formed {
+                return invalid(format!(
+                    "cors.allowed_origins: {origin:?} is not an origin (scheme://host[:port], \
+                     no path, such as \"https://app.example.com\"), nor \"*\""
+                ));
+            }
         }
         if self.dispatch.max_attempts == 0 {
             return invalid("dispatch.max_attempts must be at least 1".into());
@@ -548,6 +600,43 @@ mod tests {
         assert_eq!(config.dispatch.max_attempts, 5);
         assert_eq!(config.auth.admin_token.as_deref(), Some("s3cret"));
         assert_eq!(report.ignored_env, vec!["GARAGE_API_KEY".to_string()]);
+    }
+
+    #[test]
+    fn cors_origins_are_origins_or_a_lone_star() {
+        let load = |origins: &str| {
+            Config::load(
+                Some(&format!("[cors]\nallowed_origins = {origins}\n")),
+                std::iter::empty(),
+            )
+            .map(|(config, _)| config.cors.allowed_origins)
+        };
+        assert_eq!(
+            load(r#"["https://app.example.com", "http://localhost:3000"]"#).unwrap(),
+            ["https://app.example.com", "http://localhost:3000"]
+        );
+        assert_eq!(load(r#"["*"]"#).unwrap(), ["*"]);
+        for bad in [
+            r#"["*", "https://app.example.com"]"#,
+            r#"["app.example.com"]"#,
+            r#"["https://app.example.com/"]"#,
+            r#"["https://app.example.com/chat"]"#,
+            r#"["https://"]"#,
+            r#"["ftp://app.example.com"]"#,
+        ] {
+            let error = load(bad).unwrap_err().to_string();
+            assert!(error.contains("cors.allowed_origins"), "{bad}: {error}");
+        }
+        // And from the environment, as an inline array.
+        let (config, _) = Config::load(
+            None,
+            [(
+                "GARAGE_CORS_ALLOWED_ORIGINS".to_owned(),
+                r#"["https://app.example.com"]"#.to_owned(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(config.cors.allowed_origins, ["https://app.example.com"]);
     }
 
     #[test]

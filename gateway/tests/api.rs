@@ -792,3 +792,120 @@ async fn a_model_name_with_a_slash_is_found_encoded_or_not() {
     assert_eq!(status, 200, "{body}");
     gw.shutdown(Duration::from_secs(5)).await;
 }
+
+/// CORS, for web pages that call the gateway with a key: off by default (a preflight gets 405);
+/// the origins listed in `cors.allowed_origins` get answers browsers accept, others do not.
+#[tokio::test]
+async fn cors_answers_the_listed_origins_only_and_is_off_by_default() {
+    const PAGE: &str = "https://app.example.com";
+    let engine = fast_sim().await;
+    let preflight = |base: String, origin: &'static str| async move {
+        client()
+            .request(
+                reqwest::Method::OPTIONS,
+                format!("{base}/v1/chat/completions"),
+            )
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            // What the OpenAI JavaScript SDK sends, besides the key and the body's type.
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type,x-stainless-os,x-stainless-retry-count",
+            )
+            .send()
+            .await
+            .unwrap()
+    };
+    let chat_from = |base: String, key: String, origin: &'static str, stream: bool| async move {
+        client()
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(key)
+            .header("origin", origin)
+            .json(&chat(stream))
+            .send()
+            .await
+            .unwrap()
+    };
+    let header = |response: &reqwest::Response, name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+
+    // Off: no CORS headers on answers, and a preflight is an unknown method for the route.
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    let (_, key) = create_key(&gw.url(), json!({"name": "t"})).await;
+    let answer = preflight(gw.url(), PAGE).await;
+    assert_eq!(answer.status(), 405);
+    error_of(&answer.text().await.unwrap());
+    let answer = chat_from(gw.url(), key.clone(), PAGE, false).await;
+    assert_eq!(answer.status(), 200);
+    assert_eq!(header(&answer, "access-control-allow-origin"), None);
+    gw.shutdown(Duration::from_secs(5)).await;
+
+    // One origin listed.
+    let mut cfg = config(vec![upstream("a", engine.base_url())]);
+    cfg.cors.allowed_origins = vec![PAGE.into()];
+    let gw = gateway(cfg).await;
+    let (_, key) = create_key(&gw.url(), json!({"name": "t"})).await;
+    let answer = preflight(gw.url(), PAGE).await;
+    assert!(answer.status().is_success(), "{}", answer.status());
+    assert_eq!(
+        header(&answer, "access-control-allow-origin").as_deref(),
+        Some(PAGE)
+    );
+    let methods = header(&answer, "access-control-allow-methods").unwrap();
+    assert!(methods.contains("POST"), "{methods}");
+    let headers = header(&answer, "access-control-allow-headers").unwrap();
+    for asked in ["authorization", "content-type", "x-stainless-os"] {
+        assert!(headers.contains(asked), "{asked} not in {headers}");
+    }
+    assert_eq!(
+        header(&answer, "access-control-max-age").as_deref(),
+        Some("3600")
+    );
+    assert_eq!(header(&answer, "access-control-allow-credentials"), None);
+    // Preflights go through the same outer layer as everything: they carry a request id.
+    assert!(header(&answer, "x-request-id").is_some());
+    for stream in [false, true] {
+        let answer = chat_from(gw.url(), key.clone(), PAGE, stream).await;
+        assert_eq!(answer.status(), 200);
+        assert_eq!(
+            header(&answer, "access-control-allow-origin").as_deref(),
+            Some(PAGE)
+        );
+        // The page's script may read the request id (and every other header).
+        assert_eq!(
+            header(&answer, "access-control-expose-headers").as_deref(),
+            Some("*")
+        );
+        let body = answer.text().await.unwrap();
+        assert!(body.contains("chat.completion"), "{body}");
+    }
+    // Errors too: a page must be able to read why it was refused.
+    let refused = chat_from(gw.url(), "sk-wrong".into(), PAGE, false).await;
+    assert_eq!(refused.status(), 401);
+    assert_eq!(
+        header(&refused, "access-control-allow-origin").as_deref(),
+        Some(PAGE)
+    );
+    // Another origin: no allowance, so its browser refuses the answer.
+    let answer = preflight(gw.url(), "https://evil.example").await;
+    assert_eq!(header(&answer, "access-control-allow-origin"), None);
+    let answer = chat_from(gw.url(), key.clone(), "https://evil.example", false).await;
+    assert_eq!(header(&answer, "access-control-allow-origin"), None);
+    gw.shutdown(Duration::from_secs(5)).await;
+
+    // Any origin.
+    let mut cfg = config(vec![upstream("a", engine.base_url())]);
+    cfg.cors.allowed_origins = vec!["*".into()];
+    let gw = gateway(cfg).await;
+    let answer = preflight(gw.url(), "https://anywhere.example").await;
+    assert!(answer.status().is_success(), "{}", answer.status());
+    assert_eq!(
+        header(&answer, "access-control-allow-origin").as_deref(),
+        Some("*")
+    );
+    gw.shutdown(Duration::from_secs(5)).await;
+}
