@@ -58,10 +58,11 @@ impl RequestFacts {
     }
 }
 
-/// Per-process policy state: the budget verdict cache.
+/// Per-process policy state: the budget verdict cache, read by every request (foldhash, not
+/// std's SipHash, as the other per-request maps; seeded per process, like std's).
 #[derive(Default)]
 pub struct Policy {
-    budgets: Mutex<HashMap<String, (Instant, bool)>>,
+    budgets: Mutex<HashMap<String, (Instant, bool), foldhash::quality::RandomState>>,
 }
 
 fn budget_key(key_id: &str) -> String {
