@@ -94,21 +94,30 @@ impl Gateway {
             KeyHasher::new(&key_secret),
             Duration::from_secs(config.auth.key_cache_secs),
         );
-        // Upstreams with a CA file of their own get a client trusting it; the rest share one
-        // trusting `dispatch.tls_ca_file` (read even with no upstream: a broken file is an error).
+        // One client per CA file: upstreams that name the same `tls_ca_file` share one, and the
+        // rest share the one trusting `dispatch.tls_ca_file` (read even with no upstream: a
+        // broken file is an error).
         let http = Arc::new(http_client(
             &config.dispatch,
             config.dispatch.tls_ca_file.as_deref(),
         )?);
-        let client_for = |upstream: &UpstreamConfig| match &upstream.tls_ca_file {
-            None => Ok(Arc::clone(&http)),
-            Some(path) => match http_client(&config.dispatch, Some(path)) {
-                Ok(own) => Ok(Arc::new(own)),
-                Err(source) => Err(StartError::UpstreamTls {
+        let mut by_ca_file = std::collections::HashMap::new();
+        let client_for = |upstream: &UpstreamConfig| -> Result<_, StartError> {
+            let Some(path) = &upstream.tls_ca_file else {
+                return Ok(Arc::clone(&http));
+            };
+            if let Some(client) = by_ca_file.get(path) {
+                return Ok(Arc::clone(client));
+            }
+            let client = http_client(&config.dispatch, Some(path)).map_err(|source| {
+                StartError::UpstreamTls {
                     upstream: upstream.name.clone(),
                     source,
-                }),
-            },
+                }
+            })?;
+            let client = Arc::new(client);
+            by_ca_file.insert(path.clone(), Arc::clone(&client));
+            Ok(client)
         };
         let backends = Arc::new(Backends::from_upstreams(&config.upstreams, client_for)?);
         let nodes = Nodes::new(
