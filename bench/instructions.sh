@@ -34,100 +34,25 @@ TARGET=${BENCH_TARGET:-gateway}
 STREAM=${BENCH_STREAM:-0}
 DURATION=${BENCH_DURATION:-10}
 CONCURRENCY=${BENCH_CONCURRENCY:-4}
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 # The cargo profile measured: dist (what to deploy; see Cargo.toml) unless told otherwise.
 PROFILE=${BENCH_PROFILE:-dist}
-BIN=$TARGET_DIR/$PROFILE
-MODEL=sim-llama-3-8b
-ADMIN=bench-admin-token-0123456789
-
-die() { echo "instructions.sh: $*" >&2; exit 1; }
-log() { echo "[instructions $(date +%H:%M:%S)] $*" >&2; }
+NAME=instructions.sh
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 command -v valgrind >/dev/null || die "valgrind is not installed (apt-get install valgrind)"
 command -v callgrind_control >/dev/null || die "callgrind_control is missing (part of valgrind)"
 command -v wrk >/dev/null || die "wrk is not installed (apt-get install wrk)"
-case $TARGET in gateway | hyper-floor) ;; *) die "BENCH_TARGET must be gateway or hyper-floor" ;; esac
 
-if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
-    log "building the $PROFILE binaries"
-    # The gateway embeds its default plugins, built for wasm32-wasip2.
-    if command -v rustup >/dev/null 2>&1; then
-        rustup target add wasm32-wasip2 >/dev/null 2>&1 || echo "warning: could not add the wasm32-wasip2 target" >&2
-    fi
-    cargo build --profile "$PROFILE" -p garage-gateway -p garage-sim-engine -p garage-hyper-floor >&2
-fi
-
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    [[ ${BENCH_KEEP:-0} == 1 ]] || rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-port_of() { # the port a server printed in its "listening on http://ADDR" line
-    local i
-    for ((i = 0; i < 100; i++)); do
-        if grep -qo 'listening on http://[0-9.]*:[0-9]*' "$1" 2>/dev/null; then
-            grep -o 'listening on http://[0-9.]*:[0-9]*' "$1" | head -1 | sed 's/.*://'
-            return 0
-        fi
-        sleep 0.2
-    done
-    die "no listening address in $1"
-}
-
-RUST_LOG=warn "$BIN/sim-engine" --listen 127.0.0.1:0 --model "$MODEL" --ttft-ms 0 \
-    --tokens-per-sec 0 --max-num-seqs 4096 >"$WORK/engine.log" 2>&1 &
-PIDS+=($!)
-ENGINE=127.0.0.1:$(port_of "$WORK/engine.log")
-
-# A fixed free port for the program under valgrind (its startup is slow to parse for).
-PORT=$((20000 + RANDOM % 10000))
-KEY=unused
-if [[ $TARGET == gateway ]]; then
-    cat >"$WORK/gateway.toml" <<TOML
-listen = "127.0.0.1:$PORT"
-default_plugins = false
-[auth]
-admin_token = "$ADMIN"
-[plugins]
-# valgrind cannot reserve the address space of the default instance pool.
-max_instances = 1
-[[upstreams]]
-name = "sim"
-base_url = "http://$ENGINE/v1"
-models = ["$MODEL"]
-health_path = "/health"
-TOML
-    RUST_LOG=${BENCH_GATEWAY_LOG:-warn} valgrind --tool=callgrind --instr-atstart=no \
-        --callgrind-out-file="$WORK/callgrind.out" "$BIN/gateway" serve --config "$WORK/gateway.toml" \
-        >"$WORK/target.log" 2>&1 &
-else
-    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/callgrind.out" \
-        "$BIN/hyper-floor" --listen "127.0.0.1:$PORT" --upstream "http://$ENGINE" \
-        >"$WORK/target.log" 2>&1 &
-fi
-PIDS+=($!)
-TARGET_PID=$!
-URL=http://127.0.0.1:$PORT
-for ((i = 0; i < 150; i++)); do
-    curl -fs -o /dev/null "$URL/health" 2>/dev/null && break
-    # hyper-floor forwards /health to the engine; either way an answer means it is up.
-    sleep 0.2
-done
-if [[ $TARGET == gateway ]]; then
-    KEY=$(curl -fsS -X POST "$URL/admin/keys" -H "Authorization: Bearer $ADMIN" \
-        -H 'Content-Type: application/json' -d '{"name":"instructions"}' |
-        sed -n 's/.*"key"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p')
-    [[ -n $KEY ]] || die "could not create an API key (see $WORK/target.log)"
-fi
+build_unless_skipped
+start_engine
+# A fixed free port for the program under valgrind (its startup is slow to parse for);
+# valgrind cannot reserve the address space of the gateway's default instance pool.
+start_target $((20000 + RANDOM % 10000)) $'[plugins]\nmax_instances = 1' \
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/callgrind.out"
 
 SCRIPT=bench/chat.lua
 [[ $STREAM == 1 ]] && SCRIPT=bench/chat_stream.lua
-export BENCH_KEY=$KEY BENCH_MODEL=$MODEL
 log "$TARGET under callgrind: 3 s warm-up, then ${DURATION} s counted at concurrency $CONCURRENCY"
 wrk -t1 -c"$CONCURRENCY" -d3s -s "$SCRIPT" "$URL" >/dev/null
 callgrind_control -i on "$TARGET_PID" >/dev/null 2>&1

@@ -19,6 +19,7 @@
 #                      dropping its oldest entry at each insert, as a long-running gateway runs
 #   BENCH_PROFILE      the cargo profile measured (default dist, as bench/run.sh)
 #   BENCH_SKIP_BUILD   1: use the binaries of that profile already in the target directory
+#   BENCH_GATEWAY_LOG  the gateway's RUST_LOG (default warn)
 #
 # GARAGE_* variables in the environment reach the gateway (unlike in bench/run.sh): set one to
 # measure a setting, such as GARAGE_USAGE_LEDGER_MAX_ENTRIES=1000 against the default.
@@ -38,90 +39,23 @@ CONCURRENCY=${BENCH_CONCURRENCY:-16}
 DURATION=${BENCH_DURATION:-4}
 WARMUP=${BENCH_WARMUP:-1}
 PROFILE=${BENCH_PROFILE:-dist}
-BIN=${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE
-MODEL=sim-llama-3-8b
-ADMIN=bench-admin-token-0123456789
-
-die() { echo "syscalls.sh: $*" >&2; exit 1; }
-log() { echo "[syscalls $(date +%H:%M:%S)] $*" >&2; }
+NAME=syscalls.sh
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 for tool in perf wrk curl; do command -v $tool >/dev/null || die "$tool is not installed"; done
-case $TARGET in gateway | hyper-floor) ;; *) die "BENCH_TARGET must be gateway or hyper-floor" ;; esac
 perf list 2>/dev/null | grep -c 'raw_syscalls:sys_enter' >/dev/null ||
     die "perf cannot see the syscall tracepoints here (perf_event_paranoid, or no tracefs)"
 
-if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
-    log "building the $PROFILE binaries"
-    if command -v rustup >/dev/null 2>&1; then
-        rustup target add wasm32-wasip2 >/dev/null 2>&1 || echo "warning: could not add the wasm32-wasip2 target" >&2
-    fi
-    cargo build --profile "$PROFILE" -p garage-gateway -p garage-sim-engine -p garage-hyper-floor >&2
-fi
-
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-port_of() { # the port a server printed in its "listening on http://ADDR" line
-    local i
-    for ((i = 0; i < 100; i++)); do
-        if grep -qo 'listening on http://[0-9.]*:[0-9]*' "$1" 2>/dev/null; then
-            grep -o 'listening on http://[0-9.]*:[0-9]*' "$1" | head -1 | sed 's/.*://'
-            return 0
-        fi
-        sleep 0.1
-    done
-    die "no listening address in $1"
-}
-
-RUST_LOG=warn "$BIN/sim-engine" --listen 127.0.0.1:0 --model "$MODEL" --ttft-ms 0 \
-    --tokens-per-sec 0 --max-num-seqs 4096 >"$WORK/engine.log" 2>&1 &
-PIDS+=($!)
-ENGINE=127.0.0.1:$(port_of "$WORK/engine.log")
-
+build_unless_skipped
+start_engine
 # A free port picked here: the gateway at RUST_LOG=warn does not print its address.
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null ||
     echo $((20000 + RANDOM % 10000)))
-KEY=unused
-if [[ $TARGET == gateway ]]; then
-    cat >"$WORK/gateway.toml" <<TOML
-listen = "127.0.0.1:$PORT"
-default_plugins = false
-[auth]
-admin_token = "$ADMIN"
-[[upstreams]]
-name = "sim"
-base_url = "http://$ENGINE/v1"
-models = ["$MODEL"]
-health_path = "/health"
-TOML
-    RUST_LOG=warn "$BIN/gateway" serve --config "$WORK/gateway.toml" >"$WORK/target.log" 2>&1 &
-else
-    "$BIN/hyper-floor" --listen "127.0.0.1:$PORT" --upstream "http://$ENGINE" >"$WORK/target.log" 2>&1 &
-fi
-TARGET_PID=$!
-PIDS+=($TARGET_PID)
-URL=http://127.0.0.1:$PORT
-for ((i = 0; i < 100; i++)); do
-    curl -fs -o /dev/null "$URL/health" 2>/dev/null && break
-    kill -0 "$TARGET_PID" 2>/dev/null || die "$TARGET exited: $(cat "$WORK/target.log")"
-    sleep 0.1
-done
-if [[ $TARGET == gateway ]]; then
-    KEY=$(curl -fsS -X POST "$URL/admin/keys" -H "Authorization: Bearer $ADMIN" \
-        -H 'Content-Type: application/json' -d '{"name":"syscalls"}' |
-        sed -n 's/.*"key"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p')
-    [[ -n $KEY ]] || die "could not create an API key (see $WORK/target.log)"
-fi
+start_target "$PORT" ""
 
 SCRIPT=bench/chat.lua
 [[ $STREAM == 1 ]] && SCRIPT=bench/chat_stream.lua
-export BENCH_KEY=$KEY BENCH_MODEL=$MODEL
 
 # One load run per measurement: counting and sampling at once would bias both.
 measure() { # output-file perf-args...
