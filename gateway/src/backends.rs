@@ -48,7 +48,12 @@ impl std::fmt::Debug for Transport {
 }
 
 /// Paths of the inference endpoints under a backend's base URL.
-pub const INFERENCE_PATHS: [&str; 3] = ["/chat/completions", "/completions", "/embeddings"];
+pub const INFERENCE_PATHS: [&str; 4] = [
+    "/chat/completions",
+    "/completions",
+    "/embeddings",
+    "/responses",
+];
 
 /// A base URL and the URIs of [`INFERENCE_PATHS`] under it, parsed once instead of formatted and
 /// parsed for every request.

@@ -19,12 +19,15 @@ use crate::request_id::X_REQUEST_ID;
 use crate::state::AppState;
 use crate::store::ApiKeyRecord;
 
-/// The three inference endpoints; they differ only in path and required input field.
+/// The inference endpoints; they differ in path, required input field, and how a stream
+/// reports its usage.
 #[derive(Clone, Copy)]
 enum Endpoint {
     Chat,
     Completions,
     Embeddings,
+    /// OpenAI's Responses API, as vLLM serves it (`/v1/responses`).
+    Responses,
 }
 
 impl Endpoint {
@@ -33,6 +36,7 @@ impl Endpoint {
             Endpoint::Chat => "/chat/completions",
             Endpoint::Completions => "/completions",
             Endpoint::Embeddings => "/embeddings",
+            Endpoint::Responses => "/responses",
         }
     }
     fn route(self) -> &'static str {
@@ -40,18 +44,24 @@ impl Endpoint {
             Endpoint::Chat => "chat_completions",
             Endpoint::Completions => "completions",
             Endpoint::Embeddings => "embeddings",
+            Endpoint::Responses => "responses",
         }
     }
     fn input_field(self) -> &'static str {
         match self {
             Endpoint::Chat => "messages",
             Endpoint::Completions => "prompt",
-            Endpoint::Embeddings => "input",
+            Endpoint::Embeddings | Endpoint::Responses => "input",
         }
+    }
+    /// Whether a stream reports its usage only when asked, with `stream_options.include_usage`
+    /// (chat and completions). A Responses stream always does, in its last event.
+    fn usage_on_request(self) -> bool {
+        matches!(self, Endpoint::Chat | Endpoint::Completions)
     }
 }
 
-/// One of the three inference routes, answered without the router (see
+/// One of the inference routes, answered without the router (see
 /// `api::InferenceFirst`). Matched as the router matches them, the method and the path exactly
 /// as registered, so a request gets the same answer either way.
 #[derive(Clone, Copy)]
@@ -82,7 +92,12 @@ impl InferenceRoute {
     }
 }
 
-const ENDPOINTS: [Endpoint; 3] = [Endpoint::Chat, Endpoint::Completions, Endpoint::Embeddings];
+const ENDPOINTS: [Endpoint; 4] = [
+    Endpoint::Chat,
+    Endpoint::Completions,
+    Endpoint::Embeddings,
+    Endpoint::Responses,
+];
 
 /// The paths [`InferenceRoute`] answers (`POST`), for the test that the router has them too.
 pub fn inference_paths() -> impl Iterator<Item = String> {
@@ -110,6 +125,9 @@ struct RequestHead<'a> {
     max_tokens: Option<u32>,
     #[serde(default)]
     max_completion_tokens: Option<u32>,
+    /// The Responses API's name for it.
+    #[serde(default)]
+    max_output_tokens: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -148,11 +166,13 @@ fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
     let input = match endpoint {
         Endpoint::Chat => head.messages,
         Endpoint::Completions => head.prompt,
-        Endpoint::Embeddings => head.input,
+        Endpoint::Embeddings | Endpoint::Responses => head.input,
     };
     let facts = RequestFacts::new(
         input.map_or(&b""[..], |raw| raw.get().as_bytes()),
-        head.max_completion_tokens.or(head.max_tokens),
+        head.max_completion_tokens
+            .or(head.max_tokens)
+            .or(head.max_output_tokens),
     );
     match input.map(|raw| raw.get().trim_start().as_bytes().first().copied()) {
         None | Some(Some(b'n')) => {
@@ -165,6 +185,14 @@ fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
             return Err(ApiError::bad_request(
                 "Invalid type for 'messages': expected an array of messages.",
                 Some("messages"),
+            ));
+        }
+        Some(first)
+            if matches!(endpoint, Endpoint::Responses) && !matches!(first, Some(b'"' | b'[')) =>
+        {
+            return Err(ApiError::bad_request(
+                "Invalid type for 'input': expected a string or an array of input items.",
+                Some("input"),
             ));
         }
         _ => {}
@@ -281,7 +309,8 @@ async fn admit_and_forward(
         candidates,
     )
     .await;
-    let hide_usage_chunk = admitted.stream && !admitted.client_wants_usage;
+    let hide_usage_chunk =
+        admitted.stream && endpoint.usage_on_request() && !admitted.client_wants_usage;
     let body = if hide_usage_chunk {
         with_include_usage(&body)?
     } else {
@@ -423,6 +452,34 @@ pub async fn embeddings(
     request: Request,
 ) -> Result<Response, ApiError> {
     proxy(state, Endpoint::Embeddings, request).await
+}
+
+/// Creates a model response (OpenAI's Responses API, as vLLM serves it): `input` is a string or
+/// a list of input items. With `"stream": true` the answer arrives as typed server-sent events
+/// (`event: response.output_text.delta`...), the usage in the last one, `response.completed`.
+/// The gateway keeps no responses: `previous_response_id` and `GET /v1/responses/{id}` need the
+/// backend that made the response, which round robin does not promise.
+#[utoipa::path(
+    post, path = "/v1/responses", tag = "openai",
+    request_body = ResponsesRequest,
+    responses(
+        (status = 200, description = "A response (or an event stream of typed events)", body = serde_json::Value),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 403, description = "Revoked key, or a model the key may not use", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 502, description = "Backends failed", body = ErrorBody),
+        (status = 503, description = "No healthy backend", body = ErrorBody),
+        (status = 504, description = "Backend timed out", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn responses(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    proxy(state, Endpoint::Responses, request).await
 }
 
 /// A model, as OpenAI lists it.
@@ -571,6 +628,26 @@ pub struct EmbeddingRequest {
     encoding_format: Option<String>,
 }
 
+/// A Responses API request.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ResponsesRequest {
+    model: String,
+    /// A string, or an array of input items (messages such as
+    /// `{"role": "user", "content": "..."}`).
+    input: serde_json::Value,
+    /// A system message put first.
+    instructions: Option<String>,
+    /// Stream the answer as typed server-sent events.
+    stream: Option<bool>,
+    max_output_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    /// Tools, text.format, reasoning, vendor extensions...: passed to the backend as is.
+    #[schema(additional_properties)]
+    extra: Option<serde_json::Value>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -605,6 +682,20 @@ mod tests {
                 .contains("prompt")
         );
         assert!(err(Endpoint::Embeddings, r#"{"model":"m","input":"x"}"#).is_none());
+        assert!(err(Endpoint::Responses, r#"{"model":"m","input":"x"}"#).is_none());
+        assert!(err(Endpoint::Responses, r#"{"model":"m","input":[]}"#).is_none());
+        assert!(
+            err(Endpoint::Responses, r#"{"model":"m","input":{}}"#)
+                .unwrap()
+                .contains("input")
+        );
+        let responses = parse(
+            Endpoint::Responses,
+            br#"{"model":"m","input":"hi","stream":true,"max_output_tokens":7}"#,
+        )
+        .unwrap();
+        assert!(responses.stream);
+        assert_eq!(responses.facts.reserved_tokens(), 1 + 7);
         let ok = parse(Endpoint::Chat, br#"{"model":"m\u0031","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
         assert_eq!(ok.model, "m1");
         assert!(ok.stream && ok.client_wants_usage);

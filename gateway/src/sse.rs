@@ -12,12 +12,13 @@ use std::borrow::Cow;
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
-/// Token counts as OpenAI reports them.
+/// Token counts as OpenAI reports them; the Responses API names them `input_tokens` and
+/// `output_tokens`.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 pub struct Usage {
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens")]
     pub prompt_tokens: u64,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     pub completion_tokens: u64,
 }
 
@@ -27,6 +28,15 @@ struct ChunkHead {
     usage: Option<Usage>,
     #[serde(default)]
     choices: Option<Vec<serde::de::IgnoredAny>>,
+    /// A Responses API event's response (`response.completed` has the usage).
+    #[serde(default)]
+    response: Option<ResponseHead>,
+}
+
+#[derive(Deserialize)]
+struct ResponseHead {
+    #[serde(default)]
+    usage: Option<Usage>,
 }
 
 /// Usage of a whole (non-streamed) response body: its top-level `usage` member, if it reports
@@ -196,7 +206,7 @@ impl SseTap {
         let Ok(head) = serde_json::from_slice::<ChunkHead>(&data) else {
             return true;
         };
-        let Some(usage) = head.usage else {
+        let Some(usage) = head.usage.or(head.response.and_then(|r| r.usage)) else {
             return true;
         };
         self.usage = Some(usage);
@@ -331,6 +341,33 @@ mod tests {
         let out = run(&mut tap, &[CONTENT, USAGE, DONE]);
         assert_eq!(out, format!("{CONTENT}{USAGE}{DONE}"));
         assert_eq!(tap.usage().unwrap().completion_tokens, 5);
+    }
+
+    /// A Responses API stream: typed events, the usage (`input_tokens`, `output_tokens`) in
+    /// the response of the last one, and `"usage": null` in the first. Every byte passes.
+    #[test]
+    fn reads_the_usage_of_a_responses_stream_and_passes_it_whole() {
+        let created = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"status\":\"in_progress\",\"usage\":null}}\n\n";
+        let delta = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"hi \\\"usage\\\": 5\"}\n\n";
+        let completed = "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"output\":[],\"usage\":{\"input_tokens\":7,\"input_tokens_details\":{\"cached_tokens\":0},\"output_tokens\":2,\"total_tokens\":9},\"user\":null},\"sequence_number\":3}\n\n";
+        for pieces in [
+            vec![created, delta, completed],
+            vec![&*format!("{created}{delta}{completed}")],
+        ] {
+            let mut tap = SseTap::new(false);
+            let out = run(&mut tap, &pieces);
+            assert_eq!(out, format!("{created}{delta}{completed}"));
+            assert_eq!(
+                tap.usage(),
+                Some(Usage {
+                    prompt_tokens: 7,
+                    completion_tokens: 2
+                })
+            );
+        }
+        // A non-streamed response's usage is not its last member.
+        let body = br#"{"id":"resp_1","object":"response","usage":{"input_tokens":4,"output_tokens":1},"user":null}"#;
+        assert_eq!(usage_of_body(body).unwrap().completion_tokens, 1);
     }
 
     #[test]

@@ -186,6 +186,84 @@ async fn completions_and_embeddings_pass_through() {
 }
 
 #[tokio::test]
+async fn responses_pass_through_plain_and_streamed_and_are_metered() {
+    let engine = fast_sim().await;
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let post = |body: serde_json::Value| {
+        let request = client()
+            .post(format!("{base}/v1/responses"))
+            .bearer_auth(&key)
+            .json(&body);
+        async move {
+            let response = request.send().await.expect("gateway answers");
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap_or_default())
+        }
+    };
+
+    let (status, body) = post(json!({
+        "model": MODEL, "input": [{"role": "user", "content": "hello there"}],
+        "max_output_tokens": 4, "text": {"format": {"type": "text"}},
+    }))
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(value["object"], "response");
+    assert_eq!(
+        value["output"][0]["content"][0]["text"],
+        "the quick brown fox "
+    );
+    assert_eq!(value["usage"]["output_tokens"], 4);
+
+    // Streamed: the typed events pass as the backend wrote them, `event:` lines and all, and
+    // the usage stays in the last one (the client did not ask for it: a Responses stream
+    // always reports it, so there is nothing to hide).
+    let (status, body) =
+        post(json!({"model": MODEL, "input": "hi", "max_output_tokens": 3, "stream": true})).await;
+    assert_eq!(status, 200, "{body}");
+    let events: Vec<&str> = body.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert!(
+        events[0].starts_with("event: response.created\ndata: {"),
+        "{body}"
+    );
+    let last = events.last().unwrap();
+    let data = last
+        .strip_prefix("event: response.completed\ndata: ")
+        .unwrap_or_else(|| panic!("last event: {last}"));
+    let completed: serde_json::Value = serde_json::from_str(data).unwrap();
+    assert_eq!(completed["response"]["usage"]["output_tokens"], 3);
+    assert!(!body.contains("[DONE]"), "{body}");
+    let deltas = events
+        .iter()
+        .filter(|e| e.starts_with("event: response.output_text.delta\n"))
+        .count();
+    assert_eq!(deltas, 3);
+
+    // Both were metered, under their own route.
+    let metrics = metrics_text(&base).await;
+    for line in [
+        format!("garage_tokens_total{{direction=\"completion\",model=\"{MODEL}\"}} 7"),
+        format!("garage_requests_total{{model=\"{MODEL}\",route=\"responses\",status=\"200\"}} 2"),
+        format!("garage_time_to_first_token_seconds_count{{model=\"{MODEL}\"}} 1"),
+    ] {
+        assert!(metrics.contains(&line), "no `{line}` in {metrics}");
+    }
+
+    for (bad, status, param) in [
+        (json!({"model": MODEL}), 400, json!("input")),
+        (json!({"model": MODEL, "input": 5}), 400, json!("input")),
+        (json!({"input": "hi"}), 400, json!("model")),
+        (json!({"model": "nope", "input": "hi"}), 404, json!("model")),
+    ] {
+        let (got, body) = post(bad.clone()).await;
+        assert_eq!(got, status, "{bad}: {body}");
+        assert_eq!(error_of(&body)["param"], param, "{bad}: {body}");
+    }
+}
+
+#[tokio::test]
 async fn streams_are_not_buffered() {
     // Two tokens a second: the whole answer takes seconds, the first chunk must not wait for it.
     let engine = paced_sim(2.0).await;
@@ -500,6 +578,21 @@ async fn stream_broken_mid_way_ends_with_an_error_event() {
     let (status, body) = post_chat(&base, &key, &chat(true)).await;
     assert_eq!(status, 200);
     assert!(!body.contains("[DONE]"), "{body}");
+    let last = body.trim_end().rsplit("\n\n").next().unwrap();
+    error_of(last.trim_start_matches("data: "));
+
+    // A Responses stream too: the SDKs raise an event with an `error` member, whatever its type.
+    let response = client()
+        .post(format!("{base}/v1/responses"))
+        .bearer_auth(&key)
+        .json(&json!({"model": MODEL, "input": "hi", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    assert!(body.starts_with("event: response.created\n"), "{body}");
+    assert!(!body.contains("response.completed"), "{body}");
     let last = body.trim_end().rsplit("\n\n").next().unwrap();
     error_of(last.trim_start_matches("data: "));
 }

@@ -24,7 +24,7 @@ const DROP_AFTER_FRAMES: u32 = 2;
 
 /// Context length the simulated model reports and enforces (Llama 3 8B's); it also bounds what a
 /// request can make us allocate.
-const MAX_MODEL_LEN: u32 = 8192;
+pub(crate) const MAX_MODEL_LEN: u32 = 8192;
 
 /// The engine's routes on `state`; serve it on any listener.
 pub fn router(state: SimState) -> Router {
@@ -32,6 +32,7 @@ pub fn router(state: SimState) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/responses", post(crate::responses::create))
         .route("/v1/models", get(models));
     // Only when asked for: the benchmarks' direct-to-engine numbers pay for no layer.
     let v1 = match &state.config().api_key {
@@ -75,7 +76,7 @@ async fn require_api_key(
 
 /// Every failure, answered in vLLM's OpenAI error shape.
 #[derive(Debug)]
-enum ApiError {
+pub(crate) enum ApiError {
     BadRequest(String),
     UnknownModel(String),
     NoRoute,
@@ -278,26 +279,56 @@ async fn completions(State(state): State<SimState>, body: Bytes) -> Result<Respo
     generate(state, &body, Kind::Completion).await
 }
 
-fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+pub(crate) fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|error| ApiError::BadRequest(format!("Invalid request body: {error}")))
 }
 
-fn resolve_model(state: &SimState, requested: Option<String>) -> Result<String, ApiError> {
+pub(crate) fn resolve_model(
+    state: &SimState,
+    requested: Option<String>,
+) -> Result<String, ApiError> {
     match state.model(requested.as_deref()) {
         Some(model) => Ok(model.to_owned()),
         None => Err(ApiError::UnknownModel(requested.unwrap_or_default())),
     }
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
+/// How many tokens a request of `prompt_tokens` generates and why it stops: the model "wants"
+/// `sim_tokens` (or the default); a `limit` (max_tokens) below that cuts it at "length". More
+/// than the context holds is vLLM's 400.
+pub(crate) fn plan(
+    state: &SimState,
+    prompt_tokens: u32,
+    sim_tokens: Option<u32>,
+    limit: Option<u32>,
+) -> Result<(u32, Finish), ApiError> {
+    let wanted = sim_tokens
+        .or(limit)
+        .unwrap_or(state.config().default_max_tokens);
+    let (tokens, finish) = match limit {
+        Some(limit) if wanted >= limit => (limit, Finish::Length),
+        _ => (wanted, Finish::Stop),
+    };
+    if u64::from(prompt_tokens) + u64::from(tokens) > u64::from(MAX_MODEL_LEN) {
+        return Err(ApiError::BadRequest(format!(
+            "This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you requested \
+             {} tokens ({prompt_tokens} in the messages, {tokens} in the completion). Please reduce \
+             the length of the messages or completion.",
+            u64::from(prompt_tokens) + u64::from(tokens)
+        )));
+    }
+    Ok((tokens, finish))
+}
+
 /// Rolls the fault dice, fails or hangs as they say, and otherwise waits for a running slot.
-async fn admit(state: &SimState, streamed: bool) -> Result<(Running, bool), ApiError> {
+pub(crate) async fn admit(state: &SimState, streamed: bool) -> Result<(Running, bool), ApiError> {
     let drop_stream = match state.roll(streamed) {
         Fate::Serve => false,
         Fate::DropStream => true,
@@ -339,24 +370,8 @@ async fn generate(state: SimState, body: &[u8], kind: Kind) -> Result<Response, 
             "sim-engine supports only n=1".to_owned(),
         ));
     }
-    // The model "wants" sim_tokens (or the default); a max_tokens below that cuts it at "length".
     let limit = request.max_completion_tokens.or(request.max_tokens);
-    let wanted = request
-        .sim_tokens
-        .or(limit)
-        .unwrap_or(state.config().default_max_tokens);
-    let (tokens, finish) = match limit {
-        Some(limit) if wanted >= limit => (limit, Finish::Length),
-        _ => (wanted, Finish::Stop),
-    };
-    if u64::from(prompt_tokens) + u64::from(tokens) > u64::from(MAX_MODEL_LEN) {
-        return Err(ApiError::BadRequest(format!(
-            "This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you requested \
-             {} tokens ({prompt_tokens} in the messages, {tokens} in the completion). Please reduce \
-             the length of the messages or completion.",
-            u64::from(prompt_tokens) + u64::from(tokens)
-        )));
-    }
+    let (tokens, finish) = plan(&state, prompt_tokens, request.sim_tokens, limit)?;
     let streamed = request.stream.unwrap_or(false);
     let (mut running, drop_stream) = admit(&state, streamed).await?;
     let start = Instant::now();
@@ -401,11 +416,7 @@ async fn generate(state: SimState, body: &[u8], kind: Kind) -> Result<Response, 
             let frame = stream.next_frame().await?;
             Some((frame, stream))
         });
-        return Ok((
-            [(header::CONTENT_TYPE, "text/event-stream")],
-            Body::from_stream(frames),
-        )
-            .into_response());
+        return Ok(event_stream(frames));
     }
     if !state
         .pace(state.token_due(start, tokens.saturating_sub(1)))
@@ -523,6 +534,17 @@ impl Streamer {
         self.phase = Phase::End;
         Some(Err(std::io::Error::other(why)))
     }
+}
+
+/// A streamed answer: `frames` as a `text/event-stream` body.
+pub(crate) fn event_stream(
+    frames: impl futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/event-stream")],
+        Body::from_stream(frames),
+    )
+        .into_response()
 }
 
 /// One server-sent event, `data: <json>\n\n`, in a single allocation.

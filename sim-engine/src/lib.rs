@@ -7,6 +7,7 @@
 //! With no latency configured it is fast enough to be the baseline of the gateway's benchmarks.
 
 mod api;
+mod responses;
 mod state;
 mod synth;
 

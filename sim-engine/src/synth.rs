@@ -38,7 +38,8 @@ pub(crate) fn text(tokens: u32) -> String {
 }
 
 /// Approximate token count of a prompt-like JSON value: words in strings, one per token id,
-/// `text` of content parts (`[{"type":"text","text":...}]`); images and the like count nothing.
+/// `text` of content parts (`[{"type":"text","text":...}]`), `content` of the Responses API's
+/// input messages (`[{"role":"user","content":...}]`); images and the like count nothing.
 pub(crate) fn count_tokens(value: &Value) -> u32 {
     match value {
         Value::String(text) => text
@@ -48,7 +49,10 @@ pub(crate) fn count_tokens(value: &Value) -> u32 {
             .unwrap_or(u32::MAX),
         Value::Number(_) => 1,
         Value::Array(items) => items.iter().map(count_tokens).fold(0, u32::saturating_add),
-        Value::Object(part) => part.get("text").map_or(0, count_tokens),
+        Value::Object(part) => part
+            .get("text")
+            .or_else(|| part.get("content"))
+            .map_or(0, count_tokens),
         Value::Null | Value::Bool(_) => 0,
     }
 }

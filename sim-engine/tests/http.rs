@@ -38,6 +38,38 @@ async fn stream_events(
     path: &str,
     body: Value,
 ) -> Result<(Vec<String>, Result<()>)> {
+    let (events, end) = raw_events(engine, path, body).await?;
+    let events = events
+        .iter()
+        .map(|event| {
+            let data = event.strip_prefix("data: ").context("event without data")?;
+            Ok(data.to_owned())
+        })
+        .collect::<Result<_>>()?;
+    Ok((events, end))
+}
+
+/// A Responses stream's events: each one's `event:` line (its type) and its data.
+fn typed_events(events: &[String]) -> Result<Vec<(String, Value)>> {
+    events
+        .iter()
+        .map(|event| {
+            let (kind, data) = event
+                .strip_prefix("event: ")
+                .and_then(|event| event.split_once("\ndata: "))
+                .with_context(|| format!("not a typed event: {event}"))?;
+            Ok((kind.to_owned(), serde_json::from_str(data)?))
+        })
+        .collect()
+}
+
+/// Reads a streamed answer into its events, each the text before its blank line; an error
+/// mid-body ends it with `Err`.
+async fn raw_events(
+    engine: &SimEngine,
+    path: &str,
+    body: Value,
+) -> Result<(Vec<String>, Result<()>)> {
     let response = client()
         .post(format!("{}{path}", engine.base_url()))
         .json(&body)
@@ -59,11 +91,7 @@ async fn stream_events(
             Some(Ok(bytes)) => buffer.push_str(std::str::from_utf8(&bytes)?),
         }
         while let Some(at) = buffer.find("\n\n") {
-            let event = buffer[..at]
-                .strip_prefix("data: ")
-                .context("event without data")?
-                .to_owned();
-            events.push(event);
+            events.push(buffer[..at].to_owned());
             buffer.drain(..at + 2);
         }
     };
@@ -213,6 +241,131 @@ async fn text_completions_plain_and_streamed() -> Result<()> {
         chunks[2]["choices"][0]["finish_reason"], "stop",
         "sim_tokens below max_tokens stops"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn responses_plain_streamed_and_cut_have_openai_shape() -> Result<()> {
+    let engine = engine(SimConfig::default()).await?;
+    let request = json!({
+        "model": "sim-llama-3-8b", "instructions": "be brief",
+        "input": [{"role": "user", "content": "hello there"}],
+        "sim_tokens": 3, "max_output_tokens": 10, "metadata": {"k": "v"}, "foo": 1,
+    });
+    let (status, body) = post(&engine, "/responses", request.clone()).await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("resp_"))
+    );
+    assert_eq!(body["object"], "response");
+    assert_eq!(body["status"], "completed");
+    assert_eq!(body["incomplete_details"], Value::Null);
+    assert_eq!(body["instructions"], "be brief");
+    assert_eq!(body["metadata"], json!({"k": "v"}));
+    let message = &body["output"][0];
+    assert_eq!(
+        (&message["type"], &message["role"], &message["status"]),
+        (&json!("message"), &json!("assistant"), &json!("completed"))
+    );
+    assert_eq!(
+        message["content"],
+        json!([{"type": "output_text", "text": "the quick brown ", "annotations": [], "logprobs": []}])
+    );
+    // Two words of input, four tokens of framing for the one item, two of instructions.
+    assert_eq!(
+        body["usage"],
+        json!({"input_tokens": 8, "input_tokens_details": {"cached_tokens": 0},
+               "output_tokens": 3, "output_tokens_details": {"reasoning_tokens": 0},
+               "total_tokens": 11})
+    );
+
+    // Cut by max_output_tokens: incomplete, and why.
+    let (_, body) = post(
+        &engine,
+        "/responses",
+        json!({"input": "one two", "max_output_tokens": 2}),
+    )
+    .await?;
+    assert_eq!(body["status"], "incomplete");
+    assert_eq!(
+        body["incomplete_details"],
+        json!({"reason": "max_output_tokens"})
+    );
+    assert_eq!(body["output"][0]["content"][0]["text"], "the quick ");
+    assert_eq!(body["usage"]["input_tokens"], 2);
+
+    let mut streamed = request;
+    streamed["stream"] = json!(true);
+    let (events, end) = raw_events(&engine, "/responses", streamed).await?;
+    end?;
+    let events = typed_events(&events)?;
+    let kinds: Vec<&str> = events.iter().map(|(kind, _)| kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+        ],
+        "no [DONE]: a Responses stream ends with its last event"
+    );
+    for (number, (kind, data)) in events.iter().enumerate() {
+        assert_eq!(&data["type"], kind);
+        assert_eq!(data["sequence_number"], number);
+    }
+    let deltas: String = events
+        .iter()
+        .filter_map(|(_, data)| data["delta"].as_str())
+        .collect();
+    assert_eq!(deltas, "the quick brown ");
+    assert_eq!(events[0].1["response"]["status"], "in_progress");
+    assert_eq!(events[0].1["response"]["usage"], Value::Null);
+    let (_, completed) = events.last().context("no events")?;
+    let response = &completed["response"];
+    assert_eq!(response["id"], events[0].1["response"]["id"]);
+    assert_eq!(response["status"], "completed");
+    assert_eq!(response["output"][0]["content"][0]["text"], deltas);
+    assert_eq!(response["usage"]["input_tokens"], 8);
+    assert_eq!(response["usage"]["output_tokens"], 3);
+    assert_eq!(
+        events[4].1["item_id"], response["output"][0]["id"],
+        "deltas name their message"
+    );
+
+    for (bad, status) in [
+        (json!({"model": "sim-llama-3-8b"}), 400),
+        (json!({"input": 5}), 400),
+        (json!({"model": "nope", "input": "hi"}), 404),
+    ] {
+        let (got, body) = post(&engine, "/responses", bad.clone()).await?;
+        assert_eq!(got, status, "{bad}: {body}");
+        assert!(body["error"]["message"].is_string(), "{body}");
+    }
+
+    // A dropped stream breaks off after the first delta, never reaching response.completed.
+    engine.set_faults(Faults {
+        drop_rate: 1.0,
+        ..Faults::default()
+    });
+    let request = json!({"input": "hi", "sim_tokens": 4, "stream": true});
+    let (events, end) = raw_events(&engine, "/responses", request).await?;
+    assert!(end.is_err(), "the body must end in an error");
+    let kinds: Vec<String> = typed_events(&events)?.into_iter().map(|(k, _)| k).collect();
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("response.output_text.delta")
+    );
+    assert!(!kinds.iter().any(|k| k == "response.completed"));
     Ok(())
 }
 

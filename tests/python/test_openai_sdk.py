@@ -378,6 +378,52 @@ def test_missing_key_is_401(gateway_url: str):
     assert_openai_error(response, 401)
 
 
+# --- responses -----------------------------------------------------------------------------------
+
+
+def test_responses_create(client: openai.OpenAI):
+    response = client.responses.create(
+        model=CHAT_MODEL, input="Say hello to the garage.", instructions="Be brief."
+    )
+    assert response.object == "response"
+    assert response.id.startswith("resp_")
+    assert response.model == CHAT_MODEL
+    assert response.status in ("completed", "incomplete")
+    assert response.output_text.strip()
+    assert response.usage is not None
+    assert response.usage.input_tokens > 0
+    assert response.usage.output_tokens > 0
+    assert response.usage.total_tokens == (
+        response.usage.input_tokens + response.usage.output_tokens
+    )
+    assert response._request_id
+
+
+def test_responses_streamed(client: openai.OpenAI):
+    """Typed events, as vLLM sends them; the usage in the last one, which the gateway reads
+    and leaves in place."""
+    events = list(client.responses.create(model=CHAT_MODEL, input=MESSAGES, stream=True))
+    types = [event.type for event in events]
+    assert types[0] == "response.created", types
+    assert types[-1] == "response.completed", types
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas.strip()
+    final = events[-1].response
+    assert final.output_text == deltas
+    assert final.usage is not None and final.usage.output_tokens > 0
+
+
+def test_responses_stream_helper(client: openai.OpenAI):
+    """The SDK's helper, which builds the response up from the events."""
+    with client.responses.stream(model=CHAT_MODEL, input="Say hello.") as stream:
+        deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert deltas
+    assert final.output_text == "".join(deltas)
+    assert final.usage is not None and final.usage.output_tokens == len(deltas)
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -385,8 +431,10 @@ def test_missing_key_is_401(gateway_url: str):
         lambda c: c.chat.completions.create(model="no-such-model", messages=MESSAGES, stream=True),
         lambda c: c.completions.create(model="no-such-model", prompt="hi"),
         lambda c: c.embeddings.create(model="no-such-model", input="hi"),
+        lambda c: c.responses.create(model="no-such-model", input="hi"),
+        lambda c: c.responses.create(model="no-such-model", input="hi", stream=True),
     ],
-    ids=["chat", "chat-stream", "completions", "embeddings"],
+    ids=["chat", "chat-stream", "completions", "embeddings", "responses", "responses-stream"],
 )
 def test_unknown_model_is_not_found(client: openai.OpenAI, call):
     with pytest.raises(openai.NotFoundError) as caught:
@@ -420,6 +468,8 @@ def test_missing_messages_is_bad_request(client: openai.OpenAI):
         ("/v1/chat/completions", {"messages": MESSAGES}, "model"),
         ("/v1/completions", {"model": CHAT_MODEL}, "prompt"),
         ("/v1/embeddings", {"model": EMBEDDING_MODEL}, "input"),
+        ("/v1/responses", {"model": CHAT_MODEL}, "input"),
+        ("/v1/responses", {"model": CHAT_MODEL, "input": 5}, "input"),
     ],
 )
 def test_malformed_requests_get_openai_errors(gateway_url: str, path: str, body: dict, param: str):
