@@ -546,7 +546,7 @@ mod tests {
                 "-i",
                 "x",
                 "--endpoint",
-                "/v1/responses"
+                "/v1/audio/speech"
             ])
             .is_err()
         );

@@ -27,6 +27,8 @@ pub enum Endpoint {
     Completions,
     #[value(name = "/v1/embeddings")]
     Embeddings,
+    #[value(name = "/v1/responses")]
+    Responses,
 }
 
 impl Endpoint {
@@ -35,6 +37,7 @@ impl Endpoint {
             Endpoint::ChatCompletions => "/v1/chat/completions",
             Endpoint::Completions => "/v1/completions",
             Endpoint::Embeddings => "/v1/embeddings",
+            Endpoint::Responses => "/v1/responses",
         }
     }
 
@@ -52,15 +55,18 @@ impl Endpoint {
             Endpoint::Completions => {
                 body.insert("prompt".into(), prompt.into());
             }
-            Endpoint::Embeddings => {
+            Endpoint::Embeddings | Endpoint::Responses => {
                 body.insert("input".into(), prompt.into());
             }
         }
         // Embeddings have no output tokens to cap; the command line refuses that combination.
-        if let Some(max_tokens) = max_tokens
-            && self != Endpoint::Embeddings
-        {
-            body.insert("max_tokens".into(), max_tokens.into());
+        let cap = match self {
+            Endpoint::ChatCompletions | Endpoint::Completions => Some("max_tokens"),
+            Endpoint::Responses => Some("max_output_tokens"),
+            Endpoint::Embeddings => None,
+        };
+        if let (Some(max_tokens), Some(cap)) = (max_tokens, cap) {
+            body.insert(cap.into(), max_tokens.into());
         }
         Value::Object(body)
     }
@@ -337,6 +343,13 @@ mod tests {
         let embeddings = convert("p", &defaults(Endpoint::Embeddings, None));
         assert_eq!(embeddings[0]["url"], "/v1/embeddings");
         assert_eq!(embeddings[0]["body"], json!({"model": "m", "input": "p"}));
+
+        let responses = convert("p", &defaults(Endpoint::Responses, Some(16)));
+        assert_eq!(responses[0]["url"], "/v1/responses");
+        assert_eq!(
+            responses[0]["body"],
+            json!({"model": "m", "input": "p", "max_output_tokens": 16})
+        );
 
         let chat = convert("p", &defaults(Endpoint::ChatCompletions, Some(16)));
         assert_eq!(

@@ -33,7 +33,12 @@ use crate::store::{QueueItem, Store, StoreError, StoreEvent, read_counter};
 use crate::usage::{Usage, UsageEvent};
 
 /// The endpoints a batch may target.
-pub const ENDPOINTS: &[&str] = &["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
+pub const ENDPOINTS: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+];
 /// The only completion window OpenAI offers, and so the only one we accept.
 pub const COMPLETION_WINDOW: &str = "24h";
 const COMPLETION_WINDOW_SECS: u64 = 24 * 3600;
@@ -246,7 +251,7 @@ struct StoredBatch {
 pub struct CreateBatch {
     /// A file uploaded with purpose `batch`.
     pub input_file_id: String,
-    /// `/v1/chat/completions`, `/v1/completions` or `/v1/embeddings`.
+    /// `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings` or `/v1/responses`.
     pub endpoint: String,
     /// `24h`.
     pub completion_window: String,
@@ -1432,20 +1437,46 @@ fn jsonl(lines: &[serde_json::Value]) -> Vec<u8> {
     out
 }
 
-/// A token count in an answer's body, by JSON pointer (`/usage/prompt_tokens`); 0 if absent.
-fn tokens(body: &serde_json::Value, pointer: &str) -> u64 {
-    body.pointer(pointer)
-        .and_then(serde_json::Value::as_u64)
-        .unwrap_or(0)
+/// The token counts in an answer's body, 0 where absent: chat, completions and embeddings
+/// name them `prompt_tokens` and `completion_tokens`, the Responses API `input_tokens` and
+/// `output_tokens`.
+struct Counts {
+    input: u64,
+    output: u64,
+    cached: u64,
+    reasoning: u64,
+}
+
+impl Counts {
+    fn of(body: &serde_json::Value) -> Self {
+        // The first of the two names present.
+        let get = |pointers: [&str; 2]| {
+            pointers
+                .iter()
+                .find_map(|pointer| body.pointer(pointer)?.as_u64())
+                .unwrap_or(0)
+        };
+        Counts {
+            input: get(["/usage/prompt_tokens", "/usage/input_tokens"]),
+            output: get(["/usage/completion_tokens", "/usage/output_tokens"]),
+            cached: get([
+                "/usage/prompt_tokens_details/cached_tokens",
+                "/usage/input_tokens_details/cached_tokens",
+            ]),
+            reasoning: get([
+                "/usage/completion_tokens_details/reasoning_tokens",
+                "/usage/output_tokens_details/reasoning_tokens",
+            ]),
+        }
+    }
 }
 
 fn add_usage(usage: &mut BatchUsage, body: &serde_json::Value) {
-    usage.input_tokens += tokens(body, "/usage/prompt_tokens");
-    usage.output_tokens += tokens(body, "/usage/completion_tokens");
-    usage.input_tokens_details.cached_tokens +=
-        tokens(body, "/usage/prompt_tokens_details/cached_tokens");
-    usage.output_tokens_details.reasoning_tokens +=
-        tokens(body, "/usage/completion_tokens_details/reasoning_tokens");
+    let counts = Counts::of(body);
+    usage.input_tokens += counts.input;
+    usage.output_tokens += counts.output;
+    usage.input_tokens_details.cached_tokens += counts.cached;
+    usage.output_tokens_details.reasoning_tokens += counts.reasoning;
 }
 
 fn usage_event(
@@ -1458,14 +1489,15 @@ fn usage_event(
     latency_ms: u64,
 ) -> UsageEvent {
     let finished_at_ms = unix_now() * 1000;
+    let counts = Counts::of(body);
     UsageEvent {
         // Stable per line: a line answered twice is still metered once.
         request_id: format!("{batch_id}:{line}"),
         key_id: key_id.to_owned(),
         model: model.to_owned(),
-        prompt_tokens: tokens(body, "/usage/prompt_tokens"),
-        completion_tokens: tokens(body, "/usage/completion_tokens"),
-        cached_tokens: tokens(body, "/usage/prompt_tokens_details/cached_tokens"),
+        prompt_tokens: counts.input,
+        completion_tokens: counts.output,
+        cached_tokens: counts.cached,
         latency_ms,
         ttft_ms: 0,
         backend: format!("rig:{}", node.id),
@@ -1560,6 +1592,23 @@ mod tests {
             big.map(|e| e[0].code.clone()).as_deref(),
             Some("too_many_tasks")
         );
+    }
+
+    #[test]
+    fn usage_is_read_under_either_api_s_names() {
+        let chat = serde_json::json!({"usage": {"prompt_tokens": 5, "completion_tokens": 2,
+            "prompt_tokens_details": {"cached_tokens": 3},
+            "completion_tokens_details": {"reasoning_tokens": 1}}});
+        let responses = serde_json::json!({"object": "response", "usage": {"input_tokens": 7,
+            "output_tokens": 4, "input_tokens_details": {"cached_tokens": 2},
+            "output_tokens_details": {"reasoning_tokens": 3}, "total_tokens": 11}});
+        let mut usage = BatchUsage::default();
+        add_usage(&mut usage, &chat);
+        add_usage(&mut usage, &responses);
+        add_usage(&mut usage, &serde_json::json!({"data": []}));
+        assert_eq!((usage.input_tokens, usage.output_tokens), (12, 6));
+        assert_eq!(usage.input_tokens_details.cached_tokens, 5);
+        assert_eq!(usage.output_tokens_details.reasoning_tokens, 4);
     }
 
     #[test]

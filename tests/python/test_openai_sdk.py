@@ -597,6 +597,8 @@ def _batch_lines(n: int, endpoint: str = "/v1/chat/completions") -> bytes:
     for i in range(n):
         if endpoint == "/v1/embeddings":
             body = {"model": EMBEDDING_MODEL, "input": f"text number {i}"}
+        elif endpoint == "/v1/responses":
+            body = {"model": CHAT_MODEL, "input": f"prompt number {i}", "max_output_tokens": 5}
         else:
             body = {"model": CHAT_MODEL, "messages": MESSAGES, "max_tokens": 5}
         lines.append(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": endpoint, "body": body}))
@@ -676,6 +678,27 @@ def test_batch_of_embeddings(client: openai.OpenAI):
     assert done.request_counts.completed == 5, done
     for line in client.files.content(done.output_file_id).text.splitlines():
         assert json.loads(line)["response"]["body"]["data"][0]["embedding"]
+
+
+def test_batch_of_responses(client: openai.OpenAI):
+    import json
+
+    uploaded = client.files.create(
+        file=("responses.jsonl", _batch_lines(4, "/v1/responses")), purpose="batch"
+    )
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/responses", completion_window="24h"
+    )
+    done = _wait_for_batch(client, batch.id)
+    assert (done.request_counts.completed, done.request_counts.failed) == (4, 0), done
+    for line in client.files.content(done.output_file_id).text.splitlines():
+        body = json.loads(line)["response"]["body"]
+        assert body["object"] == "response"
+        assert body["output"][0]["content"][0]["text"]
+    # The batch's usage adds up the Responses API's input_tokens and output_tokens.
+    assert done.usage is not None
+    assert done.usage.output_tokens == 4 * 5
+    assert done.usage.input_tokens > 0
 
 
 def test_batch_with_bad_lines_fails_with_line_errors(client: openai.OpenAI):
