@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 use crate::backends::{Backend, InFlight};
 use crate::error::ApiError;
 use crate::metrics::RouteSeries;
-use crate::sse::{SseTap, Usage, error_event, usage_of_body};
+use crate::sse::{self, SseTap, Usage, error_event, usage_of_body};
 use crate::state::AppState;
 use crate::store::ApiKeyRecord;
 use crate::upstream::{UpstreamBody, UpstreamResponse};
@@ -31,6 +31,10 @@ pub struct Outgoing {
     pub stream: bool,
     /// The client did not ask for the usage chunk; the gateway did, so hide it.
     pub hide_usage_chunk: bool,
+    /// The first token is the first event that carries output (`response.*.delta`), not the
+    /// first bytes: a Responses stream opens with events (`response.created`...) that a
+    /// backend may send before it has generated anything.
+    pub first_token_is_an_event: bool,
     pub request_id: Option<HeaderValue>,
     /// The API key, for usage events and the rate limiter.
     pub key: Arc<ApiKeyRecord>,
@@ -381,7 +385,9 @@ impl MeteredBody {
                 let Ok(chunk) = frame.into_data() else {
                     return Poll::Ready(Some(Bytes::new()));
                 };
-                if self.first_chunk_at.is_none() {
+                if self.first_chunk_at.is_none()
+                    && (!self.out.first_token_is_an_event || sse::carries_output(&chunk))
+                {
                     let ttft = self.out.started.elapsed();
                     self.first_chunk_at = Some(ttft);
                     self.out
@@ -490,7 +496,12 @@ impl HttpBody for MeteredBody {
 
 impl Drop for MeteredBody {
     fn drop(&mut self) {
-        let ttft = self.first_chunk_at.unwrap_or_default();
+        // A Responses stream whose output came all at once, with its end, or never.
+        let ttft = match self.first_chunk_at {
+            Some(ttft) => ttft,
+            None if self.out.first_token_is_an_event => self.out.started.elapsed(),
+            None => std::time::Duration::ZERO,
+        };
         finish(
             &self.state,
             &self.backend,

@@ -328,6 +328,7 @@ async fn admit_and_forward(
             body,
             stream: admitted.stream,
             hide_usage_chunk,
+            first_token_is_an_event: matches!(endpoint, Endpoint::Responses),
             request_id: request_id_value.cloned(),
             key,
             started,

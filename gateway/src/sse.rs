@@ -289,6 +289,44 @@ fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
     data
 }
 
+/// Whether `chunk` holds a Responses API event that carries output: a `response.*.delta`
+/// (text, reasoning, refusal, tool call arguments). The type is read from the `event:` line
+/// when the backend writes one (vLLM and OpenAI do), else from the data's `type`. An event cut
+/// by the chunk's end may be missed; the next one is not.
+pub fn carries_output(chunk: &[u8]) -> bool {
+    let mut rest = chunk;
+    while !rest.is_empty() {
+        let (event, next) = rest.split_at(event_end(rest).unwrap_or(rest.len()));
+        if is_output_event(event) {
+            return true;
+        }
+        rest = next;
+    }
+    false
+}
+
+fn is_output_event(event: &[u8]) -> bool {
+    let output = |kind: &[u8]| kind.starts_with(b"response.") && kind.ends_with(b".delta");
+    for line in event.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(kind) = line.strip_prefix(b"event:") {
+            return output(kind.trim_ascii());
+        }
+    }
+    #[derive(Deserialize)]
+    struct Typed<'a> {
+        #[serde(borrow, rename = "type")]
+        kind: Cow<'a, str>,
+    }
+    event_data(event)
+        .and_then(|data| {
+            serde_json::from_slice::<Typed<'_>>(&data)
+                .ok()
+                .map(|typed| output(typed.kind.as_bytes()))
+        })
+        .unwrap_or(false)
+}
+
 /// An SSE event carrying an OpenAI-shaped error: how a stream that already started reports a
 /// failure (the openai SDKs raise it as an `APIError`).
 pub fn error_event(message: &str) -> Bytes {
@@ -368,6 +406,27 @@ mod tests {
         // A non-streamed response's usage is not its last member.
         let body = br#"{"id":"resp_1","object":"response","usage":{"input_tokens":4,"output_tokens":1},"user":null}"#;
         assert_eq!(usage_of_body(body).unwrap().completion_tokens, 1);
+    }
+
+    #[test]
+    fn output_events_are_told_from_the_opening_ones() {
+        let created = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"instructions\":\"end in .delta\"}}\n\n";
+        let delta = "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}\n\n";
+        assert!(!carries_output(created.as_bytes()));
+        assert!(carries_output(delta.as_bytes()));
+        assert!(carries_output(format!("{created}{delta}").as_bytes()));
+        // No `event:` lines: the data's type says it; CRLF line ends too.
+        let data_only = |event: &str| event.split_once('\n').unwrap().1.replace('\n', "\r\n");
+        assert!(!carries_output(data_only(created).as_bytes()));
+        assert!(carries_output(
+            format!("{}{}", data_only(created), data_only(delta)).as_bytes()
+        ));
+        let arguments =
+            "data: {\"type\":\"response.function_call_arguments.delta\",\"delta\":\"{\"}\n\n";
+        assert!(carries_output(arguments.as_bytes()));
+        // Chat chunks and the end of a stream are not Responses events.
+        assert!(!carries_output(CONTENT.as_bytes()));
+        assert!(!carries_output(DONE.as_bytes()));
     }
 
     #[test]

@@ -263,6 +263,79 @@ async fn responses_pass_through_plain_and_streamed_and_are_metered() {
     }
 }
 
+/// A backend that opens a Responses stream at once, as OpenAI does, and sends its first output
+/// only `delay` later.
+async fn early_created_upstream(delay: Duration) -> (String, tokio::task::JoinHandle<()>) {
+    let app = axum::Router::new().route(
+        "/v1/responses",
+        post(move || async move {
+            let event = |kind: &str, data: serde_json::Value| {
+                let mut data = data;
+                data["type"] = json!(kind);
+                Ok::<_, std::io::Error>(bytes::Bytes::from(format!(
+                    "event: {kind}\ndata: {data}\n\n"
+                )))
+            };
+            let created = event("response.created", json!({"response": {"usage": null}}));
+            let later = async move {
+                tokio::time::sleep(delay).await;
+                futures::stream::iter([
+                    event("response.output_text.delta", json!({"delta": "hi"})),
+                    event(
+                        "response.completed",
+                        json!({"response": {"usage": {"input_tokens": 2, "output_tokens": 1}}}),
+                    ),
+                ])
+            };
+            let body = futures::stream::once(async { created })
+                .chain(futures::stream::once(later).flatten());
+            (
+                [("content-type", "text/event-stream")],
+                axum::body::Body::from_stream(body),
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}/v1"), task)
+}
+
+#[tokio::test]
+async fn a_responses_stream_times_its_first_token_at_its_first_output_not_its_opening() {
+    let delay = Duration::from_millis(300);
+    let (url, _backend) = early_created_upstream(delay).await;
+    let gw = gateway(config(vec![upstream("early", url)])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let response = client()
+        .post(format!("{base}/v1/responses"))
+        .bearer_auth(&key)
+        .json(&json!({"model": MODEL, "input": "hi", "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.text().await.unwrap();
+    assert!(
+        body.ends_with("\n\n") && body.contains("response.completed"),
+        "{body}"
+    );
+    let metrics = metrics_text(&base).await;
+    let sum = metric_value(
+        &metrics,
+        &format!("garage_time_to_first_token_seconds_sum{{model=\"{MODEL}\"}}"),
+    )
+    .unwrap_or_else(|| panic!("no time to first token in {metrics}"));
+    // The backend answered its first bytes at once; its first token came `delay` later.
+    assert!(sum >= delay.as_secs_f64(), "{sum} s: {metrics}");
+    assert!(metrics.contains(&format!(
+        "garage_tokens_total{{direction=\"completion\",model=\"{MODEL}\"}} 1"
+    )));
+}
+
 #[tokio::test]
 async fn streams_are_not_buffered() {
     // Two tokens a second: the whole answer takes seconds, the first chunk must not wait for it.
