@@ -96,6 +96,8 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(openai::completions))
         .routes(routes!(openai::embeddings))
         .routes(routes!(openai::responses))
+        .routes(routes!(openai::rerank))
+        .routes(routes!(openai::score))
         .routes(routes!(openai::list_models))
         // A wildcard, for a model name with a slash sent as is (vLLM serves Hugging Face ids
         // such as `meta-llama/Llama-3.1-8B-Instruct`; the SDKs send it encoded, `%2F`). OpenAPI

@@ -48,11 +48,13 @@ impl std::fmt::Debug for Transport {
 }
 
 /// Paths of the inference endpoints under a backend's base URL.
-pub const INFERENCE_PATHS: [&str; 4] = [
+pub const INFERENCE_PATHS: [&str; 6] = [
     "/chat/completions",
     "/completions",
     "/embeddings",
     "/responses",
+    "/rerank",
+    "/score",
 ];
 
 /// A base URL and the URIs of [`INFERENCE_PATHS`] under it, parsed once instead of formatted and

@@ -28,6 +28,10 @@ enum Endpoint {
     Embeddings,
     /// OpenAI's Responses API, as vLLM serves it (`/v1/responses`).
     Responses,
+    /// vLLM's scoring APIs for reranker models: documents ranked against a query, and pairs
+    /// of texts scored.
+    Rerank,
+    Score,
 }
 
 impl Endpoint {
@@ -37,6 +41,8 @@ impl Endpoint {
             Endpoint::Completions => "/completions",
             Endpoint::Embeddings => "/embeddings",
             Endpoint::Responses => "/responses",
+            Endpoint::Rerank => "/rerank",
+            Endpoint::Score => "/score",
         }
     }
     fn route(self) -> &'static str {
@@ -45,6 +51,8 @@ impl Endpoint {
             Endpoint::Completions => "completions",
             Endpoint::Embeddings => "embeddings",
             Endpoint::Responses => "responses",
+            Endpoint::Rerank => "rerank",
+            Endpoint::Score => "score",
         }
     }
     fn input_field(self) -> &'static str {
@@ -52,7 +60,24 @@ impl Endpoint {
             Endpoint::Chat => "messages",
             Endpoint::Completions => "prompt",
             Endpoint::Embeddings | Endpoint::Responses => "input",
+            Endpoint::Rerank => "query",
+            Endpoint::Score => "text_1",
         }
+    }
+    /// The second field a scoring request needs.
+    fn other_field(self) -> Option<&'static str> {
+        match self {
+            Endpoint::Rerank => Some("documents"),
+            Endpoint::Score => Some("text_2"),
+            _ => None,
+        }
+    }
+    /// Whether the endpoint answers `"stream": true` with events.
+    fn streams(self) -> bool {
+        matches!(
+            self,
+            Endpoint::Chat | Endpoint::Completions | Endpoint::Responses
+        )
     }
     /// Whether a stream reports its usage only when asked, with `stream_options.include_usage`
     /// (chat and completions). A Responses stream always does, in its last event.
@@ -92,11 +117,13 @@ impl InferenceRoute {
     }
 }
 
-const ENDPOINTS: [Endpoint; 4] = [
+const ENDPOINTS: [Endpoint; 6] = [
     Endpoint::Chat,
     Endpoint::Completions,
     Endpoint::Embeddings,
     Endpoint::Responses,
+    Endpoint::Rerank,
+    Endpoint::Score,
 ];
 
 /// The paths [`InferenceRoute`] answers (`POST`), for the test that the router has them too.
@@ -121,6 +148,14 @@ struct RequestHead<'a> {
     prompt: Option<&'a RawValue>,
     #[serde(borrow, default)]
     input: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    query: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    documents: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    text_1: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    text_2: Option<&'a RawValue>,
     #[serde(default)]
     max_tokens: Option<u32>,
     #[serde(default)]
@@ -167,9 +202,21 @@ fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
         Endpoint::Chat => head.messages,
         Endpoint::Completions => head.prompt,
         Endpoint::Embeddings | Endpoint::Responses => head.input,
+        Endpoint::Rerank => head.query,
+        Endpoint::Score => head.text_1,
     };
+    let other = match endpoint {
+        Endpoint::Rerank => head.documents,
+        Endpoint::Score => head.text_2,
+        _ => None,
+    };
+    // A scoring request's bulk is in both fields (the documents, most of all): its prompt is
+    // estimated from the whole body.
     let facts = RequestFacts::new(
-        input.map_or(&b""[..], |raw| raw.get().as_bytes()),
+        match endpoint.other_field() {
+            Some(_) => body,
+            None => input.map_or(&b""[..], |raw| raw.get().as_bytes()),
+        },
         head.max_completion_tokens
             .or(head.max_tokens)
             .or(head.max_output_tokens),
@@ -197,7 +244,15 @@ fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
         }
         _ => {}
     }
-    let stream = !matches!(endpoint, Endpoint::Embeddings) && head.stream.unwrap_or(false);
+    if let Some(field) = endpoint.other_field()
+        && other.is_none_or(|raw| raw.get().trim_start().starts_with('n'))
+    {
+        return Err(ApiError::bad_request(
+            format!("Missing required parameter: '{field}'."),
+            Some(field),
+        ));
+    }
+    let stream = endpoint.streams() && head.stream.unwrap_or(false);
     let client_wants_usage = head
         .stream_options
         .and_then(|o| o.include_usage)
@@ -483,6 +538,44 @@ pub async fn responses(
     proxy(state, Endpoint::Responses, request).await
 }
 
+/// Ranks documents by relevance to a query, with a reranker (cross-encoder) model: vLLM's
+/// rerank API, in Jina's and Cohere's shape. Not part of OpenAI's API.
+#[utoipa::path(
+    post, path = "/v1/rerank", tag = "openai",
+    request_body = RerankRequest,
+    responses(
+        (status = 200, description = "The documents, best first", body = serde_json::Value),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 502, description = "Backends failed", body = ErrorBody),
+        (status = 503, description = "No healthy backend", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn rerank(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    proxy(state, Endpoint::Rerank, request).await
+}
+
+/// Scores pairs of texts with a reranker or cross-encoder model: `text_1` against each of
+/// `text_2`, or pair by pair (vLLM's score API). Not part of OpenAI's API.
+#[utoipa::path(
+    post, path = "/v1/score", tag = "openai",
+    request_body = ScoreRequest,
+    responses(
+        (status = 200, description = "A score per pair", body = serde_json::Value),
+        (status = 400, description = "Malformed request", body = ErrorBody),
+        (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 404, description = "Unknown model", body = ErrorBody),
+        (status = 502, description = "Backends failed", body = ErrorBody),
+        (status = 503, description = "No healthy backend", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn score(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    proxy(state, Endpoint::Score, request).await
+}
+
 /// A model, as OpenAI lists it.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Model {
@@ -649,6 +742,33 @@ pub struct ResponsesRequest {
     extra: Option<serde_json::Value>,
 }
 
+/// A rerank request.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct RerankRequest {
+    model: String,
+    query: String,
+    /// Strings, or objects with a `text`.
+    documents: Vec<serde_json::Value>,
+    /// How many of the best to return; 0 or absent for all.
+    top_n: Option<u32>,
+    #[schema(additional_properties)]
+    extra: Option<serde_json::Value>,
+}
+
+/// A score request.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ScoreRequest {
+    model: String,
+    /// A string, or a list as long as `text_2`.
+    text_1: serde_json::Value,
+    /// A string or a list of strings.
+    text_2: serde_json::Value,
+    #[schema(additional_properties)]
+    extra: Option<serde_json::Value>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -697,6 +817,37 @@ mod tests {
         .unwrap();
         assert!(responses.stream);
         assert_eq!(responses.facts.reserved_tokens(), 1 + 7);
+        assert!(
+            err(
+                Endpoint::Rerank,
+                r#"{"model":"m","query":"q","documents":["d"]}"#
+            )
+            .is_none()
+        );
+        assert!(
+            err(Endpoint::Rerank, r#"{"model":"m","query":"q"}"#)
+                .unwrap()
+                .contains("documents")
+        );
+        assert!(
+            err(Endpoint::Rerank, r#"{"model":"m","documents":["d"]}"#)
+                .unwrap()
+                .contains("query")
+        );
+        assert!(
+            err(
+                Endpoint::Score,
+                r#"{"model":"m","text_1":"a","text_2":null}"#
+            )
+            .unwrap()
+            .contains("text_2")
+        );
+        let scored = parse(
+            Endpoint::Score,
+            br#"{"model":"m","text_1":"a","text_2":"b","stream":true}"#,
+        )
+        .unwrap();
+        assert!(!scored.stream, "scoring answers are never streamed");
         let ok = parse(Endpoint::Chat, br#"{"model":"m\u0031","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
         assert_eq!(ok.model, "m1");
         assert!(ok.stream && ok.client_wants_usage);

@@ -337,6 +337,72 @@ async fn a_responses_stream_times_its_first_token_at_its_first_output_not_its_op
 }
 
 #[tokio::test]
+async fn rerank_and_score_pass_through_and_are_metered() {
+    let engine = fast_sim().await;
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let post = |path: &str, body: serde_json::Value| {
+        let request = client()
+            .post(format!("{base}/v1/{path}"))
+            .bearer_auth(&key)
+            .json(&body);
+        async move {
+            let response = request.send().await.expect("gateway answers");
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.expect("JSON");
+            (status, body)
+        }
+    };
+    let (status, ranked) = post(
+        "rerank",
+        json!({"model": MODEL, "query": "red apple", "documents": ["a pear", "red apple pie"],
+               "return_documents": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{ranked}");
+    assert_eq!(ranked["results"][0]["index"], 1);
+    assert_eq!(ranked["usage"]["prompt_tokens"], 7 + 8);
+    let (status, scored) = post(
+        "score",
+        json!({"model": MODEL, "text_1": "red apple", "text_2": "red apple"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{scored}");
+    assert_eq!(scored["data"][0]["score"], 1.0);
+
+    let metrics = metrics_text(&base).await;
+    for line in [
+        format!("garage_tokens_total{{direction=\"prompt\",model=\"{MODEL}\"}} 22"),
+        format!("garage_requests_total{{model=\"{MODEL}\",route=\"rerank\",status=\"200\"}} 1"),
+        format!("garage_requests_total{{model=\"{MODEL}\",route=\"score\",status=\"200\"}} 1"),
+    ] {
+        assert!(metrics.contains(&line), "no `{line}` in {metrics}");
+    }
+
+    for (path, bad, param) in [
+        ("rerank", json!({"model": MODEL, "query": "q"}), "documents"),
+        (
+            "rerank",
+            json!({"model": MODEL, "documents": ["d"]}),
+            "query",
+        ),
+        ("score", json!({"model": MODEL, "text_1": "a"}), "text_2"),
+    ] {
+        let (status, body) = post(path, bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(error_of(&body.to_string())["param"], param, "{bad}: {body}");
+    }
+    // The backend's own 400 (text_1 longer than text_2) passes through.
+    let (status, body) = post(
+        "score",
+        json!({"model": MODEL, "text_1": ["a", "b"], "text_2": ["a"]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+}
+
+#[tokio::test]
 async fn streams_are_not_buffered() {
     // Two tokens a second: the whole answer takes seconds, the first chunk must not wait for it.
     let engine = paced_sim(2.0).await;

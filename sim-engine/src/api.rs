@@ -33,6 +33,8 @@ pub fn router(state: SimState) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/responses", post(crate::responses::create))
+        .route("/v1/rerank", post(crate::scoring::rerank))
+        .route("/v1/score", post(crate::scoring::score))
         .route("/v1/models", get(models));
     // Only when asked for: the benchmarks' direct-to-engine numbers pay for no layer.
     let v1 = match &state.config().api_key {

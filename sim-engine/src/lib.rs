@@ -8,6 +8,7 @@
 
 mod api;
 mod responses;
+mod scoring;
 mod state;
 mod synth;
 

@@ -42,11 +42,7 @@ pub(crate) fn text(tokens: u32) -> String {
 /// input messages (`[{"role":"user","content":...}]`); images and the like count nothing.
 pub(crate) fn count_tokens(value: &Value) -> u32 {
     match value {
-        Value::String(text) => text
-            .split_whitespace()
-            .count()
-            .try_into()
-            .unwrap_or(u32::MAX),
+        Value::String(text) => count_words(text),
         Value::Number(_) => 1,
         Value::Array(items) => items.iter().map(count_tokens).fold(0, u32::saturating_add),
         Value::Object(part) => part
@@ -55,6 +51,32 @@ pub(crate) fn count_tokens(value: &Value) -> u32 {
             .map_or(0, count_tokens),
         Value::Null | Value::Bool(_) => 0,
     }
+}
+
+/// Tokens of a text: one per word.
+pub(crate) fn count_words(text: &str) -> u32 {
+    text.split_whitespace()
+        .count()
+        .try_into()
+        .unwrap_or(u32::MAX)
+}
+
+/// How well `document` answers `query`, in [0, 1]: the Jaccard similarity of their sets of
+/// lower-cased words. A stand-in for a cross-encoder that ranks as a person would expect: more
+/// of the query's words, higher.
+pub(crate) fn relevance(query: &str, document: &str) -> f64 {
+    let words = |text: &str| -> std::collections::BTreeSet<String> {
+        text.split(|c: char| !c.is_alphanumeric())
+            .filter(|word| !word.is_empty())
+            .map(str::to_lowercase)
+            .collect()
+    };
+    let (query, document) = (words(query), words(document));
+    let union = query.union(&document).count();
+    if union == 0 {
+        return 0.0;
+    }
+    query.intersection(&document).count() as f64 / union as f64
 }
 
 /// A unit-norm vector derived from a hash of `input` (a string or token ids), so equal inputs

@@ -370,6 +370,73 @@ async fn responses_plain_streamed_and_cut_have_openai_shape() -> Result<()> {
 }
 
 #[tokio::test]
+async fn rerank_and_score_rank_by_shared_words() -> Result<()> {
+    let engine = engine(SimConfig::default()).await?;
+    let documents = json!(["a green pear", "Red apple pie", "the red car", {"text": "apple, red"}]);
+    let (status, body) = post(
+        &engine,
+        "/rerank",
+        json!({"query": "red apple", "documents": documents, "top_n": 3}),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("rerank-"))
+    );
+    let order: Vec<u64> = body["results"]
+        .as_array()
+        .context("no results")?
+        .iter()
+        .filter_map(|r| r["index"].as_u64())
+        .collect();
+    assert_eq!(order, [3, 1, 2], "best first, top_n of them");
+    assert_eq!(body["results"][0]["relevance_score"], 1.0);
+    assert_eq!(
+        body["results"][0]["document"],
+        json!({"text": "apple, red"})
+    );
+    // Each pair: the query's two words, the document's, three special tokens.
+    assert_eq!(
+        body["usage"],
+        json!({"prompt_tokens": 8 + 8 + 8 + 7, "total_tokens": 31})
+    );
+
+    let (status, body) = post(
+        &engine,
+        "/score",
+        json!({"text_1": "red apple", "text_2": ["red apple", "blue sky"]}),
+    )
+    .await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "list");
+    let scores: Vec<f64> = body["data"]
+        .as_array()
+        .context("no data")?
+        .iter()
+        .filter_map(|d| d["score"].as_f64())
+        .collect();
+    assert_eq!(scores, [1.0, 0.0]);
+    assert_eq!(body["usage"]["prompt_tokens"], 7 + 7);
+
+    for (path, bad) in [
+        ("/rerank", json!({"documents": ["x"]})),
+        ("/rerank", json!({"query": "x"})),
+        ("/rerank", json!({"query": "x", "documents": [5]})),
+        (
+            "/score",
+            json!({"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}),
+        ),
+        ("/score", json!({"text_1": "a", "text_2": []})),
+    ] {
+        let (status, body) = post(&engine, path, bad.clone()).await?;
+        assert_eq!(status, 400, "{path} {bad}: {body}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn embeddings_float_and_base64_agree() -> Result<()> {
     let engine = engine(SimConfig {
         embedding_dim: 8,

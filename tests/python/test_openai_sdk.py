@@ -424,6 +424,28 @@ def test_responses_stream_helper(client: openai.OpenAI):
     assert final.usage is not None and final.usage.output_tokens == len(deltas)
 
 
+def test_rerank_and_score(client: openai.OpenAI):
+    """vLLM's scoring APIs are not in the SDK's types: sent through its generic post, as users
+    of rerankers with the openai client do."""
+    ranked = client.post(
+        "/rerank",
+        body={
+            "model": EMBEDDING_MODEL,
+            "query": "garage rigs",
+            "documents": ["a bowl of soup", "rigs in a garage", "the garage"],
+        },
+        cast_to=object,
+    )
+    assert [result["index"] for result in ranked["results"]] == [1, 2, 0]
+    assert ranked["usage"]["prompt_tokens"] > 0
+    scored = client.post(
+        "/score",
+        body={"model": EMBEDDING_MODEL, "text_1": "garage rigs", "text_2": ["garage rigs", "soup"]},
+        cast_to=object,
+    )
+    assert [item["score"] for item in scored["data"]] == [1.0, 0.0]
+
+
 @pytest.mark.parametrize(
     "call",
     [
