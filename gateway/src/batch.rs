@@ -38,6 +38,8 @@ pub const ENDPOINTS: &[&str] = &[
     "/v1/completions",
     "/v1/embeddings",
     "/v1/responses",
+    "/v1/rerank",
+    "/v1/score",
 ];
 /// The only completion window OpenAI offers, and so the only one we accept.
 pub const COMPLETION_WINDOW: &str = "24h";
@@ -251,7 +253,8 @@ struct StoredBatch {
 pub struct CreateBatch {
     /// A file uploaded with purpose `batch`.
     pub input_file_id: String,
-    /// `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings` or `/v1/responses`.
+    /// `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses`,
+    /// `/v1/rerank` or `/v1/score`.
     pub endpoint: String,
     /// `24h`.
     pub completion_window: String,

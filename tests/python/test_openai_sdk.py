@@ -621,6 +621,12 @@ def _batch_lines(n: int, endpoint: str = "/v1/chat/completions") -> bytes:
             body = {"model": EMBEDDING_MODEL, "input": f"text number {i}"}
         elif endpoint == "/v1/responses":
             body = {"model": CHAT_MODEL, "input": f"prompt number {i}", "max_output_tokens": 5}
+        elif endpoint == "/v1/rerank":
+            body = {
+                "model": EMBEDDING_MODEL,
+                "query": f"number {i}",
+                "documents": ["number 0", f"number {i}", "something else"],
+            }
         else:
             body = {"model": CHAT_MODEL, "messages": MESSAGES, "max_tokens": 5}
         lines.append(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": endpoint, "body": body}))
@@ -721,6 +727,29 @@ def test_batch_of_responses(client: openai.OpenAI):
     assert done.usage is not None
     assert done.usage.output_tokens == 4 * 5
     assert done.usage.input_tokens > 0
+
+
+def test_batch_of_reranks(client: openai.OpenAI):
+    """vLLM's batch runner takes rerank lines too: ranking a corpus needs no answer now."""
+    import json
+
+    uploaded = client.files.create(
+        file=("rerank.jsonl", _batch_lines(3, "/v1/rerank")), purpose="batch"
+    )
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/rerank",  # type: ignore[arg-type]  (not an OpenAI endpoint)
+        completion_window="24h",
+    )
+    done = _wait_for_batch(client, batch.id)
+    assert (done.request_counts.completed, done.request_counts.failed) == (3, 0), done
+    for line in client.files.content(done.output_file_id).text.splitlines():
+        line = json.loads(line)
+        wanted = int(line["custom_id"].split("-")[1])
+        best = line["response"]["body"]["results"][0]["index"]
+        # Line 0 asks for "number 0", which documents 0 and 1 both are: the first wins ties.
+        assert best == (0 if wanted == 0 else 1), line
+    assert done.usage is not None and done.usage.input_tokens > 0
 
 
 def test_batch_with_bad_lines_fails_with_line_errors(client: openai.OpenAI):
