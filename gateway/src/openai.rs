@@ -64,14 +64,6 @@ impl Endpoint {
             Endpoint::Score => "text_1",
         }
     }
-    /// The second field a scoring request needs.
-    fn other_field(self) -> Option<&'static str> {
-        match self {
-            Endpoint::Rerank => Some("documents"),
-            Endpoint::Score => Some("text_2"),
-            _ => None,
-        }
-    }
     /// Whether the endpoint answers `"stream": true` with events.
     fn streams(self) -> bool {
         matches!(
@@ -205,15 +197,16 @@ fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
         Endpoint::Rerank => head.query,
         Endpoint::Score => head.text_1,
     };
+    // The second field a scoring request needs, and its value.
     let other = match endpoint {
-        Endpoint::Rerank => head.documents,
-        Endpoint::Score => head.text_2,
+        Endpoint::Rerank => Some(("documents", head.documents)),
+        Endpoint::Score => Some(("text_2", head.text_2)),
         _ => None,
     };
     // A scoring request's bulk is in both fields (the documents, most of all): its prompt is
     // estimated from the whole body.
     let facts = RequestFacts::new(
-        match endpoint.other_field() {
+        match other {
             Some(_) => body,
             None => input.map_or(&b""[..], |raw| raw.get().as_bytes()),
         },
@@ -244,8 +237,8 @@ fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
         }
         _ => {}
     }
-    if let Some(field) = endpoint.other_field()
-        && other.is_none_or(|raw| raw.get().trim_start().starts_with('n'))
+    if let Some((field, value)) = other
+        && value.is_none_or(|raw| raw.get().trim_start().starts_with('n'))
     {
         return Err(ApiError::bad_request(
             format!("Missing required parameter: '{field}'."),

@@ -192,15 +192,8 @@ async fn responses_pass_through_plain_and_streamed_and_are_metered() {
     let base = gw.url();
     let (_, key) = create_key(&base, json!({"name": "t"})).await;
     let post = |body: serde_json::Value| {
-        let request = client()
-            .post(format!("{base}/v1/responses"))
-            .bearer_auth(&key)
-            .json(&body);
-        async move {
-            let response = request.send().await.expect("gateway answers");
-            let status = response.status().as_u16();
-            (status, response.text().await.unwrap_or_default())
-        }
+        let (base, key) = (base.clone(), key.clone());
+        async move { post_json(&base, &key, "responses", &body).await }
     };
 
     let (status, body) = post(json!({
@@ -242,14 +235,17 @@ async fn responses_pass_through_plain_and_streamed_and_are_metered() {
     assert_eq!(deltas, 3);
 
     // Both were metered, under their own route.
-    let metrics = metrics_text(&base).await;
-    for line in [
-        format!("garage_tokens_total{{direction=\"completion\",model=\"{MODEL}\"}} 7"),
-        format!("garage_requests_total{{model=\"{MODEL}\",route=\"responses\",status=\"200\"}} 2"),
-        format!("garage_time_to_first_token_seconds_count{{model=\"{MODEL}\"}} 1"),
-    ] {
-        assert!(metrics.contains(&line), "no `{line}` in {metrics}");
-    }
+    assert_metrics_include(
+        &base,
+        &[
+            format!("garage_tokens_total{{direction=\"completion\",model=\"{MODEL}\"}} 7"),
+            format!(
+                "garage_requests_total{{model=\"{MODEL}\",route=\"responses\",status=\"200\"}} 2"
+            ),
+            format!("garage_time_to_first_token_seconds_count{{model=\"{MODEL}\"}} 1"),
+        ],
+    )
+    .await;
 
     for (bad, status, param) in [
         (json!({"model": MODEL}), 400, json!("input")),
@@ -342,15 +338,11 @@ async fn rerank_and_score_pass_through_and_are_metered() {
     let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
     let base = gw.url();
     let (_, key) = create_key(&base, json!({"name": "t"})).await;
-    let post = |path: &str, body: serde_json::Value| {
-        let request = client()
-            .post(format!("{base}/v1/{path}"))
-            .bearer_auth(&key)
-            .json(&body);
+    let post = |path: &'static str, body: serde_json::Value| {
+        let (base, key) = (base.clone(), key.clone());
         async move {
-            let response = request.send().await.expect("gateway answers");
-            let status = response.status().as_u16();
-            let body: serde_json::Value = response.json().await.expect("JSON");
+            let (status, text) = post_json(&base, &key, path, &body).await;
+            let body: serde_json::Value = serde_json::from_str(&text).expect("JSON");
             (status, body)
         }
     };
@@ -371,14 +363,15 @@ async fn rerank_and_score_pass_through_and_are_metered() {
     assert_eq!(status, 200, "{scored}");
     assert_eq!(scored["data"][0]["score"], 1.0);
 
-    let metrics = metrics_text(&base).await;
-    for line in [
-        format!("garage_tokens_total{{direction=\"prompt\",model=\"{MODEL}\"}} 22"),
-        format!("garage_requests_total{{model=\"{MODEL}\",route=\"rerank\",status=\"200\"}} 1"),
-        format!("garage_requests_total{{model=\"{MODEL}\",route=\"score\",status=\"200\"}} 1"),
-    ] {
-        assert!(metrics.contains(&line), "no `{line}` in {metrics}");
-    }
+    assert_metrics_include(
+        &base,
+        &[
+            format!("garage_tokens_total{{direction=\"prompt\",model=\"{MODEL}\"}} 22"),
+            format!("garage_requests_total{{model=\"{MODEL}\",route=\"rerank\",status=\"200\"}} 1"),
+            format!("garage_requests_total{{model=\"{MODEL}\",route=\"score\",status=\"200\"}} 1"),
+        ],
+    )
+    .await;
 
     for (path, bad, param) in [
         ("rerank", json!({"model": MODEL, "query": "q"}), "documents"),

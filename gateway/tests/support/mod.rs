@@ -209,8 +209,29 @@ pub async fn post_chat_with(
     key: &str,
     body: &serde_json::Value,
 ) -> (u16, String) {
+    post_json_with(client, base, key, "chat/completions", body).await
+}
+
+/// Posts `body` to `/v1/{path}` with `key`; returns status and body text.
+pub async fn post_json(
+    base: &str,
+    key: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, String) {
+    post_json_with(&client(), base, key, path, body).await
+}
+
+/// [`post_json`] through `client`.
+pub async fn post_json_with(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, String) {
     let response = client
-        .post(format!("{base}/v1/chat/completions"))
+        .post(format!("{base}/v1/{path}"))
         .bearer_auth(key)
         .json(body)
         .send()
@@ -218,6 +239,14 @@ pub async fn post_chat_with(
         .expect("gateway answers");
     let status = response.status().as_u16();
     (status, response.text().await.unwrap_or_default())
+}
+
+/// Asserts that the gateway's `/metrics` has each of `lines`.
+pub async fn assert_metrics_include(base: &str, lines: &[String]) {
+    let metrics = metrics_text(base).await;
+    for line in lines {
+        assert!(metrics.contains(line.as_str()), "no `{line}` in {metrics}");
+    }
 }
 
 /// The OpenAI error envelope of a body, asserting its shape.
