@@ -83,7 +83,10 @@ fn config_to(
     probed: bool,
 ) -> garage_gateway::config::Config {
     assert_eq!(engine.scheme(), "https");
-    let url = format!("https://localhost:{}/v1", engine.addr().port());
+    let url = format!(
+        "https://localhost:{}/v1",
+        engine.addr().expect("a TCP engine").port()
+    );
     let mut upstream = upstream("tls-engine", url);
     upstream.health_path = probed.then(|| "/health".into());
     upstream.tls_ca_file = upstream_ca.map(Path::to_owned);

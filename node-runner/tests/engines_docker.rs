@@ -275,7 +275,7 @@ async fn docker_engine_life_cycle_against_a_fake_daemon() -> anyhow::Result<()> 
         },
     )
     .await?;
-    let port = vllm.addr().port();
+    let port = vllm.addr().expect("a TCP engine").port();
     let driver = DockerDriver {
         docker_host: Some(docker_url),
         ..driver()

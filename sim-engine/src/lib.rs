@@ -13,11 +13,12 @@ mod state;
 mod synth;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinHandle;
 
 pub use api::router;
@@ -78,7 +79,7 @@ pub struct Faults {
 
 /// A running simulated engine, serving on its own task until [`SimEngine::shutdown`] or drop.
 pub struct SimEngine {
-    addr: SocketAddr,
+    bound: Bound,
     /// `http`, or `https` when started with TLS.
     scheme: &'static str,
     state: SimState,
@@ -98,6 +99,26 @@ impl SimEngine {
         tls: rustls::ServerConfig,
     ) -> std::io::Result<SimEngine> {
         Self::start_with(addr, config, Some(Arc::new(tls))).await
+    }
+
+    /// Serves plain HTTP on a Unix domain socket at `path` (vLLM's `--uds`), made anew: a file
+    /// already there is an error (the bind fails). The socket file is removed on shutdown.
+    pub async fn start_unix(path: &Path, config: SimConfig) -> std::io::Result<SimEngine> {
+        let listener = UnixListener::bind(path)?;
+        let state = SimState::new(config);
+        let shutdown = state.shutdown_token().cancelled_owned();
+        let app = router(state.clone());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        });
+        Ok(SimEngine {
+            bound: Bound::Unix(path.to_owned()),
+            scheme: "http",
+            state,
+            task: Some(task),
+        })
     }
 
     async fn start_with(
@@ -133,21 +154,44 @@ impl SimEngine {
             }
         };
         Ok(SimEngine {
-            addr,
+            bound: Bound::Tcp(addr),
             scheme: if tls_on { "https" } else { "http" },
             state,
             task: Some(task),
         })
     }
 
-    /// The bound address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    /// The bound TCP address; none for an engine on a Unix socket.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match &self.bound {
+            Bound::Tcp(addr) => Some(*addr),
+            Bound::Unix(_) => None,
+        }
     }
 
-    /// The OpenAI base URL, `http://ADDR/v1` (`https` when serving TLS).
+    /// The Unix socket served, for an engine started with [`SimEngine::start_unix`].
+    pub fn unix_socket(&self) -> Option<&Path> {
+        match &self.bound {
+            Bound::Tcp(_) => None,
+            Bound::Unix(path) => Some(path),
+        }
+    }
+
+    /// The OpenAI base URL, `http://ADDR/v1` (`https` when serving TLS). On a Unix socket,
+    /// `http://localhost/v1`: the URL a client sends over the socket.
     pub fn base_url(&self) -> String {
-        format!("{}://{}/v1", self.scheme, self.addr)
+        match &self.bound {
+            Bound::Tcp(addr) => format!("{}://{addr}/v1", self.scheme),
+            Bound::Unix(_) => "http://localhost/v1".to_owned(),
+        }
+    }
+
+    /// Where it listens, for messages: `ADDR`, or `unix:PATH`.
+    pub fn listening_on(&self) -> String {
+        match &self.bound {
+            Bound::Tcp(addr) => format!("{}://{addr}", self.scheme),
+            Bound::Unix(path) => format!("unix:{}", path.display()),
+        }
     }
 
     /// `http` or `https`.
@@ -180,7 +224,16 @@ impl SimEngine {
                 Err(error) => tracing::warn!(%error, "sim-engine server task panicked"),
             }
         }
+        if let Bound::Unix(path) = &self.bound {
+            let _ = std::fs::remove_file(path);
+        }
     }
+}
+
+/// Where a [`SimEngine`] listens.
+enum Bound {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
 }
 
 impl Drop for SimEngine {

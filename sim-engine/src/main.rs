@@ -52,6 +52,9 @@ struct Args {
     /// The PEM private key of --ssl-certfile (vLLM's --ssl-keyfile).
     #[arg(long, requires = "ssl_certfile")]
     ssl_keyfile: Option<PathBuf>,
+    /// Serve plain HTTP on this Unix domain socket instead of --listen (vLLM's --uds).
+    #[arg(long, conflicts_with_all = ["listen", "ssl_certfile"])]
+    uds: Option<PathBuf>,
 }
 
 fn rate(text: &str) -> Result<f64, String> {
@@ -86,21 +89,23 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let engine = match (&args.ssl_certfile, &args.ssl_keyfile) {
-        (Some(cert), Some(key)) => {
+    let engine = match (&args.uds, &args.ssl_certfile, &args.ssl_keyfile) {
+        (Some(path), _, _) => SimEngine::start_unix(path, config)
+            .await
+            .with_context(|| format!("listening on {}", path.display()))?,
+        (None, Some(cert), Some(key)) => {
             let tls = garage_sim_engine::tls_server_config(cert, key)?;
-            SimEngine::start_tls(args.listen, config, tls).await
+            SimEngine::start_tls(args.listen, config, tls)
+                .await
+                .with_context(|| format!("listening on {}", args.listen))?
         }
-        _ => SimEngine::start(args.listen, config).await,
-    }
-    .with_context(|| format!("listening on {}", args.listen))?;
+        _ => SimEngine::start(args.listen, config)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?,
+    };
     // Scripts and the node runner read this line to learn the (possibly ephemeral) port.
-    println!(
-        "sim-engine listening on {}://{}",
-        engine.scheme(),
-        engine.addr()
-    );
-    tracing::info!(addr = %engine.addr(), "sim-engine ready");
+    println!("sim-engine listening on {}", engine.listening_on());
+    tracing::info!(on = %engine.listening_on(), "sim-engine ready");
     tokio::select! {
         result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,
         _ = terminate.recv() => {}

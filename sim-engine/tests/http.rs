@@ -115,7 +115,10 @@ async fn wait_for_metric(engine: &SimEngine, line: &str) -> Result<String> {
     let deadline = Instant::now() + PATIENCE;
     loop {
         let text = client()
-            .get(format!("http://{}/metrics", engine.addr()))
+            .get(format!(
+                "http://{}/metrics",
+                engine.addr().expect("a TCP engine")
+            ))
             .send()
             .await?
             .text()
@@ -505,13 +508,19 @@ async fn errors_use_vllm_shape() -> Result<()> {
     let body: Value = response.json().await?;
     assert_eq!(body["error"]["code"], 400);
     let response = client()
-        .get(format!("http://{}/nowhere", engine.addr()))
+        .get(format!(
+            "http://{}/nowhere",
+            engine.addr().expect("a TCP engine")
+        ))
         .send()
         .await?;
     assert_eq!(response.status(), 404);
 
     let response = client()
-        .get(format!("http://{}/health", engine.addr()))
+        .get(format!(
+            "http://{}/health",
+            engine.addr().expect("a TCP engine")
+        ))
         .send()
         .await?;
     assert_eq!(
@@ -717,5 +726,55 @@ async fn an_api_key_guards_the_v1_routes_as_vllm_does() -> Result<()> {
             .status();
         ensure!(status == 200, "{path}: {status}");
     }
+    Ok(())
+}
+
+/// One HTTP/1 exchange over the Unix socket at `path`: the whole answer, head and body.
+async fn over_socket(path: &std::path::Path, request: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut socket = tokio::net::UnixStream::connect(path).await?;
+    socket.write_all(request.as_bytes()).await?;
+    let mut answer = String::new();
+    tokio::time::timeout(PATIENCE, socket.read_to_string(&mut answer)).await??;
+    Ok(answer)
+}
+
+#[tokio::test]
+async fn serves_on_a_unix_socket_like_vllm_with_uds() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("vllm.sock");
+    let engine = SimEngine::start_unix(&path, SimConfig::default()).await?;
+    assert_eq!(engine.addr(), None);
+    assert_eq!(engine.unix_socket(), Some(path.as_path()));
+    assert_eq!(engine.listening_on(), format!("unix:{}", path.display()));
+
+    let health = over_socket(
+        &path,
+        "GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    ensure!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let body =
+        r#"{"model":"sim-llama-3-8b","messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#;
+    let chat = over_socket(
+        &path,
+        &format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await?;
+    ensure!(chat.starts_with("HTTP/1.1 200"), "{chat}");
+    ensure!(chat.contains(r#""completion_tokens":3"#), "{chat}");
+
+    // The path is taken while it serves; once it stops, the socket file is gone.
+    ensure!(
+        SimEngine::start_unix(&path, SimConfig::default())
+            .await
+            .is_err()
+    );
+    engine.shutdown().await;
+    ensure!(!path.exists(), "the socket file outlived the engine");
     Ok(())
 }

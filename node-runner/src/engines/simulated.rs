@@ -36,7 +36,8 @@ impl SimulatedEngine {
             .await
             .map_err(|source| EngineError::Listen { addr, source })?;
         Ok(SimulatedEngine {
-            port: engine.addr().port(),
+            // Started on TCP, so bound to a port (the one asked for, or a free one for 0).
+            port: engine.addr().map_or(addr.port(), |bound| bound.port()),
             engine: Some(engine),
         })
     }
