@@ -659,6 +659,7 @@ mod tests {
             health_path: Some("/health".into()),
             labels: Default::default(),
             tls_ca_file: None,
+            unix_socket: None,
         }
     }
 

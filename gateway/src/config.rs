@@ -328,6 +328,12 @@ pub struct UpstreamConfig {
     /// certificate stops the start.
     #[serde(default)]
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Reach this upstream over a Unix domain socket (vLLM's `--uds`) instead of TCP: for an
+    /// engine on the gateway's own machine, where a local socket costs the kernel less than
+    /// loopback TCP. `base_url` still gives the path and the `Host` header, and must be
+    /// `http://` (e.g. `http://localhost/v1`).
+    #[serde(default)]
+    pub unix_socket: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -502,6 +508,13 @@ impl Config {
                     upstream.name, upstream.base_url
                 ));
             }
+            if upstream.unix_socket.is_some() && !upstream.base_url.starts_with("http://") {
+                return invalid(format!(
+                    "upstream {:?}: with unix_socket, base_url {:?} must start with http:// \
+                     (no TLS on a local socket)",
+                    upstream.name, upstream.base_url
+                ));
+            }
             if upstream
                 .api_key
                 .as_ref()
@@ -650,6 +663,27 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.upstreams[0].models, vec!["m".to_string()]);
+    }
+
+    #[test]
+    fn an_upstream_on_a_unix_socket_speaks_plain_http() {
+        let upstream = |base_url: &str| {
+            let toml = format!(
+                "[[upstreams]]\nname = \"local\"\nbase_url = \"{base_url}\"\n\
+                 models = [\"m\"]\nunix_socket = \"/run/vllm.sock\"\n"
+            );
+            Config::load(Some(&toml), env(&[])).map(|(config, _)| config)
+        };
+        let config = upstream("http://localhost/v1").unwrap();
+        assert_eq!(
+            config.upstreams[0].unix_socket.as_deref(),
+            Some(std::path::Path::new("/run/vllm.sock"))
+        );
+        let error = upstream("https://localhost/v1").unwrap_err().to_string();
+        assert!(
+            error.contains("unix_socket") && error.contains("http://"),
+            "{error}"
+        );
     }
 
     #[test]

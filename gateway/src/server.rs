@@ -18,7 +18,7 @@ use crate::plugins::{PluginHost, Slot};
 use crate::policy::{PluginProcessor, Policy};
 use crate::state::{AppState, Inner};
 use crate::store::{self, QueueItem, StoreError};
-use crate::upstream::http_client;
+use crate::upstream::{http_client, unix_client};
 use crate::usage::Usage;
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +103,9 @@ impl Gateway {
         )?);
         let mut by_ca_file = std::collections::HashMap::new();
         let client_for = |upstream: &UpstreamConfig| -> Result<_, StartError> {
+            if let Some(socket) = &upstream.unix_socket {
+                return Ok(Arc::new(unix_client(&config.dispatch, socket)));
+            }
             let Some(path) = &upstream.tls_ca_file else {
                 return Ok(Arc::clone(&http));
             };

@@ -1,9 +1,10 @@
-//! How bytes reach a backend: HTTP/1 keep-alive connections to URL backends (plain or TLS),
-//! each driven by the request using it, and — for rigs — an HTTP/2 connection the rig opened to
-//! us. Both answer with the same `Response<UpstreamBody>`, so dispatch and streaming do not care
+//! How bytes reach a backend: HTTP/1 keep-alive connections to URL backends (TCP, plain or TLS,
+//! or a local Unix socket), each driven by the request using it, and — for rigs — an HTTP/2
+//! connection the rig opened to us. Both answer with the same `Response<UpstreamBody>`, so dispatch and streaming do not care
 //! which one carried a request.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
+use std::io::IoSlice;
 use std::path::Path;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -18,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tower::ServiceExt;
 
@@ -28,9 +29,125 @@ pub use garage_tls::CaFileError;
 /// Request bodies are always whole: the gateway has read and checked them before dispatch.
 pub type RequestBody = Full<Bytes>;
 pub type UpstreamResponse = http::Response<UpstreamBody>;
-/// TCP, with TLS for `https` backends.
-pub type Connector = HttpsConnector<HttpConnector>;
-type Io = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
+
+/// How connections to a backend are made: TCP, with TLS for `https` backends, or a Unix domain
+/// socket (an upstream's `unix_socket`), whatever the URL's host.
+#[derive(Clone)]
+pub enum Connector {
+    Tcp(HttpsConnector<HttpConnector>),
+    Unix { path: Arc<Path>, timeout: Duration },
+}
+
+/// A connection a [`Connector`] made.
+// The TCP variant carries the TLS state inline; a `Conn` holding it is boxed anyway, and a box
+// here would cost an indirection on every read and write.
+#[allow(clippy::large_enum_variant)]
+pub enum Io {
+    Tcp(MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>),
+    Unix(TokioIo<tokio::net::UnixStream>),
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower::Service<http::Uri> for Connector {
+    type Response = Io;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Io, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self {
+            Connector::Tcp(tcp) => tcp.poll_ready(cx),
+            Connector::Unix { .. } => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        match self {
+            Connector::Tcp(tcp) => {
+                let connecting = tcp.call(uri);
+                Box::pin(async move { connecting.await.map(Io::Tcp) })
+            }
+            Connector::Unix { path, timeout } => {
+                let (path, timeout) = (Arc::clone(path), *timeout);
+                Box::pin(async move {
+                    let stream =
+                        tokio::time::timeout(timeout, tokio::net::UnixStream::connect(&*path))
+                            .await
+                            .map_err(|_| format!("connecting to {} timed out", path.display()))?
+                            .map_err(|err| format!("{}: {err}", path.display()))?;
+                    Ok(Io::Unix(TokioIo::new(stream)))
+                })
+            }
+        }
+    }
+}
+
+impl Connection for Io {
+    fn connected(&self) -> Connected {
+        match self {
+            Io::Tcp(tcp) => tcp.connected(),
+            Io::Unix(_) => Connected::new(),
+        }
+    }
+}
+
+impl hyper::rt::Read for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Io::Unix(unix) => Pin::new(unix).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Io::Unix(unix) => Pin::new(unix).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
+            Io::Unix(unix) => Pin::new(unix).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Tcp(tcp) => tcp.is_write_vectored(),
+            Io::Unix(unix) => unix.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
+            Io::Unix(unix) => Pin::new(unix).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Io::Unix(unix) => Pin::new(unix).poll_shutdown(cx),
+        }
+    }
+}
 
 /// What the gateway reaches backends with: a connector for the inference requests, which bring
 /// their own connections (see [`ConnPool`]), and hyper's pooled client for everything else
@@ -87,12 +204,25 @@ pub fn http_client(
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);
+    Ok(client_with(Connector::Tcp(connector)))
+}
+
+/// An HTTP client that reaches its backend over the Unix domain socket at `path`, whatever the
+/// URL's host (plain HTTP: an upstream's `unix_socket`).
+pub fn unix_client(dispatch: &DispatchConfig, path: &Path) -> HttpClient {
+    client_with(Connector::Unix {
+        path: path.into(),
+        timeout: dispatch.connect_timeout(),
+    })
+}
+
+fn client_with(connector: Connector) -> HttpClient {
     let pooled = Client::builder(TokioExecutor::new())
         // Idle connections to a backend are cheap to keep and dear to re-open.
         .pool_idle_timeout(IDLE_TIMEOUT)
         .pool_max_idle_per_host(MAX_IDLE)
         .build(connector.clone());
-    Ok(HttpClient { connector, pooled })
+    HttpClient { connector, pooled }
 }
 
 impl HttpClient {

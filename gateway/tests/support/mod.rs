@@ -118,6 +118,7 @@ pub fn upstream(name: &str, base_url: String) -> UpstreamConfig {
         health_path: None,
         labels: Default::default(),
         tls_ca_file: None,
+        unix_socket: None,
     }
 }
 
