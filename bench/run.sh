@@ -31,6 +31,10 @@
 #                      hyper reverse proxy on the gateway's own libraries, doing nothing else
 #   BENCH_REFERENCE_NGINX  1: also measure nginx (must be installed) as a reverse proxy in front
 #                      of the same engine: a yardstick for what any HTTP proxy costs on this box
+#   BENCH_UPSTREAM     tcp (default) or unix: how the gateway (and nginx) reach the engine. unix
+#                      starts a second, identical engine on a Unix domain socket (vLLM's --uds)
+#                      for them, and the gateway reaches it through its upstream's unix_socket;
+#                      the direct rows and hyper-floor stay on TCP
 #
 # Progress goes to stderr; the markdown report goes to stdout and bench/results/latest.md.
 
@@ -58,6 +62,7 @@ PLUGINS=${BENCH_PLUGINS:-0}
 # Upstream entries, all pointing at the one engine: the router plugin chooses among this many
 # candidates (it is not called for one).
 UPSTREAMS=${BENCH_UPSTREAMS:-1}
+UPSTREAM=${BENCH_UPSTREAM:-tcp}
 NOISY_PERCENT=10
 MODEL=sim-llama-3-8b
 RESULTS_DIR=$ROOT/bench/results
@@ -81,6 +86,7 @@ for c in $CONCURRENCY; do
     is_uint "$c" && ((c > 0)) || die "BENCH_CONCURRENCY: '$c' is not a positive integer"
 done
 [[ -n ${CONCURRENCY// /} ]] || die "BENCH_CONCURRENCY is empty"
+[[ $UPSTREAM == tcp || $UPSTREAM == unix ]] || die "BENCH_UPSTREAM must be tcp or unix"
 
 # --- tools -------------------------------------------------------------------------------------
 
@@ -118,6 +124,8 @@ NPROC=$(nproc)
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/garage-bench.XXXXXX")
 ENGINE_PID=""
+# BENCH_UPSTREAM=unix: the engine on a Unix socket, for the gateway and nginx.
+UDS_ENGINE_PID=""
 GATEWAY_PID=""
 NGINX_PID=""
 HYPER_PID=""
@@ -144,6 +152,7 @@ cleanup() {
     stop "$HYPER_PID" hyper-floor
     stop "$GATEWAY_PID" gateway
     stop "$ENGINE_PID" sim-engine
+    stop "$UDS_ENGINE_PID" "sim-engine (unix socket)"
     if ((status != 0)) && [[ -d $WORK ]]; then
         for f in "$WORK"/*.log; do
             [[ -s $f ]] || continue
@@ -206,18 +215,24 @@ engine_addr_known() {
 # --- start the engine and the gateway ----------------------------------------------------------
 
 log "starting sim-engine (no delays, $MAX_TOKENS tokens per answer)"
-RUST_LOG=warn "$BIN/sim-engine" \
-    --listen 127.0.0.1:0 \
-    --model "$MODEL" \
-    --ttft-ms 0 --tokens-per-sec 0 \
-    --default-max-tokens "$MAX_TOKENS" \
-    --max-num-seqs 4096 \
-    >"$WORK/engine.log" 2>&1 &
+ENGINE_ARGS=(--model "$MODEL" --ttft-ms 0 --tokens-per-sec 0 --default-max-tokens "$MAX_TOKENS"
+    --max-num-seqs 4096)
+RUST_LOG=warn "$BIN/sim-engine" --listen 127.0.0.1:0 "${ENGINE_ARGS[@]}" >"$WORK/engine.log" 2>&1 &
 ENGINE_PID=$!
 ENGINE_ADDR=""
 wait_until "sim-engine address" 20 "$ENGINE_PID" engine_addr_known
 wait_until "sim-engine /health" 20 "$ENGINE_PID" http_ok "http://$ENGINE_ADDR/health"
 ENGINE_URL="http://$ENGINE_ADDR"
+ENGINE_SOCKET=""
+if [[ $UPSTREAM == unix ]]; then
+    ENGINE_SOCKET=$WORK/engine.sock
+    log "starting a second sim-engine on the Unix socket $ENGINE_SOCKET"
+    RUST_LOG=warn "$BIN/sim-engine" --uds "$ENGINE_SOCKET" "${ENGINE_ARGS[@]}" \
+        >"$WORK/uds-engine.log" 2>&1 &
+    UDS_ENGINE_PID=$!
+    wait_until "sim-engine on $ENGINE_SOCKET" 20 "$UDS_ENGINE_PID" \
+        http_ok http://localhost/health --unix-socket "$ENGINE_SOCKET"
+fi
 
 ADMIN_TOKEN="bench-admin-$RANDOM$RANDOM$RANDOM"
 if [[ "$PLUGINS" == 1 ]]; then DEFAULT_PLUGINS=true; else DEFAULT_PLUGINS=false; fi
@@ -245,17 +260,23 @@ admin_token = "$ADMIN_TOKEN"
 $HOT_FILES
 EOF
 for i in $(seq 1 "$UPSTREAMS"); do
+    if [[ $UPSTREAM == unix ]]; then
+        TRANSPORT="base_url = \"http://localhost/v1\"
+unix_socket = \"$ENGINE_SOCKET\""
+    else
+        TRANSPORT="base_url = \"$ENGINE_URL/v1\""
+    fi
     cat >>"$WORK/gateway.toml" <<EOF
 
 [[upstreams]]
 name = "sim-$i"
-base_url = "$ENGINE_URL/v1"
+$TRANSPORT
 models = ["$MODEL"]
 health_path = "/health"
 EOF
 done
 
-log "starting the gateway in front of $ENGINE_URL"
+log "starting the gateway in front of ${ENGINE_SOCKET:-$ENGINE_URL}"
 # GARAGE_* variables would override the file; the benchmark must not inherit any.
 mapfile -t GARAGE_VARS < <(compgen -e | grep '^GARAGE_' || true)
 UNSETS=()
@@ -315,10 +336,14 @@ NGINX_URL=""
 MODES="direct gateway"
 if [[ $REFERENCE_NGINX == 1 ]]; then
     NGINX_PORT=$(free_port) || die "no free port for nginx"
+    NGINX_UPSTREAM=$ENGINE_ADDR
+    [[ $UPSTREAM == unix ]] && NGINX_UPSTREAM=unix:$ENGINE_SOCKET
     mkdir -p "$WORK/nginx"
     # The usual reverse-proxy setup for an SSE API: keep-alive to the upstream, no buffering.
     cat >"$WORK/nginx/nginx.conf" <<EOF
 worker_processes auto;
+# Workers as this user, not nobody: they must reach the engine's socket in \$WORK (0700).
+user $(id -un);
 pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx.log warn;
 events { worker_connections 4096; }
@@ -329,7 +354,7 @@ http {
     fastcgi_temp_path $WORK/nginx/fastcgi;
     uwsgi_temp_path $WORK/nginx/uwsgi;
     scgi_temp_path $WORK/nginx/scgi;
-    upstream engine { server $ENGINE_ADDR; keepalive 256; }
+    upstream engine { server $NGINX_UPSTREAM; keepalive 256; }
     server {
         listen 127.0.0.1:$NGINX_PORT;
         location / {
@@ -437,6 +462,7 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
     esac
     [[ $stream == yes ]] && script=bench/chat_stream.lua || script=bench/chat.lua
     kill -0 "$ENGINE_PID" 2>/dev/null || die "sim-engine died"
+    [[ -z $UDS_ENGINE_PID ]] || kill -0 "$UDS_ENGINE_PID" 2>/dev/null || die "sim-engine (unix socket) died"
     kill -0 "$GATEWAY_PID" 2>/dev/null || die "gateway died"
     [[ -z $NGINX_PID ]] || kill -0 "$NGINX_PID" 2>/dev/null || die "nginx died"
     [[ -z $HYPER_PID ]] || kill -0 "$HYPER_PID" 2>/dev/null || die "hyper-floor died"
@@ -456,7 +482,8 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
     ng0=$(proc_ticks "${ngx[@]}")
     # shellcheck disable=SC2086 # no pid: no ticks
     hy0=$(proc_ticks $HYPER_PID)
-    en0=$(proc_ticks "$ENGINE_PID")
+    # shellcheck disable=SC2086 # the engine on a socket, when there is one
+    en0=$(proc_ticks "$ENGINE_PID" $UDS_ENGINE_PID)
     ch0=$(children_ticks)
     sys0=$(system_ticks)
     run_wrk "$url" "$script" "$conc" "$DURATION" "$WORK/wrk.out" ||
@@ -465,7 +492,8 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
     ng1=$(proc_ticks "${ngx[@]}")
     # shellcheck disable=SC2086
     hy1=$(proc_ticks $HYPER_PID)
-    en1=$(proc_ticks "$ENGINE_PID")
+    # shellcheck disable=SC2086
+    en1=$(proc_ticks "$ENGINE_PID" $UDS_ENGINE_PID)
     ch1=$(children_ticks)
     sys1=$(system_ticks)
     if [[ $mode == gateway && $PLUGINS != 0 ]]; then
@@ -606,6 +634,11 @@ report() {
     echo "- Machine: $NPROC CPU(s), $CPU_MODEL, Linux $(uname -r)"
     echo "- Load average (1/5/15 min) before: $LOAD_BEFORE; after: $LOAD_AFTER; compiler processes at start: $BUSY_BEFORE"
     echo "- Gateway: default_plugins = $DEFAULT_PLUGINS (BENCH_PLUGINS=$PLUGINS), $UPSTREAMS upstream entr(y|ies) for the one engine (BENCH_UPSTREAMS)"
+    if [[ $UPSTREAM == unix ]]; then
+        echo "- Upstream (BENCH_UPSTREAM=unix): the gateway and nginx reach a second, identical engine over a Unix domain socket; direct rows and hyper-floor use TCP"
+    else
+        echo "- Upstream (BENCH_UPSTREAM=tcp): every proxy reaches the engine over loopback TCP"
+    fi
     echo "- Load: $WRK_VERSION, up to $THREADS thread(s), ${DURATION} s measured after ${WARMUP} s warm-up per row," \
         "$ROUNDS round(s) per group, POST /v1/chat/completions (2 messages), sim-engine with no delays and" \
         "$MAX_TOKENS tokens per answer"
