@@ -13,6 +13,8 @@
 # Environment:
 #   BENCH_TARGET       gateway (default) or hyper-floor
 #   BENCH_STREAM       1: streamed chat (default 0)
+#   BENCH_UPSTREAM     tcp (default) or unix: the engine on a Unix domain socket, reached through
+#                      the gateway upstream's unix_socket (the gateway only)
 #   BENCH_DURATION     seconds of counted load (default 10)
 #   BENCH_CONCURRENCY  wrk connections (default 4: valgrind runs the program about 50x slower)
 #   BENCH_PROFILE      the cargo profile built and measured (default dist: release with fat

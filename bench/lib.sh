@@ -1,7 +1,8 @@
 # Setup shared by bench/instructions.sh and bench/syscalls.sh, which source it after setting
 # NAME (the script's, for messages), ROOT, PROFILE and TARGET (gateway or hyper-floor). It sets
 # BIN, MODEL and ADMIN, makes WORK (removed on exit unless BENCH_KEEP=1) and stops every process
-# in PIDS on exit.
+# in PIDS on exit. BENCH_UPSTREAM=unix (default tcp) puts the engine on a Unix domain socket,
+# which the gateway reaches through its upstream's unix_socket (hyper-floor cannot).
 
 BIN=${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE
 MODEL=sim-llama-3-8b
@@ -11,6 +12,9 @@ die() { echo "$NAME: $*" >&2; exit 1; }
 log() { echo "[${NAME%.sh} $(date +%H:%M:%S)] $*" >&2; }
 
 case $TARGET in gateway | hyper-floor) ;; *) die "BENCH_TARGET must be gateway or hyper-floor" ;; esac
+UPSTREAM=${BENCH_UPSTREAM:-tcp}
+case $UPSTREAM in tcp | unix) ;; *) die "BENCH_UPSTREAM must be tcp or unix" ;; esac
+[[ $UPSTREAM == tcp || $TARGET == gateway ]] || die "hyper-floor reaches its upstream over TCP only"
 
 # Builds the binaries of $PROFILE, unless BENCH_SKIP_BUILD=1.
 build_unless_skipped() {
@@ -44,11 +48,21 @@ port_of() { # the port a server printed in its "listening on http://ADDR" line
     die "no listening address in $1"
 }
 
-# Starts the simulated engine with no delays; sets ENGINE (its address).
+# Starts the simulated engine with no delays; sets ENGINE (its address), or ENGINE_SOCKET with
+# BENCH_UPSTREAM=unix.
 start_engine() {
-    RUST_LOG=warn "$BIN/sim-engine" --listen 127.0.0.1:0 --model "$MODEL" --ttft-ms 0 \
+    local listen=(--listen 127.0.0.1:0) i
+    [[ $UPSTREAM == unix ]] && ENGINE_SOCKET=$WORK/engine.sock && listen=(--uds "$ENGINE_SOCKET")
+    RUST_LOG=warn "$BIN/sim-engine" "${listen[@]}" --model "$MODEL" --ttft-ms 0 \
         --tokens-per-sec 0 --max-num-seqs 4096 >"$WORK/engine.log" 2>&1 &
     PIDS+=($!)
+    if [[ $UPSTREAM == unix ]]; then
+        for ((i = 0; i < 100; i++)); do
+            [[ -S $ENGINE_SOCKET ]] && return 0
+            sleep 0.2
+        done
+        die "the engine did not make $ENGINE_SOCKET"
+    fi
     ENGINE=127.0.0.1:$(port_of "$WORK/engine.log")
 }
 
@@ -60,6 +74,12 @@ start_target() {
     shift 2
     KEY=unused
     if [[ $TARGET == gateway ]]; then
+        local transport
+        if [[ $UPSTREAM == unix ]]; then
+            transport="base_url = \"http://localhost/v1\""$'\n'"unix_socket = \"$ENGINE_SOCKET\""
+        else
+            transport="base_url = \"http://$ENGINE/v1\""
+        fi
         cat >"$WORK/gateway.toml" <<TOML
 listen = "127.0.0.1:$port"
 default_plugins = false
@@ -68,7 +88,7 @@ admin_token = "$ADMIN"
 $extra
 [[upstreams]]
 name = "sim"
-base_url = "http://$ENGINE/v1"
+$transport
 models = ["$MODEL"]
 health_path = "/health"
 TOML

@@ -20,6 +20,8 @@
 #   BENCH_PROFILE      the cargo profile measured (default dist, as bench/run.sh)
 #   BENCH_SKIP_BUILD   1: use the binaries of that profile already in the target directory
 #   BENCH_GATEWAY_LOG  the gateway's RUST_LOG (default warn)
+#   BENCH_UPSTREAM     tcp (default) or unix: the engine on a Unix domain socket, reached through
+#                      the gateway upstream's unix_socket (the gateway only)
 #
 # GARAGE_* variables in the environment reach the gateway (unlike in bench/run.sh): set one to
 # measure a setting, such as GARAGE_USAGE_LEDGER_MAX_ENTRIES=1000 against the default.
