@@ -31,6 +31,8 @@
 #                      hyper reverse proxy on the gateway's own libraries, doing nothing else
 #   BENCH_REFERENCE_NGINX  1: also measure nginx (must be installed) as a reverse proxy in front
 #                      of the same engine: a yardstick for what any HTTP proxy costs on this box
+#   BENCH_GATEWAY_WORKERS  the gateway's tokio worker threads (TOKIO_WORKER_THREADS, for the
+#                      gateway alone; default: unset, one per CPU)
 #   BENCH_UPSTREAM     tcp (default) or unix: how the gateway (and nginx) reach the engine. unix
 #                      starts a second, identical engine on a Unix domain socket (vLLM's --uds)
 #                      for them, and the gateway reaches it through its upstream's unix_socket;
@@ -63,6 +65,7 @@ PLUGINS=${BENCH_PLUGINS:-0}
 # candidates (it is not called for one).
 UPSTREAMS=${BENCH_UPSTREAMS:-1}
 UPSTREAM=${BENCH_UPSTREAM:-tcp}
+GATEWAY_WORKERS=${BENCH_GATEWAY_WORKERS:-}
 NOISY_PERCENT=10
 MODEL=sim-llama-3-8b
 RESULTS_DIR=$ROOT/bench/results
@@ -87,6 +90,8 @@ for c in $CONCURRENCY; do
 done
 [[ -n ${CONCURRENCY// /} ]] || die "BENCH_CONCURRENCY is empty"
 [[ $UPSTREAM == tcp || $UPSTREAM == unix ]] || die "BENCH_UPSTREAM must be tcp or unix"
+[[ -z $GATEWAY_WORKERS ]] || { is_uint "$GATEWAY_WORKERS" && ((GATEWAY_WORKERS > 0)); } ||
+    die "BENCH_GATEWAY_WORKERS must be a positive integer"
 
 # --- tools -------------------------------------------------------------------------------------
 
@@ -281,7 +286,9 @@ log "starting the gateway in front of ${ENGINE_SOCKET:-$ENGINE_URL}"
 mapfile -t GARAGE_VARS < <(compgen -e | grep '^GARAGE_' || true)
 UNSETS=()
 for v in "${GARAGE_VARS[@]}"; do UNSETS+=(-u "$v"); done
-env "${UNSETS[@]}" RUST_LOG="${BENCH_GATEWAY_LOG:-warn}" "$BIN/gateway" serve --config "$WORK/gateway.toml" \
+WORKERS=(-u TOKIO_WORKER_THREADS)
+[[ -n $GATEWAY_WORKERS ]] && WORKERS=(TOKIO_WORKER_THREADS="$GATEWAY_WORKERS")
+env "${UNSETS[@]}" "${WORKERS[@]}" RUST_LOG="${BENCH_GATEWAY_LOG:-warn}" "$BIN/gateway" serve --config "$WORK/gateway.toml" \
     >"$WORK/gateway.log" 2>&1 &
 GATEWAY_PID=$!
 GATEWAY_PORT=""
@@ -634,6 +641,7 @@ report() {
     echo "- Machine: $NPROC CPU(s), $CPU_MODEL, Linux $(uname -r)"
     echo "- Load average (1/5/15 min) before: $LOAD_BEFORE; after: $LOAD_AFTER; compiler processes at start: $BUSY_BEFORE"
     echo "- Gateway: default_plugins = $DEFAULT_PLUGINS (BENCH_PLUGINS=$PLUGINS), $UPSTREAMS upstream entr(y|ies) for the one engine (BENCH_UPSTREAMS)"
+    echo "- Gateway worker threads (BENCH_GATEWAY_WORKERS): ${GATEWAY_WORKERS:-one per CPU}"
     if [[ $UPSTREAM == unix ]]; then
         echo "- Upstream (BENCH_UPSTREAM=unix): the gateway and nginx reach a second, identical engine over a Unix domain socket; direct rows and hyper-floor use TCP"
     else
