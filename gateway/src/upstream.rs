@@ -1,7 +1,7 @@
 //! How bytes reach a backend: HTTP/1 keep-alive connections to URL backends (TCP, plain or TLS,
 //! or a local Unix socket), each driven by the request using it, and — for rigs — an HTTP/2
-//! connection the rig opened to us. Both answer with the same `Response<UpstreamBody>`, so dispatch and streaming do not care
-//! which one carried a request.
+//! connection the rig opened to us. Both answer with the same `Response<UpstreamBody>`, so
+//! dispatch and streaming do not care which one carried a request.
 
 use std::future::{Future, poll_fn};
 use std::io::IoSlice;

@@ -739,23 +739,7 @@ async fn health_checks_take_dead_backends_out_of_models_and_readiness() {
     let gw = gateway(cfg).await;
     let base = gw.url();
     let (_, key) = create_key(&base, json!({"name": "t"})).await;
-    let models = || async {
-        let list: serde_json::Value = client()
-            .get(format!("{base}/v1/models"))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        list["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["id"].as_str().unwrap().to_owned())
-            .collect::<Vec<_>>()
-    };
+    let models = || model_ids(&base, &key);
     assert_eq!(models().await, [MODEL]);
     let ready = client().get(format!("{base}/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 200);

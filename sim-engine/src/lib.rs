@@ -106,13 +106,7 @@ impl SimEngine {
     pub async fn start_unix(path: &Path, config: SimConfig) -> std::io::Result<SimEngine> {
         let listener = UnixListener::bind(path)?;
         let state = SimState::new(config);
-        let shutdown = state.shutdown_token().cancelled_owned();
-        let app = router(state.clone());
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-        });
+        let task = spawn_server(listener, &state);
         Ok(SimEngine {
             bound: Bound::Unix(path.to_owned()),
             scheme: "http",
@@ -129,29 +123,16 @@ impl SimEngine {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = SimState::new(config);
-        let shutdown = state.shutdown_token().cancelled_owned();
-        let app = router(state.clone());
         let tls_on = tls.is_some();
         let task = match tls {
-            None => {
-                // Streaming sends many small frames: Nagle's algorithm would hold them back.
-                let listener = listener.tap_io(|tcp| {
+            // Streaming sends many small frames: Nagle's algorithm would hold them back.
+            None => spawn_server(
+                listener.tap_io(|tcp| {
                     let _ = tcp.set_nodelay(true);
-                });
-                tokio::spawn(async move {
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(shutdown)
-                        .await
-                })
-            }
-            Some(tls) => {
-                let listener = garage_tls::TlsListener::new(listener, tls)?;
-                tokio::spawn(async move {
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(shutdown)
-                        .await
-                })
-            }
+                }),
+                &state,
+            ),
+            Some(tls) => spawn_server(garage_tls::TlsListener::new(listener, tls)?, &state),
         };
         Ok(SimEngine {
             bound: Bound::Tcp(addr),
@@ -186,7 +167,7 @@ impl SimEngine {
         }
     }
 
-    /// Where it listens, for messages: `ADDR`, or `unix:PATH`.
+    /// Where it listens, for messages: `SCHEME://ADDR`, or `unix:PATH`.
     pub fn listening_on(&self) -> String {
         match &self.bound {
             Bound::Tcp(addr) => format!("{}://{addr}", self.scheme),
@@ -228,6 +209,21 @@ impl SimEngine {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Serves the engine's API on `listener` until `state` is shut down.
+fn spawn_server<L>(listener: L, state: &SimState) -> JoinHandle<std::io::Result<()>>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let shutdown = state.shutdown_token().cancelled_owned();
+    let app = router(state.clone());
+    tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    })
 }
 
 /// Where a [`SimEngine`] listens.

@@ -242,6 +242,27 @@ pub async fn post_json_with(
     (status, response.text().await.unwrap_or_default())
 }
 
+/// The model ids `GET /v1/models` lists for `key`, sorted.
+pub async fn model_ids(base: &str, key: &str) -> Vec<String> {
+    let list: serde_json::Value = client()
+        .get(format!("{base}/v1/models"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("gateway answers")
+        .json()
+        .await
+        .expect("a model list");
+    let mut ids: Vec<String> = list["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id").to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
 /// Asserts that the gateway's `/metrics` has each of `lines`.
 pub async fn assert_metrics_include(base: &str, lines: &[String]) {
     let metrics = metrics_text(base).await;
