@@ -31,8 +31,8 @@
 #                      hyper reverse proxy on the gateway's own libraries, doing nothing else
 #   BENCH_REFERENCE_NGINX  1: also measure nginx (must be installed) as a reverse proxy in front
 #                      of the same engine: a yardstick for what any HTTP proxy costs on this box
-#   BENCH_GATEWAY_WORKERS  the gateway's tokio worker threads (TOKIO_WORKER_THREADS, for the
-#                      gateway alone; default: unset, one per CPU)
+#   BENCH_GATEWAY_WORKERS  the gateway's worker_threads (--worker-threads; default: unset, one
+#                      per CPU); 1 runs it on tokio's single-threaded scheduler
 #   BENCH_UPSTREAM     tcp (default) or unix: how the gateway (and nginx) reach the engine. unix
 #                      starts a second, identical engine on a Unix domain socket (vLLM's --uds)
 #                      for them, and the gateway reaches it through its upstream's unix_socket;
@@ -286,10 +286,10 @@ log "starting the gateway in front of ${ENGINE_SOCKET:-$ENGINE_URL}"
 mapfile -t GARAGE_VARS < <(compgen -e | grep '^GARAGE_' || true)
 UNSETS=()
 for v in "${GARAGE_VARS[@]}"; do UNSETS+=(-u "$v"); done
-WORKERS=(-u TOKIO_WORKER_THREADS)
-[[ -n $GATEWAY_WORKERS ]] && WORKERS=(TOKIO_WORKER_THREADS="$GATEWAY_WORKERS")
-env "${UNSETS[@]}" "${WORKERS[@]}" RUST_LOG="${BENCH_GATEWAY_LOG:-warn}" "$BIN/gateway" serve --config "$WORK/gateway.toml" \
-    >"$WORK/gateway.log" 2>&1 &
+WORKERS=()
+[[ -n $GATEWAY_WORKERS ]] && WORKERS=(--worker-threads "$GATEWAY_WORKERS")
+env "${UNSETS[@]}" -u TOKIO_WORKER_THREADS RUST_LOG="${BENCH_GATEWAY_LOG:-warn}" "$BIN/gateway" serve \
+    --config "$WORK/gateway.toml" "${WORKERS[@]}" >"$WORK/gateway.log" 2>&1 &
 GATEWAY_PID=$!
 GATEWAY_PORT=""
 wait_until "gateway listening socket" 20 "$GATEWAY_PID" gateway_port_known

@@ -325,6 +325,9 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         .map(|b| u64::from(b.in_flight()))
         .sum();
     state.metrics.in_flight.set(in_flight as i64);
+    let runtime = tokio::runtime::Handle::current().metrics();
+    (state.metrics.runtime_workers).set(runtime.num_workers() as i64);
+    (state.metrics.runtime_tasks).set(runtime.num_alive_tasks() as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

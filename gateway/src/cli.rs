@@ -41,6 +41,9 @@ struct CommonArgs {
     /// Log format.
     #[arg(long, value_enum)]
     log_format: Option<LogFormatArg>,
+    /// Threads that serve requests (0: one per CPU core; 1: a single-threaded runtime).
+    #[arg(long)]
+    worker_threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -93,6 +96,9 @@ impl CommonArgs {
         if let Some(token) = &self.admin_token {
             config.auth.admin_token = Some(token.clone());
         }
+        if let Some(threads) = self.worker_threads {
+            config.worker_threads = threads;
+        }
         if let Some(format) = self.log_format {
             config.log_format = match format {
                 LogFormatArg::Text => LogFormat::Text,
@@ -112,65 +118,111 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Runs the command line.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Serve(args) => {
-            let (mut config, report) = match &args.config {
-                Some(path) => Config::load_file(path, std::env::vars())?,
-                None => Config::load(None, std::env::vars())?,
-            };
-            if let Some(store) = args.store {
-                config.store = store;
+/// Runs the command line: reads the config, builds the runtime it asks for (`worker_threads`),
+/// and runs the command on it until a signal stops it.
+pub fn main(cli: Cli) -> anyhow::Result<()> {
+    let command = Prepared::new(cli)?;
+    runtime(command.config().worker_threads)
+        .context("cannot start the async runtime")?
+        .block_on(command.run())
+}
+
+/// A command with its config loaded and logging set up, before any runtime exists.
+enum Prepared {
+    Serve(Config),
+    Demo(Config, DemoOptions),
+}
+
+impl Prepared {
+    fn new(cli: Cli) -> anyhow::Result<Self> {
+        Ok(match cli.command {
+            Command::Serve(args) => {
+                let (mut config, report) = match &args.config {
+                    Some(path) => Config::load_file(path, std::env::vars())?,
+                    None => Config::load(None, std::env::vars())?,
+                };
+                if let Some(store) = args.store {
+                    config.store = store;
+                }
+                if args.tls_cert_file.is_some() {
+                    config.tls_cert_file = args.tls_cert_file;
+                    config.tls_key_file = args.tls_key_file;
+                }
+                args.common.apply(&mut config);
+                init_logging(config.log_format);
+                for name in report.ignored_env {
+                    tracing::warn!(variable = %name, "not a gateway setting; ignored");
+                }
+                Prepared::Serve(config)
             }
-            if args.tls_cert_file.is_some() {
-                config.tls_cert_file = args.tls_cert_file;
-                config.tls_key_file = args.tls_key_file;
+            Command::Demo(args) => {
+                let (mut config, _) = Config::load(None, std::iter::empty())?;
+                args.common.apply(&mut config);
+                init_logging(config.log_format);
+                Prepared::Demo(
+                    config,
+                    DemoOptions {
+                        nodes: args.nodes,
+                        api_key: args.api_key,
+                        ttft: Duration::from_millis(args.ttft_ms),
+                        tokens_per_sec: args.tokens_per_sec,
+                    },
+                )
             }
-            args.common.apply(&mut config);
-            init_logging(config.log_format);
-            for name in report.ignored_env {
-                tracing::warn!(variable = %name, "not a gateway setting; ignored");
-            }
-            let grace = Duration::from_secs(config.shutdown_grace_secs);
-            let mut signals = Signals::install()?;
-            let Some(gateway) = signals.unless_signalled(Gateway::start(config)).await else {
-                return Ok(());
-            };
-            let gateway = gateway.context("cannot start the gateway")?;
-            signals
-                .stop_on_signal(grace, |grace| gateway.shutdown(grace))
-                .await;
-            Ok(())
-        }
-        Command::Demo(args) => {
-            let (mut config, _) = Config::load(None, std::iter::empty())?;
-            args.common.apply(&mut config);
-            init_logging(config.log_format);
-            let grace = Duration::from_secs(config.shutdown_grace_secs);
-            let mut signals = Signals::install()?;
-            let start = Demo::start(
-                config,
-                DemoOptions {
-                    nodes: args.nodes,
-                    api_key: args.api_key,
-                    ttft: Duration::from_millis(args.ttft_ms),
-                    tokens_per_sec: args.tokens_per_sec,
-                },
-            );
-            // The gateway answers before every rig is in routing, so a signal may come while the
-            // demo is still starting.
-            let Some(demo) = signals.unless_signalled(start).await else {
-                return Ok(());
-            };
-            let demo = demo.context("cannot start the demo")?;
-            println!("{}", demo.banner());
-            signals
-                .stop_on_signal(grace, |grace| demo.shutdown(grace))
-                .await;
-            Ok(())
+        })
+    }
+
+    fn config(&self) -> &Config {
+        match self {
+            Prepared::Serve(config) | Prepared::Demo(config, _) => config,
         }
     }
+
+    async fn run(self) -> anyhow::Result<()> {
+        let grace = Duration::from_secs(self.config().shutdown_grace_secs);
+        let mut signals = Signals::install()?;
+        match self {
+            Prepared::Serve(config) => {
+                let Some(gateway) = signals.unless_signalled(Gateway::start(config)).await else {
+                    return Ok(());
+                };
+                let gateway = gateway.context("cannot start the gateway")?;
+                signals
+                    .stop_on_signal(grace, |grace| gateway.shutdown(grace))
+                    .await;
+            }
+            Prepared::Demo(config, options) => {
+                // The gateway answers before every rig is in routing, so a signal may come while
+                // the demo is still starting.
+                let start = Demo::start(config, options);
+                let Some(demo) = signals.unless_signalled(start).await else {
+                    return Ok(());
+                };
+                let demo = demo.context("cannot start the demo")?;
+                println!("{}", demo.banner());
+                signals
+                    .stop_on_signal(grace, |grace| demo.shutdown(grace))
+                    .await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The runtime `worker_threads` asks for: 1 is tokio's single-threaded scheduler, where every
+/// task runs on this thread (no work stealing, no wake-ups across threads); 0 is one worker per
+/// core (or `TOKIO_WORKER_THREADS`), as `#[tokio::main]` would make.
+fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if worker_threads > 1 {
+            builder.worker_threads(worker_threads);
+        }
+        builder
+    };
+    builder.enable_all().build()
 }
 
 /// SIGTERM and SIGINT, listened for from before the gateway starts: a signal that comes while it

@@ -22,6 +22,7 @@ pub const ENV_FIELDS: &[&str] = &[
     "log_format",
     "max_body_bytes",
     "shutdown_grace_secs",
+    "worker_threads",
     "default_plugins",
     "cors.allowed_origins",
     "cors.max_age_secs",
@@ -113,6 +114,11 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// On SIGTERM/SIGINT, how long in-flight requests and streams may take to finish.
     pub shutdown_grace_secs: u64,
+    /// Threads that serve requests; 0 (the default) for one per CPU core. On a machine shared
+    /// with engines, fewer leave them the cores; 1 runs everything on one thread with tokio's
+    /// single-threaded scheduler (no work stealing, no wake-ups across threads), the cheapest
+    /// per request. Read at start.
+    pub worker_threads: usize,
     /// Cross-origin requests from web pages (CORS): off unless origins are listed.
     pub cors: CorsConfig,
     pub auth: AuthConfig,
@@ -348,6 +354,7 @@ impl Default for Config {
             // room while still bounding what one request can make us buffer.
             max_body_bytes: 16 * 1024 * 1024,
             shutdown_grace_secs: 30,
+            worker_threads: 0,
             cors: CorsConfig::default(),
             auth: AuthConfig::default(),
             dispatch: DispatchConfig::default(),

@@ -6,7 +6,6 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    garage_gateway::cli::run(garage_gateway::cli::Cli::parse()).await
+fn main() -> anyhow::Result<()> {
+    garage_gateway::cli::main(garage_gateway::cli::Cli::parse())
 }

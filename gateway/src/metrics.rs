@@ -25,6 +25,9 @@ pub struct Metrics {
     pub backend_errors: IntCounterVec,
     /// Set from the backends' own counts when scraped (see [`Metrics::render`]'s callers).
     pub in_flight: IntGauge,
+    /// The async runtime's worker threads and live tasks, read when scraped.
+    pub runtime_workers: IntGauge,
+    pub runtime_tasks: IntGauge,
     /// The series of each model's requests, by route (see [`RouteSeries`]). Read on every
     /// request without a lock; a model's first request copies the map to add its own.
     series: ArcSwap<HashMap<Box<str>, Vec<Arc<RouteSeries>>, foldhash::fast::RandomState>>,
@@ -93,6 +96,16 @@ impl Metrics {
             "Requests the backends in routing are serving now, streams until they end",
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let runtime_workers = IntGauge::new(
+            "garage_runtime_workers",
+            "Threads serving requests (worker_threads; 1 is the single-threaded runtime)",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let runtime_tasks = IntGauge::new(
+            "garage_runtime_tasks",
+            "Tasks alive in the async runtime: connections, streams, background work",
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -100,6 +113,8 @@ impl Metrics {
             Box::new(tokens.clone()),
             Box::new(backend_errors.clone()),
             Box::new(in_flight.clone()),
+            Box::new(runtime_workers.clone()),
+            Box::new(runtime_tasks.clone()),
         ] {
             registry
                 .register(collector)
@@ -113,6 +128,8 @@ impl Metrics {
             tokens,
             backend_errors,
             in_flight,
+            runtime_workers,
+            runtime_tasks,
             series: ArcSwap::default(),
         }
     }
