@@ -95,6 +95,10 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The most `worker_threads` a config may ask for: far more than any machine has cores, and few
+/// enough that a typo is refused rather than tried as thousands of threads.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 /// The whole gateway configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -498,6 +502,12 @@ impl Config {
         }
         if self.dispatch.max_attempts == 0 {
             return invalid("dispatch.max_attempts must be at least 1".into());
+        }
+        if self.worker_threads > MAX_WORKER_THREADS {
+            return invalid(format!(
+                "worker_threads = {}: at most {MAX_WORKER_THREADS} (0 is one per CPU core)",
+                self.worker_threads
+            ));
         }
         if self.usage.ledger_max_entries == 0 {
             return invalid("usage.ledger_max_entries must be at least 1".into());
