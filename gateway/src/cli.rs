@@ -135,7 +135,7 @@ enum Prepared {
 
 impl Prepared {
     fn new(cli: Cli) -> anyhow::Result<Self> {
-        Ok(match cli.command {
+        let (mut config, ignored_env, common, demo) = match cli.command {
             Command::Serve(args) => {
                 let (mut config, report) = match &args.config {
                     Some(path) => Config::load_file(path, std::env::vars())?,
@@ -148,27 +148,27 @@ impl Prepared {
                     config.tls_cert_file = args.tls_cert_file;
                     config.tls_key_file = args.tls_key_file;
                 }
-                args.common.apply(&mut config);
-                init_logging(config.log_format);
-                for name in report.ignored_env {
-                    tracing::warn!(variable = %name, "not a gateway setting; ignored");
-                }
-                Prepared::Serve(config)
+                (config, report.ignored_env, args.common, None)
             }
             Command::Demo(args) => {
-                let (mut config, _) = Config::load(None, std::iter::empty())?;
-                args.common.apply(&mut config);
-                init_logging(config.log_format);
-                Prepared::Demo(
-                    config,
-                    DemoOptions {
-                        nodes: args.nodes,
-                        api_key: args.api_key,
-                        ttft: Duration::from_millis(args.ttft_ms),
-                        tokens_per_sec: args.tokens_per_sec,
-                    },
-                )
+                let (config, _) = Config::load(None, std::iter::empty())?;
+                let options = DemoOptions {
+                    nodes: args.nodes,
+                    api_key: args.api_key,
+                    ttft: Duration::from_millis(args.ttft_ms),
+                    tokens_per_sec: args.tokens_per_sec,
+                };
+                (config, Vec::new(), args.common, Some(options))
             }
+        };
+        common.apply(&mut config);
+        init_logging(config.log_format);
+        for name in ignored_env {
+            tracing::warn!(variable = %name, "not a gateway setting; ignored");
+        }
+        Ok(match demo {
+            Some(options) => Prepared::Demo(config, options),
+            None => Prepared::Serve(config),
         })
     }
 
