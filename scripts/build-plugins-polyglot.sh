@@ -76,27 +76,20 @@ if ! stamp_matches "$VENV/.requirements.sha256" "$want"; then
     echo "installed $PY_DIR/requirements.txt in $(seconds_since "$started") s"
 fi
 
-# Not `npm ci`: componentize-js's dependencies (jco-node-fs, rolldown, componentize-qjs) name
-# optional platform packages the registry does not have (win32, musl, android...), and npm 11
-# records none of them in the lockfile, then `npm ci` rejects that very lockfile as out of sync
-# ("Missing: ... from lock file", npm/cli#9846). `npm install` installs exactly the locked
-# versions all the same; the lockfile is checked to be left as it was.
+# `npm ci`: exactly the versions, tarballs and integrity hashes of the lockfile, which it never
+# rewrites. It refuses a lockfile that misses a package a locked version declares, even an
+# optional one for another platform; a lockfile written on a warm npm cache can miss those
+# (npm/cli#9846), so the lockfile is checked to be complete first, with a message that says how
+# to regenerate it. A locked version's declarations never change, so what the registry
+# publishes later cannot break a complete lockfile.
+node scripts/check-npm-lockfile.mjs "$JS_DIR/package-lock.json"
 want="$( { sha256sum "$JS_DIR/package.json" "$JS_DIR/package-lock.json"; node --version; } |
     sha256sum | cut -d' ' -f1)"
 if ! stamp_matches "$JS_DIR/node_modules/.garage-lock.sha256" "$want"; then
     started=$(now_ms)
-    lock_before="$(sha256sum <"$JS_DIR/package-lock.json")"
-    cp "$JS_DIR/package-lock.json" "$OUT/package-lock.json.orig"
-    (cd "$JS_DIR" && npm install --prefer-offline --no-audit --no-fund --loglevel=error)
-    if [[ "$(sha256sum <"$JS_DIR/package-lock.json")" != "$lock_before" ]]; then
-        mv "$OUT/package-lock.json.orig" "$JS_DIR/package-lock.json"
-        echo "$JS_DIR/package-lock.json does not match package.json:" \
-            "run 'npm install' there and commit the lockfile" >&2
-        exit 1
-    fi
-    rm -f "$OUT/package-lock.json.orig"
+    (cd "$JS_DIR" && npm ci --no-audit --no-fund --loglevel=error)
     echo "$want" >"$JS_DIR/node_modules/.garage-lock.sha256"
-    echo "npm install (locked) in $JS_DIR in $(seconds_since "$started") s"
+    echo "npm ci in $JS_DIR in $(seconds_since "$started") s"
 fi
 
 # --- builds ----------------------------------------------------------------------------------

@@ -101,15 +101,17 @@ echo "redis-server: $(redis-server --version | head -n1)"
 section "Python environment (.venv)"
 VENV="$REPO_ROOT/.venv"
 REQUIREMENTS="$REPO_ROOT/tests/python/requirements.txt"
+CONSTRAINTS="$REPO_ROOT/tests/python/constraints.txt"
 if [[ ! -x "$VENV/bin/python" ]]; then
     rm -rf "$VENV"
     python3 -m venv "$VENV"
 fi
-# Reinstall only when requirements.txt (or the interpreter) changed since the last install.
+# Reinstall only when requirements.txt, constraints.txt (or the interpreter) changed since the
+# last install.
 stamp="$VENV/.requirements.sha256"
-want="$( { sha256sum "$REQUIREMENTS"; "$VENV/bin/python" --version; } | sha256sum | cut -d' ' -f1)"
+want="$( { sha256sum "$REQUIREMENTS" "$CONSTRAINTS"; "$VENV/bin/python" --version; } | sha256sum | cut -d' ' -f1)"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$REQUIREMENTS"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$REQUIREMENTS" -c "$CONSTRAINTS"
     echo "$want" >"$stamp"
     echo "installed tests/python/requirements.txt"
 else
@@ -127,15 +129,21 @@ section "cargo build --workspace --bins"
 cargo build --workspace --bins
 
 # ---------------------------------------------------------------------------------------------
-if cargo nextest --version >/dev/null 2>&1; then
+# Tests named `*_alone` must not share the machine with other tests (.config/nextest.toml says
+# so to nextest). `cargo test` runs one test binary at a time but a binary's tests in parallel,
+# so without nextest they are skipped in the main run and run afterwards, one at a time.
+# GARAGE_TEST_RUNNER=cargo takes that path even where nextest is installed.
+if [[ "${GARAGE_TEST_RUNNER:-}" != "cargo" ]] && cargo nextest --version >/dev/null 2>&1; then
     section "Rust tests: cargo nextest run --workspace --no-fail-fast"
     cargo nextest run --workspace --no-fail-fast
     # nextest does not run doctests.
     section "Rust doctests: cargo test --workspace --doc"
     cargo test --workspace --doc
 else
-    section "Rust tests: cargo test --workspace --no-fail-fast"
-    cargo test --workspace --no-fail-fast
+    section "Rust tests: cargo test --workspace --no-fail-fast (without nextest)"
+    cargo test --workspace --no-fail-fast -- --skip _alone
+    section "Rust tests that run alone: cargo test --workspace -- _alone --test-threads=1"
+    cargo test --workspace --no-fail-fast --tests -- _alone --test-threads=1
 fi
 
 # ---------------------------------------------------------------------------------------------

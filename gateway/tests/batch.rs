@@ -692,7 +692,7 @@ fn percentile(samples: &mut [Duration], p: f64) -> Duration {
 /// batch work only while their engines have room (4 batch lines at most on engines with 8
 /// sequences), so chat requests never queue behind batch lines.
 #[tokio::test]
-async fn ten_thousand_lines_complete_while_chat_latency_holds() {
+async fn ten_thousand_lines_complete_while_chat_latency_holds_alone() {
     let gw = gateway(config(vec![])).await;
     let base = gw.url();
     let options = BatchOptions {
