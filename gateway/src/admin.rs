@@ -1,7 +1,7 @@
 //! The admin API under `/admin/`, behind the admin bearer token.
 
 use axum::Json;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::auth::{admin_token_matches, bearer};
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ApiPath, ErrorBody};
 use crate::state::AppState;
 use crate::store::ApiKeyRecord;
 
@@ -98,6 +98,7 @@ pub struct KeyList {
         (status = 201, body = CreatedKey),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
     ),
     security(("admin_token" = []))
 )]
@@ -105,7 +106,7 @@ pub async fn create_key(
     State(state): State<AppState>,
     body: Result<Json<CreateKeyRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
-    let Json(request) = body.map_err(|r| ApiError::bad_request(r.body_text(), None))?;
+    let Json(request) = body.map_err(ApiError::from)?;
     if request.name.trim().is_empty() {
         return Err(ApiError::bad_request(
             "name must not be empty",
@@ -144,12 +145,12 @@ pub async fn list_keys(State(state): State<AppState>) -> Result<Json<KeyList>, A
 #[utoipa::path(
     get, path = "/admin/keys/{id}", tag = "admin",
     params(("id" = String, Path, description = "Key id")),
-    responses((status = 200, body = KeyInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = KeyInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 400, description = "Malformed path or query", body = ErrorBody)),
     security(("admin_token" = []))
 )]
 pub async fn get_key(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<KeyInfo>, ApiError> {
     state
         .store
@@ -163,12 +164,12 @@ pub async fn get_key(
 #[utoipa::path(
     delete, path = "/admin/keys/{id}", tag = "admin",
     params(("id" = String, Path, description = "Key id")),
-    responses((status = 200, body = KeyInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = KeyInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 400, description = "Malformed path or query", body = ErrorBody)),
     security(("admin_token" = []))
 )]
 pub async fn revoke_key(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<KeyInfo>, ApiError> {
     let record = state
         .auth

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::auth::unix_now;
+use crate::billing::{OutputCount, RequestBounds, TextKind, bill};
 use crate::config::BatchConfig;
 use crate::error::ApiError;
 use crate::nodes::{NodeRecord, Nodes};
@@ -46,6 +47,18 @@ pub const COMPLETION_WINDOW: &str = "24h";
 const COMPLETION_WINDOW_SECS: u64 = 24 * 3600;
 
 const FILES: &str = "files";
+/// Per-owner index of files: `files_of:<key id>`, a record per file (its File object), so that
+/// listing a key's files reads that key's and nobody else's.
+const FILES_OF: &str = "files_of";
+/// Per-owner index of batches: `batches_of:<key id>`, a record per batch (its id).
+const BATCHES_OF: &str = "batches_of";
+/// Counters of a key's uploaded files and their bytes, for `batch.max_files_per_key` and
+/// `batch.max_file_bytes_per_key`.
+const FILE_COUNT: &str = "file_quota_count";
+const FILE_BYTES: &str = "file_quota_bytes";
+/// Set once the per-owner indexes hold every file and batch (a store written by an older
+/// gateway is indexed at start).
+const OWNER_INDEX_DONE: &str = "batch_owner_index_v1";
 const FILE_CONTENT: &str = "file_content";
 const BATCHES: &str = "batches";
 /// Index of the queues that hold lines: one record per (batch, model).
@@ -55,6 +68,14 @@ const FINALIZE_LOCK: Duration = Duration::from_secs(60);
 /// An index record whose batch record never appeared (a crash while creating it) is dropped
 /// after this long.
 const ORPHAN_AFTER_SECS: u64 = 300;
+
+fn files_of(owner: &str) -> String {
+    format!("{FILES_OF}:{owner}")
+}
+
+fn batches_of(owner: &str) -> String {
+    format!("{BATCHES_OF}:{owner}")
+}
 
 fn results_kind(batch_id: &str) -> String {
     format!("batch_results:{batch_id}")
@@ -107,6 +128,69 @@ struct StoredFile {
     file: FileObject,
     /// Key id of the owner.
     owner: String,
+}
+
+/// Room held in a key's file quotas for one upload (see [`Batches::reserve_upload`]). Dropped
+/// without being spent or released (a client that went away mid-upload), it gives the room
+/// back from a task.
+pub struct UploadQuota {
+    store: Arc<dyn Store>,
+    count_key: String,
+    bytes_key: String,
+    /// Bytes held.
+    bytes: i64,
+    spent: bool,
+}
+
+impl UploadQuota {
+    /// Holds exactly `bytes` (the file's size) instead of the upper bound taken before the
+    /// upload was read.
+    async fn settle(mut self, bytes: u64) -> Result<Self, StoreError> {
+        let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+        if bytes != self.bytes {
+            self.store
+                .kv_incr(&self.bytes_key, bytes - self.bytes, None)
+                .await?;
+            self.bytes = bytes;
+        }
+        Ok(self)
+    }
+
+    /// The file is stored: the room is its for good (until it is deleted).
+    fn spend(mut self) {
+        self.spent = true;
+    }
+
+    /// Gives the room back.
+    pub async fn release(mut self) {
+        self.spent = true;
+        give_back(&*self.store, &self.count_key, &self.bytes_key, self.bytes).await;
+    }
+}
+
+async fn give_back(store: &dyn Store, count_key: &str, bytes_key: &str, bytes: i64) {
+    let count = store.kv_incr(count_key, -1, None).await;
+    let bytes = store.kv_incr(bytes_key, -bytes, None).await;
+    if let Err(err) = count.and(bytes) {
+        tracing::warn!(error = %err, key = count_key, "cannot give back file quota");
+    }
+}
+
+impl Drop for UploadQuota {
+    fn drop(&mut self) {
+        if self.spent {
+            return;
+        }
+        let (store, count_key, bytes_key, bytes) = (
+            Arc::clone(&self.store),
+            std::mem::take(&mut self.count_key),
+            std::mem::take(&mut self.bytes_key),
+            self.bytes,
+        );
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { give_back(&*store, &count_key, &bytes_key, bytes).await });
+        }
+    }
 }
 
 /// `DELETE /v1/files/{id}` answer.
@@ -314,6 +398,59 @@ struct QueuedLine {
     body: serde_json::Value,
 }
 
+/// Who holds a leased line, and what its request allows its usage to be: the value of the
+/// line's holder key.
+#[derive(Debug, Serialize, Deserialize)]
+struct Held {
+    node: String,
+    bounds: LineBounds,
+}
+
+impl Held {
+    fn read(bytes: &[u8]) -> Option<Held> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// A batch line's request, as far as billing its answer goes (see [`crate::billing`]).
+#[derive(Debug, Serialize, Deserialize)]
+struct LineBounds {
+    request_bytes: u64,
+    max_tokens: Option<u32>,
+    choices: u32,
+    media_parts: u64,
+}
+
+impl LineBounds {
+    fn of(body: &serde_json::Value) -> Self {
+        let bytes = serde_json::to_vec(body).unwrap_or_default();
+        let max_tokens = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|name| body.get(*name)?.as_u64())
+            .map(|max| u32::try_from(max).unwrap_or(u32::MAX));
+        let n = body
+            .get("n")
+            .and_then(|n| n.as_u64())
+            .map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX))
+            .max(1);
+        // A completions request may send a list of prompts (strings or token lists).
+        let prompts = match body.get("prompt") {
+            Some(serde_json::Value::Array(items))
+                if items.first().is_some_and(|i| i.is_string() || i.is_array()) =>
+            {
+                u32::try_from(items.len()).unwrap_or(u32::MAX).max(1)
+            }
+            _ => 1,
+        };
+        LineBounds {
+            request_bytes: bytes.len() as u64,
+            max_tokens,
+            choices: n.saturating_mul(prompts),
+            media_parts: crate::billing::media_parts(&bytes),
+        }
+    }
+}
+
 /// A line's answer as stored until the batch is finalized.
 #[derive(Debug, Serialize, Deserialize)]
 struct StoredResult {
@@ -336,8 +473,9 @@ fn validate(
     endpoint: &str,
     known_models: &BTreeSet<String>,
     max_requests: usize,
+    max_errors: usize,
 ) -> Result<Vec<Line>, Vec<BatchError>> {
-    let mut errors = Vec::new();
+    let mut errors = ErrorList::new(max_errors);
     let mut lines = Vec::new();
     let mut seen = HashSet::new();
     let error = |code: &str, message: String, param: Option<&str>, line: u64| BatchError {
@@ -450,7 +588,7 @@ fn validate(
         });
     }
     if errors.is_empty() && lines.is_empty() {
-        errors.push(BatchError {
+        errors.push_always(BatchError {
             code: "empty_file".into(),
             message: "The input file has no requests.".into(),
             param: None,
@@ -458,7 +596,7 @@ fn validate(
         });
     }
     if lines.len() > max_requests {
-        errors.push(BatchError {
+        errors.push_always(BatchError {
             code: "too_many_tasks".into(),
             message: format!(
                 "The input file has {} requests; a batch may have at most {max_requests}.",
@@ -471,7 +609,60 @@ fn validate(
     if errors.is_empty() {
         Ok(lines)
     } else {
-        Err(errors)
+        Err(errors.finish())
+    }
+}
+
+/// The problems of an input file, at most `max` of them with a line each: a file of 200,000
+/// bad lines is no reason to store 200,000 errors in a batch object that every read of the
+/// batch decodes. Past `max`, one last `too_many_errors` entry says how many more there were,
+/// as OpenAI's shape allows.
+struct ErrorList {
+    errors: Vec<BatchError>,
+    max: usize,
+    /// Line errors not kept.
+    more: u64,
+}
+
+impl ErrorList {
+    fn new(max: usize) -> Self {
+        ErrorList {
+            errors: Vec::new(),
+            max: max.max(1),
+            more: 0,
+        }
+    }
+
+    fn push(&mut self, error: BatchError) {
+        if self.errors.len() < self.max {
+            self.errors.push(error);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    /// A problem of the file as a whole: always kept.
+    fn push_always(&mut self, error: BatchError) {
+        self.errors.push(error);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.errors.is_empty() && self.more == 0
+    }
+
+    fn finish(mut self) -> Vec<BatchError> {
+        if self.more > 0 {
+            self.errors.push(BatchError {
+                code: "too_many_errors".into(),
+                message: format!(
+                    "{} more lines have problems; fix the ones above and upload the file again.",
+                    self.more
+                ),
+                param: None,
+                line: None,
+            });
+        }
+        self.errors
     }
 }
 
@@ -586,14 +777,78 @@ impl Batches {
 
     // ---- files ------------------------------------------------------------------------------
 
+    /// Holds room for an upload of at most `max_bytes` in `owner`'s quotas (a file, and its
+    /// bytes), before the upload is read: concurrent uploads cannot together exceed them.
+    /// Give it back with [`UploadQuota::release`] or spend it with [`Batches::create_file`].
+    pub async fn reserve_upload(
+        &self,
+        owner: &str,
+        max_bytes: u64,
+    ) -> Result<UploadQuota, ApiError> {
+        let config = &self.config;
+        let count_key = format!("{FILE_COUNT}:{owner}");
+        let bytes_key = format!("{FILE_BYTES}:{owner}");
+        let limit = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+        if self
+            .store
+            .kv_reserve(&count_key, 1, limit(config.max_files_per_key), None)
+            .await?
+            .is_none()
+        {
+            return Err(ApiError::bad_request_code(
+                format!(
+                    "This key has {} files, the most it may keep (batch.max_files_per_key); \
+                     delete some first.",
+                    config.max_files_per_key
+                ),
+                Some("file"),
+                "file_quota_exceeded",
+            ));
+        }
+        let bytes = limit(max_bytes);
+        let reserved = self
+            .store
+            .kv_reserve(
+                &bytes_key,
+                bytes,
+                limit(config.max_file_bytes_per_key),
+                None,
+            )
+            .await;
+        if !matches!(reserved, Ok(Some(_))) {
+            self.store.kv_incr(&count_key, -1, None).await?;
+            reserved?;
+            return Err(ApiError::bad_request_code(
+                format!(
+                    "This key's files would take more than {} bytes \
+                     (batch.max_file_bytes_per_key); delete some first.",
+                    config.max_file_bytes_per_key
+                ),
+                Some("file"),
+                "file_quota_exceeded",
+            ));
+        }
+        Ok(UploadQuota {
+            store: Arc::clone(&self.store),
+            count_key,
+            bytes_key,
+            bytes,
+            spent: false,
+        })
+    }
+
+    /// Stores an uploaded file in the room `quota` holds (what the file does not use goes
+    /// back; so does all of it if the file is refused).
     pub async fn create_file(
         &self,
         owner: &str,
+        quota: UploadQuota,
         filename: &str,
         purpose: &str,
         content: &[u8],
     ) -> Result<FileObject, ApiError> {
         if purpose != "batch" {
+            quota.release().await;
             return Err(ApiError::bad_request(
                 format!(
                     "Files here are for the Batch API: purpose must be `batch`, not `{purpose}`."
@@ -602,11 +857,23 @@ impl Batches {
             ));
         }
         if content.is_empty() {
+            quota.release().await;
             return Err(ApiError::bad_request("The file is empty.", Some("file")));
         }
-        Ok(self
+        let quota = quota.settle(content.len() as u64).await?;
+        match self
             .put_file(owner, &new_id("file-"), filename, purpose, content)
-            .await?)
+            .await
+        {
+            Ok(file) => {
+                quota.spend();
+                Ok(file)
+            }
+            Err(err) => {
+                quota.release().await;
+                Err(err.into())
+            }
+        }
     }
 
     async fn put_file(
@@ -635,6 +902,13 @@ impl Batches {
         };
         let json = serde_json::to_vec(&stored).map_err(corrupt)?;
         self.store.record_put(FILES, id, &json).await?;
+        self.store
+            .record_put(
+                &files_of(owner),
+                id,
+                &serde_json::to_vec(&file).map_err(corrupt)?,
+            )
+            .await?;
         Ok(file)
     }
 
@@ -667,9 +941,20 @@ impl Batches {
     }
 
     pub async fn delete_file(&self, owner: &str, id: &str) -> Result<FileDeleted, ApiError> {
-        self.stored_file(owner, id).await?;
+        let stored = self.stored_file(owner, id).await?;
         self.store.record_delete(FILES, id).await?;
         self.store.record_delete(FILE_CONTENT, id).await?;
+        self.store.record_delete(&files_of(owner), id).await?;
+        // Uploads count against the key's quotas; the files a batch writes do not.
+        if stored.file.purpose == "batch" {
+            let bytes = i64::try_from(stored.file.bytes).unwrap_or(i64::MAX);
+            self.store
+                .kv_incr(&format!("{FILE_COUNT}:{owner}"), -1, None)
+                .await?;
+            self.store
+                .kv_incr(&format!("{FILE_BYTES}:{owner}"), -bytes, None)
+                .await?;
+        }
         Ok(FileDeleted {
             id: id.to_owned(),
             object: "file".into(),
@@ -685,14 +970,14 @@ impl Batches {
         after: Option<&str>,
         limit: usize,
     ) -> Result<FileList, ApiError> {
+        // The key's own index: listing costs what the key has, not what every key has.
         let mut files: Vec<FileObject> = self
             .store
-            .record_list(FILES)
+            .record_list(&files_of(owner))
             .await?
             .iter()
-            .filter_map(|bytes| serde_json::from_slice::<StoredFile>(bytes).ok())
-            .filter(|f| f.owner == owner && purpose.is_none_or(|p| f.file.purpose == p))
-            .map(|f| f.file)
+            .filter_map(|bytes| serde_json::from_slice::<FileObject>(bytes).ok())
+            .filter(|f| purpose.is_none_or(|p| f.purpose == p))
             .collect();
         files.sort_by(|a, b| b.id.cmp(&a.id));
         let (data, has_more) = page(files, |f| &f.id, after, limit);
@@ -791,6 +1076,7 @@ impl Batches {
             &request.endpoint,
             &known,
             self.config.max_requests,
+            self.config.max_errors,
         ) {
             Ok(lines) => lines,
             Err(errors) => {
@@ -800,7 +1086,7 @@ impl Batches {
                     object: "list".into(),
                     data: errors,
                 });
-                self.save(&StoredBatch {
+                self.save_new(&StoredBatch {
                     batch: batch.clone(),
                     owner: owner.to_owned(),
                     models: Vec::new(),
@@ -841,7 +1127,7 @@ impl Batches {
         batch.status = BatchStatus::InProgress;
         batch.in_progress_at = Some(now);
         let models: Vec<String> = by_model.keys().map(|m| (*m).to_owned()).collect();
-        self.save(&StoredBatch {
+        self.save_new(&StoredBatch {
             batch: batch.clone(),
             owner: owner.to_owned(),
             models: models.clone(),
@@ -860,6 +1146,55 @@ impl Batches {
         self.store
             .record_put(BATCHES, &stored.batch.id, &json)
             .await
+    }
+
+    /// Saves a new batch and adds it to its owner's index.
+    async fn save_new(&self, stored: &StoredBatch) -> Result<(), StoreError> {
+        self.save(stored).await?;
+        self.store
+            .record_put(
+                &batches_of(&stored.owner),
+                &stored.batch.id,
+                stored.batch.id.as_bytes(),
+            )
+            .await
+    }
+
+    /// Builds the per-owner indexes of files and batches from the records, once per store: a
+    /// store an older gateway wrote has records and no indexes. Idempotent; a crash half way
+    /// does it again at the next start.
+    pub async fn index_owners(&self) -> Result<(), StoreError> {
+        if self.store.kv_get(OWNER_INDEX_DONE).await?.is_some() {
+            return Ok(());
+        }
+        let mut files = 0;
+        for bytes in self.store.record_list(FILES).await? {
+            if let Ok(stored) = serde_json::from_slice::<StoredFile>(&bytes) {
+                let file = serde_json::to_vec(&stored.file).map_err(corrupt)?;
+                self.store
+                    .record_put(&files_of(&stored.owner), &stored.file.id, &file)
+                    .await?;
+                files += 1;
+            }
+        }
+        let mut batches = 0;
+        for bytes in self.store.record_list(BATCHES).await? {
+            if let Ok(stored) = serde_json::from_slice::<StoredBatch>(&bytes) {
+                self.store
+                    .record_put(
+                        &batches_of(&stored.owner),
+                        &stored.batch.id,
+                        stored.batch.id.as_bytes(),
+                    )
+                    .await?;
+                batches += 1;
+            }
+        }
+        self.store.kv_set(OWNER_INDEX_DONE, b"1", None).await?;
+        if files + batches > 0 {
+            tracing::info!(files, batches, "indexed files and batches by owner");
+        }
+        Ok(())
     }
 
     async fn load(&self, id: &str) -> Result<Option<StoredBatch>, StoreError> {
@@ -902,19 +1237,22 @@ impl Batches {
         after: Option<&str>,
         limit: usize,
     ) -> Result<BatchList, ApiError> {
-        let mut all: Vec<StoredBatch> = self
+        // The key's own index of ids: only the page's batches are read and decoded.
+        let mut ids: Vec<String> = self
             .store
-            .record_list(BATCHES)
+            .record_list(&batches_of(owner))
             .await?
-            .iter()
-            .filter_map(|bytes| serde_json::from_slice::<StoredBatch>(bytes).ok())
-            .filter(|b| b.owner == owner)
+            .into_iter()
+            .filter_map(|bytes| String::from_utf8(bytes).ok())
             .collect();
-        all.sort_by(|a, b| b.batch.id.cmp(&a.batch.id));
-        let (page, has_more) = page(all, |b| &b.batch.id, after, limit);
+        ids.sort_by(|a, b| b.cmp(a));
+        let (page, has_more) = page(ids, |id| id, after, limit);
         let mut data = Vec::with_capacity(page.len());
-        for stored in page {
-            data.push(self.view(stored).await?);
+        for id in page {
+            match self.load(&id).await? {
+                Some(stored) if stored.owner == owner => data.push(self.view(stored).await?),
+                _ => {}
+            }
         }
         Ok(BatchList {
             object: "list".into(),
@@ -967,6 +1305,15 @@ impl Batches {
         let deadline =
             tokio::time::Instant::now() + wait.min(Duration::from_millis(self.config.max_wait_ms));
         let lease_secs = lease.as_secs();
+        // Only models the rig serves right now, by its own recent heartbeat: a credential that
+        // never heartbeated, or names a model it does not serve, gets nothing (and reads
+        // nobody's prompts).
+        let advertised = self.nodes.serving_now(&node.id).await?;
+        let models: Vec<String> = models
+            .iter()
+            .filter(|model| advertised.contains(model))
+            .cloned()
+            .collect();
         if node.drained || max == 0 || models.is_empty() {
             return Ok(BatchLease {
                 items: Vec::new(),
@@ -977,7 +1324,7 @@ impl Batches {
             // Register for the wake-up before looking, so a batch queued in between is not
             // missed.
             let queued = self.queued.notified();
-            let items = self.lease_now(&node.id, models, max, lease).await?;
+            let items = self.lease_now(&node.id, &models, max, lease).await?;
             self.metrics.leased.inc_by(items.len() as u64);
             if !items.is_empty() {
                 return Ok(BatchLease { items, lease_secs });
@@ -1050,10 +1397,14 @@ impl Batches {
                     tracing::error!(batch = %queue.batch_id, item = %item.id, "unreadable queued line dropped");
                     continue;
                 };
+                let held = Held {
+                    node: node_id.to_owned(),
+                    bounds: LineBounds::of(&queued.body),
+                };
                 self.store
                     .kv_set(
                         &holder_key(&queue.batch_id, &queue.model, line),
-                        node_id.as_bytes(),
+                        &serde_json::to_vec(&held).map_err(corrupt)?,
                         Some(lease),
                     )
                     .await?;
@@ -1102,12 +1453,23 @@ impl Batches {
             // Only the rig holding the line's lease may answer it: a rig cannot answer lines
             // it was never given, nor one whose lease it lost to another rig.
             let holder = holder_key(&result.batch_id, &result.model, result.line);
-            if self.store.kv_get(&holder).await?.as_deref() != Some(node.id.as_bytes()) {
+            let held = self.store.kv_get(&holder).await?;
+            let Some(held) = held
+                .as_deref()
+                .and_then(Held::read)
+                .filter(|h| h.node == node.id)
+            else {
                 ack.ignored += 1;
                 self.metrics.answers.with_label_values(&["ignored"]).inc();
                 continue;
-            }
+            };
             let ok = (200..300).contains(&result.status_code);
+            let mut result = result;
+            let billed = if ok {
+                Some(self.bill_line(&stored.batch.endpoint, &held, node, &mut result.body))
+            } else {
+                None
+            };
             let record = StoredResult {
                 line: result.line,
                 status_code: result.status_code,
@@ -1130,14 +1492,14 @@ impl Batches {
                 self.store
                     .kv_incr(&counter(&result.batch_id, name), 1, None)
                     .await?;
-                if ok {
+                if let Some(billed) = billed {
                     self.usage.record(usage_event(
                         &result.batch_id,
                         &result.model,
                         result.line,
                         &stored.owner,
                         node,
-                        &record.body,
+                        billed,
                         result.latency_ms,
                     ));
                 }
@@ -1159,6 +1521,56 @@ impl Batches {
             self.try_finalize(&batch_id).await?;
         }
         Ok(ack)
+    }
+
+    /// What a line's answer is billed: the rig's reported usage bounded by the line's request
+    /// and the answer's text (see [`crate::billing`]). A corrected count is written into the
+    /// answer too, so the output file and the batch's usage say what was billed.
+    fn bill_line(
+        &self,
+        endpoint: &str,
+        held: &Held,
+        node: &NodeRecord,
+        body: &mut serde_json::Value,
+    ) -> Counts {
+        let mut counts = Counts::of(body);
+        let text = match endpoint {
+            "/v1/chat/completions" => TextKind::Chat,
+            "/v1/completions" => TextKind::Completions,
+            "/v1/responses" => TextKind::Responses,
+            _ => TextKind::None,
+        };
+        let mut output = OutputCount::default();
+        if text != TextKind::None {
+            output.scan(&serde_json::to_vec(body).unwrap_or_default(), text);
+        }
+        let bounds = RequestBounds {
+            request_bytes: held.bounds.request_bytes,
+            prompt_estimate: held.bounds.request_bytes / 4,
+            max_tokens: held.bounds.max_tokens,
+            choices: held.bounds.choices,
+            text,
+        };
+        let reported = crate::sse::Usage {
+            prompt_tokens: counts.input,
+            completion_tokens: counts.output,
+        };
+        let billed = bill(Some(reported), &output, &bounds, || held.bounds.media_parts);
+        self.usage.note_corrections(
+            &billed.corrections,
+            &format!("rig:{}", node.id),
+            "",
+            Some(reported),
+            billed.usage,
+        );
+        if !billed.corrections.is_empty() {
+            counts.input = billed.usage.prompt_tokens;
+            counts.output = billed.usage.completion_tokens;
+            counts.write_into(body);
+        }
+        counts.cached = counts.cached.min(counts.input);
+        counts.reasoning = counts.reasoning.min(counts.output);
+        counts
     }
 
     // ---- finishing --------------------------------------------------------------------------
@@ -1310,7 +1722,7 @@ impl Batches {
                 .await?;
             stored.batch.error_file_id = Some(file.id);
         }
-        usage.total_tokens = usage.input_tokens + usage.output_tokens;
+        usage.total_tokens = usage.input_tokens.saturating_add(usage.output_tokens);
         stored.batch.usage = Some(usage);
         stored.batch.request_counts = counts;
         stored.batch.status = outcome;
@@ -1443,6 +1855,7 @@ fn jsonl(lines: &[serde_json::Value]) -> Vec<u8> {
 /// The token counts in an answer's body, 0 where absent: chat, completions and embeddings
 /// name them `prompt_tokens` and `completion_tokens`, the Responses API `input_tokens` and
 /// `output_tokens`.
+#[derive(Debug, Clone, Copy)]
 struct Counts {
     input: u64,
     output: u64,
@@ -1474,12 +1887,38 @@ impl Counts {
     }
 }
 
+impl Counts {
+    /// Writes the prompt and completion counts into the answer's `usage`, under the names it
+    /// uses (OpenAI's or the Responses API's), with their total.
+    fn write_into(self, body: &mut serde_json::Value) {
+        let Some(usage) = body.get_mut("usage").and_then(|u| u.as_object_mut()) else {
+            return;
+        };
+        let (input, output) = if usage.contains_key("input_tokens") {
+            ("input_tokens", "output_tokens")
+        } else {
+            ("prompt_tokens", "completion_tokens")
+        };
+        usage.insert(input.into(), self.input.into());
+        usage.insert(output.into(), self.output.into());
+        usage.insert(
+            "total_tokens".into(),
+            self.input.saturating_add(self.output).into(),
+        );
+    }
+}
+
 fn add_usage(usage: &mut BatchUsage, body: &serde_json::Value) {
     let counts = Counts::of(body);
-    usage.input_tokens += counts.input;
-    usage.output_tokens += counts.output;
-    usage.input_tokens_details.cached_tokens += counts.cached;
-    usage.output_tokens_details.reasoning_tokens += counts.reasoning;
+    let add = |total: &mut u64, count: u64| *total = total.saturating_add(count);
+    add(&mut usage.input_tokens, counts.input);
+    add(&mut usage.output_tokens, counts.output);
+    add(&mut usage.input_tokens_details.cached_tokens, counts.cached);
+    add(
+        &mut usage.output_tokens_details.reasoning_tokens,
+        counts.reasoning,
+    );
+    usage.total_tokens = usage.input_tokens.saturating_add(usage.output_tokens);
 }
 
 fn usage_event(
@@ -1488,11 +1927,10 @@ fn usage_event(
     line: u64,
     key_id: &str,
     node: &NodeRecord,
-    body: &serde_json::Value,
+    counts: Counts,
     latency_ms: u64,
 ) -> UsageEvent {
     let finished_at_ms = unix_now() * 1000;
-    let counts = Counts::of(body);
     UsageEvent {
         // Stable per line: a line answered twice is still metered once.
         request_id: format!("{batch_id}:{line}"),
@@ -1544,7 +1982,13 @@ mod tests {
             r#"{"custom_id":"g","body":{"model":"m","stream":true}}"#,
             "\n",
         );
-        let errors = match validate(input.as_bytes(), "/v1/chat/completions", &models(), 100) {
+        let errors = match validate(
+            input.as_bytes(),
+            "/v1/chat/completions",
+            &models(),
+            100,
+            100,
+        ) {
             Err(errors) => errors,
             Ok(_) => panic!("the file has bad lines"),
         };
@@ -1566,10 +2010,28 @@ mod tests {
         );
     }
 
+    /// A file of bad lines keeps its first errors and says how many more there were.
+    #[test]
+    fn a_flood_of_bad_lines_is_summarised() {
+        let input = "not json\n".repeat(1000);
+        let errors = match validate(input.as_bytes(), "/v1/completions", &models(), 100, 10) {
+            Err(errors) => errors,
+            Ok(_) => panic!("every line is bad"),
+        };
+        assert_eq!(errors.len(), 11);
+        assert_eq!(errors[9].line, Some(10));
+        assert_eq!(errors[10].code, "too_many_errors");
+        assert!(
+            errors[10].message.starts_with("990 more lines"),
+            "{}",
+            errors[10].message
+        );
+    }
+
     #[test]
     fn valid_lines_keep_their_numbers_and_bodies() {
         let input = "\n{\"custom_id\":\"x\",\"body\":{\"model\":\"m\",\"n\":1}}\n\n{\"custom_id\":\"y\",\"body\":{\"model\":\"m\"}}";
-        let lines = match validate(input.as_bytes(), "/v1/completions", &models(), 100) {
+        let lines = match validate(input.as_bytes(), "/v1/completions", &models(), 100, 100) {
             Ok(lines) => lines,
             Err(errors) => panic!("valid file refused: {errors:?}"),
         };
@@ -1584,13 +2046,13 @@ mod tests {
 
     #[test]
     fn empty_and_oversized_files_fail_as_a_whole() {
-        let empty = validate(b"\n\n", "/v1/completions", &models(), 10).err();
+        let empty = validate(b"\n\n", "/v1/completions", &models(), 10, 10).err();
         assert_eq!(
             empty.map(|e| e[0].code.clone()).as_deref(),
             Some("empty_file")
         );
         let two = "{\"custom_id\":\"x\",\"body\":{\"model\":\"m\"}}\n{\"custom_id\":\"y\",\"body\":{\"model\":\"m\"}}\n";
-        let big = validate(two.as_bytes(), "/v1/completions", &models(), 1).err();
+        let big = validate(two.as_bytes(), "/v1/completions", &models(), 1, 10).err();
         assert_eq!(
             big.map(|e| e[0].code.clone()).as_deref(),
             Some("too_many_tasks")

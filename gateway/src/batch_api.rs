@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::multipart::MultipartError;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Multipart, Path, Query, State};
+use axum::extract::{Multipart, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use garage_node_protocol::{BatchLease, BatchLeaseRequest, BatchResults, BatchResultsAck};
@@ -15,7 +15,7 @@ use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::batch::{BatchList, BatchObject, CreateBatch, FileDeleted, FileList, FileObject};
-use crate::error::{ApiError, ErrorBody, json_body};
+use crate::error::{ApiError, ApiPath, ApiQuery, ErrorBody, json_body};
 use crate::state::AppState;
 
 fn multipart_error(err: MultipartError) -> ApiError {
@@ -48,7 +48,7 @@ pub struct UploadFile {
     request_body(content = UploadFile, content_type = "multipart/form-data"),
     responses(
         (status = 200, body = FileObject),
-        (status = 400, body = ErrorBody),
+        (status = 400, description = "Malformed upload, or the key's files fill its quota (`file_quota_exceeded`)", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 413, body = ErrorBody),
     ),
@@ -66,6 +66,14 @@ pub async fn upload_file(
             None,
         )
     })?;
+    // Room in the key's quotas before the upload is read: the body's declared length, or the
+    // most a file may be.
+    let max_file = state.config.batch.max_file_bytes as u64;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .map_or(max_file, |length| length.min(max_file));
+    let quota = state.batches.reserve_upload(&key.id, declared).await?;
     let mut purpose = None;
     let mut file = None;
     while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
@@ -88,7 +96,7 @@ pub async fn upload_file(
     Ok(Json(
         state
             .batches
-            .create_file(&key.id, &filename, purpose.trim(), &content)
+            .create_file(&key.id, quota, &filename, purpose.trim(), &content)
             .await?,
     ))
 }
@@ -108,13 +116,13 @@ pub struct FileQuery {
 #[utoipa::path(
     get, path = "/v1/files", tag = "openai",
     params(FileQuery),
-    responses((status = 200, body = FileList), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = FileList), (status = 401, body = ErrorBody), (status = 400, description = "Malformed path or query", body = ErrorBody)),
     security(("api_key" = []))
 )]
 pub async fn list_files(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(query): Query<FileQuery>,
+    ApiQuery(query): ApiQuery<FileQuery>,
 ) -> Result<Json<FileList>, ApiError> {
     let key = state.auth.authenticate(&headers).await?;
     let limit = query.limit.unwrap_or(10_000).clamp(1, 10_000);
@@ -135,13 +143,13 @@ pub async fn list_files(
 #[utoipa::path(
     get, path = "/v1/files/{file_id}", tag = "openai",
     params(("file_id" = String, Path, description = "File id")),
-    responses((status = 200, body = FileObject), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = FileObject), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 400, description = "Malformed path or query", body = ErrorBody)),
     security(("api_key" = []))
 )]
 pub async fn get_file(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<FileObject>, ApiError> {
     let key = state.auth.authenticate(&headers).await?;
     Ok(Json(state.batches.file(&key.id, &id).await?))
@@ -151,13 +159,13 @@ pub async fn get_file(
 #[utoipa::path(
     delete, path = "/v1/files/{file_id}", tag = "openai",
     params(("file_id" = String, Path, description = "File id")),
-    responses((status = 200, body = FileDeleted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = FileDeleted), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 400, description = "Malformed path or query", body = ErrorBody)),
     security(("api_key" = []))
 )]
 pub async fn delete_file(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<FileDeleted>, ApiError> {
     let key = state.auth.authenticate(&headers).await?;
     Ok(Json(state.batches.delete_file(&key.id, &id).await?))
@@ -171,13 +179,14 @@ pub async fn delete_file(
         (status = 200, description = "The file as uploaded or written", content_type = "application/octet-stream"),
         (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody),
+        (status = 400, description = "Malformed path or query", body = ErrorBody),
     ),
     security(("api_key" = []))
 )]
 pub async fn file_content(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     let key = state.auth.authenticate(&headers).await?;
     let content = state.batches.file_content(&key.id, &id).await?;
@@ -198,6 +207,7 @@ pub async fn file_content(
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 404, description = "No such input file", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
     ),
     security(("api_key" = []))
 )]
@@ -236,13 +246,13 @@ pub struct BatchQuery {
 #[utoipa::path(
     get, path = "/v1/batches", tag = "openai",
     params(BatchQuery),
-    responses((status = 200, body = BatchList), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = BatchList), (status = 401, body = ErrorBody), (status = 400, description = "Malformed path or query", body = ErrorBody)),
     security(("api_key" = []))
 )]
 pub async fn list_batches(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Query(query): Query<BatchQuery>,
+    ApiQuery(query): ApiQuery<BatchQuery>,
 ) -> Result<Json<BatchList>, ApiError> {
     let key = state.auth.authenticate(&headers).await?;
     let limit = query.limit.unwrap_or(20).clamp(1, 100);
@@ -258,13 +268,13 @@ pub async fn list_batches(
 #[utoipa::path(
     get, path = "/v1/batches/{batch_id}", tag = "openai",
     params(("batch_id" = String, Path, description = "Batch id")),
-    responses((status = 200, body = BatchObject), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = BatchObject), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 400, description = "Malformed path or query", body = ErrorBody)),
     security(("api_key" = []))
 )]
 pub async fn get_batch(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<BatchObject>, ApiError> {
     let key = state.auth.authenticate(&headers).await?;
     Ok(Json(state.batches.batch(&key.id, &id).await?))
@@ -286,7 +296,7 @@ pub async fn get_batch(
 pub async fn cancel_batch(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<BatchObject>, ApiError> {
     let key = state.auth.authenticate(&headers).await?;
     Ok(Json(state.batches.cancel(&key.id, &id).await?))
@@ -302,6 +312,7 @@ pub async fn cancel_batch(
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "The rig was removed", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
     ),
     security(("node_credential" = []))
 )]
@@ -334,6 +345,7 @@ pub async fn lease(
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 403, description = "The rig was removed", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
     ),
     security(("node_credential" = []))
 )]

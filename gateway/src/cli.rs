@@ -35,9 +35,11 @@ struct CommonArgs {
     /// Address to listen on.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Admin API bearer token.
+    /// A file holding the admin API's bearer token (generated there if it does not exist). The
+    /// token itself is never a command-line argument, which every local user can read; it can
+    /// also come from GARAGE_AUTH_ADMIN_TOKEN.
     #[arg(long)]
-    admin_token: Option<String>,
+    admin_token_file: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum)]
     log_format: Option<LogFormatArg>,
@@ -93,8 +95,9 @@ impl CommonArgs {
         if let Some(listen) = self.listen {
             config.listen = listen;
         }
-        if let Some(token) = &self.admin_token {
-            config.auth.admin_token = Some(token.clone());
+        if let Some(path) = &self.admin_token_file {
+            config.auth.admin_token = None;
+            config.auth.admin_token_file = Some(path.clone());
         }
         if let Some(threads) = self.worker_threads {
             config.worker_threads = threads;

@@ -26,12 +26,19 @@ pub const ENV_FIELDS: &[&str] = &[
     "default_plugins",
     "cors.allowed_origins",
     "cors.max_age_secs",
+    "connections.max",
+    "connections.max_per_ip",
+    "connections.header_read_timeout_secs",
+    "connections.body_read_timeout_secs",
+    "connections.tls_handshake_timeout_secs",
     "auth.admin_token",
+    "auth.admin_token_file",
     "auth.key_secret",
     "auth.key_cache_secs",
     "dispatch.connect_timeout_ms",
     "dispatch.first_byte_timeout_secs",
     "dispatch.request_timeout_secs",
+    "dispatch.max_response_bytes",
     "dispatch.max_attempts",
     "dispatch.cooldown_secs",
     "dispatch.health_interval_secs",
@@ -42,6 +49,9 @@ pub const ENV_FIELDS: &[&str] = &[
     "nodes.report_interval_secs",
     "usage.ledger_max_entries",
     "batch.max_file_bytes",
+    "batch.max_files_per_key",
+    "batch.max_file_bytes_per_key",
+    "batch.max_errors",
     "batch.max_requests",
     "batch.lease_secs",
     "batch.max_lease",
@@ -55,6 +65,7 @@ pub const ENV_FIELDS: &[&str] = &[
     "plugins.history",
     "plugins.resync_interval_secs",
     "plugins.files",
+    "plugins.trial_at_upload",
     "plugins.router.deadline_ms",
     "plugins.router.memory_mib",
     "plugins.router.warm",
@@ -125,6 +136,8 @@ pub struct Config {
     pub worker_threads: usize,
     /// Cross-origin requests from web pages (CORS): off unless origins are listed.
     pub cors: CorsConfig,
+    /// Client connections: caps and deadlines that keep one client from starving the others.
+    pub connections: ConnectionsConfig,
     pub auth: AuthConfig,
     pub dispatch: DispatchConfig,
     pub nodes: NodesConfig,
@@ -164,6 +177,45 @@ impl Default for CorsConfig {
     }
 }
 
+/// Client connections. The defaults are for a gateway on the internet; see
+/// `docs/security.md`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionsConfig {
+    /// Connections open at once, from every client together; past it, new ones wait in the
+    /// kernel's backlog. 0 (the default): what the process's file descriptors allow (its soft
+    /// limit is raised to the hard one at start), halved for the backends' side.
+    pub max: usize,
+    /// Connections open at once from one client address; past it, a new one is closed at once.
+    /// Behind a load balancer or proxy every client has its address: set 0 (no cap) there and
+    /// cap per client at the proxy.
+    pub max_per_ip: usize,
+    /// How long a client may take to send a request head, and how long a kept-alive connection
+    /// may sit idle waiting for the next one.
+    pub header_read_timeout_secs: u64,
+    /// How long a request body may go without sending anything (a slow upload keeps going as
+    /// long as it moves).
+    pub body_read_timeout_secs: u64,
+    /// How long a TLS handshake may take.
+    pub tls_handshake_timeout_secs: u64,
+}
+
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        ConnectionsConfig {
+            max: 0,
+            // Far more than a browser (6) or an SDK's pool (tens) opens; far fewer than it takes
+            // to run a gateway out of descriptors.
+            max_per_ip: 512,
+            // nginx waits 60 s for a head and 75 s on an idle connection; clients keep idle
+            // connections 5 s (httpx) or less, and a head takes milliseconds.
+            header_read_timeout_secs: 15,
+            body_read_timeout_secs: 30,
+            tls_handshake_timeout_secs: 10,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -175,8 +227,14 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// Bearer token of the admin API. When unset, a random one is generated and logged once.
+    /// Bearer token of the admin API; best given through `GARAGE_AUTH_ADMIN_TOKEN` or
+    /// `admin_token_file`, so that it shows in no config listing or process arguments.
     pub admin_token: Option<String>,
+    /// A file holding the admin token (trimmed). If it does not exist, a random token is
+    /// generated and written there (mode 0600). With neither this nor `admin_token`, a random
+    /// token is written to a new file in the temporary directory; the log says which, never the
+    /// token itself.
+    pub admin_token_file: Option<std::path::PathBuf>,
     /// Server secret keying the HMAC under which API keys are stored. Required with Redis (every
     /// replica must hash alike and keys must survive a restart); random per process otherwise.
     pub key_secret: Option<String>,
@@ -192,6 +250,7 @@ impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             admin_token: None,
+            admin_token_file: None,
             key_secret: None,
             key_cache_secs: 60,
         }
@@ -208,6 +267,10 @@ pub struct DispatchConfig {
     pub first_byte_timeout_secs: u64,
     /// Bound on reading a whole non-streamed response body.
     pub request_timeout_secs: u64,
+    /// Largest non-streamed answer passed on, in bytes: the gateway holds a whole answer to
+    /// meter it, and a rig is a stranger that could send gigabytes. Past it the client gets
+    /// 502. Streams are passed on as they come and are not bounded by this.
+    pub max_response_bytes: usize,
     /// Backends tried per request (the first choice plus retries on connect failure or 5xx).
     pub max_attempts: usize,
     /// How long a backend that failed stays out of rotation.
@@ -284,6 +347,14 @@ impl Default for UsageConfig {
 pub struct BatchConfig {
     /// Largest file `POST /v1/files` accepts, in bytes.
     pub max_file_bytes: usize,
+    /// Files one API key may have uploaded at once (deleting one makes room).
+    pub max_files_per_key: u64,
+    /// Bytes of uploaded files one API key may have at once. On the embedded store files live
+    /// in the gateway's memory: this bounds what one key can make it hold.
+    pub max_file_bytes_per_key: u64,
+    /// Problems of an input file a failed batch lists line by line; past this, one entry says
+    /// how many more there were.
+    pub max_errors: usize,
     /// Most requests in one batch.
     pub max_requests: usize,
     /// How long a rig has to answer a line it leased before the line goes to another rig.
@@ -302,6 +373,10 @@ impl Default for BatchConfig {
         BatchConfig {
             // OpenAI's limits: 200 MB and 50,000 requests per batch.
             max_file_bytes: 200 * 1024 * 1024,
+            // Room for a busy client's files, not for one client to fill the store.
+            max_files_per_key: 500,
+            max_file_bytes_per_key: 1024 * 1024 * 1024,
+            max_errors: 1_000,
             max_requests: 50_000,
             // Long enough for a long generation on a slow rig; a dead rig's lines wait this long.
             lease_secs: 600,
@@ -360,6 +435,7 @@ impl Default for Config {
             shutdown_grace_secs: 30,
             worker_threads: 0,
             cors: CorsConfig::default(),
+            connections: ConnectionsConfig::default(),
             auth: AuthConfig::default(),
             dispatch: DispatchConfig::default(),
             nodes: NodesConfig::default(),
@@ -378,6 +454,9 @@ impl Default for DispatchConfig {
             connect_timeout_ms: 2_000,
             first_byte_timeout_secs: 120,
             request_timeout_secs: 600,
+            // An embeddings answer for 2,048 inputs of 1,024 dimensions in JSON is ~20 MB;
+            // chat answers are kilobytes.
+            max_response_bytes: 64 * 1024 * 1024,
             max_attempts: 3,
             cooldown_secs: 10,
             health_interval_secs: 5,

@@ -137,10 +137,10 @@ impl Demo {
              \x20 listen address  {addr}\n\
              \x20 OpenAI base URL {url}/v1\n\
              \x20 API key         {key}\n\
-             \x20 admin token     {admin}\n\
+             \x20 admin token     in {admin_file}\n\
              \x20 models          {models}\n\
              \x20 API docs        {url}/docs\n\
-             \x20 rigs            curl -H 'Authorization: Bearer {admin}' {url}/admin/nodes\n\n\
+             \x20 rigs            curl -H \"Authorization: Bearer $(cat {admin_file})\" {url}/admin/nodes\n\n\
              Try it:\n\n\
              \x20 curl {url}/v1/chat/completions \\\n\
              \x20   -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n\
@@ -154,7 +154,10 @@ impl Demo {
             rigs = self.rigs.len(),
             addr = self.gateway.addr(),
             key = self.api_key,
-            admin = self.gateway.admin_token(),
+            admin_file = self.gateway.admin_token_file().map_or_else(
+                || "the config (auth.admin_token)".to_owned(),
+                |p| p.display().to_string()
+            ),
             models = DEMO_MODELS.join(", "),
         )
     }

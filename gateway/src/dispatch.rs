@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -14,6 +15,7 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 
 use crate::backends::{Backend, InFlight};
+use crate::billing::{OutputCount, RequestBounds, TextKind, bill};
 use crate::error::ApiError;
 use crate::metrics::RouteSeries;
 use crate::sse::{self, SseTap, Usage, error_event, usage_of_body};
@@ -43,6 +45,8 @@ pub struct Outgoing {
     pub started_at_ms: u64,
     /// Tokens the rate limiter reserved at admission, settled when the request ends.
     pub reserved_tokens: u32,
+    /// What the request allows its usage to be, for the bill.
+    pub bounds: RequestBounds,
     /// The metrics of this route and model.
     pub series: Arc<RouteSeries>,
 }
@@ -90,15 +94,24 @@ fn usage_event(
 }
 
 /// Forwards `out` to the first candidate that takes it. A request that ends in an error here
-/// gives its whole rate-limit reservation back.
+/// gives its whole rate-limit reservation back. A request whose client goes away while the
+/// backend works on a whole answer is billed its prompt: see [`Abandoned`].
 pub async fn forward(
     state: &AppState,
     candidates: &[Arc<Backend>],
     out: Outgoing,
 ) -> Result<Response, ApiError> {
-    let (backend, in_flight, response) = match send(state, candidates, &out).await {
+    let mut abandoned = Abandoned {
+        state,
+        candidates,
+        trying: AtomicUsize::new(NOT_YET),
+        out: Some(out),
+    };
+    let sent = send(state, candidates, abandoned.out(), &abandoned.trying).await;
+    let (backend, in_flight, response) = match sent {
         Ok(sent) => sent,
         Err(err) => {
+            let out = abandoned.disarm();
             settle(state, &out, 0);
             return Err(err);
         }
@@ -107,14 +120,62 @@ pub async fn forward(
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|ct| ct.as_bytes().starts_with(b"text/event-stream"));
-    if out.stream && response.status().is_success() && is_event_stream {
+    if abandoned.out().stream && response.status().is_success() && is_event_stream {
+        // From here the stream's body ends the request, however it ends.
+        let out = abandoned.disarm();
         return Ok(stream_response(state, backend, in_flight, response, out));
     }
-    let result = whole_response(state, backend, response, &out).await;
+    let result = whole_response(state, backend, response, abandoned.out()).await;
+    let out = abandoned.disarm();
     if result.is_err() {
         settle(state, &out, 0);
     }
     result
+}
+
+/// A request on its way to a backend, or waiting for its answer. Dropped armed, the client
+/// went away (hyper drops the handler's future, and with it the backend's request, which the
+/// engine then aborts): the backend being tried had the prompt, so the request is billed the
+/// gateway's estimate of it, and settled with the rate limiter at that. A non-streamed answer
+/// sends nothing before it is whole, so this is how a client that gives up on one is billed.
+struct Abandoned<'a> {
+    state: &'a AppState,
+    candidates: &'a [Arc<Backend>],
+    /// Index of the candidate tried last (set by [`send`] before each attempt), or
+    /// [`NOT_YET`].
+    trying: AtomicUsize,
+    out: Option<Outgoing>,
+}
+
+/// No candidate tried yet.
+const NOT_YET: usize = usize::MAX;
+
+impl Abandoned<'_> {
+    fn out(&self) -> &Outgoing {
+        match &self.out {
+            Some(out) => out,
+            None => unreachable!("read before it is disarmed"),
+        }
+    }
+
+    fn disarm(&mut self) -> Outgoing {
+        match self.out.take() {
+            Some(out) => out,
+            None => unreachable!("disarmed once"),
+        }
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        let trying = self.candidates.get(self.trying.load(Ordering::Relaxed));
+        let (Some(out), Some(backend)) = (self.out.take(), trying) else {
+            return;
+        };
+        let total = out.started.elapsed();
+        tracing::debug!(backend = %backend.id, "client gone before the answer; billed its prompt");
+        finish(self.state, backend, &out, Metered::Abandoned, total, total);
+    }
 }
 
 /// Settles the rate limiter's reservation of `out` with the tokens the request `used`.
@@ -135,10 +196,18 @@ async fn send<'a>(
     state: &AppState,
     candidates: &'a [Arc<Backend>],
     out: &Outgoing,
+    trying: &AtomicUsize,
 ) -> Result<(&'a Arc<Backend>, InFlight, UpstreamResponse), ApiError> {
     let dispatch = &state.config.dispatch;
     let mut last_error = None;
-    for backend in candidates.iter().take(dispatch.max_attempts) {
+    // Backends that answered 5xx, not cooled down yet: a 5xx may be the request's doing (a
+    // body that makes the engine fail), and cooling a backend for it would let one client take
+    // every backend of a model out of rotation for everyone. A backend is cooled only once
+    // another one answered the same body; two 5xx in a row end the attempts, with nobody
+    // cooled.
+    let mut failed_5xx: Vec<&Arc<Backend>> = Vec::new();
+    for (index, backend) in candidates.iter().take(dispatch.max_attempts).enumerate() {
+        trying.store(index, Ordering::Relaxed);
         let in_flight = backend.track();
         let send = backend.post(out.path, out.body.clone(), out.request_id.as_ref());
         let response = match tokio::time::timeout(dispatch.first_byte_timeout(), send).await {
@@ -168,28 +237,39 @@ async fn send<'a>(
             Ok(Ok(response)) => response,
         };
         let status = response.status();
-        // A 5xx before the first byte, or a 401: the client's key was checked here, so a
-        // backend's 401 refuses the gateway's own upstream key, and passing it on would tell
-        // the client that *their* key is bad. Either way: the next backend, this one cooled.
-        let failed = if status == StatusCode::UNAUTHORIZED {
-            Some((
-                "unauthorized",
-                "The backend refused the gateway's credentials.".into(),
-            ))
-        } else if status.is_server_error() {
-            Some((
-                "status_5xx",
-                format!("The backend failed with status {}.", status.as_u16()),
-            ))
-        } else {
-            None
-        };
-        if let Some((kind, message)) = failed {
-            state.metrics.backend_error(&backend.id, kind);
-            tracing::warn!(backend = %backend.id, status = status.as_u16(), kind, "backend failed; trying the next");
+        // A 401: the client's key was checked here, so a backend's 401 refuses the gateway's
+        // own upstream key, and passing it on would tell the client that *their* key is bad.
+        // The next backend, this one cooled: that is the backend's fault, whatever the body.
+        if status == StatusCode::UNAUTHORIZED {
+            state.metrics.backend_error(&backend.id, "unauthorized");
+            tracing::warn!(backend = %backend.id, "backend refused the gateway's credentials; trying the next");
             backend.cool_down(dispatch.cooldown());
-            last_error = Some(ApiError::BadGateway(message));
+            last_error = Some(ApiError::BadGateway(
+                "The backend refused the gateway's credentials.".into(),
+            ));
             continue;
+        }
+        if status.is_server_error() {
+            state.metrics.backend_error(&backend.id, "status_5xx");
+            failed_5xx.push(backend);
+            last_error = Some(ApiError::BadGateway(format!(
+                "The backend failed with status {}.",
+                status.as_u16()
+            )));
+            if failed_5xx.len() >= 2 {
+                tracing::warn!(
+                    status = status.as_u16(),
+                    backends = failed_5xx.len(),
+                    "backends failed on the same request; none cooled down"
+                );
+                break;
+            }
+            tracing::warn!(backend = %backend.id, status = status.as_u16(), "backend failed; trying the next");
+            continue;
+        }
+        // Another backend took the body the failed ones refused: they failed on their own.
+        for failed in failed_5xx {
+            failed.cool_down(dispatch.cooldown());
         }
         state.metrics.count(&out.series, &out.model, status);
         return Ok((backend, in_flight, response));
@@ -205,7 +285,8 @@ fn count(state: &AppState, out: &Outgoing, error: ApiError) -> ApiError {
     error
 }
 
-/// A non-streamed answer: read it whole (bounded in time), meter it, pass it on untouched.
+/// A non-streamed answer: read it whole (bounded in time and size), meter it, pass it on
+/// untouched; an error in another shape than OpenAI's is wrapped in it.
 async fn whole_response(
     state: &AppState,
     backend: &Backend,
@@ -213,27 +294,52 @@ async fn whole_response(
     out: &Outgoing,
 ) -> Result<Response, ApiError> {
     let (parts, body) = response.into_parts();
-    let body =
-        match tokio::time::timeout(state.config.dispatch.request_timeout(), body.collect()).await {
-            Ok(Ok(body)) => body.to_bytes(),
-            Ok(Err(err)) => {
-                return Err(ApiError::BadGateway(format!(
-                    "The backend's response broke off: {err}"
-                )));
-            }
-            Err(_) => {
-                return Err(ApiError::GatewayTimeout(
-                    "The backend did not finish its response in time.".into(),
-                ));
-            }
-        };
-    let usage = parts
-        .status
-        .is_success()
-        .then(|| usage_of_body(&body))
-        .flatten();
+    let limit = state.config.dispatch.max_response_bytes;
+    let limited = http_body_util::Limited::new(body, limit);
+    let body = match tokio::time::timeout(
+        state.config.dispatch.request_timeout(),
+        limited.collect(),
+    )
+    .await
+    {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => {
+            state.metrics.backend_error(&backend.id, "too_large");
+            tracing::warn!(backend = %backend.id, limit, "backend answer over dispatch.max_response_bytes; dropped");
+            return Err(ApiError::BadGateway(format!(
+                "The backend's answer is larger than this gateway passes on ({limit} bytes)."
+            )));
+        }
+        Ok(Err(err)) => {
+            return Err(ApiError::BadGateway(format!(
+                "The backend's response broke off: {err}"
+            )));
+        }
+        Err(_) => {
+            return Err(ApiError::GatewayTimeout(
+                "The backend did not finish its response in time.".into(),
+            ));
+        }
+    };
     let total = out.started.elapsed();
-    finish(state, backend, out, usage, total, total);
+    if parts.status.is_success() {
+        let mut output = OutputCount::default();
+        output.scan(&body, whole_text_kind(out.bounds.text));
+        finish(
+            state,
+            backend,
+            out,
+            Metered::Answered {
+                reported: usage_of_body(&body),
+                output: &output,
+            },
+            total,
+            total,
+        );
+    } else {
+        // The engine refused the request (a 4xx: 5xx were retried). Nothing to bill.
+        finish(state, backend, out, Metered::Refused, total, total);
+    }
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = parts.status;
     if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
@@ -241,30 +347,143 @@ async fn whole_response(
             .headers_mut()
             .insert(header::CONTENT_TYPE, ct.clone());
     }
+    if !parts.status.is_success() {
+        return Ok(openai_error_shape(response).await);
+    }
     Ok(response)
 }
 
+/// The members holding text in a whole answer of an endpoint whose streams use `kind`.
+fn whole_text_kind(kind: TextKind) -> TextKind {
+    match kind {
+        TextKind::ResponsesStream => TextKind::Responses,
+        other => other,
+    }
+}
+
+/// An engine's error answer in OpenAI's shape: passed as it is when it already has an `error`
+/// object with a message; otherwise (plain text, FastAPI's `{"detail": ...}`, vLLM's older
+/// `{"object": "error", "message": ...}`) wrapped, its status kept and its text as the message.
+async fn openai_error_shape(response: Response) -> Response {
+    #[derive(serde::Deserialize)]
+    struct Other {
+        #[serde(default)]
+        message: Option<String>,
+        #[serde(default)]
+        detail: Option<serde_json::Value>,
+    }
+    let (parts, body) = response.into_parts();
+    let Ok(bytes) = body.collect().await.map(|b| b.to_bytes()) else {
+        return Response::from_parts(parts, Body::empty());
+    };
+    let shaped = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .is_ok_and(|value| value["error"]["message"].is_string());
+    if shaped {
+        return Response::from_parts(parts, Body::from(bytes));
+    }
+    let text = match serde_json::from_slice::<Other>(&bytes) {
+        Ok(Other {
+            message: Some(message),
+            ..
+        }) => message,
+        Ok(Other {
+            detail: Some(serde_json::Value::String(detail)),
+            ..
+        }) => detail,
+        Ok(Other {
+            detail: Some(detail),
+            ..
+        }) => detail.to_string(),
+        _ => String::from_utf8_lossy(&bytes).trim().to_owned(),
+    };
+    // Bounded: an engine's error page is no message.
+    let text: String = text.chars().take(ENGINE_ERROR_CHARS).collect();
+    let status = parts.status;
+    let message = if text.is_empty() {
+        format!(
+            "The backend refused the request (status {}).",
+            status.as_u16()
+        )
+    } else {
+        format!(
+            "The backend refused the request (status {}): {text}",
+            status.as_u16()
+        )
+    };
+    let kind = match status {
+        StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+        s if s.is_server_error() => "server_error",
+        _ => "invalid_request_error",
+    };
+    let body = serde_json::json!({
+        "error": {"message": message, "type": kind, "param": null, "code": "upstream_error"}
+    });
+    let mut response = (status, axum::Json(body)).into_response();
+    response.headers_mut().remove(header::CONTENT_LENGTH);
+    response
+}
+
+/// Characters of an engine's own error text kept in the message the client gets.
+const ENGINE_ERROR_CHARS: usize = 500;
+
+/// How a request to a backend ended, for [`finish`].
+enum Metered<'a> {
+    /// The backend answered (whole, or a stream that ended however it did): its reported
+    /// usage, if any, and the output the gateway forwarded.
+    Answered {
+        reported: Option<Usage>,
+        output: &'a OutputCount,
+    },
+    /// The backend refused the request (a 4xx): nothing to bill.
+    Refused,
+    /// The client went away before a whole answer came: the prompt is billed.
+    Abandoned,
+}
+
 /// Everything that happens when a request ends, `total` after it started: metrics, the usage
-/// event, the backend's measured speed, and the rate limiter's settlement.
+/// event (what the gateway bills, see [`crate::billing`]), the backend's measured speed, and
+/// the rate limiter's settlement.
 fn finish(
     state: &AppState,
     backend: &Backend,
     out: &Outgoing,
-    usage: Option<Usage>,
+    metered: Metered<'_>,
     ttft: std::time::Duration,
     total: std::time::Duration,
 ) {
     out.series.duration.observe(total.as_secs_f64());
-    let used = usage.map_or(0, |u| u.prompt_tokens + u.completion_tokens);
-    if let Some(usage) = usage {
-        out.series.prompt_tokens.inc_by(usage.prompt_tokens);
-        out.series.completion_tokens.inc_by(usage.completion_tokens);
+    let (reported, output) = match metered {
+        Metered::Answered { reported, output } => (reported, *output),
+        Metered::Refused => {
+            settle(state, out, 0);
+            return;
+        }
+        Metered::Abandoned => (None, OutputCount::default()),
+    };
+    let billed = bill(reported, &output, &out.bounds, || {
+        crate::billing::media_parts(&out.body)
+    });
+    state.usage.note_corrections(
+        &billed.corrections,
+        &backend.id,
+        out.request_id(),
+        reported,
+        billed.usage,
+    );
+    let usage = billed.usage;
+    out.series.prompt_tokens.inc_by(usage.prompt_tokens);
+    out.series.completion_tokens.inc_by(usage.completion_tokens);
+    if reported.is_some() {
         backend.observe(ttft, total.saturating_sub(ttft), usage.completion_tokens);
-        state
-            .usage
-            .record(usage_event(out, backend, usage, ttft, total));
     }
-    settle(state, out, used);
+    state
+        .usage
+        .record(usage_event(out, backend, usage, ttft, total));
+    settle(
+        state,
+        out,
+        usage.prompt_tokens.saturating_add(usage.completion_tokens),
+    );
 }
 
 fn stream_response(
@@ -281,6 +500,7 @@ fn stream_response(
         backend: Arc::clone(backend),
         out,
         first_chunk_at: None,
+        output: OutputCount::default(),
         terminal: None,
         gathered: Gathered::default(),
         yielded: 0,
@@ -306,6 +526,9 @@ struct MeteredBody {
     out: Outgoing,
     /// Time to first token, once it came.
     first_chunk_at: Option<std::time::Duration>,
+    /// The output forwarded so far: what the request is billed if it ends without a usage
+    /// report, and the bound of what a report may claim.
+    output: OutputCount,
     /// How the backend's stream ended (`None` inside: cleanly), seen while gathering frames
     /// and acted on at the next poll.
     terminal: Option<Option<hyper::Error>>,
@@ -395,7 +618,9 @@ impl MeteredBody {
                         .time_to_first_token
                         .observe(ttft.as_secs_f64());
                 }
-                Poll::Ready(Some(self.tap.feed(chunk)))
+                let forwarded = self.tap.feed(chunk);
+                self.count(&forwarded);
+                Poll::Ready(Some(forwarded))
             }
             Poll::Ready(Some(Err(err))) => {
                 self.terminal = Some(Some(err));
@@ -414,6 +639,7 @@ impl MeteredBody {
     fn last_frame(&mut self) -> Option<Bytes> {
         self.done = true;
         let rest = self.tap.finish();
+        self.count(&rest);
         match self.terminal.take().flatten() {
             None => (!rest.is_empty()).then_some(rest),
             Some(err) => {
@@ -426,6 +652,16 @@ impl MeteredBody {
                 ));
                 Some(Bytes::from(out))
             }
+        }
+    }
+}
+
+impl MeteredBody {
+    /// Counts output on its way to the client: the tap hands over whole events only.
+    fn count(&mut self, forwarded: &[u8]) {
+        if !forwarded.is_empty() {
+            self.output.scan(forwarded, self.out.bounds.text);
+            self.output.count_events(forwarded);
         }
     }
 }
@@ -502,11 +738,15 @@ impl Drop for MeteredBody {
             None if self.out.first_token_is_an_event => self.out.started.elapsed(),
             None => std::time::Duration::ZERO,
         };
+        let output = self.output;
         finish(
             &self.state,
             &self.backend,
             &self.out,
-            self.tap.usage(),
+            Metered::Answered {
+                reported: self.tap.usage(),
+                output: &output,
+            },
             ttft,
             self.out.started.elapsed(),
         );

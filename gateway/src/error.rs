@@ -35,6 +35,8 @@ pub enum ApiError {
     BadRequest {
         message: String,
         param: Option<&'static str>,
+        /// What went wrong, for programs (`file_quota_exceeded`...); `None` for most.
+        code: Option<&'static str>,
     },
     #[error("{0}")]
     Unauthorized(String),
@@ -48,6 +50,7 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+
     /// Refused by the rate limiter (`rate_limit_exceeded`) or the meter (`insufficient_quota`).
     #[error("{message}")]
     TooManyRequests {
@@ -76,6 +79,20 @@ impl ApiError {
         ApiError::BadRequest {
             message: message.into(),
             param,
+            code: None,
+        }
+    }
+
+    /// A 400 with a machine-readable `code`.
+    pub fn bad_request_code(
+        message: impl Into<String>,
+        param: Option<&'static str>,
+        code: &'static str,
+    ) -> Self {
+        ApiError::BadRequest {
+            message: message.into(),
+            param,
+            code: Some(code),
         }
     }
 
@@ -125,6 +142,7 @@ impl ApiError {
 
     fn code(&self) -> Option<&'static str> {
         match self {
+            ApiError::BadRequest { code, .. } => *code,
             ApiError::Unauthorized(_) => Some("invalid_api_key"),
             ApiError::Forbidden { code, .. } => Some(code),
             ApiError::TooManyRequests { code, .. } => Some(code),
@@ -195,10 +213,40 @@ pub fn from_rejection(status: StatusCode, text: String) -> ApiError {
     }
 }
 
-/// A JSON body, or axum's rejection as a 400 in OpenAI's shape.
+/// A JSON body, or axum's rejection in OpenAI's shape: 413 for a body over the route's limit,
+/// 400 for the rest (a missing JSON content type included).
 pub fn json_body<T>(
     body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
 ) -> Result<T, ApiError> {
-    body.map(|Json(value)| value)
-        .map_err(|r| ApiError::bad_request(r.body_text(), None))
+    body.map(|Json(value)| value).map_err(ApiError::from)
 }
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::JsonRejection) -> Self {
+        from_rejection(rejection.status(), rejection.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::PathRejection) -> Self {
+        // A segment that is not UTF-8 once decoded (`%FF`), or that does not parse: either way
+        // the client's, and nothing by that name exists.
+        from_rejection(rejection.status(), rejection.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::QueryRejection) -> Self {
+        from_rejection(rejection.status(), rejection.body_text())
+    }
+}
+
+/// axum's `Path`, its rejections in OpenAI's shape (a plain-text 400 otherwise).
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+/// axum's `Query`, its rejections in OpenAI's shape (`limit=abc`, `canary=-1`).
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);

@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use garage_node_protocol::{
@@ -13,7 +13,7 @@ use garage_node_protocol::{
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::error::{ApiError, ErrorBody, json_body};
+use crate::error::{ApiError, ApiPath, ErrorBody, json_body};
 use crate::nodes::{CreateEnrollmentToken, CreatedEnrollmentToken, NodeInfo};
 use crate::state::AppState;
 
@@ -25,6 +25,7 @@ use crate::state::AppState;
         (status = 200, body = EnrollResponse),
         (status = 400, body = ErrorBody),
         (status = 401, description = "Invalid, expired or used-up token", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
     )
 )]
 pub async fn enroll(
@@ -88,6 +89,7 @@ pub async fn connect(
         (status = 200, body = HeartbeatAck),
         (status = 401, body = ErrorBody),
         (status = 403, description = "The rig was removed", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
     ),
     security(("node_credential" = []))
 )]
@@ -131,6 +133,7 @@ pub async fn deregister(
         (status = 201, body = CreatedEnrollmentToken),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
     ),
     security(("admin_token" = []))
 )]
@@ -169,12 +172,12 @@ pub async fn list_nodes(State(state): State<AppState>) -> Result<Json<NodeList>,
 #[utoipa::path(
     get, path = "/admin/nodes/{id}", tag = "admin",
     params(("id" = String, Path, description = "Node id")),
-    responses((status = 200, body = NodeInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = NodeInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 400, description = "Malformed path or query", body = ErrorBody)),
     security(("admin_token" = []))
 )]
 pub async fn get_node(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<NodeInfo>, ApiError> {
     Ok(Json(state.nodes.get_info(&id).await?))
 }
@@ -183,12 +186,12 @@ pub async fn get_node(
 #[utoipa::path(
     delete, path = "/admin/nodes/{id}", tag = "admin",
     params(("id" = String, Path, description = "Node id")),
-    responses((status = 200, body = NodeInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = NodeInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 400, description = "Malformed path or query", body = ErrorBody)),
     security(("admin_token" = []))
 )]
 pub async fn remove_node(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<NodeInfo>, ApiError> {
     Ok(Json(state.nodes.revoke(&id).await?))
 }
@@ -197,12 +200,12 @@ pub async fn remove_node(
 #[utoipa::path(
     post, path = "/admin/nodes/{id}/drain", tag = "admin",
     params(("id" = String, Path, description = "Node id")),
-    responses((status = 200, body = NodeInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = NodeInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 400, description = "Malformed path or query", body = ErrorBody)),
     security(("admin_token" = []))
 )]
 pub async fn drain_node(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<NodeInfo>, ApiError> {
     Ok(Json(state.nodes.set_drained(&id, true).await?))
 }
@@ -211,12 +214,12 @@ pub async fn drain_node(
 #[utoipa::path(
     post, path = "/admin/nodes/{id}/resume", tag = "admin",
     params(("id" = String, Path, description = "Node id")),
-    responses((status = 200, body = NodeInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = NodeInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 400, description = "Malformed path or query", body = ErrorBody)),
     security(("admin_token" = []))
 )]
 pub async fn resume_node(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<NodeInfo>, ApiError> {
     Ok(Json(state.nodes.set_drained(&id, false).await?))
 }

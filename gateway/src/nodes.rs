@@ -663,6 +663,23 @@ impl Nodes {
         })
     }
 
+    /// Models the rig serves right now by its own last heartbeat, if that came within the
+    /// heartbeat deadline (on any replica: the live record is in the store) and the rig is not
+    /// draining. Empty for a rig that never heartbeated, went silent or is draining.
+    pub async fn serving_now(&self, id: &str) -> Result<Vec<String>, ApiError> {
+        let Some(bytes) = self.store.kv_get(&format!("node_live:{id}")).await? else {
+            return Ok(Vec::new());
+        };
+        let Ok(live) = serde_json::from_slice::<LiveRecord>(&bytes) else {
+            return Ok(Vec::new());
+        };
+        let fresh = live.received_at + self.config.heartbeat_deadline().as_secs() >= unix_now();
+        if !fresh || live.heartbeat.draining {
+            return Ok(Vec::new());
+        }
+        Ok(live.heartbeat.serving_models())
+    }
+
     async fn require(&self, id: &str) -> Result<NodeRecord, ApiError> {
         self.get(NODE_KIND, id)
             .await?

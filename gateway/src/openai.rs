@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::time::Instant;
 
 use axum::Json;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
+use crate::billing::{RequestBounds, TextKind};
 use crate::dispatch::{Outgoing, forward};
-use crate::error::{ApiError, ErrorBody, from_rejection};
+use crate::error::{ApiError, ApiPath, ErrorBody, from_rejection};
 use crate::policy::{self, RequestFacts};
 use crate::request_id::X_REQUEST_ID;
 use crate::state::AppState;
@@ -70,6 +71,16 @@ impl Endpoint {
             self,
             Endpoint::Chat | Endpoint::Completions | Endpoint::Responses
         )
+    }
+    /// Which members of this endpoint's answers hold generated text.
+    fn text_kind(self, stream: bool) -> TextKind {
+        match self {
+            Endpoint::Chat => TextKind::Chat,
+            Endpoint::Completions => TextKind::Completions,
+            Endpoint::Responses if stream => TextKind::ResponsesStream,
+            Endpoint::Responses => TextKind::Responses,
+            Endpoint::Embeddings | Endpoint::Rerank | Endpoint::Score => TextKind::None,
+        }
     }
     /// Whether a stream reports its usage only when asked, with `stream_options.include_usage`
     /// (chat and completions). A Responses stream always does, in its last event.
@@ -132,8 +143,10 @@ struct RequestHead<'a> {
     model: Option<Cow<'a, str>>,
     #[serde(default)]
     stream: Option<bool>,
-    #[serde(default)]
-    stream_options: Option<StreamOptionsHead>,
+    /// Outer `Some` when the member is there at all (`null` included), however the client
+    /// spelled its name (`"stream\u005foptions"` is the same member).
+    #[serde(default, deserialize_with = "present")]
+    stream_options: Option<Option<StreamOptionsHead>>,
     #[serde(borrow, default)]
     messages: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -155,6 +168,19 @@ struct RequestHead<'a> {
     /// The Responses API's name for it.
     #[serde(default)]
     max_output_tokens: Option<u32>,
+    /// Choices to generate for each prompt.
+    #[serde(default)]
+    n: Option<u32>,
+}
+
+/// A member that is there, as `Some` (its value may be `null`); a missing one is `None` through
+/// `#[serde(default)]`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -165,8 +191,13 @@ struct StreamOptionsHead {
 
 struct Admitted {
     model: String,
+    /// Outputs the request asks for: `n` for each prompt (a completions request may send a
+    /// list of prompts).
+    choices: u32,
     stream: bool,
     client_wants_usage: bool,
+    /// The body has a `stream_options` member (under any spelling of its name).
+    has_stream_options: bool,
     facts: RequestFacts,
 }
 
@@ -246,26 +277,58 @@ fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
         ));
     }
     let stream = endpoint.streams() && head.stream.unwrap_or(false);
+    let prompts = match endpoint {
+        Endpoint::Completions => input.map_or(1, prompt_count),
+        _ => 1,
+    };
+    let choices = head.n.unwrap_or(1).max(1).saturating_mul(prompts);
+    let has_stream_options = head.stream_options.is_some();
     let client_wants_usage = head
         .stream_options
+        .flatten()
         .and_then(|o| o.include_usage)
         .unwrap_or(false);
     Ok(Admitted {
         model,
+        choices,
         stream,
         client_wants_usage,
+        has_stream_options,
         facts,
     })
 }
 
+/// Prompts in a completions request's `prompt`: a string or a list of token ids is one; a list
+/// of strings or of token lists is one per item.
+fn prompt_count(prompt: &RawValue) -> u32 {
+    let text = prompt.get().trim_start();
+    if !text.starts_with('[') {
+        return 1;
+    }
+    match serde_json::from_str::<Vec<&RawValue>>(text) {
+        Ok(items)
+            if items.first().is_some_and(|first| {
+                matches!(
+                    first.get().trim_start().as_bytes().first(),
+                    Some(b'"' | b'[')
+                )
+            }) =>
+        {
+            u32::try_from(items.len()).unwrap_or(u32::MAX).max(1)
+        }
+        _ => 1,
+    }
+}
+
 /// The body with `stream_options.include_usage` set, so the backend reports usage on a stream.
-/// Key order and every other field are kept.
-fn with_include_usage(body: &[u8]) -> Result<Bytes, ApiError> {
+/// Key order and every other field are kept, and the result has one `stream_options` member
+/// however the client wrote its name: `has_stream_options` comes from the parse, which reads
+/// `"stream\u005foptions"` as the name it is.
+fn with_include_usage(body: &[u8], has_stream_options: bool) -> Result<Bytes, ApiError> {
     // Usually the client sent no `stream_options` at all: the member goes in before the
     // closing brace, and the client's bytes stay as they were (no parse and re-serialization).
-    // The body parsed as an object with a model, so it is not empty. The quoted name can only
-    // appear unescaped as a key or as a whole string value; either way, the general path.
-    if memchr::memmem::find(body, b"\"stream_options\"").is_none()
+    // The body parsed as an object with a model, so it is not empty.
+    if !has_stream_options
         && let Some(end) = body.iter().rposition(|b| !b.is_ascii_whitespace())
         && body[end] == b'}'
     {
@@ -348,6 +411,13 @@ async fn admit_and_forward(
     let rate_limit_headers =
         policy::admit(state, &key, &admitted.model, request_id, &admitted.facts).await?;
     let reserved = admitted.facts.reserved_tokens();
+    let bounds = RequestBounds {
+        request_bytes: body.len() as u64,
+        prompt_estimate: u64::from(admitted.facts.prompt_tokens),
+        max_tokens: (admitted.facts.max_tokens > 0).then_some(admitted.facts.max_tokens),
+        choices: admitted.choices,
+        text: endpoint.text_kind(admitted.stream),
+    };
     let candidates = policy::order(
         state,
         &key.id,
@@ -360,7 +430,7 @@ async fn admit_and_forward(
     let hide_usage_chunk =
         admitted.stream && endpoint.usage_on_request() && !admitted.client_wants_usage;
     let body = if hide_usage_chunk {
-        with_include_usage(&body)?
+        with_include_usage(&body, admitted.has_stream_options)?
     } else {
         body
     };
@@ -384,6 +454,7 @@ async fn admit_and_forward(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             reserved_tokens: reserved,
+            bounds,
         },
     )
     .await;
@@ -631,13 +702,14 @@ pub async fn list_models(
         (status = 200, body = Model),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
         (status = 404, description = "Not served", body = ErrorBody),
+        (status = 400, description = "Malformed path or query", body = ErrorBody),
     ),
     security(("api_key" = []))
 )]
 pub async fn get_model(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Model>, ApiError> {
     let key = state.auth.authenticate(&headers).await?;
     let served = state
@@ -846,20 +918,58 @@ mod tests {
         assert!(ok.stream && ok.client_wants_usage);
     }
 
+    /// `with_include_usage` as the request path calls it: whether the member is there comes
+    /// from the parse (of a chat request, here).
+    fn include(body: &[u8]) -> Bytes {
+        let object: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(body).unwrap();
+        let mut chat = object.clone();
+        chat.insert("messages".into(), serde_json::json!([]));
+        let admitted = parse(Endpoint::Chat, &serde_json::to_vec(&chat).unwrap()).unwrap();
+        assert_eq!(
+            admitted.has_stream_options,
+            object.contains_key("stream_options")
+        );
+        with_include_usage(body, admitted.has_stream_options).unwrap()
+    }
+
+    /// A client that spells the member's name with an escape still sends one member: the
+    /// engine refuses a body with two (`"stream\u005foptions"` is `"stream_options"`).
+    #[test]
+    fn an_escaped_stream_options_name_is_the_same_member() {
+        for body in [
+            r#"{"model":"m","stream":true,"stream\u005foptions":{"include_usage":false}}"#,
+            r#"{"model":"m","stream":true,"\u0073tream_options":null}"#,
+        ] {
+            let out = include(body.as_bytes());
+            let text = std::str::from_utf8(&out).unwrap();
+            let members = serde_json::from_str::<serde_json::Value>(text).unwrap();
+            assert_eq!(
+                members["stream_options"],
+                serde_json::json!({"include_usage": true}),
+                "{text}"
+            );
+            assert_eq!(text.matches("stream_options").count(), 1, "{text}");
+        }
+        // Two members of that name, however spelled, are the client's mistake: a 400.
+        let twice = br#"{"model":"m","messages":[],"stream_options":{},"stream\u005foptions":{}}"#;
+        assert!(parse(Endpoint::Chat, twice).is_err());
+    }
+
     #[test]
     fn include_usage_keeps_everything_else() {
         let body = br#"{"model":"m","tools":[{"type":"function"}],"stream":true,"x_vendor":1.5}"#;
-        let out = with_include_usage(body).unwrap();
+        let out = include(body);
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"{"model":"m","tools":[{"type":"function"}],"stream":true,"x_vendor":1.5,"stream_options":{"include_usage":true}}"#
         );
         let set = |body: &str| {
-            let out = with_include_usage(body.as_bytes()).unwrap();
+            let out = include(body.as_bytes());
             serde_json::from_slice::<serde_json::Value>(&out).unwrap()
         };
         // The client's bytes are kept as they were (spacing, number forms), member added last.
-        let out = with_include_usage(b"{ \"model\" : \"m\", \"temperature\": 1.50 }\n").unwrap();
+        let out = include(b"{ \"model\" : \"m\", \"temperature\": 1.50 }\n");
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             "{ \"model\" : \"m\", \"temperature\": 1.50 ,\"stream_options\":{\"include_usage\":true}}\n"

@@ -1,13 +1,13 @@
 //! The admin API for policy plugins: upload and activate, canaries, promotion, rollback.
 
 use axum::Json;
+use axum::extract::State;
 use axum::extract::rejection::{BytesRejection, JsonRejection};
-use axum::extract::{Path, Query, State};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::error::{ApiError, ErrorBody, from_rejection};
+use crate::error::{ApiError, ApiPath, ApiQuery, ErrorBody, from_rejection};
 use crate::plugins::{PluginError, Slot, SlotStatus, StoredVersion, VersionInfo};
 use crate::state::AppState;
 
@@ -80,8 +80,8 @@ pub struct UploadQuery {
 )]
 pub async fn upload(
     State(state): State<AppState>,
-    Path(name): Path<String>,
-    Query(query): Query<UploadQuery>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<UploadQuery>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<VersionInfo>, ApiError> {
     let slot = slot(&name)?;
@@ -100,12 +100,12 @@ pub async fn upload(
 #[utoipa::path(
     get, path = "/admin/plugins/{slot}/versions", tag = "admin",
     params(("slot" = String, Path, description = "router, rate-limiter, meter or reward")),
-    responses((status = 200, body = Vec<StoredVersion>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = Vec<StoredVersion>), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 400, description = "Malformed path or query", body = ErrorBody)),
     security(("admin_token" = []))
 )]
 pub async fn versions(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Vec<StoredVersion>>, ApiError> {
     Ok(Json(state.plugins.versions(slot(&name)?).await?))
 }
@@ -126,16 +126,16 @@ pub struct Activate {
     post, path = "/admin/plugins/{slot}/activate", tag = "admin",
     params(("slot" = String, Path, description = "router, rate-limiter, meter or reward")),
     request_body = Activate,
-    responses((status = 200, body = VersionInfo), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = VersionInfo), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, description = "Body too large", body = ErrorBody)),
     security(("admin_token" = []))
 )]
 pub async fn activate(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     body: Result<Json<Activate>, JsonRejection>,
 ) -> Result<Json<VersionInfo>, ApiError> {
     let slot = slot(&name)?;
-    let Json(request) = body.map_err(|r| ApiError::bad_request(r.body_text(), None))?;
+    let Json(request) = body.map_err(ApiError::from)?;
     Ok(Json(
         state
             .plugins
@@ -153,7 +153,7 @@ pub async fn activate(
 )]
 pub async fn promote(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<VersionInfo>, ApiError> {
     Ok(Json(
         state.plugins.promote(slot(&name)?, ADMIN_ACTOR).await?,
@@ -169,7 +169,7 @@ pub async fn promote(
 )]
 pub async fn rollback(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<VersionInfo>, ApiError> {
     Ok(Json(
         state.plugins.rollback(slot(&name)?, ADMIN_ACTOR).await?,
@@ -185,12 +185,12 @@ pub struct Deactivated {
 #[utoipa::path(
     delete, path = "/admin/plugins/{slot}", tag = "admin",
     params(("slot" = String, Path, description = "router, rate-limiter, meter or reward")),
-    responses((status = 200, body = Deactivated), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = Deactivated), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 400, description = "Malformed path or query", body = ErrorBody)),
     security(("admin_token" = []))
 )]
 pub async fn deactivate(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Deactivated>, ApiError> {
     let slot = slot(&name)?;
     state.plugins.deactivate(slot, ADMIN_ACTOR).await?;

@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +35,11 @@ pub enum StartError {
     },
     #[error("cannot start the plugin host: {0}")]
     Plugins(#[from] crate::plugins::PluginError),
+    #[error("admin token file {path}: {source}")]
+    AdminToken {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -54,6 +58,8 @@ pub struct Gateway {
     background: Vec<JoinHandle<()>>,
     /// The usage worker, stopped in order at shutdown (see [`Usage::stop`]).
     usage_worker: JoinHandle<()>,
+    /// Where the admin token is, when it came from a file or was generated into one.
+    admin_token_file: Option<std::path::PathBuf>,
 }
 
 impl Gateway {
@@ -81,14 +87,7 @@ impl Gateway {
             // die with this process, so a per-process secret is enough.
             None => random_token(48).into_bytes(),
         };
-        let admin_token = match &config.auth.admin_token {
-            Some(token) => token.clone(),
-            None => {
-                let token = random_token(32);
-                tracing::warn!(admin_token = %token, "no auth.admin_token configured; generated one for this run");
-                token
-            }
-        };
+        let (admin_token, admin_token_file) = admin_token(&config.auth)?;
         let auth = KeyAuth::new(
             store.clone(),
             KeyHasher::new(&key_secret),
@@ -142,14 +141,25 @@ impl Gateway {
             usage.clone(),
             config.batch.clone(),
         );
+        batches
+            .index_owners()
+            .await
+            .map_err(|source| StartError::Store {
+                url: redact_url(&config.store),
+                source,
+            })?;
         let sweep_interval = Duration::from_millis(config.batch.sweep_interval_ms.max(100));
         let plugins = PluginHost::new(store.clone(), config.plugins.clone()).await?;
         if config.default_plugins {
+            plugins.set_defaults(DEFAULT_PLUGINS);
             install_defaults(&plugins).await?;
         }
         let metrics = Metrics::new();
         metrics.register_all(plugins.metrics().collectors());
         metrics.register_all(batches.metrics().collectors());
+        metrics.register_all(usage.collectors());
+        let listener_metrics = crate::listener::ListenerMetrics::new();
+        metrics.register_all(listener_metrics.collectors());
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -198,33 +208,19 @@ impl Gateway {
             store: store.clone(),
         })));
         let shutdown = CancellationToken::new();
-        let app = axum::ServiceExt::into_make_service(crate::api::app(state.clone()));
-        let until = shutdown.clone().cancelled_owned();
+        let app = crate::api::app(state.clone());
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let server = match tls {
-            None => {
-                // Nagle off on every client socket: see `state::backend_client`.
-                let listener = listener.tap_io(|tcp| {
-                    if let Err(err) = tcp.set_nodelay(true) {
-                        tracing::debug!(error = %err, "cannot set TCP_NODELAY");
-                    }
-                });
-                tokio::spawn(
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(until)
-                        .into_future(),
-                )
-            }
-            Some(tls) => {
-                let listener = garage_tls::TlsListener::new(listener, tls)
-                    .map_err(|source| StartError::Bind { addr, source })?;
-                tokio::spawn(
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(until)
-                        .into_future(),
-                )
-            }
-        };
+        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+        let limits = crate::listener::Limits::resolve(&state.config.connections);
+        tracing::debug!(?limits, "client connection limits");
+        let server = tokio::spawn(crate::listener::serve(
+            listener,
+            tls,
+            app,
+            limits,
+            listener_metrics,
+            shutdown.clone(),
+        ));
         tracing::info!(%addr, scheme, "gateway listening");
         Ok(Gateway {
             addr,
@@ -234,6 +230,7 @@ impl Gateway {
             server,
             background,
             usage_worker,
+            admin_token_file,
         })
     }
 
@@ -252,6 +249,11 @@ impl Gateway {
 
     pub fn admin_token(&self) -> &str {
         &self.state.admin_token
+    }
+
+    /// The file holding the admin token, when it is in one.
+    pub fn admin_token_file(&self) -> Option<&std::path::Path> {
+        self.admin_token_file.as_deref()
     }
 
     /// Stops accepting, lets in-flight requests and streams finish within `grace`, then stops.
@@ -439,6 +441,58 @@ async fn install_defaults(plugins: &PluginHost) -> Result<(), crate::plugins::Pl
         }
     }
     Ok(())
+}
+
+/// The admin token and the file it is in (if any): `auth.admin_token`, or read from
+/// `auth.admin_token_file`, or generated into that file when it does not exist, or into a new
+/// file of the temporary directory. The token never goes to the log; where it is does.
+fn admin_token(
+    auth: &crate::config::AuthConfig,
+) -> Result<(String, Option<std::path::PathBuf>), StartError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Some(token) = &auth.admin_token {
+        return Ok((token.clone(), None));
+    }
+    let failed = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| StartError::AdminToken { path, source }
+    };
+    if let Some(path) = &auth.admin_token_file {
+        match std::fs::read_to_string(path) {
+            Ok(text) if !text.trim().is_empty() => {
+                return Ok((text.trim().to_owned(), Some(path.clone())));
+            }
+            Ok(_) => {
+                return Err(StartError::AdminToken {
+                    path: path.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "the file is empty",
+                    ),
+                });
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => return Err(failed(path)(err)),
+        }
+    }
+    let token = random_token(32);
+    let path = auth.admin_token_file.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("garage-admin-token-{}", random_token(8)))
+    });
+    // A new file only (no following a link planted in a shared directory), readable by its
+    // owner alone.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(failed(&path))?;
+    file.write_all(token.as_bytes())
+        .and_then(|()| file.write_all(b"\n"))
+        .map_err(failed(&path))?;
+    tracing::warn!(path = %path.display(), "no admin token configured; generated one into this file (mode 0600)");
+    Ok((token, Some(path)))
 }
 
 /// A store URL for logs, without its password.

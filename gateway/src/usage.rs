@@ -186,17 +186,34 @@ impl<'a> Totals<'a> {
             .slots
             .entry((&event.key_id, &event.model, day))
             .or_default();
-        sums.requests += 1;
-        sums.prompt_tokens += event.prompt_tokens as i64;
-        sums.completion_tokens += event.completion_tokens as i64;
-        sums.credits_micro += (outcome.credits * MICRO) as i64;
+        // Saturating, every one: the counts come from backends and the amounts from plugins,
+        // and a sum that wraps turns a huge charge into a credit.
+        sums.requests = sums.requests.saturating_add(1);
+        sums.prompt_tokens = sums
+            .prompt_tokens
+            .saturating_add(to_i64(event.prompt_tokens));
+        sums.completion_tokens = sums
+            .completion_tokens
+            .saturating_add(to_i64(event.completion_tokens));
+        sums.credits_micro = sums.credits_micro.saturating_add(micro(outcome.credits));
         for award in &outcome.awards {
             if !award.operator.is_empty() {
-                *self.points_micro.entry(&award.operator).or_default() +=
-                    (award.points * MICRO) as i64;
+                let points = self.points_micro.entry(&award.operator).or_default();
+                *points = points.saturating_add(micro(award.points));
             }
         }
     }
+}
+
+/// A count as a counter increment, saturating instead of wrapping to a negative.
+fn to_i64(count: u64) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+/// An amount in millionths. A float to integer cast saturates (and NaN is 0); the plugin host
+/// refuses negative and non-finite amounts before they get here.
+fn micro(amount: f64) -> i64 {
+    (amount * MICRO) as i64
 }
 
 /// Usage of one key for one model on one day.
@@ -261,6 +278,12 @@ pub struct Usage {
     /// Held through a flush: events taken from `pending` are in no one else's sight until
     /// they are in the store's queue (or back in `pending`).
     flushing: tokio::sync::Mutex<()>,
+    /// `garage_usage_corrections_total{kind}`: reported usage the gateway did not believe, and
+    /// requests billed on an estimate (see [`crate::billing`]).
+    corrections: prometheus::IntCounterVec,
+    /// When a correction was last logged: a rig that misreports every answer logs once a
+    /// second, the counter counts them all.
+    last_correction_log: Mutex<Option<std::time::Instant>>,
 }
 
 /// Room for a typical encoded ledger entry (about 150 bytes), so that encoding one allocates
@@ -307,7 +330,68 @@ impl Usage {
             store_down: std::sync::atomic::AtomicBool::new(false),
             stopping: std::sync::atomic::AtomicBool::new(false),
             flushing: tokio::sync::Mutex::new(()),
+            corrections: prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "garage_usage_corrections_total",
+                    "Usage the gateway billed otherwise than reported, by kind \
+                     (prompt_over_request, completion_over_max_tokens, completion_over_output, \
+                     completion_under_output; estimated: nothing reported)",
+                ),
+                &["kind"],
+            )
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+            last_correction_log: Mutex::new(None),
         })
+    }
+
+    /// The metrics this registers.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![Box::new(self.corrections.clone())]
+    }
+
+    /// Counts the corrections made to one request's reported usage, and logs the anomalies
+    /// (at most one line a second).
+    pub fn note_corrections(
+        &self,
+        corrections: &[crate::billing::Correction],
+        backend: &str,
+        request_id: &str,
+        reported: Option<crate::sse::Usage>,
+        billed: crate::sse::Usage,
+    ) {
+        if corrections.is_empty() {
+            return;
+        }
+        for correction in corrections {
+            self.corrections
+                .with_label_values(&[correction.as_str()])
+                .inc();
+        }
+        let Some(anomaly) = corrections.iter().find(|c| c.is_anomaly()) else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        {
+            let mut last = self
+                .last_correction_log
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let reported = reported.unwrap_or_default();
+        tracing::warn!(
+            backend,
+            request_id,
+            kind = anomaly.as_str(),
+            reported_prompt = reported.prompt_tokens,
+            reported_completion = reported.completion_tokens,
+            billed_prompt = billed.prompt_tokens,
+            billed_completion = billed.completion_tokens,
+            "usage reported by a backend is not what it served; billed what the gateway can check"
+        );
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, VecDeque<UsageEvent>> {

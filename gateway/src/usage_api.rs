@@ -1,12 +1,12 @@
 //! Reading the ledgers: a key its own usage, the admin everyone's and the rewards leaderboard.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ApiPath, ApiQuery, ErrorBody};
 use crate::state::AppState;
 use crate::usage::{DailyUsage, LedgerEntry, OperatorPoints};
 
@@ -54,12 +54,12 @@ pub async fn own_usage(
 #[utoipa::path(
     get, path = "/admin/usage", tag = "admin",
     params(UsageQuery),
-    responses((status = 200, body = UsageList), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = UsageList), (status = 401, body = ErrorBody), (status = 400, description = "Malformed path or query", body = ErrorBody)),
     security(("admin_token" = []))
 )]
 pub async fn all_usage(
     State(state): State<AppState>,
-    Query(query): Query<UsageQuery>,
+    ApiQuery(query): ApiQuery<UsageQuery>,
 ) -> Result<Json<UsageList>, ApiError> {
     Ok(Json(UsageList {
         object: "list".into(),
@@ -71,12 +71,12 @@ pub async fn all_usage(
 #[utoipa::path(
     get, path = "/admin/usage/requests/{request_id}", tag = "admin",
     params(("request_id" = String, Path, description = "The x-request-id the gateway gave the request")),
-    responses((status = 200, body = LedgerEntry), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = LedgerEntry), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 400, description = "Malformed path or query", body = ErrorBody)),
     security(("admin_token" = []))
 )]
 pub async fn ledger_entry(
     State(state): State<AppState>,
-    Path(request_id): Path<String>,
+    ApiPath(request_id): ApiPath<String>,
 ) -> Result<Json<LedgerEntry>, ApiError> {
     state
         .usage

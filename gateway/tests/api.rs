@@ -669,7 +669,17 @@ async fn backend_failures_map_to_502_503_504() {
     let (status, body) = post_chat(&base, &key, &chat(false)).await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(error_of(&body)["code"], "upstream_error");
-    // The only backend is cooling down now: nothing healthy serves the model.
+    // One backend's 5xx may be the request's doing: it stays in rotation.
+    let (status, body) = post_chat(&base, &key, &chat(false)).await;
+    assert_eq!(status, 502, "{body}");
+
+    // A backend that refuses connections is cooled down: then nothing healthy serves the model.
+    let gone = format!("http://127.0.0.1:{}/v1", free_port());
+    let gw = gateway(config(vec![upstream("gone", gone)])).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
+    let (status, body) = post_chat(&base, &key, &chat(false)).await;
+    assert_eq!(status, 502, "{body}");
     let (status, body) = post_chat(&base, &key, &chat(false)).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(error_of(&body)["code"], "no_backend_available");

@@ -856,3 +856,233 @@ async fn a_rig_cannot_answer_lines_it_did_not_lease() {
         "a forged answer got in: {output:?}"
     );
 }
+
+/// Enrolls a rig by hand (no node-runner): its node credential.
+async fn enroll_by_hand(base: &str, name: &str) -> String {
+    let token = enrollment_token(base, 1).await;
+    let enrolled: Value = client()
+        .post(format!("{base}/node/v1/enroll"))
+        .json(&json!({"token": token, "name": name}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    enrolled["credential"]
+        .as_str()
+        .expect("credential")
+        .to_owned()
+}
+
+async fn node_post(base: &str, credential: &str, path: &str, body: Value) -> Value {
+    let response = client()
+        .post(format!("{base}{path}"))
+        .bearer_auth(credential)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{path}");
+    response.json().await.unwrap()
+}
+
+/// A heartbeat advertising one healthy engine serving `model`.
+fn heartbeat(model: &str) -> Value {
+    json!({"gpus": [], "engines": [{"name": "e", "models": [model], "state": "healthy",
+        "restarts": 0, "stats": null}]})
+}
+
+/// A valid node credential is not enough to read a tenant's prompts: a rig gets lines only for
+/// models its own recent heartbeat says it serves. Then what it claims a line used is bounded
+/// by the line's request and the answer it sent.
+#[tokio::test]
+async fn leases_go_only_to_rigs_serving_the_model_and_their_usage_is_bounded() {
+    // The static upstream makes the model known to the batch API; it never runs batch lines.
+    let engine = fast_sim().await;
+    let mut cfg = config(vec![upstream("static", engine.base_url())]);
+    cfg.batch.max_wait_ms = 0;
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    let rogue = enroll_by_hand(&base, "rogue").await;
+    let (key_id, key) = create_key(&base, json!({"name": "victim"})).await;
+    let file_id = upload_ok(&base, &key, lines(3, 8)).await;
+    let id = create_batch(&base, &key, &file_id).await.1["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let lease = |models: Value| {
+        let (base, rogue) = (base.clone(), rogue.clone());
+        async move {
+            node_post(
+                &base,
+                &rogue,
+                "/node/v1/batch/lease",
+                json!({"models": models, "max": 10, "wait_ms": 0}),
+            )
+            .await["items"]
+                .as_array()
+                .map_or(0, Vec::len)
+        }
+    };
+    // Never heartbeated: nothing, whatever it asks for.
+    assert_eq!(lease(json!([MODEL])).await, 0);
+    // Heartbeats serving another model: still nothing for this one.
+    node_post(&base, &rogue, "/node/v1/heartbeat", heartbeat("other")).await;
+    assert_eq!(lease(json!([MODEL])).await, 0);
+    // Serving it: the lines.
+    node_post(&base, &rogue, "/node/v1/heartbeat", heartbeat(MODEL)).await;
+    let leased = node_post(
+        &base,
+        &rogue,
+        "/node/v1/batch/lease",
+        json!({"models": [MODEL], "max": 10, "wait_ms": 0}),
+    )
+    .await;
+    let items = leased["items"].as_array().expect("items");
+    assert_eq!(items.len(), 3);
+    // It answers each with half a billion tokens of a few words.
+    let results: Vec<Value> = items
+        .iter()
+        .map(|item| {
+            json!({
+                "batch_id": id, "model": MODEL, "line": item["line"], "status_code": 200,
+                "latency_ms": 5,
+                "body": {"object": "chat.completion", "choices": [{"index": 0,
+                    "message": {"role": "assistant", "content": "four words of text"},
+                    "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 500_000_000u64, "completion_tokens": 500_000_000u64,
+                        "total_tokens": 1_000_000_000u64}},
+            })
+        })
+        .collect();
+    let ack = node_post(
+        &base,
+        &rogue,
+        "/node/v1/batch/results",
+        json!({"results": results}),
+    )
+    .await;
+    assert_eq!(ack["accepted"], 3);
+    let finished = wait_batch(&base, &key, &id, Duration::from_secs(30)).await;
+    // max_tokens is 8: no line is billed more completion tokens than that, and the prompt no
+    // more than the request could hold.
+    let usage = &finished["usage"];
+    assert!(usage["output_tokens"].as_u64().unwrap() <= 3 * 8, "{usage}");
+    assert!(
+        usage["input_tokens"].as_u64().unwrap() < 3 * 5_000,
+        "{usage}"
+    );
+    let output = file_lines(&base, &key, finished["output_file_id"].as_str().unwrap()).await;
+    for line in &output {
+        let counts = &line["response"]["body"]["usage"];
+        assert!(
+            counts["completion_tokens"].as_u64().unwrap() <= 8,
+            "{counts}"
+        );
+    }
+    wait_until(Duration::from_secs(10), "the lines metered", || async {
+        let usage = admin_get(&base, &format!("/admin/usage?key_id={key_id}")).await;
+        usage["data"][0]["requests"] == 3
+    })
+    .await;
+    let usage = admin_get(&base, &format!("/admin/usage?key_id={key_id}")).await;
+    assert!(
+        usage["data"][0]["completion_tokens"].as_u64().unwrap() <= 24,
+        "{usage}"
+    );
+    assert_metrics_include(
+        &base,
+        &["garage_usage_corrections_total{kind=\"completion_over_max_tokens\"} 3".to_owned()],
+    )
+    .await;
+}
+
+/// A file of 5,000 bad lines fails its batch with the first errors and a count of the rest,
+/// not 5,000 stored errors.
+#[tokio::test]
+async fn a_flood_of_bad_lines_is_reported_within_bounds() {
+    let engine = fast_sim().await;
+    let mut cfg = config(vec![upstream("a", engine.base_url())]);
+    cfg.batch.max_errors = 100;
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "k"})).await;
+    let file_id = upload_ok(&base, &key, "{not json\n".repeat(5_000)).await;
+    let (status, created) = create_batch(&base, &key, &file_id).await;
+    assert_eq!(status, 200, "{created}");
+    assert_eq!(created["status"], "failed");
+    let errors = created["errors"]["data"].as_array().expect("errors");
+    assert_eq!(errors.len(), 101);
+    assert_eq!(errors[99]["line"], 100);
+    assert_eq!(errors[100]["code"], "too_many_errors");
+    assert!(
+        errors[100]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("4900 more lines"),
+        "{}",
+        errors[100]
+    );
+    let listed = call(reqwest::Method::GET, &base, &key, "/v1/batches", None).await;
+    assert!(listed.1.to_string().len() < 64 * 1024);
+}
+
+async fn upload_named(base: &str, key: &str, bytes: usize) -> (u16, Value) {
+    let line = chat_line("q", 4);
+    let content = format!(
+        "{line}\n{}",
+        " ".repeat(bytes.saturating_sub(line.len() + 1))
+    );
+    upload(base, key, "batch", content).await
+}
+
+/// A key keeps at most `max_files_per_key` files and `max_file_bytes_per_key` bytes of them,
+/// concurrent uploads included; deleting makes room; other keys are not affected.
+#[tokio::test]
+async fn file_quotas_hold_per_key() {
+    let mut cfg = config(vec![]);
+    cfg.batch.max_files_per_key = 3;
+    cfg.batch.max_file_bytes_per_key = 4_000;
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "uploader"})).await;
+    let (_, other) = create_key(&base, json!({"name": "other"})).await;
+    // Eight at once: three fit.
+    let uploads = (0..8).map(|_| upload_named(&base, &key, 500));
+    let results = futures::future::join_all(uploads).await;
+    let ok: Vec<&Value> = results
+        .iter()
+        .filter(|(status, _)| *status == 200)
+        .map(|(_, file)| file)
+        .collect();
+    assert_eq!(ok.len(), 3, "{results:?}");
+    for (status, body) in results.iter().filter(|(status, _)| *status != 200) {
+        assert_eq!(*status, 400);
+        assert_eq!(error_of(&body.to_string())["code"], "file_quota_exceeded");
+    }
+    // Another key has its own room.
+    assert_eq!(upload_named(&base, &other, 500).await.0, 200);
+    // Deleting one makes room for one.
+    let id = ok[0]["id"].as_str().unwrap();
+    let (status, _) = call(
+        reqwest::Method::DELETE,
+        &base,
+        &key,
+        &format!("/v1/files/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(upload_named(&base, &key, 500).await.0, 200);
+    assert_eq!(upload_named(&base, &key, 500).await.0, 400);
+    // Bytes: a key with room for files but not for their size.
+    let (_, big) = create_key(&base, json!({"name": "big"})).await;
+    assert_eq!(upload_named(&base, &big, 3_000).await.0, 200);
+    let (status, body) = upload_named(&base, &big, 3_000).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(error_of(&body.to_string())["code"], "file_quota_exceeded");
+    // Listing is per key: each sees its own.
+    let (_, listed) = call(reqwest::Method::GET, &base, &other, "/v1/files", None).await;
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(1), "{listed}");
+}

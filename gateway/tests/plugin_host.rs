@@ -41,6 +41,9 @@ fn config() -> PluginsConfig {
         rate_limiter: hot,
         max_instances: 32,
         resync_interval_secs: 0,
+        // The fixtures fault on every call, and these tests are about what happens when they
+        // do: the trial call at upload would refuse them (its own test is below).
+        trial_at_upload: false,
         ..PluginsConfig::default()
     }
 }
@@ -549,6 +552,48 @@ async fn a_faulting_rate_limiter_fails_open_or_closed_by_config() {
             assert!(decision.retry_after_ms > 0);
         }
     }
+}
+
+/// With the trial at upload (the default), a plugin that cannot work with its configuration,
+/// or that faults on a call at all, is refused before it is stored, with its own words; the
+/// slot keeps what it had.
+#[tokio::test]
+async fn the_trial_call_refuses_what_would_fault() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let host = host_with(
+        store,
+        PluginsConfig {
+            trial_at_upload: true,
+            ..config()
+        },
+    )
+    .await;
+    host.install(Slot::RateLimiter, components::RATE_LIMITER, "{}", "test")
+        .await
+        .unwrap();
+    let refused = |result: Result<_, PluginError>| match result {
+        Err(PluginError::ConfigRefused(message)) => message,
+        other => panic!("not refused: {other:?}"),
+    };
+    let message = refused(
+        host.install(
+            Slot::RateLimiter,
+            components::RATE_LIMITER,
+            r#"{"rpm": "x"}"#,
+            "test",
+        )
+        .await,
+    );
+    assert!(message.contains("invalid type"), "{message}");
+    let message = refused(
+        host.install(Slot::Router, components::TRAP, "{}", "test")
+            .await,
+    );
+    assert!(message.contains("fixture-trap"), "{message}");
+    // The limiter's own config was left alone, and the trial touched none of its counters.
+    let decision = host.admit(&admission("r1", r#"{"rpm": 1}"#)).await.unwrap();
+    assert!(decision.allow);
+    assert_eq!(decision.headers.remaining_requests, Some(0));
 }
 
 // ---- Versions: rollback, canary, promotion --------------------------------------------------

@@ -198,7 +198,7 @@ async fn swapping_the_router_twenty_times_under_load_fails_nothing() {
 }
 
 #[tokio::test]
-async fn hostile_components_are_refused_or_contained() {
+async fn hostile_components_are_refused_at_upload() {
     let engine = fast_sim().await;
     let gw = gateway(with_defaults(vec![
         upstream("a", engine.base_url()),
@@ -206,7 +206,6 @@ async fn hostile_components_are_refused_or_contained() {
     ]))
     .await;
     let base = gw.url();
-    let (_, key) = create_key(&base, json!({"name": "t"})).await;
     let before = slot_status(&base, "router").await["active"]["sha256"].clone();
 
     // Refused at upload, with a reason; nothing changes.
@@ -229,8 +228,43 @@ async fn hostile_components_are_refused_or_contained() {
         before
     );
 
-    // Accepted but broken at run time: requests fall back to round robin and succeed, and
-    // repeated faults roll the slot back by themselves.
+    // Faulting on any call: refused by the trial call at upload, in the plugin's words where
+    // it has some.
+    for fixture in [
+        garage_plugins::fixtures::INFINITE_LOOP,
+        garage_plugins::fixtures::MEMORY_BOMB,
+        garage_plugins::fixtures::TRAP,
+    ] {
+        let (status, body) = upload(&base, "router", fixture, "").await;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            error_of(&body.to_string())["message"]
+                .as_str()
+                .unwrap()
+                .contains("refused its configuration"),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        slot_status(&base, "router").await["active"]["sha256"],
+        before
+    );
+}
+
+/// With the trial at upload off, hostile components are accepted and contained at run time:
+/// requests fall back to round robin and succeed, and repeated faults roll the slot back by
+/// themselves.
+#[tokio::test]
+async fn hostile_components_are_contained_at_run_time() {
+    let engine = fast_sim().await;
+    let mut cfg = with_defaults(vec![
+        upstream("a", engine.base_url()),
+        upstream("b", engine.base_url().replace("127.0.0.1", "localhost")),
+    ]);
+    cfg.plugins.trial_at_upload = false;
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "t"})).await;
     for fixture in [
         garage_plugins::fixtures::INFINITE_LOOP,
         garage_plugins::fixtures::MEMORY_BOMB,
@@ -399,6 +433,8 @@ async fn rewards_in_rust_python_and_javascript_pay_the_rig_operator() {
 async fn rig_reports_wait_out_a_faulting_reward_plugin() {
     let mut cfg = with_defaults(vec![]);
     cfg.nodes.report_interval_secs = 1;
+    // A plugin that faults on every call: the trial at upload would refuse it.
+    cfg.plugins.trial_at_upload = false;
     let gw = gateway(cfg).await;
     let base = gw.url();
     // A negative rate is refused by the plugin on every call: a fault.

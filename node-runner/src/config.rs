@@ -59,6 +59,11 @@ pub struct NodeConfig {
     /// roots: for a gateway whose certificate comes from a private CA.
     #[serde(default)]
     pub gateway_ca_file: Option<PathBuf>,
+    /// Allow a plain `http://` gateway_url to a host other than this machine. Off: the rig's
+    /// credential and every prompt it serves would cross the network in clear, readable and
+    /// changeable by anyone on the way.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
     /// Enrollment token from the admin API; needed only until the state file holds an identity.
     #[serde(default)]
     pub enrollment_token: Option<String>,
@@ -222,6 +227,10 @@ pub struct SimulatedDriver {
     /// Tokens generated when a request sets no `max_tokens`.
     #[serde(default = "default_max_tokens")]
     pub default_max_tokens: u32,
+    /// A dishonest engine: report this many prompt and completion tokens in every answer,
+    /// whatever was generated. For testing what a gateway believes of a rig.
+    #[serde(default)]
+    pub claim_tokens: Option<u64>,
 }
 
 impl Default for SimulatedDriver {
@@ -234,6 +243,7 @@ impl Default for SimulatedDriver {
             drop_rate: 0.0,
             max_num_seqs: default_max_num_seqs(),
             default_max_tokens: default_max_tokens(),
+            claim_tokens: None,
         }
     }
 }
@@ -407,6 +417,18 @@ impl NodeConfig {
                 self.gateway_url
             ));
         }
+        if self.gateway_url.starts_with("http://")
+            && !self.allow_insecure_http
+            && !is_loopback_url(&self.gateway_url)
+        {
+            return invalid(format!(
+                "gateway_url {:?} is plain http to another machine: the rig's credential and \
+                 every prompt would cross the network in clear. Use https:// (the gateway serves \
+                 TLS with tls_cert_file, or sits behind a TLS proxy), or set \
+                 allow_insecure_http = true for a network you trust",
+                self.gateway_url
+            ));
+        }
         if self.heartbeat_interval_secs == Some(0) {
             return invalid("heartbeat_interval_secs must be at least 1".into());
         }
@@ -543,6 +565,21 @@ fn hostname() -> String {
         .unwrap_or_else(|| "rig".to_owned())
 }
 
+/// Whether `url`'s host is this machine: `localhost`, or a loopback address (127.0.0.0/8, ::1).
+fn is_loopback_url(url: &str) -> bool {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return false;
+    };
+    let Some(host) = uri.host() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -670,6 +707,45 @@ mod tests {
         );
     }
 
+    /// Plain http is for this machine, or for a network the operator says they trust.
+    #[test]
+    fn plain_http_only_to_loopback_unless_allowed() {
+        let text = |url: &str, allow: bool| {
+            format!(
+                "gateway_url = \"{url}\"\nallow_insecure_http = {allow}\n\
+                 [[engines]]\nname = \"sim\"\ndriver = \"simulated\"\nmodels = [\"m\"]\n"
+            )
+        };
+        for url in [
+            "http://localhost:8080",
+            "http://127.0.0.1:8080",
+            "http://127.9.9.9",
+            "http://[::1]:8080",
+            "https://gw.example",
+        ] {
+            assert!(
+                NodeConfig::load(&text(url, false), env(&[])).is_ok(),
+                "{url}"
+            );
+        }
+        for url in [
+            "http://gw.example",
+            "http://10.0.0.5:8080",
+            "http://localhost.evil.example",
+            "http://[::2]",
+        ] {
+            let error = NodeConfig::load(&text(url, false), env(&[]))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(error.contains("allow_insecure_http"), "{url}: {error}");
+            assert!(
+                NodeConfig::load(&text(url, true), env(&[])).is_ok(),
+                "{url}"
+            );
+        }
+    }
+
     #[test]
     fn gateway_url_may_come_from_env_alone() {
         let text = r#"
@@ -680,8 +756,8 @@ mod tests {
         "#;
         assert!(NodeConfig::load(text, env(&[])).is_err());
         let config =
-            NodeConfig::load(text, env(&[("NODE_RUNNER_GATEWAY_URL", "http://gw")])).unwrap();
-        assert_eq!(config.gateway_url, "http://gw");
+            NodeConfig::load(text, env(&[("NODE_RUNNER_GATEWAY_URL", "https://gw")])).unwrap();
+        assert_eq!(config.gateway_url, "https://gw");
     }
 
     #[test]

@@ -192,13 +192,13 @@ struct Message<'a> {
 
 #[derive(Serialize, Clone, Copy)]
 struct Usage {
-    prompt_tokens: u32,
-    total_tokens: u32,
-    completion_tokens: u32,
+    prompt_tokens: u64,
+    total_tokens: u64,
+    completion_tokens: u64,
 }
 
 impl Usage {
-    fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+    fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
         let total_tokens = prompt_tokens.saturating_add(completion_tokens);
         Self {
             prompt_tokens,
@@ -217,9 +217,19 @@ struct Job {
     prompt_tokens: u32,
     tokens: u32,
     finish: Finish,
+    /// What a dishonest engine reports instead of the real counts.
+    claim: Option<u64>,
 }
 
 impl Job {
+    /// The usage this job reports after `generated` tokens.
+    fn usage(&self, generated: u32) -> Usage {
+        match self.claim {
+            Some(claim) => Usage::new(claim, claim),
+            None => Usage::new(u64::from(self.prompt_tokens), u64::from(generated)),
+        }
+    }
+
     fn object(&self, streamed: bool) -> &'static str {
         match (self.kind, streamed) {
             (Kind::Chat, false) => "chat.completion",
@@ -388,6 +398,7 @@ async fn generate(state: SimState, body: &[u8], kind: Kind) -> Result<Response, 
         prompt_tokens,
         tokens,
         finish,
+        claim: state.claimed_tokens(),
     };
     if streamed {
         let options = request.stream_options;
@@ -429,10 +440,7 @@ async fn generate(state: SimState, body: &[u8], kind: Kind) -> Result<Response, 
     let text = synth::text(tokens);
     running.finish(prompt_tokens, tokens, finish);
     let choices = [job.choice(false, true, Some(&text), Some(finish))];
-    Ok(
-        Json(job.envelope(false, &choices, Some(Usage::new(prompt_tokens, tokens))))
-            .into_response(),
-    )
+    Ok(Json(job.envelope(false, &choices, Some(job.usage(tokens)))).into_response())
 }
 
 /// Where a stream is: chat opens with a role chunk; `Token(tokens)` emits the finish chunk.
@@ -461,10 +469,7 @@ struct Streamer {
 impl Streamer {
     async fn next_frame(&mut self) -> Option<std::io::Result<Bytes>> {
         let job = &self.job;
-        let usage = |generated| {
-            self.continuous_usage
-                .then(|| Usage::new(job.prompt_tokens, generated))
-        };
+        let usage = |generated| self.continuous_usage.then(|| job.usage(generated));
         let frame = match self.phase {
             Phase::Role => {
                 // vLLM sends the role with the first output, so it too waits for the TTFT.
@@ -519,7 +524,7 @@ impl Streamer {
             }
             Phase::Usage => {
                 self.phase = Phase::Done;
-                sse(&job.envelope(true, &[], Some(Usage::new(job.prompt_tokens, job.tokens))))
+                sse(&job.envelope(true, &[], Some(job.usage(job.tokens))))
             }
             Phase::Done => {
                 self.phase = Phase::End;

@@ -75,6 +75,9 @@ pub struct Faults {
     /// Share of streamed requests whose connection is dropped after a few chunks, without
     /// `[DONE]` or the terminal HTTP chunk.
     pub drop_rate: f64,
+    /// A dishonest engine: every chat and completion answer reports this many prompt and
+    /// completion tokens, whatever it generated. For testing what a gateway believes.
+    pub claim_tokens: Option<u64>,
 }
 
 /// A running simulated engine, serving on its own task until [`SimEngine::shutdown`] or drop.

@@ -43,6 +43,10 @@ struct Args {
     /// Share of streamed requests whose connection is dropped mid-stream.
     #[arg(long, default_value_t = 0.0, value_parser = rate)]
     drop_rate: f64,
+    /// A dishonest engine: report this many prompt and completion tokens in every chat and
+    /// completion answer, whatever was generated (for testing what a gateway believes).
+    #[arg(long)]
+    claim_tokens: Option<u64>,
     /// Require this bearer token on /v1/* (vLLM's --api-key).
     #[arg(long, env = "VLLM_API_KEY")]
     api_key: Option<String>,
@@ -84,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
             error_rate: args.error_rate,
             hang_rate: args.hang_rate,
             drop_rate: args.drop_rate,
+            claim_tokens: args.claim_tokens,
         },
         api_key: args.api_key,
     };

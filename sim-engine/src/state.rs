@@ -118,6 +118,11 @@ impl SimState {
         }
     }
 
+    /// The usage a dishonest engine claims (see [`Faults::claim_tokens`]).
+    pub(crate) fn claimed_tokens(&self) -> Option<u64> {
+        self.0.faults.load().claim_tokens
+    }
+
     /// Rolls the fault dice; drops apply to streamed requests only.
     pub(crate) fn roll(&self, streamed: bool) -> Fate {
         fn hit(rate: f64) -> bool {

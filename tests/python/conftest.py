@@ -142,15 +142,19 @@ def gateway_url(tmp_path_factory: pytest.TempPathFactory):
     it must exit 0."""
     binary = _gateway_binary()
     port = _free_port()
-    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    work = tmp_path_factory.mktemp("gateway")
+    log = work / "gateway.log"
     _logs["gateway_url"] = [log]
+    # The admin token goes in a file: a command-line argument is readable by every local user.
+    token_file = work / "admin-token"
+    token_file.write_text(ADMIN_TOKEN + "\n")
     proc = _start(
         [
             str(binary),
             "demo",
             "--listen", f"127.0.0.1:{port}",
             "--api-key", API_KEY,
-            "--admin-token", ADMIN_TOKEN,
+            "--admin-token-file", str(token_file),
             "--nodes", "2",
             "--ttft-ms", "0",
             "--tokens-per-sec", "0",

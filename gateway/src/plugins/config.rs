@@ -14,7 +14,7 @@ use super::Slot;
 /// [plugins]
 /// fault_threshold = 5
 /// fault_window_secs = 60
-/// rate_limiter_fail_open = true
+/// rate_limiter_fail_open = false
 ///
 /// [plugins.router]
 /// deadline_ms = 5
@@ -40,7 +40,10 @@ pub struct PluginsConfig {
     /// `fault_window_secs` that roll its slot back to the previous version by itself.
     pub fault_threshold: u32,
     pub fault_window_secs: u64,
-    /// When the rate limiter faults: `true` lets the request through, `false` refuses it (429).
+    /// When the rate limiter faults: `false` (the default) refuses the request (429, retry in a
+    /// second), so a broken or overloaded limiter never admits more than the limits allow;
+    /// `true` lets it through, for operators who prefer serving to limiting when the limiter is
+    /// down and know what that lets in.
     pub rate_limiter_fail_open: bool,
     /// Component instances that may exist at once, over all slots (the pooling allocator's
     /// capacity): every call in flight holds one, and so does every warm instance. A call that
@@ -56,6 +59,11 @@ pub struct PluginsConfig {
     pub resync_interval_secs: u64,
     /// Slots loaded from files and reinstalled when a file changes (checked every second).
     pub files: BTreeMap<Slot, PluginFile>,
+    /// Call a plugin once with its configuration, on a scratch key-value store, before storing
+    /// it: a trap, a blown deadline or memory cap, or a line logged at error level refuses the
+    /// upload (the default plugins log their configuration errors, then trap). Off, such a
+    /// plugin is accepted and its faults are left to the slot's fallback and rollback.
+    pub trial_at_upload: bool,
 }
 
 impl Default for PluginsConfig {
@@ -67,12 +75,13 @@ impl Default for PluginsConfig {
             reward: SlotLimits::default(),
             fault_threshold: 5,
             fault_window_secs: 60,
-            rate_limiter_fail_open: true,
+            rate_limiter_fail_open: false,
             max_instances: 1000,
             max_component_bytes: 64 << 20,
             history: 10,
             resync_interval_secs: 30,
             files: BTreeMap::new(),
+            trial_at_upload: true,
         }
     }
 }

@@ -53,6 +53,9 @@ pub struct PluginHost {
     rollbacks: mpsc::Sender<AutoRollback>,
     rollback_queue: Mutex<Option<mpsc::Receiver<AutoRollback>>>,
     shutdown: CancellationToken,
+    /// The components this gateway installs in slots nobody configured (the defaults), to
+    /// reinstall when the store loses its slots.
+    defaults: Mutex<HashMap<Slot, &'static [u8]>>,
 }
 
 /// One slot: the bundle calls read, and what changes it.
@@ -109,10 +112,11 @@ impl PluginHost {
             rollbacks,
             rollback_queue: Mutex::new(Some(rollback_queue)),
             shutdown: CancellationToken::new(),
+            defaults: Mutex::new(HashMap::new()),
         });
         for slot in Slot::ALL {
             match host.reload(slot).await {
-                Ok(()) => {}
+                Ok(_) => {}
                 // Without its store the gateway cannot serve anyway: fail the start.
                 Err(err @ PluginError::Store(StoreError::Backend(_))) => return Err(err),
                 // A corrupt record must not keep the gateway from starting: the slot stays
@@ -175,7 +179,11 @@ impl PluginHost {
             .engine
             .compile(&sha256, Arc::new(wasm.to_vec()))
             .await?;
-        self.engine.prepare(slot, &component)?;
+        let prepared = self.engine.prepare(slot, &component)?;
+        if self.config.trial_at_upload {
+            self.check_config(slot, &sha256, &prepared, config_json)
+                .await?;
+        }
         let version = StoredVersion {
             slot,
             sha256: sha256.clone(),
@@ -194,6 +202,88 @@ impl PluginHost {
             .await?;
         tracing::info!(plugin = %slot, version = short(&sha256), actor, "plugin uploaded");
         Ok(version)
+    }
+
+    /// Calls the component once with `config_json`, on a scratch key-value store: a plugin that
+    /// cannot work with its configuration says so (a trap, an error-level log line) here, at
+    /// upload, instead of faulting on every request once active (a rate limiter that cannot
+    /// read its limits would otherwise let its slot's fallback decide until rolled back).
+    async fn check_config(
+        &self,
+        slot: Slot,
+        sha256: &str,
+        prepared: &super::bindings::Prepared,
+        config_json: &str,
+    ) -> Result<(), PluginError> {
+        let scratch = crate::store::open("memory", &[]).await?;
+        let ctx = Arc::new(PluginContext::new(
+            slot,
+            sha256,
+            config_json.to_owned(),
+            scratch,
+        ));
+        // A heavy runtime (Python, JavaScript) takes a millisecond or more to instantiate: the
+        // trial gets a second whatever the slot's deadline, and no more.
+        let deadline = self.config.deadline(slot).max(CONFIG_CHECK_DEADLINE);
+        let memory = self.config.limits(slot).memory_bytes();
+        let request = RouteRequest {
+            model: CONFIG_CHECK.into(),
+            key_id: CONFIG_CHECK.into(),
+            prefix_hash: 0,
+            prompt_tokens: 1,
+            max_tokens: 0,
+            stream: false,
+        };
+        let candidates = [Candidate {
+            key: super::candidate_key(CONFIG_CHECK),
+            in_flight: 0,
+            engine_running: 0,
+            engine_waiting: 0,
+            kv_cache_usage: 0.0,
+            tokens_per_second: 0.0,
+            latency_ms: 0.0,
+            gpu_utilization: 0.0,
+            gpu_memory_free_bytes: 0,
+        }];
+        let infos = [Arc::new(CandidateInfo {
+            id: CONFIG_CHECK.into(),
+            rig: String::new(),
+            operator: String::new(),
+            labels: Vec::new(),
+        })];
+        let admission = Admission {
+            request_id: CONFIG_CHECK.into(),
+            key_id: CONFIG_CHECK.into(),
+            model: CONFIG_CHECK.into(),
+            reserved_tokens: 1,
+            key_metadata: "{}".into(),
+        };
+        let now_ms = unix_secs() * 1000;
+        let event = UsageEvent {
+            request_id: CONFIG_CHECK.into(),
+            key_id: CONFIG_CHECK.into(),
+            model: CONFIG_CHECK.into(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            cached_tokens: 0,
+            latency_ms: 1,
+            ttft_ms: 1,
+            backend: CONFIG_CHECK.into(),
+            rig: String::new(),
+            operator: String::new(),
+            started_at_ms: now_ms,
+            finished_at_ms: now_ms,
+            batch: false,
+        };
+        let call = match slot {
+            Slot::Router => Call::Route(&request, &candidates, &infos),
+            Slot::RateLimiter => Call::Admit(&admission),
+            Slot::Meter => Call::Charge(&event),
+            Slot::Reward => Call::OnUsage(&event),
+        };
+        loaded::check_config(&self.engine, prepared, ctx, deadline, memory, call)
+            .await
+            .map_err(|message| PluginError::ConfigRefused(cut(&message, 500)))
     }
 
     /// Uploads and activates a component: validated against the slot's world, compiled, stored,
@@ -529,15 +619,21 @@ impl PluginHost {
         )))
     }
 
-    /// Re-reads a slot from the store (another replica changed it, or a resync).
-    async fn reload(&self, slot: Slot) -> Result<(), PluginError> {
+    /// Re-reads a slot from the store (another replica changed it, or a resync). True when the
+    /// store lost the slot: it has no record of it at all (no version, no history) while this
+    /// gateway had a version loaded, as after a Redis that came back empty.
+    async fn reload(&self, slot: Slot) -> Result<bool, PluginError> {
         let cell = self.cell(slot);
         let _guard = cell.change.lock().await;
         let record = self.read_record(slot).await?;
         let current = cell.bundle.load_full();
         if current.record == record && current.load_error.is_none() {
-            return Ok(());
+            return Ok(false);
         }
+        let lost = record.active.is_none()
+            && record.canary.is_none()
+            && record.history.is_empty()
+            && (current.active.is_some() || !current.record.history.is_empty());
         let bundle = self.load_bundle(slot, &record, false).await?;
         cell.bundle.store(Arc::new(bundle));
         self.retain_compiled();
@@ -547,7 +643,57 @@ impl PluginHost {
             canary = record.canary.as_ref().map(|c| short(&c.version.sha256)),
             "plugin slot loaded"
         );
-        Ok(())
+        Ok(lost)
+    }
+
+    /// Remembers the components to install in slots nobody configured, and to reinstall if the
+    /// store loses them.
+    pub fn set_defaults(&self, defaults: &[(Slot, &'static [u8])]) {
+        let mut map = self.defaults.lock().unwrap_or_else(|p| p.into_inner());
+        map.extend(defaults.iter().copied());
+    }
+
+    /// Reinstalls a slot the store lost: from its file when the config feeds it from one,
+    /// else the default component. Loudly: a store that forgot its policies serves without
+    /// limits, metering or rewards until this runs.
+    async fn restore(&self, slot: Slot) {
+        let from_file = self.config.files.get(&slot);
+        let default = self
+            .defaults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&slot)
+            .copied();
+        let result = match (from_file, default) {
+            (Some(file), _) => match tokio::fs::read(&file.path).await {
+                Ok(wasm) => {
+                    let actor = format!("restore:file:{}", file.path.display());
+                    self.install(slot, &wasm, &file.config.to_string(), &actor)
+                        .await
+                }
+                Err(err) => Err(PluginError::Invalid(format!(
+                    "cannot read {}: {err}",
+                    file.path.display()
+                ))),
+            },
+            (None, Some(wasm)) => self.install(slot, wasm, "{}", "restore:defaults").await,
+            (None, None) => {
+                tracing::error!(plugin = %slot, "the store lost this plugin slot, and it has no default or file to reinstall: it stays empty (its fallback serves) until an operator installs one");
+                return;
+            }
+        };
+        match result {
+            Ok(info) => {
+                self.metrics
+                    .restores
+                    .with_label_values(&[slot.as_str()])
+                    .inc();
+                tracing::error!(plugin = %slot, sha256 = %short(&info.sha256), "the store lost this plugin slot (did it restart empty?); reinstalled its configured plugin");
+            }
+            Err(err) => {
+                tracing::error!(plugin = %slot, error = %err, "the store lost this plugin slot, and reinstalling it failed");
+            }
+        }
     }
 
     fn retain_compiled(&self) {
@@ -976,8 +1122,12 @@ async fn follow(
         match work {
             Work::Reload(slots) => {
                 for slot in slots {
-                    if let Err(err) = host.reload(slot).await {
-                        tracing::warn!(plugin = %slot, error = %err, "cannot reload plugin slot");
+                    match host.reload(slot).await {
+                        Ok(false) => {}
+                        Ok(true) => host.restore(slot).await,
+                        Err(err) => {
+                            tracing::warn!(plugin = %slot, error = %err, "cannot reload plugin slot")
+                        }
                     }
                 }
             }
@@ -1116,8 +1266,18 @@ fn check_decision(mut decision: Decision) -> Decision {
     decision
 }
 
+/// The model, key, request and backend a configuration check names: no real one.
+const CONFIG_CHECK: &str = "garage-config-check";
+/// The least time a configuration check gets (see [`PluginHost::check_config`]).
+const CONFIG_CHECK_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Largest amount (credits of one charge, points of one award) the gateway records: ledgers sum
+/// amounts as integer millionths in 64-bit counters, which this keeps far from overflowing
+/// (9.2e12 in all). A plugin that answers more is faulty, not rich.
+const MAX_AMOUNT: f64 = 1e9;
+
 fn check_charge(charge: Charge) -> Result<Charge, (FaultKind, String)> {
-    if !charge.credits.is_finite() || charge.credits < 0.0 {
+    if !charge.credits.is_finite() || !(0.0..=MAX_AMOUNT).contains(&charge.credits) {
         return Err((
             FaultKind::BadOutput,
             format!("meter charged {} credits", charge.credits),
@@ -1137,7 +1297,7 @@ fn check_awards(awards: Vec<Award>) -> Result<Vec<Award>, (FaultKind, String)> {
         ));
     }
     for award in &awards {
-        if !award.points.is_finite() {
+        if !award.points.is_finite() || award.points.abs() > MAX_AMOUNT {
             return Err((
                 FaultKind::BadOutput,
                 format!("reward plugin granted {} points", award.points),

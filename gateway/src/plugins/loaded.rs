@@ -291,6 +291,46 @@ impl LoadedPlugin {
     }
 }
 
+/// Calls a version once, on a fresh instance, before it is stored: how the gateway checks that
+/// a plugin can work with the configuration it is uploaded with. A trap (the Rust SDK's
+/// plugins trap on a configuration they cannot read), a blown deadline or memory cap, or a line
+/// logged at error level refuses it, with the plugin's own words. `ctx` gives it a key-value
+/// store of its own, so the check touches no real state.
+pub(crate) async fn check_config(
+    engine: &PluginEngine,
+    prepared: &Prepared,
+    ctx: Arc<PluginContext>,
+    deadline: Duration,
+    memory_cap_bytes: usize,
+    call: Call<'_>,
+) -> Result<(), String> {
+    let _ticking = engine.ticking();
+    let mut store = engine.new_store(ctx, memory_cap_bytes);
+    store.data_mut().begin_call(deadline);
+    store.set_epoch_deadline(1);
+    // What the plugin logged at error level says more than the trap that may follow it.
+    let failed = |err: &wasmtime::Error, store: &Store<HostState>, instantiating: bool| match store
+        .data()
+        .error_logged()
+    {
+        Some(message) => message.to_owned(),
+        None => classify(err, store.data(), instantiating).1,
+    };
+    let live = match prepared.instantiate(&mut store).await {
+        Ok(live) => live,
+        Err(err) => return Err(failed(&err, &store, true)),
+    };
+    store.data_mut().begin_call(deadline);
+    store.set_epoch_deadline(1);
+    match live.call(&mut store, call).await {
+        Err(err) => Err(failed(&err, &store, false)),
+        Ok(_) => match store.data().error_logged() {
+            Some(message) => Err(message.to_owned()),
+            None => Ok(()),
+        },
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

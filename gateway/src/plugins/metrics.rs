@@ -22,6 +22,9 @@ pub struct PluginMetrics {
     pub call_duration: HistogramVec,
     /// `garage_plugin_rollbacks_total{slot}`: automatic rollbacks after repeated faults.
     pub rollbacks: IntCounterVec,
+    /// `garage_plugin_restores_total{slot}`: slots the store lost (a Redis that came back
+    /// empty) and the gateway reinstalled.
+    pub restores: IntCounterVec,
 }
 
 impl PluginMetrics {
@@ -57,11 +60,20 @@ impl PluginMetrics {
             &["slot"],
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let restores = IntCounterVec::new(
+            Opts::new(
+                "garage_plugin_restores_total",
+                "Plugin slots the store lost (it came back empty) and the gateway reinstalled",
+            ),
+            &["slot"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         PluginMetrics {
             calls,
             faults,
             call_duration,
             rollbacks,
+            restores,
         }
     }
 
@@ -72,6 +84,7 @@ impl PluginMetrics {
             Box::new(self.faults.clone()),
             Box::new(self.call_duration.clone()),
             Box::new(self.rollbacks.clone()),
+            Box::new(self.restores.clone()),
         ]
     }
 

@@ -133,6 +133,11 @@ pub enum PluginError {
     TooLarge { size: usize, limit: usize },
     #[error("plugin configuration is not valid JSON: {0}")]
     InvalidConfig(String),
+    #[error(
+        "the plugin refused its configuration (a trial call with it failed, before anything was \
+         stored): {0}"
+    )]
+    ConfigRefused(String),
     #[error("no stored component with sha256 {0}")]
     UnknownVersion(String),
     #[error("slot `{0}` has no canary")]

@@ -93,6 +93,9 @@ pub(crate) struct HostState {
     host_error: Option<String>,
     kv_calls: u32,
     log_lines: u32,
+    /// The first message the call logged at error level: how a plugin says its configuration
+    /// is unusable (see `PluginHost::upload`'s configuration check).
+    error_logged: Option<String>,
     /// Who the candidates of the `route` call in progress are, for `candidates.describe`.
     candidates: Vec<Arc<CandidateInfo>>,
 }
@@ -108,6 +111,7 @@ impl HostState {
             host_error: None,
             kv_calls: 0,
             log_lines: 0,
+            error_logged: None,
             candidates: Vec::new(),
         }
     }
@@ -134,16 +138,37 @@ impl HostState {
         self.limits.hit = false;
         self.kv_calls = 0;
         self.log_lines = 0;
+        self.error_logged = None;
+    }
+
+    /// The first error-level line of the call in progress, if any.
+    pub fn error_logged(&self) -> Option<&str> {
+        self.error_logged.as_deref()
     }
 
     /// Whether the call has run out of time. Guest time is the wall time since the call began
     /// less the time spent waiting for the store and yielded to the executor: a slow Redis or a
     /// busy runtime does not make a well-behaved plugin miss its deadline.
+    ///
+    /// On a busy machine the thread running the guest can wait for a core for milliseconds,
+    /// and wall time would count that against the plugin: a 5 ms limiter missed its deadline
+    /// under a burst of requests and the fallback decided instead. So for calls that do not
+    /// yield (the hot path), a call past its deadline by the wall clock is also measured by the
+    /// CPU time its thread spent on it, and only that ends it. The wall clock still bounds
+    /// every call (`WALL_CLOCK_FACTOR`).
     pub fn deadline_passed(&self) -> bool {
         let wall = self.call.started.elapsed();
+        if wall >= self.call.deadline * WALL_CLOCK_FACTOR + WALL_CLOCK_SLACK {
+            return true;
+        }
         let waited = self.call.host_wait + self.call.yielded();
-        wall.saturating_sub(waited) >= self.call.deadline
-            || wall >= self.call.deadline * WALL_CLOCK_FACTOR + WALL_CLOCK_SLACK
+        if wall.saturating_sub(waited) < self.call.deadline {
+            return false;
+        }
+        match self.call.cpu_used() {
+            Some(cpu) => cpu >= self.call.deadline,
+            None => true,
+        }
     }
 
     /// Whether the call should yield to the executor at each epoch tick.
@@ -179,6 +204,12 @@ impl HostState {
         Ok(format!("{}{key}", self.ctx.namespace))
     }
 
+    /// A store operation starts: the guest's time stops until [`settle`](Self::settle).
+    fn wait_begins(&mut self) -> Instant {
+        self.call.pause_cpu();
+        Instant::now()
+    }
+
     /// Accounts for one store operation: its time is the host's, and its failure traps the
     /// guest as a host fault.
     fn settle<T>(
@@ -187,6 +218,7 @@ impl HostState {
         result: Result<T, StoreError>,
     ) -> wasmtime::Result<T> {
         self.call.host_wait += started.elapsed();
+        self.call.resume_cpu();
         result.map_err(|err| {
             let message = format!("store: {err}");
             self.host_error = Some(message.clone());
@@ -197,7 +229,7 @@ impl HostState {
     pub async fn kv_get(&mut self, key: &str) -> wasmtime::Result<Option<Vec<u8>>> {
         let key = self.key(key)?;
         let store = self.ctx.store.clone();
-        let started = Instant::now();
+        let started = self.wait_begins();
         let result = store.kv_get(&key).await;
         self.settle(started, result)
     }
@@ -216,7 +248,7 @@ impl HostState {
         }
         let key = self.key(key)?;
         let store = self.ctx.store.clone();
-        let started = Instant::now();
+        let started = self.wait_begins();
         let result = store.kv_set(&key, value, ttl(ttl_ms)).await;
         self.settle(started, result)
     }
@@ -224,7 +256,7 @@ impl HostState {
     pub async fn kv_delete(&mut self, key: &str) -> wasmtime::Result<()> {
         let key = self.key(key)?;
         let store = self.ctx.store.clone();
-        let started = Instant::now();
+        let started = self.wait_begins();
         let result = store.kv_delete(&key).await;
         self.settle(started, result)
     }
@@ -237,7 +269,7 @@ impl HostState {
     ) -> wasmtime::Result<i64> {
         let key = self.key(key)?;
         let store = self.ctx.store.clone();
-        let started = Instant::now();
+        let started = self.wait_begins();
         let result = store.kv_incr(&key, delta, ttl(ttl_ms)).await;
         self.settle(started, result)
     }
@@ -251,7 +283,7 @@ impl HostState {
     ) -> wasmtime::Result<Option<i64>> {
         let key = self.key(key)?;
         let store = self.ctx.store.clone();
-        let started = Instant::now();
+        let started = self.wait_begins();
         let result = store.kv_reserve(&key, amount, limit, ttl(ttl_ms)).await;
         self.settle(started, result)
     }
@@ -267,6 +299,9 @@ impl HostState {
     }
 
     pub fn log_line(&mut self, level: LogLevel, message: &str) {
+        if matches!(level, LogLevel::Error) && self.error_logged.is_none() {
+            self.error_logged = Some(sanitize(message));
+        }
         self.log_lines += 1;
         if self.log_lines > MAX_LOG_LINES_PER_CALL || !self.ctx.log_budget.take(&self.ctx) {
             return;
@@ -334,16 +369,70 @@ struct CallClock {
     /// Time the call spent yielded to the executor, in nanoseconds; written by the futures the
     /// epoch callback hands to wasmtime, which outlive the borrow of the state.
     yielded_nanos: Arc<AtomicU64>,
+    /// CPU time the guest's thread spent on the call, for calls that do not yield (see
+    /// [`HostState::deadline_passed`]); `None` for those that do, or where the thread's CPU
+    /// clock cannot be read.
+    cpu: Option<CpuClock>,
+}
+
+/// The CPU time of a call's thread, over the stretches the guest runs (between host waits,
+/// after which the call may go on on another thread).
+struct CpuClock {
+    /// CPU time of the stretches that ended.
+    used: Duration,
+    /// The thread's CPU clock when the current stretch began; `None` during a host wait.
+    /// (A reading, not `cpu_time::ThreadTime`, which may not leave its thread: the state does,
+    /// between stretches.)
+    stretch: Option<Duration>,
+}
+
+/// The CPU clock of the calling thread.
+fn thread_cpu() -> Option<Duration> {
+    cpu_time::ThreadTime::try_now()
+        .ok()
+        .map(|now| now.as_duration())
 }
 
 impl CallClock {
     fn new(deadline: Duration) -> Self {
+        let cpu = (deadline <= YIELD_ABOVE)
+            .then(thread_cpu)
+            .flatten()
+            .map(|now| CpuClock {
+                used: Duration::ZERO,
+                stretch: Some(now),
+            });
         CallClock {
             started: Instant::now(),
             deadline,
             host_wait: Duration::ZERO,
             yielded_nanos: Arc::new(AtomicU64::new(0)),
+            cpu,
         }
+    }
+
+    fn pause_cpu(&mut self) {
+        if let Some(cpu) = &mut self.cpu
+            && let Some(stretch) = cpu.stretch.take()
+        {
+            cpu.used += thread_cpu().map_or(Duration::ZERO, |now| now.saturating_sub(stretch));
+        }
+    }
+
+    fn resume_cpu(&mut self) {
+        if let Some(cpu) = &mut self.cpu {
+            cpu.stretch = thread_cpu();
+        }
+    }
+
+    /// CPU time spent on the call so far, if it is measured.
+    fn cpu_used(&self) -> Option<Duration> {
+        let cpu = self.cpu.as_ref()?;
+        let stretch = match (cpu.stretch, thread_cpu()) {
+            (Some(start), Some(now)) => now.saturating_sub(start),
+            _ => Duration::ZERO,
+        };
+        Some(cpu.used + stretch)
     }
 
     fn yielded(&self) -> Duration {

@@ -29,6 +29,7 @@ impl SimulatedEngine {
                 error_rate: driver.error_rate,
                 hang_rate: driver.hang_rate,
                 drop_rate: driver.drop_rate,
+                claim_tokens: driver.claim_tokens,
             },
             ..SimConfig::default()
         };

@@ -1,0 +1,482 @@
+//! What a request is billed: the usage a backend reports, checked against what the gateway saw.
+//!
+//! A rig belongs to a stranger, and a client can hang up whenever it likes; neither may decide
+//! what a request costs. So the gateway counts the output it forwards (text values and their
+//! bytes, events) and bounds the reported usage by what it can check:
+//!
+//! - **prompt tokens** at most the request's bytes (a token is at least a byte of its text), plus
+//!   room for the chat template and for media parts, whose tokens are not in the bytes;
+//! - **completion tokens** at most `max_tokens` for every choice the request asked for, and at
+//!   most what the forwarded output could hold (a token yields at least one byte of text, or is a
+//!   special token, of which an event carries few); zero for endpoints that generate nothing;
+//! - and never fewer than the output delivered: each non-empty text value took a token at least.
+//!
+//! When the backend reported nothing (a stream cut short by the client, the rig or a timeout),
+//! the bill is estimated from what was delivered: the request's prompt estimate, and the larger
+//! of the text values and a token per four bytes of text. Exact token counts, with the model's
+//! tokenizer, are the trust issue's; these bounds are what any gateway must enforce.
+
+use memchr::memmem::Finder;
+
+use crate::sse::Usage;
+
+/// Prompt tokens a request may have beyond its bytes: the chat template (a few tokens a
+/// message), a default system prompt the template adds (Llama 3.1's is about 30 tokens),
+/// special tokens. A bound, not an estimate; the request's bytes already over-count its tokens
+/// about four times.
+const PROMPT_SLACK_TOKENS: u64 = 256;
+/// Prompt tokens a media part (an image, audio or video) may add: its URL or id is a few bytes,
+/// its tokens are many (a large image in a vision model runs to a few thousand, a video more).
+const MEDIA_PART_TOKENS: u64 = 32_768;
+/// Completion tokens beyond the output's bytes and events, per choice: an end-of-sequence token,
+/// whitespace the detokenizer cleaned up, a tool call's name.
+const OUTPUT_SLACK_TOKENS: u64 = 64;
+/// Bytes of text per token when estimating the tokens of a stream that was cut short: the usual
+/// figure for English text with the tokenizers of today's open models.
+const BYTES_PER_TOKEN_ESTIMATE: u64 = 4;
+
+/// Names of the members of a request that carry media, whose tokens are not in its bytes.
+const MEDIA_KEYS: &[&[u8]] = &[
+    b"\"image_url\"",
+    b"\"input_image\"",
+    b"\"input_audio\"",
+    b"\"audio_url\"",
+    b"\"video_url\"",
+];
+
+/// Which members of an answer hold generated text, per kind of endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextKind {
+    /// Chat completions: message or delta `content`, reasoning, tool call arguments, refusals.
+    Chat,
+    /// Completions: `text`.
+    Completions,
+    /// A Responses stream: the `delta` of its `response.*.delta` events (the full text comes
+    /// again in the closing events, which are not counted).
+    ResponsesStream,
+    /// A whole Responses answer: the `text` of its output parts.
+    Responses,
+    /// Embeddings, rerank, score: no generated text, no completion tokens.
+    None,
+}
+
+struct Finders {
+    chat: [Finder<'static>; 5],
+    text: [Finder<'static>; 1],
+    delta: [Finder<'static>; 1],
+    media: Vec<Finder<'static>>,
+}
+
+fn finders() -> &'static Finders {
+    static FINDERS: std::sync::LazyLock<Finders> = std::sync::LazyLock::new(|| Finders {
+        chat: [
+            Finder::new(b"\"content\""),
+            Finder::new(b"\"reasoning_content\""),
+            Finder::new(b"\"reasoning\""),
+            Finder::new(b"\"arguments\""),
+            Finder::new(b"\"refusal\""),
+        ],
+        text: [Finder::new(b"\"text\"")],
+        delta: [Finder::new(b"\"delta\"")],
+        media: MEDIA_KEYS.iter().map(Finder::new).collect(),
+    });
+    &FINDERS
+}
+
+impl TextKind {
+    fn finders(self) -> &'static [Finder<'static>] {
+        let f = finders();
+        match self {
+            TextKind::Chat => &f.chat,
+            TextKind::Completions | TextKind::Responses => &f.text,
+            TextKind::ResponsesStream => &f.delta,
+            TextKind::None => &[],
+        }
+    }
+}
+
+/// The output the gateway forwarded to the client, counted as it went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutputCount {
+    /// Non-empty text values: each took at least one token to generate.
+    pub values: u64,
+    /// Bytes of text in them (an escape counts as the bytes it stands for, about).
+    pub text_bytes: u64,
+    /// Server-sent events forwarded (an upper bound: `data:` inside text counts too).
+    pub events: u64,
+}
+
+impl OutputCount {
+    /// Counts the text in `bytes`: a whole answer, or whole events of a stream. A member's name
+    /// in quotes cannot occur inside a JSON string (the quotes there are escaped), so every
+    /// match is a member of some object.
+    pub fn scan(&mut self, bytes: &[u8], kind: TextKind) {
+        for finder in kind.finders() {
+            for at in finder.find_iter(bytes) {
+                let rest = bytes[at + finder.needle().len()..].trim_ascii_start();
+                let Some(rest) = rest.strip_prefix(b":") else {
+                    continue;
+                };
+                // Only string values: `"delta": {...}` of a chat chunk is not text.
+                let Some(value) = rest.trim_ascii_start().strip_prefix(b"\"") else {
+                    continue;
+                };
+                let len = string_bytes(value);
+                if len > 0 {
+                    self.values += 1;
+                    self.text_bytes += len;
+                }
+            }
+        }
+    }
+
+    /// Counts the events of a stream's forwarded bytes.
+    pub fn count_events(&mut self, bytes: &[u8]) {
+        self.events += memchr::memmem::find_iter(bytes, b"data:").count() as u64;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values == 0 && self.events == 0
+    }
+}
+
+/// Bytes of the JSON string that `value` starts with (just after its opening quote), up to its
+/// closing quote or the end of `value`: `\uXXXX` counts two bytes, other escapes one.
+fn string_bytes(value: &[u8]) -> u64 {
+    let mut at = 0;
+    let mut bytes = 0u64;
+    while let Some(i) = memchr::memchr2(b'"', b'\\', &value[at..]) {
+        bytes += i as u64;
+        at += i;
+        if value[at] == b'"' {
+            return bytes;
+        }
+        // An escape: `\uXXXX` stands for a character of one to three bytes, the others for one.
+        if value.get(at + 1) == Some(&b'u') {
+            bytes += 2;
+            at += 6;
+        } else {
+            bytes += 1;
+            at += 2;
+        }
+        if at >= value.len() {
+            return bytes;
+        }
+    }
+    bytes + (value.len() - at) as u64
+}
+
+/// What the request allows, read when it was admitted.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestBounds {
+    /// Bytes of the request body.
+    pub request_bytes: u64,
+    /// The gateway's estimate of its prompt tokens (billed when the backend reports none).
+    pub prompt_estimate: u64,
+    /// `max_tokens` (or its other names), if the request set it.
+    pub max_tokens: Option<u32>,
+    /// Outputs the request asks for: `n`, times the prompts of a completions request.
+    pub choices: u32,
+    /// Which members of the answer are generated text.
+    pub text: TextKind,
+}
+
+/// A correction the gateway made to a reported usage, counted and logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Correction {
+    /// More prompt tokens than the request could hold.
+    PromptOverRequest,
+    /// More completion tokens than `max_tokens` allows (for every choice).
+    CompletionOverMaxTokens,
+    /// More completion tokens than the forwarded output could hold.
+    CompletionOverOutput,
+    /// Fewer completion tokens than the output delivered took.
+    CompletionUnderOutput,
+    /// No usage reported (cut short, or a backend that does not report it): estimated.
+    Estimated,
+}
+
+impl Correction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Correction::PromptOverRequest => "prompt_over_request",
+            Correction::CompletionOverMaxTokens => "completion_over_max_tokens",
+            Correction::CompletionOverOutput => "completion_over_output",
+            Correction::CompletionUnderOutput => "completion_under_output",
+            Correction::Estimated => "estimated",
+        }
+    }
+
+    /// Whether the backend said something the gateway could not believe (an estimate for a
+    /// request cut short is not the backend's doing).
+    pub fn is_anomaly(self) -> bool {
+        !matches!(self, Correction::Estimated)
+    }
+}
+
+/// The usage to bill, and the corrections made to get it (most one per field).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Billed {
+    pub usage: Usage,
+    pub corrections: Vec<Correction>,
+}
+
+/// Media parts (images, audio, video) in a request body: each may add many prompt tokens that
+/// are not in its bytes.
+pub fn media_parts(request_body: &[u8]) -> u64 {
+    finders()
+        .media
+        .iter()
+        .map(|finder| finder.find_iter(request_body).count() as u64)
+        .sum()
+}
+
+/// Bills a request: `reported` (if the backend reported usage) bounded by `bounds` and the
+/// `output` the gateway forwarded; an estimate from them when nothing was reported.
+/// `media_parts` is asked only when a reported prompt is over the plain bound (it reads the
+/// request: see [`media_parts`]).
+pub fn bill(
+    reported: Option<Usage>,
+    output: &OutputCount,
+    bounds: &RequestBounds,
+    media_parts: impl FnOnce() -> u64,
+) -> Billed {
+    let mut corrections = Vec::new();
+    let choices = u64::from(bounds.choices.max(1));
+    let generates = bounds.text != TextKind::None;
+    let completion_max = if !generates {
+        0
+    } else {
+        let by_output = output
+            .text_bytes
+            .saturating_add(output.events)
+            .saturating_add(OUTPUT_SLACK_TOKENS.saturating_mul(choices));
+        match bounds.max_tokens {
+            Some(max) if max > 0 => by_output.min(u64::from(max).saturating_mul(choices)),
+            _ => by_output,
+        }
+    };
+    let completion_min = if generates {
+        output.values.min(completion_max)
+    } else {
+        0
+    };
+    let Some(reported) = reported else {
+        corrections.push(Correction::Estimated);
+        let estimate = output
+            .values
+            .max(output.text_bytes.div_ceil(BYTES_PER_TOKEN_ESTIMATE));
+        return Billed {
+            usage: Usage {
+                prompt_tokens: bounds.prompt_estimate,
+                completion_tokens: estimate.clamp(completion_min, completion_max),
+            },
+            corrections,
+        };
+    };
+    let mut prompt = reported.prompt_tokens;
+    let plain_bound = bounds.request_bytes.saturating_add(PROMPT_SLACK_TOKENS);
+    if prompt > plain_bound {
+        let media = media_parts();
+        let bound = plain_bound.saturating_add(media.saturating_mul(MEDIA_PART_TOKENS));
+        if prompt > bound {
+            prompt = bound;
+            corrections.push(Correction::PromptOverRequest);
+        }
+    }
+    let mut completion = reported.completion_tokens;
+    if completion > completion_max {
+        let by_max_tokens = bounds
+            .max_tokens
+            .is_some_and(|max| max > 0 && u64::from(max).saturating_mul(choices) == completion_max);
+        corrections.push(if by_max_tokens {
+            Correction::CompletionOverMaxTokens
+        } else {
+            Correction::CompletionOverOutput
+        });
+        completion = completion_max;
+    } else if completion < completion_min {
+        corrections.push(Correction::CompletionUnderOutput);
+        completion = completion_min;
+    }
+    Billed {
+        usage: Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+        },
+        corrections,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bounds(text: TextKind, max_tokens: Option<u32>) -> RequestBounds {
+        RequestBounds {
+            request_bytes: 200,
+            prompt_estimate: 50,
+            max_tokens,
+            choices: 1,
+            text,
+        }
+    }
+
+    fn usage(prompt: u64, completion: u64) -> Usage {
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+        }
+    }
+
+    #[test]
+    fn text_is_counted_in_the_members_that_hold_it() {
+        let mut count = OutputCount::default();
+        let chunk = br#"data: {"choices":[{"delta":{"role":"assistant","content":""}}]}
+
+data: {"choices":[{"delta":{"content":"Hel\"lo \u00e9"}}]}
+
+data: {"choices":[{"delta":{"reasoning_content":"hm"}}]}
+
+data: {"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\"a\":1}"}}]}}]}
+
+"#;
+        count.scan(chunk, TextKind::Chat);
+        count.count_events(chunk);
+        // "Hel\"lo \u00e9" is 9 bytes, "hm" 2, {"a":1} 7; the empty content is no text.
+        assert_eq!(
+            count,
+            OutputCount {
+                values: 3,
+                text_bytes: 9 + 2 + 7,
+                events: 4
+            }
+        );
+        // A chat delta is an object, not text; "content" inside a string is text.
+        let mut count = OutputCount::default();
+        count.scan(
+            br#"{"delta":{"x":1},"content":"say \"content\": \"no\""}"#,
+            TextKind::Chat,
+        );
+        assert_eq!((count.values, count.text_bytes), (1, 19));
+        // Responses streams count their deltas, not the full text of the closing events.
+        let mut count = OutputCount::default();
+        count.scan(
+            br#"{"type":"response.output_text.delta","delta":"hi"}{"type":"response.output_text.done","text":"hi"}"#,
+            TextKind::ResponsesStream,
+        );
+        assert_eq!((count.values, count.text_bytes), (1, 2));
+        let mut count = OutputCount::default();
+        count.scan(br#"{"data":[{"embedding":[0.1]}]}"#, TextKind::None);
+        assert!(count.is_empty());
+    }
+
+    #[test]
+    fn an_honest_report_is_billed_as_reported() {
+        let mut output = OutputCount::default();
+        output.scan(br#"{"content":"Hello there, friend"}"#, TextKind::Chat);
+        let billed = bill(
+            Some(usage(30, 5)),
+            &output,
+            &bounds(TextKind::Chat, Some(16)),
+            || 0,
+        );
+        assert_eq!(billed.usage, usage(30, 5));
+        assert!(billed.corrections.is_empty());
+    }
+
+    #[test]
+    fn absurd_reports_are_clamped() {
+        let mut output = OutputCount::default();
+        output.scan(br#"{"content":"four score"}"#, TextKind::Chat);
+        // A billion completion tokens for ten bytes of text and no max_tokens.
+        let billed = bill(
+            Some(usage(u64::MAX, 1_000_000_000)),
+            &output,
+            &bounds(TextKind::Chat, None),
+            || media_parts(br#"{"messages":[]}"#),
+        );
+        assert_eq!(billed.usage.prompt_tokens, 200 + PROMPT_SLACK_TOKENS);
+        assert_eq!(billed.usage.completion_tokens, 10 + OUTPUT_SLACK_TOKENS);
+        assert_eq!(
+            billed.corrections,
+            [
+                Correction::PromptOverRequest,
+                Correction::CompletionOverOutput
+            ]
+        );
+        // With max_tokens, that is the bound (times the choices asked for).
+        let mut two = bounds(TextKind::Chat, Some(3));
+        two.choices = 2;
+        let billed = bill(Some(usage(1, u64::MAX)), &output, &two, || 0);
+        assert_eq!(billed.usage.completion_tokens, 6);
+        assert_eq!(billed.corrections, [Correction::CompletionOverMaxTokens]);
+        // An embedding generates nothing.
+        let billed = bill(
+            Some(usage(5, 7)),
+            &OutputCount::default(),
+            &bounds(TextKind::None, None),
+            || 0,
+        );
+        assert_eq!(billed.usage, usage(5, 0));
+        // Media parts make room for their tokens.
+        let body = br#"{"messages":[{"content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#;
+        let billed = bill(
+            Some(usage(20_000, 1)),
+            &output,
+            &bounds(TextKind::Chat, None),
+            || media_parts(body),
+        );
+        assert_eq!(billed.usage.prompt_tokens, 20_000);
+        assert!(billed.corrections.is_empty());
+    }
+
+    #[test]
+    fn under_reports_bill_what_was_delivered() {
+        let mut output = OutputCount::default();
+        for _ in 0..40 {
+            output.scan(br#"{"content":"tok"}"#, TextKind::Chat);
+        }
+        let billed = bill(
+            Some(usage(10, 1)),
+            &output,
+            &bounds(TextKind::Chat, None),
+            || 0,
+        );
+        assert_eq!(billed.usage.completion_tokens, 40);
+        assert_eq!(billed.corrections, [Correction::CompletionUnderOutput]);
+    }
+
+    #[test]
+    fn a_stream_cut_short_is_estimated_from_what_it_delivered() {
+        let mut output = OutputCount::default();
+        for _ in 0..38 {
+            output.scan(br#"{"content":" word"}"#, TextKind::Chat);
+        }
+        let billed = bill(None, &output, &bounds(TextKind::Chat, Some(100)), || 0);
+        // 38 values of 5 bytes: 38 tokens at least, 48 by the bytes.
+        assert_eq!(billed.usage, usage(50, 48));
+        assert_eq!(billed.corrections, [Correction::Estimated]);
+        // Never over max_tokens.
+        let billed = bill(None, &output, &bounds(TextKind::Chat, Some(10)), || 0);
+        assert_eq!(billed.usage.completion_tokens, 10);
+        // Nothing delivered: the prompt.
+        let billed = bill(
+            None,
+            &OutputCount::default(),
+            &bounds(TextKind::Chat, None),
+            || 0,
+        );
+        assert_eq!(billed.usage, usage(50, 0));
+    }
+
+    #[test]
+    fn strings_are_measured_to_their_closing_quote() {
+        assert_eq!(string_bytes(b"abc\" rest"), 3);
+        assert_eq!(string_bytes(b"a\\\"b\""), 3);
+        assert_eq!(string_bytes(b"\\u00e9\""), 2);
+        assert_eq!(string_bytes(b"cut off"), 7);
+        assert_eq!(string_bytes(b"cut \\"), 5);
+        assert_eq!(string_bytes(b"\""), 0);
+    }
+}
