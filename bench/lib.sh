@@ -24,7 +24,7 @@ build_unless_skipped() {
     if command -v rustup >/dev/null 2>&1; then
         rustup target add wasm32-wasip2 >/dev/null 2>&1 || echo "warning: could not add the wasm32-wasip2 target" >&2
     fi
-    cargo build --profile "$PROFILE" -p garage-gateway -p garage-sim-engine -p garage-hyper-floor >&2
+    cargo build --profile "$PROFILE" -p garage-gateway-bin -p garage-sim-engine -p garage-hyper-floor >&2
 }
 
 WORK=$(mktemp -d)

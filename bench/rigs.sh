@@ -11,7 +11,7 @@ counts=("${@:-200}")
 if command -v rustup >/dev/null 2>&1; then
     rustup target add wasm32-wasip2 >/dev/null 2>&1 || echo "warning: could not add the wasm32-wasip2 target" >&2
 fi
-cargo build --release -q -p garage-gateway -p garage-node-runner
+cargo build --release -q -p garage-gateway-bin -p garage-node-runner
 command -v wrk >/dev/null || { apt-get update -q && apt-get install -y -q wrk; }
 
 work=$(mktemp -d)

@@ -117,7 +117,7 @@ if [[ $SKIP_BUILD != 1 ]]; then
     if command -v rustup >/dev/null 2>&1; then
         rustup target add wasm32-wasip2 >/dev/null 2>&1 || echo "warning: could not add the wasm32-wasip2 target" >&2
     fi
-    cargo build --profile "$PROFILE" -p garage-gateway -p garage-sim-engine -p garage-hyper-floor >&2
+    cargo build --profile "$PROFILE" -p garage-gateway-bin -p garage-sim-engine -p garage-hyper-floor >&2
 fi
 [[ -x $BIN/gateway && -x $BIN/sim-engine ]] || die "no $PROFILE binaries in $BIN"
 [[ $REFERENCE_HYPER != 1 || -x $BIN/hyper-floor ]] || die "no hyper-floor binary in $BIN"

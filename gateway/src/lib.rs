@@ -1,7 +1,8 @@
 //! Garage AI gateway: an OpenAI-compatible inference gateway for a community GPU network.
 //!
-//! The binary (`main.rs`) only parses the command line; everything lives here so tests and the
-//! benchmarks drive the same code.
+//! The `gateway` binary (`gateway/bin`: the command line and the demo) is a thin shell over
+//! this library, so tests and benchmarks drive the same code; the library links no rig agent,
+//! simulator or command-line parser.
 
 pub mod admin;
 pub mod api;
@@ -10,9 +11,7 @@ pub mod backends;
 pub mod batch;
 pub mod batch_api;
 pub mod billing;
-pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod dispatch;
 pub mod error;
 pub mod listener;

@@ -24,8 +24,9 @@ use crate::usage::Usage;
 pub enum StartError {
     #[error("cannot open the state store {url}: {source}")]
     Store { url: String, source: StoreError },
-    #[error("cannot serve TLS: {0:#}")]
-    ServeTls(anyhow::Error),
+    /// The certificate or key files (the message says which, and why).
+    #[error("cannot serve TLS: {0}")]
+    ServeTls(String),
     #[error("cannot set up TLS for https upstreams: {0}")]
     Tls(#[from] crate::upstream::CaFileError),
     #[error("upstream {upstream:?}: cannot set up TLS: {source}")]
@@ -68,7 +69,8 @@ impl Gateway {
         // Before anything else: a certificate that cannot be read stops the start at once.
         let tls = match (&config.tls_cert_file, &config.tls_key_file) {
             (Some(cert), Some(key)) => Some(Arc::new(
-                garage_tls::server_config(cert, key).map_err(StartError::ServeTls)?,
+                garage_tls::server_config(cert, key)
+                    .map_err(|err| StartError::ServeTls(format!("{err:#}")))?,
             )),
             _ => None,
         };

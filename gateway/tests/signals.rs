@@ -14,7 +14,7 @@ use support::*;
 async fn sigterm_while_the_demo_is_starting_exits_cleanly() {
     let port = free_port();
     // Many rigs: the demo waits for every one of them, long after the gateway answers.
-    let mut gateway = Command::new(env!("CARGO_BIN_EXE_gateway"))
+    let mut gateway = Command::new(workspace_binary("gateway"))
         .args([
             "demo",
             "--nodes",
@@ -76,7 +76,7 @@ async fn worker_threads_picks_the_runtime_the_gateway_serves_on() {
     for (flag, env, workers) in [(Some("1"), None, 1), (None, Some("3"), 3)] {
         let port = free_port();
         let base = format!("http://127.0.0.1:{port}");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_gateway"));
+        let mut command = Command::new(workspace_binary("gateway"));
         command
             .arg("serve")
             .env("RUST_LOG", "warn")

@@ -1,3 +1,10 @@
+//! The `gateway` binary: parses the command line and hands it to [`cli::main`]. The gateway
+//! itself is the `garage-gateway` library; the demo's simulated rigs live here, so the library
+//! links no rig agent or simulator.
+
+mod cli;
+mod demo;
+
 use clap::Parser;
 
 /// mimalloc instead of glibc's malloc: a proxy allocates and frees small buffers on every
@@ -7,5 +14,5 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    garage_gateway::cli::main(garage_gateway::cli::Cli::parse())
+    cli::main(cli::Cli::parse())
 }

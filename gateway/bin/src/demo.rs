@@ -9,9 +9,9 @@ use garage_node_runner::agent::{Agent, AgentError, AgentOptions};
 use garage_node_runner::cli::simulated_engine;
 use garage_node_runner::engines::EngineSet;
 
-use crate::config::Config;
-use crate::nodes::CreateEnrollmentToken;
-use crate::server::{Gateway, StartError};
+use garage_gateway::config::Config;
+use garage_gateway::nodes::CreateEnrollmentToken;
+use garage_gateway::server::{Gateway, StartError};
 
 /// Models the simulated rigs serve: two chat models and an embedding model.
 pub const DEMO_MODELS: &[&str] = &[

@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, LogFormat};
 use crate::demo::{Demo, DemoOptions};
-use crate::server::Gateway;
+use garage_gateway::config::{Config, LogFormat};
+use garage_gateway::server::Gateway;
 
 #[derive(Parser)]
 #[command(
