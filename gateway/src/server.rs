@@ -7,18 +7,18 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{KeyAuth, KeyHasher, random_token, unix_now};
 use crate::backends::Backends;
 use crate::batch::Batches;
 use crate::config::{Config, UpstreamConfig};
+use crate::inference::policy::{PluginProcessor, Policy};
+use crate::keys::{KeyAuth, KeyHasher, random_token, unix_now};
+use crate::ledger::Usage;
 use crate::metrics::Metrics;
 use crate::nodes::Nodes;
 use crate::plugins::{PluginHost, Slot};
-use crate::policy::{PluginProcessor, Policy};
 use crate::state::{AppState, Inner};
 use crate::store::{self, QueueItem, StoreError};
 use crate::upstream::{http_client, unix_client};
-use crate::usage::Usage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -76,7 +76,7 @@ impl Gateway {
         };
         let store = store::open(
             &config.store,
-            &[(crate::usage::LEDGER, config.usage.ledger_max_entries)],
+            &[(crate::ledger::LEDGER, config.usage.ledger_max_entries)],
         )
         .await
         .map_err(|source| StartError::Store {
@@ -132,7 +132,7 @@ impl Gateway {
         );
         // The embedded store lives and dies with this process: its usage queue would add cost
         // and no durability, so events go from memory straight to the worker.
-        let usage = if store::is_embedded(&config.store) {
+        let usage = if crate::config::is_embedded(&config.store) {
             Usage::in_process(store.clone())
         } else {
             Usage::new(store.clone())
@@ -160,7 +160,7 @@ impl Gateway {
         metrics.register_all(plugins.metrics().collectors());
         metrics.register_all(batches.metrics().collectors());
         metrics.register_all(usage.collectors());
-        let listener_metrics = crate::listener::ListenerMetrics::new();
+        let listener_metrics = crate::http::listener::ListenerMetrics::new();
         metrics.register_all(listener_metrics.collectors());
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -210,12 +210,12 @@ impl Gateway {
             store: store.clone(),
         })));
         let shutdown = CancellationToken::new();
-        let app = crate::api::app(state.clone());
+        let app = crate::http::app(state.clone());
         let scheme = if tls.is_some() { "https" } else { "http" };
         let tls = tls.map(tokio_rustls::TlsAcceptor::from);
-        let limits = crate::listener::Limits::resolve(&state.config.connections);
+        let limits = crate::http::listener::Limits::resolve(&state.config.connections);
         tracing::debug!(?limits, "client connection limits");
-        let server = tokio::spawn(crate::listener::serve(
+        let server = tokio::spawn(crate::http::listener::serve(
             listener,
             tls,
             app,
@@ -300,7 +300,7 @@ impl Gateway {
 
 /// Queue of rig availability reports waiting for the reward plugin: durable, so a faulting
 /// plugin or a crash delays uptime rewards instead of losing them.
-const REPORT_QUEUE: &str = "rig_report_queue";
+use crate::store::keyspace::RIG_REPORT_QUEUE as REPORT_QUEUE;
 
 /// A rig's availability over one report period, as queued.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -328,7 +328,7 @@ async fn report_rigs(
     let mut unqueued: Vec<QueueItem> = Vec::new();
     loop {
         ticker.tick().await;
-        let at_ms = crate::auth::unix_now() * 1000;
+        let at_ms = crate::keys::unix_now() * 1000;
         for rig in nodes.take_availability() {
             let uptime_ms = rig.uptime_ms.min(interval.as_millis() as u64);
             let report = QueuedReport {
@@ -399,7 +399,7 @@ async fn credit_reports(
                     let awards: Vec<_> = awards
                         .unwrap_or_default()
                         .into_iter()
-                        .map(|a| crate::usage::Award {
+                        .map(|a| crate::ledger::Award {
                             operator: a.operator,
                             points: a.points,
                             reason: a.reason,

@@ -2,16 +2,16 @@
 
 use std::sync::Arc;
 
-use crate::auth::KeyAuth;
 use crate::backends::Backends;
 use crate::batch::Batches;
 use crate::config::Config;
+use crate::inference::policy::Policy;
+use crate::keys::KeyAuth;
+use crate::ledger::Usage;
 use crate::metrics::Metrics;
 use crate::nodes::Nodes;
 use crate::plugins::PluginHost;
-use crate::policy::Policy;
 use crate::store::Store;
-use crate::usage::Usage;
 
 /// Shared state of a running gateway. Cheap to clone.
 #[derive(Clone)]

@@ -19,7 +19,7 @@ const NOT_OPERATIONS: &[&str] = &[
 #[tokio::test]
 async fn every_served_route_is_in_the_spec() {
     let gw = gateway(config(vec![])).await;
-    let app = garage_gateway::api::router(gw.state().clone());
+    let app = garage_gateway::http::router(gw.state().clone());
     // axum keeps no public list of its routes, but its Debug output names every path; parse the
     // quoted strings that look like paths.
     let debug = format!("{app:?}");
@@ -59,7 +59,7 @@ async fn every_served_route_is_in_the_spec() {
 
     // The inference routes, answered ahead of the router (`api::InferenceFirst`), are the
     // router's routes too, described as POST.
-    for path in garage_gateway::openai::inference_paths() {
+    for path in garage_gateway::inference::api::inference_paths() {
         assert!(served.contains(&path), "{path} is answered but not routed");
         assert!(
             spec["paths"][&path]["post"].is_object(),

@@ -596,6 +596,59 @@ async fn the_trial_call_refuses_what_would_fault() {
     assert_eq!(decision.headers.remaining_requests, Some(0));
 }
 
+/// A request is settled with the limiter version that admitted it, even when another version
+/// was activated in between (it used to be found again by hashing the request id, which a
+/// promotion or rollback sends elsewhere).
+#[tokio::test]
+async fn a_settlement_goes_to_the_version_that_admitted() {
+    let (host, _store) = host().await;
+    host.install(
+        Slot::RateLimiter,
+        components::RATE_LIMITER,
+        r#"{"rpm": 5}"#,
+        "test",
+    )
+    .await
+    .unwrap();
+    let (decision, reservation) = host
+        .admit_reserving(&admission("held-1", "{}"))
+        .await
+        .unwrap();
+    assert!(decision.allow);
+    let reservation = reservation.expect("an allowed request holds a reservation");
+    host.install(
+        Slot::RateLimiter,
+        components::RATE_LIMITER,
+        r#"{"rpm": 6}"#,
+        "test",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        reservation.version().config,
+        serde_json::json!({"rpm": 5}),
+        "the reservation names the version that admitted"
+    );
+    host.settle_with(
+        &reservation,
+        &Settlement {
+            request_id: "held-1".into(),
+            key_id: "key-1".into(),
+            model: "m".into(),
+            reserved_tokens: 10,
+            used_tokens: 3,
+        },
+    )
+    .await;
+    let status = host.status();
+    let limiter = status.iter().find(|s| s.slot == Slot::RateLimiter).unwrap();
+    assert_eq!(
+        limiter.active.as_ref().unwrap().config,
+        serde_json::json!({"rpm": 6})
+    );
+    assert_eq!(limiter.faults, Default::default(), "{limiter:?}");
+}
+
 // ---- Versions: rollback, canary, promotion --------------------------------------------------
 
 #[tokio::test]

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use garage_gateway::ledger::{Award, LEDGER, Outcome, Usage, UsageEvent, UsageProcessor};
 use garage_gateway::store::{MemoryStore, QueueItem, Store};
-use garage_gateway::usage::{Award, LEDGER, Outcome, Usage, UsageEvent, UsageProcessor};
 use serde_json::json;
 use support::*;
 

@@ -767,6 +767,18 @@ impl PluginHost {
     /// installed. When the limiter faults, the answer is the configured fallback
     /// (`rate_limiter_fail_open`): an allow, or a refusal with a one-second retry.
     pub async fn admit(&self, admission: &Admission) -> Option<Decision> {
+        self.admit_reserving(admission)
+            .await
+            .map(|(decision, _)| decision)
+    }
+
+    /// [`admit`](Self::admit), with the version of the limiter that allowed the request: its
+    /// settlement goes to that version ([`settle_with`](Self::settle_with)), whatever was
+    /// promoted or rolled back meanwhile. No reservation when the fallback decided.
+    pub async fn admit_reserving(
+        &self,
+        admission: &Admission,
+    ) -> Option<(Decision, Option<Reservation>)> {
         let pick = Pick::Hash(&admission.request_id);
         let (plugin, answer) = self
             .call(Slot::RateLimiter, pick, Call::Admit(admission))
@@ -776,10 +788,26 @@ impl PluginHost {
             Ok(other) => Err(unexpected(&other)),
             Err(fault) => Err(fault),
         };
-        Some(
-            self.settle_answer(&plugin, checked)
-                .unwrap_or_else(|_| self.fallback_decision()),
-        )
+        Some(match self.settle_answer(&plugin, checked) {
+            Ok(decision) => {
+                let reservation = decision.allow.then(|| Reservation(plugin));
+                (decision, reservation)
+            }
+            Err(_) => (self.fallback_decision(), None),
+        })
+    }
+
+    /// Tells the limiter version that admitted a request what the request really used.
+    pub async fn settle_with(&self, reservation: &Reservation, settlement: &Settlement) {
+        let answer = self
+            .call_on(&reservation.0, "active", Call::Settle(settlement))
+            .await;
+        let checked = match answer {
+            Ok(Answer::Settle) => Ok(()),
+            Ok(other) => Err(unexpected(&other)),
+            Err(fault) => Err(fault),
+        };
+        let _ = self.settle_answer(&reservation.0, checked);
     }
 
     fn fallback_decision(&self) -> Decision {
@@ -886,7 +914,19 @@ impl PluginHost {
             _ => (bundle.active.clone()?, "active"),
         };
         drop(bundle);
-        cell.calls.fetch_add(1, Ordering::Relaxed);
+        let answer = self.call_on(&plugin, role, call).await;
+        Some((plugin, answer))
+    }
+
+    /// Calls `plugin`, a version of its slot, as `role` (`active` or `canary`, for metrics).
+    async fn call_on(
+        &self,
+        plugin: &Arc<LoadedPlugin>,
+        role: &'static str,
+        call: Call<'_>,
+    ) -> Result<Answer, (FaultKind, String)> {
+        let slot = plugin.slot;
+        self.cell(slot).calls.fetch_add(1, Ordering::Relaxed);
         self.metrics
             .calls
             .with_label_values(&[slot.as_str(), role])
@@ -899,10 +939,10 @@ impl PluginHost {
             .observe(started.elapsed().as_secs_f64());
         if plugin.wants_refill() {
             // The next calls' instances are made off this request's path.
-            let (next, engine) = (Arc::clone(&plugin), Arc::clone(&self.engine));
+            let (next, engine) = (Arc::clone(plugin), Arc::clone(&self.engine));
             tokio::spawn(async move { next.refill(&engine).await });
         }
-        Some((plugin, answer))
+        answer
     }
 
     /// Turns a checked answer into the caller's result, counting and logging a fault and asking
@@ -1264,6 +1304,23 @@ fn check_decision(mut decision: Decision) -> Decision {
         decision.reason = cut(&decision.reason, MAX_REASON_CHARS);
     }
     decision
+}
+
+/// The rate limiter version that admitted a request (see [`PluginHost::admit_reserving`]).
+#[derive(Clone)]
+pub struct Reservation(Arc<LoadedPlugin>);
+
+impl Reservation {
+    /// The version (component and configuration) that admitted the request.
+    pub fn version(&self) -> &VersionInfo {
+        &self.0.info
+    }
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Reservation({})", short(&self.0.info.sha256))
+    }
 }
 
 /// The model, key, request and backend a configuration check names: no real one.

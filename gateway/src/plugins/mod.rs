@@ -10,8 +10,9 @@
 //!   with a deadline and a memory cap, falling back when a plugin faults and rolling a slot back
 //!   by itself when it faults repeatedly.
 
+pub mod api;
 pub mod bindings;
-mod config;
+pub mod config;
 mod engine;
 mod host;
 mod loaded;
@@ -25,7 +26,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub use config::{PluginFile, PluginsConfig, SlotLimits};
-pub use host::PluginHost;
+pub use host::{PluginHost, Reservation};
 pub use metrics::PluginMetrics;
 pub use registry::{CanaryInfo, FaultCounts, SlotStatus, StoredVersion, VersionInfo};
 pub use state::kv_namespace;
@@ -54,9 +55,9 @@ pub fn candidate_key(id: &str) -> u64 {
 }
 
 /// Store record kinds of the plugin registry.
-pub const COMPONENT_KIND: &str = "plugin_component";
-pub const SLOT_KIND: &str = "plugin_slot";
-pub const VERSION_KIND: &str = "plugin_version";
+pub use crate::store::keyspace::{
+    PLUGIN_COMPONENTS as COMPONENT_KIND, PLUGIN_SLOTS as SLOT_KIND, PLUGIN_VERSIONS as VERSION_KIND,
+};
 
 /// A policy slot: one world of the contract.
 #[derive(

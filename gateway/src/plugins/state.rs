@@ -70,7 +70,7 @@ impl PluginContext {
 
 /// The store prefix of a slot's plugin state.
 pub fn kv_namespace(slot: Slot) -> String {
-    format!("plugin:{slot}:")
+    crate::store::keyspace::plugin_namespace(slot.as_str())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+pub mod keyspace;
 mod memory;
 mod redis;
 
@@ -194,15 +195,10 @@ pub async fn read_counter(store: &dyn Store, key: &str) -> Result<i64, StoreErro
         .unwrap_or(0))
 }
 
-/// Whether a store URL names the embedded store (which lives and dies with this process).
-pub fn is_embedded(url: &str) -> bool {
-    url == "memory"
-}
-
 /// Opens the store a config names: `memory` or a Redis URL. On the embedded store, each kind in
 /// `memory_caps` keeps at most that many records (the oldest inserted go first); Redis keeps all.
 pub async fn open(url: &str, memory_caps: &[(&str, usize)]) -> Result<Arc<dyn Store>, StoreError> {
-    if is_embedded(url) {
+    if crate::config::is_embedded(url) {
         let store = MemoryStore::new();
         for (kind, max) in memory_caps {
             store.cap_records(kind, *max);

@@ -18,7 +18,15 @@
 
 use memchr::memmem::Finder;
 
-use crate::sse::Usage;
+/// Token counts as OpenAI reports them; the Responses API names them `input_tokens` and
+/// `output_tokens`.
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize, PartialEq, Eq)]
+pub struct Usage {
+    #[serde(default, alias = "input_tokens")]
+    pub prompt_tokens: u64,
+    #[serde(default, alias = "output_tokens")]
+    pub completion_tokens: u64,
+}
 
 /// Prompt tokens a request may have beyond its bytes: the chat template (a few tokens a
 /// message), a default system prompt the template adds (Llama 3.1's is about 30 tokens),

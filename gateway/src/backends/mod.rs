@@ -143,16 +143,6 @@ static TUNNEL_ENDPOINTS: std::sync::LazyLock<Endpoints> = std::sync::LazyLock::n
     ))
 });
 
-/// `Authorization: Bearer <key>` for an upstream's API key, marked sensitive (kept out of
-/// logs); an error for a key that cannot be a header value.
-pub fn bearer_authorization(
-    key: &str,
-) -> Result<http::HeaderValue, http::header::InvalidHeaderValue> {
-    let mut value = http::HeaderValue::try_from(format!("Bearer {key}"))?;
-    value.set_sensitive(true);
-    Ok(value)
-}
-
 /// A backend that is a rig: who it is, for the admin API and (later) the router.
 #[derive(Debug, Clone)]
 pub struct RigInfo {
@@ -250,7 +240,7 @@ impl Backend {
         let authorization = config
             .api_key
             .as_deref()
-            .and_then(|key| bearer_authorization(key).ok());
+            .and_then(|key| crate::config::bearer_authorization(key).ok());
         let mut backend = Self::new(
             config.name.clone(),
             config.models.clone(),

@@ -8,8 +8,8 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::auth::{admin_token_matches, bearer};
 use crate::error::{ApiError, ApiPath, ErrorBody};
+use crate::keys::{admin_token_matches, bearer};
 use crate::state::AppState;
 use crate::store::ApiKeyRecord;
 

@@ -19,6 +19,9 @@
 //! per request, measured with `bench/`), and what it gives a Redis deployment (events that
 //! outlive a crash, a lease another replica takes over) does not exist in one process.
 
+pub mod api;
+pub mod billing;
+
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,11 +41,12 @@ impl Drop for AbortOnDrop {
     }
 }
 
-const QUEUE: &str = "usage_queue";
 /// Record kind of the ledger: one entry per request, keyed by its request id.
-pub const LEDGER: &str = "usage_ledger";
-const DAILY_INDEX: &str = "usage_daily_index";
-const OPERATOR_INDEX: &str = "reward_operator_index";
+pub use crate::store::keyspace::USAGE_LEDGER as LEDGER;
+use crate::store::keyspace::{
+    REWARD_OPERATOR_INDEX as OPERATOR_INDEX, USAGE_DAILY_INDEX as DAILY_INDEX,
+    USAGE_QUEUE as QUEUE, awarded, operator_points, usage_counter,
+};
 /// How long a worker owns an event it claimed. Meter and reward calls take milliseconds; a
 /// claim older than this belongs to a worker that died.
 const CLAIM_LEASE: Duration = Duration::from_secs(30);
@@ -279,7 +283,7 @@ pub struct Usage {
     /// they are in the store's queue (or back in `pending`).
     flushing: tokio::sync::Mutex<()>,
     /// `garage_usage_corrections_total{kind}`: reported usage the gateway did not believe, and
-    /// requests billed on an estimate (see [`crate::billing`]).
+    /// requests billed on an estimate (see [`crate::ledger::billing`]).
     corrections: prometheus::IntCounterVec,
     /// When a correction was last logged: a rig that misreports every answer logs once a
     /// second, the counter counts them all.
@@ -353,11 +357,11 @@ impl Usage {
     /// (at most one line a second).
     pub fn note_corrections(
         &self,
-        corrections: &[crate::billing::Correction],
+        corrections: &[crate::ledger::billing::Correction],
         backend: &str,
         request_id: &str,
-        reported: Option<crate::sse::Usage>,
-        billed: crate::sse::Usage,
+        reported: Option<billing::Usage>,
+        billed: billing::Usage,
     ) {
         if corrections.is_empty() {
             return;
@@ -701,7 +705,7 @@ impl Usage {
             self.store
                 .record_put(DAILY_INDEX, &slot, slot.as_bytes())
                 .await?;
-            let counter = |name: &str| format!("usage:{slot}:{name}");
+            let counter = |name: &str| usage_counter(&slot, name);
             for (name, value) in [
                 ("requests", sums.requests),
                 ("prompt", sums.prompt_tokens),
@@ -725,7 +729,7 @@ impl Usage {
     }
 
     fn points_key(operator: &str) -> String {
-        format!("points_micro:{operator}")
+        operator_points(operator)
     }
 
     async fn credit(&self, awards: &[Award]) -> Result<(), StoreError> {
@@ -750,7 +754,7 @@ impl Usage {
     /// Credits awards that did not come from a usage event (a rig's periodic report), once per
     /// `id` however often it is called.
     pub async fn award(&self, id: &str, awards: &[Award]) -> Result<(), StoreError> {
-        let guard = format!("awarded:{id}");
+        let guard = awarded(id);
         if self
             .store
             .kv_incr(&guard, 1, Some(Duration::from_secs(7 * 86_400)))
@@ -788,7 +792,7 @@ impl Usage {
             if key_id.is_some_and(|k| k != key) {
                 continue;
             }
-            let counter = |name: &str| format!("usage:{slot}:{name}");
+            let counter = |name: &str| usage_counter(&slot, name);
             rows.push(DailyUsage {
                 key_id: key.to_owned(),
                 model: model.to_owned(),

@@ -17,6 +17,8 @@
 //! - Every answered line becomes a usage event marked `batch`, metered and rewarded by the same
 //!   plugins as interactive requests.
 
+pub mod api;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,13 +27,19 @@ use garage_node_protocol::{BatchLease, BatchLineResult, BatchResultsAck, BatchWo
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::auth::unix_now;
-use crate::billing::{OutputCount, RequestBounds, TextKind, bill};
 use crate::config::BatchConfig;
 use crate::error::ApiError;
+use crate::keys::unix_now;
+use crate::ledger::billing::{OutputCount, RequestBounds, TextKind, bill};
+use crate::ledger::{Usage, UsageEvent};
 use crate::nodes::{NodeRecord, Nodes};
+use crate::store::keyspace::{
+    BATCH_OWNER_INDEX_DONE as OWNER_INDEX_DONE, BATCH_QUEUES as QUEUES, BATCHES, FILE_CONTENT,
+    FILES, batch_count as counter, batch_finalize_lock, batch_holder as holder_key,
+    batch_queue as queue_name, batch_results as results_kind, batches_of, file_quota_bytes,
+    file_quota_count, files_of,
+};
 use crate::store::{QueueItem, Store, StoreError, StoreEvent, read_counter};
-use crate::usage::{Usage, UsageEvent};
 
 /// The endpoints a batch may target.
 pub const ENDPOINTS: &[&str] = &[
@@ -46,53 +54,11 @@ pub const ENDPOINTS: &[&str] = &[
 pub const COMPLETION_WINDOW: &str = "24h";
 const COMPLETION_WINDOW_SECS: u64 = 24 * 3600;
 
-const FILES: &str = "files";
-/// Per-owner index of files: `files_of:<key id>`, a record per file (its File object), so that
-/// listing a key's files reads that key's and nobody else's.
-const FILES_OF: &str = "files_of";
-/// Per-owner index of batches: `batches_of:<key id>`, a record per batch (its id).
-const BATCHES_OF: &str = "batches_of";
-/// Counters of a key's uploaded files and their bytes, for `batch.max_files_per_key` and
-/// `batch.max_file_bytes_per_key`.
-const FILE_COUNT: &str = "file_quota_count";
-const FILE_BYTES: &str = "file_quota_bytes";
-/// Set once the per-owner indexes hold every file and batch (a store written by an older
-/// gateway is indexed at start).
-const OWNER_INDEX_DONE: &str = "batch_owner_index_v1";
-const FILE_CONTENT: &str = "file_content";
-const BATCHES: &str = "batches";
-/// Index of the queues that hold lines: one record per (batch, model).
-const QUEUES: &str = "batch_queues";
 /// How long one replica may finalize a batch before another may take over.
 const FINALIZE_LOCK: Duration = Duration::from_secs(60);
 /// An index record whose batch record never appeared (a crash while creating it) is dropped
 /// after this long.
 const ORPHAN_AFTER_SECS: u64 = 300;
-
-fn files_of(owner: &str) -> String {
-    format!("{FILES_OF}:{owner}")
-}
-
-fn batches_of(owner: &str) -> String {
-    format!("{BATCHES_OF}:{owner}")
-}
-
-fn results_kind(batch_id: &str) -> String {
-    format!("batch_results:{batch_id}")
-}
-
-fn queue_name(batch_id: &str, model: &str) -> String {
-    format!("batch:{batch_id}:{model}")
-}
-
-/// Who holds the lease of a line: only that rig's answer is taken.
-fn holder_key(batch_id: &str, model: &str, line: u64) -> String {
-    format!("batch_holder:{batch_id}:{model}:{line}")
-}
-
-fn counter(batch_id: &str, name: &str) -> String {
-    format!("batch_count:{batch_id}:{name}")
-}
 
 /// Ids that sort by creation time (UUIDv7), so listings are newest first even within a second.
 fn new_id(prefix: &str) -> String {
@@ -412,7 +378,7 @@ impl Held {
     }
 }
 
-/// A batch line's request, as far as billing its answer goes (see [`crate::billing`]).
+/// A batch line's request, as far as billing its answer goes (see [`crate::ledger::billing`]).
 #[derive(Debug, Serialize, Deserialize)]
 struct LineBounds {
     request_bytes: u64,
@@ -446,7 +412,7 @@ impl LineBounds {
             request_bytes: bytes.len() as u64,
             max_tokens,
             choices: n.saturating_mul(prompts),
-            media_parts: crate::billing::media_parts(&bytes),
+            media_parts: crate::ledger::billing::media_parts(&bytes),
         }
     }
 }
@@ -786,8 +752,8 @@ impl Batches {
         max_bytes: u64,
     ) -> Result<UploadQuota, ApiError> {
         let config = &self.config;
-        let count_key = format!("{FILE_COUNT}:{owner}");
-        let bytes_key = format!("{FILE_BYTES}:{owner}");
+        let count_key = file_quota_count(owner);
+        let bytes_key = file_quota_bytes(owner);
         let limit = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
         if self
             .store
@@ -949,10 +915,10 @@ impl Batches {
         if stored.file.purpose == "batch" {
             let bytes = i64::try_from(stored.file.bytes).unwrap_or(i64::MAX);
             self.store
-                .kv_incr(&format!("{FILE_COUNT}:{owner}"), -1, None)
+                .kv_incr(&file_quota_count(owner), -1, None)
                 .await?;
             self.store
-                .kv_incr(&format!("{FILE_BYTES}:{owner}"), -bytes, None)
+                .kv_incr(&file_quota_bytes(owner), -bytes, None)
                 .await?;
         }
         Ok(FileDeleted {
@@ -1524,7 +1490,7 @@ impl Batches {
     }
 
     /// What a line's answer is billed: the rig's reported usage bounded by the line's request
-    /// and the answer's text (see [`crate::billing`]). A corrected count is written into the
+    /// and the answer's text (see [`crate::ledger::billing`]). A corrected count is written into the
     /// answer too, so the output file and the batch's usage say what was billed.
     fn bill_line(
         &self,
@@ -1551,7 +1517,7 @@ impl Batches {
             choices: held.bounds.choices,
             text,
         };
-        let reported = crate::sse::Usage {
+        let reported = crate::ledger::billing::Usage {
             prompt_tokens: counts.input,
             completion_tokens: counts.output,
         };
@@ -1608,7 +1574,7 @@ impl Batches {
             }
             _ => return Ok(()),
         };
-        let lock = format!("batch_finalize:{id}");
+        let lock = batch_finalize_lock(id);
         if self.store.kv_incr(&lock, 1, Some(FINALIZE_LOCK)).await? != 1 {
             return Ok(());
         }

@@ -149,7 +149,7 @@ pub struct Config {
     /// router, token-bucket rate limiter, price-table meter, points reward).
     pub default_plugins: bool,
     /// Policy plugins: limits, fault handling, component files.
-    pub plugins: crate::plugins::PluginsConfig,
+    pub plugins: crate::plugins::config::PluginsConfig,
     /// Static OpenAI-compatible upstreams (an existing vLLM server, another gateway...).
     pub upstreams: Vec<UpstreamConfig>,
 }
@@ -442,7 +442,7 @@ impl Default for Config {
             usage: UsageConfig::default(),
             batch: BatchConfig::default(),
             default_plugins: true,
-            plugins: crate::plugins::PluginsConfig::default(),
+            plugins: crate::plugins::config::PluginsConfig::default(),
             upstreams: Vec::new(),
         }
     }
@@ -478,6 +478,22 @@ impl DispatchConfig {
     pub fn cooldown(&self) -> Duration {
         Duration::from_secs(self.cooldown_secs)
     }
+}
+
+/// `Authorization: Bearer <key>` for an upstream's API key, marked sensitive (kept out of
+/// logs); an error for a key that cannot be a header value (refused when the config loads).
+pub fn bearer_authorization(
+    key: &str,
+) -> Result<http::HeaderValue, http::header::InvalidHeaderValue> {
+    let mut value = http::HeaderValue::try_from(format!("Bearer {key}"))?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Whether a `store` URL names the embedded store (`memory`), which lives and dies with the
+/// process.
+pub fn is_embedded(store: &str) -> bool {
+    store == "memory"
 }
 
 /// What the config loader saw that an operator should know about but is not an error.
@@ -533,7 +549,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
-        if !crate::store::is_embedded(&self.store)
+        if !is_embedded(&self.store)
             && !self.store.starts_with("redis://")
             && !self.store.starts_with("rediss://")
         {
@@ -542,7 +558,7 @@ impl Config {
                 self.store
             ));
         }
-        if !crate::store::is_embedded(&self.store) && self.auth.key_secret.is_none() {
+        if !is_embedded(&self.store) && self.auth.key_secret.is_none() {
             return invalid(
                 "auth.key_secret is required with a Redis store: every replica must hash API keys \
                  alike, and keys must survive a restart"
@@ -614,7 +630,7 @@ impl Config {
             if upstream
                 .api_key
                 .as_ref()
-                .is_some_and(|key| crate::backends::bearer_authorization(key).is_err())
+                .is_some_and(|key| bearer_authorization(key).is_err())
             {
                 return invalid(format!(
                     "upstream {:?}: api_key must be printable ASCII (it is sent as a header)",

@@ -11,10 +11,9 @@ use http::{HeaderName, HeaderValue};
 
 use crate::backends::Backend;
 use crate::error::ApiError;
+use crate::ledger::{Award, Outcome, UsageEvent, UsageProcessor};
 use crate::plugins::{self, PluginHost, Slot};
-use crate::state::AppState;
 use crate::store::{ApiKeyRecord, Store};
-use crate::usage::{Award, Outcome, UsageEvent, UsageProcessor};
 
 /// Bytes of the prompt that make its "prefix" for affinity routing: about the system prompt and
 /// first turn, which is what repeats across a conversation and what a KV cache keeps.
@@ -66,7 +65,7 @@ pub struct Policy {
 }
 
 fn budget_key(key_id: &str) -> String {
-    format!("budget_exhausted:{key_id}")
+    crate::store::keyspace::budget_exhausted(key_id)
 }
 
 impl Policy {
@@ -134,19 +133,24 @@ fn rate_limit_headers(h: &plugins::RateLimitHeaders) -> Vec<(HeaderName, HeaderV
     out
 }
 
+/// What admission decided: the rate limit headers for the response, and the limiter version
+/// that reserved capacity for the request (its settlement goes there).
+pub struct Admitted {
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub reservation: Option<plugins::Reservation>,
+}
+
 /// Admission: the key's budget, then the rate limiter. The headers go on the response.
 pub async fn admit(
-    state: &AppState,
+    policy: &Policy,
+    store: &dyn Store,
+    plugins: &PluginHost,
     key: &ApiKeyRecord,
     model: &str,
     request_id: &str,
     facts: &RequestFacts,
-) -> Result<Vec<(HeaderName, HeaderValue)>, ApiError> {
-    if state
-        .policy
-        .budget_spent(state.store.as_ref(), &key.id)
-        .await?
-    {
+) -> Result<Admitted, ApiError> {
+    if policy.budget_spent(store, &key.id).await? {
         return Err(ApiError::TooManyRequests {
             message: "You exceeded your current quota: this key's budget is spent.".into(),
             code: "insufficient_quota",
@@ -154,8 +158,12 @@ pub async fn admit(
             headers: Vec::new(),
         });
     }
-    if !state.plugins.is_active(plugins::Slot::RateLimiter) {
-        return Ok(Vec::new());
+    let nothing = || Admitted {
+        headers: Vec::new(),
+        reservation: None,
+    };
+    if !plugins.is_active(plugins::Slot::RateLimiter) {
+        return Ok(nothing());
     }
     let admission = plugins::Admission {
         request_id: request_id.to_owned(),
@@ -164,12 +172,15 @@ pub async fn admit(
         reserved_tokens: facts.reserved_tokens(),
         key_metadata: serde_json::Value::Object(key.metadata.clone()).to_string(),
     };
-    let Some(decision) = state.plugins.admit(&admission).await else {
-        return Ok(Vec::new());
+    let Some((decision, reservation)) = plugins.admit_reserving(&admission).await else {
+        return Ok(nothing());
     };
     let headers = rate_limit_headers(&decision.headers);
     if decision.allow {
-        return Ok(headers);
+        return Ok(Admitted {
+            headers,
+            reservation,
+        });
     }
     let message = if decision.reason.is_empty() {
         "Rate limit reached for this key; retry later.".to_owned()
@@ -187,7 +198,7 @@ pub async fn admit(
 /// Orders the healthy candidates by the router plugin's preference; the built-in round robin
 /// order when there is no router or it faulted.
 pub async fn order(
-    state: &AppState,
+    plugins: &PluginHost,
     key_id: &str,
     model: &str,
     stream: bool,
@@ -196,7 +207,7 @@ pub async fn order(
 ) -> Vec<Arc<Backend>> {
     // One candidate leaves nothing to choose (a router may only reorder or leave out), and
     // without a router there is nobody to describe the candidates to.
-    if candidates.len() < 2 || !state.plugins.is_active(plugins::Slot::Router) {
+    if candidates.len() < 2 || !plugins.is_active(plugins::Slot::Router) {
         return candidates;
     }
     let request = plugins::RouteRequest {
@@ -210,7 +221,7 @@ pub async fn order(
     let described: Vec<plugins::Candidate> = candidates.iter().map(|b| describe(b)).collect();
     let infos: Vec<Arc<plugins::CandidateInfo>> =
         candidates.iter().map(|b| Arc::clone(&b.info)).collect();
-    match state.plugins.route(&request, &described, &infos).await {
+    match plugins.route(&request, &described, &infos).await {
         Some(order) => order
             .into_iter()
             .filter_map(|i| candidates.get(i as usize).cloned())
@@ -235,19 +246,20 @@ fn describe(backend: &Backend) -> plugins::Candidate {
     }
 }
 
-/// Tells the rate limiter what an admitted request really used, off the request's path.
+/// Tells the rate limiter version that admitted a request (`reservation`) what it really used,
+/// off the request's path. Nothing to do for a request no limiter reserved for.
 pub fn settle(
-    state: &AppState,
+    plugins: &Arc<PluginHost>,
+    reservation: Option<&plugins::Reservation>,
     request_id: &str,
     key_id: &str,
     model: &str,
     reserved: u32,
     used: u64,
 ) {
-    // Nothing to settle with (and no task to spawn) when no rate limiter is installed.
-    if !state.plugins.is_active(plugins::Slot::RateLimiter) {
+    let Some(reservation) = reservation else {
         return;
-    }
+    };
     let settlement = plugins::Settlement {
         request_id: request_id.to_owned(),
         key_id: key_id.to_owned(),
@@ -255,8 +267,8 @@ pub fn settle(
         reserved_tokens: reserved,
         used_tokens: used.min(u64::from(u32::MAX)) as u32,
     };
-    let plugins = Arc::clone(&state.plugins);
-    tokio::spawn(async move { plugins.settle(&settlement).await });
+    let (plugins, reservation) = (Arc::clone(plugins), reservation.clone());
+    tokio::spawn(async move { plugins.settle_with(&reservation, &settlement).await });
 }
 
 /// Meters and rewards usage events with the meter and reward plugins.

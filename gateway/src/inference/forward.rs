@@ -15,14 +15,14 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 
 use crate::backends::{Backend, InFlight};
-use crate::billing::{OutputCount, RequestBounds, TextKind, bill};
 use crate::error::ApiError;
+use crate::inference::sse::{self, SseTap, Usage, error_event, usage_of_body};
+use crate::ledger::UsageEvent;
+use crate::ledger::billing::{OutputCount, RequestBounds, TextKind, bill};
 use crate::metrics::RouteSeries;
-use crate::sse::{self, SseTap, Usage, error_event, usage_of_body};
 use crate::state::AppState;
 use crate::store::ApiKeyRecord;
 use crate::upstream::{UpstreamBody, UpstreamResponse};
-use crate::usage::UsageEvent;
 
 /// One admitted request, ready to send.
 pub struct Outgoing {
@@ -47,6 +47,8 @@ pub struct Outgoing {
     pub reserved_tokens: u32,
     /// What the request allows its usage to be, for the bill.
     pub bounds: RequestBounds,
+    /// The rate limiter version that admitted the request, which its settlement goes to.
+    pub reservation: Option<crate::plugins::Reservation>,
     /// The metrics of this route and model.
     pub series: Arc<RouteSeries>,
 }
@@ -180,8 +182,9 @@ impl Drop for Abandoned<'_> {
 
 /// Settles the rate limiter's reservation of `out` with the tokens the request `used`.
 fn settle(state: &AppState, out: &Outgoing, used: u64) {
-    crate::policy::settle(
-        state,
+    crate::inference::policy::settle(
+        &state.plugins,
+        out.reservation.as_ref(),
         out.request_id(),
         &out.key.id,
         &out.model,
@@ -441,7 +444,7 @@ enum Metered<'a> {
 }
 
 /// Everything that happens when a request ends, `total` after it started: metrics, the usage
-/// event (what the gateway bills, see [`crate::billing`]), the backend's measured speed, and
+/// event (what the gateway bills, see [`crate::ledger::billing`]), the backend's measured speed, and
 /// the rate limiter's settlement.
 fn finish(
     state: &AppState,
@@ -461,7 +464,7 @@ fn finish(
         Metered::Abandoned => (None, OutputCount::default()),
     };
     let billed = bill(reported, &output, &out.bounds, || {
-        crate::billing::media_parts(&out.body)
+        crate::ledger::billing::media_parts(&out.body)
     });
     state.usage.note_corrections(
         &billed.corrections,

@@ -1,4 +1,7 @@
-//! The HTTP surface: every route, its OpenAPI description, and the layers around them.
+//! The HTTP surface: every route, its OpenAPI description, and the layers around them; how
+//! connections are accepted ([`listener`]).
+
+pub mod listener;
 
 use axum::Json;
 use axum::extract::{DefaultBodyLimit, State};
@@ -12,10 +15,15 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
+use crate::batch::api as batch_api;
 use crate::error::ApiError;
+use crate::inference::api as openai;
+use crate::keys::api as admin;
+use crate::ledger::api as usage_api;
+use crate::nodes::api as node_api;
+use crate::plugins::api as plugins_api;
 use crate::request_id::RequestIdLayer;
 use crate::state::AppState;
-use crate::{admin, batch_api, node_api, openai, plugins_api, usage_api};
 
 #[derive(OpenApi)]
 #[openapi(

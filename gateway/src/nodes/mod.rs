@@ -5,6 +5,8 @@
 //! replica can enroll rigs, take their heartbeats (relayed through the store's events to the
 //! tunnel's replica) and list them.
 
+pub mod api;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,15 +19,16 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
-use crate::auth::{KeyHasher, bearer, random_token, unix_now};
 use crate::backends::{Backend, Backends, RigInfo, RigLoad, Transport};
 use crate::config::NodesConfig;
 use crate::error::ApiError;
+use crate::keys::{KeyHasher, bearer, random_token, unix_now};
+use crate::store::keyspace::{
+    ENROLLMENT_TOKENS as TOKEN_KIND, NODES as NODE_KIND, enrollment_uses, node_live,
+};
 use crate::store::{Store, StoreError, StoreEvent};
 use crate::upstream::RequestBody;
 
-const NODE_KIND: &str = "node";
-const TOKEN_KIND: &str = "enrollment_token";
 /// How long the last heartbeat of a rig is kept for the admin API after it went silent.
 const LIVE_RECORD_TTL: Duration = Duration::from_secs(3600);
 /// HTTP/2 pings on every tunnel: home routers drop idle NAT mappings after a minute or two, and a
@@ -259,7 +262,7 @@ impl Nodes {
         let ttl = Duration::from_secs(token.expires_at.saturating_sub(unix_now()).max(1));
         let uses = self
             .store
-            .kv_incr(&format!("enroll_uses:{token_id}"), 1, Some(ttl))
+            .kv_incr(&enrollment_uses(token_id), 1, Some(ttl))
             .await?;
         if uses > i64::from(token.max_uses) {
             return Err(ApiError::Unauthorized(
@@ -434,11 +437,7 @@ impl Nodes {
         };
         let json = serde_json::to_vec(&live).map_err(|e| ApiError::Internal(e.to_string()))?;
         self.store
-            .kv_set(
-                &format!("node_live:{}", record.id),
-                &json,
-                Some(LIVE_RECORD_TTL),
-            )
+            .kv_set(&node_live(&record.id), &json, Some(LIVE_RECORD_TTL))
             .await?;
         let here = self.apply_heartbeat(&record.id, heartbeat.clone());
         if !here {
@@ -629,11 +628,7 @@ impl Nodes {
     }
 
     async fn info(&self, record: NodeRecord) -> Result<NodeInfo, ApiError> {
-        let live: Option<LiveRecord> = match self
-            .store
-            .kv_get(&format!("node_live:{}", record.id))
-            .await?
-        {
+        let live: Option<LiveRecord> = match self.store.kv_get(&node_live(&record.id)).await? {
             Some(bytes) => serde_json::from_slice(&bytes).ok(),
             None => None,
         };
@@ -667,7 +662,7 @@ impl Nodes {
     /// heartbeat deadline (on any replica: the live record is in the store) and the rig is not
     /// draining. Empty for a rig that never heartbeated, went silent or is draining.
     pub async fn serving_now(&self, id: &str) -> Result<Vec<String>, ApiError> {
-        let Some(bytes) = self.store.kv_get(&format!("node_live:{id}")).await? else {
+        let Some(bytes) = self.store.kv_get(&node_live(id)).await? else {
             return Ok(Vec::new());
         };
         let Ok(live) = serde_json::from_slice::<LiveRecord>(&bytes) else {

@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
-use crate::billing::{RequestBounds, TextKind};
-use crate::dispatch::{Outgoing, forward};
 use crate::error::{ApiError, ApiPath, ErrorBody, from_rejection};
-use crate::policy::{self, RequestFacts};
+use crate::inference::forward::{Outgoing, forward};
+use crate::inference::policy::{self, RequestFacts};
+use crate::ledger::billing::{RequestBounds, TextKind};
 use crate::request_id::X_REQUEST_ID;
 use crate::state::AppState;
 use crate::store::ApiKeyRecord;
@@ -408,8 +408,19 @@ async fn admit_and_forward(
     let request_id = request_id_value
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    let rate_limit_headers =
-        policy::admit(state, &key, &admitted.model, request_id, &admitted.facts).await?;
+    let policy::Admitted {
+        headers: rate_limit_headers,
+        reservation,
+    } = policy::admit(
+        &state.policy,
+        state.store.as_ref(),
+        &state.plugins,
+        &key,
+        &admitted.model,
+        request_id,
+        &admitted.facts,
+    )
+    .await?;
     let reserved = admitted.facts.reserved_tokens();
     let bounds = RequestBounds {
         request_bytes: body.len() as u64,
@@ -419,7 +430,7 @@ async fn admit_and_forward(
         text: endpoint.text_kind(admitted.stream),
     };
     let candidates = policy::order(
-        state,
+        &state.plugins,
         &key.id,
         &admitted.model,
         admitted.stream,
@@ -455,6 +466,7 @@ async fn admit_and_forward(
                 .map_or(0, |d| d.as_millis() as u64),
             reserved_tokens: reserved,
             bounds,
+            reservation,
         },
     )
     .await;

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ApiPath, ApiQuery, ErrorBody};
+use crate::ledger::{DailyUsage, LedgerEntry, OperatorPoints};
 use crate::state::AppState;
-use crate::usage::{DailyUsage, LedgerEntry, OperatorPoints};
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct UsageList {

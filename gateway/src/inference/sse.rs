@@ -12,15 +12,7 @@ use std::borrow::Cow;
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
-/// Token counts as OpenAI reports them; the Responses API names them `input_tokens` and
-/// `output_tokens`.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
-pub struct Usage {
-    #[serde(default, alias = "input_tokens")]
-    pub prompt_tokens: u64,
-    #[serde(default, alias = "output_tokens")]
-    pub completion_tokens: u64,
-}
+pub use crate::ledger::billing::Usage;
 
 #[derive(Deserialize)]
 struct ChunkHead {

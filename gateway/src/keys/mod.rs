@@ -1,6 +1,8 @@
 //! API keys: generated here, shown once, stored only as an HMAC under the server's secret, and
 //! looked up through an in-process cache that store events invalidate.
 
+pub mod api;
+
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -1,0 +1,138 @@
+//! Every name the gateway gives its state in the store, in one place: what a Redis deployment
+//! holds, which module owns each name, and what is in it. A module reads and writes only the
+//! names listed for it here.
+//!
+//! The store has four shapes (see [`Store`](super::Store)): API keys (their own methods),
+//! **records** (a kind, then records by id), **kv** (values and counters, optionally expiring)
+//! and **queues** (items leased and acknowledged). On Redis each is prefixed (`garage:`) by the
+//! Redis store itself.
+
+// ---- keys ---------------------------------------------------------------------------------
+// API keys: by HMAC and by id, through `Store::put_key` and friends (owner: `keys`).
+
+// ---- nodes (owner: `nodes`) ----------------------------------------------------------------
+
+/// Records: a rig's identity and state, by node id.
+pub const NODES: &str = "node";
+/// Records: enrollment tokens, by token id (their secret is stored hashed).
+pub const ENROLLMENT_TOKENS: &str = "enrollment_token";
+
+/// Kv counter: uses of an enrollment token (expires with the token).
+pub fn enrollment_uses(token_id: &str) -> String {
+    format!("enroll_uses:{token_id}")
+}
+
+/// Kv: a rig's last heartbeat, when it came (kept an hour after it went silent).
+pub fn node_live(node_id: &str) -> String {
+    format!("node_live:{node_id}")
+}
+
+// ---- the request path (owner: `inference::policy`) ---------------------------------------
+
+/// Kv: set once a key's budget is spent (the meter said so): its requests get 429.
+pub fn budget_exhausted(key_id: &str) -> String {
+    format!("budget_exhausted:{key_id}")
+}
+
+// ---- the ledger (owner: `ledger`) -----------------------------------------------------------
+
+/// Queue: usage events waiting for metering and rewards (Redis deployments).
+pub const USAGE_QUEUE: &str = "usage_queue";
+/// Records: a request's ledger entry (event, charge, awards), by request id.
+pub const USAGE_LEDGER: &str = "usage_ledger";
+/// Records: the (key, model, day) slots that have counters, for listing usage.
+pub const USAGE_DAILY_INDEX: &str = "usage_daily_index";
+/// Records: operators that were ever awarded points, for the leaderboard.
+pub const REWARD_OPERATOR_INDEX: &str = "reward_operator_index";
+
+/// Kv counter: one total (`requests`, `prompt`, `completion`, `credits_micro`) of a
+/// `key|model|day` slot.
+pub fn usage_counter(slot: &str, name: &str) -> String {
+    format!("usage:{slot}:{name}")
+}
+
+/// Kv counter: an operator's points, in millionths.
+pub fn operator_points(operator: &str) -> String {
+    format!("points_micro:{operator}")
+}
+
+/// Kv: set once the awards of a rig report are credited (credited once however often it is
+/// retried).
+pub fn awarded(report_id: &str) -> String {
+    format!("awarded:{report_id}")
+}
+
+/// Queue: rigs' availability reports waiting for the reward plugin (owner: `server`).
+pub const RIG_REPORT_QUEUE: &str = "rig_report_queue";
+
+// ---- the Batch API (owner: `batch`) ---------------------------------------------------------
+
+/// Records: File objects with their owner, by file id.
+pub const FILES: &str = "files";
+/// Records: file contents, by file id.
+pub const FILE_CONTENT: &str = "file_content";
+/// Records: Batch objects with their owner and models, by batch id.
+pub const BATCHES: &str = "batches";
+/// Records: the queues that hold lines, one per (batch, model).
+pub const BATCH_QUEUES: &str = "batch_queues";
+/// Kv: set once the per-owner indexes hold every file and batch.
+pub const BATCH_OWNER_INDEX_DONE: &str = "batch_owner_index_v1";
+
+/// Records: a key's File objects, by file id (listing reads the key's own).
+pub fn files_of(owner: &str) -> String {
+    format!("files_of:{owner}")
+}
+
+/// Records: a key's batch ids.
+pub fn batches_of(owner: &str) -> String {
+    format!("batches_of:{owner}")
+}
+
+/// Kv counters: a key's uploaded files and their bytes (its quotas).
+pub fn file_quota_count(owner: &str) -> String {
+    format!("file_quota_count:{owner}")
+}
+
+/// See [`file_quota_count`].
+pub fn file_quota_bytes(owner: &str) -> String {
+    format!("file_quota_bytes:{owner}")
+}
+
+/// Records: a batch's answers, by line number, until it is finalized.
+pub fn batch_results(batch_id: &str) -> String {
+    format!("batch_results:{batch_id}")
+}
+
+/// Queue: a batch's lines for one model.
+pub fn batch_queue(batch_id: &str, model: &str) -> String {
+    format!("batch:{batch_id}:{model}")
+}
+
+/// Kv (expires with the lease): which rig holds a line, and what its request allows.
+pub fn batch_holder(batch_id: &str, model: &str, line: u64) -> String {
+    format!("batch_holder:{batch_id}:{model}:{line}")
+}
+
+/// Kv counter: a batch's `completed` or `failed` lines.
+pub fn batch_count(batch_id: &str, name: &str) -> String {
+    format!("batch_count:{batch_id}:{name}")
+}
+
+/// Kv (expiring): the replica finalizing a batch.
+pub fn batch_finalize_lock(batch_id: &str) -> String {
+    format!("batch_finalize:{batch_id}")
+}
+
+// ---- plugins (owner: `plugins`) -------------------------------------------------------------
+
+/// Records: uploaded components, by sha256.
+pub const PLUGIN_COMPONENTS: &str = "plugin_component";
+/// Records: each slot's active version, canary and history, by slot.
+pub const PLUGIN_SLOTS: &str = "plugin_slot";
+/// Records: every version uploaded, by `slot:sha256`.
+pub const PLUGIN_VERSIONS: &str = "plugin_version";
+
+/// Kv prefix of a slot's plugin state (what its `kv` interface sees), shared by its versions.
+pub fn plugin_namespace(slot: &str) -> String {
+    format!("plugin:{slot}:")
+}
