@@ -3,29 +3,11 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-use utoipa::ToSchema;
 
 use crate::store::StoreError;
 
-/// OpenAI's error envelope: `{"error": {"message", "type", "param", "code"}}`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorDetail {
-    /// Human-readable explanation.
-    pub message: String,
-    /// Error class, e.g. `invalid_request_error`, `server_error`.
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    /// The request parameter at fault, if any.
-    pub param: Option<&'static str>,
-    /// Machine-readable code, e.g. `invalid_api_key`, `model_not_found`.
-    pub code: Option<&'static str>,
-}
+/// OpenAI's error envelope, shared with node-runner (see [`garage_node_protocol::ErrorBody`]).
+pub use garage_node_protocol::{ErrorBody, ErrorDetail};
 
 /// Where a failure came from: the client, a backend, or the gateway itself. Decides the status
 /// class and whether another backend may help.
@@ -161,9 +143,9 @@ impl ApiError {
         ErrorBody {
             error: ErrorDetail {
                 message: self.to_string(),
-                kind: self.kind(),
-                param: self.param(),
-                code: self.code(),
+                kind: self.kind().to_owned(),
+                param: self.param().map(str::to_owned),
+                code: self.code().map(str::to_owned),
             },
         }
     }

@@ -38,6 +38,7 @@ pub struct Metrics {
 /// out; a request made six of those (counter, duration, tokens twice, time to first token).
 pub struct RouteSeries {
     route: &'static str,
+    model: Box<str>,
     /// `garage_requests_total` with status 200, the usual one; other statuses are looked up.
     pub ok: IntCounter,
     pub duration: Histogram,
@@ -145,6 +146,7 @@ impl Metrics {
         }
         let made = Arc::new(RouteSeries {
             route,
+            model: model.into(),
             ok: self.requests.with_label_values(&[route, model, "200"]),
             duration: self.request_duration.with_label_values(&[route, model]),
             time_to_first_token: self.time_to_first_token.with_label_values(&[model]),
@@ -165,12 +167,12 @@ impl Metrics {
     }
 
     /// Counts a request that got an answer with `status`.
-    pub fn count(&self, series: &RouteSeries, model: &str, status: http::StatusCode) {
+    pub fn count(&self, series: &RouteSeries, status: http::StatusCode) {
         if status == http::StatusCode::OK {
             series.ok.inc();
         } else {
             self.requests
-                .with_label_values(&[series.route, model, status.as_str()])
+                .with_label_values(&[series.route, &series.model, status.as_str()])
                 .inc();
         }
     }

@@ -78,7 +78,7 @@ where
         // Made for every request, and formatted when it is made: the id alone, which is what
         // ties a line logged inside the request to it (method and path go on the debug line
         // when the response leaves). With method and path too, it cost ~11k instructions per
-        // request at the default level, 15 % of the gateway's (docs/benchmarks.md).
+        // request at the default level, 15 % of the gateway's (docs/journal/benchmarks.md).
         let span = tracing::info_span!(
             "request",
             // Display, not Debug: Debug escapes a `str` character by character.

@@ -34,6 +34,53 @@ pub const TUNNEL_PROTOCOL: &str = "garage-tunnel/1";
 /// ignores it).
 pub const TUNNEL_AUTHORITY: &str = "rig.garage";
 
+/// OpenAI's error envelope, `{"error": {"message", "type", "param", "code"}}`: how every part
+/// of the project answers a failure — the gateway (its responses and the error event that ends
+/// a stream that broke off), and node-runner (to the gateway, over a rig's tunnel). The openai
+/// SDKs read it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// The inside of [`ErrorBody`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ErrorDetail {
+    /// Human-readable explanation.
+    pub message: String,
+    /// Error class: `invalid_request_error`, `permission_error`, `rate_limit_error`,
+    /// `insufficient_quota`, `server_error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request parameter at fault, if any.
+    pub param: Option<String>,
+    /// Machine-readable code, such as `invalid_api_key`, `model_not_found`, `upstream_error`.
+    pub code: Option<String>,
+}
+
+impl ErrorBody {
+    /// An error of class `kind` with `code`, about no parameter in particular.
+    pub fn new(message: impl Into<String>, kind: &str, code: Option<&str>) -> Self {
+        ErrorBody {
+            error: ErrorDetail {
+                message: message.into(),
+                kind: kind.to_owned(),
+                param: None,
+                code: code.map(str::to_owned),
+            },
+        }
+    }
+
+    /// The JSON text of it.
+    pub fn to_json(&self) -> String {
+        // A struct of strings always serializes.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
 /// `POST /node/v1/enroll` body.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

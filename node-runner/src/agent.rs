@@ -491,11 +491,10 @@ type TunnelBody = BoxBody<Bytes, std::io::Error>;
 
 /// An OpenAI-shaped error answer; 503 makes the gateway try another rig.
 fn error_response(status: u16, message: &str) -> http::Response<TunnelBody> {
-    let body = serde_json::json!({
-        "error": {"message": message, "type": "server_error", "param": null, "code": "rig_unavailable"}
-    });
+    let body =
+        garage_node_protocol::ErrorBody::new(message, "server_error", Some("rig_unavailable"));
     let mut response = http::Response::new(
-        Full::new(Bytes::from(body.to_string()))
+        Full::new(Bytes::from(body.to_json()))
             .map_err(|never| match never {})
             .boxed(),
     );

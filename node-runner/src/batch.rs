@@ -204,10 +204,12 @@ async fn run_line(context: &Context, item: BatchWorkItem) -> Option<BatchLineRes
         let status = response.status().as_u16();
         let body = match response.bytes().await {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                serde_json::json!({"error": {
-                    "message": String::from_utf8_lossy(&bytes),
-                    "type": "server_error", "param": null, "code": null,
-                }})
+                let body = garage_node_protocol::ErrorBody::new(
+                    String::from_utf8_lossy(&bytes),
+                    "server_error",
+                    None,
+                );
+                serde_json::to_value(body).unwrap_or_default()
             }),
             Err(err) => {
                 tracing::warn!(batch = %item.batch_id, line = item.line, error = %err, "engine broke off a batch answer; retrying");

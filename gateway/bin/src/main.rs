@@ -9,7 +9,7 @@ use clap::Parser;
 
 /// mimalloc instead of glibc's malloc: a proxy allocates and frees small buffers on every
 /// request from two or more worker threads, where glibc's arenas contend (futex waits) and
-/// consolidate. Measured in docs/benchmarks.md.
+/// consolidate. Measured in docs/journal/benchmarks.md.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

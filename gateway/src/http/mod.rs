@@ -159,7 +159,7 @@ pub fn router(state: AppState) -> axum::Router {
 ///
 /// The layers wrap the router once, instead of being added with `Router::layer`, which wraps
 /// each route: that costs a boxed clone of every layer and a boxed future per layer on every
-/// request (measured: about 4 µs of CPU per request, see docs/benchmarks.md).
+/// request (measured: about 4 µs of CPU per request, see docs/journal/benchmarks.md).
 pub fn app(
     state: AppState,
 ) -> impl tower::Service<
@@ -219,7 +219,7 @@ fn cors(config: &crate::config::CorsConfig) -> Option<tower_http::cors::CorsLaye
 /// The three inference routes, taken before the router, which answers everything else (other
 /// methods on their paths included: a `GET` still gets its 405). They are nearly every request
 /// a gateway serves, and the router's path match, its URL-parameter extension and its boxing
-/// of the handler cost about 3,300 instructions each (docs/benchmarks.md). The routes stay in
+/// of the handler cost about 3,300 instructions each (docs/journal/benchmarks.md). The routes stay in
 /// the router too, where the OpenAPI document is built from them.
 ///
 /// They read the request body within `max_body_bytes` themselves, which spares every inference

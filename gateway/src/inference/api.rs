@@ -1,6 +1,7 @@
 //! The OpenAI-compatible API under `/v1`.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Json;
@@ -16,6 +17,7 @@ use crate::error::{ApiError, ApiPath, ErrorBody, from_rejection};
 use crate::inference::forward::{Outgoing, forward};
 use crate::inference::policy::{self, RequestFacts};
 use crate::ledger::billing::{RequestBounds, TextKind};
+use crate::metrics::RouteSeries;
 use crate::request_id::X_REQUEST_ID;
 use crate::state::AppState;
 use crate::store::ApiKeyRecord;
@@ -201,22 +203,28 @@ struct Admitted {
     facts: RequestFacts,
 }
 
+/// OpenAI's codes for a request missing a field, or with a field of the wrong type.
+const MISSING: &str = "missing_required_parameter";
+const INVALID_TYPE: &str = "invalid_type";
+
 fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
     let head: RequestHead<'_> = serde_json::from_slice(body).map_err(|err| {
-        ApiError::bad_request(
+        ApiError::bad_request_code(
             format!(
                 "We could not parse the JSON body of your request ({err}). The body must be a \
                  JSON object."
             ),
             None,
+            "invalid_json",
         )
     })?;
     let model = match head.model {
         Some(model) if !model.is_empty() => model.into_owned(),
         _ => {
-            return Err(ApiError::bad_request(
+            return Err(ApiError::bad_request_code(
                 "You must provide a model parameter.",
                 Some("model"),
+                MISSING,
             ));
         }
     };
@@ -247,23 +255,26 @@ fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
     );
     match input.map(|raw| raw.get().trim_start().as_bytes().first().copied()) {
         None | Some(Some(b'n')) => {
-            return Err(ApiError::bad_request(
+            return Err(ApiError::bad_request_code(
                 format!("Missing required parameter: '{field}'."),
                 Some(field),
+                MISSING,
             ));
         }
         Some(first) if matches!(endpoint, Endpoint::Chat) && first != Some(b'[') => {
-            return Err(ApiError::bad_request(
+            return Err(ApiError::bad_request_code(
                 "Invalid type for 'messages': expected an array of messages.",
                 Some("messages"),
+                INVALID_TYPE,
             ));
         }
         Some(first)
             if matches!(endpoint, Endpoint::Responses) && !matches!(first, Some(b'"' | b'[')) =>
         {
-            return Err(ApiError::bad_request(
+            return Err(ApiError::bad_request_code(
                 "Invalid type for 'input': expected a string or an array of input items.",
                 Some("input"),
+                INVALID_TYPE,
             ));
         }
         _ => {}
@@ -271,9 +282,10 @@ fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
     if let Some((field, value)) = other
         && value.is_none_or(|raw| raw.get().trim_start().starts_with('n'))
     {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::bad_request_code(
             format!("Missing required parameter: '{field}'."),
             Some(field),
+            MISSING,
         ));
     }
     let stream = endpoint.streams() && head.stream.unwrap_or(false);
@@ -373,20 +385,22 @@ async fn proxy(
     request: Request,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let result = admit_and_forward(&state, endpoint, request, started).await;
-    if let Err(err) = &result {
-        // Errors before a backend was chosen. The model label stays bounded: a model nobody
-        // serves is not recorded by name.
-        if !matches!(
-            err,
-            ApiError::BadGateway(_) | ApiError::GatewayTimeout(_) | ApiError::Unavailable(_)
-        ) {
-            state
-                .metrics
-                .requests
-                .with_label_values(&[endpoint.route(), "", err.status().as_str()])
-                .inc();
-        }
+    let mut series = None;
+    let result = admit_and_forward(&state, endpoint, request, started, &mut series).await;
+    // Every answer is counted here, once: errors before a backend was chosen (a bad key, no
+    // healthy backend, the store down) as well as the backends' answers. The model label
+    // stays bounded: a model nobody serves is not recorded by name.
+    let status = match &result {
+        Ok(response) => response.status(),
+        Err(err) => err.status(),
+    };
+    match &series {
+        Some(series) => state.metrics.count(series, status),
+        None => state
+            .metrics
+            .requests
+            .with_label_values(&[endpoint.route(), "", status.as_str()])
+            .inc(),
     }
     result
 }
@@ -396,6 +410,7 @@ async fn admit_and_forward(
     endpoint: Endpoint,
     mut request: Request,
     started: Instant,
+    series: &mut Option<Arc<RouteSeries>>,
 ) -> Result<Response, ApiError> {
     let headers = &std::mem::take(request.headers_mut());
     let key = state.auth.authenticate(headers).await?;
@@ -403,6 +418,11 @@ async fn admit_and_forward(
     let admitted = parse(endpoint, &body)?;
     check_model_allowed(&key, &admitted.model)?;
     let candidates = state.backends.snapshot().candidates(&admitted.model)?;
+    // A model some backend serves: its requests are counted by name from here on.
+    let route_series = state
+        .metrics
+        .route_series(endpoint.route(), &admitted.model);
+    *series = Some(Arc::clone(&route_series));
     // Set by `RequestIdLayer` on every request.
     let request_id_value = headers.get(X_REQUEST_ID);
     let request_id = request_id_value
@@ -449,9 +469,7 @@ async fn admit_and_forward(
         state,
         &candidates,
         Outgoing {
-            series: state
-                .metrics
-                .route_series(endpoint.route(), &admitted.model),
+            series: route_series,
             path: endpoint.path(),
             model: admitted.model,
             body,
@@ -849,6 +867,29 @@ pub struct ScoreRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 400 says what went wrong for programs too, as OpenAI's does (it was always null).
+    #[test]
+    fn refusals_carry_openai_codes() {
+        let code = |e: Endpoint, b: &str| {
+            parse(e, b.as_bytes())
+                .err()
+                .map(|e| e.body().error.code.unwrap_or_default())
+        };
+        assert_eq!(
+            code(Endpoint::Chat, r#"{"model":"m"}"#).as_deref(),
+            Some(MISSING)
+        );
+        assert_eq!(
+            code(Endpoint::Chat, r#"{"messages":[]}"#).as_deref(),
+            Some(MISSING)
+        );
+        assert_eq!(
+            code(Endpoint::Chat, r#"{"model":"m","messages":"hi"}"#).as_deref(),
+            Some(INVALID_TYPE)
+        );
+        assert_eq!(code(Endpoint::Chat, "{").as_deref(), Some("invalid_json"));
+    }
 
     #[test]
     fn parse_rejects_what_openai_rejects() {

@@ -218,14 +218,10 @@ async fn send<'a>(
             // of a slow request, so a timeout ends the attempt.
             Err(_) => {
                 state.metrics.backend_error(&backend.id, "timeout");
-                return Err(count(
-                    state,
-                    out,
-                    ApiError::GatewayTimeout(format!(
-                        "The backend did not answer within {} s.",
-                        dispatch.first_byte_timeout_secs
-                    )),
-                ));
+                return Err(ApiError::GatewayTimeout(format!(
+                    "The backend did not answer within {} s.",
+                    dispatch.first_byte_timeout_secs
+                )));
             }
             Ok(Err(err)) => {
                 let kind = if err.connect { "connect" } else { "send" };
@@ -274,18 +270,11 @@ async fn send<'a>(
         for failed in failed_5xx {
             failed.cool_down(dispatch.cooldown());
         }
-        state.metrics.count(&out.series, &out.model, status);
         return Ok((backend, in_flight, response));
     }
     let error =
         last_error.unwrap_or_else(|| ApiError::Unavailable("No backend could be tried.".into()));
-    Err(count(state, out, error))
-}
-
-/// Counts a request that ended in a gateway error after admission.
-fn count(state: &AppState, out: &Outgoing, error: ApiError) -> ApiError {
-    state.metrics.count(&out.series, &out.model, error.status());
-    error
+    Err(error)
 }
 
 /// A non-streamed answer: read it whole (bounded in time and size), meter it, pass it on
@@ -418,9 +407,7 @@ async fn openai_error_shape(response: Response) -> Response {
         s if s.is_server_error() => "server_error",
         _ => "invalid_request_error",
     };
-    let body = serde_json::json!({
-        "error": {"message": message, "type": kind, "param": null, "code": "upstream_error"}
-    });
+    let body = crate::error::ErrorBody::new(message, kind, Some("upstream_error"));
     let mut response = (status, axum::Json(body)).into_response();
     response.headers_mut().remove(header::CONTENT_LENGTH);
     response

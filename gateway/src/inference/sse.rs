@@ -322,15 +322,9 @@ fn is_output_event(event: &[u8]) -> bool {
 /// An SSE event carrying an OpenAI-shaped error: how a stream that already started reports a
 /// failure (the openai SDKs raise it as an `APIError`).
 pub fn error_event(message: &str) -> Bytes {
-    let body = serde_json::json!({
-        "error": {
-            "message": message,
-            "type": "server_error",
-            "param": null,
-            "code": "upstream_error",
-        }
-    });
-    Bytes::from(format!("data: {body}\n\n"))
+    let body =
+        garage_node_protocol::ErrorBody::new(message, "server_error", Some("upstream_error"));
+    Bytes::from(format!("data: {}\n\n", body.to_json()))
 }
 
 #[cfg(test)]

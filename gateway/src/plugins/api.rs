@@ -148,7 +148,7 @@ pub async fn activate(
 #[utoipa::path(
     post, path = "/admin/plugins/{slot}/promote", tag = "admin",
     params(("slot" = String, Path, description = "router, rate-limiter, meter or reward")),
-    responses((status = 200, body = VersionInfo), (status = 400, description = "No canary", body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = VersionInfo), (status = 400, description = "No canary", body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, description = "Unknown slot", body = ErrorBody)),
     security(("admin_token" = []))
 )]
 pub async fn promote(
@@ -164,7 +164,7 @@ pub async fn promote(
 #[utoipa::path(
     post, path = "/admin/plugins/{slot}/rollback", tag = "admin",
     params(("slot" = String, Path, description = "router, rate-limiter, meter or reward")),
-    responses((status = 200, body = VersionInfo), (status = 400, description = "Nothing to roll back to", body = ErrorBody), (status = 401, body = ErrorBody)),
+    responses((status = 200, body = VersionInfo), (status = 400, description = "Nothing to roll back to", body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, description = "Unknown slot", body = ErrorBody)),
     security(("admin_token" = []))
 )]
 pub async fn rollback(

@@ -10,7 +10,7 @@ use tokio::sync::broadcast;
 use super::{ApiKeyRecord, EVENT_BUFFER, QueueCounts, QueueItem, Store, StoreError, StoreEvent};
 
 /// Hash maps with foldhash instead of std's SipHash (several lookups per request; see
-/// docs/benchmarks.md). Seeded per process, like std's: keys can come from clients.
+/// docs/journal/benchmarks.md). Seeded per process, like std's: keys can come from clients.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::quality::RandomState>;
 
 #[derive(Default)]

@@ -1,16 +1,14 @@
 //! Usage events: queued durably, processed once into the ledger, readable through the API.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::support::*;
 use async_trait::async_trait;
 use garage_gateway::ledger::{Award, LEDGER, Outcome, Usage, UsageEvent, UsageProcessor};
 use garage_gateway::store::{MemoryStore, QueueItem, Store};
 use serde_json::json;
-use support::*;
 
 fn event(id: &str, key: &str) -> UsageEvent {
     UsageEvent {

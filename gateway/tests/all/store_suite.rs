@@ -1,14 +1,12 @@
 //! One suite, run against every store implementation.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::{RedisServer, wait_until};
 use garage_gateway::store::{
     ApiKeyRecord, MemoryStore, QueueCounts, QueueItem, RedisStore, Store, StoreEvent,
 };
-use support::{RedisServer, wait_until};
 
 fn record(id: &str, hash: &str, created_at: u64) -> ApiKeyRecord {
     ApiKeyRecord {

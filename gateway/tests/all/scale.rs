@@ -2,16 +2,14 @@
 //! their tunnels and heartbeat; requests spread across all of them. The gateway's own memory
 //! and CPU at this size are measured by `bench/rigs.sh`, out of process.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use futures::StreamExt;
 use garage_node_runner::agent::{Agent, AgentOptions};
 use garage_node_runner::cli::simulated_engine;
 use garage_node_runner::engines::EngineSet;
 use serde_json::json;
-use support::*;
 
 const RIGS: usize = 200;
 

@@ -1,12 +1,10 @@
 //! Several gateway replicas on one Redis: shared keys, revocation everywhere within a second,
 //! keys that survive a restart.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use serde_json::json;
-use support::*;
 
 fn redis_config(redis: &RedisServer, upstream_url: String) -> garage_gateway::Config {
     let mut cfg = config(vec![upstream("a", upstream_url)]);

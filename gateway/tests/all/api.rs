@@ -1,17 +1,15 @@
 //! The gateway over real sockets: a gateway on port 0, simulated engines in front of it, the
 //! embedded store.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::support::*;
 use axum::routing::post;
 use futures::StreamExt;
 use garage_gateway::config::UpstreamConfig;
 use garage_sim_engine::{Faults, SimConfig, SimEngine};
 use serde_json::json;
-use support::*;
 
 /// A backend that answers with what it received, so tests can see exactly what the gateway sent.
 async fn echo_upstream() -> (String, tokio::task::JoinHandle<()>) {
@@ -683,6 +681,15 @@ async fn backend_failures_map_to_502_503_504() {
     let (status, body) = post_chat(&base, &key, &chat(false)).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(error_of(&body)["code"], "no_backend_available");
+    // Counted too, though it ended before a backend was chosen (it used not to be).
+    assert_metrics_include(
+        &base,
+        &[
+            format!("garage_requests_total{{model=\"{MODEL}\",route=\"chat_completions\",status=\"502\"}} 1"),
+            "garage_requests_total{model=\"\",route=\"chat_completions\",status=\"503\"} 1".to_owned(),
+        ],
+    )
+    .await;
 
     let hanging = sim(SimConfig {
         models: vec![MODEL.into()],

@@ -2,19 +2,17 @@
 //! backend closed them while idle, and never reused after an answer was left half read.
 //! The backend here is a small hyper server that counts the connections it accepts.
 
-mod support;
-
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::support::*;
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
-use support::*;
 
 /// Connections a backend accepted, and how many are still open.
 #[derive(Default)]

@@ -10,16 +10,14 @@
 //! rigs. A node-runner agent that trusts the CA (`gateway_ca_file`) enrolls and serves through
 //! its tunnel; one that trusts only the public roots cannot enroll.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::support::*;
 use garage_gateway::server::Gateway;
 use garage_sim_engine::{SimConfig, SimEngine};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use support::*;
 
 /// A private CA and an engine certificate for `localhost` that it signed, written as PEM files.
 struct Pki {

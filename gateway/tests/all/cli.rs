@@ -1,14 +1,12 @@
 //! The `garage` command line (the real binary) against a real gateway with rigs pulling the
 //! batch work.
 
-mod support;
-
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
+use crate::support::*;
 use serde_json::{Value, json};
-use support::*;
 
 async fn garage(base: &str, key: &str, dir: &Path, args: &[&str]) -> Output {
     tokio::process::Command::new(workspace_binary("garage"))

@@ -1,15 +1,13 @@
 //! Rigs through the real node-runner: enrollment, the reversed HTTP/2 tunnel, heartbeats,
 //! engine supervision, drain and removal, against a gateway on port 0.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::*;
 use futures::StreamExt;
 use serde_json::json;
-use support::*;
 
 /// A gateway that expects heartbeats every second and gives up on a rig after two missed.
 fn rig_gateway_config() -> garage_gateway::Config {

@@ -2,16 +2,14 @@
 //! agent, cancellation, a rig killed mid-batch, Redis replicas sharing one queue, and chat
 //! latency while a 10,000-line batch runs.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use garage_node_runner::agent::Agent;
 use garage_node_runner::batch::BatchOptions;
 use garage_node_runner::config::Driver;
 use serde_json::{Value, json};
-use support::*;
 
 fn chat_line(id: &str, max_tokens: u32) -> String {
     json!({

@@ -2,14 +2,12 @@
 //! rollback, canary, promotion), swaps under load, hostile components, and every replica
 //! following an activation.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use serde_json::json;
-use support::*;
 
 fn with_defaults(upstreams: Vec<garage_gateway::config::UpstreamConfig>) -> garage_gateway::Config {
     let mut cfg = config(upstreams);

@@ -5,18 +5,16 @@
 //!
 //! `cargo test --release -p garage-gateway --test plugin_host -- --nocapture`
 
-mod support;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::{RedisServer, wait_until};
 use garage_gateway::plugins::{
     Admission, Candidate, CandidateInfo, PluginError, PluginHost, PluginsConfig, RigReport,
     RouteRequest, Settlement, Slot, SlotLimits, SlotStatus, UsageEvent,
 };
 use garage_gateway::store::{MemoryStore, RedisStore, Store};
 use sha2::{Digest, Sha256};
-use support::{RedisServer, wait_until};
 
 /// The default plugins and the hostile fixtures, built from `plugins/guests/`.
 mod components {

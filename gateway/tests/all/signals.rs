@@ -1,12 +1,10 @@
 //! The gateway binary: SIGTERM stops it with exit code 0, even while it starts, on either of
 //! the runtimes `worker_threads` picks.
 
-mod support;
-
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 /// `gateway demo` answers on its port before all its rigs are in routing; a SIGTERM in that
 /// window used to kill the process (its signal handler came after the start), exit code -15.

@@ -1,10 +1,8 @@
 //! The OpenAPI spec describes every served route, and every described route is served.
 
-mod support;
-
 use std::collections::BTreeSet;
 
-use support::*;
+use crate::support::*;
 
 /// Routes that are not API operations: Swagger UI's page and assets, and the two catch-alls axum
 /// registers for the fallback (which answers the OpenAI-shaped 404).

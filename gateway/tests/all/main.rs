@@ -1,0 +1,25 @@
+//! Every integration test of the gateway, in one binary: one link of the gateway (and
+//! wasmtime) instead of one per file. Each module is one surface; `support` starts what they
+//! need (a real `redis-server` on a free port, simulated engines, gateways on port 0).
+//!
+//! Run one module with `cargo test -p garage-gateway --test all batch::` (or
+//! `cargo nextest run -E 'test(/^batch::/)'`); the README names the groups.
+
+mod support;
+
+mod api;
+mod batch;
+mod cli;
+mod config_ui;
+mod hostile;
+mod openapi;
+mod plugin_host;
+mod plugins;
+mod redis_replicas;
+mod rigs;
+mod scale;
+mod signals;
+mod store_suite;
+mod tls_upstream;
+mod upstream;
+mod usage;
