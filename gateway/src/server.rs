@@ -16,7 +16,7 @@ use crate::ledger::Usage;
 use crate::metrics::Metrics;
 use crate::nodes::Nodes;
 use crate::plugins::{PluginHost, Slot};
-use crate::state::{AppState, Inner};
+use crate::state::{AppState, Parts};
 use crate::store::{self, QueueItem, StoreError};
 use crate::upstream::{http_client, unix_client};
 
@@ -66,102 +66,23 @@ pub struct Gateway {
 impl Gateway {
     /// Opens the store, binds the listener and starts serving.
     pub async fn start(config: Config) -> Result<Gateway, StartError> {
-        // Before anything else: a certificate that cannot be read stops the start at once.
-        let tls = match (&config.tls_cert_file, &config.tls_key_file) {
-            (Some(cert), Some(key)) => Some(Arc::new(
-                garage_tls::server_config(cert, key)
-                    .map_err(|err| StartError::ServeTls(format!("{err:#}")))?,
-            )),
-            _ => None,
-        };
-        let store = store::open(
-            &config.store,
-            &[(crate::ledger::LEDGER, config.usage.ledger_max_entries)],
-        )
-        .await
-        .map_err(|source| StartError::Store {
-            url: redact_url(&config.store),
-            source,
-        })?;
-        let key_secret = match &config.auth.key_secret {
-            Some(secret) => secret.clone().into_bytes(),
-            // Memory store only (config validation requires a secret with Redis): keys live and
-            // die with this process, so a per-process secret is enough.
-            None => random_token(48).into_bytes(),
-        };
-        let (admin_token, admin_token_file) = admin_token(&config.auth)?;
-        let auth = KeyAuth::new(
-            store.clone(),
-            KeyHasher::new(&key_secret),
-            Duration::from_secs(config.auth.key_cache_secs),
+        let Assembled {
+            state,
+            tls,
+            listener_metrics,
+            admin_token_file,
+            sweep_interval,
+        } = assemble(config).await?;
+        let config = state.config();
+        let (store, auth, backends, nodes, usage, batches, plugins) = (
+            state.store().clone(),
+            state.auth().clone(),
+            state.backends().clone(),
+            state.nodes().clone(),
+            state.usage().clone(),
+            state.batches().clone(),
+            state.plugins().clone(),
         );
-        // One client per CA file: upstreams that name the same `tls_ca_file` share one, and the
-        // rest share the one trusting `dispatch.tls_ca_file` (read even with no upstream: a
-        // broken file is an error).
-        let http = Arc::new(http_client(
-            &config.dispatch,
-            config.dispatch.tls_ca_file.as_deref(),
-        )?);
-        let mut by_ca_file = std::collections::HashMap::new();
-        let client_for = |upstream: &UpstreamConfig| -> Result<_, StartError> {
-            if let Some(socket) = &upstream.unix_socket {
-                return Ok(Arc::new(unix_client(&config.dispatch, socket)));
-            }
-            let Some(path) = &upstream.tls_ca_file else {
-                return Ok(Arc::clone(&http));
-            };
-            if let Some(client) = by_ca_file.get(path) {
-                return Ok(Arc::clone(client));
-            }
-            let client = http_client(&config.dispatch, Some(path)).map_err(|source| {
-                StartError::UpstreamTls {
-                    upstream: upstream.name.clone(),
-                    source,
-                }
-            })?;
-            let client = Arc::new(client);
-            by_ca_file.insert(path.clone(), Arc::clone(&client));
-            Ok(client)
-        };
-        let backends = Arc::new(Backends::from_upstreams(&config.upstreams, client_for)?);
-        let nodes = Nodes::new(
-            store.clone(),
-            KeyHasher::new(&key_secret),
-            backends.clone(),
-            config.nodes.clone(),
-        );
-        // The embedded store lives and dies with this process: its usage queue would add cost
-        // and no durability, so events go from memory straight to the worker.
-        let usage = if crate::config::is_embedded(&config.store) {
-            Usage::in_process(store.clone())
-        } else {
-            Usage::new(store.clone())
-        };
-        let batches = Batches::new(
-            store.clone(),
-            nodes.clone(),
-            usage.clone(),
-            config.batch.clone(),
-        );
-        batches
-            .index_owners()
-            .await
-            .map_err(|source| StartError::Store {
-                url: redact_url(&config.store),
-                source,
-            })?;
-        let sweep_interval = Duration::from_millis(config.batch.sweep_interval_ms.max(100));
-        let plugins = PluginHost::new(store.clone(), config.plugins.clone()).await?;
-        if config.default_plugins {
-            plugins.set_defaults(DEFAULT_PLUGINS);
-            install_defaults(&plugins).await?;
-        }
-        let metrics = Metrics::new();
-        metrics.register_all(plugins.metrics().collectors());
-        metrics.register_all(batches.metrics().collectors());
-        metrics.register_all(usage.collectors());
-        let listener_metrics = crate::http::listener::ListenerMetrics::new();
-        metrics.register_all(listener_metrics.collectors());
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -174,21 +95,6 @@ impl Gateway {
         })?;
         let health_interval = Duration::from_secs(config.dispatch.health_interval_secs.max(1));
         let report_interval = config.nodes.report_interval();
-        let state = AppState::new(Inner {
-            config,
-            store: store.clone(),
-            auth: auth.clone(),
-            backends: backends.clone(),
-            nodes: nodes.clone(),
-            usage: usage.clone(),
-            batches: batches.clone(),
-            plugins: plugins.clone(),
-            policy: Policy::default(),
-            metrics,
-            admin_token,
-            started_at: unix_now(),
-            openapi: Default::default(),
-        });
         let mut background = plugins.spawn_background();
         background.extend([
             auth.spawn_invalidator(),
@@ -213,7 +119,7 @@ impl Gateway {
         let app = crate::http::app(state.clone());
         let scheme = if tls.is_some() { "https" } else { "http" };
         let tls = tls.map(tokio_rustls::TlsAcceptor::from);
-        let limits = crate::http::listener::Limits::resolve(&state.config.connections);
+        let limits = crate::http::listener::Limits::resolve(&state.config().connections);
         tracing::debug!(?limits, "client connection limits");
         let server = tokio::spawn(crate::http::listener::serve(
             listener,
@@ -250,7 +156,7 @@ impl Gateway {
     }
 
     pub fn admin_token(&self) -> &str {
-        &self.state.admin_token
+        self.state.admin_token()
     }
 
     /// The file holding the admin token, when it is in one.
@@ -263,23 +169,23 @@ impl Gateway {
     pub async fn shutdown(self, grace: Duration) -> bool {
         self.shutdown.cancel();
         // Rigs waiting for batch work get their (empty) answer now, not at the end of the wait.
-        self.state.batches.stop();
+        self.state.batches().stop();
         let finished = tokio::time::timeout(grace, self.server).await.is_ok();
         // Usage of the requests that just finished goes to the store's queue before the
         // worker stops (bounded: the store may be what is down).
-        match tokio::time::timeout(Duration::from_secs(2), self.state.usage.flush()).await {
+        match tokio::time::timeout(Duration::from_secs(2), self.state.usage().flush()).await {
             Ok(Ok(_)) => {}
             Ok(Err(err)) => {
-                tracing::warn!(error = %err, pending = self.state.usage.pending_len(), "usage events not queued at shutdown")
+                tracing::warn!(error = %err, pending = self.state.usage().pending_len(), "usage events not queued at shutdown")
             }
             Err(_) => {
                 tracing::warn!(
-                    pending = self.state.usage.pending_len(),
+                    pending = self.state.usage().pending_len(),
                     "usage events not queued at shutdown (store too slow)"
                 )
             }
         }
-        self.state.usage.stop();
+        self.state.usage().stop();
         let worker = self.usage_worker.abort_handle();
         if tokio::time::timeout(Duration::from_secs(2), self.usage_worker)
             .await
@@ -289,8 +195,17 @@ impl Gateway {
             worker.abort();
         }
         // Client requests are done (or out of time): now the rigs' tunnels can close.
-        self.state.nodes.close_all();
-        self.state.plugins.shutdown();
+        self.state.nodes().close_all();
+        // Their limiter settlements, spawned as the requests ended, go through first.
+        if !self
+            .state
+            .plugins()
+            .finish_tasks(Duration::from_secs(2))
+            .await
+        {
+            tracing::warn!("limiter settlements still running at shutdown; abandoned");
+        }
+        self.state.plugins().shutdown();
         for task in self.background {
             task.abort();
         }
@@ -301,6 +216,140 @@ impl Gateway {
 /// Queue of rig availability reports waiting for the reward plugin: durable, so a faulting
 /// plugin or a crash delays uptime rewards instead of losing them.
 use crate::store::keyspace::RIG_REPORT_QUEUE as REPORT_QUEUE;
+
+/// A gateway's parts, made and wired but not serving: no listener, no background task.
+pub struct Assembled {
+    pub state: AppState,
+    /// The TLS configuration to serve with, when the config names a certificate.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub listener_metrics: crate::http::listener::ListenerMetrics,
+    /// Where the admin token is, when it came from a file or was generated into one.
+    pub admin_token_file: Option<std::path::PathBuf>,
+    sweep_interval: Duration,
+}
+
+/// Opens the store and makes every part of a gateway from `config`: what
+/// [`Gateway::start`] serves, and what a test drives without a socket
+/// (`http::app(assembled.state).oneshot(request)`).
+pub async fn assemble(config: Config) -> Result<Assembled, StartError> {
+    // Before anything else: a certificate that cannot be read stops the start at once.
+    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            garage_tls::server_config(cert, key)
+                .map_err(|err| StartError::ServeTls(format!("{err:#}")))?,
+        )),
+        _ => None,
+    };
+    let store = store::open(
+        &config.store,
+        &[(crate::ledger::LEDGER, config.usage.ledger_max_entries)],
+    )
+    .await
+    .map_err(|source| StartError::Store {
+        url: redact_url(&config.store),
+        source,
+    })?;
+    let key_secret = match &config.auth.key_secret {
+        Some(secret) => secret.clone().into_bytes(),
+        // Memory store only (config validation requires a secret with Redis): keys live and
+        // die with this process, so a per-process secret is enough.
+        None => random_token(48).into_bytes(),
+    };
+    let (admin_token, admin_token_file) = admin_token(&config.auth)?;
+    let auth = KeyAuth::new(
+        store.clone(),
+        KeyHasher::new(&key_secret),
+        Duration::from_secs(config.auth.key_cache_secs),
+    );
+    // One client per CA file: upstreams that name the same `tls_ca_file` share one, and the
+    // rest share the one trusting `dispatch.tls_ca_file` (read even with no upstream: a
+    // broken file is an error).
+    let http = Arc::new(http_client(
+        &config.dispatch,
+        config.dispatch.tls_ca_file.as_deref(),
+    )?);
+    let mut by_ca_file = std::collections::HashMap::new();
+    let client_for = |upstream: &UpstreamConfig| -> Result<_, StartError> {
+        if let Some(socket) = &upstream.unix_socket {
+            return Ok(Arc::new(unix_client(&config.dispatch, socket)));
+        }
+        let Some(path) = &upstream.tls_ca_file else {
+            return Ok(Arc::clone(&http));
+        };
+        if let Some(client) = by_ca_file.get(path) {
+            return Ok(Arc::clone(client));
+        }
+        let client = http_client(&config.dispatch, Some(path)).map_err(|source| {
+            StartError::UpstreamTls {
+                upstream: upstream.name.clone(),
+                source,
+            }
+        })?;
+        let client = Arc::new(client);
+        by_ca_file.insert(path.clone(), Arc::clone(&client));
+        Ok(client)
+    };
+    let backends = Arc::new(Backends::from_upstreams(&config.upstreams, client_for)?);
+    let nodes = Nodes::new(
+        store.clone(),
+        KeyHasher::new(&key_secret),
+        backends.clone(),
+        config.nodes.clone(),
+    );
+    // The embedded store lives and dies with this process: its usage queue would add cost
+    // and no durability, so events go from memory straight to the worker.
+    let usage = if crate::config::is_embedded(&config.store) {
+        Usage::in_process(store.clone())
+    } else {
+        Usage::new(store.clone())
+    };
+    let batches = Batches::new(
+        store.clone(),
+        nodes.clone(),
+        usage.clone(),
+        config.batch.clone(),
+    );
+    batches
+        .index_owners()
+        .await
+        .map_err(|source| StartError::Store {
+            url: redact_url(&config.store),
+            source,
+        })?;
+    let sweep_interval = Duration::from_millis(config.batch.sweep_interval_ms.max(100));
+    let plugins = PluginHost::new(store.clone(), config.plugins.clone()).await?;
+    if config.default_plugins {
+        plugins.set_defaults(DEFAULT_PLUGINS);
+        install_defaults(&plugins).await?;
+    }
+    let metrics = Metrics::new();
+    metrics.register_all(plugins.metrics().collectors());
+    metrics.register_all(batches.metrics().collectors());
+    metrics.register_all(usage.collectors());
+    let listener_metrics = crate::http::listener::ListenerMetrics::new();
+    metrics.register_all(listener_metrics.collectors());
+    let state = AppState::new(Parts {
+        config,
+        store: store.clone(),
+        auth: auth.clone(),
+        backends: backends.clone(),
+        nodes: nodes.clone(),
+        usage: usage.clone(),
+        batches: batches.clone(),
+        plugins: plugins.clone(),
+        policy: Policy::default(),
+        metrics,
+        admin_token,
+        started_at: unix_now(),
+    });
+    Ok(Assembled {
+        state,
+        tls,
+        listener_metrics,
+        admin_token_file,
+        sweep_interval,
+    })
+}
 
 /// A rig's availability over one report period, as queued.
 #[derive(serde::Serialize, serde::Deserialize)]

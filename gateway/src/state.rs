@@ -17,7 +17,9 @@ use crate::store::Store;
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
 
-pub struct Inner {
+/// What [`AppState`] holds: every part of a running gateway, made once by
+/// `Gateway::start` (or by a test) and read, never replaced.
+pub struct Parts {
     pub config: Config,
     pub store: Arc<dyn Store>,
     pub auth: KeyAuth,
@@ -31,19 +33,61 @@ pub struct Inner {
     pub admin_token: String,
     /// Unix seconds when this gateway started (the `created` of models it lists).
     pub started_at: u64,
+}
+
+struct Inner {
+    parts: Parts,
     /// The OpenAPI document as served at `/openapi.json`, written once the routes are built.
-    pub openapi: std::sync::OnceLock<bytes::Bytes>,
+    openapi: std::sync::OnceLock<bytes::Bytes>,
 }
 
 impl AppState {
-    pub fn new(inner: Inner) -> Self {
-        AppState(Arc::new(inner))
+    pub fn new(parts: Parts) -> Self {
+        AppState(Arc::new(Inner {
+            parts,
+            openapi: std::sync::OnceLock::new(),
+        }))
     }
-}
 
-impl std::ops::Deref for AppState {
-    type Target = Inner;
-    fn deref(&self) -> &Inner {
-        &self.0
+    pub fn config(&self) -> &Config {
+        &self.0.parts.config
+    }
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.0.parts.store
+    }
+    pub fn auth(&self) -> &KeyAuth {
+        &self.0.parts.auth
+    }
+    pub fn backends(&self) -> &Arc<Backends> {
+        &self.0.parts.backends
+    }
+    pub fn nodes(&self) -> &Arc<Nodes> {
+        &self.0.parts.nodes
+    }
+    pub fn usage(&self) -> &Arc<Usage> {
+        &self.0.parts.usage
+    }
+    pub fn batches(&self) -> &Arc<Batches> {
+        &self.0.parts.batches
+    }
+    pub fn plugins(&self) -> &Arc<PluginHost> {
+        &self.0.parts.plugins
+    }
+    pub fn policy(&self) -> &Policy {
+        &self.0.parts.policy
+    }
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.parts.metrics
+    }
+    pub fn admin_token(&self) -> &str {
+        &self.0.parts.admin_token
+    }
+    pub fn started_at(&self) -> u64 {
+        self.0.parts.started_at
+    }
+    /// The OpenAPI document as served at `/openapi.json`, written once by the first router
+    /// built from this state.
+    pub fn openapi(&self) -> &std::sync::OnceLock<bytes::Bytes> {
+        &self.0.openapi
     }
 }

@@ -58,12 +58,12 @@ impl Demo {
         let gateway = Gateway::start(config).await?;
         let state = gateway.state();
         let (_, api_key) = state
-            .auth
+            .auth()
             .create("demo".into(), None, Default::default(), options.api_key)
             .await
             .map_err(|e| DemoError::Setup(e.to_string()))?;
         let token = state
-            .nodes
+            .nodes()
             .create_enrollment_token(CreateEnrollmentToken {
                 operator: DEMO_OPERATOR.into(),
                 expires_in_secs: Some(600),
@@ -101,7 +101,7 @@ impl Demo {
             rigs.push(rig);
         }
         let started = Instant::now();
-        while state.backends.snapshot().healthy_count() < options.nodes {
+        while state.backends().snapshot().healthy_count() < options.nodes {
             if started.elapsed() > RIGS_READY_BOUND {
                 return Err(DemoError::RigsNotReady(RIGS_READY_BOUND));
             }

@@ -59,7 +59,7 @@ pub async fn upload_file(
     headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
 ) -> Result<Json<FileObject>, ApiError> {
-    let key = state.auth.authenticate(&headers).await?;
+    let key = state.auth().authenticate(&headers).await?;
     let mut multipart = multipart.map_err(|r| {
         ApiError::bad_request(
             format!("Expected a multipart/form-data body: {}", r.body_text()),
@@ -68,12 +68,12 @@ pub async fn upload_file(
     })?;
     // Room in the key's quotas before the upload is read: the body's declared length, or the
     // most a file may be.
-    let max_file = state.config.batch.max_file_bytes as u64;
+    let max_file = state.config().batch.max_file_bytes as u64;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
         .map_or(max_file, |length| length.min(max_file));
-    let quota = state.batches.reserve_upload(&key.id, declared).await?;
+    let quota = state.batches().reserve_upload(&key.id, declared).await?;
     let mut purpose = None;
     let mut file = None;
     while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
@@ -95,7 +95,7 @@ pub async fn upload_file(
         file.ok_or_else(|| ApiError::bad_request("Missing the `file` field.", Some("file")))?;
     Ok(Json(
         state
-            .batches
+            .batches()
             .create_file(&key.id, quota, &filename, purpose.trim(), &content)
             .await?,
     ))
@@ -124,11 +124,11 @@ pub async fn list_files(
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<FileQuery>,
 ) -> Result<Json<FileList>, ApiError> {
-    let key = state.auth.authenticate(&headers).await?;
+    let key = state.auth().authenticate(&headers).await?;
     let limit = query.limit.unwrap_or(10_000).clamp(1, 10_000);
     Ok(Json(
         state
-            .batches
+            .batches()
             .list_files(
                 &key.id,
                 query.purpose.as_deref(),
@@ -151,8 +151,8 @@ pub async fn get_file(
     headers: HeaderMap,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<FileObject>, ApiError> {
-    let key = state.auth.authenticate(&headers).await?;
-    Ok(Json(state.batches.file(&key.id, &id).await?))
+    let key = state.auth().authenticate(&headers).await?;
+    Ok(Json(state.batches().file(&key.id, &id).await?))
 }
 
 /// Deletes a file.
@@ -167,8 +167,8 @@ pub async fn delete_file(
     headers: HeaderMap,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<FileDeleted>, ApiError> {
-    let key = state.auth.authenticate(&headers).await?;
-    Ok(Json(state.batches.delete_file(&key.id, &id).await?))
+    let key = state.auth().authenticate(&headers).await?;
+    Ok(Json(state.batches().delete_file(&key.id, &id).await?))
 }
 
 /// A file's content.
@@ -188,8 +188,8 @@ pub async fn file_content(
     headers: HeaderMap,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    let key = state.auth.authenticate(&headers).await?;
-    let content = state.batches.file_content(&key.id, &id).await?;
+    let key = state.auth().authenticate(&headers).await?;
+    let content = state.batches().file_content(&key.id, &id).await?;
     Ok((
         [(header::CONTENT_TYPE, "application/octet-stream")],
         content,
@@ -216,10 +216,10 @@ pub async fn create_batch(
     headers: HeaderMap,
     body: Result<Json<CreateBatch>, JsonRejection>,
 ) -> Result<Json<BatchObject>, ApiError> {
-    let key = state.auth.authenticate(&headers).await?;
+    let key = state.auth().authenticate(&headers).await?;
     let request = json_body(body)?;
     let local: BTreeSet<String> = state
-        .backends
+        .backends()
         .snapshot()
         .all()
         .iter()
@@ -227,7 +227,7 @@ pub async fn create_batch(
         .collect();
     Ok(Json(
         state
-            .batches
+            .batches()
             .create_batch(&key.id, key.allowed_models.as_deref(), request, local)
             .await?,
     ))
@@ -254,11 +254,11 @@ pub async fn list_batches(
     headers: HeaderMap,
     ApiQuery(query): ApiQuery<BatchQuery>,
 ) -> Result<Json<BatchList>, ApiError> {
-    let key = state.auth.authenticate(&headers).await?;
+    let key = state.auth().authenticate(&headers).await?;
     let limit = query.limit.unwrap_or(20).clamp(1, 100);
     Ok(Json(
         state
-            .batches
+            .batches()
             .list_batches(&key.id, query.after.as_deref(), limit)
             .await?,
     ))
@@ -276,8 +276,8 @@ pub async fn get_batch(
     headers: HeaderMap,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<BatchObject>, ApiError> {
-    let key = state.auth.authenticate(&headers).await?;
-    Ok(Json(state.batches.batch(&key.id, &id).await?))
+    let key = state.auth().authenticate(&headers).await?;
+    Ok(Json(state.batches().batch(&key.id, &id).await?))
 }
 
 /// Cancels a batch: lines not started are dropped, running ones finish, then it is `cancelled`
@@ -298,8 +298,8 @@ pub async fn cancel_batch(
     headers: HeaderMap,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<BatchObject>, ApiError> {
-    let key = state.auth.authenticate(&headers).await?;
-    Ok(Json(state.batches.cancel(&key.id, &id).await?))
+    let key = state.auth().authenticate(&headers).await?;
+    Ok(Json(state.batches().cancel(&key.id, &id).await?))
 }
 
 /// A rig asks for batch lines of the models it serves (a long poll: held open up to `wait_ms`
@@ -321,11 +321,11 @@ pub async fn lease(
     headers: HeaderMap,
     body: Result<Json<BatchLeaseRequest>, JsonRejection>,
 ) -> Result<Json<BatchLease>, ApiError> {
-    let node = state.nodes.authenticate(&headers).await?;
+    let node = state.nodes().authenticate(&headers).await?;
     let request = json_body(body)?;
     Ok(Json(
         state
-            .batches
+            .batches()
             .lease(
                 &node,
                 &request.models,
@@ -354,7 +354,7 @@ pub async fn results(
     headers: HeaderMap,
     body: Result<Json<BatchResults>, JsonRejection>,
 ) -> Result<Json<BatchResultsAck>, ApiError> {
-    let node = state.nodes.authenticate(&headers).await?;
+    let node = state.nodes().authenticate(&headers).await?;
     let results = json_body(body)?.results;
-    Ok(Json(state.batches.record_results(&node, results).await?))
+    Ok(Json(state.batches().record_results(&node, results).await?))
 }

@@ -57,6 +57,10 @@ impl Modify for SecuritySchemes {
 }
 
 /// Routes and spec, built together so that a route cannot be served without being described.
+///
+/// A layer for every request does not go here: the inference routes are answered before the
+/// router ([`InferenceFirst`], the fast path), so a `Router::layer` added to these routes would
+/// run for `/v1/models` and never for a chat request. Such layers go in [`app`], around both.
 pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
     let admin = OpenApiRouter::new()
         .routes(routes!(admin::create_key, admin::list_keys))
@@ -87,12 +91,12 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
             admin::require_admin,
         ))
         .layer(DefaultBodyLimit::max(
-            state.config.plugins.max_component_bytes,
+            state.config().plugins.max_component_bytes,
         ));
     // Batch input files are bigger than chat requests: the upload gets `batch.max_file_bytes`.
     let files = OpenApiRouter::new()
         .routes(routes!(batch_api::upload_file, batch_api::list_files))
-        .layer(DefaultBodyLimit::max(state.config.batch.max_file_bytes));
+        .layer(DefaultBodyLimit::max(state.config().batch.max_file_bytes));
     // Big text that browsers and scrapers fetch with `Accept-Encoding: gzip`: compressed when
     // asked. Not the inference routes: their answers are small, or streamed event by event.
     let docs = OpenApiRouter::new()
@@ -141,7 +145,7 @@ pub fn router(state: AppState) -> axum::Router {
     // Served by `openapi_json`, where Swagger UI reads it. Every router built from one state
     // describes the same routes, so a second build finds it written already.
     let _ = state
-        .openapi
+        .openapi()
         .get_or_init(|| match serde_json::to_vec(&spec) {
             Ok(json) => json.into(),
             Err(err) => unreachable!("the OpenAPI document serializes: {err}"),
@@ -171,14 +175,14 @@ pub fn app(
 + Send
 + Sync
 + 'static {
-    let max_body = state.config.max_body_bytes;
+    let max_body = state.config().max_body_bytes;
     // The inference routes apply `max_body_bytes` themselves; everything else gets it from this
     // layer. Routes with bigger bodies (plugin and batch file uploads) set their own limit,
     // which replaces this one.
     let router = tower::Layer::layer(&DefaultBodyLimit::max(max_body), router(state.clone()));
     tower::ServiceBuilder::new()
         .layer(RequestIdLayer)
-        .option_layer(cors(&state.config.cors))
+        .option_layer(cors(&state.config().cors))
         .service(InferenceFirst { router, state })
 }
 
@@ -303,8 +307,8 @@ pub struct Readiness {
     responses((status = 200, body = Readiness), (status = 503, body = Readiness))
 )]
 pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    let store = state.store.ping().await.is_ok();
-    let healthy_backends = state.backends.snapshot().healthy_count();
+    let store = state.store().ping().await.is_ok();
+    let healthy_backends = state.backends().snapshot().healthy_count();
     let is_ready = store && healthy_backends > 0;
     let status = if is_ready {
         StatusCode::OK
@@ -329,16 +333,16 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     // Counted by the backends themselves (a stream until it ends), so requests pay nothing
     // more for the gauge; a rig that left is no longer summed, even while it finishes streams.
-    let in_flight: u64 = (state.backends.snapshot().all().iter())
+    let in_flight: u64 = (state.backends().snapshot().all().iter())
         .map(|b| u64::from(b.in_flight()))
         .sum();
-    state.metrics.in_flight.set(in_flight as i64);
+    state.metrics().in_flight.set(in_flight as i64);
     let runtime = tokio::runtime::Handle::current().metrics();
-    (state.metrics.runtime_workers).set(runtime.num_workers() as i64);
-    (state.metrics.runtime_tasks).set(runtime.num_alive_tasks() as i64);
+    (state.metrics().runtime_workers).set(runtime.num_workers() as i64);
+    (state.metrics().runtime_tasks).set(runtime.num_alive_tasks() as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        state.metrics().render(),
     )
 }
 
@@ -350,6 +354,6 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 pub async fn openapi_json(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        state.openapi.get().cloned().unwrap_or_default(),
+        state.openapi().get().cloned().unwrap_or_default(),
     )
 }

@@ -395,9 +395,9 @@ async fn proxy(
         Err(err) => err.status(),
     };
     match &series {
-        Some(series) => state.metrics.count(series, status),
+        Some(series) => state.metrics().count(series, status),
         None => state
-            .metrics
+            .metrics()
             .requests
             .with_label_values(&[endpoint.route(), "", status.as_str()])
             .inc(),
@@ -413,14 +413,14 @@ async fn admit_and_forward(
     series: &mut Option<Arc<RouteSeries>>,
 ) -> Result<Response, ApiError> {
     let headers = &std::mem::take(request.headers_mut());
-    let key = state.auth.authenticate(headers).await?;
-    let body = read_body(request.into_body(), state.config.max_body_bytes).await?;
+    let key = state.auth().authenticate(headers).await?;
+    let body = read_body(request.into_body(), state.config().max_body_bytes).await?;
     let admitted = parse(endpoint, &body)?;
     check_model_allowed(&key, &admitted.model)?;
-    let candidates = state.backends.snapshot().candidates(&admitted.model)?;
+    let candidates = state.backends().snapshot().candidates(&admitted.model)?;
     // A model some backend serves: its requests are counted by name from here on.
     let route_series = state
-        .metrics
+        .metrics()
         .route_series(endpoint.route(), &admitted.model);
     *series = Some(Arc::clone(&route_series));
     // Set by `RequestIdLayer` on every request.
@@ -432,9 +432,9 @@ async fn admit_and_forward(
         headers: rate_limit_headers,
         reservation,
     } = policy::admit(
-        &state.policy,
-        state.store.as_ref(),
-        &state.plugins,
+        state.policy(),
+        state.store().as_ref(),
+        state.plugins(),
         &key,
         &admitted.model,
         request_id,
@@ -450,7 +450,7 @@ async fn admit_and_forward(
         text: endpoint.text_kind(admitted.stream),
     };
     let candidates = policy::order(
-        &state.plugins,
+        state.plugins(),
         &key.id,
         &admitted.model,
         admitted.stream,
@@ -692,7 +692,7 @@ fn model(state: &AppState, id: &str) -> Model {
     Model {
         id: id.to_owned(),
         object: "model".into(),
-        created: state.started_at,
+        created: state.started_at(),
         owned_by: "garage".into(),
     }
 }
@@ -710,8 +710,8 @@ pub async fn list_models(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<ModelList>, ApiError> {
-    let key = state.auth.authenticate(&headers).await?;
-    let backends = state.backends.snapshot();
+    let key = state.auth().authenticate(&headers).await?;
+    let backends = state.backends().snapshot();
     let data = backends
         .healthy_models()
         .into_iter()
@@ -741,9 +741,9 @@ pub async fn get_model(
     headers: HeaderMap,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Model>, ApiError> {
-    let key = state.auth.authenticate(&headers).await?;
+    let key = state.auth().authenticate(&headers).await?;
     let served = state
-        .backends
+        .backends()
         .snapshot()
         .healthy_models()
         .contains(id.as_str());

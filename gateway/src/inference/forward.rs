@@ -183,7 +183,7 @@ impl Drop for Abandoned<'_> {
 /// Settles the rate limiter's reservation of `out` with the tokens the request `used`.
 fn settle(state: &AppState, out: &Outgoing, used: u64) {
     crate::inference::policy::settle(
-        &state.plugins,
+        state.plugins(),
         out.reservation.as_ref(),
         out.request_id(),
         &out.key.id,
@@ -201,7 +201,7 @@ async fn send<'a>(
     out: &Outgoing,
     trying: &AtomicUsize,
 ) -> Result<(&'a Arc<Backend>, InFlight, UpstreamResponse), ApiError> {
-    let dispatch = &state.config.dispatch;
+    let dispatch = &state.config().dispatch;
     let mut last_error = None;
     // Backends that answered 5xx, not cooled down yet: a 5xx may be the request's doing (a
     // body that makes the engine fail), and cooling a backend for it would let one client take
@@ -217,7 +217,7 @@ async fn send<'a>(
             // The backend may still be working on it: retrying elsewhere would double the load
             // of a slow request, so a timeout ends the attempt.
             Err(_) => {
-                state.metrics.backend_error(&backend.id, "timeout");
+                state.metrics().backend_error(&backend.id, "timeout");
                 return Err(ApiError::GatewayTimeout(format!(
                     "The backend did not answer within {} s.",
                     dispatch.first_byte_timeout_secs
@@ -225,7 +225,7 @@ async fn send<'a>(
             }
             Ok(Err(err)) => {
                 let kind = if err.connect { "connect" } else { "send" };
-                state.metrics.backend_error(&backend.id, kind);
+                state.metrics().backend_error(&backend.id, kind);
                 tracing::warn!(backend = %backend.id, error = %err, "backend unreachable; trying the next");
                 backend.cool_down(dispatch.cooldown());
                 last_error = Some(ApiError::BadGateway(
@@ -240,7 +240,7 @@ async fn send<'a>(
         // own upstream key, and passing it on would tell the client that *their* key is bad.
         // The next backend, this one cooled: that is the backend's fault, whatever the body.
         if status == StatusCode::UNAUTHORIZED {
-            state.metrics.backend_error(&backend.id, "unauthorized");
+            state.metrics().backend_error(&backend.id, "unauthorized");
             tracing::warn!(backend = %backend.id, "backend refused the gateway's credentials; trying the next");
             backend.cool_down(dispatch.cooldown());
             last_error = Some(ApiError::BadGateway(
@@ -249,7 +249,7 @@ async fn send<'a>(
             continue;
         }
         if status.is_server_error() {
-            state.metrics.backend_error(&backend.id, "status_5xx");
+            state.metrics().backend_error(&backend.id, "status_5xx");
             failed_5xx.push(backend);
             last_error = Some(ApiError::BadGateway(format!(
                 "The backend failed with status {}.",
@@ -286,17 +286,17 @@ async fn whole_response(
     out: &Outgoing,
 ) -> Result<Response, ApiError> {
     let (parts, body) = response.into_parts();
-    let limit = state.config.dispatch.max_response_bytes;
+    let limit = state.config().dispatch.max_response_bytes;
     let limited = http_body_util::Limited::new(body, limit);
     let body = match tokio::time::timeout(
-        state.config.dispatch.request_timeout(),
+        state.config().dispatch.request_timeout(),
         limited.collect(),
     )
     .await
     {
         Ok(Ok(body)) => body.to_bytes(),
         Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => {
-            state.metrics.backend_error(&backend.id, "too_large");
+            state.metrics().backend_error(&backend.id, "too_large");
             tracing::warn!(backend = %backend.id, limit, "backend answer over dispatch.max_response_bytes; dropped");
             return Err(ApiError::BadGateway(format!(
                 "The backend's answer is larger than this gateway passes on ({limit} bytes)."
@@ -453,7 +453,7 @@ fn finish(
     let billed = bill(reported, &output, &out.bounds, || {
         crate::ledger::billing::media_parts(&out.body)
     });
-    state.usage.note_corrections(
+    state.usage().note_corrections(
         &billed.corrections,
         &backend.id,
         out.request_id(),
@@ -467,7 +467,7 @@ fn finish(
         backend.observe(ttft, total.saturating_sub(ttft), usage.completion_tokens);
     }
     state
-        .usage
+        .usage()
         .record(usage_event(out, backend, usage, ttft, total));
     settle(
         state,
@@ -634,7 +634,9 @@ impl MeteredBody {
             None => (!rest.is_empty()).then_some(rest),
             Some(err) => {
                 // The rig or engine went away mid-stream.
-                self.state.metrics.backend_error(&self.backend.id, "stream");
+                self.state
+                    .metrics()
+                    .backend_error(&self.backend.id, "stream");
                 tracing::warn!(backend = %self.backend.id, error = %err, "backend stream broke off");
                 let mut out = rest.to_vec();
                 out.extend_from_slice(&error_event(

@@ -267,8 +267,8 @@ pub fn settle(
         reserved_tokens: reserved,
         used_tokens: used.min(u64::from(u32::MAX)) as u32,
     };
-    let (plugins, reservation) = (Arc::clone(plugins), reservation.clone());
-    tokio::spawn(async move { plugins.settle_with(&reservation, &settlement).await });
+    let (host, reservation) = (Arc::clone(plugins), reservation.clone());
+    plugins.spawn(async move { host.settle_with(&reservation, &settlement).await });
 }
 
 /// Meters and rewards usage events with the meter and reward plugins.

@@ -20,7 +20,7 @@ pub async fn require_admin(
     next: Next,
 ) -> Response {
     match bearer(request.headers()) {
-        Some(token) if admin_token_matches(token, &state.admin_token) => next.run(request).await,
+        Some(token) if admin_token_matches(token, state.admin_token()) => next.run(request).await,
         Some(_) => ApiError::Unauthorized("Invalid admin token.".into()).into_response(),
         None => ApiError::Unauthorized(
             "The admin API needs `Authorization: Bearer <admin token>`.".into(),
@@ -114,7 +114,7 @@ pub async fn create_key(
         ));
     }
     let (record, secret) = state
-        .auth
+        .auth()
         .create(request.name, request.allowed_models, request.metadata, None)
         .await?;
     tracing::info!(key_id = %record.id, name = %record.name, "api key created");
@@ -134,7 +134,7 @@ pub async fn create_key(
     security(("admin_token" = []))
 )]
 pub async fn list_keys(State(state): State<AppState>) -> Result<Json<KeyList>, ApiError> {
-    let keys = state.store.list_keys().await?;
+    let keys = state.store().list_keys().await?;
     Ok(Json(KeyList {
         object: "list".into(),
         data: keys.into_iter().map(KeyInfo::from).collect(),
@@ -153,7 +153,7 @@ pub async fn get_key(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<KeyInfo>, ApiError> {
     state
-        .store
+        .store()
         .key_by_id(&id)
         .await?
         .map(|r| Json(r.into()))
@@ -172,7 +172,7 @@ pub async fn revoke_key(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<KeyInfo>, ApiError> {
     let record = state
-        .auth
+        .auth()
         .revoke(&id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("No API key with id `{id}`.")))?;

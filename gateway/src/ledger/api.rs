@@ -43,10 +43,10 @@ pub async fn own_usage(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<UsageList>, ApiError> {
-    let key = state.auth.authenticate(&headers).await?;
+    let key = state.auth().authenticate(&headers).await?;
     Ok(Json(UsageList {
         object: "list".into(),
-        data: state.usage.daily(Some(&key.id)).await?,
+        data: state.usage().daily(Some(&key.id)).await?,
     }))
 }
 
@@ -63,7 +63,7 @@ pub async fn all_usage(
 ) -> Result<Json<UsageList>, ApiError> {
     Ok(Json(UsageList {
         object: "list".into(),
-        data: state.usage.daily(query.key_id.as_deref()).await?,
+        data: state.usage().daily(query.key_id.as_deref()).await?,
     }))
 }
 
@@ -79,7 +79,7 @@ pub async fn ledger_entry(
     ApiPath(request_id): ApiPath<String>,
 ) -> Result<Json<LedgerEntry>, ApiError> {
     state
-        .usage
+        .usage()
         .ledger_entry(&request_id)
         .await?
         .map(Json)
@@ -95,6 +95,6 @@ pub async fn ledger_entry(
 pub async fn leaderboard(State(state): State<AppState>) -> Result<Json<Leaderboard>, ApiError> {
     Ok(Json(Leaderboard {
         object: "list".into(),
-        data: state.usage.leaderboard().await?,
+        data: state.usage().leaderboard().await?,
     }))
 }

@@ -32,7 +32,7 @@ pub async fn enroll(
     State(state): State<AppState>,
     body: Result<Json<EnrollRequest>, JsonRejection>,
 ) -> Result<Json<EnrollResponse>, ApiError> {
-    Ok(Json(state.nodes.enroll(json_body(body)?).await?))
+    Ok(Json(state.nodes().enroll(json_body(body)?).await?))
 }
 
 /// Opens the rig's tunnel: after `101 Switching Protocols` the connection speaks HTTP/2 with the
@@ -52,7 +52,7 @@ pub async fn connect(
     State(state): State<AppState>,
     mut request: Request,
 ) -> Result<Response, ApiError> {
-    let record = state.nodes.authenticate(request.headers()).await?;
+    let record = state.nodes().authenticate(request.headers()).await?;
     let upgrade = request
         .headers()
         .get(header::UPGRADE)
@@ -72,7 +72,7 @@ pub async fn connect(
             None,
         ));
     };
-    state.nodes.spawn_tunnel(record, on_upgrade);
+    state.nodes().spawn_tunnel(record, on_upgrade);
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
@@ -98,9 +98,9 @@ pub async fn heartbeat(
     headers: HeaderMap,
     body: Result<Json<Heartbeat>, JsonRejection>,
 ) -> Result<Json<HeartbeatAck>, ApiError> {
-    let record = state.nodes.authenticate(&headers).await?;
+    let record = state.nodes().authenticate(&headers).await?;
     let heartbeat = json_body(body)?;
-    Ok(Json(state.nodes.heartbeat(&record, heartbeat).await?))
+    Ok(Json(state.nodes().heartbeat(&record, heartbeat).await?))
 }
 
 /// Acknowledgement of a deregistration.
@@ -119,8 +119,8 @@ pub async fn deregister(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<Deregistered>, ApiError> {
-    let record = state.nodes.authenticate(&headers).await?;
-    state.nodes.deregister(&record.id);
+    let record = state.nodes().authenticate(&headers).await?;
+    state.nodes().deregister(&record.id);
     tracing::info!(node = %record.id, "rig deregistered; draining");
     Ok(Json(Deregistered { node_id: record.id }))
 }
@@ -142,7 +142,7 @@ pub async fn create_enrollment_token(
     body: Result<Json<CreateEnrollmentToken>, JsonRejection>,
 ) -> Result<(StatusCode, Json<CreatedEnrollmentToken>), ApiError> {
     let created = state
-        .nodes
+        .nodes()
         .create_enrollment_token(json_body(body)?)
         .await?;
     Ok((StatusCode::CREATED, Json(created)))
@@ -164,7 +164,7 @@ pub struct NodeList {
 pub async fn list_nodes(State(state): State<AppState>) -> Result<Json<NodeList>, ApiError> {
     Ok(Json(NodeList {
         object: "list".into(),
-        data: state.nodes.list().await?,
+        data: state.nodes().list().await?,
     }))
 }
 
@@ -179,7 +179,7 @@ pub async fn get_node(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<NodeInfo>, ApiError> {
-    Ok(Json(state.nodes.get_info(&id).await?))
+    Ok(Json(state.nodes().get_info(&id).await?))
 }
 
 /// Removes a rig: its credential is refused and its tunnel closed at once.
@@ -193,7 +193,7 @@ pub async fn remove_node(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<NodeInfo>, ApiError> {
-    Ok(Json(state.nodes.revoke(&id).await?))
+    Ok(Json(state.nodes().revoke(&id).await?))
 }
 
 /// Drains a rig: out of routing (in-flight requests finish) until resumed.
@@ -207,7 +207,7 @@ pub async fn drain_node(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<NodeInfo>, ApiError> {
-    Ok(Json(state.nodes.set_drained(&id, true).await?))
+    Ok(Json(state.nodes().set_drained(&id, true).await?))
 }
 
 /// Puts a drained rig back in routing (with its next heartbeat).
@@ -221,5 +221,5 @@ pub async fn resume_node(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<NodeInfo>, ApiError> {
-    Ok(Json(state.nodes.set_drained(&id, false).await?))
+    Ok(Json(state.nodes().set_drained(&id, false).await?))
 }

@@ -49,7 +49,7 @@ pub struct PluginSlots {
 pub async fn list(State(state): State<AppState>) -> Json<PluginSlots> {
     Json(PluginSlots {
         object: "list".into(),
-        data: state.plugins.status(),
+        data: state.plugins().status(),
     })
 }
 
@@ -87,7 +87,7 @@ pub async fn upload(
     let slot = slot(&name)?;
     let wasm = body.map_err(|r| from_rejection(r.status(), r.body_text()))?;
     let config = query.config.as_deref().unwrap_or("{}");
-    let plugins = &state.plugins;
+    let plugins = &state.plugins();
     let version = plugins.upload(slot, &wasm, config, ADMIN_ACTOR).await?;
     let info = plugins
         .activate(slot, &version.sha256, query.canary, ADMIN_ACTOR)
@@ -107,7 +107,7 @@ pub async fn versions(
     State(state): State<AppState>,
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Vec<StoredVersion>>, ApiError> {
-    Ok(Json(state.plugins.versions(slot(&name)?).await?))
+    Ok(Json(state.plugins().versions(slot(&name)?).await?))
 }
 
 /// Activates a stored version.
@@ -138,7 +138,7 @@ pub async fn activate(
     let Json(request) = body.map_err(ApiError::from)?;
     Ok(Json(
         state
-            .plugins
+            .plugins()
             .activate(slot, &request.sha256, request.canary_percent, ADMIN_ACTOR)
             .await?,
     ))
@@ -156,7 +156,7 @@ pub async fn promote(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<VersionInfo>, ApiError> {
     Ok(Json(
-        state.plugins.promote(slot(&name)?, ADMIN_ACTOR).await?,
+        state.plugins().promote(slot(&name)?, ADMIN_ACTOR).await?,
     ))
 }
 
@@ -172,7 +172,7 @@ pub async fn rollback(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<VersionInfo>, ApiError> {
     Ok(Json(
-        state.plugins.rollback(slot(&name)?, ADMIN_ACTOR).await?,
+        state.plugins().rollback(slot(&name)?, ADMIN_ACTOR).await?,
     ))
 }
 
@@ -193,6 +193,6 @@ pub async fn deactivate(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<Deactivated>, ApiError> {
     let slot = slot(&name)?;
-    state.plugins.deactivate(slot, ADMIN_ACTOR).await?;
+    state.plugins().deactivate(slot, ADMIN_ACTOR).await?;
     Ok(Json(Deactivated { slot }))
 }

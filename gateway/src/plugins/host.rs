@@ -56,6 +56,9 @@ pub struct PluginHost {
     /// The components this gateway installs in slots nobody configured (the defaults), to
     /// reinstall when the store loses its slots.
     defaults: Mutex<HashMap<Slot, &'static [u8]>>,
+    /// Work started off a request's path (limiter settlements, instances made ahead): owned, so
+    /// that a gateway shutting down waits for the settlements of its last requests.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// One slot: the bundle calls read, and what changes it.
@@ -113,6 +116,7 @@ impl PluginHost {
             rollback_queue: Mutex::new(Some(rollback_queue)),
             shutdown: CancellationToken::new(),
             defaults: Mutex::new(HashMap::new()),
+            tasks: tokio_util::task::TaskTracker::new(),
         });
         for slot in Slot::ALL {
             match host.reload(slot).await {
@@ -940,7 +944,7 @@ impl PluginHost {
         if plugin.wants_refill() {
             // The next calls' instances are made off this request's path.
             let (next, engine) = (Arc::clone(plugin), Arc::clone(&self.engine));
-            tokio::spawn(async move { next.refill(&engine).await });
+            self.tasks.spawn(async move { next.refill(&engine).await });
         }
         answer
     }
@@ -1104,6 +1108,25 @@ impl PluginHost {
     /// Stops the background tasks.
     pub fn shutdown(&self) {
         self.shutdown.cancel();
+    }
+
+    /// Runs `work` off the request's path, owned by the host: [`finish_tasks`](Self::finish_tasks)
+    /// waits for it.
+    pub fn spawn<F>(&self, work: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(work);
+    }
+
+    /// Waits, at most `bound`, for the work started with [`spawn`](Self::spawn) (limiter
+    /// settlements of the last requests, instances made ahead); false if some was still
+    /// running.
+    pub async fn finish_tasks(&self, bound: Duration) -> bool {
+        self.tasks.close();
+        let done = tokio::time::timeout(bound, self.tasks.wait()).await.is_ok();
+        self.tasks.reopen();
+        done
     }
 }
 

@@ -1135,3 +1135,44 @@ async fn cors_answers_the_listed_origins_only_and_is_off_by_default() {
     );
     gw.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Handlers answer without a socket: the assembled state and `http::app`, driven by
+/// `tower::ServiceExt::oneshot` (axum's way of testing), for the checks that need no engine.
+#[tokio::test]
+async fn handlers_answer_without_a_socket() {
+    use tower::ServiceExt;
+    let assembled = garage_gateway::server::assemble(config(vec![]))
+        .await
+        .expect("the parts assemble");
+    let app = garage_gateway::http::app(assembled.state);
+    let call = |method: &str, path: &str, token: Option<&str>| {
+        let mut request = axum::extract::Request::builder().method(method).uri(path);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request.body(axum::body::Body::empty()).unwrap();
+        let app = app.clone();
+        async move {
+            let response = app.oneshot(request).await.unwrap();
+            let status = response.status().as_u16();
+            let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    for (method, path, token, status) in [
+        ("GET", "/v1/models", None, 401),
+        ("GET", "/v1/models", Some("sk-not-a-key"), 401),
+        ("GET", "/admin/keys", Some("sk-not-the-admin-token"), 401),
+        ("GET", "/admin/keys/%FF", Some(ADMIN), 400),
+        ("GET", "/no/such/route", None, 404),
+        ("DELETE", "/v1/chat/completions", None, 405),
+    ] {
+        let (got, body) = call(method, path, token).await;
+        assert_eq!(got, status, "{method} {path}: {body}");
+        error_of(&body);
+    }
+    let (status, body) = call("GET", "/admin/keys", Some(ADMIN)).await;
+    assert_eq!(status, 200, "{body}");
+}

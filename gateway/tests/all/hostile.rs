@@ -94,7 +94,8 @@ async fn ledger_completion_tokens(base: &str, request_id: &str) -> u64 {
 /// that streams (it was billed nothing: usage came only with the last chunk).
 #[tokio::test]
 async fn a_stream_cut_short_is_billed_what_it_delivered() {
-    let engine = paced_sim(400.0).await;
+    // 200 tokens at 100 a second: the client hangs up with most of the answer still to come.
+    let engine = paced_sim(100.0).await;
     let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
     let base = gw.url();
     let (_, key) = create_key(&base, json!({"name": "hangs-up"})).await;
@@ -102,23 +103,25 @@ async fn a_stream_cut_short_is_billed_what_it_delivered() {
     let cases = [
         (
             "chat/completions",
-            json!({"model": MODEL, "messages": prompt, "max_tokens": 40, "stream": true}),
+            json!({"model": MODEL, "messages": prompt, "max_tokens": 200, "stream": true}),
         ),
         (
             "completions",
-            json!({"model": MODEL, "prompt": "once upon a time", "max_tokens": 40, "stream": true}),
+            json!({"model": MODEL, "prompt": "once upon a time", "max_tokens": 200, "stream": true}),
         ),
         (
             "responses",
-            json!({"model": MODEL, "input": "once upon a time", "max_output_tokens": 40, "stream": true}),
+            json!({"model": MODEL, "input": "once upon a time", "max_output_tokens": 200, "stream": true}),
         ),
     ];
     for (path, body) in cases {
         let (request_id, read) = read_then_hang_up(&base, &key, path, body, 38).await;
         assert_eq!(read, 38, "{path}");
         let billed = ledger_completion_tokens(&base, &request_id).await;
+        // Never less than it read; what the gateway had forwarded but the client not yet read
+        // (in the sockets' buffers) counts too.
         assert!(
-            (38..=40).contains(&billed),
+            (38..120).contains(&billed),
             "{path}: 38 events read, {billed} completion tokens billed"
         );
     }

@@ -442,7 +442,7 @@ async fn rig_reports_wait_out_a_faulting_reward_plugin() {
     let token = enrollment_token(&base, 1).await;
     let rig = sim_rig(rig_options(&base, "patient-rig", &token), 0.0).await;
 
-    let store = gw.state().store.clone();
+    let store = gw.state().store().clone();
     wait_until(Duration::from_secs(15), "two reports kept", || async {
         store
             .queue_counts("rig_report_queue")
@@ -506,7 +506,7 @@ async fn a_rigs_labels_reach_the_routers_description_of_it() {
     let mut options = rig_options(&base, "eu-rig", &token);
     options.labels = [("region".to_owned(), "eu".to_owned())].into();
     let _rig = sim_rig(options, 0.0).await;
-    let backends = gw.state().backends.clone();
+    let backends = gw.state().backends().clone();
     wait_until(
         Duration::from_secs(10),
         "the rig in routing with its labels",

@@ -55,7 +55,7 @@ async fn two_hundred_rigs_join_and_share_the_traffic() {
         .buffer_unordered(16)
         .collect()
         .await;
-    let backends = gw.state().backends.clone();
+    let backends = gw.state().backends().clone();
     wait_until(Duration::from_secs(60), "every rig in routing", || {
         let backends = backends.clone();
         async move { backends.snapshot().healthy_count() == RIGS }

@@ -109,7 +109,7 @@ async fn an_https_upstream_under_the_configured_ca_serves_plain_and_streamed_cha
         assert_eq!(answer["usage"]["completion_tokens"], 5);
     }
     // One TLS connection, kept alive and reused: a handshake per request would show as more.
-    let idle = || gw.state().backends.snapshot().all()[0].idle_connections();
+    let idle = || gw.state().backends().snapshot().all()[0].idle_connections();
     wait_until(
         Duration::from_secs(5),
         "the connection back in the pool",

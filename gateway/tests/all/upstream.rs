@@ -172,7 +172,7 @@ async fn idle_connections_the_backend_closed_are_let_go_without_traffic() {
     let base = gw.url();
     let (_, key) = create_key(&base, json!({"name": "t"})).await;
     assert_eq!(post_chat(&base, &key, &chat(false)).await.0, 200);
-    let idle = || gw.state().backends.snapshot().all()[0].idle_connections();
+    let idle = || gw.state().backends().snapshot().all()[0].idle_connections();
     assert_eq!(idle(), 1);
     // The backend closes it; with no request to notice, the health round lets it go.
     wait_until(Duration::from_secs(10), "the pool to drop it", || async {

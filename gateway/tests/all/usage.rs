@@ -365,7 +365,7 @@ async fn a_store_outage_loses_no_usage() {
     for _ in 0..3 {
         assert_eq!(post_chat(&base, &key, &chat(false)).await.0, 200);
     }
-    let usage = gw.state().usage.clone();
+    let usage = gw.state().usage().clone();
     wait_until(Duration::from_secs(10), "events held in memory", || {
         let usage = usage.clone();
         async move { usage.pending_len() >= 3 }
