@@ -2,7 +2,6 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::Json;
 use axum::extract::{Request, State};
@@ -14,10 +13,9 @@ use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiPath, ErrorBody, from_rejection};
-use crate::inference::forward::{Outgoing, forward};
+use crate::inference::forward::{Outcome, RequestCtx, finish, forward};
 use crate::inference::policy::{self, RequestFacts};
 use crate::ledger::billing::{RequestBounds, TextKind};
-use crate::metrics::RouteSeries;
 use crate::request_id::X_REQUEST_ID;
 use crate::state::AppState;
 use crate::store::ApiKeyRecord;
@@ -382,52 +380,84 @@ fn check_model_allowed(key: &ApiKeyRecord, model: &str) -> Result<(), ApiError> 
 async fn proxy(
     state: AppState,
     endpoint: Endpoint,
-    request: Request,
+    mut request: Request,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
-    let mut series = None;
-    let result = admit_and_forward(&state, endpoint, request, started, &mut series).await;
-    // Every answer is counted here, once: errors before a backend was chosen (a bad key, no
-    // healthy backend, the store down) as well as the backends' answers. The model label
-    // stays bounded: a model nobody serves is not recorded by name.
-    let status = match &result {
-        Ok(response) => response.status(),
-        Err(err) => err.status(),
+    // Set by `RequestIdLayer` on every request.
+    let request_id = request.headers().get(X_REQUEST_ID).cloned();
+    let mut unforwarded = Unforwarded {
+        state: &state,
+        ctx: Some(RequestCtx::new(
+            endpoint.route(),
+            endpoint.path(),
+            request_id,
+        )),
+        status: None,
     };
-    match &series {
-        Some(series) => state.metrics().count(series, status),
-        None => state
-            .metrics()
-            .requests
-            .with_label_values(&[endpoint.route(), "", status.as_str()])
-            .inc(),
+    let headers = std::mem::take(request.headers_mut());
+    let result = admit_and_forward(&state, endpoint, &headers, request, &mut unforwarded.ctx).await;
+    if let Err(err) = &result {
+        unforwarded.status = Some(err.status());
     }
     result
 }
 
+/// A request's context until it is forwarded. Dropped still holding it, the request ended
+/// before any backend had it: refused (a bad key or body, a limit, no healthy backend, the
+/// store down), with the status it was sent, or abandoned by its client (499) while it waited
+/// for its body or a policy. Once forwarded, `forward` ends it.
+struct Unforwarded<'a> {
+    state: &'a AppState,
+    ctx: Option<RequestCtx>,
+    status: Option<http::StatusCode>,
+}
+
+impl Drop for Unforwarded<'_> {
+    fn drop(&mut self) {
+        if let Some(ctx) = self.ctx.take() {
+            let status = self.status.unwrap_or_else(|| {
+                http::StatusCode::from_u16(499).unwrap_or(http::StatusCode::BAD_REQUEST)
+            });
+            finish(self.state, &ctx, Outcome::Failed(status));
+        }
+    }
+}
+
+/// The phases up to the backend: admit (the key, the body, the model, the limits), route (the
+/// router's order over the healthy candidates), then forward, which takes the request's
+/// context from `slot` and ends it however it ends.
 async fn admit_and_forward(
     state: &AppState,
     endpoint: Endpoint,
-    mut request: Request,
-    started: Instant,
-    series: &mut Option<Arc<RouteSeries>>,
+    headers: &http::HeaderMap,
+    request: Request,
+    slot: &mut Option<RequestCtx>,
 ) -> Result<Response, ApiError> {
-    let headers = &std::mem::take(request.headers_mut());
+    let Some(ctx) = slot.as_mut() else {
+        return Err(ApiError::Internal("request context taken twice".into()));
+    };
+    // ---- admit
     let key = state.auth().authenticate(headers).await?;
+    ctx.key = Some(Arc::clone(&key));
     let body = read_body(request.into_body(), state.config().max_body_bytes).await?;
     let admitted = parse(endpoint, &body)?;
     check_model_allowed(&key, &admitted.model)?;
     let candidates = state.backends().snapshot().candidates(&admitted.model)?;
     // A model some backend serves: its requests are counted by name from here on.
-    let route_series = state
-        .metrics()
-        .route_series(endpoint.route(), &admitted.model);
-    *series = Some(Arc::clone(&route_series));
-    // Set by `RequestIdLayer` on every request.
-    let request_id_value = headers.get(X_REQUEST_ID);
-    let request_id = request_id_value
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
+    ctx.series = Some(
+        state
+            .metrics()
+            .route_series(endpoint.route(), &admitted.model),
+    );
+    ctx.model = admitted.model.clone();
+    ctx.stream = admitted.stream;
+    ctx.first_token_is_an_event = matches!(endpoint, Endpoint::Responses);
+    ctx.bounds = RequestBounds {
+        request_bytes: body.len() as u64,
+        prompt_estimate: u64::from(admitted.facts.prompt_tokens),
+        max_tokens: (admitted.facts.max_tokens > 0).then_some(admitted.facts.max_tokens),
+        choices: admitted.choices,
+        text: endpoint.text_kind(admitted.stream),
+    };
     let policy::Admitted {
         headers: rate_limit_headers,
         reservation,
@@ -437,18 +467,13 @@ async fn admit_and_forward(
         state.plugins(),
         &key,
         &admitted.model,
-        request_id,
+        ctx.request_id(),
         &admitted.facts,
     )
     .await?;
-    let reserved = admitted.facts.reserved_tokens();
-    let bounds = RequestBounds {
-        request_bytes: body.len() as u64,
-        prompt_estimate: u64::from(admitted.facts.prompt_tokens),
-        max_tokens: (admitted.facts.max_tokens > 0).then_some(admitted.facts.max_tokens),
-        choices: admitted.choices,
-        text: endpoint.text_kind(admitted.stream),
-    };
+    ctx.reserved_tokens = admitted.facts.reserved_tokens();
+    ctx.reservation = reservation;
+    // ---- route
     let candidates = policy::order(
         state.plugins(),
         &key.id,
@@ -458,37 +483,18 @@ async fn admit_and_forward(
         candidates,
     )
     .await;
-    let hide_usage_chunk =
+    ctx.hide_usage_chunk =
         admitted.stream && endpoint.usage_on_request() && !admitted.client_wants_usage;
-    let body = if hide_usage_chunk {
+    ctx.body = if ctx.hide_usage_chunk {
         with_include_usage(&body, admitted.has_stream_options)?
     } else {
         body
     };
-    let result = forward(
-        state,
-        &candidates,
-        Outgoing {
-            series: route_series,
-            path: endpoint.path(),
-            model: admitted.model,
-            body,
-            stream: admitted.stream,
-            hide_usage_chunk,
-            first_token_is_an_event: matches!(endpoint, Endpoint::Responses),
-            request_id: request_id_value.cloned(),
-            key,
-            started,
-            started_at_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            reserved_tokens: reserved,
-            bounds,
-            reservation,
-        },
-    )
-    .await;
-    let mut response = result?;
+    // ---- forward, respond, finish
+    let Some(ctx) = slot.take() else {
+        return Err(ApiError::Internal("request context taken twice".into()));
+    };
+    let mut response = forward(state, &candidates, ctx).await?;
     let map = response.headers_mut();
     for (name, value) in rate_limit_headers {
         map.insert(name, value);

@@ -24,10 +24,16 @@ use crate::state::AppState;
 use crate::store::ApiKeyRecord;
 use crate::upstream::{UpstreamBody, UpstreamResponse};
 
-/// One admitted request, ready to send.
-pub struct Outgoing {
+/// One request on the inference path, from its arrival to its end: what each phase learned of
+/// it. Made when the request arrives ([`RequestCtx::new`]); admission fills in the key, the
+/// model, the body and the reservation; [`forward`] takes it to a backend; and whichever way
+/// the request ends, [`finish`] ends it, once.
+pub struct RequestCtx {
+    /// The route's metrics label (`chat_completions`...).
+    pub route: &'static str,
     /// Path under the backend's base URL (`/chat/completions`...).
     pub path: &'static str,
+    /// Empty until the body is parsed.
     pub model: String,
     pub body: Bytes,
     pub stream: bool,
@@ -38,8 +44,8 @@ pub struct Outgoing {
     /// backend may send before it has generated anything.
     pub first_token_is_an_event: bool,
     pub request_id: Option<HeaderValue>,
-    /// The API key, for usage events and the rate limiter.
-    pub key: Arc<ApiKeyRecord>,
+    /// The API key, for usage events and the rate limiter, once authenticated.
+    pub key: Option<Arc<ApiKeyRecord>>,
     pub started: Instant,
     /// Wall-clock start, Unix milliseconds.
     pub started_at_ms: u64,
@@ -49,22 +55,50 @@ pub struct Outgoing {
     pub bounds: RequestBounds,
     /// The rate limiter version that admitted the request, which its settlement goes to.
     pub reservation: Option<crate::plugins::Reservation>,
-    /// The metrics of this route and model.
-    pub series: Arc<RouteSeries>,
+    /// The metrics of this route and model, once the model is one some backend serves (a
+    /// model nobody serves is not recorded by name: the label stays bounded).
+    pub series: Option<Arc<RouteSeries>>,
 }
 
-impl Outgoing {
-    fn request_id(&self) -> &str {
+impl RequestCtx {
+    /// A request that just arrived on `route`, to go to `path` of a backend.
+    pub fn new(route: &'static str, path: &'static str, request_id: Option<HeaderValue>) -> Self {
+        RequestCtx {
+            route,
+            path,
+            model: String::new(),
+            body: Bytes::new(),
+            stream: false,
+            hide_usage_chunk: false,
+            first_token_is_an_event: false,
+            request_id,
+            key: None,
+            started: Instant::now(),
+            started_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            reserved_tokens: 0,
+            bounds: RequestBounds::default(),
+            reservation: None,
+            series: None,
+        }
+    }
+
+    pub fn request_id(&self) -> &str {
         self.request_id
             .as_ref()
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
     }
+
+    fn key_id(&self) -> &str {
+        self.key.as_ref().map_or("", |key| key.id.as_str())
+    }
 }
 
 /// The usage event of a finished request.
 fn usage_event(
-    out: &Outgoing,
+    out: &RequestCtx,
     backend: &Backend,
     usage: Usage,
     ttft: std::time::Duration,
@@ -77,7 +111,7 @@ fn usage_event(
     };
     UsageEvent {
         request_id: out.request_id().to_owned(),
-        key_id: out.key.id.clone(),
+        key_id: out.key_id().to_owned(),
         model: out.model.clone(),
         prompt_tokens: usage.prompt_tokens,
         completion_tokens: usage.completion_tokens,
@@ -101,7 +135,7 @@ fn usage_event(
 pub async fn forward(
     state: &AppState,
     candidates: &[Arc<Backend>],
-    out: Outgoing,
+    out: RequestCtx,
 ) -> Result<Response, ApiError> {
     let mut abandoned = Abandoned {
         state,
@@ -114,7 +148,7 @@ pub async fn forward(
         Ok(sent) => sent,
         Err(err) => {
             let out = abandoned.disarm();
-            settle(state, &out, 0);
+            finish(state, &out, Outcome::Failed(err.status()));
             return Err(err);
         }
     };
@@ -129,10 +163,16 @@ pub async fn forward(
     }
     let result = whole_response(state, backend, response, abandoned.out()).await;
     let out = abandoned.disarm();
-    if result.is_err() {
-        settle(state, &out, 0);
+    match result {
+        Ok((response, outcome)) => {
+            finish(state, &out, outcome.with_status(response.status()));
+            Ok(response)
+        }
+        Err(err) => {
+            finish(state, &out, Outcome::Failed(err.status()));
+            Err(err)
+        }
     }
-    result
 }
 
 /// A request on its way to a backend, or waiting for its answer. Dropped armed, the client
@@ -146,21 +186,21 @@ struct Abandoned<'a> {
     /// Index of the candidate tried last (set by [`send`] before each attempt), or
     /// [`NOT_YET`].
     trying: AtomicUsize,
-    out: Option<Outgoing>,
+    out: Option<RequestCtx>,
 }
 
 /// No candidate tried yet.
 const NOT_YET: usize = usize::MAX;
 
 impl Abandoned<'_> {
-    fn out(&self) -> &Outgoing {
+    fn out(&self) -> &RequestCtx {
         match &self.out {
             Some(out) => out,
             None => unreachable!("read before it is disarmed"),
         }
     }
 
-    fn disarm(&mut self) -> Outgoing {
+    fn disarm(&mut self) -> RequestCtx {
         match self.out.take() {
             Some(out) => out,
             None => unreachable!("disarmed once"),
@@ -174,19 +214,18 @@ impl Drop for Abandoned<'_> {
         let (Some(out), Some(backend)) = (self.out.take(), trying) else {
             return;
         };
-        let total = out.started.elapsed();
         tracing::debug!(backend = %backend.id, "client gone before the answer; billed its prompt");
-        finish(self.state, backend, &out, Metered::Abandoned, total, total);
+        finish(self.state, &out, Outcome::Abandoned { backend });
     }
 }
 
 /// Settles the rate limiter's reservation of `out` with the tokens the request `used`.
-fn settle(state: &AppState, out: &Outgoing, used: u64) {
+fn settle(state: &AppState, out: &RequestCtx, used: u64) {
     crate::inference::policy::settle(
         state.plugins(),
         out.reservation.as_ref(),
         out.request_id(),
-        &out.key.id,
+        out.key_id(),
         &out.model,
         out.reserved_tokens,
         used,
@@ -198,7 +237,7 @@ fn settle(state: &AppState, out: &Outgoing, used: u64) {
 async fn send<'a>(
     state: &AppState,
     candidates: &'a [Arc<Backend>],
-    out: &Outgoing,
+    out: &RequestCtx,
     trying: &AtomicUsize,
 ) -> Result<(&'a Arc<Backend>, InFlight, UpstreamResponse), ApiError> {
     let dispatch = &state.config().dispatch;
@@ -279,12 +318,12 @@ async fn send<'a>(
 
 /// A non-streamed answer: read it whole (bounded in time and size), meter it, pass it on
 /// untouched; an error in another shape than OpenAI's is wrapped in it.
-async fn whole_response(
+async fn whole_response<'a>(
     state: &AppState,
-    backend: &Backend,
+    backend: &'a Backend,
     response: UpstreamResponse,
-    out: &Outgoing,
-) -> Result<Response, ApiError> {
+    out: &RequestCtx,
+) -> Result<(Response, Outcome<'a>), ApiError> {
     let (parts, body) = response.into_parts();
     let limit = state.config().dispatch.max_response_bytes;
     let limited = http_body_util::Limited::new(body, limit);
@@ -313,25 +352,20 @@ async fn whole_response(
             ));
         }
     };
-    let total = out.started.elapsed();
-    if parts.status.is_success() {
+    let outcome = if parts.status.is_success() {
         let mut output = OutputCount::default();
         output.scan(&body, whole_text_kind(out.bounds.text));
-        finish(
-            state,
+        Outcome::Answered {
             backend,
-            out,
-            Metered::Answered {
-                reported: usage_of_body(&body),
-                output: &output,
-            },
-            total,
-            total,
-        );
+            status: parts.status,
+            reported: usage_of_body(&body),
+            output,
+            ttft: out.started.elapsed(),
+        }
     } else {
         // The engine refused the request (a 4xx: 5xx were retried). Nothing to bill.
-        finish(state, backend, out, Metered::Refused, total, total);
-    }
+        Outcome::Refused(parts.status)
+    };
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = parts.status;
     if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
@@ -340,9 +374,9 @@ async fn whole_response(
             .insert(header::CONTENT_TYPE, ct.clone());
     }
     if !parts.status.is_success() {
-        return Ok(openai_error_shape(response).await);
+        return Ok((openai_error_shape(response).await, outcome));
     }
-    Ok(response)
+    Ok((response, outcome))
 }
 
 /// The members holding text in a whole answer of an endpoint whose streams use `kind`.
@@ -416,62 +450,115 @@ async fn openai_error_shape(response: Response) -> Response {
 /// Characters of an engine's own error text kept in the message the client gets.
 const ENGINE_ERROR_CHARS: usize = 500;
 
-/// How a request to a backend ended, for [`finish`].
-enum Metered<'a> {
-    /// The backend answered (whole, or a stream that ended however it did): its reported
-    /// usage, if any, and the output the gateway forwarded.
+/// How a request ended, for [`finish`].
+pub enum Outcome<'a> {
+    /// Before any backend answered: refused at admission (a bad key, a limit, no healthy
+    /// backend...) or every backend failed. Its status; nothing to bill.
+    Failed(StatusCode),
+    /// The backend refused the request (a 4xx): its status; nothing to bill.
+    Refused(StatusCode),
+    /// The backend answered, whole or as a stream that ended however it did: its reported
+    /// usage, if any, and the output the gateway forwarded (see [`crate::ledger::billing`]).
     Answered {
+        backend: &'a Backend,
+        status: StatusCode,
         reported: Option<Usage>,
-        output: &'a OutputCount,
+        output: OutputCount,
+        /// Time to the first token (the whole answer's time for one that is not streamed).
+        ttft: std::time::Duration,
     },
-    /// The backend refused the request (a 4xx): nothing to bill.
-    Refused,
-    /// The client went away before a whole answer came: the prompt is billed.
-    Abandoned,
+    /// The client went away before a whole answer came: the prompt is billed. Counted as
+    /// nginx's 499, as no status went out.
+    Abandoned { backend: &'a Backend },
 }
 
-/// Everything that happens when a request ends, `total` after it started: metrics, the usage
-/// event (what the gateway bills, see [`crate::ledger::billing`]), the backend's measured speed, and
-/// the rate limiter's settlement.
-fn finish(
-    state: &AppState,
-    backend: &Backend,
-    out: &Outgoing,
-    metered: Metered<'_>,
-    ttft: std::time::Duration,
-    total: std::time::Duration,
-) {
-    out.series.duration.observe(total.as_secs_f64());
-    let (reported, output) = match metered {
-        Metered::Answered { reported, output } => (reported, *output),
-        Metered::Refused => {
-            settle(state, out, 0);
+impl Outcome<'_> {
+    /// The same outcome, with the status the client was sent.
+    fn with_status(self, sent: StatusCode) -> Self {
+        match self {
+            Outcome::Refused(_) => Outcome::Refused(sent),
+            Outcome::Answered {
+                backend,
+                reported,
+                output,
+                ttft,
+                ..
+            } => Outcome::Answered {
+                backend,
+                status: sent,
+                reported,
+                output,
+                ttft,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Status label of a request whose client went away before an answer (nginx's).
+const CLIENT_CLOSED: u16 = 499;
+
+/// The one place a request ends, whichever way it does: its status counted, its duration, the
+/// usage event (what the gateway bills, see [`crate::ledger::billing`]), the backend's measured
+/// speed, and the rate limiter's settlement.
+pub fn finish(state: &AppState, ctx: &RequestCtx, outcome: Outcome<'_>) {
+    let total = ctx.started.elapsed();
+    let status = match &outcome {
+        Outcome::Failed(status) | Outcome::Refused(status) => *status,
+        Outcome::Answered { status, .. } => *status,
+        Outcome::Abandoned { .. } => {
+            StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST)
+        }
+    };
+    match &ctx.series {
+        Some(series) => {
+            state.metrics().count(series, status);
+            series.duration.observe(total.as_secs_f64());
+        }
+        None => state
+            .metrics()
+            .requests
+            .with_label_values(&[ctx.route, "", status.as_str()])
+            .inc(),
+    }
+    let (backend, reported, output, ttft) = match outcome {
+        Outcome::Failed(_) | Outcome::Refused(_) => {
+            settle(state, ctx, 0);
             return;
         }
-        Metered::Abandoned => (None, OutputCount::default()),
+        Outcome::Answered {
+            backend,
+            reported,
+            output,
+            ttft,
+            ..
+        } => (backend, reported, output, ttft),
+        Outcome::Abandoned { backend } => (backend, None, OutputCount::default(), total),
     };
-    let billed = bill(reported, &output, &out.bounds, || {
-        crate::ledger::billing::media_parts(&out.body)
+    let billed = bill(reported, &output, &ctx.bounds, || {
+        crate::ledger::billing::media_parts(&ctx.body)
     });
     state.usage().note_corrections(
         &billed.corrections,
         &backend.id,
-        out.request_id(),
+        ctx.request_id(),
         reported,
         billed.usage,
     );
     let usage = billed.usage;
-    out.series.prompt_tokens.inc_by(usage.prompt_tokens);
-    out.series.completion_tokens.inc_by(usage.completion_tokens);
+    if let Some(series) = &ctx.series {
+        series.prompt_tokens.inc_by(usage.prompt_tokens);
+        series.completion_tokens.inc_by(usage.completion_tokens);
+    }
     if reported.is_some() {
         backend.observe(ttft, total.saturating_sub(ttft), usage.completion_tokens);
     }
     state
         .usage()
-        .record(usage_event(out, backend, usage, ttft, total));
+        .record(usage_event(ctx, backend, usage, ttft, total));
     settle(
         state,
-        out,
+        ctx,
         usage.prompt_tokens.saturating_add(usage.completion_tokens),
     );
 }
@@ -481,7 +568,7 @@ fn stream_response(
     backend: &Arc<Backend>,
     in_flight: InFlight,
     response: UpstreamResponse,
-    out: Outgoing,
+    out: RequestCtx,
 ) -> Response {
     let body = MeteredBody {
         upstream: response.into_body(),
@@ -490,6 +577,7 @@ fn stream_response(
         backend: Arc::clone(backend),
         out,
         first_chunk_at: None,
+        finished: false,
         output: OutputCount::default(),
         terminal: None,
         gathered: Gathered::default(),
@@ -513,9 +601,12 @@ struct MeteredBody {
     tap: SseTap,
     state: AppState,
     backend: Arc<Backend>,
-    out: Outgoing,
+    out: RequestCtx,
     /// Time to first token, once it came.
     first_chunk_at: Option<std::time::Duration>,
+    /// Whether [`finish`] ran: when the backend ended the stream (before its last bytes go
+    /// out), or when the body is dropped (the client went away).
+    finished: bool,
     /// The output forwarded so far: what the request is billed if it ends without a usage
     /// report, and the bound of what a report may claim.
     output: OutputCount,
@@ -603,10 +694,9 @@ impl MeteredBody {
                 {
                     let ttft = self.out.started.elapsed();
                     self.first_chunk_at = Some(ttft);
-                    self.out
-                        .series
-                        .time_to_first_token
-                        .observe(ttft.as_secs_f64());
+                    if let Some(series) = &self.out.series {
+                        series.time_to_first_token.observe(ttft.as_secs_f64());
+                    }
                 }
                 let forwarded = self.tap.feed(chunk);
                 self.count(&forwarded);
@@ -630,6 +720,9 @@ impl MeteredBody {
         self.done = true;
         let rest = self.tap.finish();
         self.count(&rest);
+        // Ended (cleanly or not): finished now, before the last bytes go out, so that the
+        // request's metrics and bill are there by the time its client has read it all.
+        self.end();
         match self.terminal.take().flatten() {
             None => (!rest.is_empty()).then_some(rest),
             Some(err) => {
@@ -722,26 +815,35 @@ impl HttpBody for MeteredBody {
     }
 }
 
-impl Drop for MeteredBody {
-    fn drop(&mut self) {
+impl MeteredBody {
+    /// Ends the request ([`finish`]), once.
+    fn end(&mut self) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
         // A Responses stream whose output came all at once, with its end, or never.
         let ttft = match self.first_chunk_at {
             Some(ttft) => ttft,
             None if self.out.first_token_is_an_event => self.out.started.elapsed(),
             None => std::time::Duration::ZERO,
         };
-        let output = self.output;
         finish(
             &self.state,
-            &self.backend,
             &self.out,
-            Metered::Answered {
+            Outcome::Answered {
+                backend: &self.backend,
+                status: StatusCode::OK,
                 reported: self.tap.usage(),
-                output: &output,
+                output: self.output,
+                ttft,
             },
-            ttft,
-            self.out.started.elapsed(),
         );
+    }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 

@@ -53,7 +53,7 @@ const MEDIA_KEYS: &[&[u8]] = &[
 ];
 
 /// Which members of an answer hold generated text, per kind of endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum TextKind {
     /// Chat completions: message or delta `content`, reasoning, tool call arguments, refusals.
     Chat,
@@ -65,6 +65,7 @@ pub enum TextKind {
     /// A whole Responses answer: the `text` of its output parts.
     Responses,
     /// Embeddings, rerank, score: no generated text, no completion tokens.
+    #[default]
     None,
 }
 
@@ -175,7 +176,7 @@ fn string_bytes(value: &[u8]) -> u64 {
 }
 
 /// What the request allows, read when it was admitted.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct RequestBounds {
     /// Bytes of the request body.
     pub request_bytes: u64,
