@@ -46,9 +46,12 @@ pub enum ApiError {
     /// Backends answered, but with failures (5xx, refused connections, broken streams).
     #[error("{0}")]
     BadGateway(String),
-    /// No backend can take the request: none healthy, or the store is down.
+    /// No backend can take the request: none healthy.
     #[error("{0}")]
     Unavailable(String),
+    /// The gateway's state store did not answer.
+    #[error("The gateway's state store is unavailable; retry shortly.")]
+    StoreDown,
     /// A backend took too long to answer.
     #[error("{0}")]
     GatewayTimeout(String),
@@ -88,7 +91,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::StoreDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -109,6 +112,7 @@ impl ApiError {
             ApiError::TooManyRequests { .. } => "rate_limit_error",
             ApiError::BadGateway(_)
             | ApiError::Unavailable(_)
+            | ApiError::StoreDown
             | ApiError::GatewayTimeout(_)
             | ApiError::Internal(_) => "server_error",
         }
@@ -132,7 +136,7 @@ impl ApiError {
             ApiError::NotFound(_) => Some("not_found"),
             ApiError::PayloadTooLarge(_) => Some("request_too_large"),
             ApiError::BadGateway(_) => Some("upstream_error"),
-            ApiError::Unavailable(_) => Some("no_backend_available"),
+            ApiError::Unavailable(_) | ApiError::StoreDown => Some("no_backend_available"),
             ApiError::GatewayTimeout(_) => Some("upstream_timeout"),
             _ => None,
         }
@@ -154,17 +158,70 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         tracing::error!(error = %err, "store failure");
-        ApiError::Unavailable("the gateway's state store is unavailable; retry shortly".into())
+        ApiError::StoreDown
     }
 }
+
+/// Where a failure came from (as Pingora's errors say): the client's request, a backend (an
+/// engine or a rig), the gateway's store, or the gateway itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Client,
+    Backend,
+    Store,
+    Gateway,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Client => "client",
+            Origin::Backend => "backend",
+            Origin::Store => "store",
+            Origin::Gateway => "gateway",
+        }
+    }
+}
+
+impl ApiError {
+    /// Where the failure came from.
+    pub fn origin(&self) -> Origin {
+        match self {
+            ApiError::BadGateway(_) | ApiError::GatewayTimeout(_) | ApiError::Unavailable(_) => {
+                Origin::Backend
+            }
+            ApiError::StoreDown => Origin::Store,
+            ApiError::Internal(_) => Origin::Gateway,
+            _ => Origin::Client,
+        }
+    }
+
+    /// Whether the same request may succeed if sent again: a busy or failing backend, a store
+    /// that comes back, a rate limit that resets. Not a bad request, a refused key or a spent
+    /// budget. Clients are told so in `x-should-retry`, which the OpenAI SDKs obey (they would
+    /// otherwise retry a spent budget's 429 for nothing).
+    pub fn retryable(&self) -> bool {
+        match self {
+            ApiError::TooManyRequests { code, .. } => *code != "insufficient_quota",
+            other => other.origin() != Origin::Client,
+        }
+    }
+}
+
+/// The header that tells an OpenAI SDK whether to retry (it obeys it over its own rules).
+const X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should-retry");
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
+            tracing::warn!(status = status.as_u16(), origin = self.origin().as_str(), error = %self, "request failed");
         }
         let mut response = (status, Json(self.body())).into_response();
+        response.headers_mut().insert(
+            X_SHOULD_RETRY,
+            http::HeaderValue::from_static(if self.retryable() { "true" } else { "false" }),
+        );
         if let ApiError::TooManyRequests {
             retry_after_secs,
             headers,
@@ -232,3 +289,39 @@ pub struct ApiPath<T>(pub T);
 #[derive(axum::extract::FromRequestParts)]
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
 pub struct ApiQuery<T>(pub T);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What clients are told about retrying, by kind of failure.
+    #[test]
+    fn retries_are_advised_where_they_can_help() {
+        let limited = |code| ApiError::TooManyRequests {
+            message: String::new(),
+            code,
+            retry_after_secs: None,
+            headers: Vec::new(),
+        };
+        for (error, retry, origin) in [
+            (ApiError::bad_request("x", None), false, Origin::Client),
+            (ApiError::Unauthorized("x".into()), false, Origin::Client),
+            (ApiError::PayloadTooLarge("x".into()), false, Origin::Client),
+            (limited("rate_limit_exceeded"), true, Origin::Client),
+            (limited("insufficient_quota"), false, Origin::Client),
+            (ApiError::BadGateway("x".into()), true, Origin::Backend),
+            (ApiError::Unavailable("x".into()), true, Origin::Backend),
+            (ApiError::StoreDown, true, Origin::Store),
+            (ApiError::Internal("x".into()), true, Origin::Gateway),
+        ] {
+            assert_eq!(error.retryable(), retry, "{error:?}");
+            assert_eq!(error.origin(), origin, "{error:?}");
+            let response = error.into_response();
+            let header = response.headers()[X_SHOULD_RETRY]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            assert_eq!(header, retry.to_string());
+        }
+    }
+}
