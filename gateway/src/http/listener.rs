@@ -404,6 +404,7 @@ impl<I: AsyncWrite> AsyncWrite for FirstBytes<I> {
 
 /// The application, counting the connection's requests in flight (from the call until the
 /// response body is done) and putting a deadline between the pieces of each request body.
+/// Neither boxes anything per request beyond what the application does.
 #[derive(Clone)]
 struct Tracked<S> {
     app: S,
@@ -416,9 +417,9 @@ where
     S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
     S::Future: Send + 'static,
 {
-    type Response = Response;
+    type Response = http::Response<Counted>;
     type Error = Infallible;
-    type Future = futures::future::BoxFuture<'static, Result<Response, Infallible>>;
+    type Future = Respond<S::Future>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -426,22 +427,47 @@ where
 
     fn call(&mut self, request: http::Request<hyper::body::Incoming>) -> Self::Future {
         let guard = InFlight::new(Arc::clone(&self.in_flight));
-        let timeout = self.body_read_timeout;
-        let request =
-            request.map(|body| Body::new(tower_http::timeout::TimeoutBody::new(timeout, body)));
-        let mut app = self.app.clone();
-        Box::pin(async move {
-            let response = match app.call(request).await {
-                Ok(response) => response,
-                Err(never) => match never {},
-            };
-            Ok(response.map(|body| {
-                Body::new(Counted {
-                    body,
-                    _in_flight: guard,
-                })
-            }))
-        })
+        let within = self.body_read_timeout;
+        let request = request.map(|body| {
+            Body::new(BodyDeadline {
+                body,
+                within,
+                sleep: None,
+            })
+        });
+        Respond {
+            inner: self.app.call(request),
+            guard: Some(guard),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The application's answer, its body counted in flight until it is done.
+    struct Respond<F> {
+        #[pin]
+        inner: F,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<F> Future for Respond<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<http::Response<Counted>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = match std::task::ready!(this.inner.poll(cx)) {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        let in_flight = this.guard.take();
+        Poll::Ready(Ok(response.map(|body| Counted {
+            body,
+            _in_flight: in_flight,
+        })))
     }
 }
 
@@ -466,7 +492,7 @@ pin_project_lite::pin_project! {
     struct Counted {
         #[pin]
         body: Body,
-        _in_flight: InFlight,
+        _in_flight: Option<InFlight>,
     }
 }
 
@@ -479,6 +505,70 @@ impl HttpBody for Counted {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that may not go quiet for longer than `within`. The clock starts only
+    /// when the body has nothing ready: a body that came with its head (nearly every one) never
+    /// touches a timer.
+    struct BodyDeadline<B> {
+        #[pin]
+        body: B,
+        within: Duration,
+        sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+/// A request body that went quiet for `connections.body_read_timeout_secs`.
+#[derive(Debug)]
+struct BodyTimedOut(Duration);
+
+impl std::fmt::Display for BodyTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the request body sent nothing for {:?}", self.0)
+    }
+}
+
+impl std::error::Error for BodyTimedOut {}
+
+impl<B> HttpBody for BodyDeadline<B>
+where
+    B: HttpBody<Data = bytes::Bytes>,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        match this.body.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                *this.sleep = None;
+                Poll::Ready(frame.map(|frame| frame.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let within = *this.within;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(within)));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(Box::new(BodyTimedOut(within)))));
+                }
+                Poll::Pending
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {

@@ -75,6 +75,7 @@ impl Endpoint {
     /// Which members of this endpoint's answers hold generated text.
     fn text_kind(self, stream: bool) -> TextKind {
         match self {
+            Endpoint::Chat if stream => TextKind::ChatStream,
             Endpoint::Chat => TextKind::Chat,
             Endpoint::Completions => TextKind::Completions,
             Endpoint::Responses if stream => TextKind::ResponsesStream,

@@ -383,6 +383,7 @@ async fn whole_response<'a>(
 fn whole_text_kind(kind: TextKind) -> TextKind {
     match kind {
         TextKind::ResponsesStream => TextKind::Responses,
+        TextKind::ChatStream => TextKind::Chat,
         other => other,
     }
 }
@@ -746,7 +747,6 @@ impl MeteredBody {
     fn count(&mut self, forwarded: &[u8]) {
         if !forwarded.is_empty() {
             self.output.scan(forwarded, self.out.bounds.text);
-            self.output.count_events(forwarded);
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! A rig belongs to a stranger, and a client can hang up whenever it likes; neither may decide
 //! what a request costs. So the gateway counts the output it forwards (text values and their
-//! bytes, events) and bounds the reported usage by what it can check:
+//! bytes) and bounds the reported usage by what it can check:
 //!
 //! - **prompt tokens** at most the request's bytes (a token is at least a byte of its text), plus
 //!   room for the chat template and for media parts, whose tokens are not in the bytes;
@@ -36,8 +36,9 @@ const PROMPT_SLACK_TOKENS: u64 = 256;
 /// Prompt tokens a media part (an image, audio or video) may add: its URL or id is a few bytes,
 /// its tokens are many (a large image in a vision model runs to a few thousand, a video more).
 const MEDIA_PART_TOKENS: u64 = 32_768;
-/// Completion tokens beyond the output's bytes and events, per choice: an end-of-sequence token,
-/// whitespace the detokenizer cleaned up, a tool call's name.
+/// Completion tokens beyond the output's bytes and text values, per choice: an end-of-sequence
+/// token, special tokens that print nothing, whitespace the detokenizer cleaned up, a tool
+/// call's name.
 const OUTPUT_SLACK_TOKENS: u64 = 64;
 /// Bytes of text per token when estimating the tokens of a stream that was cut short: the usual
 /// figure for English text with the tokenizers of today's open models.
@@ -55,8 +56,10 @@ const MEDIA_KEYS: &[&[u8]] = &[
 /// Which members of an answer hold generated text, per kind of endpoint.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum TextKind {
-    /// Chat completions: message or delta `content`, reasoning, tool call arguments, refusals.
+    /// Chat completions: message `content`, reasoning, tool call arguments, refusals.
     Chat,
+    /// A chat stream: the same members, in each chunk's `delta`.
+    ChatStream,
     /// Completions: `text`.
     Completions,
     /// A Responses stream: the `delta` of its `response.*.delta` events (the full text comes
@@ -70,39 +73,33 @@ pub enum TextKind {
 }
 
 struct Finders {
-    chat: [Finder<'static>; 5],
-    text: [Finder<'static>; 1],
-    delta: [Finder<'static>; 1],
+    /// A chat chunk's `"delta"`, and the `"text"` and `"delta"` members of completions and
+    /// Responses events: one search per forwarded chunk, with a needle rare enough for the
+    /// searcher's prefilter (a quote alone is everywhere in JSON).
+    delta: Finder<'static>,
+    message: Finder<'static>,
+    text: Finder<'static>,
     media: Vec<Finder<'static>>,
 }
 
 fn finders() -> &'static Finders {
     static FINDERS: std::sync::LazyLock<Finders> = std::sync::LazyLock::new(|| Finders {
-        chat: [
-            Finder::new(b"\"content\""),
-            Finder::new(b"\"reasoning_content\""),
-            Finder::new(b"\"reasoning\""),
-            Finder::new(b"\"arguments\""),
-            Finder::new(b"\"refusal\""),
-        ],
-        text: [Finder::new(b"\"text\"")],
-        delta: [Finder::new(b"\"delta\"")],
+        delta: Finder::new(b"\"delta\""),
+        message: Finder::new(b"\"message\""),
+        text: Finder::new(b"\"text\""),
         media: MEDIA_KEYS.iter().map(Finder::new).collect(),
     });
     &FINDERS
 }
 
-impl TextKind {
-    fn finders(self) -> &'static [Finder<'static>] {
-        let f = finders();
-        match self {
-            TextKind::Chat => &f.chat,
-            TextKind::Completions | TextKind::Responses => &f.text,
-            TextKind::ResponsesStream => &f.delta,
-            TextKind::None => &[],
-        }
-    }
-}
+/// Names of the members of a chat message or delta that hold generated text.
+const CHAT_KEYS: &[&[u8]] = &[
+    b"content",
+    b"reasoning_content",
+    b"reasoning",
+    b"arguments",
+    b"refusal",
+];
 
 /// The output the gateway forwarded to the client, counted as it went.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -111,54 +108,170 @@ pub struct OutputCount {
     pub values: u64,
     /// Bytes of text in them (an escape counts as the bytes it stands for, about).
     pub text_bytes: u64,
-    /// Server-sent events forwarded (an upper bound: `data:` inside text counts too).
-    pub events: u64,
 }
 
 impl OutputCount {
-    /// Counts the text in `bytes`: a whole answer, or whole events of a stream. A member's name
-    /// in quotes cannot occur inside a JSON string (the quotes there are escaped), so every
-    /// match is a member of some object.
+    /// Counts the text in `bytes`: a whole answer, or whole events of a stream (the tap hands
+    /// over whole events only). Measured with bench/instructions.sh: a pass over every member of
+    /// every chunk cost a streamed request a fifth more instructions, so a chunk is searched
+    /// once for the member that holds its text, and only that member is read.
     pub fn scan(&mut self, bytes: &[u8], kind: TextKind) {
-        for finder in kind.finders() {
-            for at in finder.find_iter(bytes) {
-                let rest = bytes[at + finder.needle().len()..].trim_ascii_start();
-                let Some(rest) = rest.strip_prefix(b":") else {
-                    continue;
-                };
-                // Only string values: `"delta": {...}` of a chat chunk is not text.
-                let Some(value) = rest.trim_ascii_start().strip_prefix(b"\"") else {
-                    continue;
-                };
-                let len = string_bytes(value);
-                if len > 0 {
-                    self.values += 1;
-                    self.text_bytes += len;
+        let f = finders();
+        match kind {
+            // `"delta": {...}`: its members (content, tool call arguments...).
+            TextKind::ChatStream => {
+                for at in f.delta.find_iter(bytes) {
+                    let Some(object) = member_value(bytes, at + b"\"delta\"".len()) else {
+                        continue;
+                    };
+                    // Nearly every chunk: `{"content":"..."}` and nothing else, read as is.
+                    if let Some(text) = object.strip_prefix(b"{\"content\":\"")
+                        && let (len, Some(end)) = string_span(text)
+                        && text.get(end + 1) == Some(&b'}')
+                    {
+                        if len > 0 {
+                            self.values += 1;
+                            self.text_bytes += len;
+                        }
+                        continue;
+                    }
+                    if object.first() == Some(&b'{') {
+                        let object = &object[..object_end(object)];
+                        self.scan_members(object, CHAT_KEYS);
+                    }
                 }
+            }
+            // A whole answer: each choice's `"message": {...}`.
+            TextKind::Chat => {
+                for at in f.message.find_iter(bytes) {
+                    if let Some(object) = member_value(bytes, at + b"\"message\"".len())
+                        && object.first() == Some(&b'{')
+                    {
+                        self.scan_members(&object[..object_end(object)], CHAT_KEYS);
+                    }
+                }
+            }
+            TextKind::Completions | TextKind::Responses => {
+                self.scan_named(bytes, &f.text, b"\"text\"".len())
+            }
+            TextKind::ResponsesStream => self.scan_named(bytes, &f.delta, b"\"delta\"".len()),
+            TextKind::None => {}
+        }
+    }
+
+    /// Counts the string values of the members `finder` finds (a quoted name of `name_len`
+    /// bytes); other values (a chat chunk's `"delta": {...}`) are not text.
+    fn scan_named(&mut self, bytes: &[u8], finder: &Finder<'_>, name_len: usize) {
+        for at in finder.find_iter(bytes) {
+            if let Some(value) = member_value(bytes, at + name_len)
+                && let Some(text) = value.strip_prefix(b"\"")
+            {
+                self.add(text);
             }
         }
     }
 
-    /// Counts the events of a stream's forwarded bytes.
-    pub fn count_events(&mut self, bytes: &[u8]) {
-        self.events += memchr::memmem::find_iter(bytes, b"data:").count() as u64;
+    /// Counts the string values of the members of `bytes` named in `keys`, colon by colon: a
+    /// name's closing quote before the colon, a value's opening quote after it (spaces allowed
+    /// around). A colon in text never passes: the quotes around it there are escaped (`\"`).
+    fn scan_members(&mut self, bytes: &[u8], keys: &[&[u8]]) {
+        for at in memchr::memchr_iter(b':', bytes) {
+            let Some(value) = bytes[at + 1..].trim_ascii_start().strip_prefix(b"\"") else {
+                continue;
+            };
+            let Some(name_end) = bytes[..at].trim_ascii_end().len().checked_sub(1) else {
+                continue;
+            };
+            if bytes[name_end] == b'"' && named(bytes, name_end, keys) {
+                self.add(value);
+            }
+        }
+    }
+
+    /// Counts the string value that `value` starts with (just after its opening quote).
+    fn add(&mut self, value: &[u8]) {
+        let len = string_bytes(value);
+        if len > 0 {
+            self.values += 1;
+            self.text_bytes += len;
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.values == 0 && self.events == 0
+        self.values == 0
     }
+}
+
+/// The value of a member whose quoted name ends just before `after`: what follows the colon
+/// (spaces skipped), or `None` when no colon follows (the name was a string value).
+fn member_value(bytes: &[u8], after: usize) -> Option<&[u8]> {
+    let rest = bytes.get(after..)?.trim_ascii_start().strip_prefix(b":")?;
+    Some(rest.trim_ascii_start())
+}
+
+/// Length of the JSON object `bytes` starts with, through its closing brace (all of `bytes`
+/// when cut short), skipping strings so that braces in text do not count.
+fn object_end(bytes: &[u8]) -> usize {
+    let mut depth = 0usize;
+    let mut at = 0;
+    while let Some(i) = memchr::memchr3(b'{', b'}', b'"', &bytes[at..]) {
+        at += i;
+        match bytes[at] {
+            b'{' => depth += 1,
+            b'}' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return at + 1;
+                }
+            }
+            _ => {
+                // A string: to its closing quote, over escapes.
+                at += 1;
+                while let Some(i) = memchr::memchr2(b'"', b'\\', &bytes[at..]) {
+                    at += i;
+                    if bytes[at] == b'"' {
+                        break;
+                    }
+                    at += 2;
+                    if at >= bytes.len() {
+                        return bytes.len();
+                    }
+                }
+            }
+        }
+        at += 1;
+        if at >= bytes.len() {
+            break;
+        }
+    }
+    bytes.len()
+}
+
+/// Whether the member name that ends with the quote at `name_end` is one of `keys`, and is a
+/// member's name: its opening quote follows `{` or `,`.
+fn named(bytes: &[u8], name_end: usize, keys: &[&[u8]]) -> bool {
+    let Some(start) = memchr::memrchr(b'"', &bytes[..name_end]) else {
+        return false;
+    };
+    let name = &bytes[start + 1..name_end];
+    keys.contains(&name) && matches!(bytes[..start].trim_ascii_end().last(), Some(b'{' | b','))
 }
 
 /// Bytes of the JSON string that `value` starts with (just after its opening quote), up to its
 /// closing quote or the end of `value`: `\uXXXX` counts two bytes, other escapes one.
 fn string_bytes(value: &[u8]) -> u64 {
+    string_span(value).0
+}
+
+/// [`string_bytes`], with where the closing quote is (`None`: cut short).
+fn string_span(value: &[u8]) -> (u64, Option<usize>) {
     let mut at = 0;
     let mut bytes = 0u64;
     while let Some(i) = memchr::memchr2(b'"', b'\\', &value[at..]) {
         bytes += i as u64;
         at += i;
         if value[at] == b'"' {
-            return bytes;
+            return (bytes, Some(at));
         }
         // An escape: `\uXXXX` stands for a character of one to three bytes, the others for one.
         if value.get(at + 1) == Some(&b'u') {
@@ -169,10 +282,10 @@ fn string_bytes(value: &[u8]) -> u64 {
             at += 2;
         }
         if at >= value.len() {
-            return bytes;
+            return (bytes, None);
         }
     }
-    bytes + (value.len() - at) as u64
+    (bytes + (value.len() - at) as u64, None)
 }
 
 /// What the request allows, read when it was admitted.
@@ -258,7 +371,7 @@ pub fn bill(
     } else {
         let by_output = output
             .text_bytes
-            .saturating_add(output.events)
+            .saturating_add(output.values)
             .saturating_add(OUTPUT_SLACK_TOKENS.saturating_mul(choices));
         match bounds.max_tokens {
             Some(max) if max > 0 => by_output.min(u64::from(max).saturating_mul(choices)),
@@ -350,21 +463,38 @@ data: {"choices":[{"delta":{"reasoning_content":"hm"}}]}
 data: {"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\"a\":1}"}}]}}]}
 
 "#;
-        count.scan(chunk, TextKind::Chat);
-        count.count_events(chunk);
+        count.scan(chunk, TextKind::ChatStream);
         // "Hel\"lo \u00e9" is 9 bytes, "hm" 2, {"a":1} 7; the empty content is no text.
         assert_eq!(
             count,
             OutputCount {
                 values: 3,
                 text_bytes: 9 + 2 + 7,
-                events: 4
             }
         );
+        // The common chunk read as is, an escaped quote and brace in it; a delta with more
+        // members read member by member.
+        let mut count = OutputCount::default();
+        count.scan(
+            br#"data: {"choices":[{"delta":{"content":"a\"}"}}]}
+
+data: {"choices":[{"delta":{"content":"x","reasoning_content":"yz"}}]}
+
+"#,
+            TextKind::ChatStream,
+        );
+        assert_eq!((count.values, count.text_bytes), (3, 3 + 1 + 2));
+        // JSON written with spaces, and a colon inside text, which is no member.
+        let mut count = OutputCount::default();
+        count.scan(
+            b"{\"id\": \"x: y\",\n \"choices\": [{\"message\": {\"content\" : \"a: b\"}}]}",
+            TextKind::Chat,
+        );
+        assert_eq!((count.values, count.text_bytes), (1, 4));
         // A chat delta is an object, not text; "content" inside a string is text.
         let mut count = OutputCount::default();
         count.scan(
-            br#"{"delta":{"x":1},"content":"say \"content\": \"no\""}"#,
+            br#"{"message":{"x":1,"content":"say \"content\": \"no\""}}"#,
             TextKind::Chat,
         );
         assert_eq!((count.values, count.text_bytes), (1, 19));
@@ -383,7 +513,10 @@ data: {"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\"a\":1}"}}
     #[test]
     fn an_honest_report_is_billed_as_reported() {
         let mut output = OutputCount::default();
-        output.scan(br#"{"content":"Hello there, friend"}"#, TextKind::Chat);
+        output.scan(
+            br#"{"choices":[{"message":{"content":"Hello there, friend"}}]}"#,
+            TextKind::Chat,
+        );
         let billed = bill(
             Some(usage(30, 5)),
             &output,
@@ -397,7 +530,10 @@ data: {"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\"a\":1}"}}
     #[test]
     fn absurd_reports_are_clamped() {
         let mut output = OutputCount::default();
-        output.scan(br#"{"content":"four score"}"#, TextKind::Chat);
+        output.scan(
+            br#"{"choices":[{"message":{"content":"four score"}}]}"#,
+            TextKind::Chat,
+        );
         // A billion completion tokens for ten bytes of text and no max_tokens.
         let billed = bill(
             Some(usage(u64::MAX, 1_000_000_000)),
@@ -406,7 +542,8 @@ data: {"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\"a\":1}"}}
             || media_parts(br#"{"messages":[]}"#),
         );
         assert_eq!(billed.usage.prompt_tokens, 200 + PROMPT_SLACK_TOKENS);
-        assert_eq!(billed.usage.completion_tokens, 10 + OUTPUT_SLACK_TOKENS);
+        // Ten bytes of text in one value, and the slack.
+        assert_eq!(billed.usage.completion_tokens, 10 + 1 + OUTPUT_SLACK_TOKENS);
         assert_eq!(
             billed.corrections,
             [
@@ -444,7 +581,10 @@ data: {"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\"a\":1}"}}
     fn under_reports_bill_what_was_delivered() {
         let mut output = OutputCount::default();
         for _ in 0..40 {
-            output.scan(br#"{"content":"tok"}"#, TextKind::Chat);
+            output.scan(
+                br#"{"choices":[{"message":{"content":"tok"}}]}"#,
+                TextKind::Chat,
+            );
         }
         let billed = bill(
             Some(usage(10, 1)),
@@ -460,7 +600,10 @@ data: {"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\"a\":1}"}}
     fn a_stream_cut_short_is_estimated_from_what_it_delivered() {
         let mut output = OutputCount::default();
         for _ in 0..38 {
-            output.scan(br#"{"content":" word"}"#, TextKind::Chat);
+            output.scan(
+                br#"{"choices":[{"message":{"content":" word"}}]}"#,
+                TextKind::Chat,
+            );
         }
         let billed = bill(None, &output, &bounds(TextKind::Chat, Some(100)), || 0);
         // 38 values of 5 bytes: 38 tokens at least, 48 by the bytes.

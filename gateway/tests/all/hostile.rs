@@ -342,17 +342,35 @@ async fn half_open_connections_do_not_starve_other_clients() {
     );
 }
 
-/// A half-sent head is dropped at the header deadline; so is a connection left idle.
+/// A half-sent head is dropped at the header deadline; so is a connection left idle, and a body
+/// that stops half way is refused at the body deadline.
 #[tokio::test]
 async fn slow_heads_and_idle_connections_are_closed() {
     let engine = fast_sim().await;
     let mut cfg = config(vec![upstream("a", engine.base_url())]);
     cfg.connections.header_read_timeout_secs = 1;
+    cfg.connections.body_read_timeout_secs = 1;
     let gw = gateway(cfg).await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut slow = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
     slow.write_all(b"GET /health HTTP/1.1\r\nHo").await.unwrap();
     let mut idle = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    // A body that stops half way: refused once it has been quiet for the body deadline.
+    let (_, key) = create_key(&gw.url(), json!({"name": "trickle"})).await;
+    let mut trickle = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {key}\r\n\
+         Content-Length: 100\r\n\r\n{{\"model\""
+    );
+    trickle.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), trickle.read_to_end(&mut answer))
+        .await
+        .expect("the gateway gives up on the body");
+    assert!(read.is_ok());
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("sent nothing for"), "{answer}");
     for stream in [&mut slow, &mut idle] {
         let mut buf = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
