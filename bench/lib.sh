@@ -80,18 +80,25 @@ start_target() {
         else
             transport="base_url = \"http://$ENGINE/v1\""
         fi
+        local default_plugins=false
+        [[ ${BENCH_PLUGINS:-0} == 1 ]] && default_plugins=true
         cat >"$WORK/gateway.toml" <<TOML
 listen = "127.0.0.1:$port"
-default_plugins = false
+default_plugins = $default_plugins
 [auth]
 admin_token = "$ADMIN"
 $extra
+TOML
+        # BENCH_UPSTREAMS entries for the one engine: a router plugin chooses among them.
+        for ((i = 1; i <= ${BENCH_UPSTREAMS:-1}; i++)); do
+            cat >>"$WORK/gateway.toml" <<TOML
 [[upstreams]]
-name = "sim"
+name = "sim-$i"
 $transport
 models = ["$MODEL"]
 health_path = "/health"
 TOML
+        done
         RUST_LOG=${BENCH_GATEWAY_LOG:-warn} "$@" "$BIN/gateway" serve --config "$WORK/gateway.toml" \
             >"$WORK/target.log" 2>&1 &
     else

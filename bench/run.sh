@@ -57,9 +57,10 @@ REFERENCE_NGINX=${BENCH_REFERENCE_NGINX:-0}
 REFERENCE_HYPER=${BENCH_REFERENCE_HYPER:-0}
 WAIT_IDLE=${BENCH_WAIT_IDLE:-0}
 NOISY_RETRIES=${BENCH_NOISY_RETRIES:-2}
-# Policy plugins on the hot path: 0 = the gateway's built-in fallbacks only, 1 = the default
-# plugins (least-loaded router, rate limiter, meter, reward).
-# hot = the default router and rate limiter only (the hot path), from the files the build made.
+# Policy plugins: 0 = the gateway's built-in fallbacks only, 1 = the default plugins
+# (least-loaded router, rate limiter, meter, reward), hot = the default router and rate limiter
+# only (the hot path), from the files the build made; both = two gateways side by side in one
+# run, bare (`gateway` rows) and with the four default plugins (`policies` rows), compared.
 PLUGINS=${BENCH_PLUGINS:-0}
 # Upstream entries, all pointing at the one engine: the router plugin chooses among this many
 # candidates (it is not called for one).
@@ -132,6 +133,8 @@ ENGINE_PID=""
 # BENCH_UPSTREAM=unix: the engine on a Unix socket, for the gateway and nginx.
 UDS_ENGINE_PID=""
 GATEWAY_PID=""
+# BENCH_PLUGINS=both: the gateway with the default policies.
+POLICIES_PID=""
 NGINX_PID=""
 HYPER_PID=""
 
@@ -156,6 +159,7 @@ cleanup() {
     stop "$NGINX_PID" nginx
     stop "$HYPER_PID" hyper-floor
     stop "$GATEWAY_PID" gateway
+    stop "$POLICIES_PID" "gateway with policies"
     stop "$ENGINE_PID" sim-engine
     stop "$UDS_ENGINE_PID" "sim-engine (unix socket)"
     if ((status != 0)) && [[ -d $WORK ]]; then
@@ -208,10 +212,6 @@ listening_port() { # pid
     return 1
 }
 
-gateway_port_known() {
-    GATEWAY_PORT=$(listening_port "$GATEWAY_PID") && [[ -n $GATEWAY_PORT ]]
-}
-
 engine_addr_known() {
     ENGINE_ADDR=$(sed -n 's|^sim-engine listening on http://\([0-9.]*:[0-9]*\).*|\1|p' "$WORK/engine.log")
     [[ -n $ENGINE_ADDR ]]
@@ -240,7 +240,6 @@ if [[ $UPSTREAM == unix ]]; then
 fi
 
 ADMIN_TOKEN="bench-admin-$RANDOM$RANDOM$RANDOM"
-if [[ "$PLUGINS" == 1 ]]; then DEFAULT_PLUGINS=true; else DEFAULT_PLUGINS=false; fi
 # BENCH_PLUGINS=hot: only the hot-path slots (the default router and rate limiter, loaded from
 # the files the build made); no meter or reward competing for the cores.
 HOT_FILES=""
@@ -255,59 +254,80 @@ path = \"$WASM_DIR/router_least_loaded.wasm\"
 [plugins.files.rate-limiter]
 path = \"$WASM_DIR/rate_limiter.wasm\""
 fi
-cat >"$WORK/gateway.toml" <<EOF
+
+# Starts a gateway in front of the engine and makes it an API key; sets STARTED_PID,
+# STARTED_URL and STARTED_KEY.
+start_gateway() { # name default_plugins(true|false) extra_toml
+    local name=$1 default_plugins=$2 extra=$3 i transport
+    cat >"$WORK/$name.toml" <<EOF
 listen = "127.0.0.1:0"
 shutdown_grace_secs = 2
-default_plugins = $DEFAULT_PLUGINS
+default_plugins = $default_plugins
 
 [auth]
 admin_token = "$ADMIN_TOKEN"
-$HOT_FILES
+$extra
 EOF
-for i in $(seq 1 "$UPSTREAMS"); do
-    if [[ $UPSTREAM == unix ]]; then
-        TRANSPORT="base_url = \"http://localhost/v1\"
+    for i in $(seq 1 "$UPSTREAMS"); do
+        if [[ $UPSTREAM == unix ]]; then
+            transport="base_url = \"http://localhost/v1\"
 unix_socket = \"$ENGINE_SOCKET\""
-    else
-        TRANSPORT="base_url = \"$ENGINE_URL/v1\""
-    fi
-    cat >>"$WORK/gateway.toml" <<EOF
+        else
+            transport="base_url = \"$ENGINE_URL/v1\""
+        fi
+        cat >>"$WORK/$name.toml" <<EOF
 
 [[upstreams]]
 name = "sim-$i"
-$TRANSPORT
+$transport
 models = ["$MODEL"]
 health_path = "/health"
 EOF
-done
+    done
 
-log "starting the gateway in front of ${ENGINE_SOCKET:-$ENGINE_URL}"
-# GARAGE_* variables would override the file; the benchmark must not inherit any.
-mapfile -t GARAGE_VARS < <(compgen -e | grep '^GARAGE_' || true)
-UNSETS=()
-for v in "${GARAGE_VARS[@]}"; do UNSETS+=(-u "$v"); done
-WORKERS=()
-[[ -n $GATEWAY_WORKERS ]] && WORKERS=(--worker-threads "$GATEWAY_WORKERS")
-env "${UNSETS[@]}" -u TOKIO_WORKER_THREADS RUST_LOG="${BENCH_GATEWAY_LOG:-warn}" "$BIN/gateway" serve \
-    --config "$WORK/gateway.toml" "${WORKERS[@]}" >"$WORK/gateway.log" 2>&1 &
-GATEWAY_PID=$!
-GATEWAY_PORT=""
-wait_until "gateway listening socket" 20 "$GATEWAY_PID" gateway_port_known
-GATEWAY_URL="http://127.0.0.1:$GATEWAY_PORT"
-wait_until "gateway /ready" 30 "$GATEWAY_PID" http_ok "$GATEWAY_URL/ready"
+    log "starting the $name gateway (default_plugins = $default_plugins) in front of ${ENGINE_SOCKET:-$ENGINE_URL}"
+    # GARAGE_* variables would override the file; the benchmark must not inherit any.
+    local garage_vars unsets=() workers=() v
+    mapfile -t garage_vars < <(compgen -e | grep '^GARAGE_' || true)
+    for v in "${garage_vars[@]}"; do unsets+=(-u "$v"); done
+    [[ -n $GATEWAY_WORKERS ]] && workers=(--worker-threads "$GATEWAY_WORKERS")
+    env "${unsets[@]}" -u TOKIO_WORKER_THREADS RUST_LOG="${BENCH_GATEWAY_LOG:-warn}" "$BIN/gateway" serve \
+        --config "$WORK/$name.toml" "${workers[@]}" >"$WORK/$name.log" 2>&1 &
+    STARTED_PID=$!
+    STARTED_PORT=""
+    wait_until "$name gateway listening socket" 20 "$STARTED_PID" started_port_known
+    STARTED_URL="http://127.0.0.1:$STARTED_PORT"
+    wait_until "$name gateway /ready" 30 "$STARTED_PID" http_ok "$STARTED_URL/ready"
 
-CREATED=$(curl -fsS --max-time 5 -X POST "$GATEWAY_URL/admin/keys" \
-    -H "Authorization: Bearer $ADMIN_TOKEN" -H 'Content-Type: application/json' \
-    -d '{"name":"bench"}') || die "POST /admin/keys failed"
-API_KEY=$(sed -n 's/.*"key"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' <<<"$CREATED")
-[[ -n $API_KEY ]] || die "no key in the POST /admin/keys response: $CREATED"
+    local created
+    created=$(curl -fsS --max-time 5 -X POST "$STARTED_URL/admin/keys" \
+        -H "Authorization: Bearer $ADMIN_TOKEN" -H 'Content-Type: application/json' \
+        -d '{"name":"bench"}') || die "POST /admin/keys failed on the $name gateway"
+    STARTED_KEY=$(sed -n 's/.*"key"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' <<<"$created")
+    [[ -n $STARTED_KEY ]] || die "no key in the POST /admin/keys response: $created"
+}
+started_port_known() {
+    STARTED_PORT=$(listening_port "$STARTED_PID") && [[ -n $STARTED_PORT ]]
+}
+
+# BENCH_PLUGINS=both: two gateways side by side in one run, the bare one (`gateway` rows) and
+# one with the four default policies (`policies` rows), against the same engine.
+DEFAULT_PLUGINS=false
+[[ $PLUGINS == 1 ]] && DEFAULT_PLUGINS=true
+start_gateway gateway "$DEFAULT_PLUGINS" "$HOT_FILES"
+GATEWAY_PID=$STARTED_PID GATEWAY_URL=$STARTED_URL API_KEY=$STARTED_KEY
+POLICIES_URL="" POLICIES_KEY=""
+if [[ $PLUGINS == both ]]; then
+    start_gateway policies true ""
+    POLICIES_PID=$STARTED_PID POLICIES_URL=$STARTED_URL POLICIES_KEY=$STARTED_KEY
+fi
 export BENCH_KEY=$API_KEY BENCH_MODEL=$MODEL
 
 # Each combination answers correctly before any load is measured.
-smoke() { # base_url stream
-    local url=$1 stream=$2 body
+smoke() { # base_url stream [api_key]
+    local url=$1 stream=$2 key=${3:-$API_KEY} body
     body=$(curl -fsS --max-time 5 "$url/v1/chat/completions" \
-        -H "Authorization: Bearer $API_KEY" -H 'Content-Type: application/json' \
+        -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
         -d "{\"model\":\"$MODEL\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":$stream}") ||
         die "smoke test failed: $url stream=$stream"
     if [[ $stream == true ]]; then
@@ -320,6 +340,10 @@ for u in "$ENGINE_URL" "$GATEWAY_URL"; do
     smoke "$u" false
     smoke "$u" true
 done
+if [[ -n $POLICIES_URL ]]; then
+    smoke "$POLICIES_URL" false "$POLICIES_KEY"
+    smoke "$POLICIES_URL" true "$POLICIES_KEY"
+fi
 log "engine $ENGINE_URL (pid $ENGINE_PID), gateway $GATEWAY_URL (pid $GATEWAY_PID): ready"
 
 free_port() { # a loopback port nothing listens on (nginx needs one named in its config)
@@ -341,6 +365,7 @@ free_port() { # a loopback port nothing listens on (nginx needs one named in its
 
 NGINX_URL=""
 MODES="direct gateway"
+[[ -n $POLICIES_URL ]] && MODES="$MODES policies"
 if [[ $REFERENCE_NGINX == 1 ]]; then
     NGINX_PORT=$(free_port) || die "no free port for nginx"
     NGINX_UPSTREAM=$ENGINE_ADDR
@@ -418,6 +443,15 @@ nginx_pids() { # master and workers
     echo "$NGINX_PID" $(pgrep -P "$NGINX_PID" || true)
 }
 
+rss_kb() { # pid... -> their resident set sizes together, KiB (VmRSS)
+    local pid total=0 kb
+    for pid in "$@"; do
+        kb=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null) || continue
+        total=$((total + ${kb:-0}))
+    done
+    echo "$total"
+}
+
 children_ticks() { # cutime+cstime of this shell: every child it has waited for (here: wrk)
     local s
     s=$(<"/proc/$$/stat")
@@ -445,8 +479,8 @@ run_wrk() { # url script connections duration_s output_file
 }
 
 ROWS=()
-plugin_calls() { # -> "slot=calls:seconds ..." totals of the gateway's plugin call histogram
-    curl -s "$GATEWAY_URL/metrics" | awk '
+plugin_calls() { # gateway_url -> "slot=calls:seconds ..." totals of its plugin call histogram
+    curl -s "$1/metrics" | awk '
         /^garage_plugin_call_duration_seconds_(count|sum)\{/ {
             if (match($0, /slot="[^"]+"/)) {
                 slot = substr($0, RSTART + 6, RLENGTH - 7)
@@ -464,6 +498,7 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
     case $mode in
         direct) url=$ENGINE_URL ;;
         gateway) url=$GATEWAY_URL ;;
+        policies) url=$POLICIES_URL ;;
         nginx) url=$NGINX_URL ;;
         hyper) url=$HYPER_URL ;;
     esac
@@ -471,21 +506,31 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
     kill -0 "$ENGINE_PID" 2>/dev/null || die "sim-engine died"
     [[ -z $UDS_ENGINE_PID ]] || kill -0 "$UDS_ENGINE_PID" 2>/dev/null || die "sim-engine (unix socket) died"
     kill -0 "$GATEWAY_PID" 2>/dev/null || die "gateway died"
+    [[ -z $POLICIES_PID ]] || kill -0 "$POLICIES_PID" 2>/dev/null || die "gateway with policies died"
     [[ -z $NGINX_PID ]] || kill -0 "$NGINX_PID" 2>/dev/null || die "nginx died"
     [[ -z $HYPER_PID ]] || kill -0 "$HYPER_PID" 2>/dev/null || die "hyper-floor died"
 
     log "$mode stream=$stream c=$conc: ${WARMUP}s warm-up, ${DURATION}s measured"
+    # Each gateway has its own API key.
+    if [[ $mode == policies ]]; then export BENCH_KEY=$POLICIES_KEY; else export BENCH_KEY=$API_KEY; fi
     if ((WARMUP > 0)); then
         run_wrk "$url" "$script" "$conc" "$WARMUP" "$WORK/warmup.out" ||
             die "wrk warm-up failed: $(cat "$WORK/warmup.out")"
     fi
 
-    local ngx gw0 ng0 hy0 en0 ch0 sys0 gw1 ng1 hy1 en1 ch1 sys1
+    local ngx gw0 ng0 hy0 en0 ch0 sys0 gw1 ng1 hy1 en1 ch1 sys1 pg0 pg1
     # shellcheck disable=SC2207
     ngx=($(nginx_pids))
+    # The gateway rows whose plugin calls are counted: with BENCH_PLUGINS=1 or hot the
+    # gateway's, with both the policies gateway's.
+    local calls_url=""
+    [[ $mode == gateway && $PLUGINS != 0 && $PLUGINS != both ]] && calls_url=$GATEWAY_URL
+    [[ $mode == policies ]] && calls_url=$POLICIES_URL
     local calls0=""
-    [[ $mode == gateway && $PLUGINS != 0 ]] && calls0=$(plugin_calls)
+    [[ -n $calls_url ]] && calls0=$(plugin_calls "$calls_url")
     gw0=$(proc_ticks "$GATEWAY_PID")
+    # shellcheck disable=SC2086 # no pid: no ticks
+    pg0=$(proc_ticks $POLICIES_PID)
     ng0=$(proc_ticks "${ngx[@]}")
     # shellcheck disable=SC2086 # no pid: no ticks
     hy0=$(proc_ticks $HYPER_PID)
@@ -496,6 +541,17 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
     run_wrk "$url" "$script" "$conc" "$DURATION" "$WORK/wrk.out" ||
         die "wrk failed: $(cat "$WORK/wrk.out")"
     gw1=$(proc_ticks "$GATEWAY_PID")
+    # shellcheck disable=SC2086
+    pg1=$(proc_ticks $POLICIES_PID)
+    # Memory under load: the proxy's resident set at the end of the measured run.
+    local rss=0
+    case $mode in
+        gateway) rss=$(rss_kb "$GATEWAY_PID") ;;
+        policies) rss=$(rss_kb "$POLICIES_PID") ;;
+        nginx) rss=$(rss_kb "${ngx[@]}") ;;
+        # shellcheck disable=SC2086
+        hyper) rss=$(rss_kb $HYPER_PID) ;;
+    esac
     ng1=$(proc_ticks "${ngx[@]}")
     # shellcheck disable=SC2086
     hy1=$(proc_ticks $HYPER_PID)
@@ -503,9 +559,9 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
     en1=$(proc_ticks "$ENGINE_PID" $UDS_ENGINE_PID)
     ch1=$(children_ticks)
     sys1=$(system_ticks)
-    if [[ $mode == gateway && $PLUGINS != 0 ]]; then
+    if [[ -n $calls_url ]]; then
         local calls1 rates
-        calls1=$(plugin_calls)
+        calls1=$(plugin_calls "$calls_url")
         # Per slot: calls per second, and the mean time of a call (instance and call, as the
         # request waits for it) over the row.
         rates=$(awk -v a="$calls0" -v b="$calls1" -v d="$DURATION" 'BEGIN {
@@ -518,7 +574,7 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
                 printf "%s=%.0f/s (%.1f µs) ", kv[1], calls / d, mean
             }
         }')
-        PLUGIN_RATES+=("$stream	$conc	$rates")
+        PLUGIN_RATES+=("$mode	$stream	$conc	$rates")
         log "  plugin calls/s: $rates"
     fi
 
@@ -538,13 +594,15 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
     local sb0 st0 sb1 st1
     read -r sb0 st0 <<<"$sys0"
     read -r sb1 st1 <<<"$sys1"
-    local gw=$((gw1 - gw0)) ng=$((ng1 - ng0)) hy=$((hy1 - hy0)) en=$((en1 - en0)) ch=$((ch1 - ch0)) proxy=0
+    local gw=$((gw1 - gw0)) pg=$((pg1 - pg0)) ng=$((ng1 - ng0)) hy=$((hy1 - hy0)) en=$((en1 - en0)) ch=$((ch1 - ch0)) proxy=0
     [[ $mode == gateway ]] && proxy=$gw
+    [[ $mode == policies ]] && proxy=$pg
     [[ $mode == nginx ]] && proxy=$ng
     [[ $mode == hyper ]] && proxy=$hy
     # One row, tab-separated: mode stream conc requests rps p50_us p99_us errors proxy_ticks
     #   engine_ticks wrk_ticks other_ticks (busy, less every benchmark process) total_ticks
-    ROWS+=("$mode	$stream	$conc	$requests	$rps	$p50	$p99	$errors	$proxy	$en	$ch	$((sb1 - sb0 - gw - ng - hy - en - ch))	$((st1 - st0))")
+    #   proxy_rss_kb
+    ROWS+=("$mode	$stream	$conc	$requests	$rps	$p50	$p99	$errors	$proxy	$en	$ch	$((sb1 - sb0 - gw - pg - ng - hy - en - ch))	$((st1 - st0))	$rss")
     log "  -> $(printf '%.0f' "$rps") req/s, p50 ${p50} us, p99 ${p99} us, errors $errors"
 }
 
@@ -560,7 +618,7 @@ wait_for_compilers() { # max_seconds
 }
 is_noisy() { # row: true when other processes used over NOISY_PERCENT of the machine
     local ot st
-    IFS=$'\t' read -r _ _ _ _ _ _ _ _ _ _ _ ot st <<<"$1"
+    IFS=$'\t' read -r _ _ _ _ _ _ _ _ _ _ _ ot st _ <<<"$1"
     ((st > 0 && ot * 100 > st * NOISY_PERCENT))
 }
 # Per group and mode, every round's req/s and proxy CPU, for the report (BENCH_ROUNDS > 1).
@@ -585,6 +643,12 @@ keep_median_rounds() { # first_row_of_group: keeps, per mode, the round with the
 ((WAIT_IDLE > 0)) && wait_for_compilers "$WAIT_IDLE"
 RETRIED=0
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+# Memory at rest, before any load (after start-up and the smoke requests).
+idle_rss() { # -> "gateway <KiB> [policies <KiB>]"
+    printf 'gateway %s' "$(rss_kb "$GATEWAY_PID")"
+    [[ -z $POLICIES_PID ]] || printf ' policies %s' "$(rss_kb "$POLICIES_PID")"
+}
+IDLE_RSS_BEFORE=$(idle_rss)
 BUSY_BEFORE=$(compilers_running)
 for stream in no yes; do
     for conc in $CONCURRENCY; do
@@ -615,6 +679,9 @@ for stream in no yes; do
     done
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+# And at rest again after it: what the load left resident.
+sleep 3
+IDLE_RSS_AFTER=$(idle_rss)
 
 # --- report ------------------------------------------------------------------------------------
 
@@ -640,7 +707,11 @@ report() {
     fi
     echo "- Machine: $NPROC CPU(s), $CPU_MODEL, Linux $(uname -r)"
     echo "- Load average (1/5/15 min) before: $LOAD_BEFORE; after: $LOAD_AFTER; compiler processes at start: $BUSY_BEFORE"
-    echo "- Gateway: default_plugins = $DEFAULT_PLUGINS (BENCH_PLUGINS=$PLUGINS), $UPSTREAMS upstream entr(y|ies) for the one engine (BENCH_UPSTREAMS)"
+    if [[ $PLUGINS == both ]]; then
+        echo "- Gateways (BENCH_PLUGINS=both): \`gateway\` rows default_plugins = false, \`policies\` rows the four default plugins; each with $UPSTREAMS upstream entr(y|ies) for the one engine (BENCH_UPSTREAMS)"
+    else
+        echo "- Gateway: default_plugins = $DEFAULT_PLUGINS (BENCH_PLUGINS=$PLUGINS), $UPSTREAMS upstream entr(y|ies) for the one engine (BENCH_UPSTREAMS)"
+    fi
     echo "- Gateway worker threads (BENCH_GATEWAY_WORKERS): ${GATEWAY_WORKERS:-one per CPU}"
     if [[ $UPSTREAM == unix ]]; then
         echo "- Upstream (BENCH_UPSTREAM=unix): the gateway and nginx reach a second, identical engine over a Unix domain socket; direct rows and hyper-floor use TCP"
@@ -651,12 +722,12 @@ report() {
         "$ROUNDS round(s) per group, POST /v1/chat/completions (2 messages), sim-engine with no delays and" \
         "$MAX_TOKENS tokens per answer"
     echo
-    echo "| mode | stream | conc | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s vs direct | gateway CPU µs/req | engine CPU µs/req | wrk CPU µs/req | other CPU % | errors |"
-    echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+    echo "| mode | stream | conc | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s vs direct | gateway CPU µs/req | engine CPU µs/req | wrk CPU µs/req | other CPU % | errors | proxy RSS MB |"
+    echo "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     local row
     for row in "${ROWS[@]}"; do
-        local mode stream conc requests rps p50 p99 errors gw en ch ot st
-        IFS=$'\t' read -r mode stream conc requests rps p50 p99 errors gw en ch ot st <<<"$row"
+        local mode stream conc requests rps p50 p99 errors gw en ch ot st rss
+        IFS=$'\t' read -r mode stream conc requests rps p50 p99 errors gw en ch ot st rss <<<"$row"
         local d_rps="" d_p50="" d_p99=""
         if [[ $mode != direct ]]; then
             local d
@@ -670,7 +741,7 @@ report() {
         fi
         awk -v mode="$mode" -v stream="$stream" -v conc="$conc" -v n="$requests" -v rps="$rps" \
             -v p50="$p50" -v p99="$p99" -v err="$errors" -v gw="$gw" -v en="$en" -v ch="$ch" \
-            -v ot="$ot" -v st="$st" -v tck="$CLK_TCK" \
+            -v ot="$ot" -v st="$st" -v tck="$CLK_TCK" -v rss="$rss" \
             -v drps="$d_rps" -v dp50="$d_p50" -v dp99="$d_p99" 'BEGIN {
                 us = 1e6 / tck
                 other = st > 0 ? 100 * ot / st : 0
@@ -683,9 +754,10 @@ report() {
                 } else {
                     add50 = "–"; add99 = "–"; ratio = "–"; gwcpu = "–"
                 }
-                printf "| %s | %s | %d | %.0f | %.3f | %.3f | %s | %s | %s | %s | %.1f | %.1f | %.0f | %d |\n",
+                mem = mode == "direct" ? "–" : sprintf("%.0f", rss / 1024)
+                printf "| %s | %s | %d | %.0f | %.3f | %.3f | %s | %s | %s | %s | %.1f | %.1f | %.0f | %d | %s |\n",
                     mode, stream, conc, rps, p50 / 1000, p99 / 1000, add50, add99, ratio, gwcpu,
-                    en * us / n, ch * us / n, other, err
+                    en * us / n, ch * us / n, other, err, mem
             }'
     done
     echo
@@ -734,12 +806,45 @@ report() {
             "garage_plugin_call_duration_seconds: getting an instance plus the call, what a request" \
             "waits for; the rate limiter is called twice per request, admit and settle):"
         echo
-        echo "| stream | conc | calls/s by slot |"
-        echo "|---|--:|---|"
+        echo "| mode | stream | conc | calls/s by slot |"
+        echo "|---|---|--:|---|"
         local r
         for r in "${PLUGIN_RATES[@]}"; do
-            IFS=$'\t' read -r s c rates <<<"$r"
-            echo "| $s | $c | $rates |"
+            IFS=$'\t' read -r m s c rates <<<"$r"
+            echo "| $m | $s | $c | $rates |"
+        done
+    fi
+    echo
+    echo "Proxy RSS: VmRSS at the end of each row's measured run (nginx: master and workers)." \
+        "At rest, KiB: before the load $IDLE_RSS_BEFORE; 3 s after it $IDLE_RSS_AFTER."
+    if [[ -n $POLICIES_PID ]]; then
+        echo
+        echo "The four default policies against the bare gateway, same run (targets: CPU ≤ 1.5×," \
+            "added p99 within +1 ms, RSS under load ≤ 120 MB):"
+        echo
+        echo "| stream | conc | CPU µs/req bare → policies | ratio | p99 ms bare → policies | RSS MB |"
+        echo "|---|--:|--:|--:|--:|--:|"
+        local st c
+        for st in no yes; do
+            for c in $CONCURRENCY; do
+                local b="" q=""
+                for row in "${ROWS[@]}"; do
+                    IFS=$'\t' read -r mode s conc _ <<<"$row"
+                    [[ $s == "$st" && $conc == "$c" ]] || continue
+                    [[ $mode == gateway ]] && b=$row
+                    [[ $mode == policies ]] && q=$row
+                done
+                [[ -n $b && -n $q ]] || continue
+                local bn bp99 bcpu qn qp99 qcpu qrss
+                IFS=$'\t' read -r _ _ _ bn _ _ bp99 _ bcpu _ <<<"$b"
+                IFS=$'\t' read -r _ _ _ qn _ _ qp99 _ qcpu _ _ _ _ qrss <<<"$q"
+                awk -v st="$st" -v c="$c" -v bn="$bn" -v bc="$bcpu" -v bp="$bp99" -v qn="$qn" \
+                    -v qc="$qcpu" -v qp="$qp99" -v qr="$qrss" -v tck="$CLK_TCK" 'BEGIN {
+                    b = bc * 1e6 / tck / bn; q = qc * 1e6 / tck / qn
+                    printf "| %s | %d | %.1f → %.1f | %.2f× | %.3f → %.3f (%+.3f) | %.0f |\n",
+                        st, c, b, q, (b > 0 ? q / b : 0), bp / 1000, qp / 1000, (qp - bp) / 1000, qr / 1024
+                }'
+            done
         done
     fi
     # The stated target, checked at concurrency 16.

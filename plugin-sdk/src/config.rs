@@ -1,5 +1,8 @@
 //! Reading JSON: the plugin's configuration and JSON fields of the records (key metadata).
 
+use std::any::{Any, TypeId};
+use std::sync::{Arc, Mutex};
+
 use serde::de::DeserializeOwned;
 
 use crate::Host;
@@ -58,6 +61,52 @@ impl From<JsonError> for String {
 pub fn parse<T: DeserializeOwned>(host: &dyn Host) -> Result<T, JsonError> {
     from_json("plugin config", &host.config())
 }
+
+/// [`parse`], once per instance: the configuration of a plugin instance never changes, so the
+/// first call of an instance parses it and the later ones get the same value (the gateway
+/// reuses instances across calls). An error is not kept: every call reports it again.
+///
+/// Against a host whose configuration may change between calls ([`Host::config_is_fixed`] is
+/// `false`, as for [`MemoryHost`](crate::testing::MemoryHost)), it parses every time, so tests
+/// can change the configuration between calls.
+///
+/// ```
+/// use garage_plugin_sdk::{config, testing::MemoryHost};
+///
+/// #[derive(serde::Deserialize, Default)]
+/// #[serde(default, deny_unknown_fields)]
+/// struct Settings {
+///     epsilon: f64,
+/// }
+///
+/// let host = MemoryHost::with_config(r#"{"epsilon": 0.5}"#);
+/// let settings = config::cached::<Settings>(&host).unwrap();
+/// assert_eq!(settings.epsilon, 0.5);
+/// ```
+pub fn cached<T>(host: &dyn Host) -> Result<Arc<T>, JsonError>
+where
+    T: DeserializeOwned + Send + Sync + 'static,
+{
+    if !host.config_is_fixed() {
+        return parse(host).map(Arc::new);
+    }
+    let mut cache = CACHE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let id = TypeId::of::<T>();
+    if let Some((_, value)) = cache.iter().find(|(type_id, _)| *type_id == id)
+        && let Ok(value) = Arc::clone(value).downcast::<T>()
+    {
+        return Ok(value);
+    }
+    let value = Arc::new(parse::<T>(host)?);
+    cache.push((id, Arc::clone(&value) as Arc<dyn Any + Send + Sync>));
+    Ok(value)
+}
+
+/// The configurations parsed by [`cached`], by type.
+type Cache = Vec<(TypeId, Arc<dyn Any + Send + Sync>)>;
+static CACHE: Mutex<Cache> = Mutex::new(Vec::new());
 
 /// Parses JSON text into `T`; `what` names the text in the error (`"key metadata"`...).
 /// Empty text reads as `{}`.

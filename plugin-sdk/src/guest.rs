@@ -136,6 +136,10 @@ impl Host for WasmHost {
     fn config(&self) -> String {
         config::get()
     }
+
+    fn config_is_fixed(&self) -> bool {
+        true
+    }
 }
 
 /// The [`Host`] of a router: a [`WasmHost`] that can also describe the candidates. Only the
@@ -173,6 +177,10 @@ impl Host for RouterHost {
 
     fn config(&self) -> String {
         WasmHost.config()
+    }
+
+    fn config_is_fixed(&self) -> bool {
+        WasmHost.config_is_fixed()
     }
 
     fn candidate(&self, index: u32) -> Option<CandidateInfo> {

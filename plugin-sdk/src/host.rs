@@ -10,7 +10,8 @@ use crate::{CandidateInfo, LogLevel};
 /// imports; in native unit tests it is a [`MemoryHost`](crate::testing::MemoryHost).
 ///
 /// Key-value state is namespaced per plugin by the gateway and shared by every gateway replica;
-/// a fresh plugin instance serves each call, so this is the only state that outlives a call.
+/// an instance serves many calls but may be retired at any time, so this is the only state
+/// that surely outlives a call.
 ///
 /// Counters written by [`kv_incr`](Host::kv_incr) and [`kv_reserve`](Host::kv_reserve) read
 /// back through [`kv_get`](Host::kv_get) as decimal ASCII (`b"42"`), as in Redis.
@@ -59,6 +60,14 @@ pub trait Host {
     /// The plugin's configuration as JSON text (`{}` when the operator gave none). See
     /// [`config::parse`](crate::config::parse) to read it into a struct.
     fn config(&self) -> String;
+
+    /// Whether [`config`](Host::config) answers the same for the life of this host, so that
+    /// [`config::cached`](crate::config::cached) may parse it once: `true` inside a component
+    /// (an instance belongs to one version of a plugin with one configuration), `false` by
+    /// default.
+    fn config_is_fixed(&self) -> bool {
+        false
+    }
 
     /// Who `candidates[index]` of the `route` call in progress is (WIT
     /// `candidates.describe`); `None` when `index` is out of range, and outside a `route` call.

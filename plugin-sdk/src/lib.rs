@@ -12,8 +12,10 @@
 //! 4. build the component with `cargo build --release --target wasm32-wasip2` from a
 //!    `cdylib` crate.
 //!
-//! The gateway creates a fresh instance for every call, so a plugin keeps no state in memory
-//! between calls: what must last goes into the host's key-value store.
+//! The gateway reuses a few instances of a plugin across calls (unless the operator asks for
+//! a fresh one per call), so globals may live from one call to the next, but only as a cache:
+//! an instance is retired at any time, other replicas run their own, and what must last goes
+//! into the host's key-value store.
 //!
 //! # A complete plugin
 //!

@@ -22,7 +22,7 @@ use super::Slot;
 /// [plugins.meter]
 /// deadline_ms = 1000
 /// memory_mib = 256
-/// warm = true
+/// isolation = "per-call"
 ///
 /// [plugins.files.router]
 /// path = "/etc/garage/router.wasm"
@@ -106,9 +106,14 @@ impl PluginsConfig {
             if limits.memory_mib == 0 || limits.memory_mib > 4096 {
                 return Err(format!("plugins.{slot}.memory_mib must be within 1..=4096"));
             }
-            if limits.warm && (limits.warm_instances == 0 || limits.warm_max_uses == 0) {
+            if limits.isolation == Isolation::Warm
+                && (limits.warm_instances == 0
+                    || limits.warm_max_uses == 0
+                    || limits.warm_max_age_secs == 0)
+            {
                 return Err(format!(
-                    "plugins.{slot}: warm reuse needs warm_instances and warm_max_uses above 0"
+                    "plugins.{slot}: isolation = \"warm\" needs warm_instances, warm_max_uses \
+                     and warm_max_age_secs above 0"
                 ));
             }
         }
@@ -156,18 +161,39 @@ pub struct SlotLimits {
     pub deadline_ms: Option<u64>,
     /// Linear memory an instance may grow to, MiB.
     pub memory_mib: usize,
-    /// Reuse instances across calls instead of a fresh one per call: for heavy runtimes
-    /// (Python, JavaScript) whose instantiation costs a millisecond or more. State then
-    /// survives between calls of the same instance, so only enable it for trusted plugins.
-    pub warm: bool,
-    /// Warm instances kept per version.
+    /// How calls get their instance: `warm` (the default) reuses a small pool of instances
+    /// across calls; `per-call` gives every call a fresh one. See [`Isolation`].
+    pub isolation: Isolation,
+    /// Idle warm instances kept per version; calls beyond them at once get a fresh instance,
+    /// kept afterwards while the pool has room.
     pub warm_instances: usize,
-    /// Calls an instance serves before it is retired (bounds leaks inside the guest).
+    /// Calls a warm instance serves before it is retired (bounds leaks inside the guest).
     pub warm_max_uses: u32,
+    /// Seconds a warm instance lives before it is retired, however few calls it served.
+    pub warm_max_age_secs: u64,
     /// Fresh instances made ahead of the calls that will use them, off the request's path
-    /// (without `warm`): a call takes one that no call has touched, and the one it used is torn
-    /// down after the answer, also off the path. 0 instantiates on the call itself.
+    /// (`isolation = "per-call"` only): a call takes one that no call has touched, and the one
+    /// it used is torn down after the answer, also off the path. 0 instantiates on the call
+    /// itself.
     pub ready_instances: usize,
+}
+
+/// How a slot's calls get an instance of its plugin.
+///
+/// With `warm`, an instance serves many calls, one at a time: a plugin's globals (a parsed
+/// configuration, a cache) live from one call to the next, while durable and shared state
+/// belongs in `kv`. An instance that traps, runs past its deadline or hits its memory cap is
+/// discarded, never reused; the others are retired after `warm_max_uses` calls or
+/// `warm_max_age_secs`. A new version's calls never reach an old version's instances. With
+/// `per-call`, every call starts from the component's initial state, at the price of an
+/// instantiation (and a teardown) per call: tens of microseconds for a Rust plugin,
+/// milliseconds for Python or JavaScript.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Isolation {
+    #[default]
+    Warm,
+    PerCall,
 }
 
 impl SlotLimits {
@@ -181,9 +207,10 @@ impl Default for SlotLimits {
         SlotLimits {
             deadline_ms: None,
             memory_mib: 64,
-            warm: false,
+            isolation: Isolation::Warm,
             warm_instances: 4,
-            warm_max_uses: 1000,
+            warm_max_uses: 10_000,
+            warm_max_age_secs: 60,
             ready_instances: 2,
         }
     }

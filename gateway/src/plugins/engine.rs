@@ -307,8 +307,10 @@ fn wrong_world_reason(slot: Slot, missing: &[&str], exports: &[String]) -> Strin
 }
 
 /// The thread that advances the engine's epoch every [`EPOCH_TICK`] while guest code runs, and
-/// sleeps (parked, no wake-ups) while none does: a gateway with no plugin installed, or an idle
-/// one, is not woken a thousand times a second for nothing. A thread rather than an async task:
+/// sleeps (parked, no wake-ups) once none has run for [`IDLE_TICKS_BEFORE_PARKING`] ticks: a
+/// gateway with no plugin installed, or an idle one, is not woken a thousand times a second for
+/// nothing, and a busy one does not wake the thread for every call (a warm call takes
+/// microseconds; waking a parked thread, and parking it again, costs more than that). A thread rather than an async task:
 /// a guest in an infinite loop occupies an async worker until the epoch moves, so with every
 /// worker busy a task could never tick. Stopped and joined on drop.
 struct EpochTicker {
@@ -320,14 +322,19 @@ struct TickerShared {
     stop: AtomicBool,
     /// Guards alive: calls and instantiations running guest code.
     running: AtomicUsize,
+    /// Set while the thread parks (or is about to): the next guard wakes it.
+    parked: AtomicBool,
 }
+
+/// Ticks without guest code running after which the epoch thread parks: 50 ms.
+const IDLE_TICKS_BEFORE_PARKING: u32 = 50;
 
 /// See [`PluginEngine::ticking`].
 pub(crate) struct Ticking<'a>(&'a EpochTicker);
 
 impl Drop for Ticking<'_> {
     fn drop(&mut self) {
-        self.0.shared.running.fetch_sub(1, Ordering::Release);
+        self.0.shared.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -336,17 +343,30 @@ impl EpochTicker {
         let shared = Arc::new(TickerShared {
             stop: AtomicBool::new(false),
             running: AtomicUsize::new(0),
+            parked: AtomicBool::new(false),
         });
         let engine = engine.weak();
         let ticker = shared.clone();
         let thread = std::thread::Builder::new()
             .name("plugin-epoch".into())
             .spawn(move || {
+                let mut idle_ticks = 0;
                 while !ticker.stop.load(Ordering::Relaxed) {
-                    if ticker.running.load(Ordering::Acquire) == 0 {
-                        // Woken by the first guard (or by drop). An unpark that came since the
-                        // load above makes this return at once, so no guard is missed.
-                        std::thread::park();
+                    if ticker.running.load(Ordering::SeqCst) > 0 {
+                        idle_ticks = 0;
+                    } else if idle_ticks < IDLE_TICKS_BEFORE_PARKING {
+                        idle_ticks += 1;
+                    } else {
+                        // Either a guard taken from here on sees `parked` and wakes the thread,
+                        // or the thread sees the guard and does not park (both orders are
+                        // sequentially consistent). An unpark that came before `park` makes it
+                        // return at once.
+                        ticker.parked.store(true, Ordering::SeqCst);
+                        if ticker.running.load(Ordering::SeqCst) == 0 {
+                            std::thread::park();
+                        }
+                        ticker.parked.store(false, Ordering::SeqCst);
+                        idle_ticks = 0;
                         continue;
                     }
                     std::thread::sleep(EPOCH_TICK);
@@ -363,7 +383,8 @@ impl EpochTicker {
     }
 
     fn ticking(&self) -> Ticking<'_> {
-        if self.shared.running.fetch_add(1, Ordering::AcqRel) == 0
+        self.shared.running.fetch_add(1, Ordering::SeqCst);
+        if self.shared.parked.load(Ordering::SeqCst)
             && let Some(thread) = &self.thread
         {
             thread.thread().unpark();

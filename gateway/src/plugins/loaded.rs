@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use wasmtime::{Store, Trap};
 
 use super::bindings::{Answer, Call, Live, Prepared};
-use super::config::SlotLimits;
+use super::config::{Isolation, SlotLimits};
 use super::engine::PluginEngine;
 use super::registry::VersionInfo;
 use super::state::{HostState, PluginContext};
@@ -38,6 +38,7 @@ struct Instance {
     store: Store<HostState>,
     live: Live,
     uses: u32,
+    born: Instant,
 }
 
 /// Used instances waiting to be torn down per version, at most; fewer with a small instance
@@ -71,6 +72,13 @@ struct WarmPool {
     idle: Mutex<Vec<Instance>>,
     keep: usize,
     max_uses: u32,
+    max_age: Duration,
+}
+
+impl WarmPool {
+    fn retires(&self, instance: &Instance) -> bool {
+        instance.uses >= self.max_uses || instance.born.elapsed() >= self.max_age
+    }
 }
 
 impl LoadedPlugin {
@@ -83,6 +91,7 @@ impl LoadedPlugin {
         limits: &SlotLimits,
         max_retired: usize,
     ) -> Self {
+        let warm = limits.isolation == Isolation::Warm;
         LoadedPlugin {
             slot,
             info,
@@ -90,12 +99,13 @@ impl LoadedPlugin {
             ctx,
             deadline,
             memory_cap_bytes: limits.memory_bytes(),
-            warm: limits.warm.then(|| WarmPool {
+            warm: warm.then(|| WarmPool {
                 idle: Mutex::new(Vec::new()),
                 keep: limits.warm_instances,
                 max_uses: limits.warm_max_uses,
+                max_age: Duration::from_secs(limits.warm_max_age_secs),
             }),
-            ready: (!limits.warm && limits.ready_instances > 0).then(|| ReadyPool {
+            ready: (!warm && limits.ready_instances > 0).then(|| ReadyPool {
                 idle: Mutex::new(Vec::new()),
                 keep: limits.ready_instances,
                 retired: Mutex::new(Vec::new()),
@@ -172,6 +182,7 @@ impl LoadedPlugin {
                 store,
                 live,
                 uses: 0,
+                born: Instant::now(),
             }),
             Err(err) => Err(classify(&err, store.data(), true)),
         }
@@ -228,6 +239,24 @@ impl LoadedPlugin {
         ready.refilling.store(false, Ordering::Release);
     }
 
+    /// Tears down this version's idle instances (warm, made ahead or waiting to be torn down),
+    /// giving their slots back to the instance pool; true when there were some. For a call of
+    /// another slot that found the pool full.
+    pub fn trim(&self) -> bool {
+        let warm = self
+            .warm
+            .as_ref()
+            .map(|warm| std::mem::take(&mut *lock(&warm.idle)))
+            .unwrap_or_default();
+        let ready = self
+            .ready
+            .as_ref()
+            .map(|ready| std::mem::take(&mut *lock(&ready.idle)))
+            .unwrap_or_default();
+        let retired = self.drop_retired();
+        !warm.is_empty() || !ready.is_empty() || retired
+    }
+
     /// Tears down the used instances waiting for a refill; true when there were some.
     fn drop_retired(&self) -> bool {
         let Some(ready) = &self.ready else {
@@ -242,14 +271,21 @@ impl LoadedPlugin {
         lock(&ready.idle).pop()
     }
 
+    /// The most recently used idle instance that is not due for retirement (an instance that
+    /// sat idle past its age is torn down here).
     fn take_warm(&self) -> Option<Instance> {
         let warm = self.warm.as_ref()?;
-        lock(&warm.idle).pop()
+        loop {
+            let instance = lock(&warm.idle).pop()?;
+            if !warm.retires(&instance) {
+                return Some(instance);
+            }
+        }
     }
 
     fn put_back(&self, instance: Instance) {
         let Some(warm) = &self.warm else { return };
-        if instance.uses >= warm.max_uses {
+        if warm.retires(&instance) {
             return;
         }
         let mut idle = lock(&warm.idle);
@@ -331,6 +367,15 @@ pub(crate) async fn check_config(
     }
 }
 
+/// How the message of a fault that found the instance pool full begins.
+const POOL_FULL: &str = "instance pool full: ";
+
+/// Whether a call failed only because the instance pool was full (see
+/// [`LoadedPlugin::trim`]).
+pub(crate) fn is_pool_full(fault: &(FaultKind, String)) -> bool {
+    fault.0 == FaultKind::Host && fault.1.starts_with(POOL_FULL)
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -356,7 +401,7 @@ fn classify(err: &wasmtime::Error, state: &HostState, instantiating: bool) -> (F
                 .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
                 .is_some() =>
         {
-            (FaultKind::Host, message)
+            (FaultKind::Host, format!("{POOL_FULL}{message}"))
         }
         // Otherwise a host import refused the guest (a key too long...): the plugin's doing.
         None => (FaultKind::Trap, message),

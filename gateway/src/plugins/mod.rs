@@ -6,8 +6,8 @@
 //! - the engine (`engine`) holds wasmtime's configuration, the linker and the compile cache, and
 //!   refuses a component that does not implement its slot's world;
 //! - [`PluginHost`] keeps each slot's active version, canary and history in the store, follows
-//!   other replicas' changes, and makes calls: a fresh instance per call (or a warm one, opt-in)
-//!   with a deadline and a memory cap, falling back when a plugin faults and rolling a slot back
+//!   other replicas' changes, and makes calls: on a few warm instances per version (or a fresh one per
+//!   call, `isolation = "per-call"`) with a deadline and a memory cap, falling back when a plugin faults and rolling a slot back
 //!   by itself when it faults repeatedly.
 
 pub mod api;
@@ -25,7 +25,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use config::{PluginFile, PluginsConfig, SlotLimits};
+pub use config::{Isolation, PluginFile, PluginsConfig, SlotLimits};
 pub use host::{PluginHost, Reservation};
 pub use metrics::PluginMetrics;
 pub use registry::{CanaryInfo, FaultCounts, SlotStatus, StoredVersion, VersionInfo};

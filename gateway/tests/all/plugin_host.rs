@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use crate::support::{RedisServer, wait_until};
 use garage_gateway::plugins::{
-    Admission, Candidate, CandidateInfo, PluginError, PluginHost, PluginsConfig, RigReport,
-    RouteRequest, Settlement, Slot, SlotLimits, SlotStatus, UsageEvent,
+    Admission, Candidate, CandidateInfo, Isolation, PluginError, PluginHost, PluginsConfig,
+    RigReport, RouteRequest, Settlement, Slot, SlotLimits, SlotStatus, UsageEvent,
 };
 use garage_gateway::store::{MemoryStore, RedisStore, Store};
 use sha2::{Digest, Sha256};
@@ -1169,7 +1169,7 @@ fn plugins_config_is_strict_and_has_per_slot_defaults() {
         [rate-limiter]
         memory_mib = 32
         [meter]
-        warm = true
+        isolation = "per-call"
         [files.router]
         path = "/etc/garage/router.wasm"
         config = { sticky = true }
@@ -1180,7 +1180,8 @@ fn plugins_config_is_strict_and_has_per_slot_defaults() {
     assert_eq!(config.deadline(Slot::RateLimiter), Duration::from_millis(5));
     assert_eq!(config.deadline(Slot::Meter), Duration::from_secs(1));
     assert_eq!(config.rate_limiter.memory_mib, 32);
-    assert!(config.meter.warm);
+    assert_eq!(config.meter.isolation, Isolation::PerCall);
+    assert_eq!(config.router.isolation, Isolation::Warm, "warm by default");
     assert_eq!(
         config.files[&Slot::Router].config,
         serde_json::json!({"sticky": true})
@@ -1206,7 +1207,7 @@ fn plugins_config_is_strict_and_has_per_slot_defaults() {
 #[tokio::test]
 async fn warm_instances_are_reused_and_retired_after_a_trap() {
     let mut config = config();
-    config.router.warm = true;
+    config.router.isolation = Isolation::Warm;
     config.router.warm_instances = 2;
     config.router.warm_max_uses = 3;
     let host = host_with(Arc::new(MemoryStore::new()), config).await;
@@ -1265,7 +1266,11 @@ async fn instances_made_ahead_are_fresh_and_warm_ones_are_not() {
     for (ready, warm) in [(0, false), (2, false), (4, true)] {
         let mut config = config();
         config.router.ready_instances = ready;
-        config.router.warm = warm;
+        config.router.isolation = if warm {
+            Isolation::Warm
+        } else {
+            Isolation::PerCall
+        };
         let host = host_with(Arc::new(MemoryStore::new()), config).await;
         host.install(Slot::Router, &counter, "{}", "test")
             .await
@@ -1291,6 +1296,114 @@ async fn instances_made_ahead_are_fresh_and_warm_ones_are_not() {
             );
         }
     }
+}
+
+/// A warm instance that faults is discarded with whatever its globals held: the counter
+/// router, made to trap on its third call, answers from a fresh instance after it.
+#[tokio::test]
+async fn a_warm_instance_that_traps_is_never_reused() {
+    let trapping = CALL_COUNTER_CORE.replace(
+        "(i32.store (i32.const 4096) (global.get $calls))",
+        "(if (i32.eq (global.get $calls) (i32.const 2)) (then unreachable))
+      (i32.store (i32.const 4096) (global.get $calls))",
+    );
+    assert_ne!(trapping, CALL_COUNTER_CORE);
+    let counter = wat::parse_str([trapping.as_str(), ROUTE_EXPORT].concat())
+        .expect("the trapping counter is valid WAT");
+    let cands = candidates(8);
+    let host = host_with(Arc::new(MemoryStore::new()), config()).await;
+    host.install(Slot::Router, &counter, "{}", "test")
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        answers.push(route(&host, "m", &cands).await.map(|order| order[0]));
+    }
+    assert_eq!(answers, [Some(0), Some(1), None, Some(0), Some(1)]);
+    assert_eq!(status(&host, Slot::Router).faults.trap, 1);
+}
+
+#[tokio::test]
+async fn warm_instances_retire_with_age() {
+    let counter = wat::parse_str([CALL_COUNTER_CORE, ROUTE_EXPORT].concat())
+        .expect("the counter is valid WAT");
+    let cands = candidates(8);
+    let mut config = config();
+    config.router.warm_max_age_secs = 1;
+    let host = host_with(Arc::new(MemoryStore::new()), config).await;
+    host.install(Slot::Router, &counter, "{}", "test")
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        answers.push(route(&host, "m", &cands).await.unwrap()[0]);
+    }
+    assert_eq!(answers, [0, 1, 2], "one warm instance, reused");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        route(&host, "m", &cands).await.unwrap()[0],
+        0,
+        "past warm_max_age_secs the instance is retired: the next call gets a fresh one"
+    );
+}
+
+/// Each slot keeps idle warm instances, and they hold slots of the instance pool: a pool
+/// smaller than all of them together must not make calls fail. A call that finds the pool full
+/// tears the idle instances of every slot down and tries again.
+#[tokio::test]
+async fn idle_warm_instances_give_way_to_calls_of_other_slots() {
+    let mut config = config();
+    config.max_instances = 2;
+    let host = host_with(Arc::new(MemoryStore::new()), config).await;
+    host.install(Slot::Router, components::ROUTER_ROUND_ROBIN, "{}", "test")
+        .await
+        .unwrap();
+    host.install(Slot::RateLimiter, components::RATE_LIMITER, "{}", "test")
+        .await
+        .unwrap();
+    host.install(Slot::Meter, components::METER, "{}", "test")
+        .await
+        .unwrap();
+    host.install(Slot::Reward, components::REWARD, "{}", "test")
+        .await
+        .unwrap();
+    let cands = candidates(4);
+    for round in 0..5 {
+        let id = format!("r{round}");
+        assert!(route(&host, "m", &cands).await.is_some(), "route {round}");
+        assert!(
+            host.admit(&admission(&id, "{}")).await.unwrap().allow,
+            "admit {round}"
+        );
+        host.charge(&usage(&id)).await.expect("charge").unwrap();
+        host.reward_usage(&usage(&id))
+            .await
+            .expect("on-usage")
+            .unwrap();
+    }
+    for slot in Slot::ALL {
+        assert_eq!(status(&host, slot).faults.host, 0, "{slot}");
+    }
+}
+
+/// A warm instance parses its configuration once (the SDK's `config::cached`); a new
+/// configuration is a new version, whose calls never reach the old version's instances.
+#[tokio::test]
+async fn a_new_configuration_reaches_warm_plugins() {
+    let host = host_with(Arc::new(MemoryStore::new()), config()).await;
+    let mut credits = Vec::new();
+    for (price, id) in [(1.0, "a"), (1.0, "b"), (3.0, "c"), (3.0, "d")] {
+        let config =
+            format!(r#"{{"default_price": {{"prompt": {price}, "completion": {price}}}}}"#);
+        host.install(Slot::Meter, components::METER, &config, "test")
+            .await
+            .unwrap();
+        credits.push(host.charge(&usage(id)).await.unwrap().unwrap().credits);
+    }
+    assert!(credits[0] > 0.0);
+    assert_eq!(credits[0], credits[1]);
+    assert_eq!(credits[2], credits[0] * 3.0, "{credits:?}");
+    assert_eq!(credits[3], credits[2]);
 }
 
 /// Calls that never yield starve the task that tears used instances down; those instances
@@ -1331,7 +1444,11 @@ async fn latency_of_each_default_plugin() {
             &mut config.meter,
             &mut config.reward,
         ] {
-            limits.warm = warm;
+            limits.isolation = if warm {
+                Isolation::Warm
+            } else {
+                Isolation::PerCall
+            };
         }
         let host = host_with(Arc::new(MemoryStore::new()), config).await;
         let mode = if warm {

@@ -200,7 +200,12 @@ impl PluginHost {
             .with_label_values(&[slot.as_str(), role])
             .inc();
         let started = Instant::now();
-        let answer = plugin.invoke(&self.engine, call).await;
+        let mut answer = plugin.invoke(&self.engine, call).await;
+        // The pool is full, maybe of idle instances of other slots (each version keeps a few
+        // warm): give theirs back and try once more.
+        if answer.as_ref().is_err_and(loaded::is_pool_full) && self.trim_idle() {
+            answer = plugin.invoke(&self.engine, call).await;
+        }
         self.metrics
             .call_duration
             .with_label_values(&[slot.as_str()])
@@ -211,6 +216,22 @@ impl PluginHost {
             self.tasks.spawn(async move { next.refill(&engine).await });
         }
         answer
+    }
+
+    /// Tears down the idle instances of every loaded version; true when there were some.
+    fn trim_idle(&self) -> bool {
+        let mut trimmed = false;
+        for slot in Slot::ALL {
+            let bundle = self.cell(slot).bundle.load();
+            for plugin in bundle
+                .active
+                .iter()
+                .chain(bundle.canary.iter().map(|(plugin, _)| plugin))
+            {
+                trimmed |= plugin.trim();
+            }
+        }
+        trimmed
     }
 
     /// Turns a checked answer into the caller's result, counting and logging a fault and asking

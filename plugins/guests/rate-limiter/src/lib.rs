@@ -183,8 +183,8 @@ impl RateLimiter for WindowLimiter {
 
 garage_plugin_sdk::export_rate_limiter!(WindowLimiter);
 
-fn load_config(host: &dyn Host) -> Config {
-    match config::parse::<Config>(host) {
+fn load_config(host: &dyn Host) -> std::sync::Arc<Config> {
+    match config::cached::<Config>(host) {
         Ok(config) => config,
         Err(error) => {
             // No error channel in this world: a trap hands the decision to the gateway's

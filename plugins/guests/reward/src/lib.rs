@@ -103,8 +103,8 @@ fn award(operator: &str, points: f64, reason: &str) -> Option<Award> {
     (!operator.is_empty() && points > 0.0).then(|| Award::new(operator, points, reason))
 }
 
-fn load_config(host: &dyn Host) -> Result<Config, String> {
-    let config = config::parse::<Config>(host)
+fn load_config(host: &dyn Host) -> Result<std::sync::Arc<Config>, String> {
+    let config = config::cached::<Config>(host)
         .map_err(|error| error.to_string())
         .and_then(|config| {
             let weights = [

@@ -32,7 +32,8 @@ impl Router for LeastLoaded {
         _request: &RouteRequest,
         candidates: &[Candidate],
     ) -> Result<Vec<u32>, String> {
-        let Config { prefer } = config::parse(host)?;
+        let config = config::cached::<Config>(host)?;
+        let prefer = &config.prefer;
         let preferred = |index: u32| {
             prefer.is_empty()
                 || host.candidate(index).is_some_and(|info| {

@@ -41,7 +41,7 @@ impl Router for PrefixAffinity {
         request: &RouteRequest,
         candidates: &[Candidate],
     ) -> Result<Vec<u32>, String> {
-        let Config { epsilon } = config::parse(host)?;
+        let epsilon = config::cached::<Config>(host)?.epsilon;
         if !(epsilon.is_finite() && epsilon >= 0.0) {
             return Err(format!(
                 "invalid plugin config: epsilon must be a number >= 0, not {epsilon}"
