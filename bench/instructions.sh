@@ -24,8 +24,8 @@
 #   BENCH_PLUGINS      1: the gateway with its four default policy plugins (default 0: none)
 #   BENCH_UPSTREAMS    upstream entries for the one engine, for a router to choose among
 #                      (default 1)
-#   BENCH_MAX_INSTANCES  the gateway's plugins.max_instances (default 16; valgrind cannot
-#                      reserve the address space of the default pool of 1000)
+#   BENCH_MAX_INSTANCES  the gateway's plugins.max_instances (default 4; valgrind cannot
+#                      reserve the address space of the default pool of 1000, nor of 16)
 #   BENCH_GATEWAY_LOG  the gateway's RUST_LOG (default warn; the gateway's own default is info,
 #                      where the span each request runs in costs ~6k instructions more)
 #
@@ -55,7 +55,7 @@ build_unless_skipped
 start_engine
 # A fixed free port for the program under valgrind (its startup is slow to parse for);
 # valgrind cannot reserve the address space of the gateway's default instance pool.
-start_target $((20000 + RANDOM % 10000)) "[plugins]"$'\n'"max_instances = ${BENCH_MAX_INSTANCES:-16}" \
+start_target $((20000 + RANDOM % 10000)) "[plugins]"$'\n'"max_instances = ${BENCH_MAX_INSTANCES:-4}" \
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/callgrind.out"
 
 SCRIPT=bench/chat.lua

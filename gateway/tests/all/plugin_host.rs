@@ -1435,6 +1435,7 @@ async fn a_starved_refill_cannot_run_the_instance_pool_dry() {
 async fn latency_of_each_default_plugin() {
     let iterations = if cfg!(debug_assertions) { 30 } else { 2000 };
     let cands = candidates(100);
+    let thousand = candidates(1000);
     let limits = r#"{"rpm": 1000000000, "tpm": 1000000000000}"#;
     for warm in [false, true] {
         let mut config = config();
@@ -1469,6 +1470,11 @@ async fn latency_of_each_default_plugin() {
             })
             .await;
             println!("{name:<24} {mode:<15} 100 candidates  {stats}");
+            let stats = measure(iterations / 4, || async {
+                assert!(route(&host, "m", &thousand).await.is_some());
+            })
+            .await;
+            println!("{name:<24} {mode:<15} 1000 candidates {stats}");
         }
         // The same router asking who every candidate is (`candidates.describe`), as it does
         // when configured to prefer some labels: the cost of the strings a router reads.
