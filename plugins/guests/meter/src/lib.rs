@@ -116,8 +116,7 @@ impl Meter for PriceTable {
 garage_plugin_sdk::export_meter!(PriceTable);
 
 fn load_config(host: &dyn Host) -> Result<std::sync::Arc<Config>, String> {
-    let config =
-        config::cached::<Config>(host).map_err(|error| logged(host, error.to_string()))?;
+    let config = config::cached::<Config>(host).map_err(|error| logged(host, error.to_string()))?;
     let prices = config
         .prices
         .iter()
