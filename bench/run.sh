@@ -33,6 +33,8 @@
 #                      of the same engine: a yardstick for what any HTTP proxy costs on this box
 #   BENCH_GATEWAY_WORKERS  the gateway's worker_threads (--worker-threads; default: unset, one
 #                      per CPU); 1 runs it on tokio's single-threaded scheduler
+#   BENCH_STORE        memory (default: the embedded store) or redis: a redis-server started
+#                      for the run, each gateway on a database of its own
 #   BENCH_UPSTREAM     tcp (default) or unix: how the gateway (and nginx) reach the engine. unix
 #                      starts a second, identical engine on a Unix domain socket (vLLM's --uds)
 #                      for them, and the gateway reaches it through its upstream's unix_socket;
@@ -66,6 +68,8 @@ PLUGINS=${BENCH_PLUGINS:-0}
 # candidates (it is not called for one).
 UPSTREAMS=${BENCH_UPSTREAMS:-1}
 UPSTREAM=${BENCH_UPSTREAM:-tcp}
+# memory (the embedded store) or redis (a redis-server of the benchmark's own).
+STORE=${BENCH_STORE:-memory}
 GATEWAY_WORKERS=${BENCH_GATEWAY_WORKERS:-}
 NOISY_PERCENT=10
 MODEL=sim-llama-3-8b
@@ -91,6 +95,7 @@ for c in $CONCURRENCY; do
 done
 [[ -n ${CONCURRENCY// /} ]] || die "BENCH_CONCURRENCY is empty"
 [[ $UPSTREAM == tcp || $UPSTREAM == unix ]] || die "BENCH_UPSTREAM must be tcp or unix"
+[[ $STORE == memory || $STORE == redis ]] || die "BENCH_STORE must be memory or redis"
 [[ -z $GATEWAY_WORKERS ]] || { is_uint "$GATEWAY_WORKERS" && ((GATEWAY_WORKERS > 0)); } ||
     die "BENCH_GATEWAY_WORKERS must be a positive integer"
 
@@ -135,6 +140,7 @@ UDS_ENGINE_PID=""
 GATEWAY_PID=""
 # BENCH_PLUGINS=both: the gateway with the default policies.
 POLICIES_PID=""
+REDIS_PID=""
 NGINX_PID=""
 HYPER_PID=""
 
@@ -162,6 +168,7 @@ cleanup() {
     stop "$POLICIES_PID" "gateway with policies"
     stop "$ENGINE_PID" sim-engine
     stop "$UDS_ENGINE_PID" "sim-engine (unix socket)"
+    stop "$REDIS_PID" redis-server
     if ((status != 0)) && [[ -d $WORK ]]; then
         for f in "$WORK"/*.log; do
             [[ -s $f ]] || continue
@@ -255,17 +262,60 @@ path = \"$WASM_DIR/router_least_loaded.wasm\"
 path = \"$WASM_DIR/rate_limiter.wasm\""
 fi
 
+free_port() { # a loopback port nothing listens on (nginx needs one named in its config)
+    local port i low=32768 _high
+    # Below the kernel's ephemeral range: a port taken from inside it could be handed to one of
+    # the many outgoing connections made before nginx binds it (it happened: nginx failed with
+    # "Address already in use").
+    read -r low _high </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+    ((low > 11024)) || low=32768
+    for ((i = 0; i < 100; i++)); do
+        port=$((10000 + RANDOM % (low - 10000)))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# BENCH_STORE=redis: a redis-server of its own, each gateway on a database of its own (a
+# gateway's plugin slots live in its store: on one database the bare gateway would load the
+# other's plugins).
+REDIS_URL=""
+GATEWAYS_STARTED=0
+if [[ $STORE == redis ]]; then
+    command -v redis-server >/dev/null || die "BENCH_STORE=redis needs redis-server (apt-get install redis-server)"
+    REDIS_PORT=$(free_port) || die "no free port for redis-server"
+    log "starting redis-server on port $REDIS_PORT"
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+        --dir "$WORK" >"$WORK/redis.log" 2>&1 &
+    REDIS_PID=$!
+    redis_up() { (exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT") 2>/dev/null; }
+    wait_until "redis-server" 20 "$REDIS_PID" redis_up
+    REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+fi
+
 # Starts a gateway in front of the engine and makes it an API key; sets STARTED_PID,
 # STARTED_URL and STARTED_KEY.
 start_gateway() { # name default_plugins(true|false) extra_toml
-    local name=$1 default_plugins=$2 extra=$3 i transport
+    local name=$1 default_plugins=$2 extra=$3 i transport store=memory
+    local key_secret=""
+    if [[ -n $REDIS_URL ]]; then
+        store="$REDIS_URL/$GATEWAYS_STARTED"
+        # A Redis store needs the secret API keys are hashed with (every replica alike).
+        key_secret="key_secret = \"bench-key-secret-$RANDOM$RANDOM$RANDOM$RANDOM\""
+    fi
+    GATEWAYS_STARTED=$((GATEWAYS_STARTED + 1))
     cat >"$WORK/$name.toml" <<EOF
 listen = "127.0.0.1:0"
+store = "$store"
 shutdown_grace_secs = 2
 default_plugins = $default_plugins
 
 [auth]
 admin_token = "$ADMIN_TOKEN"
+$key_secret
 $extra
 EOF
     for i in $(seq 1 "$UPSTREAMS"); do
@@ -345,23 +395,6 @@ if [[ -n $POLICIES_URL ]]; then
     smoke "$POLICIES_URL" true "$POLICIES_KEY"
 fi
 log "engine $ENGINE_URL (pid $ENGINE_PID), gateway $GATEWAY_URL (pid $GATEWAY_PID): ready"
-
-free_port() { # a loopback port nothing listens on (nginx needs one named in its config)
-    local port i low=32768 _high
-    # Below the kernel's ephemeral range: a port taken from inside it could be handed to one of
-    # the many outgoing connections made before nginx binds it (it happened: nginx failed with
-    # "Address already in use").
-    read -r low _high </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
-    ((low > 11024)) || low=32768
-    for ((i = 0; i < 100; i++)); do
-        port=$((10000 + RANDOM % (low - 10000)))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            echo "$port"
-            return 0
-        fi
-    done
-    return 1
-}
 
 NGINX_URL=""
 MODES="direct gateway"
@@ -713,6 +746,11 @@ report() {
         echo "- Gateway: default_plugins = $DEFAULT_PLUGINS (BENCH_PLUGINS=$PLUGINS), $UPSTREAMS upstream entr(y|ies) for the one engine (BENCH_UPSTREAMS)"
     fi
     echo "- Gateway worker threads (BENCH_GATEWAY_WORKERS): ${GATEWAY_WORKERS:-one per CPU}"
+    if [[ $STORE == redis ]]; then
+        echo "- Store (BENCH_STORE=redis): redis-server $(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p') on loopback, a database per gateway"
+    else
+        echo "- Store (BENCH_STORE=memory): the embedded store"
+    fi
     if [[ $UPSTREAM == unix ]]; then
         echo "- Upstream (BENCH_UPSTREAM=unix): the gateway and nginx reach a second, identical engine over a Unix domain socket; direct rows and hyper-floor use TCP"
     else

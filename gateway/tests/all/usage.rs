@@ -123,24 +123,26 @@ async fn one_leased_batch_mixes_replayed_new_and_failing_events() {
     let processor = FailingOn("r4", Counting::default());
     queue_raw(&store, &event("r1", "k1")).await;
     assert_eq!(usage.work_once(&processor).await.unwrap(), 1);
-    // One batch: r1 again (replayed), r2 and r3 new, r4 faulting, r5 after the fault.
+    // One batch: r1 again (replayed), r2 and r3 new, r4 faulting, r5 after the fault. The
+    // events of a batch are processed concurrently: r5 is charged and recorded like r2 and r3.
     for id in ["r1", "r2", "r3", "r4", "r5"] {
         queue_raw(&store, &event(id, "k1")).await;
     }
-    assert_eq!(usage.work_once(&processor).await.unwrap(), 3);
+    assert_eq!(usage.work_once(&processor).await.unwrap(), 4);
     assert_eq!(
         processor.1.calls.load(Ordering::SeqCst),
-        3,
-        "r1 charged twice"
+        4,
+        "r1 charged once, r2, r3 and r5 once each"
     );
-    // The fault and what came after it stay queued, for a later pass.
-    assert_eq!(usage.queued_len().await.unwrap(), 2);
+    // The fault stays queued, for a later pass.
+    assert_eq!(usage.queued_len().await.unwrap(), 1);
     assert!(usage.ledger_entry("r4").await.unwrap().is_none());
-    assert!(usage.ledger_entry("r5").await.unwrap().is_none());
-    assert_eq!(usage.daily(Some("k1")).await.unwrap()[0].requests, 3);
+    assert!(usage.ledger_entry("r5").await.unwrap().is_some());
+    assert_eq!(usage.daily(Some("k1")).await.unwrap()[0].requests, 4);
 
     let recovered = Counting::default();
-    assert_eq!(usage.work_once(&recovered).await.unwrap(), 2);
+    assert_eq!(usage.work_once(&recovered).await.unwrap(), 1);
+    assert_eq!(recovered.calls.load(Ordering::SeqCst), 1, "only r4 again");
     assert_eq!(usage.queued_len().await.unwrap(), 0);
     let daily = usage.daily(Some("k1")).await.unwrap();
     assert_eq!((daily[0].requests, daily[0].prompt_tokens), (5, 50));
@@ -166,22 +168,22 @@ async fn in_process_events_reach_the_ledger_without_the_store_queue() {
 }
 
 #[tokio::test]
-async fn in_process_a_failing_processor_keeps_events_in_order_until_it_recovers() {
+async fn in_process_a_failed_event_waits_for_a_later_pass_ahead_of_newer_ones() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let usage = Usage::in_process(store.clone());
     for id in ["r1", "r2", "r3", "r4"] {
         usage.record(event(id, "k1"));
     }
     let processor = FailingOn("r2", Counting::default());
-    assert_eq!(usage.work_once(&processor).await.unwrap(), 1);
-    // The fault and what came after it wait for a later pass, ahead of newer events.
+    assert_eq!(usage.work_once(&processor).await.unwrap(), 3);
+    // The fault waits for a later pass, ahead of newer events.
     usage.record(event("r5", "k1"));
-    assert_eq!(usage.queued_len().await.unwrap(), 4);
+    assert_eq!(usage.queued_len().await.unwrap(), 2);
     assert!(usage.ledger_entry("r2").await.unwrap().is_none());
 
     let order = Recording::default();
-    assert_eq!(usage.work_once(&order).await.unwrap(), 4);
-    assert_eq!(*order.ids.lock().unwrap(), ["r2", "r3", "r4", "r5"]);
+    assert_eq!(usage.work_once(&order).await.unwrap(), 2);
+    assert_eq!(*order.ids.lock().unwrap(), ["r2", "r5"]);
     assert_eq!(usage.daily(Some("k1")).await.unwrap()[0].requests, 5);
 }
 
@@ -383,4 +385,43 @@ async fn a_store_outage_loses_no_usage() {
     )
     .await;
     assert_eq!(usage.pending_len(), 0);
+}
+
+/// Waits like a plugin waiting on Redis round trips, noting how many events were in its hands
+/// at once.
+#[derive(Default)]
+struct Slow {
+    now: AtomicUsize,
+    most: AtomicUsize,
+}
+
+#[async_trait]
+impl UsageProcessor for Slow {
+    async fn process(&self, _event: &UsageEvent) -> Result<Outcome, String> {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        self.now.fetch_sub(1, Ordering::SeqCst);
+        Ok(Outcome::default())
+    }
+}
+
+/// A meter that waits for its store is not waited for one event at a time: the events of a
+/// batch are in flight together (16 at most), so the queue keeps up with the requests.
+#[tokio::test]
+async fn a_slow_processor_gets_the_events_of_a_batch_together() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let usage = Usage::new(store.clone());
+    for i in 0..40 {
+        queue_raw(&store, &event(&format!("r{i}"), "k1")).await;
+    }
+    let processor = Slow::default();
+    let mut processed = 0;
+    while processed < 40 {
+        let n = usage.work_once(&processor).await.unwrap();
+        assert!(n > 0, "no progress after {processed}");
+        processed += n;
+    }
+    assert_eq!(processor.most.load(Ordering::SeqCst), 16);
+    assert_eq!(usage.daily(Some("k1")).await.unwrap()[0].requests, 40);
 }
