@@ -31,6 +31,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("fixtures/trap", "fixture_trap"),
     ("fixtures/wrong-world", "fixture_wrong_world"),
     ("fixtures/huge-output", "fixture_huge_output"),
+    ("fixtures/picky-meter", "fixture_picky_meter"),
 ];
 
 /// Settings of the outer build that must not leak into the guests' build: flags meant for the

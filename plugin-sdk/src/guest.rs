@@ -41,7 +41,7 @@ pub use imports::garage::policy::types as wit;
 use imports::garage::policy::{clock, config, kv, log};
 
 macro_rules! world {
-    ($module:ident, $world:literal, $export_macro:literal, $bindings:literal) => {
+    ($module:ident, $path:literal, $world:literal, $export_macro:literal, $bindings:literal) => {
         #[doc = concat!("Bindings of the `", $world, "` world.")]
         pub mod $module {
             #![expect(missing_docs, reason = "generated from the WIT, whose docs it carries")]
@@ -52,7 +52,7 @@ macro_rules! world {
             )]
 
             wit_bindgen::generate!({
-                path: "../wit",
+                path: $path,
                 world: $world,
                 with: {
                     "garage:policy/types@0.2.0": crate::guest::imports::garage::policy::types,
@@ -69,27 +69,34 @@ macro_rules! world {
     };
 }
 
+// The router world is 0.2.0's (0.3.0's is the same); the others are `garage:policy@0.3.0`'s
+// (`wit/v0.3`): lists of events for the meter and the reward, and an admit that says whether a
+// settle is needed. Every import and record stays 0.2.0's.
 world!(
     router,
+    "../wit",
     "router",
     "export_router_world",
     "garage_plugin_sdk::__private::router"
 );
 world!(
     rate_limiter,
-    "rate-limiter",
+    "../wit/v0.3",
+    "garage:policy/rate-limiter@0.3.0",
     "export_rate_limiter_world",
     "garage_plugin_sdk::__private::rate_limiter"
 );
 world!(
     meter,
-    "meter",
+    "../wit/v0.3",
+    "garage:policy/meter@0.3.0",
     "export_meter_world",
     "garage_plugin_sdk::__private::meter"
 );
 world!(
     reward,
-    "reward",
+    "../wit/v0.3",
+    "garage:policy/reward@0.3.0",
     "export_reward_world",
     "garage_plugin_sdk::__private::reward"
 );
@@ -203,9 +210,17 @@ pub fn route<P: Router>(
     P::route(&RouterHost, &request, &candidates)
 }
 
+/// The records new in `garage:policy@0.3.0`.
+pub use rate_limiter::garage::policy0_3_0::types as wit_v0_3;
+
 /// `admit` of the `rate-limiter` world, for `export_rate_limiter!`.
-pub fn admit<P: RateLimiter>(request: wit::Admission) -> wit::Decision {
-    P::admit(&WasmHost, &Admission::from(request)).into()
+pub fn admit<P: RateLimiter>(request: wit::Admission) -> wit_v0_3::Admitted {
+    let decision = P::admit(&WasmHost, &Admission::from(request));
+    let settle = decision.settle;
+    wit_v0_3::Admitted {
+        decision: decision.into(),
+        settle,
+    }
 }
 
 /// `settle` of the `rate-limiter` world, for `export_rate_limiter!`.
@@ -213,14 +228,21 @@ pub fn settle<P: RateLimiter>(settlement: wit::Settlement) {
     P::settle(&WasmHost, &Settlement::from(settlement));
 }
 
-/// `charge` of the `meter` world, for `export_meter!`.
-pub fn charge<P: Meter>(event: wit::UsageEvent) -> Result<wit::Charge, String> {
-    P::charge(&WasmHost, &UsageEvent::from(event)).map(Into::into)
+/// `charge` of the `meter` world, for `export_meter!`: the plugin's `charge` of each event.
+pub fn charge<P: Meter>(events: Vec<wit::UsageEvent>) -> Vec<Result<wit::Charge, String>> {
+    events
+        .into_iter()
+        .map(|event| P::charge(&WasmHost, &UsageEvent::from(event)).map(Into::into))
+        .collect()
 }
 
-/// `on-usage` of the `reward` world, for `export_reward!`.
-pub fn on_usage<P: Reward>(event: wit::UsageEvent) -> Result<Vec<wit::Award>, String> {
-    P::on_usage(&WasmHost, &UsageEvent::from(event)).map(awards)
+/// `on-usage` of the `reward` world, for `export_reward!`: the plugin's `on_usage` of each
+/// event.
+pub fn on_usage<P: Reward>(events: Vec<wit::UsageEvent>) -> Vec<Result<Vec<wit::Award>, String>> {
+    events
+        .into_iter()
+        .map(|event| P::on_usage(&WasmHost, &UsageEvent::from(event)).map(awards))
+        .collect()
 }
 
 /// `on-report` of the `reward` world, for `export_reward!`.

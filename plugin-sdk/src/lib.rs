@@ -281,7 +281,7 @@ macro_rules! export_rate_limiter {
             impl $crate::__private::rate_limiter::Guest for GarageRateLimiterExport {
                 fn admit(
                     request: $crate::__private::wit::Admission,
-                ) -> $crate::__private::wit::Decision {
+                ) -> $crate::__private::wit_v0_3::Admitted {
                     $crate::__private::admit::<$plugin>(request)
                 }
                 fn settle(settlement: $crate::__private::wit::Settlement) {
@@ -318,10 +318,11 @@ macro_rules! export_meter {
             struct GarageMeterExport;
             impl $crate::__private::meter::Guest for GarageMeterExport {
                 fn charge(
-                    event: $crate::__private::wit::UsageEvent,
-                ) -> ::std::result::Result<$crate::__private::wit::Charge, ::std::string::String>
-                {
-                    $crate::__private::charge::<$plugin>(event)
+                    events: ::std::vec::Vec<$crate::__private::wit::UsageEvent>,
+                ) -> ::std::vec::Vec<
+                    ::std::result::Result<$crate::__private::wit::Charge, ::std::string::String>,
+                > {
+                    $crate::__private::charge::<$plugin>(events)
                 }
             }
             $crate::__private::meter::export_meter_world!(
@@ -354,12 +355,14 @@ macro_rules! export_reward {
             struct GarageRewardExport;
             impl $crate::__private::reward::Guest for GarageRewardExport {
                 fn on_usage(
-                    event: $crate::__private::wit::UsageEvent,
-                ) -> ::std::result::Result<
-                    ::std::vec::Vec<$crate::__private::wit::Award>,
-                    ::std::string::String,
+                    events: ::std::vec::Vec<$crate::__private::wit::UsageEvent>,
+                ) -> ::std::vec::Vec<
+                    ::std::result::Result<
+                        ::std::vec::Vec<$crate::__private::wit::Award>,
+                        ::std::string::String,
+                    >,
                 > {
-                    $crate::__private::on_usage::<$plugin>(event)
+                    $crate::__private::on_usage::<$plugin>(events)
                 }
                 fn on_report(
                     report: $crate::__private::wit::RigReport,

@@ -181,6 +181,10 @@ pub struct Decision {
     pub reason: String,
     /// Values for the `x-ratelimit-*` headers, sent whether allowed or not.
     pub headers: RateLimitHeaders,
+    /// Whether the gateway must call `settle` once the allowed request is done: true by
+    /// default; [`without_settle`](Self::without_settle) for a request the limiter reserved
+    /// nothing for that it would adjust (saves the gateway a call per request).
+    pub settle: bool,
 }
 
 impl Decision {
@@ -197,6 +201,22 @@ impl Decision {
             retry_after_ms: 0,
             reason: String::new(),
             headers,
+            settle: true,
+        }
+    }
+
+    /// The same decision, without a `settle` for it: the limiter reserved nothing it would
+    /// adjust once the request is done.
+    ///
+    /// ```
+    /// use garage_plugin_sdk::{Decision, RateLimitHeaders};
+    ///
+    /// assert!(!Decision::allow(RateLimitHeaders::default()).without_settle().settle);
+    /// ```
+    pub fn without_settle(self) -> Self {
+        Self {
+            settle: false,
+            ..self
         }
     }
 
@@ -215,6 +235,7 @@ impl Decision {
             retry_after_ms,
             reason: reason.into(),
             headers,
+            settle: false,
         }
     }
 }

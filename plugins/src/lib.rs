@@ -65,7 +65,7 @@ pub fn world(name: &str) -> Option<&'static str> {
     Some(match name {
         "router-round-robin" | "router-least-loaded" | "router-prefix-affinity" => "router",
         "rate-limiter" => "rate-limiter",
-        "meter" | "fixture-wrong-world" => "meter",
+        "meter" | "fixture-wrong-world" | "fixture-picky-meter" => "meter",
         "reward" => "reward",
         "fixture-infinite-loop"
         | "fixture-memory-bomb"
@@ -76,7 +76,8 @@ pub fn world(name: &str) -> Option<&'static str> {
 }
 
 /// Hostile components, built from real source like the defaults, for the host's tests. Every
-/// one but [`WRONG_WORLD`](fixtures::WRONG_WORLD) is a router. Garbage bytes need no fixture.
+/// one but [`WRONG_WORLD`](fixtures::WRONG_WORLD) and [`PICKY_METER`](fixtures::PICKY_METER)
+/// is a router. Garbage bytes need no fixture.
 pub mod fixtures {
     /// A router that never returns: the epoch deadline must interrupt it.
     pub const INFINITE_LOOP: &[u8] = component!("fixture_infinite_loop");
@@ -96,8 +97,12 @@ pub mod fixtures {
     /// `{"entries": N}` says: the host must bound what it accepts.
     pub const HUGE_OUTPUT: &[u8] = component!("fixture_huge_output");
 
+    /// A meter of `garage:policy@0.3.0` that answers each event of a list by its model:
+    /// `refused` gets an error, `trap` traps (failing the whole call), others one credit.
+    pub const PICKY_METER: &[u8] = component!("fixture_picky_meter");
+
     /// The fixtures, by name: `fixture-infinite-loop`, `fixture-memory-bomb`, `fixture-trap`,
-    /// `fixture-wrong-world`, `fixture-huge-output`.
+    /// `fixture-wrong-world`, `fixture-huge-output`, `fixture-picky-meter`.
     pub fn all() -> &'static [(&'static str, &'static [u8])] {
         const ALL: &[(&str, &[u8])] = &[
             ("fixture-infinite-loop", INFINITE_LOOP),
@@ -105,6 +110,7 @@ pub mod fixtures {
             ("fixture-trap", TRAP),
             ("fixture-wrong-world", WRONG_WORLD),
             ("fixture-huge-output", HUGE_OUTPUT),
+            ("fixture-picky-meter", PICKY_METER),
         ];
         ALL
     }

@@ -121,6 +121,18 @@ pub trait UsageProcessor: Send + Sync {
     /// `Err` leaves the event queued, to be retried (a faulting plugin).
     async fn process(&self, event: &UsageEvent) -> Result<Outcome, String>;
 
+    /// The outcomes of a batch of events, in order. By default [`process`](Self::process) of
+    /// each, up to [`EVENTS_IN_FLIGHT`] at once (a meter waiting on its store is not waited for
+    /// one event at a time); a processor that can take many events in one go does.
+    async fn process_many(&self, events: &[&UsageEvent]) -> Vec<Result<Outcome, String>> {
+        use futures::StreamExt;
+        let calls: Vec<_> = events.iter().map(|event| self.process(event)).collect();
+        futures::stream::iter(calls)
+            .buffered(EVENTS_IN_FLIGHT)
+            .collect()
+            .await
+    }
+
     /// Whether every event's outcome is `Outcome::default()` right now (no meter and no
     /// reward installed), so that the worker need not ask for each one.
     fn is_idle(&self) -> bool {
@@ -262,23 +274,6 @@ const EVENTS_IN_FLIGHT: usize = 16;
 async fn yield_now_and_then(i: usize) {
     if i > 0 && i.is_multiple_of(EVENTS_PER_YIELD) {
         tokio::task::yield_now().await;
-    }
-}
-
-/// The outcome of one event of a batch: `None` when the ledger has it already, a default one
-/// when no plugin would look at it.
-async fn process_one(
-    processor: &dyn UsageProcessor,
-    i: usize,
-    event: &UsageEvent,
-    known: bool,
-    idle: bool,
-) -> Option<Result<Outcome, String>> {
-    yield_now_and_then(i).await;
-    match (known, idle) {
-        (true, _) => None,
-        (false, true) => Some(Ok(Outcome::default())),
-        (false, false) => Some(processor.process(event).await),
     }
 }
 
@@ -656,24 +651,32 @@ impl Usage {
             // One clock read per batch: its events are processed within a few milliseconds.
             let processed_at_ms = now_ms();
             let idle = processor.is_idle();
-            // Up to EVENTS_IN_FLIGHT events at once, their outcomes in order. An event that
-            // fails goes back to the queue; the others are recorded, whether they came before
-            // or after it (each was charged once, and is not charged again).
-            let outcomes: Vec<Option<Result<Outcome, String>>> = {
-                use futures::StreamExt;
-                let calls: Vec<_> = taken
-                    .iter()
-                    .zip(&known)
-                    .enumerate()
-                    .map(|(i, (taken, known))| {
-                        process_one(processor, i, &taken.event, *known, idle)
+            // The events the ledger does not have yet, processed together; their outcomes in
+            // order. An event that fails goes back to the queue; the others are recorded,
+            // whether they came before or after it (each was charged once, and is not charged
+            // again).
+            let fresh: Vec<&UsageEvent> = taken
+                .iter()
+                .zip(&known)
+                .filter(|(_, known)| !**known)
+                .map(|(taken, _)| &taken.event)
+                .collect();
+            let mut fresh_outcomes = if idle {
+                fresh.iter().map(|_| Ok(Outcome::default())).collect()
+            } else {
+                processor.process_many(&fresh).await
+            }
+            .into_iter();
+            let outcomes: Vec<Option<Result<Outcome, String>>> = known
+                .iter()
+                .map(|known| {
+                    (!known).then(|| {
+                        fresh_outcomes
+                            .next()
+                            .unwrap_or_else(|| Err("the processor gave no outcome".to_owned()))
                     })
-                    .collect();
-                futures::stream::iter(calls)
-                    .buffered(EVENTS_IN_FLIGHT)
-                    .collect()
-                    .await
-            };
+                })
+                .collect();
             for (taken, outcome) in taken.into_iter().zip(outcomes) {
                 match outcome {
                     None => {

@@ -119,6 +119,12 @@ impl LoadedPlugin {
         }
     }
 
+    /// Whether the version's meter or reward export takes many usage events per call
+    /// (`garage:policy@0.3.0`); a 0.2.0 component takes one.
+    pub fn takes_lists(&self) -> bool {
+        self.prepared.takes_lists()
+    }
+
     /// Whether this loaded version can stand for `info` (same bytes, same configuration), so a
     /// reload keeps its warm instances and fault window.
     pub fn serves(&self, info: &VersionInfo) -> bool {

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use crate::support::{RedisServer, wait_until};
 use garage_gateway::plugins::{
-    Admission, Candidate, CandidateInfo, Isolation, PluginError, PluginHost, PluginsConfig,
-    RigReport, RouteRequest, Settlement, Slot, SlotLimits, SlotStatus, UsageEvent,
+    Admission, Candidate, CandidateInfo, FaultKind, Isolation, PluginError, PluginHost,
+    PluginsConfig, RigReport, RouteRequest, Settlement, Slot, SlotLimits, SlotStatus, UsageEvent,
 };
 use garage_gateway::store::{MemoryStore, RedisStore, Store};
 use sha2::{Digest, Sha256};
@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 /// The default plugins and the hostile fixtures, built from `plugins/guests/`.
 mod components {
     pub use garage_plugins::fixtures::{
-        HUGE_OUTPUT, INFINITE_LOOP, MEMORY_BOMB, TRAP, WRONG_WORLD,
+        HUGE_OUTPUT, INFINITE_LOOP, MEMORY_BOMB, PICKY_METER, TRAP, WRONG_WORLD,
     };
     pub use garage_plugins::{
         METER, RATE_LIMITER, REWARD, ROUTER_LEAST_LOADED, ROUTER_PREFIX_AFFINITY,
@@ -603,7 +603,7 @@ async fn a_settlement_goes_to_the_version_that_admitted() {
     host.install(
         Slot::RateLimiter,
         components::RATE_LIMITER,
-        r#"{"rpm": 5}"#,
+        r#"{"tpm": 5000}"#,
         "test",
     )
     .await
@@ -613,18 +613,18 @@ async fn a_settlement_goes_to_the_version_that_admitted() {
         .await
         .unwrap();
     assert!(decision.allow);
-    let reservation = reservation.expect("an allowed request holds a reservation");
+    let reservation = reservation.expect("tokens reserved: the request holds a reservation");
     host.install(
         Slot::RateLimiter,
         components::RATE_LIMITER,
-        r#"{"rpm": 6}"#,
+        r#"{"tpm": 6000}"#,
         "test",
     )
     .await
     .unwrap();
     assert_eq!(
         reservation.version().config,
-        serde_json::json!({"rpm": 5}),
+        serde_json::json!({"tpm": 5000}),
         "the reservation names the version that admitted"
     );
     host.settle_with(
@@ -642,7 +642,7 @@ async fn a_settlement_goes_to_the_version_that_admitted() {
     let limiter = status.iter().find(|s| s.slot == Slot::RateLimiter).unwrap();
     assert_eq!(
         limiter.active.as_ref().unwrap().config,
-        serde_json::json!({"rpm": 6})
+        serde_json::json!({"tpm": 6000})
     );
     assert_eq!(limiter.faults, Default::default(), "{limiter:?}");
 }
@@ -1551,4 +1551,121 @@ where
     let p50 = samples[iterations / 2];
     let p99 = samples[iterations * 99 / 100];
     format!("mean {mean:>9.1?}  p50 {p50:>9.1?}  p99 {p99:>9.1?}")
+}
+
+// ---- garage:policy@0.3.0: lists of events, settles only when needed ------------------------
+
+/// Usage events, their request ids `prefix0`, `prefix1`... and their models as given.
+fn events(prefix: &str, models: &[&str]) -> Vec<UsageEvent> {
+    models
+        .iter()
+        .enumerate()
+        .map(|(i, model)| UsageEvent {
+            model: (*model).to_owned(),
+            ..usage(&format!("{prefix}{i}"))
+        })
+        .collect()
+}
+
+/// The default meter and reward (0.3.0) take the events of a batch in one call each, in calls
+/// of at most 64 events, and answer each event as they would alone.
+#[tokio::test]
+async fn a_batch_of_events_is_one_call_of_the_meter_and_of_the_reward() {
+    let host = host_with(Arc::new(MemoryStore::new()), config()).await;
+    let prices = r#"{"default_price": {"prompt": 1.0, "completion": 1.0}}"#;
+    host.install(Slot::Meter, components::METER, prices, "test")
+        .await
+        .unwrap();
+    host.install(Slot::Reward, components::REWARD, "{}", "test")
+        .await
+        .unwrap();
+    let alone = host.charge(&usage("alone")).await.unwrap().unwrap();
+    let awarded = host.reward_usage(&usage("alone")).await.unwrap().unwrap();
+    let (meter_calls, reward_calls) = (
+        status(&host, Slot::Meter).calls,
+        status(&host, Slot::Reward).calls,
+    );
+
+    let batch = events("b", &["m"; 10]);
+    let charges = host.charge_many(&batch).await.unwrap();
+    let awards = host.reward_usage_many(&batch).await.unwrap();
+    assert_eq!(charges.len(), 10);
+    assert_eq!(awards.len(), 10);
+    for (charge, award) in charges.iter().zip(&awards) {
+        assert_eq!(charge.as_ref().unwrap().credits, alone.credits);
+        assert_eq!(award.as_ref().unwrap(), &awarded);
+    }
+    assert_eq!(status(&host, Slot::Meter).calls, meter_calls + 1);
+    assert_eq!(status(&host, Slot::Reward).calls, reward_calls + 1);
+
+    let hundred = events("c", &["m"; 100]);
+    let charges = host.charge_many(&hundred).await.unwrap();
+    assert!(charges.iter().all(Result::is_ok));
+    assert_eq!(
+        status(&host, Slot::Meter).calls,
+        meter_calls + 3,
+        "100 events: calls of 64 and 36"
+    );
+}
+
+/// A hostile meter in a batch: the events it refuses fail alone; a trap fails every event of
+/// its call (and counts once towards a rollback), which the usage worker then retries.
+#[tokio::test]
+async fn a_batch_fails_only_where_the_meter_failed() {
+    let host = host_with(Arc::new(MemoryStore::new()), config()).await;
+    host.install(Slot::Meter, components::PICKY_METER, "{}", "test")
+        .await
+        .unwrap();
+    let charges = host
+        .charge_many(&events("p", &["m", "refused", "m", "refused", "m"]))
+        .await
+        .unwrap();
+    let ok: Vec<bool> = charges.iter().map(Result::is_ok).collect();
+    assert_eq!(ok, [true, false, true, false, true]);
+    let refused = charges[1].as_ref().unwrap_err();
+    assert_eq!(refused.kind, FaultKind::PluginError);
+    assert!(refused.message.contains("refused"), "{refused}");
+
+    let charges = host
+        .charge_many(&events("t", &["m", "trap", "m"]))
+        .await
+        .unwrap();
+    assert!(
+        charges
+            .iter()
+            .all(|c| c.as_ref().is_err_and(|f| f.kind == FaultKind::Trap)),
+        "{charges:?}"
+    );
+    let faults = status(&host, Slot::Meter).faults;
+    assert_eq!((faults.trap, faults.plugin_error), (1, 2));
+}
+
+/// A limiter of 0.3.0 that reserved no tokens says so, and the gateway makes no settle call
+/// for the request; one that reserved tokens gets its settle.
+#[tokio::test]
+async fn a_request_without_a_token_reservation_needs_no_settle() {
+    let host = host_with(Arc::new(MemoryStore::new()), config()).await;
+    host.install(
+        Slot::RateLimiter,
+        components::RATE_LIMITER,
+        r#"{"rpm": 100}"#,
+        "test",
+    )
+    .await
+    .unwrap();
+    let (decision, reservation) = host.admit_reserving(&admission("n1", "{}")).await.unwrap();
+    assert!(decision.allow);
+    assert!(reservation.is_none(), "requests only: nothing to settle");
+
+    host.install(
+        Slot::RateLimiter,
+        components::RATE_LIMITER,
+        r#"{"tpm": 100000}"#,
+        "test",
+    )
+    .await
+    .unwrap();
+    let (decision, reservation) = host.admit_reserving(&admission("n2", "{}")).await.unwrap();
+    assert!(decision.allow);
+    assert!(reservation.is_some(), "tokens reserved: settle them");
 }

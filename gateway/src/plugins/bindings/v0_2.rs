@@ -73,6 +73,12 @@ mod reward_world {
 
 use router_world::garage::policy::{candidates, clock, config, kv, log};
 
+/// The interfaces of 0.2.0 as generated here, for the worlds of later versions, which import
+/// them unchanged.
+pub(crate) mod interfaces {
+    pub use super::router_world::garage::policy::*;
+}
+
 /// The records of `garage:policy/types@0.2.0`.
 pub mod types {
     pub use super::router_world::garage::policy::types::*;
@@ -210,17 +216,27 @@ impl Live {
                 Answer::Route(answer?)
             }
             (Live::RateLimiter(limiter), Call::Admit(admission)) => {
-                Answer::Admit(limiter.call_admit(store, admission).await?)
+                Answer::Admit(limiter.call_admit(store, admission).await?, true)
             }
             (Live::RateLimiter(limiter), Call::Settle(settlement)) => {
                 limiter.call_settle(store, settlement).await?;
                 Answer::Settle
             }
-            (Live::Meter(meter), Call::Charge(event)) => {
-                Answer::Charge(meter.call_charge(store, event).await?)
+            // One event per call in this version (the host sends one at a time; more are
+            // called in turn).
+            (Live::Meter(meter), Call::Charge(events)) => {
+                let mut answers = Vec::with_capacity(events.len());
+                for event in events {
+                    answers.push(meter.call_charge(&mut *store, event).await?);
+                }
+                Answer::Charge(answers)
             }
-            (Live::Reward(reward), Call::OnUsage(event)) => {
-                Answer::Awards(reward.call_on_usage(store, event).await?)
+            (Live::Reward(reward), Call::OnUsage(events)) => {
+                let mut answers = Vec::with_capacity(events.len());
+                for event in events {
+                    answers.push(reward.call_on_usage(&mut *store, event).await?);
+                }
+                Answer::OnUsage(answers)
             }
             (Live::Reward(reward), Call::OnReport(report)) => {
                 Answer::Awards(reward.call_on_report(store, report).await?)

@@ -125,8 +125,8 @@ impl PluginHost {
         let call = match slot {
             Slot::Router => Call::Route(&request, &candidates, &infos),
             Slot::RateLimiter => Call::Admit(&admission),
-            Slot::Meter => Call::Charge(&event),
-            Slot::Reward => Call::OnUsage(&event),
+            Slot::Meter => Call::Charge(std::slice::from_ref(&event)),
+            Slot::Reward => Call::OnUsage(std::slice::from_ref(&event)),
         };
         loaded::check_config(&self.engine, prepared, ctx, deadline, memory, call)
             .await

@@ -52,13 +52,14 @@ impl PluginHost {
             .call(Slot::RateLimiter, pick, Call::Admit(admission))
             .await?;
         let checked = match answer {
-            Ok(Answer::Admit(decision)) => Ok(check_decision(decision)),
+            Ok(Answer::Admit(decision, settle)) => Ok((check_decision(decision), settle)),
             Ok(other) => Err(unexpected(&other)),
             Err(fault) => Err(fault),
         };
         Some(match self.settle_answer(&plugin, checked) {
-            Ok(decision) => {
-                let reservation = decision.allow.then(|| Reservation(plugin));
+            // A limiter of 0.3.0 may say that the request reserved nothing to settle.
+            Ok((decision, settle)) => {
+                let reservation = (decision.allow && settle).then(|| Reservation(plugin));
                 (decision, reservation)
             }
             Err(_) => (self.fallback_decision(), None),
@@ -119,17 +120,38 @@ impl PluginHost {
     /// Prices a completed request. `Ok(None)`: no meter installed. An error (a fault, or the
     /// meter's own error) means the event stays queued and is retried.
     pub async fn charge(&self, event: &UsageEvent) -> Result<Option<Charge>, PluginFault> {
-        let pick = Pick::Hash(&event.request_id);
-        let Some((plugin, answer)) = self.call(Slot::Meter, pick, Call::Charge(event)).await else {
+        let Some(mut charges) = self.charge_many(std::slice::from_ref(event)).await else {
             return Ok(None);
         };
-        let checked = match answer {
-            Ok(Answer::Charge(Ok(charge))) => check_charge(charge),
-            Ok(Answer::Charge(Err(message))) => Err((FaultKind::PluginError, message)),
-            Ok(other) => Err(unexpected(&other)),
-            Err(fault) => Err(fault),
-        };
-        self.settle_answer(&plugin, checked).map(Some)
+        charges
+            .pop()
+            .unwrap_or_else(|| Err(self.missing_answer(Slot::Meter)))
+            .map(Some)
+    }
+
+    /// Prices completed requests: one answer per event, in order. `None`: no meter installed.
+    /// A meter of 0.3.0 gets them in as few calls as the canary split allows; one of 0.2.0 one
+    /// call per event, up to [`EVENTS_IN_FLIGHT`] at once.
+    pub async fn charge_many(
+        &self,
+        events: &[UsageEvent],
+    ) -> Option<Vec<Result<Charge, PluginFault>>> {
+        self.per_event(
+            Slot::Meter,
+            events,
+            ListExport::Charge,
+            |answer| match answer {
+                Answer::Charge(answers) => Ok(answers
+                    .into_iter()
+                    .map(|answer| match answer {
+                        Ok(charge) => check_charge(charge),
+                        Err(message) => Err((FaultKind::PluginError, message)),
+                    })
+                    .collect()),
+                other => Err(Box::new(other)),
+            },
+        )
+        .await
     }
 
     /// Points for the operator of the rig that served a request. `Ok(None)`: no reward plugin.
@@ -137,8 +159,166 @@ impl PluginHost {
         &self,
         event: &UsageEvent,
     ) -> Result<Option<Vec<Award>>, PluginFault> {
-        let pick = Pick::Hash(&event.request_id);
-        self.awards(pick, Call::OnUsage(event)).await
+        let Some(mut awards) = self.reward_usage_many(std::slice::from_ref(event)).await else {
+            return Ok(None);
+        };
+        awards
+            .pop()
+            .unwrap_or_else(|| Err(self.missing_answer(Slot::Reward)))
+            .map(Some)
+    }
+
+    /// Points for the requests rigs served: one answer per event, in order. `None`: no reward
+    /// plugin. Called like [`charge_many`](Self::charge_many).
+    pub async fn reward_usage_many(
+        &self,
+        events: &[UsageEvent],
+    ) -> Option<Vec<Result<Vec<Award>, PluginFault>>> {
+        self.per_event(
+            Slot::Reward,
+            events,
+            ListExport::OnUsage,
+            |answer| match answer {
+                Answer::OnUsage(answers) => Ok(answers
+                    .into_iter()
+                    .map(|answer| match answer {
+                        Ok(awards) => check_awards(awards),
+                        Err(message) => Err((FaultKind::PluginError, message)),
+                    })
+                    .collect()),
+                other => Err(Box::new(other)),
+            },
+        )
+        .await
+    }
+
+    /// Calls `slot` for each of `events`, each event going to the version its request id picks
+    /// (canary or active): one call per run of events for a version that takes lists, one call
+    /// per event (up to [`EVENTS_IN_FLIGHT`] at once) for one that does not. A fault of a call
+    /// is every one of its events' answer.
+    async fn per_event<T>(
+        &self,
+        slot: Slot,
+        events: &[UsageEvent],
+        export: ListExport,
+        unpack: Unpack<T>,
+    ) -> Option<Vec<Result<T, PluginFault>>> {
+        use futures::StreamExt;
+        let bundle = self.cell(slot).bundle.load_full();
+        let active = bundle.active.clone();
+        let canary = bundle.canary.clone();
+        drop(bundle);
+        if active.is_none() && canary.is_none() {
+            return None;
+        }
+        // Which version each event goes to: the canary by its request id's draw, else active.
+        let mut groups: Vec<(Arc<LoadedPlugin>, &'static str, Vec<usize>)> = Vec::new();
+        let mut unserved = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            let (plugin, role) = match (&canary, &active) {
+                (Some((canary, percent)), _) if Pick::Hash(&event.request_id).draw() < *percent => {
+                    (canary, "canary")
+                }
+                (_, Some(active)) => (active, "active"),
+                (_, None) => {
+                    unserved.push(i);
+                    continue;
+                }
+            };
+            match groups.iter_mut().find(|(p, _, _)| Arc::ptr_eq(p, plugin)) {
+                Some((_, _, indices)) => indices.push(i),
+                None => groups.push((Arc::clone(plugin), role, vec![i])),
+            }
+        }
+        let mut answers: Vec<Option<Result<T, PluginFault>>> =
+            std::iter::repeat_with(|| None).take(events.len()).collect();
+        for (plugin, role, indices) in &groups {
+            let runs: Vec<Vec<usize>> = if plugin.takes_lists() {
+                runs_of(indices)
+            } else {
+                indices.iter().map(|&i| vec![i]).collect()
+            };
+            let calls: Vec<_> = runs
+                .into_iter()
+                .map(|run| self.call_run(plugin, role, events, run, export, unpack))
+                .collect();
+            let done: Vec<_> = futures::stream::iter(calls)
+                .buffer_unordered(EVENTS_IN_FLIGHT)
+                .collect()
+                .await;
+            for (run, results) in done {
+                for (i, result) in run.into_iter().zip(results) {
+                    answers[i] = Some(result);
+                }
+            }
+        }
+        for i in unserved {
+            answers[i] = Some(Err(self.missing_answer(slot)));
+        }
+        Some(
+            answers
+                .into_iter()
+                .map(|answer| answer.unwrap_or_else(|| Err(self.missing_answer(slot))))
+                .collect(),
+        )
+    }
+
+    /// One call of [`per_event`](Self::per_event): the events of `run` (consecutive indices).
+    async fn call_run<T>(
+        &self,
+        plugin: &Arc<LoadedPlugin>,
+        role: &'static str,
+        events: &[UsageEvent],
+        run: Vec<usize>,
+        export: ListExport,
+        unpack: Unpack<T>,
+    ) -> (Vec<usize>, Vec<Result<T, PluginFault>>) {
+        let (first, last) = (run[0], run[run.len() - 1]);
+        let slice = &events[first..=last];
+        let call = match export {
+            ListExport::Charge => Call::Charge(slice),
+            ListExport::OnUsage => Call::OnUsage(slice),
+        };
+        let per_event = match self.call_on(plugin, role, call).await {
+            Ok(answer) => match unpack(answer) {
+                Ok(list) if list.len() == slice.len() => Ok(list),
+                Ok(list) => Err((
+                    FaultKind::BadOutput,
+                    format!("{} answers for {} events", list.len(), slice.len()),
+                )),
+                Err(other) => Err(unexpected(&other)),
+            },
+            Err(fault) => Err(fault),
+        };
+        let results = match per_event {
+            Ok(list) => list
+                .into_iter()
+                .map(|checked| self.settle_answer(plugin, checked))
+                .collect(),
+            Err(fault) => {
+                let fault = self.fault(plugin, fault);
+                slice.iter().map(|_| Err(fault.clone())).collect()
+            }
+        };
+        (run, results)
+    }
+
+    /// Counts and reports `fault` of `plugin` (see [`settle_answer`](Self::settle_answer)).
+    fn fault(&self, plugin: &Arc<LoadedPlugin>, fault: (FaultKind, String)) -> PluginFault {
+        match self.settle_answer::<std::convert::Infallible>(plugin, Err(fault)) {
+            Err(fault) => fault,
+            Ok(never) => match never {},
+        }
+    }
+
+    /// The fault of an event no call answered (which the code above never leaves).
+    fn missing_answer(&self, slot: Slot) -> PluginFault {
+        PluginFault {
+            slot,
+            version: String::new(),
+            kind: FaultKind::Host,
+            message: "internal: no answer for the event".to_owned(),
+        }
     }
 
     /// Points for a rig's periodic report. `Ok(None)`: no reward plugin.
@@ -359,6 +539,39 @@ impl PluginHost {
             }
         }
     }
+}
+
+/// The exports that take usage events.
+#[derive(Clone, Copy)]
+enum ListExport {
+    Charge,
+    OnUsage,
+}
+
+/// Checks an answer of a [`ListExport`]: one checked result per event, or the answer when it
+/// is of another export.
+type Unpack<T> = fn(Answer) -> Result<Vec<Result<T, (FaultKind, String)>>, Box<Answer>>;
+
+/// Calls of a 0.2.0 meter or reward plugin in flight at once for one batch of events.
+const EVENTS_IN_FLIGHT: usize = 16;
+
+/// Most events in one call of a 0.3.0 meter or reward plugin: a batch the usage worker takes
+/// is split into calls of this many, each within the slot's deadline.
+const MAX_EVENTS_PER_CALL: usize = 64;
+
+/// `indices` (ascending) as runs of consecutive indices, each at most [`MAX_EVENTS_PER_CALL`]
+/// long.
+fn runs_of(indices: &[usize]) -> Vec<Vec<usize>> {
+    let mut runs: Vec<Vec<usize>> = Vec::new();
+    for &i in indices {
+        match runs.last_mut() {
+            Some(run) if run.last() == Some(&(i - 1)) && run.len() < MAX_EVENTS_PER_CALL => {
+                run.push(i)
+            }
+            _ => runs.push(vec![i]),
+        }
+    }
+    runs
 }
 
 /// How a call picks between canary and active.

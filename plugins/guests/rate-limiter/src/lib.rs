@@ -135,14 +135,16 @@ impl RateLimiter for WindowLimiter {
             .filter(|c| c.unit == Unit::Tokens)
             .map(|c| if c.model.is_some() { 'm' } else { 'k' })
             .collect();
-        if !token_counters.is_empty() {
-            let held = format!("{} {token_counters}", window.index);
-            host.kv_set(
-                &held_key(&request.request_id),
-                held.as_bytes(),
-                Some(window.reset_ms),
-            );
+        if token_counters.is_empty() {
+            // No token counter reserved for: nothing to give back, no settle to call.
+            return Decision::allow(headers.finish(&window)).without_settle();
         }
+        let held = format!("{} {token_counters}", window.index);
+        host.kv_set(
+            &held_key(&request.request_id),
+            held.as_bytes(),
+            Some(window.reset_ms),
+        );
         Decision::allow(headers.finish(&window))
     }
 
@@ -351,7 +353,11 @@ mod tests {
     fn without_limits_everything_passes_and_nothing_is_stored() {
         let host = host("{}");
         let decision = WindowLimiter::admit(&host, &admission("r1", 100, "{}"));
-        assert_eq!(decision, Decision::allow(RateLimitHeaders::default()));
+        assert_eq!(
+            decision,
+            Decision::allow(RateLimitHeaders::default()).without_settle(),
+            "nothing reserved, nothing to settle"
+        );
         WindowLimiter::settle(&host, &settlement("r1", 100, 10));
         assert!(host.keys().is_empty());
     }
