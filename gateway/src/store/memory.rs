@@ -1,7 +1,8 @@
 //! The embedded store: everything in this process, nothing to install.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque, btree_map};
-use std::sync::Mutex;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque, btree_map};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -17,7 +18,13 @@ type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::quality::RandomSt
 struct Inner {
     keys: HashMap<String, ApiKeyRecord>,
     key_ids_by_hash: HashMap<String, String>,
-    kv: HashMap<String, (Vec<u8>, Option<Instant>)>,
+    /// Keys shared with `expiries` (one allocation per key, not two).
+    kv: HashMap<Arc<str>, (Vec<u8>, Option<Instant>)>,
+    /// When keys with a TTL expire, soonest first: expired keys are removed as new ones are
+    /// written (as Redis expires keys actively), not only found dead when read. Without it a
+    /// key per request (the default meter remembers each charged request id) stayed in memory
+    /// for good. May name a key whose expiry has changed since; that entry is skipped.
+    expiries: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
     /// Ordered maps, not hash maps: a kind can grow to millions of records (the usage ledger
     /// gets one per request), and a hash map that doubles rehashes every key at once, holding
     /// the store's lock (and a worker thread) for milliseconds. A B-tree grows a node at a time.
@@ -141,6 +148,36 @@ impl MemoryStore {
     }
 }
 
+/// Expired keys removed per write, at most: a write retires more keys than it can add, so the
+/// expired ones never pile up, and no write pays for a long sweep.
+const EXPIRED_PER_WRITE: usize = 8;
+
+impl Inner {
+    /// Sets `key`, noting when it expires, and removes a few keys that have.
+    fn put_kv(&mut self, key: &str, value: Vec<u8>, expiry: Option<Instant>) {
+        let key: Arc<str> = Arc::from(key);
+        let previous = self.kv.insert(Arc::clone(&key), (value, expiry));
+        if let Some(at) = expiry
+            && previous.is_none_or(|(_, before)| before != expiry)
+        {
+            self.expiries.push(Reverse((at, key)));
+        }
+        let now = Instant::now();
+        for _ in 0..EXPIRED_PER_WRITE {
+            match self.expiries.peek() {
+                Some(Reverse((at, _))) if *at <= now => {}
+                _ => break,
+            }
+            let Some(Reverse((_, key))) = self.expiries.pop() else {
+                break;
+            };
+            if self.kv.get(&key).is_some_and(|entry| !live(entry, now)) {
+                self.kv.remove(&key);
+            }
+        }
+    }
+}
+
 fn live(entry: &(Vec<u8>, Option<Instant>), now: Instant) -> bool {
     entry.1.is_none_or(|expiry| expiry > now)
 }
@@ -219,9 +256,7 @@ impl Store for MemoryStore {
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
         let expiry = ttl.map(|ttl| Instant::now() + ttl);
-        self.lock()
-            .kv
-            .insert(key.to_owned(), (value.to_vec(), expiry));
+        self.lock().put_kv(key, value.to_vec(), expiry);
         Ok(())
     }
 
@@ -234,9 +269,7 @@ impl Store for MemoryStore {
         let mut inner = self.lock();
         let (value, expiry) = counter(&inner, key, ttl)?;
         let next = value.saturating_add(delta);
-        inner
-            .kv
-            .insert(key.to_owned(), (next.to_string().into_bytes(), expiry));
+        inner.put_kv(key, next.to_string().into_bytes(), expiry);
         Ok(next)
     }
 
@@ -253,9 +286,7 @@ impl Store for MemoryStore {
         if next > limit {
             return Ok(None);
         }
-        inner
-            .kv
-            .insert(key.to_owned(), (next.to_string().into_bytes(), expiry));
+        inner.put_kv(key, next.to_string().into_bytes(), expiry);
         Ok(Some(next))
     }
 
@@ -446,5 +477,36 @@ impl Store for MemoryStore {
 
     fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
         self.events.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys that expired are gone from memory once later writes come, not only dead when read:
+    /// a key per request with a TTL must not pile up for good.
+    #[tokio::test]
+    async fn expired_keys_leave_memory_as_new_keys_come() {
+        let store = MemoryStore::new();
+        for i in 0..100 {
+            let key = format!("charged:r{i}");
+            store
+                .kv_reserve(&key, 1, 1, Some(Duration::from_millis(1)))
+                .await
+                .unwrap();
+        }
+        store
+            .kv_set("kept", b"1", Some(Duration::from_secs(3600)))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        for i in 0..20 {
+            store.kv_incr(&format!("n{i}"), 1, None).await.unwrap();
+        }
+        let inner = store.lock();
+        assert_eq!(inner.kv.len(), 21, "the 100 expired keys are gone");
+        assert!(inner.kv.contains_key("kept"));
+        assert!(inner.expiries.len() <= 1, "{}", inner.expiries.len());
     }
 }
