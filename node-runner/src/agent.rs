@@ -1,5 +1,8 @@
 //! The rig agent: enroll once, then keep a tunnel open to the gateway, answer the requests it
 //! sends from the local engines, and report heartbeats; drain on shutdown.
+//!
+//! A gateway may be several replicas ([`Gateways`]): the tunnel is on one of them at a time, and
+//! when it breaks the agent goes to the next replica in its order at once.
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -26,12 +29,19 @@ pub use garage_tls::CaFileError;
 
 use crate::batch::BatchOptions;
 use crate::engines::EngineSet;
+use crate::gateways::{Gateways, GatewaysError, normalize, split_list};
 use crate::gpu::Gpus;
 
 /// The rig's identity, as kept in its state file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NodeIdentity {
+    /// The gateway replica the rig enrolled at (the gateway, when there is one URL).
     pub gateway_url: String,
+    /// The replicas the rig was configured with, sorted; the identity is good at any of them,
+    /// so a list in another order, or sharing a replica with this one, keeps it. Empty in state
+    /// files written before lists existed.
+    #[serde(default)]
+    pub gateway_urls: Vec<String>,
     pub node_id: String,
     pub credential: String,
     pub operator: String,
@@ -53,10 +63,31 @@ pub enum AgentError {
     },
     #[error("the gateway refused this rig's credential: it was removed by an admin")]
     Revoked,
+    #[error("bad gateway URL list: {0}")]
+    Gateways(#[from] GatewaysError),
+}
+
+impl NodeIdentity {
+    /// Whether the gateway `configured` names made this identity: one of its URLs is one the
+    /// identity was enrolled with.
+    fn belongs_to(&self, configured: &[String]) -> bool {
+        std::iter::once(&self.gateway_url)
+            .chain(&self.gateway_urls)
+            .any(|url| configured.contains(&normalize(url)))
+    }
+}
+
+/// `urls`, sorted: how the state file records the set.
+fn sorted(urls: &[String]) -> Vec<String> {
+    let mut urls = urls.to_vec();
+    urls.sort();
+    urls
 }
 
 /// How to start an agent.
 pub struct AgentOptions {
+    /// The gateway's base URL; for several replicas of one gateway, their URLs separated by
+    /// commas (`https://a.example,https://b.example`), as in `NODE_RUNNER_GATEWAY_URL`.
     pub gateway_url: String,
     /// The rig's name, shown to admins.
     pub name: String,
@@ -81,6 +112,8 @@ pub struct AgentOptions {
 /// Things every task of the agent shares.
 struct Shared {
     identity: NodeIdentity,
+    /// The gateway's replicas, in this rig's order, and which one holds the tunnel.
+    gateways: Arc<Gateways>,
     engines: Arc<EngineSet>,
     gpus: Gpus,
     http: reqwest::Client,
@@ -167,16 +200,24 @@ fn write_identity(path: &Path, identity: &NodeIdentity) -> Result<(), AgentError
     std::fs::rename(&tmp, path).map_err(error)
 }
 
-/// The rig's identity: from its state file, or by enrolling with the token.
+/// The rig's identity: from its state file, or by enrolling with the token at one of the
+/// `gateways` (tried in turn, so a replica that is down does not stop a first start).
 async fn identity(
     options: &AgentOptions,
+    gateways: &Gateways,
     http: &reqwest::Client,
 ) -> Result<NodeIdentity, AgentError> {
-    let gateway_url = options.gateway_url.trim_end_matches('/').to_owned();
+    let configured = sorted(gateways.urls());
     if let Some(path) = &options.state_file
-        && let Some(identity) = read_identity(path)?
+        && let Some(mut identity) = read_identity(path)?
     {
-        if identity.gateway_url == gateway_url {
+        if identity.belongs_to(&configured) {
+            if identity.gateway_urls != configured {
+                // Replicas came or went: record the set as it is now, so that the identity
+                // still matches once the replicas it was enrolled with are all gone.
+                identity.gateway_urls = configured;
+                write_identity(path, &identity)?;
+            }
             return Ok(identity);
         }
         tracing::warn!(state_file = %path.display(), "state file belongs to another gateway; enrolling anew");
@@ -185,21 +226,25 @@ async fn identity(
         .enrollment_token
         .clone()
         .ok_or(AgentError::NoToken)?;
-    let url = format!("{gateway_url}{ENROLL_PATH}");
-    let response = http
-        .post(&url)
-        .json(&EnrollRequest {
-            token,
-            name: options.name.clone(),
-            version: env!("CARGO_PKG_VERSION").into(),
+    let request = EnrollRequest {
+        token,
+        name: options.name.clone(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let unreachable = |source| AgentError::Unreachable {
+        url: gateways.urls().join(", "),
+        source,
+    };
+    let (answered, response) = gateways
+        .send(|base| {
+            http.post(format!("{base}{ENROLL_PATH}"))
+                .timeout(ENROLL_TIMEOUT)
+                .json(&request)
         })
-        .send()
         .await
-        .map_err(|source| AgentError::Unreachable {
-            url: url.clone(),
-            source,
-        })?;
+        .map_err(unreachable)?;
     let status = response.status();
+    let gateway_url = answered.to_owned();
     if !status.is_success() {
         let message = response.text().await.unwrap_or_default();
         return Err(AgentError::EnrollRefused {
@@ -207,12 +252,10 @@ async fn identity(
             message,
         });
     }
-    let enrolled: EnrollResponse = response
-        .json()
-        .await
-        .map_err(|source| AgentError::Unreachable { url, source })?;
+    let enrolled: EnrollResponse = response.json().await.map_err(unreachable)?;
     let identity = NodeIdentity {
         gateway_url,
+        gateway_urls: configured,
         node_id: enrolled.node_id,
         credential: enrolled.credential,
         operator: enrolled.operator,
@@ -221,20 +264,27 @@ async fn identity(
     if let Some(path) = &options.state_file {
         write_identity(path, &identity)?;
     }
-    tracing::info!(node = %identity.node_id, operator = %identity.operator, "enrolled with the gateway");
+    tracing::info!(node = %identity.node_id, operator = %identity.operator, gateway = %identity.gateway_url, "enrolled with the gateway");
     Ok(identity)
 }
+
+/// How long one replica may take to answer an enrollment before the next is tried.
+const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Agent {
     /// Enrolls if needed, then starts the tunnel and the heartbeats.
     pub async fn start(options: AgentOptions, engines: EngineSet) -> Result<Agent, AgentError> {
         let http = options.http.clone().unwrap_or_else(http_client);
-        let identity = identity(&options, &http).await?;
+        let urls = split_list(&options.gateway_url);
+        // Before it has an id, the rig's name orders the replicas it tries to enroll at.
+        let identity = identity(&options, &Gateways::new(&urls, &options.name)?, &http).await?;
+        let gateways = Arc::new(Gateways::new(&urls, &identity.node_id)?);
         let interval = options
             .heartbeat_interval
             .unwrap_or(Duration::from_secs(identity.heartbeat_interval_secs.max(1)));
         let shared = Arc::new(Shared {
             identity,
+            gateways,
             engines: Arc::new(engines),
             gpus: if options.probe_gpus {
                 Gpus::init()
@@ -264,7 +314,7 @@ impl Agent {
         let stop_batch = CancellationToken::new();
         let batch = options.batch.enabled.then(|| {
             let context = Arc::new(crate::batch::Context {
-                gateway_url: shared.identity.gateway_url.clone(),
+                gateways: Arc::clone(&shared.gateways),
                 credential: shared.identity.credential.clone(),
                 http: shared.http.clone(),
                 local: shared.local.clone(),
@@ -298,6 +348,11 @@ impl Agent {
         &self.shared.engines
     }
 
+    /// The gateway's replicas in this rig's order, and which one holds the tunnel.
+    pub fn gateways(&self) -> &Gateways {
+        &self.shared.gateways
+    }
+
     /// Resolves when the gateway refused this rig's credential (it was removed).
     pub async fn revoked(&self) {
         self.shared.revoked.cancelled().await
@@ -308,17 +363,19 @@ impl Agent {
     pub async fn shutdown(self) {
         let shared = self.shared;
         shared.draining.store(true, Ordering::Relaxed);
-        let url = format!("{}{DEREGISTER_PATH}", shared.identity.gateway_url);
-        match shared
-            .http
-            .post(&url)
-            .bearer_auth(&shared.identity.credential)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-        {
-            Ok(r) if r.status().is_success() => tracing::info!("deregistered; draining"),
-            Ok(r) => tracing::warn!(status = r.status().as_u16(), "deregistration refused"),
+        let deregistered = shared
+            .gateways
+            .send(|base| {
+                shared
+                    .http
+                    .post(format!("{base}{DEREGISTER_PATH}"))
+                    .bearer_auth(&shared.identity.credential)
+                    .timeout(Duration::from_secs(5))
+            })
+            .await;
+        match deregistered {
+            Ok((_, r)) if r.status().is_success() => tracing::info!("deregistered; draining"),
+            Ok((_, r)) => tracing::warn!(status = r.status().as_u16(), "deregistration refused"),
             Err(err) => tracing::warn!(error = %err, "cannot deregister; draining anyway"),
         }
         // No new batch lines; the running ones finish alongside the interactive requests.
@@ -350,8 +407,9 @@ fn heartbeat(shared: &Shared) -> Heartbeat {
     }
 }
 
+/// Heartbeats go to the tunnel's replica (the gateway relays one taken elsewhere, but the
+/// tunnel's replica routes on it at once), and to the next ones while it cannot be reached.
 async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration, stop: CancellationToken) {
-    let url = format!("{}{HEARTBEAT_PATH}", shared.identity.gateway_url);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain_logged = false;
@@ -361,14 +419,20 @@ async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration, stop: Cancellat
             _ = ticker.tick() => {}
             _ = shared.tunnel_opened.notified() => {}
         }
-        let result = shared
-            .http
-            .post(&url)
-            .bearer_auth(&shared.identity.credential)
-            .timeout(interval.max(Duration::from_secs(2)))
-            .json(&heartbeat(&shared))
-            .send()
-            .await;
+        let beat = heartbeat(&shared);
+        let sent = shared.gateways.send(|base| {
+            shared
+                .http
+                .post(format!("{base}{HEARTBEAT_PATH}"))
+                .bearer_auth(&shared.identity.credential)
+                // A replica that died with its host never answers: the next one is tried.
+                .timeout(interval.max(Duration::from_secs(2)))
+                .json(&beat)
+        });
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            result = sent => result.map(|(_, response)| response),
+        };
         match result {
             Ok(response) if response.status().is_success() => {
                 if let Ok(ack) = response.json::<HeartbeatAck>().await
@@ -394,75 +458,172 @@ async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration, stop: Cancellat
     }
 }
 
-/// Reconnect backoff: quick at first (a gateway restart), capped so a long outage costs little.
+/// After a tunnel that was up ends, the first reconnect goes out within this (uniformly
+/// jittered): its replica most likely died or restarted, and the rig should be serving through
+/// another within a second, without every rig of that replica arriving in the same millisecond.
+const RECONNECT_AFTER_LOSS: Duration = Duration::from_millis(200);
+/// Once every replica failed in a row, the wait before the next round: quick at first (a
+/// gateway restart), doubled each round, capped so a long outage costs little.
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(30);
-/// A tunnel that stayed up this long resets the backoff.
+/// A tunnel that stayed up this long resets the backoff. Also at most one quick reconnect per
+/// this long: a replica that accepts tunnels and drops them at once meets the backoff, not a
+/// tight loop.
 const STABLE_TUNNEL: Duration = Duration::from_secs(10);
+/// How long a replica may take to take the tunnel (TCP, TLS, the upgrade's answer) before the
+/// next one is tried: room for a lost SYN or two and a slow link, and no longer, since a replica
+/// that died with its host answers nothing at all.
+const TUNNEL_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 pings from the rig's side of the tunnel. A replica that dies with its host (power,
+/// network) sends no FIN or RST: without pings the rig would sit on a dead tunnel until TCP gave
+/// up, many minutes later. A ping goes out after `TUNNEL_PING_INTERVAL` without a frame from the
+/// gateway, and the tunnel is dropped when its answer takes longer than `TUNNEL_PING_TIMEOUT`:
+/// a silent replica is left at most the two together after it last spoke, then the next one is
+/// tried. Not shorter: a ping waits behind the answers queued on a rig's slow home uplink, and a
+/// tunnel dropped by mistake breaks every stream on it.
+const TUNNEL_PING_INTERVAL: Duration = Duration::from_secs(5);
+const TUNNEL_PING_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How one tunnel ended.
+enum TunnelEnd {
+    /// Drained on `stop`.
+    Stopped,
+    /// It was open for `up_for`; then the gateway closed it, or the connection broke.
+    Lost { up_for: Duration, reason: String },
+    /// It did not open: the replica is unreachable, too slow, or did not take the upgrade.
+    Failed(String),
+    /// The gateway refused the credential.
+    Refused,
+}
+
+/// When to try the next replica, after a tunnel ended.
+struct Reconnect {
+    replicas: usize,
+    backoff: Duration,
+    /// Tunnels that did not open (or did not last) since the last quick reconnect.
+    failures: usize,
+    last_quick: Option<Instant>,
+}
+
+impl Reconnect {
+    fn new(replicas: usize) -> Reconnect {
+        Reconnect {
+            replicas: replicas.max(1),
+            backoff: RECONNECT_MIN,
+            failures: 0,
+            last_quick: None,
+        }
+    }
+
+    /// The wait before the next attempt, after a tunnel ended at `now`; `up_for` is how long it
+    /// had been open, `None` when it did not open.
+    fn wait(&mut self, up_for: Option<Duration>, now: Instant) -> Duration {
+        if let Some(up_for) = up_for {
+            if up_for >= STABLE_TUNNEL {
+                self.backoff = RECONNECT_MIN;
+            }
+            if self
+                .last_quick
+                .is_none_or(|at| now.duration_since(at) >= STABLE_TUNNEL)
+            {
+                self.failures = 0;
+                self.last_quick = Some(now);
+                return RECONNECT_AFTER_LOSS.mul_f64(rand::rng().random_range(0.0..=1.0));
+            }
+        }
+        // The next replica at once, until all of them failed in a row; then a round's backoff,
+        // with full jitter, so a gateway restart is not met by every rig at the same instant.
+        self.failures += 1;
+        if !self.failures.is_multiple_of(self.replicas) {
+            return Duration::ZERO;
+        }
+        let wait = self.backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+        self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
+        wait
+    }
+}
+
+/// Keeps a tunnel open to one replica at a time, going through them in the rig's order.
 async fn tunnel_loop(shared: Arc<Shared>, stop: CancellationToken, drain_timeout: Duration) {
-    let mut backoff = RECONNECT_MIN;
+    let gateways = Arc::clone(&shared.gateways);
+    let mut reconnect = Reconnect::new(gateways.len());
+    let mut next = gateways.tunnel_index();
     loop {
         if stop.is_cancelled() || shared.revoked.is_cancelled() {
             return;
         }
-        let opened = Instant::now();
-        match run_tunnel(&shared, &stop, drain_timeout).await {
-            Ok(()) if stop.is_cancelled() => return,
-            Ok(()) => tracing::warn!("tunnel closed by the gateway; reconnecting"),
-            Err(TunnelError::Refused) => {
+        let index = next;
+        next = (index + 1) % gateways.len();
+        let gateway = gateways.url(index);
+        let up_for = match run_tunnel(&shared, index, &stop, drain_timeout).await {
+            TunnelEnd::Stopped => return,
+            TunnelEnd::Refused => {
                 tracing::error!("the gateway refused this rig's credential: it was removed");
                 shared.revoked.cancel();
                 return;
             }
-            Err(TunnelError::Failed(message)) => {
-                tracing::warn!(error = %message, "tunnel failed; reconnecting")
+            TunnelEnd::Lost { up_for, reason } => {
+                tracing::warn!(gateway, error = %reason, ?up_for, "tunnel lost; reconnecting");
+                Some(up_for)
             }
-        }
-        if opened.elapsed() > STABLE_TUNNEL {
-            backoff = RECONNECT_MIN;
-        }
-        // Full jitter, so a gateway restart is not met by every rig at the same instant.
-        let wait = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+            TunnelEnd::Failed(reason) => {
+                tracing::warn!(gateway, error = %reason, "cannot open a tunnel; reconnecting");
+                None
+            }
+        };
+        let wait = reconnect.wait(up_for, Instant::now());
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        backoff = (backoff * 2).min(RECONNECT_MAX);
     }
 }
 
-enum TunnelError {
-    Refused,
-    Failed(String),
-}
-
-/// One tunnel connection: upgrade, then serve HTTP/2 on it until it closes or we drain.
+/// One tunnel to the replica at `index`: upgrade, then serve HTTP/2 on it until it closes or we
+/// drain.
 async fn run_tunnel(
     shared: &Arc<Shared>,
+    index: usize,
     stop: &CancellationToken,
     drain_timeout: Duration,
-) -> Result<(), TunnelError> {
-    let url = format!("{}{CONNECT_PATH}", shared.identity.gateway_url);
-    let response = shared
-        .http
-        .get(&url)
-        .bearer_auth(&shared.identity.credential)
-        .header(http::header::CONNECTION, "upgrade")
-        .header(http::header::UPGRADE, TUNNEL_PROTOCOL)
-        .send()
-        .await
-        .map_err(|e| TunnelError::Failed(e.to_string()))?;
-    match response.status().as_u16() {
-        101 => {}
-        401 | 403 => return Err(TunnelError::Refused),
-        status => return Err(TunnelError::Failed(format!("gateway answered {status}"))),
-    }
-    let upgraded = response
-        .upgrade()
-        .await
-        .map_err(|e| TunnelError::Failed(e.to_string()))?;
-    tracing::info!(node = %shared.identity.node_id, "tunnel open");
+) -> TunnelEnd {
+    let gateway = shared.gateways.url(index);
+    let open = async {
+        let response = shared
+            .http
+            .get(format!("{gateway}{CONNECT_PATH}"))
+            .bearer_auth(&shared.identity.credential)
+            .header(http::header::CONNECTION, "upgrade")
+            .header(http::header::UPGRADE, TUNNEL_PROTOCOL)
+            .send()
+            .await
+            .map_err(|e| TunnelEnd::Failed(e.to_string()))?;
+        match response.status().as_u16() {
+            101 => {}
+            401 | 403 => return Err(TunnelEnd::Refused),
+            status => return Err(TunnelEnd::Failed(format!("gateway answered {status}"))),
+        }
+        response
+            .upgrade()
+            .await
+            .map_err(|e| TunnelEnd::Failed(e.to_string()))
+    };
+    let upgraded = tokio::select! {
+        _ = stop.cancelled() => return TunnelEnd::Stopped,
+        opened = tokio::time::timeout(TUNNEL_OPEN_TIMEOUT, open) => match opened {
+            Ok(Ok(upgraded)) => upgraded,
+            Ok(Err(end)) => return end,
+            Err(_) => {
+                return TunnelEnd::Failed(format!(
+                    "no tunnel within {}s",
+                    TUNNEL_OPEN_TIMEOUT.as_secs()
+                ));
+            }
+        },
+    };
+    let opened = Instant::now();
+    shared.gateways.set_tunnel(index);
+    tracing::info!(node = %shared.identity.node_id, gateway, "tunnel open");
     shared.tunnel_opened.notify_one();
     let service_state = Arc::clone(shared);
     let service = hyper::service::service_fn(move |request| {
@@ -471,10 +632,18 @@ async fn run_tunnel(
     });
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        .keep_alive_interval(TUNNEL_PING_INTERVAL)
+        .keep_alive_timeout(TUNNEL_PING_TIMEOUT)
         .serve_connection(TokioIo::new(upgraded), service);
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
-        result = connection.as_mut() => result.map_err(|e| TunnelError::Failed(e.to_string())),
+        result = connection.as_mut() => TunnelEnd::Lost {
+            up_for: opened.elapsed(),
+            reason: match result {
+                Ok(()) => "closed by the gateway".to_owned(),
+                Err(err) => err.to_string(),
+            },
+        },
         _ = stop.cancelled() => {
             // GOAWAY: the gateway sends nothing new; streams under way run to their end.
             connection.as_mut().graceful_shutdown();
@@ -482,7 +651,7 @@ async fn run_tunnel(
                 Ok(_) => tracing::info!("tunnel drained"),
                 Err(_) => tracing::warn!("drain timeout: closing the tunnel with requests in flight"),
             }
-            Ok(())
+            TunnelEnd::Stopped
         }
     }
 }
@@ -563,4 +732,56 @@ async fn serve(shared: &Shared, request: http::Request<Incoming>) -> http::Respo
         answer.headers_mut().insert(http::header::CONTENT_TYPE, ct);
     }
     answer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOT_UP: Option<Duration> = None;
+
+    #[test]
+    fn a_lost_tunnel_is_reopened_at_once_on_the_next_replica() {
+        let now = Instant::now();
+        let mut reconnect = Reconnect::new(2);
+        // Up for a moment only: still the quick reconnect, the first time.
+        let wait = reconnect.wait(Some(Duration::from_millis(30)), now);
+        assert!(wait <= RECONNECT_AFTER_LOSS, "{wait:?}");
+        // That replica is down too: the next one at once, then a round's backoff.
+        assert_eq!(reconnect.wait(NOT_UP, now), Duration::ZERO);
+        let wait = reconnect.wait(NOT_UP, now);
+        assert!(
+            (RECONNECT_MIN / 2..=RECONNECT_MIN).contains(&wait),
+            "{wait:?}"
+        );
+        assert_eq!(reconnect.wait(NOT_UP, now), Duration::ZERO);
+        let wait = reconnect.wait(NOT_UP, now);
+        assert!(
+            (RECONNECT_MIN..=RECONNECT_MIN * 2).contains(&wait),
+            "doubled: {wait:?}"
+        );
+    }
+
+    #[test]
+    fn a_replica_that_drops_every_tunnel_meets_the_backoff() {
+        let now = Instant::now();
+        let mut reconnect = Reconnect::new(1);
+        let brief = Some(Duration::from_millis(5));
+        assert!(reconnect.wait(brief, now) <= RECONNECT_AFTER_LOSS);
+        // Dropped again within STABLE_TUNNEL: no second quick reconnect, but doubling waits.
+        let mut longest = Duration::ZERO;
+        for round in 0..8 {
+            let wait = reconnect.wait(brief, now + Duration::from_secs(1));
+            let floor = (RECONNECT_MIN * 2u32.pow(round)).min(RECONNECT_MAX) / 2;
+            assert!(wait >= floor, "round {round}: {wait:?}");
+            assert!(wait <= RECONNECT_MAX);
+            longest = longest.max(wait);
+        }
+        assert!(longest >= RECONNECT_MAX / 2, "capped at {longest:?}");
+        // A tunnel that lasted resets the backoff, and the next loss is quick again.
+        let wait = reconnect.wait(Some(STABLE_TUNNEL), now + STABLE_TUNNEL * 2);
+        assert!(wait <= RECONNECT_AFTER_LOSS, "{wait:?}");
+        let wait = reconnect.wait(NOT_UP, now + STABLE_TUNNEL * 2);
+        assert!(wait <= RECONNECT_MIN, "reset: {wait:?}");
+    }
 }

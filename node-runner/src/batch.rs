@@ -11,6 +11,9 @@
 //! A line whose engine fails to answer (the engine died) is retried a few times, then left: its
 //! lease runs out at the gateway and another rig takes it. Results are sent in small batches and
 //! retried until the gateway takes them; the gateway keeps the first answer of each line.
+//!
+//! Work is asked of the replica that holds the rig's tunnel; a poll waiting on a replica the
+//! tunnel has left is given up at once. Results go to any replica that can be reached.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +26,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::engines::EngineSet;
+use crate::gateways::Gateways;
 
 /// How the rig takes batch work.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,7 +54,7 @@ impl Default for BatchOptions {
 
 /// What the batch worker needs from the agent.
 pub(crate) struct Context {
-    pub gateway_url: String,
+    pub gateways: Arc<Gateways>,
     pub credential: String,
     pub http: reqwest::Client,
     pub local: reqwest::Client,
@@ -75,7 +79,7 @@ pub(crate) async fn run(
     let slots = Arc::new(Semaphore::new(options.max_concurrency.max(1)));
     let (results, results_rx) = mpsc::unbounded_channel();
     let reporter = tokio::spawn(report(Arc::clone(&context), results_rx));
-    let lease_url = format!("{}{BATCH_LEASE_PATH}", context.gateway_url);
+    let mut tunnel_moves = context.gateways.watch_tunnel();
     let mut backoff = Duration::from_millis(200);
     loop {
         // A free slot first: nothing is leased that could not start at once.
@@ -104,9 +108,11 @@ pub(crate) async fn run(
             max: permits.len() as u32,
             wait_ms: options.poll_wait.as_millis() as u64,
         };
+        tunnel_moves.mark_unchanged();
+        let gateway = context.gateways.tunnel_url();
         let sent = context
             .http
-            .post(&lease_url)
+            .post(format!("{gateway}{BATCH_LEASE_PATH}"))
             .bearer_auth(&context.credential)
             .timeout(options.poll_wait + Duration::from_secs(10))
             .json(&request)
@@ -114,6 +120,14 @@ pub(crate) async fn run(
         let response = tokio::select! {
             _ = stop.cancelled() => break,
             response = sent => response,
+            // The tunnel left that replica (most likely it died): ask the new one. Lines it
+            // leased meanwhile go to another rig when their lease runs out.
+            moved = tunnel_moves.changed() => {
+                if moved.is_err() {
+                    break;
+                }
+                continue;
+            }
         };
         let lease: BatchLease = match response {
             Ok(r) if r.status().is_success() => match r.json().await {
@@ -231,7 +245,6 @@ async fn run_line(context: &Context, item: BatchWorkItem) -> Option<BatchLineRes
 
 /// Sends results to the gateway in small batches, retrying each until the gateway takes it.
 async fn report(context: Arc<Context>, mut results: mpsc::UnboundedReceiver<BatchLineResult>) {
-    let url = format!("{}{BATCH_RESULTS_PATH}", context.gateway_url);
     while let Some(first) = results.recv().await {
         let mut chunk = vec![first];
         while chunk.len() < RESULTS_PER_POST {
@@ -244,13 +257,17 @@ async fn report(context: Arc<Context>, mut results: mpsc::UnboundedReceiver<Batc
         let mut backoff = Duration::from_millis(100);
         loop {
             let response = context
-                .http
-                .post(&url)
-                .bearer_auth(&context.credential)
-                .timeout(Duration::from_secs(30))
-                .json(&body)
-                .send()
-                .await;
+                .gateways
+                .send(|gateway| {
+                    context
+                        .http
+                        .post(format!("{gateway}{BATCH_RESULTS_PATH}"))
+                        .bearer_auth(&context.credential)
+                        .timeout(Duration::from_secs(30))
+                        .json(&body)
+                })
+                .await
+                .map(|(_, response)| response);
             match response {
                 Ok(r) if r.status().is_success() => break,
                 Ok(r) if matches!(r.status().as_u16(), 400 | 401 | 403) => {

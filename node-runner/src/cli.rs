@@ -34,8 +34,9 @@ enum Command {
     },
     /// Run many simulated rigs in this one process (load and scale testing, no GPU needed).
     Swarm {
-        /// Gateway base URL.
-        #[arg(long)]
+        /// Gateway base URL; for several replicas of one gateway, their URLs separated by
+        /// commas (each rig keeps its tunnel on one and moves when that one goes away).
+        #[arg(long, value_parser = gateway_list)]
         gateway: String,
         /// An enrollment token good for `--count` rigs.
         #[arg(long)]
@@ -102,7 +103,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let engines = EngineSet::start(config.engines.clone()).await;
             let agent = Agent::start(
                 AgentOptions {
-                    gateway_url: config.gateway_url.clone(),
+                    gateway_url: config.gateways().join(","),
                     name,
                     enrollment_token: config.enrollment_token.clone(),
                     state_file: Some(config.state_file.clone()),
@@ -117,7 +118,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
             .context("cannot join the gateway")?;
-            tracing::info!(node = %agent.node_id(), gateway = %config.gateway_url, "rig running; Ctrl-C drains and stops");
+            tracing::info!(node = %agent.node_id(), gateways = %config.gateways().join(","), "rig running; Ctrl-C drains and stops");
             let revoked = tokio::select! {
                 result = wait_for_signal() => { result?; false }
                 _ = agent.revoked() => true,
@@ -173,6 +174,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `--gateway`: one URL or a comma-separated list of replicas, checked before any rig starts.
+fn gateway_list(list: &str) -> Result<String, crate::gateways::GatewaysError> {
+    crate::gateways::Gateways::parse(list, "")?;
+    Ok(list.to_owned())
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -5,6 +5,8 @@
 //!
 //! ```toml
 //! gateway_url = "https://gateway.example.com"
+//! # or, for several replicas of one gateway sharing one store (the rig moves between them):
+//! # gateway_urls = ["https://gw-a.example.com", "https://gw-b.example.com"]
 //! gateway_ca_file = "/etc/garage/ca.pem" # optional: a private CA the gateway's certificate is from
 //! enrollment_token = "et_..."          # first start only
 //!
@@ -25,13 +27,17 @@ use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
 
 /// Environment variables that override a top-level string field, and the field each sets.
+/// `NODE_RUNNER_GATEWAY_URL` takes a comma-separated list too: with several URLs it sets
+/// `gateway_urls` instead. Either way it replaces both fields of the file.
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
-    ("NODE_RUNNER_GATEWAY_URL", "gateway_url"),
+    (GATEWAY_URL_ENV, "gateway_url"),
     ("NODE_RUNNER_ENROLLMENT_TOKEN", "enrollment_token"),
     ("NODE_RUNNER_NAME", "name"),
     ("NODE_RUNNER_STATE_FILE", "state_file"),
     ("NODE_RUNNER_GATEWAY_CA_FILE", "gateway_ca_file"),
 ];
+
+const GATEWAY_URL_ENV: &str = "NODE_RUNNER_GATEWAY_URL";
 
 /// The official vLLM OpenAI-compatible server image.
 pub const DEFAULT_DOCKER_IMAGE: &str = "vllm/vllm-openai:latest";
@@ -53,13 +59,20 @@ pub enum ConfigError {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
-    /// The gateway, e.g. `https://gateway.example.com` (plain `http://` for local trials).
-    pub gateway_url: String,
+    /// The gateway, e.g. `https://gateway.example.com` (plain `http://` for local trials): one
+    /// gateway, or its replicas behind one load balancer. See [`NodeConfig::gateways`].
+    #[serde(default)]
+    pub gateway_url: Option<String>,
+    /// Instead of `gateway_url`: the URLs of several replicas of one gateway (sharing one
+    /// store, so the rig's credential is good at each). The rig keeps its tunnel on one and
+    /// moves to the next when that one goes away.
+    #[serde(default)]
+    pub gateway_urls: Option<Vec<String>>,
     /// A PEM file of certificate authorities trusted for the gateway besides the public web
     /// roots: for a gateway whose certificate comes from a private CA.
     #[serde(default)]
     pub gateway_ca_file: Option<PathBuf>,
-    /// Allow a plain `http://` gateway_url to a host other than this machine. Off: the rig's
+    /// Allow a plain `http://` gateway URL to a host other than this machine. Off: the rig's
     /// credential and every prompt it serves would cross the network in clear, readable and
     /// changeable by anyone on the way.
     #[serde(default)]
@@ -375,7 +388,20 @@ impl NodeConfig {
         let mut table: toml::Table =
             toml::from_str(toml_text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         for (name, value) in env {
-            if let Some((_, field)) = ENV_OVERRIDES.iter().find(|(var, _)| *var == name) {
+            if name == GATEWAY_URL_ENV {
+                table.remove("gateway_url");
+                table.remove("gateway_urls");
+                let urls: Vec<&str> = value.split(',').collect();
+                if let [_] = urls[..] {
+                    table.insert("gateway_url".to_owned(), toml::Value::String(value));
+                } else {
+                    let urls = urls
+                        .into_iter()
+                        .map(|url| toml::Value::String(url.trim().to_owned()))
+                        .collect();
+                    table.insert("gateway_urls".to_owned(), toml::Value::Array(urls));
+                }
+            } else if let Some((_, field)) = ENV_OVERRIDES.iter().find(|(var, _)| *var == name) {
                 table.insert((*field).to_owned(), toml::Value::String(value));
             }
         }
@@ -404,6 +430,16 @@ impl NodeConfig {
         Self::load(&text, env)
     }
 
+    /// The gateway's URLs, without trailing slashes: `gateway_url` alone, or `gateway_urls`.
+    /// Never empty once loaded.
+    pub fn gateways(&self) -> Vec<String> {
+        self.gateway_url
+            .iter()
+            .chain(self.gateway_urls.iter().flatten())
+            .map(|url| crate::gateways::normalize(url))
+            .collect()
+    }
+
     /// The rig's name: the configured one, else the hostname.
     pub fn node_name(&self) -> String {
         self.name.clone().unwrap_or_else(hostname)
@@ -411,24 +447,7 @@ impl NodeConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |message: String| Err(ConfigError::Invalid(message));
-        if !self.gateway_url.starts_with("http://") && !self.gateway_url.starts_with("https://") {
-            return invalid(format!(
-                "gateway_url {:?} must start with http:// or https://",
-                self.gateway_url
-            ));
-        }
-        if self.gateway_url.starts_with("http://")
-            && !self.allow_insecure_http
-            && !is_loopback_url(&self.gateway_url)
-        {
-            return invalid(format!(
-                "gateway_url {:?} is plain http to another machine: the rig's credential and \
-                 every prompt would cross the network in clear. Use https:// (the gateway serves \
-                 TLS with tls_cert_file, or sits behind a TLS proxy), or set \
-                 allow_insecure_http = true for a network you trust",
-                self.gateway_url
-            ));
-        }
+        self.validate_gateways()?;
         if self.heartbeat_interval_secs == Some(0) {
             return invalid("heartbeat_interval_secs must be at least 1".into());
         }
@@ -464,6 +483,57 @@ impl NodeConfig {
                         ));
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// One gateway URL or a list of them, each `http(s)://`, plain http only to this machine
+    /// unless allowed, none twice.
+    fn validate_gateways(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| Err(ConfigError::Invalid(message));
+        let urls: Vec<(String, &str)> = match (&self.gateway_url, &self.gateway_urls) {
+            (Some(_), Some(_)) => {
+                return invalid(
+                    "gateway_url and gateway_urls are both set: give one URL, or the list of \
+                     the gateway's replicas"
+                        .into(),
+                );
+            }
+            (None, None) => {
+                return invalid(
+                    "no gateway: set gateway_url (or gateway_urls, for several replicas of one \
+                     gateway)"
+                        .into(),
+                );
+            }
+            (None, Some(list)) if list.is_empty() => {
+                return invalid("gateway_urls is empty: list the gateway's replicas".into());
+            }
+            (Some(url), None) => vec![("gateway_url".to_owned(), url.as_str())],
+            (None, Some(list)) => list
+                .iter()
+                .enumerate()
+                .map(|(i, url)| (format!("gateway_urls[{i}]"), url.as_str()))
+                .collect(),
+        };
+        let mut seen = HashSet::new();
+        for (field, url) in urls {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                return invalid(format!(
+                    "{field} {url:?} must start with http:// or https://"
+                ));
+            }
+            if url.starts_with("http://") && !self.allow_insecure_http && !is_loopback_url(url) {
+                return invalid(format!(
+                    "{field} {url:?} is plain http to another machine: the rig's credential and \
+                     every prompt would cross the network in clear. Use https:// (the gateway \
+                     serves TLS with tls_cert_file, or sits behind a TLS proxy), or set \
+                     allow_insecure_http = true for a network you trust"
+                ));
+            }
+            if !seen.insert(crate::gateways::normalize(url)) {
+                return invalid(format!("{field} {url:?} is in gateway_urls twice"));
             }
         }
         Ok(())
@@ -697,7 +767,7 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(config.gateway_url, "https://gw.example");
+        assert_eq!(config.gateways(), ["https://gw.example"]);
         assert_eq!(config.enrollment_token.as_deref(), Some("et_env"));
         assert_eq!(config.name, None);
         assert_eq!(config.state_file, PathBuf::from("/tmp/s.json"));
@@ -757,7 +827,81 @@ mod tests {
         assert!(NodeConfig::load(text, env(&[])).is_err());
         let config =
             NodeConfig::load(text, env(&[("NODE_RUNNER_GATEWAY_URL", "https://gw")])).unwrap();
-        assert_eq!(config.gateway_url, "https://gw");
+        assert_eq!(config.gateways(), ["https://gw"]);
+    }
+
+    const SIM_ENGINE: &str =
+        "[[engines]]\nname = \"sim\"\ndriver = \"simulated\"\nmodels = [\"m\"]\n";
+
+    #[test]
+    fn several_replicas_in_a_list() {
+        let text = format!(
+            "gateway_urls = [\"https://a.example/\", \"https://b.example\", \
+             \"http://127.0.0.1:8080\"]\n{SIM_ENGINE}"
+        );
+        let config = NodeConfig::load(&text, env(&[])).unwrap();
+        assert_eq!(
+            config.gateways(),
+            [
+                "https://a.example",
+                "https://b.example",
+                "http://127.0.0.1:8080"
+            ]
+        );
+        // Plain http is refused for each URL of the list, as for one URL.
+        let text =
+            format!("gateway_urls = [\"https://a.example\", \"http://b.example\"]\n{SIM_ENGINE}");
+        let error = NodeConfig::load(&text, env(&[])).unwrap_err().to_string();
+        assert!(
+            error.starts_with("invalid config: gateway_urls[1] \"http://b.example\" is plain http"),
+            "{error}"
+        );
+        let allowed = format!("allow_insecure_http = true\n{text}");
+        assert!(NodeConfig::load(&allowed, env(&[])).is_ok());
+    }
+
+    /// `NODE_RUNNER_GATEWAY_URL` replaces whatever the file said: one URL, or a list.
+    #[test]
+    fn the_gateway_env_takes_a_comma_separated_list() {
+        let one = format!("gateway_url = \"https://file.example\"\n{SIM_ENGINE}");
+        let list =
+            format!("gateway_urls = [\"https://a.example\", \"https://b.example\"]\n{SIM_ENGINE}");
+        for text in [&one, &list] {
+            let config = NodeConfig::load(
+                text,
+                env(&[(
+                    "NODE_RUNNER_GATEWAY_URL",
+                    "https://x.example, https://y.example",
+                )]),
+            )
+            .unwrap();
+            assert_eq!(config.gateway_url, None);
+            assert_eq!(
+                config.gateways(),
+                ["https://x.example", "https://y.example"]
+            );
+            let config = NodeConfig::load(
+                text,
+                env(&[("NODE_RUNNER_GATEWAY_URL", "https://z.example")]),
+            )
+            .unwrap();
+            assert_eq!(config.gateway_urls, None);
+            assert_eq!(config.gateways(), ["https://z.example"]);
+        }
+        let error = |value: &str| {
+            NodeConfig::load(&one, env(&[("NODE_RUNNER_GATEWAY_URL", value)]))
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            error("https://x.example,"),
+            "invalid config: gateway_urls[1] \"\" must start with http:// or https://"
+        );
+        assert_eq!(
+            error("https://x.example,https://x.example/"),
+            "invalid config: gateway_urls[1] \"https://x.example/\" is in gateway_urls twice"
+        );
+        assert!(error("https://x.example,http://10.0.0.1").contains("allow_insecure_http"));
     }
 
     #[test]

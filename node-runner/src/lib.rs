@@ -7,4 +7,5 @@ pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod engines;
+pub mod gateways;
 pub mod gpu;
