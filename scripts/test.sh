@@ -76,6 +76,12 @@ fi
 if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     needed+=(python3 python3-venv)
 fi
+# The cluster test runs deploy/nginx/nginx.conf in front of three replicas.
+installing_nginx=0
+if ! command -v nginx >/dev/null 2>&1 && [[ ! -x /usr/sbin/nginx ]]; then
+    needed+=(nginx-light)
+    installing_nginx=1
+fi
 # The JavaScript example plugin is built with componentize-js, from npm.
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     needed+=(nodejs npm)
@@ -83,6 +89,10 @@ fi
 if [[ ${#needed[@]} -gt 0 ]]; then
     echo "installing: ${needed[*]}"
     apt_install "${needed[@]}"
+    if [[ "$installing_nginx" -eq 1 ]]; then
+        # The test starts its own nginx on a free port; the packaged one is not needed.
+        as_root service nginx stop >/dev/null 2>&1 || true
+    fi
     if [[ "$installing_redis" -eq 1 ]]; then
         # The Rust tests start their own redis-server on a free port; the packaged service is
         # not needed, so stop the one the package may have started (best effort).
@@ -93,7 +103,7 @@ if [[ ${#needed[@]} -gt 0 ]]; then
         fi
     fi
 else
-    echo "all present: cc, redis-server, python3 with venv"
+    echo "all present: cc, redis-server, nginx, python3 with venv"
 fi
 echo "redis-server: $(redis-server --version | head -n1)"
 

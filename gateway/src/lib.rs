@@ -20,6 +20,7 @@
 
 pub mod backends;
 pub mod batch;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod http;

@@ -101,6 +101,7 @@ impl Gateway {
             tokio::spawn(backends.run_health_checks(health_interval)),
             tokio::spawn(nodes.clone().watch_heartbeats()),
             tokio::spawn(nodes.clone().follow_events()),
+            tokio::spawn(nodes.clone().publish_adverts()),
             tokio::spawn(batches.clone().watch_events()),
             tokio::spawn(batches.clone().run_sweeper(sweep_interval)),
             tokio::spawn(report_rigs(
@@ -168,6 +169,9 @@ impl Gateway {
     /// Returns false when the grace period ran out with requests still open.
     pub async fn shutdown(self, grace: Duration) -> bool {
         self.shutdown.cancel();
+        // The other replicas route nothing new to our rigs (which reconnect to them once their
+        // tunnels here close, below).
+        self.state.nodes().announce_stop().await;
         // Rigs waiting for batch work get their (empty) answer now, not at the end of the wait.
         self.state.batches().stop();
         let finished = tokio::time::timeout(grace, self.server).await.is_ok();
@@ -295,6 +299,7 @@ pub async fn assemble(config: Config) -> Result<Assembled, StartError> {
         KeyHasher::new(&key_secret),
         backends.clone(),
         config.nodes.clone(),
+        crate::cluster::Cluster::from_config(&config.cluster, config.dispatch.connect_timeout()),
     );
     // The embedded store lives and dies with this process: its usage queue would add cost
     // and no durability, so events go from memory straight to the worker.

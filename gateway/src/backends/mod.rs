@@ -36,6 +36,11 @@ pub enum Transport {
     },
     /// A rig's tunnel: an HTTP/2 connection the rig opened to this gateway.
     Tunnel(hyper::client::conn::http2::SendRequest<RequestBody>),
+    /// A rig tunnelled to another replica, reached through it.
+    Peer {
+        peer: Arc<crate::cluster::Peer>,
+        node: String,
+    },
 }
 
 impl std::fmt::Debug for Transport {
@@ -43,6 +48,7 @@ impl std::fmt::Debug for Transport {
         match self {
             Transport::Url { endpoints, .. } => write!(f, "Url({})", endpoints.base_url),
             Transport::Tunnel(_) => write!(f, "Tunnel"),
+            Transport::Peer { peer, node } => write!(f, "Peer({node} via {})", peer.url()),
         }
     }
 }
@@ -221,6 +227,9 @@ pub struct Backend {
     /// Result of the last active health check or heartbeat (true when never checked).
     probe_ok: AtomicBool,
     in_flight: AtomicU32,
+    /// For a rig on another replica: the requests in flight there, as it last advertised
+    /// (approximate: they may include some of ours, and are up to a heartbeat old).
+    elsewhere_in_flight: AtomicU32,
     origin: Instant,
 }
 
@@ -287,6 +296,7 @@ impl Backend {
             cooldown_until_ms: AtomicU64::new(0),
             probe_ok: AtomicBool::new(true),
             in_flight: AtomicU32::new(0),
+            elsewhere_in_flight: AtomicU32::new(0),
             origin,
         }
     }
@@ -297,7 +307,7 @@ impl Backend {
             Transport::Url {
                 health_url, client, ..
             } => Some((health_url.as_deref()?, client)),
-            Transport::Tunnel(_) => None,
+            Transport::Tunnel(_) | Transport::Peer { .. } => None,
         }
     }
 
@@ -358,8 +368,30 @@ impl Backend {
         )
     }
 
+    /// Requests in flight to the backend: ours, plus (for a rig on another replica) those
+    /// that replica last advertised.
     pub fn in_flight(&self) -> u32 {
+        self.in_flight
+            .load(Ordering::Relaxed)
+            .saturating_add(self.elsewhere_in_flight.load(Ordering::Relaxed))
+    }
+
+    /// Requests in flight through this replica only.
+    pub fn local_in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// What the replica holding this rig's tunnel last advertised of its in-flight requests.
+    pub fn set_elsewhere_in_flight(&self, n: u32) {
+        self.elsewhere_in_flight.store(n, Ordering::Relaxed);
+    }
+
+    /// The replica this rig is reached through, when it is tunnelled to another one.
+    pub fn peer(&self) -> Option<&crate::cluster::Peer> {
+        match &self.transport {
+            Transport::Peer { peer, .. } => Some(peer),
+            _ => None,
+        }
     }
 
     /// Sends `POST {base}{path}` with a JSON body, over whichever transport the backend has.
@@ -369,7 +401,8 @@ impl Backend {
         body: Bytes,
         request_id: Option<&http::HeaderValue>,
     ) -> Result<UpstreamResponse, SendError> {
-        let request = |uri: Result<http::Uri, http::uri::InvalidUri>,
+        let request = |body: Bytes,
+                       uri: Result<http::Uri, http::uri::InvalidUri>,
                        host: Option<&http::HeaderValue>,
                        authorization: Option<&http::HeaderValue>| {
             let uri =
@@ -405,6 +438,7 @@ impl Backend {
             } => {
                 // Our own HTTP/1 connections: origin-form URI and a `Host` header.
                 let request = request(
+                    body,
                     endpoints.origin_form(path),
                     endpoints.host.as_ref(),
                     authorization.as_ref(),
@@ -413,9 +447,10 @@ impl Backend {
                     .await
             }
             Transport::Tunnel(sender) => {
-                let request = request(TUNNEL_ENDPOINTS.uri(path), None, None)?;
+                let request = request(body, TUNNEL_ENDPOINTS.uri(path), None, None)?;
                 send_tunnel(sender.clone(), request).await
             }
+            Transport::Peer { peer, node } => peer.forward(node, path, body, request_id).await,
         }
     }
 
@@ -430,7 +465,7 @@ impl Backend {
     pub fn idle_connections(&self) -> usize {
         match &self.transport {
             Transport::Url { pool, .. } => pool.idle_len(),
-            Transport::Tunnel(_) => 0,
+            Transport::Tunnel(_) | Transport::Peer { .. } => 0,
         }
     }
 
@@ -470,10 +505,17 @@ struct ModelCandidates {
 /// over 100 candidate rigs" case in full.
 pub const MAX_CANDIDATES: usize = 128;
 
+/// How long a model whose last backend left is answered with 503 (`no_backend_available`, try
+/// again) rather than 404 (`model_not_found`, a mistake): a rig restarting its engine, or
+/// reconnecting to another replica, is back within this.
+pub const GONE_MODEL_GRACE: Duration = Duration::from_secs(600);
+
 /// An immutable snapshot of every backend.
 #[derive(Default)]
 pub struct BackendSet {
     all: Vec<Arc<Backend>>,
+    /// Models no backend serves any more, since when.
+    gone: HashMap<String, Instant>,
     /// Looked up on every request: foldhash, seeded per process (rigs name models too), instead
     /// of std's SipHash.
     by_model: HashMap<String, ModelCandidates, foldhash::quality::RandomState>,
@@ -498,7 +540,29 @@ impl BackendSet {
         BackendSet {
             all: backends,
             by_model,
+            gone: HashMap::new(),
         }
+    }
+
+    /// The set with `backends` instead, remembering the models that left (for
+    /// [`GONE_MODEL_GRACE`]).
+    fn succeeded_by(&self, backends: Vec<Arc<Backend>>) -> Self {
+        let mut next = BackendSet::new(backends);
+        let now = Instant::now();
+        next.gone = self
+            .gone
+            .iter()
+            .filter(|(model, at)| {
+                now.duration_since(**at) < GONE_MODEL_GRACE && !next.by_model.contains_key(*model)
+            })
+            .map(|(model, at)| (model.clone(), *at))
+            .collect();
+        for model in self.by_model.keys() {
+            if !next.by_model.contains_key(model) {
+                next.gone.insert(model.clone(), now);
+            }
+        }
+        next
     }
 
     pub fn all(&self) -> &[Arc<Backend>] {
@@ -509,10 +573,18 @@ impl BackendSet {
     /// most [`MAX_CANDIDATES`] of them. 404 when nothing serves the model, 503 when nothing
     /// healthy does.
     pub fn candidates(&self, model: &str) -> Result<Vec<Arc<Backend>>, ApiError> {
-        let entry = self
-            .by_model
-            .get(model)
-            .ok_or_else(|| ApiError::ModelNotFound(model.to_owned()))?;
+        let Some(entry) = self.by_model.get(model) else {
+            if self
+                .gone
+                .get(model)
+                .is_some_and(|at| at.elapsed() < GONE_MODEL_GRACE)
+            {
+                return Err(ApiError::Unavailable(format!(
+                    "No backend serves `{model}` right now (its last one left); retry shortly."
+                )));
+            }
+            return Err(ApiError::ModelNotFound(model.to_owned()));
+        };
         let n = entry.backends.len();
         let start = entry.next.fetch_add(1, Ordering::Relaxed);
         let ordered: Vec<_> = (0..n)
@@ -586,7 +658,7 @@ impl Backends {
             let mut all = set.all.clone();
             all.retain(|b| b.id != backend.id);
             all.push(Arc::clone(&backend));
-            BackendSet::new(all)
+            set.succeeded_by(all)
         });
     }
 
@@ -595,7 +667,7 @@ impl Backends {
         self.current.rcu(|set| {
             let mut all = set.all.clone();
             all.retain(|b| b.id != id);
-            BackendSet::new(all)
+            set.succeeded_by(all)
         });
     }
 

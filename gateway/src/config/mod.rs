@@ -47,6 +47,8 @@ pub const ENV_FIELDS: &[&str] = &[
     "nodes.missed_heartbeats",
     "nodes.enrollment_token_ttl_secs",
     "nodes.report_interval_secs",
+    "cluster.advertise_url",
+    "cluster.secret",
     "usage.ledger_max_entries",
     "batch.max_file_bytes",
     "batch.max_files_per_key",
@@ -145,6 +147,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub dispatch: DispatchConfig,
     pub nodes: NodesConfig,
+    /// Several replicas acting as one gateway: how the others reach this one.
+    pub cluster: ClusterConfig,
     /// Usage metering: the ledger's retention on the embedded store.
     pub usage: UsageConfig,
     /// The Batch API: files, queues and leases.
@@ -326,6 +330,24 @@ impl NodesConfig {
     }
 }
 
+/// Replicas on one Redis reach each other's rigs: a replica that routes a request to a rig
+/// tunnelled to another replica forwards it there over HTTP/2, authenticated with `secret`.
+/// Off (each replica routes only to its own rigs) unless both fields are set.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Where the other replicas reach this one, e.g. `http://10.0.0.5:8080`: this replica's
+    /// own listener, on an address of the private network between replicas. Plain HTTP/2
+    /// (h2c): the channel carries prompts, so keep it off the internet.
+    pub advertise_url: Option<String>,
+    /// Shared by every replica, at least 32 characters; a forwarded request carries it. Best
+    /// given through `GARAGE_CLUSTER_SECRET`.
+    pub secret: Option<String>,
+}
+
+/// The shortest cluster secret accepted: guessing it must be out of reach.
+pub const MIN_CLUSTER_SECRET: usize = 32;
+
 /// Usage metering.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -443,6 +465,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             dispatch: DispatchConfig::default(),
             nodes: NodesConfig::default(),
+            cluster: ClusterConfig::default(),
             usage: UsageConfig::default(),
             batch: BatchConfig::default(),
             default_plugins: true,
@@ -493,6 +516,17 @@ pub fn bearer_authorization(
     value.set_sensitive(true);
     Ok(value)
 }
+
+/// How a Redis `store` URL may start: one server (plain or TLS), a Redis Cluster, or a
+/// primary found through Sentinel.
+pub const REDIS_SCHEMES: [&str; 6] = [
+    "redis://",
+    "rediss://",
+    "redis+cluster://",
+    "rediss+cluster://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
+];
 
 /// Whether a `store` URL names the embedded store (`memory`), which lives and dies with the
 /// process.
@@ -554,13 +588,49 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |msg: String| Err(ConfigError::Invalid(msg));
         if !is_embedded(&self.store)
-            && !self.store.starts_with("redis://")
-            && !self.store.starts_with("rediss://")
+            && !REDIS_SCHEMES
+                .iter()
+                .any(|scheme| self.store.starts_with(scheme))
         {
             return invalid(format!(
-                "store = {:?}: expected \"memory\" or a redis:// URL",
+                "store = {:?}: expected \"memory\" or a redis:// URL (rediss://, \
+                 redis+cluster://, redis+sentinel:// too)",
                 self.store
             ));
+        }
+        match (&self.cluster.advertise_url, &self.cluster.secret) {
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => {
+                return invalid(
+                    "cluster.advertise_url and cluster.secret go together: set both for \
+                     replicas to forward requests to each other's rigs, or neither"
+                        .into(),
+                );
+            }
+            (Some(url), Some(secret)) => {
+                if is_embedded(&self.store) {
+                    return invalid(
+                        "cluster needs a Redis store: replicas find each other's rigs there".into(),
+                    );
+                }
+                let authority = url
+                    .strip_prefix("http://")
+                    .map(|rest| rest.trim_end_matches('/'));
+                if authority.is_none_or(|a| {
+                    a.is_empty() || a.contains('/') || http::uri::Authority::try_from(a).is_err()
+                }) {
+                    return invalid(format!(
+                        "cluster.advertise_url = {url:?}: expected http://host:port, this \
+                         replica's listener as the other replicas reach it (HTTP/2 without \
+                         TLS, on the private network between replicas)"
+                    ));
+                }
+                if secret.chars().count() < MIN_CLUSTER_SECRET {
+                    return invalid(format!(
+                        "cluster.secret is too short: at least {MIN_CLUSTER_SECRET} characters"
+                    ));
+                }
+            }
         }
         if !is_embedded(&self.store) && self.auth.key_secret.is_none() {
             return invalid(
@@ -846,6 +916,8 @@ mod tests {
         let mut config = Config::default();
         config.auth.admin_token = Some("x".into());
         config.auth.key_secret = Some("x".into());
+        config.cluster.advertise_url = Some("x".into());
+        config.cluster.secret = Some("x".into());
         for limits in [
             &mut config.plugins.router,
             &mut config.plugins.rate_limiter,

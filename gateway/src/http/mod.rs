@@ -32,12 +32,13 @@ use crate::state::AppState;
         description = "An OpenAI-compatible inference gateway for a community GPU network.",
         license(name = "MIT")
     ),
-    paths(openai::get_model),
+    paths(openai::get_model, crate::cluster::api::forwarded),
     modifiers(&SecuritySchemes),
     tags(
         (name = "openai", description = "OpenAI-compatible API; authenticate with an API key"),
         (name = "admin", description = "Operator API; authenticate with the admin token"),
         (name = "nodes", description = "Node protocol, spoken by node-runner; authenticate with the node credential"),
+        (name = "cluster", description = "Between the gateway's own replicas; authenticate with the cluster secret"),
         (name = "ops", description = "Health, readiness and metrics")
     )
 )]
@@ -53,6 +54,12 @@ impl Modify for SecuritySchemes {
         components.add_security_scheme("api_key", bearer());
         components.add_security_scheme("admin_token", bearer());
         components.add_security_scheme("node_credential", bearer());
+        components.add_security_scheme(
+            "cluster_secret",
+            SecurityScheme::ApiKey(utoipa::openapi::security::ApiKey::Header(
+                utoipa::openapi::security::ApiKeyValue::new(crate::cluster::SECRET_HEADER.as_str()),
+            )),
+        );
     }
 }
 
@@ -129,6 +136,10 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(node_api::deregister))
         .routes(routes!(batch_api::lease))
         .routes(routes!(batch_api::results))
+        .route(
+            "/internal/rigs/{node}/v1/{*path}",
+            axum::routing::post(crate::cluster::api::forwarded),
+        )
         .merge(admin)
         .merge(uploads)
         .merge(files)

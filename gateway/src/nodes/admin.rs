@@ -29,12 +29,17 @@ impl Nodes {
             Some(bytes) => serde_json::from_slice(&bytes).ok(),
             None => None,
         };
-        let (connected, routable) = match self.tunnels().get(&record.id) {
+        let here = self.cluster().map(|c| c.replica().to_owned());
+        let (connected, routable, replica) = match self.tunnels().get(&record.id) {
             Some(tunnel) => (
                 true,
                 tunnel.backend.as_ref().is_some_and(|b| b.is_healthy()),
+                here,
             ),
-            None => (false, false),
+            None => match self.remote_holder(&record.id) {
+                Some((replica, routable)) => (false, routable, Some(replica)),
+                None => (false, false, None),
+            },
         };
         Ok(NodeInfo {
             models: live
@@ -51,6 +56,7 @@ impl Nodes {
             drained: record.drained,
             connected,
             routable,
+            replica,
             version: record.version,
         })
     }

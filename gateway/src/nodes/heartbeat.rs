@@ -65,6 +65,7 @@ impl Nodes {
                 .load
                 .store(Arc::new(RigLoad::from_heartbeat(&heartbeat)));
         }
+        self.advertise(tunnel, &heartbeat);
         true
     }
 
@@ -74,6 +75,7 @@ impl Nodes {
         if models.is_empty() {
             if tunnel.backend.take().is_some() {
                 self.backends.remove(&id);
+                self.withdraw(&id);
                 tracing::info!(node = %id, "rig out of routing");
             }
         } else {
@@ -109,6 +111,8 @@ impl Nodes {
         let deadline = self.config.heartbeat_deadline();
         loop {
             ticker.tick().await;
+            // A second of slack: an advert takes a moment to come through the store.
+            self.expire_remote(deadline + Duration::from_secs(1));
             let mut tunnels = self.tunnels();
             self.early_heartbeats()
                 .retain(|_, (at, _)| at.elapsed() < EARLY_HEARTBEAT_TTL);
@@ -153,6 +157,29 @@ impl Nodes {
             match events.recv().await {
                 Ok(StoreEvent::NodeHeartbeat { id, heartbeat }) => {
                     self.apply_heartbeat(&id, heartbeat);
+                }
+                Ok(StoreEvent::RigAdvertised {
+                    replica,
+                    url,
+                    node,
+                    operator,
+                    models,
+                    in_flight,
+                    heartbeat,
+                }) => self.apply_advert(remote::Advert {
+                    replica,
+                    url,
+                    node,
+                    operator,
+                    models,
+                    in_flight,
+                    heartbeat,
+                }),
+                Ok(StoreEvent::RigWithdrawn { replica, node }) => {
+                    self.apply_withdrawn(&replica, &node)
+                }
+                Ok(StoreEvent::ReplicaStopped { replica, url }) => {
+                    self.apply_replica_stopped(&replica, &url)
                 }
                 Ok(StoreEvent::NodeChanged { id }) => {
                     if let Ok(Some(record)) = self.get::<NodeRecord>(NODE_KIND, &id).await {

@@ -1,14 +1,16 @@
 //! Rigs: enrollment, node credentials, the tunnels they open to us, their heartbeats, and the
 //! backends they become.
 //!
-//! A rig's tunnel lives on the replica it connected to; only that replica routes to it. Every
-//! replica can enroll rigs, take their heartbeats (relayed through the store's events to the
-//! tunnel's replica) and list them.
+//! A rig's tunnel lives on the replica it connected to. Every replica can enroll rigs, take
+//! their heartbeats (relayed through the store's events to the tunnel's replica) and list
+//! them; with a cluster configured, every replica routes to every rig, through the replica
+//! that holds its tunnel ([`remote`], [`crate::cluster`]).
 
 mod admin;
 pub mod api;
 mod enroll;
 mod heartbeat;
+mod remote;
 mod tunnel;
 
 use std::collections::HashMap;
@@ -93,6 +95,8 @@ pub struct NodeInfo {
     pub routable: bool,
     /// Models its healthy engines serve.
     pub models: Vec<String>,
+    /// The replica that holds the rig's tunnel, as this replica knows it (with a cluster).
+    pub replica: Option<String>,
     /// Unix seconds of the last heartbeat any replica received.
     pub last_heartbeat_at: Option<u64>,
     /// The last heartbeat: GPUs and engines with their stats.
@@ -172,6 +176,13 @@ pub struct Nodes {
     generations: std::sync::atomic::AtomicU64,
     /// Closes every tunnel at shutdown.
     shutdown: CancellationToken,
+    /// The other replicas, when several act as one.
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Rigs tunnelled to other replicas, by node id. Locked only under `tunnels`.
+    remote: Mutex<HashMap<String, remote::Remote>>,
+    /// Events for the other replicas, published in order by [`Nodes::publish_adverts`].
+    outbox: Option<tokio::sync::mpsc::UnboundedSender<StoreEvent>>,
+    outbox_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<StoreEvent>>>,
 }
 
 fn corrupt(err: serde_json::Error) -> StoreError {
@@ -195,8 +206,20 @@ impl Nodes {
         hasher: KeyHasher,
         backends: Arc<Backends>,
         config: NodesConfig,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
     ) -> Arc<Self> {
+        let (outbox, outbox_rx) = match cluster {
+            Some(_) => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
         Arc::new(Nodes {
+            cluster,
+            remote: Mutex::new(HashMap::new()),
+            outbox,
+            outbox_rx: Mutex::new(outbox_rx),
             store,
             hasher,
             backends,
@@ -248,6 +271,7 @@ mod tests {
             KeyHasher::new(b"secret"),
             Arc::new(Backends::empty()),
             NodesConfig::default(),
+            None,
         )
     }
 

@@ -85,10 +85,14 @@ impl Nodes {
             .early_heartbeats()
             .remove(&id)
             .filter(|(at, _)| at.elapsed() < EARLY_HEARTBEAT_TTL);
+        // Routed here from now on: no longer through the replica it was on.
+        let was_remote = self.forget_remote(&id);
         drop(tunnels);
         if let Some(previous) = previous {
             // The rig reconnected before we noticed its old connection die.
             previous.close.cancel();
+            self.backends.remove(&id);
+        } else if was_remote {
             self.backends.remove(&id);
         }
         tracing::info!(node = %id, "rig connected");
@@ -103,6 +107,7 @@ impl Nodes {
             tunnels.remove(id);
             drop(tunnels);
             self.backends.remove(id);
+            self.withdraw(id);
             tracing::info!(node = %id, "rig disconnected; out of routing");
         }
     }

@@ -27,6 +27,13 @@ pub fn node_live(node_id: &str) -> String {
     format!("node_live:{node_id}")
 }
 
+/// Kv (expires with the heartbeat deadline, refreshed by each heartbeat): the replica that
+/// holds a rig's tunnel and its URL, `{replica} {url}` (owner: `nodes`, on a Redis store with
+/// a cluster configured).
+pub fn node_tunnel(node_id: &str) -> String {
+    format!("node_tunnel:{node_id}")
+}
+
 // ---- the request path (owner: `inference::policy`) ---------------------------------------
 
 /// Kv: set once a key's budget is spent (the meter said so): its requests get 429.

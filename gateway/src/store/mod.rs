@@ -67,6 +67,23 @@ pub enum StoreEvent {
         id: String,
         heartbeat: garage_node_protocol::Heartbeat,
     },
+    /// A rig tunnelled to `replica` (reached at `url`), as that replica routes it: the other
+    /// replicas route to it through `replica` (see `cluster`). Sent on every heartbeat it
+    /// applies; empty `models`: out of routing.
+    RigAdvertised {
+        replica: String,
+        url: String,
+        node: String,
+        operator: String,
+        models: Vec<String>,
+        /// Requests in flight to the rig through `replica`.
+        in_flight: u32,
+        heartbeat: garage_node_protocol::Heartbeat,
+    },
+    /// The rig's tunnel to `replica` closed.
+    RigWithdrawn { replica: String, node: String },
+    /// A replica is stopping: its rigs will reconnect elsewhere.
+    ReplicaStopped { replica: String, url: String },
     /// A plugin slot's active version or canary changed: replicas reload that slot.
     PluginActivated { slot: String },
     /// A batch's lines were queued: wake the rigs waiting for batch work of that model.

@@ -21,20 +21,6 @@ fn with_defaults(upstreams: Vec<garage_gateway::config::UpstreamConfig>) -> gara
     cfg
 }
 
-/// PUT a component into a slot; returns status and body.
-async fn upload(base: &str, slot: &str, wasm: &[u8], query: &str) -> (u16, serde_json::Value) {
-    let response = client()
-        .put(format!("{base}/admin/plugins/{slot}{query}"))
-        .bearer_auth(ADMIN)
-        .header("content-type", "application/wasm")
-        .body(wasm.to_vec())
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or_default())
-}
-
 async fn slot_status(base: &str, slot: &str) -> serde_json::Value {
     let all = admin_get(base, "/admin/plugins").await;
     all["data"]
@@ -44,18 +30,6 @@ async fn slot_status(base: &str, slot: &str) -> serde_json::Value {
         .find(|s| s["slot"] == slot)
         .cloned()
         .unwrap_or_default()
-}
-
-fn config_query(config: serde_json::Value) -> String {
-    let text = config.to_string();
-    let encoded: String = text
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect();
-    format!("?config={encoded}")
 }
 
 #[tokio::test]
@@ -110,7 +84,7 @@ async fn a_spent_budget_gets_insufficient_quota() {
     let base = gw.url();
     // One credit per 1,000 tokens and a budget a single request exceeds.
     let query = config_query(json!({"default_budget": 0.001}));
-    let (status, body) = upload(&base, "meter", garage_plugins::METER, &query).await;
+    let (status, body) = upload_plugin(&base, "meter", garage_plugins::METER, &query).await;
     assert_eq!(status, 200, "{body}");
     let (_, key) = create_key(&base, json!({"name": "t"})).await;
     assert_eq!(post_chat(&base, &key, &chat(false)).await.0, 200);
@@ -168,7 +142,7 @@ async fn swapping_the_router_twenty_times_under_load_fails_nothing() {
     let mut shas = std::collections::HashSet::new();
     for swap in 0..20 {
         let served_before = ok.load(Ordering::Relaxed);
-        let (status, body) = upload(&base, "router", routers[swap % 3], "").await;
+        let (status, body) = upload_plugin(&base, "router", routers[swap % 3], "").await;
         assert_eq!(status, 200, "{body}");
         shas.insert(body["sha256"].as_str().unwrap().to_owned());
         // Traffic keeps flowing between swaps.
@@ -207,13 +181,15 @@ async fn hostile_components_are_refused_at_upload() {
     let before = slot_status(&base, "router").await["active"]["sha256"].clone();
 
     // Refused at upload, with a reason; nothing changes.
-    let (status, body) = upload(&base, "router", b"\0asm garbage, not a component", "").await;
+    let (status, body) =
+        upload_plugin(&base, "router", b"\0asm garbage, not a component", "").await;
     assert_eq!(status, 400, "{body}");
     error_of(&body.to_string());
-    let (status, body) = upload(&base, "router", garage_plugins::fixtures::WRONG_WORLD, "").await;
+    let (status, body) =
+        upload_plugin(&base, "router", garage_plugins::fixtures::WRONG_WORLD, "").await;
     assert_eq!(status, 400, "{body}");
     assert!(body.to_string().contains("router"), "{body}");
-    let (status, _) = upload(
+    let (status, _) = upload_plugin(
         &base,
         "no-such-slot",
         garage_plugins::ROUTER_ROUND_ROBIN,
@@ -233,7 +209,7 @@ async fn hostile_components_are_refused_at_upload() {
         garage_plugins::fixtures::MEMORY_BOMB,
         garage_plugins::fixtures::TRAP,
     ] {
-        let (status, body) = upload(&base, "router", fixture, "").await;
+        let (status, body) = upload_plugin(&base, "router", fixture, "").await;
         assert_eq!(status, 400, "{body}");
         assert!(
             error_of(&body.to_string())["message"]
@@ -268,7 +244,7 @@ async fn hostile_components_are_contained_at_run_time() {
         garage_plugins::fixtures::MEMORY_BOMB,
         garage_plugins::fixtures::TRAP,
     ] {
-        let (status, body) = upload(&base, "router", fixture, "").await;
+        let (status, body) = upload_plugin(&base, "router", fixture, "").await;
         assert_eq!(status, 200, "{body}");
         let bad = body["sha256"].clone();
         for _ in 0..8 {
@@ -299,7 +275,7 @@ async fn rollback_activation_by_hash_canary_and_promotion() {
     let gw = gateway(with_defaults(vec![upstream("a", engine.base_url())])).await;
     let base = gw.url();
     let default = slot_status(&base, "router").await["active"]["sha256"].clone();
-    let (_, rr) = upload(&base, "router", garage_plugins::ROUTER_ROUND_ROBIN, "").await;
+    let (_, rr) = upload_plugin(&base, "router", garage_plugins::ROUTER_ROUND_ROBIN, "").await;
     let (status, back) = admin_post(&base, "/admin/plugins/router/rollback", json!({})).await;
     assert_eq!(status, 200, "{back}");
     assert_eq!(back["sha256"], default);
@@ -351,7 +327,7 @@ async fn an_activation_reaches_every_replica_within_a_second() {
     };
     let one = gateway(replica()).await;
     let two = gateway(replica()).await;
-    let (status, body) = upload(
+    let (status, body) = upload_plugin(
         &one.url(),
         "router",
         garage_plugins::ROUTER_PREFIX_AFFINITY,
@@ -407,7 +383,7 @@ async fn rewards_in_rust_python_and_javascript_pay_the_rig_operator() {
         ("javascript", polyglot("reward-js.wasm")),
     ];
     for (language, wasm) in plugins {
-        let (status, body) = upload(&base, "reward", &wasm, "").await;
+        let (status, body) = upload_plugin(&base, "reward", &wasm, "").await;
         assert_eq!(status, 200, "{language}: {body}");
         let before = points().await;
         assert_eq!(post_chat(&base, &key, &chat(false)).await.0, 200);
@@ -437,7 +413,7 @@ async fn rig_reports_wait_out_a_faulting_reward_plugin() {
     let base = gw.url();
     // A negative rate is refused by the plugin on every call: a fault.
     let broken = config_query(json!({"points_per_uptime_hour": -1.0}));
-    let (status, body) = upload(&base, "reward", garage_plugins::REWARD, &broken).await;
+    let (status, body) = upload_plugin(&base, "reward", garage_plugins::REWARD, &broken).await;
     assert_eq!(status, 200, "{body}");
     let token = enrollment_token(&base, 1).await;
     let rig = sim_rig(rig_options(&base, "patient-rig", &token), 0.0).await;
@@ -461,7 +437,7 @@ async fn rig_reports_wait_out_a_faulting_reward_plugin() {
 
     // Fixed: every kept report is credited, at one point per second of availability.
     let fixed = config_query(json!({"points_per_uptime_hour": 3600.0}));
-    let (status, body) = upload(&base, "reward", garage_plugins::REWARD, &fixed).await;
+    let (status, body) = upload_plugin(&base, "reward", garage_plugins::REWARD, &fixed).await;
     assert_eq!(status, 200, "{body}");
     wait_until(Duration::from_secs(15), "kept reports credited", || async {
         store
@@ -484,7 +460,7 @@ async fn rigs_earn_uptime_points_from_periodic_reports() {
     let base = gw.url();
     // One point per second of availability.
     let query = config_query(json!({"points_per_uptime_hour": 3600.0}));
-    let (status, body) = upload(&base, "reward", garage_plugins::REWARD, &query).await;
+    let (status, body) = upload_plugin(&base, "reward", garage_plugins::REWARD, &query).await;
     assert_eq!(status, 200, "{body}");
     let token = enrollment_token(&base, 1).await;
     let rig = sim_rig(rig_options(&base, "idle-rig", &token), 0.0).await;

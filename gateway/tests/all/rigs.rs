@@ -166,11 +166,12 @@ async fn node_runner_serves_survives_its_engine_dying_and_drains_on_sigterm() {
         pid_of(&format!("127.0.0.1:{engine_port}")).is_none(),
         "engine left running"
     );
-    // The only rig serving the model left, so nothing serves it any more.
+    // The only rig serving the model left: nothing serves it right now, which is 503 (try
+    // again), not 404 (no such model) while a rig may come back.
     let (status, body) = post_chat(&base, &key, &chat(false)).await;
     assert_eq!(
         (status, error_of(&body)["code"].as_str()),
-        (404, Some("model_not_found"))
+        (503, Some("no_backend_available"))
     );
 }
 

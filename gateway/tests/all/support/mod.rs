@@ -468,3 +468,35 @@ impl Drop for NodeRunner {
         let _ = self.child.wait();
     }
 }
+
+/// Uploads a component to a plugin slot (`PUT /admin/plugins/{slot}{query}`); status and body.
+pub async fn upload_plugin(
+    base: &str,
+    slot: &str,
+    wasm: &[u8],
+    query: &str,
+) -> (u16, serde_json::Value) {
+    let response = client()
+        .put(format!("{base}/admin/plugins/{slot}{query}"))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/wasm")
+        .body(wasm.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+/// `?config=...`: a plugin configuration as the upload's query string.
+pub fn config_query(config: serde_json::Value) -> String {
+    let text = config.to_string();
+    let encoded: String = text
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    format!("?config={encoded}")
+}
