@@ -328,9 +328,11 @@ async fn three_replicas_one_gateway_and_one_dies_under_load_alone() {
     drop(swarm_guard);
 }
 
+/// The ledger entry of a request. Its usage event may have been leased by the replica that was
+/// killed: it comes back to the others when the lease (30 s) runs out.
 async fn wait_ledger(base: &str, id: &str) -> Value {
     let path = format!("/admin/usage/requests/{id}");
-    wait_until(Duration::from_secs(15), "the ledger entry", || async {
+    wait_until(Duration::from_secs(45), "the ledger entry", || async {
         admin_get(base, &path).await["event"]["request_id"] == id
     })
     .await;
