@@ -10,8 +10,9 @@
 //!    on nothing else here; [`metrics`], [`request_id`] and [`error`] (the one place errors
 //!    become OpenAI's shape) only on those.
 //! 2. [`plugins`] (the policy host), [`upstream`] (connections to engines) and [`keys`] (API
-//!    keys) build on them; [`backends`] on [`upstream`] and [`plugins`]; [`ledger`] (usage,
-//!    billing, rewards) on the store.
+//!    keys) build on them; [`cluster`] (connections to the other replicas) on [`upstream`];
+//!    [`backends`] on [`upstream`], [`cluster`] and [`plugins`]; [`ledger`] (usage, billing,
+//!    rewards) on the store.
 //! 3. [`nodes`] (rigs and their tunnels) and [`batch`] (the Batch API) build on those;
 //!    [`inference`] is the request path: parse, admit, route, forward, stream, bill.
 //! 4. [`state`] holds one of each; every folder's `api` module (its HTTP handlers) takes the
