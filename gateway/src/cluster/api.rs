@@ -76,7 +76,13 @@ async fn forward(
             "Only the inference paths are forwarded, not `/v1{path}`."
         )));
     }
-    let Some(backend) = state.nodes().local_backend(node) else {
+    // Out of routing here (silent, cooling down after a failure): the forwarding replica
+    // tries another rig, as it would have had it known.
+    let Some(backend) = state
+        .nodes()
+        .local_backend(node)
+        .filter(|backend| backend.is_healthy())
+    else {
         return Err(ApiError::Unavailable(format!(
             "The rig `{node}` is not in routing on this replica."
         )));

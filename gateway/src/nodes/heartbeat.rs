@@ -65,7 +65,10 @@ impl Nodes {
                 .load
                 .store(Arc::new(RigLoad::from_heartbeat(&heartbeat)));
         }
-        self.advertise(tunnel, &heartbeat);
+        if self.cluster().is_some() {
+            self.advertise(tunnel, &heartbeat);
+            tunnel.last_report = Some(heartbeat);
+        }
         true
     }
 
@@ -181,6 +184,10 @@ impl Nodes {
                 Ok(StoreEvent::ReplicaStopped { replica, url }) => {
                     self.apply_replica_stopped(&replica, &url)
                 }
+                Ok(StoreEvent::AdvertsWanted { replica }) if self.is_other(&replica) => {
+                    self.advertise_all()
+                }
+                Ok(StoreEvent::Resync) => self.ask_for_adverts(),
                 Ok(StoreEvent::NodeChanged { id }) => {
                     if let Ok(Some(record)) = self.get::<NodeRecord>(NODE_KIND, &id).await {
                         self.apply_record(record);

@@ -138,6 +138,9 @@ struct Tunnel {
     sender: hyper::client::conn::http2::SendRequest<RequestBody>,
     close: CancellationToken,
     last_heartbeat: Option<Instant>,
+    /// The last heartbeat itself, to advertise the rig again to a replica that asks (with a
+    /// cluster).
+    last_report: Option<Heartbeat>,
     /// Models of the backend currently in routing (empty: not routed).
     routed_models: Vec<String>,
     /// The rig's labels, from its last heartbeat.

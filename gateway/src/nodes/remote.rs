@@ -59,6 +59,33 @@ impl Nodes {
         });
     }
 
+    /// Advertises every rig of ours again: a replica started, or missed events.
+    pub(super) fn advertise_all(&self) {
+        let tunnels = self.tunnels();
+        for tunnel in tunnels.values() {
+            if let Some(heartbeat) = &tunnel.last_report {
+                self.advertise(tunnel, heartbeat);
+            }
+        }
+    }
+
+    /// Asks the other replicas to advertise their rigs now (this one just started, or its
+    /// event stream had a gap), instead of waiting for their next heartbeats.
+    pub(super) fn ask_for_adverts(&self) {
+        if let Some(cluster) = &self.cluster {
+            self.announce(StoreEvent::AdvertsWanted {
+                replica: cluster.replica().to_owned(),
+            });
+        }
+    }
+
+    /// Whether `replica` is another replica than this one.
+    pub(super) fn is_other(&self, replica: &str) -> bool {
+        self.cluster
+            .as_ref()
+            .is_some_and(|c| c.replica() != replica)
+    }
+
     /// Tells the other replicas a rig of ours left routing here.
     pub(super) fn withdraw(&self, node: &str) {
         if let Some(cluster) = &self.cluster {
@@ -81,6 +108,7 @@ impl Nodes {
             return;
         };
         let ttl = self.config.heartbeat_deadline();
+        self.ask_for_adverts();
         while let Some(event) = outbox.recv().await {
             if let StoreEvent::RigAdvertised {
                 replica, url, node, ..

@@ -71,6 +71,7 @@ impl Nodes {
                 sender,
                 close,
                 last_heartbeat: None,
+                last_report: None,
                 routed_models: Vec::new(),
                 labels: Vec::new(),
                 draining: drained,

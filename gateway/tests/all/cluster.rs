@@ -440,3 +440,30 @@ async fn a_budget_stops_a_key_on_every_replica() {
         "stopped before the budget was spent: {spent:?}"
     );
 }
+
+#[tokio::test]
+async fn a_replica_that_starts_learns_the_others_rigs_at_once() {
+    let redis = RedisServer::start();
+    // Heartbeats every 30 s: only asking the others can explain a rig routed within seconds.
+    let slow = |redis: &RedisServer| {
+        let mut cfg = replica_config(redis);
+        cfg.nodes.heartbeat_interval_secs = 30;
+        cfg
+    };
+    let first = gateway(slow(&redis)).await;
+    let _rig = model_rig(&first.url(), "model-one", 2000.0).await;
+    let (_, key) = create_key(&first.url(), json!({"name": "app"})).await;
+    wait_for_models(&[first.url()], &key, &["model-one"]).await;
+
+    let second = gateway(slow(&redis)).await;
+    wait_until(
+        Duration::from_secs(3),
+        "the new replica to route the rig",
+        || async { model_ids(&second.url(), &key).await == ["model-one"] },
+    )
+    .await;
+    assert_eq!(
+        post(&second.url(), &key, &ask("model-one", false)).await.0,
+        200
+    );
+}
