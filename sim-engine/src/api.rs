@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::state::{Fate, Finish, Running, SimState};
+use crate::logprobs::{self, Logprobs};
+use crate::model::{self, Decoding, Generation, Prompt};
+use crate::state::{Fate, Finish, Report, Running, SimState};
 use crate::synth;
 
 /// Streams are dropped after this many frames when the drop fault hits: late enough that the
@@ -80,6 +82,11 @@ async fn require_api_key(
 #[derive(Debug)]
 pub(crate) enum ApiError {
     BadRequest(String),
+    /// A bad value of a named request field.
+    Invalid {
+        param: &'static str,
+        message: String,
+    },
     UnknownModel(String),
     NoRoute,
     Simulated,
@@ -92,6 +99,12 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(message) => {
                 (StatusCode::BAD_REQUEST, "BadRequestError", None, message)
             }
+            ApiError::Invalid { param, message } => (
+                StatusCode::BAD_REQUEST,
+                "BadRequestError",
+                Some(param),
+                message,
+            ),
             ApiError::UnknownModel(model) => (
                 StatusCode::NOT_FOUND,
                 "NotFoundError",
@@ -133,12 +146,20 @@ struct GenerateRequest {
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     n: Option<u32>,
+    temperature: Option<f64>,
+    seed: Option<i64>,
+    /// Chat: a boolean; text completions: how many top log-probabilities.
+    logprobs: Option<Value>,
+    /// Chat only: how many top log-probabilities.
+    top_logprobs: Option<Value>,
     /// Simulator extension: how many tokens the "model" wants to say before stopping.
     sim_tokens: Option<u32>,
 }
 
 #[derive(Deserialize)]
 struct ChatMessage {
+    #[serde(default)]
+    role: String,
     #[serde(default)]
     content: Value,
 }
@@ -177,7 +198,8 @@ struct Choice<'a> {
     delta: Option<Message<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     text: Option<&'a str>,
-    logprobs: (),
+    /// `null` unless asked for, as in vLLM.
+    logprobs: Option<Logprobs>,
     finish_reason: Option<&'static str>,
     stop_reason: (),
 }
@@ -215,19 +237,39 @@ struct Job {
     created: u64,
     model: String,
     prompt_tokens: u32,
-    tokens: u32,
     finish: Finish,
-    /// What a dishonest engine reports instead of the real counts.
-    claim: Option<u64>,
+    generation: Generation,
+    /// How the counts are reported: honestly, or as a dishonest engine reports them.
+    report: Report,
 }
 
 impl Job {
+    /// Tokens generated.
+    fn tokens(&self) -> u32 {
+        // The plan bounds a generation by the context length, far below u32::MAX.
+        u32::try_from(self.generation.tokens.len()).unwrap_or(u32::MAX)
+    }
+
     /// The usage this job reports after `generated` tokens.
     fn usage(&self, generated: u32) -> Usage {
-        match self.claim {
+        match self.report.claim {
             Some(claim) => Usage::new(claim, claim),
-            None => Usage::new(u64::from(self.prompt_tokens), u64::from(generated)),
+            None => Usage::new(
+                self.report.tokens(self.prompt_tokens),
+                self.report.tokens(generated),
+            ),
         }
+    }
+
+    /// The log-probabilities of generated tokens `range`, if they were asked for; `offset` is
+    /// where the first one starts in the completion's text, in characters.
+    fn logprobs(&self, range: std::ops::Range<usize>, offset: usize) -> Option<Logprobs> {
+        let steps = self.generation.steps.as_ref()?;
+        let tokens = &self.generation.tokens[range.clone()];
+        Some(match self.kind {
+            Kind::Chat => logprobs::chat(tokens, &steps[range]),
+            Kind::Completion => logprobs::completion(tokens, &steps[range], offset),
+        })
     }
 
     fn object(&self, streamed: bool) -> &'static str {
@@ -244,6 +286,7 @@ impl Job {
         streamed: bool,
         role: bool,
         content: Option<&'a str>,
+        logprobs: Option<Logprobs>,
         finish: Option<Finish>,
     ) -> Choice<'a> {
         let message = Message {
@@ -260,7 +303,7 @@ impl Job {
             message,
             delta,
             text,
-            logprobs: (),
+            logprobs,
             finish_reason: finish.map(Finish::as_str),
             stop_reason: (),
         }
@@ -358,35 +401,56 @@ pub(crate) async fn admit(state: &SimState, streamed: bool) -> Result<(Running, 
 async fn generate(state: SimState, body: &[u8], kind: Kind) -> Result<Response, ApiError> {
     let request: GenerateRequest = parse(body)?;
     let model = resolve_model(&state, request.model)?;
-    let prompt_tokens = match kind {
+    let (prompt, prompt_tokens, top_logprobs) = match kind {
         Kind::Chat => {
             let messages = request
                 .messages
                 .ok_or_else(|| ApiError::BadRequest("Field required: messages".to_owned()))?;
             // Chat templates add a few tokens of framing around each message.
-            messages
+            let tokens = messages
                 .iter()
                 .map(|m| synth::count_tokens(&m.content).saturating_add(4))
-                .fold(0, u32::saturating_add)
+                .fold(0, u32::saturating_add);
+            let prompt = Prompt::chat(messages.iter().map(|m| (m.role.as_str(), &m.content)));
+            let top_logprobs =
+                logprobs::chat_request(request.logprobs.as_ref(), request.top_logprobs.as_ref())?;
+            (prompt, tokens, top_logprobs)
         }
         Kind::Completion => {
             let prompt = request
                 .prompt
                 .ok_or_else(|| ApiError::BadRequest("Field required: prompt".to_owned()))?;
-            synth::count_tokens(&prompt)
+            let top_logprobs = logprobs::completion_request(request.logprobs.as_ref())?;
+            (
+                Prompt::completion(&prompt),
+                synth::count_tokens(&prompt),
+                top_logprobs,
+            )
         }
-    }
-    .max(1);
+    };
+    let prompt_tokens = prompt_tokens.max(1);
     if request.n.unwrap_or(1) != 1 {
         return Err(ApiError::BadRequest(
             "sim-engine supports only n=1".to_owned(),
         ));
     }
+    let decoding =
+        Decoding::new(request.temperature, request.seed).map_err(|message| ApiError::Invalid {
+            param: "temperature",
+            message,
+        })?;
     let limit = request.max_completion_tokens.or(request.max_tokens);
     let (tokens, finish) = plan(&state, prompt_tokens, request.sim_tokens, limit)?;
     let streamed = request.stream.unwrap_or(false);
     let (mut running, drop_stream) = admit(&state, streamed).await?;
     let start = Instant::now();
+    let (generation, report) = state.generate(model::Request {
+        model: &model,
+        prompt,
+        decoding,
+        tokens,
+        top_logprobs,
+    });
     let job = Job {
         kind,
         id: match kind {
@@ -396,9 +460,9 @@ async fn generate(state: SimState, body: &[u8], kind: Kind) -> Result<Response, 
         created: unix_now(),
         model,
         prompt_tokens,
-        tokens,
         finish,
-        claim: state.claimed_tokens(),
+        generation,
+        report,
     };
     if streamed {
         let options = request.stream_options;
@@ -419,6 +483,7 @@ async fn generate(state: SimState, body: &[u8], kind: Kind) -> Result<Response, 
             continuous_usage,
             drop_stream,
             frames: 0,
+            streamed_chars: 0,
             phase: if kind == Kind::Chat {
                 Phase::Role
             } else {
@@ -437,9 +502,10 @@ async fn generate(state: SimState, body: &[u8], kind: Kind) -> Result<Response, 
     {
         return Err(ApiError::ShuttingDown);
     }
-    let text = synth::text(tokens);
+    let text = model::text(&job.generation.tokens);
     running.finish(prompt_tokens, tokens, finish);
-    let choices = [job.choice(false, true, Some(&text), Some(finish))];
+    let logprobs = job.logprobs(0..job.generation.tokens.len(), 0);
+    let choices = [job.choice(false, true, Some(&text), logprobs, Some(finish))];
     Ok(Json(job.envelope(false, &choices, Some(job.usage(tokens)))).into_response())
 }
 
@@ -464,11 +530,14 @@ struct Streamer {
     drop_stream: bool,
     frames: u32,
     phase: Phase,
+    /// Characters of text streamed so far: where the next token starts (`text_offset`).
+    streamed_chars: usize,
 }
 
 impl Streamer {
     async fn next_frame(&mut self) -> Option<std::io::Result<Bytes>> {
         let job = &self.job;
+        let tokens = job.tokens();
         let usage = |generated| self.continuous_usage.then(|| job.usage(generated));
         let frame = match self.phase {
             Phase::Role => {
@@ -477,18 +546,21 @@ impl Streamer {
                     return self.abort("engine shutting down");
                 }
                 self.phase = Phase::Token(0);
-                sse(&job.envelope(true, &[job.choice(true, true, Some(""), None)], usage(0)))
+                sse(&job.envelope(
+                    true,
+                    &[job.choice(true, true, Some(""), None, None)],
+                    usage(0),
+                ))
             }
             Phase::Token(index)
-                if self.drop_stream
-                    && (self.frames >= DROP_AFTER_FRAMES || index == job.tokens) =>
+                if self.drop_stream && (self.frames >= DROP_AFTER_FRAMES || index == tokens) =>
             {
                 // Hyper writes out buffered frames only once the body is pending; without this
                 // yield the error would arrive first and the client would see no response at all.
                 tokio::task::yield_now().await;
                 return self.abort("simulated connection drop");
             }
-            Phase::Token(index) if index < job.tokens => {
+            Phase::Token(index) if index < tokens => {
                 if !self
                     .state
                     .pace(self.state.token_due(self.start, index))
@@ -497,15 +569,18 @@ impl Streamer {
                     return self.abort("engine shutting down");
                 }
                 self.phase = Phase::Token(index + 1);
+                let at = index as usize;
+                let text = model::token_text(job.generation.tokens[at]);
+                let logprobs = job.logprobs(at..at + 1, self.streamed_chars);
+                self.streamed_chars += text.chars().count();
                 sse(&job.envelope(
                     true,
-                    &[job.choice(true, false, Some(synth::word(index)), None)],
+                    &[job.choice(true, false, Some(text), logprobs, None)],
                     usage(index + 1),
                 ))
             }
             Phase::Token(_) => {
-                self.running
-                    .finish(job.prompt_tokens, job.tokens, job.finish);
+                self.running.finish(job.prompt_tokens, tokens, job.finish);
                 self.phase = if self.include_usage {
                     Phase::Usage
                 } else {
@@ -518,13 +593,13 @@ impl Streamer {
                 };
                 sse(&job.envelope(
                     true,
-                    &[job.choice(true, false, content, Some(job.finish))],
-                    usage(job.tokens),
+                    &[job.choice(true, false, content, None, Some(job.finish))],
+                    usage(tokens),
                 ))
             }
             Phase::Usage => {
                 self.phase = Phase::Done;
-                sse(&job.envelope(true, &[], Some(job.usage(job.tokens))))
+                sse(&job.envelope(true, &[], Some(job.usage(tokens))))
             }
             Phase::Done => {
                 self.phase = Phase::End;
@@ -582,8 +657,8 @@ struct EmbeddingResponse {
 
 #[derive(Serialize)]
 struct EmbeddingUsage {
-    prompt_tokens: u32,
-    total_tokens: u32,
+    prompt_tokens: u64,
+    total_tokens: u64,
 }
 
 #[derive(Serialize)]
@@ -665,6 +740,7 @@ async fn embeddings(State(state): State<SimState>, body: Bytes) -> Result<Respon
         })
         .collect();
     running.finish(prompt_tokens, 0, Finish::Stop);
+    let reported = state.report().tokens(prompt_tokens);
     let body = EmbeddingResponse {
         id: format!("embd-{:032x}", rand::random::<u128>()),
         object: "list",
@@ -672,8 +748,8 @@ async fn embeddings(State(state): State<SimState>, body: Bytes) -> Result<Respon
         model,
         data,
         usage: EmbeddingUsage {
-            prompt_tokens,
-            total_tokens: prompt_tokens,
+            prompt_tokens: reported,
+            total_tokens: reported,
         },
     };
     Ok(Json(body).into_response())

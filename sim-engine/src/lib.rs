@@ -1,12 +1,17 @@
 //! A simulated vLLM OpenAI-compatible server for machines with no GPU.
 //!
 //! It speaks the subset of vLLM's HTTP surface the gateway relies on (chat and text completions,
-//! streamed or not, embeddings, `/v1/models`, `/health`, `/version`, `/metrics`), generates
-//! deterministic text, paces tokens like a real engine when asked to, queues beyond
-//! `max_num_seqs`, and injects failures (500s, hangs, dropped streams) at configurable rates.
-//! With no latency configured it is fast enough to be the baseline of the gateway's benchmarks.
+//! streamed or not, with log-probabilities, embeddings, `/v1/models`, `/health`, `/version`,
+//! `/metrics`), generates text that is a deterministic function of the model, the prompt and
+//! the seed (see the `model` module), paces tokens like a real engine when asked to, queues
+//! beyond `max_num_seqs`, and injects failures (500s, hangs, dropped streams) at configurable
+//! rates. It can also cheat, for testing a gateway that checks its rigs: generate as another
+//! model than the one it names, or inflate the usage it reports (see [`Faults`]). With no
+//! latency configured it is fast enough to be the baseline of the gateway's benchmarks.
 
 mod api;
+mod logprobs;
+mod model;
 mod responses;
 mod scoring;
 mod state;
@@ -48,6 +53,13 @@ pub struct SimConfig {
     /// When set, `/v1/*` requires `Authorization: Bearer <api_key>` and answers 401 without it,
     /// as vLLM's `--api-key` does; `/health`, `/metrics` and `/version` stay open.
     pub api_key: Option<String>,
+    /// Legitimate hardware noise: the standard deviation (in nats) of a deterministic deviation
+    /// added to every reported log-probability, never changing a generated token. 0 reports
+    /// the model's exact values. Different GPUs running one model differ this way.
+    pub logprob_noise: f64,
+    /// Seeds this engine's [`SimConfig::logprob_noise`]: engines with the same id deviate
+    /// alike. `None` draws one at start, so each engine deviates its own way.
+    pub engine_id: Option<String>,
 }
 
 impl Default for SimConfig {
@@ -61,11 +73,15 @@ impl Default for SimConfig {
             faults: Faults::default(),
             embedding_dim: 16,
             api_key: None,
+            logprob_noise: 0.0,
+            engine_id: None,
         }
     }
 }
 
-/// Failure injection: each rate is the share (0..=1) of requests it hits, decided per request.
+/// Failure injection and dishonesty. Each rate is the share (0..=1) of requests it hits, decided
+/// per request; the dishonest fields apply to every request. [`SimEngine::set_faults`] changes
+/// them at runtime: a rig that turns dishonest once it has been verified, say.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Faults {
     /// Share of inference requests answered 500 with an OpenAI error body.
@@ -78,6 +94,13 @@ pub struct Faults {
     /// A dishonest engine: every chat and completion answer reports this many prompt and
     /// completion tokens, whatever it generated. For testing what a gateway believes.
     pub claim_tokens: Option<u64>,
+    /// A dishonest engine: answers under the names it serves, but generates (tokens and
+    /// log-probabilities) as this model would; e.g. a small model under a big one's name.
+    pub impersonate: Option<String>,
+    /// A dishonest engine: every token count it reports (prompt and completion, streamed or
+    /// not, on every endpoint) is multiplied by this and rounded; the text is unchanged and
+    /// `/metrics` still counts the real work. [`Faults::claim_tokens`] takes precedence.
+    pub usage_inflation: Option<f64>,
 }
 
 /// A running simulated engine, serving on its own task until [`SimEngine::shutdown`] or drop.

@@ -47,6 +47,22 @@ struct Args {
     /// completion answer, whatever was generated (for testing what a gateway believes).
     #[arg(long)]
     claim_tokens: Option<u64>,
+    /// A dishonest engine: answer under the --model names but generate (tokens and
+    /// log-probabilities) as MODEL would, e.g. a small model under a big one's name.
+    #[arg(long, value_name = "MODEL", value_parser = model_name)]
+    impersonate: Option<String>,
+    /// A dishonest engine: multiply every token count it reports (prompt and completion, in
+    /// every answer's usage) by FACTOR.
+    #[arg(long, value_name = "FACTOR", value_parser = non_negative)]
+    inflate_usage: Option<f64>,
+    /// Legitimate hardware noise: add a deterministic deviation of this standard deviation (in
+    /// nats) to every reported log-probability, never changing a generated token.
+    #[arg(long, value_name = "SIGMA", default_value_t = 0.0, value_parser = non_negative)]
+    logprob_noise: f64,
+    /// Seeds --logprob-noise: engines with the same id deviate alike (by default each engine
+    /// draws its own at start).
+    #[arg(long)]
+    engine_id: Option<String>,
     /// Require this bearer token on /v1/* (vLLM's --api-key).
     #[arg(long, env = "VLLM_API_KEY")]
     api_key: Option<String>,
@@ -59,6 +75,20 @@ struct Args {
     /// Serve plain HTTP on this Unix domain socket instead of --listen (vLLM's --uds).
     #[arg(long, conflicts_with_all = ["listen", "ssl_certfile"])]
     uds: Option<PathBuf>,
+}
+
+fn non_negative(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if value.is_finite() && value >= 0.0 => Ok(value),
+        _ => Err(format!("`{text}` is not a number of 0 or more")),
+    }
+}
+
+fn model_name(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err("a model name cannot be empty".to_owned());
+    }
+    Ok(text.to_owned())
 }
 
 fn rate(text: &str) -> Result<f64, String> {
@@ -89,8 +119,12 @@ async fn main() -> anyhow::Result<()> {
             hang_rate: args.hang_rate,
             drop_rate: args.drop_rate,
             claim_tokens: args.claim_tokens,
+            impersonate: args.impersonate,
+            usage_inflation: args.inflate_usage,
         },
         api_key: args.api_key,
+        logprob_noise: args.logprob_noise,
+        engine_id: args.engine_id,
     };
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

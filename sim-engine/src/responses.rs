@@ -13,7 +13,8 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::api::{self, ApiError};
-use crate::state::{Finish, Running, SimState};
+use crate::model::{self, Decoding, Generation, Prompt};
+use crate::state::{Finish, Report, Running, SimState};
 use crate::synth;
 
 /// The fields the simulator reads; others are ignored, as vLLM ignores what it does not use.
@@ -45,8 +46,11 @@ struct Reply {
     prompt_tokens: u32,
     tokens: u32,
     finish: Finish,
+    generation: Generation,
     /// The whole generated text.
     text: String,
+    /// How the counts are reported: honestly, or inflated.
+    report: Report,
 }
 
 impl Reply {
@@ -78,12 +82,16 @@ impl Reply {
                 Finish::Length => json!({"reason": "max_output_tokens"}),
                 Finish::Stop => Value::Null,
             };
+            let (input, output) = (
+                self.report.tokens(self.prompt_tokens),
+                self.report.tokens(self.tokens),
+            );
             let usage = json!({
-                "input_tokens": self.prompt_tokens,
+                "input_tokens": input,
                 "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens": self.tokens,
+                "output_tokens": output,
                 "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": self.prompt_tokens.saturating_add(self.tokens),
+                "total_tokens": input.saturating_add(output),
             });
             let output = json!([self.message(self.status())]);
             (self.status(), output, usage, incomplete)
@@ -145,9 +153,23 @@ pub(crate) async fn create(
         request.sim_tokens,
         request.max_output_tokens,
     )?;
+    // The Responses API has no seed: temperature 0 is greedy, anything else the script.
+    let decoding =
+        Decoding::new(request.temperature, None).map_err(|message| ApiError::Invalid {
+            param: "temperature",
+            message,
+        })?;
+    let prompt = chat_prompt(request.instructions.as_deref(), &input);
     let streamed = request.stream.unwrap_or(false);
     let (mut running, drop_stream) = api::admit(&state, streamed).await?;
     let start = Instant::now();
+    let (generation, report) = state.generate(model::Request {
+        model: &model,
+        prompt,
+        decoding,
+        tokens,
+        top_logprobs: None,
+    });
     let reply = Reply {
         id: format!("resp_{:032x}", rand::random::<u128>()),
         message_id: format!("msg_{:032x}", rand::random::<u128>()),
@@ -161,7 +183,9 @@ pub(crate) async fn create(
         prompt_tokens,
         tokens,
         finish,
-        text: synth::text(tokens),
+        text: model::text(&generation.tokens),
+        generation,
+        report,
     };
     if streamed {
         let stream = Streamer {
@@ -274,7 +298,10 @@ impl Streamer {
                 self.phase = Phase::Token(index + 1);
                 (
                     "response.output_text.delta",
-                    at(json!({"delta": synth::word(index), "logprobs": []})),
+                    at(json!({
+                        "delta": model::token_text(reply.generation.tokens[index as usize]),
+                        "logprobs": [],
+                    })),
                 )
             }
             Phase::Token(_) => {
@@ -319,6 +346,25 @@ impl Streamer {
         self.phase = Phase::End;
         Some(Err(std::io::Error::other(why)))
     }
+}
+
+/// The conversation a Responses request makes, as vLLM renders it for the chat template:
+/// the instructions as a system message, then the input (a string is one user message), so
+/// that the same conversation generates the same answer here and in chat.
+fn chat_prompt(instructions: Option<&str>, input: &Value) -> Prompt {
+    let instructions = instructions.map(|text| Value::String(text.to_owned()));
+    let system = instructions.as_ref().map(|text| ("system", text));
+    let items: Vec<(&str, &Value)> = match input {
+        Value::Array(items) => items
+            .iter()
+            .map(|item| {
+                let role = item.get("role").and_then(Value::as_str).unwrap_or("user");
+                (role, item.get("content").unwrap_or(item))
+            })
+            .collect(),
+        text => vec![("user", text)],
+    };
+    Prompt::chat(system.into_iter().chain(items))
 }
 
 /// One typed event: `event: <kind>`, then its data, `fields` with `type` and `sequence_number`.

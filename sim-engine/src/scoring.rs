@@ -96,6 +96,7 @@ pub(crate) async fn rerank(
         .map(|document| pair_tokens(&query, document))
         .fold(0, u32::saturating_add);
     running.finish(prompt_tokens, 0, Finish::Stop);
+    let prompt_tokens = state.report().tokens(prompt_tokens);
     let results: Vec<Value> = ranked
         .into_iter()
         .map(|(index, score)| {
@@ -140,6 +141,7 @@ pub(crate) async fn score(
         .map(|(a, b)| pair_tokens(a, b))
         .fold(0, u32::saturating_add);
     running.finish(prompt_tokens, 0, Finish::Stop);
+    let prompt_tokens = state.report().tokens(prompt_tokens);
     let data: Vec<Value> = pairs
         .iter()
         .enumerate()

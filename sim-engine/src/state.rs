@@ -10,6 +10,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::model::{self, Generation, Noise};
 use crate::{DEFAULT_MODEL, Faults, SimConfig};
 
 /// Everything the handlers share; cheap to clone. Build one with [`SimState::new`] to serve
@@ -25,6 +26,8 @@ struct Inner {
     token_gap: Option<Duration>,
     /// First served model name, escaped for a Prometheus label (vLLM labels with this one).
     metric_label: String,
+    /// This engine's deviation from the model's exact log-probabilities.
+    noise: Noise,
     shutdown: CancellationToken,
     stats: Stats,
 }
@@ -56,6 +59,34 @@ impl Finish {
     }
 }
 
+/// What an engine reports of the tokens it counted: honestly, or as [`Faults`] make it lie.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Report {
+    /// Chat and completions report this for prompt and completion alike (see
+    /// [`Faults::claim_tokens`]).
+    pub(crate) claim: Option<u64>,
+    /// Every count reported is multiplied by this (see [`Faults::usage_inflation`]).
+    pub(crate) inflation: Option<f64>,
+}
+
+impl Report {
+    fn of(faults: &Faults) -> Report {
+        Report {
+            claim: faults.claim_tokens,
+            inflation: faults.usage_inflation,
+        }
+    }
+
+    /// What is reported of `counted` tokens.
+    pub(crate) fn tokens(self, counted: u32) -> u64 {
+        match self.inflation {
+            // `as` saturates: an absurd factor reports u64::MAX, never wraps.
+            Some(factor) => (f64::from(counted) * factor).round() as u64,
+            None => counted.into(),
+        }
+    }
+}
+
 /// What the dice decided for one request.
 pub(crate) enum Fate {
     Serve,
@@ -74,7 +105,14 @@ impl SimState {
         let token_gap = (config.tokens_per_sec.is_finite() && config.tokens_per_sec > 0.0)
             .then(|| Duration::from_secs_f64(1.0 / config.tokens_per_sec));
         let metric_label = config.models[0].replace('\\', "\\\\").replace('"', "\\\"");
+        // Without an id, each engine deviates its own way, as separate GPUs do.
+        let engine_id = config
+            .engine_id
+            .clone()
+            .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+        let noise = Noise::new(config.logprob_noise, &engine_id);
         Self(Arc::new(Inner {
+            noise,
             faults: ArcSwap::from_pointee(config.faults.clone()),
             slots: Arc::new(Semaphore::new(config.max_num_seqs)),
             token_gap,
@@ -118,9 +156,23 @@ impl SimState {
         }
     }
 
-    /// The usage a dishonest engine claims (see [`Faults::claim_tokens`]).
-    pub(crate) fn claimed_tokens(&self) -> Option<u64> {
-        self.0.faults.load().claim_tokens
+    /// How this engine reports the tokens it counts, decided once per request.
+    pub(crate) fn report(&self) -> Report {
+        Report::of(&self.0.faults.load())
+    }
+
+    /// Generates as this engine does: as `request.model`, or as the model an impersonator
+    /// copies; with the usage report decided from the same look at the faults.
+    pub(crate) fn generate(&self, request: model::Request<'_>) -> (Generation, Report) {
+        let faults = self.0.faults.load();
+        let request = match &faults.impersonate {
+            Some(copied) => model::Request {
+                model: copied,
+                ..request
+            },
+            None => request,
+        };
+        (model::generate(request, self.0.noise), Report::of(&faults))
     }
 
     /// Rolls the fault dice; drops apply to streamed requests only.

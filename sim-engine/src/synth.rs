@@ -1,41 +1,7 @@
-//! Deterministic stand-ins for a model: token counts, generated words and embedding vectors.
+//! Deterministic stand-ins for a model: token counts, relevance and embedding vectors (the
+//! generated text comes from [`crate::model`]).
 
 use serde_json::Value;
-
-/// Generated words, each one token. The trailing space lets a streamed delta be exactly one word
-/// while the concatenated deltas equal the non-streamed text.
-const WORDS: [&str; 16] = [
-    "the ",
-    "quick ",
-    "brown ",
-    "fox ",
-    "jumps ",
-    "over ",
-    "a ",
-    "lazy ",
-    "dog ",
-    "while ",
-    "simulated ",
-    "engines ",
-    "answer ",
-    "every ",
-    "prompt ",
-    "politely ",
-];
-
-/// The `index`th generated token.
-pub(crate) fn word(index: u32) -> &'static str {
-    WORDS[index as usize % WORDS.len()]
-}
-
-/// The whole generated text of `tokens` tokens.
-pub(crate) fn text(tokens: u32) -> String {
-    let mut out = String::with_capacity(tokens as usize * 8);
-    for index in 0..tokens {
-        out.push_str(word(index));
-    }
-    out
-}
 
 /// Approximate token count of a prompt-like JSON value: words in strings, one per token id,
 /// `text` of content parts (`[{"type":"text","text":...}]`), `content` of the Responses API's
@@ -130,6 +96,5 @@ mod tests {
     fn counts_words_parts_and_token_ids() {
         let prompt = serde_json::json!(["two words", [1, 2, 3], [{"type": "text", "text": "one"}]]);
         assert_eq!(count_tokens(&prompt), 6);
-        assert_eq!(text(3), "the quick brown ");
     }
 }

@@ -778,3 +778,447 @@ async fn serves_on_a_unix_socket_like_vllm_with_uds() -> Result<()> {
     ensure!(!path.exists(), "the socket file outlived the engine");
     Ok(())
 }
+
+// --- the simulated model: determinism, log-probabilities, and cheating ------------------------
+
+/// An engine serving `model` and nothing else, honest unless `faults` say otherwise.
+async fn serving(model: &str, faults: Faults) -> Result<SimEngine> {
+    engine(SimConfig {
+        models: vec![model.into()],
+        faults,
+        ..SimConfig::default()
+    })
+    .await
+}
+
+/// A temperature-0 chat request with a seed and log-probabilities, as a verifier sends it.
+fn challenge(model: &str, prompt: &str) -> Value {
+    json!({
+        "model": model, "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0, "seed": 7, "logprobs": true, "top_logprobs": 3, "max_tokens": 12,
+    })
+}
+
+/// What an answer generated, without what differs from one answer to the next (id, time,
+/// the model's name).
+fn generated(body: &Value) -> Value {
+    json!({"choices": body["choices"], "usage": body["usage"]})
+}
+
+#[tokio::test]
+async fn temperature_zero_is_a_function_of_model_prompt_and_seed() -> Result<()> {
+    let (first, second) = (
+        serving("m", Faults::default()).await?,
+        serving("m", Faults::default()).await?,
+    );
+    let other_model = serving("other", Faults::default()).await?;
+    let (status, a) = post(&first, "/chat/completions", challenge("m", "what is rust")).await?;
+    assert_eq!(status, 200, "{a}");
+    let (_, b) = post(&second, "/chat/completions", challenge("m", "what is rust")).await?;
+    assert_eq!(generated(&a), generated(&b), "two honest engines agree");
+    assert_ne!(
+        a["choices"][0]["message"]["content"], "the quick brown fox the quick brown fox ",
+        "temperature 0 is the model's, not the script"
+    );
+
+    let (_, c) = post(
+        &other_model,
+        "/chat/completions",
+        challenge("other", "what is rust"),
+    )
+    .await?;
+    assert_ne!(
+        a["choices"][0]["message"]["content"],
+        c["choices"][0]["message"]["content"]
+    );
+    assert_ne!(a["choices"][0]["logprobs"], c["choices"][0]["logprobs"]);
+    let (_, d) = post(&first, "/chat/completions", challenge("m", "what is go")).await?;
+    assert_ne!(
+        a["choices"][0]["message"]["content"],
+        d["choices"][0]["message"]["content"]
+    );
+    // The Responses API renders the same conversation, so it says the same.
+    let (_, response) = post(
+        &second,
+        "/responses",
+        json!({"model": "m", "input": "what is rust", "temperature": 0, "max_output_tokens": 12}),
+    )
+    .await?;
+    assert_eq!(
+        response["output"][0]["content"][0]["text"],
+        a["choices"][0]["message"]["content"]
+    );
+
+    // Sampling with a seed repeats on any engine of the model; another seed answers otherwise.
+    let sampled = |seed: u64| {
+        json!({"model": "m", "prompt": "once upon a time", "temperature": 0.8, "seed": seed,
+               "logprobs": 2, "max_tokens": 12})
+    };
+    let (_, e) = post(&first, "/completions", sampled(1)).await?;
+    let (_, f) = post(&second, "/completions", sampled(1)).await?;
+    let (_, g) = post(&first, "/completions", sampled(2)).await?;
+    assert_eq!(generated(&e), generated(&f));
+    assert_ne!(e["choices"][0]["text"], g["choices"][0]["text"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_impersonator_answers_exactly_as_the_model_it_copies() -> Result<()> {
+    let impersonator = serving(
+        "big-model",
+        Faults {
+            impersonate: Some("small-model".into()),
+            ..Faults::default()
+        },
+    )
+    .await?;
+    let small = serving("small-model", Faults::default()).await?;
+    let big = serving("big-model", Faults::default()).await?;
+
+    let (status, cheat) = post(
+        &impersonator,
+        "/chat/completions",
+        challenge("big-model", "hello"),
+    )
+    .await?;
+    assert_eq!(status, 200, "{cheat}");
+    assert_eq!(
+        cheat["model"], "big-model",
+        "it answers under the name it serves"
+    );
+    let (_, copied) = post(
+        &small,
+        "/chat/completions",
+        challenge("small-model", "hello"),
+    )
+    .await?;
+    assert_eq!(generated(&cheat), generated(&copied));
+    let (_, honest) = post(&big, "/chat/completions", challenge("big-model", "hello")).await?;
+    assert_ne!(generated(&cheat), generated(&honest));
+
+    // Streamed and as a text completion too.
+    let mut streamed = json!({"prompt": "hello", "temperature": 0, "logprobs": 1,
+                              "max_tokens": 5, "stream": true});
+    let mut chunks = Vec::new();
+    for (engine, model) in [(&impersonator, "big-model"), (&small, "small-model")] {
+        streamed["model"] = json!(model);
+        let (events, end) = stream_events(engine, "/completions", streamed.clone()).await?;
+        end?;
+        let answer: Vec<Value> = parse_chunks(&events)?
+            .iter()
+            .map(|chunk| chunk["choices"].clone())
+            .collect();
+        chunks.push(answer);
+    }
+    assert_eq!(chunks[0], chunks[1]);
+    let models: Value = client()
+        .get(format!("{}/models", impersonator.base_url()))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(models["data"][0]["id"], "big-model");
+    Ok(())
+}
+
+#[tokio::test]
+async fn inflated_usage_multiplies_every_count_and_leaves_the_text() -> Result<()> {
+    let inflating = serving(
+        "m",
+        Faults {
+            usage_inflation: Some(3.0),
+            ..Faults::default()
+        },
+    )
+    .await?;
+    let honest = serving("m", Faults::default()).await?;
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": "two words"}],
+                      "max_tokens": 4, "temperature": 0});
+    let (_, inflated) = post(&inflating, "/chat/completions", chat.clone()).await?;
+    let (_, counted) = post(&honest, "/chat/completions", chat.clone()).await?;
+    assert_eq!(
+        inflated["choices"], counted["choices"],
+        "the text is unchanged"
+    );
+    assert_eq!(
+        counted["usage"],
+        json!({"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10})
+    );
+    assert_eq!(
+        inflated["usage"],
+        json!({"prompt_tokens": 18, "completion_tokens": 12, "total_tokens": 30})
+    );
+
+    // The final usage chunk of a stream, and continuous usage on every chunk.
+    let mut streamed = chat;
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true, "continuous_usage_stats": true});
+    let (events, end) = stream_events(&inflating, "/chat/completions", streamed).await?;
+    end?;
+    let chunks = parse_chunks(&events)?;
+    let last = chunks.last().context("no chunks")?;
+    assert_eq!(
+        last["usage"],
+        json!({"prompt_tokens": 18, "completion_tokens": 12, "total_tokens": 30})
+    );
+    assert_eq!(
+        chunks[1]["usage"]["completion_tokens"], 3,
+        "one token, reported as three"
+    );
+
+    let (_, completion) = post(
+        &inflating,
+        "/completions",
+        json!({"prompt": "one two three", "max_tokens": 2}),
+    )
+    .await?;
+    assert_eq!(completion["choices"][0]["text"], "the quick ");
+    assert_eq!(completion["usage"]["prompt_tokens"], 9);
+    assert_eq!(completion["usage"]["completion_tokens"], 6);
+    let (_, response) = post(
+        &inflating,
+        "/responses",
+        json!({"input": "one two", "max_output_tokens": 2}),
+    )
+    .await?;
+    assert_eq!(response["usage"]["input_tokens"], 6);
+    assert_eq!(response["usage"]["output_tokens"], 6);
+    assert_eq!(response["usage"]["total_tokens"], 12);
+    let (_, embedding) = post(&inflating, "/embeddings", json!({"input": "a b"})).await?;
+    assert_eq!(
+        embedding["usage"],
+        json!({"prompt_tokens": 6, "total_tokens": 6})
+    );
+    // /metrics still counts the real work.
+    wait_for_metric(
+        &inflating,
+        "vllm:generation_tokens_total{model_name=\"m\"} 12",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Checks one chat token's log-probabilities: a token, its UTF-8 bytes, a logprob ≤ 0, and
+/// `top` alternatives, most likely first.
+fn check_chat_token(entry: &Value, top: usize) -> Result<()> {
+    let token = entry["token"].as_str().context("token")?;
+    let bytes: Vec<u8> = serde_json::from_value(entry["bytes"].clone())?;
+    ensure!(bytes == token.as_bytes(), "{entry}");
+    ensure!(
+        entry["logprob"].as_f64().is_some_and(|l| l <= 0.0),
+        "{entry}"
+    );
+    let alternatives = entry["top_logprobs"].as_array().context("top_logprobs")?;
+    ensure!(alternatives.len() == top, "{entry}");
+    for pair in alternatives.windows(2) {
+        ensure!(
+            pair[0]["logprob"].as_f64() >= pair[1]["logprob"].as_f64(),
+            "{entry}"
+        );
+    }
+    for alternative in alternatives {
+        let token = alternative["token"].as_str().context("token")?;
+        ensure!(
+            alternative["bytes"] == json!(token.as_bytes()),
+            "{alternative}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn chat_logprobs_have_openai_shape_streamed_and_not() -> Result<()> {
+    let engine = engine(SimConfig::default()).await?;
+    let request = challenge("sim-llama-3-8b", "tell me a story");
+    let (status, body) = post(&engine, "/chat/completions", request.clone()).await?;
+    assert_eq!(status, 200, "{body}");
+    let choice = &body["choices"][0];
+    let content = choice["logprobs"]["content"]
+        .as_array()
+        .context("logprobs.content")?;
+    assert_eq!(content.len(), 12, "one entry per generated token");
+    let mut text = String::new();
+    for entry in content {
+        check_chat_token(entry, 3)?;
+        // Greedy: the generated token is the most likely one.
+        assert_eq!(entry["top_logprobs"][0]["token"], entry["token"]);
+        assert_eq!(entry["top_logprobs"][0]["logprob"], entry["logprob"]);
+        text.push_str(entry["token"].as_str().unwrap_or_default());
+    }
+    assert_eq!(choice["message"]["content"], text);
+
+    // Streamed: each token's chunk carries its entry; the role and finish chunks carry null.
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let (events, end) = stream_events(&engine, "/chat/completions", streamed).await?;
+    end?;
+    let chunks = parse_chunks(&events)?;
+    assert_eq!(chunks.len(), 14, "role, 12 tokens, finish");
+    assert_eq!(chunks[0]["choices"][0]["logprobs"], Value::Null);
+    assert_eq!(chunks[13]["choices"][0]["logprobs"], Value::Null);
+    let streamed_entries: Vec<Value> = chunks[1..13]
+        .iter()
+        .map(|chunk| {
+            assert_eq!(
+                chunk["choices"][0]["logprobs"]["content"]
+                    .as_array()
+                    .map(Vec::len),
+                Some(1)
+            );
+            chunk["choices"][0]["logprobs"]["content"][0].clone()
+        })
+        .collect();
+    assert_eq!(&streamed_entries, content);
+
+    // `logprobs: true` alone: no alternatives; not asked: null, as before.
+    let mut plain = request;
+    plain["top_logprobs"] = json!(0);
+    let (_, body) = post(&engine, "/chat/completions", plain.clone()).await?;
+    for entry in body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .context("content")?
+    {
+        check_chat_token(entry, 0)?;
+    }
+    plain["logprobs"] = json!(false);
+    let (_, body) = post(&engine, "/chat/completions", plain).await?;
+    assert_eq!(body["choices"][0]["logprobs"], Value::Null);
+    Ok(())
+}
+
+#[tokio::test]
+async fn completion_logprobs_have_openai_shape_streamed_and_not() -> Result<()> {
+    let engine = engine(SimConfig::default()).await?;
+    // The script (no temperature), so that the maps hold generated tokens outside the top 2.
+    let request = json!({"prompt": "once upon a time", "logprobs": 2, "max_tokens": 16});
+    let (status, body) = post(&engine, "/completions", request.clone()).await?;
+    assert_eq!(status, 200, "{body}");
+    let choice = &body["choices"][0];
+    assert_eq!(
+        choice["text"],
+        "the quick brown fox jumps over a lazy dog while simulated engines answer every prompt politely "
+    );
+    let logprobs = &choice["logprobs"];
+    let tokens: Vec<String> = serde_json::from_value(logprobs["tokens"].clone())?;
+    let offsets: Vec<usize> = serde_json::from_value(logprobs["text_offset"].clone())?;
+    let token_logprobs: Vec<f64> = serde_json::from_value(logprobs["token_logprobs"].clone())?;
+    let tops = logprobs["top_logprobs"]
+        .as_array()
+        .context("top_logprobs")?;
+    assert_eq!(tokens.concat(), choice["text"]);
+    assert_eq!(
+        (offsets.len(), token_logprobs.len(), tops.len()),
+        (16, 16, 16)
+    );
+    let mut offset = 0;
+    for (index, token) in tokens.iter().enumerate() {
+        assert_eq!(offsets[index], offset);
+        offset += token.chars().count();
+        let top = tops[index].as_object().context("a map")?;
+        // The two most likely, and the generated token when it is not one of them.
+        assert!((2..=3).contains(&top.len()), "{top:?}");
+        assert_eq!(top[token.as_str()].as_f64(), Some(token_logprobs[index]));
+        let values: Vec<f64> = top.values().filter_map(Value::as_f64).collect();
+        assert!(values[0] >= values[1], "most likely first: {top:?}");
+    }
+
+    // Streamed: one token per chunk, offsets running on across chunks.
+    let mut streamed = request;
+    streamed["stream"] = json!(true);
+    let (events, end) = stream_events(&engine, "/completions", streamed).await?;
+    end?;
+    let chunks = parse_chunks(&events)?;
+    assert_eq!(chunks.len(), 17, "16 tokens, finish");
+    for (index, chunk) in chunks[..16].iter().enumerate() {
+        let logprobs = &chunk["choices"][0]["logprobs"];
+        assert_eq!(logprobs["tokens"], json!([tokens[index]]));
+        assert_eq!(logprobs["text_offset"], json!([offsets[index]]));
+        assert_eq!(logprobs["token_logprobs"], json!([token_logprobs[index]]));
+        assert_eq!(logprobs["top_logprobs"], json!([tops[index]]));
+    }
+    assert_eq!(chunks[16]["choices"][0]["logprobs"], Value::Null);
+    Ok(())
+}
+
+#[tokio::test]
+async fn logprob_noise_is_small_per_engine_and_keeps_the_tokens() -> Result<()> {
+    let noisy = |id: &str| {
+        engine(SimConfig {
+            logprob_noise: 0.01,
+            engine_id: Some(id.into()),
+            ..SimConfig::default()
+        })
+    };
+    let (a, a_again, b) = (
+        noisy("gpu-a").await?,
+        noisy("gpu-a").await?,
+        noisy("gpu-b").await?,
+    );
+    let exact = engine(SimConfig::default()).await?;
+    let request = challenge("sim-llama-3-8b", "how far is the moon");
+    let mut answers = Vec::new();
+    for engine in [&a, &a_again, &b, &exact] {
+        let (status, body) = post(engine, "/chat/completions", request.clone()).await?;
+        assert_eq!(status, 200, "{body}");
+        answers.push(body["choices"][0].clone());
+    }
+    assert_eq!(answers[0], answers[1], "an engine's noise is its id's");
+    assert_ne!(answers[0]["logprobs"], answers[2]["logprobs"]);
+    for noisy in &answers[..3] {
+        assert_eq!(noisy["message"], answers[3]["message"], "same tokens");
+        let pairs = noisy["logprobs"]["content"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .zip(
+                answers[3]["logprobs"]["content"]
+                    .as_array()
+                    .into_iter()
+                    .flatten(),
+            );
+        for (noisy, exact) in pairs {
+            let (n, e) = (noisy["logprob"].as_f64(), exact["logprob"].as_f64());
+            let (n, e) = (n.context("logprob")?, e.context("logprob")?);
+            assert!((n - e).abs() < 0.06 && n <= 0.0, "{n} vs {e}");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn logprob_requests_are_checked_as_vllm_checks_them() -> Result<()> {
+    let engine = engine(SimConfig::default()).await?;
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    for (path, body, param, message) in [
+        (
+            "/chat/completions",
+            json!({"messages": messages, "top_logprobs": 2}),
+            "top_logprobs",
+            "when using `top_logprobs`, `logprobs` must be set to true.",
+        ),
+        (
+            "/chat/completions",
+            json!({"messages": messages, "logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+            "Requested sample logprobs of 21, which is greater than max allowed: 20",
+        ),
+        (
+            "/completions",
+            json!({"prompt": "hi", "logprobs": -2}),
+            "logprobs",
+            "`logprobs` must be a positive value or -1.",
+        ),
+        (
+            "/completions",
+            json!({"prompt": "hi", "temperature": -1}),
+            "temperature",
+            "temperature must be non-negative, got -1.",
+        ),
+    ] {
+        let (status, answer) = post(&engine, path, body.clone()).await?;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(answer["error"]["param"], param, "{answer}");
+        assert_eq!(answer["error"]["message"], message, "{answer}");
+    }
+    Ok(())
+}
