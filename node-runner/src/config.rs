@@ -244,6 +244,20 @@ pub struct SimulatedDriver {
     /// whatever was generated. For testing what a gateway believes of a rig.
     #[serde(default)]
     pub claim_tokens: Option<u64>,
+    /// A dishonest engine: answer under `models` but generate (tokens and log-probabilities)
+    /// as this model would, e.g. a small model under a big one's name. For testing a gateway's
+    /// spot checks.
+    #[serde(default)]
+    pub impersonate: Option<String>,
+    /// A dishonest engine: multiply every token count it reports (prompt and completion, in
+    /// every answer's usage) by this, e.g. `3.0`. The text is unchanged.
+    #[serde(default)]
+    pub usage_inflation: Option<f64>,
+    /// Legitimate hardware noise: the standard deviation, in nats, of a small deviation each
+    /// engine adds to the log-probabilities it reports (its own, drawn at each start), never
+    /// changing a token. 0 reports the model's exact values.
+    #[serde(default)]
+    pub logprob_noise: f64,
 }
 
 impl Default for SimulatedDriver {
@@ -257,6 +271,9 @@ impl Default for SimulatedDriver {
             max_num_seqs: default_max_num_seqs(),
             default_max_tokens: default_max_tokens(),
             claim_tokens: None,
+            impersonate: None,
+            usage_inflation: None,
+            logprob_noise: 0.0,
         }
     }
 }
@@ -619,6 +636,29 @@ impl EngineConfig {
                 if sim.max_num_seqs == 0 {
                     return invalid(format!("engine {name:?}: max_num_seqs must be at least 1"));
                 }
+                if sim
+                    .impersonate
+                    .as_deref()
+                    .is_some_and(|model| model.trim().is_empty())
+                {
+                    return invalid(format!(
+                        "engine {name:?}: impersonate is empty (name the model to generate as)"
+                    ));
+                }
+                if let Some(factor) = sim.usage_inflation
+                    && (!factor.is_finite() || factor < 0.0)
+                {
+                    return invalid(format!(
+                        "engine {name:?}: usage_inflation = {factor} must be a number of 0 or \
+                         more (1 reports honestly)"
+                    ));
+                }
+                if !sim.logprob_noise.is_finite() || sim.logprob_noise < 0.0 {
+                    return invalid(format!(
+                        "engine {name:?}: logprob_noise = {} must be 0 (none) or positive",
+                        sim.logprob_noise
+                    ));
+                }
             }
         }
         Ok(())
@@ -704,6 +744,9 @@ mod tests {
         drop_rate = 0.02
         max_num_seqs = 8
         default_max_tokens = 32
+        impersonate = "sim-small"
+        usage_inflation = 3.0
+        logprob_noise = 0.01
     "#;
 
     #[test]
@@ -731,6 +774,9 @@ mod tests {
         };
         assert_eq!(s.tokens_per_sec, 50.0);
         assert_eq!(s.max_num_seqs, 8);
+        assert_eq!(s.impersonate.as_deref(), Some("sim-small"));
+        assert_eq!(s.usage_inflation, Some(3.0));
+        assert_eq!(s.logprob_noise, 0.01);
         assert_eq!(sim.port, 0);
     }
 

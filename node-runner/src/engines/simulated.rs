@@ -30,7 +30,10 @@ impl SimulatedEngine {
                 hang_rate: driver.hang_rate,
                 drop_rate: driver.drop_rate,
                 claim_tokens: driver.claim_tokens,
+                impersonate: driver.impersonate.clone(),
+                usage_inflation: driver.usage_inflation,
             },
+            logprob_noise: driver.logprob_noise,
             ..SimConfig::default()
         };
         let engine = SimEngine::start(addr, sim_config)

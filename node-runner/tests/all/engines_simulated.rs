@@ -158,3 +158,54 @@ async fn the_least_loaded_engine_gets_the_model() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The driver's dishonest settings reach the engine: `impersonate` answers as the copied model
+/// does, `usage_inflation` multiplies the usage; by default an engine is honest.
+#[tokio::test]
+async fn a_dishonest_simulated_engine_copies_a_model_and_inflates_usage() -> anyhow::Result<()> {
+    let cheat = SimulatedDriver {
+        impersonate: Some("small-model".into()),
+        usage_inflation: Some(3.0),
+        ..SimulatedDriver::default()
+    };
+    let engines = EngineSet::start(vec![
+        simulated("cheat", &["big-model"], cheat),
+        simulated("small", &["small-model"], SimulatedDriver::default()),
+        simulated("big", &["big-model"], SimulatedDriver::default()),
+    ])
+    .await;
+    assert!(engines.wait_healthy(BOUND).await, "{engines:?}");
+    let client = http_client();
+    let ask = |engine: &str, model: &str| {
+        let url = format!(
+            "http://127.0.0.1:{}/v1/chat/completions",
+            engines.port(engine).unwrap_or_default()
+        );
+        let request = client.post(url).json(&serde_json::json!({
+            "model": model, "messages": [{"role": "user", "content": "hello there"}],
+            "temperature": 0, "seed": 1, "logprobs": true, "top_logprobs": 2, "max_tokens": 8,
+        }));
+        async move {
+            let body: serde_json::Value = request.send().await?.error_for_status()?.json().await?;
+            anyhow::Ok(body)
+        }
+    };
+    let cheated = ask("cheat", "big-model").await?;
+    let copied = ask("small", "small-model").await?;
+    let honest = ask("big", "big-model").await?;
+    assert_eq!(cheated["model"], "big-model");
+    assert_eq!(cheated["choices"], copied["choices"]);
+    assert_ne!(cheated["choices"], honest["choices"]);
+    assert_eq!(honest["usage"]["completion_tokens"], 8);
+    assert_eq!(copied["usage"]["completion_tokens"], 8);
+    assert_eq!(cheated["usage"]["completion_tokens"], 24);
+    assert_eq!(
+        cheated["usage"]["prompt_tokens"],
+        honest["usage"]["prompt_tokens"]
+            .as_u64()
+            .unwrap_or_default()
+            * 3
+    );
+    engines.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
