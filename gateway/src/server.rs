@@ -41,6 +41,8 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tokenizer(#[from] crate::ledger::tokens::TokenizerError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -333,7 +335,9 @@ pub async fn assemble(config: Config) -> Result<Assembled, StartError> {
     metrics.register_all(usage.collectors());
     let listener_metrics = crate::http::listener::ListenerMetrics::new();
     metrics.register_all(listener_metrics.collectors());
+    let tokenizers = Arc::new(crate::ledger::tokens::Tokenizers::load(&config.tokenizers)?);
     let state = AppState::new(Parts {
+        tokenizers,
         config,
         store: store.clone(),
         auth: auth.clone(),

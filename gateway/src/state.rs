@@ -29,6 +29,8 @@ pub struct Parts {
     pub batches: Arc<Batches>,
     pub plugins: Arc<PluginHost>,
     pub policy: Policy,
+    /// The models whose tokens the gateway counts itself.
+    pub tokenizers: Arc<crate::ledger::tokens::Tokenizers>,
     pub metrics: Metrics,
     pub admin_token: String,
     /// Unix seconds when this gateway started (the `created` of models it lists).
@@ -75,6 +77,9 @@ impl AppState {
     }
     pub fn policy(&self) -> &Policy {
         &self.0.parts.policy
+    }
+    pub fn tokenizers(&self) -> &crate::ledger::tokens::Tokenizers {
+        &self.0.parts.tokenizers
     }
     pub fn metrics(&self) -> &Metrics {
         &self.0.parts.metrics

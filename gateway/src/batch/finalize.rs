@@ -375,5 +375,7 @@ pub(super) fn usage_event(
         started_at_ms: finished_at_ms.saturating_sub(latency_ms),
         finished_at_ms,
         batch: true,
+        // Batch answers are billed within the bounds of the line (not counted yet).
+        counted: Default::default(),
     }
 }

@@ -49,6 +49,7 @@ pub const ENV_FIELDS: &[&str] = &[
     "nodes.report_interval_secs",
     "cluster.advertise_url",
     "cluster.secret",
+    "tokenizers",
     "usage.ledger_max_entries",
     "batch.max_file_bytes",
     "batch.max_files_per_key",
@@ -160,6 +161,23 @@ pub struct Config {
     pub plugins: crate::plugins::config::PluginsConfig,
     /// Static OpenAI-compatible upstreams (an existing vLLM server, another gateway...).
     pub upstreams: Vec<UpstreamConfig>,
+    /// Models whose tokens the gateway counts itself, by model name: what a request is billed
+    /// and a rig rewarded for is the gateway's count, and a rig's report that disagrees is a
+    /// failed check (docs/trust.md).
+    pub tokenizers: std::collections::BTreeMap<String, TokenizerConfig>,
+}
+
+/// A model's tokenizer.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerConfig {
+    /// The model's `tokenizer.json`, as published with its weights (read at start).
+    pub file: std::path::PathBuf,
+    /// Tokens the model's chat template adds around each message (role headers, separators):
+    /// about 4 for Llama 3, 5 for Qwen 2.5 (`<|im_start|>`, role, newline, `<|im_end|>`,
+    /// newline). The template's preamble and the assistant's header are within the tolerance.
+    #[serde(default)]
+    pub chat_template_tokens: u32,
 }
 
 /// Which web pages may call the gateway from a browser. The API authenticates with bearer tokens,
@@ -471,6 +489,7 @@ impl Default for Config {
             default_plugins: true,
             plugins: crate::plugins::config::PluginsConfig::default(),
             upstreams: Vec::new(),
+            tokenizers: Default::default(),
         }
     }
 }

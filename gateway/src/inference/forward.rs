@@ -18,7 +18,8 @@ use crate::backends::{Backend, InFlight};
 use crate::error::ApiError;
 use crate::inference::sse::{self, SseTap, Usage, error_event, usage_of_body};
 use crate::ledger::UsageEvent;
-use crate::ledger::billing::{OutputCount, RequestBounds, TextKind, bill};
+use crate::ledger::billing::{Correction, OutputCount, RequestBounds, TextKind, bill};
+use crate::ledger::{Counted, CountedBy, tokens};
 use crate::metrics::RouteSeries;
 use crate::state::AppState;
 use crate::store::ApiKeyRecord;
@@ -101,6 +102,7 @@ fn usage_event(
     out: &RequestCtx,
     backend: &Backend,
     usage: Usage,
+    counted: Counted,
     ttft: std::time::Duration,
     total: std::time::Duration,
 ) -> UsageEvent {
@@ -126,6 +128,7 @@ fn usage_event(
         // end that cannot come before the start when the wall clock steps back.
         finished_at_ms: out.started_at_ms + latency_ms,
         batch: false,
+        counted,
     }
 }
 
@@ -354,12 +357,15 @@ async fn whole_response<'a>(
     };
     let outcome = if parts.status.is_success() {
         let mut output = OutputCount::default();
-        output.scan(&body, whole_text_kind(out.bounds.text));
+        let tokenizer = state.tokenizers().get(&out.model);
+        let mut text = tokenizer.map(|_| String::new());
+        output.scan_into(&body, whole_text_kind(out.bounds.text), text.as_mut());
         Outcome::Answered {
             backend,
             status: parts.status,
             reported: usage_of_body(&body),
             output,
+            counted_completion: tokenizer.zip(text).map(|(t, text)| t.count(&text)),
             ttft: out.started.elapsed(),
         }
     } else {
@@ -465,6 +471,8 @@ pub enum Outcome<'a> {
         status: StatusCode,
         reported: Option<Usage>,
         output: OutputCount,
+        /// The gateway's own count of the completion, for a model whose tokenizer it has.
+        counted_completion: Option<u64>,
         /// Time to the first token (the whole answer's time for one that is not streamed).
         ttft: std::time::Duration,
     },
@@ -482,6 +490,7 @@ impl Outcome<'_> {
                 backend,
                 reported,
                 output,
+                counted_completion,
                 ttft,
                 ..
             } => Outcome::Answered {
@@ -489,6 +498,7 @@ impl Outcome<'_> {
                 status: sent,
                 reported,
                 output,
+                counted_completion,
                 ttft,
             },
             other => other,
@@ -522,7 +532,7 @@ pub fn finish(state: &AppState, ctx: &RequestCtx, outcome: Outcome<'_>) {
             .with_label_values(&[ctx.route, "", status.as_str()])
             .inc(),
     }
-    let (backend, reported, output, ttft) = match outcome {
+    let (backend, reported, output, counted_completion, ttft) = match outcome {
         Outcome::Failed(_) | Outcome::Refused(_) => {
             settle(state, ctx, 0);
             return;
@@ -531,14 +541,40 @@ pub fn finish(state: &AppState, ctx: &RequestCtx, outcome: Outcome<'_>) {
             backend,
             reported,
             output,
+            counted_completion,
             ttft,
             ..
-        } => (backend, reported, output, ttft),
-        Outcome::Abandoned { backend } => (backend, None, OutputCount::default(), total),
+        } => (backend, reported, output, counted_completion, ttft),
+        Outcome::Abandoned { backend } => (backend, None, OutputCount::default(), None, total),
     };
-    let billed = bill(reported, &output, &ctx.bounds, || {
+    let mut billed = bill(reported, &output, &ctx.bounds, || {
         crate::ledger::billing::media_parts(&ctx.body)
     });
+    // With the model's tokenizer, the gateway's own count is what is billed and rewarded.
+    let mut counted = Counted::default();
+    if let Some(completion) = counted_completion
+        && let Some(tokenizer) = state.tokenizers().get(&ctx.model)
+        && let Some(prompt) = tokenizer.count_prompt(ctx.path, &ctx.body)
+    {
+        let check = tokens::check(
+            reported,
+            Usage {
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+            },
+        );
+        if !check.agreed {
+            billed.corrections.push(Correction::Disputed);
+        }
+        billed.usage = check.counted;
+        counted = Counted {
+            by: CountedBy::Gateway,
+            reported_prompt_tokens: reported.map(|r| r.prompt_tokens),
+            reported_completion_tokens: reported.map(|r| r.completion_tokens),
+            agreed: check.agreed,
+        };
+        state.usage().note_check(&counted);
+    }
     state.usage().note_corrections(
         &billed.corrections,
         &backend.id,
@@ -556,7 +592,7 @@ pub fn finish(state: &AppState, ctx: &RequestCtx, outcome: Outcome<'_>) {
     }
     state
         .usage()
-        .record(usage_event(ctx, backend, usage, ttft, total));
+        .record(usage_event(ctx, backend, usage, counted, ttft, total));
     settle(
         state,
         ctx,
@@ -571,6 +607,7 @@ fn stream_response(
     response: UpstreamResponse,
     out: RequestCtx,
 ) -> Response {
+    let generated = state.tokenizers().get(&out.model).map(|_| String::new());
     let body = MeteredBody {
         upstream: response.into_body(),
         tap: SseTap::new(out.hide_usage_chunk),
@@ -580,6 +617,7 @@ fn stream_response(
         first_chunk_at: None,
         finished: false,
         output: OutputCount::default(),
+        generated,
         terminal: None,
         gathered: Gathered::default(),
         yielded: 0,
@@ -611,6 +649,8 @@ struct MeteredBody {
     /// The output forwarded so far: what the request is billed if it ends without a usage
     /// report, and the bound of what a report may claim.
     output: OutputCount,
+    /// The text forwarded so far, for a model whose tokens the gateway counts.
+    generated: Option<String>,
     /// How the backend's stream ended (`None` inside: cleanly), seen while gathering frames
     /// and acted on at the next poll.
     terminal: Option<Option<hyper::Error>>,
@@ -746,7 +786,8 @@ impl MeteredBody {
     /// Counts output on its way to the client: the tap hands over whole events only.
     fn count(&mut self, forwarded: &[u8]) {
         if !forwarded.is_empty() {
-            self.output.scan(forwarded, self.out.bounds.text);
+            self.output
+                .scan_into(forwarded, self.out.bounds.text, self.generated.as_mut());
         }
     }
 }
@@ -835,6 +876,10 @@ impl MeteredBody {
                 status: StatusCode::OK,
                 reported: self.tap.usage(),
                 output: self.output,
+                counted_completion: self.generated.as_deref().and_then(|text| {
+                    let tokenizer = self.state.tokenizers().get(&self.out.model)?;
+                    Some(tokenizer.count(text))
+                }),
                 ttft,
             },
         );

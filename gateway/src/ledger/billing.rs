@@ -116,6 +116,12 @@ impl OutputCount {
     /// every chunk cost a streamed request a fifth more instructions, so a chunk is searched
     /// once for the member that holds its text, and only that member is read.
     pub fn scan(&mut self, bytes: &[u8], kind: TextKind) {
+        self.scan_into(bytes, kind, None);
+    }
+
+    /// [`Self::scan`], appending the text counted to `sink` too (decoded), for a request whose
+    /// tokens the gateway counts itself (see [`crate::ledger::tokens`]).
+    pub fn scan_into(&mut self, bytes: &[u8], kind: TextKind, mut sink: Option<&mut String>) {
         let f = finders();
         match kind {
             // `"delta": {...}`: its members (content, tool call arguments...).
@@ -132,12 +138,15 @@ impl OutputCount {
                         if len > 0 {
                             self.values += 1;
                             self.text_bytes += len;
+                            if let Some(sink) = sink.as_deref_mut() {
+                                push_json_string(&text[..end], sink);
+                            }
                         }
                         continue;
                     }
                     if object.first() == Some(&b'{') {
                         let object = &object[..object_end(object)];
-                        self.scan_members(object, CHAT_KEYS);
+                        self.scan_members(object, CHAT_KEYS, sink.as_deref_mut());
                     }
                 }
             }
@@ -147,26 +156,36 @@ impl OutputCount {
                     if let Some(object) = member_value(bytes, at + b"\"message\"".len())
                         && object.first() == Some(&b'{')
                     {
-                        self.scan_members(&object[..object_end(object)], CHAT_KEYS);
+                        self.scan_members(
+                            &object[..object_end(object)],
+                            CHAT_KEYS,
+                            sink.as_deref_mut(),
+                        );
                     }
                 }
             }
             TextKind::Completions | TextKind::Responses => {
-                self.scan_named(bytes, &f.text, b"\"text\"".len())
+                self.scan_named(bytes, &f.text, b"\"text\"".len(), sink)
             }
-            TextKind::ResponsesStream => self.scan_named(bytes, &f.delta, b"\"delta\"".len()),
+            TextKind::ResponsesStream => self.scan_named(bytes, &f.delta, b"\"delta\"".len(), sink),
             TextKind::None => {}
         }
     }
 
     /// Counts the string values of the members `finder` finds (a quoted name of `name_len`
     /// bytes); other values (a chat chunk's `"delta": {...}`) are not text.
-    fn scan_named(&mut self, bytes: &[u8], finder: &Finder<'_>, name_len: usize) {
+    fn scan_named(
+        &mut self,
+        bytes: &[u8],
+        finder: &Finder<'_>,
+        name_len: usize,
+        mut sink: Option<&mut String>,
+    ) {
         for at in finder.find_iter(bytes) {
             if let Some(value) = member_value(bytes, at + name_len)
                 && let Some(text) = value.strip_prefix(b"\"")
             {
-                self.add(text);
+                self.add(text, sink.as_deref_mut());
             }
         }
     }
@@ -174,7 +193,7 @@ impl OutputCount {
     /// Counts the string values of the members of `bytes` named in `keys`, colon by colon: a
     /// name's closing quote before the colon, a value's opening quote after it (spaces allowed
     /// around). A colon in text never passes: the quotes around it there are escaped (`\"`).
-    fn scan_members(&mut self, bytes: &[u8], keys: &[&[u8]]) {
+    fn scan_members(&mut self, bytes: &[u8], keys: &[&[u8]], mut sink: Option<&mut String>) {
         for at in memchr::memchr_iter(b':', bytes) {
             let Some(value) = bytes[at + 1..].trim_ascii_start().strip_prefix(b"\"") else {
                 continue;
@@ -183,17 +202,20 @@ impl OutputCount {
                 continue;
             };
             if bytes[name_end] == b'"' && named(bytes, name_end, keys) {
-                self.add(value);
+                self.add(value, sink.as_deref_mut());
             }
         }
     }
 
     /// Counts the string value that `value` starts with (just after its opening quote).
-    fn add(&mut self, value: &[u8]) {
-        let len = string_bytes(value);
+    fn add(&mut self, value: &[u8], sink: Option<&mut String>) {
+        let (len, end) = string_span(value);
         if len > 0 {
             self.values += 1;
             self.text_bytes += len;
+            if let Some(sink) = sink {
+                push_json_string(&value[..end.unwrap_or(value.len())], sink);
+            }
         }
     }
 
@@ -257,13 +279,24 @@ fn named(bytes: &[u8], name_end: usize, keys: &[&[u8]]) -> bool {
     keys.contains(&name) && matches!(bytes[..start].trim_ascii_end().last(), Some(b'{' | b','))
 }
 
-/// Bytes of the JSON string that `value` starts with (just after its opening quote), up to its
-/// closing quote or the end of `value`: `\uXXXX` counts two bytes, other escapes one.
-fn string_bytes(value: &[u8]) -> u64 {
-    string_span(value).0
+/// Appends the text of a JSON string's body (between its quotes, escapes undone) to `sink`.
+fn push_json_string(raw: &[u8], sink: &mut String) {
+    if memchr::memchr(b'\\', raw).is_none() {
+        sink.push_str(&String::from_utf8_lossy(raw));
+        return;
+    }
+    let mut quoted = Vec::with_capacity(raw.len() + 2);
+    quoted.push(b'"');
+    quoted.extend_from_slice(raw);
+    quoted.push(b'"');
+    if let Ok(text) = serde_json::from_slice::<String>(&quoted) {
+        sink.push_str(&text);
+    }
 }
 
-/// [`string_bytes`], with where the closing quote is (`None`: cut short).
+/// Bytes of the JSON string that `value` starts with (just after its opening quote), up to its
+/// closing quote or the end of `value` (`\uXXXX` counts two bytes, other escapes one), and
+/// where the closing quote is (`None`: cut short).
 fn string_span(value: &[u8]) -> (u64, Option<usize>) {
     let mut at = 0;
     let mut bytes = 0u64;
@@ -316,6 +349,9 @@ pub enum Correction {
     CompletionUnderOutput,
     /// No usage reported (cut short, or a backend that does not report it): estimated.
     Estimated,
+    /// The report disagreed with the gateway's own count (the model's tokenizer), beyond the
+    /// tolerance: the count is billed.
+    Disputed,
 }
 
 impl Correction {
@@ -326,6 +362,7 @@ impl Correction {
             Correction::CompletionOverOutput => "completion_over_output",
             Correction::CompletionUnderOutput => "completion_under_output",
             Correction::Estimated => "estimated",
+            Correction::Disputed => "disputed",
         }
     }
 
@@ -624,11 +661,11 @@ data: {"choices":[{"delta":{"content":"x","reasoning_content":"yz"}}]}
 
     #[test]
     fn strings_are_measured_to_their_closing_quote() {
-        assert_eq!(string_bytes(b"abc\" rest"), 3);
-        assert_eq!(string_bytes(b"a\\\"b\""), 3);
-        assert_eq!(string_bytes(b"\\u00e9\""), 2);
-        assert_eq!(string_bytes(b"cut off"), 7);
-        assert_eq!(string_bytes(b"cut \\"), 5);
-        assert_eq!(string_bytes(b"\""), 0);
+        assert_eq!(string_span(b"abc\" rest").0, 3);
+        assert_eq!(string_span(b"a\\\"b\"").0, 3);
+        assert_eq!(string_span(b"\\u00e9\"").0, 2);
+        assert_eq!(string_span(b"cut off").0, 7);
+        assert_eq!(string_span(b"cut \\").0, 5);
+        assert_eq!(string_span(b"\"").0, 0);
     }
 }

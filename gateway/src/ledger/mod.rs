@@ -21,6 +21,7 @@
 
 pub mod api;
 pub mod billing;
+pub mod tokens;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -78,6 +79,32 @@ pub struct UsageEvent {
     pub finished_at_ms: u64,
     /// From the Batch API.
     pub batch: bool,
+    /// Who counted the tokens billed.
+    #[serde(default)]
+    pub counted: Counted,
+}
+
+/// Who counted the tokens of a request (see [`tokens`]).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Counted {
+    pub by: CountedBy,
+    /// With `by: gateway`: what the backend reported (nothing, for a stream cut short).
+    pub reported_prompt_tokens: Option<u64>,
+    pub reported_completion_tokens: Option<u64>,
+    /// With `by: gateway`: the backend's report agreed with the count, within the tolerance.
+    pub agreed: bool,
+}
+
+/// Who counted the tokens billed.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CountedBy {
+    /// The backend, within the bounds the gateway checks (no tokenizer for the model), or the
+    /// gateway's estimate of a stream cut short.
+    #[default]
+    Backend,
+    /// The gateway, with the model's tokenizer: what is billed.
+    Gateway,
 }
 
 const MS_PER_DAY: u64 = 86_400_000;
@@ -156,23 +183,85 @@ pub struct LedgerEntry {
 /// [`LedgerEntry`], [`UsageEvent`], [`Outcome`] or [`Award`] needs a new version byte (a test
 /// pins the encoding, so such a change cannot go unnoticed).
 const LEDGER_POSTCARD_V1: u8 = 1;
+/// Version 2: [`UsageEvent::counted`] added.
+const LEDGER_POSTCARD_V2: u8 = 2;
 
 impl LedgerEntry {
     /// The entry as the store keeps it.
     pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
         let mut buf = Vec::with_capacity(LEDGER_ENTRY_BYTES);
-        buf.push(LEDGER_POSTCARD_V1);
+        buf.push(LEDGER_POSTCARD_V2);
         postcard::to_extend(self, buf).map_err(corrupt)
     }
 
     /// An entry as the store keeps it: compact, or JSON from an earlier version.
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         match bytes.split_first() {
-            Some((&LEDGER_POSTCARD_V1, rest)) => postcard::from_bytes(rest).map_err(corrupt),
+            Some((&LEDGER_POSTCARD_V2, rest)) => postcard::from_bytes(rest).map_err(corrupt),
+            Some((&LEDGER_POSTCARD_V1, rest)) => postcard::from_bytes::<v1::LedgerEntry>(rest)
+                .map(Into::into)
+                .map_err(corrupt),
             Some((b'{', _)) => serde_json::from_slice(bytes).map_err(corrupt),
             _ => Err(StoreError::Corrupt(
                 "ledger entry in an unknown encoding".to_owned(),
             )),
+        }
+    }
+}
+
+/// The layout of version 1 entries (before [`UsageEvent::counted`]), to read them.
+mod v1 {
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    pub struct LedgerEntry {
+        event: UsageEvent,
+        outcome: super::Outcome,
+        processed_at_ms: u64,
+    }
+
+    #[derive(Deserialize)]
+    struct UsageEvent {
+        request_id: String,
+        key_id: String,
+        model: String,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+        cached_tokens: u64,
+        latency_ms: u64,
+        ttft_ms: u64,
+        backend: String,
+        rig: String,
+        operator: String,
+        started_at_ms: u64,
+        finished_at_ms: u64,
+        batch: bool,
+    }
+
+    impl From<LedgerEntry> for super::LedgerEntry {
+        fn from(old: LedgerEntry) -> Self {
+            let e = old.event;
+            super::LedgerEntry {
+                event: super::UsageEvent {
+                    request_id: e.request_id,
+                    key_id: e.key_id,
+                    model: e.model,
+                    prompt_tokens: e.prompt_tokens,
+                    completion_tokens: e.completion_tokens,
+                    cached_tokens: e.cached_tokens,
+                    latency_ms: e.latency_ms,
+                    ttft_ms: e.ttft_ms,
+                    backend: e.backend,
+                    rig: e.rig,
+                    operator: e.operator,
+                    started_at_ms: e.started_at_ms,
+                    finished_at_ms: e.finished_at_ms,
+                    batch: e.batch,
+                    counted: super::Counted::default(),
+                },
+                outcome: old.outcome,
+                processed_at_ms: old.processed_at_ms,
+            }
         }
     }
 }
@@ -304,6 +393,8 @@ pub struct Usage {
     /// `garage_usage_corrections_total{kind}`: reported usage the gateway did not believe, and
     /// requests billed on an estimate (see [`crate::ledger::billing`]).
     corrections: prometheus::IntCounterVec,
+    /// Requests whose tokens the gateway counted, by whether the backend's report agreed.
+    checks: prometheus::IntCounterVec,
     /// When a correction was last logged: a rig that misreports every answer logs once a
     /// second, the counter counts them all.
     last_correction_log: Mutex<Option<std::time::Instant>>,
@@ -358,9 +449,19 @@ impl Usage {
                     "garage_usage_corrections_total",
                     "Usage the gateway billed otherwise than reported, by kind \
                      (prompt_over_request, completion_over_max_tokens, completion_over_output, \
-                     completion_under_output; estimated: nothing reported)",
+                     completion_under_output; estimated: nothing reported; disputed: unlike the \
+                     gateway's count)",
                 ),
                 &["kind"],
+            )
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
+            checks: prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "garage_usage_checks_total",
+                    "Requests whose tokens the gateway counted with the model's tokenizer, by \
+                     whether the backend's report agreed (agreed, disputed, unreported)",
+                ),
+                &["outcome"],
             )
             .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
             last_correction_log: Mutex::new(None),
@@ -369,7 +470,27 @@ impl Usage {
 
     /// The metrics this registers.
     pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
-        vec![Box::new(self.corrections.clone())]
+        vec![
+            Box::new(self.corrections.clone()),
+            Box::new(self.checks.clone()),
+        ]
+    }
+
+    /// Counts a request whose tokens the gateway counted.
+    pub fn note_check(&self, counted: &Counted) {
+        let outcome = match counted {
+            Counted {
+                by: CountedBy::Backend,
+                ..
+            } => return,
+            Counted {
+                reported_completion_tokens: None,
+                ..
+            } => "unreported",
+            Counted { agreed: true, .. } => "agreed",
+            Counted { agreed: false, .. } => "disputed",
+        };
+        self.checks.with_label_values(&[outcome]).inc();
     }
 
     /// Counts the corrections made to one request's reported usage, and logs the anomalies
@@ -903,6 +1024,7 @@ mod tests {
                 started_at_ms: 1_795_329_644_000,
                 finished_at_ms: 1_795_329_644_041,
                 batch: false,
+                counted: Default::default(),
             },
             outcome: Outcome {
                 credits: 0.25,
@@ -933,11 +1055,26 @@ mod tests {
         // bytes, and must come with a new version byte that reads the old layout.
         assert_eq!(
             hex::encode(&bytes),
-            "012430313961623263342d376531662d376333612d396432652d356236663861316330643365056b65\
+            PINNED_V2.replace(char::is_whitespace, "")
+        );
+    }
+
+    /// Version 1 (before `counted`), as earlier gateways wrote it.
+    const PINNED_V1: &str = "012430313961623263342d376531662d376333612d396432652d356236663861316330643365056b65\
              792d310e73696d2d6c6c616d612d332d38620cac020029070a7269673a6e6f64652d61066e6f6465\
              2d610b6f70202271756f74656422e0abf18fa03489acf18fa03400000000000000d03f00010b6f7020\
-             2271756f74656422000000000000f83f0673657276656492acf18fa034"
-        );
+             2271756f74656422000000000000f83f0673657276656492acf18fa034";
+
+    /// The same entry in version 2.
+    const PINNED_V2: &str = "022430313961623263342d376531662d376333612d396432652d356236663861316330643365056b\
+             65792d310e73696d2d6c6c616d612d332d38620cac020029070a7269673a6e6f64652d61066e6f64\
+             652d610b6f70202271756f74656422e0abf18fa03489acf18fa0340000000000000000000000d03f\
+             00010b6f70202271756f74656422000000000000f83f0673657276656492acf18fa034";
+
+    #[test]
+    fn version_1_entries_still_read() {
+        let bytes = hex::decode(PINNED_V1.replace(char::is_whitespace, "")).unwrap();
+        assert_eq!(LedgerEntry::decode(&bytes).unwrap(), entry());
     }
 
     #[test]

@@ -26,6 +26,7 @@ fn event(id: &str, key: &str) -> UsageEvent {
         started_at_ms: 1_795_329_644_000,
         finished_at_ms: 1_795_329_644_020,
         batch: false,
+        counted: Default::default(),
     }
 }
 
