@@ -104,6 +104,7 @@ impl Gateway {
             tokio::spawn(nodes.clone().watch_heartbeats()),
             tokio::spawn(nodes.clone().follow_events()),
             tokio::spawn(nodes.clone().publish_adverts()),
+            tokio::spawn(nodes.clone().run_spot_checks(config.trust.clone())),
             tokio::spawn(batches.clone().watch_events()),
             tokio::spawn(batches.clone().run_sweeper(sweep_interval)),
             tokio::spawn(report_rigs(
@@ -333,6 +334,7 @@ pub async fn assemble(config: Config) -> Result<Assembled, StartError> {
     metrics.register_all(plugins.metrics().collectors());
     metrics.register_all(batches.metrics().collectors());
     metrics.register_all(usage.collectors());
+    metrics.register_all(nodes.collectors());
     let listener_metrics = crate::http::listener::ListenerMetrics::new();
     metrics.register_all(listener_metrics.collectors());
     let tokenizers = Arc::new(crate::ledger::tokens::Tokenizers::load(&config.tokenizers)?);

@@ -50,6 +50,10 @@ pub const ENV_FIELDS: &[&str] = &[
     "cluster.advertise_url",
     "cluster.secret",
     "tokenizers",
+    "trust.spot_check_interval_secs",
+    "trust.spot_check_tokens",
+    "trust.spot_check_timeout_secs",
+    "trust.logprob_tolerance",
     "usage.ledger_max_entries",
     "batch.max_file_bytes",
     "batch.max_files_per_key",
@@ -150,6 +154,8 @@ pub struct Config {
     pub nodes: NodesConfig,
     /// Several replicas acting as one gateway: how the others reach this one.
     pub cluster: ClusterConfig,
+    /// Checks of what rigs serve (docs/trust.md).
+    pub trust: TrustConfig,
     /// Usage metering: the ledger's retention on the embedded store.
     pub usage: UsageConfig,
     /// The Batch API: files, queues and leases.
@@ -363,6 +369,35 @@ pub struct ClusterConfig {
     pub secret: Option<String>,
 }
 
+/// Spot checks: challenge requests that show whether a rig serves the model it claims.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustConfig {
+    /// How often each rig is spot-checked, on average (0: never). Each check costs the rig and
+    /// up to three others one short request.
+    pub spot_check_interval_secs: u64,
+    /// Tokens a challenge asks for.
+    pub spot_check_tokens: u32,
+    /// How long a challenge's answer may take.
+    pub spot_check_timeout_secs: u64,
+    /// How far apart (mean absolute difference) two rigs' log-probabilities of the same tokens
+    /// may be and still come from the same model.
+    pub logprob_tolerance: f64,
+}
+
+impl Default for TrustConfig {
+    fn default() -> Self {
+        TrustConfig {
+            // Ten minutes: a new rig is checked within its first ten, and checks cost a rig
+            // well under a thousandth of its capacity (docs/trust.md).
+            spot_check_interval_secs: 600,
+            spot_check_tokens: 16,
+            spot_check_timeout_secs: 60,
+            logprob_tolerance: 0.1,
+        }
+    }
+}
+
 /// The shortest cluster secret accepted: guessing it must be out of reach.
 pub const MIN_CLUSTER_SECRET: usize = 32;
 
@@ -484,6 +519,7 @@ impl Default for Config {
             dispatch: DispatchConfig::default(),
             nodes: NodesConfig::default(),
             cluster: ClusterConfig::default(),
+            trust: TrustConfig::default(),
             usage: UsageConfig::default(),
             batch: BatchConfig::default(),
             default_plugins: true,

@@ -77,6 +77,8 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(node_api::get_node, node_api::remove_node))
         .routes(routes!(node_api::drain_node))
         .routes(routes!(node_api::resume_node))
+        .routes(routes!(node_api::verify_node))
+        .routes(routes!(node_api::reinstate_node))
         .routes(routes!(usage_api::all_usage))
         .routes(routes!(usage_api::ledger_entry))
         .routes(routes!(usage_api::leaderboard))

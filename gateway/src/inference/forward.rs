@@ -21,6 +21,7 @@ use crate::ledger::UsageEvent;
 use crate::ledger::billing::{Correction, OutputCount, RequestBounds, TextKind, bill};
 use crate::ledger::{Counted, CountedBy, tokens};
 use crate::metrics::RouteSeries;
+use crate::nodes::trust::CheckKind;
 use crate::state::AppState;
 use crate::store::ApiKeyRecord;
 use crate::upstream::{UpstreamBody, UpstreamResponse};
@@ -565,6 +566,26 @@ pub fn finish(state: &AppState, ctx: &RequestCtx, outcome: Outcome<'_>) {
         );
         if !check.agreed {
             billed.corrections.push(Correction::Disputed);
+            // A failed check of the rig that served it (off the request's path).
+            if let (Some(rig), Some(reported)) = (&backend.rig, reported) {
+                let nodes = Arc::clone(state.nodes());
+                let rig = rig.node_id.clone();
+                let discrepancy = format!(
+                    "reported {} prompt and {} completion tokens; the gateway counted {} and {}",
+                    reported.prompt_tokens,
+                    reported.completion_tokens,
+                    check.counted.prompt_tokens,
+                    check.counted.completion_tokens
+                );
+                tokio::spawn(async move {
+                    let failed = nodes
+                        .record_check(&rig, CheckKind::Usage, Some(&discrepancy))
+                        .await;
+                    if let Err(err) = failed {
+                        tracing::warn!(node = %rig, error = %err, "cannot record a failed usage check");
+                    }
+                });
+            }
         }
         billed.usage = check.counted;
         counted = Counted {

@@ -41,7 +41,9 @@ impl Nodes {
                 None => (false, false, None),
             },
         };
+        let trust = self.trust(&record.id).await?;
         Ok(NodeInfo {
+            trust,
             models: live
                 .as_ref()
                 .map(|l| l.heartbeat.serving_models())
@@ -94,7 +96,7 @@ impl Nodes {
             .await?;
         if let Some(tunnel) = self.tunnels().get_mut(id) {
             tunnel.record.drained = drained;
-            tunnel.draining = drained;
+            tunnel.draining = drained || tunnel.record.quarantined;
             if drained {
                 self.route(tunnel, Vec::new());
             }

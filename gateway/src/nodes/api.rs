@@ -223,3 +223,61 @@ pub async fn resume_node(
 ) -> Result<Json<NodeInfo>, ApiError> {
     Ok(Json(state.nodes().set_drained(&id, false).await?))
 }
+
+/// A spot check's outcome, with the rig as it stands after it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SpotCheckResult {
+    /// `passed`, `failed` or `inconclusive` (no other rig to compare with, references split,
+    /// or the rig did not answer).
+    pub verdict: String,
+    /// What the check found, unless it passed.
+    pub detail: Option<String>,
+    pub node: NodeInfo,
+}
+
+/// Spot-checks a rig now: a challenge compared with other rigs serving its model (see
+/// docs/trust.md); the verdict counts toward its trust.
+#[utoipa::path(
+    post, path = "/admin/nodes/{id}/verify", tag = "admin",
+    params(("id" = String, Path, description = "Node id")),
+    responses(
+        (status = 200, body = SpotCheckResult),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 503, description = "The rig is not in routing", body = ErrorBody),
+        (status = 400, description = "Malformed path or query", body = ErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn verify_node(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<SpotCheckResult>, ApiError> {
+    state.nodes().get_info(&id).await?;
+    let verdict = state.nodes().spot_check(&id, &state.config().trust).await?;
+    let (verdict, detail) = match verdict {
+        crate::nodes::Verdict::Passed => ("passed", None),
+        crate::nodes::Verdict::Failed(why) => ("failed", Some(why)),
+        crate::nodes::Verdict::Inconclusive(why) => ("inconclusive", Some(why)),
+    };
+    Ok(Json(SpotCheckResult {
+        verdict: verdict.into(),
+        detail,
+        node: state.nodes().get_info(&id).await?,
+    }))
+}
+
+/// Brings a rig back after quarantine: `unverified`, in routing with its next heartbeat; its
+/// check history is kept.
+#[utoipa::path(
+    post, path = "/admin/nodes/{id}/reinstate", tag = "admin",
+    params(("id" = String, Path, description = "Node id")),
+    responses((status = 200, body = NodeInfo), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 400, description = "Malformed path or query", body = ErrorBody)),
+    security(("admin_token" = []))
+)]
+pub async fn reinstate_node(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<NodeInfo>, ApiError> {
+    Ok(Json(state.nodes().reinstate(&id).await?))
+}

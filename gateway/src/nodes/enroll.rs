@@ -72,6 +72,7 @@ impl Nodes {
             enrolled_at: unix_now(),
             revoked_at: None,
             drained: false,
+            quarantined: false,
             version: request.version,
         };
         self.put(NODE_KIND, &id, &record).await?;

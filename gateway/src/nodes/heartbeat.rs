@@ -47,7 +47,7 @@ impl Nodes {
             tracing::info!(node = %id, "rig heartbeats resumed; back in routing");
             tunnel.silent_logged = false;
         }
-        tunnel.draining = heartbeat.draining || tunnel.record.drained;
+        tunnel.draining = heartbeat.draining || tunnel.record.drained || tunnel.record.quarantined;
         let models = if tunnel.draining {
             Vec::new()
         } else {
@@ -209,7 +209,7 @@ impl Nodes {
             self.route(tunnel, Vec::new());
             return;
         }
-        if record.drained && !tunnel.draining {
+        if (record.drained || record.quarantined) && !tunnel.draining {
             tunnel.draining = true;
             self.route(tunnel, Vec::new());
         }

@@ -8,9 +8,12 @@
 
 mod admin;
 pub mod api;
+mod challenge;
 mod enroll;
+pub use challenge::Verdict;
 mod heartbeat;
 mod remote;
+pub mod trust;
 mod tunnel;
 
 use std::collections::HashMap;
@@ -57,6 +60,10 @@ pub struct NodeRecord {
     /// An admin took it out of routing.
     pub drained: bool,
     pub version: String,
+    /// Failed its checks (see [`trust`]): out of routing, without the rig being told, until
+    /// an admin reinstates it.
+    #[serde(default)]
+    pub quarantined: bool,
 }
 
 /// An enrollment token as the store keeps it.
@@ -101,6 +108,8 @@ pub struct NodeInfo {
     pub last_heartbeat_at: Option<u64>,
     /// The last heartbeat: GPUs and engines with their stats.
     pub heartbeat: Option<Heartbeat>,
+    /// What the gateway's checks found (see docs/trust.md).
+    pub trust: trust::Trust,
     pub version: String,
 }
 
@@ -186,6 +195,8 @@ pub struct Nodes {
     /// Events for the other replicas, published in order by [`Nodes::publish_adverts`].
     outbox: Option<tokio::sync::mpsc::UnboundedSender<StoreEvent>>,
     outbox_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<StoreEvent>>>,
+    /// Checks of rigs, by kind and outcome.
+    checks: prometheus::IntCounterVec,
 }
 
 fn corrupt(err: serde_json::Error) -> StoreError {
@@ -223,6 +234,15 @@ impl Nodes {
             remote: Mutex::new(HashMap::new()),
             outbox,
             outbox_rx: Mutex::new(outbox_rx),
+            checks: prometheus::IntCounterVec::new(
+                prometheus::Opts::new(
+                    "garage_rig_checks_total",
+                    "Checks of rigs (docs/trust.md), by kind (spot_check, usage) and outcome \
+                     (passed, failed, inconclusive)",
+                ),
+                &["kind", "outcome"],
+            )
+            .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
             store,
             hasher,
             backends,
@@ -288,6 +308,7 @@ mod tests {
             revoked_at: None,
             drained: false,
             version: String::new(),
+            quarantined: false,
         }
     }
 

@@ -14,6 +14,8 @@
 
 /// Records: a rig's identity and state, by node id.
 pub const NODES: &str = "node";
+/// Records: a rig's trust (what the gateway's checks found), by node id.
+pub const NODE_TRUST: &str = "node_trust";
 /// Records: enrollment tokens, by token id (their secret is stored hashed).
 pub const ENROLLMENT_TOKENS: &str = "enrollment_token";
 

@@ -25,5 +25,6 @@ mod scale;
 mod signals;
 mod store_suite;
 mod tls_upstream;
+mod trust;
 mod upstream;
 mod usage;

@@ -1,0 +1,226 @@
+//! What the gateway's checks found about a rig, and what follows from it.
+//!
+//! Two kinds of check: a **spot check** (a challenge request compared with other rigs' answers
+//! by log-probabilities, see [`super::challenge`]) passes or fails; a **usage check** (a
+//! request's reported tokens against the gateway's own count, see
+//! [`crate::ledger::tokens`]) can only fail: a rig earns trust by serving the model it claims,
+//! not by counting honestly now and then.
+//!
+//! States: `unverified` (new, or reinstated) → `verified` after [`VERIFY_AFTER`] spot checks
+//! passed in a row → `suspect` on any failure → `quarantined` after [`QUARANTINE_AFTER`]
+//! failures in a row. A passed spot check clears a suspect. A quarantined rig leaves routing on
+//! every replica (it is not told: it would only learn to cheat better) until an admin reinstates
+//! it. The record lives in the store, shared by every replica.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::*;
+use crate::store::keyspace::NODE_TRUST;
+
+/// Spot checks passed in a row that make a rig `verified`.
+pub const VERIFY_AFTER: u32 = 3;
+/// Failed checks in a row that quarantine a rig.
+pub const QUARANTINE_AFTER: u32 = 3;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TrustStatus {
+    #[default]
+    Unverified,
+    Verified,
+    Suspect,
+    Quarantined,
+}
+
+/// Which check a rig passed or failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckKind {
+    /// A challenge request compared with other rigs' answers.
+    SpotCheck,
+    /// A request's reported usage against the gateway's count.
+    Usage,
+}
+
+/// A rig's trust, as the admin API shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Trust {
+    pub status: TrustStatus,
+    pub checks_passed: u64,
+    pub checks_failed: u64,
+    /// Spot checks passed since the last failure.
+    pub passed_in_a_row: u32,
+    /// Checks failed since the last spot check passed.
+    pub failed_in_a_row: u32,
+    /// Unix seconds of the last check.
+    pub last_check_at: Option<u64>,
+    pub last_check: Option<CheckKind>,
+    /// What the last failed check found.
+    pub last_discrepancy: Option<String>,
+    /// Unix seconds it was quarantined.
+    pub quarantined_at: Option<u64>,
+}
+
+impl Trust {
+    /// Folds a check's outcome in; true when it quarantined the rig.
+    fn apply(&mut self, kind: CheckKind, failure: Option<&str>, now: u64) -> bool {
+        self.last_check_at = Some(now);
+        self.last_check = Some(kind);
+        match failure {
+            None => {
+                self.checks_passed += 1;
+                if kind == CheckKind::SpotCheck {
+                    self.passed_in_a_row = self.passed_in_a_row.saturating_add(1);
+                    self.failed_in_a_row = 0;
+                }
+            }
+            Some(discrepancy) => {
+                self.checks_failed += 1;
+                self.passed_in_a_row = 0;
+                self.failed_in_a_row = self.failed_in_a_row.saturating_add(1);
+                self.last_discrepancy = Some(discrepancy.to_owned());
+            }
+        }
+        let before = self.status;
+        self.status = match self.status {
+            TrustStatus::Quarantined => TrustStatus::Quarantined,
+            _ if self.failed_in_a_row >= QUARANTINE_AFTER => TrustStatus::Quarantined,
+            _ if self.failed_in_a_row > 0 => TrustStatus::Suspect,
+            _ if self.passed_in_a_row >= VERIFY_AFTER => TrustStatus::Verified,
+            TrustStatus::Verified => TrustStatus::Verified,
+            // A suspect that passed again, not yet enough times.
+            _ => TrustStatus::Unverified,
+        };
+        if self.status == TrustStatus::Quarantined && before != TrustStatus::Quarantined {
+            self.quarantined_at = Some(now);
+            return true;
+        }
+        false
+    }
+}
+
+impl Nodes {
+    /// The metrics this registers.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![Box::new(self.checks.clone())]
+    }
+
+    /// Counts a check (an inconclusive spot check too).
+    pub(super) fn count_check(&self, kind: CheckKind, outcome: &str) {
+        let kind = match kind {
+            CheckKind::SpotCheck => "spot_check",
+            CheckKind::Usage => "usage",
+        };
+        self.checks.with_label_values(&[kind, outcome]).inc();
+    }
+
+    /// A rig's trust record (a new rig's when it has none).
+    pub async fn trust(&self, id: &str) -> Result<Trust, StoreError> {
+        Ok(self.get(NODE_TRUST, id).await?.unwrap_or_default())
+    }
+
+    /// Records a check's outcome (`failure`: what was found; `None`: passed); quarantines the
+    /// rig when it is the last straw. Records from several replicas may race on one rig; a
+    /// lost update delays a verdict by a check, never inverts one.
+    pub async fn record_check(
+        &self,
+        id: &str,
+        kind: CheckKind,
+        failure: Option<&str>,
+    ) -> Result<Trust, StoreError> {
+        let mut trust = self.trust(id).await?;
+        self.count_check(
+            kind,
+            if failure.is_some() {
+                "failed"
+            } else {
+                "passed"
+            },
+        );
+        let quarantine = trust.apply(kind, failure, unix_now());
+        self.put(NODE_TRUST, id, &trust).await?;
+        if let Some(discrepancy) = failure {
+            tracing::warn!(node = %id, check = ?kind, status = ?trust.status, discrepancy, "rig failed a check");
+        }
+        if quarantine {
+            tracing::warn!(node = %id, "rig quarantined: out of routing until an admin reinstates it");
+            self.set_quarantined(id, true).await?;
+        }
+        Ok(trust)
+    }
+
+    /// Brings a quarantined (or any) rig back: `unverified`, in routing with its next
+    /// heartbeat, its history kept.
+    pub async fn reinstate(&self, id: &str) -> Result<NodeInfo, ApiError> {
+        self.require(id).await?;
+        let mut trust = self.trust(id).await?;
+        trust.status = TrustStatus::Unverified;
+        trust.failed_in_a_row = 0;
+        trust.passed_in_a_row = 0;
+        trust.quarantined_at = None;
+        self.put(NODE_TRUST, id, &trust).await?;
+        self.set_quarantined(id, false).await?;
+        tracing::info!(node = %id, "rig reinstated by admin");
+        self.get_info(id).await
+    }
+
+    async fn set_quarantined(&self, id: &str, quarantined: bool) -> Result<(), StoreError> {
+        let Some(mut record) = self.get::<NodeRecord>(NODE_KIND, id).await? else {
+            return Ok(());
+        };
+        record.quarantined = quarantined;
+        self.put(NODE_KIND, id, &record).await?;
+        self.store
+            .publish(&StoreEvent::NodeChanged { id: id.to_owned() })
+            .await?;
+        if let Some(tunnel) = self.tunnels().get_mut(id) {
+            tunnel.record.quarantined = quarantined;
+            if quarantined {
+                tunnel.draining = true;
+                self.route(tunnel, Vec::new());
+            } else {
+                // Back in routing with its next heartbeat.
+                tunnel.draining = tunnel.record.drained;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_verify_failures_quarantine() {
+        let mut trust = Trust::default();
+        for _ in 0..VERIFY_AFTER - 1 {
+            assert!(!trust.apply(CheckKind::SpotCheck, None, 1));
+            assert_eq!(trust.status, TrustStatus::Unverified);
+        }
+        trust.apply(CheckKind::SpotCheck, None, 1);
+        assert_eq!(trust.status, TrustStatus::Verified);
+        // Usage checks that pass do not count toward trust; one that fails makes a suspect.
+        trust.apply(CheckKind::Usage, None, 2);
+        assert_eq!(trust.passed_in_a_row, VERIFY_AFTER);
+        trust.apply(CheckKind::Usage, Some("3x the tokens"), 2);
+        assert_eq!(trust.status, TrustStatus::Suspect);
+        // A passed spot check clears it, but trust is earned again from the start.
+        trust.apply(CheckKind::SpotCheck, None, 3);
+        assert_eq!(trust.status, TrustStatus::Unverified);
+        for _ in 0..QUARANTINE_AFTER - 1 {
+            assert!(!trust.apply(CheckKind::SpotCheck, Some("another model"), 4));
+            assert_eq!(trust.status, TrustStatus::Suspect);
+        }
+        assert!(trust.apply(CheckKind::SpotCheck, Some("another model"), 5));
+        assert_eq!(trust.status, TrustStatus::Quarantined);
+        assert_eq!(trust.quarantined_at, Some(5));
+        // Only an admin brings it back.
+        for _ in 0..10 {
+            assert!(!trust.apply(CheckKind::SpotCheck, None, 6));
+        }
+        assert_eq!(trust.status, TrustStatus::Quarantined);
+        assert_eq!(trust.last_discrepancy.as_deref(), Some("another model"));
+    }
+}

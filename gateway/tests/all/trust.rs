@@ -1,0 +1,223 @@
+//! Rigs are strangers: spot checks compare a rig's answers with other rigs' by
+//! log-probabilities (honest rigs, each with its own hardware noise, become verified and stay
+//! so; an impersonator is quarantined), usage checks catch a rig that inflates its reports,
+//! quarantine takes a rig out of routing without failed requests, and an admin reinstates it.
+//! On both stores.
+
+use std::time::Duration;
+
+use crate::support::*;
+use garage_node_runner::agent::Agent;
+use garage_node_runner::config::{Driver, EngineConfig, SimulatedDriver};
+use serde_json::{Value, json};
+
+/// A rig serving [`MODEL`], honest or not.
+async fn rig(base: &str, name: &str, token: &str, driver: SimulatedDriver) -> Agent {
+    let engines = garage_node_runner::engines::EngineSet::start(vec![EngineConfig {
+        name: "sim".into(),
+        models: vec![MODEL.into()],
+        gpus: Vec::new(),
+        port: 0,
+        driver: Driver::Simulated(driver),
+        health_timeout_secs: 30,
+    }])
+    .await;
+    Agent::start(rig_options(base, name, token), engines)
+        .await
+        .expect("rig joins")
+}
+
+/// An honest engine: its own small log-probability noise, as a GPU of its own has.
+fn honest() -> SimulatedDriver {
+    SimulatedDriver {
+        logprob_noise: 0.01,
+        ..SimulatedDriver::default()
+    }
+}
+
+fn trust_config(store: Option<&RedisServer>) -> garage_gateway::Config {
+    let mut cfg = config(vec![]);
+    if let Some(redis) = store {
+        cfg.store = redis.url();
+        cfg.auth.key_secret = Some("trust-secret".into());
+    }
+    cfg.nodes.heartbeat_interval_secs = 1;
+    cfg.nodes.missed_heartbeats = 2;
+    cfg.trust.spot_check_interval_secs = 1;
+    cfg.trust.spot_check_timeout_secs = 10;
+    cfg
+}
+
+async fn node(base: &str, id: &str) -> Value {
+    admin_get(base, &format!("/admin/nodes/{id}")).await
+}
+
+async fn status(base: &str, id: &str) -> String {
+    node(base, id).await["trust"]["status"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn honest_rigs_are_verified_and_an_impersonator_quarantined(store: Option<&RedisServer>) {
+    let gw = gateway(trust_config(store)).await;
+    let base = gw.url();
+    let token = enrollment_token(&base, 4).await;
+    let mut honest_rigs = Vec::new();
+    for i in 0..3 {
+        honest_rigs.push(rig(&base, &format!("honest-{i}"), &token, honest()).await);
+    }
+    let cheat = rig(
+        &base,
+        "cheat",
+        &token,
+        SimulatedDriver {
+            impersonate: Some("a-smaller-model".into()),
+            logprob_noise: 0.01,
+            ..SimulatedDriver::default()
+        },
+    )
+    .await;
+    let (_, key) = create_key(&base, json!({"name": "app"})).await;
+
+    // Checked about once a second each: the honest rigs earn `verified`, the impersonator
+    // fails against them and is quarantined (three failures in a row).
+    wait_until(Duration::from_secs(30), "verdicts on every rig", || async {
+        let mut done = status(&base, cheat.node_id()).await == "quarantined";
+        for rig in &honest_rigs {
+            done &= status(&base, rig.node_id()).await == "verified";
+        }
+        done
+    })
+    .await;
+    let cheat_node = node(&base, cheat.node_id()).await;
+    assert_eq!(cheat_node["routable"], false, "{cheat_node}");
+    assert!(
+        cheat_node["trust"]["last_discrepancy"]
+            .as_str()
+            .unwrap()
+            .contains("unlike the model it claims"),
+        "{cheat_node}"
+    );
+    assert_eq!(cheat_node["trust"]["checks_passed"], 0, "{cheat_node}");
+
+    // Traffic goes to the honest rigs, and none of it fails.
+    for i in 0..30 {
+        let (status, body) = post_chat(&base, &key, &chat(i % 2 == 0)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let rigs_served = admin_get(&base, "/admin/usage").await;
+    assert!(rigs_served["data"].is_array());
+
+    // Honest rigs stay verified over many checks: the false-positive rate.
+    let mut checks = 0;
+    let mut failed = 0;
+    for _ in 0..10 {
+        for rig in &honest_rigs {
+            let result = admin_post(
+                &base,
+                &format!("/admin/nodes/{}/verify", rig.node_id()),
+                json!({}),
+            )
+            .await;
+            assert_eq!(result.0, 200, "{}", result.1);
+            checks += 1;
+            if result.1["verdict"] == "failed" {
+                failed += 1;
+            }
+        }
+    }
+    eprintln!("honest rigs: {failed} of {checks} spot checks failed");
+    assert_eq!(
+        failed, 0,
+        "honest rigs failed {failed} of {checks} spot checks"
+    );
+    for rig in &honest_rigs {
+        assert_eq!(status(&base, rig.node_id()).await, "verified");
+    }
+
+    // An admin reinstates the impersonator: unverified, back in routing.
+    let (code, reinstated) = admin_post(
+        &base,
+        &format!("/admin/nodes/{}/reinstate", cheat.node_id()),
+        json!({}),
+    )
+    .await;
+    assert_eq!(code, 200, "{reinstated}");
+    assert_eq!(reinstated["trust"]["status"], "unverified", "{reinstated}");
+    assert_metrics_include(
+        &base,
+        &["garage_rig_checks_total{kind=\"spot_check\",outcome=\"failed\"}".into()],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn honest_rigs_are_verified_and_an_impersonator_quarantined_on_the_embedded_store() {
+    honest_rigs_are_verified_and_an_impersonator_quarantined(None).await;
+}
+
+#[tokio::test]
+async fn honest_rigs_are_verified_and_an_impersonator_quarantined_on_redis() {
+    let redis = RedisServer::start();
+    honest_rigs_are_verified_and_an_impersonator_quarantined(Some(&redis)).await;
+}
+
+#[tokio::test]
+async fn a_rig_that_inflates_its_usage_is_quarantined_and_traffic_moves() {
+    let mut cfg = trust_config(None);
+    cfg.trust.spot_check_interval_secs = 0;
+    cfg.tokenizers.insert(
+        MODEL.into(),
+        garage_gateway::config::TokenizerConfig {
+            file: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../sim-engine/tokenizer.json"),
+            chat_template_tokens: 4,
+        },
+    );
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    let token = enrollment_token(&base, 2).await;
+    let _honest = rig(&base, "honest", &token, honest()).await;
+    let inflator = rig(
+        &base,
+        "inflator",
+        &token,
+        SimulatedDriver {
+            usage_inflation: Some(3.0),
+            ..SimulatedDriver::default()
+        },
+    )
+    .await;
+    let (_, key) = create_key(&base, json!({"name": "app"})).await;
+    wait_until(Duration::from_secs(10), "both rigs routable", || async {
+        routable_rigs(&base).await == 2
+    })
+    .await;
+    // Every request succeeds; each one the inflator serves is a failed usage check, and the
+    // third puts it in quarantine.
+    for i in 0..40 {
+        let (status, body) = post_chat(&base, &key, &chat(i % 2 == 0)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    wait_until(
+        Duration::from_secs(5),
+        "the inflator quarantined",
+        || async { status(&base, inflator.node_id()).await == "quarantined" },
+    )
+    .await;
+    let found = node(&base, inflator.node_id()).await;
+    assert_eq!(found["trust"]["last_check"], "usage", "{found}");
+    assert!(
+        found["trust"]["last_discrepancy"]
+            .as_str()
+            .unwrap()
+            .contains("the gateway counted"),
+        "{found}"
+    );
+    assert_eq!(routable_rigs(&base).await, 1);
+    for i in 0..10 {
+        let (status, body) = post_chat(&base, &key, &chat(i % 2 == 0)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
