@@ -53,7 +53,7 @@ struct ServeArgs {
     /// TOML config file.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// State store: `memory` or a redis:// URL.
+    /// State store: `memory` or a Redis URL (redis://, redis+cluster://, redis+sentinel://).
     #[arg(long)]
     store: Option<String>,
     /// Serve HTTPS with this PEM certificate chain (with --tls-key-file).

@@ -5,7 +5,10 @@
 //! The store has four shapes (see [`Store`](super::Store)): API keys (their own methods),
 //! **records** (a kind, then records by id), **kv** (values and counters, optionally expiring)
 //! and **queues** (items leased and acknowledged). On Redis each is prefixed (`garage:`) by the
-//! Redis store itself.
+//! Redis store itself, which also adds the hash tags a Redis Cluster needs: a queue's keys share
+//! the tag `{q:<name>}` and API keys the tag `{keys}`, while a kv name or a record kind is one
+//! Redis key used alone, untagged (see `store/redis/mod.rs` and docs/redis.md). The names here
+//! may hold any characters, braces included.
 
 // ---- keys ---------------------------------------------------------------------------------
 // API keys: by HMAC and by id, through `Store::put_key` and friends (owner: `keys`).

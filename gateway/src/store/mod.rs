@@ -1,5 +1,6 @@
 //! The state store: one trait, an embedded in-memory implementation (the default) and a Redis one
-//! (for several gateway replicas). Both pass the same test suite (`tests/store_suite.rs`).
+//! (for several gateway replicas: on one server, a Redis Cluster or a primary watched by Redis
+//! Sentinel). All pass the same test suite (`tests/all/store_suite.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -214,7 +215,8 @@ pub async fn read_counter(store: &dyn Store, key: &str) -> Result<i64, StoreErro
         .unwrap_or(0))
 }
 
-/// Opens the store a config names: `memory` or a Redis URL. On the embedded store, each kind in
+/// Opens the store a config names: `memory` or a Redis URL (`redis://`, `redis+cluster://`,
+/// `redis+sentinel://`; see docs/redis.md). On the embedded store, each kind in
 /// `memory_caps` keeps at most that many records (the oldest inserted go first); Redis keeps all.
 pub async fn open(url: &str, memory_caps: &[(&str, usize)]) -> Result<Arc<dyn Store>, StoreError> {
     if crate::config::is_embedded(url) {

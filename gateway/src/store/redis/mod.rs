@@ -1,142 +1,81 @@
-//! The Redis store: the shared state of several gateway replicas.
+//! The Redis store: the shared state of several gateway replicas, on one Redis server, a Redis
+//! Cluster, or a primary with replicas watched by Redis Sentinel (the URL says which: see
+//! [`deployment`]; docs/operations.md tells how to run each).
 //!
-//! Layout (every key under `garage:`): `key:{id}` → JSON record, `keyhash:{hash}` → id,
-//! `keys` → sorted set of ids by creation time, `kv:{name}` → plugin state,
-//! `rec:{kind}` → hash of JSON records by id; work queues as `q:{name}:waiting` (sorted set by
-//! arrival), `q:{name}:leased` (sorted set by lease deadline, Unix ms by the server's clock),
-//! `q:{name}:items` (hash of payloads) and `q:{name}:seq`; events on the `garage:events` channel.
+//! Layout 2 (every key under `garage:`). Keys that one command, `MULTI` or script touches
+//! together share a hash tag, the part in braces, so that on a Redis Cluster they live in one
+//! slot; a key always used alone has no tag, and its whole name spreads it over the cluster:
+//!
+//! - API keys, tag `{keys}`: `{keys}:id:<id>` → JSON record, `{keys}:hash:<hash>` → id,
+//!   `{keys}:index` → sorted set of ids by creation time (written together by `put_key`, read
+//!   together by `list_keys`; the gateway caches keys, so their one slot is not a hot spot);
+//! - `kv:<name>` → plugin state and counters (alone);
+//! - `rec:<kind>` → hash of JSON records by id (one key per kind);
+//! - a work queue, tag `{q:<name>}`: `{q:<name>}:waiting` (sorted set by arrival),
+//!   `{q:<name>}:leased` (sorted set by lease deadline, Unix ms by the server's clock),
+//!   `{q:<name>}:items` (hash of payloads) and `{q:<name>}:seq` (its scripts use all four).
+//!   A queue name holding `}` cuts its tag short there, but alike in all four names, so they
+//!   still share a slot;
+//! - `layout` → the layout's number; events on the `garage:events` channel.
+//!
+//! Layout 1 (before Redis Cluster support) had the same names without tags; [`migrate`] moves
+//! a store of layout 1 when a gateway connects.
+
+mod connection;
+mod deployment;
+mod events;
+mod migrate;
+mod scripts;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
+use self::connection::{Connection, SentinelConnection};
+use self::deployment::Deployment;
+use self::events::{EVENTS_CHANNEL, EventSource, forward_events};
+use self::scripts::*;
 use super::{ApiKeyRecord, EVENT_BUFFER, QueueCounts, QueueItem, Store, StoreError, StoreEvent};
 
-const EVENTS_CHANNEL: &str = "garage:events";
+/// The index of API keys by creation time.
+const KEYS_INDEX: &str = "garage:{keys}:index";
 
-/// INCRBY that sets the expiry only on a key that has none, so a rate-limit window starts when
-/// its counter is created and does not slide with every hit.
-const INCR_WITH_TTL: &str = r"
-local v = redis.call('INCRBY', KEYS[1], ARGV[1])
-if tonumber(ARGV[2]) > 0 and redis.call('PTTL', KEYS[1]) == -1 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return v
-";
+fn key_key(id: &str) -> String {
+    format!("garage:{{keys}}:id:{id}")
+}
 
-/// Adds to a counter only if the result stays within a limit (nil when it would not), with the
-/// same create-time expiry as `INCR_WITH_TTL`.
-const RESERVE_WITH_TTL: &str = r"
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if current == nil then
-  return redis.error_reply('value is not an integer')
-end
-if current + tonumber(ARGV[1]) > tonumber(ARGV[2]) then
-  return false
-end
-local v = redis.call('INCRBY', KEYS[1], ARGV[1])
-if tonumber(ARGV[3]) > 0 and redis.call('PTTL', KEYS[1]) == -1 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
-end
-return v
-";
+fn hash_key(hash: &str) -> String {
+    format!("garage:{{keys}}:hash:{hash}")
+}
 
-/// Queues items not already there (waiting or leased); every payload is replaced.
-/// KEYS: waiting, leased, items, seq. ARGV: id, payload, id, payload...
-const QUEUE_PUSH: &str = r"
-for i = 1, #ARGV, 2 do
-  local id = ARGV[i]
-  redis.call('HSET', KEYS[3], id, ARGV[i + 1])
-  if not redis.call('ZSCORE', KEYS[2], id) and not redis.call('ZSCORE', KEYS[1], id) then
-    redis.call('ZADD', KEYS[1], redis.call('INCR', KEYS[4]), id)
-  end
-end
-return 1
-";
+fn kv_key(name: &str) -> String {
+    format!("garage:kv:{name}")
+}
 
-/// The server's clock in Unix milliseconds, so that every replica agrees on lease deadlines.
-const NOW_MS: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-";
+/// Records of one kind live in one hash: listing a kind is one HVALS.
+fn record_key(kind: &str) -> String {
+    format!("garage:rec:{kind}")
+}
 
-/// Puts items whose lease ran out back at the head of the queue (score 0).
-const REQUEUE_EXPIRED: &str = r"
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-for _, id in ipairs(expired) do
-  redis.call('ZREM', KEYS[2], id)
-  redis.call('ZADD', KEYS[1], 0, id)
-end
-";
-
-/// KEYS: waiting, leased, items. ARGV: max, lease ms. Returns id, payload, id, payload...
-const QUEUE_LEASE: &str = r"
-local popped = redis.call('ZPOPMIN', KEYS[1], ARGV[1])
-local out = {}
-for i = 1, #popped, 2 do
-  local id = popped[i]
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), id)
-  out[#out + 1] = id
-  out[#out + 1] = redis.call('HGET', KEYS[3], id) or ''
-end
-return out
-";
-
-/// KEYS: waiting, leased, items, seq. ARGV: ids. Returns how many of them were there.
-const QUEUE_ACK: &str = r"
-local found = 0
-for i = 1, #ARGV do
-  if redis.call('ZREM', KEYS[2], ARGV[i]) + redis.call('ZREM', KEYS[1], ARGV[i]) > 0 then
-    found = found + 1
-  end
-  redis.call('HDEL', KEYS[3], ARGV[i])
-end
-if redis.call('HLEN', KEYS[3]) == 0 then
-  redis.call('DEL', KEYS[4])
-end
-return found
-";
-
-/// KEYS: waiting, leased. ARGV: id. Returns 1 when the item was leased.
-const QUEUE_RELEASE: &str = r"
-if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
-  redis.call('ZADD', KEYS[1], 0, ARGV[1])
-  return 1
-end
-return 0
-";
-
-/// KEYS: waiting, leased. Returns {waiting, leased}, an expired lease counting as waiting.
-const QUEUE_COUNTS: &str = r"
-local expired = redis.call('ZCOUNT', KEYS[2], '-inf', now)
-return {redis.call('ZCARD', KEYS[1]) + expired, redis.call('ZCARD', KEYS[2]) - expired}
-";
-
-/// KEYS: waiting, leased, items. Returns how many waiting items it removed.
-const QUEUE_DROP_WAITING: &str = r"
-local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
-for _, id in ipairs(ids) do
-  redis.call('HDEL', KEYS[3], id)
-end
-redis.call('DEL', KEYS[1])
-return #ids
-";
+/// One of a queue's keys (`waiting`, `leased`, `items`, `seq`). The tag starts with `q:`, so it
+/// is never empty, whatever the queue's name.
+fn queue_part_key(name: &str, part: &str) -> String {
+    format!("garage:{{q:{name}}}:{part}")
+}
 
 /// A queue's keys: waiting, leased, items, seq.
 fn queue_keys(name: &str) -> [String; 4] {
-    ["waiting", "leased", "items", "seq"].map(|part| format!("garage:q:{name}:{part}"))
+    ["waiting", "leased", "items", "seq"].map(|part| queue_part_key(name, part))
 }
 
 /// Pushes go in chunks: one script call stays short, so other clients are not held up.
 const PUSH_CHUNK: usize = 500;
 
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Connection,
     events: broadcast::Sender<StoreEvent>,
     incr_script: redis::Script,
     reserve_script: redis::Script,
@@ -155,34 +94,32 @@ impl Drop for RedisStore {
     }
 }
 
-fn key_key(id: &str) -> String {
-    format!("garage:key:{id}")
-}
-fn hash_key(hash: &str) -> String {
-    format!("garage:keyhash:{hash}")
-}
-fn kv_key(name: &str) -> String {
-    format!("garage:kv:{name}")
-}
-/// Records of one kind live in one hash: listing a kind is one HVALS.
-fn record_key(kind: &str) -> String {
-    format!("garage:rec:{kind}")
-}
-const KEYS_INDEX: &str = "garage:keys";
-
 impl RedisStore {
-    /// Connects (and fails if Redis cannot be reached now); later outages are retried.
+    /// Connects to the deployment `url` names (and fails if it cannot be reached now); later
+    /// outages are retried. A single server or Sentinel store of an older layout is moved to
+    /// today's first.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)?;
-        // Bounded waits: on the request path a store outage must turn into a quick 503, not a
-        // request that hangs while the client library retries.
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client.clone(), manager_config).await?;
+        let (mut conn, source) = match Deployment::parse(url)? {
+            Deployment::Single(url) => {
+                let source = EventSource::Single(redis::Client::open(url.as_str())?);
+                (Connection::single(&url).await?, source)
+            }
+            Deployment::Cluster { seeds } => {
+                let cluster = connection::cluster(&seeds).await?;
+                let source = EventSource::cluster(&seeds, cluster.clone())?;
+                (Connection::Cluster(cluster), source)
+            }
+            Deployment::Sentinel(target) => {
+                let conn = SentinelConnection::connect(&target).await?;
+                let source = EventSource::sentinel(&target, conn.clone())?;
+                (Connection::Sentinel(conn), source)
+            }
+        };
+        if !matches!(conn, Connection::Cluster(_)) {
+            migrate::to_current_layout(&mut conn).await?;
+        }
         let (events, _) = broadcast::channel(EVENT_BUFFER);
-        let subscriber = tokio::spawn(forward_events(client, events.clone()));
+        let subscriber = tokio::spawn(forward_events(source, events.clone()));
         Ok(RedisStore {
             conn,
             events,
@@ -198,43 +135,6 @@ impl RedisStore {
             )),
             subscriber,
         })
-    }
-}
-
-/// Relays the Redis channel into the local broadcast, reconnecting after a loss. A reconnect
-/// means events may have been missed, so it announces `Resync` for caches to drop everything.
-async fn forward_events(client: redis::Client, events: broadcast::Sender<StoreEvent>) {
-    let mut backoff = Duration::from_millis(100);
-    let mut first = true;
-    loop {
-        match client.get_async_pubsub().await {
-            Ok(mut pubsub) => {
-                if let Err(err) = pubsub.subscribe(EVENTS_CHANNEL).await {
-                    tracing::warn!(error = %err, "cannot subscribe to store events");
-                } else {
-                    if !first {
-                        let _ = events.send(StoreEvent::Resync);
-                    }
-                    first = false;
-                    backoff = Duration::from_millis(100);
-                    let mut messages = pubsub.on_message();
-                    while let Some(msg) = messages.next().await {
-                        let payload: Vec<u8> = msg.get_payload_bytes().to_vec();
-                        match serde_json::from_slice::<StoreEvent>(&payload) {
-                            Ok(event) => {
-                                let _ = events.send(event);
-                            }
-                            Err(err) => tracing::warn!(error = %err, "unreadable store event"),
-                        }
-                    }
-                    tracing::warn!("store event subscription lost; reconnecting");
-                }
-            }
-            Err(err) => tracing::warn!(error = %err, "cannot reach store for events"),
-        }
-        tokio::time::sleep(backoff).await;
-        // Reconnect quickly at first (a restart of Redis), then back off to a few seconds.
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
