@@ -19,6 +19,8 @@ mod hostile;
 mod openapi;
 mod plugin_host;
 mod plugins;
+mod redis_cluster;
+mod redis_failover;
 mod redis_replicas;
 mod rigs;
 mod scale;

@@ -1,24 +1,37 @@
-//! Several gateway replicas on one Redis: shared keys, revocation everywhere within a second,
-//! keys that survive a restart.
+//! Several gateway replicas on one Redis server: shared keys, revocation everywhere within a
+//! second, keys that survive a restart. `redis_cluster` and `redis_failover` run the first on
+//! the other deployments.
 
 use std::time::{Duration, Instant};
 
 use crate::support::*;
 use serde_json::json;
 
-fn redis_config(redis: &RedisServer, upstream_url: String) -> garage_gateway::Config {
+/// A gateway's config on the Redis store at `store_url` (any deployment), with the secret
+/// every replica shares.
+pub fn store_config(store_url: &str, upstream_url: String) -> garage_gateway::Config {
     let mut cfg = config(vec![upstream("a", upstream_url)]);
-    cfg.store = redis.url();
+    cfg.store = store_url.to_owned();
     cfg.auth.key_secret = Some("shared-replica-secret".into());
     cfg
+}
+
+fn redis_config(redis: &RedisServer, upstream_url: String) -> garage_gateway::Config {
+    store_config(&redis.url(), upstream_url)
 }
 
 #[tokio::test]
 async fn replicas_share_keys_and_revocations() {
     let redis = RedisServer::start();
+    replicas_on_store_share_keys_and_revocations(&redis.url()).await;
+}
+
+/// Two gateways on the store at `store_url`: a key made on one works on the other, and its
+/// revocation reaches the other within a second.
+pub async fn replicas_on_store_share_keys_and_revocations(store_url: &str) {
     let engine = fast_sim().await;
-    let one = gateway(redis_config(&redis, engine.base_url())).await;
-    let two = gateway(redis_config(&redis, engine.base_url())).await;
+    let one = gateway(store_config(store_url, engine.base_url())).await;
+    let two = gateway(store_config(store_url, engine.base_url())).await;
 
     let (id, key) = create_key(&one.url(), json!({"name": "shared"})).await;
     // Made on one replica, accepted by the other (and now cached there).

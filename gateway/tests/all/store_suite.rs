@@ -1,9 +1,10 @@
-//! One suite, run against every store implementation.
+//! One suite, run against every store implementation: memory, one Redis server, a Redis Cluster
+//! and a Sentinel-watched primary.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::support::{RedisServer, wait_until};
+use crate::support::{RedisCluster, RedisFailover, RedisServer, query, wait_until};
 use garage_gateway::store::{
     ApiKeyRecord, MemoryStore, QueueCounts, QueueItem, RedisStore, Store, StoreEvent,
 };
@@ -353,6 +354,18 @@ async fn queues(store: &dyn Store) {
             .is_empty()
     );
 
+    // A queue whose name holds braces works too (on a Redis Cluster, its keys still share a
+    // slot).
+    let odd = "}odd{name}";
+    store.queue_push(odd, &[item("z")]).await.unwrap();
+    let leased = store
+        .queue_lease(odd, 5, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(ids(&leased), ["z"]);
+    assert!(store.queue_ack(odd, "z").await.unwrap());
+    assert_eq!(store.queue_counts(odd).await.unwrap(), counts(0, 0));
+
     // Concurrent workers never lease the same item twice.
     let many: Vec<QueueItem> = (0..300).map(|i| item(&format!("i{i:03}"))).collect();
     store.queue_push("many", &many).await.unwrap();
@@ -439,4 +452,162 @@ async fn redis_store_reports_outage_as_error() {
         matches!(result, Ok(Err(_))),
         "a dead Redis is an error, not a hang or a panic"
     );
+}
+
+#[tokio::test]
+async fn redis_cluster_store() {
+    let cluster = RedisCluster::start(3);
+    suite(Arc::new(RedisStore::connect(&cluster.url()).await.unwrap())).await;
+}
+
+#[tokio::test]
+async fn redis_sentinel_store() {
+    let redis = RedisFailover::start();
+    suite(Arc::new(RedisStore::connect(&redis.url()).await.unwrap())).await;
+}
+
+/// Publishes `event` until `events` hears it (a subscription starts in the background).
+async fn publish_until_heard(
+    store: &dyn Store,
+    events: &mut tokio::sync::broadcast::Receiver<StoreEvent>,
+    event: &StoreEvent,
+) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            store.publish(event).await.unwrap();
+            while let Ok(Ok(got)) =
+                tokio::time::timeout(Duration::from_millis(100), events.recv()).await
+            {
+                if &got == event {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .expect("event delivered");
+}
+
+#[tokio::test]
+async fn redis_cluster_events_reach_subscribers_on_every_node() {
+    let cluster = RedisCluster::start(3);
+    let store = RedisStore::connect(&cluster.url()).await.unwrap();
+    let mut listeners = Vec::new();
+    for node in &cluster.nodes {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", node.port)).unwrap();
+        let mut pubsub = client.get_async_pubsub().await.unwrap();
+        pubsub.subscribe("garage:events").await.unwrap();
+        listeners.push(pubsub);
+    }
+    let event = StoreEvent::PluginActivated {
+        slot: "router".into(),
+    };
+    store.publish(&event).await.unwrap();
+    for (node, pubsub) in cluster.nodes.iter().zip(&mut listeners) {
+        let message = tokio::time::timeout(
+            Duration::from_secs(5),
+            futures::StreamExt::next(&mut pubsub.on_message()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no event on node {}", node.port))
+        .expect("a message");
+        let heard: StoreEvent = serde_json::from_slice(message.get_payload_bytes()).unwrap();
+        assert_eq!(heard, event, "on node {}", node.port);
+    }
+}
+
+#[tokio::test]
+async fn redis_cluster_store_resyncs_after_losing_its_subscription() {
+    let cluster = RedisCluster::start(3);
+    let store = RedisStore::connect(&cluster.url()).await.unwrap();
+    let mut events = store.subscribe();
+    let first = StoreEvent::NodeChanged { id: "n1".into() };
+    publish_until_heard(&store, &mut events, &first).await;
+
+    // Drop every pub/sub connection on every node, the store's among them.
+    for node in &cluster.nodes {
+        let _: i64 = query(node.port, &["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    }
+    let resync = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if events.recv().await.unwrap() == StoreEvent::Resync {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(resync.is_ok(), "no Resync after the subscription was lost");
+    let after = StoreEvent::NodeChanged { id: "n2".into() };
+    publish_until_heard(&store, &mut events, &after).await;
+}
+
+/// A store written by a gateway of layout 1 (names without hash tags).
+fn write_untagged_layout(port: u16) {
+    let old = record("k1", "h1", 10);
+    let json = serde_json::to_string(&old).unwrap();
+    let writes: [&[&str]; 7] = [
+        &["SET", "garage:key:k1", &json],
+        &["SET", "garage:keyhash:h1", "k1"],
+        &["ZADD", "garage:keys", "10", "k1"],
+        &["ZADD", "garage:q:batch:b1:m:waiting", "1", "line-1"],
+        &[
+            "HSET",
+            "garage:q:batch:b1:m:items",
+            "line-1",
+            "payload of line-1",
+        ],
+        &["SET", "garage:q:batch:b1:m:seq", "1"],
+        &["SET", "garage:kv:plugin:router:x", "7"],
+    ];
+    for args in writes {
+        let _: redis::Value = query(port, args).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn redis_store_moves_a_store_of_the_untagged_layout() {
+    let redis = RedisServer::start();
+    write_untagged_layout(redis.port);
+    let store = RedisStore::connect(&redis.url()).await.unwrap();
+
+    assert_eq!(store.key_by_hash("h1").await.unwrap().unwrap().id, "k1");
+    let listed: Vec<String> = store
+        .list_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(listed, ["k1"]);
+    let leased = store
+        .queue_lease("batch:b1:m", 5, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(ids(&leased), ["line-1"]);
+    assert_eq!(leased[0].payload, b"payload of line-1");
+    assert_eq!(
+        store.kv_get("plugin:router:x").await.unwrap().as_deref(),
+        Some(&b"7"[..])
+    );
+    let old_left: i64 = query(
+        redis.port,
+        &[
+            "EXISTS",
+            "garage:key:k1",
+            "garage:keyhash:h1",
+            "garage:keys",
+        ],
+    )
+    .unwrap();
+    assert_eq!(old_left, 0);
+    let layout: String = query(redis.port, &["GET", "garage:layout"]).unwrap();
+    assert_eq!(layout, "2");
+
+    // Once moved, a later start changes nothing, even where an old name reappears.
+    let _: () = query(redis.port, &["SET", "garage:keyhash:h9", "k9"]).unwrap();
+    drop(store);
+    let again = RedisStore::connect(&redis.url()).await.unwrap();
+    assert_eq!(again.key_by_hash("h1").await.unwrap().unwrap().id, "k1");
+    let untouched: String = query(redis.port, &["GET", "garage:keyhash:h9"]).unwrap();
+    assert_eq!(untouched, "k9");
 }

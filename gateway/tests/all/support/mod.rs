@@ -6,6 +6,10 @@
     reason = "each test binary uses a different part of this module"
 )]
 
+mod redis_deployments;
+
+pub use redis_deployments::*;
+
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
