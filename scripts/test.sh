@@ -3,7 +3,8 @@
 # compatibility tests (Python) against the real gateway binary.
 #
 # Works on a fresh Debian machine with only the Rust toolchain: installs what is missing
-# (redis-server, python3-venv, a C compiler) with apt-get, as root or through sudo.
+# (redis-server and redis-cli, python3-venv, a C compiler) with apt-get, as root or through
+# sudo.
 set -Eeuo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -73,6 +74,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
     needed+=(redis-server)
     installing_redis=1
 fi
+# The Redis Cluster tests join their nodes with redis-cli (Debian's redis-tools, which
+# redis-server depends on; checked apart for a redis-server installed some other way). The
+# Sentinel tests run `redis-server --sentinel`: no redis-sentinel package is needed.
+if ! command -v redis-cli >/dev/null 2>&1; then
+    needed+=(redis-tools)
+fi
 if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     needed+=(python3 python3-venv)
 fi
@@ -103,9 +110,16 @@ if [[ ${#needed[@]} -gt 0 ]]; then
         fi
     fi
 else
-    echo "all present: cc, redis-server, nginx, python3 with venv"
+    echo "all present: cc, redis-server, redis-cli, nginx, python3 with venv"
 fi
 echo "redis-server: $(redis-server --version | head -n1)"
+echo "redis-cli: $(redis-cli --version | head -n1)"
+# The Redis Cluster tests give each node its bus port (`cluster-port`, Redis 7.0 and later).
+redis_major="$(redis-server --version | sed -n 's/.* v=\([0-9]*\)\..*/\1/p')"
+if [[ -n "$redis_major" && "$redis_major" -lt 7 ]]; then
+    echo "redis-server $redis_major.x is too old: the Redis Cluster tests need 7.0 or later" >&2
+    exit 1
+fi
 
 # ---------------------------------------------------------------------------------------------
 section "Python environment (.venv)"
