@@ -324,6 +324,13 @@ pub async fn assemble(config: Config) -> Result<Assembled, StartError> {
             url: redact_url(&config.store),
             source,
         })?;
+    nodes
+        .load_trust()
+        .await
+        .map_err(|source| StartError::Store {
+            url: redact_url(&config.store),
+            source,
+        })?;
     let sweep_interval = Duration::from_millis(config.batch.sweep_interval_ms.max(100));
     let plugins = PluginHost::new(store.clone(), config.plugins.clone()).await?;
     if config.default_plugins {

@@ -200,6 +200,60 @@ impl RigLoad {
     }
 }
 
+/// What the gateway's checks found about a rig (docs/trust.md).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum TrustStatus {
+    #[default]
+    Unverified,
+    Verified,
+    Suspect,
+    Quarantined,
+}
+
+impl TrustStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrustStatus::Unverified => "unverified",
+            TrustStatus::Verified => "verified",
+            TrustStatus::Suspect => "suspect",
+            TrustStatus::Quarantined => "quarantined",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            TrustStatus::Unverified,
+            TrustStatus::Verified,
+            TrustStatus::Suspect,
+            TrustStatus::Quarantined,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+
+    fn from_u8(n: u8) -> Self {
+        match n {
+            1 => TrustStatus::Verified,
+            2 => TrustStatus::Suspect,
+            3 => TrustStatus::Quarantined,
+            _ => TrustStatus::Unverified,
+        }
+    }
+}
+
+/// The candidate label a router reads a rig's trust from (`verified`...). Labels under
+/// `garage.` are the gateway's: a rig's own labels with that prefix are dropped, so a rig
+/// cannot vouch for itself.
+pub const TRUST_LABEL: &str = "garage.trust";
+
+/// Whether a label is one a rig may set.
+pub fn is_rig_label(name: &str) -> bool {
+    !name.starts_with("garage.")
+}
+
 /// Smoothing of measured latency and speed: each request moves the average a fifth of the way,
 /// so one slow outlier does not swing routing but a real slowdown shows within a few requests.
 const EWMA_WEIGHT: f32 = 0.2;
@@ -210,9 +264,11 @@ pub struct Backend {
     pub id: String,
     /// The id's stable 64-bit key, as routers see it (`candidate.key`).
     pub key: u64,
-    /// Who the backend is, as a router asks (`candidates.describe`): built once, shared by
-    /// every request.
-    pub info: Arc<crate::plugins::CandidateInfo>,
+    /// Who the backend is, as a router asks (`candidates.describe`): built once (again when
+    /// the rig's trust changes), shared by every request.
+    pub info: arc_swap::ArcSwap<crate::plugins::CandidateInfo>,
+    /// A rig's trust ([`TrustStatus`] as a number); unused for static upstreams.
+    trust: std::sync::atomic::AtomicU8,
     pub models: Vec<String>,
     pub transport: Transport,
     pub rig: Option<RigInfo>,
@@ -263,9 +319,9 @@ impl Backend {
             None,
             origin,
         );
-        backend.info = Arc::new(crate::plugins::CandidateInfo {
+        backend.info = arc_swap::ArcSwap::from_pointee(crate::plugins::CandidateInfo {
             labels: config.labels.clone().into_iter().collect(),
-            ..(*backend.info).clone()
+            ..(**backend.info.load()).clone()
         });
         backend
     }
@@ -277,15 +333,24 @@ impl Backend {
         rig: Option<RigInfo>,
         origin: Instant,
     ) -> Self {
-        let info = Arc::new(crate::plugins::CandidateInfo {
+        let mut labels: Vec<(String, String)> = rig
+            .as_ref()
+            .map(|r| r.labels.clone())
+            .unwrap_or_default();
+        labels.retain(|(name, _)| is_rig_label(name));
+        if rig.is_some() {
+            labels.push((TRUST_LABEL.into(), TrustStatus::Unverified.as_str().into()));
+        }
+        let info = arc_swap::ArcSwap::from_pointee(crate::plugins::CandidateInfo {
             id: id.clone(),
             rig: rig.as_ref().map(|r| r.node_id.clone()).unwrap_or_default(),
             operator: rig.as_ref().map(|r| r.operator.clone()).unwrap_or_default(),
-            labels: rig.as_ref().map(|r| r.labels.clone()).unwrap_or_default(),
+            labels,
         });
         Backend {
             key: crate::plugins::candidate_key(&id),
             info,
+            trust: std::sync::atomic::AtomicU8::new(0),
             id,
             models,
             transport,
@@ -366,6 +431,29 @@ impl Backend {
             f32::from_bits(self.latency_ms.load(Ordering::Relaxed)),
             f32::from_bits(self.tokens_per_sec.load(Ordering::Relaxed)),
         )
+    }
+
+    /// A rig's trust; `None` for a static upstream (the operator's own).
+    pub fn trust(&self) -> Option<TrustStatus> {
+        self.rig
+            .as_ref()
+            .map(|_| TrustStatus::from_u8(self.trust.load(Ordering::Relaxed)))
+    }
+
+    /// Sets a rig's trust, and the label routers read it from.
+    pub fn set_trust(&self, status: TrustStatus) {
+        if self.rig.is_none() {
+            return;
+        }
+        let was = self.trust.swap(status as u8, Ordering::Relaxed);
+        if was == status as u8 && was != 0 {
+            return;
+        }
+        let mut info = (**self.info.load()).clone();
+        info.labels.retain(|(name, _)| name != TRUST_LABEL);
+        info.labels
+            .push((TRUST_LABEL.into(), status.as_str().into()));
+        self.info.store(Arc::new(info));
     }
 
     /// Requests in flight to the backend: ours, plus (for a rig on another replica) those
@@ -778,6 +866,49 @@ mod tests {
             .map(|_| set.candidates("m").unwrap()[0].id.clone())
             .collect();
         assert_eq!(firsts.len(), 300);
+    }
+
+    #[test]
+    fn a_rig_cannot_vouch_for_itself() {
+        let rig = Backend::new(
+            "rig-1".into(),
+            vec!["m".into()],
+            Transport::Url {
+                endpoints: Box::new(Endpoints::new("http://rig.invalid/v1".into())),
+                client: Arc::new(
+                    crate::upstream::http_client(&crate::config::DispatchConfig::default(), None)
+                        .unwrap(),
+                ),
+                pool: Arc::default(),
+                authorization: None,
+                health_url: None,
+            },
+            Some(RigInfo {
+                node_id: "rig-1".into(),
+                operator: "op".into(),
+                labels: vec![
+                    ("region".into(), "eu".into()),
+                    (TRUST_LABEL.into(), "verified".into()),
+                    ("garage.anything".into(), "x".into()),
+                ],
+            }),
+            Instant::now(),
+        );
+        let labels = |b: &Backend| b.info.load().labels.clone();
+        assert_eq!(
+            labels(&rig),
+            [
+                ("region".to_owned(), "eu".to_owned()),
+                (TRUST_LABEL.to_owned(), "unverified".to_owned())
+            ]
+        );
+        assert_eq!(rig.trust(), Some(TrustStatus::Unverified));
+        rig.set_trust(TrustStatus::Verified);
+        assert_eq!(rig.trust(), Some(TrustStatus::Verified));
+        assert_eq!(labels(&rig)[1].1, "verified");
+        // The operator's own upstreams are not rigs: no trust to speak of.
+        let upstream = backends(&[upstream("a", &["m"])]).snapshot().all()[0].clone();
+        assert_eq!(upstream.trust(), None);
     }
 
     #[test]

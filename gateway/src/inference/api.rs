@@ -442,7 +442,11 @@ async fn admit_and_forward(
     let body = read_body(request.into_body(), state.config().max_body_bytes).await?;
     let admitted = parse(endpoint, &body)?;
     check_model_allowed(&key, &admitted.model)?;
-    let candidates = state.backends().snapshot().candidates(&admitted.model)?;
+    let candidates = policy::trusted_enough(
+        &key,
+        &admitted.model,
+        state.backends().snapshot().candidates(&admitted.model)?,
+    )?;
     // A model some backend serves: its requests are counted by name from here on.
     ctx.series = Some(
         state

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use http::{HeaderName, HeaderValue};
 
-use crate::backends::Backend;
+use crate::backends::{Backend, TrustStatus};
 use crate::error::ApiError;
 use crate::ledger::{Award, Outcome, UsageEvent, UsageProcessor};
 use crate::plugins::{self, PluginHost, Slot};
@@ -195,6 +195,34 @@ pub async fn admit(
     })
 }
 
+/// The candidates trusted enough for the key: with `"min_trust": "verified"` in its metadata,
+/// verified rigs and the operator's own upstreams only; 503 when none is.
+pub fn trusted_enough(
+    key: &ApiKeyRecord,
+    model: &str,
+    candidates: Vec<Arc<Backend>>,
+) -> Result<Vec<Arc<Backend>>, ApiError> {
+    let wants_verified = key
+        .metadata
+        .get(crate::keys::MIN_TRUST)
+        .and_then(|v| v.as_str())
+        == Some(TrustStatus::Verified.as_str());
+    if !wants_verified {
+        return Ok(candidates);
+    }
+    let verified: Vec<Arc<Backend>> = candidates
+        .into_iter()
+        .filter(|b| b.trust().is_none_or(|t| t == TrustStatus::Verified))
+        .collect();
+    if verified.is_empty() {
+        return Err(ApiError::Unavailable(format!(
+            "No verified rig serves `{model}` right now (this key takes verified rigs only); \
+             retry shortly."
+        )));
+    }
+    Ok(verified)
+}
+
 /// Orders the healthy candidates by the router plugin's preference; the built-in round robin
 /// order when there is no router or it faulted.
 pub async fn order(
@@ -220,7 +248,7 @@ pub async fn order(
     };
     let described: Vec<plugins::Candidate> = candidates.iter().map(|b| describe(b)).collect();
     let infos: Vec<Arc<plugins::CandidateInfo>> =
-        candidates.iter().map(|b| Arc::clone(&b.info)).collect();
+        candidates.iter().map(|b| b.info.load_full()).collect();
     match plugins.route(&request, &described, &infos).await {
         Some(order) => order
             .into_iter()

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::keys::MIN_TRUST;
 use crate::error::{ApiError, ApiPath, ErrorBody};
 use crate::keys::{admin_token_matches, bearer};
 use crate::state::AppState;
@@ -111,6 +112,25 @@ pub async fn create_key(
         return Err(ApiError::bad_request(
             "name must not be empty",
             Some("name"),
+        ));
+    }
+    if let Some(min_trust) = request.metadata.get(MIN_TRUST)
+        && min_trust
+            .as_str()
+            .and_then(crate::backends::TrustStatus::parse)
+            .is_none_or(|t| {
+                !matches!(
+                    t,
+                    crate::backends::TrustStatus::Verified | crate::backends::TrustStatus::Unverified
+                )
+            })
+    {
+        return Err(ApiError::bad_request(
+            format!(
+                "metadata.{MIN_TRUST} must be \"verified\" (only verified rigs serve this key) or \
+                 \"unverified\" (any rig in routing), not {min_trust}"
+            ),
+            Some("metadata"),
         ));
     }
     let (record, secret) = state

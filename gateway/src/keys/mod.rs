@@ -1,6 +1,10 @@
 //! API keys: generated here, shown once, stored only as an HMAC under the server's secret, and
 //! looked up through an in-process cache that store events invalidate.
 
+/// Key metadata: the least trust a rig needs to serve the key, `"verified"` or `"unverified"`
+/// (docs/trust.md).
+pub const MIN_TRUST: &str = "min_trust";
+
 pub mod api;
 
 use std::collections::HashMap;

@@ -93,6 +93,7 @@ impl Nodes {
                 }),
                 self.backends.origin(),
             ));
+            backend.set_trust(self.trust_of(&id));
             self.backends.upsert(Arc::clone(&backend));
             tunnel.backend = Some(backend);
             tracing::info!(node = %id, models = ?models, "rig in routing");
@@ -183,6 +184,11 @@ impl Nodes {
                 }
                 Ok(StoreEvent::ReplicaStopped { replica, url }) => {
                     self.apply_replica_stopped(&replica, &url)
+                }
+                Ok(StoreEvent::TrustChanged { node, status }) => {
+                    if let Some(status) = trust::TrustStatus::parse(&status) {
+                        self.note_trust(&node, status);
+                    }
                 }
                 Ok(StoreEvent::AdvertsWanted { replica }) if self.is_other(&replica) => {
                     self.advertise_all()

@@ -197,6 +197,8 @@ pub struct Nodes {
     outbox_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<StoreEvent>>>,
     /// Checks of rigs, by kind and outcome.
     checks: prometheus::IntCounterVec,
+    /// Every rig's trust status, as the store's events tell it (loaded at start).
+    trust_cache: Mutex<HashMap<String, trust::TrustStatus>>,
 }
 
 fn corrupt(err: serde_json::Error) -> StoreError {
@@ -234,6 +236,7 @@ impl Nodes {
             remote: Mutex::new(HashMap::new()),
             outbox,
             outbox_rx: Mutex::new(outbox_rx),
+            trust_cache: Mutex::new(HashMap::new()),
             checks: prometheus::IntCounterVec::new(
                 prometheus::Opts::new(
                     "garage_rig_checks_total",

@@ -201,6 +201,7 @@ impl Nodes {
         ));
         backend.load.store(load);
         backend.set_elsewhere_in_flight(advert.in_flight);
+        backend.set_trust(self.trust_of(&advert.node));
         self.backends.upsert(Arc::clone(&backend));
         tracing::info!(node = %advert.node, replica = %advert.replica, models = ?advert.models, "rig on another replica in routing");
         remote.insert(

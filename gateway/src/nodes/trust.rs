@@ -23,15 +23,7 @@ pub const VERIFY_AFTER: u32 = 3;
 /// Failed checks in a row that quarantine a rig.
 pub const QUARANTINE_AFTER: u32 = 3;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum TrustStatus {
-    #[default]
-    Unverified,
-    Verified,
-    Suspect,
-    Quarantined,
-}
+pub use crate::backends::TrustStatus;
 
 /// Which check a rig passed or failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -46,6 +38,9 @@ pub enum CheckKind {
 /// A rig's trust, as the admin API shows it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Trust {
+    /// The rig's node id.
+    #[serde(default)]
+    pub node: String,
     pub status: TrustStatus,
     pub checks_passed: u64,
     pub checks_failed: u64,
@@ -117,7 +112,54 @@ impl Nodes {
 
     /// A rig's trust record (a new rig's when it has none).
     pub async fn trust(&self, id: &str) -> Result<Trust, StoreError> {
-        Ok(self.get(NODE_TRUST, id).await?.unwrap_or_default())
+        Ok(self.get(NODE_TRUST, id).await?.unwrap_or_else(|| Trust {
+            node: id.to_owned(),
+            ..Trust::default()
+        }))
+    }
+
+    /// Reads every rig's trust status into memory (at start; events keep it current).
+    pub async fn load_trust(&self) -> Result<(), StoreError> {
+        let records = self.store.record_list(NODE_TRUST).await?;
+        let mut cache = self.trust_cache();
+        for bytes in records {
+            if let Ok(trust) = serde_json::from_slice::<Trust>(&bytes) {
+                cache.insert(trust.node, trust.status);
+            }
+        }
+        Ok(())
+    }
+
+    fn trust_cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, TrustStatus>> {
+        self.trust_cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A rig's trust status as this replica knows it.
+    pub(super) fn trust_of(&self, id: &str) -> TrustStatus {
+        self.trust_cache().get(id).copied().unwrap_or_default()
+    }
+
+    /// A rig's trust changed (here or on another replica): its backend's too.
+    pub(super) fn note_trust(&self, id: &str, status: TrustStatus) {
+        self.trust_cache().insert(id.to_owned(), status);
+        if let Some(backend) = self.backends.snapshot().all().iter().find(|b| b.id == id) {
+            backend.set_trust(status);
+        }
+    }
+
+    /// Stores a rig's trust and tells every replica when its status changed.
+    async fn save_trust(&self, trust: &Trust, before: TrustStatus) -> Result<(), StoreError> {
+        self.put(NODE_TRUST, &trust.node, trust).await?;
+        if trust.status != before {
+            self.note_trust(&trust.node, trust.status);
+            self.store
+                .publish(&StoreEvent::TrustChanged {
+                    node: trust.node.clone(),
+                    status: trust.status.as_str().to_owned(),
+                })
+                .await?;
+        }
+        Ok(())
     }
 
     /// Records a check's outcome (`failure`: what was found; `None`: passed); quarantines the
@@ -130,6 +172,7 @@ impl Nodes {
         failure: Option<&str>,
     ) -> Result<Trust, StoreError> {
         let mut trust = self.trust(id).await?;
+        let before = trust.status;
         self.count_check(
             kind,
             if failure.is_some() {
@@ -139,7 +182,7 @@ impl Nodes {
             },
         );
         let quarantine = trust.apply(kind, failure, unix_now());
-        self.put(NODE_TRUST, id, &trust).await?;
+        self.save_trust(&trust, before).await?;
         if let Some(discrepancy) = failure {
             tracing::warn!(node = %id, check = ?kind, status = ?trust.status, discrepancy, "rig failed a check");
         }
@@ -155,11 +198,12 @@ impl Nodes {
     pub async fn reinstate(&self, id: &str) -> Result<NodeInfo, ApiError> {
         self.require(id).await?;
         let mut trust = self.trust(id).await?;
+        let before = trust.status;
         trust.status = TrustStatus::Unverified;
         trust.failed_in_a_row = 0;
         trust.passed_in_a_row = 0;
         trust.quarantined_at = None;
-        self.put(NODE_TRUST, id, &trust).await?;
+        self.save_trust(&trust, before).await?;
         self.set_quarantined(id, false).await?;
         tracing::info!(node = %id, "rig reinstated by admin");
         self.get_info(id).await

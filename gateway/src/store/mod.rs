@@ -85,6 +85,8 @@ pub enum StoreEvent {
     RigWithdrawn { replica: String, node: String },
     /// A replica started, or missed events: the others advertise their rigs to it now.
     AdvertsWanted { replica: String },
+    /// A rig's trust changed (`verified`, `quarantined`...): replicas route accordingly.
+    TrustChanged { node: String, status: String },
     /// A replica is stopping: its rigs will reconnect elsewhere.
     ReplicaStopped { replica: String, url: String },
     /// A plugin slot's active version or canary changed: replicas reload that slot.

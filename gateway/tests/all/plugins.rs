@@ -490,7 +490,14 @@ async fn a_rigs_labels_reach_the_routers_description_of_it() {
             let backends = backends.clone();
             async move {
                 backends.snapshot().all().iter().any(|b| {
-                    b.info.rig == b.id && b.info.labels == [("region".to_owned(), "eu".to_owned())]
+                    let info = b.info.load();
+                    // The rig's own labels, and the gateway's word on its trust.
+                    info.rig == b.id
+                        && info.labels
+                            == [
+                                ("region".to_owned(), "eu".to_owned()),
+                                ("garage.trust".to_owned(), "unverified".to_owned()),
+                            ]
                 })
             }
         },

@@ -221,3 +221,59 @@ async fn a_rig_that_inflates_its_usage_is_quarantined_and_traffic_moves() {
         assert_eq!(status, 200, "{body}");
     }
 }
+
+#[tokio::test]
+async fn a_key_that_wants_verified_rigs_gets_only_them() {
+    let gw = gateway(trust_config(None)).await;
+    let base = gw.url();
+    let (code, body) = admin_post(
+        &base,
+        "/admin/keys",
+        json!({"name": "picky", "metadata": {"min_trust": "trusted-enough"}}),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["error"]["param"], "metadata", "{body}");
+    let (_, picky) = create_key(&base, json!({"name": "picky", "metadata": {"min_trust": "verified"}})).await;
+    let (_, anyone) = create_key(&base, json!({"name": "anyone"})).await;
+    let token = enrollment_token(&base, 3).await;
+    let mut rigs = Vec::new();
+    for i in 0..3 {
+        rigs.push(rig(&base, &format!("honest-{i}"), &token, honest()).await);
+    }
+    wait_until(Duration::from_secs(10), "three rigs routable", || async {
+        routable_rigs(&base).await == 3
+    })
+    .await;
+    // Nobody is verified yet: the picky key waits (503, retry), the other is served.
+    let (code, body) = post_chat(&base, &picky, &chat(false)).await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(error_of(&body)["code"], "no_backend_available", "{body}");
+    assert_eq!(post_chat(&base, &anyone, &chat(false)).await.0, 200);
+    // One rig gets verified (three passed spot checks): the picky key goes to it alone.
+    let verified = rigs[0].node_id().to_owned();
+    for _ in 0..3 {
+        let (code, result) =
+            admin_post(&base, &format!("/admin/nodes/{verified}/verify"), json!({})).await;
+        assert_eq!(code, 200, "{result}");
+        assert_eq!(result["verdict"], "passed", "{result}");
+    }
+    assert_eq!(status(&base, &verified).await, "verified");
+    for _ in 0..10 {
+        let response = client()
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&picky)
+            .json(&chat(false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let path = format!("/admin/usage/requests/{id}");
+        wait_until(Duration::from_secs(10), "the ledger entry", || async {
+            admin_get(&base, &path).await["event"]["request_id"] == id
+        })
+        .await;
+        assert_eq!(admin_get(&base, &path).await["event"]["rig"], verified);
+    }
+}
