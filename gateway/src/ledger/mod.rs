@@ -46,7 +46,8 @@ impl Drop for AbortOnDrop {
 pub use crate::store::keyspace::USAGE_LEDGER as LEDGER;
 use crate::store::keyspace::{
     REWARD_OPERATOR_INDEX as OPERATOR_INDEX, USAGE_DAILY_INDEX as DAILY_INDEX,
-    USAGE_QUEUE as QUEUE, awarded, operator_points, usage_counter,
+    USAGE_QUEUE as QUEUE, WITHHELD, awarded, operator_points, unconfirmed_points, usage_counter,
+    withheld_points,
 };
 /// How long a worker owns an event it claimed. Meter and reward calls take milliseconds; a
 /// claim older than this belongs to a worker that died.
@@ -274,6 +275,9 @@ struct Totals<'a> {
     slots: std::collections::BTreeMap<(&'a str, &'a str, u64), SlotSums>,
     /// By operator.
     points_micro: std::collections::BTreeMap<&'a str, i64>,
+    /// By rig: what its operator was awarded for its requests, unconfirmed until it passes a
+    /// spot check.
+    rig_points_micro: std::collections::BTreeMap<&'a str, i64>,
 }
 
 #[derive(Default)]
@@ -305,6 +309,10 @@ impl<'a> Totals<'a> {
             if !award.operator.is_empty() {
                 let points = self.points_micro.entry(&award.operator).or_default();
                 *points = points.saturating_add(micro(award.points));
+                if !event.rig.is_empty() && award.operator == event.operator {
+                    let points = self.rig_points_micro.entry(&event.rig).or_default();
+                    *points = points.saturating_add(micro(award.points));
+                }
             }
         }
     }
@@ -339,6 +347,66 @@ pub struct DailyUsage {
 pub struct OperatorPoints {
     pub operator: String,
     pub points: f64,
+    /// Points withheld from its rigs that were quarantined (not in `points`).
+    pub withheld_points: f64,
+}
+
+/// Points withheld from a quarantined rig: the awards for its requests since it last passed a
+/// spot check, taken out of its operator's points and kept apart (see docs/trust.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Withheld {
+    pub rig: String,
+    pub operator: String,
+    pub points: f64,
+    pub reason: String,
+    /// Unix milliseconds.
+    pub at_ms: u64,
+}
+
+/// The rig passed a spot check: what its operator was awarded so far stands.
+pub async fn confirm_points(store: &dyn Store, rig: &str) -> Result<(), StoreError> {
+    store.kv_delete(&unconfirmed_points(rig)).await
+}
+
+/// The rig was quarantined: withholds its operator's points for its requests since it last
+/// passed a spot check (out of `points`, into `withheld_points`, with a record of why).
+pub async fn withhold_points(
+    store: &dyn Store,
+    rig: &str,
+    operator: &str,
+    reason: &str,
+) -> Result<f64, StoreError> {
+    let unconfirmed = read_counter(store, &unconfirmed_points(rig)).await?;
+    if unconfirmed <= 0 {
+        return Ok(0.0);
+    }
+    // Moved before it is cleared: a crash in between withholds twice from `points` at worst,
+    // never pays what a quarantined rig earned.
+    store
+        .kv_incr(&operator_points(operator), -unconfirmed, None)
+        .await?;
+    store
+        .kv_incr(&withheld_points(operator), unconfirmed, None)
+        .await?;
+    store
+        .kv_incr(&unconfirmed_points(rig), -unconfirmed, None)
+        .await?;
+    let at_ms = now_ms();
+    let record = Withheld {
+        rig: rig.to_owned(),
+        operator: operator.to_owned(),
+        points: unconfirmed as f64 / MICRO,
+        reason: reason.to_owned(),
+        at_ms,
+    };
+    store
+        .record_put(
+            WITHHELD,
+            &format!("{rig}:{at_ms}"),
+            &serde_json::to_vec(&record).map_err(corrupt)?,
+        )
+        .await?;
+    Ok(record.points)
 }
 
 fn now_ms() -> u64 {
@@ -884,6 +952,11 @@ impl Usage {
                 .kv_incr(&Self::points_key(operator), points_micro, None)
                 .await?;
         }
+        for (rig, points_micro) in totals.rig_points_micro {
+            self.store
+                .kv_incr(&unconfirmed_points(rig), points_micro, None)
+                .await?;
+        }
         Ok(())
     }
 
@@ -977,7 +1050,12 @@ impl Usage {
         let mut rows = Vec::new();
         for operator in self.index(OPERATOR_INDEX).await? {
             let points = self.counter(&Self::points_key(&operator)).await? as f64 / MICRO;
-            rows.push(OperatorPoints { operator, points });
+            let withheld_points = self.counter(&withheld_points(&operator)).await? as f64 / MICRO;
+            rows.push(OperatorPoints {
+                operator,
+                points,
+                withheld_points,
+            });
         }
         rows.sort_by(|a, b| {
             b.points

@@ -55,6 +55,10 @@ pub struct Trust {
     pub last_discrepancy: Option<String>,
     /// Unix seconds it was quarantined.
     pub quarantined_at: Option<u64>,
+    /// Points its operator was awarded for its requests since its last passed spot check,
+    /// withheld when it was quarantined (`GET /admin/rewards/leaderboard` shows them apart).
+    #[serde(default)]
+    pub withheld_points: f64,
 }
 
 impl Trust {
@@ -182,6 +186,20 @@ impl Nodes {
             },
         );
         let quarantine = trust.apply(kind, failure, unix_now());
+        if kind == CheckKind::SpotCheck && failure.is_none() {
+            // What it was awarded so far stands.
+            crate::ledger::confirm_points(self.store.as_ref(), id).await?;
+        }
+        if quarantine && let Some(record) = self.get::<NodeRecord>(NODE_KIND, id).await? {
+            let reason = trust.last_discrepancy.clone().unwrap_or_default();
+            trust.withheld_points += crate::ledger::withhold_points(
+                self.store.as_ref(),
+                id,
+                &record.operator,
+                &format!("quarantined: {reason}"),
+            )
+            .await?;
+        }
         self.save_trust(&trust, before).await?;
         if let Some(discrepancy) = failure {
             tracing::warn!(node = %id, check = ?kind, status = ?trust.status, discrepancy, "rig failed a check");

@@ -68,6 +68,20 @@ pub fn operator_points(operator: &str) -> String {
     format!("points_micro:{operator}")
 }
 
+/// Kv counter: points a rig's operator was awarded for its requests since the rig last passed
+/// a spot check, in millionths (withheld if it is quarantined; `nodes::trust`).
+pub fn unconfirmed_points(rig: &str) -> String {
+    format!("unconfirmed_points_micro:{rig}")
+}
+
+/// Kv counter: an operator's points withheld from quarantined rigs, in millionths.
+pub fn withheld_points(operator: &str) -> String {
+    format!("withheld_points_micro:{operator}")
+}
+
+/// Records: points withheld when a rig was quarantined, by `{rig}:{unix ms}`.
+pub const WITHHELD: &str = "withheld";
+
 /// Kv: set once the awards of a rig report are credited (credited once however often it is
 /// retried).
 pub fn awarded(report_id: &str) -> String {

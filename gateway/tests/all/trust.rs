@@ -234,7 +234,11 @@ async fn a_key_that_wants_verified_rigs_gets_only_them() {
     .await;
     assert_eq!(code, 400, "{body}");
     assert_eq!(body["error"]["param"], "metadata", "{body}");
-    let (_, picky) = create_key(&base, json!({"name": "picky", "metadata": {"min_trust": "verified"}})).await;
+    let (_, picky) = create_key(
+        &base,
+        json!({"name": "picky", "metadata": {"min_trust": "verified"}}),
+    )
+    .await;
     let (_, anyone) = create_key(&base, json!({"name": "anyone"})).await;
     let token = enrollment_token(&base, 3).await;
     let mut rigs = Vec::new();
@@ -268,7 +272,10 @@ async fn a_key_that_wants_verified_rigs_gets_only_them() {
             .await
             .unwrap();
         assert_eq!(response.status(), 200);
-        let id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let id = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
         let path = format!("/admin/usage/requests/{id}");
         wait_until(Duration::from_secs(10), "the ledger entry", || async {
             admin_get(&base, &path).await["event"]["request_id"] == id
@@ -276,4 +283,108 @@ async fn a_key_that_wants_verified_rigs_gets_only_them() {
         .await;
         assert_eq!(admin_get(&base, &path).await["event"]["rig"], verified);
     }
+}
+
+/// The points `operator` has on the leaderboard, and those withheld from it.
+async fn points(base: &str, operator: &str) -> (f64, f64) {
+    let board = admin_get(base, "/admin/rewards").await;
+    board["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["operator"] == operator)
+        .map_or((0.0, 0.0), |row| {
+            (
+                row["points"].as_f64().unwrap(),
+                row["withheld_points"].as_f64().unwrap(),
+            )
+        })
+}
+
+#[tokio::test]
+async fn a_quarantined_rigs_unconfirmed_rewards_are_withheld() {
+    let mut cfg = trust_config(None);
+    cfg.default_plugins = true;
+    // Checks only when the test asks for them.
+    cfg.trust.spot_check_interval_secs = 0;
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    let token = |operator: &'static str, uses: u32| {
+        let base = base.clone();
+        async move {
+            let (status, body) = admin_post(
+                &base,
+                "/admin/enrollment-tokens",
+                json!({"operator": operator, "max_uses": uses}),
+            )
+            .await;
+            assert_eq!(status, 201, "{body}");
+            body["token"].as_str().unwrap().to_owned()
+        }
+    };
+    let honest_token = token("honest-op", 3).await;
+    let mut honest_rigs = Vec::new();
+    for i in 0..3 {
+        honest_rigs.push(rig(&base, &format!("honest-{i}"), &honest_token, honest()).await);
+    }
+    let cheat = rig(
+        &base,
+        "cheat",
+        &token("cheat-op", 1).await,
+        SimulatedDriver {
+            impersonate: Some("a-smaller-model".into()),
+            ..SimulatedDriver::default()
+        },
+    )
+    .await;
+    let (_, key) = create_key(&base, json!({"name": "app"})).await;
+    wait_until(Duration::from_secs(10), "four rigs routable", || async {
+        routable_rigs(&base).await == 4
+    })
+    .await;
+    // Everyone serves (and earns) for a while, checked by nobody.
+    for i in 0..40 {
+        assert_eq!(post_chat(&base, &key, &chat(i % 2 == 0)).await.0, 200);
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "both operators awarded",
+        || async {
+            points(&base, "cheat-op").await.0 > 0.0 && points(&base, "honest-op").await.0 > 0.0
+        },
+    )
+    .await;
+    let (cheat_earned, _) = points(&base, "cheat-op").await;
+    let (honest_earned, _) = points(&base, "honest-op").await;
+    // The honest rigs pass their checks: what they earned stands.
+    for rig in &honest_rigs {
+        for _ in 0..3 {
+            let path = format!("/admin/nodes/{}/verify", rig.node_id());
+            assert_eq!(
+                admin_post(&base, &path, json!({})).await.1["verdict"],
+                "passed"
+            );
+        }
+    }
+    // The impersonator fails three: quarantined, and what it earned withheld, not paid.
+    for _ in 0..3 {
+        let path = format!("/admin/nodes/{}/verify", cheat.node_id());
+        assert_eq!(
+            admin_post(&base, &path, json!({})).await.1["verdict"],
+            "failed"
+        );
+    }
+    assert_eq!(status(&base, cheat.node_id()).await, "quarantined");
+    let (cheat_points, cheat_withheld) = points(&base, "cheat-op").await;
+    assert!(cheat_points.abs() < 1e-9, "still paid: {cheat_points}");
+    assert!(
+        (cheat_withheld - cheat_earned).abs() < 1e-9,
+        "{cheat_withheld} of {cheat_earned}"
+    );
+    let found = node(&base, cheat.node_id()).await;
+    assert!(
+        (found["trust"]["withheld_points"].as_f64().unwrap() - cheat_earned).abs() < 1e-9,
+        "{found}"
+    );
+    assert_eq!(points(&base, "honest-op").await, (honest_earned, 0.0));
 }
