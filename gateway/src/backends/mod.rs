@@ -202,7 +202,15 @@ impl RigLoad {
 
 /// What the gateway's checks found about a rig (docs/trust.md).
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum TrustStatus {
@@ -333,10 +341,8 @@ impl Backend {
         rig: Option<RigInfo>,
         origin: Instant,
     ) -> Self {
-        let mut labels: Vec<(String, String)> = rig
-            .as_ref()
-            .map(|r| r.labels.clone())
-            .unwrap_or_default();
+        let mut labels: Vec<(String, String)> =
+            rig.as_ref().map(|r| r.labels.clone()).unwrap_or_default();
         labels.retain(|(name, _)| is_rig_label(name));
         if rig.is_some() {
             labels.push((TRUST_LABEL.into(), TrustStatus::Unverified.as_str().into()));

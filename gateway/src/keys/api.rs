@@ -8,8 +8,8 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::keys::MIN_TRUST;
 use crate::error::{ApiError, ApiPath, ErrorBody};
+use crate::keys::MIN_TRUST;
 use crate::keys::{admin_token_matches, bearer};
 use crate::state::AppState;
 use crate::store::ApiKeyRecord;
@@ -121,7 +121,8 @@ pub async fn create_key(
             .is_none_or(|t| {
                 !matches!(
                     t,
-                    crate::backends::TrustStatus::Verified | crate::backends::TrustStatus::Unverified
+                    crate::backends::TrustStatus::Verified
+                        | crate::backends::TrustStatus::Unverified
                 )
             })
     {
