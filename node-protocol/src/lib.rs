@@ -12,8 +12,17 @@
 //!    long-polls for lines of Batch API jobs; the rig runs them on its engines and sends what
 //!    they answered to `POST /node/v1/batch/results`. A line whose lease runs out before its
 //!    result arrives goes back to the queue for another rig.
+//! 6. **Receipts** (with every answer): the rig signs what it served in an HTTP/2 trailer
+//!    ([`receipt`]); `GET /node/v1/statement` gives the rig's owner the gateway's ledger of its
+//!    requests with those receipts.
 #![deny(missing_docs)]
 
+pub mod receipt;
+
+pub use receipt::{
+    RECEIPT_KEY_PATH, RECEIPT_TRAILER, ReceiptCheck, ReceiptKey, STATEMENT_PATH, Statement,
+    StatementEntry,
+};
 use serde::{Deserialize, Serialize};
 
 /// Enrollment endpoint on the gateway.
@@ -93,6 +102,10 @@ pub struct EnrollRequest {
     /// node-runner's version.
     #[serde(default)]
     pub version: String,
+    /// The Ed25519 public key (32 bytes, base64) the rig signs its receipts with. A rig without
+    /// one (enrolled by an older node-runner) serves as before; its answers carry no receipts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 /// `POST /node/v1/enroll` answer: the rig's identity. The credential is shown once.

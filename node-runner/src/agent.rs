@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
+use garage_node_protocol::receipt::SigningKey;
 use garage_node_protocol::{
     CONNECT_PATH, DEREGISTER_PATH, ENROLL_PATH, EnrollRequest, EnrollResponse, HEARTBEAT_PATH,
-    Heartbeat, HeartbeatAck, TUNNEL_PROTOCOL,
+    Heartbeat, HeartbeatAck, RECEIPT_KEY_PATH, ReceiptKey, TUNNEL_PROTOCOL,
 };
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -31,6 +32,7 @@ use crate::batch::BatchOptions;
 use crate::engines::EngineSet;
 use crate::gateways::{Gateways, GatewaysError, normalize, split_list};
 use crate::gpu::Gpus;
+use crate::receipts::{Receipts, SignedBody, Signer, StatementError, StatementReport};
 
 /// The rig's identity, as kept in its state file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -46,6 +48,10 @@ pub struct NodeIdentity {
     pub credential: String,
     pub operator: String,
     pub heartbeat_interval_secs: u64,
+    /// The seed of the rig's Ed25519 receipt key, base64 (see [`crate::receipts`]); absent in
+    /// state files written before receipts, and then made and registered at the next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt_key: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +71,8 @@ pub enum AgentError {
     Revoked,
     #[error("bad gateway URL list: {0}")]
     Gateways(#[from] GatewaysError),
+    #[error("cannot make or read the rig's receipt key: {0}")]
+    ReceiptKey(#[from] garage_node_protocol::receipt::ReceiptError),
 }
 
 impl NodeIdentity {
@@ -127,6 +135,8 @@ struct Shared {
     /// heartbeat over a live tunnel, so waiting a whole interval would waste it.
     tunnel_opened: tokio::sync::Notify,
     labels: std::collections::BTreeMap<String, String>,
+    /// Signs every answer's receipt (`None`: the rig signs nothing).
+    signer: Option<Arc<Signer>>,
 }
 
 /// A running agent.
@@ -166,7 +176,8 @@ fn client_with(tls: rustls::ClientConfig) -> reqwest::Client {
         .unwrap_or_else(|_| reqwest::Client::new())
 }
 
-fn read_identity(path: &Path) -> Result<Option<NodeIdentity>, AgentError> {
+/// The identity in a state file, if there is one.
+pub(crate) fn read_identity(path: &Path) -> Result<Option<NodeIdentity>, AgentError> {
     match std::fs::read(path) {
         Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -206,17 +217,30 @@ async fn identity(
     options: &AgentOptions,
     gateways: &Gateways,
     http: &reqwest::Client,
+    receipts: Receipts,
 ) -> Result<NodeIdentity, AgentError> {
     let configured = sorted(gateways.urls());
     if let Some(path) = &options.state_file
         && let Some(mut identity) = read_identity(path)?
     {
         if identity.belongs_to(&configured) {
+            let mut changed = false;
             if identity.gateway_urls != configured {
                 // Replicas came or went: record the set as it is now, so that the identity
                 // still matches once the replicas it was enrolled with are all gone.
                 identity.gateway_urls = configured;
+                changed = true;
+            }
+            if receipts.registers_a_key() && identity.receipt_key.is_none() {
+                // Enrolled before receipts: a key now, kept before the gateway hears of it.
+                identity.receipt_key = Some(SigningKey::generate()?.1);
+                changed = true;
+            }
+            if changed {
                 write_identity(path, &identity)?;
+            }
+            if receipts.registers_a_key() {
+                register_receipt_key(&identity, gateways, http).await?;
             }
             return Ok(identity);
         }
@@ -226,10 +250,17 @@ async fn identity(
         .enrollment_token
         .clone()
         .ok_or(AgentError::NoToken)?;
+    let (receipt_key, public_key) = if receipts.registers_a_key() {
+        let (key, seed) = SigningKey::generate()?;
+        (Some(seed), Some(key.public_key().to_base64()))
+    } else {
+        (None, None)
+    };
     let request = EnrollRequest {
         token,
         name: options.name.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
+        public_key,
     };
     let unreachable = |source| AgentError::Unreachable {
         url: gateways.urls().join(", "),
@@ -260,6 +291,7 @@ async fn identity(
         credential: enrolled.credential,
         operator: enrolled.operator,
         heartbeat_interval_secs: enrolled.heartbeat_interval_secs,
+        receipt_key,
     };
     if let Some(path) = &options.state_file {
         write_identity(path, &identity)?;
@@ -271,13 +303,78 @@ async fn identity(
 /// How long one replica may take to answer an enrollment before the next is tried.
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Registers the receipt key of a rig that has a credential already (it enrolled before
+/// receipts, or its last registration did not get through). The gateway takes a rig's first key
+/// and only that one, so asking again with the same key is harmless. Not fatal: a gateway that
+/// does not know the key sees answers it cannot check.
+async fn register_receipt_key(
+    identity: &NodeIdentity,
+    gateways: &Gateways,
+    http: &reqwest::Client,
+) -> Result<(), AgentError> {
+    let Some(seed) = &identity.receipt_key else {
+        return Ok(());
+    };
+    let body = ReceiptKey {
+        public_key: SigningKey::from_seed(seed)?.public_key().to_base64(),
+    };
+    let sent = gateways
+        .send(|base| {
+            http.post(format!("{base}{RECEIPT_KEY_PATH}"))
+                .bearer_auth(&identity.credential)
+                .timeout(ENROLL_TIMEOUT)
+                .json(&body)
+        })
+        .await;
+    match sent {
+        Ok((_, response)) if response.status().is_success() => {}
+        Ok((_, response)) if response.status() == http::StatusCode::CONFLICT => {
+            tracing::error!(
+                "the gateway holds another receipt key for this rig: its receipts will be refused \
+                 (was the state file replaced?)"
+            );
+        }
+        Ok((_, response)) if matches!(response.status().as_u16(), 401 | 403) => {
+            return Err(AgentError::Revoked);
+        }
+        Ok((_, response)) => tracing::warn!(
+            status = response.status().as_u16(),
+            "the gateway did not take this rig's receipt key (an older gateway?); answers go unsigned for it"
+        ),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot register this rig's receipt key; trying again at the next start")
+        }
+    }
+    Ok(())
+}
+
 impl Agent {
-    /// Enrolls if needed, then starts the tunnel and the heartbeats.
+    /// Enrolls if needed, then starts the tunnel and the heartbeats; every answer is signed.
     pub async fn start(options: AgentOptions, engines: EngineSet) -> Result<Agent, AgentError> {
+        Self::start_with(options, engines, Receipts::Signed).await
+    }
+
+    /// [`Agent::start`], signing receipts as `receipts` says: a rig from before receipts, or a
+    /// dishonest one, for tests of the gateway's checks.
+    pub async fn start_with(
+        options: AgentOptions,
+        engines: EngineSet,
+        receipts: Receipts,
+    ) -> Result<Agent, AgentError> {
         let http = options.http.clone().unwrap_or_else(http_client);
         let urls = split_list(&options.gateway_url);
         // Before it has an id, the rig's name orders the replicas it tries to enroll at.
-        let identity = identity(&options, &Gateways::new(&urls, &options.name)?, &http).await?;
+        let identity = identity(
+            &options,
+            &Gateways::new(&urls, &options.name)?,
+            &http,
+            receipts,
+        )
+        .await?;
+        let signer = match &identity.receipt_key {
+            Some(seed) => Signer::new(&identity.node_id, SigningKey::from_seed(seed)?, receipts),
+            None => None,
+        };
         let gateways = Arc::new(Gateways::new(&urls, &identity.node_id)?);
         let interval = options
             .heartbeat_interval
@@ -298,6 +395,7 @@ impl Agent {
             revoked: CancellationToken::new(),
             tunnel_opened: tokio::sync::Notify::new(),
             labels: options.labels.clone(),
+            signer,
         });
         let stop_heartbeats = CancellationToken::new();
         let stop_tunnel = CancellationToken::new();
@@ -353,6 +451,17 @@ impl Agent {
         &self.shared.gateways
     }
 
+    /// Fetches the gateway's statement of this rig's requests and checks every receipt in it
+    /// against the rig's own key.
+    pub async fn check_statement(&self) -> Result<StatementReport, StatementError> {
+        check_statement_of(
+            &self.shared.identity,
+            &self.shared.gateways,
+            &self.shared.http,
+        )
+        .await
+    }
+
     /// Resolves when the gateway refused this rig's credential (it was removed).
     pub async fn revoked(&self) {
         self.shared.revoked.cancelled().await
@@ -394,6 +503,22 @@ impl Agent {
         let _ = self.heartbeats.await;
         shared.engines.shutdown(self.drain_timeout).await;
     }
+}
+
+/// [`Agent::check_statement`] for `identity`.
+pub(crate) async fn check_statement_of(
+    identity: &NodeIdentity,
+    gateways: &Gateways,
+    http: &reqwest::Client,
+) -> Result<StatementReport, StatementError> {
+    let seed = identity.receipt_key.as_ref().ok_or(StatementError::NoKey)?;
+    let key = SigningKey::from_seed(seed)?.public_key();
+    let entries = crate::receipts::fetch_statement(http, gateways, &identity.credential).await?;
+    Ok(crate::receipts::check_statement(
+        &identity.node_id,
+        &key,
+        &entries,
+    ))
 }
 
 fn heartbeat(shared: &Shared) -> Heartbeat {
@@ -702,6 +827,12 @@ async fn serve(shared: &Shared, request: http::Request<Incoming>) -> http::Respo
             &format!("No healthy engine on this rig serves `{model}`."),
         );
     };
+    let request_id = parts
+        .headers
+        .get("x-request-id")
+        .and_then(|id| id.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut forward = shared
         .local
@@ -722,11 +853,29 @@ async fn serve(shared: &Shared, request: http::Request<Incoming>) -> http::Respo
     let status = response.status();
     let content_type = response.headers().get(http::header::CONTENT_TYPE).cloned();
     // Frame by frame, as the engine produces them: the gateway forwards them the same way.
-    let stream = response
-        .bytes_stream()
-        .map_ok(Frame::data)
-        .map_err(std::io::Error::other);
-    let mut answer = http::Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    let stream = StreamBody::new(
+        response
+            .bytes_stream()
+            .map_ok(Frame::data)
+            .map_err(std::io::Error::other),
+    );
+    let body = match &shared.signer {
+        Some(signer) => {
+            let event_stream = content_type
+                .as_ref()
+                .is_some_and(|ct| ct.as_bytes().starts_with(b"text/event-stream"));
+            BodyExt::boxed(SignedBody::new(
+                stream,
+                Arc::clone(signer),
+                request_id,
+                model,
+                status.as_u16(),
+                event_stream,
+            ))
+        }
+        None => BodyExt::boxed(stream),
+    };
+    let mut answer = http::Response::new(body);
     *answer.status_mut() = status;
     if let Some(ct) = content_type {
         answer.headers_mut().insert(http::header::CONTENT_TYPE, ct);

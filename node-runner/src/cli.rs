@@ -32,6 +32,14 @@ enum Command {
         #[arg(long, short, default_value = "node-runner.toml")]
         config: PathBuf,
     },
+    /// Fetch this rig's statement from the gateway (its requests, what was billed, its
+    /// receipts) and check every receipt in it against the rig's own key; fails when one does
+    /// not hold.
+    Statement {
+        /// The rig's TOML config (its gateway and state file).
+        #[arg(long, short, default_value = "node-runner.toml")]
+        config: PathBuf,
+    },
     /// Run many simulated rigs in this one process (load and scale testing, no GPU needed).
     Swarm {
         /// Gateway base URL; for several replicas of one gateway, their URLs separated by
@@ -129,6 +137,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("this rig was removed by the gateway's admin");
             }
             tracing::info!("stopped cleanly");
+            Ok(())
+        }
+        Command::Statement { config } => {
+            let config = NodeConfig::load_file(&config, std::env::vars())
+                .with_context(|| format!("cannot load {}", config.display()))?;
+            let identity = crate::agent::read_identity(&config.state_file)?.with_context(|| {
+                format!(
+                    "no identity in {}: the rig has not enrolled yet",
+                    config.state_file.display()
+                )
+            })?;
+            let http = match config.gateway_ca_file.as_deref() {
+                Some(ca_file) => crate::agent::http_client_trusting(ca_file)?,
+                None => crate::agent::http_client(),
+            };
+            let gateways = crate::gateways::Gateways::new(&config.gateways(), &identity.node_id)?;
+            let report = crate::agent::check_statement_of(&identity, &gateways, &http).await?;
+            print!("{report}");
+            if !report.mismatches.is_empty() {
+                anyhow::bail!(
+                    "{} receipts in the statement do not hold for this rig",
+                    report.mismatches.len()
+                );
+            }
             Ok(())
         }
         Command::Swarm {

@@ -9,3 +9,4 @@ pub mod config;
 pub mod engines;
 pub mod gateways;
 pub mod gpu;
+pub mod receipts;
