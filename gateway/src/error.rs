@@ -32,6 +32,9 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The request conflicts with what is there (a rig's receipt key cannot be replaced).
+    #[error("{0}")]
+    Conflict(String),
 
     /// Refused by the rate limiter (`rate_limit_exceeded`) or the meter (`insufficient_quota`).
     #[error("{message}")]
@@ -89,6 +92,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Unavailable(_) | ApiError::StoreDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -104,7 +108,8 @@ impl ApiError {
             | ApiError::ModelNotFound(_)
             | ApiError::NotFound(_)
             | ApiError::MethodNotAllowed(_)
-            | ApiError::PayloadTooLarge(_) => "invalid_request_error",
+            | ApiError::PayloadTooLarge(_)
+            | ApiError::Conflict(_) => "invalid_request_error",
             ApiError::Forbidden { .. } => "permission_error",
             ApiError::TooManyRequests { code, .. } if *code == "insufficient_quota" => {
                 "insufficient_quota"
@@ -135,6 +140,7 @@ impl ApiError {
             ApiError::ModelNotFound(_) => Some("model_not_found"),
             ApiError::NotFound(_) => Some("not_found"),
             ApiError::PayloadTooLarge(_) => Some("request_too_large"),
+            ApiError::Conflict(_) => Some("conflict"),
             ApiError::BadGateway(_) => Some("upstream_error"),
             ApiError::Unavailable(_) | ApiError::StoreDown => Some("no_backend_available"),
             ApiError::GatewayTimeout(_) => Some("upstream_timeout"),

@@ -88,7 +88,11 @@ async fn forward(
         )));
     };
     let in_flight = backend.track();
-    let request_id = headers.get(crate::request_id::X_REQUEST_ID);
+    // The forwarding replica's id, which keys the ledger entry and the rig's receipt; this
+    // replica's own otherwise.
+    let request_id = headers
+        .get(crate::cluster::REQUEST_ID_HEADER)
+        .or_else(|| headers.get(crate::request_id::X_REQUEST_ID));
     let response = backend
         .post(&path, body, request_id)
         .await

@@ -36,6 +36,12 @@ pub const SECRET_HEADER: http::HeaderName = http::HeaderName::from_static("garag
 pub const REFUSED_HEADER: http::HeaderName =
     http::HeaderName::from_static("garage-cluster-refused");
 
+/// The forwarding replica's request id on a forwarded request: the holding replica gives every
+/// request an id of its own (`x-request-id`), but the rig must be sent the id that keys the
+/// request's ledger entry, which its receipt names. Believed only with the cluster secret.
+pub const REQUEST_ID_HEADER: http::HeaderName =
+    http::HeaderName::from_static("garage-cluster-request-id");
+
 /// Where a replica takes requests forwarded to its rigs: `{FORWARD_PREFIX}{node}/v1/...`.
 pub const FORWARD_PREFIX: &str = "/internal/rigs/";
 

@@ -118,6 +118,7 @@ impl Peer {
         headers.insert(super::SECRET_HEADER, self.secret.clone());
         if let Some(id) = request_id {
             headers.insert(crate::request_id::X_REQUEST_ID, id.clone());
+            headers.insert(super::REQUEST_ID_HEADER, id.clone());
         }
         let sender = self.sender().await?;
         let response = send_tunnel(sender, request).await?;

@@ -79,6 +79,7 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(node_api::resume_node))
         .routes(routes!(node_api::verify_node))
         .routes(routes!(node_api::reinstate_node))
+        .routes(routes!(node_api::node_statement))
         .routes(routes!(usage_api::all_usage))
         .routes(routes!(usage_api::ledger_entry))
         .routes(routes!(usage_api::leaderboard))
@@ -136,6 +137,8 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(node_api::connect))
         .routes(routes!(node_api::heartbeat))
         .routes(routes!(node_api::deregister))
+        .routes(routes!(node_api::register_receipt_key))
+        .routes(routes!(node_api::statement))
         .routes(routes!(batch_api::lease))
         .routes(routes!(batch_api::results))
         .route(

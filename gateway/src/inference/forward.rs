@@ -11,6 +11,8 @@ use axum::body::Body;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use garage_node_protocol::RECEIPT_TRAILER;
+use garage_node_protocol::receipt::AnswerHasher;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 
@@ -21,6 +23,7 @@ use crate::ledger::UsageEvent;
 use crate::ledger::billing::{Correction, OutputCount, RequestBounds, TextKind, bill};
 use crate::ledger::{Counted, CountedBy, tokens};
 use crate::metrics::RouteSeries;
+use crate::nodes::receipts::{Answer, Served};
 use crate::nodes::trust::CheckKind;
 use crate::state::AppState;
 use crate::store::ApiKeyRecord;
@@ -337,7 +340,7 @@ async fn whole_response<'a>(
     )
     .await
     {
-        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Ok(body)) => body,
         Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => {
             state.metrics().backend_error(&backend.id, "too_large");
             tracing::warn!(backend = %backend.id, limit, "backend answer over dispatch.max_response_bytes; dropped");
@@ -356,7 +359,15 @@ async fn whole_response<'a>(
             ));
         }
     };
+    // A rig's receipt comes after the body, as a trailer.
+    let receipt = receipt_of(body.trailers());
+    let body = body.to_bytes();
     let outcome = if parts.status.is_success() {
+        let answer = backend.rig.is_some().then(|| {
+            let mut hasher = AnswerHasher::default();
+            hasher.update(&body);
+            answer_of(hasher, parts.status, receipt)
+        });
         let mut output = OutputCount::default();
         let tokenizer = state.tokenizers().get(&out.model);
         let mut text = tokenizer.map(|_| String::new());
@@ -368,6 +379,7 @@ async fn whole_response<'a>(
             output,
             counted_completion: tokenizer.zip(text).map(|(t, text)| t.count(&text)),
             ttft: out.started.elapsed(),
+            answer,
         }
     } else {
         // The engine refused the request (a 4xx: 5xx were retried). Nothing to bill.
@@ -384,6 +396,23 @@ async fn whole_response<'a>(
         return Ok((openai_error_shape(response).await, outcome));
     }
     Ok((response, outcome))
+}
+
+/// The receipt a rig sent in its answer's trailers.
+fn receipt_of(trailers: Option<&http::HeaderMap>) -> Option<String> {
+    let value = trailers?.get(RECEIPT_TRAILER)?;
+    value.to_str().ok().map(str::to_owned)
+}
+
+/// What the gateway received from a rig, for checking its receipt.
+fn answer_of(hasher: AnswerHasher, status: StatusCode, receipt: Option<String>) -> Answer {
+    let (sha256, bytes) = hasher.finish();
+    Answer {
+        status: status.as_u16(),
+        bytes,
+        sha256,
+        receipt,
+    }
 }
 
 /// The members holding text in a whole answer of an endpoint whose streams use `kind`.
@@ -476,6 +505,8 @@ pub enum Outcome<'a> {
         counted_completion: Option<u64>,
         /// Time to the first token (the whole answer's time for one that is not streamed).
         ttft: std::time::Duration,
+        /// From a rig, ended whole: what came, for its receipt.
+        answer: Option<Answer>,
     },
     /// The client went away before a whole answer came: the prompt is billed. Counted as
     /// nginx's 499, as no status went out.
@@ -493,6 +524,7 @@ impl Outcome<'_> {
                 output,
                 counted_completion,
                 ttft,
+                answer,
                 ..
             } => Outcome::Answered {
                 backend,
@@ -501,6 +533,7 @@ impl Outcome<'_> {
                 output,
                 counted_completion,
                 ttft,
+                answer,
             },
             other => other,
         }
@@ -533,7 +566,7 @@ pub fn finish(state: &AppState, ctx: &RequestCtx, outcome: Outcome<'_>) {
             .with_label_values(&[ctx.route, "", status.as_str()])
             .inc(),
     }
-    let (backend, reported, output, counted_completion, ttft) = match outcome {
+    let (backend, reported, output, counted_completion, ttft, answer) = match outcome {
         Outcome::Failed(_) | Outcome::Refused(_) => {
             settle(state, ctx, 0);
             return;
@@ -544,9 +577,12 @@ pub fn finish(state: &AppState, ctx: &RequestCtx, outcome: Outcome<'_>) {
             output,
             counted_completion,
             ttft,
+            answer,
             ..
-        } => (backend, reported, output, counted_completion, ttft),
-        Outcome::Abandoned { backend } => (backend, None, OutputCount::default(), None, total),
+        } => (backend, reported, output, counted_completion, ttft, answer),
+        Outcome::Abandoned { backend } => {
+            (backend, None, OutputCount::default(), None, total, None)
+        }
     };
     let mut billed = bill(reported, &output, &ctx.bounds, || {
         crate::ledger::billing::media_parts(&ctx.body)
@@ -611,9 +647,20 @@ pub fn finish(state: &AppState, ctx: &RequestCtx, outcome: Outcome<'_>) {
     if reported.is_some() {
         backend.observe(ttft, total.saturating_sub(ttft), usage.completion_tokens);
     }
-    state
-        .usage()
-        .record(usage_event(ctx, backend, usage, counted, ttft, total));
+    let event = usage_event(ctx, backend, usage, counted, ttft, total);
+    if let Some(rig) = &backend.rig {
+        // Its receipt checked and its statement entry kept, off the request's path.
+        state.nodes().note_served(Served {
+            node: rig.node_id.clone(),
+            request_id: event.request_id.clone(),
+            model: event.model.clone(),
+            finished_at_ms: event.finished_at_ms,
+            billed: usage,
+            reported,
+            answer,
+        });
+    }
+    state.usage().record(event);
     settle(
         state,
         ctx,
@@ -629,8 +676,12 @@ fn stream_response(
     out: RequestCtx,
 ) -> Response {
     let generated = state.tokenizers().get(&out.model).map(|_| String::new());
+    let status = response.status();
     let body = MeteredBody {
         upstream: response.into_body(),
+        hasher: backend.rig.is_some().then(AnswerHasher::default),
+        receipt: None,
+        status,
         tap: SseTap::new(out.hide_usage_chunk),
         state: state.clone(),
         backend: Arc::clone(backend),
@@ -658,6 +709,12 @@ fn stream_response(
 /// drops it).
 struct MeteredBody {
     upstream: UpstreamBody,
+    /// A rig's answer: its bytes as they came, before the tap took anything out.
+    hasher: Option<AnswerHasher>,
+    /// A rig's receipt, from the stream's trailers.
+    receipt: Option<String>,
+    /// The backend's status.
+    status: StatusCode,
     tap: SseTap,
     state: AppState,
     backend: Arc<Backend>,
@@ -747,10 +804,20 @@ impl MeteredBody {
         match Pin::new(&mut self.upstream).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
-                // Trailers (none from OpenAI-style servers) are not forwarded.
-                let Ok(chunk) = frame.into_data() else {
-                    return Poll::Ready(Some(Bytes::new()));
+                // Trailers are not forwarded: a rig's receipt is for the gateway (and none come
+                // from OpenAI-style servers).
+                let chunk = match frame.into_data() {
+                    Ok(chunk) => chunk,
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            self.receipt = receipt_of(Some(&trailers));
+                        }
+                        return Poll::Ready(Some(Bytes::new()));
+                    }
                 };
+                if let Some(hasher) = &mut self.hasher {
+                    hasher.update(&chunk);
+                }
                 if self.first_chunk_at.is_none()
                     && (!self.out.first_token_is_an_event || sse::carries_output(&chunk))
                 {
@@ -889,6 +956,11 @@ impl MeteredBody {
             None if self.out.first_token_is_an_event => self.out.started.elapsed(),
             None => std::time::Duration::ZERO,
         };
+        // Only an answer the rig ended cleanly is whole enough to check its receipt against.
+        let answer = match (&self.terminal, self.hasher.take()) {
+            (Some(None), Some(hasher)) => Some(answer_of(hasher, self.status, self.receipt.take())),
+            _ => None,
+        };
         finish(
             &self.state,
             &self.out,
@@ -902,6 +974,7 @@ impl MeteredBody {
                     Some(tokenizer.count(text))
                 }),
                 ttft,
+                answer,
             },
         );
     }

@@ -8,12 +8,12 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use garage_node_protocol::{
-    EnrollRequest, EnrollResponse, Heartbeat, HeartbeatAck, TUNNEL_PROTOCOL,
+    EnrollRequest, EnrollResponse, Heartbeat, HeartbeatAck, ReceiptKey, Statement, TUNNEL_PROTOCOL,
 };
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
-use crate::error::{ApiError, ApiPath, ErrorBody, json_body};
+use crate::error::{ApiError, ApiPath, ApiQuery, ErrorBody, json_body};
 use crate::nodes::{CreateEnrollmentToken, CreatedEnrollmentToken, NodeInfo};
 use crate::state::AppState;
 
@@ -123,6 +123,114 @@ pub async fn deregister(
     state.nodes().deregister(&record.id);
     tracing::info!(node = %record.id, "rig deregistered; draining");
     Ok(Json(Deregistered { node_id: record.id }))
+}
+
+/// Registers the receipt key of a rig enrolled before receipts (see docs/trust.md). A rig's
+/// first key only: the same key again is accepted, another one refused.
+#[utoipa::path(
+    post, path = "/node/v1/receipt-key", tag = "nodes",
+    request_body = ReceiptKey,
+    responses(
+        (status = 200, description = "The rig's key, registered", body = ReceiptKey),
+        (status = 400, description = "Not an Ed25519 public key in base64", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The rig was removed", body = ErrorBody),
+        (status = 409, description = "The rig registered another key", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+    ),
+    security(("node_credential" = []))
+)]
+pub async fn register_receipt_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<ReceiptKey>, JsonRejection>,
+) -> Result<Json<ReceiptKey>, ApiError> {
+    let record = state.nodes().authenticate(&headers).await?;
+    let key = json_body(body)?;
+    state
+        .nodes()
+        .register_receipt_key(&record, &key.public_key)
+        .await?;
+    Ok(Json(key))
+}
+
+/// A page of a statement.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct StatementQuery {
+    /// A request id of the statement: the page starts after it (at the first when omitted).
+    pub after: Option<String>,
+    /// 1 to 1,000; default 100.
+    pub limit: Option<usize>,
+}
+
+/// Entries of a statement page when the query names no limit.
+const STATEMENT_PAGE: usize = 100;
+
+/// The rig's statement: every request it served, oldest first, as the gateway billed it, with
+/// the receipt the rig signed and what the gateway's check of it found, and the points its
+/// operator was awarded. The rig's own requests only; kept for the last 35 days.
+#[utoipa::path(
+    get, path = "/node/v1/statement", tag = "nodes",
+    params(StatementQuery),
+    responses(
+        (status = 200, body = Statement),
+        (status = 400, description = "Malformed query, or `after` is not a request id", body = ErrorBody),
+        (status = 401, description = "Not a node credential", body = ErrorBody),
+        (status = 403, description = "The rig was removed", body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
+    ),
+    security(("node_credential" = []))
+)]
+pub async fn statement(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiQuery(query): ApiQuery<StatementQuery>,
+) -> Result<Json<Statement>, ApiError> {
+    let record = state.nodes().authenticate(&headers).await?;
+    Ok(Json(
+        state
+            .nodes()
+            .statement(
+                &record.id,
+                &record.operator,
+                query.after.as_deref(),
+                query.limit.unwrap_or(STATEMENT_PAGE),
+            )
+            .await?,
+    ))
+}
+
+/// A rig's statement, as the rig itself reads it (`GET /node/v1/statement`).
+#[utoipa::path(
+    get, path = "/admin/nodes/{id}/statement", tag = "admin",
+    params(("id" = String, Path, description = "Node id"), StatementQuery),
+    responses(
+        (status = 200, body = Statement),
+        (status = 400, description = "Malformed path or query, or `after` is not a request id", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 503, description = "The store is unavailable", body = ErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn node_statement(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<StatementQuery>,
+) -> Result<Json<Statement>, ApiError> {
+    let info = state.nodes().get_info(&id).await?;
+    Ok(Json(
+        state
+            .nodes()
+            .statement(
+                &info.id,
+                &info.operator,
+                query.after.as_deref(),
+                query.limit.unwrap_or(STATEMENT_PAGE),
+            )
+            .await?,
+    ))
 }
 
 /// Issues an enrollment token for an operator's rigs (shown once).

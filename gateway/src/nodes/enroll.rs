@@ -40,6 +40,17 @@ impl Nodes {
 
     /// Trades an enrollment token for a node identity.
     pub async fn enroll(&self, request: EnrollRequest) -> Result<EnrollResponse, ApiError> {
+        // Checked before the token is spent on it.
+        let receipt_key = match &request.public_key {
+            Some(key) => Some(
+                garage_node_protocol::receipt::PublicKey::parse(key)
+                    .map_err(|err| {
+                        ApiError::bad_request(format!("public_key: {err}"), Some("public_key"))
+                    })?
+                    .to_base64(),
+            ),
+            None => None,
+        };
         let refused = || ApiError::Unauthorized("Invalid or expired enrollment token.".into());
         let (token_id, secret) = split_credential(&request.token).ok_or_else(refused)?;
         let token: TokenRecord = self.get(TOKEN_KIND, token_id).await?.ok_or_else(refused)?;
@@ -74,9 +85,10 @@ impl Nodes {
             drained: false,
             quarantined: false,
             version: request.version,
+            receipt_key,
         };
         self.put(NODE_KIND, &id, &record).await?;
-        tracing::info!(node = %id, name = %record.name, operator = %record.operator, "rig enrolled");
+        tracing::info!(node = %id, name = %record.name, operator = %record.operator, receipts = record.receipt_key.is_some(), "rig enrolled");
         Ok(EnrollResponse {
             node_id: id.clone(),
             credential: format!("{id}.{secret}"),

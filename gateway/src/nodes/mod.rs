@@ -12,6 +12,7 @@ mod challenge;
 mod enroll;
 pub use challenge::Verdict;
 mod heartbeat;
+pub mod receipts;
 mod remote;
 pub mod trust;
 mod tunnel;
@@ -64,6 +65,10 @@ pub struct NodeRecord {
     /// an admin reinstates it.
     #[serde(default)]
     pub quarantined: bool,
+    /// The Ed25519 key (base64) the rig signs its receipts with (see [`receipts`]); `None` for
+    /// a rig enrolled by a node-runner from before receipts, until it registers one.
+    #[serde(default)]
+    pub receipt_key: Option<String>,
 }
 
 /// An enrollment token as the store keeps it.
@@ -197,6 +202,8 @@ pub struct Nodes {
     outbox_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<StoreEvent>>>,
     /// Checks of rigs, by kind and outcome.
     checks: prometheus::IntCounterVec,
+    /// Rigs' receipt keys and statements.
+    receipts: receipts::ReceiptState,
     /// Every rig's trust status, as the store's events tell it (loaded at start).
     trust_cache: Mutex<HashMap<String, trust::TrustStatus>>,
 }
@@ -236,12 +243,13 @@ impl Nodes {
             remote: Mutex::new(HashMap::new()),
             outbox,
             outbox_rx: Mutex::new(outbox_rx),
+            receipts: receipts::ReceiptState::new(),
             trust_cache: Mutex::new(HashMap::new()),
             checks: prometheus::IntCounterVec::new(
                 prometheus::Opts::new(
                     "garage_rig_checks_total",
-                    "Checks of rigs (docs/trust.md), by kind (spot_check, usage) and outcome \
-                     (passed, failed, inconclusive)",
+                    "Checks of rigs (docs/trust.md), by kind (spot_check, usage, receipt) and \
+                     outcome (passed, failed, inconclusive)",
                 ),
                 &["kind", "outcome"],
             )
@@ -312,6 +320,7 @@ mod tests {
             drained: false,
             version: String::new(),
             quarantined: false,
+            receipt_key: None,
         }
     }
 

@@ -33,6 +33,9 @@ pub enum CheckKind {
     SpotCheck,
     /// A request's reported usage against the gateway's count.
     Usage,
+    /// An answer's signed receipt (see [`super::receipts`]); like a usage check, it can only
+    /// fail.
+    Receipt,
 }
 
 /// A rig's trust, as the admin API shows it.
@@ -102,7 +105,7 @@ impl Trust {
 impl Nodes {
     /// The metrics this registers.
     pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
-        vec![Box::new(self.checks.clone())]
+        vec![Box::new(self.checks.clone()), self.receipts.collector()]
     }
 
     /// Counts a check (an inconclusive spot check too).
@@ -110,6 +113,7 @@ impl Nodes {
         let kind = match kind {
             CheckKind::SpotCheck => "spot_check",
             CheckKind::Usage => "usage",
+            CheckKind::Receipt => "receipt",
         };
         self.checks.with_label_values(&[kind, outcome]).inc();
     }

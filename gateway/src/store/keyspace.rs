@@ -39,6 +39,18 @@ pub fn node_tunnel(node_id: &str) -> String {
     format!("node_tunnel:{node_id}")
 }
 
+/// Records: a rig's statement (each request it served: what was billed, its receipt and what
+/// its check found), by request id; one kind per rig and UTC day of the request id (owner:
+/// `nodes::receipts`).
+pub fn node_statement(node_id: &str, day: &str) -> String {
+    format!("node_statement:{node_id}:{day}")
+}
+
+/// Records: the days a rig's statement has entries for, by day.
+pub fn node_statement_days(node_id: &str) -> String {
+    format!("node_statement_days:{node_id}")
+}
+
 // ---- the request path (owner: `inference::policy`) ---------------------------------------
 
 /// Kv: set once a key's budget is spent (the meter said so): its requests get 429.

@@ -365,6 +365,19 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    fn bound_records(&self, kind: &str, max: usize) {
+        let mut inner = self.lock();
+        if !inner.capped.contains_key(kind) {
+            inner.capped.insert(
+                kind.to_owned(),
+                Capped {
+                    max: max.max(1),
+                    order: VecDeque::new(),
+                },
+            );
+        }
+    }
+
     async fn queue_push(&self, queue: &str, items: &[QueueItem]) -> Result<(), StoreError> {
         let mut inner = self.lock();
         let queue = inner.queues.entry(queue.to_owned()).or_default();

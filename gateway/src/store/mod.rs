@@ -176,6 +176,10 @@ pub trait Store: Send + Sync + 'static {
     async fn record_count(&self, kind: &str) -> Result<u64, StoreError>;
     /// Deletes every record of a kind.
     async fn record_delete_kind(&self, kind: &str) -> Result<(), StoreError>;
+    /// Keeps at most `max` records of `kind` (the oldest inserted go first) in a store that
+    /// bounds its memory that way, the embedded one; a store that keeps everything ignores it.
+    /// For kinds named at run time (a rig's statement day); asking again changes nothing.
+    fn bound_records(&self, _kind: &str, _max: usize) {}
 
     /// Work queues. Items wait in FIFO order until a worker leases them; a lease hides an item
     /// until it is acknowledged (gone for good) or the lease runs out (back to the head of the

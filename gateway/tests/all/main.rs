@@ -19,6 +19,7 @@ mod hostile;
 mod openapi;
 mod plugin_host;
 mod plugins;
+mod receipts;
 mod redis_cluster;
 mod redis_failover;
 mod redis_replicas;
