@@ -532,6 +532,44 @@ mod tests {
         assert_eq!(long.canonical().unwrap_err(), ReceiptError::TooLong);
     }
 
+    /// What a receipt costs (docs/trust.md has the numbers):
+    /// `cargo test -p garage-node-protocol --release -- --ignored --nocapture receipt_cost`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn receipt_cost() {
+        let (key, _) = SigningKey::generate().unwrap();
+        let public = key.public_key();
+        let receipt = Receipt {
+            model: "meta-llama/Llama-3.1-8B-Instruct".into(),
+            answer_bytes: 4096,
+            ..receipt()
+        };
+        let value = receipt.sign(&key).unwrap();
+        let rounds = 20_000;
+        let per_round =
+            |started: std::time::Instant| started.elapsed().as_secs_f64() * 1e6 / f64::from(rounds);
+        let started = std::time::Instant::now();
+        for _ in 0..rounds {
+            let signed = Receipt::parse(std::hint::black_box(&value)).unwrap();
+            signed.verify(&public).unwrap();
+        }
+        println!("parse and verify: {:.1} µs", per_round(started));
+        let started = std::time::Instant::now();
+        for _ in 0..rounds {
+            std::hint::black_box(receipt.sign(&key).unwrap());
+        }
+        println!("encode and sign: {:.1} µs", per_round(started));
+        let answer = vec![b'x'; 4096];
+        let started = std::time::Instant::now();
+        for _ in 0..rounds {
+            let mut hasher = AnswerHasher::default();
+            hasher.update(std::hint::black_box(&answer));
+            std::hint::black_box(hasher.finish());
+        }
+        println!("SHA-256 of 4 KiB: {:.2} µs", per_round(started));
+        println!("trailer: {} bytes", value.len());
+    }
+
     #[test]
     fn the_answer_hash_is_sha256_of_every_byte() {
         let mut hasher = AnswerHasher::default();
