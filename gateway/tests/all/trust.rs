@@ -343,16 +343,46 @@ async fn a_quarantined_rigs_unconfirmed_rewards_are_withheld() {
     })
     .await;
     // Everyone serves (and earns) for a while, checked by nobody.
+    let mut ids = Vec::new();
     for i in 0..40 {
-        assert_eq!(post_chat(&base, &key, &chat(i % 2 == 0)).await.0, 200);
+        let response = client()
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&chat(i % 2 == 0))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        ids.push(
+            response.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
-    wait_until(
-        Duration::from_secs(10),
-        "both operators awarded",
-        || async {
-            points(&base, "cheat-op").await.0 > 0.0 && points(&base, "honest-op").await.0 > 0.0
-        },
-    )
+    // Every request metered and rewarded before the earnings are read: each in the ledger,
+    // and the points still for half a second.
+    for id in &ids {
+        let path = format!("/admin/usage/requests/{id}");
+        wait_until(Duration::from_secs(10), "the ledger entry", || async {
+            admin_get(&base, &path).await["event"]["request_id"] == *id
+        })
+        .await;
+    }
+    wait_until(Duration::from_secs(10), "the points to settle", || async {
+        let before = (
+            points(&base, "cheat-op").await,
+            points(&base, "honest-op").await,
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        before
+            == (
+                points(&base, "cheat-op").await,
+                points(&base, "honest-op").await,
+            )
+            && before.0.0 > 0.0
+            && before.1.0 > 0.0
+    })
     .await;
     let (cheat_earned, _) = points(&base, "cheat-op").await;
     let (honest_earned, _) = points(&base, "honest-op").await;
