@@ -120,7 +120,7 @@ impl OutputCount {
     }
 
     /// [`Self::scan`], appending the text counted to `sink` too (decoded), for a request whose
-    /// tokens the gateway counts itself (see [`crate::ledger::tokens`]).
+    /// tokens the gateway counts itself (see the `tokens` module of the ledger).
     pub fn scan_into(&mut self, bytes: &[u8], kind: TextKind, mut sink: Option<&mut String>) {
         let f = finders();
         match kind {
