@@ -54,6 +54,7 @@ pub const ENV_FIELDS: &[&str] = &[
     "trust.spot_check_tokens",
     "trust.spot_check_timeout_secs",
     "trust.logprob_tolerance",
+    "trust.replay_share",
     "usage.ledger_max_entries",
     "batch.max_file_bytes",
     "batch.max_files_per_key",
@@ -383,6 +384,10 @@ pub struct TrustConfig {
     /// How far apart (mean absolute difference) two rigs' log-probabilities of the same tokens
     /// may be and still come from the same model.
     pub logprob_tolerance: f64,
+    /// Share of real temperature-0 chat requests replayed, as a spot check, on the rig that
+    /// served them and on others serving the model (0: never). The prompt then reaches other
+    /// strangers' rigs: a key with `"replay": false` in its metadata is never replayed.
+    pub replay_share: f64,
 }
 
 impl Default for TrustConfig {
@@ -394,6 +399,7 @@ impl Default for TrustConfig {
             spot_check_tokens: 16,
             spot_check_timeout_secs: 60,
             logprob_tolerance: 0.1,
+            replay_share: 0.01,
         }
     }
 }
@@ -723,6 +729,18 @@ impl Config {
                      no path, such as \"https://app.example.com\"), nor \"*\""
                 ));
             }
+        }
+        if !(0.0..=1.0).contains(&self.trust.replay_share) {
+            return invalid(format!(
+                "trust.replay_share = {}: a share of requests, from 0 (never) to 1 (every one)",
+                self.trust.replay_share
+            ));
+        }
+        if !(self.trust.logprob_tolerance.is_finite() && self.trust.logprob_tolerance >= 0.0) {
+            return invalid(format!(
+                "trust.logprob_tolerance = {}: a mean difference of log-probabilities, 0 or more",
+                self.trust.logprob_tolerance
+            ));
         }
         if self.dispatch.max_attempts == 0 {
             return invalid("dispatch.max_attempts must be at least 1".into());

@@ -661,11 +661,38 @@ pub fn finish(state: &AppState, ctx: &RequestCtx, outcome: Outcome<'_>) {
         });
     }
     state.usage().record(event);
+    maybe_replay(state, ctx, backend);
     settle(
         state,
         ctx,
         usage.prompt_tokens.saturating_add(usage.completion_tokens),
     );
+}
+
+/// Replays a share of real temperature-0 chat requests as spot checks of the rig that served
+/// them (see `nodes::challenge`), off the request's path; never for a key that said no.
+fn maybe_replay(state: &AppState, ctx: &RequestCtx, backend: &Backend) {
+    let share = state.config().trust.replay_share;
+    let Some(rig) = &backend.rig else {
+        return;
+    };
+    if share <= 0.0
+        || ctx.path != "/chat/completions"
+        || !rand::Rng::random_bool(&mut rand::rng(), share.min(1.0))
+        || ctx.key.as_ref().is_some_and(|key| {
+            key.metadata.get(crate::keys::REPLAY) == Some(&serde_json::Value::Bool(false))
+        })
+    {
+        return;
+    }
+    let nodes = Arc::clone(state.nodes());
+    let config = state.config().trust.clone();
+    let (id, model, body) = (rig.node_id.clone(), ctx.model.clone(), ctx.body.clone());
+    tokio::spawn(async move {
+        if let Err(err) = nodes.replay_check(&id, &config, &model, &body).await {
+            tracing::debug!(node = %id, error = %err, "replay not run");
+        }
+    });
 }
 
 fn stream_response(

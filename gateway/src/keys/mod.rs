@@ -5,6 +5,10 @@
 /// (docs/trust.md).
 pub const MIN_TRUST: &str = "min_trust";
 
+/// Key metadata: `false` keeps the key's requests from being replayed on other rigs as spot
+/// checks (`trust.replay_share`, docs/trust.md).
+pub const REPLAY: &str = "replay";
+
 pub mod api;
 
 use std::collections::HashMap;

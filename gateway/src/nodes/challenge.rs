@@ -189,6 +189,30 @@ fn challenge(model: &str, max_tokens: u32) -> Bytes {
     Bytes::from(body.to_string())
 }
 
+/// A real chat request as a replay: temperature 0 (else `None`: nothing to compare), not
+/// streamed, with log-probabilities, at most `max_tokens`.
+pub fn replay(request: &[u8], max_tokens: u32) -> Option<Bytes> {
+    let mut body: Value = serde_json::from_slice(request).ok()?;
+    let object = body.as_object_mut()?;
+    if object.get("temperature").and_then(Value::as_f64) != Some(0.0) {
+        return None;
+    }
+    object.remove("stream_options");
+    object.insert("stream".into(), json!(false));
+    object.insert("logprobs".into(), json!(true));
+    object.insert("top_logprobs".into(), json!(2));
+    let asked = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .filter_map(|name| object.remove(*name)?.as_u64())
+        .min()
+        .unwrap_or(u64::from(max_tokens));
+    object.insert(
+        "max_tokens".into(),
+        json!(asked.min(u64::from(max_tokens)).max(1)),
+    );
+    Some(Bytes::from(body.to_string()))
+}
+
 /// Sends a challenge to a backend; the answer's tokens, or why there are none.
 async fn ask(backend: &Backend, body: Bytes, timeout: Duration) -> Result<Vec<Step>, String> {
     let request_id = crate::request_id::mint();
@@ -216,13 +240,45 @@ impl Nodes {
     /// Runs a spot check of the rig `id` (routed here, locally or through another replica) and
     /// records its verdict.
     pub async fn spot_check(&self, id: &str, config: &TrustConfig) -> Result<Verdict, ApiError> {
+        self.check(id, config, None).await
+    }
+
+    /// Replays a real temperature-0 chat request the rig `id` served (sampled at
+    /// `trust.replay_share`, never for a key with `"replay": false`): the same messages, with
+    /// log-probabilities and at most `spot_check_tokens`, to the rig and to other rigs serving
+    /// the model, judged as a spot check. A real prompt looks like nothing but itself.
+    pub async fn replay_check(
+        &self,
+        id: &str,
+        config: &TrustConfig,
+        model: &str,
+        request: &[u8],
+    ) -> Result<Verdict, ApiError> {
+        let Some(body) = replay(request, config.spot_check_tokens) else {
+            return Ok(Verdict::Inconclusive(
+                "not a temperature-0 chat request".into(),
+            ));
+        };
+        self.check(id, config, Some((model.to_owned(), body))).await
+    }
+
+    async fn check(
+        &self,
+        id: &str,
+        config: &TrustConfig,
+        given: Option<(String, Bytes)>,
+    ) -> Result<Verdict, ApiError> {
         let set = self.backends.snapshot();
         let Some(backend) = set.all().iter().find(|b| b.id == id).cloned() else {
             return Err(ApiError::Unavailable(format!(
                 "The rig `{id}` is not in routing: nothing to check."
             )));
         };
-        let Some(model) = backend.models.choose(&mut rand::rng()).cloned() else {
+        let model = match &given {
+            Some((model, _)) => Some(model.clone()),
+            None => backend.models.choose(&mut rand::rng()).cloned(),
+        };
+        let Some(model) = model else {
             return Err(ApiError::Unavailable(format!(
                 "The rig `{id}` serves no model."
             )));
@@ -247,7 +303,10 @@ impl Nodes {
             candidates.retain(|(verified, _)| *verified);
         }
         candidates.truncate(MAX_REFERENCES);
-        let body = challenge(&model, config.spot_check_tokens);
+        let body = match given {
+            Some((_, body)) => body,
+            None => challenge(&model, config.spot_check_tokens),
+        };
         let timeout = Duration::from_secs(config.spot_check_timeout_secs.max(1));
         let (checked, references) = tokio::join!(
             ask(&backend, body.clone(), timeout),

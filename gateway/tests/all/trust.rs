@@ -418,3 +418,64 @@ async fn a_quarantined_rigs_unconfirmed_rewards_are_withheld() {
     );
     assert_eq!(points(&base, "honest-op").await, (honest_earned, 0.0));
 }
+
+#[tokio::test]
+async fn real_temperature_zero_requests_replayed_catch_an_impersonator_unless_the_key_says_no() {
+    let mut cfg = trust_config(None);
+    cfg.trust.spot_check_interval_secs = 0;
+    cfg.trust.replay_share = 1.0;
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    let token = enrollment_token(&base, 4).await;
+    let mut honest_rigs = Vec::new();
+    for i in 0..3 {
+        honest_rigs.push(rig(&base, &format!("honest-{i}"), &token, honest()).await);
+    }
+    let cheat = rig(
+        &base,
+        "cheat",
+        &token,
+        SimulatedDriver {
+            impersonate: Some("a-smaller-model".into()),
+            ..SimulatedDriver::default()
+        },
+    )
+    .await;
+    wait_until(Duration::from_secs(10), "four rigs routable", || async {
+        routable_rigs(&base).await == 4
+    })
+    .await;
+    let temperature_zero = json!({"model": MODEL, "temperature": 0, "max_tokens": 12,
+        "messages": [{"role": "user", "content": "what is the capital of France"}]});
+    // A key that said no: its requests are never replayed, so nobody is checked.
+    let (_, private) = create_key(
+        &base,
+        json!({"name": "private", "metadata": {"replay": false}}),
+    )
+    .await;
+    for _ in 0..12 {
+        assert_eq!(post_chat(&base, &private, &temperature_zero).await.0, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for rig in honest_rigs.iter().chain([&cheat]) {
+        assert_eq!(
+            node(&base, rig.node_id()).await["trust"]["checks_passed"],
+            0,
+            "a private key's request was replayed"
+        );
+    }
+    // Another key's real requests are replayed on the other rigs: the impersonator is caught.
+    let (_, app) = create_key(&base, json!({"name": "app"})).await;
+    for _ in 0..20 {
+        assert_eq!(post_chat(&base, &app, &temperature_zero).await.0, 200);
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "the impersonator quarantined",
+        || async { status(&base, cheat.node_id()).await == "quarantined" },
+    )
+    .await;
+    for rig in &honest_rigs {
+        assert_ne!(status(&base, rig.node_id()).await, "quarantined");
+    }
+}

@@ -140,6 +140,7 @@ pub fn config(upstreams: Vec<UpstreamConfig>) -> Config {
     // No spot checks unless a test is about them: a challenge is a request to a rig that a
     // test counting its rigs' requests would not expect.
     config.trust.spot_check_interval_secs = 0;
+    config.trust.replay_share = 0.0;
     config
 }
 
