@@ -206,6 +206,9 @@ pub struct Nodes {
     receipts: receipts::ReceiptState,
     /// Every rig's trust status, as the store's events tell it (loaded at start).
     trust_cache: Mutex<HashMap<String, trust::TrustStatus>>,
+    /// Held while a trust record is read, changed and written back: checks that end together
+    /// on this replica (disputed requests, replays) are all counted.
+    trust_update: tokio::sync::Mutex<()>,
 }
 
 fn corrupt(err: serde_json::Error) -> StoreError {
@@ -245,6 +248,7 @@ impl Nodes {
             outbox_rx: Mutex::new(outbox_rx),
             receipts: receipts::ReceiptState::new(),
             trust_cache: Mutex::new(HashMap::new()),
+            trust_update: tokio::sync::Mutex::new(()),
             checks: prometheus::IntCounterVec::new(
                 prometheus::Opts::new(
                     "garage_rig_checks_total",

@@ -171,14 +171,16 @@ impl Nodes {
     }
 
     /// Records a check's outcome (`failure`: what was found; `None`: passed); quarantines the
-    /// rig when it is the last straw. Records from several replicas may race on one rig; a
-    /// lost update delays a verdict by a check, never inverts one.
+    /// rig when it is the last straw. One replica records one check at a time; several
+    /// replicas may race on one rig: a lost update delays a verdict by a check, never inverts
+    /// one.
     pub async fn record_check(
         &self,
         id: &str,
         kind: CheckKind,
         failure: Option<&str>,
     ) -> Result<Trust, StoreError> {
+        let _updating = self.trust_update.lock().await;
         let mut trust = self.trust(id).await?;
         let before = trust.status;
         self.count_check(
@@ -219,6 +221,7 @@ impl Nodes {
     /// heartbeat, its history kept.
     pub async fn reinstate(&self, id: &str) -> Result<NodeInfo, ApiError> {
         self.require(id).await?;
+        let _updating = self.trust_update.lock().await;
         let mut trust = self.trust(id).await?;
         let before = trust.status;
         trust.status = TrustStatus::Unverified;
