@@ -79,6 +79,7 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(node_api::resume_node))
         .routes(routes!(node_api::verify_node))
         .routes(routes!(node_api::reinstate_node))
+        .routes(routes!(node_api::set_reference))
         .routes(routes!(node_api::node_statement))
         .routes(routes!(usage_api::all_usage))
         .routes(routes!(usage_api::ledger_entry))

@@ -56,6 +56,7 @@ impl Nodes {
             enrolled_at: record.enrolled_at,
             revoked: record.revoked_at.is_some(),
             drained: record.drained,
+            reference: record.reference,
             connected,
             routable,
             replica,

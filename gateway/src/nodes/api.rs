@@ -389,3 +389,37 @@ pub async fn reinstate_node(
 ) -> Result<Json<NodeInfo>, ApiError> {
     Ok(Json(state.nodes().reinstate(&id).await?))
 }
+
+/// Whether the operator vouches for a rig.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetReference {
+    /// `true`: spot checks of the rig's model compare with it first (docs/trust.md).
+    pub reference: bool,
+}
+
+/// Marks a rig the operator vouches for (say, their own): spot checks of its model are compared
+/// with it first, so a new network with one honest rig can still catch a cheat.
+#[utoipa::path(
+    post, path = "/admin/nodes/{id}/reference", tag = "admin",
+    params(("id" = String, Path, description = "Node id")),
+    request_body = SetReference,
+    responses(
+        (status = 200, body = NodeInfo),
+        (status = 400, description = "Malformed path, query or body", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn set_reference(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+    body: Result<Json<SetReference>, JsonRejection>,
+) -> Result<Json<NodeInfo>, ApiError> {
+    let body = json_body(body)?;
+    Ok(Json(
+        state.nodes().set_reference(&id, body.reference).await?,
+    ))
+}

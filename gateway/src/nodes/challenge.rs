@@ -4,7 +4,8 @@
 //! chat request like any other (same path, headers and shape; a fresh request id; a prompt
 //! drawn from ordinary ones), deterministic (temperature 0, a seed) and asking for
 //! log-probabilities. The same challenge goes to up to [`MAX_REFERENCES`] other rigs serving
-//! the model: verified ones if there are any, else any. The answers are compared token by
+//! the model: those the operator vouches for (`POST /admin/nodes/{id}/reference`) if there are
+//! any, else verified ones, else any. The answers are compared token by
 //! token, as LOGIC does: a rig running the same weights picks the same tokens at temperature 0,
 //! and its log-probabilities differ only by what its hardware does to floating point. See
 //! [`agree`] for the tolerance.
@@ -291,17 +292,29 @@ impl Nodes {
             })
             .cloned()
             .collect();
+        // (vouched for by the operator, verified, rig)
         let mut candidates = Vec::with_capacity(others.len());
         for other in others {
             let status = self.trust(&other.id).await?.status;
+            let vouched = self
+                .get::<NodeRecord>(NODE_KIND, &other.id)
+                .await?
+                .is_some_and(|record| record.reference);
             if status != TrustStatus::Quarantined && status != TrustStatus::Suspect {
-                candidates.push((status == TrustStatus::Verified, other));
+                candidates.push((vouched, vouched || status == TrustStatus::Verified, other));
             }
         }
-        // Verified references if there are any; else whoever serves the model.
-        if candidates.iter().any(|(verified, _)| *verified) {
-            candidates.retain(|(verified, _)| *verified);
+        // The operator's reference rigs if there are any; else verified ones; else whoever
+        // serves the model.
+        if candidates.iter().any(|(vouched, ..)| *vouched) {
+            candidates.retain(|(vouched, ..)| *vouched);
+        } else if candidates.iter().any(|(_, verified, _)| *verified) {
+            candidates.retain(|(_, verified, _)| *verified);
         }
+        let mut candidates: Vec<(bool, Arc<Backend>)> = candidates
+            .into_iter()
+            .map(|(_, verified, backend)| (verified, backend))
+            .collect();
         candidates.truncate(MAX_REFERENCES);
         let body = match given {
             Some((_, body)) => body,

@@ -84,6 +84,7 @@ impl Nodes {
             revoked_at: None,
             drained: false,
             quarantined: false,
+            reference: false,
             version: request.version,
             receipt_key,
         };

@@ -65,6 +65,10 @@ pub struct NodeRecord {
     /// an admin reinstates it.
     #[serde(default)]
     pub quarantined: bool,
+    /// The operator vouches for this rig: spot checks of its model compare with it first
+    /// (see [`challenge`]).
+    #[serde(default)]
+    pub reference: bool,
     /// The Ed25519 key (base64) the rig signs its receipts with (see [`receipts`]); `None` for
     /// a rig enrolled by a node-runner from before receipts, until it registers one.
     #[serde(default)]
@@ -101,6 +105,8 @@ pub struct NodeInfo {
     pub revoked: bool,
     /// An admin took the rig out of routing.
     pub drained: bool,
+    /// The operator vouches for it: spot checks of its model are compared with it first.
+    pub reference: bool,
     /// The rig holds a tunnel to this gateway replica.
     pub connected: bool,
     /// In routing on this replica right now (connected, heartbeating, serving models).
@@ -324,6 +330,7 @@ mod tests {
             drained: false,
             version: String::new(),
             quarantined: false,
+            reference: false,
             receipt_key: None,
         }
     }

@@ -217,6 +217,16 @@ impl Nodes {
         Ok(trust)
     }
 
+    /// Marks a rig as one the operator vouches for (or not): spot checks of its model compare
+    /// with it first, as with a verified rig.
+    pub async fn set_reference(&self, id: &str, reference: bool) -> Result<NodeInfo, ApiError> {
+        let mut record = self.require(id).await?;
+        record.reference = reference;
+        self.put(NODE_KIND, id, &record).await?;
+        tracing::info!(node = %id, reference, "rig's reference status changed by admin");
+        self.get_info(id).await
+    }
+
     /// Brings a quarantined (or any) rig back: `unverified`, in routing with its next
     /// heartbeat, its history kept.
     pub async fn reinstate(&self, id: &str) -> Result<NodeInfo, ApiError> {

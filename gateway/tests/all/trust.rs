@@ -479,3 +479,47 @@ async fn real_temperature_zero_requests_replayed_catch_an_impersonator_unless_th
         assert_ne!(status(&base, rig.node_id()).await, "quarantined");
     }
 }
+
+#[tokio::test]
+async fn a_rig_the_operator_vouches_for_settles_what_two_rigs_cannot() {
+    let gw = gateway(trust_config(None)).await;
+    let base = gw.url();
+    let token = enrollment_token(&base, 2).await;
+    let own = rig(&base, "operators-own", &token, honest()).await;
+    let cheat = rig(
+        &base,
+        "cheat",
+        &token,
+        SimulatedDriver {
+            impersonate: Some("a-smaller-model".into()),
+            ..SimulatedDriver::default()
+        },
+    )
+    .await;
+    wait_until(Duration::from_secs(10), "both rigs routable", || async {
+        routable_rigs(&base).await == 2
+    })
+    .await;
+    let verify = |id: String| {
+        let base = base.clone();
+        async move {
+            let (code, result) =
+                admin_post(&base, &format!("/admin/nodes/{id}/verify"), json!({})).await;
+            assert_eq!(code, 200, "{result}");
+            result["verdict"].as_str().unwrap().to_owned()
+        }
+    };
+    // Two strangers who disagree: neither word counts more.
+    assert_eq!(verify(cheat.node_id().to_owned()).await, "inconclusive");
+    // The operator vouches for its own rig: now the other is judged against it.
+    let path = format!("/admin/nodes/{}/reference", own.node_id());
+    let (code, body) = admin_post(&base, &path, json!({"reference": "yes"})).await;
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = admin_post(&base, &path, json!({"reference": true})).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["reference"], true, "{body}");
+    for _ in 0..3 {
+        assert_eq!(verify(cheat.node_id().to_owned()).await, "failed");
+    }
+    assert_eq!(status(&base, cheat.node_id()).await, "quarantined");
+}
