@@ -76,16 +76,6 @@ async fn post(base: &str, key: &str, body: &Value) -> (u16, String, String) {
     (status, id, response.text().await.unwrap_or_default())
 }
 
-/// The ledger entry of a request, once the usage worker wrote it.
-async fn ledger_entry(base: &str, id: &str) -> Value {
-    let path = format!("/admin/usage/requests/{id}");
-    wait_until(Duration::from_secs(10), "the ledger entry", || async {
-        admin_get(base, &path).await["event"]["request_id"] == id
-    })
-    .await;
-    admin_get(base, &path).await
-}
-
 /// Waits until every replica lists every model.
 async fn wait_for_models(bases: &[String], key: &str, models: &[&str]) {
     for base in bases {

@@ -331,12 +331,7 @@ async fn three_replicas_one_gateway_and_one_dies_under_load_alone() {
 /// The ledger entry of a request. Its usage event may have been leased by the replica that was
 /// killed: it comes back to the others when the lease (30 s) runs out.
 async fn wait_ledger(base: &str, id: &str) -> Value {
-    let path = format!("/admin/usage/requests/{id}");
-    wait_until(Duration::from_secs(45), "the ledger entry", || async {
-        admin_get(base, &path).await["event"]["request_id"] == id
-    })
-    .await;
-    admin_get(base, &path).await
+    ledger_entry_within(base, id, Duration::from_secs(45)).await
 }
 
 /// Runs `f` when dropped (a test that fails still stops its processes).

@@ -25,15 +25,6 @@ fn counting_config(upstream_url: String) -> garage_gateway::Config {
     cfg
 }
 
-async fn ledger_entry(base: &str, id: &str) -> Value {
-    let path = format!("/admin/usage/requests/{id}");
-    wait_until(Duration::from_secs(10), "the ledger entry", || async {
-        admin_get(base, &path).await["event"]["request_id"] == id
-    })
-    .await;
-    admin_get(base, &path).await
-}
-
 async fn post_for_id(base: &str, key: &str, path: &str, body: &Value) -> (String, String) {
     let response = client()
         .post(format!("{base}/v1/{path}"))

@@ -35,6 +35,15 @@ fn honest() -> SimulatedDriver {
     }
 }
 
+/// A cheat: it answers under the model's name but generates as a smaller model, with its own
+/// log-probability noise as an honest engine has.
+fn impersonator() -> SimulatedDriver {
+    SimulatedDriver {
+        impersonate: Some("a-smaller-model".into()),
+        ..honest()
+    }
+}
+
 fn trust_config(store: Option<&RedisServer>) -> garage_gateway::Config {
     let mut cfg = config(vec![]);
     if let Some(redis) = store {
@@ -67,17 +76,7 @@ async fn honest_rigs_are_verified_and_an_impersonator_quarantined(store: Option<
     for i in 0..3 {
         honest_rigs.push(rig(&base, &format!("honest-{i}"), &token, honest()).await);
     }
-    let cheat = rig(
-        &base,
-        "cheat",
-        &token,
-        SimulatedDriver {
-            impersonate: Some("a-smaller-model".into()),
-            logprob_noise: 0.01,
-            ..SimulatedDriver::default()
-        },
-    )
-    .await;
+    let cheat = rig(&base, "cheat", &token, impersonator()).await;
     let (_, key) = create_key(&base, json!({"name": "app"})).await;
 
     // Checked about once a second each: the honest rigs earn `verified`, the impersonator
@@ -276,12 +275,7 @@ async fn a_key_that_wants_verified_rigs_gets_only_them() {
             .to_str()
             .unwrap()
             .to_owned();
-        let path = format!("/admin/usage/requests/{id}");
-        wait_until(Duration::from_secs(10), "the ledger entry", || async {
-            admin_get(&base, &path).await["event"]["request_id"] == id
-        })
-        .await;
-        assert_eq!(admin_get(&base, &path).await["event"]["rig"], verified);
+        assert_eq!(ledger_entry(&base, &id).await["event"]["rig"], verified);
     }
 }
 
@@ -327,16 +321,7 @@ async fn a_quarantined_rigs_unconfirmed_rewards_are_withheld() {
     for i in 0..3 {
         honest_rigs.push(rig(&base, &format!("honest-{i}"), &honest_token, honest()).await);
     }
-    let cheat = rig(
-        &base,
-        "cheat",
-        &token("cheat-op", 1).await,
-        SimulatedDriver {
-            impersonate: Some("a-smaller-model".into()),
-            ..SimulatedDriver::default()
-        },
-    )
-    .await;
+    let cheat = rig(&base, "cheat", &token("cheat-op", 1).await, impersonator()).await;
     let (_, key) = create_key(&base, json!({"name": "app"})).await;
     wait_until(Duration::from_secs(10), "four rigs routable", || async {
         routable_rigs(&base).await == 4
@@ -363,11 +348,7 @@ async fn a_quarantined_rigs_unconfirmed_rewards_are_withheld() {
     // Every request metered and rewarded before the earnings are read: each in the ledger,
     // and the points still for half a second.
     for id in &ids {
-        let path = format!("/admin/usage/requests/{id}");
-        wait_until(Duration::from_secs(10), "the ledger entry", || async {
-            admin_get(&base, &path).await["event"]["request_id"] == *id
-        })
-        .await;
+        ledger_entry(&base, id).await;
     }
     wait_until(Duration::from_secs(10), "the points to settle", || async {
         let before = (
@@ -431,16 +412,7 @@ async fn real_temperature_zero_requests_replayed_catch_an_impersonator_unless_th
     for i in 0..3 {
         honest_rigs.push(rig(&base, &format!("honest-{i}"), &token, honest()).await);
     }
-    let cheat = rig(
-        &base,
-        "cheat",
-        &token,
-        SimulatedDriver {
-            impersonate: Some("a-smaller-model".into()),
-            ..SimulatedDriver::default()
-        },
-    )
-    .await;
+    let cheat = rig(&base, "cheat", &token, impersonator()).await;
     wait_until(Duration::from_secs(10), "four rigs routable", || async {
         routable_rigs(&base).await == 4
     })
@@ -486,16 +458,7 @@ async fn a_rig_the_operator_vouches_for_settles_what_two_rigs_cannot() {
     let base = gw.url();
     let token = enrollment_token(&base, 2).await;
     let own = rig(&base, "operators-own", &token, honest()).await;
-    let cheat = rig(
-        &base,
-        "cheat",
-        &token,
-        SimulatedDriver {
-            impersonate: Some("a-smaller-model".into()),
-            ..SimulatedDriver::default()
-        },
-    )
-    .await;
+    let cheat = rig(&base, "cheat", &token, impersonator()).await;
     wait_until(Duration::from_secs(10), "both rigs routable", || async {
         routable_rigs(&base).await == 2
     })

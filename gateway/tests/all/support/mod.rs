@@ -508,3 +508,19 @@ pub fn config_query(config: serde_json::Value) -> String {
         .collect();
     format!("?config={encoded}")
 }
+
+/// A request's ledger entry (`GET /admin/usage/requests/{id}`), once the usage worker has
+/// written it, waiting at most `bound`.
+pub async fn ledger_entry_within(base: &str, id: &str, bound: Duration) -> serde_json::Value {
+    let path = format!("/admin/usage/requests/{id}");
+    wait_until(bound, "the ledger entry", || async {
+        admin_get(base, &path).await["event"]["request_id"] == id
+    })
+    .await;
+    admin_get(base, &path).await
+}
+
+/// [`ledger_entry_within`] ten seconds.
+pub async fn ledger_entry(base: &str, id: &str) -> serde_json::Value {
+    ledger_entry_within(base, id, Duration::from_secs(10)).await
+}
