@@ -32,6 +32,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("fixtures/wrong-world", "fixture_wrong_world"),
     ("fixtures/huge-output", "fixture_huge_output"),
     ("fixtures/picky-meter", "fixture_picky_meter"),
+    ("fixtures/meter-v0-3", "fixture_meter_v0_3"),
 ];
 
 /// Settings of the outer build that must not leak into the guests' build: flags meant for the

@@ -9,8 +9,9 @@
 //! router component does not claim to export `charge`.
 
 use crate::{
-    Admission, Award, Candidate, CandidateInfo, Charge, Decision, Host, LogLevel, Meter,
-    RateLimitHeaders, RateLimiter, Reward, RigReport, RouteRequest, Router, Settlement, UsageEvent,
+    Admission, Award, Candidate, CandidateInfo, Charge, CountedBy, Decision, Host, LogLevel, Meter,
+    RateLimitHeaders, RateLimiter, Reward, RigReport, RouteRequest, Router, Settlement, Trust,
+    UsageEvent,
 };
 
 /// The imports of every world, and the shared records.
@@ -18,12 +19,14 @@ mod imports {
     #![expect(missing_docs, reason = "generated from the WIT, whose docs it carries")]
 
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "../wit/v0.4",
         inline: r#"
             package garage:plugin-sdk;
 
             world imports {
                 import garage:policy/types@0.2.0;
+                import garage:policy/types@0.3.0;
+                import garage:policy/types@0.4.0;
                 import garage:policy/kv@0.2.0;
                 import garage:policy/clock@0.2.0;
                 import garage:policy/log@0.2.0;
@@ -35,13 +38,20 @@ mod imports {
     });
 }
 
-/// The WIT records as wit-bindgen generates them.
-pub use imports::garage::policy::types as wit;
+/// The WIT records of `garage:policy@0.2.0` as wit-bindgen generates them.
+pub use imports::garage::policy0_2_0::types as wit;
+/// The records new in `garage:policy@0.3.0`.
+pub use imports::garage::policy0_3_0::types as wit_v0_3;
+/// The records new in `garage:policy@0.4.0`.
+pub use imports::garage::policy0_4_0::types as wit_v0_4;
 
-use imports::garage::policy::{clock, config, kv, log};
+use imports::garage::policy0_2_0::{clock, config, kv, log};
 
 macro_rules! world {
-    ($module:ident, $path:literal, $world:literal, $export_macro:literal, $bindings:literal) => {
+    (
+        $module:ident, $path:literal, $world:literal, $export_macro:literal, $bindings:literal,
+        { $($with:tt)* }
+    ) => {
         #[doc = concat!("Bindings of the `", $world, "` world.")]
         pub mod $module {
             #![expect(missing_docs, reason = "generated from the WIT, whose docs it carries")]
@@ -55,11 +65,12 @@ macro_rules! world {
                 path: $path,
                 world: $world,
                 with: {
-                    "garage:policy/types@0.2.0": crate::guest::imports::garage::policy::types,
-                    "garage:policy/kv@0.2.0": crate::guest::imports::garage::policy::kv,
-                    "garage:policy/clock@0.2.0": crate::guest::imports::garage::policy::clock,
-                    "garage:policy/log@0.2.0": crate::guest::imports::garage::policy::log,
-                    "garage:policy/config@0.2.0": crate::guest::imports::garage::policy::config,
+                    $($with)*
+                    "garage:policy/types@0.2.0": crate::guest::imports::garage::policy0_2_0::types,
+                    "garage:policy/kv@0.2.0": crate::guest::imports::garage::policy0_2_0::kv,
+                    "garage:policy/clock@0.2.0": crate::guest::imports::garage::policy0_2_0::clock,
+                    "garage:policy/log@0.2.0": crate::guest::imports::garage::policy0_2_0::log,
+                    "garage:policy/config@0.2.0": crate::guest::imports::garage::policy0_2_0::config,
                 },
                 pub_export_macro: true,
                 export_macro_name: $export_macro,
@@ -69,36 +80,43 @@ macro_rules! world {
     };
 }
 
-// The router world is 0.2.0's (0.3.0's is the same); the others are `garage:policy@0.3.0`'s
-// (`wit/v0.3`): lists of events for the meter and the reward, and an admit that says whether a
-// settle is needed. Every import and record stays 0.2.0's.
+// Every world is `garage:policy@0.4.0`'s (`wit/v0.4`): candidates and usage events that carry
+// the gateway's checks, lists of events for the meter and the reward, and an admit that says
+// whether a settle is needed (0.3.0's rate limiter). Every import stays 0.2.0's.
 world!(
     router,
-    "../wit",
-    "router",
+    "../wit/v0.4",
+    "garage:policy/router@0.4.0",
     "export_router_world",
-    "garage_plugin_sdk::__private::router"
+    "garage_plugin_sdk::__private::router",
+    {
+        "garage:policy/types@0.4.0": crate::guest::imports::garage::policy0_4_0::types,
+        "garage:policy/candidates@0.2.0": generate,
+    }
 );
 world!(
     rate_limiter,
-    "../wit/v0.3",
-    "garage:policy/rate-limiter@0.3.0",
+    "../wit/v0.4",
+    "garage:policy/rate-limiter@0.4.0",
     "export_rate_limiter_world",
-    "garage_plugin_sdk::__private::rate_limiter"
+    "garage_plugin_sdk::__private::rate_limiter",
+    { "garage:policy/types@0.3.0": crate::guest::imports::garage::policy0_3_0::types, }
 );
 world!(
     meter,
-    "../wit/v0.3",
-    "garage:policy/meter@0.3.0",
+    "../wit/v0.4",
+    "garage:policy/meter@0.4.0",
     "export_meter_world",
-    "garage_plugin_sdk::__private::meter"
+    "garage_plugin_sdk::__private::meter",
+    { "garage:policy/types@0.4.0": crate::guest::imports::garage::policy0_4_0::types, }
 );
 world!(
     reward,
-    "../wit/v0.3",
-    "garage:policy/reward@0.3.0",
+    "../wit/v0.4",
+    "garage:policy/reward@0.4.0",
     "export_reward_world",
-    "garage_plugin_sdk::__private::reward"
+    "garage_plugin_sdk::__private::reward",
+    { "garage:policy/types@0.4.0": crate::guest::imports::garage::policy0_4_0::types, }
 );
 
 /// The [`Host`] of a plugin running in the gateway: every call goes to a WIT import.
@@ -191,7 +209,7 @@ impl Host for RouterHost {
     }
 
     fn candidate(&self, index: u32) -> Option<CandidateInfo> {
-        router::garage::policy::candidates::describe(index).map(|info| CandidateInfo {
+        router::garage::policy0_2_0::candidates::describe(index).map(|info| CandidateInfo {
             id: info.id,
             rig: info.rig,
             operator: info.operator,
@@ -203,15 +221,12 @@ impl Host for RouterHost {
 /// `route` of the `router` world, for `export_router!`.
 pub fn route<P: Router>(
     request: wit::RouteRequest,
-    candidates: Vec<wit::Candidate>,
+    candidates: Vec<wit_v0_4::Candidate>,
 ) -> Result<Vec<u32>, String> {
     let request = RouteRequest::from(request);
     let candidates: Vec<Candidate> = candidates.into_iter().map(Candidate::from).collect();
     P::route(&RouterHost, &request, &candidates)
 }
-
-/// The records new in `garage:policy@0.3.0`.
-pub use rate_limiter::garage::policy0_3_0::types as wit_v0_3;
 
 /// `admit` of the `rate-limiter` world, for `export_rate_limiter!`.
 pub fn admit<P: RateLimiter>(request: wit::Admission) -> wit_v0_3::Admitted {
@@ -229,7 +244,7 @@ pub fn settle<P: RateLimiter>(settlement: wit::Settlement) {
 }
 
 /// `charge` of the `meter` world, for `export_meter!`: the plugin's `charge` of each event.
-pub fn charge<P: Meter>(events: Vec<wit::UsageEvent>) -> Vec<Result<wit::Charge, String>> {
+pub fn charge<P: Meter>(events: Vec<wit_v0_4::UsageEvent>) -> Vec<Result<wit::Charge, String>> {
     events
         .into_iter()
         .map(|event| P::charge(&WasmHost, &UsageEvent::from(event)).map(Into::into))
@@ -238,7 +253,9 @@ pub fn charge<P: Meter>(events: Vec<wit::UsageEvent>) -> Vec<Result<wit::Charge,
 
 /// `on-usage` of the `reward` world, for `export_reward!`: the plugin's `on_usage` of each
 /// event.
-pub fn on_usage<P: Reward>(events: Vec<wit::UsageEvent>) -> Vec<Result<Vec<wit::Award>, String>> {
+pub fn on_usage<P: Reward>(
+    events: Vec<wit_v0_4::UsageEvent>,
+) -> Vec<Result<Vec<wit::Award>, String>> {
     events
         .into_iter()
         .map(|event| P::on_usage(&WasmHost, &UsageEvent::from(event)).map(awards))
@@ -274,8 +291,20 @@ impl From<wit::RouteRequest> for RouteRequest {
     }
 }
 
-impl From<wit::Candidate> for Candidate {
-    fn from(c: wit::Candidate) -> Self {
+impl From<wit_v0_4::Trust> for Trust {
+    fn from(t: wit_v0_4::Trust) -> Self {
+        match t {
+            wit_v0_4::Trust::Configured => Trust::Configured,
+            wit_v0_4::Trust::Unverified => Trust::Unverified,
+            wit_v0_4::Trust::Verified => Trust::Verified,
+            wit_v0_4::Trust::Suspect => Trust::Suspect,
+            wit_v0_4::Trust::Quarantined => Trust::Quarantined,
+        }
+    }
+}
+
+impl From<wit_v0_4::Candidate> for Candidate {
+    fn from(c: wit_v0_4::Candidate) -> Self {
         Self {
             key: c.key,
             in_flight: c.in_flight,
@@ -286,6 +315,7 @@ impl From<wit::Candidate> for Candidate {
             latency_ms: c.latency_ms,
             gpu_utilization: c.gpu_utilization,
             gpu_memory_free_bytes: c.gpu_memory_free_bytes,
+            trust: c.trust.into(),
         }
     }
 }
@@ -333,8 +363,8 @@ impl From<wit::Settlement> for Settlement {
     }
 }
 
-impl From<wit::UsageEvent> for UsageEvent {
-    fn from(e: wit::UsageEvent) -> Self {
+impl From<wit_v0_4::UsageEvent> for UsageEvent {
+    fn from(e: wit_v0_4::UsageEvent) -> Self {
         Self {
             request_id: e.request_id,
             key_id: e.key_id,
@@ -350,6 +380,13 @@ impl From<wit::UsageEvent> for UsageEvent {
             started_at_ms: e.started_at_ms,
             finished_at_ms: e.finished_at_ms,
             batch: e.batch,
+            counted_by: match e.counted_by {
+                wit_v0_4::CountedBy::Gateway => CountedBy::Gateway,
+                wit_v0_4::CountedBy::Backend => CountedBy::Backend,
+            },
+            reported_prompt_tokens: e.reported_prompt_tokens,
+            reported_completion_tokens: e.reported_completion_tokens,
+            trust: e.trust.into(),
         }
     }
 }

@@ -1,8 +1,8 @@
 //! The SDK for Garage policy plugins (routing, rate limits, metering, rewards) written in Rust.
 //!
-//! A policy is a WebAssembly component implementing one world of the `garage:policy@0.2.0`
-//! WIT package (`wit/policy.wit`): `router`, `rate-limiter`, `meter` or `reward`. With this
-//! crate a plugin is plain Rust:
+//! A policy is a WebAssembly component implementing one world of the `garage:policy@0.4.0`
+//! WIT package (`wit/v0.4/policy.wit`): `router`, `rate-limiter`, `meter` or `reward`. With
+//! this crate a plugin is plain Rust:
 //!
 //! 1. implement the slot's trait ([`Router`], [`RateLimiter`], [`Meter`] or [`Reward`]) on a
 //!    unit struct, reading and writing state through the [`Host`] it is handed;
@@ -66,6 +66,48 @@
 //! panic = "abort"   # a panic becomes a trap, which the gateway counts and survives
 //! ```
 //!
+//! # Paying only verified work
+//!
+//! A usage event says who counted its tokens and how far the gateway trusted the rig that
+//! served it (`docs/trust.md`): a reward scheme that pays only what the gateway verified is a
+//! few lines (the guide's example, `docs/plugin-guide.md`).
+//!
+//! ```
+//! use garage_plugin_sdk::{Award, CountedBy, Host, Reward, Trust, UsageEvent};
+//!
+//! /// A point per thousand tokens, for verified work only.
+//! pub struct VerifiedTokens;
+//!
+//! impl Reward for VerifiedTokens {
+//!     fn on_usage(_host: &dyn Host, event: &UsageEvent) -> Result<Vec<Award>, String> {
+//!         let verified = event.trust == Trust::Verified && event.counted_by == CountedBy::Gateway;
+//!         if !verified || event.operator.is_empty() {
+//!             return Ok(Vec::new());
+//!         }
+//!         let tokens = event.prompt_tokens + event.completion_tokens;
+//!         Ok(vec![Award::new(&event.operator, tokens as f64 / 1000.0, "tokens")])
+//!     }
+//! }
+//!
+//! garage_plugin_sdk::export_reward!(VerifiedTokens);
+//!
+//! use garage_plugin_sdk::testing::MemoryHost;
+//! let work = UsageEvent {
+//!     operator: "alice".into(),
+//!     completion_tokens: 2_000,
+//!     counted_by: CountedBy::Gateway,
+//!     trust: Trust::Verified,
+//!     ..UsageEvent::default()
+//! };
+//! let host = MemoryHost::new();
+//! assert_eq!(
+//!     VerifiedTokens::on_usage(&host, &work),
+//!     Ok(vec![Award::new("alice", 2.0, "tokens")])
+//! );
+//! let unchecked = UsageEvent { trust: Trust::Unverified, ..work };
+//! assert_eq!(VerifiedTokens::on_usage(&host, &unchecked), Ok(vec![]));
+//! ```
+//!
 //! # Helpers
 //!
 //! - [`config`]: the plugin's JSON configuration and JSON fields (key metadata) into structs.
@@ -74,7 +116,7 @@
 //!
 //! # Inside the component
 //!
-//! The bindings come from `wit_bindgen::generate!` over the repository's `wit/` folder, one
+//! The bindings come from `wit_bindgen::generate!` over the repository's `wit/v0.4` folder, one
 //! module per world, and exist only when compiling for `wasm32`: elsewhere the export macros
 //! merely check that the type implements the slot's trait. Converting between the WIT records
 //! and this crate's [`types`] happens here, not in plugins. Plain Rust `std` on
@@ -95,8 +137,8 @@ mod guest;
 
 pub use host::Host;
 pub use types::{
-    Admission, Award, Candidate, CandidateInfo, Charge, Decision, LogLevel, RateLimitHeaders,
-    RigReport, RouteRequest, Settlement, UsageEvent, candidate_key,
+    Admission, Award, Candidate, CandidateInfo, Charge, CountedBy, Decision, LogLevel,
+    RateLimitHeaders, RigReport, RouteRequest, Settlement, Trust, UsageEvent, candidate_key,
 };
 
 /// The `router` world: picks where a request goes.
@@ -245,7 +287,7 @@ macro_rules! export_router {
             impl $crate::__private::router::Guest for GarageRouterExport {
                 fn route(
                     request: $crate::__private::wit::RouteRequest,
-                    candidates: ::std::vec::Vec<$crate::__private::wit::Candidate>,
+                    candidates: ::std::vec::Vec<$crate::__private::wit_v0_4::Candidate>,
                 ) -> ::std::result::Result<::std::vec::Vec<u32>, ::std::string::String> {
                     $crate::__private::route::<$plugin>(request, candidates)
                 }
@@ -318,7 +360,7 @@ macro_rules! export_meter {
             struct GarageMeterExport;
             impl $crate::__private::meter::Guest for GarageMeterExport {
                 fn charge(
-                    events: ::std::vec::Vec<$crate::__private::wit::UsageEvent>,
+                    events: ::std::vec::Vec<$crate::__private::wit_v0_4::UsageEvent>,
                 ) -> ::std::vec::Vec<
                     ::std::result::Result<$crate::__private::wit::Charge, ::std::string::String>,
                 > {
@@ -355,7 +397,7 @@ macro_rules! export_reward {
             struct GarageRewardExport;
             impl $crate::__private::reward::Guest for GarageRewardExport {
                 fn on_usage(
-                    events: ::std::vec::Vec<$crate::__private::wit::UsageEvent>,
+                    events: ::std::vec::Vec<$crate::__private::wit_v0_4::UsageEvent>,
                 ) -> ::std::vec::Vec<
                     ::std::result::Result<
                         ::std::vec::Vec<$crate::__private::wit::Award>,

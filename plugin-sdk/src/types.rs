@@ -47,6 +47,52 @@ pub struct Candidate {
     pub gpu_utilization: f32,
     /// Free GPU memory of the rig, bytes; 0 when unknown.
     pub gpu_memory_free_bytes: u64,
+    /// What the gateway's checks found about the backend.
+    pub trust: Trust,
+}
+
+/// How far the gateway trusts a backend, from its checks (WIT `trust`, new in 0.4.0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Trust {
+    /// A static upstream from the operator's own configuration: not a stranger's rig, so never
+    /// checked.
+    Configured,
+    /// A rig that has not passed enough spot checks yet (every rig starts here).
+    #[default]
+    Unverified,
+    /// A rig that passed its spot checks.
+    Verified,
+    /// A rig that failed a check.
+    Suspect,
+    /// A rig taken out of routing for failed checks.
+    Quarantined,
+}
+
+impl Trust {
+    /// Whether work on this backend can be believed: a verified rig, or the operator's own
+    /// upstream.
+    ///
+    /// ```
+    /// use garage_plugin_sdk::Trust;
+    ///
+    /// assert!(Trust::Verified.is_trusted());
+    /// assert!(Trust::Configured.is_trusted());
+    /// assert!(!Trust::Unverified.is_trusted());
+    /// ```
+    pub fn is_trusted(self) -> bool {
+        matches!(self, Trust::Verified | Trust::Configured)
+    }
+}
+
+/// Who counted a usage event's tokens (WIT `counted-by`, new in 0.4.0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum CountedBy {
+    /// The gateway, with the model's tokenizer, from the request and the answer it forwarded.
+    Gateway,
+    /// The backend's own report, within bounds the gateway checks, when no tokenizer is
+    /// configured for the model (or the gateway's estimate of a stream cut short).
+    #[default]
+    Backend,
 }
 
 impl Candidate {
@@ -286,6 +332,36 @@ pub struct UsageEvent {
     pub finished_at_ms: u64,
     /// The request came from the Batch API (a reward plugin may pay it differently).
     pub batch: bool,
+    /// Who counted `prompt_tokens` and `completion_tokens`.
+    pub counted_by: CountedBy,
+    /// With [`CountedBy::Gateway`]: the prompt tokens the backend reported (none when it
+    /// reported nothing, as a stream cut short does).
+    pub reported_prompt_tokens: Option<u64>,
+    /// With [`CountedBy::Gateway`]: the completion tokens the backend reported.
+    pub reported_completion_tokens: Option<u64>,
+    /// The backend's trust when it served the request.
+    pub trust: Trust,
+}
+
+impl UsageEvent {
+    /// Whether the event is work a reward can believe: tokens the gateway counted itself, on a
+    /// verified rig.
+    ///
+    /// ```
+    /// use garage_plugin_sdk::{CountedBy, Trust, UsageEvent};
+    ///
+    /// let served = UsageEvent {
+    ///     counted_by: CountedBy::Gateway,
+    ///     trust: Trust::Verified,
+    ///     ..UsageEvent::default()
+    /// };
+    /// assert!(served.is_verified_work());
+    /// assert!(!UsageEvent { trust: Trust::Unverified, ..served.clone() }.is_verified_work());
+    /// assert!(!UsageEvent { counted_by: CountedBy::Backend, ..served }.is_verified_work());
+    /// ```
+    pub fn is_verified_work(&self) -> bool {
+        self.counted_by == CountedBy::Gateway && self.trust == Trust::Verified
+    }
 }
 
 /// The meter's answer for one usage event (WIT `charge`).

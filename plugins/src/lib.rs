@@ -65,7 +65,7 @@ pub fn world(name: &str) -> Option<&'static str> {
     Some(match name {
         "router-round-robin" | "router-least-loaded" | "router-prefix-affinity" => "router",
         "rate-limiter" => "rate-limiter",
-        "meter" | "fixture-wrong-world" | "fixture-picky-meter" => "meter",
+        "meter" | "fixture-wrong-world" | "fixture-picky-meter" | "fixture-meter-v0-3" => "meter",
         "reward" => "reward",
         "fixture-infinite-loop"
         | "fixture-memory-bomb"
@@ -76,8 +76,8 @@ pub fn world(name: &str) -> Option<&'static str> {
 }
 
 /// Hostile components, built from real source like the defaults, for the host's tests. Every
-/// one but [`WRONG_WORLD`](fixtures::WRONG_WORLD) and [`PICKY_METER`](fixtures::PICKY_METER)
-/// is a router. Garbage bytes need no fixture.
+/// one but the meters ([`WRONG_WORLD`](fixtures::WRONG_WORLD),
+/// [`PICKY_METER`](fixtures::PICKY_METER), [`METER_V0_3`](fixtures::METER_V0_3)) is a router. Garbage bytes need no fixture.
 pub mod fixtures {
     /// A router that never returns: the epoch deadline must interrupt it.
     pub const INFINITE_LOOP: &[u8] = component!("fixture_infinite_loop");
@@ -101,8 +101,13 @@ pub mod fixtures {
     /// `refused` gets an error, `trap` traps (failing the whole call), others one credit.
     pub const PICKY_METER: &[u8] = component!("fixture_picky_meter");
 
+    /// A meter built against `garage:policy@0.3.0` with wit-bindgen alone (no SDK), standing
+    /// for a component from before 0.4.0: a credit per thousand tokens of each event.
+    pub const METER_V0_3: &[u8] = component!("fixture_meter_v0_3");
+
     /// The fixtures, by name: `fixture-infinite-loop`, `fixture-memory-bomb`, `fixture-trap`,
-    /// `fixture-wrong-world`, `fixture-huge-output`, `fixture-picky-meter`.
+    /// `fixture-wrong-world`, `fixture-huge-output`, `fixture-picky-meter`,
+    /// `fixture-meter-v0-3`.
     pub fn all() -> &'static [(&'static str, &'static [u8])] {
         const ALL: &[(&str, &[u8])] = &[
             ("fixture-infinite-loop", INFINITE_LOOP),
@@ -111,6 +116,7 @@ pub mod fixtures {
             ("fixture-wrong-world", WRONG_WORLD),
             ("fixture-huge-output", HUGE_OUTPUT),
             ("fixture-picky-meter", PICKY_METER),
+            ("fixture-meter-v0-3", METER_V0_3),
         ];
         ALL
     }

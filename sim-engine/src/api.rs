@@ -409,7 +409,9 @@ async fn generate(state: SimState, body: &[u8], kind: Kind) -> Result<Response, 
             // Chat templates add a few tokens of framing around each message.
             let tokens = messages
                 .iter()
-                .map(|m| synth::count_tokens(&m.content).saturating_add(4))
+                .map(|m| {
+                    synth::count_tokens(&m.content).saturating_add(crate::CHAT_TEMPLATE_TOKENS)
+                })
                 .fold(0, u32::saturating_add);
             let prompt = Prompt::chat(messages.iter().map(|m| (m.role.as_str(), &m.content)));
             let top_logprobs =

@@ -33,6 +33,14 @@ pub use state::SimState;
 /// The model name served when none is configured.
 pub const DEFAULT_MODEL: &str = "sim-llama-3-8b";
 
+/// The tokenizer the simulated engine counts with (`tokenizer.json`, Hugging Face's format): a
+/// gateway configured with it counts the tokens of simulated rigs as they do.
+pub const TOKENIZER_JSON: &str = include_str!("../tokenizer.json");
+
+/// Tokens the simulated engine's chat template adds per message (a gateway's
+/// `chat_template_tokens` for it).
+pub const CHAT_TEMPLATE_TOKENS: u32 = 4;
+
 /// How a simulated engine behaves.
 #[derive(Clone, Debug)]
 pub struct SimConfig {

@@ -1,6 +1,7 @@
 //! Ending a batch: output and error files in input order, its usage, its status.
 
 use super::*;
+use crate::backends::TrustStatus;
 
 impl Batches {
     /// Ends the batch if it is done (every line answered, cancelled with nothing running, or
@@ -354,7 +355,7 @@ pub(super) fn usage_event(
     model: &str,
     line: u64,
     key_id: &str,
-    node: &NodeRecord,
+    (node, trust): (&NodeRecord, TrustStatus),
     counts: Counts,
     latency_ms: u64,
 ) -> UsageEvent {
@@ -377,5 +378,6 @@ pub(super) fn usage_event(
         batch: true,
         // Batch answers are billed within the bounds of the line (not counted yet).
         counted: Default::default(),
+        trust: Some(trust),
     }
 }

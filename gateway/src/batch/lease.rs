@@ -210,7 +210,7 @@ impl Batches {
                         &result.model,
                         result.line,
                         &stored.owner,
-                        node,
+                        (node, self.nodes.trust_of(&node.id)),
                         billed,
                         result.latency_ms,
                     ));

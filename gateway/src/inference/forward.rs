@@ -133,6 +133,7 @@ fn usage_event(
         finished_at_ms: out.started_at_ms + latency_ms,
         batch: false,
         counted,
+        trust: backend.trust(),
     }
 }
 

@@ -11,7 +11,7 @@ use http::{HeaderName, HeaderValue};
 
 use crate::backends::{Backend, TrustStatus};
 use crate::error::ApiError;
-use crate::ledger::{Award, Outcome, UsageEvent, UsageProcessor};
+use crate::ledger::{Award, CountedBy, Outcome, UsageEvent, UsageProcessor};
 use crate::plugins::{self, PluginHost, Slot};
 use crate::store::{ApiKeyRecord, Store};
 
@@ -271,6 +271,18 @@ fn describe(backend: &Backend) -> plugins::Candidate {
         latency_ms,
         gpu_utilization: load.gpu_utilization,
         gpu_memory_free_bytes: load.gpu_memory_free_bytes,
+        trust: plugin_trust(backend.trust()),
+    }
+}
+
+/// A backend's trust as plugins see it: `configured` for the operator's static upstreams.
+fn plugin_trust(trust: Option<TrustStatus>) -> plugins::Trust {
+    match trust {
+        None => plugins::Trust::Configured,
+        Some(TrustStatus::Unverified) => plugins::Trust::Unverified,
+        Some(TrustStatus::Verified) => plugins::Trust::Verified,
+        Some(TrustStatus::Suspect) => plugins::Trust::Suspect,
+        Some(TrustStatus::Quarantined) => plugins::Trust::Quarantined,
     }
 }
 
@@ -321,6 +333,17 @@ fn to_plugin_event(e: &UsageEvent) -> plugins::UsageEvent {
         started_at_ms: e.started_at_ms,
         finished_at_ms: e.finished_at_ms,
         batch: e.batch,
+        counted_by: match e.counted.by {
+            CountedBy::Gateway => plugins::CountedBy::Gateway,
+            CountedBy::Backend => plugins::CountedBy::Backend,
+        },
+        reported_prompt_tokens: e.counted.reported_prompt_tokens,
+        reported_completion_tokens: e.counted.reported_completion_tokens,
+        // A rig's event written before trust was recorded counts as unverified.
+        trust: match (e.trust, e.rig.is_empty()) {
+            (None, true) => plugins::Trust::Configured,
+            (trust, _) => plugin_trust(Some(trust.unwrap_or_default())),
+        },
     }
 }
 

@@ -31,6 +31,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::backends::TrustStatus;
 use crate::store::{QueueItem, Store, StoreError, read_counter};
 
 /// Aborts a task when dropped (the worker's flusher goes with the worker).
@@ -83,6 +84,10 @@ pub struct UsageEvent {
     /// Who counted the tokens billed.
     #[serde(default)]
     pub counted: Counted,
+    /// The rig's trust when it served the request; none for a static upstream (the operator's
+    /// own) or an entry written before trust was recorded.
+    #[serde(default)]
+    pub trust: Option<TrustStatus>,
 }
 
 /// Who counted the tokens of a request (see [`tokens`]).
@@ -186,20 +191,25 @@ pub struct LedgerEntry {
 const LEDGER_POSTCARD_V1: u8 = 1;
 /// Version 2: [`UsageEvent::counted`] added.
 const LEDGER_POSTCARD_V2: u8 = 2;
+/// Version 3: [`UsageEvent::trust`] added.
+const LEDGER_POSTCARD_V3: u8 = 3;
 
 impl LedgerEntry {
     /// The entry as the store keeps it.
     pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
         let mut buf = Vec::with_capacity(LEDGER_ENTRY_BYTES);
-        buf.push(LEDGER_POSTCARD_V2);
+        buf.push(LEDGER_POSTCARD_V3);
         postcard::to_extend(self, buf).map_err(corrupt)
     }
 
     /// An entry as the store keeps it: compact, or JSON from an earlier version.
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         match bytes.split_first() {
-            Some((&LEDGER_POSTCARD_V2, rest)) => postcard::from_bytes(rest).map_err(corrupt),
-            Some((&LEDGER_POSTCARD_V1, rest)) => postcard::from_bytes::<v1::LedgerEntry>(rest)
+            Some((&LEDGER_POSTCARD_V3, rest)) => postcard::from_bytes(rest).map_err(corrupt),
+            Some((&LEDGER_POSTCARD_V2, rest)) => postcard::from_bytes::<older::V2Entry>(rest)
+                .map(Into::into)
+                .map_err(corrupt),
+            Some((&LEDGER_POSTCARD_V1, rest)) => postcard::from_bytes::<older::V1Entry>(rest)
                 .map(Into::into)
                 .map_err(corrupt),
             Some((b'{', _)) => serde_json::from_slice(bytes).map_err(corrupt),
@@ -210,19 +220,14 @@ impl LedgerEntry {
     }
 }
 
-/// The layout of version 1 entries (before [`UsageEvent::counted`]), to read them.
-mod v1 {
+/// The layouts of earlier compact entries, to read them: version 1 (before
+/// [`UsageEvent::counted`]) and version 2 (before [`UsageEvent::trust`]).
+mod older {
     use serde::Deserialize;
 
+    /// The fields every version has, in their order.
     #[derive(Deserialize)]
-    pub struct LedgerEntry {
-        event: UsageEvent,
-        outcome: super::Outcome,
-        processed_at_ms: u64,
-    }
-
-    #[derive(Deserialize)]
-    struct UsageEvent {
+    struct Served {
         request_id: String,
         key_id: String,
         model: String,
@@ -239,27 +244,60 @@ mod v1 {
         batch: bool,
     }
 
-    impl From<LedgerEntry> for super::LedgerEntry {
-        fn from(old: LedgerEntry) -> Self {
-            let e = old.event;
+    impl Served {
+        fn into_event(self, counted: super::Counted) -> super::UsageEvent {
+            super::UsageEvent {
+                request_id: self.request_id,
+                key_id: self.key_id,
+                model: self.model,
+                prompt_tokens: self.prompt_tokens,
+                completion_tokens: self.completion_tokens,
+                cached_tokens: self.cached_tokens,
+                latency_ms: self.latency_ms,
+                ttft_ms: self.ttft_ms,
+                backend: self.backend,
+                rig: self.rig,
+                operator: self.operator,
+                started_at_ms: self.started_at_ms,
+                finished_at_ms: self.finished_at_ms,
+                batch: self.batch,
+                counted,
+                trust: None,
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub struct V1Entry {
+        event: Served,
+        outcome: super::Outcome,
+        processed_at_ms: u64,
+    }
+
+    /// Postcard puts a struct's fields one after the other with nothing around them, so
+    /// `counted` beside the event reads what version 2 wrote as the event's last field.
+    #[derive(Deserialize)]
+    pub struct V2Entry {
+        event: Served,
+        counted: super::Counted,
+        outcome: super::Outcome,
+        processed_at_ms: u64,
+    }
+
+    impl From<V1Entry> for super::LedgerEntry {
+        fn from(old: V1Entry) -> Self {
             super::LedgerEntry {
-                event: super::UsageEvent {
-                    request_id: e.request_id,
-                    key_id: e.key_id,
-                    model: e.model,
-                    prompt_tokens: e.prompt_tokens,
-                    completion_tokens: e.completion_tokens,
-                    cached_tokens: e.cached_tokens,
-                    latency_ms: e.latency_ms,
-                    ttft_ms: e.ttft_ms,
-                    backend: e.backend,
-                    rig: e.rig,
-                    operator: e.operator,
-                    started_at_ms: e.started_at_ms,
-                    finished_at_ms: e.finished_at_ms,
-                    batch: e.batch,
-                    counted: super::Counted::default(),
-                },
+                event: old.event.into_event(super::Counted::default()),
+                outcome: old.outcome,
+                processed_at_ms: old.processed_at_ms,
+            }
+        }
+    }
+
+    impl From<V2Entry> for super::LedgerEntry {
+        fn from(old: V2Entry) -> Self {
+            super::LedgerEntry {
+                event: old.event.into_event(old.counted),
                 outcome: old.outcome,
                 processed_at_ms: old.processed_at_ms,
             }
@@ -1103,6 +1141,7 @@ mod tests {
                 finished_at_ms: 1_795_329_644_041,
                 batch: false,
                 counted: Default::default(),
+                trust: None,
             },
             outcome: Outcome {
                 credits: 0.25,
@@ -1133,8 +1172,17 @@ mod tests {
         // bytes, and must come with a new version byte that reads the old layout.
         assert_eq!(
             hex::encode(&bytes),
-            PINNED_V2.replace(char::is_whitespace, "")
+            PINNED_V3.replace(char::is_whitespace, "")
         );
+        let verified = LedgerEntry {
+            event: UsageEvent {
+                trust: Some(TrustStatus::Verified),
+                ..entry.event.clone()
+            },
+            ..entry
+        };
+        let bytes = verified.encode().unwrap();
+        assert_eq!(LedgerEntry::decode(&bytes).unwrap(), verified);
     }
 
     /// Version 1 (before `counted`), as earlier gateways wrote it.
@@ -1148,6 +1196,18 @@ mod tests {
              65792d310e73696d2d6c6c616d612d332d38620cac020029070a7269673a6e6f64652d61066e6f64\
              652d610b6f70202271756f74656422e0abf18fa03489acf18fa0340000000000000000000000d03f\
              00010b6f70202271756f74656422000000000000f83f0673657276656492acf18fa034";
+
+    /// The same entry in version 3.
+    const PINNED_V3: &str = "032430313961623263342d376531662d376333612d396432652d356236663861316330643365056b\
+             65792d310e73696d2d6c6c616d612d332d38620cac020029070a7269673a6e6f64652d61066e6f64\
+             652d610b6f70202271756f74656422e0abf18fa03489acf18fa034000000000000000000000000d0\
+             3f00010b6f70202271756f74656422000000000000f83f0673657276656492acf18fa034";
+
+    #[test]
+    fn version_2_entries_still_read() {
+        let bytes = hex::decode(PINNED_V2.replace(char::is_whitespace, "")).unwrap();
+        assert_eq!(LedgerEntry::decode(&bytes).unwrap(), entry());
+    }
 
     #[test]
     fn version_1_entries_still_read() {

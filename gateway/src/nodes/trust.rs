@@ -142,8 +142,8 @@ impl Nodes {
         self.trust_cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A rig's trust status as this replica knows it.
-    pub(super) fn trust_of(&self, id: &str) -> TrustStatus {
+    /// A rig's trust as this replica knows it (unverified for a rig it never heard of).
+    pub fn trust_of(&self, id: &str) -> TrustStatus {
         self.trust_cache().get(id).copied().unwrap_or_default()
     }
 

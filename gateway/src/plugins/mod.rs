@@ -34,12 +34,13 @@ pub use state::kv_namespace;
 use crate::store::StoreError;
 
 /// The records plugins and the gateway exchange (`garage:policy/types`), as generated from the
-/// contract's current version.
+/// contract's newest version that defines each.
 pub mod types {
     pub use super::bindings::v0_2::types::{
-        Admission, Award, Candidate, CandidateInfo, Charge, Decision, RateLimitHeaders, RigReport,
-        RouteRequest, Settlement, UsageEvent,
+        Admission, Award, CandidateInfo, Charge, Decision, RateLimitHeaders, RigReport,
+        RouteRequest, Settlement,
     };
+    pub use super::bindings::v0_4::types::{Candidate, CountedBy, Trust, UsageEvent};
 }
 
 pub use types::*;

@@ -750,13 +750,18 @@ async fn ten_thousand_lines_complete_while_chat_latency_holds_alone() {
 }
 
 /// Batch lines go through the same meter and reward plugins as chat, marked as batch: the
-/// default reward plugin pays them as `batch-tokens`.
+/// default reward plugin pays them as `batch-tokens` (when told to pay work it cannot verify:
+/// the rig is new and the lines counted by it).
 #[tokio::test]
 async fn batch_tokens_are_metered_and_rewarded_by_the_plugins() {
     let mut cfg = config(vec![]);
     cfg.default_plugins = true;
     let gw = gateway(cfg).await;
     let base = gw.url();
+    let pays_everyone =
+        config_query(json!({"verified_only": false, "gateway_counted_only": false}));
+    let (code, body) = upload_plugin(&base, "reward", garage_plugins::REWARD, &pays_everyone).await;
+    assert_eq!(code, 200, "{body}");
     let _rigs = rigs(&base, 1, 0, 0.0, 64, quick_batch()).await;
     let (_, key) = create_key(&base, json!({"name": "metered"})).await;
     let file_id = upload_ok(&base, &key, lines(3, 8)).await;
@@ -778,6 +783,7 @@ async fn batch_tokens_are_metered_and_rewarded_by_the_plugins() {
     .await;
     let entry = admin_get(&base, &request).await;
     assert_eq!(entry["event"]["batch"], true, "{entry}");
+    assert_eq!(entry["event"]["trust"], "unverified", "{entry}");
     assert_eq!(entry["event"]["completion_tokens"], 8, "{entry}");
     assert!(
         entry["outcome"]["credits"].as_f64().unwrap() > 0.0,

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 /// The default plugins and the hostile fixtures, built from `plugins/guests/`.
 mod components {
     pub use garage_plugins::fixtures::{
-        HUGE_OUTPUT, INFINITE_LOOP, MEMORY_BOMB, PICKY_METER, TRAP, WRONG_WORLD,
+        HUGE_OUTPUT, INFINITE_LOOP, MEMORY_BOMB, METER_V0_3, PICKY_METER, TRAP, WRONG_WORLD,
     };
     pub use garage_plugins::{
         METER, RATE_LIMITER, REWARD, ROUTER_LEAST_LOADED, ROUTER_PREFIX_AFFINITY,
@@ -122,6 +122,7 @@ fn candidates(n: usize) -> Cands {
             latency_ms: 100.0 + (i % 13) as f32,
             gpu_utilization: 0.5,
             gpu_memory_free_bytes: 8 << 30,
+            trust: garage_gateway::plugins::Trust::Verified,
         })
         .collect();
     Cands { list, infos }
@@ -153,6 +154,10 @@ fn usage(request_id: &str) -> UsageEvent {
         started_at_ms: 1_700_000_000_000,
         finished_at_ms: 1_700_000_001_200,
         batch: false,
+        counted_by: garage_gateway::plugins::CountedBy::Gateway,
+        reported_prompt_tokens: Some(1000),
+        reported_completion_tokens: Some(500),
+        trust: garage_gateway::plugins::Trust::Verified,
     }
 }
 
@@ -1567,7 +1572,7 @@ fn events(prefix: &str, models: &[&str]) -> Vec<UsageEvent> {
         .collect()
 }
 
-/// The default meter and reward (0.3.0) take the events of a batch in one call each, in calls
+/// The default meter and reward (0.4.0; lists since 0.3.0) take the events of a batch in one call each, in calls
 /// of at most 64 events, and answer each event as they would alone.
 #[tokio::test]
 async fn a_batch_of_events_is_one_call_of_the_meter_and_of_the_reward() {
@@ -1638,6 +1643,29 @@ async fn a_batch_fails_only_where_the_meter_failed() {
     );
     let faults = status(&host, Slot::Meter).faults;
     assert_eq!((faults.trap, faults.plugin_error), (1, 2));
+}
+
+/// A meter built against 0.3.0 (before trust reached the plugins) still loads, and gets the
+/// gateway's events converted down field for field, in lists.
+#[tokio::test]
+async fn a_meter_of_an_older_contract_gets_the_events_converted_down() {
+    let host = host_with(Arc::new(MemoryStore::new()), config()).await;
+    host.install(Slot::Meter, components::METER_V0_3, "{}", "test")
+        .await
+        .unwrap();
+    let mut batch = events("old", &["m", "m", "m"]);
+    for (i, event) in batch.iter_mut().enumerate() {
+        event.prompt_tokens = 1000 * (i as u64 + 1);
+        event.completion_tokens = 500;
+        event.trust = garage_gateway::plugins::Trust::Suspect;
+    }
+    let charges = host.charge_many(&batch).await.unwrap();
+    let credits: Vec<f64> = charges
+        .iter()
+        .map(|c| c.as_ref().unwrap().credits)
+        .collect();
+    assert_eq!(credits, [1.5, 2.5, 3.5]);
+    assert_eq!(status(&host, Slot::Meter).calls, 1, "one call for the list");
 }
 
 /// A limiter of 0.3.0 that reserved no tokens says so, and the gateway makes no settle call

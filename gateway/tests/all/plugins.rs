@@ -377,13 +377,18 @@ async fn rewards_in_rust_python_and_javascript_pay_the_rig_operator() {
             .as_f64()
             .unwrap_or(0.0)
     };
-    let plugins: [(&str, Vec<u8>); 3] = [
-        ("rust", garage_plugins::REWARD.to_vec()),
-        ("python", polyglot("reward-python.wasm")),
-        ("javascript", polyglot("reward-js.wasm")),
+    // The Rust one (0.4.0) pays only verified, gateway-counted work unless told otherwise: the
+    // rig is new and no tokenizer is configured. The Python and JavaScript ones (0.2.0) see
+    // neither.
+    let pays_everyone =
+        config_query(json!({"verified_only": false, "gateway_counted_only": false}));
+    let plugins: [(&str, Vec<u8>, &str); 3] = [
+        ("rust", garage_plugins::REWARD.to_vec(), &pays_everyone),
+        ("python", polyglot("reward-python.wasm"), ""),
+        ("javascript", polyglot("reward-js.wasm"), ""),
     ];
-    for (language, wasm) in plugins {
-        let (status, body) = upload_plugin(&base, "reward", &wasm, "").await;
+    for (language, wasm, query) in plugins {
+        let (status, body) = upload_plugin(&base, "reward", &wasm, query).await;
         assert_eq!(status, 200, "{language}: {body}");
         let before = points().await;
         assert_eq!(post_chat(&base, &key, &chat(false)).await.0, 200);

@@ -57,6 +57,46 @@ fn trust_config(store: Option<&RedisServer>) -> garage_gateway::Config {
     cfg
 }
 
+/// The gateway counts [`MODEL`]'s tokens itself, with the simulated engine's tokenizer.
+fn with_tokenizer(cfg: &mut garage_gateway::Config) {
+    cfg.tokenizers.insert(
+        MODEL.into(),
+        garage_gateway::config::TokenizerConfig {
+            file: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../sim-engine/tokenizer.json"),
+            chat_template_tokens: 4,
+        },
+    );
+}
+
+/// An enrollment token for `operator`'s rigs.
+async fn operator_token(base: &str, operator: &str, uses: u32) -> String {
+    let (status, body) = admin_post(
+        base,
+        "/admin/enrollment-tokens",
+        json!({"operator": operator, "max_uses": uses}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    body["token"].as_str().unwrap().to_owned()
+}
+
+/// Sends a chat request with `key` and answers its request id.
+async fn served(base: &str, key: &str, stream: bool) -> String {
+    let response = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&chat(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
 async fn node(base: &str, id: &str) -> Value {
     admin_get(base, &format!("/admin/nodes/{id}")).await
 }
@@ -166,14 +206,7 @@ async fn honest_rigs_are_verified_and_an_impersonator_quarantined_on_redis() {
 async fn a_rig_that_inflates_its_usage_is_quarantined_and_traffic_moves() {
     let mut cfg = trust_config(None);
     cfg.trust.spot_check_interval_secs = 0;
-    cfg.tokenizers.insert(
-        MODEL.into(),
-        garage_gateway::config::TokenizerConfig {
-            file: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../sim-engine/tokenizer.json"),
-            chat_template_tokens: 4,
-        },
-    );
+    with_tokenizer(&mut cfg);
     let gw = gateway(cfg).await;
     let base = gw.url();
     let token = enrollment_token(&base, 2).await;
@@ -299,29 +332,22 @@ async fn points(base: &str, operator: &str) -> (f64, f64) {
 async fn a_quarantined_rigs_unconfirmed_rewards_are_withheld() {
     let mut cfg = trust_config(None);
     cfg.default_plugins = true;
+    with_tokenizer(&mut cfg);
     // Checks only when the test asks for them.
     cfg.trust.spot_check_interval_secs = 0;
     let gw = gateway(cfg).await;
     let base = gw.url();
-    let token = |operator: &'static str, uses: u32| {
-        let base = base.clone();
-        async move {
-            let (status, body) = admin_post(
-                &base,
-                "/admin/enrollment-tokens",
-                json!({"operator": operator, "max_uses": uses}),
-            )
-            .await;
-            assert_eq!(status, 201, "{body}");
-            body["token"].as_str().unwrap().to_owned()
-        }
-    };
-    let honest_token = token("honest-op", 3).await;
+    // An operator who pays unverified work too: what it earns before its checks is held.
+    let pays_everyone = config_query(json!({"verified_only": false}));
+    let (code, body) = upload_plugin(&base, "reward", garage_plugins::REWARD, &pays_everyone).await;
+    assert_eq!(code, 200, "{body}");
+    let honest_token = operator_token(&base, "honest-op", 3).await;
     let mut honest_rigs = Vec::new();
     for i in 0..3 {
         honest_rigs.push(rig(&base, &format!("honest-{i}"), &honest_token, honest()).await);
     }
-    let cheat = rig(&base, "cheat", &token("cheat-op", 1).await, impersonator()).await;
+    let cheat_token = operator_token(&base, "cheat-op", 1).await;
+    let cheat = rig(&base, "cheat", &cheat_token, impersonator()).await;
     let (_, key) = create_key(&base, json!({"name": "app"})).await;
     wait_until(Duration::from_secs(10), "four rigs routable", || async {
         routable_rigs(&base).await == 4
@@ -485,4 +511,80 @@ async fn a_rig_the_operator_vouches_for_settles_what_two_rigs_cannot() {
         assert_eq!(verify(cheat.node_id().to_owned()).await, "failed");
     }
     assert_eq!(status(&base, cheat.node_id()).await, "quarantined");
+}
+
+/// The default reward plugin pays only verified, gateway-counted work: requests a rig served
+/// before it was verified earn nothing, those after do; and the ledger records, per request,
+/// the rig's trust when it served and who counted the tokens.
+#[tokio::test]
+async fn the_default_reward_pays_only_verified_gateway_counted_work() {
+    let mut cfg = trust_config(None);
+    cfg.default_plugins = true;
+    cfg.trust.spot_check_interval_secs = 0;
+    with_tokenizer(&mut cfg);
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    let first = rig(
+        &base,
+        "first",
+        &operator_token(&base, "first-op", 1).await,
+        honest(),
+    )
+    .await;
+    let others_token = operator_token(&base, "other-op", 2).await;
+    let mut others = Vec::new();
+    for i in 0..2 {
+        others.push(rig(&base, &format!("other-{i}"), &others_token, honest()).await);
+    }
+    let (_, anyone) = create_key(&base, json!({"name": "anyone"})).await;
+    let (_, picky) = create_key(
+        &base,
+        json!({"name": "picky", "metadata": {"min_trust": "verified"}}),
+    )
+    .await;
+    wait_until(Duration::from_secs(10), "three rigs routable", || async {
+        routable_rigs(&base).await == 3
+    })
+    .await;
+
+    // Nobody is verified: every request is metered, none earns a point.
+    for i in 0..6 {
+        let id = served(&base, &anyone, i % 2 == 0).await;
+        let entry = ledger_entry(&base, &id).await;
+        assert_eq!(entry["event"]["trust"], "unverified", "{entry}");
+        assert_eq!(entry["event"]["counted"]["by"], "gateway", "{entry}");
+        assert!(
+            entry["outcome"]["credits"].as_f64().unwrap() > 0.0,
+            "{entry}"
+        );
+        assert_eq!(entry["outcome"]["awards"], json!([]), "{entry}");
+    }
+
+    // The first rig passes its checks (against the others): its work pays from then on.
+    for _ in 0..3 {
+        let path = format!("/admin/nodes/{}/verify", first.node_id());
+        let (code, result) = admin_post(&base, &path, json!({})).await;
+        assert_eq!(
+            (code, &result["verdict"]),
+            (200, &json!("passed")),
+            "{result}"
+        );
+    }
+    assert_eq!(status(&base, first.node_id()).await, "verified");
+    for i in 0..4 {
+        let id = served(&base, &picky, i % 2 == 0).await;
+        let entry = ledger_entry(&base, &id).await;
+        assert_eq!(entry["event"]["rig"], first.node_id(), "{entry}");
+        assert_eq!(entry["event"]["trust"], "verified", "{entry}");
+        let awards = entry["outcome"]["awards"].as_array().unwrap();
+        assert_eq!(awards.len(), 1, "{entry}");
+        assert_eq!(awards[0]["operator"], "first-op", "{entry}");
+        assert_eq!(awards[0]["reason"], "tokens", "{entry}");
+        let tokens = entry["event"]["prompt_tokens"].as_f64().unwrap()
+            + entry["event"]["completion_tokens"].as_f64().unwrap();
+        let points = awards[0]["points"].as_f64().unwrap();
+        assert!((points - tokens / 1000.0).abs() < 1e-9, "{entry}");
+    }
+    assert!(points(&base, "first-op").await.0 > 0.0);
+    assert_eq!(points(&base, "other-op").await, (0.0, 0.0));
 }

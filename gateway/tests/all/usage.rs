@@ -27,6 +27,7 @@ fn event(id: &str, key: &str) -> UsageEvent {
         finished_at_ms: 1_795_329_644_020,
         batch: false,
         counted: Default::default(),
+        trust: None,
     }
 }
 

@@ -211,7 +211,9 @@ impl Live {
         Ok(match (self, call) {
             (Live::Router(router), Call::Route(request, candidates, infos)) => {
                 store.data_mut().set_candidates(infos);
-                let answer = router.call_route(&mut *store, request, candidates).await;
+                let candidates: Vec<types::Candidate> =
+                    candidates.iter().map(older_candidate).collect();
+                let answer = router.call_route(&mut *store, request, &candidates).await;
                 store.data_mut().set_candidates(&[]);
                 Answer::Route(answer?)
             }
@@ -227,14 +229,16 @@ impl Live {
             (Live::Meter(meter), Call::Charge(events)) => {
                 let mut answers = Vec::with_capacity(events.len());
                 for event in events {
-                    answers.push(meter.call_charge(&mut *store, event).await?);
+                    let event = older_event(event);
+                    answers.push(meter.call_charge(&mut *store, &event).await?);
                 }
                 Answer::Charge(answers)
             }
             (Live::Reward(reward), Call::OnUsage(events)) => {
                 let mut answers = Vec::with_capacity(events.len());
                 for event in events {
-                    answers.push(reward.call_on_usage(&mut *store, event).await?);
+                    let event = older_event(event);
+                    answers.push(reward.call_on_usage(&mut *store, &event).await?);
                 }
                 Answer::OnUsage(answers)
             }
@@ -246,5 +250,41 @@ impl Live {
                 call.export_name()
             ),
         })
+    }
+}
+
+/// A candidate as components before 0.4.0 take it: without its trust.
+fn older_candidate(c: &crate::plugins::Candidate) -> types::Candidate {
+    types::Candidate {
+        key: c.key,
+        in_flight: c.in_flight,
+        engine_running: c.engine_running,
+        engine_waiting: c.engine_waiting,
+        kv_cache_usage: c.kv_cache_usage,
+        tokens_per_second: c.tokens_per_second,
+        latency_ms: c.latency_ms,
+        gpu_utilization: c.gpu_utilization,
+        gpu_memory_free_bytes: c.gpu_memory_free_bytes,
+    }
+}
+
+/// A usage event as components before 0.4.0 take it: without who counted it and the rig's
+/// trust.
+pub(super) fn older_event(e: &crate::plugins::UsageEvent) -> types::UsageEvent {
+    types::UsageEvent {
+        request_id: e.request_id.clone(),
+        key_id: e.key_id.clone(),
+        model: e.model.clone(),
+        prompt_tokens: e.prompt_tokens,
+        completion_tokens: e.completion_tokens,
+        cached_tokens: e.cached_tokens,
+        latency_ms: e.latency_ms,
+        ttft_ms: e.ttft_ms,
+        backend: e.backend.clone(),
+        rig: e.rig.clone(),
+        operator: e.operator.clone(),
+        started_at_ms: e.started_at_ms,
+        finished_at_ms: e.finished_at_ms,
+        batch: e.batch,
     }
 }

@@ -4,7 +4,8 @@
 //! Their imports and records are 0.2.0's (`wit/v0.3/policy.wit`), mapped here onto the types
 //! [`v0_2`](super::v0_2) generates: one Rust type per record, one implementation per import,
 //! whichever version a component speaks. The router world of 0.3.0 is 0.2.0's, so a router of
-//! either version loads through `v0_2`.
+//! either version loads through `v0_2`; the rate limiter world of 0.4.0 is this one's, so a
+//! limiter of either loads here. Usage events are converted down from 0.4.0's.
 
 use wasmtime::Store;
 use wasmtime::component::InstancePre;
@@ -113,10 +114,12 @@ impl Live {
                 Answer::Settle
             }
             (Live::Meter(meter), Call::Charge(events)) => {
-                Answer::Charge(meter.call_charge(store, events).await?)
+                let events: Vec<_> = events.iter().map(super::v0_2::older_event).collect();
+                Answer::Charge(meter.call_charge(store, &events).await?)
             }
             (Live::Reward(reward), Call::OnUsage(events)) => {
-                Answer::OnUsage(reward.call_on_usage(store, events).await?)
+                let events: Vec<_> = events.iter().map(super::v0_2::older_event).collect();
+                Answer::OnUsage(reward.call_on_usage(store, &events).await?)
             }
             (Live::Reward(reward), Call::OnReport(report)) => {
                 Answer::Awards(reward.call_on_report(store, report).await?)

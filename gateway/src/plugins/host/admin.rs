@@ -91,6 +91,7 @@ impl PluginHost {
             latency_ms: 0.0,
             gpu_utilization: 0.0,
             gpu_memory_free_bytes: 0,
+            trust: crate::plugins::Trust::Configured,
         }];
         let infos = [Arc::new(CandidateInfo {
             id: CONFIG_CHECK.into(),
@@ -121,6 +122,10 @@ impl PluginHost {
             started_at_ms: now_ms,
             finished_at_ms: now_ms,
             batch: false,
+            counted_by: crate::plugins::CountedBy::Gateway,
+            reported_prompt_tokens: Some(1),
+            reported_completion_tokens: Some(1),
+            trust: crate::plugins::Trust::Configured,
         };
         let call = match slot {
             Slot::Router => Call::Route(&request, &candidates, &infos),

@@ -1,5 +1,5 @@
-//! Default reward: points to rig operators for the tokens their rigs serve, weighted by the size
-//! of the model, and for the hours their rigs stay up.
+//! Default reward: points to rig operators for the verified tokens their rigs serve, weighted by
+//! the size of the model, and for the hours their rigs stay up.
 //!
 //! Config (every field optional; the defaults shown):
 //!
@@ -10,9 +10,17 @@
 //!   "default_weight": 1.0,
 //!   "batch_weight": 1.0,
 //!   "points_per_uptime_hour": 1.0,
-//!   "points_per_gpu_hour": 0.0
+//!   "points_per_gpu_hour": 0.0,
+//!   "verified_only": true,
+//!   "gateway_counted_only": true
 //! }
 //! ```
+//!
+//! Only verified work pays: tokens the gateway counted itself with the model's tokenizer
+//! (`counted_by: gateway`, so what a rig reports changes nothing), served by a rig that had
+//! passed the gateway's spot checks (`trust: verified`). A rig not verified yet, suspect or
+//! quarantined, and a model without a configured tokenizer, earn no token points; an operator
+//! who wants to pay them anyway turns `verified_only` or `gateway_counted_only` off.
 //!
 //! A request pays `(prompt + completion tokens) / 1000 × points_per_1k_tokens × weight` with the
 //! model's weight (`model_weights`, else `default_weight`: a 70B model costs a rig far more per
@@ -27,7 +35,9 @@
 
 use std::collections::BTreeMap;
 
-use garage_plugin_sdk::{Award, Host, LogLevel, Reward, RigReport, UsageEvent, config};
+use garage_plugin_sdk::{
+    Award, CountedBy, Host, LogLevel, Reward, RigReport, Trust, UsageEvent, config,
+};
 use serde::Deserialize;
 
 /// Points per token served, by model, and per uptime hour.
@@ -42,6 +52,10 @@ struct Config {
     batch_weight: f64,
     points_per_uptime_hour: f64,
     points_per_gpu_hour: f64,
+    /// Pay tokens only for requests a verified rig served.
+    verified_only: bool,
+    /// Pay tokens only when the gateway counted them.
+    gateway_counted_only: bool,
 }
 
 impl Default for Config {
@@ -53,6 +67,8 @@ impl Default for Config {
             batch_weight: 1.0,
             points_per_uptime_hour: 1.0,
             points_per_gpu_hour: 0.0,
+            verified_only: true,
+            gateway_counted_only: true,
         }
     }
 }
@@ -62,6 +78,11 @@ const MS_PER_HOUR: f64 = 3_600_000.0;
 impl Reward for TokensAndUptime {
     fn on_usage(host: &dyn Host, event: &UsageEvent) -> Result<Vec<Award>, String> {
         let config = load_config(host)?;
+        let unverified = config.verified_only && event.trust != Trust::Verified;
+        let rig_counted = config.gateway_counted_only && event.counted_by != CountedBy::Gateway;
+        if unverified || rig_counted {
+            return Ok(Vec::new());
+        }
         let weight = config
             .model_weights
             .get(&event.model)
@@ -148,8 +169,45 @@ mod tests {
             completion_tokens: completion,
             rig: "rig-1".into(),
             operator: "alice".into(),
+            counted_by: CountedBy::Gateway,
+            trust: Trust::Verified,
             ..UsageEvent::default()
         }
+    }
+
+    #[test]
+    fn only_verified_gateway_counted_work_pays_by_default() {
+        let host = MemoryHost::new();
+        let paid = TokensAndUptime::on_usage(&host, &served("m", 1_000, 0)).unwrap();
+        assert_eq!(paid, vec![Award::new("alice", 1.0, "tokens")]);
+        for trust in [Trust::Unverified, Trust::Suspect, Trust::Quarantined] {
+            let event = UsageEvent {
+                trust,
+                ..served("m", 1_000, 0)
+            };
+            assert_eq!(TokensAndUptime::on_usage(&host, &event), Ok(vec![]), "{trust:?}");
+        }
+        // What the rig reported, however honest it looks, is not what pays.
+        let reported = UsageEvent {
+            counted_by: CountedBy::Backend,
+            ..served("m", 1_000, 0)
+        };
+        assert_eq!(TokensAndUptime::on_usage(&host, &reported), Ok(vec![]));
+    }
+
+    #[test]
+    fn an_operator_can_pay_unverified_or_rig_counted_work() {
+        let host =
+            MemoryHost::with_config(r#"{"verified_only": false, "gateway_counted_only": false}"#);
+        let event = UsageEvent {
+            trust: Trust::Unverified,
+            counted_by: CountedBy::Backend,
+            ..served("m", 1_000, 0)
+        };
+        assert_eq!(
+            TokensAndUptime::on_usage(&host, &event),
+            Ok(vec![Award::new("alice", 1.0, "tokens")])
+        );
     }
 
     #[test]

@@ -7,13 +7,20 @@
 //! when none is measured). The `+ 1` counts the request being placed: among idle rigs the
 //! fastest wins instead of a tie. Ties go to the emptier KV cache, then to the lower index.
 //!
-//! Config: `{"prefer": {"region": "eu"}}` (optional): candidates whose labels match every pair
-//! come first, each group ordered by score; the others stay as fallbacks. Only then does the
-//! router ask the gateway who the candidates are. State: none.
+//! Config (every field optional):
+//!
+//! - `{"prefer": {"region": "eu"}}`: candidates whose labels match every pair come first, each
+//!   group ordered by score; the others stay as fallbacks. Only then does the router ask the
+//!   gateway who the candidates are.
+//! - `{"prefer_trusted": true}`: within those groups, verified rigs and the operator's own
+//!   upstreams first, then rigs not verified yet, suspect rigs last (the gateway's checks, as
+//!   `candidate.trust` carries them); each still a fallback for the one before.
+//!
+//! State: none.
 
 use std::collections::BTreeMap;
 
-use garage_plugin_sdk::{Candidate, Host, RouteRequest, Router, config};
+use garage_plugin_sdk::{Candidate, Host, RouteRequest, Router, Trust, config};
 use serde::Deserialize;
 
 /// Orders every candidate by expected queueing time, shortest first.
@@ -24,6 +31,17 @@ pub struct LeastLoaded;
 struct Config {
     /// Labels a candidate must all have to be preferred.
     prefer: BTreeMap<String, String>,
+    /// Verified rigs before unverified ones, suspect ones last.
+    prefer_trusted: bool,
+}
+
+/// The rank of a candidate's trust, lowest first, with `prefer_trusted`.
+fn trust_rank(trust: Trust) -> u8 {
+    match trust {
+        Trust::Verified | Trust::Configured => 0,
+        Trust::Unverified => 1,
+        Trust::Suspect | Trust::Quarantined => 2,
+    }
 }
 
 impl Router for LeastLoaded {
@@ -51,16 +69,24 @@ impl Router for LeastLoaded {
             };
             (c.load() + 1) as f64 / speed
         };
-        let mut ranked: Vec<(bool, f64, f32, u32)> = candidates
+        let trust = |c: &Candidate| {
+            if config.prefer_trusted {
+                trust_rank(c.trust)
+            } else {
+                0
+            }
+        };
+        let mut ranked: Vec<(bool, u8, f64, f32, u32)> = candidates
             .iter()
             .zip(0u32..)
-            .map(|(c, index)| (!preferred(index), score(c), c.kv_cache_usage, index))
+            .map(|(c, index)| (!preferred(index), trust(c), score(c), c.kv_cache_usage, index))
             .collect();
         ranked.sort_by(|a, b| {
             a.0.cmp(&b.0)
-                .then(a.1.total_cmp(&b.1))
+                .then(a.1.cmp(&b.1))
                 .then(a.2.total_cmp(&b.2))
-                .then(a.3.cmp(&b.3))
+                .then(a.3.total_cmp(&b.3))
+                .then(a.4.cmp(&b.4))
         });
         Ok(ranked.into_iter().map(|(.., index)| index).collect())
     }
@@ -190,6 +216,22 @@ mod tests {
         ];
         let order = LeastLoaded::route(&host, &RouteRequest::default(), &candidates).unwrap();
         assert_eq!(order, vec![3, 1, 0, 2]);
+    }
+
+    #[test]
+    fn trusted_rigs_first_when_asked_then_unverified_then_suspect() {
+        let with = |trust: Trust, c: Candidate| Candidate { trust, ..c };
+        let candidates = [
+            with(Trust::Suspect, rig("suspect-idle", 0, 50.0)),
+            with(Trust::Unverified, rig("new-idle", 0, 50.0)),
+            with(Trust::Verified, rig("verified-busy", 4, 50.0)),
+            with(Trust::Configured, rig("own-busier", 6, 50.0)),
+        ];
+        // Without the setting, trust does not matter: load alone.
+        assert_eq!(route(&candidates), vec![0, 1, 2, 3]);
+        let host = MemoryHost::with_config(r#"{"prefer_trusted": true}"#);
+        let order = LeastLoaded::route(&host, &RouteRequest::default(), &candidates).unwrap();
+        assert_eq!(order, vec![2, 3, 1, 0]);
     }
 
     #[test]
