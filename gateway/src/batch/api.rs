@@ -226,10 +226,7 @@ pub async fn create_batch(
         .flat_map(|b| b.models.iter().cloned())
         .collect();
     Ok(Json(
-        state
-            .batches()
-            .create_batch(&key.id, key.allowed_models.as_deref(), request, local)
-            .await?,
+        state.batches().create_batch(&key, request, local).await?,
     ))
 }
 

@@ -18,15 +18,17 @@ impl Batches {
         Ok(models)
     }
 
-    /// Creates a batch for the key `owner`, which may use only `allowed` models (all if
-    /// `None`); `local_models` are those this replica's backends serve.
+    /// Creates a batch for `key`, with the models it may use; `local_models` are those this
+    /// replica's backends serve. A key that takes verified rigs only has its lines leased to
+    /// verified rigs only.
     pub async fn create_batch(
         &self,
-        owner: &str,
-        allowed: Option<&[String]>,
+        key: &ApiKeyRecord,
         request: CreateBatch,
         local_models: BTreeSet<String>,
     ) -> Result<BatchObject, ApiError> {
+        let (owner, allowed) = (key.id.as_str(), key.allowed_models.as_deref());
+        let verified_only = crate::keys::wants_verified_rigs(key);
         if !ENDPOINTS.contains(&request.endpoint.as_str()) {
             return Err(ApiError::bad_request(
                 format!(
@@ -104,6 +106,7 @@ impl Batches {
                     batch: batch.clone(),
                     owner: owner.to_owned(),
                     models: Vec::new(),
+                    verified_only,
                 })
                 .await?;
                 return Ok(batch);
@@ -145,6 +148,7 @@ impl Batches {
             batch: batch.clone(),
             owner: owner.to_owned(),
             models: models.clone(),
+            verified_only,
         })
         .await?;
         for model in models {

@@ -2,6 +2,7 @@
 //! them.
 
 use super::*;
+use crate::backends::TrustStatus;
 
 impl Batches {
     /// Leases lines of the given models to a rig, waiting up to `wait` for some to appear.
@@ -74,23 +75,25 @@ impl Batches {
         // Oldest batch first.
         queues.sort_by(|a, b| (a.created_at, &a.batch_id).cmp(&(b.created_at, &b.batch_id)));
         let mut items = Vec::new();
-        let mut statuses: HashMap<String, bool> = HashMap::new();
+        // Whether the rig may take a batch's lines: it is running, and the rig is verified if
+        // the batch's key takes verified rigs only.
+        let verified = self.nodes.trust_of(node_id) == TrustStatus::Verified;
+        let mut takes: HashMap<String, bool> = HashMap::new();
         for queue in queues {
             if items.len() >= max {
                 break;
             }
-            let running = match statuses.get(&queue.batch_id) {
-                Some(running) => *running,
+            let may_take = match takes.get(&queue.batch_id) {
+                Some(may_take) => *may_take,
                 None => {
-                    let running = self
-                        .load(&queue.batch_id)
-                        .await?
-                        .is_some_and(|b| b.batch.status == BatchStatus::InProgress);
-                    statuses.insert(queue.batch_id.clone(), running);
-                    running
+                    let may_take = self.load(&queue.batch_id).await?.is_some_and(|b| {
+                        b.batch.status == BatchStatus::InProgress && (verified || !b.verified_only)
+                    });
+                    takes.insert(queue.batch_id.clone(), may_take);
+                    may_take
                 }
             };
-            if !running {
+            if !may_take {
                 continue;
             }
             let leased = self

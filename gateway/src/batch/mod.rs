@@ -50,7 +50,7 @@ use crate::store::keyspace::{
     batch_queue as queue_name, batch_results as results_kind, batches_of, file_quota_bytes,
     file_quota_count, files_of,
 };
-use crate::store::{QueueItem, Store, StoreError, StoreEvent, read_counter};
+use crate::store::{ApiKeyRecord, QueueItem, Store, StoreError, StoreEvent, read_counter};
 
 /// The endpoints a batch may target.
 pub const ENDPOINTS: &[&str] = &[

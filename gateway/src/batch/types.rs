@@ -165,6 +165,9 @@ pub(super) struct StoredBatch {
     pub(super) owner: String,
     /// Models of its lines: one queue each.
     pub(super) models: Vec<String>,
+    /// Its key takes verified rigs only: its lines are leased to verified rigs only.
+    #[serde(default)]
+    pub(super) verified_only: bool,
 }
 
 /// `POST /v1/batches` body.

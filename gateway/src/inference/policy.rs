@@ -202,12 +202,7 @@ pub fn trusted_enough(
     model: &str,
     candidates: Vec<Arc<Backend>>,
 ) -> Result<Vec<Arc<Backend>>, ApiError> {
-    let wants_verified = key
-        .metadata
-        .get(crate::keys::MIN_TRUST)
-        .and_then(|v| v.as_str())
-        == Some(TrustStatus::Verified.as_str());
-    if !wants_verified {
+    if !crate::keys::wants_verified_rigs(key) {
         return Ok(candidates);
     }
     let verified: Vec<Arc<Backend>> = candidates

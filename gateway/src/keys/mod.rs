@@ -5,6 +5,11 @@
 /// (docs/trust.md).
 pub const MIN_TRUST: &str = "min_trust";
 
+/// Whether the key takes verified rigs only (`"min_trust": "verified"` in its metadata).
+pub fn wants_verified_rigs(key: &crate::store::ApiKeyRecord) -> bool {
+    key.metadata.get(MIN_TRUST).and_then(|v| v.as_str()) == Some("verified")
+}
+
 /// Key metadata: `false` keeps the key's requests from being replayed on other rigs as spot
 /// checks (`trust.replay_share`, docs/trust.md).
 pub const REPLAY: &str = "replay";

@@ -1090,3 +1090,41 @@ async fn file_quotas_hold_per_key() {
     let (_, listed) = call(reqwest::Method::GET, &base, &other, "/v1/files", None).await;
     assert_eq!(listed["data"].as_array().map(Vec::len), Some(1), "{listed}");
 }
+
+/// A key that takes verified rigs only (`"min_trust": "verified"`) has its batch lines leased
+/// to verified rigs only: an unverified rig never reads its prompts.
+#[tokio::test]
+async fn a_key_that_wants_verified_rigs_has_its_lines_served_by_them_only() {
+    let gw = gateway(config(vec![])).await;
+    let base = gw.url();
+    let rigs = rigs(&base, 3, 0, 0.0, 64, quick_batch()).await;
+    // One rig passes three spot checks (against the other two): verified.
+    let verified = rigs[0].node_id().to_owned();
+    for _ in 0..3 {
+        let path = format!("/admin/nodes/{verified}/verify");
+        let (code, result) = admin_post(&base, &path, json!({})).await;
+        assert_eq!(
+            (code, &result["verdict"]),
+            (200, &json!("passed")),
+            "{result}"
+        );
+    }
+    let (_, picky) = create_key(
+        &base,
+        json!({"name": "picky", "metadata": {"min_trust": "verified"}}),
+    )
+    .await;
+    let file_id = upload_ok(&base, &picky, lines(12, 4)).await;
+    let id = create_batch(&base, &picky, &file_id).await.1["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = wait_batch(&base, &picky, &id, Duration::from_secs(60)).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["request_counts"]["completed"], 12, "{done}");
+    for line in 1..=12 {
+        let entry = ledger_entry(&base, &format!("{id}:{line}")).await;
+        assert_eq!(entry["event"]["rig"], verified, "line {line}: {entry}");
+        assert_eq!(entry["event"]["trust"], "verified", "line {line}: {entry}");
+    }
+}
