@@ -522,8 +522,12 @@ pub(crate) async fn check_statement_of(
 }
 
 fn heartbeat(shared: &Shared) -> Heartbeat {
+    let mut gpus = shared.gpus.read();
+    if gpus.is_empty() {
+        gpus = shared.engines.simulated_gpus();
+    }
     Heartbeat {
-        gpus: shared.gpus.read(),
+        gpus,
         engines: shared.engines.statuses(),
         draining: shared.draining.load(Ordering::Relaxed),
         version: env!("CARGO_PKG_VERSION").into(),

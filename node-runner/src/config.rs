@@ -258,6 +258,11 @@ pub struct SimulatedDriver {
     /// changing a token. 0 reports the model's exact values.
     #[serde(default)]
     pub logprob_noise: f64,
+    /// GPUs the rig reports for this engine where NVML finds none (product names, such as
+    /// `NVIDIA GeForce RTX 4090`), their utilisation and memory following the engine's load:
+    /// for demos, and for testing what a gateway makes of reported hardware.
+    #[serde(default)]
+    pub reported_gpus: Vec<String>,
 }
 
 impl Default for SimulatedDriver {
@@ -274,6 +279,7 @@ impl Default for SimulatedDriver {
             impersonate: None,
             usage_inflation: None,
             logprob_noise: 0.0,
+            reported_gpus: Vec::new(),
         }
     }
 }

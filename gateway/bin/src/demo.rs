@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use garage_node_runner::agent::{Agent, AgentError, AgentOptions};
 use garage_node_runner::cli::simulated_engine;
+use garage_node_runner::config::Driver;
 use garage_node_runner::engines::EngineSet;
 
 use garage_gateway::config::Config;
@@ -18,6 +19,13 @@ pub const DEMO_MODELS: &[&str] = &[
     "llama-3.1-8b-instruct",
     "qwen2.5-7b-instruct",
     "bge-small-en",
+];
+
+/// The GPUs the simulated rigs report, in turn (their load follows the engine's).
+const DEMO_GPUS: &[&str] = &[
+    "NVIDIA GeForce RTX 4090",
+    "NVIDIA GeForce RTX 3090",
+    "NVIDIA GeForce RTX 4080",
 ];
 
 /// The operator the demo's rigs belong to.
@@ -108,13 +116,16 @@ impl Demo {
         let http = garage_node_runner::agent::http_client();
         let mut rigs = Vec::with_capacity(options.nodes);
         for i in 0..options.nodes {
-            let engines = EngineSet::start(vec![simulated_engine(
+            let mut engine = simulated_engine(
                 "sim-vllm",
                 &models,
                 options.ttft.as_millis() as u64,
                 options.tokens_per_sec,
-            )])
-            .await;
+            );
+            if let Driver::Simulated(sim) = &mut engine.driver {
+                sim.reported_gpus = vec![DEMO_GPUS[i % DEMO_GPUS.len()].to_owned()];
+            }
+            let engines = EngineSet::start(vec![engine]).await;
             let rig = Agent::start(
                 AgentOptions {
                     gateway_url: gateway.url(),

@@ -16,12 +16,18 @@ impl Nodes {
         for record in records {
             infos.push(self.info(record).await?);
         }
+        judge_hardware(&mut infos);
         Ok(infos)
     }
 
+    /// One rig, its reported hardware judged against the rigs that serve its models.
     pub async fn get_info(&self, id: &str) -> Result<NodeInfo, ApiError> {
-        let record = self.require(id).await?;
-        self.info(record).await
+        self.require(id).await?;
+        self.list()
+            .await?
+            .into_iter()
+            .find(|info| info.id == id)
+            .ok_or_else(|| ApiError::NotFound(format!("No rig with id `{id}`.")))
     }
 
     pub(super) async fn info(&self, record: NodeRecord) -> Result<NodeInfo, ApiError> {
@@ -42,8 +48,35 @@ impl Nodes {
             },
         };
         let trust = self.trust(&record.id).await?;
+        let reported_gpus: Vec<String> = live
+            .as_ref()
+            .map(|l| l.heartbeat.gpus.iter().map(|g| g.name.clone()).collect())
+            .unwrap_or_default();
+        let reported_bandwidth_gbps = match reported_gpus.is_empty() {
+            true => None,
+            false => reported_gpus
+                .iter()
+                .map(|name| hardware::bandwidth_gbps(name))
+                .sum::<Option<f64>>(),
+        };
+        let measured = self
+            .backends
+            .snapshot()
+            .all()
+            .iter()
+            .find(|b| b.id == record.id)
+            .map(|b| b.measured());
+        let known = |x: f32| (x.is_finite() && x > 0.0).then_some(x);
+        let hardware = hardware::Hardware {
+            reported_gpus,
+            reported_bandwidth_gbps,
+            measured_ttft_ms: measured.and_then(|(ttft, _)| known(ttft)),
+            measured_tokens_per_second: measured.and_then(|(_, speed)| known(speed)),
+            ..Default::default()
+        };
         Ok(NodeInfo {
             trust,
+            hardware,
             models: live
                 .as_ref()
                 .map(|l| l.heartbeat.serving_models())
@@ -120,5 +153,25 @@ impl Nodes {
         self.apply_record(record);
         tracing::info!(node = %id, "rig removed by admin");
         self.get_info(id).await
+    }
+}
+
+/// Gives each rig its hardware verdict, against the others.
+fn judge_hardware(infos: &mut [NodeInfo]) {
+    let verdicts: Vec<_> = {
+        let observed: Vec<hardware::Observed<'_>> = infos
+            .iter()
+            .map(|info| hardware::Observed {
+                models: &info.models,
+                hardware: &info.hardware,
+            })
+            .collect();
+        (0..observed.len())
+            .map(|i| hardware::judge(&observed, i))
+            .collect()
+    };
+    for (info, (verdict, detail)) in infos.iter_mut().zip(verdicts) {
+        info.hardware.verdict = verdict;
+        info.hardware.detail = detail;
     }
 }

@@ -11,6 +11,7 @@ pub mod api;
 mod challenge;
 mod enroll;
 pub use challenge::Verdict;
+pub mod hardware;
 mod heartbeat;
 pub mod receipts;
 mod remote;
@@ -121,6 +122,9 @@ pub struct NodeInfo {
     pub heartbeat: Option<Heartbeat>,
     /// What the gateway's checks found (see docs/trust.md).
     pub trust: trust::Trust,
+    /// The GPUs it reports against the speed measured on it: flagged `implausible` when they do
+    /// not fit (see [`hardware`]).
+    pub hardware: hardware::Hardware,
     pub version: String,
 }
 

@@ -588,3 +588,92 @@ async fn the_default_reward_pays_only_verified_gateway_counted_work() {
     assert!(points(&base, "first-op").await.0 > 0.0);
     assert_eq!(points(&base, "other-op").await, (0.0, 0.0));
 }
+
+/// Routing measures rigs instead of believing them; a rig whose reported GPU does not fit the
+/// speed measured on it is flagged in its node info, its honest peers are not.
+#[tokio::test]
+async fn a_rig_slower_than_the_gpu_it_reports_is_flagged() {
+    let gw = gateway(trust_config(None)).await;
+    let base = gw.url();
+    let token = enrollment_token(&base, 3).await;
+    let with = |gpu: &str, tokens_per_sec: f64| SimulatedDriver {
+        tokens_per_sec,
+        reported_gpus: vec![gpu.to_owned()],
+        ..honest()
+    };
+    let rigs = [
+        rig(
+            &base,
+            "a-4090",
+            &token,
+            with("NVIDIA GeForce RTX 4090", 600.0),
+        )
+        .await,
+        rig(
+            &base,
+            "a-3090",
+            &token,
+            with("NVIDIA GeForce RTX 3090", 550.0),
+        )
+        .await,
+        // Reports a 4090 and decodes twenty times slower than its peers: far more than a
+        // 3060 reported as a 4090 would (360 against 1008 GB/s), so that a busy test machine
+        // slowing the fast rigs' measurements cannot hide it.
+        rig(
+            &base,
+            "a-claim",
+            &token,
+            with("NVIDIA GeForce RTX 4090", 30.0),
+        )
+        .await,
+    ];
+    let (_, key) = create_key(&base, json!({"name": "app"})).await;
+    wait_until(Duration::from_secs(10), "three rigs routable", || async {
+        routable_rigs(&base).await == 3
+    })
+    .await;
+    let request = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "the quick brown fox"}],
+        "max_tokens": 16,
+        // Streamed: the gateway tells the first token from the rest, and measures decoding.
+        "stream": true,
+    });
+    wait_until(Duration::from_secs(30), "every rig measured", || async {
+        let (code, body) = post_chat(&base, &key, &request).await;
+        assert_eq!(code, 200, "{body}");
+        let mut measured = true;
+        for rig in &rigs {
+            let found = node(&base, rig.node_id()).await;
+            measured &= !found["hardware"]["measured_tokens_per_second"].is_null();
+        }
+        measured
+    })
+    .await;
+    for (rig, verdict) in rigs.iter().zip(["plausible", "plausible", "implausible"]) {
+        let found = node(&base, rig.node_id()).await;
+        let hardware = &found["hardware"];
+        assert_eq!(hardware["verdict"], verdict, "{found}");
+        assert!(
+            hardware["reported_bandwidth_gbps"].as_f64().unwrap() > 900.0,
+            "{found}"
+        );
+    }
+    let claim = node(&base, rigs[2].node_id()).await;
+    assert!(
+        claim["hardware"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not what it reports"),
+        "{claim}"
+    );
+    let listed = admin_get(&base, "/admin/nodes").await;
+    let flagged: Vec<&Value> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["hardware"]["verdict"] == "implausible")
+        .collect();
+    assert_eq!(flagged.len(), 1, "{listed}");
+    assert_eq!(flagged[0]["id"], rigs[2].node_id());
+}

@@ -70,6 +70,8 @@ pub(crate) struct Live {
 struct Engine {
     name: String,
     models: Vec<String>,
+    /// GPUs a simulated engine reports (`reported_gpus` in its config).
+    simulated_gpus: Vec<String>,
     live: Arc<watch::Sender<Live>>,
     /// Tells the supervisor to stop its engine, with this grace; taken by the first stop.
     stop: Mutex<Option<oneshot::Sender<Duration>>>,
@@ -101,6 +103,10 @@ impl EngineSet {
                 let (stop, stop_rx) = oneshot::channel();
                 let name = config.name.clone();
                 let models = config.models.clone();
+                let simulated_gpus = match &config.driver {
+                    crate::config::Driver::Simulated(sim) => sim.reported_gpus.clone(),
+                    _ => Vec::new(),
+                };
                 let task = tokio::spawn(supervisor::supervise(
                     config,
                     live.clone(),
@@ -110,6 +116,7 @@ impl EngineSet {
                 Engine {
                     name,
                     models,
+                    simulated_gpus,
                     live,
                     stop: Mutex::new(Some(stop)),
                     task: Mutex::new(Some(task)),
@@ -137,6 +144,32 @@ impl EngineSet {
                 }
             })
             .collect()
+    }
+
+    /// The GPUs simulated engines say they run on, for a rig where NVML finds none: each at
+    /// 24 GiB, busy and warm in proportion to its engine's requests and KV cache.
+    pub fn simulated_gpus(&self) -> Vec<garage_node_protocol::GpuStats> {
+        const MEMORY: u64 = 24 << 30;
+        let mut gpus = Vec::new();
+        for engine in &self.engines {
+            let stats = engine.live.borrow().stats.unwrap_or_default();
+            let busy = (stats.requests_running * 25.0).clamp(0.0, 100.0) as u32;
+            let kv = stats.kv_cache_usage.clamp(0.0, 1.0);
+            for (i, name) in engine.simulated_gpus.iter().enumerate() {
+                gpus.push(garage_node_protocol::GpuStats {
+                    index: gpus.len() as u32,
+                    name: name.clone(),
+                    uuid: format!("GPU-simulated-{}-{i}", engine.name),
+                    memory_total_bytes: MEMORY,
+                    // Weights take about half, the KV cache the rest as it fills.
+                    memory_used_bytes: MEMORY / 2 + (MEMORY as f64 / 2.0 * kv) as u64,
+                    utilization_percent: busy,
+                    temperature_celsius: 40 + busy * 4 / 10,
+                    power_watts: 60.0 + f64::from(busy) * 3.0,
+                });
+            }
+        }
+        gpus
     }
 
     /// `http://127.0.0.1:PORT` (no `/v1`) of a healthy engine serving `model`: the least loaded
