@@ -12,9 +12,10 @@
 //!    long-polls for lines of Batch API jobs; the rig runs them on its engines and sends what
 //!    they answered to `POST /node/v1/batch/results`. A line whose lease runs out before its
 //!    result arrives goes back to the queue for another rig.
-//! 6. **Receipts** (with every answer): the rig signs what it served in an HTTP/2 trailer
-//!    ([`receipt`]); `GET /node/v1/statement` gives the rig's owner the gateway's ledger of its
-//!    requests with those receipts.
+//! 6. **Receipts** (with every answer): the rig signs what it served in an HTTP/2 trailer, and
+//!    each batch line's result in [`BatchLineResult::receipt`] ([`receipt`]);
+//!    `GET /node/v1/statement` gives the rig's owner the gateway's ledger of its requests with
+//!    those receipts.
 #![deny(missing_docs)]
 
 pub mod receipt;
@@ -320,6 +321,11 @@ pub struct BatchLineResult {
     /// How long the engine took, in milliseconds.
     #[serde(default)]
     pub latency_ms: u64,
+    /// The rig's signed receipt of this answer, as a tunnel answer's `garage-receipt` trailer
+    /// carries it: for request id `{batch_id}:{line}`, over [`receipt::canonical_json`] of
+    /// `body`. Absent from a rig that signs nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<String>,
 }
 
 /// `POST /node/v1/batch/results` body.

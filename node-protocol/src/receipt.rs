@@ -27,6 +27,17 @@
 //!
 //! Nothing else may follow; a reader refuses any other version, a flag other than 0 or 1, and
 //! counts without the flag.
+//!
+//! # Batch lines
+//!
+//! A batch line's answer does not pass through the tunnel: the rig sends it in
+//! [`crate::BatchLineResult`], its body a JSON value, and the receipt in that result's `receipt`
+//! (the same base64 a trailer carries). Its request id is [`batch_request_id`],
+//! `{batch_id}:{line}`; its model the line's; its status the engine's; its usage the body's
+//! `usage` member. Its answer's length and SHA-256 are those of the body's
+//! [`canonical_json`], not of the bytes the engine wrote: the body is parsed and written again
+//! on its way (and the order of an object's members depends on how serde_json was built), so
+//! both sides hash one form of it that neither can change.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -308,6 +319,68 @@ impl PublicKey {
     }
 }
 
+/// The request id a batch line's receipt names: `{batch_id}:{line}`, as the gateway meters it.
+pub fn batch_request_id(batch_id: &str, line: u64) -> String {
+    format!("{batch_id}:{line}")
+}
+
+/// The canonical JSON of a value: what a batch line's receipt hashes (`answer_bytes` is its
+/// length, `answer_sha256` its SHA-256). An object's members are sorted by their keys' UTF-8
+/// bytes, nothing separates tokens (no whitespace), and strings and numbers are written as
+/// serde_json writes them (escapes as short as JSON allows; floats in their shortest form that
+/// reads back the same, which both sides need serde_json's `float_roundtrip` for).
+///
+/// ```
+/// use garage_node_protocol::receipt::canonical_json;
+///
+/// let body = serde_json::json!({"b": [1, 2.5, "x\ny"], "a": {"z": null, "y": true}});
+/// assert_eq!(
+///     canonical_json(&body),
+///     br#"{"a":{"y":true,"z":null},"b":[1,2.5,"x\ny"]}"#
+/// );
+/// ```
+pub fn canonical_json(value: &serde_json::Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_canonical(&mut out, value);
+    out
+}
+
+fn write_canonical(out: &mut Vec<u8>, value: &serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Object(members) => {
+            let mut members: Vec<(&String, &Value)> = members.iter().collect();
+            members.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            out.push(b'{');
+            for (i, (key, value)) in members.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_scalar(out, key.as_str());
+                out.push(b':');
+                write_canonical(out, value);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(out, item);
+            }
+            out.push(b']');
+        }
+        scalar => write_scalar(out, scalar),
+    }
+}
+
+fn write_scalar<T: Serialize + ?Sized>(out: &mut Vec<u8>, scalar: &T) {
+    // Writing a string, a number, a bool or null into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, scalar);
+}
+
 /// SHA-256 and length of an answer's bytes, fed as they pass.
 #[derive(Clone)]
 pub struct AnswerHasher {
@@ -568,6 +641,75 @@ mod tests {
         }
         println!("SHA-256 of 4 KiB: {:.2} µs", per_round(started));
         println!("trailer: {} bytes", value.len());
+    }
+
+    #[test]
+    fn canonical_json_does_not_depend_on_member_order() {
+        let a: serde_json::Value =
+            serde_json::from_str(r#"{"b":1,"a":2,"ab":3,"B":4,"é":5,"":6}"#).unwrap();
+        let b: serde_json::Value =
+            serde_json::from_str(r#" { "é" : 5 , "" : 6, "ab":3, "a":2 ,"B":4,"b":1 } "#).unwrap();
+        // By UTF-8 bytes: "" < "B" < "a" < "ab" < "b" < "é" (0xC3).
+        let expected = r#"{"":6,"B":4,"a":2,"ab":3,"b":1,"é":5}"#;
+        assert_eq!(canonical_json(&a), expected.as_bytes());
+        assert_eq!(canonical_json(&b), expected.as_bytes());
+    }
+
+    #[test]
+    fn canonical_json_sorts_nested_objects_and_keeps_array_order() {
+        let value: serde_json::Value = serde_json::from_str(
+            r#"{"usage": {"prompt_tokens": 3, "completion_tokens": 4},
+                "choices": [{"index": 1, "logprobs": null}, {"index": 0, "text": "hi"}],
+                "nested": [[{"z": [], "y": {}}], -0.5, 1e300, -7, 18446744073709551615]}"#,
+        )
+        .unwrap();
+        let expected = concat!(
+            r#"{"choices":[{"index":1,"logprobs":null},{"index":0,"text":"hi"}],"#,
+            r#""nested":[[{"y":{},"z":[]}],-0.5,1e+300,-7,18446744073709551615],"#,
+            r#""usage":{"completion_tokens":4,"prompt_tokens":3}}"#
+        );
+        assert_eq!(String::from_utf8(canonical_json(&value)).unwrap(), expected);
+        assert_eq!(canonical_json(&serde_json::json!([])), b"[]");
+        assert_eq!(canonical_json(&serde_json::json!({})), b"{}");
+        assert_eq!(canonical_json(&serde_json::json!("x")), br#""x""#);
+    }
+
+    #[test]
+    fn canonical_json_escapes_as_serde_json_does() {
+        let value = serde_json::json!({
+            "quote\"key": "a \"b\" \\ / \n\r\t \u{1} \u{1f} \u{7f} é 😀",
+        });
+        let expected =
+            "{\"quote\\\"key\":\"a \\\"b\\\" \\\\ / \\n\\r\\t \\u0001 \\u001f \u{7f} é 😀\"}";
+        assert_eq!(String::from_utf8(canonical_json(&value)).unwrap(), expected);
+        // What it writes reads back as the same value, and is written the same again.
+        let back: serde_json::Value = serde_json::from_slice(&canonical_json(&value)).unwrap();
+        assert_eq!(back, value);
+        assert_eq!(canonical_json(&back), canonical_json(&value));
+    }
+
+    /// A body goes from the rig to the gateway as JSON and is parsed again there: its floats
+    /// must read back as the very numbers, or the hashes differ (serde_json's `float_roundtrip`).
+    #[test]
+    fn canonical_json_survives_the_trip_to_the_gateway() {
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let logprobs: Vec<f64> = (0..2000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                -((state >> 11) as f64 / (1u64 << 53) as f64) * 20.0
+            })
+            .collect();
+        let body = serde_json::json!({"choices": [{"logprobs": {"token_logprobs": logprobs}}]});
+        let sent = serde_json::to_vec(&body).unwrap();
+        let received: serde_json::Value = serde_json::from_slice(&sent).unwrap();
+        assert_eq!(canonical_json(&received), canonical_json(&body));
+    }
+
+    #[test]
+    fn a_batch_lines_request_id_is_its_batch_and_line() {
+        assert_eq!(batch_request_id("batch_abc", 7), "batch_abc:7");
     }
 
     #[test]

@@ -418,6 +418,7 @@ impl Agent {
                 local: shared.local.clone(),
                 engines: Arc::clone(&shared.engines),
                 revoked: shared.revoked.clone(),
+                signer: shared.signer.clone(),
             });
             tokio::spawn(crate::batch::run(
                 context,

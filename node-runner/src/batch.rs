@@ -12,6 +12,9 @@
 //! lease runs out at the gateway and another rig takes it. Results are sent in small batches and
 //! retried until the gateway takes them; the gateway keeps the first answer of each line.
 //!
+//! Each result carries the rig's signed receipt of it (see [`crate::receipts`]), as a tunnel
+//! answer does in its trailer.
+//!
 //! Work is asked of the replica that holds the rig's tunnel; a poll waiting on a replica the
 //! tunnel has left is given up at once. Results go to any replica that can be reached.
 
@@ -27,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engines::EngineSet;
 use crate::gateways::Gateways;
+use crate::receipts::Signer;
 
 /// How the rig takes batch work.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +65,8 @@ pub(crate) struct Context {
     pub engines: Arc<EngineSet>,
     /// Cancelled when the gateway refuses the credential.
     pub revoked: CancellationToken,
+    /// Signs each line's result, as the tunnel's answers are; `None`: the rig signs nothing.
+    pub signer: Option<Arc<Signer>>,
 }
 
 /// Results sent per request to the gateway.
@@ -230,14 +236,19 @@ async fn run_line(context: &Context, item: BatchWorkItem) -> Option<BatchLineRes
                 continue;
             }
         };
-        return Some(BatchLineResult {
+        let mut result = BatchLineResult {
             batch_id: item.batch_id,
             model: item.model,
             line: item.line,
             status_code: status,
             body,
             latency_ms: started.elapsed().as_millis() as u64,
-        });
+            receipt: None,
+        };
+        if let Some(signer) = &context.signer {
+            result.receipt = signer.batch_receipt(&result);
+        }
+        return Some(result);
     }
     tracing::warn!(batch = %item.batch_id, line = item.line, "no engine answered a batch line; leaving it to another rig");
     None

@@ -3,8 +3,9 @@
 //! Every answer an engine gives through the tunnel ends with a trailer, `garage-receipt`: the
 //! request id the gateway sent, the model, the usage the engine reported and the SHA-256 of the
 //! answer's bytes, signed with the rig's Ed25519 key (the encoding is
-//! [`garage_node_protocol::receipt`]'s). The key is made at enrollment and kept in the state
-//! file beside the credential. `node-runner statement` fetches the gateway's statement of the
+//! [`garage_node_protocol::receipt`]'s). A batch line's result carries its receipt in a field
+//! instead, over the canonical JSON of its body. The key is made at enrollment and kept in the
+//! state file beside the credential. `node-runner statement` fetches the gateway's statement of the
 //! rig's requests and checks each receipt in it against the rig's own key.
 
 use std::collections::BTreeMap;
@@ -13,9 +14,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use garage_node_protocol::receipt::{AnswerHasher, PublicKey, Receipt, SigningKey, TokenCounts};
+use garage_node_protocol::receipt::{
+    AnswerHasher, PublicKey, Receipt, SigningKey, TokenCounts, batch_request_id, canonical_json,
+};
 use garage_node_protocol::{
-    RECEIPT_TRAILER, ReceiptCheck, STATEMENT_PATH, Statement, StatementEntry,
+    BatchLineResult, RECEIPT_TRAILER, ReceiptCheck, STATEMENT_PATH, Statement, StatementEntry,
 };
 use hyper::body::{Body, Frame, SizeHint};
 use serde::Deserialize;
@@ -71,24 +74,51 @@ impl Signer {
         }))
     }
 
-    /// The trailer of an answer: its receipt, signed.
-    fn trailer(&self, mut receipt: Receipt) -> Option<http::HeaderMap> {
+    /// An answer's receipt, signed (or signed wrongly, as the mode says).
+    fn sign(&self, mut receipt: Receipt) -> Option<String> {
         match self.mode {
             Receipts::WrongHash => receipt.answer_sha256[0] ^= 0xff,
             Receipts::WrongRequestId => receipt.request_id.push_str("-0"),
             _ => {}
         }
-        let value = match receipt.sign(&self.key) {
-            Ok(value) => value,
+        match receipt.sign(&self.key) {
+            Ok(value) => Some(value),
             Err(err) => {
                 tracing::warn!(request_id = %receipt.request_id, error = %err, "cannot sign this answer's receipt");
-                return None;
+                None
             }
-        };
-        let value = http::HeaderValue::from_str(&value).ok()?;
+        }
+    }
+
+    /// The trailer of an answer: its receipt, signed.
+    fn trailer(&self, receipt: Receipt) -> Option<http::HeaderMap> {
+        let value = http::HeaderValue::from_str(&self.sign(receipt)?).ok()?;
         let mut trailers = http::HeaderMap::with_capacity(1);
         trailers.insert(RECEIPT_TRAILER, value);
         Some(trailers)
+    }
+
+    /// The receipt of a batch line's result, for [`BatchLineResult::receipt`]: request id
+    /// `{batch_id}:{line}`, the line's model, the engine's status, the body's `usage`, and the
+    /// length and SHA-256 of the body's canonical JSON.
+    pub(crate) fn batch_receipt(&self, result: &BatchLineResult) -> Option<String> {
+        let mut hasher = AnswerHasher::default();
+        hasher.update(&canonical_json(&result.body));
+        let (answer_sha256, answer_bytes) = hasher.finish();
+        let usage = result
+            .body
+            .get("usage")
+            .and_then(|usage| EngineUsage::deserialize(usage).ok())
+            .map(EngineUsage::counts);
+        self.sign(Receipt {
+            node_id: self.node_id.clone(),
+            request_id: batch_request_id(&result.batch_id, result.line),
+            model: result.model.clone(),
+            status: result.status_code,
+            usage,
+            answer_bytes,
+            answer_sha256,
+        })
     }
 }
 
@@ -225,15 +255,21 @@ struct EngineUsage {
     completion_tokens: u64,
 }
 
+impl EngineUsage {
+    fn counts(self) -> TokenCounts {
+        TokenCounts {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+        }
+    }
+}
+
 impl UsageOf {
     fn counts(self) -> Option<TokenCounts> {
         let usage = self
             .usage
             .or_else(|| self.response.and_then(|response| response.usage))?;
-        Some(TokenCounts {
-            prompt_tokens: usage.prompt_tokens,
-            completion_tokens: usage.completion_tokens,
-        })
+        Some(usage.counts())
     }
 }
 
@@ -544,6 +580,84 @@ mod tests {
         assert!(Receipt::parse(&value).unwrap().verify(&public).is_err());
         let (key, _) = SigningKey::generate().unwrap();
         assert!(Signer::new("n", key, Receipts::Withheld).is_none());
+    }
+
+    fn batch_line(body: serde_json::Value) -> BatchLineResult {
+        BatchLineResult {
+            batch_id: "batch_1".into(),
+            model: "m".into(),
+            line: 7,
+            status_code: 200,
+            body,
+            latency_ms: 3,
+            receipt: None,
+        }
+    }
+
+    #[test]
+    fn a_batch_line_is_signed_over_its_bodys_canonical_json() {
+        let (signer, public) = signer(Receipts::Signed);
+        let body = serde_json::json!({
+            "id": "x",
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+            "choices": [{"message": {"content": "hi", "role": "assistant"}, "index": 0}],
+        });
+        let value = signer.batch_receipt(&batch_line(body.clone())).unwrap();
+        let signed = Receipt::parse(&value).unwrap();
+        signed.verify(&public).unwrap();
+        let receipt = signed.receipt;
+        assert_eq!(receipt.node_id, "node_1");
+        assert_eq!(receipt.request_id, "batch_1:7");
+        assert_eq!(receipt.model, "m");
+        assert_eq!(receipt.status, 200);
+        assert_eq!(
+            receipt.usage,
+            Some(TokenCounts {
+                prompt_tokens: 3,
+                completion_tokens: 4
+            })
+        );
+        // What the gateway hashes after the body's trip as JSON, whatever its members' order.
+        let received: serde_json::Value =
+            serde_json::from_slice(&serde_json::to_vec(&body).unwrap()).unwrap();
+        let mut hasher = AnswerHasher::default();
+        hasher.update(&canonical_json(&received));
+        let (hash, len) = hasher.finish();
+        assert_eq!((receipt.answer_sha256, receipt.answer_bytes), (hash, len));
+
+        // The Responses API's names, and no usage at all.
+        let responses = serde_json::json!({"usage": {"input_tokens": 5, "output_tokens": 6}});
+        let value = signer.batch_receipt(&batch_line(responses)).unwrap();
+        assert_eq!(
+            Receipt::parse(&value).unwrap().receipt.usage,
+            Some(TokenCounts {
+                prompt_tokens: 5,
+                completion_tokens: 6
+            })
+        );
+        let error = serde_json::json!({"error": {"message": "no", "usage": {"prompt_tokens": 1}}});
+        let value = signer.batch_receipt(&batch_line(error)).unwrap();
+        assert_eq!(Receipt::parse(&value).unwrap().receipt.usage, None);
+    }
+
+    #[test]
+    fn dishonest_modes_sign_batch_lines_wrongly_too() {
+        let body = serde_json::json!({"usage": {"prompt_tokens": 1, "completion_tokens": 2}});
+        let line = batch_line(body);
+        let (honest, _) = signer(Receipts::Signed);
+        let honest = Receipt::parse(&honest.batch_receipt(&line).unwrap())
+            .unwrap()
+            .receipt;
+        let (wrong_hash, public) = signer(Receipts::WrongHash);
+        let signed = Receipt::parse(&wrong_hash.batch_receipt(&line).unwrap()).unwrap();
+        signed.verify(&public).unwrap();
+        assert_ne!(signed.receipt.answer_sha256, honest.answer_sha256);
+        let (wrong_id, _) = signer(Receipts::WrongRequestId);
+        let signed = Receipt::parse(&wrong_id.batch_receipt(&line).unwrap()).unwrap();
+        assert_ne!(signed.receipt.request_id, "batch_1:7");
+        let (wrong_key, public) = signer(Receipts::WrongKey);
+        let signed = Receipt::parse(&wrong_key.batch_receipt(&line).unwrap()).unwrap();
+        assert!(signed.verify(&public).is_err());
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! Rigs' side: leasing lines to rigs that serve their model, taking their answers, billing
-//! them.
+//! them, and checking their receipts (see [`crate::nodes::receipts`]).
+
+use garage_node_protocol::receipt::{AnswerHasher, batch_request_id, canonical_json};
 
 use super::*;
 use crate::backends::TrustStatus;
+use crate::ledger::billing::Usage as TokenUsage;
+use crate::nodes::receipts::{Answer, Served};
 
 impl Batches {
     /// Leases lines of the given models to a rig, waiting up to `wait` for some to appear.
@@ -180,6 +184,9 @@ impl Batches {
             };
             let ok = (200..300).contains(&result.status_code);
             let mut result = result;
+            // What the rig's receipt covers: the body as the rig sent it, before billing
+            // writes a corrected count into it.
+            let (answer, reported) = answer_of(&mut result);
             let billed = if ok {
                 Some(self.bill_line(&stored.batch.endpoint, &held, node, &mut result.body))
             } else {
@@ -207,8 +214,9 @@ impl Batches {
                 self.store
                     .kv_incr(&counter(&result.batch_id, name), 1, None)
                     .await?;
+                let mut finished_at_ms = unix_now() * 1000;
                 if let Some(billed) = billed {
-                    self.usage.record(usage_event(
+                    let event = usage_event(
                         &result.batch_id,
                         &result.model,
                         result.line,
@@ -216,8 +224,24 @@ impl Batches {
                         (node, self.nodes.trust_of(&node.id)),
                         billed,
                         result.latency_ms,
-                    ));
+                    );
+                    finished_at_ms = event.finished_at_ms;
+                    self.usage.record(event);
                 }
+                // Its receipt checked and its statement entry kept, off this request's path,
+                // as a tunnel answer's are.
+                self.nodes.note_served(Served {
+                    node: node.id.clone(),
+                    request_id: batch_request_id(&result.batch_id, result.line),
+                    model: result.model.clone(),
+                    finished_at_ms,
+                    billed: billed.map_or_else(TokenUsage::default, |billed| TokenUsage {
+                        prompt_tokens: billed.input,
+                        completion_tokens: billed.output,
+                    }),
+                    reported,
+                    answer: Some(answer),
+                });
             } else {
                 ack.ignored += 1;
                 self.metrics.answers.with_label_values(&["ignored"]).inc();
@@ -287,4 +311,24 @@ impl Batches {
         counts.reasoning = counts.reasoning.min(counts.output);
         counts
     }
+}
+
+/// What a rig's receipt of a batch line is checked against: the answer as the rig sent it (its
+/// status, and the length and SHA-256 of its body's canonical JSON; the receipt taken out of
+/// the result), and the usage the body reported.
+fn answer_of(result: &mut BatchLineResult) -> (Answer, Option<TokenUsage>) {
+    let mut hasher = AnswerHasher::default();
+    hasher.update(&canonical_json(&result.body));
+    let (sha256, bytes) = hasher.finish();
+    let reported = result
+        .body
+        .get("usage")
+        .and_then(|usage| TokenUsage::deserialize(usage).ok());
+    let answer = Answer {
+        status: result.status_code,
+        bytes,
+        sha256,
+        receipt: result.receipt.take(),
+    };
+    (answer, reported)
 }

@@ -11,8 +11,14 @@
 //! each is a failed check of the rig ([`CheckKind::Receipt`]). A rig without a key (enrolled
 //! by an older node-runner) serves as before; its entries say `no_key`.
 //!
-//! The statement is kept per rig and UTC day (the day of the request id, a UUIDv7), so that a
-//! page reads one day's entries at most; days older than [`STATEMENT_DAYS`] are dropped.
+//! A batch line's answer comes back in its result rather than through the tunnel, its receipt
+//! with it (`crate::batch`): it is checked the same way, under the request id
+//! `{batch_id}:{line}`, over the canonical JSON of the body the rig sent
+//! ([`garage_node_protocol::receipt::canonical_json`]) and against the usage that body reported.
+//!
+//! The statement is kept per rig and UTC day (the day of the request id, a UUIDv7; a batch
+//! line's, the day it was recorded), so that a page reads one day's entries at most; days older
+//! than [`STATEMENT_DAYS`] are dropped.
 
 use std::collections::HashSet;
 
@@ -306,21 +312,28 @@ impl Nodes {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Statement, ApiError> {
+        let days = self.statement_days(node).await?;
         let from_day = match after {
-            Some(after) => Some(day_of_request(after).ok_or_else(|| {
-                ApiError::bad_request(
-                    "after must be a request id from this statement",
-                    Some("after"),
-                )
-            })?),
+            Some(after) => {
+                let day = self.day_of_entry(node, &days, after).await?;
+                Some(day.ok_or_else(|| {
+                    ApiError::bad_request(
+                        "after must be a request id from this statement",
+                        Some("after"),
+                    )
+                })?)
+            }
             None => None,
         };
         let limit = limit.clamp(1, STATEMENT_MAX_LIMIT);
         let mut page: Vec<StatementEntry> = Vec::new();
-        for day in self.statement_days(node).await? {
+        for day in days {
             if from_day.as_ref().is_some_and(|from| day < *from) {
                 continue;
             }
+            // Within `after`'s day, the entries after it; every entry of a later day (a batch
+            // line's id, `{batch_id}:{line}`, does not sort by time).
+            let after_in_day = after.filter(|_| from_day.as_ref() == Some(&day));
             let mut entries: Vec<StatementEntry> = self
                 .store
                 .record_list(&node_statement(node, &day))
@@ -328,7 +341,7 @@ impl Nodes {
                 .iter()
                 .filter_map(|bytes| serde_json::from_slice(bytes).ok())
                 .filter(|entry: &StatementEntry| {
-                    after.is_none_or(|after| *entry.request_id > *after)
+                    after_in_day.is_none_or(|after| *entry.request_id > *after)
                 })
                 .collect();
             entries.sort_by(|a, b| a.request_id.cmp(&b.request_id));
@@ -347,6 +360,27 @@ impl Nodes {
             has_more,
             data: page,
         })
+    }
+
+    /// The statement day of the entry `request_id`: a UUIDv7's own day; for another id (a batch
+    /// line's), the day among `days` that holds it. `None`: not an entry of this statement.
+    async fn day_of_entry(
+        &self,
+        node: &str,
+        days: &[String],
+        request_id: &str,
+    ) -> Result<Option<String>, StoreError> {
+        if let Some(day) = day_of_request(request_id) {
+            return Ok(Some(day));
+        }
+        // Newest first: a page is most often asked for soon after the one before it.
+        for day in days.iter().rev() {
+            let kind = node_statement(node, day);
+            if self.store.record_get(&kind, request_id).await?.is_some() {
+                return Ok(Some(day.clone()));
+            }
+        }
+        Ok(None)
     }
 
     /// The points the ledger awarded `operator` for each entry, where it has processed it.

@@ -496,3 +496,244 @@ async fn receipts_pass_unchanged_through_a_forwarding_replica() {
         }
     }
 }
+
+/// A batch input file: a chat line per name asking `model`, then one its engine refuses (no
+/// messages).
+fn batch_input(model: &str, names: &[&str]) -> String {
+    let mut content = String::new();
+    for name in names {
+        let line = json!({
+            "custom_id": name,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": model,
+                "messages": [{"role": "user", "content": format!("say something about {name}")}],
+                "max_tokens": 4,
+            },
+        });
+        content.push_str(&format!("{line}\n"));
+    }
+    let refused = json!({"custom_id": "no-messages", "body": {"model": model}});
+    content.push_str(&format!("{refused}\n"));
+    content
+}
+
+/// Uploads `content` as a batch input file, runs it to its end on the rigs; returns the batch.
+async fn run_batch(base: &str, key: &str, content: String) -> Value {
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::text(content).file_name("requests.jsonl"),
+        );
+    let response = client()
+        .post(format!("{base}/v1/files"))
+        .bearer_auth(key)
+        .multipart(form)
+        .send()
+        .await
+        .expect("gateway answers");
+    let file: Value = response.json().await.unwrap();
+    let file_id = file["id"].as_str().expect("a file id");
+    let response = client()
+        .post(format!("{base}/v1/batches"))
+        .bearer_auth(key)
+        .json(&json!({
+            "input_file_id": file_id,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        }))
+        .send()
+        .await
+        .expect("gateway answers");
+    let created: Value = response.json().await.unwrap();
+    let id = created["id"].as_str().expect("a batch id").to_owned();
+    let path = format!("/v1/batches/{id}");
+    wait_until(
+        Duration::from_secs(60),
+        &format!("batch {id} to end"),
+        || async { get_with(base, &path, key).await.1["status"] == "completed" },
+    )
+    .await;
+    get_with(base, &path, key).await.1
+}
+
+/// A rig that takes batch work without waiting long for it.
+async fn batch_rig(base: &str, model: &str, receipts: Receipts, state_file: &Path) -> Agent {
+    let token = enrollment_token(base, 1).await;
+    let options = AgentOptions {
+        state_file: Some(state_file.to_owned()),
+        batch: garage_node_runner::batch::BatchOptions {
+            poll_wait: Duration::from_secs(2),
+            ..Default::default()
+        },
+        ..rig_options(base, model, &token)
+    };
+    rig_with(options, model, receipts).await
+}
+
+#[tokio::test]
+async fn an_honest_rigs_batch_lines_carry_receipts_the_gateway_verifies() {
+    let gw = gateway(rig_config()).await;
+    let base = gw.url();
+    let dir = tempfile::tempdir().unwrap();
+    let state_file = dir.path().join("state.json");
+    let rig = batch_rig(&base, MODEL, Receipts::Signed, &state_file).await;
+    let (_, key) = create_key(&base, json!({"name": "app"})).await;
+    wait_until(Duration::from_secs(20), "the rig in routing", || async {
+        routable_rigs(&base).await == 1
+    })
+    .await;
+
+    // A tunnel answer first, then a batch: three lines answered, one refused by the engine.
+    let (status, tunnel_id, text) = post(&base, &key, &ask(MODEL, false)).await;
+    assert_eq!(status, 200, "{text}");
+    let batch = run_batch(&base, &key, batch_input(MODEL, &["a", "b", "c"])).await;
+    assert_eq!(
+        batch["request_counts"],
+        json!({"total": 4, "completed": 3, "failed": 1}),
+        "{batch}"
+    );
+    let batch_id = batch["id"].as_str().unwrap();
+
+    let credential = credential(&state_file);
+    let entries = statement(&base, &credential, 5).await;
+    let listed: Vec<&str> = entries
+        .iter()
+        .map(|e| e["request_id"].as_str().unwrap())
+        .collect();
+    let mut expected = vec![tunnel_id.clone()];
+    expected.extend((1..=4).map(|line| format!("{batch_id}:{line}")));
+    assert_eq!(listed, expected, "the tunnel's request, then the lines");
+    for entry in &entries {
+        assert_eq!(entry["receipt_check"], "verified", "{entry}");
+        assert!(entry["receipt"].is_string(), "{entry}");
+        assert_eq!(entry["model"], MODEL, "{entry}");
+    }
+    for entry in &entries[1..4] {
+        assert!(entry["completion_tokens"].as_u64().unwrap() > 0, "{entry}");
+        assert_eq!(
+            entry["reported_completion_tokens"], entry["completion_tokens"],
+            "{entry}"
+        );
+    }
+    // The line the engine refused: its error answer signed and verified, nothing billed.
+    assert_eq!(entries[4]["completion_tokens"], 0, "{}", entries[4]);
+
+    // Page by page, across the tunnel's id and the lines' (which are not UUIDs).
+    let mut paged = Vec::new();
+    let mut path = "/node/v1/statement?limit=2".to_owned();
+    loop {
+        let (status, page) = get_with(&base, &path, &credential).await;
+        assert_eq!(status, 200, "{page}");
+        for entry in page["data"].as_array().unwrap() {
+            paged.push(entry["request_id"].as_str().unwrap().to_owned());
+        }
+        if page["has_more"] != true {
+            break;
+        }
+        let after = page["next_after"].as_str().unwrap();
+        path = format!("/node/v1/statement?limit=2&after={after}");
+    }
+    assert_eq!(paged, expected);
+
+    // The admin's view of it, and the rig's own check against its key.
+    let (status, admin_view) = get_with(
+        &base,
+        &format!("/admin/nodes/{}/statement", rig.node_id()),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(status, 200, "{admin_view}");
+    assert_eq!(admin_view["data"].as_array().unwrap().len(), 5);
+    let report = rig.check_statement().await.expect("statement");
+    assert_eq!(report.receipts_verified, 5, "{report}");
+    assert!(report.mismatches.is_empty(), "{report}");
+    assert_eq!(report.billed, report.signed, "{report}");
+    assert_eq!(trust(&base, rig.node_id()).await["checks_failed"], 0);
+    assert_metrics_include(
+        &base,
+        &["garage_receipts_total{outcome=\"verified\"} 5".to_owned()],
+    )
+    .await;
+    rig.shutdown().await;
+}
+
+#[tokio::test]
+async fn forged_and_missing_batch_receipts_are_refused_and_count_against_the_rig() {
+    let gw = gateway(rig_config()).await;
+    let base = gw.url();
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            Receipts::WrongHash,
+            "wrong-hash",
+            "refused",
+            "hash is of other bytes",
+        ),
+        (
+            Receipts::WrongRequestId,
+            "wrong-id",
+            "refused",
+            "for request",
+        ),
+        (Receipts::WrongKey, "wrong-key", "refused", "signature"),
+        (
+            Receipts::Withheld,
+            "withheld",
+            "missing",
+            "without a receipt",
+        ),
+    ];
+    let mut rigs = Vec::new();
+    for (mode, model, _, _) in &cases {
+        let state_file = dir.path().join(format!("{model}.json"));
+        rigs.push((
+            batch_rig(&base, model, *mode, &state_file).await,
+            state_file,
+        ));
+    }
+    let (_, key) = create_key(&base, json!({"name": "app"})).await;
+    wait_until(Duration::from_secs(20), "every rig in routing", || async {
+        routable_rigs(&base).await == cases.len()
+    })
+    .await;
+
+    for ((_, model, check, why), (rig, state_file)) in cases.iter().zip(&rigs) {
+        // The lines are answered all the same: the receipts are checked after.
+        let batch = run_batch(&base, &key, batch_input(model, &["a"])).await;
+        assert_eq!(
+            batch["request_counts"],
+            json!({"total": 2, "completed": 1, "failed": 1}),
+            "{model}: {batch}"
+        );
+        let batch_id = batch["id"].as_str().unwrap();
+        let entries = statement(&base, &credential(state_file), 2).await;
+        for (line, entry) in entries.iter().enumerate() {
+            assert_eq!(entry["request_id"], format!("{batch_id}:{}", line + 1));
+            assert_eq!(entry["receipt_check"], *check, "{model}: {entry}");
+            let detail = entry["detail"].as_str().unwrap_or_default();
+            assert!(detail.contains(why), "{model}: {detail}");
+        }
+        wait_until(Duration::from_secs(10), "the failed checks", || async {
+            trust(&base, rig.node_id()).await["checks_failed"] == 2
+        })
+        .await;
+        let trust = trust(&base, rig.node_id()).await;
+        assert_eq!(trust["last_check"], "receipt", "{model}: {trust}");
+        assert!(
+            trust["last_discrepancy"].as_str().unwrap().contains(why),
+            "{model}: {trust}"
+        );
+    }
+    assert_metrics_include(
+        &base,
+        &[
+            "garage_receipts_total{outcome=\"refused\"} 6".to_owned(),
+            "garage_receipts_total{outcome=\"missing\"} 2".to_owned(),
+            "garage_rig_checks_total{kind=\"receipt\",outcome=\"failed\"} 8".to_owned(),
+        ],
+    )
+    .await;
+}
