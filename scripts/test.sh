@@ -89,6 +89,10 @@ if ! command -v nginx >/dev/null 2>&1 && [[ ! -x /usr/sbin/nginx ]]; then
     needed+=(nginx-light)
     installing_nginx=1
 fi
+# The console's browser tests drive Debian's chromium headless through chromedriver.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    needed+=(chromium chromium-driver)
+fi
 # The JavaScript example plugin is built with componentize-js, from npm.
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     needed+=(nodejs npm)
@@ -110,7 +114,7 @@ if [[ ${#needed[@]} -gt 0 ]]; then
         fi
     fi
 else
-    echo "all present: cc, redis-server, redis-cli, nginx, python3 with venv"
+    echo "all present: cc, redis-server, redis-cli, nginx, python3 with venv, chromium"
 fi
 echo "redis-server: $(redis-server --version | head -n1)"
 echo "redis-cli: $(redis-cli --version | head -n1)"
@@ -177,7 +181,7 @@ section "Default plugins: cargo test in plugins/guests"
 (cd plugins/guests && cargo test --locked)
 
 # ---------------------------------------------------------------------------------------------
-section "OpenAI SDK compatibility: pytest tests/python"
+section "OpenAI SDK compatibility and the console in chromium: pytest tests/python"
 GARAGE_GATEWAY_BIN=target/debug/gateway "$VENV/bin/python" -m pytest tests/python -q
 
 step_done

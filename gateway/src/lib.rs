@@ -23,6 +23,7 @@ pub mod backends;
 pub mod batch;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod http;
 pub mod inference;

@@ -183,6 +183,9 @@ impl Demo {
              \x20 API key         {key}\n\
              \x20 admin token     in {admin_file}\n\
              \x20 models          {models}\n\
+             \x20 console         {url}/console\n\
+             \x20   operator      log in with the admin token (in {admin_file})\n\
+             \x20   app developer log in with the API key above\n\
              \x20 API docs        {url}/docs\n\
              \x20 rigs            curl -H \"Authorization: Bearer $(cat {admin_file})\" {url}/admin/nodes\n\n\
              Try it:\n\n\

@@ -32,14 +32,40 @@ use crate::state::AppState;
         description = "An OpenAI-compatible inference gateway for a community GPU network.",
         license(name = "MIT")
     ),
-    paths(openai::get_model, crate::cluster::api::forwarded),
+    paths(
+        openai::get_model,
+        crate::cluster::api::forwarded,
+        crate::console::home,
+        crate::console::login_page,
+        crate::console::login,
+        crate::console::logout,
+        crate::console::admin::live,
+        crate::console::admin::rigs,
+        crate::console::admin::enroll,
+        crate::console::admin::rig_action,
+        crate::console::admin::models,
+        crate::console::admin::keys,
+        crate::console::admin::create_key,
+        crate::console::admin::revoke_key,
+        crate::console::admin::plugins,
+        crate::console::admin::plugin_action,
+        crate::console::admin::upload_plugin,
+        crate::console::admin::usage,
+        crate::console::admin::usage_csv,
+        crate::console::admin::rewards,
+        crate::console::app::home,
+        crate::console::app::batches,
+        crate::console::app::file,
+        crate::console::app::playground,
+    ),
     modifiers(&SecuritySchemes),
     tags(
         (name = "openai", description = "OpenAI-compatible API; authenticate with an API key"),
         (name = "admin", description = "Operator API; authenticate with the admin token"),
         (name = "nodes", description = "Node protocol, spoken by node-runner; authenticate with the node credential"),
         (name = "cluster", description = "Between the gateway's own replicas; authenticate with the cluster secret"),
-        (name = "ops", description = "Health, readiness and metrics")
+        (name = "ops", description = "Health, readiness and metrics"),
+        (name = "console", description = "The web console's pages (HTML); log in at /console/login, then the session cookie")
     )
 )]
 struct ApiDoc;
@@ -54,6 +80,12 @@ impl Modify for SecuritySchemes {
         components.add_security_scheme("api_key", bearer());
         components.add_security_scheme("admin_token", bearer());
         components.add_security_scheme("node_credential", bearer());
+        components.add_security_scheme(
+            "console_session",
+            SecurityScheme::ApiKey(utoipa::openapi::security::ApiKey::Cookie(
+                utoipa::openapi::security::ApiKeyValue::new(crate::console::session::COOKIE),
+            )),
+        );
         components.add_security_scheme(
             "cluster_secret",
             SecurityScheme::ApiKey(utoipa::openapi::security::ApiKey::Header(
@@ -171,6 +203,7 @@ pub fn router(state: AppState) -> axum::Router {
         SwaggerUi::new("/docs").config(utoipa_swagger_ui::Config::from("/openapi.json"));
     router
         .merge(axum::Router::from(swagger_ui).layer(CompressionLayer::new()))
+        .merge(crate::console::router(state))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
 }

@@ -108,6 +108,22 @@ pub async fn create_key(
     body: Result<Json<CreateKeyRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<CreatedKey>), ApiError> {
     let Json(request) = body.map_err(ApiError::from)?;
+    let (record, secret) = create(&state, request).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedKey {
+            key: secret,
+            info: record.into(),
+        }),
+    ))
+}
+
+/// Checks a new key's request and creates it: its record and its secret (shown once). The
+/// admin API and the console both create keys here.
+pub async fn create(
+    state: &AppState,
+    request: CreateKeyRequest,
+) -> Result<(ApiKeyRecord, String), ApiError> {
     if request.name.trim().is_empty() {
         return Err(ApiError::bad_request(
             "name must not be empty",
@@ -139,13 +155,7 @@ pub async fn create_key(
         .create(request.name, request.allowed_models, request.metadata, None)
         .await?;
     tracing::info!(key_id = %record.id, name = %record.name, "api key created");
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedKey {
-            key: secret,
-            info: record.into(),
-        }),
-    ))
+    Ok((record, secret))
 }
 
 /// Lists every API key (revoked ones included).

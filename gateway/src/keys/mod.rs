@@ -173,6 +173,11 @@ impl KeyAuth {
                 "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.".into(),
             )
         })?;
+        self.authenticate_secret(secret).await
+    }
+
+    /// The key record of a key's secret (the console's login): as [`KeyAuth::authenticate`].
+    pub async fn authenticate_secret(&self, secret: &str) -> Result<Arc<ApiKeyRecord>, ApiError> {
         let digest = self.hasher.digest(secret);
         let record = match self.cached(&digest) {
             Some(record) => record,

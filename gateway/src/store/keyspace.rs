@@ -51,6 +51,13 @@ pub fn node_statement_days(node_id: &str) -> String {
     format!("node_statement_days:{node_id}")
 }
 
+// ---- the console (owner: `console::session`) ---------------------------------------------
+
+/// Kv (expires with the session): a console session, by the SHA-256 (hex) of its id.
+pub fn console_session(id_sha256: &str) -> String {
+    format!("console_session:{id_sha256}")
+}
+
 // ---- the request path (owner: `inference::policy`) ---------------------------------------
 
 /// Kv: set once a key's budget is spent (the meter said so): its requests get 429.

@@ -14,6 +14,7 @@ mod cluster;
 mod cluster_nginx;
 mod cluster_processes;
 mod config_ui;
+mod console;
 mod counting;
 mod hostile;
 mod openapi;

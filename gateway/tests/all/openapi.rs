@@ -12,6 +12,9 @@ const NOT_OPERATIONS: &[&str] = &[
     "/docs/{*rest}",
     "/",
     "/{*__private__axum_fallback}",
+    // The console's stylesheet and script: static files, as Swagger UI's under /docs.
+    "/console/assets/console.css",
+    "/console/assets/console.js",
 ];
 
 #[tokio::test]
