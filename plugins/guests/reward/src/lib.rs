@@ -185,7 +185,11 @@ mod tests {
                 trust,
                 ..served("m", 1_000, 0)
             };
-            assert_eq!(TokensAndUptime::on_usage(&host, &event), Ok(vec![]), "{trust:?}");
+            assert_eq!(
+                TokensAndUptime::on_usage(&host, &event),
+                Ok(vec![]),
+                "{trust:?}"
+            );
         }
         // What the rig reported, however honest it looks, is not what pays.
         let reported = UsageEvent {

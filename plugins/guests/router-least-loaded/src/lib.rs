@@ -79,7 +79,15 @@ impl Router for LeastLoaded {
         let mut ranked: Vec<(bool, u8, f64, f32, u32)> = candidates
             .iter()
             .zip(0u32..)
-            .map(|(c, index)| (!preferred(index), trust(c), score(c), c.kv_cache_usage, index))
+            .map(|(c, index)| {
+                (
+                    !preferred(index),
+                    trust(c),
+                    score(c),
+                    c.kv_cache_usage,
+                    index,
+                )
+            })
             .collect();
         ranked.sort_by(|a, b| {
             a.0.cmp(&b.0)
