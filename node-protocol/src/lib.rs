@@ -208,6 +208,12 @@ pub struct Heartbeat {
     /// Labels the operator gave the rig (`region = "eu"`, a GPU class...): routers read them.
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The rig signs its Batch API answers (a node-runner with batch receipts and a registered
+    /// key): the gateway then counts a batch line without a receipt as a failed check. A rig
+    /// from before batch receipts leaves it false, and its lines go unchecked instead of
+    /// quarantining it during an upgrade.
+    #[serde(default)]
+    pub signs_batch_lines: bool,
 }
 
 impl Heartbeat {

@@ -137,6 +137,8 @@ struct Shared {
     labels: std::collections::BTreeMap<String, String>,
     /// Signs every answer's receipt (`None`: the rig signs nothing).
     signer: Option<Arc<Signer>>,
+    /// Says so in its heartbeats (a dishonest test rig that withholds receipts says so too).
+    signs_batch_lines: bool,
 }
 
 /// A running agent.
@@ -371,6 +373,7 @@ impl Agent {
             receipts,
         )
         .await?;
+        let signs_batch_lines = identity.receipt_key.is_some() && receipts.claims_batch_receipts();
         let signer = match &identity.receipt_key {
             Some(seed) => Signer::new(&identity.node_id, SigningKey::from_seed(seed)?, receipts),
             None => None,
@@ -395,6 +398,7 @@ impl Agent {
             revoked: CancellationToken::new(),
             tunnel_opened: tokio::sync::Notify::new(),
             labels: options.labels.clone(),
+            signs_batch_lines,
             signer,
         });
         let stop_heartbeats = CancellationToken::new();
@@ -534,6 +538,7 @@ fn heartbeat(shared: &Shared) -> Heartbeat {
         version: env!("CARGO_PKG_VERSION").into(),
         uptime_secs: shared.started.elapsed().as_secs(),
         labels: shared.labels.clone(),
+        signs_batch_lines: shared.signs_batch_lines,
     }
 }
 

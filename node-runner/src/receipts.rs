@@ -42,12 +42,20 @@ pub enum Receipts {
     WrongHash,
     /// Signed for another request than the one the gateway sent.
     WrongRequestId,
+    /// As a node-runner from before batch receipts: a key registered and tunnel answers
+    /// signed, batch lines not, and its heartbeats do not say it signs them.
+    TunnelOnly,
 }
 
 impl Receipts {
     /// Whether the rig registers a key.
     pub(crate) fn registers_a_key(self) -> bool {
         self != Receipts::Unsigned
+    }
+
+    /// Whether its heartbeats say it signs batch lines (with a key registered).
+    pub(crate) fn claims_batch_receipts(self) -> bool {
+        self.registers_a_key() && self != Receipts::TunnelOnly
     }
 }
 
@@ -102,6 +110,9 @@ impl Signer {
     /// `{batch_id}:{line}`, the line's model, the engine's status, the body's `usage`, and the
     /// length and SHA-256 of the body's canonical JSON.
     pub(crate) fn batch_receipt(&self, result: &BatchLineResult) -> Option<String> {
+        if self.mode == Receipts::TunnelOnly {
+            return None;
+        }
         let mut hasher = AnswerHasher::default();
         hasher.update(&canonical_json(&result.body));
         let (answer_sha256, answer_bytes) = hasher.finish();

@@ -145,6 +145,8 @@ impl Batches {
         node: &NodeRecord,
         results: Vec<BatchLineResult>,
     ) -> Result<BatchResultsAck, ApiError> {
+        // Whether the rig says it signs batch lines (an older node-runner does not).
+        let receipt_expected = self.nodes.signs_batch_lines(&node.id).await?;
         let mut ack = BatchResultsAck {
             accepted: 0,
             ignored: 0,
@@ -241,6 +243,7 @@ impl Batches {
                     }),
                     reported,
                     answer: Some(answer),
+                    receipt_expected,
                 });
             } else {
                 ack.ignored += 1;

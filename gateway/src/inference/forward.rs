@@ -659,6 +659,7 @@ pub fn finish(state: &AppState, ctx: &RequestCtx, outcome: Outcome<'_>) {
             billed: usage,
             reported,
             answer,
+            receipt_expected: true,
         });
     }
     state.usage().record(event);

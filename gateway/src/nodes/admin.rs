@@ -114,6 +114,15 @@ impl Nodes {
         Ok(live.heartbeat.serving_models())
     }
 
+    /// Whether the rig's last heartbeat says it signs its batch lines.
+    pub async fn signs_batch_lines(&self, id: &str) -> Result<bool, ApiError> {
+        let Some(bytes) = self.store.kv_get(&node_live(id)).await? else {
+            return Ok(false);
+        };
+        Ok(serde_json::from_slice::<LiveRecord>(&bytes)
+            .is_ok_and(|live| live.heartbeat.signs_batch_lines))
+    }
+
     pub(super) async fn require(&self, id: &str) -> Result<NodeRecord, ApiError> {
         self.get(NODE_KIND, id)
             .await?

@@ -65,6 +65,10 @@ pub struct Served {
     pub reported: Option<Usage>,
     /// `None`: the answer did not end whole here (the client went away, the stream broke off).
     pub answer: Option<Answer>,
+    /// Whether the rig signs such answers: every tunnel answer; a batch line only when the
+    /// rig's heartbeat says it signs batch lines (an older node-runner does not, and its
+    /// unsigned lines are not failed checks).
+    pub receipt_expected: bool,
 }
 
 /// The receipts' state on this replica: the rigs' keys it knows, and which statement days it
@@ -195,6 +199,12 @@ impl Nodes {
             return (ReceiptCheck::NoKey, None);
         };
         let Some(value) = &answer.receipt else {
+            if !served.receipt_expected {
+                return (
+                    ReceiptCheck::Unchecked,
+                    Some("this rig's node-runner does not sign batch lines yet".into()),
+                );
+            }
             return (
                 ReceiptCheck::Missing,
                 Some("the answer came without a receipt".into()),
@@ -511,6 +521,7 @@ mod tests {
                 completion_tokens: 2,
             }),
             answer: Some(answer.clone()),
+            receipt_expected: true,
         };
         (served, answer)
     }
