@@ -192,6 +192,31 @@ def test_the_operator_console(browser, gateway_url: str) -> None:
     assert browser.current_url.endswith("/console/login")
 
 
+def test_the_rig_owner_console(browser, gateway_url: str) -> None:
+    base = gateway_url
+    admin = _admin(base)
+    created = admin.post("/admin/operators", json={"name": "rig-owner"})
+    assert created.status_code == 201, created.text
+    token = admin.post("/admin/enrollment-tokens", json={"operator": "rig-owner"}).json()["token"]
+    enrolled = httpx.post(f"{base}/node/v1/enroll", json={"token": token, "name": "owners-rig"})
+    assert enrolled.status_code == 200, enrolled.text
+
+    _login(browser, base, created.json()["token"])
+    assert browser.current_url.endswith("/console/operator")
+    names = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "table.rigs strong.name")]
+    assert names == ["owners-rig"], names
+    assert browser.find_elements(By.CSS_SELECTOR, "svg.chart rect"), "no earnings chart"
+    browser.find_element(By.CSS_SELECTOR, "form[action='/console/operator/enroll'] button").click()
+    command = WebDriverWait(browser, WAIT_S).until(
+        EC.presence_of_element_located((By.CSS_SELECTOR, "[data-secret]"))
+    ).text
+    assert command.startswith("node-runner run --gateway-url"), command
+    _shot(browser, "rig-owner")
+    browser.find_element(By.PARTIAL_LINK_TEXT, "Statement of owners-rig").click()
+    WebDriverWait(browser, WAIT_S).until(EC.title_contains("Statement"))
+    _no_alert_and_no_csp_violation(browser)
+
+
 def test_the_app_developer_console(browser, gateway_url: str) -> None:
     base = gateway_url
     _login(browser, base, API_KEY)

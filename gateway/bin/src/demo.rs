@@ -12,6 +12,7 @@ use garage_node_runner::engines::EngineSet;
 
 use garage_gateway::config::Config;
 use garage_gateway::nodes::CreateEnrollmentToken;
+use garage_gateway::nodes::operators::CreateOperator;
 use garage_gateway::server::{Gateway, StartError};
 
 /// Models the simulated rigs serve: two chat models and an embedding model.
@@ -79,6 +80,8 @@ pub struct Demo {
     pub gateway: Gateway,
     pub rigs: Vec<Agent>,
     pub api_key: String,
+    /// The demo operator's token: a rig owner's console login.
+    pub operator_token: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +106,14 @@ impl Demo {
             .create("demo".into(), None, Default::default(), options.api_key)
             .await
             .map_err(|e| DemoError::Setup(e.to_string()))?;
+        let operator_token = state
+            .nodes()
+            .create_operator(CreateOperator {
+                name: DEMO_OPERATOR.into(),
+            })
+            .await
+            .map_err(|e| DemoError::Setup(e.to_string()))?
+            .token;
         let token = state
             .nodes()
             .create_enrollment_token(CreateEnrollmentToken {
@@ -155,6 +166,7 @@ impl Demo {
             gateway,
             rigs,
             api_key,
+            operator_token,
         })
     }
 
@@ -185,6 +197,7 @@ impl Demo {
              \x20 models          {models}\n\
              \x20 console         {url}/console\n\
              \x20   operator      log in with the admin token (in {admin_file})\n\
+             \x20   rig owner     log in with {operator} (the demo rigs' operator)\n\
              \x20   app developer log in with the API key above\n\
              \x20 API docs        {url}/docs\n\
              \x20 rigs            curl -H \"Authorization: Bearer $(cat {admin_file})\" {url}/admin/nodes\n\n\
@@ -206,6 +219,7 @@ impl Demo {
                 |p| p.display().to_string()
             ),
             models = DEMO_MODELS.join(", "),
+            operator = self.operator_token,
         )
     }
 }

@@ -192,7 +192,7 @@ fn gib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / f64::from(1u32 << 30))
 }
 
-fn rig_row(console: &Console, node: &NodeInfo) -> Markup {
+pub(super) fn rig_row(console: &Console, node: &NodeInfo, actions: bool) -> Markup {
     let heartbeat = node.heartbeat.as_ref();
     html! {
         tr data-rig=(node.id) {
@@ -233,7 +233,7 @@ fn rig_row(console: &Console, node: &NodeInfo) -> Markup {
                 @if let Some(detail) = &node.hardware.detail { br; small.why { (detail) } }
             }
             td.actions {
-                @if !node.revoked {
+                @if actions && !node.revoked {
                     @let actions: &[(&str, &str)] = if node.drained {
                         &[("resume", "Resume"), ("verify", "Verify now")]
                     } else {
@@ -300,7 +300,7 @@ async fn rigs_page(
         table.rigs {
             thead { tr { th { "Rig" } th { "Operator" } th { "GPUs" } th { "Engines" } th { "Health" } th { "Trust" } th { "Hardware" } th { "" } } }
             tbody {
-                @for node in &nodes { (rig_row(console, node)) }
+                @for node in &nodes { (rig_row(console, node, true)) }
                 @if nodes.is_empty() { tr { td colspan="8" { "No rig has enrolled yet." } } }
             }
         }

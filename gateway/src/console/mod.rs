@@ -12,6 +12,7 @@
 
 pub(crate) mod admin;
 pub(crate) mod app;
+pub(crate) mod operator;
 pub mod session;
 mod view;
 
@@ -49,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/console/assets/console.js", get(js))
         .merge(admin::routes())
         .merge(app::routes())
+        .merge(operator::routes())
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(state)
 }
@@ -146,16 +148,29 @@ impl FromRequestParts<AppState> for Console {
             .await
             .map_err(|err| Refused::Error(err.into()))?
             .ok_or(Refused::LoggedOut)?;
-        // A key revoked since its login ends its sessions.
-        if let Role::App { key_id } = &session.role {
-            let key = state
-                .store()
-                .key_by_id(key_id)
-                .await
-                .map_err(|err| Refused::Error(err.into()))?;
-            if key.is_none_or(|k| k.revoked_at.is_some()) {
-                return Err(Refused::LoggedOut);
+        // A key or an operator token revoked since its login ends its sessions.
+        match &session.role {
+            Role::App { key_id } => {
+                let key = state
+                    .store()
+                    .key_by_id(key_id)
+                    .await
+                    .map_err(|err| Refused::Error(err.into()))?;
+                if key.is_none_or(|k| k.revoked_at.is_some()) {
+                    return Err(Refused::LoggedOut);
+                }
             }
+            Role::Operator { id, .. } => {
+                let live = state
+                    .nodes()
+                    .live_operator(id)
+                    .await
+                    .map_err(|err| Refused::Error(err.into()))?;
+                if live.is_none() {
+                    return Err(Refused::LoggedOut);
+                }
+            }
+            Role::Admin => {}
         }
         Ok(Console { id, session })
     }
@@ -171,7 +186,7 @@ impl FromRequestParts<AppState> for AdminConsole {
         let console = Console::from_request_parts(parts, state).await?;
         match console.session.role {
             Role::Admin => Ok(AdminConsole(console)),
-            Role::App { .. } => Err(Refused::Forbidden),
+            _ => Err(Refused::Forbidden),
         }
     }
 }
@@ -189,7 +204,25 @@ impl FromRequestParts<AppState> for AppConsole {
                 let key_id = key_id.clone();
                 Ok(AppConsole(console, key_id))
             }
-            Role::Admin => Err(Refused::Forbidden),
+            _ => Err(Refused::Forbidden),
+        }
+    }
+}
+
+/// A rig owner's session and their operator name, or a refusal.
+pub struct OperatorConsole(pub Console, pub String);
+
+impl FromRequestParts<AppState> for OperatorConsole {
+    type Rejection = Refused;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Refused> {
+        let console = Console::from_request_parts(parts, state).await?;
+        match &console.session.role {
+            Role::Operator { name, .. } => {
+                let name = name.clone();
+                Ok(OperatorConsole(console, name))
+            }
+            _ => Err(Refused::Forbidden),
         }
     }
 }
@@ -246,6 +279,7 @@ pub(crate) async fn home(
         Ok(console) => match console.session.role {
             Role::Admin => admin::overview(&state, &console).await,
             Role::App { .. } => Redirect::to("/console/app").into_response(),
+            Role::Operator { .. } => Redirect::to("/console/operator").into_response(),
         },
         Err(Refused::LoggedOut) => Redirect::to("/console/login").into_response(),
         Err(refused) => refused.into_response(),
@@ -297,6 +331,21 @@ pub(crate) async fn login(
     let token = form.token.trim();
     let role = if crate::keys::admin_token_matches(token, state.admin_token()) {
         Role::Admin
+    } else if token.starts_with("opr_") {
+        match state.nodes().authenticate_operator(token).await {
+            Ok(operator) => Role::Operator {
+                id: operator.id,
+                name: operator.name,
+            },
+            Err(_) => {
+                tracing::info!("console login refused");
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    view::login(Some("That operator token is not a live one.")),
+                )
+                    .into_response();
+            }
+        }
     } else {
         match state.auth().authenticate_secret(token).await {
             Ok(key) => Role::App {

@@ -29,6 +29,8 @@ pub enum Role {
     Admin,
     /// An app developer (an API key), by key id.
     App { key_id: String },
+    /// A rig owner (an operator token), by operator id and name.
+    Operator { id: String, name: String },
 }
 
 /// A session as the store keeps it.

@@ -20,6 +20,7 @@ pub enum Section {
     AppUsage,
     AppBatches,
     Playground,
+    OwnRigs,
 }
 
 const ADMIN_NAV: &[(Section, &str, &str)] = &[
@@ -31,6 +32,9 @@ const ADMIN_NAV: &[(Section, &str, &str)] = &[
     (Section::Usage, "/console/usage", "Usage"),
     (Section::Rewards, "/console/rewards", "Rewards"),
 ];
+
+const OPERATOR_NAV: &[(Section, &str, &str)] =
+    &[(Section::OwnRigs, "/console/operator", "Rigs and earnings")];
 
 const APP_NAV: &[(Section, &str, &str)] = &[
     (Section::AppUsage, "/console/app", "Usage"),
@@ -61,6 +65,7 @@ pub fn page(session: &Session, section: Section, title: &str, body: Markup) -> M
     let (nav, who) = match &session.role {
         Role::Admin => (ADMIN_NAV, "operator".to_owned()),
         Role::App { key_id } => (APP_NAV, format!("app · {key_id}")),
+        Role::Operator { name, .. } => (OPERATOR_NAV, format!("rig owner · {name}")),
     };
     document(
         title,
@@ -97,8 +102,9 @@ pub fn login(message: Option<&str>) -> Markup {
         html! {
             main {
                 h1 { "Garage console" }
-                p { "Paste the admin token (operators) or an API key (app developers). It is \
-                     exchanged for a session cookie and not kept." }
+                p { "Paste the admin token (the gateway's operator), an operator token (rig \
+                     owners) or an API key (app developers). It is exchanged for a session \
+                     cookie and not kept." }
                 @if let Some(message) = message {
                     p.error role="alert" { (message) }
                 }
@@ -170,6 +176,8 @@ pub fn bars(points: &[(String, f64)], unit: &str) -> Markup {
         .fold(0.0_f64, f64::max)
         .max(f64::MIN_POSITIVE);
     let step = W / points.len().max(1) as f64;
+    // At most about eight labels: thirty days' labels side by side would overlap.
+    let every = points.len().div_ceil(8).max(1);
     html! {
         svg.chart viewBox=(format!("0 0 {W} {}", H + 20.0)) role="img"
             aria-label=(format!("{unit} by day")) {
@@ -179,8 +187,10 @@ pub fn bars(points: &[(String, f64)], unit: &str) -> Markup {
                     width=(format!("{:.1}", (step - 4.0).max(1.0))) height=(format!("{height:.1}")) {
                     title { (label) ": " (format!("{value:.4}")) " " (unit) }
                 }
-                text x=(format!("{:.1}", i as f64 * step + step / 2.0)) y=(format!("{}", H + 15.0))
-                    text-anchor="middle" { (label.get(5..).unwrap_or(label)) }
+                @if i % every == 0 {
+                    text x=(format!("{:.1}", i as f64 * step + step / 2.0)) y=(format!("{}", H + 15.0))
+                        text-anchor="middle" { (label.get(5..).unwrap_or(label)) }
+                }
             }
         }
     }

@@ -21,6 +21,7 @@ use crate::inference::api as openai;
 use crate::keys::api as admin;
 use crate::ledger::api as usage_api;
 use crate::nodes::api as node_api;
+use crate::nodes::operator_api;
 use crate::plugins::api as plugins_api;
 use crate::request_id::RequestIdLayer;
 use crate::state::AppState;
@@ -57,11 +58,15 @@ use crate::state::AppState;
         crate::console::app::batches,
         crate::console::app::file,
         crate::console::app::playground,
+        crate::console::operator::home,
+        crate::console::operator::enroll,
+        crate::console::operator::statement,
     ),
     modifiers(&SecuritySchemes),
     tags(
         (name = "openai", description = "OpenAI-compatible API; authenticate with an API key"),
-        (name = "admin", description = "Operator API; authenticate with the admin token"),
+        (name = "admin", description = "The gateway operator's API; authenticate with the admin token"),
+        (name = "operator", description = "Rig owners' API: their own rigs, enrollment tokens, earnings, statements; authenticate with an operator token"),
         (name = "nodes", description = "Node protocol, spoken by node-runner; authenticate with the node credential"),
         (name = "cluster", description = "Between the gateway's own replicas; authenticate with the cluster secret"),
         (name = "ops", description = "Health, readiness and metrics"),
@@ -80,6 +85,7 @@ impl Modify for SecuritySchemes {
         components.add_security_scheme("api_key", bearer());
         components.add_security_scheme("admin_token", bearer());
         components.add_security_scheme("node_credential", bearer());
+        components.add_security_scheme("operator_token", bearer());
         components.add_security_scheme(
             "console_session",
             SecurityScheme::ApiKey(utoipa::openapi::security::ApiKey::Cookie(
@@ -113,6 +119,11 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(node_api::reinstate_node))
         .routes(routes!(node_api::set_reference))
         .routes(routes!(node_api::node_statement))
+        .routes(routes!(
+            operator_api::create_operator,
+            operator_api::list_operators
+        ))
+        .routes(routes!(operator_api::revoke_operator))
         .routes(routes!(usage_api::all_usage))
         .routes(routes!(usage_api::ledger_entry))
         .routes(routes!(usage_api::leaderboard))
@@ -172,6 +183,10 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(node_api::deregister))
         .routes(routes!(node_api::register_receipt_key))
         .routes(routes!(node_api::statement))
+        .routes(routes!(operator_api::own_nodes))
+        .routes(routes!(operator_api::own_enrollment_token))
+        .routes(routes!(operator_api::own_earnings))
+        .routes(routes!(operator_api::own_statement))
         .routes(routes!(batch_api::lease))
         .routes(routes!(batch_api::results))
         .route(

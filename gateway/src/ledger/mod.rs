@@ -47,8 +47,8 @@ impl Drop for AbortOnDrop {
 pub use crate::store::keyspace::USAGE_LEDGER as LEDGER;
 use crate::store::keyspace::{
     REWARD_OPERATOR_INDEX as OPERATOR_INDEX, USAGE_DAILY_INDEX as DAILY_INDEX,
-    USAGE_QUEUE as QUEUE, WITHHELD, awarded, operator_points, unconfirmed_points, usage_counter,
-    withheld_points,
+    USAGE_QUEUE as QUEUE, WITHHELD, awarded, operator_points, operator_points_day,
+    unconfirmed_points, usage_counter, withheld_points,
 };
 /// How long a worker owns an event it claimed. Meter and reward calls take milliseconds; a
 /// claim older than this belongs to a worker that died.
@@ -313,6 +313,8 @@ struct Totals<'a> {
     slots: std::collections::BTreeMap<(&'a str, &'a str, u64), SlotSums>,
     /// By operator.
     points_micro: std::collections::BTreeMap<&'a str, i64>,
+    /// By operator and day (days since the Unix epoch, UTC).
+    day_points_micro: std::collections::BTreeMap<(&'a str, u64), i64>,
     /// By rig: what its operator was awarded for its requests, unconfirmed until it passes a
     /// spot check.
     rig_points_micro: std::collections::BTreeMap<&'a str, i64>,
@@ -346,6 +348,11 @@ impl<'a> Totals<'a> {
         for award in &outcome.awards {
             if !award.operator.is_empty() {
                 let points = self.points_micro.entry(&award.operator).or_default();
+                *points = points.saturating_add(micro(award.points));
+                let points = self
+                    .day_points_micro
+                    .entry((&award.operator, day))
+                    .or_default();
                 *points = points.saturating_add(micro(award.points));
                 if !event.rig.is_empty() && award.operator == event.operator {
                     let points = self.rig_points_micro.entry(&event.rig).or_default();
@@ -990,6 +997,12 @@ impl Usage {
                 .kv_incr(&Self::points_key(operator), points_micro, None)
                 .await?;
         }
+        for ((operator, day), points_micro) in totals.day_points_micro {
+            let day = day_of(day * MS_PER_DAY);
+            self.store
+                .kv_incr(&operator_points_day(operator, &day), points_micro, None)
+                .await?;
+        }
         for (rig, points_micro) in totals.rig_points_micro {
             self.store
                 .kv_incr(&unconfirmed_points(rig), points_micro, None)
@@ -1013,6 +1026,14 @@ impl Usage {
             self.store
                 .kv_incr(
                     &Self::points_key(&award.operator),
+                    (award.points * MICRO) as i64,
+                    None,
+                )
+                .await?;
+            let today = day_of(crate::keys::unix_now() * 1000);
+            self.store
+                .kv_incr(
+                    &operator_points_day(&award.operator, &today),
                     (award.points * MICRO) as i64,
                     None,
                 )
@@ -1081,6 +1102,32 @@ impl Usage {
             ))
         });
         Ok(rows)
+    }
+
+    /// An operator's points per UTC day over the last `days` days (today last), before any
+    /// withholding.
+    pub async fn daily_points(
+        &self,
+        operator: &str,
+        days: u64,
+    ) -> Result<Vec<(String, f64)>, StoreError> {
+        let today = crate::keys::unix_now() * 1000 / MS_PER_DAY;
+        let mut rows = Vec::with_capacity(days as usize);
+        for day in (today + 1).saturating_sub(days)..=today {
+            let day = day_of(day * MS_PER_DAY);
+            let points = self.counter(&operator_points_day(operator, &day)).await? as f64 / MICRO;
+            rows.push((day, points));
+        }
+        Ok(rows)
+    }
+
+    /// An operator's standing: points and withheld points.
+    pub async fn operator_standing(&self, operator: &str) -> Result<OperatorPoints, StoreError> {
+        Ok(OperatorPoints {
+            operator: operator.to_owned(),
+            points: self.counter(&Self::points_key(operator)).await? as f64 / MICRO,
+            withheld_points: self.counter(&withheld_points(operator)).await? as f64 / MICRO,
+        })
     }
 
     /// Operators by points, best first.

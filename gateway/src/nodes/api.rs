@@ -165,7 +165,7 @@ pub struct StatementQuery {
 }
 
 /// Entries of a statement page when the query names no limit.
-const STATEMENT_PAGE: usize = 100;
+pub(crate) const STATEMENT_PAGE: usize = 100;
 
 /// The rig's statement: every request it served, oldest first, as the gateway billed it, with
 /// the receipt the rig signed and what the gateway's check of it found, and the points its

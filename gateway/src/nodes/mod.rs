@@ -13,6 +13,8 @@ mod enroll;
 pub use challenge::Verdict;
 pub mod hardware;
 mod heartbeat;
+pub mod operator_api;
+pub mod operators;
 pub mod receipts;
 mod remote;
 pub mod trust;

@@ -19,6 +19,9 @@
 pub const NODES: &str = "node";
 /// Records: a rig's trust (what the gateway's checks found), by node id.
 pub const NODE_TRUST: &str = "node_trust";
+/// Records: operators (who rigs belong to), by operator id (their token's secret stored
+/// hashed; `nodes::operators`).
+pub const OPERATORS: &str = "operator";
 /// Records: enrollment tokens, by token id (their secret is stored hashed).
 pub const ENROLLMENT_TOKENS: &str = "enrollment_token";
 
@@ -91,6 +94,12 @@ pub fn operator_points(operator: &str) -> String {
 /// a spot check, in millionths (withheld if it is quarantined; `nodes::trust`).
 pub fn unconfirmed_points(rig: &str) -> String {
     format!("unconfirmed_points_micro:{rig}")
+}
+
+/// Kv counter: the points an operator was awarded on one UTC day (`YYYY-MM-DD`), in
+/// millionths, before any withholding (the operators' console's earnings per day).
+pub fn operator_points_day(operator: &str, day: &str) -> String {
+    format!("points_day_micro:{operator}:{day}")
 }
 
 /// Kv counter: an operator's points withheld from quarantined rigs, in millionths.

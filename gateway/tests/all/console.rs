@@ -252,3 +252,77 @@ async fn names_people_and_rigs_choose_stay_text() {
     );
     assert_eq!(response.headers()["x-frame-options"], "DENY");
 }
+
+#[tokio::test]
+async fn a_rig_owner_sees_their_own_rigs_in_the_console_and_no_one_elses() {
+    let gw = gateway(config(vec![])).await;
+    let base = gw.url();
+    let mut tokens = Vec::new();
+    for name in ["carol", "dave"] {
+        let (status, body) =
+            crate::support::admin_post(&base, "/admin/operators", json!({"name": name})).await;
+        assert_eq!(status, 201, "{body}");
+        tokens.push(body["token"].as_str().unwrap().to_owned());
+    }
+    let mut rigs = Vec::new();
+    for (operator, rig) in [("carol", "carols-rig"), ("dave", "daves-rig")] {
+        let (_, token) = crate::support::admin_post(
+            &base,
+            "/admin/enrollment-tokens",
+            json!({"operator": operator}),
+        )
+        .await;
+        let enrolled: serde_json::Value = client()
+            .post(format!("{base}/node/v1/enroll"))
+            .json(&json!({"token": token["token"], "name": rig}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        rigs.push(enrolled["node_id"].as_str().unwrap().to_owned());
+    }
+    let cookie = login(&base, &tokens[0]).await;
+    let (status, html) = page(&base, "/console/operator", &cookie).await;
+    assert_eq!(status, StatusCode::OK, "{html}");
+    assert!(
+        html.contains("carols-rig") && !html.contains("daves-rig"),
+        "{html}"
+    );
+    let (status, _) = page(
+        &base,
+        &format!("/console/operator/rigs/{}/statement", rigs[0]),
+        &cookie,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = page(
+        &base,
+        &format!("/console/operator/rigs/{}/statement", rigs[1]),
+        &cookie,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Not the gateway operator's pages.
+    assert_eq!(
+        page(&base, "/console/rigs", &cookie).await.0,
+        StatusCode::FORBIDDEN
+    );
+    // An enrollment token of their own, with the command to run.
+    let csrf = csrf_of(&html);
+    let made = browser()
+        .post(format!("{base}/console/operator/enroll"))
+        .header("cookie", &cookie)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), StatusCode::OK);
+    assert!(
+        made.text()
+            .await
+            .unwrap()
+            .contains("node-runner run --gateway-url")
+    );
+}

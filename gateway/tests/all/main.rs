@@ -18,6 +18,7 @@ mod console;
 mod counting;
 mod hostile;
 mod openapi;
+mod operators;
 mod plugin_host;
 mod plugins;
 mod receipts;

@@ -587,6 +587,32 @@ async fn the_default_reward_pays_only_verified_gateway_counted_work() {
     }
     assert!(points(&base, "first-op").await.0 > 0.0);
     assert_eq!(points(&base, "other-op").await, (0.0, 0.0));
+    // The rig's owner sees the same points, today's in their earnings per day.
+    let (status, created) =
+        admin_post(&base, "/admin/operators", json!({"name": "first-op"})).await;
+    assert_eq!(status, 201, "{created}");
+    let earnings: Value = client()
+        .get(format!("{base}/operator/v1/earnings?days=2"))
+        .bearer_auth(created["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let total = points(&base, "first-op").await.0;
+    assert!(
+        (earnings["points"].as_f64().unwrap() - total).abs() < 1e-9,
+        "{earnings}"
+    );
+    // Yesterday and today: every point is in one of them (a test can straddle midnight).
+    let by_day: f64 = earnings["days"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["points"].as_f64().unwrap())
+        .sum();
+    assert!((by_day - total).abs() < 1e-9, "{earnings}");
 }
 
 /// Routing measures rigs instead of believing them; a rig whose reported GPU does not fit the
