@@ -183,6 +183,8 @@ def test_the_operator_console(browser, gateway_url: str) -> None:
     _shot(browser, "usage")
     browser.get(f"{base}/console/rewards")
     _shot(browser, "rewards")
+    browser.get(f"{base}/console/batches")
+    assert browser.find_element(By.TAG_NAME, "h1").text == "Batches"
     _no_alert_and_no_csp_violation(browser)
 
     # Logged out, the pages send the browser back to the login.

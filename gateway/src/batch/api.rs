@@ -14,7 +14,9 @@ use garage_node_protocol::{BatchLease, BatchLeaseRequest, BatchResults, BatchRes
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::batch::{BatchList, BatchObject, CreateBatch, FileDeleted, FileList, FileObject};
+use crate::batch::{
+    AllBatches, BatchList, BatchObject, CreateBatch, FileDeleted, FileList, FileObject,
+};
 use crate::error::{ApiError, ApiPath, ApiQuery, ErrorBody, json_body};
 use crate::state::AppState;
 
@@ -259,6 +261,30 @@ pub async fn list_batches(
             .list_batches(&key.id, query.after.as_deref(), limit)
             .await?,
     ))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct AllBatchesQuery {
+    /// 1 to 1,000; default 100.
+    pub limit: Option<usize>,
+}
+
+/// Every key's batches, newest first, with their owners and progress.
+#[utoipa::path(
+    get, path = "/admin/batches", tag = "admin",
+    params(AllBatchesQuery),
+    responses((status = 200, body = AllBatches), (status = 401, body = ErrorBody), (status = 400, description = "Malformed query", body = ErrorBody)),
+    security(("admin_token" = []))
+)]
+pub async fn all_batches(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<AllBatchesQuery>,
+) -> Result<Json<AllBatches>, ApiError> {
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    Ok(Json(AllBatches {
+        object: "list".into(),
+        data: state.batches().list_all_batches(limit).await?,
+    }))
 }
 
 /// One batch, with live request counts.

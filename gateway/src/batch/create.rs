@@ -281,6 +281,31 @@ impl Batches {
         })
     }
 
+    /// Every key's batches, newest first, at most `limit`, with the key that owns each (the
+    /// admin API and the operator's console). Reads every batch record: for an operator's
+    /// overview, not for a hot path.
+    pub async fn list_all_batches(&self, limit: usize) -> Result<Vec<OwnedBatch>, ApiError> {
+        let mut stored: Vec<StoredBatch> = self
+            .store
+            .record_list(BATCHES)
+            .await?
+            .iter()
+            .filter_map(|bytes| serde_json::from_slice(bytes).ok())
+            .collect();
+        stored.sort_by(|a, b| {
+            (b.batch.created_at, &b.batch.id).cmp(&(a.batch.created_at, &a.batch.id))
+        });
+        let mut out = Vec::new();
+        for batch in stored.into_iter().take(limit) {
+            let owner = batch.owner.clone();
+            out.push(OwnedBatch {
+                owner,
+                batch: self.view(batch).await?,
+            });
+        }
+        Ok(out)
+    }
+
     /// Cancels: no new line starts; lines being run finish (their answers are kept), then the
     /// batch ends `cancelled` with what it has.
     pub async fn cancel(&self, owner: &str, id: &str) -> Result<BatchObject, ApiError> {

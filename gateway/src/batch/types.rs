@@ -200,6 +200,23 @@ pub struct BatchList {
     pub has_more: bool,
 }
 
+/// A batch and the key that owns it (`GET /admin/batches`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OwnedBatch {
+    /// Id of the API key that created it.
+    pub owner: String,
+    #[serde(flatten)]
+    pub batch: BatchObject,
+}
+
+/// `GET /admin/batches` answer.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AllBatches {
+    /// Always `list`.
+    pub object: String,
+    pub data: Vec<OwnedBatch>,
+}
+
 /// `GET /v1/files` answer.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct FileList {

@@ -35,6 +35,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/console/usage", get(usage))
         .route("/console/usage.csv", get(usage_csv))
         .route("/console/rewards", get(rewards))
+        .route("/console/batches", get(batches))
 }
 
 // ---- overview -------------------------------------------------------------------------------
@@ -1022,6 +1023,54 @@ pub(crate) async fn rewards(
                 }
             };
             Ok(view::page(&console.session, Section::Rewards, "Rewards", body))
+        }
+        .await,
+    )
+}
+
+/// Every key's batches with their progress.
+#[utoipa::path(
+    get, path = "/console/batches", tag = "console",
+    responses(
+        (status = 200, description = "The page", content_type = "text/html"),
+        (status = 303, description = "Not logged in: to the login page"),
+        (status = 403, description = "Logged in as another kind of account", content_type = "text/html"),
+        (status = 500, description = "Internal error", content_type = "text/html"),
+        (status = 503, description = "The store is unreachable", content_type = "text/html"),
+    ),
+    security(("console_session" = []))
+)]
+pub(crate) async fn batches(
+    AdminConsole(console): AdminConsole,
+    State(state): State<AppState>,
+) -> Response {
+    respond(
+        async {
+            let batches = state.batches().list_all_batches(100).await?;
+            let body = html! {
+                table {
+                    thead { tr { th { "Batch" } th { "Key" } th { "Status" } th { "Lines" } th { "Created" } } }
+                    tbody {
+                        @for owned in &batches {
+                            @let batch = &owned.batch;
+                            tr {
+                                td { code { (batch.id) } br; small { (batch.endpoint) } }
+                                td { small.id { (owned.owner) } }
+                                td { (format!("{:?}", batch.status).to_lowercase()) }
+                                td {
+                                    progress max=(batch.request_counts.total.max(1))
+                                        value=(batch.request_counts.completed + batch.request_counts.failed) {}
+                                    " " (batch.request_counts.completed) " done, " (batch.request_counts.failed)
+                                    " failed of " (batch.request_counts.total)
+                                }
+                                td { (view::ago(batch.created_at)) }
+                            }
+                        }
+                        @if batches.is_empty() { tr { td colspan="5" { "No batches yet." } } }
+                    }
+                }
+            };
+            Ok(view::page(&console.session, Section::Batches, "Batches", body))
         }
         .await,
     )

@@ -17,6 +17,7 @@ pub enum Section {
     Plugins,
     Usage,
     Rewards,
+    Batches,
     AppUsage,
     AppBatches,
     Playground,
@@ -31,6 +32,7 @@ const ADMIN_NAV: &[(Section, &str, &str)] = &[
     (Section::Plugins, "/console/plugins", "Plugins"),
     (Section::Usage, "/console/usage", "Usage"),
     (Section::Rewards, "/console/rewards", "Rewards"),
+    (Section::Batches, "/console/batches", "Batches"),
 ];
 
 const OPERATOR_NAV: &[(Section, &str, &str)] =

@@ -54,6 +54,7 @@ use crate::state::AppState;
         crate::console::admin::usage,
         crate::console::admin::usage_csv,
         crate::console::admin::rewards,
+        crate::console::admin::batches,
         crate::console::app::home,
         crate::console::app::batches,
         crate::console::app::file,
@@ -124,6 +125,7 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
             operator_api::list_operators
         ))
         .routes(routes!(operator_api::revoke_operator))
+        .routes(routes!(batch_api::all_batches))
         .routes(routes!(usage_api::all_usage))
         .routes(routes!(usage_api::ledger_entry))
         .routes(routes!(usage_api::leaderboard))

@@ -389,6 +389,15 @@ async fn a_batch_runs_end_to_end_and_belongs_to_its_key() {
         .0,
         404
     );
+    // The admin sees every key's batches, with their owners.
+    let all = admin_get(&base, "/admin/batches").await;
+    let batches = all["data"].as_array().unwrap();
+    assert!(
+        batches
+            .iter()
+            .any(|b| b["owner"] == owner_id.as_str() && b["request_counts"]["total"] == 41),
+        "{all}"
+    );
 }
 
 #[tokio::test]
