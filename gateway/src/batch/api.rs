@@ -18,6 +18,7 @@ use crate::batch::{
     AllBatches, BatchList, BatchObject, CreateBatch, FileDeleted, FileList, FileObject,
 };
 use crate::error::{ApiError, ApiPath, ApiQuery, ErrorBody, json_body};
+use crate::http::idempotency;
 use crate::state::AppState;
 
 fn multipart_error(err: MultipartError) -> ApiError {
@@ -48,8 +49,10 @@ pub struct UploadFile {
 #[utoipa::path(
     post, path = "/v1/files", tag = "openai",
     request_body(content = UploadFile, content_type = "multipart/form-data"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "A retry with the same key and upload gets the first answer (`Idempotent-Replayed: true`); nothing is stored twice")),
     responses(
         (status = 200, body = FileObject),
+        (status = 409, description = "A request with this Idempotency-Key is in progress", body = ErrorBody),
         (status = 400, description = "Malformed upload, or the key's files fill its quota (`file_quota_exceeded`)", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 413, body = ErrorBody),
@@ -60,7 +63,7 @@ pub async fn upload_file(
     State(state): State<AppState>,
     headers: HeaderMap,
     multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>,
-) -> Result<Json<FileObject>, ApiError> {
+) -> Result<Response, ApiError> {
     let key = state.auth().authenticate(&headers).await?;
     let mut multipart = multipart.map_err(|r| {
         ApiError::bad_request(
@@ -95,12 +98,39 @@ pub async fn upload_file(
         .ok_or_else(|| ApiError::bad_request("Missing the `purpose` field.", Some("purpose")))?;
     let (filename, content) =
         file.ok_or_else(|| ApiError::bad_request("Missing the `file` field.", Some("file")))?;
-    Ok(Json(
+    let purpose = purpose.trim();
+    let fingerprint = [
+        purpose.as_bytes(),
+        b"\0",
+        filename.as_bytes(),
+        b"\0",
+        &content,
+    ]
+    .concat();
+    let (file, replayed) = idempotency::once(
+        state.store().as_ref(),
+        &headers,
+        &key.id,
+        "files",
+        &fingerprint,
         state
             .batches()
-            .create_file(&key.id, quota, &filename, purpose.trim(), &content)
-            .await?,
-    ))
+            .create_file(&key.id, quota, &filename, purpose, &content),
+    )
+    .await?;
+    Ok(idempotent(Json(file), replayed))
+}
+
+/// An answer, marked `Idempotent-Replayed: true` when it is a retry's.
+fn idempotent<T: IntoResponse>(answer: T, replayed: bool) -> Response {
+    let mut response = answer.into_response();
+    if replayed {
+        response.headers_mut().insert(
+            idempotency::REPLAYED,
+            axum::http::HeaderValue::from_static("true"),
+        );
+    }
+    response
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -204,8 +234,10 @@ pub async fn file_content(
 #[utoipa::path(
     post, path = "/v1/batches", tag = "openai",
     request_body = CreateBatch,
+    params(("Idempotency-Key" = Option<String>, Header, description = "A retry with the same key and body gets the first answer (`Idempotent-Replayed: true`); no second batch")),
     responses(
         (status = 200, body = BatchObject),
+        (status = 409, description = "A request with this Idempotency-Key is in progress", body = ErrorBody),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 404, description = "No such input file", body = ErrorBody),
@@ -217,9 +249,11 @@ pub async fn create_batch(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Json<CreateBatch>, JsonRejection>,
-) -> Result<Json<BatchObject>, ApiError> {
+) -> Result<Response, ApiError> {
     let key = state.auth().authenticate(&headers).await?;
     let request = json_body(body)?;
+    let fingerprint = serde_json::to_vec(&request)
+        .map_err(|err| ApiError::Internal(format!("cannot read the request back: {err}")))?;
     let local: BTreeSet<String> = state
         .backends()
         .snapshot()
@@ -227,9 +261,16 @@ pub async fn create_batch(
         .iter()
         .flat_map(|b| b.models.iter().cloned())
         .collect();
-    Ok(Json(
-        state.batches().create_batch(&key, request, local).await?,
-    ))
+    let (batch, replayed) = idempotency::once(
+        state.store().as_ref(),
+        &headers,
+        &key.id,
+        "batches",
+        &fingerprint,
+        state.batches().create_batch(&key, request, local),
+    )
+    .await?;
+    Ok(idempotent(Json(batch), replayed))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

@@ -1,6 +1,7 @@
 //! The HTTP surface: every route, its OpenAPI description, and the layers around them; how
 //! connections are accepted ([`listener`]).
 
+pub mod idempotency;
 pub mod listener;
 
 use axum::Json;

@@ -54,6 +54,19 @@ pub fn node_statement_days(node_id: &str) -> String {
     format!("node_statement_days:{node_id}")
 }
 
+// ---- idempotency keys (owner: `http::idempotency`) -----------------------------------------
+
+/// Kv (kept a day): the answer to the first request with an `Idempotency-Key`, by API key,
+/// route and the key's SHA-256 (hex).
+pub fn idempotency(scope: &str, route: &str, key_sha256: &str) -> String {
+    format!("idempotency:{scope}:{route}:{key_sha256}")
+}
+
+/// Kv counter (expires in a minute): held while the first request with a key runs.
+pub fn idempotency_lock(scope: &str, route: &str, key_sha256: &str) -> String {
+    format!("idempotency_lock:{scope}:{route}:{key_sha256}")
+}
+
 // ---- the console (owner: `console::session`) ---------------------------------------------
 
 /// Kv (expires with the session): a console session, by the SHA-256 (hex) of its id.

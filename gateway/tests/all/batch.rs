@@ -1137,3 +1137,123 @@ async fn a_key_that_wants_verified_rigs_has_its_lines_served_by_them_only() {
         assert_eq!(entry["event"]["trust"], "verified", "line {line}: {entry}");
     }
 }
+
+/// `Idempotency-Key` on uploads and batch creation: a retry gets the first answer (marked
+/// replayed) and nothing is created twice, even when the retries race; the same key with
+/// another request is refused; keys are per API key; a failure is not kept.
+#[tokio::test]
+async fn an_idempotency_key_creates_one_file_and_one_batch() {
+    idempotency_keys(None).await;
+}
+
+#[tokio::test]
+async fn an_idempotency_key_creates_one_file_and_one_batch_on_redis() {
+    let redis = RedisServer::start();
+    idempotency_keys(Some(&redis)).await;
+}
+
+async fn idempotency_keys(redis: Option<&RedisServer>) {
+    let mut cfg = config(vec![]);
+    if let Some(redis) = redis {
+        cfg.store = redis.url();
+        cfg.auth.key_secret = Some("idempotency-secret".into());
+    }
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    let (_, key) = create_key(&base, json!({"name": "retrying"})).await;
+    let upload_with = |idempotency: &'static str, content: String, key: String| {
+        let base = base.clone();
+        async move {
+            let form = reqwest::multipart::Form::new()
+                .text("purpose", "batch")
+                .part(
+                    "file",
+                    reqwest::multipart::Part::text(content).file_name("in.jsonl"),
+                );
+            let response = client()
+                .post(format!("{base}/v1/files"))
+                .bearer_auth(key)
+                .header("idempotency-key", idempotency)
+                .multipart(form)
+                .send()
+                .await
+                .unwrap();
+            let replayed = response.headers().get("idempotent-replayed").is_some();
+            let status = response.status().as_u16();
+            (status, replayed, response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, replayed, first) = upload_with("upload-1", lines(2, 4), key.clone()).await;
+    assert_eq!((status, replayed), (200, false), "{first}");
+    let (status, replayed, again) = upload_with("upload-1", lines(2, 4), key.clone()).await;
+    assert_eq!((status, replayed), (200, true), "{again}");
+    assert_eq!(again["id"], first["id"]);
+    let (status, _, reused) = upload_with("upload-1", lines(3, 4), key.clone()).await;
+    assert_eq!(status, 400, "{reused}");
+    assert_eq!(reused["error"]["code"], "idempotency_key_reused");
+    let files = call(reqwest::Method::GET, &base, &key, "/v1/files", None)
+        .await
+        .1;
+    assert_eq!(files["data"].as_array().unwrap().len(), 1, "{files}");
+
+    // Eight creations racing with one key: one batch.
+    let file_id = first["id"].as_str().unwrap().to_owned();
+    let create = |idempotency: &'static str, key: String, file_id: String| {
+        let base = base.clone();
+        async move {
+            let response = client()
+                .post(format!("{base}/v1/batches"))
+                .bearer_auth(key)
+                .header("idempotency-key", idempotency)
+                .json(&json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let answers =
+        futures::future::join_all((0..8).map(|_| create("batch-1", key.clone(), file_id.clone())))
+            .await;
+    let ids: std::collections::BTreeSet<String> = answers
+        .iter()
+        .filter(|(status, _)| *status == 200)
+        .map(|(_, body)| body["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 1, "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|(status, _)| *status == 200 || *status == 409),
+        "{answers:?}"
+    );
+    let (status, again) = create("batch-1", key.clone(), file_id.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(again["id"].as_str().unwrap(), ids.first().unwrap());
+    let batches = call(reqwest::Method::GET, &base, &key, "/v1/batches", None)
+        .await
+        .1;
+    assert_eq!(batches["data"].as_array().unwrap().len(), 1, "{batches}");
+
+    // Another key's same Idempotency-Key is its own.
+    let (_, other) = create_key(&base, json!({"name": "other"})).await;
+    let (status, _, theirs) = upload_with("upload-1", lines(2, 4), other.clone()).await;
+    assert_eq!(status, 200, "{theirs}");
+    assert_ne!(theirs["id"], first["id"]);
+    // A failure is not kept: the retry runs again (and fails again), never 409.
+    for _ in 0..2 {
+        let (status, body) = create("batch-nope", other.clone(), "file-nope".into()).await;
+        assert_eq!(status, 404, "{body}");
+    }
+    // A key that is not a key.
+    let response = client()
+        .post(format!("{base}/v1/batches"))
+        .bearer_auth(&key)
+        .header("idempotency-key", "x".repeat(300))
+        .json(&json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+}
