@@ -36,6 +36,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/console/usage.csv", get(usage_csv))
         .route("/console/rewards", get(rewards))
         .route("/console/batches", get(batches))
+        .route("/console/payouts/{id}/csv", get(payout_csv))
 }
 
 // ---- overview -------------------------------------------------------------------------------
@@ -1010,6 +1011,7 @@ pub(crate) async fn rewards(
     respond(
         async {
             let board = state.usage().leaderboard().await?;
+            let payouts = state.usage().payouts().await?;
             let body = html! {
                 p { "Points for rig operators: the reward plugin's awards, for verified work by default." }
                 table {
@@ -1019,6 +1021,23 @@ pub(crate) async fn rewards(
                             tr { td { (row.operator) } td { (format!("{:.4}", row.points)) } td { (format!("{:.4}", row.withheld_points)) } }
                         }
                         @if board.is_empty() { tr { td colspan="3" { "No points awarded yet." } } }
+                    }
+                }
+                h2 { "Payout runs" }
+                p.note { "A run pays each operator's points not paid yet: " code { "POST /admin/payouts" } "." }
+                table {
+                    thead { tr { th { "Run" } th { "When" } th { "Operators" } th { "Total" } th { "" } } }
+                    tbody {
+                        @for payout in &payouts {
+                            tr {
+                                td { code { (payout.id) } }
+                                td { (view::ago(payout.created_at)) }
+                                td { (payout.lines.len()) }
+                                td { (format!("{:.2}", payout.total_amount)) " " (payout.currency) }
+                                td { a href=(format!("/console/payouts/{}/csv", payout.id)) download { "CSV" } }
+                            }
+                        }
+                        @if payouts.is_empty() { tr { td colspan="5" { "No payout run yet." } } }
                     }
                 }
             };
@@ -1074,6 +1093,42 @@ pub(crate) async fn batches(
         }
         .await,
     )
+}
+
+/// One payout run as CSV.
+#[utoipa::path(
+    get, path = "/console/payouts/{id}/csv", tag = "console",
+    params(("id" = String, Path, description = "Payout id")),
+    responses(
+        (status = 200, description = "CSV", content_type = "text/csv"),
+        (status = 303, description = "Not logged in: to the login page"),
+        (status = 403, description = "Logged in as another kind of account", content_type = "text/html"),
+        (status = 404, description = "No such payout", content_type = "text/html"),
+        (status = 500, description = "Internal error", content_type = "text/html"),
+        (status = 503, description = "The store is unreachable", content_type = "text/html"),
+    ),
+    security(("console_session" = []))
+)]
+pub(crate) async fn payout_csv(
+    _session: AdminConsole,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Response {
+    match state.usage().payout(&id).await {
+        Ok(payout) => (
+            StatusCode::OK,
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"payout.csv\"",
+                ),
+            ],
+            crate::ledger::payouts::csv(&payout),
+        )
+            .into_response(),
+        Err(err) => respond(Err(err)),
+    }
 }
 
 #[cfg(test)]

@@ -49,6 +49,7 @@ async fn page(
 ) -> Result<Markup, ApiError> {
     let rigs = state.nodes().rigs_of(name).await?;
     let earnings = crate::nodes::operator_api::earnings(state, name, 30).await?;
+    let payouts = crate::ledger::api::own_lines(state, name).await?;
     let points: Vec<(String, f64)> = earnings
         .days
         .iter()
@@ -83,6 +84,21 @@ async fn page(
         p {
             @for rig in &rigs {
                 a href=(format!("/console/operator/rigs/{}/statement", rig.id)) { "Statement of " (rig.name) } " "
+            }
+        }
+        h2 { "Payouts" }
+        table {
+            thead { tr { th { "Run" } th { "When" } th { "Points" } th { "Amount" } } }
+            tbody {
+                @for payout in &payouts {
+                    tr {
+                        td { code { (payout.payout_id) } }
+                        td { (view::ago(payout.created_at)) }
+                        td { (format!("{:.4}", payout.points)) }
+                        td { (format!("{:.2}", payout.amount)) " " (payout.currency) }
+                    }
+                }
+                @if payouts.is_empty() { tr { td colspan="4" { "Nothing paid yet." } } }
             }
         }
         section {

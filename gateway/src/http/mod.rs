@@ -56,6 +56,7 @@ use crate::state::AppState;
         crate::console::admin::usage_csv,
         crate::console::admin::rewards,
         crate::console::admin::batches,
+        crate::console::admin::payout_csv,
         crate::console::app::home,
         crate::console::app::batches,
         crate::console::app::file,
@@ -130,6 +131,8 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(usage_api::all_usage))
         .routes(routes!(usage_api::ledger_entry))
         .routes(routes!(usage_api::leaderboard))
+        .routes(routes!(usage_api::run_payout, usage_api::list_payouts))
+        .routes(routes!(usage_api::payout_csv))
         .routes(routes!(plugins_api::list))
         .routes(routes!(plugins_api::versions))
         .routes(routes!(plugins_api::activate))
@@ -190,6 +193,7 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(operator_api::own_enrollment_token))
         .routes(routes!(operator_api::own_earnings))
         .routes(routes!(operator_api::own_statement))
+        .routes(routes!(usage_api::own_payouts))
         .routes(routes!(batch_api::lease))
         .routes(routes!(batch_api::results))
         .route(

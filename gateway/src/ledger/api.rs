@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ApiPath, ApiQuery, ErrorBody};
+use crate::ledger::payouts::{Payout, PayoutRequest};
 use crate::ledger::{DailyUsage, LedgerEntry, OperatorPoints};
 use crate::state::AppState;
 
@@ -97,4 +98,161 @@ pub async fn leaderboard(State(state): State<AppState>) -> Result<Json<Leaderboa
         object: "list".into(),
         data: state.usage().leaderboard().await?,
     }))
+}
+
+/// Runs a payout: every operator's points not paid yet, at the given rate; a run twice pays
+/// once. `Idempotency-Key` returns the first run's answer to a retry.
+#[utoipa::path(
+    post, path = "/admin/payouts", tag = "admin",
+    request_body = PayoutRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "A retry with the same key and body gets the first run's answer; nothing is paid twice")),
+    responses(
+        (status = 201, body = Payout),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 409, description = "Another payout run, or a request with this Idempotency-Key, is in progress", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn run_payout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<PayoutRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let request = crate::error::json_body(body)?;
+    let fingerprint = serde_json::to_vec(&request)
+        .map_err(|err| ApiError::Internal(format!("cannot read the request back: {err}")))?;
+    let (payout, replayed) = crate::http::idempotency::once(
+        state.store().as_ref(),
+        &headers,
+        "admin",
+        "payouts",
+        &fingerprint,
+        state.usage().run_payout(request),
+    )
+    .await?;
+    let mut response = (axum::http::StatusCode::CREATED, Json(payout)).into_response();
+    if replayed {
+        response.headers_mut().insert(
+            crate::http::idempotency::REPLAYED,
+            axum::http::HeaderValue::from_static("true"),
+        );
+    }
+    Ok(response)
+}
+
+/// Payout runs.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PayoutList {
+    /// Always `list`.
+    pub object: String,
+    /// Newest first.
+    pub data: Vec<Payout>,
+}
+
+/// Every payout run, newest first.
+#[utoipa::path(
+    get, path = "/admin/payouts", tag = "admin",
+    responses((status = 200, body = PayoutList), (status = 401, body = ErrorBody)),
+    security(("admin_token" = []))
+)]
+pub async fn list_payouts(State(state): State<AppState>) -> Result<Json<PayoutList>, ApiError> {
+    Ok(Json(PayoutList {
+        object: "list".into(),
+        data: state.usage().payouts().await?,
+    }))
+}
+
+/// One payout run as CSV, a line per operator (for a bank or a payment provider's import).
+#[utoipa::path(
+    get, path = "/admin/payouts/{id}/csv", tag = "admin",
+    params(("id" = String, Path, description = "Payout id")),
+    responses(
+        (status = 200, description = "CSV", content_type = "text/csv"),
+        (status = 400, description = "Malformed path", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn payout_csv(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let payout = state.usage().payout(&id).await?;
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (
+                axum::http::header::CONTENT_DISPOSITION,
+                "attachment; filename=\"payout.csv\"",
+            ),
+        ],
+        crate::ledger::payouts::csv(&payout),
+    )
+        .into_response())
+}
+
+/// One operator's line of a payout run.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OwnPayout {
+    pub payout_id: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    pub points: f64,
+    pub amount: f64,
+    pub currency: String,
+}
+
+/// An operator's payouts.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct OwnPayouts {
+    /// Always `list`.
+    pub object: String,
+    /// Newest first.
+    pub data: Vec<OwnPayout>,
+}
+
+/// What payout runs paid the operator, newest first.
+#[utoipa::path(
+    get, path = "/operator/v1/payouts", tag = "operator",
+    responses(
+        (status = 200, body = OwnPayouts),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The operator token was revoked", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
+pub async fn own_payouts(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<OwnPayouts>, ApiError> {
+    let operator = state.nodes().operator_of(&headers).await?;
+    Ok(Json(OwnPayouts {
+        object: "list".into(),
+        data: own_lines(&state, &operator.name).await?,
+    }))
+}
+
+/// An operator's lines of every payout run, newest first.
+pub async fn own_lines(state: &AppState, operator: &str) -> Result<Vec<OwnPayout>, ApiError> {
+    Ok(state
+        .usage()
+        .payouts()
+        .await?
+        .into_iter()
+        .filter_map(|payout| {
+            let line = payout.lines.iter().find(|l| l.operator == operator)?;
+            Some(OwnPayout {
+                payout_id: payout.id.clone(),
+                created_at: payout.created_at,
+                points: line.points,
+                amount: line.amount,
+                currency: payout.currency.clone(),
+            })
+        })
+        .collect())
 }

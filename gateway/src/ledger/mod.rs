@@ -21,6 +21,7 @@
 
 pub mod api;
 pub mod billing;
+pub mod payouts;
 pub mod tokens;
 
 use std::collections::VecDeque;

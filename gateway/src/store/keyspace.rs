@@ -115,6 +115,17 @@ pub fn operator_points_day(operator: &str, day: &str) -> String {
     format!("points_day_micro:{operator}:{day}")
 }
 
+/// Kv counter: the points payout runs paid an operator, in millionths (`ledger::payouts`).
+pub fn operator_points_paid(operator: &str) -> String {
+    format!("points_paid_micro:{operator}")
+}
+
+/// Records: payout runs, by payout id (`ledger::payouts`).
+pub const PAYOUTS: &str = "payout";
+
+/// Kv counter (expires in two minutes): held while a payout run runs.
+pub const PAYOUT_LOCK: &str = "payout_lock";
+
 /// Kv counter: an operator's points withheld from quarantined rigs, in millionths.
 pub fn withheld_points(operator: &str) -> String {
     format!("withheld_points_micro:{operator}")

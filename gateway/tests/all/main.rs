@@ -19,6 +19,7 @@ mod counting;
 mod hostile;
 mod openapi;
 mod operators;
+mod payouts;
 mod plugin_host;
 mod plugins;
 mod receipts;
