@@ -66,7 +66,6 @@ macro_rules! world {
                 world: $world,
                 with: {
                     $($with)*
-                    "garage:policy/types@0.2.0": crate::guest::imports::garage::policy0_2_0::types,
                     "garage:policy/kv@0.2.0": crate::guest::imports::garage::policy0_2_0::kv,
                     "garage:policy/clock@0.2.0": crate::guest::imports::garage::policy0_2_0::clock,
                     "garage:policy/log@0.2.0": crate::guest::imports::garage::policy0_2_0::log,
@@ -90,6 +89,7 @@ world!(
     "export_router_world",
     "garage_plugin_sdk::__private::router",
     {
+        "garage:policy/types@0.2.0": crate::guest::imports::garage::policy0_2_0::types,
         "garage:policy/types@0.4.0": crate::guest::imports::garage::policy0_4_0::types,
         "garage:policy/candidates@0.2.0": generate,
     }
@@ -100,7 +100,10 @@ world!(
     "garage:policy/rate-limiter@0.4.0",
     "export_rate_limiter_world",
     "garage_plugin_sdk::__private::rate_limiter",
-    { "garage:policy/types@0.3.0": crate::guest::imports::garage::policy0_3_0::types, }
+    {
+        "garage:policy/types@0.2.0": crate::guest::imports::garage::policy0_2_0::types,
+        "garage:policy/types@0.3.0": crate::guest::imports::garage::policy0_3_0::types,
+    }
 );
 world!(
     meter,
@@ -116,7 +119,10 @@ world!(
     "garage:policy/reward@0.4.0",
     "export_reward_world",
     "garage_plugin_sdk::__private::reward",
-    { "garage:policy/types@0.4.0": crate::guest::imports::garage::policy0_4_0::types, }
+    {
+        "garage:policy/types@0.2.0": crate::guest::imports::garage::policy0_2_0::types,
+        "garage:policy/types@0.4.0": crate::guest::imports::garage::policy0_4_0::types,
+    }
 );
 
 /// The [`Host`] of a plugin running in the gateway: every call goes to a WIT import.
@@ -244,7 +250,9 @@ pub fn settle<P: RateLimiter>(settlement: wit::Settlement) {
 }
 
 /// `charge` of the `meter` world, for `export_meter!`: the plugin's `charge` of each event.
-pub fn charge<P: Meter>(events: Vec<wit_v0_4::UsageEvent>) -> Vec<Result<wit::Charge, String>> {
+pub fn charge<P: Meter>(
+    events: Vec<wit_v0_4::UsageEvent>,
+) -> Vec<Result<wit_v0_4::Charge, String>> {
     events
         .into_iter()
         .map(|event| P::charge(&WasmHost, &UsageEvent::from(event)).map(Into::into))
@@ -391,11 +399,12 @@ impl From<wit_v0_4::UsageEvent> for UsageEvent {
     }
 }
 
-impl From<Charge> for wit::Charge {
+impl From<Charge> for wit_v0_4::Charge {
     fn from(c: Charge) -> Self {
         Self {
             credits: c.credits,
             budget_exhausted: c.budget_exhausted,
+            exhausted_until_ms: c.exhausted_until_ms,
         }
     }
 }

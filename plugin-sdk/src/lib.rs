@@ -362,7 +362,10 @@ macro_rules! export_meter {
                 fn charge(
                     events: ::std::vec::Vec<$crate::__private::wit_v0_4::UsageEvent>,
                 ) -> ::std::vec::Vec<
-                    ::std::result::Result<$crate::__private::wit::Charge, ::std::string::String>,
+                    ::std::result::Result<
+                        $crate::__private::wit_v0_4::Charge,
+                        ::std::string::String,
+                    >,
                 > {
                     $crate::__private::charge::<$plugin>(events)
                 }

@@ -371,6 +371,9 @@ pub struct Charge {
     pub credits: f64,
     /// The key's budget is spent: further requests get 429 `insufficient_quota`.
     pub budget_exhausted: bool,
+    /// With `budget_exhausted`: when the budget resets, milliseconds since the Unix epoch (a
+    /// period budget's next period); `None` for a budget that never resets.
+    pub exhausted_until_ms: Option<u64>,
 }
 
 /// Periodic report of a rig, for uptime rewards (WIT `rig-report`).

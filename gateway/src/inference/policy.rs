@@ -61,7 +61,30 @@ impl RequestFacts {
 /// std's SipHash, as the other per-request maps; seeded per process, like std's).
 #[derive(Default)]
 pub struct Policy {
-    budgets: Mutex<HashMap<String, (Instant, bool), foldhash::quality::RandomState>>,
+    budgets: Mutex<HashMap<String, (Instant, Spent), foldhash::quality::RandomState>>,
+}
+
+/// Whether a key's budget is spent: not, for good, or until a period ends (Unix ms).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Spent {
+    No,
+    ForGood,
+    Until(u64),
+}
+
+impl Spent {
+    /// The flag's value in the store: `1` for good (as earlier gateways wrote it), else the
+    /// reset time in Unix milliseconds.
+    fn read(value: Option<&[u8]>) -> Spent {
+        match value {
+            None => Spent::No,
+            Some(b"1") => Spent::ForGood,
+            Some(text) => std::str::from_utf8(text)
+                .ok()
+                .and_then(|t| t.parse::<u64>().ok())
+                .map_or(Spent::ForGood, Spent::Until),
+        }
+    }
 }
 
 fn budget_key(key_id: &str) -> String {
@@ -69,23 +92,29 @@ fn budget_key(key_id: &str) -> String {
 }
 
 impl Policy {
-    async fn budget_spent(&self, store: &dyn Store, key_id: &str) -> Result<bool, ApiError> {
-        if let Some((at, spent)) = self
+    async fn budget_spent(&self, store: &dyn Store, key_id: &str) -> Result<Spent, ApiError> {
+        let cached = self
             .budgets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(key_id)
-            .copied()
-            && at.elapsed() < BUDGET_CACHE
-        {
-            return Ok(spent);
-        }
-        let spent = store.kv_get(&budget_key(key_id)).await?.is_some();
-        self.budgets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key_id.to_owned(), (Instant::now(), spent));
-        Ok(spent)
+            .copied();
+        let spent = match cached {
+            Some((at, spent)) if at.elapsed() < BUDGET_CACHE => spent,
+            _ => {
+                let spent = Spent::read(store.kv_get(&budget_key(key_id)).await?.as_deref());
+                self.budgets
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key_id.to_owned(), (Instant::now(), spent));
+                spent
+            }
+        };
+        // A period's end passed since the flag was read: spent no more.
+        Ok(match spent {
+            Spent::Until(at) if at <= crate::keys::unix_now() * 1000 => Spent::No,
+            spent => spent,
+        })
     }
 }
 
@@ -150,13 +179,30 @@ pub async fn admit(
     request_id: &str,
     facts: &RequestFacts,
 ) -> Result<Admitted, ApiError> {
-    if policy.budget_spent(store, &key.id).await? {
-        return Err(ApiError::TooManyRequests {
-            message: "You exceeded your current quota: this key's budget is spent.".into(),
-            code: "insufficient_quota",
-            retry_after_secs: None,
-            headers: Vec::new(),
-        });
+    match policy.budget_spent(store, &key.id).await? {
+        Spent::No => {}
+        Spent::ForGood => {
+            return Err(ApiError::TooManyRequests {
+                message: "You exceeded your current quota: this key's budget is spent.".into(),
+                code: "insufficient_quota",
+                retry_after_secs: None,
+                headers: Vec::new(),
+            });
+        }
+        Spent::Until(at) => {
+            let secs = at
+                .saturating_sub(crate::keys::unix_now() * 1000)
+                .div_ceil(1000);
+            return Err(ApiError::TooManyRequests {
+                message: format!(
+                    "You exceeded your current quota: this key's budget for the period is \
+                     spent; it resets in {secs} s."
+                ),
+                code: "insufficient_quota",
+                retry_after_secs: Some(secs),
+                headers: Vec::new(),
+            });
+        }
     }
     let nothing = || Admitted {
         headers: Vec::new(),
@@ -366,17 +412,24 @@ impl UsageProcessor for PluginProcessor {
         }
         let plugin_events: Vec<plugins::UsageEvent> =
             events.iter().map(|event| to_plugin_event(event)).collect();
+        // Until when each event's spent budget holds (a period budget resets): not part of the
+        // ledger's outcome, only of the 429 the key gets.
+        let mut resets: Vec<Option<u64>> = vec![None; events.len()];
         let mut outcomes: Vec<Result<Outcome, String>> =
             match self.plugins.charge_many(&plugin_events).await {
                 None => events.iter().map(|_| Ok(Outcome::default())).collect(),
                 Some(charges) => charges
                     .into_iter()
-                    .map(|charge| {
+                    .zip(&mut resets)
+                    .map(|(charge, reset)| {
                         charge
-                            .map(|charge| Outcome {
-                                credits: charge.credits,
-                                budget_exhausted: charge.budget_exhausted,
-                                awards: Vec::new(),
+                            .map(|charge| {
+                                *reset = charge.exhausted_until_ms;
+                                Outcome {
+                                    credits: charge.credits,
+                                    budget_exhausted: charge.budget_exhausted,
+                                    awards: Vec::new(),
+                                }
                             })
                             .map_err(|fault| format!("meter: {fault}"))
                     })
@@ -404,16 +457,28 @@ impl UsageProcessor for PluginProcessor {
                 }
             }
         }
-        // A spent budget: the key gets 429 insufficient_quota from now on (once per key).
+        // A spent budget: the key gets 429 insufficient_quota from now on, or until its period
+        // ends (once per key).
         let mut spent: Vec<&str> = Vec::new();
-        for (event, outcome) in events.iter().zip(&mut outcomes) {
+        let now_ms = crate::keys::unix_now() * 1000;
+        for ((event, outcome), reset) in events.iter().zip(&mut outcomes).zip(resets) {
             let exhausted = outcome.as_ref().is_ok_and(|o| o.budget_exhausted);
             if !exhausted || spent.contains(&event.key_id.as_str()) {
                 continue;
             }
+            let ttl = match reset {
+                // A reset already past: nothing to hold.
+                Some(at) if at <= now_ms => continue,
+                Some(at) => Some(Duration::from_millis(at - now_ms)),
+                None => None,
+            };
+            let value = match reset {
+                Some(at) => at.to_string(),
+                None => "1".to_owned(),
+            };
             match self
                 .store
-                .kv_set(&budget_key(&event.key_id), b"1", None)
+                .kv_set(&budget_key(&event.key_id), value.as_bytes(), ttl)
                 .await
             {
                 Ok(()) => {

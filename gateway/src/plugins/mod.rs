@@ -37,10 +37,10 @@ use crate::store::StoreError;
 /// contract's newest version that defines each.
 pub mod types {
     pub use super::bindings::v0_2::types::{
-        Admission, Award, CandidateInfo, Charge, Decision, RateLimitHeaders, RigReport,
-        RouteRequest, Settlement,
+        Admission, Award, CandidateInfo, Decision, RateLimitHeaders, RigReport, RouteRequest,
+        Settlement,
     };
-    pub use super::bindings::v0_4::types::{Candidate, CountedBy, Trust, UsageEvent};
+    pub use super::bindings::v0_4::types::{Candidate, Charge, CountedBy, Trust, UsageEvent};
 }
 
 pub use types::*;

@@ -100,6 +100,64 @@ async fn a_spent_budget_gets_insufficient_quota() {
     );
 }
 
+/// A daily budget, in the operator's time zone: the key is refused until local midnight, and
+/// says so (`retry-after`); another key's day is its own. (That the day resets is the meter's
+/// unit test, with an injectable clock.)
+#[tokio::test]
+async fn a_spent_daily_budget_gets_insufficient_quota_until_local_midnight() {
+    let engine = fast_sim().await;
+    let gw = gateway(with_defaults(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    // UTC+3: local midnight is at 21:00 UTC.
+    let offset_minutes: u64 = 180;
+    let query = config_query(json!({
+        "period_budgets": {"day": 0.001},
+        "utc_offset_minutes": offset_minutes,
+    }));
+    let (status, body) = upload_plugin(&base, "meter", garage_plugins::METER, &query).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, key) = create_key(&base, json!({"name": "daily"})).await;
+    let (_, other) = create_key(&base, json!({"name": "other"})).await;
+    assert_eq!(post_chat(&base, &key, &chat(false)).await.0, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let response = client()
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&chat(false))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 429 {
+            let retry_after: u64 = response.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let body = response.text().await.unwrap();
+            assert_eq!(error_of(&body)["code"], "insufficient_quota", "{body}");
+            break retry_after;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no budget verdict within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    const DAY_MS: u64 = 86_400_000;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let local = now + offset_minutes * 60_000;
+    let to_midnight = (DAY_MS - local % DAY_MS).div_ceil(1000);
+    assert!(
+        refused.abs_diff(to_midnight) <= 5,
+        "retry-after {refused} s, local midnight in {to_midnight} s"
+    );
+    assert_eq!(post_chat(&base, &other, &chat(false)).await.0, 200);
+}
+
 #[tokio::test]
 async fn swapping_the_router_twenty_times_under_load_fails_nothing() {
     let a = fast_sim().await;

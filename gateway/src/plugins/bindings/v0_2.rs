@@ -230,7 +230,8 @@ impl Live {
                 let mut answers = Vec::with_capacity(events.len());
                 for event in events {
                     let event = older_event(event);
-                    answers.push(meter.call_charge(&mut *store, &event).await?);
+                    let answer = meter.call_charge(&mut *store, &event).await?;
+                    answers.push(answer.map(newer_charge));
                 }
                 Answer::Charge(answers)
             }
@@ -286,5 +287,15 @@ pub(super) fn older_event(e: &crate::plugins::UsageEvent) -> types::UsageEvent {
         started_at_ms: e.started_at_ms,
         finished_at_ms: e.finished_at_ms,
         batch: e.batch,
+    }
+}
+
+/// A charge of a component before 0.4.0, as the gateway keeps it: a spent budget holds until
+/// further notice.
+pub(super) fn newer_charge(c: types::Charge) -> crate::plugins::Charge {
+    crate::plugins::Charge {
+        credits: c.credits,
+        budget_exhausted: c.budget_exhausted,
+        exhausted_until_ms: None,
     }
 }

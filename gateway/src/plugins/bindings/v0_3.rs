@@ -115,7 +115,13 @@ impl Live {
             }
             (Live::Meter(meter), Call::Charge(events)) => {
                 let events: Vec<_> = events.iter().map(super::v0_2::older_event).collect();
-                Answer::Charge(meter.call_charge(store, &events).await?)
+                let answers = meter.call_charge(store, &events).await?;
+                Answer::Charge(
+                    answers
+                        .into_iter()
+                        .map(|answer| answer.map(super::v0_2::newer_charge))
+                        .collect(),
+                )
             }
             (Live::Reward(reward), Call::OnUsage(events)) => {
                 let events: Vec<_> = events.iter().map(super::v0_2::older_event).collect();

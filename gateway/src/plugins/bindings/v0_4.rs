@@ -39,7 +39,6 @@ mod meter_world {
         exports: { default: async },
         with: {
             "garage:policy/types@0.4.0": super::router_world::garage::policy0_4_0::types,
-            "garage:policy/types@0.2.0": crate::plugins::bindings::v0_2::interfaces::types,
             "garage:policy/kv@0.2.0": crate::plugins::bindings::v0_2::interfaces::kv,
             "garage:policy/clock@0.2.0": crate::plugins::bindings::v0_2::interfaces::clock,
             "garage:policy/log@0.2.0": crate::plugins::bindings::v0_2::interfaces::log,

@@ -8,7 +8,10 @@
 //!   "prices": {"llama-3.1-70b": {"prompt": 0.9, "completion": 0.9, "cached_prompt": 0.45}},
 //!   "default_price": {"prompt": 1.0, "completion": 1.0},
 //!   "budgets": {"key_abc": 500.0},
-//!   "default_budget": 100.0
+//!   "default_budget": 100.0,
+//!   "period_budgets": {"day": 5.0, "week": 20.0, "month": 50.0},
+//!   "key_period_budgets": {"key_abc": {"day": 50.0}},
+//!   "utc_offset_minutes": 60
 //! }
 //! ```
 //!
@@ -18,9 +21,16 @@
 //! `budgets[key]`, else `default_budget`, else none; the charge says `budget_exhausted` once
 //! the key's spend reaches it.
 //!
+//! **Period budgets** cap a key's spend per calendar `day`, `week` (from Monday) and `month`
+//! (`key_period_budgets[key]`, else `period_budgets`), in the operator's time zone given as an
+//! offset from UTC (`utc_offset_minutes`, e.g. 60 for CET in winter): a spent period budget's
+//! charge says `budget_exhausted` with `exhausted_until_ms` at the period's end, when the key's
+//! 429s stop by themselves. A lifetime budget has no end.
+//!
 //! State: `spent:<key>`, the key's total spend in micro-credits (an integer, so replicas add to
-//! it atomically), and `charged:<request id>` for an hour, so an event delivered twice is
-//! charged to the spend once. The returned charge is the same on every delivery.
+//! it atomically), `spent:<key>:<period>:<first day>` per period (expiring a day after the
+//! period), and `charged:<request id>` for an hour, so an event delivered twice is charged to
+//! the spend once. The returned charge is the same on every delivery within its period.
 
 use std::collections::BTreeMap;
 
@@ -37,6 +47,89 @@ struct Config {
     default_price: Price,
     budgets: BTreeMap<String, f64>,
     default_budget: Option<f64>,
+    period_budgets: PeriodBudgets,
+    key_period_budgets: BTreeMap<String, PeriodBudgets>,
+    utc_offset_minutes: i64,
+}
+
+/// Budgets per calendar period; a period without one is not capped.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct PeriodBudgets {
+    day: Option<f64>,
+    week: Option<f64>,
+    month: Option<f64>,
+}
+
+impl PeriodBudgets {
+    fn by_period(&self) -> [(Period, Option<f64>); 3] {
+        [
+            (Period::Day, self.day),
+            (Period::Week, self.week),
+            (Period::Month, self.month),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Period {
+    Day,
+    Week,
+    Month,
+}
+
+impl Period {
+    fn name(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+        }
+    }
+
+    /// The period holding local day `day` (days since 1970-01-01 in the operator's zone): its
+    /// first day and the first day of the next.
+    fn bounds(self, day: i64) -> (i64, i64) {
+        match self {
+            Period::Day => (day, day + 1),
+            // 1970-01-01 was a Thursday: Monday is day 4 of that week (0-based from Monday 3).
+            Period::Week => {
+                let start = day - (day + 3).rem_euclid(7);
+                (start, start + 7)
+            }
+            Period::Month => {
+                let (y, m, _) = civil_from_days(day);
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                (days_from_civil(y, m, 1), days_from_civil(ny, nm, 1))
+            }
+        }
+    }
+}
+
+const MS_PER_DAY: i64 = 86_400_000;
+
+/// (year, month 1-12, day 1-31) of a day count since 1970-01-01 (proleptic Gregorian).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+/// Days since 1970-01-01 of a date (proleptic Gregorian).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 impl Default for Config {
@@ -50,6 +143,9 @@ impl Default for Config {
             },
             budgets: BTreeMap::new(),
             default_budget: None,
+            period_budgets: PeriodBudgets::default(),
+            key_period_budgets: BTreeMap::new(),
+            utc_offset_minutes: 0,
         }
     }
 }
@@ -108,9 +204,37 @@ impl Meter for PriceTable {
             .get(&event.key_id)
             .copied()
             .or(config.default_budget);
+        let lifetime_spent = budget.is_some_and(|budget| spent >= budget);
+
+        // Period budgets, in the operator's zone: the spend of the period the request ended in.
+        let offset_ms = config.utc_offset_minutes * 60_000;
+        let local_day = (host.now_ms() as i64 + offset_ms).div_euclid(MS_PER_DAY);
+        let periods = config
+            .key_period_budgets
+            .get(&event.key_id)
+            .unwrap_or(&config.period_budgets);
+        let mut period_spent_until: Option<u64> = None;
+        for (period, budget) in periods.by_period() {
+            let Some(budget) = budget else { continue };
+            let (first, next) = period.bounds(local_day);
+            let end_ms = (next * MS_PER_DAY - offset_ms).max(0) as u64;
+            let key = format!("spent:{}:{}:{first}", event.key_id, period.name());
+            // Kept a day past the period's end: long enough for late deliveries.
+            let ttl = end_ms.saturating_sub(host.now_ms()) + MS_PER_DAY as u64;
+            let spent = host.kv_incr(&key, micros, Some(ttl)) as f64 / MICROS_PER_CREDIT;
+            if spent >= budget {
+                period_spent_until = period_spent_until.max(Some(end_ms));
+            }
+        }
         Ok(Charge {
             credits,
-            budget_exhausted: budget.is_some_and(|budget| spent >= budget),
+            budget_exhausted: lifetime_spent || period_spent_until.is_some(),
+            // A lifetime budget spent holds for good, whatever the periods say.
+            exhausted_until_ms: if lifetime_spent {
+                None
+            } else {
+                period_spent_until
+            },
         })
     }
 }
@@ -137,12 +261,24 @@ fn load_config(host: &dyn Host) -> Result<std::sync::Arc<Config>, String> {
             ));
         }
     }
-    let budgets = config
+    let periods = std::iter::once(&config.period_budgets)
+        .chain(config.key_period_budgets.values())
+        .flat_map(|p| p.by_period().into_iter().filter_map(|(_, b)| b));
+    let budgets: Vec<f64> = config
         .budgets
         .values()
-        .chain(config.default_budget.as_ref());
-    if !budgets.into_iter().all(|b| b.is_finite() && *b >= 0.0) {
+        .copied()
+        .chain(config.default_budget)
+        .chain(periods)
+        .collect();
+    if !budgets.iter().all(|b| b.is_finite() && *b >= 0.0) {
         return Err(invalid(host, "budgets must be numbers >= 0".into()));
+    }
+    if config.utc_offset_minutes.abs() > 14 * 60 {
+        return Err(invalid(
+            host,
+            "utc_offset_minutes must be within -840 and 840".into(),
+        ));
     }
     Ok(config)
 }
@@ -210,7 +346,8 @@ mod tests {
             charge,
             Charge {
                 credits: 2.0,
-                budget_exhausted: false
+                budget_exhausted: false,
+                exhausted_until_ms: None,
             }
         );
     }
@@ -241,6 +378,79 @@ mod tests {
         assert_eq!(host.counter("spent:key_a"), Some(4_000_000));
     }
 
+    /// 2026-12-07 (a Monday) 10:00 UTC, in milliseconds.
+    const MONDAY_10H: u64 = 1_796_637_600_000;
+    const HOUR: u64 = 3_600_000;
+    const DAY: u64 = 24 * HOUR;
+
+    #[test]
+    fn calendar_periods_start_at_midnight_monday_and_the_first() {
+        let day = (MONDAY_10H / DAY) as i64;
+        assert_eq!(civil_from_days(day), (2026, 12, 7));
+        assert_eq!(Period::Day.bounds(day), (day, day + 1));
+        assert_eq!(
+            Period::Week.bounds(day),
+            (day, day + 7),
+            "2026-12-07 is a Monday"
+        );
+        assert_eq!(
+            Period::Week.bounds(day + 6),
+            (day, day + 7),
+            "Sunday still that week"
+        );
+        let (first, next) = Period::Month.bounds(day);
+        assert_eq!(civil_from_days(first), (2026, 12, 1));
+        assert_eq!(civil_from_days(next), (2027, 1, 1));
+        // February of a leap year.
+        let feb = days_from_civil(2028, 2, 10);
+        let (first, next) = Period::Month.bounds(feb);
+        assert_eq!(
+            (civil_from_days(first), civil_from_days(next)),
+            ((2028, 2, 1), (2028, 3, 1))
+        );
+        for d in [-1000, 0, 19_000, 20_000, 100_000] {
+            let (y, m, dd) = civil_from_days(d);
+            assert_eq!(days_from_civil(y, m, dd), d);
+        }
+    }
+
+    #[test]
+    fn a_daily_budget_is_spent_until_local_midnight_then_resets() {
+        // 1 credit a day; each request costs 0.6; the operator is at UTC+2.
+        let host = MemoryHost::with_config(
+            r#"{"period_budgets": {"day": 1.0}, "utc_offset_minutes": 120}"#,
+        );
+        host.set_now_ms(MONDAY_10H);
+        let charge =
+            |id: &str| PriceTable::charge(&host, &event(id, "key_a", "m", 400, 200)).unwrap();
+        assert!(!charge("r1").budget_exhausted);
+        let spent = charge("r2");
+        assert!(spent.budget_exhausted);
+        // Local midnight at UTC+2 is 22:00 UTC.
+        assert_eq!(spent.exhausted_until_ms, Some(MONDAY_10H + 12 * HOUR));
+        // The next local day: a new budget.
+        host.set_now_ms(MONDAY_10H + 12 * HOUR + 1);
+        assert!(!charge("r3").budget_exhausted);
+    }
+
+    #[test]
+    fn the_longest_spent_period_holds_and_a_lifetime_budget_holds_for_good() {
+        let host = MemoryHost::with_config(
+            r#"{"key_period_budgets": {"key_a": {"day": 10.0, "week": 1.0}}, "budgets": {"key_b": 1.0}, "period_budgets": {"day": 0.5}}"#,
+        );
+        host.set_now_ms(MONDAY_10H);
+        let spent = PriceTable::charge(&host, &event("r1", "key_a", "m", 1_000, 500)).unwrap();
+        assert!(spent.budget_exhausted);
+        // The weekly cap is spent: until next Monday, 00:00 UTC.
+        assert_eq!(
+            spent.exhausted_until_ms,
+            Some(MONDAY_10H - 10 * HOUR + 7 * DAY)
+        );
+        let forever = PriceTable::charge(&host, &event("r2", "key_b", "m", 1_000, 500)).unwrap();
+        assert!(forever.budget_exhausted);
+        assert_eq!(forever.exhausted_until_ms, None);
+    }
+
     #[test]
     fn bad_config_is_an_error_and_charges_nothing() {
         for bad in [
@@ -248,6 +458,9 @@ mod tests {
             r#"{"default_budget": -5}"#,
             r#"{"pricez": {}}"#,
             r#"{"prices": {"m": {"prompt": 1}}}"#,
+            r#"{"period_budgets": {"day": -1}}"#,
+            r#"{"period_budgets": {"year": 1}}"#,
+            r#"{"utc_offset_minutes": 2000}"#,
         ] {
             let host = MemoryHost::with_config(bad);
             let error = PriceTable::charge(&host, &event("r1", "key_a", "m", 1, 1)).unwrap_err();
