@@ -220,7 +220,7 @@ pub trait RateLimiter {
 /// impl Meter for Flat {
 ///     fn charge(_: &dyn Host, event: &UsageEvent) -> Result<Charge, String> {
 ///         let tokens = event.prompt_tokens + event.completion_tokens;
-///         Ok(Charge { credits: tokens as f64 / 1_000.0, budget_exhausted: false })
+///         Ok(Charge { credits: tokens as f64 / 1_000.0, ..Charge::default() })
 ///     }
 /// }
 ///
