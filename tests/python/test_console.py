@@ -185,6 +185,9 @@ def test_the_operator_console(browser, gateway_url: str) -> None:
     _shot(browser, "rewards")
     browser.get(f"{base}/console/batches")
     assert browser.find_element(By.TAG_NAME, "h1").text == "Batches"
+    browser.get(f"{base}/console/operators")
+    assert "demo-operator" in browser.find_element(By.TAG_NAME, "table").text
+    _shot(browser, "operators")
     _no_alert_and_no_csp_violation(browser)
 
     # Logged out, the pages send the browser back to the login.

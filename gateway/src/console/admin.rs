@@ -37,6 +37,8 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/console/rewards", get(rewards))
         .route("/console/batches", get(batches))
         .route("/console/payouts/{id}/csv", get(payout_csv))
+        .route("/console/operators", get(operators).post(create_operator))
+        .route("/console/operators/{id}/revoke", post(revoke_operator))
 }
 
 // ---- overview -------------------------------------------------------------------------------
@@ -1127,6 +1129,152 @@ pub(crate) async fn payout_csv(
             crate::ledger::payouts::csv(&payout),
         )
             .into_response(),
+        Err(err) => respond(Err(err)),
+    }
+}
+
+// ---- operators ------------------------------------------------------------------------------
+
+/// Rig owners: their operator tokens (created with the token shown once, revoked).
+#[utoipa::path(
+    get, path = "/console/operators", tag = "console",
+    responses(
+        (status = 200, description = "The page", content_type = "text/html"),
+        (status = 303, description = "Not logged in: to the login page"),
+        (status = 403, description = "Logged in as another kind of account", content_type = "text/html"),
+        (status = 500, description = "Internal error", content_type = "text/html"),
+        (status = 503, description = "The store is unreachable", content_type = "text/html"),
+    ),
+    security(("console_session" = []))
+)]
+pub(crate) async fn operators(
+    AdminConsole(console): AdminConsole,
+    State(state): State<AppState>,
+) -> Response {
+    respond(operators_page(&state, &console, None).await)
+}
+
+async fn operators_page(
+    state: &AppState,
+    console: &Console,
+    created: Option<(String, String)>,
+) -> Result<Markup, ApiError> {
+    let operators = state.nodes().list_operators().await?;
+    let body = html! {
+        @if let Some((name, token)) = &created {
+            section.secret {
+                h2 { "Operator token for " (name) }
+                p { "Give it to them: it is shown once. They log in to the console with it, and \
+                     make enrollment tokens for their own rigs." }
+                pre { code data-secret { (token) } }
+            }
+        }
+        table {
+            thead { tr { th { "Operator" } th { "Id" } th { "Created" } th { "" } } }
+            tbody {
+                @for operator in &operators {
+                    tr data-operator=(operator.id) {
+                        td { (operator.name) }
+                        td { small.id { (operator.id) } }
+                        td { (view::ago(operator.created_at)) }
+                        td.actions {
+                            @if operator.revoked_at.is_some() { span.bad { "revoked" } }
+                            @else {
+                                form method="post" action=(format!("/console/operators/{}/revoke", operator.id)) {
+                                    (view::csrf(&console.session))
+                                    button.danger type="submit" { "Revoke" }
+                                }
+                            }
+                        }
+                    }
+                }
+                @if operators.is_empty() { tr { td colspan="4" { "No operator yet." } } }
+            }
+        }
+        section {
+            h2 { "Add an operator" }
+            form method="post" action="/console/operators" {
+                (view::csrf(&console.session))
+                label for="operator-name" { "Name (their rigs' rewards go to it)" }
+                input id="operator-name" name="name" required maxlength="128";
+                button type="submit" { "Create" }
+            }
+        }
+    };
+    Ok(view::page(
+        &console.session,
+        Section::Operators,
+        "Operators",
+        body,
+    ))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct OperatorForm {
+    csrf: Option<String>,
+    name: String,
+}
+
+/// Creates an operator; the page shows their token once.
+#[utoipa::path(
+    post, path = "/console/operators", tag = "console",
+    responses(
+        (status = 200, description = "The page with the token", content_type = "text/html"),
+        (status = 303, description = "Not logged in: to the login page"),
+        (status = 400, description = "Bad name", content_type = "text/html"),
+        (status = 403, description = "Another kind of account, or no valid CSRF token, or another site's request", content_type = "text/html"),
+        (status = 409, description = "A live operator has that name", content_type = "text/html"),
+        (status = 500, description = "Internal error", content_type = "text/html"),
+        (status = 503, description = "The store is unreachable", content_type = "text/html"),
+    ),
+    security(("console_session" = []))
+)]
+pub(crate) async fn create_operator(
+    AdminConsole(console): AdminConsole,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    axum::Form(form): axum::Form<OperatorForm>,
+) -> Response {
+    if let Some(refused) = refuse_post(&console, &headers, form.csrf.as_deref()) {
+        return refused;
+    }
+    let created = state
+        .nodes()
+        .create_operator(crate::nodes::operators::CreateOperator { name: form.name })
+        .await;
+    match created {
+        Ok(created) => respond(
+            operators_page(&state, &console, Some((created.info.name, created.token))).await,
+        ),
+        Err(err) => respond(Err(err)),
+    }
+}
+
+/// Revokes an operator's token.
+#[utoipa::path(
+    post, path = "/console/operators/{id}/revoke", tag = "console",
+    params(("id" = String, Path, description = "Operator id")),
+    responses(
+        (status = 303, description = "Done: back to the page, or not logged in: to the login page"),
+        (status = 403, description = "Another kind of account, or no valid CSRF token, or another site's request", content_type = "text/html"),
+        (status = 404, description = "No such operator", content_type = "text/html"),
+        (status = 500, description = "Internal error", content_type = "text/html"),
+        (status = 503, description = "The store is unreachable", content_type = "text/html"),
+    ),
+    security(("console_session" = []))
+)]
+pub(crate) async fn revoke_operator(
+    AdminConsole(console): AdminConsole,
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    axum::Form(form): axum::Form<ActionForm>,
+) -> Response {
+    if let Some(refused) = refuse_post(&console, &headers, form.csrf.as_deref()) {
+        return refused;
+    }
+    match state.nodes().revoke_operator(&id).await {
+        Ok(_) => Redirect::to("/console/operators").into_response(),
         Err(err) => respond(Err(err)),
     }
 }

@@ -18,6 +18,7 @@ pub enum Section {
     Usage,
     Rewards,
     Batches,
+    Operators,
     AppUsage,
     AppBatches,
     Playground,
@@ -33,6 +34,7 @@ const ADMIN_NAV: &[(Section, &str, &str)] = &[
     (Section::Usage, "/console/usage", "Usage"),
     (Section::Rewards, "/console/rewards", "Rewards"),
     (Section::Batches, "/console/batches", "Batches"),
+    (Section::Operators, "/console/operators", "Operators"),
 ];
 
 const OPERATOR_NAV: &[(Section, &str, &str)] =

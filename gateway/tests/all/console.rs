@@ -326,3 +326,55 @@ async fn a_rig_owner_sees_their_own_rigs_in_the_console_and_no_one_elses() {
             .contains("node-runner run --gateway-url")
     );
 }
+
+/// The operator creates a rig owner in the console: the token shown once logs them in; revoking
+/// it in the console ends their session.
+#[tokio::test]
+async fn an_operator_made_in_the_console_logs_in_until_revoked() {
+    let gw = gateway(config(vec![])).await;
+    let base = gw.url();
+    let admin = login(&base, ADMIN).await;
+    let (_, html) = page(&base, "/console/operators", &admin).await;
+    let csrf = csrf_of(&html);
+    let made = browser()
+        .post(format!("{base}/console/operators"))
+        .header("cookie", &admin)
+        .form(&[("csrf", csrf.as_str()), ("name", "erin")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), StatusCode::OK);
+    let html = made.text().await.unwrap();
+    let at = html.find("<code data-secret>").expect("the token") + "<code data-secret>".len();
+    let token = &html[at..at + html[at..].find('<').unwrap()];
+    assert!(token.starts_with("opr_"), "{token}");
+    // The same name again is refused.
+    let again = browser()
+        .post(format!("{base}/console/operators"))
+        .header("cookie", &admin)
+        .form(&[("csrf", csrf.as_str()), ("name", "erin")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::CONFLICT);
+
+    let owner = login(&base, token).await;
+    assert_eq!(
+        page(&base, "/console/operator", &owner).await.0,
+        StatusCode::OK
+    );
+    let listed = crate::support::admin_get(&base, "/admin/operators").await;
+    let id = listed["data"][0]["id"].as_str().unwrap().to_owned();
+    let revoked = browser()
+        .post(format!("{base}/console/operators/{id}/revoke"))
+        .header("cookie", &admin)
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        page(&base, "/console/operator", &owner).await.0,
+        StatusCode::SEE_OTHER
+    );
+}
