@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// Longest rig name, in characters.
+const MAX_RIG_NAME: usize = 128;
+
 impl Nodes {
     pub async fn create_enrollment_token(
         &self,
@@ -40,6 +43,17 @@ impl Nodes {
 
     /// Trades an enrollment token for a node identity.
     pub async fn enroll(&self, request: EnrollRequest) -> Result<EnrollResponse, ApiError> {
+        // A name is shown on pages and in logs: bounded, and printable. Checked before the
+        // token is spent on it.
+        if request.name.chars().count() > MAX_RIG_NAME || request.name.chars().any(char::is_control)
+        {
+            return Err(ApiError::bad_request(
+                format!(
+                    "name must be at most {MAX_RIG_NAME} characters, without control characters"
+                ),
+                Some("name"),
+            ));
+        }
         // Checked before the token is spent on it.
         let receipt_key = match &request.public_key {
             Some(key) => Some(

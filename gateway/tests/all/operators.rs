@@ -146,3 +146,29 @@ async fn an_operator_sees_only_their_own_rigs_and_makes_their_own_tokens() {
         "no secret listed: {listed}"
     );
 }
+
+/// A rig's name is shown on pages and in logs: a long or unprintable one is refused, and the
+/// token it came with is not spent on it.
+#[tokio::test]
+async fn a_rig_name_too_long_or_unprintable_is_refused_without_spending_the_token() {
+    let gw = gateway(config(vec![])).await;
+    let base = gw.url();
+    let token = enrollment_token(&base, 1).await;
+    for name in [
+        "x".repeat(129),
+        "bell\u{7}".to_owned(),
+        "line\nbreak".to_owned(),
+    ] {
+        let response = client()
+            .post(format!("{base}/node/v1/enroll"))
+            .json(&json!({"token": token, "name": name}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{name:?}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["param"], "name", "{body}");
+    }
+    // The single-use token is still good.
+    enroll(&base, &token, &"é".repeat(128)).await;
+}
