@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::view::{self, Section};
 use super::{AdminConsole, Console, refuse_post, respond};
 use crate::error::ApiError;
+use crate::ledger::payouts::csv_field;
 use crate::nodes::{CreateEnrollmentToken, NodeInfo};
 use crate::plugins::Slot;
 use crate::state::AppState;
@@ -269,13 +270,7 @@ pub(super) fn rig_row(console: &Console, node: &NodeInfo, actions: bool) -> Mark
 /// Rigs: health, GPUs, engines, trust, hardware; drain, resume, verify, reinstate, remove.
 #[utoipa::path(
     get, path = "/console/rigs", tag = "console",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "Not logged in: to the login page"),
-        (status = 403, description = "Logged in as another kind of account", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Page),
     security(("console_session" = []))
 )]
 pub(crate) async fn rigs(
@@ -291,13 +286,12 @@ async fn rigs_page(
     enrolled: Option<(String, String)>,
 ) -> Result<Markup, ApiError> {
     let nodes = state.nodes().list().await?;
-    let gateway = format!("http://{}", state.config().listen);
     let body = html! {
         @if let Some((operator, token)) = &enrolled {
             section.secret {
                 h2 { "Enrollment token for " (operator) }
                 p { "Shown once. On the rig, with node-runner installed:" }
-                pre { code { "node-runner run --gateway-url " (gateway) " --enrollment-token " (token) } }
+                (view::enrollment_command(state, token))
                 p { "or put it in the rig's config as " code { "enrollment_token" } "." }
             }
         }
@@ -330,16 +324,7 @@ pub(crate) struct EnrollForm {
 /// Makes an enrollment token for an operator, shown once with the node-runner command.
 #[utoipa::path(
     post, path = "/console/rigs/enroll", tag = "console",
-    responses(
-        (status = 200, description = "The page with the outcome", content_type = "text/html"),
-        (status = 303, description = "Done: back to the page, or not logged in: to the login page"),
-        (status = 400, description = "Bad input", content_type = "text/html"),
-        (status = 403, description = "Another kind of account, or no valid CSRF token, or another site's request", content_type = "text/html"),
-        (status = 404, description = "No such item or action", content_type = "text/html"),
-        (status = 413, description = "Body too large", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Action),
     security(("console_session" = []))
 )]
 pub(crate) async fn enroll(
@@ -377,16 +362,7 @@ pub(crate) struct ActionForm {
 #[utoipa::path(
     post, path = "/console/rigs/{id}/{action}", tag = "console",
     params(("id" = String, Path, description = "Node id"), ("action" = String, Path, description = "drain, resume, verify, reinstate or remove")),
-    responses(
-        (status = 200, description = "The page with the outcome", content_type = "text/html"),
-        (status = 303, description = "Done: back to the page, or not logged in: to the login page"),
-        (status = 400, description = "Bad input", content_type = "text/html"),
-        (status = 403, description = "Another kind of account, or no valid CSRF token, or another site's request", content_type = "text/html"),
-        (status = 404, description = "No such item or action", content_type = "text/html"),
-        (status = 413, description = "Body too large", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Action),
     security(("console_session" = []))
 )]
 pub(crate) async fn rig_action(
@@ -423,13 +399,7 @@ pub(crate) async fn rig_action(
 /// Models: which rigs serve each, running and queued requests.
 #[utoipa::path(
     get, path = "/console/models", tag = "console",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "Not logged in: to the login page"),
-        (status = 403, description = "Logged in as another kind of account", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Page),
     security(("console_session" = []))
 )]
 pub(crate) async fn models(
@@ -483,13 +453,7 @@ pub(crate) async fn models(
 /// API keys with their usage; create and revoke.
 #[utoipa::path(
     get, path = "/console/keys", tag = "console",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "Not logged in: to the login page"),
-        (status = 403, description = "Logged in as another kind of account", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Page),
     security(("console_session" = []))
 )]
 pub(crate) async fn keys(
@@ -574,16 +538,7 @@ pub(crate) struct KeyForm {
 /// Creates an API key; the page shows its secret once.
 #[utoipa::path(
     post, path = "/console/keys", tag = "console",
-    responses(
-        (status = 200, description = "The page with the outcome", content_type = "text/html"),
-        (status = 303, description = "Done: back to the page, or not logged in: to the login page"),
-        (status = 400, description = "Bad input", content_type = "text/html"),
-        (status = 403, description = "Another kind of account, or no valid CSRF token, or another site's request", content_type = "text/html"),
-        (status = 404, description = "No such item or action", content_type = "text/html"),
-        (status = 413, description = "Body too large", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Action),
     security(("console_session" = []))
 )]
 pub(crate) async fn create_key(
@@ -632,16 +587,7 @@ pub(crate) async fn create_key(
 #[utoipa::path(
     post, path = "/console/keys/{id}/revoke", tag = "console",
     params(("id" = String, Path, description = "Id")),
-    responses(
-        (status = 200, description = "The page with the outcome", content_type = "text/html"),
-        (status = 303, description = "Done: back to the page, or not logged in: to the login page"),
-        (status = 400, description = "Bad input", content_type = "text/html"),
-        (status = 403, description = "Another kind of account, or no valid CSRF token, or another site's request", content_type = "text/html"),
-        (status = 404, description = "No such item or action", content_type = "text/html"),
-        (status = 413, description = "Body too large", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Action),
     security(("console_session" = []))
 )]
 pub(crate) async fn revoke_key(
@@ -672,13 +618,7 @@ fn short(sha256: &str) -> &str {
 /// Plugin slots: active version, canary, faults, history; upload, promote, roll back.
 #[utoipa::path(
     get, path = "/console/plugins", tag = "console",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "Not logged in: to the login page"),
-        (status = 403, description = "Logged in as another kind of account", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Page),
     security(("console_session" = []))
 )]
 pub(crate) async fn plugins(
@@ -741,16 +681,7 @@ fn slot_named(name: &str) -> Result<Slot, ApiError> {
 #[utoipa::path(
     post, path = "/console/plugins/{slot}/{action}", tag = "console",
     params(("slot" = String, Path, description = "router, rate-limiter, meter or reward"), ("action" = String, Path, description = "promote or rollback")),
-    responses(
-        (status = 200, description = "The page with the outcome", content_type = "text/html"),
-        (status = 303, description = "Done: back to the page, or not logged in: to the login page"),
-        (status = 400, description = "Bad input", content_type = "text/html"),
-        (status = 403, description = "Another kind of account, or no valid CSRF token, or another site's request", content_type = "text/html"),
-        (status = 404, description = "No such item or action", content_type = "text/html"),
-        (status = 413, description = "Body too large", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Action),
     security(("console_session" = []))
 )]
 pub(crate) async fn plugin_action(
@@ -793,16 +724,7 @@ pub(crate) async fn plugin_action(
 #[utoipa::path(
     post, path = "/console/plugins/{slot}/upload", tag = "console",
     params(("slot" = String, Path, description = "router, rate-limiter, meter or reward")),
-    responses(
-        (status = 200, description = "The page with the outcome", content_type = "text/html"),
-        (status = 303, description = "Done: back to the page, or not logged in: to the login page"),
-        (status = 400, description = "Bad input", content_type = "text/html"),
-        (status = 403, description = "Another kind of account, or no valid CSRF token, or another site's request", content_type = "text/html"),
-        (status = 404, description = "No such item or action", content_type = "text/html"),
-        (status = 413, description = "Body too large", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Action),
     security(("console_session" = []))
 )]
 pub(crate) async fn upload_plugin(
@@ -875,13 +797,7 @@ pub(crate) async fn upload_plugin(
 /// Usage and billing per key, model and day, with a chart.
 #[utoipa::path(
     get, path = "/console/usage", tag = "console",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "Not logged in: to the login page"),
-        (status = 403, description = "Logged in as another kind of account", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Page),
     security(("console_session" = []))
 )]
 pub(crate) async fn usage(
@@ -934,21 +850,6 @@ pub(super) fn usage_body(rows: &[crate::ledger::DailyUsage], csv: Option<&str>) 
     }
 }
 
-/// A CSV field: quoted when it holds a comma, a quote or a line break, and defused when a
-/// spreadsheet would read it as a formula.
-fn csv_field(value: &str) -> String {
-    let value = if value.starts_with(['=', '+', '-', '@']) {
-        format!("'{value}")
-    } else {
-        value.to_owned()
-    };
-    if value.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", value.replace('"', "\"\""))
-    } else {
-        value
-    }
-}
-
 /// Usage per key, model and day as CSV.
 #[utoipa::path(
     get, path = "/console/usage.csv", tag = "console",
@@ -997,13 +898,7 @@ pub(crate) async fn usage_csv(_session: AdminConsole, State(state): State<AppSta
 /// Rewards leaderboard.
 #[utoipa::path(
     get, path = "/console/rewards", tag = "console",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "Not logged in: to the login page"),
-        (status = 403, description = "Logged in as another kind of account", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Page),
     security(("console_session" = []))
 )]
 pub(crate) async fn rewards(
@@ -1052,13 +947,7 @@ pub(crate) async fn rewards(
 /// Every key's batches with their progress.
 #[utoipa::path(
     get, path = "/console/batches", tag = "console",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "Not logged in: to the login page"),
-        (status = 403, description = "Logged in as another kind of account", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Page),
     security(("console_session" = []))
 )]
 pub(crate) async fn batches(
@@ -1077,13 +966,7 @@ pub(crate) async fn batches(
                             tr {
                                 td { code { (batch.id) } br; small { (batch.endpoint) } }
                                 td { small.id { (owned.owner) } }
-                                td { (format!("{:?}", batch.status).to_lowercase()) }
-                                td {
-                                    progress max=(batch.request_counts.total.max(1))
-                                        value=(batch.request_counts.completed + batch.request_counts.failed) {}
-                                    " " (batch.request_counts.completed) " done, " (batch.request_counts.failed)
-                                    " failed of " (batch.request_counts.total)
-                                }
+                                (view::batch_progress(batch))
                                 td { (view::ago(batch.created_at)) }
                             }
                         }
@@ -1138,13 +1021,7 @@ pub(crate) async fn payout_csv(
 /// Rig owners: their operator tokens (created with the token shown once, revoked).
 #[utoipa::path(
     get, path = "/console/operators", tag = "console",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "Not logged in: to the login page"),
-        (status = 403, description = "Logged in as another kind of account", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Page),
     security(("console_session" = []))
 )]
 pub(crate) async fn operators(
@@ -1276,18 +1153,5 @@ pub(crate) async fn revoke_operator(
     match state.nodes().revoke_operator(&id).await {
         Ok(_) => Redirect::to("/console/operators").into_response(),
         Err(err) => respond(Err(err)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn csv_fields_are_quoted_and_defused() {
-        assert_eq!(csv_field("plain"), "plain");
-        assert_eq!(csv_field("a,b"), "\"a,b\"");
-        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
-        assert_eq!(csv_field("=cmd()"), "'=cmd()");
     }
 }

@@ -41,13 +41,7 @@ fn budget(state: &AppState, key_id: &str) -> Option<f64> {
 /// An app developer's usage, spend, budget and limits.
 #[utoipa::path(
     get, path = "/console/app", tag = "console",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "Not logged in: to the login page"),
-        (status = 403, description = "Logged in as another kind of account", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Page),
     security(("console_session" = []))
 )]
 pub(crate) async fn home(
@@ -93,13 +87,7 @@ pub(crate) async fn home(
 /// An app developer's batches with their progress and results.
 #[utoipa::path(
     get, path = "/console/app/batches", tag = "console",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "Not logged in: to the login page"),
-        (status = 403, description = "Logged in as another kind of account", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Page),
     security(("console_session" = []))
 )]
 pub(crate) async fn batches(
@@ -116,13 +104,7 @@ pub(crate) async fn batches(
                         @for batch in &list.data {
                             tr {
                                 td { code { (batch.id) } br; small { (batch.endpoint) } }
-                                td { (format!("{:?}", batch.status).to_lowercase()) }
-                                td {
-                                    progress max=(batch.request_counts.total.max(1))
-                                        value=(batch.request_counts.completed + batch.request_counts.failed) {}
-                                    " " (batch.request_counts.completed) " done, " (batch.request_counts.failed)
-                                    " failed of " (batch.request_counts.total)
-                                }
+                                (view::batch_progress(batch))
                                 td { (view::ago(batch.created_at)) }
                                 td {
                                     @if let Some(id) = &batch.output_file_id { a href=(format!("/console/app/files/{id}")) { "output" } " " }
@@ -186,13 +168,7 @@ pub(crate) async fn file(
 /// A playground that streams a chat answer from /v1/chat/completions.
 #[utoipa::path(
     get, path = "/console/app/playground", tag = "console",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "Not logged in: to the login page"),
-        (status = 403, description = "Logged in as another kind of account", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Page),
     security(("console_session" = []))
 )]
 pub(crate) async fn playground(

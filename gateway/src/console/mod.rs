@@ -98,6 +98,83 @@ fn asset(body: &'static str, content_type: &'static str) -> Response {
         .into_response()
 }
 
+/// What a console page answers with, for the OpenAPI document (`responses(Page)`).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code, reason = "describes responses for the OpenAPI document")]
+pub(crate) enum Page {
+    #[response(status = 200, description = "The page", content_type = "text/html")]
+    Ok(String),
+    #[response(status = 303, description = "Not logged in: to the login page")]
+    LoggedOut,
+    #[response(
+        status = 403,
+        description = "Logged in as another kind of account",
+        content_type = "text/html"
+    )]
+    Forbidden(String),
+    #[response(
+        status = 500,
+        description = "Internal error",
+        content_type = "text/html"
+    )]
+    Internal(String),
+    #[response(
+        status = 503,
+        description = "The store is unreachable",
+        content_type = "text/html"
+    )]
+    StoreDown(String),
+}
+
+/// What a console form's post answers with, for the OpenAPI document (`responses(Action)`).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code, reason = "describes responses for the OpenAPI document")]
+pub(crate) enum Action {
+    #[response(
+        status = 200,
+        description = "The page with the outcome",
+        content_type = "text/html"
+    )]
+    Ok(String),
+    #[response(
+        status = 303,
+        description = "Done: back to the page, or not logged in: to the login page"
+    )]
+    Done,
+    #[response(status = 400, description = "Bad input", content_type = "text/html")]
+    BadInput(String),
+    #[response(
+        status = 403,
+        description = "Another kind of account, or no valid CSRF token, or another site's request",
+        content_type = "text/html"
+    )]
+    Forbidden(String),
+    #[response(
+        status = 404,
+        description = "No such item or action",
+        content_type = "text/html"
+    )]
+    NotFound(String),
+    #[response(
+        status = 413,
+        description = "Body too large",
+        content_type = "text/html"
+    )]
+    TooLarge(String),
+    #[response(
+        status = 500,
+        description = "Internal error",
+        content_type = "text/html"
+    )]
+    Internal(String),
+    #[response(
+        status = 503,
+        description = "The store is unreachable",
+        content_type = "text/html"
+    )]
+    StoreDown(String),
+}
+
 /// A logged-in person: their session (and its id, for logging out).
 pub struct Console {
     pub id: String,
@@ -262,13 +339,7 @@ fn same_origin(headers: &HeaderMap) -> bool {
 /// The console: the operator's overview, an app developer's usage, or the login page.
 #[utoipa::path(
     get, path = "/console", tag = "console",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "Not logged in: to the login page"),
-        (status = 403, description = "Logged in as another kind of account", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(Page),
     security(("console_session" = []))
 )]
 pub(crate) async fn home(
@@ -368,24 +439,30 @@ pub(crate) async fn login(
             return view::error_page(err.status(), &err.body().error.message);
         }
     };
-    let secure = state.config().tls_cert_file.is_some();
-    let cookie = cookie::Cookie::build((session::COOKIE, id))
-        .http_only(true)
-        .same_site(cookie::SameSite::Strict)
-        .secure(secure)
-        .path("/")
-        .max_age(cookie::time::Duration::seconds(
-            session::SESSION_TTL.as_secs() as i64,
-        ))
-        .build();
     (
         StatusCode::SEE_OTHER,
         [
-            (header::SET_COOKIE, cookie.to_string()),
+            (
+                header::SET_COOKIE,
+                session_cookie(&state, &id, session::SESSION_TTL),
+            ),
             (header::LOCATION, "/console".to_owned()),
         ],
     )
         .into_response()
+}
+
+/// The session cookie's `Set-Cookie` value: `HttpOnly`, `SameSite=Strict`, `Secure` when the
+/// gateway serves TLS; an empty value with no lifetime deletes it.
+fn session_cookie(state: &AppState, value: &str, lifetime: std::time::Duration) -> String {
+    cookie::Cookie::build((session::COOKIE, value))
+        .http_only(true)
+        .same_site(cookie::SameSite::Strict)
+        .secure(state.config().tls_cert_file.is_some())
+        .path("/")
+        .max_age(cookie::time::Duration::seconds(lifetime.as_secs() as i64))
+        .build()
+        .to_string()
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -396,16 +473,7 @@ pub(crate) struct CsrfForm {
 /// Ends the session.
 #[utoipa::path(
     post, path = "/console/logout", tag = "console",
-    responses(
-        (status = 200, description = "The page with the outcome", content_type = "text/html"),
-        (status = 303, description = "Done: back to the page, or not logged in: to the login page"),
-        (status = 400, description = "Bad input", content_type = "text/html"),
-        (status = 403, description = "Another kind of account, or no valid CSRF token, or another site's request", content_type = "text/html"),
-        (status = 404, description = "No such item or action", content_type = "text/html"),
-        (status = 413, description = "Body too large", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(Action),
     security(("console_session" = []))
 )]
 pub(crate) async fn logout(
@@ -421,16 +489,13 @@ pub(crate) async fn logout(
         let err = ApiError::from(err);
         return view::error_page(err.status(), &err.body().error.message);
     }
-    let gone = cookie::Cookie::build((session::COOKIE, ""))
-        .http_only(true)
-        .same_site(cookie::SameSite::Strict)
-        .path("/")
-        .max_age(cookie::time::Duration::ZERO)
-        .build();
     (
         StatusCode::SEE_OTHER,
         [
-            (header::SET_COOKIE, gone.to_string()),
+            (
+                header::SET_COOKIE,
+                session_cookie(&state, "", std::time::Duration::ZERO),
+            ),
             (header::LOCATION, "/console/login".to_owned()),
         ],
     )

@@ -25,13 +25,7 @@ pub(super) fn routes() -> Router<AppState> {
 /// The rig owner's page.
 #[utoipa::path(
     get, path = "/console/operator", tag = "console",
-    responses(
-        (status = 200, description = "The page", content_type = "text/html"),
-        (status = 303, description = "Not logged in: to the login page"),
-        (status = 403, description = "Logged in as another kind of account", content_type = "text/html"),
-        (status = 500, description = "Internal error", content_type = "text/html"),
-        (status = 503, description = "The store is unreachable", content_type = "text/html"),
-    ),
+    responses(super::Page),
     security(("console_session" = []))
 )]
 pub(crate) async fn home(
@@ -55,13 +49,12 @@ async fn page(
         .iter()
         .map(|d| (d.day.clone(), d.points))
         .collect();
-    let gateway = format!("http://{}", state.config().listen);
     let body = html! {
         @if let Some(token) = &enrolled {
             section.secret {
                 h2 { "Enrollment token" }
                 p { "Shown once. On the new rig, with node-runner installed:" }
-                pre { code data-secret { "node-runner run --gateway-url " (gateway) " --enrollment-token " (token) } }
+                (view::enrollment_command(state, token))
             }
         }
         section.cards {

@@ -144,6 +144,26 @@ pub fn csrf(session: &Session) -> Markup {
     html! { input type="hidden" name="csrf" value=(session.csrf); }
 }
 
+/// A batch's status and progress, as two table cells.
+pub fn batch_progress(batch: &crate::batch::BatchObject) -> Markup {
+    let counts = &batch.request_counts;
+    html! {
+        td { (format!("{:?}", batch.status).to_lowercase()) }
+        td {
+            progress max=(counts.total.max(1)) value=(counts.completed + counts.failed) {}
+            " " (counts.completed) " done, " (counts.failed) " failed of " (counts.total)
+        }
+    }
+}
+
+/// The command that enrolls a rig with `token` at this gateway, shown once.
+pub fn enrollment_command(state: &crate::state::AppState, token: &str) -> Markup {
+    let gateway = format!("http://{}", state.config().listen);
+    html! {
+        pre { code data-secret { "node-runner run --gateway-url " (gateway) " --enrollment-token " (token) } }
+    }
+}
+
 /// A number with thousands separators (`12,345`).
 pub fn count(n: u64) -> String {
     let digits = n.to_string();

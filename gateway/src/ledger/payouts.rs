@@ -153,36 +153,51 @@ impl Usage {
     }
 }
 
-/// A payout as CSV: one line per operator, fields quoted where needed and defused where a
-/// spreadsheet would read a formula.
-pub fn csv(payout: &Payout) -> String {
-    let field = |value: &str| {
-        let value = if value.starts_with(['=', '+', '-', '@']) {
-            format!("'{value}")
-        } else {
-            value.to_owned()
-        };
-        if value.contains([',', '"', '\n', '\r']) {
-            format!("\"{}\"", value.replace('"', "\"\""))
-        } else {
-            value
-        }
+/// A CSV field: quoted when it holds a comma, a quote or a line break, and defused when a
+/// spreadsheet would read it as a formula.
+pub fn csv_field(value: &str) -> String {
+    let value = if value.starts_with(['=', '+', '-', '@']) {
+        format!("'{value}")
+    } else {
+        value.to_owned()
     };
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value
+    }
+}
+
+/// A payout as CSV: one line per operator (see [`csv_field`]).
+pub fn csv(payout: &Payout) -> String {
     let mut out = String::from(
         "payout_id,created_at,operator,points,rate_per_point,amount,currency,withheld_points\n",
     );
     for line in &payout.lines {
         out.push_str(&format!(
             "{},{},{},{},{},{},{},{}\n",
-            field(&payout.id),
+            csv_field(&payout.id),
             payout.created_at,
-            field(&line.operator),
+            csv_field(&line.operator),
             line.points,
             payout.rate_per_point,
             line.amount,
-            field(&payout.currency),
+            csv_field(&payout.currency),
             line.withheld_points
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_fields_are_quoted_and_defused() {
+        assert_eq!(csv_field("plain"), "plain");
+        assert_eq!(csv_field("a,b"), "\"a,b\"");
+        assert_eq!(csv_field("say \"hi\""), "\"say \"\"hi\"\"\"");
+        assert_eq!(csv_field("=cmd()"), "'=cmd()");
+    }
 }
