@@ -45,6 +45,23 @@ pub mod types {
 
 pub use types::*;
 
+/// A price the meter quotes for a model at admission, in credits per 1,000 tokens: what the
+/// request is charged (its reservation is held at it), whatever the market does meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Price {
+    /// Credits per 1,000 prompt tokens.
+    pub prompt_per_1k: f64,
+    /// Credits per 1,000 completion tokens.
+    pub completion_per_1k: f64,
+}
+
+impl Price {
+    /// The credits `prompt` and `completion` tokens cost at this price.
+    pub fn cost(&self, prompt: u64, completion: u64) -> f64 {
+        (prompt as f64 * self.prompt_per_1k + completion as f64 * self.completion_per_1k) / 1000.0
+    }
+}
+
 /// A backend's `candidate.key`: FNV-1a (64-bit) of its id's UTF-8 bytes, as the contract
 /// defines it (`garage_plugin_sdk::candidate_key` computes the same).
 pub fn candidate_key(id: &str) -> u64 {
