@@ -35,6 +35,11 @@ pub fn router(state: SimState) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/responses", post(crate::responses::create))
+        .route("/v1/messages", post(crate::messages::create))
+        .route(
+            "/v1/messages/count_tokens",
+            post(crate::messages::count_tokens),
+        )
         .route("/v1/rerank", post(crate::scoring::rerank))
         .route("/v1/score", post(crate::scoring::score))
         .route("/v1/models", get(models));
@@ -93,9 +98,10 @@ pub(crate) enum ApiError {
     ShuttingDown,
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, kind, param, message) = match self {
+impl ApiError {
+    /// Status, vLLM's error type, the field at fault and the message.
+    fn parts(self) -> (StatusCode, &'static str, Option<&'static str>, String) {
+        match self {
             ApiError::BadRequest(message) => {
                 (StatusCode::BAD_REQUEST, "BadRequestError", None, message)
             }
@@ -129,7 +135,22 @@ impl IntoResponse for ApiError {
                 None,
                 "the engine is shutting down".to_owned(),
             ),
-        };
+        }
+    }
+
+    /// The error as vLLM answers it on its Anthropic routes (`/v1/messages...`): Anthropic's
+    /// envelope, `{"type": "error", "error": {"type", "message"}}`, holding vLLM's own error
+    /// type (`BadRequestError`...) and status.
+    pub(crate) fn anthropic(self) -> Response {
+        let (status, kind, _, message) = self.parts();
+        let body = json!({"type": "error", "error": {"type": kind, "message": message}});
+        (status, Json(body)).into_response()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind, param, message) = self.parts();
         let body = json!({"error": {"message": message, "type": kind, "param": param, "code": status.as_u16()}});
         (status, Json(body)).into_response()
     }
@@ -152,6 +173,8 @@ struct GenerateRequest {
     logprobs: Option<Value>,
     /// Chat only: how many top log-probabilities.
     top_logprobs: Option<Value>,
+    /// Strings that end generation where they appear (not included in the output).
+    stop: Option<Stop>,
     /// Simulator extension: how many tokens the "model" wants to say before stopping.
     sim_tokens: Option<u32>,
 }
@@ -162,6 +185,23 @@ struct ChatMessage {
     role: String,
     #[serde(default)]
     content: Value,
+}
+
+/// `stop`: one string or a list of them.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(one) => vec![one],
+            Stop::Many(many) => many,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -201,7 +241,8 @@ struct Choice<'a> {
     /// `null` unless asked for, as in vLLM.
     logprobs: Option<Logprobs>,
     finish_reason: Option<&'static str>,
-    stop_reason: (),
+    /// The stop string that ended generation, else `null`, as in vLLM.
+    stop_reason: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -235,37 +276,26 @@ struct Job {
     kind: Kind,
     id: String,
     created: u64,
-    model: String,
-    prompt_tokens: u32,
-    finish: Finish,
-    generation: Generation,
-    /// How the counts are reported: honestly, or as a dishonest engine reports them.
-    report: Report,
+    out: Generated,
 }
 
 impl Job {
     /// Tokens generated.
     fn tokens(&self) -> u32 {
-        // The plan bounds a generation by the context length, far below u32::MAX.
-        u32::try_from(self.generation.tokens.len()).unwrap_or(u32::MAX)
+        self.out.tokens()
     }
 
     /// The usage this job reports after `generated` tokens.
     fn usage(&self, generated: u32) -> Usage {
-        match self.report.claim {
-            Some(claim) => Usage::new(claim, claim),
-            None => Usage::new(
-                self.report.tokens(self.prompt_tokens),
-                self.report.tokens(generated),
-            ),
-        }
+        let (prompt, completion) = self.out.usage(generated);
+        Usage::new(prompt, completion)
     }
 
     /// The log-probabilities of generated tokens `range`, if they were asked for; `offset` is
     /// where the first one starts in the completion's text, in characters.
     fn logprobs(&self, range: std::ops::Range<usize>, offset: usize) -> Option<Logprobs> {
-        let steps = self.generation.steps.as_ref()?;
-        let tokens = &self.generation.tokens[range.clone()];
+        let steps = self.out.generation.steps.as_ref()?;
+        let tokens = &self.out.generation.tokens[range.clone()];
         Some(match self.kind {
             Kind::Chat => logprobs::chat(tokens, &steps[range]),
             Kind::Completion => logprobs::completion(tokens, &steps[range], offset),
@@ -282,7 +312,7 @@ impl Job {
 
     /// A choice carrying `content` in the shape of this job's kind.
     fn choice<'a>(
-        &self,
+        &'a self,
         streamed: bool,
         role: bool,
         content: Option<&'a str>,
@@ -305,7 +335,7 @@ impl Job {
             text,
             logprobs,
             finish_reason: finish.map(Finish::as_str),
-            stop_reason: (),
+            stop_reason: finish.and(self.out.stop_sequence.as_deref()),
         }
     }
 
@@ -319,7 +349,7 @@ impl Job {
             id: &self.id,
             object: self.object(streamed),
             created: self.created,
-            model: &self.model,
+            model: &self.out.model,
             choices,
             usage,
         }
@@ -398,6 +428,139 @@ pub(crate) async fn admit(state: &SimState, streamed: bool) -> Result<(Running, 
     Ok((running, drop_stream))
 }
 
+/// The prompt of a conversation, as `(role, content)` pairs, and its tokens: each message's
+/// text and the few tokens of framing the chat template adds around it.
+pub(crate) fn conversation<'a>(
+    messages: impl Iterator<Item = (&'a str, &'a Value)> + Clone,
+) -> (Prompt, u32) {
+    let tokens = messages
+        .clone()
+        .map(|(_, content)| {
+            synth::count_tokens(content).saturating_add(crate::CHAT_TEMPLATE_TOKENS)
+        })
+        .fold(0, u32::saturating_add);
+    (Prompt::chat(messages), tokens)
+}
+
+/// What a request asks the model to generate, whichever API it came by.
+pub(crate) struct Ask<'a> {
+    pub(crate) model: String,
+    pub(crate) prompt: Prompt,
+    pub(crate) prompt_tokens: u32,
+    pub(crate) decoding: Decoding,
+    /// `max_tokens` (or its other names).
+    pub(crate) limit: Option<u32>,
+    pub(crate) sim_tokens: Option<u32>,
+    /// Stop strings: generation ends before the first that appears.
+    pub(crate) stops: &'a [String],
+    pub(crate) streamed: bool,
+    pub(crate) top_logprobs: Option<usize>,
+}
+
+/// What a request generated, whichever API it came by.
+pub(crate) struct Generated {
+    pub(crate) model: String,
+    pub(crate) prompt_tokens: u32,
+    pub(crate) finish: Finish,
+    /// The stop string that ended generation, if one did.
+    pub(crate) stop_sequence: Option<String>,
+    pub(crate) generation: Generation,
+    /// How the counts are reported: honestly, or as a dishonest engine reports them.
+    pub(crate) report: Report,
+}
+
+impl Generated {
+    /// Tokens generated.
+    pub(crate) fn tokens(&self) -> u32 {
+        self.generation.count()
+    }
+
+    /// The `(prompt, completion)` tokens reported after `generated` tokens.
+    pub(crate) fn usage(&self, generated: u32) -> (u64, u64) {
+        self.report.usage(self.prompt_tokens, generated)
+    }
+}
+
+/// The running slot a generation holds while it is sent, and how it is sent.
+pub(crate) struct Slot {
+    pub(crate) running: Running,
+    /// When generation started: tokens are due from here.
+    pub(crate) start: Instant,
+    /// The drop fault hit this stream: cut it after a few events.
+    pub(crate) drop_stream: bool,
+}
+
+impl Slot {
+    /// For an answer sent whole: waits until its last token is due, and counts it done.
+    pub(crate) async fn complete(
+        &mut self,
+        state: &SimState,
+        generated: &Generated,
+    ) -> Result<(), ApiError> {
+        let tokens = generated.tokens();
+        if !state
+            .pace(state.token_due(self.start, tokens.saturating_sub(1)))
+            .await
+        {
+            return Err(ApiError::ShuttingDown);
+        }
+        self.done(generated);
+        Ok(())
+    }
+
+    /// Counts the request done, its tokens all generated.
+    pub(crate) fn done(&mut self, generated: &Generated) {
+        (self.running).finish(
+            generated.prompt_tokens,
+            generated.tokens(),
+            generated.finish,
+        );
+    }
+}
+
+/// Plans, admits and generates what `ask` asks for: the shared core of chat, completions and
+/// Anthropic's Messages.
+pub(crate) async fn start(state: &SimState, ask: Ask<'_>) -> Result<(Generated, Slot), ApiError> {
+    let prompt_tokens = ask.prompt_tokens.max(1);
+    let (tokens, finish) = plan(state, prompt_tokens, ask.sim_tokens, ask.limit)?;
+    let (running, drop_stream) = admit(state, ask.streamed).await?;
+    let start = Instant::now();
+    let (mut generation, report) = state.generate(model::Request {
+        model: &ask.model,
+        prompt: ask.prompt,
+        decoding: ask.decoding,
+        tokens,
+        top_logprobs: ask.top_logprobs,
+    });
+    let stop_sequence = generation.cut_at_stop(ask.stops);
+    let generated = Generated {
+        model: ask.model,
+        prompt_tokens,
+        finish: if stop_sequence.is_some() {
+            Finish::Stop
+        } else {
+            finish
+        },
+        stop_sequence,
+        generation,
+        report,
+    };
+    let slot = Slot {
+        running,
+        start,
+        drop_stream,
+    };
+    Ok((generated, slot))
+}
+
+/// `temperature` (and `seed`) as a way of decoding; a bad temperature is vLLM's 400.
+pub(crate) fn decoding(temperature: Option<f64>, seed: Option<i64>) -> Result<Decoding, ApiError> {
+    Decoding::new(temperature, seed).map_err(|message| ApiError::Invalid {
+        param: "temperature",
+        message,
+    })
+}
+
 async fn generate(state: SimState, body: &[u8], kind: Kind) -> Result<Response, ApiError> {
     let request: GenerateRequest = parse(body)?;
     let model = resolve_model(&state, request.model)?;
@@ -406,14 +569,8 @@ async fn generate(state: SimState, body: &[u8], kind: Kind) -> Result<Response, 
             let messages = request
                 .messages
                 .ok_or_else(|| ApiError::BadRequest("Field required: messages".to_owned()))?;
-            // Chat templates add a few tokens of framing around each message.
-            let tokens = messages
-                .iter()
-                .map(|m| {
-                    synth::count_tokens(&m.content).saturating_add(crate::CHAT_TEMPLATE_TOKENS)
-                })
-                .fold(0, u32::saturating_add);
-            let prompt = Prompt::chat(messages.iter().map(|m| (m.role.as_str(), &m.content)));
+            let (prompt, tokens) =
+                conversation(messages.iter().map(|m| (m.role.as_str(), &m.content)));
             let top_logprobs =
                 logprobs::chat_request(request.logprobs.as_ref(), request.top_logprobs.as_ref())?;
             (prompt, tokens, top_logprobs)
@@ -430,29 +587,29 @@ async fn generate(state: SimState, body: &[u8], kind: Kind) -> Result<Response, 
             )
         }
     };
-    let prompt_tokens = prompt_tokens.max(1);
     if request.n.unwrap_or(1) != 1 {
         return Err(ApiError::BadRequest(
             "sim-engine supports only n=1".to_owned(),
         ));
     }
-    let decoding =
-        Decoding::new(request.temperature, request.seed).map_err(|message| ApiError::Invalid {
-            param: "temperature",
-            message,
-        })?;
-    let limit = request.max_completion_tokens.or(request.max_tokens);
-    let (tokens, finish) = plan(&state, prompt_tokens, request.sim_tokens, limit)?;
+    let decoding = decoding(request.temperature, request.seed)?;
+    let stops = request.stop.map(Stop::into_vec).unwrap_or_default();
     let streamed = request.stream.unwrap_or(false);
-    let (mut running, drop_stream) = admit(&state, streamed).await?;
-    let start = Instant::now();
-    let (generation, report) = state.generate(model::Request {
-        model: &model,
-        prompt,
-        decoding,
-        tokens,
-        top_logprobs,
-    });
+    let (out, mut slot) = start(
+        &state,
+        Ask {
+            model,
+            prompt,
+            prompt_tokens,
+            decoding,
+            limit: request.max_completion_tokens.or(request.max_tokens),
+            sim_tokens: request.sim_tokens,
+            stops: &stops,
+            streamed,
+            top_logprobs,
+        },
+    )
+    .await?;
     let job = Job {
         kind,
         id: match kind {
@@ -460,11 +617,7 @@ async fn generate(state: SimState, body: &[u8], kind: Kind) -> Result<Response, 
             Kind::Completion => format!("cmpl-{:032x}", rand::random::<u128>()),
         },
         created: unix_now(),
-        model,
-        prompt_tokens,
-        finish,
-        generation,
-        report,
+        out,
     };
     if streamed {
         let options = request.stream_options;
@@ -479,11 +632,9 @@ async fn generate(state: SimState, body: &[u8], kind: Kind) -> Result<Response, 
         let stream = Streamer {
             state,
             job,
-            running,
-            start,
+            slot,
             include_usage,
             continuous_usage,
-            drop_stream,
             frames: 0,
             streamed_chars: 0,
             phase: if kind == Kind::Chat {
@@ -498,17 +649,11 @@ async fn generate(state: SimState, body: &[u8], kind: Kind) -> Result<Response, 
         });
         return Ok(event_stream(frames));
     }
-    if !state
-        .pace(state.token_due(start, tokens.saturating_sub(1)))
-        .await
-    {
-        return Err(ApiError::ShuttingDown);
-    }
-    let text = model::text(&job.generation.tokens);
-    running.finish(prompt_tokens, tokens, finish);
-    let logprobs = job.logprobs(0..job.generation.tokens.len(), 0);
-    let choices = [job.choice(false, true, Some(&text), logprobs, Some(finish))];
-    Ok(Json(job.envelope(false, &choices, Some(job.usage(tokens)))).into_response())
+    slot.complete(&state, &job.out).await?;
+    let text = model::text(&job.out.generation.tokens);
+    let logprobs = job.logprobs(0..job.out.generation.tokens.len(), 0);
+    let choices = [job.choice(false, true, Some(&text), logprobs, Some(job.out.finish))];
+    Ok(Json(job.envelope(false, &choices, Some(job.usage(job.tokens())))).into_response())
 }
 
 /// Where a stream is: chat opens with a role chunk; `Token(tokens)` emits the finish chunk.
@@ -525,11 +670,9 @@ enum Phase {
 struct Streamer {
     state: SimState,
     job: Job,
-    running: Running,
-    start: Instant,
+    slot: Slot,
     include_usage: bool,
     continuous_usage: bool,
-    drop_stream: bool,
     frames: u32,
     phase: Phase,
     /// Characters of text streamed so far: where the next token starts (`text_offset`).
@@ -544,7 +687,11 @@ impl Streamer {
         let frame = match self.phase {
             Phase::Role => {
                 // vLLM sends the role with the first output, so it too waits for the TTFT.
-                if !self.state.pace(self.state.token_due(self.start, 0)).await {
+                if !self
+                    .state
+                    .pace(self.state.token_due(self.slot.start, 0))
+                    .await
+                {
                     return self.abort("engine shutting down");
                 }
                 self.phase = Phase::Token(0);
@@ -555,7 +702,8 @@ impl Streamer {
                 ))
             }
             Phase::Token(index)
-                if self.drop_stream && (self.frames >= DROP_AFTER_FRAMES || index == tokens) =>
+                if self.slot.drop_stream
+                    && (self.frames >= DROP_AFTER_FRAMES || index == tokens) =>
             {
                 // Hyper writes out buffered frames only once the body is pending; without this
                 // yield the error would arrive first and the client would see no response at all.
@@ -565,14 +713,14 @@ impl Streamer {
             Phase::Token(index) if index < tokens => {
                 if !self
                     .state
-                    .pace(self.state.token_due(self.start, index))
+                    .pace(self.state.token_due(self.slot.start, index))
                     .await
                 {
                     return self.abort("engine shutting down");
                 }
                 self.phase = Phase::Token(index + 1);
                 let at = index as usize;
-                let text = model::token_text(job.generation.tokens[at]);
+                let text = model::token_text(job.out.generation.tokens[at]);
                 let logprobs = job.logprobs(at..at + 1, self.streamed_chars);
                 self.streamed_chars += text.chars().count();
                 sse(&job.envelope(
@@ -582,7 +730,7 @@ impl Streamer {
                 ))
             }
             Phase::Token(_) => {
-                self.running.finish(job.prompt_tokens, tokens, job.finish);
+                self.slot.done(&job.out);
                 self.phase = if self.include_usage {
                     Phase::Usage
                 } else {
@@ -595,7 +743,7 @@ impl Streamer {
                 };
                 sse(&job.envelope(
                     true,
-                    &[job.choice(true, false, content, None, Some(job.finish))],
+                    &[job.choice(true, false, content, None, Some(job.out.finish))],
                     usage(tokens),
                 ))
             }

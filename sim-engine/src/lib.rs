@@ -1,8 +1,8 @@
 //! A simulated vLLM OpenAI-compatible server for machines with no GPU.
 //!
 //! It speaks the subset of vLLM's HTTP surface the gateway relies on (chat and text completions,
-//! streamed or not, with log-probabilities, embeddings, `/v1/models`, `/health`, `/version`,
-//! `/metrics`), generates text that is a deterministic function of the model, the prompt and
+//! streamed or not, with log-probabilities, embeddings, the Responses API, Anthropic's Messages
+//! API, `/v1/models`, `/health`, `/version`, `/metrics`), generates text that is a deterministic function of the model, the prompt and
 //! the seed (see the `model` module), paces tokens like a real engine when asked to, queues
 //! beyond `max_num_seqs`, and injects failures (500s, hangs, dropped streams) at configurable
 //! rates. It can also cheat, for testing a gateway that checks its rigs: generate as another
@@ -11,6 +11,7 @@
 
 mod api;
 mod logprobs;
+mod messages;
 mod model;
 mod responses;
 mod scoring;

@@ -401,6 +401,41 @@ pub(crate) struct Generation {
     pub(crate) steps: Option<Vec<Step>>,
 }
 
+impl Generation {
+    /// Tokens generated.
+    pub(crate) fn count(&self) -> u32 {
+        // The plan bounds a generation by the context length, far below u32::MAX.
+        u32::try_from(self.tokens.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Ends the generation before the first of `stops` to appear in its text, as vLLM's `stop`
+    /// does (the stop string is not part of the output): the tokens that end before it are
+    /// kept, a token the stop string begins inside of is not. Returns the stop string that
+    /// ended it, the earliest to start (the first listed among those starting together).
+    pub(crate) fn cut_at_stop(&mut self, stops: &[String]) -> Option<String> {
+        let text = text(&self.tokens);
+        let (at, stop) = stops
+            .iter()
+            .filter(|stop| !stop.is_empty())
+            .filter_map(|stop| Some((text.find(stop.as_str())?, stop)))
+            .min_by_key(|(at, _)| *at)?;
+        let mut end = 0;
+        let kept = self
+            .tokens
+            .iter()
+            .take_while(|&&token| {
+                end += token_text(token).len();
+                end <= at
+            })
+            .count();
+        self.tokens.truncate(kept);
+        if let Some(steps) = &mut self.steps {
+            steps.truncate(kept);
+        }
+        Some(stop.clone())
+    }
+}
+
 /// What a generation needs to know.
 #[derive(Clone, Copy)]
 pub(crate) struct Request<'a> {
@@ -538,6 +573,45 @@ mod tests {
         }
         let mean = top.iter().sum::<f64>() / top.len() as f64;
         assert!((-1.5..-0.1).contains(&mean), "mean top logprob {mean}");
+    }
+
+    #[test]
+    fn a_stop_string_cuts_before_the_token_it_starts_in() {
+        let script = |steps| Generation {
+            tokens: (0..8).collect(),
+            steps,
+        };
+        let cut = |stops: &[&str]| {
+            let mut generation = script(None);
+            let stops: Vec<String> = stops.iter().map(|s| (*s).to_owned()).collect();
+            let stop = generation.cut_at_stop(&stops);
+            (text(&generation.tokens), stop)
+        };
+        // "the quick brown fox jumps over a lazy "
+        assert_eq!(
+            cut(&["fox"]),
+            ("the quick brown ".into(), Some("fox".into()))
+        );
+        // Inside a token, or across two: that token goes too.
+        assert_eq!(cut(&["ick"]), ("the ".into(), Some("ick".into())));
+        assert_eq!(cut(&["n fo"]), ("the quick ".into(), Some("n fo".into())));
+        // The earliest wins, whatever the order; none found, nothing cut.
+        assert_eq!(
+            cut(&["lazy", "over"]),
+            ("the quick brown fox jumps ".into(), Some("over".into()))
+        );
+        assert_eq!(cut(&["zebra", ""]).1, None);
+        assert_eq!(cut(&["zebra"]).0.len(), text(&script(None).tokens).len());
+        // Log-probabilities are cut with their tokens.
+        let mut generation = script(Some(vec![
+            Step {
+                logprob: -0.5,
+                top: Vec::new()
+            };
+            8
+        ]));
+        generation.cut_at_stop(&["fox".to_owned()]);
+        assert_eq!(generation.steps.map(|s| s.len()), Some(3));
     }
 
     #[test]

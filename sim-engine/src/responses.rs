@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::api::{self, ApiError};
-use crate::model::{self, Decoding, Generation, Prompt};
+use crate::model::{self, Generation, Prompt};
 use crate::state::{Finish, Report, Running, SimState};
 use crate::synth;
 
@@ -154,11 +154,7 @@ pub(crate) async fn create(
         request.max_output_tokens,
     )?;
     // The Responses API has no seed: temperature 0 is greedy, anything else the script.
-    let decoding =
-        Decoding::new(request.temperature, None).map_err(|message| ApiError::Invalid {
-            param: "temperature",
-            message,
-        })?;
+    let decoding = api::decoding(request.temperature, None)?;
     let prompt = chat_prompt(request.instructions.as_deref(), &input);
     let streamed = request.stream.unwrap_or(false);
     let (mut running, drop_stream) = api::admit(&state, streamed).await?;

@@ -77,6 +77,15 @@ impl Report {
         }
     }
 
+    /// What a chat-like answer (chat, completions, Anthropic's Messages) reports of
+    /// `prompt` and `generated` tokens: the claim, if the engine makes one, for both.
+    pub(crate) fn usage(self, prompt: u32, generated: u32) -> (u64, u64) {
+        match self.claim {
+            Some(claim) => (claim, claim),
+            None => (self.tokens(prompt), self.tokens(generated)),
+        }
+    }
+
     /// What is reported of `counted` tokens.
     pub(crate) fn tokens(self, counted: u32) -> u64 {
         match self.inflation {

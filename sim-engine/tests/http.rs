@@ -984,15 +984,25 @@ async fn inflated_usage_multiplies_every_count_and_leaves_the_text() -> Result<(
     assert_eq!(response["usage"]["input_tokens"], 6);
     assert_eq!(response["usage"]["output_tokens"], 6);
     assert_eq!(response["usage"]["total_tokens"], 12);
+    let messages = json!({"model": "m", "max_tokens": 2,
+        "messages": [{"role": "user", "content": "one two"}]});
+    let (_, message) = post(&inflating, "/messages", messages.clone()).await?;
+    assert_eq!(message["content"][0]["text"], "the quick ");
+    assert_eq!(
+        message["usage"],
+        json!({"input_tokens": 18, "output_tokens": 6})
+    );
+    let (_, counted) = post(&inflating, "/messages/count_tokens", messages).await?;
+    assert_eq!(counted["input_tokens"], 18);
     let (_, embedding) = post(&inflating, "/embeddings", json!({"input": "a b"})).await?;
     assert_eq!(
         embedding["usage"],
         json!({"prompt_tokens": 6, "total_tokens": 6})
     );
-    // /metrics still counts the real work.
+    // /metrics still counts the real work: 4 + 4 streamed + 2 + 2 + 2 tokens.
     wait_for_metric(
         &inflating,
-        "vllm:generation_tokens_total{model_name=\"m\"} 12",
+        "vllm:generation_tokens_total{model_name=\"m\"} 14",
     )
     .await?;
     Ok(())
@@ -1220,5 +1230,291 @@ async fn logprob_requests_are_checked_as_vllm_checks_them() -> Result<()> {
         assert_eq!(answer["error"]["param"], param, "{answer}");
         assert_eq!(answer["error"]["message"], message, "{answer}");
     }
+    Ok(())
+}
+
+/// A Messages stream's events, checking each `event:` line names its data's `type`.
+async fn message_events(engine: &SimEngine, body: Value) -> Result<(Vec<Value>, Result<()>)> {
+    let (events, end) = raw_events(engine, "/messages", body).await?;
+    let events = typed_events(&events)?
+        .into_iter()
+        .map(|(kind, data)| {
+            ensure!(data["type"] == kind, "event `{kind}` holds {data}");
+            Ok(data)
+        })
+        .collect::<Result<_>>()?;
+    Ok((events, end))
+}
+
+#[tokio::test]
+async fn messages_are_answered_as_vllm_answers_anthropic_requests() -> Result<()> {
+    let engine = engine(SimConfig::default()).await?;
+    // Greedy, so the text depends on the conversation: the same one by chat must say the same.
+    let request = json!({
+        "model": "sim-llama-3-8b", "max_tokens": 6, "temperature": 0,
+        "system": [{"type": "text", "text": "x-anthropic-billing-header: cc=1"},
+                   {"type": "text", "text": "be brief"}],
+        "messages": [
+            {"role": "user", "content": "hello there"},
+            {"role": "assistant", "content": [{"type": "text", "text": "hi"},
+                {"type": "tool_use", "id": "t1", "name": "ls", "input": {}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "t1", "content": "a.txt b.txt"},
+                {"type": "text", "text": "what now"}]},
+        ],
+        "tools": [{"name": "ls", "input_schema": {"type": "object"}}],
+        "metadata": {"user_id": "u"},
+    });
+    let (status, body) = post(&engine, "/messages", request.clone()).await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["id"].as_str().is_some_and(|id| id.starts_with("msg_")));
+    assert_eq!(
+        (&body["type"], &body["role"], &body["model"]),
+        (
+            &json!("message"),
+            &json!("assistant"),
+            &json!("sim-llama-3-8b")
+        )
+    );
+    assert_eq!(body["stop_reason"], "max_tokens");
+    assert_eq!(body["stop_sequence"], Value::Null);
+    let text = body["content"][0]["text"]
+        .as_str()
+        .context("text")?
+        .to_owned();
+    assert_eq!(body["content"], json!([{"type": "text", "text": text}]));
+    // The system prompt (two words, its billing header dropped), the three turns and the tool
+    // result as a message of its own: five messages of four framing tokens, nine words.
+    assert_eq!(
+        body["usage"],
+        json!({"input_tokens": 29, "output_tokens": 6})
+    );
+    let chat = json!({"model": "sim-llama-3-8b", "max_tokens": 6, "temperature": 0,
+    "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "tool", "content": "a.txt b.txt"},
+        {"role": "user", "content": "what now"},
+    ]});
+    let (_, chat) = post(&engine, "/chat/completions", chat).await?;
+    assert_eq!(chat["choices"][0]["message"]["content"], text.as_str());
+    assert_eq!(chat["usage"]["prompt_tokens"], 29);
+
+    // count_tokens reads the same conversation.
+    let mut count = request.clone();
+    count
+        .as_object_mut()
+        .context("object")?
+        .remove("max_tokens");
+    let (status, counted) = post(&engine, "/messages/count_tokens", count).await?;
+    assert_eq!(status, 200, "{counted}");
+    assert_eq!(
+        counted,
+        json!({"input_tokens": 29, "context_management": {"original_input_tokens": 29}})
+    );
+
+    // Streamed: Anthropic's events in order, the text in deltas, usage at both ends.
+    let mut streamed = request;
+    streamed["stream"] = json!(true);
+    let (events, end) = message_events(&engine, streamed).await?;
+    end?;
+    let kinds: Vec<&str> = events
+        .iter()
+        .filter_map(|event| event["type"].as_str())
+        .collect();
+    let mut expected = vec!["message_start", "content_block_start", "ping"];
+    expected.extend(["content_block_delta"; 6]);
+    expected.extend(["content_block_stop", "message_delta", "message_stop"]);
+    assert_eq!(kinds, expected);
+    let start = &events[0]["message"];
+    assert!(
+        start["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("msg_"))
+    );
+    assert_eq!(start["content"], json!([]));
+    assert_eq!(start["stop_reason"], Value::Null);
+    assert_eq!(
+        start["usage"],
+        json!({"input_tokens": 29, "output_tokens": 0})
+    );
+    assert_eq!(
+        events[1],
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+    );
+    let deltas: String = events
+        .iter()
+        .filter(|event| event["type"] == "content_block_delta")
+        .map(|event| {
+            assert_eq!(event["delta"]["type"], "text_delta");
+            event["delta"]["text"].as_str().unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(deltas, text);
+    assert_eq!(
+        events[events.len() - 2],
+        json!({"type": "message_delta",
+               "delta": {"stop_reason": "max_tokens", "stop_sequence": null},
+               "usage": {"input_tokens": 29, "output_tokens": 6}})
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn stop_sequences_end_messages_and_chat_before_them() -> Result<()> {
+    let engine = engine(SimConfig::default()).await?;
+    // The script: "the quick brown fox jumps over a lazy dog ...".
+    let request = json!({"model": "sim-llama-3-8b", "max_tokens": 12,
+        "messages": [{"role": "user", "content": "go"}],
+        "stop_sequences": ["dog", "lazy", "unheard"]});
+    let (_, body) = post(&engine, "/messages", request.clone()).await?;
+    assert_eq!(
+        body["content"][0]["text"],
+        "the quick brown fox jumps over a "
+    );
+    assert_eq!(
+        (&body["stop_reason"], &body["stop_sequence"]),
+        (&json!("stop_sequence"), &json!("lazy"))
+    );
+    assert_eq!(body["usage"]["output_tokens"], 7);
+    let mut streamed = request;
+    streamed["stream"] = json!(true);
+    let (events, end) = message_events(&engine, streamed).await?;
+    end?;
+    let delta = &events[events.len() - 2];
+    assert_eq!(
+        delta["delta"],
+        json!({"stop_reason": "stop_sequence", "stop_sequence": "lazy"})
+    );
+    assert_eq!(delta["usage"]["output_tokens"], 7);
+    // The model had its say before max_tokens: end_turn.
+    let (_, body) = post(
+        &engine,
+        "/messages",
+        json!({"model": "sim-llama-3-8b", "max_tokens": 12, "sim_tokens": 2,
+               "messages": [{"role": "user", "content": "go"}]}),
+    )
+    .await?;
+    assert_eq!(body["stop_reason"], "end_turn");
+    // Chat's `stop` does the same: finish `stop`, and vLLM's `stop_reason` names it.
+    let (_, chat) = post(
+        &engine,
+        "/chat/completions",
+        json!({"max_tokens": 12, "stop": "fox", "messages": [{"role": "user", "content": "go"}]}),
+    )
+    .await?;
+    let choice = &chat["choices"][0];
+    assert_eq!(choice["message"]["content"], "the quick brown ");
+    assert_eq!(
+        (&choice["finish_reason"], &choice["stop_reason"]),
+        (&json!("stop"), &json!("fox"))
+    );
+    assert_eq!(chat["usage"]["completion_tokens"], 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn messages_errors_are_vllm_errors_in_anthropic_shape() -> Result<()> {
+    let engine = engine(SimConfig::default()).await?;
+    let user = json!([{"role": "user", "content": "hi"}]);
+    for (path, body, status, kind) in [
+        (
+            "/messages",
+            json!({"model": "nope", "max_tokens": 5, "messages": user}),
+            404,
+            "NotFoundError",
+        ),
+        (
+            "/messages",
+            json!({"model": "sim-llama-3-8b", "messages": user}),
+            400,
+            "BadRequestError",
+        ),
+        (
+            "/messages",
+            json!({"model": "sim-llama-3-8b", "max_tokens": 0, "messages": user}),
+            400,
+            "BadRequestError",
+        ),
+        (
+            "/messages",
+            json!({"model": "sim-llama-3-8b", "max_tokens": 5}),
+            400,
+            "BadRequestError",
+        ),
+        (
+            "/messages",
+            json!({"max_tokens": 5, "messages": user}),
+            400,
+            "BadRequestError",
+        ),
+        (
+            "/messages",
+            json!({"model": "sim-llama-3-8b", "max_tokens": 5,
+            "messages": [{"role": "robot", "content": "hi"}]}),
+            400,
+            "BadRequestError",
+        ),
+        (
+            "/messages",
+            json!({"model": "sim-llama-3-8b", "max_tokens": 5,
+            "messages": [{"role": "user", "content": [{"type": "video"}]}]}),
+            400,
+            "BadRequestError",
+        ),
+        (
+            "/messages/count_tokens",
+            json!({"model": "nope", "messages": user}),
+            404,
+            "NotFoundError",
+        ),
+        (
+            "/messages/count_tokens",
+            json!({"model": "sim-llama-3-8b"}),
+            400,
+            "BadRequestError",
+        ),
+    ] {
+        let (got, answer) = post(&engine, path, body.clone()).await?;
+        assert_eq!(got, status, "{body}: {answer}");
+        assert_eq!(answer["type"], "error", "{answer}");
+        assert_eq!(answer["error"]["type"], kind, "{answer}");
+        assert!(answer["error"]["message"].is_string(), "{answer}");
+    }
+    let response = client()
+        .post(format!("{}/messages", engine.base_url()))
+        .body("{nope")
+        .send()
+        .await?;
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await?;
+    assert_eq!(body["error"]["type"], "BadRequestError");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_dropped_messages_stream_ends_without_message_stop() -> Result<()> {
+    let dropping = serving(
+        "m",
+        Faults {
+            drop_rate: 1.0,
+            ..Faults::default()
+        },
+    )
+    .await?;
+    let request = json!({"model": "m", "max_tokens": 4, "stream": true,
+        "messages": [{"role": "user", "content": "two words"}]});
+    let (events, end) = message_events(&dropping, request).await?;
+    assert!(end.is_err(), "the stream was not cut: {events:?}");
+    assert!(
+        events.iter().all(|event| event["type"] != "message_stop"),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|event| event["type"] == "content_block_delta")
+    );
     Ok(())
 }
