@@ -438,6 +438,27 @@ impl Store for MemoryStore {
 
     async fn queue_ack_many(&self, name: &str, ids: &[&str]) -> Result<u64, StoreError> {
         let mut inner = self.lock();
+    async fn queue_extend(
+        &self,
+        queue: &str,
+        id: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let Some(queue) = inner.queues.get_mut(queue) else {
+            return Ok(false);
+        };
+        match queue.leased.get_mut(id) {
+            // A lease that ran out is the queue's again (another worker may take it).
+            Some(deadline) if *deadline > now => {
+                *deadline = now + lease;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
         let Some(queue) = inner.queues.get_mut(name) else {
             return Ok(0);
         };

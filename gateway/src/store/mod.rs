@@ -205,6 +205,15 @@ pub trait Store: Send + Sync + 'static {
     /// many it removed.
     async fn queue_drop_waiting(&self, queue: &str) -> Result<u64, StoreError>;
 
+    /// Leases a leased item again for `lease` from now, longer or shorter than it was (SQS's
+    /// visibility timeout): a worker keeps an item out of sight until it should be tried again.
+    /// True when it was leased; a waiting or missing item is left as it is.
+    async fn queue_extend(
+        &self,
+        queue: &str,
+        id: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError>;
     /// Sends an event to every replica (this one included).
     async fn publish(&self, event: &StoreEvent) -> Result<(), StoreError>;
     /// Events published from now on.

@@ -355,6 +355,55 @@ async fn queues(store: &dyn Store) {
     );
 
     // A queue whose name holds braces works too (on a Redis Cluster, its keys still share a
+    // A leased item's lease is set again from now: shortened, it comes back sooner; only a
+    // leased item's lease moves.
+    store.queue_push(q, &[item("h")]).await.unwrap();
+    let held = store
+        .queue_lease(q, 1, Duration::from_secs(600))
+        .await
+        .unwrap();
+    assert_eq!(ids(&held), ["h"]);
+    assert!(
+        store
+            .queue_extend(q, "h", Duration::from_millis(100))
+            .await
+            .unwrap()
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "the shortened lease runs out",
+        || async { store.queue_counts(q).await.unwrap() == counts(1, 0) },
+    )
+    .await;
+    // Run out: the queue's again, not extended.
+    assert!(
+        !store
+            .queue_extend(q, "h", Duration::from_secs(600))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .queue_extend(q, "none", Duration::from_secs(1))
+            .await
+            .unwrap()
+    );
+    let again = store
+        .queue_lease(q, 1, Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert_eq!(ids(&again), ["h"]);
+    // Lengthened, it stays out of sight after its first lease would have run out.
+    assert!(
+        store
+            .queue_extend(q, "h", Duration::from_secs(600))
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.queue_counts(q).await.unwrap(), counts(0, 1));
+    assert!(store.queue_ack(q, "h").await.unwrap());
+
     // slot).
     let odd = "}odd{name}";
     store.queue_push(odd, &[item("z")]).await.unwrap();

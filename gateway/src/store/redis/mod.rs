@@ -89,6 +89,7 @@ pub struct RedisStore {
 }
 
 impl Drop for RedisStore {
+    queue_extend: redis::Script,
     fn drop(&mut self) {
         self.subscriber.abort();
     }
@@ -136,6 +137,7 @@ impl RedisStore {
             subscriber,
         })
     }
+            queue_extend: redis::Script::new(&format!("{NOW_MS}{QUEUE_EXTEND}")),
 }
 
 #[async_trait]
@@ -386,6 +388,24 @@ impl Store for RedisStore {
         let keys = queue_keys(queue);
         let mut conn = self.conn.clone();
         let mut found = 0;
+    async fn queue_extend(
+        &self,
+        queue: &str,
+        id: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let keys = queue_keys(queue);
+        let mut conn = self.conn.clone();
+        let extended: i64 = self
+            .queue_extend
+            .key(&keys[1])
+            .arg(id)
+            .arg(lease.as_millis().max(1) as u64)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(extended == 1)
+    }
+
         for chunk in ids.chunks(PUSH_CHUNK) {
             let mut call = self.queue_ack.prepare_invoke();
             call.key(&keys[..]);

@@ -94,6 +94,17 @@ end
 return 0
 ";
 
+/// KEYS: leased. ARGV: id, lease ms. Returns 1 when the item was leased (and its lease had not
+/// run out: then it is the queue's again).
+pub(super) const QUEUE_EXTEND: &str = r"
+local deadline = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if deadline and tonumber(deadline) > now then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+  return 1
+end
+return 0
+";
+
 /// KEYS: waiting, leased. Returns {waiting, leased}, an expired lease counting as waiting.
 pub(super) const QUEUE_COUNTS: &str = r"
 local expired = redis.call('ZCOUNT', KEYS[2], '-inf', now)
