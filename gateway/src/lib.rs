@@ -15,6 +15,8 @@
 //!    rewards) on the store.
 //! 3. [`nodes`] (rigs and their tunnels) and [`batch`] (the Batch API) build on those;
 //!    [`inference`] is the request path: parse, admit, route, forward, stream, bill.
+//!    [`webhooks`] (events pushed to operators' systems, and the usage export) builds on the
+//!    ledger and the store.
 //! 4. [`state`] holds one of each; every folder's `api` module (its HTTP handlers) takes the
 //!    state; [`http`] assembles the routes and serves connections; [`server`] starts and
 //!    stops it all.
@@ -37,6 +39,7 @@ pub mod server;
 pub mod state;
 pub mod store;
 pub mod upstream;
+pub mod webhooks;
 
 pub use config::Config;
 pub use server::Gateway;

@@ -98,6 +98,7 @@ impl Gateway {
         let health_interval = Duration::from_secs(config.dispatch.health_interval_secs.max(1));
         let report_interval = config.nodes.report_interval();
         let mut background = plugins.spawn_background();
+        background.extend(state.webhooks().spawn_background());
         background.extend([
             auth.spawn_invalidator(),
             tokio::spawn(backends.run_health_checks(health_interval)),
@@ -338,7 +339,24 @@ pub async fn assemble(config: Config) -> Result<Assembled, StartError> {
         install_defaults(&plugins).await?;
     }
     let metrics = Metrics::new();
+    // Webhook endpoints' signing keys are derived from the key secret; the usage export keeps
+    // on the embedded store about as many requests as its ledger.
+    let webhooks = crate::webhooks::Webhooks::new(
+        store.clone(),
+        config.webhooks.clone(),
+        &key_secret,
+        crate::config::is_embedded(&config.store).then_some(config.usage.ledger_max_entries),
+    )?;
+    webhooks
+        .reload()
+        .await
+        .map_err(|source| StartError::Store {
+            url: redact_url(&config.store),
+            source,
+        })?;
+    usage.observe(webhooks.clone());
     metrics.register_all(plugins.metrics().collectors());
+    metrics.register_all(webhooks.collectors());
     metrics.register_all(batches.metrics().collectors());
     metrics.register_all(usage.collectors());
     metrics.register_all(nodes.collectors());
@@ -368,6 +386,7 @@ pub async fn assemble(config: Config) -> Result<Assembled, StartError> {
         sweep_interval,
     })
 }
+        webhooks,
 
 /// A rig's availability over one report period, as queued.
 #[derive(serde::Serialize, serde::Deserialize)]

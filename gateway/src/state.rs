@@ -13,6 +13,7 @@ use crate::nodes::Nodes;
 use crate::plugins::PluginHost;
 use crate::store::Store;
 
+use crate::webhooks::Webhooks;
 /// Shared state of a running gateway. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
@@ -35,6 +36,8 @@ pub struct Parts {
     pub admin_token: String,
     /// Unix seconds when this gateway started (the `created` of models it lists).
     pub started_at: u64,
+    /// Webhook endpoints and the events for them (`webhooks().emit(…)`).
+    pub webhooks: Arc<Webhooks>,
 }
 
 struct Inner {
@@ -89,6 +92,9 @@ impl AppState {
     }
     pub fn started_at(&self) -> u64 {
         self.0.parts.started_at
+    }
+    pub fn webhooks(&self) -> &Arc<Webhooks> {
+        &self.0.parts.webhooks
     }
     /// The OpenAPI document as served at `/openapi.json`, written once by the first router
     /// built from this state.

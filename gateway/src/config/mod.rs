@@ -56,6 +56,12 @@ pub const ENV_FIELDS: &[&str] = &[
     "trust.logprob_tolerance",
     "trust.replay_share",
     "usage.ledger_max_entries",
+    "webhooks.max_attempts",
+    "webhooks.backoff_base_ms",
+    "webhooks.backoff_max_ms",
+    "webhooks.timeout_ms",
+    "webhooks.poll_interval_ms",
+    "webhooks.export_retention_days",
     "batch.max_file_bytes",
     "batch.max_files_per_key",
     "batch.max_file_bytes_per_key",
@@ -159,6 +165,8 @@ pub struct Config {
     pub trust: TrustConfig,
     /// Usage metering: the ledger's retention on the embedded store.
     pub usage: UsageConfig,
+    /// Webhook deliveries (attempts, backoff, timeout) and the usage export's retention.
+    pub webhooks: crate::webhooks::config::WebhooksConfig,
     /// The Batch API: files, queues and leases.
     pub batch: BatchConfig,
     /// Install the default policy plugins into slots that were never configured (least-loaded
@@ -527,6 +535,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             trust: TrustConfig::default(),
             usage: UsageConfig::default(),
+            webhooks: Default::default(),
             batch: BatchConfig::default(),
             default_plugins: true,
             plugins: crate::plugins::config::PluginsConfig::default(),
@@ -753,6 +762,9 @@ impl Config {
         }
         if self.usage.ledger_max_entries == 0 {
             return invalid("usage.ledger_max_entries must be at least 1".into());
+        }
+        if let Some(problem) = self.webhooks.problem() {
+            return invalid(problem);
         }
         let mut names = std::collections::HashSet::new();
         for upstream in &self.upstreams {

@@ -27,6 +27,7 @@ use crate::plugins::api as plugins_api;
 use crate::request_id::RequestIdLayer;
 use crate::state::AppState;
 
+use crate::webhooks::api as webhooks_api;
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -161,6 +162,13 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(batch_api::upload_file, batch_api::list_files))
         .layer(DefaultBodyLimit::max(state.config().batch.max_file_bytes));
     // Big text that browsers and scrapers fetch with `Accept-Encoding: gzip`: compressed when
+        .routes(routes!(
+            webhooks_api::create_endpoint,
+            webhooks_api::list_endpoints
+        ))
+        .routes(routes!(webhooks_api::delete_endpoint))
+        .routes(routes!(webhooks_api::list_deliveries))
+        .routes(routes!(webhooks_api::export_usage))
     // asked. Not the inference routes: their answers are small, or streamed event by event.
     let docs = OpenApiRouter::new()
         .routes(routes!(metrics))

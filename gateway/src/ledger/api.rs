@@ -133,6 +133,14 @@ pub async fn run_payout(
         state.usage().run_payout(request),
     )
     .await?;
+    // A run that paid someone is a `payout.completed` event, with the run's id: a retry's
+    // replayed answer is the same run, and the event was emitted the first time.
+    if !replayed && !payout.lines.is_empty() {
+        let event = crate::webhooks::Event::payout_completed(&payout);
+        if let Err(err) = state.webhooks().emit_now(&[event]).await {
+            tracing::error!(payout = %payout.id, error = %err, "payout.completed not queued for webhooks");
+        }
+    }
     let mut response = (axum::http::StatusCode::CREATED, Json(payout)).into_response();
     if replayed {
         response.headers_mut().insert(

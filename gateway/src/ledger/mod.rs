@@ -178,6 +178,17 @@ pub trait UsageProcessor: Send + Sync {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct LedgerEntry {
     pub event: UsageEvent,
+/// Told of ledger entries once they are written (webhooks, the usage export).
+#[async_trait]
+pub trait LedgerObserver: Send + Sync {
+    /// `entries` were just written. `replayed` are request ids whose event came again though
+    /// the ledger had their entry (a worker stopped after writing it, before it told anyone):
+    /// an observer that must see every entry reads those. An error leaves the events queued
+    /// (on a shared store), to come again as `replayed`.
+    async fn recorded(&self, entries: &[&LedgerEntry], replayed: &[&str])
+    -> Result<(), StoreError>;
+}
+
     pub outcome: Outcome,
     /// Unix milliseconds.
     pub processed_at_ms: u64,
@@ -547,6 +558,8 @@ impl Usage {
         Self::build(store, true)
     }
 
+    /// Told of every entry written ([`Usage::observe`]).
+    observer: std::sync::OnceLock<Arc<dyn LedgerObserver>>,
     fn build(store: Arc<dyn Store>, in_process: bool) -> Arc<Self> {
         Arc::new(Usage {
             store,
@@ -614,9 +627,16 @@ impl Usage {
         corrections: &[crate::ledger::billing::Correction],
         backend: &str,
         request_id: &str,
+            observer: std::sync::OnceLock::new(),
         reported: Option<billing::Usage>,
         billed: billing::Usage,
     ) {
+    /// Tells `observer` of every entry written from now on (one observer; a second is
+    /// ignored).
+    pub fn observe(&self, observer: Arc<dyn LedgerObserver>) {
+        let _ = self.observer.set(observer);
+    }
+
         if corrections.is_empty() {
             return;
         }
@@ -947,11 +967,13 @@ impl Usage {
             // First writer wins: an event delivered twice (a crash before its ack, two workers
             // on an expired lease) has one ledger entry and is counted once.
             let inserted = self.store.record_put_new_many(LEDGER, &records).await?;
+            let mut replayed = Vec::new();
             let mut totals = Totals::default();
             for ((_, entry), inserted) in entries.iter().zip(inserted) {
                 if inserted {
                     totals.add(&entry.event, &entry.outcome);
                 }
+                        replayed.push(taken.event.request_id);
             }
             // Counters before acks: a crash in between replays events whose ledger entries
             // exist, which count nothing twice.
@@ -983,14 +1005,23 @@ impl Usage {
                 ("requests", sums.requests),
                 ("prompt", sums.prompt_tokens),
                 ("completion", sums.completion_tokens),
+            let mut written = Vec::with_capacity(entries.len());
                 ("credits_micro", sums.credits_micro),
             ] {
                 if value != 0 {
+                    written.push(entry);
                     self.store.kv_incr(&counter(name), value, None).await?;
                 }
             }
         }
         for (operator, points_micro) in totals.points_micro {
+            // So is the observer told (an entry another worker wrote, it tells of).
+            if let Some(observer) = self.observer.get()
+                && (!written.is_empty() || !replayed.is_empty())
+            {
+                let replayed: Vec<&str> = replayed.iter().map(String::as_str).collect();
+                observer.recorded(&written, &replayed).await?;
+            }
             self.store
                 .record_put(OPERATOR_INDEX, operator, operator.as_bytes())
                 .await?;

@@ -214,3 +214,27 @@ pub const PLUGIN_VERSIONS: &str = "plugin_version";
 pub fn plugin_namespace(slot: &str) -> String {
     format!("plugin:{slot}:")
 }
+// ---- webhooks and the usage export (owner: `webhooks`) -------------------------------------
+
+/// Records: webhook endpoints, by endpoint id (no secret: signing keys are derived).
+pub const WEBHOOK_ENDPOINTS: &str = "webhook_endpoint";
+
+/// Records: an endpoint's recent deliveries (attempts, last status, next attempt), by event
+/// id; the first write of an event id wins, so an event emitted twice is delivered once.
+pub fn webhook_deliveries(endpoint_id: &str) -> String {
+    format!("webhook_deliveries:{endpoint_id}")
+}
+
+/// Queue: deliveries waiting for an attempt, by `{endpoint id}:{event id}`; a failed attempt
+/// keeps its item leased until the next is due.
+pub const WEBHOOK_QUEUE: &str = "webhook_queue";
+
+/// Records: a copy of the usage ledger's entries of one UTC hour (hours since the Unix epoch,
+/// by the request's end), by request id: what `GET /admin/usage/events` reads.
+pub fn usage_export_hour(hour: u64) -> String {
+    format!("usage_export:{hour}")
+}
+
+/// Records: the hours [`usage_export_hour`] has, by hour (dropped after the retention).
+pub const USAGE_EXPORT_HOURS: &str = "usage_export_hours";
+

@@ -101,6 +101,8 @@ pub enum StoreEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueItem {
     pub id: String,
+    /// A webhook endpoint was created or deleted: replicas reload them.
+    WebhooksChanged,
     pub payload: Vec<u8>,
 }
 

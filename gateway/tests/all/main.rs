@@ -34,3 +34,4 @@ mod tls_upstream;
 mod trust;
 mod upstream;
 mod usage;
+mod webhooks;
