@@ -33,6 +33,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("fixtures/huge-output", "fixture_huge_output"),
     ("fixtures/picky-meter", "fixture_picky_meter"),
     ("fixtures/meter-v0-3", "fixture_meter_v0_3"),
+    ("fixtures/meter-v0-4", "fixture_meter_v0_4"),
 ];
 
 /// Settings of the outer build that must not leak into the guests' build: flags meant for the

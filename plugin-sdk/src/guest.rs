@@ -9,9 +9,9 @@
 //! router component does not claim to export `charge`.
 
 use crate::{
-    Admission, Award, Candidate, CandidateInfo, Charge, CountedBy, Decision, Host, LogLevel, Meter,
-    RateLimitHeaders, RateLimiter, Reward, RigReport, RouteRequest, Router, Settlement, Trust,
-    UsageEvent,
+    Admission, Award, BudgetPeriod, Candidate, CandidateInfo, Charge, CountedBy, Decision, Host,
+    LogLevel, Market, Meter, Price, QuoteRequest, RateLimitHeaders, RateLimiter, Reward, RigReport,
+    RouteRequest, Router, Settlement, Trust, UsageEvent,
 };
 
 /// The imports of every world, and the shared records.
@@ -19,7 +19,7 @@ mod imports {
     #![expect(missing_docs, reason = "generated from the WIT, whose docs it carries")]
 
     wit_bindgen::generate!({
-        path: "../wit/v0.4",
+        path: "../wit/v0.5",
         inline: r#"
             package garage:plugin-sdk;
 
@@ -27,6 +27,7 @@ mod imports {
                 import garage:policy/types@0.2.0;
                 import garage:policy/types@0.3.0;
                 import garage:policy/types@0.4.0;
+                import garage:policy/types@0.5.0;
                 import garage:policy/kv@0.2.0;
                 import garage:policy/clock@0.2.0;
                 import garage:policy/log@0.2.0;
@@ -44,6 +45,8 @@ pub use imports::garage::policy0_2_0::types as wit;
 pub use imports::garage::policy0_3_0::types as wit_v0_3;
 /// The records new in `garage:policy@0.4.0`.
 pub use imports::garage::policy0_4_0::types as wit_v0_4;
+/// The records new in `garage:policy@0.5.0`.
+pub use imports::garage::policy0_5_0::types as wit_v0_5;
 
 use imports::garage::policy0_2_0::{clock, config, kv, log};
 
@@ -79,9 +82,10 @@ macro_rules! world {
     };
 }
 
-// Every world is `garage:policy@0.4.0`'s (`wit/v0.4`): candidates and usage events that carry
-// the gateway's checks, lists of events for the meter and the reward, and an admit that says
-// whether a settle is needed (0.3.0's rate limiter). Every import stays 0.2.0's.
+// The router and rate limiter worlds are `garage:policy@0.4.0`'s (`wit/v0.4`: candidates that
+// carry the gateway's checks, an admit that says whether a settle is needed), the meter and
+// reward worlds 0.5.0's (`wit/v0.5`: usage events that carry their quoted price, lists of
+// events, the meter's quote and its `market` import). Every other import stays 0.2.0's.
 world!(
     router,
     "../wit/v0.4",
@@ -107,21 +111,26 @@ world!(
 );
 world!(
     meter,
-    "../wit/v0.4",
-    "garage:policy/meter@0.4.0",
+    "../wit/v0.5",
+    "garage:policy/meter@0.5.0",
     "export_meter_world",
     "garage_plugin_sdk::__private::meter",
-    { "garage:policy/types@0.4.0": crate::guest::imports::garage::policy0_4_0::types, }
+    {
+        "garage:policy/types@0.4.0": crate::guest::imports::garage::policy0_4_0::types,
+        "garage:policy/types@0.5.0": crate::guest::imports::garage::policy0_5_0::types,
+        "garage:policy/market@0.5.0": generate,
+    }
 );
 world!(
     reward,
-    "../wit/v0.4",
-    "garage:policy/reward@0.4.0",
+    "../wit/v0.5",
+    "garage:policy/reward@0.5.0",
     "export_reward_world",
     "garage_plugin_sdk::__private::reward",
     {
         "garage:policy/types@0.2.0": crate::guest::imports::garage::policy0_2_0::types,
         "garage:policy/types@0.4.0": crate::guest::imports::garage::policy0_4_0::types,
+        "garage:policy/types@0.5.0": crate::guest::imports::garage::policy0_5_0::types,
     }
 );
 
@@ -173,11 +182,34 @@ impl Host for WasmHost {
     }
 }
 
-/// The [`Host`] of a router: a [`WasmHost`] that can also describe the candidates. Only the
-/// router world imports `candidates`, so only a router's glue may call it.
-struct RouterHost;
+/// The [`Host`] of a world with an import of its own: a [`WasmHost`] that can also describe
+/// the candidates (the router world imports `candidates`) or tell the market (the meter world
+/// imports `market`). Only a world's glue may call its own imports.
+struct WorldHost {
+    describe: fn(u32) -> Option<CandidateInfo>,
+    market: fn(&str) -> Option<Market>,
+}
 
-impl Host for RouterHost {
+/// A router's host.
+const ROUTER_HOST: WorldHost = WorldHost {
+    describe: |index| {
+        router::garage::policy0_2_0::candidates::describe(index).map(|info| CandidateInfo {
+            id: info.id,
+            rig: info.rig,
+            operator: info.operator,
+            labels: info.labels,
+        })
+    },
+    market: |_| None,
+};
+
+/// A meter's host.
+const METER_HOST: WorldHost = WorldHost {
+    describe: |_| None,
+    market: |model| meter::garage::policy0_5_0::market::get(model).map(Market::from),
+};
+
+impl Host for WorldHost {
     fn kv_get(&self, key: &str) -> Option<Vec<u8>> {
         WasmHost.kv_get(key)
     }
@@ -215,12 +247,11 @@ impl Host for RouterHost {
     }
 
     fn candidate(&self, index: u32) -> Option<CandidateInfo> {
-        router::garage::policy0_2_0::candidates::describe(index).map(|info| CandidateInfo {
-            id: info.id,
-            rig: info.rig,
-            operator: info.operator,
-            labels: info.labels,
-        })
+        (self.describe)(index)
+    }
+
+    fn market(&self, model: &str) -> Option<Market> {
+        (self.market)(model)
     }
 }
 
@@ -231,7 +262,7 @@ pub fn route<P: Router>(
 ) -> Result<Vec<u32>, String> {
     let request = RouteRequest::from(request);
     let candidates: Vec<Candidate> = candidates.into_iter().map(Candidate::from).collect();
-    P::route(&RouterHost, &request, &candidates)
+    P::route(&ROUTER_HOST, &request, &candidates)
 }
 
 /// `admit` of the `rate-limiter` world, for `export_rate_limiter!`.
@@ -249,20 +280,29 @@ pub fn settle<P: RateLimiter>(settlement: wit::Settlement) {
     P::settle(&WasmHost, &Settlement::from(settlement));
 }
 
+/// `quote` of the `meter` world, for `export_meter!`.
+pub fn quote<P: Meter>(request: wit_v0_5::QuoteRequest) -> Result<Option<wit_v0_5::Price>, String> {
+    let request = QuoteRequest {
+        model: request.model,
+        batch: request.batch,
+    };
+    P::quote(&METER_HOST, &request).map(|price| price.map(Into::into))
+}
+
 /// `charge` of the `meter` world, for `export_meter!`: the plugin's `charge` of each event.
 pub fn charge<P: Meter>(
-    events: Vec<wit_v0_4::UsageEvent>,
-) -> Vec<Result<wit_v0_4::Charge, String>> {
+    events: Vec<wit_v0_5::UsageEvent>,
+) -> Vec<Result<wit_v0_5::Charge, String>> {
     events
         .into_iter()
-        .map(|event| P::charge(&WasmHost, &UsageEvent::from(event)).map(Into::into))
+        .map(|event| P::charge(&METER_HOST, &UsageEvent::from(event)).map(Into::into))
         .collect()
 }
 
 /// `on-usage` of the `reward` world, for `export_reward!`: the plugin's `on_usage` of each
 /// event.
 pub fn on_usage<P: Reward>(
-    events: Vec<wit_v0_4::UsageEvent>,
+    events: Vec<wit_v0_5::UsageEvent>,
 ) -> Vec<Result<Vec<wit::Award>, String>> {
     events
         .into_iter()
@@ -371,8 +411,8 @@ impl From<wit::Settlement> for Settlement {
     }
 }
 
-impl From<wit_v0_4::UsageEvent> for UsageEvent {
-    fn from(e: wit_v0_4::UsageEvent) -> Self {
+impl From<wit_v0_5::UsageEvent> for UsageEvent {
+    fn from(e: wit_v0_5::UsageEvent) -> Self {
         Self {
             request_id: e.request_id,
             key_id: e.key_id,
@@ -395,16 +435,65 @@ impl From<wit_v0_4::UsageEvent> for UsageEvent {
             reported_prompt_tokens: e.reported_prompt_tokens,
             reported_completion_tokens: e.reported_completion_tokens,
             trust: e.trust.into(),
+            price: e.price.map(Price::from),
         }
     }
 }
 
-impl From<Charge> for wit_v0_4::Charge {
+impl From<wit_v0_5::Price> for Price {
+    fn from(p: wit_v0_5::Price) -> Self {
+        Self {
+            prompt_per_thousand: p.prompt_per_thousand,
+            completion_per_thousand: p.completion_per_thousand,
+        }
+    }
+}
+
+impl From<Price> for wit_v0_5::Price {
+    fn from(p: Price) -> Self {
+        Self {
+            prompt_per_thousand: p.prompt_per_thousand,
+            completion_per_thousand: p.completion_per_thousand,
+        }
+    }
+}
+
+impl From<wit_v0_5::Market> for Market {
+    fn from(m: wit_v0_5::Market) -> Self {
+        Self {
+            model: m.model,
+            rigs: m.rigs,
+            capacity_tokens_per_second: m.capacity_tokens_per_second,
+            utilization: m.utilization,
+            queue_depth: m.queue_depth,
+            in_flight: m.in_flight,
+            demand_requests_per_minute: m.demand_requests_per_minute,
+        }
+    }
+}
+
+impl From<Charge> for wit_v0_5::Charge {
     fn from(c: Charge) -> Self {
         Self {
             credits: c.credits,
             budget_exhausted: c.budget_exhausted,
             exhausted_until_ms: c.exhausted_until_ms,
+            budgets: c
+                .budgets
+                .into_iter()
+                .map(|b| wit_v0_5::BudgetUse {
+                    period: match b.period {
+                        BudgetPeriod::Lifetime => wit_v0_5::BudgetPeriod::Lifetime,
+                        BudgetPeriod::Day => wit_v0_5::BudgetPeriod::Day,
+                        BudgetPeriod::Week => wit_v0_5::BudgetPeriod::Week,
+                        BudgetPeriod::Month => wit_v0_5::BudgetPeriod::Month,
+                    },
+                    spent: b.spent,
+                    limit: b.limit,
+                    starts_at_ms: b.starts_at_ms,
+                    resets_at_ms: b.resets_at_ms,
+                })
+                .collect(),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! What the gateway offers a plugin: the imports of every `garage:policy` world.
 
-use crate::{CandidateInfo, LogLevel};
+use crate::{CandidateInfo, LogLevel, Market};
 
 /// The gateway as a plugin sees it: key-value state, a clock, logging, the plugin's own
 /// configuration, and for a router who its candidates are (WIT interfaces `kv`, `clock`, `log`,
@@ -77,6 +77,13 @@ pub trait Host {
     /// candidates it cares about.
     fn candidate(&self, index: u32) -> Option<CandidateInfo> {
         let _ = index;
+        None
+    }
+
+    /// Supply and demand for `model` now (WIT `market.get`), during a meter's
+    /// [`quote`](crate::Meter::quote) of that model; `None` otherwise.
+    fn market(&self, model: &str) -> Option<Market> {
+        let _ = model;
         None
     }
 }

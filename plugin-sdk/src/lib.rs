@@ -137,8 +137,9 @@ mod guest;
 
 pub use host::Host;
 pub use types::{
-    Admission, Award, Candidate, CandidateInfo, Charge, CountedBy, Decision, LogLevel,
-    RateLimitHeaders, RigReport, RouteRequest, Settlement, Trust, UsageEvent, candidate_key,
+    Admission, Award, BudgetPeriod, BudgetUse, Candidate, CandidateInfo, Charge, CountedBy,
+    Decision, LogLevel, Market, Price, QuoteRequest, RateLimitHeaders, RigReport, RouteRequest,
+    Settlement, Trust, UsageEvent, candidate_key,
 };
 
 /// The `router` world: picks where a request goes.
@@ -229,8 +230,43 @@ pub trait RateLimiter {
 /// ```
 pub trait Meter {
     /// The charge for one completed request. Called off the hot path, at least once per event
-    /// (the gateway deduplicates by request id).
+    /// (the gateway deduplicates by request id). A request the meter quoted carries its
+    /// [`price`](UsageEvent::price): charge that, whatever the market did since.
     fn charge(host: &dyn Host, event: &UsageEvent) -> Result<Charge, String>;
+
+    /// The price of a model's tokens now, asked at admission (and for the model list): the
+    /// request is charged it and its account holds credits for it. The gateway keeps a quote
+    /// for about a second. [`Host::market`] tells the model's supply and demand during the
+    /// call. `Ok(None)`, the default, quotes nothing: `charge` prices alone.
+    ///
+    /// ```
+    /// use garage_plugin_sdk::{Host, Market, Meter, Price, QuoteRequest, Charge, UsageEvent};
+    /// use garage_plugin_sdk::testing::MemoryHost;
+    ///
+    /// /// Twice the price when the rigs are busier than 80 %.
+    /// struct Surge;
+    ///
+    /// impl Meter for Surge {
+    ///     fn quote(host: &dyn Host, request: &QuoteRequest) -> Result<Option<Price>, String> {
+    ///         let busy = host.market(&request.model).is_some_and(|m| m.utilization > 0.8);
+    ///         let per_thousand = if busy { 2.0 } else { 1.0 };
+    ///         Ok(Some(Price { prompt_per_thousand: per_thousand, completion_per_thousand: per_thousand }))
+    ///     }
+    ///     fn charge(_: &dyn Host, event: &UsageEvent) -> Result<Charge, String> {
+    ///         let price = event.price.unwrap_or(Price { prompt_per_thousand: 1.0, completion_per_thousand: 1.0 });
+    ///         Ok(Charge { credits: price.cost(event.prompt_tokens, event.completion_tokens), ..Charge::default() })
+    ///     }
+    /// }
+    ///
+    /// let host = MemoryHost::new();
+    /// host.set_market(Market { model: "m".into(), utilization: 0.9, ..Market::default() });
+    /// let request = QuoteRequest { model: "m".into(), batch: false };
+    /// assert_eq!(Surge::quote(&host, &request).unwrap().unwrap().prompt_per_thousand, 2.0);
+    /// ```
+    fn quote(host: &dyn Host, request: &QuoteRequest) -> Result<Option<Price>, String> {
+        let _ = (host, request);
+        Ok(None)
+    }
 }
 
 /// The `reward` world: pays rig operators.
@@ -359,11 +395,19 @@ macro_rules! export_meter {
         const _: () = {
             struct GarageMeterExport;
             impl $crate::__private::meter::Guest for GarageMeterExport {
+                fn quote(
+                    request: $crate::__private::wit_v0_5::QuoteRequest,
+                ) -> ::std::result::Result<
+                    ::std::option::Option<$crate::__private::wit_v0_5::Price>,
+                    ::std::string::String,
+                > {
+                    $crate::__private::quote::<$plugin>(request)
+                }
                 fn charge(
-                    events: ::std::vec::Vec<$crate::__private::wit_v0_4::UsageEvent>,
+                    events: ::std::vec::Vec<$crate::__private::wit_v0_5::UsageEvent>,
                 ) -> ::std::vec::Vec<
                     ::std::result::Result<
-                        $crate::__private::wit_v0_4::Charge,
+                        $crate::__private::wit_v0_5::Charge,
                         ::std::string::String,
                     >,
                 > {
@@ -400,7 +444,7 @@ macro_rules! export_reward {
             struct GarageRewardExport;
             impl $crate::__private::reward::Guest for GarageRewardExport {
                 fn on_usage(
-                    events: ::std::vec::Vec<$crate::__private::wit_v0_4::UsageEvent>,
+                    events: ::std::vec::Vec<$crate::__private::wit_v0_5::UsageEvent>,
                 ) -> ::std::vec::Vec<
                     ::std::result::Result<
                         ::std::vec::Vec<$crate::__private::wit::Award>,

@@ -6,7 +6,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
-use crate::{CandidateInfo, Host, LogLevel};
+use crate::{CandidateInfo, Host, LogLevel, Market};
 
 /// A [`Host`] for tests: key-value state in memory with TTLs that follow a clock the test
 /// sets, captured log lines, and a configuration string.
@@ -41,6 +41,7 @@ pub struct MemoryHost {
     logs: RefCell<Vec<(LogLevel, String)>>,
     config: RefCell<String>,
     candidates: RefCell<Vec<CandidateInfo>>,
+    market: RefCell<Option<Market>>,
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +81,7 @@ impl MemoryHost {
             logs: RefCell::default(),
             config: RefCell::new(config.into()),
             candidates: RefCell::default(),
+            market: RefCell::default(),
         }
     }
 
@@ -96,6 +98,12 @@ impl MemoryHost {
     /// ```
     pub fn set_candidates(&self, infos: Vec<CandidateInfo>) {
         *self.candidates.borrow_mut() = infos;
+    }
+
+    /// Sets the market [`Host::market`] answers for its model, as the gateway does during a
+    /// meter's `quote`.
+    pub fn set_market(&self, market: Market) {
+        *self.market.borrow_mut() = Some(market);
     }
 
     /// Replaces the plugin configuration.
@@ -242,6 +250,10 @@ impl Host for MemoryHost {
 
     fn candidate(&self, index: u32) -> Option<CandidateInfo> {
         self.candidates.borrow().get(index as usize).cloned()
+    }
+
+    fn market(&self, model: &str) -> Option<Market> {
+        self.market.borrow().clone().filter(|m| m.model == model)
     }
 }
 

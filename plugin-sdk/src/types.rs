@@ -301,8 +301,93 @@ pub struct Settlement {
     pub used_tokens: u32,
 }
 
-/// A completed request, for metering and rewards (WIT `usage-event`).
+/// A price in credits per thousand tokens (WIT `price`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Price {
+    /// Credits per 1,000 prompt tokens.
+    pub prompt_per_thousand: f64,
+    /// Credits per 1,000 completion tokens.
+    pub completion_per_thousand: f64,
+}
+
+impl Price {
+    /// The credits `prompt` and `completion` tokens cost at this price.
+    ///
+    /// ```
+    /// use garage_plugin_sdk::Price;
+    ///
+    /// let price = Price { prompt_per_thousand: 0.5, completion_per_thousand: 2.0 };
+    /// assert_eq!(price.cost(2_000, 500), 2.0);
+    /// ```
+    pub fn cost(&self, prompt: u64, completion: u64) -> f64 {
+        (prompt as f64 * self.prompt_per_thousand
+            + completion as f64 * self.completion_per_thousand)
+            / 1_000.0
+    }
+}
+
+/// What a meter is asked to price (WIT `quote-request`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QuoteRequest {
+    /// Model name as clients ask for it.
+    pub model: String,
+    /// For a line of the Batch API (which may have its own discount).
+    pub batch: bool,
+}
+
+/// Supply and demand for one model, as the gateway sees it now (WIT `market`): what a meter
+/// that follows the market prices by. See [`Host::market`](crate::Host::market).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Market {
+    /// The model.
+    pub model: String,
+    /// Healthy backends serving the model.
+    pub rigs: u32,
+    /// Their measured decode speed summed, tokens per second (0.0 before any is measured).
+    pub capacity_tokens_per_second: f64,
+    /// How busy they are, 0.0 to 1.0: per backend the larger of its KV-cache use and GPU
+    /// utilisation, averaged.
+    pub utilization: f64,
+    /// Requests queued in the engines, summed.
+    pub queue_depth: u32,
+    /// Requests the gateway has in flight on those backends.
+    pub in_flight: u32,
+    /// Requests for the model admitted per minute, recently.
+    pub demand_requests_per_minute: f64,
+}
+
+/// Which budget a [`BudgetUse`] is about (WIT `budget-period`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum BudgetPeriod {
+    /// For the life of the key.
+    #[default]
+    Lifetime,
+    /// A calendar day.
+    Day,
+    /// A calendar week, from Monday.
+    Week,
+    /// A calendar month.
+    Month,
+}
+
+/// How much of one budget of a key is used, after a charge (WIT `budget-use`): the gateway
+/// alerts when it crosses a threshold the operator set.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BudgetUse {
+    /// Which budget.
+    pub period: BudgetPeriod,
+    /// Credits spent in the period (or ever).
+    pub spent: f64,
+    /// The budget.
+    pub limit: f64,
+    /// When the period began, milliseconds since the Unix epoch; `None` for a lifetime budget.
+    pub starts_at_ms: Option<u64>,
+    /// When the period ends, milliseconds since the Unix epoch; `None` for a lifetime budget.
+    pub resets_at_ms: Option<u64>,
+}
+
+/// A completed request, for metering and rewards (WIT `usage-event`).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct UsageEvent {
     /// Unique per request: metering and rewards are idempotent on it.
     pub request_id: String,
@@ -341,6 +426,9 @@ pub struct UsageEvent {
     pub reported_completion_tokens: Option<u64>,
     /// The backend's trust when it served the request.
     pub trust: Trust,
+    /// The price the meter quoted at admission ([`Meter::quote`](crate::Meter::quote)): what
+    /// the request is charged. `None` when the meter quoted nothing.
+    pub price: Option<Price>,
 }
 
 impl UsageEvent {
@@ -365,7 +453,7 @@ impl UsageEvent {
 }
 
 /// The meter's answer for one usage event (WIT `charge`).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Charge {
     /// Credits charged to the key.
     pub credits: f64,
@@ -374,6 +462,9 @@ pub struct Charge {
     /// With `budget_exhausted`: when the budget resets, milliseconds since the Unix epoch (a
     /// period budget's next period); `None` for a budget that never resets.
     pub exhausted_until_ms: Option<u64>,
+    /// The key's budgets and how much of each is used after this charge (empty when it has
+    /// none).
+    pub budgets: Vec<BudgetUse>,
 }
 
 /// Periodic report of a rig, for uptime rewards (WIT `rig-report`).

@@ -65,7 +65,11 @@ pub fn world(name: &str) -> Option<&'static str> {
     Some(match name {
         "router-round-robin" | "router-least-loaded" | "router-prefix-affinity" => "router",
         "rate-limiter" => "rate-limiter",
-        "meter" | "fixture-wrong-world" | "fixture-picky-meter" | "fixture-meter-v0-3" => "meter",
+        "meter"
+        | "fixture-wrong-world"
+        | "fixture-picky-meter"
+        | "fixture-meter-v0-3"
+        | "fixture-meter-v0-4" => "meter",
         "reward" => "reward",
         "fixture-infinite-loop"
         | "fixture-memory-bomb"
@@ -97,13 +101,19 @@ pub mod fixtures {
     /// `{"entries": N}` says: the host must bound what it accepts.
     pub const HUGE_OUTPUT: &[u8] = component!("fixture_huge_output");
 
-    /// A meter of `garage:policy@0.3.0` that answers each event of a list by its model:
-    /// `refused` gets an error, `trap` traps (failing the whole call), others one credit.
+    /// A meter that answers each event of a list, and each quote, by its model: `refused`
+    /// gets an error, `trap` traps (failing the whole call), others one credit (or their
+    /// quoted price); quotes for `nan` and `negative` are prices no one can be charged,
+    /// `none` quotes nothing, others 2 and 4 credits per 1,000 tokens.
     pub const PICKY_METER: &[u8] = component!("fixture_picky_meter");
 
     /// A meter built against `garage:policy@0.3.0` with wit-bindgen alone (no SDK), standing
     /// for a component from before 0.4.0: a credit per thousand tokens of each event.
     pub const METER_V0_3: &[u8] = component!("fixture_meter_v0_3");
+
+    /// A meter built against `garage:policy@0.4.0` with wit-bindgen alone (no SDK), standing
+    /// for a component from before 0.5.0: it quotes nothing.
+    pub const METER_V0_4: &[u8] = component!("fixture_meter_v0_4");
 
     /// The fixtures, by name: `fixture-infinite-loop`, `fixture-memory-bomb`, `fixture-trap`,
     /// `fixture-wrong-world`, `fixture-huge-output`, `fixture-picky-meter`,
@@ -117,6 +127,7 @@ pub mod fixtures {
             ("fixture-huge-output", HUGE_OUTPUT),
             ("fixture-picky-meter", PICKY_METER),
             ("fixture-meter-v0-3", METER_V0_3),
+            ("fixture-meter-v0-4", METER_V0_4),
         ];
         ALL
     }

@@ -31,6 +31,8 @@ pub(crate) struct LoadedPlugin {
     rollback_requested: AtomicBool,
     /// When a fault was last logged: a plugin faulting on every request logs once a second.
     last_fault_log: Mutex<Option<Instant>>,
+    /// This version's recent quotes, when it is a meter (see `PluginHost::quote`).
+    pub quotes: crate::plugins::host::QuoteCache,
 }
 
 /// An instance with its store.
@@ -116,6 +118,7 @@ impl LoadedPlugin {
             faults: Mutex::new(VecDeque::new()),
             rollback_requested: AtomicBool::new(false),
             last_fault_log: Mutex::new(None),
+            quotes: Default::default(),
         }
     }
 
@@ -123,6 +126,11 @@ impl LoadedPlugin {
     /// (`garage:policy@0.3.0`); a 0.2.0 component takes one.
     pub fn takes_lists(&self) -> bool {
         self.prepared.takes_lists()
+    }
+
+    /// Whether the version's meter quotes prices (`garage:policy@0.5.0`).
+    pub fn quotes(&self) -> bool {
+        self.prepared.quotes()
     }
 
     /// Whether this loaded version can stand for `info` (same bytes, same configuration), so a

@@ -40,7 +40,10 @@ pub mod types {
         Admission, Award, CandidateInfo, Decision, RateLimitHeaders, RigReport, RouteRequest,
         Settlement,
     };
-    pub use super::bindings::v0_4::types::{Candidate, Charge, CountedBy, Trust, UsageEvent};
+    pub use super::bindings::v0_4::types::{Candidate, CountedBy, Trust};
+    pub use super::bindings::v0_5::types::{
+        BudgetPeriod, BudgetUse, Charge, Market, Price as QuotedPrice, QuoteRequest, UsageEvent,
+    };
 }
 
 pub use types::*;

@@ -98,6 +98,8 @@ pub(crate) struct HostState {
     error_logged: Option<String>,
     /// Who the candidates of the `route` call in progress are, for `candidates.describe`.
     candidates: Vec<Arc<CandidateInfo>>,
+    /// The market of the model of the `quote` call in progress, for `market.get`.
+    market: Option<crate::plugins::Market>,
 }
 
 impl HostState {
@@ -113,6 +115,7 @@ impl HostState {
             log_lines: 0,
             error_logged: None,
             candidates: Vec::new(),
+            market: None,
         }
     }
 
@@ -120,6 +123,16 @@ impl HostState {
     pub fn set_candidates(&mut self, infos: &[Arc<CandidateInfo>]) {
         self.candidates.clear();
         self.candidates.extend(infos.iter().cloned());
+    }
+
+    /// Sets the market of the coming `quote` call (`None` after it).
+    pub fn set_market(&mut self, market: Option<crate::plugins::Market>) {
+        self.market = market;
+    }
+
+    /// The market of the `quote` call in progress.
+    pub fn market(&self) -> Option<&crate::plugins::Market> {
+        self.market.as_ref()
     }
 
     /// Who `candidates[index]` of the `route` call in progress is.

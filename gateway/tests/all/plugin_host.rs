@@ -19,7 +19,8 @@ use sha2::{Digest, Sha256};
 /// The default plugins and the hostile fixtures, built from `plugins/guests/`.
 mod components {
     pub use garage_plugins::fixtures::{
-        HUGE_OUTPUT, INFINITE_LOOP, MEMORY_BOMB, METER_V0_3, PICKY_METER, TRAP, WRONG_WORLD,
+        HUGE_OUTPUT, INFINITE_LOOP, MEMORY_BOMB, METER_V0_3, METER_V0_4, PICKY_METER, TRAP,
+        WRONG_WORLD,
     };
     pub use garage_plugins::{
         METER, RATE_LIMITER, REWARD, ROUTER_LEAST_LOADED, ROUTER_PREFIX_AFFINITY,
@@ -158,6 +159,7 @@ fn usage(request_id: &str) -> UsageEvent {
         reported_prompt_tokens: Some(1000),
         reported_completion_tokens: Some(500),
         trust: garage_gateway::plugins::Trust::Verified,
+        price: None,
     }
 }
 
@@ -1666,6 +1668,171 @@ async fn a_meter_of_an_older_contract_gets_the_events_converted_down() {
         .collect();
     assert_eq!(credits, [1.5, 2.5, 3.5]);
     assert_eq!(status(&host, Slot::Meter).calls, 1, "one call for the list");
+}
+
+// ---- garage:policy@0.5.0: quotes, the market, budgets in the charge ------------------------
+
+fn market(model: &str, in_flight: u32) -> garage_gateway::plugins::Market {
+    garage_gateway::plugins::Market {
+        model: model.into(),
+        rigs: 1,
+        capacity_tokens_per_second: 50.0,
+        utilization: 0.0,
+        queue_depth: 0,
+        in_flight,
+        demand_requests_per_minute: 0.0,
+    }
+}
+
+/// The default meter quotes its table's price, moved by the market the host hands it; the
+/// host keeps a version's quote for a model about a second (one call for many requests), and
+/// a new version quotes afresh.
+#[tokio::test]
+async fn the_meter_quotes_by_the_market_and_a_quote_is_kept_for_a_second() {
+    let host = host_with(Arc::new(MemoryStore::new()), config()).await;
+    let meter = r#"{"default_price": {"prompt": 1.0, "completion": 2.0}, "batch_discount": 0.5,
+        "market": {"interval_ms": 0, "smoothing": 1.0, "slots_per_rig": 4}}"#;
+    host.install(Slot::Meter, components::METER, meter, "test")
+        .await
+        .unwrap();
+    let calls = status(&host, Slot::Meter).calls;
+    // Four requests in flight on four slots: as busy as can be, three times the table.
+    let busy = host
+        .quote("r1", "m", false, || market("m", 4))
+        .await
+        .unwrap();
+    assert_eq!((busy.prompt_per_1k, busy.completion_per_1k), (3.0, 6.0));
+    // Kept: the market is not even asked.
+    let kept = host
+        .quote("r2", "m", false, || {
+            unreachable!("a kept quote asks no market")
+        })
+        .await;
+    assert_eq!(kept, Some(busy));
+    assert_eq!(status(&host, Slot::Meter).calls, calls + 1);
+    // A batch line's quote is its own, with the discount.
+    let batch = host
+        .quote("r3", "m", true, || market("m", 4))
+        .await
+        .unwrap();
+    assert_eq!(batch.prompt_per_1k, 1.5);
+    // Another model is another quote: idle, half the table.
+    let idle = host
+        .quote("r4", "other", false, || market("other", 0))
+        .await
+        .unwrap();
+    assert_eq!(idle.prompt_per_1k, 0.5);
+    // A new version (another configuration) quotes afresh.
+    host.install(
+        Slot::Meter,
+        components::METER,
+        r#"{"default_price": {"prompt": 7.0, "completion": 7.0}}"#,
+        "test",
+    )
+    .await
+    .unwrap();
+    let fresh = host
+        .quote("r5", "m", false, || market("m", 4))
+        .await
+        .unwrap();
+    assert_eq!(fresh.prompt_per_1k, 7.0);
+}
+
+/// A quote that makes no sense (an error, a trap, NaN, a negative price) or none at all: the
+/// request is quoted nothing (its charge decides), each fault is counted like any other, and
+/// what was not quoted is not kept as if it were a price.
+#[tokio::test]
+async fn a_hostile_quote_quotes_nothing_and_counts_as_a_fault() {
+    let host = host_with(Arc::new(MemoryStore::new()), config()).await;
+    host.install(Slot::Meter, components::PICKY_METER, "{}", "test")
+        .await
+        .unwrap();
+    for model in ["refused", "trap", "nan", "negative", "none"] {
+        let quote = host.quote(model, model, false, || market(model, 0)).await;
+        assert_eq!(quote, None, "{model}");
+    }
+    let faults = status(&host, Slot::Meter).faults;
+    assert_eq!(
+        (faults.plugin_error, faults.trap, faults.bad_output),
+        (1, 1, 2),
+        "{faults:?}"
+    );
+    // A fine quote from the same meter, and the charge at it.
+    let price = host
+        .quote("ok", "m", false, || market("m", 0))
+        .await
+        .unwrap();
+    assert_eq!((price.prompt_per_1k, price.completion_per_1k), (2.0, 4.0));
+    let event = UsageEvent {
+        prompt_tokens: 1000,
+        completion_tokens: 500,
+        price: Some(garage_gateway::plugins::QuotedPrice {
+            prompt_per_thousand: price.prompt_per_1k,
+            completion_per_thousand: price.completion_per_1k,
+        }),
+        ..usage("quoted")
+    };
+    assert_eq!(host.charge(&event).await.unwrap().unwrap().credits, 4.0);
+}
+
+/// A meter built against 0.4.0 (before quotes) still loads: it quotes nothing, without a
+/// fault, and its charges come up with their reset time and no budgets.
+#[tokio::test]
+async fn a_meter_of_0_4_quotes_nothing_and_its_charges_convert_up() {
+    let host = host_with(Arc::new(MemoryStore::new()), config()).await;
+    host.install(Slot::Meter, components::METER_V0_4, "{}", "test")
+        .await
+        .unwrap();
+    assert_eq!(host.quote("q", "m", false, || market("m", 0)).await, None);
+    let mut batch = events("old4", &["m", "m"]);
+    batch[0].request_id = "spent@1800000000000".into();
+    batch[0].trust = garage_gateway::plugins::Trust::Verified;
+    batch[1].trust = garage_gateway::plugins::Trust::Suspect;
+    let charges: Vec<_> = host
+        .charge_many(&batch)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(charges[0].credits, 1.5);
+    assert!(charges[0].budget_exhausted);
+    assert_eq!(charges[0].exhausted_until_ms, Some(1_800_000_000_000));
+    assert!(
+        !charges[1].budget_exhausted,
+        "the trust reached it: {charges:?}"
+    );
+    assert!(charges.iter().all(|c| c.budgets.is_empty()));
+    let faults = status(&host, Slot::Meter).faults;
+    assert_eq!(faults.plugin_error + faults.trap + faults.bad_output, 0);
+}
+
+/// The default meter's charge reports the key's budgets and how much of each is used.
+#[tokio::test]
+async fn the_charge_reports_the_keys_budgets() {
+    let host = host_with(Arc::new(MemoryStore::new()), config()).await;
+    host.install(
+        Slot::Meter,
+        components::METER,
+        r#"{"default_budget": 10.0, "period_budgets": {"day": 4.0}}"#,
+        "test",
+    )
+    .await
+    .unwrap();
+    let charge = host.charge(&usage("budgets")).await.unwrap().unwrap();
+    let used: Vec<_> = charge
+        .budgets
+        .iter()
+        .map(|b| (b.period, b.spent, b.limit, b.starts_at_ms.is_some()))
+        .collect();
+    use garage_gateway::plugins::BudgetPeriod;
+    assert_eq!(
+        used,
+        [
+            (BudgetPeriod::Lifetime, charge.credits, 10.0, false),
+            (BudgetPeriod::Day, charge.credits, 4.0, true),
+        ]
+    );
 }
 
 /// A limiter of 0.3.0 that reserved no tokens says so, and the gateway makes no settle call

@@ -28,6 +28,7 @@ fn event(id: &str, key: &str) -> UsageEvent {
         batch: false,
         counted: Default::default(),
         trust: None,
+        price: None,
     }
 }
 

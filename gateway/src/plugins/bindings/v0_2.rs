@@ -246,6 +246,8 @@ impl Live {
             (Live::Reward(reward), Call::OnReport(report)) => {
                 Answer::Awards(reward.call_on_report(store, report).await?)
             }
+            // Meters before 0.5.0 quote no prices.
+            (Live::Meter(_), Call::Quote(..)) => Answer::Quote(None),
             (_, call) => wasmtime::bail!(
                 "internal: `{}` called on a plugin of another slot",
                 call.export_name()
@@ -297,5 +299,6 @@ pub(super) fn newer_charge(c: types::Charge) -> crate::plugins::Charge {
         credits: c.credits,
         budget_exhausted: c.budget_exhausted,
         exhausted_until_ms: None,
+        budgets: Vec::new(),
     }
 }

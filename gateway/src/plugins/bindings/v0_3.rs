@@ -130,6 +130,8 @@ impl Live {
             (Live::Reward(reward), Call::OnReport(report)) => {
                 Answer::Awards(reward.call_on_report(store, report).await?)
             }
+            // Meters before 0.5.0 quote no prices.
+            (Live::Meter(_), Call::Quote(..)) => Answer::Quote(None),
             (_, call) => wasmtime::bail!(
                 "internal: `{}` called on a plugin of another slot",
                 call.export_name()

@@ -119,14 +119,24 @@ impl Live {
                 Answer::Route(answer?)
             }
             (Live::Meter(meter), Call::Charge(events)) => {
-                Answer::Charge(meter.call_charge(store, events).await?)
+                let events: Vec<_> = events.iter().map(super::v0_5::older_event).collect();
+                let answers = meter.call_charge(store, &events).await?;
+                Answer::Charge(
+                    answers
+                        .into_iter()
+                        .map(|answer| answer.map(super::v0_5::newer_charge))
+                        .collect(),
+                )
             }
             (Live::Reward(reward), Call::OnUsage(events)) => {
-                Answer::OnUsage(reward.call_on_usage(store, events).await?)
+                let events: Vec<_> = events.iter().map(super::v0_5::older_event).collect();
+                Answer::OnUsage(reward.call_on_usage(store, &events).await?)
             }
             (Live::Reward(reward), Call::OnReport(report)) => {
                 Answer::Awards(reward.call_on_report(store, report).await?)
             }
+            // Meters before 0.5.0 quote no prices.
+            (Live::Meter(_), Call::Quote(..)) => Answer::Quote(None),
             (_, call) => wasmtime::bail!(
                 "internal: `{}` called on a plugin of another slot",
                 call.export_name()

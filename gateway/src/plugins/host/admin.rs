@@ -126,6 +126,7 @@ impl PluginHost {
             reported_prompt_tokens: Some(1),
             reported_completion_tokens: Some(1),
             trust: crate::plugins::Trust::Configured,
+            price: None,
         };
         let call = match slot {
             Slot::Router => Call::Route(&request, &candidates, &infos),

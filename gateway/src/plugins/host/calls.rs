@@ -117,6 +117,57 @@ impl PluginHost {
         }
     }
 
+    /// The meter's price for `model` now, quoted at a request's admission: what the request is
+    /// charged. `None` when no meter is installed, the meter is of a version before 0.5.0 (it
+    /// quotes nothing), or it faulted or declined (its `charge` then decides alone).
+    ///
+    /// The version asked is the one that will charge the request (picked by its id, as the
+    /// charge is), and its answer for a model is kept for [`QUOTE_KEPT`]: a meter is asked a
+    /// few times a second per model, not once per request. `market` describes the model's
+    /// supply and demand; it is only built when the meter is asked.
+    pub async fn quote(
+        &self,
+        request_id: &str,
+        model: &str,
+        batch: bool,
+        market: impl FnOnce() -> Market,
+    ) -> Option<Price> {
+        let bundle = self.cell(Slot::Meter).bundle.load_full();
+        let (plugin, role) = match &bundle.canary {
+            Some((canary, percent)) if Pick::Hash(request_id).draw() < *percent => {
+                (canary.clone(), "canary")
+            }
+            _ => (bundle.active.clone()?, "active"),
+        };
+        drop(bundle);
+        if !plugin.quotes() {
+            return None;
+        }
+        let now = Instant::now();
+        if let Some(kept) = plugin.quotes.get(model, batch, now) {
+            return kept;
+        }
+        let request = QuoteRequest {
+            model: model.to_owned(),
+            batch,
+        };
+        let market = market();
+        let checked = match self
+            .call_on(&plugin, role, Call::Quote(&request, &market))
+            .await
+        {
+            Ok(Answer::Quote(None)) => return None,
+            Ok(Answer::Quote(Some(Ok(Some(price))))) => check_price(price).map(Some),
+            Ok(Answer::Quote(Some(Ok(None)))) => Ok(None),
+            Ok(Answer::Quote(Some(Err(message)))) => Err((FaultKind::PluginError, message)),
+            Ok(other) => Err(unexpected(&other)),
+            Err(fault) => Err(fault),
+        };
+        let price = self.settle_answer(&plugin, checked).ok().flatten();
+        plugin.quotes.put(model, batch, now, price);
+        price
+    }
+
     /// Prices a completed request. `Ok(None)`: no meter installed. An error (a fault, or the
     /// meter's own error) means the event stays queued and is retried.
     pub async fn charge(&self, event: &UsageEvent) -> Result<Option<Charge>, PluginFault> {
@@ -572,6 +623,33 @@ fn runs_of(indices: &[usize]) -> Vec<Vec<usize>> {
         }
     }
     runs
+}
+
+/// How long a meter's quote for a model is used before the meter is asked again.
+pub const QUOTE_KEPT: Duration = Duration::from_secs(1);
+/// Most quotes a version keeps (models, batch or not); past it its cache starts over.
+const MAX_QUOTES: usize = 4096;
+
+/// A meter version's recent quotes, by model and whether for a batch line.
+#[derive(Default)]
+pub(crate) struct QuoteCache(Mutex<HashMap<(bool, String), (Instant, Option<Price>)>>);
+
+impl QuoteCache {
+    fn get(&self, model: &str, batch: bool, now: Instant) -> Option<Option<Price>> {
+        let kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Looked up by an owned key: a hit allocates one short string, a miss costs a plugin
+        // call anyway.
+        let (at, price) = kept.get(&(batch, model.to_owned()))?;
+        (now.saturating_duration_since(*at) < QUOTE_KEPT).then_some(*price)
+    }
+
+    fn put(&self, model: &str, batch: bool, now: Instant, price: Option<Price>) {
+        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() >= MAX_QUOTES {
+            kept.clear();
+        }
+        kept.insert((batch, model.to_owned()), (now, price));
+    }
 }
 
 /// How a call picks between canary and active.

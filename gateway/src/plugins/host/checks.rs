@@ -63,7 +63,47 @@ pub(super) fn check_charge(charge: Charge) -> Result<Charge, (FaultKind, String)
             format!("meter charged {} credits", charge.credits),
         ));
     }
+    if charge.budgets.len() > MAX_BUDGETS {
+        return Err((
+            FaultKind::BadOutput,
+            format!(
+                "meter reported {} budgets (at most {MAX_BUDGETS})",
+                charge.budgets.len()
+            ),
+        ));
+    }
+    if let Some(bad) = charge
+        .budgets
+        .iter()
+        .find(|b| !(b.spent.is_finite() && b.limit.is_finite() && b.spent >= 0.0 && b.limit >= 0.0))
+    {
+        return Err((
+            FaultKind::BadOutput,
+            format!(
+                "meter reported a budget of {} with {} spent",
+                bad.limit, bad.spent
+            ),
+        ));
+    }
     Ok(charge)
+}
+
+/// A meter's quote: finite, non-negative prices no larger than any amount the host accepts.
+pub(super) fn check_price(price: QuotedPrice) -> Result<Price, (FaultKind, String)> {
+    let fine = |v: f64| v.is_finite() && (0.0..=MAX_AMOUNT).contains(&v);
+    if !fine(price.prompt_per_thousand) || !fine(price.completion_per_thousand) {
+        return Err((
+            FaultKind::BadOutput,
+            format!(
+                "meter quoted {} per 1,000 prompt and {} per 1,000 completion tokens",
+                price.prompt_per_thousand, price.completion_per_thousand
+            ),
+        ));
+    }
+    Ok(Price {
+        prompt_per_1k: price.prompt_per_thousand,
+        completion_per_1k: price.completion_per_thousand,
+    })
 }
 
 pub(super) fn check_awards(awards: Vec<Award>) -> Result<Vec<Award>, (FaultKind, String)> {

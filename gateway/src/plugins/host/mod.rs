@@ -8,6 +8,7 @@ mod calls;
 mod checks;
 mod sync;
 
+pub(crate) use calls::QuoteCache;
 pub use calls::Reservation;
 use checks::*;
 
@@ -24,6 +25,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::Price;
 use super::bindings::{Answer, Call};
 use super::config::{PluginFile, PluginsConfig};
 use super::engine::PluginEngine;
@@ -36,7 +38,9 @@ use super::state::PluginContext;
 use super::types::{
     Admission, Award, Candidate, CandidateInfo, Charge, Decision, RateLimitHeaders,
 };
-use super::types::{RigReport, RouteRequest, Settlement, UsageEvent};
+use super::types::{
+    Market, QuoteRequest, QuotedPrice, RigReport, RouteRequest, Settlement, UsageEvent,
+};
 use super::{COMPONENT_KIND, SLOT_KIND, VERSION_KIND};
 use super::{FaultKind, PluginError, PluginFault, Slot};
 use crate::store::{Store, StoreError, StoreEvent};
@@ -45,6 +49,8 @@ use crate::store::{Store, StoreError, StoreEvent};
 const MAX_REASON_CHARS: usize = 256;
 /// Most awards one reward call may grant.
 const MAX_AWARDS: usize = 1000;
+/// Most budgets a meter may report for one charge (lifetime, day, week, month and then some).
+const MAX_BUDGETS: usize = 16;
 /// Longest operator id in an award.
 const MAX_OPERATOR_CHARS: usize = 256;
 /// Queued automatic rollbacks; more than a few at once means every slot is failing anyway.

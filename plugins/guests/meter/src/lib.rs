@@ -1,5 +1,6 @@
-//! Default meter: prices each request from a per-model table, keeps each key's running spend
-//! and says when a key's budget is spent.
+//! Default meter: quotes each model's price from a per-model table (moved with the market
+//! when configured), charges each request the price it was quoted, keeps each key's running
+//! spend and says when a key's budget is spent.
 //!
 //! Config (every field optional):
 //!
@@ -11,7 +12,9 @@
 //!   "default_budget": 100.0,
 //!   "period_budgets": {"day": 5.0, "week": 20.0, "month": 50.0},
 //!   "key_period_budgets": {"key_abc": {"day": 50.0}},
-//!   "utc_offset_minutes": 60
+//!   "utc_offset_minutes": 60,
+//!   "batch_discount": 0.5,
+//!   "market": {"min_multiplier": 0.5, "max_multiplier": 3.0, "target_utilization": 0.6}
 //! }
 //! ```
 //!
@@ -25,7 +28,21 @@
 //! (`key_period_budgets[key]`, else `period_budgets`), in the operator's time zone given as an
 //! offset from UTC (`utc_offset_minutes`, e.g. 60 for CET in winter): a spent period budget's
 //! charge says `budget_exhausted` with `exhausted_until_ms` at the period's end, when the key's
-//! 429s stop by themselves. A lifetime budget has no end.
+//! 429s stop by themselves. A lifetime budget has no end. Every charge reports each budget of
+//! the key and how much of it is used, for the gateway's budget alerts.
+//!
+//! **Quotes.** The gateway asks for a model's price at admission and charges the request that
+//! price (`quote`); a request the meter did not quote pays the table. A line of the Batch API
+//! pays `1 - batch_discount` of the price (no discount unless configured).
+//!
+//! **Market prices**, with `market`: the quote is the table's price times a multiplier that
+//! follows how busy the model's rigs are: the *load* is the larger of their utilisation and
+//! their requests in flight per `slots_per_rig` (default 8) request slots; with no rig serving
+//! the model it is 1. At `target_utilization` (default 0.6) the multiplier is 1; it falls
+//! linearly to `min_multiplier` (default 0.5) at load 0 and rises to `max_multiplier` (default
+//! 3) at load 1. Damped: the multiplier moves at most once per `interval_ms` (default 10 s),
+//! by `smoothing` (default 0.3) of the way to its target, kept in the plugin's state
+//! (`market:<model>`) so that every replica quotes the same price.
 //!
 //! State: `spent:<key>`, the key's total spend in micro-credits (an integer, so replicas add to
 //! it atomically), `spent:<key>:<period>:<first day>` per period (expiring a day after the
@@ -34,7 +51,11 @@
 
 use std::collections::BTreeMap;
 
-use garage_plugin_sdk::{Charge, Host, LogLevel, Meter, UsageEvent, config};
+mod market;
+
+use garage_plugin_sdk::{
+    BudgetPeriod, BudgetUse, Charge, Host, LogLevel, Meter, QuoteRequest, UsageEvent, config,
+};
 use serde::Deserialize;
 
 /// Per-model price table with per-key budgets.
@@ -50,6 +71,8 @@ struct Config {
     period_budgets: PeriodBudgets,
     key_period_budgets: BTreeMap<String, PeriodBudgets>,
     utc_offset_minutes: i64,
+    batch_discount: f64,
+    market: Option<market::MarketConfig>,
 }
 
 /// Budgets per calendar period; a period without one is not capped.
@@ -84,6 +107,14 @@ impl Period {
             Period::Day => "day",
             Period::Week => "week",
             Period::Month => "month",
+        }
+    }
+
+    fn budget_period(self) -> BudgetPeriod {
+        match self {
+            Period::Day => BudgetPeriod::Day,
+            Period::Week => BudgetPeriod::Week,
+            Period::Month => BudgetPeriod::Month,
         }
     }
 
@@ -146,6 +177,8 @@ impl Default for Config {
             period_budgets: PeriodBudgets::default(),
             key_period_budgets: BTreeMap::new(),
             utc_offset_minutes: 0,
+            batch_discount: 0.0,
+            market: None,
         }
     }
 }
@@ -170,17 +203,58 @@ const MICROS_PER_CREDIT: f64 = 1_000_000.0;
 /// gigabytes in the embedded store).
 const CHARGED_TTL_MS: u64 = 60 * 60 * 1_000;
 
+impl Config {
+    fn price(&self, model: &str) -> &Price {
+        self.prices.get(model).unwrap_or(&self.default_price)
+    }
+
+    /// What a request of a batch pays of the price.
+    fn batch_share(&self, batch: bool) -> f64 {
+        if batch {
+            1.0 - self.batch_discount
+        } else {
+            1.0
+        }
+    }
+}
+
 impl Meter for PriceTable {
+    fn quote(
+        host: &dyn Host,
+        request: &QuoteRequest,
+    ) -> Result<Option<garage_plugin_sdk::Price>, String> {
+        let config = load_config(host)?;
+        let price = config.price(&request.model);
+        let multiplier = match &config.market {
+            Some(market) => market.multiplier(host, &request.model),
+            None => 1.0,
+        } * config.batch_share(request.batch);
+        Ok(Some(garage_plugin_sdk::Price {
+            prompt_per_thousand: price.prompt * multiplier,
+            completion_per_thousand: price.completion * multiplier,
+        }))
+    }
+
     fn charge(host: &dyn Host, event: &UsageEvent) -> Result<Charge, String> {
         let config = load_config(host)?;
-        let price = config
-            .prices
-            .get(&event.model)
-            .unwrap_or(&config.default_price);
+        let table = config.price(&event.model);
+        // The price quoted at admission, else the table's (with the batch discount).
+        let (prompt, completion) = match event.price {
+            Some(quoted) => (quoted.prompt_per_thousand, quoted.completion_per_thousand),
+            None => {
+                let share = config.batch_share(event.batch);
+                (table.prompt * share, table.completion * share)
+            }
+        };
+        // Cached prompt tokens pay the table's ratio of cached to uncached.
+        let cached_ratio = match table.cached_prompt {
+            Some(cached) if table.prompt > 0.0 => cached / table.prompt,
+            _ => 1.0,
+        };
         let cached = event.cached_tokens.min(event.prompt_tokens);
-        let credits = ((event.prompt_tokens - cached) as f64 * price.prompt
-            + cached as f64 * price.cached_prompt.unwrap_or(price.prompt)
-            + event.completion_tokens as f64 * price.completion)
+        let credits = ((event.prompt_tokens - cached) as f64 * prompt
+            + cached as f64 * prompt * cached_ratio
+            + event.completion_tokens as f64 * completion)
             / 1_000.0;
 
         let spent_key = format!("spent:{}", event.key_id);
@@ -205,6 +279,16 @@ impl Meter for PriceTable {
             .copied()
             .or(config.default_budget);
         let lifetime_spent = budget.is_some_and(|budget| spent >= budget);
+        let mut budgets: Vec<BudgetUse> = budget
+            .map(|limit| BudgetUse {
+                period: BudgetPeriod::Lifetime,
+                spent,
+                limit,
+                starts_at_ms: None,
+                resets_at_ms: None,
+            })
+            .into_iter()
+            .collect();
 
         // Period budgets, in the operator's zone: the spend of the period the request ended in.
         let offset_ms = config.utc_offset_minutes * 60_000;
@@ -217,6 +301,7 @@ impl Meter for PriceTable {
         for (period, budget) in periods.by_period() {
             let Some(budget) = budget else { continue };
             let (first, next) = period.bounds(local_day);
+            let start_ms = (first * MS_PER_DAY - offset_ms).max(0) as u64;
             let end_ms = (next * MS_PER_DAY - offset_ms).max(0) as u64;
             let key = format!("spent:{}:{}:{first}", event.key_id, period.name());
             // Kept a day past the period's end: long enough for late deliveries.
@@ -225,6 +310,13 @@ impl Meter for PriceTable {
             if spent >= budget {
                 period_spent_until = period_spent_until.max(Some(end_ms));
             }
+            budgets.push(BudgetUse {
+                period: period.budget_period(),
+                spent,
+                limit: budget,
+                starts_at_ms: Some(start_ms),
+                resets_at_ms: Some(end_ms),
+            });
         }
         Ok(Charge {
             credits,
@@ -235,6 +327,7 @@ impl Meter for PriceTable {
             } else {
                 period_spent_until
             },
+            budgets,
         })
     }
 }
@@ -273,6 +366,17 @@ fn load_config(host: &dyn Host) -> Result<std::sync::Arc<Config>, String> {
         .collect();
     if !budgets.iter().all(|b| b.is_finite() && *b >= 0.0) {
         return Err(invalid(host, "budgets must be numbers >= 0".into()));
+    }
+    if !(0.0..=1.0).contains(&config.batch_discount) {
+        return Err(invalid(
+            host,
+            "batch_discount must be within 0 and 1".into(),
+        ));
+    }
+    if let Some(market) = &config.market {
+        market
+            .validate()
+            .map_err(|message| invalid(host, message))?;
     }
     if config.utc_offset_minutes.abs() > 14 * 60 {
         return Err(invalid(
@@ -348,6 +452,7 @@ mod tests {
                 credits: 2.0,
                 budget_exhausted: false,
                 exhausted_until_ms: None,
+                budgets: Vec::new(),
             }
         );
     }
@@ -452,6 +557,100 @@ mod tests {
     }
 
     #[test]
+    fn a_quoted_request_is_charged_its_quote_and_batches_get_their_discount() {
+        use garage_plugin_sdk::{Market, Price};
+        let host = MemoryHost::with_config(
+            r#"{"default_price": {"prompt": 1.0, "completion": 2.0}, "batch_discount": 0.5,
+                "market": {"interval_ms": 0, "smoothing": 1.0}}"#,
+        );
+        // A busy market: the quote is three times the table.
+        host.set_market(Market {
+            model: "m".into(),
+            rigs: 1,
+            utilization: 1.0,
+            ..Market::default()
+        });
+        let request = QuoteRequest {
+            model: "m".into(),
+            batch: false,
+        };
+        let quoted = PriceTable::quote(&host, &request).unwrap().unwrap();
+        assert_eq!(
+            quoted,
+            Price {
+                prompt_per_thousand: 3.0,
+                completion_per_thousand: 6.0
+            }
+        );
+        // The market calms down; the request is still charged what it was quoted.
+        host.set_market(Market {
+            model: "m".into(),
+            rigs: 1,
+            ..Market::default()
+        });
+        host.set_now_ms(host.now_ms() + 1);
+        let calm = PriceTable::quote(&host, &request).unwrap().unwrap();
+        assert_eq!(calm.prompt_per_thousand, 0.5);
+        let e = UsageEvent {
+            price: Some(quoted),
+            ..event("r1", "key_a", "m", 1_000, 1_000)
+        };
+        assert_eq!(PriceTable::charge(&host, &e).unwrap().credits, 9.0);
+        // A batch line: half the quote, or half the table when not quoted.
+        let batch = PriceTable::quote(
+            &host,
+            &QuoteRequest {
+                model: "m".into(),
+                batch: true,
+            },
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(batch.prompt_per_thousand, 0.25);
+        let line = UsageEvent {
+            batch: true,
+            ..event("r2", "key_a", "m", 1_000, 1_000)
+        };
+        assert_eq!(PriceTable::charge(&host, &line).unwrap().credits, 1.5);
+    }
+
+    #[test]
+    fn a_charge_reports_how_much_of_each_budget_is_used() {
+        let host = MemoryHost::with_config(
+            r#"{"default_budget": 10.0, "period_budgets": {"day": 4.0, "month": 8.0}}"#,
+        );
+        host.set_now_ms(MONDAY_10H);
+        let charge = PriceTable::charge(&host, &event("r1", "key_a", "m", 1_000, 1_000)).unwrap();
+        type Used = (BudgetPeriod, f64, f64, Option<u64>, Option<u64>);
+        let used: Vec<Used> = charge
+            .budgets
+            .iter()
+            .map(|b| (b.period, b.spent, b.limit, b.starts_at_ms, b.resets_at_ms))
+            .collect();
+        assert_eq!(
+            used,
+            vec![
+                (BudgetPeriod::Lifetime, 2.0, 10.0, None, None),
+                (
+                    BudgetPeriod::Day,
+                    2.0,
+                    4.0,
+                    Some(MONDAY_10H - 10 * HOUR),
+                    Some(MONDAY_10H + 14 * HOUR)
+                ),
+                // 2026-12-01 and 2027-01-01, 00:00 UTC.
+                (
+                    BudgetPeriod::Month,
+                    2.0,
+                    8.0,
+                    Some(1_796_083_200_000),
+                    Some(1_798_761_600_000)
+                ),
+            ]
+        );
+    }
+
+    #[test]
     fn bad_config_is_an_error_and_charges_nothing() {
         for bad in [
             r#"{"prices": {"m": {"prompt": -1, "completion": 1}}}"#,
@@ -461,6 +660,9 @@ mod tests {
             r#"{"period_budgets": {"day": -1}}"#,
             r#"{"period_budgets": {"year": 1}}"#,
             r#"{"utc_offset_minutes": 2000}"#,
+            r#"{"batch_discount": 1.5}"#,
+            r#"{"market": {"max_multiplier": 0.5}}"#,
+            r#"{"market": {"surge": 2}}"#,
         ] {
             let host = MemoryHost::with_config(bad);
             let error = PriceTable::charge(&host, &event("r1", "key_a", "m", 1, 1)).unwrap_err();
