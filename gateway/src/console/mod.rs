@@ -16,6 +16,7 @@ pub(crate) mod operator;
 pub mod session;
 mod view;
 
+pub(crate) mod webhooks;
 use axum::Router;
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
@@ -53,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .merge(operator::routes())
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(state)
+        .merge(webhooks::routes())
 }
 
 async fn security_headers(request: Request, next: Next) -> Response {

@@ -20,6 +20,7 @@ pub enum Section {
     Batches,
     Operators,
     AppUsage,
+    Webhooks,
     AppBatches,
     Playground,
     OwnRigs,
@@ -37,6 +38,7 @@ const ADMIN_NAV: &[(Section, &str, &str)] = &[
     (Section::Operators, "/console/operators", "Operators"),
 ];
 
+    (Section::Webhooks, "/console/webhooks", "Webhooks"),
 const OPERATOR_NAV: &[(Section, &str, &str)] =
     &[(Section::OwnRigs, "/console/operator", "Rigs and earnings")];
 

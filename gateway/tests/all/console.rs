@@ -378,3 +378,130 @@ async fn an_operator_made_in_the_console_logs_in_until_revoked() {
         StatusCode::SEE_OTHER
     );
 }
+
+/// The operator adds a webhook endpoint in the console (its secret shown once, a hostile
+/// description as text), sees its deliveries, and deletes it only when confirmed.
+#[tokio::test]
+async fn webhook_endpoints_are_managed_in_the_console() {
+    let gw = gateway(config(vec![])).await;
+    let base = gw.url();
+    let admin = login(&base, ADMIN).await;
+    let (status, html) = page(&base, "/console/webhooks", &admin).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("No webhook endpoint yet."), "{html}");
+    let csrf = csrf_of(&html);
+    let create = |fields: Vec<(&'static str, String)>| {
+        let (base, admin) = (base.clone(), admin.clone());
+        async move {
+            let response = browser()
+                .post(format!("{base}/console/webhooks"))
+                .header("cookie", &admin)
+                .form(&fields)
+                .send()
+                .await
+                .unwrap();
+            (response.status(), response.text().await.unwrap())
+        }
+    };
+    // Refused: no CSRF token, a URL that is not http(s), no event.
+    let hook = "http://127.0.0.1:9/hook".to_owned();
+    let (status, _) = create(vec![
+        ("url", hook.clone()),
+        ("events", "usage.recorded".into()),
+    ])
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = create(vec![
+        ("csrf", csrf.clone()),
+        ("url", "javascript:alert(1)".into()),
+        ("events", "usage.recorded".into()),
+    ])
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = create(vec![("csrf", csrf.clone()), ("url", hook.clone())]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(admin_get(&base, "/admin/webhooks").await["data"], json!([]));
+
+    let (status, html) = create(vec![
+        ("csrf", csrf.clone()),
+        ("url", hook.clone()),
+        ("events", "usage.recorded".into()),
+        ("events", "budget.threshold".into()),
+        ("description", "<img src=x onerror=alert(1)>".into()),
+    ])
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let at = html.find("<code data-secret>").expect("the secret") + "<code data-secret>".len();
+    let secret = &html[at..at + html[at..].find('<').unwrap()];
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    assert!(!html.contains("<img"), "{html}");
+    assert!(html.contains("&lt;img src=x onerror=alert(1)&gt;"));
+    let listed = admin_get(&base, "/admin/webhooks").await;
+    assert_eq!(
+        listed["data"][0]["events"],
+        json!(["usage.recorded", "budget.threshold"])
+    );
+    let id = listed["data"][0]["id"].as_str().unwrap().to_owned();
+    let (_, html) = page(&base, "/console/webhooks", &admin).await;
+    assert!(!html.contains(secret), "the secret is shown once");
+
+    // A delivery to a port nobody listens on: pending, with its error.
+    gw.state()
+        .webhooks()
+        .emit_now(&[garage_gateway::webhooks::Event {
+            id: "budget:key:k1:day:0:50".into(),
+            kind: garage_gateway::webhooks::EventKind::BudgetThreshold,
+            subject: "k1".into(),
+            data: json!({}),
+            time_ms: 0,
+        }])
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(10), "the first attempt", || async {
+        page(&base, &format!("/console/webhooks/{id}"), &admin)
+            .await
+            .1
+            .contains("refused")
+    })
+    .await;
+    let (status, html) = page(&base, &format!("/console/webhooks/{id}"), &admin).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("budget:key:k1:day:0:50"), "{html}");
+    assert!(html.contains("pending"), "{html}");
+    let (status, _) = page(&base, "/console/webhooks/we_nope", &admin).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let delete = |fields: Vec<(&'static str, String)>| {
+        let (base, admin, id) = (base.clone(), admin.clone(), id.clone());
+        async move {
+            browser()
+                .post(format!("{base}/console/webhooks/{id}/delete"))
+                .header("cookie", &admin)
+                .form(&fields)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(
+        delete(vec![("csrf", csrf.clone())]).await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        delete(vec![("confirm", "yes".into())]).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        admin_get(&base, "/admin/webhooks").await["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        delete(vec![("csrf", csrf.clone()), ("confirm", "yes".into())]).await,
+        StatusCode::SEE_OTHER
+    );
+    assert_eq!(admin_get(&base, "/admin/webhooks").await["data"], json!([]));
+}

@@ -823,3 +823,55 @@ async fn two_replicas_on_one_redis_deliver_each_event_once() {
         + counter(&metrics_text(&b.url()).await, "delivered");
     assert_eq!(delivered, 10);
 }
+
+#[tokio::test]
+async fn a_retry_pending_at_a_restart_is_made_by_the_next_replica() {
+    let redis = RedisServer::start();
+    let cfg = || {
+        let mut cfg = quick(config(vec![]), 5);
+        cfg.store = redis.url();
+        cfg.auth.key_secret = Some("a key secret shared by replicas".into());
+        // The retry is due well after the first replica is gone.
+        cfg.webhooks.backoff_base_ms = 1_500;
+        cfg.webhooks.backoff_max_ms = 1_500;
+        cfg
+    };
+    let receiver = Receiver::start(Behaviour::FailFirst(1)).await;
+    let first = gateway(cfg()).await;
+    let (endpoint_id, secret) = endpoint(&first.url(), &receiver.url, &["balance.low"]).await;
+    first
+        .state()
+        .webhooks()
+        .emit_now(&[event("balance:acct_1:topup_1:10", EventKind::BalanceLow)])
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(10), "the first attempt", || async {
+        deliveries(&first.url(), &endpoint_id)
+            .await
+            .first()
+            .map(|d| d["attempts"].clone())
+            == Some(json!(1))
+    })
+    .await;
+    assert!(first.shutdown(Duration::from_secs(5)).await);
+    assert_eq!(receiver.all().len(), 1);
+
+    let second = gateway(cfg()).await;
+    wait_until(
+        Duration::from_secs(20),
+        "the retry by the new replica",
+        || async {
+            deliveries(&second.url(), &endpoint_id)
+                .await
+                .first()
+                .map(|d| d["state"].clone())
+                == Some(json!("delivered"))
+        },
+    )
+    .await;
+    let got = receiver.of("balance:acct_1:topup_1:10");
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].body, got[1].body);
+    assert!(got.iter().all(|d| verifies(&secret, d, now())));
+    assert_eq!(counter(&metrics_text(&second.url()).await, "delivered"), 1);
+}
