@@ -81,6 +81,28 @@ pub fn budget_exhausted(key_id: &str) -> String {
     format!("budget_exhausted:{key_id}")
 }
 
+// ---- accounts and prepaid credits (owner: `accounts`) --------------------------------------
+// An account's money (balance, holds, settlements, period spend, credit ledger) is kept
+// through `Store::account_*`, atomic per step; on Redis under the hash tag `{acct:<id>}` (see
+// `store/redis/accounts.rs`). The period counters are named by `accounts::Window::name`
+// (`day:2026-12-07`, `week:2026-12-07`, `month:2026-12`).
+
+/// Records: accounts (name, metadata, budgets per period, alert thresholds, closed or not),
+/// by account id.
+pub const ACCOUNTS: &str = "account";
+
+/// Records: the alerts an account's thresholds raised (a period budget's share spent, the
+/// balance falling below an amount), by alert id.
+pub fn account_alerts(account: &str) -> String {
+    format!("account_alerts:{account}")
+}
+
+/// Kv counter (kept until a day after the period ends): how often a threshold was found
+/// crossed in a period; the alert is raised by whoever made it 1.
+pub fn account_alert_crossed(account: &str, period: &str, percent: u32) -> String {
+    format!("account_alert:{account}:{period}:{percent}")
+}
+
 // ---- the ledger (owner: `ledger`) -----------------------------------------------------------
 
 /// Queue: usage events waiting for metering and rewards (Redis deployments).

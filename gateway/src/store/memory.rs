@@ -8,7 +8,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-use super::{ApiKeyRecord, EVENT_BUFFER, QueueCounts, QueueItem, Store, StoreError, StoreEvent};
+use super::accounts::Book;
+use super::{
+    ApiKeyRecord, CreditOutcome, CreditRecord, EVENT_BUFFER, HoldOutcome, HoldRequest, Money,
+    QueueCounts, QueueItem, SettleOutcome, SettleRequest, Store, StoreError, StoreEvent,
+};
 
 /// Hash maps with foldhash instead of std's SipHash (several lookups per request; see
 /// docs/journal/benchmarks.md). Seeded per process, like std's: keys can come from clients.
@@ -32,6 +36,8 @@ struct Inner {
     /// Kinds that keep at most so many records: the cap, and their ids oldest first.
     capped: HashMap<String, Capped>,
     queues: HashMap<String, Queue>,
+    /// Accounts' money, by account id.
+    accounts: HashMap<String, Book>,
 }
 
 /// A kind with a bound: past `max` records, the oldest inserted go.
@@ -501,6 +507,76 @@ impl Store for MemoryStore {
             queue.payloads.remove(id);
         }
         Ok(dropped.len() as u64)
+    }
+
+    async fn account_hold(&self, hold: &HoldRequest<'_>) -> Result<HoldOutcome, StoreError> {
+        let mut inner = self.lock();
+        Ok(inner
+            .accounts
+            .entry(hold.account.to_owned())
+            .or_default()
+            .hold(hold))
+    }
+
+    async fn account_settle(
+        &self,
+        settle: &SettleRequest<'_>,
+    ) -> Result<SettleOutcome, StoreError> {
+        let mut inner = self.lock();
+        Ok(inner
+            .accounts
+            .entry(settle.account.to_owned())
+            .or_default()
+            .settle(settle))
+    }
+
+    async fn account_release(&self, account: &str, request_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .lock()
+            .accounts
+            .get_mut(account)
+            .is_some_and(|book| book.release(request_id)))
+    }
+
+    async fn account_credit(
+        &self,
+        account: &str,
+        delta: i64,
+        min_balance: i64,
+        max_balance: i64,
+        entry: &[u8],
+    ) -> Result<CreditOutcome, StoreError> {
+        let mut inner = self.lock();
+        Ok(inner
+            .accounts
+            .entry(account.to_owned())
+            .or_default()
+            .credit(delta, min_balance, max_balance, entry))
+    }
+
+    async fn account_credits(&self, account: &str) -> Result<Vec<CreditRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .accounts
+            .get(account)
+            .map(Book::credits)
+            .unwrap_or_default())
+    }
+
+    async fn account_money(
+        &self,
+        account: &str,
+        now_ms: u64,
+        periods: &[String],
+    ) -> Result<Money, StoreError> {
+        let mut inner = self.lock();
+        Ok(match inner.accounts.get_mut(account) {
+            Some(book) => book.money(now_ms, periods),
+            None => Money {
+                periods: vec![0; periods.len()],
+                ..Money::default()
+            },
+        })
     }
 
     async fn publish(&self, event: &StoreEvent) -> Result<(), StoreError> {

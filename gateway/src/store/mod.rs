@@ -9,10 +9,14 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+pub mod accounts;
 pub mod keyspace;
 mod memory;
 mod redis;
 
+pub use accounts::{
+    CreditOutcome, CreditRecord, HoldOutcome, HoldRequest, Money, SettleOutcome, SettleRequest,
+};
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
 
@@ -216,6 +220,39 @@ pub trait Store: Send + Sync + 'static {
         id: &str,
         lease: Duration,
     ) -> Result<bool, StoreError>;
+    /// Accounts' money (see [`accounts`]): places a hold for a request if the account's
+    /// available balance and every period cap cover it, atomically (concurrent requests on
+    /// several replicas cannot hold more than there is). Expired holds are released first.
+    async fn account_hold(&self, hold: &HoldRequest<'_>) -> Result<HoldOutcome, StoreError>;
+    /// Settles a request once: debits its charge, counts it in its periods and releases its
+    /// hold; a second settlement of the same request id (within `remember_until_ms`) changes
+    /// nothing.
+    async fn account_settle(&self, settle: &SettleRequest<'_>)
+    -> Result<SettleOutcome, StoreError>;
+    /// Releases a request's hold without a debit (it failed before producing usage); true when
+    /// it held something.
+    async fn account_release(&self, account: &str, request_id: &str) -> Result<bool, StoreError>;
+    /// Adds `delta` micro-credits to an account's balance and appends `entry` to its credit
+    /// ledger, in one step; refused when the balance would pass `max_balance`, or when a
+    /// negative `delta` would take it below `min_balance`.
+    async fn account_credit(
+        &self,
+        account: &str,
+        delta: i64,
+        min_balance: i64,
+        max_balance: i64,
+        entry: &[u8],
+    ) -> Result<CreditOutcome, StoreError>;
+    /// An account's credit ledger, oldest first.
+    async fn account_credits(&self, account: &str) -> Result<Vec<CreditRecord>, StoreError>;
+    /// An account's money now (its expired holds released), and the spend of `periods`.
+    async fn account_money(
+        &self,
+        account: &str,
+        now_ms: u64,
+        periods: &[String],
+    ) -> Result<Money, StoreError>;
+
     /// Sends an event to every replica (this one included).
     async fn publish(&self, event: &StoreEvent) -> Result<(), StoreError>;
     /// Events published from now on.

@@ -16,11 +16,14 @@
 //!   `{q:<name>}:items` (hash of payloads) and `{q:<name>}:seq` (its scripts use all four).
 //!   A queue name holding `}` cuts its tag short there, but alike in all four names, so they
 //!   still share a slot;
+//! - an account's money, tag `{acct:<id>}`: its balance, holds, settlements, period counters
+//!   and credit ledger (see [`accounts`]);
 //! - `layout` → the layout's number; events on the `garage:events` channel.
 //!
 //! Layout 1 (before Redis Cluster support) had the same names without tags; [`migrate`] moves
 //! a store of layout 1 when a gateway connects.
 
+mod accounts;
 mod connection;
 mod deployment;
 mod events;
@@ -38,7 +41,10 @@ use self::connection::{Connection, SentinelConnection};
 use self::deployment::Deployment;
 use self::events::{EVENTS_CHANNEL, EventSource, forward_events};
 use self::scripts::*;
-use super::{ApiKeyRecord, EVENT_BUFFER, QueueCounts, QueueItem, Store, StoreError, StoreEvent};
+use super::{
+    ApiKeyRecord, CreditOutcome, CreditRecord, EVENT_BUFFER, HoldOutcome, HoldRequest, Money,
+    QueueCounts, QueueItem, SettleOutcome, SettleRequest, Store, StoreError, StoreEvent,
+};
 
 /// The index of API keys by creation time.
 const KEYS_INDEX: &str = "garage:{keys}:index";
@@ -85,6 +91,7 @@ pub struct RedisStore {
     queue_release: redis::Script,
     queue_counts: redis::Script,
     queue_drop_waiting: redis::Script,
+    accounts: accounts::Scripts,
     subscriber: JoinHandle<()>,
 }
 
@@ -134,6 +141,7 @@ impl RedisStore {
             queue_drop_waiting: redis::Script::new(&format!(
                 "{NOW_MS}{REQUEUE_EXPIRED}{QUEUE_DROP_WAITING}"
             )),
+            accounts: accounts::Scripts::new(),
             subscriber,
         })
     }
@@ -437,6 +445,46 @@ impl Store for RedisStore {
             .key(&keys[..3])
             .invoke_async(&mut conn)
             .await?)
+    }
+
+    async fn account_hold(&self, hold: &HoldRequest<'_>) -> Result<HoldOutcome, StoreError> {
+        accounts::hold(&self.conn, &self.accounts, hold).await
+    }
+
+    async fn account_settle(
+        &self,
+        settle: &SettleRequest<'_>,
+    ) -> Result<SettleOutcome, StoreError> {
+        accounts::settle(&self.conn, &self.accounts, settle).await
+    }
+
+    async fn account_release(&self, account: &str, request_id: &str) -> Result<bool, StoreError> {
+        accounts::release(&self.conn, &self.accounts, account, request_id).await
+    }
+
+    async fn account_credit(
+        &self,
+        account: &str,
+        delta: i64,
+        min_balance: i64,
+        max_balance: i64,
+        entry: &[u8],
+    ) -> Result<CreditOutcome, StoreError> {
+        let bounds = (delta, min_balance, max_balance);
+        accounts::credit(&self.conn, &self.accounts, account, bounds, entry).await
+    }
+
+    async fn account_credits(&self, account: &str) -> Result<Vec<CreditRecord>, StoreError> {
+        accounts::credits(&self.conn, account).await
+    }
+
+    async fn account_money(
+        &self,
+        account: &str,
+        now_ms: u64,
+        periods: &[String],
+    ) -> Result<Money, StoreError> {
+        accounts::money(&self.conn, &self.accounts, account, now_ms, periods).await
     }
 
     async fn publish(&self, event: &StoreEvent) -> Result<(), StoreError> {
