@@ -1,4 +1,5 @@
-//! Every failure the gateway reports, and the one place that turns it into OpenAI's error shape.
+//! Every failure the gateway reports, and the one place that turns it into a response: OpenAI's
+//! error shape everywhere, Anthropic's on the Messages API's routes ([`ErrorShape`]).
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -8,6 +9,99 @@ use crate::store::StoreError;
 
 /// OpenAI's error envelope, shared with node-runner (see [`garage_node_protocol::ErrorBody`]).
 pub use garage_node_protocol::{ErrorBody, ErrorDetail};
+
+/// The shape errors are written in: OpenAI's on every route but Anthropic's Messages API
+/// (`/v1/messages` and what is under it), where Anthropic's SDKs expect theirs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ErrorShape {
+    #[default]
+    OpenAi,
+    Anthropic,
+}
+
+impl ErrorShape {
+    /// The shape of the errors of a request for `path`.
+    pub fn of_path(path: &str) -> Self {
+        match path.strip_prefix("/v1/messages") {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => ErrorShape::Anthropic,
+            _ => ErrorShape::OpenAi,
+        }
+    }
+
+    /// An error event for a stream that already started, in this shape: OpenAI's error object
+    /// as a `data:` event (the openai SDKs raise it as an `APIError`), or Anthropic's `error`
+    /// event (its SDK raises it as an `APIStatusError`).
+    pub fn stream_error(self, message: &str) -> bytes::Bytes {
+        match self {
+            ErrorShape::OpenAi => {
+                let body = ErrorBody::new(message, "server_error", Some("upstream_error"));
+                format!("data: {}\n\n", body.to_json()).into()
+            }
+            ErrorShape::Anthropic => {
+                let body = AnthropicErrorBody::new("api_error", message);
+                format!("event: error\ndata: {}\n\n", body.to_json()).into()
+            }
+        }
+    }
+}
+
+/// Anthropic's error envelope: `{"type": "error", "error": {"type", "message"}}`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct AnthropicErrorBody {
+    /// Always `error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub error: AnthropicErrorDetail,
+}
+
+/// The inside of [`AnthropicErrorBody`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct AnthropicErrorDetail {
+    /// `invalid_request_error` (400), `authentication_error` (401), `permission_error` (403),
+    /// `not_found_error` (404), `request_too_large` (413), `rate_limit_error` (429),
+    /// `billing_error` (429: the key's budget is spent), `api_error` (500, 502),
+    /// `overloaded_error` (503), `timeout_error` (504).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl AnthropicErrorBody {
+    pub fn new(kind: &str, message: impl Into<String>) -> Self {
+        AnthropicErrorBody {
+            kind: "error".to_owned(),
+            error: AnthropicErrorDetail {
+                kind: kind.to_owned(),
+                message: message.into(),
+            },
+        }
+    }
+
+    /// Anthropic's error type for a status. The statuses are the gateway's own, the same on
+    /// every route: an overload is 503 here (Anthropic's API says 529), which Anthropic's SDKs
+    /// retry as they retry 529.
+    pub fn kind_of_status(status: StatusCode) -> &'static str {
+        match status.as_u16() {
+            401 => "authentication_error",
+            402 => "billing_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            504 => "timeout_error",
+            500..=599 => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The JSON text of it.
+    pub fn to_json(&self) -> String {
+        // A struct of strings always serializes.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
 
 /// Where a failure came from: the client, a backend, or the gateway itself. Decides the status
 /// class and whether another backend may help.
@@ -148,6 +242,18 @@ impl ApiError {
         }
     }
 
+    /// The Anthropic-shaped body of this error: its type follows the status, but a spent
+    /// budget is a `billing_error`.
+    pub fn anthropic_body(&self) -> AnthropicErrorBody {
+        let kind = match self {
+            ApiError::TooManyRequests { code, .. } if *code == "insufficient_quota" => {
+                "billing_error"
+            }
+            other => AnthropicErrorBody::kind_of_status(other.status()),
+        };
+        AnthropicErrorBody::new(kind, self.to_string())
+    }
+
     /// The OpenAI-shaped body of this error.
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
@@ -219,11 +325,23 @@ const X_SHOULD_RETRY: http::HeaderName = http::HeaderName::from_static("x-should
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        self.into_response_as(ErrorShape::OpenAi)
+    }
+}
+
+impl ApiError {
+    /// The response of this error, its body in `shape`: the status, `x-should-retry` (which
+    /// Anthropic's SDKs obey too), `retry-after` and the rate limit's headers are the same in
+    /// both.
+    pub fn into_response_as(self, shape: ErrorShape) -> Response {
         let status = self.status();
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), origin = self.origin().as_str(), error = %self, "request failed");
         }
-        let mut response = (status, Json(self.body())).into_response();
+        let mut response = match shape {
+            ErrorShape::OpenAi => (status, Json(self.body())).into_response(),
+            ErrorShape::Anthropic => (status, Json(self.anthropic_body())).into_response(),
+        };
         response.headers_mut().insert(
             X_SHOULD_RETRY,
             http::HeaderValue::from_static(if self.retryable() { "true" } else { "false" }),
@@ -299,6 +417,113 @@ pub struct ApiQuery<T>(pub T);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn anthropic_routes_get_anthropic_errors_and_the_rest_openai_ones() {
+        for path in [
+            "/v1/messages",
+            "/v1/messages/count_tokens",
+            "/v1/messages/batches",
+        ] {
+            assert_eq!(ErrorShape::of_path(path), ErrorShape::Anthropic, "{path}");
+        }
+        for path in ["/v1/messagesx", "/v1/chat/completions", "/messages", "/"] {
+            assert_eq!(ErrorShape::of_path(path), ErrorShape::OpenAi, "{path}");
+        }
+    }
+
+    /// Anthropic's type follows the status, the same status as on the OpenAI routes, and the
+    /// headers that tell a client when to retry are there in both shapes.
+    #[tokio::test]
+    async fn anthropic_errors_keep_the_gateways_statuses_and_headers() {
+        use http_body_util::BodyExt;
+        let spent = ApiError::TooManyRequests {
+            message: "spent".into(),
+            code: "insufficient_quota",
+            retry_after_secs: Some(30),
+            headers: Vec::new(),
+        };
+        let limited = ApiError::TooManyRequests {
+            message: "slow down".into(),
+            code: "rate_limit_exceeded",
+            retry_after_secs: Some(2),
+            headers: Vec::new(),
+        };
+        for (error, status, kind, retry) in [
+            (
+                ApiError::bad_request("x", None),
+                400,
+                "invalid_request_error",
+                "false",
+            ),
+            (
+                ApiError::Unauthorized("x".into()),
+                401,
+                "authentication_error",
+                "false",
+            ),
+            (
+                ApiError::Forbidden {
+                    message: "x".into(),
+                    code: "model_not_allowed",
+                },
+                403,
+                "permission_error",
+                "false",
+            ),
+            (
+                ApiError::ModelNotFound("m".into()),
+                404,
+                "not_found_error",
+                "false",
+            ),
+            (
+                ApiError::PayloadTooLarge("x".into()),
+                413,
+                "request_too_large",
+                "false",
+            ),
+            (limited, 429, "rate_limit_error", "true"),
+            (spent, 429, "billing_error", "false"),
+            (ApiError::Internal("x".into()), 500, "api_error", "true"),
+            (ApiError::BadGateway("x".into()), 502, "api_error", "true"),
+            (
+                ApiError::Unavailable("x".into()),
+                503,
+                "overloaded_error",
+                "true",
+            ),
+            (ApiError::StoreDown, 503, "overloaded_error", "true"),
+            (
+                ApiError::GatewayTimeout("x".into()),
+                504,
+                "timeout_error",
+                "true",
+            ),
+        ] {
+            let message = error.to_string();
+            let response = error.into_response_as(ErrorShape::Anthropic);
+            assert_eq!(response.status().as_u16(), status, "{kind}");
+            assert_eq!(response.headers()[X_SHOULD_RETRY], retry, "{kind}");
+            if status == 429 {
+                assert!(response.headers().contains_key(http::header::RETRY_AFTER));
+            }
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let body: AnthropicErrorBody = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body, AnthropicErrorBody::new(kind, message));
+        }
+        // Mid-stream, the same shapes as events.
+        let event = ErrorShape::Anthropic.stream_error("cut");
+        assert_eq!(
+            event,
+            "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\",\"message\":\"cut\"}}\n\n"
+        );
+        let event = ErrorShape::OpenAi.stream_error("cut");
+        assert!(
+            event.starts_with(b"data: {\"error\":{\"message\":\"cut\""),
+            "{event:?}"
+        );
+    }
 
     /// What clients are told about retrying, by kind of failure.
     #[test]

@@ -241,8 +241,10 @@ const USAGE_SCAN_LIMIT: usize = 16 << 20;
 enum UsageScan {
     /// A whole JSON answer: its top-level `usage`, read at the end (`None`: too big).
     Whole(Option<Vec<u8>>),
-    /// Server-sent events: the last `usage` (a chat stream's last chunk, a Responses stream's
-    /// `response.completed`) of the `data:` lines, read line by line.
+    /// Server-sent events: the usage of the `data:` lines (a chat stream's last chunk, a
+    /// Responses stream's `response.completed`, an Anthropic stream's `message_start` and
+    /// `message_delta`), read line by line, each report's counts replacing the earlier ones
+    /// (a count a report leaves out stays as it was), as the gateway reads them.
     Events {
         line: Vec<u8>,
         usage: Option<TokenCounts>,
@@ -256,31 +258,43 @@ struct UsageOf {
     /// A Responses API event's response.
     #[serde(default)]
     response: Option<Box<UsageOf>>,
+    /// An Anthropic `message_start` event's message.
+    #[serde(default)]
+    message: Option<Box<UsageOf>>,
 }
 
 #[derive(Deserialize)]
 struct EngineUsage {
     #[serde(default, alias = "input_tokens")]
-    prompt_tokens: u64,
+    prompt_tokens: Option<u64>,
     #[serde(default, alias = "output_tokens")]
-    completion_tokens: u64,
+    completion_tokens: Option<u64>,
 }
 
 impl EngineUsage {
     fn counts(self) -> TokenCounts {
+        self.over(None)
+    }
+
+    /// The counts so far: `earlier`, brought up to date with what this report says.
+    fn over(self, earlier: Option<TokenCounts>) -> TokenCounts {
+        let earlier = earlier.unwrap_or_default();
         TokenCounts {
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens: self.completion_tokens,
+            prompt_tokens: self.prompt_tokens.unwrap_or(earlier.prompt_tokens),
+            completion_tokens: self.completion_tokens.unwrap_or(earlier.completion_tokens),
         }
     }
 }
 
 impl UsageOf {
+    fn usage(self) -> Option<EngineUsage> {
+        self.usage
+            .or_else(|| self.response.and_then(|response| response.usage))
+            .or_else(|| self.message.and_then(|message| message.usage))
+    }
+
     fn counts(self) -> Option<TokenCounts> {
-        let usage = self
-            .usage
-            .or_else(|| self.response.and_then(|response| response.usage))?;
-        Some(usage.counts())
+        Some(self.usage()?.counts())
     }
 }
 
@@ -299,7 +313,7 @@ impl UsageScan {
                     if line.len() + end <= USAGE_SCAN_LIMIT {
                         line.extend_from_slice(&rest[..end]);
                         if let Some(found) = usage_of_line(line) {
-                            *usage = Some(found);
+                            *usage = Some(found.over(*usage));
                         }
                     }
                     line.clear();
@@ -317,20 +331,23 @@ impl UsageScan {
             UsageScan::Whole(body) => serde_json::from_slice::<UsageOf>(body.as_deref()?)
                 .ok()?
                 .counts(),
-            UsageScan::Events { line, usage } => usage_of_line(line).or(*usage),
+            UsageScan::Events { line, usage } => match usage_of_line(line) {
+                Some(found) => Some(found.over(*usage)),
+                None => *usage,
+            },
         }
     }
 }
 
-/// The usage of one `data:` line of an event stream, if it reports one.
-fn usage_of_line(line: &[u8]) -> Option<TokenCounts> {
+/// The usage one `data:` line of an event stream reports, if it reports one.
+fn usage_of_line(line: &[u8]) -> Option<EngineUsage> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let data = line.strip_prefix(b"data:")?;
     // Most events carry no usage: only those that name it are parsed.
     if !data.windows(7).any(|w| w == b"\"usage\"") {
         return None;
     }
-    serde_json::from_slice::<UsageOf>(data).ok()?.counts()
+    serde_json::from_slice::<UsageOf>(data).ok()?.usage()
 }
 
 /// What a rig found in the gateway's statement of its requests.
@@ -575,6 +592,24 @@ mod tests {
         );
         let (_, receipt, _) = signed(&["{}"], false, Receipts::Signed).await;
         assert_eq!(receipt.unwrap().usage, None);
+    }
+
+    /// An Anthropic Messages stream reports its input tokens in `message_start` and its output
+    /// tokens in `message_delta`, which may leave the input out: the receipt has both, as the
+    /// gateway reads them.
+    #[tokio::test]
+    async fn a_messages_stream_is_signed_with_both_parts_of_its_usage() {
+        let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\n\n";
+        let delta = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n";
+        let end = "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":4}}\n\n";
+        let (_, receipt, _) = signed(&[start, delta, end], true, Receipts::Signed).await;
+        assert_eq!(
+            receipt.unwrap().usage,
+            Some(TokenCounts {
+                prompt_tokens: 9,
+                completion_tokens: 4
+            })
+        );
     }
 
     #[tokio::test]

@@ -54,13 +54,15 @@ impl std::fmt::Debug for Transport {
 }
 
 /// Paths of the inference endpoints under a backend's base URL.
-pub const INFERENCE_PATHS: [&str; 6] = [
+pub const INFERENCE_PATHS: [&str; 8] = [
     "/chat/completions",
     "/completions",
     "/embeddings",
     "/responses",
     "/rerank",
     "/score",
+    "/messages",
+    "/messages/count_tokens",
 ];
 
 /// A base URL and the URIs of [`INFERENCE_PATHS`] under it, parsed once instead of formatted and

@@ -21,7 +21,7 @@ use crate::state::AppState;
     post, path = "/internal/rigs/{node}/v1/{path}", tag = "cluster",
     params(
         ("node" = String, Path, description = "A rig tunnelled to this replica"),
-        ("path" = String, Path, description = "An inference path: `chat/completions`, `completions`, `embeddings`, `responses`, `rerank` or `score`"),
+        ("path" = String, Path, description = "An inference path: `chat/completions`, `completions`, `embeddings`, `responses`, `rerank`, `score`, `messages` or `messages/count_tokens`"),
     ),
     request_body(content = serde_json::Value, description = "The request as the forwarding replica checked it"),
     responses(

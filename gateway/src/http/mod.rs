@@ -17,7 +17,7 @@ use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
 use crate::batch::api as batch_api;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorShape};
 use crate::inference::api as openai;
 use crate::keys::api as admin;
 use crate::ledger::api as usage_api;
@@ -76,6 +76,7 @@ use crate::webhooks::api as webhooks_api;
     modifiers(&SecuritySchemes),
     tags(
         (name = "openai", description = "OpenAI-compatible API; authenticate with an API key"),
+        (name = "anthropic", description = "Anthropic's Messages API, as vLLM serves it; authenticate with an API key, as `x-api-key` or a bearer token; errors in Anthropic's shape"),
         (name = "admin", description = "The gateway operator's API; authenticate with the admin token"),
         (name = "operator", description = "Rig owners' API: their own rigs, enrollment tokens, earnings, statements; authenticate with an operator token"),
         (name = "nodes", description = "Node protocol, spoken by node-runner; authenticate with the node credential"),
@@ -94,6 +95,12 @@ impl Modify for SecuritySchemes {
         let bearer =
             || SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build());
         components.add_security_scheme("api_key", bearer());
+        components.add_security_scheme(
+            "x_api_key",
+            SecurityScheme::ApiKey(utoipa::openapi::security::ApiKey::Header(
+                utoipa::openapi::security::ApiKeyValue::new("x-api-key"),
+            )),
+        );
         components.add_security_scheme("admin_token", bearer());
         components.add_security_scheme("node_credential", bearer());
         components.add_security_scheme("operator_token", bearer());
@@ -185,6 +192,8 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(openai::responses))
         .routes(routes!(openai::rerank))
         .routes(routes!(openai::score))
+        .routes(routes!(openai::messages))
+        .routes(routes!(openai::count_tokens))
         .routes(routes!(openai::list_models))
         // A wildcard, for a model name with a slash sent as is (vLLM serves Hugging Face ids
         // such as `meta-llama/Llama-3.1-8B-Instruct`; the SDKs send it encoded, `%2F`). OpenAPI
@@ -356,12 +365,14 @@ where
     }
 }
 
-async fn not_found() -> ApiError {
+async fn not_found(uri: http::Uri) -> axum::response::Response {
     ApiError::NotFound("Unknown route. See /docs for the API.".into())
+        .into_response_as(ErrorShape::of_path(uri.path()))
 }
 
-async fn method_not_allowed() -> ApiError {
+async fn method_not_allowed(uri: http::Uri) -> axum::response::Response {
     ApiError::MethodNotAllowed("This route does not take that method. See /docs.".into())
+        .into_response_as(ErrorShape::of_path(uri.path()))
 }
 
 #[derive(Serialize, Deserialize, ToSchema)]

@@ -1,4 +1,4 @@
-//! The OpenAI-compatible API under `/v1`.
+//! The OpenAI-compatible API under `/v1`, and Anthropic's Messages API beside it.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -6,13 +6,13 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
-use crate::error::{ApiError, ApiPath, ErrorBody, from_rejection};
+use crate::error::{AnthropicErrorBody, ApiError, ApiPath, ErrorBody, ErrorShape, from_rejection};
 use crate::inference::forward::{Outcome, RequestCtx, finish, forward};
 use crate::inference::policy::{self, RequestFacts};
 use crate::ledger::billing::{RequestBounds, TextKind};
@@ -33,6 +33,9 @@ enum Endpoint {
     /// of texts scored.
     Rerank,
     Score,
+    /// Anthropic's Messages API, as vLLM serves it (`/v1/messages`), and its token count.
+    Messages,
+    CountTokens,
 }
 
 impl Endpoint {
@@ -44,6 +47,8 @@ impl Endpoint {
             Endpoint::Responses => "/responses",
             Endpoint::Rerank => "/rerank",
             Endpoint::Score => "/score",
+            Endpoint::Messages => "/messages",
+            Endpoint::CountTokens => "/messages/count_tokens",
         }
     }
     fn route(self) -> &'static str {
@@ -54,11 +59,13 @@ impl Endpoint {
             Endpoint::Responses => "responses",
             Endpoint::Rerank => "rerank",
             Endpoint::Score => "score",
+            Endpoint::Messages => "messages",
+            Endpoint::CountTokens => "messages_count_tokens",
         }
     }
     fn input_field(self) -> &'static str {
         match self {
-            Endpoint::Chat => "messages",
+            Endpoint::Chat | Endpoint::Messages | Endpoint::CountTokens => "messages",
             Endpoint::Completions => "prompt",
             Endpoint::Embeddings | Endpoint::Responses => "input",
             Endpoint::Rerank => "query",
@@ -69,7 +76,7 @@ impl Endpoint {
     fn streams(self) -> bool {
         matches!(
             self,
-            Endpoint::Chat | Endpoint::Completions | Endpoint::Responses
+            Endpoint::Chat | Endpoint::Completions | Endpoint::Responses | Endpoint::Messages
         )
     }
     /// Which members of this endpoint's answers hold generated text.
@@ -80,13 +87,33 @@ impl Endpoint {
             Endpoint::Completions => TextKind::Completions,
             Endpoint::Responses if stream => TextKind::ResponsesStream,
             Endpoint::Responses => TextKind::Responses,
-            Endpoint::Embeddings | Endpoint::Rerank | Endpoint::Score => TextKind::None,
+            Endpoint::Messages => TextKind::Messages,
+            Endpoint::Embeddings | Endpoint::Rerank | Endpoint::Score | Endpoint::CountTokens => {
+                TextKind::None
+            }
         }
     }
     /// Whether a stream reports its usage only when asked, with `stream_options.include_usage`
     /// (chat and completions). A Responses stream always does, in its last event.
     fn usage_on_request(self) -> bool {
         matches!(self, Endpoint::Chat | Endpoint::Completions)
+    }
+    /// Anthropic's routes answer errors in Anthropic's shape, and take its SDKs' `x-api-key`.
+    fn is_anthropic(self) -> bool {
+        matches!(self, Endpoint::Messages | Endpoint::CountTokens)
+    }
+    fn error_shape(self) -> ErrorShape {
+        if self.is_anthropic() {
+            ErrorShape::Anthropic
+        } else {
+            ErrorShape::OpenAi
+        }
+    }
+    /// Whether the request is charged. Counting tokens generates nothing and Anthropic charges
+    /// nothing for it: it is recorded in the ledger at zero tokens, and rate-limited at the
+    /// tokens the rig counted (see docs/money.md).
+    fn charged(self) -> bool {
+        !matches!(self, Endpoint::CountTokens)
     }
 }
 
@@ -117,17 +144,40 @@ impl InferenceRoute {
         request: Request,
     ) -> impl Future<Output = Response> + Send + 'static {
         let state = state.clone();
-        async move { proxy(state, self.0, request).await.into_response() }
+        respond(state, self.0, request)
     }
 }
 
-const ENDPOINTS: [Endpoint; 6] = [
+/// The answer to a request on `endpoint`, or its error in the endpoint's shape. Anthropic's
+/// routes also carry the request's id as Anthropic names it, `request-id`, which its SDKs show
+/// in their errors (`x-request-id` is there too).
+async fn respond(state: AppState, endpoint: Endpoint, request: Request) -> Response {
+    let request_id = endpoint
+        .is_anthropic()
+        .then(|| request.headers().get(X_REQUEST_ID).cloned())
+        .flatten();
+    let mut response = match proxy(state, endpoint, request).await {
+        Ok(response) => response,
+        Err(error) => error.into_response_as(endpoint.error_shape()),
+    };
+    if let Some(id) = request_id {
+        response.headers_mut().insert(ANTHROPIC_REQUEST_ID, id);
+    }
+    response
+}
+
+/// The header Anthropic's API names a request's id in.
+const ANTHROPIC_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("request-id");
+
+const ENDPOINTS: [Endpoint; 8] = [
     Endpoint::Chat,
     Endpoint::Completions,
     Endpoint::Embeddings,
     Endpoint::Responses,
     Endpoint::Rerank,
     Endpoint::Score,
+    Endpoint::Messages,
+    Endpoint::CountTokens,
 ];
 
 /// The paths [`InferenceRoute`] answers (`POST`), for the test that the router has them too.
@@ -229,7 +279,7 @@ fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
     };
     let field = endpoint.input_field();
     let input = match endpoint {
-        Endpoint::Chat => head.messages,
+        Endpoint::Chat | Endpoint::Messages | Endpoint::CountTokens => head.messages,
         Endpoint::Completions => head.prompt,
         Endpoint::Embeddings | Endpoint::Responses => head.input,
         Endpoint::Rerank => head.query,
@@ -241,10 +291,12 @@ fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
         Endpoint::Score => Some(("text_2", head.text_2)),
         _ => None,
     };
-    // A scoring request's bulk is in both fields (the documents, most of all): its prompt is
-    // estimated from the whole body.
+    // A scoring request's bulk is in both fields (the documents, most of all), and an
+    // Anthropic request's beside its messages (the system prompt, the tools, which the chat
+    // template renders into the prompt): their prompt is estimated from the whole body.
     let facts = RequestFacts::new(
         match other {
+            _ if endpoint.is_anthropic() => body,
             Some(_) => body,
             None => input.map_or(&b""[..], |raw| raw.get().as_bytes()),
         },
@@ -260,7 +312,12 @@ fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
                 MISSING,
             ));
         }
-        Some(first) if matches!(endpoint, Endpoint::Chat) && first != Some(b'[') => {
+        Some(first)
+            if matches!(
+                endpoint,
+                Endpoint::Chat | Endpoint::Messages | Endpoint::CountTokens
+            ) && first != Some(b'[') =>
+        {
             return Err(ApiError::bad_request_code(
                 "Invalid type for 'messages': expected an array of messages.",
                 Some("messages"),
@@ -286,6 +343,26 @@ fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Admitted, ApiError> {
             Some(field),
             MISSING,
         ));
+    }
+    // Anthropic's API requires `max_tokens` of a Messages request, and at least 1.
+    if matches!(endpoint, Endpoint::Messages) {
+        match head.max_tokens {
+            None => {
+                return Err(ApiError::bad_request_code(
+                    "Missing required parameter: 'max_tokens'.",
+                    Some("max_tokens"),
+                    MISSING,
+                ));
+            }
+            Some(0) => {
+                return Err(ApiError::bad_request_code(
+                    "Invalid 'max_tokens': it must be at least 1.",
+                    Some("max_tokens"),
+                    "invalid_value",
+                ));
+            }
+            Some(_) => {}
+        }
     }
     let stream = endpoint.streams() && head.stream.unwrap_or(false);
     let prompts = match endpoint {
@@ -437,7 +514,13 @@ async fn admit_and_forward(
         return Err(ApiError::Internal("request context taken twice".into()));
     };
     // ---- admit
-    let key = state.auth().authenticate(headers).await?;
+    ctx.error_shape = endpoint.error_shape();
+    ctx.charged = endpoint.charged();
+    let key = if endpoint.is_anthropic() {
+        state.auth().authenticate_anthropic(headers).await?
+    } else {
+        state.auth().authenticate(headers).await?
+    };
     ctx.key = Some(Arc::clone(&key));
     let body = read_body(request.into_body(), state.config().max_body_bytes).await?;
     let admitted = parse(endpoint, &body)?;
@@ -455,7 +538,7 @@ async fn admit_and_forward(
     );
     ctx.model = admitted.model.clone();
     ctx.stream = admitted.stream;
-    ctx.first_token_is_an_event = matches!(endpoint, Endpoint::Responses);
+    ctx.first_token_is_an_event = matches!(endpoint, Endpoint::Responses | Endpoint::Messages);
     ctx.bounds = RequestBounds {
         request_bytes: body.len() as u64,
         prompt_estimate: u64::from(admitted.facts.prompt_tokens),
@@ -641,6 +724,86 @@ pub async fn responses(
     request: Request,
 ) -> Result<Response, ApiError> {
     proxy(state, Endpoint::Responses, request).await
+}
+
+/// Creates a message (Anthropic's Messages API, as vLLM serves it), for Anthropic's SDKs and
+/// the coding agents built on them: `max_tokens` is required; `system`, `stop_sequences`,
+/// `temperature`, `tools` and the rest pass to the rig as they are. With `"stream": true` the
+/// answer arrives as Anthropic's typed events (`message_start`, `content_block_delta`...,
+/// `message_delta` with the usage, `message_stop`); a stream that fails midway ends with an
+/// `error` event. The key may come as `x-api-key` (what the SDKs send) or as a bearer token;
+/// errors are in Anthropic's shape, with the gateway's statuses (an overload is 503,
+/// `overloaded_error`). Metered like chat, under the route label `messages`.
+#[utoipa::path(
+    post, path = "/v1/messages", tag = "anthropic",
+    request_body = MessagesRequest,
+    responses(
+        (status = 200, description = "A message (or an event stream of Anthropic's typed events)", body = serde_json::Value),
+        AnthropicErrors,
+    ),
+    security(("api_key" = []), ("x_api_key" = []))
+)]
+pub async fn messages(State(state): State<AppState>, request: Request) -> Response {
+    respond(state, Endpoint::Messages, request).await
+}
+
+/// The errors of Anthropic's routes, for the OpenAPI document (`responses(AnthropicErrors)`):
+/// the gateway's statuses, each with Anthropic's error type.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code, reason = "describes responses for the OpenAPI document")]
+pub enum AnthropicErrors {
+    #[response(
+        status = 400,
+        description = "Malformed request (`invalid_request_error`)"
+    )]
+    BadRequest(AnthropicErrorBody),
+    #[response(
+        status = 401,
+        description = "Missing or unknown API key (`authentication_error`)"
+    )]
+    Unauthorized(AnthropicErrorBody),
+    #[response(
+        status = 403,
+        description = "Revoked key, or a model the key may not use (`permission_error`)"
+    )]
+    Forbidden(AnthropicErrorBody),
+    #[response(status = 404, description = "Unknown model (`not_found_error`)")]
+    NotFound(AnthropicErrorBody),
+    #[response(status = 413, description = "Body too large (`request_too_large`)")]
+    TooLarge(AnthropicErrorBody),
+    #[response(
+        status = 429,
+        description = "Rate limited (`rate_limit_error`) or budget spent (`billing_error`); \
+                       `retry-after` when it is known"
+    )]
+    TooMany(AnthropicErrorBody),
+    #[response(status = 500, description = "The gateway failed (`api_error`)")]
+    Internal(AnthropicErrorBody),
+    #[response(status = 502, description = "Backends failed (`api_error`)")]
+    BadGateway(AnthropicErrorBody),
+    #[response(
+        status = 503,
+        description = "No healthy backend, or the store is down (`overloaded_error`)"
+    )]
+    Unavailable(AnthropicErrorBody),
+    #[response(status = 504, description = "Backend timed out (`timeout_error`)")]
+    Timeout(AnthropicErrorBody),
+}
+
+/// Counts the input tokens of a Messages request, as the rig that serves the model renders
+/// it (Anthropic's `messages.count_tokens`). Authenticated and rate-limited as the other
+/// routes, recorded in the ledger, and not charged: it generates nothing.
+#[utoipa::path(
+    post, path = "/v1/messages/count_tokens", tag = "anthropic",
+    request_body = CountTokensRequest,
+    responses(
+        (status = 200, description = "`{\"input_tokens\": N}`", body = serde_json::Value),
+        AnthropicErrors,
+    ),
+    security(("api_key" = []), ("x_api_key" = []))
+)]
+pub async fn count_tokens(State(state): State<AppState>, request: Request) -> Response {
+    respond(state, Endpoint::CountTokens, request).await
 }
 
 /// Ranks documents by relevance to a query, with a reranker (cross-encoder) model: vLLM's
@@ -848,6 +1011,39 @@ pub struct ResponsesRequest {
     extra: Option<serde_json::Value>,
 }
 
+/// An Anthropic Messages request (the fields the gateway documents; any other passes through).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct MessagesRequest {
+    /// Model name, as listed by `GET /v1/models`.
+    model: String,
+    /// The conversation: `{"role": "user" | "assistant", "content": text or content blocks}`.
+    messages: Vec<ChatMessage>,
+    /// The most tokens to generate; required.
+    max_tokens: u32,
+    /// A string, or text blocks.
+    system: Option<serde_json::Value>,
+    /// Strings that end the answer where they would appear.
+    stop_sequences: Option<Vec<String>>,
+    /// Stream the answer as Anthropic's typed server-sent events.
+    stream: Option<bool>,
+    temperature: Option<f32>,
+    /// Tools, tool_choice, top_p, top_k, metadata, thinking...: passed to the backend as is.
+    #[schema(additional_properties)]
+    extra: Option<serde_json::Value>,
+}
+
+/// A request to count a Messages request's input tokens.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct CountTokensRequest {
+    model: String,
+    messages: Vec<ChatMessage>,
+    system: Option<serde_json::Value>,
+    #[schema(additional_properties)]
+    extra: Option<serde_json::Value>,
+}
+
 /// A rerank request.
 #[derive(ToSchema)]
 #[allow(dead_code)]
@@ -980,6 +1176,80 @@ mod tests {
         let ok = parse(Endpoint::Chat, br#"{"model":"m\u0031","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
         assert_eq!(ok.model, "m1");
         assert!(ok.stream && ok.client_wants_usage);
+    }
+
+    /// Anthropic's Messages need a model, an array of messages and a positive `max_tokens`;
+    /// counting tokens needs no `max_tokens`. Their prompt is estimated from the whole body (the
+    /// system prompt and tools are prompt too).
+    #[test]
+    fn messages_are_checked_as_anthropic_checks_them() {
+        let code = |e: Endpoint, b: &str| {
+            parse(e, b.as_bytes())
+                .err()
+                .map(|e| (e.body().error.param, e.body().error.code))
+        };
+        let missing = |param: &str| Some((Some(param.to_owned()), Some(MISSING.to_owned())));
+        let user = r#"[{"role":"user","content":"hi"}]"#;
+        assert_eq!(
+            code(
+                Endpoint::Messages,
+                &format!(r#"{{"model":"m","messages":{user}}}"#)
+            ),
+            missing("max_tokens")
+        );
+        assert_eq!(
+            code(Endpoint::Messages, r#"{"model":"m","max_tokens":5}"#),
+            missing("messages")
+        );
+        assert_eq!(
+            code(
+                Endpoint::Messages,
+                &format!(r#"{{"max_tokens":5,"messages":{user}}}"#)
+            ),
+            missing("model")
+        );
+        assert_eq!(
+            code(
+                Endpoint::Messages,
+                &format!(r#"{{"model":"m","max_tokens":0,"messages":{user}}}"#)
+            ),
+            Some((Some("max_tokens".into()), Some("invalid_value".into())))
+        );
+        assert_eq!(
+            code(
+                Endpoint::Messages,
+                r#"{"model":"m","max_tokens":5,"messages":"hi"}"#
+            ),
+            Some((Some("messages".into()), Some(INVALID_TYPE.into())))
+        );
+        let system = "be brief ".repeat(100);
+        let body = format!(
+            r#"{{"model":"m","max_tokens":7,"stream":true,"system":"{system}","messages":{user}}}"#
+        );
+        let admitted = parse(Endpoint::Messages, body.as_bytes()).unwrap();
+        assert!(admitted.stream);
+        assert_eq!(admitted.facts.max_tokens, 7);
+        assert_eq!(admitted.facts.prompt_tokens as usize, body.len() / 4);
+        let count = format!(r#"{{"model":"m","messages":{user},"stream":true}}"#);
+        let admitted = parse(Endpoint::CountTokens, count.as_bytes()).unwrap();
+        assert!(!admitted.stream, "a count is never streamed");
+    }
+
+    /// Every inference path can be forwarded to a rig tunnelled to another replica, which
+    /// takes the paths it knows only.
+    #[test]
+    fn every_endpoint_is_a_path_replicas_forward() {
+        for endpoint in ENDPOINTS {
+            assert!(
+                crate::backends::INFERENCE_PATHS.contains(&endpoint.path()),
+                "{}",
+                endpoint.path()
+            );
+            assert_eq!(
+                endpoint.error_shape(),
+                ErrorShape::of_path(&format!("/v1{}", endpoint.path()))
+            );
+        }
     }
 
     /// `with_include_usage` as the request path calls it: whether the member is there comes

@@ -17,8 +17,8 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 
 use crate::backends::{Backend, InFlight};
-use crate::error::ApiError;
-use crate::inference::sse::{self, SseTap, Usage, error_event, usage_of_body};
+use crate::error::{AnthropicErrorBody, ApiError, ErrorShape};
+use crate::inference::sse::{self, SseTap, Usage, usage_of_body};
 use crate::ledger::UsageEvent;
 use crate::ledger::billing::{Correction, OutputCount, RequestBounds, TextKind, bill};
 use crate::ledger::{Counted, CountedBy, tokens};
@@ -63,6 +63,12 @@ pub struct RequestCtx {
     /// The metrics of this route and model, once the model is one some backend serves (a
     /// model nobody serves is not recorded by name: the label stays bounded).
     pub series: Option<Arc<RouteSeries>>,
+    /// The shape of the route's errors, a backend's refusals and a broken stream's last event
+    /// included.
+    pub error_shape: ErrorShape,
+    /// Whether the request is charged; one that is not (counting tokens) is recorded at zero
+    /// tokens, and settled with the rate limiter at the tokens it had counted.
+    pub charged: bool,
 }
 
 impl RequestCtx {
@@ -86,6 +92,8 @@ impl RequestCtx {
             bounds: RequestBounds::default(),
             reservation: None,
             series: None,
+            error_shape: ErrorShape::OpenAi,
+            charged: true,
         }
     }
 
@@ -394,7 +402,7 @@ async fn whole_response<'a>(
             .insert(header::CONTENT_TYPE, ct.clone());
     }
     if !parts.status.is_success() {
-        return Ok((openai_error_shape(response).await, outcome));
+        return Ok((upstream_error(response, out.error_shape).await, outcome));
     }
     Ok((response, outcome))
 }
@@ -425,10 +433,14 @@ fn whole_text_kind(kind: TextKind) -> TextKind {
     }
 }
 
-/// An engine's error answer in OpenAI's shape: passed as it is when it already has an `error`
-/// object with a message; otherwise (plain text, FastAPI's `{"detail": ...}`, vLLM's older
-/// `{"object": "error", "message": ...}`) wrapped, its status kept and its text as the message.
-async fn openai_error_shape(response: Response) -> Response {
+/// An engine's error answer in the route's shape. OpenAI's: passed as it is when it already
+/// has an `error` object with a message. Anthropic's: passed as it is when it is Anthropic's
+/// envelope with Anthropic's type for its status; vLLM's Anthropic routes put their own types
+/// in it (`BadRequestError`), and an engine may answer in OpenAI's shape: its message is kept,
+/// in Anthropic's envelope. Anything else (plain text, FastAPI's `{"detail": ...}`, vLLM's
+/// older `{"object": "error", "message": ...}`) is wrapped, its status kept and its text in the
+/// message.
+async fn upstream_error(response: Response, shape: ErrorShape) -> Response {
     #[derive(serde::Deserialize)]
     struct Other {
         #[serde(default)]
@@ -440,47 +452,68 @@ async fn openai_error_shape(response: Response) -> Response {
     let Ok(bytes) = body.collect().await.map(|b| b.to_bytes()) else {
         return Response::from_parts(parts, Body::empty());
     };
-    let shaped = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .is_ok_and(|value| value["error"]["message"].is_string());
-    if shaped {
+    let status = parts.status;
+    let anthropic_kind = AnthropicErrorBody::kind_of_status(status);
+    let value = serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_default();
+    let structured = value["error"]["message"].as_str();
+    let passes = structured.is_some()
+        && match shape {
+            ErrorShape::OpenAi => true,
+            ErrorShape::Anthropic => {
+                value["type"] == "error" && value["error"]["type"] == anthropic_kind
+            }
+        };
+    if passes {
         return Response::from_parts(parts, Body::from(bytes));
     }
-    let text = match serde_json::from_slice::<Other>(&bytes) {
-        Ok(Other {
-            message: Some(message),
-            ..
-        }) => message,
-        Ok(Other {
-            detail: Some(serde_json::Value::String(detail)),
-            ..
-        }) => detail,
-        Ok(Other {
-            detail: Some(detail),
-            ..
-        }) => detail.to_string(),
-        _ => String::from_utf8_lossy(&bytes).trim().to_owned(),
+    let message = match structured {
+        // Bounded: an engine's error page is no message.
+        Some(message) => message.chars().take(ENGINE_ERROR_CHARS).collect(),
+        None => {
+            let text = match serde_json::from_slice::<Other>(&bytes) {
+                Ok(Other {
+                    message: Some(message),
+                    ..
+                }) => message,
+                Ok(Other {
+                    detail: Some(serde_json::Value::String(detail)),
+                    ..
+                }) => detail,
+                Ok(Other {
+                    detail: Some(detail),
+                    ..
+                }) => detail.to_string(),
+                _ => String::from_utf8_lossy(&bytes).trim().to_owned(),
+            };
+            let text: String = text.chars().take(ENGINE_ERROR_CHARS).collect();
+            if text.is_empty() {
+                format!(
+                    "The backend refused the request (status {}).",
+                    status.as_u16()
+                )
+            } else {
+                format!(
+                    "The backend refused the request (status {}): {text}",
+                    status.as_u16()
+                )
+            }
+        }
     };
-    // Bounded: an engine's error page is no message.
-    let text: String = text.chars().take(ENGINE_ERROR_CHARS).collect();
-    let status = parts.status;
-    let message = if text.is_empty() {
-        format!(
-            "The backend refused the request (status {}).",
-            status.as_u16()
-        )
-    } else {
-        format!(
-            "The backend refused the request (status {}): {text}",
-            status.as_u16()
-        )
+    let mut response = match shape {
+        ErrorShape::OpenAi => {
+            let kind = match status {
+                StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+                s if s.is_server_error() => "server_error",
+                _ => "invalid_request_error",
+            };
+            let body = crate::error::ErrorBody::new(message, kind, Some("upstream_error"));
+            (status, axum::Json(body)).into_response()
+        }
+        ErrorShape::Anthropic => {
+            let body = AnthropicErrorBody::new(anthropic_kind, message);
+            (status, axum::Json(body)).into_response()
+        }
     };
-    let kind = match status {
-        StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
-        s if s.is_server_error() => "server_error",
-        _ => "invalid_request_error",
-    };
-    let body = crate::error::ErrorBody::new(message, kind, Some("upstream_error"));
-    let mut response = (status, axum::Json(body)).into_response();
     response.headers_mut().remove(header::CONTENT_LENGTH);
     response
 }
@@ -640,7 +673,10 @@ pub fn finish(state: &AppState, ctx: &RequestCtx, outcome: Outcome<'_>) {
         reported,
         billed.usage,
     );
-    let usage = billed.usage;
+    // A request that is not charged (counting tokens) is recorded at zero tokens, which the
+    // token metrics agree with; the rate limiter is settled at what it counted.
+    let used = billed.usage;
+    let usage = if ctx.charged { used } else { Usage::default() };
     if let Some(series) = &ctx.series {
         series.prompt_tokens.inc_by(usage.prompt_tokens);
         series.completion_tokens.inc_by(usage.completion_tokens);
@@ -667,7 +703,7 @@ pub fn finish(state: &AppState, ctx: &RequestCtx, outcome: Outcome<'_>) {
     settle(
         state,
         ctx,
-        usage.prompt_tokens.saturating_add(usage.completion_tokens),
+        used.prompt_tokens.saturating_add(used.completion_tokens),
     );
 }
 
@@ -890,7 +926,7 @@ impl MeteredBody {
                     .backend_error(&self.backend.id, "stream");
                 tracing::warn!(backend = %self.backend.id, error = %err, "backend stream broke off");
                 let mut out = rest.to_vec();
-                out.extend_from_slice(&error_event(
+                out.extend_from_slice(&self.out.error_shape.stream_error(
                     "The backend stopped in the middle of the response; retry the request.",
                 ));
                 Some(Bytes::from(out))

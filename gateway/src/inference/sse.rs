@@ -17,18 +17,42 @@ pub use crate::ledger::billing::Usage;
 #[derive(Deserialize)]
 struct ChunkHead {
     #[serde(default)]
-    usage: Option<Usage>,
+    usage: Option<Reported>,
     #[serde(default)]
     choices: Option<Vec<serde::de::IgnoredAny>>,
     /// A Responses API event's response (`response.completed` has the usage).
     #[serde(default)]
     response: Option<ResponseHead>,
+    /// An Anthropic `message_start` event's message (with the input tokens).
+    #[serde(default)]
+    message: Option<ResponseHead>,
 }
 
 #[derive(Deserialize)]
 struct ResponseHead {
     #[serde(default)]
-    usage: Option<Usage>,
+    usage: Option<Reported>,
+}
+
+/// A usage report as it came: a count it leaves out is not a zero. Anthropic's streams report
+/// in two parts (the input tokens in `message_start`, the output tokens in `message_delta`).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+struct Reported {
+    #[serde(default, alias = "input_tokens")]
+    prompt_tokens: Option<u64>,
+    #[serde(default, alias = "output_tokens")]
+    completion_tokens: Option<u64>,
+}
+
+impl Reported {
+    /// The usage so far, `earlier` brought up to date with what this report says.
+    fn over(self, earlier: Option<Usage>) -> Usage {
+        let earlier = earlier.unwrap_or_default();
+        Usage {
+            prompt_tokens: self.prompt_tokens.unwrap_or(earlier.prompt_tokens),
+            completion_tokens: self.completion_tokens.unwrap_or(earlier.completion_tokens),
+        }
+    }
 }
 
 /// Usage of a whole (non-streamed) response body: its top-level `usage` member, if it reports
@@ -125,7 +149,8 @@ impl SseTap {
         }
     }
 
-    /// The usage seen so far (the last report wins).
+    /// The usage seen so far: each report's counts replace the earlier ones, and a count a
+    /// report leaves out stays as it was.
     pub fn usage(&self) -> Option<Usage> {
         self.usage
     }
@@ -198,10 +223,14 @@ impl SseTap {
         let Ok(head) = serde_json::from_slice::<ChunkHead>(&data) else {
             return true;
         };
-        let Some(usage) = head.usage.or(head.response.and_then(|r| r.usage)) else {
+        let Some(reported) = head
+            .usage
+            .or(head.response.and_then(|r| r.usage))
+            .or(head.message.and_then(|m| m.usage))
+        else {
             return true;
         };
-        self.usage = Some(usage);
+        self.usage = Some(reported.over(self.usage));
         let usage_only = head.choices.is_some_and(|c| c.is_empty());
         !(self.hide_usage_chunk && usage_only)
     }
@@ -281,10 +310,11 @@ fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
     data
 }
 
-/// Whether `chunk` holds a Responses API event that carries output: a `response.*.delta`
-/// (text, reasoning, refusal, tool call arguments). The type is read from the `event:` line
-/// when the backend writes one (vLLM and OpenAI do), else from the data's `type`. An event cut
-/// by the chunk's end may be missed; the next one is not.
+/// Whether `chunk` holds a typed event that carries output: a Responses API `response.*.delta`
+/// (text, reasoning, refusal, tool call arguments) or an Anthropic `content_block_delta`. The
+/// type is read from the `event:` line when the backend writes one (vLLM, OpenAI and Anthropic
+/// do), else from the data's `type`. An event cut by the chunk's end may be missed; the next
+/// one is not.
 pub fn carries_output(chunk: &[u8]) -> bool {
     let mut rest = chunk;
     while !rest.is_empty() {
@@ -298,7 +328,10 @@ pub fn carries_output(chunk: &[u8]) -> bool {
 }
 
 fn is_output_event(event: &[u8]) -> bool {
-    let output = |kind: &[u8]| kind.starts_with(b"response.") && kind.ends_with(b".delta");
+    let output = |kind: &[u8]| {
+        kind == b"content_block_delta"
+            || (kind.starts_with(b"response.") && kind.ends_with(b".delta"))
+    };
     for line in event.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if let Some(kind) = line.strip_prefix(b"event:") {
@@ -317,14 +350,6 @@ fn is_output_event(event: &[u8]) -> bool {
                 .map(|typed| output(typed.kind.as_bytes()))
         })
         .unwrap_or(false)
-}
-
-/// An SSE event carrying an OpenAI-shaped error: how a stream that already started reports a
-/// failure (the openai SDKs raise it as an `APIError`).
-pub fn error_event(message: &str) -> Bytes {
-    let body =
-        garage_node_protocol::ErrorBody::new(message, "server_error", Some("upstream_error"));
-    Bytes::from(format!("data: {}\n\n", body.to_json()))
 }
 
 #[cfg(test)]
@@ -392,6 +417,40 @@ mod tests {
         // A non-streamed response's usage is not its last member.
         let body = br#"{"id":"resp_1","object":"response","usage":{"input_tokens":4,"output_tokens":1},"user":null}"#;
         assert_eq!(usage_of_body(body).unwrap().completion_tokens, 1);
+    }
+
+    /// An Anthropic Messages stream: the input tokens in `message_start`'s message, the output
+    /// tokens in `message_delta`, which may leave the input out (Anthropic's) or repeat it
+    /// (vLLM's). Every byte passes.
+    #[test]
+    fn reads_the_usage_of_a_messages_stream_from_its_two_reports() {
+        let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"content\":[],\"stop_reason\":null,\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\n\n";
+        let block = "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n";
+        let delta = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi \\\"usage\\\": 9\"}}\n\n";
+        let anthropic_end = "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":5}}\n\n";
+        let vllm_end = "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":13,\"output_tokens\":6}}\n\n";
+        let stop = "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        for (end, usage) in [(anthropic_end, (12, 5)), (vllm_end, (13, 6))] {
+            let all = format!("{start}{block}{delta}{end}{stop}");
+            for pieces in [vec![start, block, delta, end, stop], vec![all.as_str()]] {
+                let mut tap = SseTap::new(false);
+                assert_eq!(run(&mut tap, &pieces), all);
+                assert_eq!(
+                    tap.usage(),
+                    Some(Usage {
+                        prompt_tokens: usage.0,
+                        completion_tokens: usage.1
+                    })
+                );
+            }
+        }
+        // Only the start: the input tokens, and no output yet.
+        let mut tap = SseTap::new(false);
+        run(&mut tap, &[start, block, delta]);
+        assert_eq!(tap.usage().map(|u| u.prompt_tokens), Some(12));
+        // The first token is the first delta.
+        assert!(!carries_output(format!("{start}{block}").as_bytes()));
+        assert!(carries_output(delta.as_bytes()));
     }
 
     #[test]

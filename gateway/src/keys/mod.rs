@@ -103,6 +103,12 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// The key in an `x-api-key` header, as Anthropic's SDKs send it.
+pub fn x_api_key(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get("x-api-key")?.to_str().ok()?.trim();
+    (!value.is_empty()).then_some(value)
+}
+
 /// An HMAC-SHA256 output.
 pub type KeyDigest = [u8; 32];
 
@@ -173,6 +179,24 @@ impl KeyAuth {
                 "You didn't provide an API key. Send it as `Authorization: Bearer <key>`.".into(),
             )
         })?;
+        self.authenticate_secret(secret).await
+    }
+
+    /// [`KeyAuth::authenticate`] on Anthropic's routes, where the key may come as its SDKs
+    /// send it, `x-api-key: <key>` (a bearer token is taken first).
+    pub async fn authenticate_anthropic(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<Arc<ApiKeyRecord>, ApiError> {
+        let secret = bearer(headers)
+            .or_else(|| x_api_key(headers))
+            .ok_or_else(|| {
+                ApiError::Unauthorized(
+                    "You didn't provide an API key. Send it as `x-api-key: <key>` (or \
+                 `Authorization: Bearer <key>`)."
+                        .into(),
+                )
+            })?;
         self.authenticate_secret(secret).await
     }
 
@@ -308,6 +332,11 @@ mod tests {
         assert_eq!(bearer(&headers), Some("tok"));
         headers.insert("authorization", "Basic tok".parse().unwrap());
         assert_eq!(bearer(&headers), None);
+        assert_eq!(x_api_key(&headers), None);
+        headers.insert("x-api-key", " sk-a ".parse().unwrap());
+        assert_eq!(x_api_key(&headers), Some("sk-a"));
+        headers.insert("x-api-key", "  ".parse().unwrap());
+        assert_eq!(x_api_key(&headers), None);
     }
 
     #[test]

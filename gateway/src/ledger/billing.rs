@@ -67,6 +67,10 @@ pub enum TextKind {
     ResponsesStream,
     /// A whole Responses answer: the `text` of its output parts.
     Responses,
+    /// Anthropic's Messages, whole or streamed: the `text` of text blocks and `text_delta`s,
+    /// the `thinking` of thinking blocks and deltas, tool calls' `input` (an object in a whole
+    /// answer, `partial_json` text in a stream).
+    Messages,
     /// Embeddings, rerank, score: no generated text, no completion tokens.
     #[default]
     None,
@@ -79,6 +83,7 @@ struct Finders {
     delta: Finder<'static>,
     message: Finder<'static>,
     text: Finder<'static>,
+    input: Finder<'static>,
     media: Vec<Finder<'static>>,
 }
 
@@ -87,6 +92,7 @@ fn finders() -> &'static Finders {
         delta: Finder::new(b"\"delta\""),
         message: Finder::new(b"\"message\""),
         text: Finder::new(b"\"text\""),
+        input: Finder::new(b"\"input\""),
         media: MEDIA_KEYS.iter().map(Finder::new).collect(),
     });
     &FINDERS
@@ -100,6 +106,9 @@ const CHAT_KEYS: &[&[u8]] = &[
     b"arguments",
     b"refusal",
 ];
+
+/// Names of the members of Anthropic's content blocks and deltas that hold generated text.
+const MESSAGES_KEYS: &[&[u8]] = &[b"text", b"thinking", b"partial_json"];
 
 /// The output the gateway forwarded to the client, counted as it went.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -168,6 +177,25 @@ impl OutputCount {
                 self.scan_named(bytes, &f.text, b"\"text\"".len(), sink)
             }
             TextKind::ResponsesStream => self.scan_named(bytes, &f.delta, b"\"delta\"".len(), sink),
+            TextKind::Messages => {
+                self.scan_members(bytes, MESSAGES_KEYS, sink.as_deref_mut());
+                // A tool call's input, whole: the JSON the model wrote (`{}` opens a stream's
+                // tool_use block, whose input then comes as `partial_json`).
+                for at in f.input.find_iter(bytes) {
+                    if let Some(object) = member_value(bytes, at + b"\"input\"".len())
+                        && object.first() == Some(&b'{')
+                    {
+                        let object = &object[..object_end(object)];
+                        if object.len() > 2 {
+                            self.values += 1;
+                            self.text_bytes += object.len() as u64;
+                            if let Some(sink) = sink.as_deref_mut() {
+                                sink.push_str(&String::from_utf8_lossy(object));
+                            }
+                        }
+                    }
+                }
+            }
             TextKind::None => {}
         }
     }
@@ -542,6 +570,40 @@ data: {"choices":[{"delta":{"content":"x","reasoning_content":"yz"}}]}
             TextKind::ResponsesStream,
         );
         assert_eq!((count.values, count.text_bytes), (1, 2));
+        // Anthropic's Messages: text blocks, a tool call's input; not the ids, the types, the
+        // tool's name or the stop sequence.
+        let mut count = OutputCount::default();
+        count.scan(
+            br#"{"id":"msg_1","type":"message","content":[{"type":"text","text":"Hi there"},{"type":"tool_use","id":"t","name":"ls","input":{"path":"/"}}],"stop_sequence":"END"}"#,
+            TextKind::Messages,
+        );
+        assert_eq!((count.values, count.text_bytes), (2, 8 + 12));
+        // Streamed: the deltas (text, thinking, a tool's partial JSON), not the blocks' empty
+        // openings.
+        let mut count = OutputCount::default();
+        let mut text = String::new();
+        count.scan_into(
+            br#"event: content_block_start
+data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a\"b"}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":1,"delta":{"type":"thinking_delta","thinking":"hm"}}
+
+event: content_block_start
+data: {"type":"content_block_start","index":2,"content_block":{"type":"tool_use","id":"t","name":"ls","input":{}}}
+
+event: content_block_delta
+data: {"type":"content_block_delta","index":2,"delta":{"type":"input_json_delta","partial_json":"{\"p\":1}"}}
+
+"#,
+            TextKind::Messages,
+            Some(&mut text),
+        );
+        assert_eq!((count.values, count.text_bytes), (3, 3 + 2 + 7));
+        assert_eq!(text, "a\"bhm{\"p\":1}");
         let mut count = OutputCount::default();
         count.scan(br#"{"data":[{"embedding":[0.1]}]}"#, TextKind::None);
         assert!(count.is_empty());

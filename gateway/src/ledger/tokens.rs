@@ -26,6 +26,9 @@ pub struct TokenizerError {
     pub message: String,
 }
 
+/// Claude Code's attribution block in a system prompt, which vLLM leaves out of the prompt.
+const BILLING_HEADER: &str = "x-anthropic-billing-header";
+
 /// Completion and prompt tokens a report may differ from the gateway's count by and still
 /// agree: at least [`TOLERANCE_TOKENS`], else [`TOLERANCE_SHARE`] of the count.
 pub const TOLERANCE_TOKENS: u64 = 4;
@@ -88,8 +91,87 @@ impl ModelTokenizer {
                     other => self.count_value(other),
                 })
             }
+            "/messages" | "/messages/count_tokens" => self.count_messages(&request),
             _ => None,
         }
+    }
+
+    /// Prompt tokens of an Anthropic Messages request, read as vLLM turns it into a chat: the
+    /// system prompt (the `system` text and any `system` messages, but Claude Code's billing
+    /// header) as one message, then the messages, where a user's tool result is a message of
+    /// its own and a user message of tool results alone is none. Text counts; tool calls and
+    /// thinking do not; the chat template adds its tokens to each message.
+    fn count_messages(&self, request: &Value) -> Option<u64> {
+        let messages = request.get("messages")?.as_array()?;
+        let template = self.chat_template_tokens;
+        fn text(block: &Value) -> Option<&str> {
+            (block.get("type").and_then(Value::as_str) == Some("text"))
+                .then(|| block.get("text").and_then(Value::as_str))
+                .flatten()
+                .filter(|text| !text.is_empty())
+        }
+        let system_texts = |value: &Value| -> Vec<String> {
+            match value {
+                Value::String(text) => vec![text.clone()],
+                Value::Array(blocks) => blocks
+                    .iter()
+                    .filter_map(text)
+                    .filter(|text| !text.starts_with(BILLING_HEADER))
+                    .map(str::to_owned)
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        let mut system: Vec<String> = request.get("system").map(system_texts).unwrap_or_default();
+        let mut tokens = 0;
+        for message in messages {
+            let role = message
+                .get("role")
+                .and_then(Value::as_str)
+                .unwrap_or("user");
+            let content = message.get("content").unwrap_or(&Value::Null);
+            if role == "system" {
+                system.extend(system_texts(content));
+                continue;
+            }
+            let Value::Array(blocks) = content else {
+                tokens += template + self.count_value(content);
+                continue;
+            };
+            let mut parts = None;
+            for block in blocks {
+                match block.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        if let Some(text) = text(block) {
+                            *parts.get_or_insert(0) += self.count(text);
+                        }
+                    }
+                    Some("image") => {
+                        parts.get_or_insert(0);
+                    }
+                    Some("tool_result") if role != "assistant" => {
+                        let result = block.get("content").unwrap_or(&Value::Null);
+                        tokens += template + self.count_value(result);
+                    }
+                    Some("tool_result") => {
+                        let result = block.get("content").unwrap_or(&Value::Null);
+                        *parts.get_or_insert(0) +=
+                            self.count("Tool result:") + self.count_value(result);
+                    }
+                    _ => {}
+                }
+            }
+            match parts {
+                Some(parts) => tokens += template + parts,
+                None if role == "assistant" => tokens += template,
+                None => {}
+            }
+        }
+        let system = system.concat();
+        if !system.is_empty() {
+            tokens += template + self.count(&system);
+        }
+        Some(tokens)
     }
 
     /// Tokens of a prompt-like value: a text, token ids, a list of either, or content parts
@@ -200,6 +282,30 @@ mod tests {
         let responses = br#"{"model":"m","input":"one two three"}"#;
         assert_eq!(t.count_prompt("/responses", responses), Some(3));
         assert_eq!(t.count_prompt("/rerank", responses), None);
+        // Anthropic's Messages: the system prompt (its billing header left out) as a message,
+        // each turn, a user's tool result as a message of its own; the tool call, the image
+        // and the tool definitions count nothing.
+        let messages = br#"{"model":"m","max_tokens":9,
+            "system":[{"type":"text","text":"x-anthropic-billing-header: cc=1"},
+                      {"type":"text","text":"be brief"}],
+            "tools":[{"name":"ls","input_schema":{"type":"object"}}],
+            "messages":[{"role":"user","content":"hello there"},
+              {"role":"assistant","content":[{"type":"text","text":"hi"},
+                {"type":"tool_use","id":"t1","name":"ls","input":{"path":"a b c"}}]},
+              {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1",
+                "content":[{"type":"text","text":"a.txt b.txt"}]},
+                {"type":"image","source":{"type":"url","url":"u"}},
+                {"type":"text","text":"what now"}]}]}"#;
+        // Nine words and five messages of three template tokens.
+        assert_eq!(t.count_prompt("/messages", messages), Some(9 + 5 * 3));
+        assert_eq!(
+            t.count_prompt("/messages/count_tokens", messages),
+            Some(9 + 5 * 3)
+        );
+        // Tool results alone are no user message; no system prompt, no system message.
+        let results = br#"{"messages":[{"role":"user","content":[
+            {"type":"tool_result","tool_use_id":"t1","content":"one two"}]}]}"#;
+        assert_eq!(t.count_prompt("/messages", results), Some(2 + 3));
         assert_eq!(t.count_prompt("/chat/completions", b"not json"), None);
     }
 
