@@ -8,20 +8,9 @@ use std::time::Duration;
 use crate::support::*;
 use serde_json::{Value, json};
 
-fn tokenizer_path() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../sim-engine/tokenizer.json")
-}
-
 fn counting_config(upstream_url: String) -> garage_gateway::Config {
     let mut cfg = config(vec![upstream("sim", upstream_url)]);
-    cfg.tokenizers.insert(
-        MODEL.into(),
-        garage_gateway::config::TokenizerConfig {
-            file: tokenizer_path(),
-            // The simulated engine's chat template: four tokens around each message.
-            chat_template_tokens: 4,
-        },
-    );
+    cfg.tokenizers.insert(MODEL.into(), sim_tokenizer());
     cfg
 }
 

@@ -17,6 +17,7 @@ mod config_ui;
 mod console;
 mod counting;
 mod hostile;
+mod messages;
 mod openapi;
 mod operators;
 mod payouts;

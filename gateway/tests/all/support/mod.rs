@@ -96,6 +96,16 @@ pub async fn sim(config: SimConfig) -> SimEngine {
         .expect("simulated engine starts")
 }
 
+/// A simulated engine serving [`MODEL`] at once, with `faults` injected.
+pub async fn faulty_sim(faults: garage_sim_engine::Faults) -> SimEngine {
+    sim(SimConfig {
+        models: vec![MODEL.into()],
+        faults,
+        ..SimConfig::default()
+    })
+    .await
+}
+
 /// A fast simulated engine serving [`MODEL`].
 pub async fn fast_sim() -> SimEngine {
     paced_sim(0.0).await
@@ -111,6 +121,16 @@ pub async fn paced_sim(tokens_per_sec: f64) -> SimEngine {
         ..SimConfig::default()
     })
     .await
+}
+
+/// The simulated models' tokenizer (one token per word, `sim-engine/tokenizer.json`) with their
+/// chat template's tokens per message: a gateway configured with it counts as the simulated
+/// engines do.
+pub fn sim_tokenizer() -> garage_gateway::config::TokenizerConfig {
+    garage_gateway::config::TokenizerConfig {
+        file: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../sim-engine/tokenizer.json"),
+        chat_template_tokens: garage_sim_engine::CHAT_TEMPLATE_TOKENS,
+    }
 }
 
 pub fn upstream(name: &str, base_url: String) -> UpstreamConfig {
