@@ -15,12 +15,15 @@
 //!    rewards) on the store.
 //! 3. [`nodes`] (rigs and their tunnels) and [`batch`] (the Batch API) build on those;
 //!    [`inference`] is the request path: parse, admit, route, forward, stream, bill.
+//!    [`accounts`] (prepaid credits: holds at admission, settlement at the charge) builds on
+//!    the store, the plugins' prices and the ledger's events.
 //!    [`webhooks`] (events pushed to operators' systems, and the usage export) builds on the
 //!    ledger and the store.
 //! 4. [`state`] holds one of each; every folder's `api` module (its HTTP handlers) takes the
 //!    state; [`http`] assembles the routes and serves connections; [`server`] starts and
 //!    stops it all.
 
+pub mod accounts;
 pub mod backends;
 pub mod batch;
 pub mod cluster;

@@ -119,6 +119,7 @@ impl Gateway {
         let usage_worker = tokio::spawn(usage.clone().run_worker(Arc::new(PluginProcessor {
             plugins: plugins.clone(),
             store: store.clone(),
+            accounts: state.accounts().clone(),
         })));
         let shutdown = CancellationToken::new();
         let app = crate::http::app(state.clone());
@@ -363,6 +364,15 @@ pub async fn assemble(config: Config) -> Result<Assembled, StartError> {
     let listener_metrics = crate::http::listener::ListenerMetrics::new();
     metrics.register_all(listener_metrics.collectors());
     let tokenizers = Arc::new(crate::ledger::tokens::Tokenizers::load(&config.tokenizers)?);
+    // Accounts' alerts go to the webhooks that take them.
+    let accounts = Arc::new(
+        crate::accounts::Accounts::new(
+            store.clone(),
+            config.accounts.clone(),
+            Arc::new(crate::accounts::SystemClock),
+        )
+        .emitting_to(webhooks.clone()),
+    );
     let state = AppState::new(Parts {
         tokenizers,
         config,
@@ -374,6 +384,7 @@ pub async fn assemble(config: Config) -> Result<Assembled, StartError> {
         batches: batches.clone(),
         plugins: plugins.clone(),
         policy: Policy::default(),
+        accounts,
         metrics,
         admin_token,
         started_at: unix_now(),

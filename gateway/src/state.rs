@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use crate::accounts::Accounts;
 use crate::backends::Backends;
 use crate::batch::Batches;
 use crate::config::Config;
@@ -30,6 +31,8 @@ pub struct Parts {
     pub batches: Arc<Batches>,
     pub plugins: Arc<PluginHost>,
     pub policy: Policy,
+    /// Accounts' money: holds at admission, settlement of charges.
+    pub accounts: Arc<Accounts>,
     /// The models whose tokens the gateway counts itself.
     pub tokenizers: Arc<crate::ledger::tokens::Tokenizers>,
     pub metrics: Metrics,
@@ -80,6 +83,9 @@ impl AppState {
     }
     pub fn policy(&self) -> &Policy {
         &self.0.parts.policy
+    }
+    pub fn accounts(&self) -> &Arc<Accounts> {
+        &self.0.parts.accounts
     }
     pub fn tokenizers(&self) -> &crate::ledger::tokens::Tokenizers {
         &self.0.parts.tokenizers

@@ -103,7 +103,13 @@ impl Demo {
         let state = gateway.state();
         let (_, api_key) = state
             .auth()
-            .create("demo".into(), None, Default::default(), options.api_key)
+            .create(
+                "demo".into(),
+                None,
+                Default::default(),
+                options.api_key,
+                None,
+            )
             .await
             .map_err(|e| DemoError::Setup(e.to_string()))?;
         let operator_token = state

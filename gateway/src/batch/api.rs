@@ -240,7 +240,9 @@ pub async fn file_content(
         (status = 409, description = "A request with this Idempotency-Key is in progress", body = ErrorBody),
         (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody),
+        (status = 403, description = "The key's account is closed or missing", body = ErrorBody),
         (status = 404, description = "No such input file", body = ErrorBody),
+        (status = 429, description = "insufficient_quota: the key's account has no credits available, or a period budget is spent", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
     ),
     security(("api_key" = []))
@@ -252,6 +254,9 @@ pub async fn create_batch(
 ) -> Result<Response, ApiError> {
     let key = state.auth().authenticate(&headers).await?;
     let request = json_body(body)?;
+    // A key's account must be able to pay for lines when the batch is made (they are charged
+    // as they complete; see `accounts::holds`).
+    state.accounts().may_spend(&key).await?;
     let fingerprint = serde_json::to_vec(&request)
         .map_err(|err| ApiError::Internal(format!("cannot read the request back: {err}")))?;
     let local: BTreeSet<String> = state
@@ -395,6 +400,7 @@ pub async fn lease(
                 &request.models,
                 request.max,
                 Duration::from_millis(request.wait_ms),
+                state.accounts(),
             )
             .await?,
     ))

@@ -16,6 +16,7 @@ impl Batches {
         models: &[String],
         max: u32,
         wait: Duration,
+        accounts: &crate::accounts::Accounts,
     ) -> Result<BatchLease, ApiError> {
         let max = max.min(self.config.max_lease) as usize;
         let lease = Duration::from_secs(self.config.lease_secs.max(1));
@@ -41,7 +42,9 @@ impl Batches {
             // Register for the wake-up before looking, so a batch queued in between is not
             // missed.
             let queued = self.queued.notified();
-            let items = self.lease_now(&node.id, &models, max, lease).await?;
+            let items = self
+                .lease_now(&node.id, &models, max, lease, accounts)
+                .await?;
             self.metrics.leased.inc_by(items.len() as u64);
             if !items.is_empty() {
                 return Ok(BatchLease { items, lease_secs });
@@ -67,6 +70,7 @@ impl Batches {
         models: &[String],
         max: usize,
         lease: Duration,
+        accounts: &crate::accounts::Accounts,
     ) -> Result<Vec<BatchWorkItem>, ApiError> {
         let mut queues: Vec<QueueIndex> = self
             .store
@@ -79,8 +83,8 @@ impl Batches {
         // Oldest batch first.
         queues.sort_by(|a, b| (a.created_at, &a.batch_id).cmp(&(b.created_at, &b.batch_id)));
         let mut items = Vec::new();
-        // Whether the rig may take a batch's lines: it is running, and the rig is verified if
-        // the batch's key takes verified rigs only.
+        // Whether the rig may take a batch's lines: it is running, the rig is verified if the
+        // batch's key takes verified rigs only, and the key's account (if any) may spend.
         let verified = self.nodes.trust_of(node_id) == TrustStatus::Verified;
         let mut takes: HashMap<String, bool> = HashMap::new();
         for queue in queues {
@@ -90,9 +94,14 @@ impl Batches {
             let may_take = match takes.get(&queue.batch_id) {
                 Some(may_take) => *may_take,
                 None => {
-                    let may_take = self.load(&queue.batch_id).await?.is_some_and(|b| {
-                        b.batch.status == BatchStatus::InProgress && (verified || !b.verified_only)
-                    });
+                    let may_take = match self.load(&queue.batch_id).await? {
+                        Some(b) => {
+                            b.batch.status == BatchStatus::InProgress
+                                && (verified || !b.verified_only)
+                                && accounts.batch_may_run(&b.owner).await?
+                        }
+                        None => false,
+                    };
                     takes.insert(queue.batch_id.clone(), may_take);
                     may_take
                 }

@@ -56,6 +56,9 @@ pub const ENV_FIELDS: &[&str] = &[
     "trust.logprob_tolerance",
     "trust.replay_share",
     "usage.ledger_max_entries",
+    "accounts.utc_offset_minutes",
+    "accounts.default_completion_tokens",
+    "accounts.hold_secs",
     "webhooks.max_attempts",
     "webhooks.backoff_base_ms",
     "webhooks.backoff_max_ms",
@@ -165,6 +168,8 @@ pub struct Config {
     pub trust: TrustConfig,
     /// Usage metering: the ledger's retention on the embedded store.
     pub usage: UsageConfig,
+    /// Accounts and prepaid credits: the zone of their budget periods, how long a hold lasts.
+    pub accounts: crate::accounts::config::AccountsConfig,
     /// Webhook deliveries (attempts, backoff, timeout) and the usage export's retention.
     pub webhooks: crate::webhooks::config::WebhooksConfig,
     /// The Batch API: files, queues and leases.
@@ -535,6 +540,7 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             trust: TrustConfig::default(),
             usage: UsageConfig::default(),
+            accounts: Default::default(),
             webhooks: Default::default(),
             batch: BatchConfig::default(),
             default_plugins: true,
@@ -762,6 +768,9 @@ impl Config {
         }
         if self.usage.ledger_max_entries == 0 {
             return invalid("usage.ledger_max_entries must be at least 1".into());
+        }
+        if let Some(problem) = self.accounts.problem() {
+            return invalid(problem);
         }
         if let Some(problem) = self.webhooks.problem() {
             return invalid(problem);

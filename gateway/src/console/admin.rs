@@ -575,6 +575,7 @@ pub(crate) async fn create_key(
             name: form.name,
             allowed_models: (!allowed.is_empty()).then_some(allowed),
             metadata,
+            account: None,
         };
         let (record, secret) = crate::keys::api::create(&state, request).await?;
         keys_page(&state, &console, Some((record.name, secret))).await

@@ -10,6 +10,7 @@
 //! ([`session`]); a strict Content-Security-Policy and the other security headers go on every
 //! console response. See docs/console.md.
 
+pub(crate) mod accounts;
 pub(crate) mod admin;
 pub(crate) mod app;
 pub(crate) mod operator;
@@ -50,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .route("/console/assets/console.css", get(css))
         .route("/console/assets/console.js", get(js))
         .merge(admin::routes())
+        .merge(accounts::routes())
         .merge(app::routes())
         .merge(operator::routes())
         .layer(axum::middleware::from_fn(security_headers))

@@ -16,6 +16,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use utoipa_swagger_ui::SwaggerUi;
 
+use crate::accounts::api as accounts_api;
 use crate::batch::api as batch_api;
 use crate::error::{ApiError, ErrorShape};
 use crate::inference::api as openai;
@@ -50,6 +51,10 @@ use crate::webhooks::api as webhooks_api;
         crate::console::admin::keys,
         crate::console::admin::create_key,
         crate::console::admin::revoke_key,
+        crate::console::accounts::accounts,
+        crate::console::accounts::create_account,
+        crate::console::accounts::account,
+        crate::console::accounts::top_up,
         crate::console::admin::plugins,
         crate::console::admin::plugin_action,
         crate::console::admin::upload_plugin,
@@ -128,6 +133,23 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
     let admin = OpenApiRouter::new()
         .routes(routes!(admin::create_key, admin::list_keys))
         .routes(routes!(admin::get_key, admin::revoke_key))
+        .routes(routes!(
+            accounts_api::create_account,
+            accounts_api::list_accounts
+        ))
+        .routes(routes!(
+            accounts_api::get_account,
+            accounts_api::update_account,
+            accounts_api::close_account
+        ))
+        .routes(routes!(
+            accounts_api::credit_account,
+            accounts_api::list_credits
+        ))
+        .routes(routes!(
+            accounts_api::assign_key,
+            accounts_api::unassign_key
+        ))
         .routes(routes!(node_api::create_enrollment_token))
         .routes(routes!(node_api::list_nodes))
         .routes(routes!(node_api::get_node, node_api::remove_node))

@@ -356,6 +356,8 @@ pub fn settle(
 pub struct PluginProcessor {
     pub plugins: Arc<PluginHost>,
     pub store: Arc<dyn Store>,
+    /// Debits accounts their keys' charges (and releases the requests' holds).
+    pub accounts: Arc<crate::accounts::Accounts>,
 }
 
 fn to_plugin_event(e: &UsageEvent) -> plugins::UsageEvent {
@@ -488,6 +490,8 @@ impl UsageProcessor for PluginProcessor {
                 Err(err) => *outcome = Err(err.to_string()),
             }
         }
+        // The charges of keys with an account: debited once per request, holds released.
+        self.accounts.settle_events(events, &mut outcomes).await;
         outcomes
     }
 }

@@ -43,6 +43,9 @@ pub struct CreateKeyRequest {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// The account (`/admin/accounts`) whose credits the key spends; omit for a key of its own.
+    #[serde(default)]
+    pub account: Option<String>,
 }
 
 /// An API key as the admin API shows it: never the secret, never its hash.
@@ -59,6 +62,8 @@ pub struct KeyInfo {
     pub created_at: u64,
     /// Unix seconds, when revoked.
     pub revoked_at: Option<u64>,
+    /// The account whose credits it spends, if any.
+    pub account: Option<String>,
 }
 
 impl From<ApiKeyRecord> for KeyInfo {
@@ -71,6 +76,7 @@ impl From<ApiKeyRecord> for KeyInfo {
             metadata: r.metadata,
             created_at: r.created_at,
             revoked_at: r.revoked_at,
+            account: r.account,
         }
     }
 }
@@ -150,9 +156,18 @@ pub async fn create(
             Some("metadata"),
         ));
     }
+    if let Some(account) = &request.account {
+        state.accounts().check_assignable(account).await?;
+    }
     let (record, secret) = state
         .auth()
-        .create(request.name, request.allowed_models, request.metadata, None)
+        .create(
+            request.name,
+            request.allowed_models,
+            request.metadata,
+            None,
+            request.account,
+        )
         .await?;
     tracing::info!(key_id = %record.id, name = %record.name, "api key created");
     Ok((record, secret))

@@ -245,13 +245,15 @@ impl KeyAuth {
         (entry.fetched.elapsed() < self.cache_ttl).then(|| Arc::clone(&entry.record))
     }
 
-    /// Creates a key; returns the record and the secret, which is never stored or shown again.
+    /// Creates a key, of `account` if given (checked by the caller); returns the record and
+    /// the secret, which is never stored or shown again.
     pub async fn create(
         &self,
         name: String,
         allowed_models: Option<Vec<String>>,
         metadata: serde_json::Map<String, serde_json::Value>,
         secret: Option<String>,
+        account: Option<String>,
     ) -> Result<(ApiKeyRecord, String), StoreError> {
         let secret = secret.unwrap_or_else(generate_key_secret);
         let record = ApiKeyRecord {
@@ -263,6 +265,7 @@ impl KeyAuth {
             metadata,
             created_at: unix_now(),
             revoked_at: None,
+            account,
         };
         self.store.put_key(&record).await?;
         self.store

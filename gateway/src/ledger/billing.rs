@@ -408,6 +408,14 @@ pub struct Billed {
     pub corrections: Vec<Correction>,
 }
 
+/// The most prompt tokens a request of `request_bytes` with `media_parts` can be billed: what
+/// [`bill`] cuts a reported prompt down to (an account's hold covers it; see `accounts`).
+pub fn most_prompt_tokens(request_bytes: u64, media_parts: u64) -> u64 {
+    request_bytes
+        .saturating_add(PROMPT_SLACK_TOKENS)
+        .saturating_add(media_parts.saturating_mul(MEDIA_PART_TOKENS))
+}
+
 /// Media parts (images, audio, video) in a request body: each may add many prompt tokens that
 /// are not in its bytes.
 pub fn media_parts(request_body: &[u8]) -> u64 {

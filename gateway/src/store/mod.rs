@@ -57,6 +57,10 @@ pub struct ApiKeyRecord {
     pub created_at: u64,
     /// Unix seconds; a revoked key is refused.
     pub revoked_at: Option<u64>,
+    /// The account whose credits the key spends (`accounts`); none for a key of its own.
+    /// Missing in records written before accounts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
 }
 
 /// Events every gateway replica hears, whichever replica caused them.

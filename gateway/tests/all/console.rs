@@ -11,7 +11,7 @@ use serde_json::json;
 
 /// A client that keeps the redirects to itself, and no cookie store: the session cookie is
 /// handed over by hand, as a browser would send it.
-fn browser() -> reqwest::Client {
+pub(crate) fn browser() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .redirect(Policy::none())
@@ -20,7 +20,7 @@ fn browser() -> reqwest::Client {
 }
 
 /// Logs in with `token`; the session cookie (`name=value`).
-async fn login(base: &str, token: &str) -> String {
+pub(crate) async fn login(base: &str, token: &str) -> String {
     let response = browser()
         .post(format!("{base}/console/login"))
         .form(&[("token", token)])
@@ -38,7 +38,7 @@ async fn login(base: &str, token: &str) -> String {
     cookie.split(';').next().unwrap().to_owned()
 }
 
-async fn page(base: &str, path: &str, cookie: &str) -> (StatusCode, String) {
+pub(crate) async fn page(base: &str, path: &str, cookie: &str) -> (StatusCode, String) {
     let response = browser()
         .get(format!("{base}{path}"))
         .header("cookie", cookie)
@@ -49,7 +49,7 @@ async fn page(base: &str, path: &str, cookie: &str) -> (StatusCode, String) {
 }
 
 /// The CSRF token of a page (its `csrf-token` meta).
-fn csrf_of(html: &str) -> String {
+pub(crate) fn csrf_of(html: &str) -> String {
     let at = html
         .find("name=\"csrf-token\" content=\"")
         .expect("csrf meta")

@@ -30,6 +30,7 @@ fn key_record() -> ApiKeyRecord {
         metadata: Default::default(),
         created_at: 1,
         revoked_at: None,
+        account: None,
     }
 }
 

@@ -22,6 +22,7 @@ fn record(id: &str, hash: &str, created_at: u64) -> ApiKeyRecord {
             .unwrap_or_default(),
         created_at,
         revoked_at: None,
+        account: None,
     }
 }
 
