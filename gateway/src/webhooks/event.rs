@@ -74,7 +74,8 @@ impl std::fmt::Display for EventKind {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     /// The same for every report of one happening, unique among events (a request id, a
-    /// payout id; for a budget, see [`BudgetThreshold::event_id`]). At most 200 characters.
+    /// payout id; for a budget, see [`BudgetThreshold::event_id`]): 1 to 200 visible ASCII
+    /// characters, or the event is dropped (and counted as such).
     pub id: String,
     pub kind: EventKind,
     /// What it is about: a key, an account, a payout run.

@@ -47,6 +47,8 @@ use crate::store::{Store, StoreError, StoreEvent};
 /// Events [`Webhooks::emit`] holds for the store. Past this (the store is down, or far behind)
 /// an event is dropped, counted and logged: bounded memory beats a crash that loses them all.
 const EMIT_BUFFER: usize = 10_000;
+/// Longest event id: it is a header and part of store names.
+const MAX_EVENT_ID_BYTES: usize = 200;
 /// How often a replica reloads the endpoints even without a change event (a safety net for a
 /// missed one).
 const RELOAD_INTERVAL: Duration = Duration::from_secs(30);
@@ -105,7 +107,7 @@ impl Webhooks {
                     "garage_webhook_deliveries_total",
                     "Webhook delivery attempts by outcome: delivered (a 2xx), retried (failed, \
                      another attempt scheduled), failed (the last attempt failed: given up), \
-                     dropped (not queued: the emit buffer was full)",
+                     dropped (not queued: the emit buffer was full, or a malformed event id)",
                 ),
                 &["outcome"],
             )
@@ -154,7 +156,10 @@ impl Webhooks {
         let endpoints = self.endpoints.load_full();
         let mut queued = 0;
         for endpoint in endpoints.iter() {
-            let events: Vec<&Event> = events.iter().filter(|e| endpoint.takes(e.kind)).collect();
+            let events: Vec<&Event> = events
+                .iter()
+                .filter(|e| endpoint.takes(e.kind) && self.sendable(e))
+                .collect();
             if !events.is_empty() {
                 queued += self.enqueue(endpoint, &events).await?;
             }
@@ -163,6 +168,20 @@ impl Webhooks {
             self.wake.notify_one();
         }
         Ok(queued)
+    }
+
+    /// Whether an event's id can be a `webhook-id` header and a store name: 1 to
+    /// [`MAX_EVENT_ID_BYTES`] visible ASCII characters. One that cannot is dropped (an emitter's
+    /// bug), counted and logged, rather than failing every attempt.
+    fn sendable(&self, event: &Event) -> bool {
+        let ok = !event.id.is_empty()
+            && event.id.len() <= MAX_EVENT_ID_BYTES
+            && event.id.bytes().all(|b| b.is_ascii_graphic());
+        if !ok {
+            self.outcomes.with_label_values(&["dropped"]).inc();
+            tracing::error!(event_id = ?event.id, kind = %event.kind, "webhook event dropped: its id is not 1 to 200 visible ASCII characters");
+        }
+        ok
     }
 
     /// Loads the endpoints from the store.
@@ -284,11 +303,16 @@ impl Webhooks {
         let mut events = self.store.subscribe();
         loop {
             let reload = tokio::select! {
-                event = events.recv() => matches!(
-                    event,
+                event = events.recv() => match event {
                     Ok(StoreEvent::WebhooksChanged | StoreEvent::Resync)
-                        | Err(tokio::sync::broadcast::error::RecvError::Lagged(_))
-                ),
+                    | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
+                    Ok(_) => false,
+                    // No more events (the store is going away): reload now and then only.
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        tokio::time::sleep(RELOAD_INTERVAL).await;
+                        true
+                    }
+                },
                 () = tokio::time::sleep(RELOAD_INTERVAL) => true,
             };
             if reload && let Err(err) = self.reload().await {

@@ -62,7 +62,7 @@ impl Webhooks {
             let newest = self
                 .newest_export_hour
                 .load(std::sync::atomic::Ordering::Relaxed);
-            if hour > newest || newest == 0 {
+            if hour > newest {
                 // A new hour (or the first this replica sees): indexed, and the old ones swept.
                 self.store
                     .record_put(
@@ -94,7 +94,7 @@ impl Webhooks {
     }
 
     /// The hours the export has, oldest first.
-    pub(super) async fn export_hours(&self) -> Result<Vec<u64>, StoreError> {
+    pub(crate) async fn export_hours(&self) -> Result<Vec<u64>, StoreError> {
         let mut hours: Vec<u64> = self
             .store
             .record_list(USAGE_EXPORT_HOURS)
@@ -132,7 +132,7 @@ impl Webhooks {
     }
 
     /// The copied entries of one hour, as stored (unordered).
-    pub(super) async fn export_hour(&self, hour: u64) -> Result<Vec<LedgerEntry>, StoreError> {
+    pub(crate) async fn export_hour(&self, hour: u64) -> Result<Vec<LedgerEntry>, StoreError> {
         self.store
             .record_list(&usage_export_hour(hour))
             .await?

@@ -269,6 +269,11 @@ async fn a_delivery_is_signed_retried_under_one_id_and_delivered_once() {
         "budget:key:key_1:month:0:80",
         EventKind::BudgetThreshold,
     ));
+    // An id that cannot be a header: dropped and counted, not tried.
+    gw.state().webhooks().emit(event(
+        "budget:key:key_1\r\nx-evil: 1",
+        EventKind::BudgetThreshold,
+    ));
     gw.state().webhooks().emit(event(
         "budget:key:key_1:month:0:100",
         EventKind::BudgetThreshold,
@@ -286,6 +291,8 @@ async fn a_delivery_is_signed_retried_under_one_id_and_delivered_once() {
     assert_eq!(counter(&metrics, "delivered"), 2, "{metrics}");
     assert_eq!(counter(&metrics, "retried"), 4, "{metrics}");
     assert_eq!(counter(&metrics, "failed"), 0, "{metrics}");
+    assert_eq!(counter(&metrics, "dropped"), 1, "{metrics}");
+    assert_eq!(receiver.all().len(), 6);
 }
 
 #[tokio::test]
