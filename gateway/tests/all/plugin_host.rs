@@ -1710,12 +1710,12 @@ async fn the_meter_quotes_by_the_market_and_a_quote_is_kept_for_a_second() {
         .await;
     assert_eq!(kept, Some(busy));
     assert_eq!(status(&host, Slot::Meter).calls, calls + 1);
-    // A batch line's quote is its own, with the discount.
+    // A batch line's quote is its own: the table's with the discount, whatever the market.
     let batch = host
         .quote("r3", "m", true, || market("m", 4))
         .await
         .unwrap();
-    assert_eq!(batch.prompt_per_1k, 1.5);
+    assert_eq!(batch.prompt_per_1k, 0.5);
     // Another model is another quote: idle, half the table.
     let idle = host
         .quote("r4", "other", false, || market("other", 0))

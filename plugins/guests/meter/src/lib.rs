@@ -33,7 +33,8 @@
 //!
 //! **Quotes.** The gateway asks for a model's price at admission and charges the request that
 //! price (`quote`); a request the meter did not quote pays the table. A line of the Batch API
-//! pays `1 - batch_discount` of the price (no discount unless configured).
+//! pays `1 - batch_discount` of the table's price (no discount unless configured), whatever
+//! the market: batch lines run when capacity is free.
 //!
 //! **Market prices**, with `market`: the quote is the table's price times a multiplier that
 //! follows how busy the model's rigs are: the *load* is the larger of their utilisation and
@@ -225,9 +226,11 @@ impl Meter for PriceTable {
     ) -> Result<Option<garage_plugin_sdk::Price>, String> {
         let config = load_config(host)?;
         let price = config.price(&request.model);
+        // Batch lines run when capacity is free: the table's price with the batch discount,
+        // whatever the market (and what an unquoted line is charged).
         let multiplier = match &config.market {
-            Some(market) => market.multiplier(host, &request.model),
-            None => 1.0,
+            Some(market) if !request.batch => market.multiplier(host, &request.model),
+            _ => 1.0,
         } * config.batch_share(request.batch);
         Ok(Some(garage_plugin_sdk::Price {
             prompt_per_thousand: price.prompt * multiplier,
@@ -606,7 +609,7 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!(batch.prompt_per_thousand, 0.25);
+        assert_eq!(batch.prompt_per_thousand, 0.5, "the table's, discounted");
         let line = UsageEvent {
             batch: true,
             ..event("r2", "key_a", "m", 1_000, 1_000)
