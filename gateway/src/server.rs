@@ -120,6 +120,8 @@ impl Gateway {
             plugins: plugins.clone(),
             store: store.clone(),
             accounts: state.accounts().clone(),
+            webhooks: state.webhooks().clone(),
+            budget_alert_thresholds: config.usage.budget_alert_thresholds.clone(),
         })));
         let shutdown = CancellationToken::new();
         let app = crate::http::app(state.clone());
@@ -339,7 +341,6 @@ pub async fn assemble(config: Config) -> Result<Assembled, StartError> {
         plugins.set_defaults(DEFAULT_PLUGINS);
         install_defaults(&plugins).await?;
     }
-    let metrics = Metrics::new();
     // Webhook endpoints' signing keys are derived from the key secret; the usage export keeps
     // on the embedded store about as many requests as its ledger.
     let webhooks = crate::webhooks::Webhooks::new(
@@ -356,8 +357,9 @@ pub async fn assemble(config: Config) -> Result<Assembled, StartError> {
             source,
         })?;
     usage.observe(webhooks.clone());
-    metrics.register_all(plugins.metrics().collectors());
+    let metrics = Metrics::new();
     metrics.register_all(webhooks.collectors());
+    metrics.register_all(plugins.metrics().collectors());
     metrics.register_all(batches.metrics().collectors());
     metrics.register_all(usage.collectors());
     metrics.register_all(nodes.collectors());
@@ -386,6 +388,7 @@ pub async fn assemble(config: Config) -> Result<Assembled, StartError> {
         policy: Policy::default(),
         accounts,
         metrics,
+        webhooks,
         admin_token,
         started_at: unix_now(),
     });
@@ -397,7 +400,6 @@ pub async fn assemble(config: Config) -> Result<Assembled, StartError> {
         sweep_interval,
     })
 }
-        webhooks,
 
 /// A rig's availability over one report period, as queued.
 #[derive(serde::Serialize, serde::Deserialize)]

@@ -149,6 +149,41 @@ def test_chat_completion_streamed_with_usage(client: openai.OpenAI):
     assert content.strip()
 
 
+def _price(headers: httpx.Headers) -> tuple[float, float]:
+    """`x-garage-price: prompt=P, completion=C`: credits per 1,000 tokens, quoted at admission."""
+    parts = dict(part.strip().split("=") for part in headers["x-garage-price"].split(","))
+    return float(parts["prompt"]), float(parts["completion"])
+
+
+def test_usage_says_what_the_answer_cost(client: openai.OpenAI):
+    """The usage of an answer carries its cost in credits (an extra field the SDK keeps), the
+    quoted price times its tokens, in the last chunk of a stream too."""
+    raw = client.chat.completions.with_raw_response.create(
+        model=CHAT_MODEL, messages=MESSAGES, max_tokens=8
+    )
+    completion = raw.parse()
+    prompt_price, completion_price = _price(raw.headers)
+    usage = completion.usage
+    cost = usage.model_extra["cost"]
+    expected = (usage.prompt_tokens * prompt_price + usage.completion_tokens * completion_price) / 1000
+    assert cost == pytest.approx(expected, abs=1e-9)
+    assert float(raw.headers["x-garage-cost"]) == cost
+
+    with client.chat.completions.with_streaming_response.create(
+        model=CHAT_MODEL,
+        messages=MESSAGES,
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+    ) as response:
+        prompt_price, completion_price = _price(response.headers)
+        chunks = list(response.parse())
+    usage = chunks[-1].usage
+    expected = (usage.prompt_tokens * prompt_price + usage.completion_tokens * completion_price) / 1000
+    assert usage.model_extra["cost"] == pytest.approx(expected, abs=1e-9)
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+
+
 def test_chat_stream_helper(client: openai.OpenAI):
     """The SDK's higher-level streaming helper, which accumulates the final completion."""
     with client.chat.completions.stream(model=CHAT_MODEL, messages=MESSAGES) as stream:

@@ -379,5 +379,8 @@ pub(super) fn usage_event(
         // Batch answers are billed within the bounds of the line (not counted yet).
         counted: Default::default(),
         trust: Some(trust),
+        // Priced when metered (the meter's `charge` decides; batch quotes are shown in
+        // `/v1/models`).
+        price: None,
     }
 }

@@ -429,12 +429,16 @@ pub struct UsageConfig {
     /// counting; only `GET /admin/usage/requests/{id}` of an older request answers 404. The
     /// embedded store loses everything at a restart anyway; on Redis every entry is kept.
     pub ledger_max_entries: usize,
+    /// Shares of a key's budgets, in percent (1 to 100), whose crossing sends a
+    /// `budget.threshold` webhook (the meter reports the budgets; see `docs/money.md`).
+    pub budget_alert_thresholds: Vec<u32>,
 }
 
 impl Default for UsageConfig {
     fn default() -> Self {
         UsageConfig {
             ledger_max_entries: 100_000,
+            budget_alert_thresholds: vec![50, 80, 100],
         }
     }
 }
@@ -768,6 +772,13 @@ impl Config {
         }
         if self.usage.ledger_max_entries == 0 {
             return invalid("usage.ledger_max_entries must be at least 1".into());
+        }
+        let thresholds = &self.usage.budget_alert_thresholds;
+        if thresholds.len() > 10 || thresholds.iter().any(|t| !(1..=100).contains(t)) {
+            return invalid(format!(
+                "usage.budget_alert_thresholds = {thresholds:?}: at most 10 percentages, each \
+                 from 1 to 100"
+            ));
         }
         if let Some(problem) = self.accounts.problem() {
             return invalid(problem);

@@ -425,9 +425,16 @@ pub(crate) async fn models(
                     }
                 }
             }
+            // What each model costs now, as the meter quotes it (nothing for a meter that
+            // quotes nothing).
+            let mut prices = std::collections::BTreeMap::new();
+            for model in by_model.keys() {
+                let price = crate::inference::api::current_price(&state, model, false).await;
+                prices.insert(model.as_str(), price);
+            }
             let body = html! {
                 table {
-                    thead { tr { th { "Model" } th { "Rigs serving it" } th { "In routing" } th { "Running" } th { "Queued" } } }
+                    thead { tr { th { "Model" } th { "Rigs serving it" } th { "In routing" } th { "Running" } th { "Queued" } th { "Price now (credits per 1,000 prompt / completion tokens)" } } }
                     tbody {
                         @for (model, (rigs, running, waiting)) in &by_model {
                             tr {
@@ -436,9 +443,15 @@ pub(crate) async fn models(
                                 td { (rigs.iter().filter(|r| r.routable).count()) }
                                 td { (running) }
                                 td { (waiting) }
+                                td {
+                                    @match prices.get(model.as_str()).copied().flatten() {
+                                        Some(price) => { (price.prompt_per_1k) " / " (price.completion_per_1k) }
+                                        None => { "—" }
+                                    }
+                                }
                             }
                         }
-                        @if by_model.is_empty() { tr { td colspan="5" { "No rig serves a model yet." } } }
+                        @if by_model.is_empty() { tr { td colspan="6" { "No rig serves a model yet." } } }
                     }
                 }
             };

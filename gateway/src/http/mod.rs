@@ -27,8 +27,8 @@ use crate::nodes::operator_api;
 use crate::plugins::api as plugins_api;
 use crate::request_id::RequestIdLayer;
 use crate::state::AppState;
-
 use crate::webhooks::api as webhooks_api;
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -66,15 +66,15 @@ use crate::webhooks::api as webhooks_api;
         crate::console::admin::operators,
         crate::console::admin::create_operator,
         crate::console::admin::revoke_operator,
+        crate::console::webhooks::webhooks,
+        crate::console::webhooks::create_webhook,
+        crate::console::webhooks::delete_webhook,
+        crate::console::webhooks::deliveries,
         crate::console::app::home,
         crate::console::app::batches,
         crate::console::app::file,
         crate::console::app::playground,
         crate::console::operator::home,
-        crate::console::webhooks::webhooks,
-        crate::console::webhooks::create_webhook,
-        crate::console::webhooks::delete_webhook,
-        crate::console::webhooks::deliveries,
         crate::console::operator::enroll,
         crate::console::operator::statement,
     ),
@@ -170,6 +170,14 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(usage_api::leaderboard))
         .routes(routes!(usage_api::run_payout, usage_api::list_payouts))
         .routes(routes!(usage_api::payout_csv))
+        .routes(routes!(usage_api::payout_statement))
+        .routes(routes!(
+            webhooks_api::create_endpoint,
+            webhooks_api::list_endpoints
+        ))
+        .routes(routes!(webhooks_api::delete_endpoint))
+        .routes(routes!(webhooks_api::list_deliveries))
+        .routes(routes!(webhooks_api::export_usage))
         .routes(routes!(plugins_api::list))
         .routes(routes!(plugins_api::versions))
         .routes(routes!(plugins_api::activate))
@@ -195,13 +203,6 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(batch_api::upload_file, batch_api::list_files))
         .layer(DefaultBodyLimit::max(state.config().batch.max_file_bytes));
     // Big text that browsers and scrapers fetch with `Accept-Encoding: gzip`: compressed when
-        .routes(routes!(
-            webhooks_api::create_endpoint,
-            webhooks_api::list_endpoints
-        ))
-        .routes(routes!(webhooks_api::delete_endpoint))
-        .routes(routes!(webhooks_api::list_deliveries))
-        .routes(routes!(webhooks_api::export_usage))
     // asked. Not the inference routes: their answers are small, or streamed event by event.
     let docs = OpenApiRouter::new()
         .routes(routes!(metrics))
@@ -240,6 +241,7 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
         .routes(routes!(operator_api::own_earnings))
         .routes(routes!(operator_api::own_statement))
         .routes(routes!(usage_api::own_payouts))
+        .routes(routes!(usage_api::own_payout_statement))
         .routes(routes!(batch_api::lease))
         .routes(routes!(batch_api::results))
         .route(

@@ -549,6 +549,8 @@ async fn admit_and_forward(
     let policy::Admitted {
         headers: rate_limit_headers,
         reservation,
+        price,
+        hold,
     } = policy::admit(
         state.policy(),
         state.store().as_ref(),
@@ -557,10 +559,15 @@ async fn admit_and_forward(
         &admitted.model,
         ctx.request_id(),
         &admitted.facts,
+        &candidates,
+        state.accounts(),
+        crate::accounts::HoldFor::of(&key, &ctx.bounds, &body),
     )
     .await?;
+    ctx.hold = hold;
     ctx.reserved_tokens = admitted.facts.reserved_tokens();
     ctx.reservation = reservation;
+    ctx.price = price;
     // ---- route
     let candidates = policy::order(
         state.plugins(),
@@ -586,6 +593,12 @@ async fn admit_and_forward(
     let map = response.headers_mut();
     for (name, value) in rate_limit_headers {
         map.insert(name, value);
+    }
+    // The price it is charged, on every answer that was quoted one.
+    if let Some(price) = price
+        && let Ok(value) = http::HeaderValue::from_str(&super::cost::price_header(&price))
+    {
+        map.insert(super::cost::PRICE_HEADER, value);
     }
     Ok(response)
 }
@@ -640,7 +653,8 @@ async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiErr
         (status = 200, description = "A chat completion (or an event stream of chunks)", body = serde_json::Value),
         (status = 400, description = "Malformed request", body = ErrorBody),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
-        (status = 403, description = "Revoked key, or a model the key may not use", body = ErrorBody),
+        (status = 403, description = "Revoked key, a model the key may not use, or the key's account closed (`account_closed`) or missing (`account_not_found`)", body = ErrorBody),
+        (status = 429, description = "Rate limited (`rate_limit_exceeded`), or out of credits or budget (`insufficient_quota`, with `retry-after` when a period resets)", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 502, description = "Backends failed", body = ErrorBody),
@@ -664,6 +678,8 @@ pub async fn chat_completions(
         (status = 200, description = "A completion (or an event stream of chunks)", body = serde_json::Value),
         (status = 400, description = "Malformed request", body = ErrorBody),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 403, description = "Revoked key, a model the key may not use, or the key's account closed (`account_closed`) or missing (`account_not_found`)", body = ErrorBody),
+        (status = 429, description = "Rate limited (`rate_limit_exceeded`), or out of credits or budget (`insufficient_quota`, with `retry-after` when a period resets)", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 502, description = "Backends failed", body = ErrorBody),
         (status = 503, description = "No healthy backend", body = ErrorBody),
@@ -685,6 +701,8 @@ pub async fn completions(
         (status = 200, description = "Embeddings", body = serde_json::Value),
         (status = 400, description = "Malformed request", body = ErrorBody),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 403, description = "Revoked key, a model the key may not use, or the key's account closed (`account_closed`) or missing (`account_not_found`)", body = ErrorBody),
+        (status = 429, description = "Rate limited (`rate_limit_exceeded`), or out of credits or budget (`insufficient_quota`, with `retry-after` when a period resets)", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 502, description = "Backends failed", body = ErrorBody),
         (status = 503, description = "No healthy backend", body = ErrorBody),
@@ -710,7 +728,8 @@ pub async fn embeddings(
         (status = 200, description = "A response (or an event stream of typed events)", body = serde_json::Value),
         (status = 400, description = "Malformed request", body = ErrorBody),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
-        (status = 403, description = "Revoked key, or a model the key may not use", body = ErrorBody),
+        (status = 403, description = "Revoked key, a model the key may not use, or the key's account closed (`account_closed`) or missing (`account_not_found`)", body = ErrorBody),
+        (status = 429, description = "Rate limited (`rate_limit_exceeded`), or out of credits or budget (`insufficient_quota`, with `retry-after` when a period resets)", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 502, description = "Backends failed", body = ErrorBody),
@@ -815,6 +834,8 @@ pub async fn count_tokens(State(state): State<AppState>, request: Request) -> Re
         (status = 200, description = "The documents, best first", body = serde_json::Value),
         (status = 400, description = "Malformed request", body = ErrorBody),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 403, description = "Revoked key, a model the key may not use, or the key's account closed (`account_closed`) or missing (`account_not_found`)", body = ErrorBody),
+        (status = 429, description = "Rate limited (`rate_limit_exceeded`), or out of credits or budget (`insufficient_quota`, with `retry-after` when a period resets)", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 502, description = "Backends failed", body = ErrorBody),
         (status = 503, description = "No healthy backend", body = ErrorBody),
@@ -834,6 +855,8 @@ pub async fn rerank(State(state): State<AppState>, request: Request) -> Result<R
         (status = 200, description = "A score per pair", body = serde_json::Value),
         (status = 400, description = "Malformed request", body = ErrorBody),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 403, description = "Revoked key, a model the key may not use, or the key's account closed (`account_closed`) or missing (`account_not_found`)", body = ErrorBody),
+        (status = 429, description = "Rate limited (`rate_limit_exceeded`), or out of credits or budget (`insufficient_quota`, with `retry-after` when a period resets)", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 502, description = "Backends failed", body = ErrorBody),
         (status = 503, description = "No healthy backend", body = ErrorBody),
@@ -853,6 +876,48 @@ pub struct Model {
     /// Unix seconds.
     pub created: u64,
     pub owned_by: String,
+    /// What the model's tokens cost now, as the meter quotes them (absent when it quotes
+    /// nothing). A request is charged the price quoted when it is admitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<ModelPricing>,
+}
+
+/// A model's prices in credits per token, as decimal strings (as OpenRouter's model list
+/// writes them), and per 1,000 tokens as numbers.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ModelPricing {
+    /// Credits per prompt token.
+    pub prompt: String,
+    /// Credits per completion token.
+    pub completion: String,
+    /// Credits per 1,000 prompt and completion tokens.
+    pub per_thousand: crate::plugins::Price,
+    /// The price of a line of the Batch API, when the meter quotes one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<crate::plugins::Price>,
+}
+
+impl ModelPricing {
+    fn new(price: crate::plugins::Price, batch: Option<crate::plugins::Price>) -> Self {
+        ModelPricing {
+            prompt: per_token(price.prompt_per_1k),
+            completion: per_token(price.completion_per_1k),
+            per_thousand: price,
+            batch,
+        }
+    }
+}
+
+/// A price per 1,000 tokens as a decimal string per token, without float noise (`0.000002`,
+/// not `2.0000000000000003e-6`).
+fn per_token(per_thousand: f64) -> String {
+    let text = format!("{:.12}", per_thousand / 1000.0);
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    if text.is_empty() {
+        "0".to_owned()
+    } else {
+        text.to_owned()
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -862,12 +927,43 @@ pub struct ModelList {
     pub data: Vec<Model>,
 }
 
-fn model(state: &AppState, id: &str) -> Model {
+/// Request id the model list's quotes are asked under (a canary meter is picked by it).
+const MODEL_LIST_QUOTE: &str = "model-list";
+
+/// What `model`'s tokens cost now (for a Batch API line with `batch`), as the meter quotes
+/// them, without counting a request in its demand: for the model list and the console.
+pub async fn current_price(
+    state: &AppState,
+    model: &str,
+    batch: bool,
+) -> Option<crate::plugins::Price> {
+    let plugins = state.plugins();
+    if !plugins.is_active(crate::plugins::Slot::Meter) {
+        return None;
+    }
+    let candidates = state
+        .backends()
+        .snapshot()
+        .candidates(model)
+        .unwrap_or_default();
+    let demand = state.policy().current_demand(model);
+    policy::quote(plugins, MODEL_LIST_QUOTE, model, batch, &candidates, demand).await
+}
+
+async fn model(state: &AppState, id: &str) -> Model {
+    let mut pricing = None;
+    if let Some(price) = current_price(state, id, false).await {
+        pricing = Some(ModelPricing::new(
+            price,
+            current_price(state, id, true).await,
+        ));
+    }
     Model {
         id: id.to_owned(),
         object: "model".into(),
         created: state.started_at(),
         owned_by: "garage".into(),
+        pricing,
     }
 }
 
@@ -877,6 +973,7 @@ fn model(state: &AppState, id: &str) -> Model {
     responses(
         (status = 200, body = ModelList),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 403, description = "Revoked key", body = ErrorBody),
     ),
     security(("api_key" = []))
 )]
@@ -886,12 +983,14 @@ pub async fn list_models(
 ) -> Result<Json<ModelList>, ApiError> {
     let key = state.auth().authenticate(&headers).await?;
     let backends = state.backends().snapshot();
-    let data = backends
+    let mut data = Vec::new();
+    for id in backends
         .healthy_models()
         .into_iter()
         .filter(|m| check_model_allowed(&key, m).is_ok())
-        .map(|m| model(&state, m))
-        .collect();
+    {
+        data.push(model(&state, id).await);
+    }
     Ok(Json(ModelList {
         object: "list".into(),
         data,
@@ -905,6 +1004,7 @@ pub async fn list_models(
     responses(
         (status = 200, body = Model),
         (status = 401, description = "Missing or unknown API key", body = ErrorBody),
+        (status = 403, description = "Revoked key", body = ErrorBody),
         (status = 404, description = "Not served", body = ErrorBody),
         (status = 400, description = "Malformed path or query", body = ErrorBody),
     ),
@@ -924,7 +1024,7 @@ pub async fn get_model(
     if !served || check_model_allowed(&key, &id).is_err() {
         return Err(ApiError::ModelNotFound(id));
     }
-    Ok(Json(model(&state, &id)))
+    Ok(Json(model(&state, &id).await))
 }
 
 // Request schemas for the spec. The gateway forwards bodies without deserializing them into

@@ -69,6 +69,10 @@ pub struct RequestCtx {
     /// Whether the request is charged; one that is not (counting tokens) is recorded at zero
     /// tokens, and settled with the rate limiter at the tokens it had counted.
     pub charged: bool,
+    /// The price the meter quoted at admission: what the request is charged.
+    pub price: Option<crate::plugins::Price>,
+    /// What the key's account holds for the request: released if it ends without usage.
+    pub hold: Option<crate::accounts::Hold>,
 }
 
 impl RequestCtx {
@@ -94,6 +98,8 @@ impl RequestCtx {
             series: None,
             error_shape: ErrorShape::OpenAi,
             charged: true,
+            price: None,
+            hold: None,
         }
     }
 
@@ -142,6 +148,7 @@ fn usage_event(
         batch: false,
         counted,
         trust: backend.trust(),
+        price: out.price,
     }
 }
 
@@ -370,8 +377,8 @@ async fn whole_response<'a>(
     };
     // A rig's receipt comes after the body, as a trailer.
     let receipt = receipt_of(body.trailers());
-    let body = body.to_bytes();
-    let outcome = if parts.status.is_success() {
+    let mut body = body.to_bytes();
+    let mut outcome = if parts.status.is_success() {
         let answer = backend.rig.is_some().then(|| {
             let mut hasher = AnswerHasher::default();
             hasher.update(&body);
@@ -389,12 +396,43 @@ async fn whole_response<'a>(
             counted_completion: tokenizer.zip(text).map(|(t, text)| t.count(&text)),
             ttft: out.started.elapsed(),
             answer,
+            accounted: None,
         }
     } else {
         // The engine refused the request (a 4xx: 5xx were retried). Nothing to bill.
         Outcome::Refused(parts.status)
     };
+    // A quoted request's cost, known before its answer goes: in the answer's usage and a
+    // header. (Its receipt was checked against the answer as the rig sent it.)
+    let mut cost = None;
+    if let (
+        Some(price),
+        Outcome::Answered {
+            backend,
+            reported,
+            output,
+            counted_completion,
+            accounted,
+            ..
+        },
+    ) = (out.price, &mut outcome)
+    {
+        let billed = account(state, out, backend, *reported, output, *counted_completion);
+        let credits = billed.cost(out, &price);
+        if let Some(with_cost) = super::cost::with_cost(&body, credits) {
+            body = with_cost;
+        }
+        cost = Some(credits);
+        *accounted = Some(Box::new(billed));
+    }
     let mut response = Response::new(Body::from(body));
+    if let Some(credits) = cost
+        && let Ok(value) = HeaderValue::from_str(&credits.to_string())
+    {
+        response
+            .headers_mut()
+            .insert(super::cost::COST_HEADER, value);
+    }
     *response.status_mut() = parts.status;
     if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
         response
@@ -521,104 +559,36 @@ async fn upstream_error(response: Response, shape: ErrorShape) -> Response {
 /// Characters of an engine's own error text kept in the message the client gets.
 const ENGINE_ERROR_CHARS: usize = 500;
 
-/// How a request ended, for [`finish`].
-pub enum Outcome<'a> {
-    /// Before any backend answered: refused at admission (a bad key, a limit, no healthy
-    /// backend...) or every backend failed. Its status; nothing to bill.
-    Failed(StatusCode),
-    /// The backend refused the request (a 4xx): its status; nothing to bill.
-    Refused(StatusCode),
-    /// The backend answered, whole or as a stream that ended however it did: its reported
-    /// usage, if any, and the output the gateway forwarded (see [`crate::ledger::billing`]).
-    Answered {
-        backend: &'a Backend,
-        status: StatusCode,
-        reported: Option<Usage>,
-        output: OutputCount,
-        /// The gateway's own count of the completion, for a model whose tokenizer it has.
-        counted_completion: Option<u64>,
-        /// Time to the first token (the whole answer's time for one that is not streamed).
-        ttft: std::time::Duration,
-        /// From a rig, ended whole: what came, for its receipt.
-        answer: Option<Answer>,
-    },
-    /// The client went away before a whole answer came: the prompt is billed. Counted as
-    /// nginx's 499, as no status went out.
-    Abandoned { backend: &'a Backend },
+/// What a request is billed, and who counted it: the bill within the request's bounds, and
+/// the gateway's own count where it has the model's tokenizer (a disagreement is a failed
+/// check of the rig that served it). Worked out once per request: when its answer's cost is
+/// written into it, or else when it ends.
+pub struct Accounted {
+    billed: crate::ledger::billing::Billed,
+    counted: Counted,
 }
 
-impl Outcome<'_> {
-    /// The same outcome, with the status the client was sent.
-    fn with_status(self, sent: StatusCode) -> Self {
-        match self {
-            Outcome::Refused(_) => Outcome::Refused(sent),
-            Outcome::Answered {
-                backend,
-                reported,
-                output,
-                counted_completion,
-                ttft,
-                answer,
-                ..
-            } => Outcome::Answered {
-                backend,
-                status: sent,
-                reported,
-                output,
-                counted_completion,
-                ttft,
-                answer,
-            },
-            other => other,
+impl Accounted {
+    /// What the request costs at `price`: its billed tokens, or nothing for a request that is
+    /// not charged (counting tokens).
+    fn cost(&self, ctx: &RequestCtx, price: &crate::plugins::Price) -> f64 {
+        if !ctx.charged {
+            return 0.0;
         }
+        let usage = self.billed.usage;
+        super::cost::cost(price, usage.prompt_tokens, usage.completion_tokens)
     }
 }
 
-/// Status label of a request whose client went away before an answer (nginx's).
-const CLIENT_CLOSED: u16 = 499;
-
-/// The one place a request ends, whichever way it does: its status counted, its duration, the
-/// usage event (what the gateway bills, see [`crate::ledger::billing`]), the backend's measured
-/// speed, and the rate limiter's settlement.
-pub fn finish(state: &AppState, ctx: &RequestCtx, outcome: Outcome<'_>) {
-    let total = ctx.started.elapsed();
-    let status = match &outcome {
-        Outcome::Failed(status) | Outcome::Refused(status) => *status,
-        Outcome::Answered { status, .. } => *status,
-        Outcome::Abandoned { .. } => {
-            StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST)
-        }
-    };
-    match &ctx.series {
-        Some(series) => {
-            state.metrics().count(series, status);
-            series.duration.observe(total.as_secs_f64());
-        }
-        None => state
-            .metrics()
-            .requests
-            .with_label_values(&[ctx.route, "", status.as_str()])
-            .inc(),
-    }
-    let (backend, reported, output, counted_completion, ttft, answer) = match outcome {
-        Outcome::Failed(_) | Outcome::Refused(_) => {
-            settle(state, ctx, 0);
-            return;
-        }
-        Outcome::Answered {
-            backend,
-            reported,
-            output,
-            counted_completion,
-            ttft,
-            answer,
-            ..
-        } => (backend, reported, output, counted_completion, ttft, answer),
-        Outcome::Abandoned { backend } => {
-            (backend, None, OutputCount::default(), None, total, None)
-        }
-    };
-    let mut billed = bill(reported, &output, &ctx.bounds, || {
+fn account(
+    state: &AppState,
+    ctx: &RequestCtx,
+    backend: &Backend,
+    reported: Option<Usage>,
+    output: &OutputCount,
+    counted_completion: Option<u64>,
+) -> Accounted {
+    let mut billed = bill(reported, output, &ctx.bounds, || {
         crate::ledger::billing::media_parts(&ctx.body)
     });
     // With the model's tokenizer, the gateway's own count is what is billed and rewarded.
@@ -673,6 +643,134 @@ pub fn finish(state: &AppState, ctx: &RequestCtx, outcome: Outcome<'_>) {
         reported,
         billed.usage,
     );
+    Accounted { billed, counted }
+}
+
+/// How a request ended, for [`finish`].
+pub enum Outcome<'a> {
+    /// Before any backend answered: refused at admission (a bad key, a limit, no healthy
+    /// backend...) or every backend failed. Its status; nothing to bill.
+    Failed(StatusCode),
+    /// The backend refused the request (a 4xx): its status; nothing to bill.
+    Refused(StatusCode),
+    /// The backend answered, whole or as a stream that ended however it did: its reported
+    /// usage, if any, and the output the gateway forwarded (see [`crate::ledger::billing`]).
+    Answered {
+        backend: &'a Backend,
+        status: StatusCode,
+        reported: Option<Usage>,
+        output: OutputCount,
+        /// The gateway's own count of the completion, for a model whose tokenizer it has.
+        counted_completion: Option<u64>,
+        /// Time to the first token (the whole answer's time for one that is not streamed).
+        ttft: std::time::Duration,
+        /// From a rig, ended whole: what came, for its receipt.
+        answer: Option<Answer>,
+        /// What it is billed, when that was worked out before the end (to write its cost
+        /// into the answer). Boxed: most answers have none, and an outcome is moved about.
+        accounted: Option<Box<Accounted>>,
+    },
+    /// The client went away before a whole answer came: the prompt is billed. Counted as
+    /// nginx's 499, as no status went out.
+    Abandoned { backend: &'a Backend },
+}
+
+impl Outcome<'_> {
+    /// The same outcome, with the status the client was sent.
+    fn with_status(self, sent: StatusCode) -> Self {
+        match self {
+            Outcome::Refused(_) => Outcome::Refused(sent),
+            Outcome::Answered {
+                backend,
+                reported,
+                output,
+                counted_completion,
+                ttft,
+                answer,
+                accounted,
+                ..
+            } => Outcome::Answered {
+                backend,
+                status: sent,
+                accounted,
+                reported,
+                output,
+                counted_completion,
+                ttft,
+                answer,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Status label of a request whose client went away before an answer (nginx's).
+const CLIENT_CLOSED: u16 = 499;
+
+/// The one place a request ends, whichever way it does: its status counted, its duration, the
+/// usage event (what the gateway bills, see [`crate::ledger::billing`]), the backend's measured
+/// speed, and the rate limiter's settlement.
+pub fn finish(state: &AppState, ctx: &RequestCtx, outcome: Outcome<'_>) {
+    let total = ctx.started.elapsed();
+    let status = match &outcome {
+        Outcome::Failed(status) | Outcome::Refused(status) => *status,
+        Outcome::Answered { status, .. } => *status,
+        Outcome::Abandoned { .. } => {
+            StatusCode::from_u16(CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST)
+        }
+    };
+    match &ctx.series {
+        Some(series) => {
+            state.metrics().count(series, status);
+            series.duration.observe(total.as_secs_f64());
+        }
+        None => state
+            .metrics()
+            .requests
+            .with_label_values(&[ctx.route, "", status.as_str()])
+            .inc(),
+    }
+    let (backend, reported, output, counted_completion, ttft, answer, accounted) = match outcome {
+        Outcome::Failed(_) | Outcome::Refused(_) => {
+            settle(state, ctx, 0);
+            if let Some(hold) = &ctx.hold {
+                crate::accounts::holds::release_later(state.accounts(), hold, ctx.request_id());
+            }
+            return;
+        }
+        Outcome::Answered {
+            backend,
+            reported,
+            output,
+            counted_completion,
+            ttft,
+            answer,
+            accounted,
+            ..
+        } => (
+            backend,
+            reported,
+            output,
+            counted_completion,
+            ttft,
+            answer,
+            accounted,
+        ),
+        Outcome::Abandoned { backend } => (
+            backend,
+            None,
+            OutputCount::default(),
+            None,
+            total,
+            None,
+            None,
+        ),
+    };
+    // Worked out already when the answer carried its cost.
+    let Accounted { billed, counted } = match accounted {
+        Some(accounted) => *accounted,
+        None => account(state, ctx, backend, reported, &output, counted_completion),
+    };
     // A request that is not charged (counting tokens) is recorded at zero tokens, which the
     // token metrics agree with; the rate limiter is settled at what it counted.
     let used = billed.usage;
@@ -759,6 +857,7 @@ fn stream_response(
         gathered: Gathered::default(),
         yielded: 0,
         done: false,
+        accounted: None,
         _in_flight: in_flight,
     };
     Response::builder()
@@ -802,6 +901,8 @@ struct MeteredBody {
     /// Rounds the body yielded in a row with events gathered (see [`GATHER_YIELDS`]).
     yielded: u8,
     done: bool,
+    /// What the request is billed, once the stream's last usage report carried its cost.
+    accounted: Option<Box<Accounted>>,
     _in_flight: InFlight,
 }
 
@@ -894,6 +995,11 @@ impl MeteredBody {
                 }
                 let forwarded = self.tap.feed(chunk);
                 self.count(&forwarded);
+                let forwarded = if self.tap.take_final_usage() {
+                    self.with_cost(forwarded)
+                } else {
+                    forwarded
+                };
                 Poll::Ready(Some(forwarded))
             }
             Poll::Ready(Some(Err(err))) => {
@@ -936,6 +1042,45 @@ impl MeteredBody {
 }
 
 impl MeteredBody {
+    /// The gateway's count of the completion so far, for a model whose tokens it counts.
+    fn counted_completion(&self) -> Option<u64> {
+        let text = self.generated.as_deref()?;
+        let tokenizer = self.state.tokenizers().get(&self.out.model)?;
+        Some(tokenizer.count(text))
+    }
+
+    /// `forwarded`, whose last usage report is the stream's last (all its output came
+    /// before), with the request's cost written into it: the bill is worked out now, once.
+    fn with_cost(&mut self, forwarded: Bytes) -> Bytes {
+        let Some(price) = self.out.price else {
+            return forwarded;
+        };
+        let accounted = account(
+            &self.state,
+            &self.out,
+            &self.backend,
+            self.tap.usage(),
+            &self.output,
+            self.counted_completion(),
+        );
+        let credits = accounted.cost(&self.out, &price);
+        self.accounted = Some(Box::new(accounted));
+        let Some(event) = sse::events(&forwarded)
+            .filter(|range| sse::reports_usage(&forwarded[range.clone()]))
+            .last()
+        else {
+            return forwarded;
+        };
+        let Some(changed) = super::cost::event_with_cost(&forwarded[event.clone()], credits) else {
+            return forwarded;
+        };
+        let mut out = Vec::with_capacity(forwarded.len() + changed.len() - event.len());
+        out.extend_from_slice(&forwarded[..event.start]);
+        out.extend_from_slice(&changed);
+        out.extend_from_slice(&forwarded[event.end..]);
+        Bytes::from(out)
+    }
+
     /// Counts output on its way to the client: the tap hands over whole events only.
     fn count(&mut self, forwarded: &[u8]) {
         if !forwarded.is_empty() {
@@ -1034,12 +1179,10 @@ impl MeteredBody {
                 status: StatusCode::OK,
                 reported: self.tap.usage(),
                 output: self.output,
-                counted_completion: self.generated.as_deref().and_then(|text| {
-                    let tokenizer = self.state.tokenizers().get(&self.out.model)?;
-                    Some(tokenizer.count(text))
-                }),
+                counted_completion: self.counted_completion(),
                 ttft,
                 answer,
+                accounted: self.accounted.take(),
             },
         );
     }

@@ -3,6 +3,7 @@
 //! ([`forward`], reading server-sent events with [`sse`]), and billed when it ends.
 
 pub mod api;
+pub mod cost;
 pub mod forward;
 pub mod policy;
 pub mod sse;

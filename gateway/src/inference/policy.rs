@@ -57,11 +57,68 @@ impl RequestFacts {
     }
 }
 
-/// Per-process policy state: the budget verdict cache, read by every request (foldhash, not
-/// std's SipHash, as the other per-request maps; seeded per process, like std's).
+/// Per-process policy state: the budget verdict cache, read by every request, and each
+/// model's recent demand (foldhash, not std's SipHash, as the other per-request maps; seeded
+/// per process, like std's).
 #[derive(Default)]
 pub struct Policy {
     budgets: Mutex<HashMap<String, (Instant, Spent), foldhash::quality::RandomState>>,
+    demand: Mutex<HashMap<String, Demand, foldhash::quality::RandomState>>,
+}
+
+/// How often a model's demand estimate takes in the requests counted since the last time.
+const DEMAND_WINDOW: Duration = Duration::from_secs(10);
+
+/// Requests for a model admitted per minute: a moving average over [`DEMAND_WINDOW`]s, each
+/// window weighing half (about the last minute counts).
+#[derive(Debug, Clone, Copy)]
+struct Demand {
+    since: Instant,
+    count: u32,
+    per_minute: f64,
+}
+
+impl Demand {
+    fn new(now: Instant) -> Self {
+        Demand {
+            since: now,
+            count: 0,
+            per_minute: 0.0,
+        }
+    }
+
+    /// Counts one request at `now`.
+    fn add(&mut self, now: Instant) {
+        self.roll(now);
+        self.count = self.count.saturating_add(1);
+    }
+
+    /// Folds the windows that ended by `now` into the average.
+    fn roll(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.since);
+        if elapsed < DEMAND_WINDOW {
+            return;
+        }
+        let windows = (elapsed.as_secs_f64() / DEMAND_WINDOW.as_secs_f64()).floor();
+        let rate = f64::from(self.count) * 60.0 / DEMAND_WINDOW.as_secs_f64();
+        // The window just ended weighs half; each empty one after it halves the average again.
+        self.per_minute = (self.per_minute + rate) / 2.0 / 2f64.powf(windows - 1.0);
+        self.count = 0;
+        self.since += DEMAND_WINDOW.mul_f64(windows);
+    }
+
+    /// The average at `now`, with the requests of the window in progress counted at its rate
+    /// so far (a burst shows before its window ends).
+    fn per_minute(&self, now: Instant) -> f64 {
+        let mut demand = *self;
+        demand.roll(now);
+        let so_far = now
+            .saturating_duration_since(demand.since)
+            .as_secs_f64()
+            .max(1.0);
+        let current = f64::from(demand.count) * 60.0 / so_far;
+        demand.per_minute.max(current)
+    }
 }
 
 /// Whether a key's budget is spent: not, for good, or until a period ends (Unix ms).
@@ -92,6 +149,33 @@ fn budget_key(key_id: &str) -> String {
 }
 
 impl Policy {
+    /// The demand for `model` now, without counting a request.
+    pub fn current_demand(&self, model: &str) -> f64 {
+        let demand = self.demand.lock().unwrap_or_else(|p| p.into_inner());
+        demand
+            .get(model)
+            .map_or(0.0, |d| d.per_minute(Instant::now()))
+    }
+
+    /// Counts a request for `model` in its demand, and answers the demand now.
+    fn demand(&self, model: &str) -> f64 {
+        let now = Instant::now();
+        let mut demand = self.demand.lock().unwrap_or_else(|p| p.into_inner());
+        match demand.get_mut(model) {
+            Some(d) => {
+                d.add(now);
+                d.per_minute(now)
+            }
+            None => {
+                let mut d = Demand::new(now);
+                d.add(now);
+                let per_minute = d.per_minute(now);
+                demand.insert(model.to_owned(), d);
+                per_minute
+            }
+        }
+    }
+
     async fn budget_spent(&self, store: &dyn Store, key_id: &str) -> Result<Spent, ApiError> {
         let cached = self
             .budgets
@@ -162,14 +246,64 @@ fn rate_limit_headers(h: &plugins::RateLimitHeaders) -> Vec<(HeaderName, HeaderV
     out
 }
 
-/// What admission decided: the rate limit headers for the response, and the limiter version
-/// that reserved capacity for the request (its settlement goes there).
+/// What admission decided: the rate limit headers for the response, the limiter version
+/// that reserved capacity for the request (its settlement goes there), and the price the
+/// meter quoted (what the request is charged).
 pub struct Admitted {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub reservation: Option<plugins::Reservation>,
+    pub price: Option<plugins::Price>,
+    /// What the key's account holds for the request (see `accounts::holds`).
+    pub hold: Option<crate::accounts::Hold>,
 }
 
-/// Admission: the key's budget, then the rate limiter. The headers go on the response.
+/// Supply and demand for `model` among `candidates` (the healthy backends serving it), for a
+/// meter that prices by the market.
+pub fn market(model: &str, candidates: &[Arc<Backend>], demand_per_minute: f64) -> plugins::Market {
+    let mut market = plugins::Market {
+        model: model.to_owned(),
+        rigs: candidates.len().min(u32::MAX as usize) as u32,
+        capacity_tokens_per_second: 0.0,
+        utilization: 0.0,
+        queue_depth: 0,
+        in_flight: 0,
+        demand_requests_per_minute: demand_per_minute,
+    };
+    let mut busy = 0.0;
+    for backend in candidates {
+        let load = **backend.load.load();
+        let (_, tokens_per_second) = backend.measured();
+        market.capacity_tokens_per_second += f64::from(tokens_per_second);
+        busy += f64::from(load.kv_cache_usage.max(load.gpu_utilization)).clamp(0.0, 1.0);
+        market.queue_depth = market.queue_depth.saturating_add(load.engine_waiting);
+        market.in_flight = market.in_flight.saturating_add(backend.in_flight());
+    }
+    if !candidates.is_empty() {
+        market.utilization = busy / candidates.len() as f64;
+    }
+    market
+}
+
+/// The meter's price for a request for `model` now (see [`PluginHost::quote`]), with the
+/// model's demand at `demand_per_minute`.
+pub async fn quote(
+    plugins: &PluginHost,
+    request_id: &str,
+    model: &str,
+    batch: bool,
+    candidates: &[Arc<Backend>],
+    demand_per_minute: f64,
+) -> Option<plugins::Price> {
+    plugins
+        .quote(request_id, model, batch, || {
+            market(model, candidates, demand_per_minute)
+        })
+        .await
+}
+
+/// Admission: the key's budget, then the rate limiter; and the meter's price. The headers go
+/// on the response.
+#[allow(clippy::too_many_arguments)]
 pub async fn admit(
     policy: &Policy,
     store: &dyn Store,
@@ -178,6 +312,9 @@ pub async fn admit(
     model: &str,
     request_id: &str,
     facts: &RequestFacts,
+    candidates: &[Arc<Backend>],
+    accounts: &crate::accounts::Accounts,
+    hold: crate::accounts::HoldFor,
 ) -> Result<Admitted, ApiError> {
     match policy.budget_spent(store, &key.id).await? {
         Spent::No => {}
@@ -204,9 +341,23 @@ pub async fn admit(
             });
         }
     }
+    // Counted in the model's demand only when a meter may price by it.
+    let price = if plugins.is_active(Slot::Meter) {
+        let demand = policy.demand(model);
+        quote(plugins, request_id, model, false, candidates, demand).await
+    } else {
+        None
+    };
+    // The key's account holds what the request can cost at the quoted price; released below if
+    // the rate limiter refuses it.
+    let hold = accounts
+        .admit(key, request_id, &crate::accounts::HoldFor { price, ..hold })
+        .await?;
     let nothing = || Admitted {
         headers: Vec::new(),
         reservation: None,
+        price,
+        hold: hold.clone(),
     };
     if !plugins.is_active(plugins::Slot::RateLimiter) {
         return Ok(nothing());
@@ -226,7 +377,12 @@ pub async fn admit(
         return Ok(Admitted {
             headers,
             reservation,
+            price,
+            hold,
         });
+    }
+    if let Some(hold) = &hold {
+        accounts.release(hold, request_id).await;
     }
     let message = if decision.reason.is_empty() {
         "Rate limit reached for this key; retry later.".to_owned()
@@ -358,6 +514,10 @@ pub struct PluginProcessor {
     pub store: Arc<dyn Store>,
     /// Debits accounts their keys' charges (and releases the requests' holds).
     pub accounts: Arc<crate::accounts::Accounts>,
+    /// Where keys' budget alerts go (`budget.threshold`).
+    pub webhooks: Arc<crate::webhooks::Webhooks>,
+    /// The shares of a key's budgets, in percent, whose crossing is an alert.
+    pub budget_alert_thresholds: Vec<u32>,
 }
 
 fn to_plugin_event(e: &UsageEvent) -> plugins::UsageEvent {
@@ -387,6 +547,37 @@ fn to_plugin_event(e: &UsageEvent) -> plugins::UsageEvent {
             (None, true) => plugins::Trust::Configured,
             (trust, _) => plugin_trust(Some(trust.unwrap_or_default())),
         },
+        price: e.price.map(|p| plugins::QuotedPrice {
+            prompt_per_thousand: p.prompt_per_1k,
+            completion_per_thousand: p.completion_per_1k,
+        }),
+    }
+}
+
+impl PluginProcessor {
+    /// Sends the `budget.threshold` alerts of the budgets `charge` took past a threshold.
+    fn alert_budgets(&self, event: &UsageEvent, charge: &plugins::Charge) {
+        if charge.budgets.is_empty() {
+            return;
+        }
+        let crossed = crate::ledger::alerts::crossings(
+            &event.key_id,
+            charge.credits,
+            &charge.budgets,
+            &self.budget_alert_thresholds,
+        );
+        for crossing in crossed {
+            tracing::info!(
+                key_id = %event.key_id,
+                period = %crossing.period,
+                percent = crossing.threshold_percent,
+                "a key's budget crossed an alert threshold"
+            );
+            self.webhooks.emit(crate::webhooks::Event::budget_threshold(
+                &crossing,
+                event.finished_at_ms,
+            ));
+        }
     }
 }
 
@@ -423,10 +614,12 @@ impl UsageProcessor for PluginProcessor {
                 Some(charges) => charges
                     .into_iter()
                     .zip(&mut resets)
-                    .map(|(charge, reset)| {
+                    .zip(events)
+                    .map(|((charge, reset), event)| {
                         charge
                             .map(|charge| {
                                 *reset = charge.exhausted_until_ms;
+                                self.alert_budgets(event, &charge);
                                 Outcome {
                                     credits: charge.credits,
                                     budget_exhausted: charge.budget_exhausted,

@@ -82,7 +82,7 @@ fn usage_at_the_end(body: &[u8]) -> Option<Option<Usage>> {
 }
 
 /// [`usage_at_the_end`], with where the `"usage"` key starts.
-fn usage_member_at_the_end(body: &[u8]) -> Option<(usize, Option<Usage>)> {
+pub(super) fn usage_member_at_the_end(body: &[u8]) -> Option<(usize, Option<Usage>)> {
     // The last match in the tail is the last in the body. (The forward searcher is vectorised;
     // the reverse one is not, and cost more on the whole body than this on the tail.)
     let tail = body.len().saturating_sub(USAGE_TAIL_BYTES);
@@ -124,6 +124,9 @@ pub struct SseTap {
     /// Drop the usage-only chunk: the gateway asked for it, not the client.
     hide_usage_chunk: bool,
     usage: Option<Usage>,
+    /// The client was just sent the stream's final usage report (the usage-only chunk, a
+    /// Responses stream's `response.completed`, Anthropic's `message_delta`), for its cost.
+    sent_final_usage: bool,
 }
 
 const USAGE_KEY: &[u8] = b"\"usage\"";
@@ -146,6 +149,7 @@ impl SseTap {
             pending: BytesMut::new(),
             hide_usage_chunk,
             usage: None,
+            sent_final_usage: false,
         }
     }
 
@@ -218,22 +222,56 @@ impl SseTap {
         };
         if let Some(usage) = usage_only_chunk(&data) {
             self.usage = Some(usage);
+            self.sent_final_usage |= !self.hide_usage_chunk;
             return !self.hide_usage_chunk;
         }
         let Ok(head) = serde_json::from_slice::<ChunkHead>(&data) else {
             return true;
         };
+        let of_response = head.response.and_then(|r| r.usage);
+        // The stream's last report: a chunk of usage alone, a Responses stream's
+        // `response.completed`, Anthropic's `message_delta` (not `message_start`, and not a
+        // chunk of text that also reports usage so far).
+        let usage_only = head.choices.as_ref().is_some_and(|c| c.is_empty());
+        let last_report = of_response.is_some()
+            || (head.usage.is_some() && (usage_only || head.choices.is_none()));
         let Some(reported) = head
             .usage
-            .or(head.response.and_then(|r| r.usage))
+            .or(of_response)
             .or(head.message.and_then(|m| m.usage))
         else {
             return true;
         };
         self.usage = Some(reported.over(self.usage));
-        let usage_only = head.choices.is_some_and(|c| c.is_empty());
-        !(self.hide_usage_chunk && usage_only)
+        let kept = !(self.hide_usage_chunk && usage_only);
+        self.sent_final_usage |= kept && last_report;
+        kept
     }
+
+    /// Whether the events fed since the last call sent the client the stream's last usage
+    /// report (the one its cost goes into).
+    pub fn take_final_usage(&mut self) -> bool {
+        std::mem::take(&mut self.sent_final_usage)
+    }
+}
+
+/// Where each event of `bytes` (whole events) starts and ends.
+pub fn events(bytes: &[u8]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= bytes.len() {
+            return None;
+        }
+        let end = event_end(&bytes[start..]).map_or(bytes.len(), |end| start + end);
+        let range = start..end;
+        start = end;
+        Some(range)
+    })
+}
+
+/// Whether `bytes` report usage (see [`no_usage_reported`]).
+pub fn reports_usage(bytes: &[u8]) -> bool {
+    !no_usage_reported(bytes)
 }
 
 /// True when `bytes` report no usage: no `"usage"` member, or only `"usage": null` ones (what

@@ -264,3 +264,52 @@ pub async fn own_lines(state: &AppState, operator: &str) -> Result<Vec<OwnPayout
         })
         .collect())
 }
+
+/// What one operator's line of a payout run paid for: the requests that earned its points in
+/// the run's window, each with its tokens, who counted them, the rig's trust and its receipt.
+#[utoipa::path(
+    get, path = "/admin/payouts/{id}/statements/{operator}", tag = "admin",
+    params(
+        ("id" = String, Path, description = "Payout id"),
+        ("operator" = String, Path, description = "The operator (rig owner) of a line"),
+    ),
+    responses(
+        (status = 200, body = crate::ledger::statements::PayoutStatement),
+        (status = 400, description = "Malformed path", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "No such payout run", body = ErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn payout_statement(
+    State(state): State<AppState>,
+    ApiPath((id, operator)): ApiPath<(String, String)>,
+) -> Result<Json<crate::ledger::statements::PayoutStatement>, ApiError> {
+    Ok(Json(
+        crate::ledger::statements::statement(&state, &id, &operator).await?,
+    ))
+}
+
+/// The operator's own statement of a payout run: the requests its points were paid for.
+#[utoipa::path(
+    get, path = "/operator/v1/payouts/{id}/statement", tag = "operator",
+    params(("id" = String, Path, description = "Payout id")),
+    responses(
+        (status = 200, body = crate::ledger::statements::PayoutStatement),
+        (status = 400, description = "Malformed path", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, description = "The operator token was revoked", body = ErrorBody),
+        (status = 404, description = "No such payout run", body = ErrorBody),
+    ),
+    security(("operator_token" = []))
+)]
+pub async fn own_payout_statement(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<crate::ledger::statements::PayoutStatement>, ApiError> {
+    let operator = state.nodes().operator_of(&headers).await?;
+    Ok(Json(
+        crate::ledger::statements::statement(&state, &id, &operator.name).await?,
+    ))
+}

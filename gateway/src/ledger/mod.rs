@@ -19,9 +19,11 @@
 //! per request, measured with `bench/`), and what it gives a Redis deployment (events that
 //! outlive a crash, a lease another replica takes over) does not exist in one process.
 
+pub mod alerts;
 pub mod api;
 pub mod billing;
 pub mod payouts;
+pub mod statements;
 pub mod tokens;
 
 use std::collections::VecDeque;
@@ -89,6 +91,10 @@ pub struct UsageEvent {
     /// own) or an entry written before trust was recorded.
     #[serde(default)]
     pub trust: Option<TrustStatus>,
+    /// The price the meter quoted at admission, which the request is charged; none when the
+    /// meter quoted nothing (or for an entry written before prices were quoted).
+    #[serde(default)]
+    pub price: Option<crate::plugins::Price>,
 }
 
 /// Who counted the tokens of a request (see [`tokens`]).
@@ -174,10 +180,6 @@ pub trait UsageProcessor: Send + Sync {
     }
 }
 
-/// The ledger entry of one request: append-only, keyed by request id.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
-pub struct LedgerEntry {
-    pub event: UsageEvent,
 /// Told of ledger entries once they are written (webhooks, the usage export).
 #[async_trait]
 pub trait LedgerObserver: Send + Sync {
@@ -189,6 +191,10 @@ pub trait LedgerObserver: Send + Sync {
     -> Result<(), StoreError>;
 }
 
+/// The ledger entry of one request: append-only, keyed by request id.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct LedgerEntry {
+    pub event: UsageEvent,
     pub outcome: Outcome,
     /// Unix milliseconds.
     pub processed_at_ms: u64,
@@ -205,19 +211,24 @@ const LEDGER_POSTCARD_V1: u8 = 1;
 const LEDGER_POSTCARD_V2: u8 = 2;
 /// Version 3: [`UsageEvent::trust`] added.
 const LEDGER_POSTCARD_V3: u8 = 3;
+/// Version 4: [`UsageEvent::price`] added.
+const LEDGER_POSTCARD_V4: u8 = 4;
 
 impl LedgerEntry {
     /// The entry as the store keeps it.
     pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
         let mut buf = Vec::with_capacity(LEDGER_ENTRY_BYTES);
-        buf.push(LEDGER_POSTCARD_V3);
+        buf.push(LEDGER_POSTCARD_V4);
         postcard::to_extend(self, buf).map_err(corrupt)
     }
 
     /// An entry as the store keeps it: compact, or JSON from an earlier version.
     pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         match bytes.split_first() {
-            Some((&LEDGER_POSTCARD_V3, rest)) => postcard::from_bytes(rest).map_err(corrupt),
+            Some((&LEDGER_POSTCARD_V4, rest)) => postcard::from_bytes(rest).map_err(corrupt),
+            Some((&LEDGER_POSTCARD_V3, rest)) => postcard::from_bytes::<older::V3Entry>(rest)
+                .map(Into::into)
+                .map_err(corrupt),
             Some((&LEDGER_POSTCARD_V2, rest)) => postcard::from_bytes::<older::V2Entry>(rest)
                 .map(Into::into)
                 .map_err(corrupt),
@@ -233,7 +244,8 @@ impl LedgerEntry {
 }
 
 /// The layouts of earlier compact entries, to read them: version 1 (before
-/// [`UsageEvent::counted`]) and version 2 (before [`UsageEvent::trust`]).
+/// [`UsageEvent::counted`]), version 2 (before [`UsageEvent::trust`]) and version 3 (before
+/// [`UsageEvent::price`]).
 mod older {
     use serde::Deserialize;
 
@@ -257,7 +269,11 @@ mod older {
     }
 
     impl Served {
-        fn into_event(self, counted: super::Counted) -> super::UsageEvent {
+        fn into_event(
+            self,
+            counted: super::Counted,
+            trust: Option<super::TrustStatus>,
+        ) -> super::UsageEvent {
             super::UsageEvent {
                 request_id: self.request_id,
                 key_id: self.key_id,
@@ -274,7 +290,8 @@ mod older {
                 finished_at_ms: self.finished_at_ms,
                 batch: self.batch,
                 counted,
-                trust: None,
+                trust,
+                price: None,
             }
         }
     }
@@ -296,10 +313,30 @@ mod older {
         processed_at_ms: u64,
     }
 
+    /// Version 3: the event's fields up to its trust.
+    #[derive(Deserialize)]
+    pub struct V3Entry {
+        event: Served,
+        counted: super::Counted,
+        trust: Option<super::TrustStatus>,
+        outcome: super::Outcome,
+        processed_at_ms: u64,
+    }
+
+    impl From<V3Entry> for super::LedgerEntry {
+        fn from(old: V3Entry) -> Self {
+            super::LedgerEntry {
+                event: old.event.into_event(old.counted, old.trust),
+                outcome: old.outcome,
+                processed_at_ms: old.processed_at_ms,
+            }
+        }
+    }
+
     impl From<V1Entry> for super::LedgerEntry {
         fn from(old: V1Entry) -> Self {
             super::LedgerEntry {
-                event: old.event.into_event(super::Counted::default()),
+                event: old.event.into_event(super::Counted::default(), None),
                 outcome: old.outcome,
                 processed_at_ms: old.processed_at_ms,
             }
@@ -309,7 +346,7 @@ mod older {
     impl From<V2Entry> for super::LedgerEntry {
         fn from(old: V2Entry) -> Self {
             super::LedgerEntry {
-                event: old.event.into_event(old.counted),
+                event: old.event.into_event(old.counted, None),
                 outcome: old.outcome,
                 processed_at_ms: old.processed_at_ms,
             }
@@ -523,6 +560,8 @@ pub struct Usage {
     /// When a correction was last logged: a rig that misreports every answer logs once a
     /// second, the counter counts them all.
     last_correction_log: Mutex<Option<std::time::Instant>>,
+    /// Told of every entry written ([`Usage::observe`]).
+    observer: std::sync::OnceLock<Arc<dyn LedgerObserver>>,
 }
 
 /// Room for a typical encoded ledger entry (about 150 bytes), so that encoding one allocates
@@ -558,8 +597,6 @@ impl Usage {
         Self::build(store, true)
     }
 
-    /// Told of every entry written ([`Usage::observe`]).
-    observer: std::sync::OnceLock<Arc<dyn LedgerObserver>>,
     fn build(store: Arc<dyn Store>, in_process: bool) -> Arc<Self> {
         Arc::new(Usage {
             store,
@@ -592,7 +629,14 @@ impl Usage {
             )
             .unwrap_or_else(|e| unreachable!("static metric definition: {e}")),
             last_correction_log: Mutex::new(None),
+            observer: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Tells `observer` of every entry written from now on (one observer; a second is
+    /// ignored).
+    pub fn observe(&self, observer: Arc<dyn LedgerObserver>) {
+        let _ = self.observer.set(observer);
     }
 
     /// The metrics this registers.
@@ -627,16 +671,9 @@ impl Usage {
         corrections: &[crate::ledger::billing::Correction],
         backend: &str,
         request_id: &str,
-            observer: std::sync::OnceLock::new(),
         reported: Option<billing::Usage>,
         billed: billing::Usage,
     ) {
-    /// Tells `observer` of every entry written from now on (one observer; a second is
-    /// ignored).
-    pub fn observe(&self, observer: Arc<dyn LedgerObserver>) {
-        let _ = self.observer.set(observer);
-    }
-
         if corrections.is_empty() {
             return;
         }
@@ -932,11 +969,13 @@ impl Usage {
                     })
                 })
                 .collect();
+            let mut replayed = Vec::new();
             for (taken, outcome) in taken.into_iter().zip(outcomes) {
                 match outcome {
                     None => {
                         processed += 1;
                         done.extend(taken.lease);
+                        replayed.push(taken.event.request_id);
                     }
                     Some(outcome) => match outcome {
                         Ok(outcome) => entries.push((
@@ -967,17 +1006,24 @@ impl Usage {
             // First writer wins: an event delivered twice (a crash before its ack, two workers
             // on an expired lease) has one ledger entry and is counted once.
             let inserted = self.store.record_put_new_many(LEDGER, &records).await?;
-            let mut replayed = Vec::new();
             let mut totals = Totals::default();
+            let mut written = Vec::with_capacity(entries.len());
             for ((_, entry), inserted) in entries.iter().zip(inserted) {
                 if inserted {
                     totals.add(&entry.event, &entry.outcome);
+                    written.push(entry);
                 }
-                        replayed.push(taken.event.request_id);
             }
             // Counters before acks: a crash in between replays events whose ledger entries
             // exist, which count nothing twice.
             self.apply(totals).await?;
+            // So is the observer told (an entry another worker wrote, it tells of).
+            if let Some(observer) = self.observer.get()
+                && (!written.is_empty() || !replayed.is_empty())
+            {
+                let replayed: Vec<&str> = replayed.iter().map(String::as_str).collect();
+                observer.recorded(&written, &replayed).await?;
+            }
             processed += entries.len();
             done.extend(entries.into_iter().filter_map(|(lease, _)| lease));
             if !done.is_empty() {
@@ -1005,23 +1051,14 @@ impl Usage {
                 ("requests", sums.requests),
                 ("prompt", sums.prompt_tokens),
                 ("completion", sums.completion_tokens),
-            let mut written = Vec::with_capacity(entries.len());
                 ("credits_micro", sums.credits_micro),
             ] {
                 if value != 0 {
-                    written.push(entry);
                     self.store.kv_incr(&counter(name), value, None).await?;
                 }
             }
         }
         for (operator, points_micro) in totals.points_micro {
-            // So is the observer told (an entry another worker wrote, it tells of).
-            if let Some(observer) = self.observer.get()
-                && (!written.is_empty() || !replayed.is_empty())
-            {
-                let replayed: Vec<&str> = replayed.iter().map(String::as_str).collect();
-                observer.recorded(&written, &replayed).await?;
-            }
             self.store
                 .record_put(OPERATOR_INDEX, operator, operator.as_bytes())
                 .await?;
@@ -1221,6 +1258,7 @@ mod tests {
                 batch: false,
                 counted: Default::default(),
                 trust: None,
+                price: None,
             },
             outcome: Outcome {
                 credits: 0.25,
@@ -1251,11 +1289,15 @@ mod tests {
         // bytes, and must come with a new version byte that reads the old layout.
         assert_eq!(
             hex::encode(&bytes),
-            PINNED_V3.replace(char::is_whitespace, "")
+            PINNED_V4.replace(char::is_whitespace, "")
         );
         let verified = LedgerEntry {
             event: UsageEvent {
                 trust: Some(TrustStatus::Verified),
+                price: Some(crate::plugins::Price {
+                    prompt_per_1k: 0.5,
+                    completion_per_1k: 1.25,
+                }),
                 ..entry.event.clone()
             },
             ..entry
@@ -1281,6 +1323,18 @@ mod tests {
              65792d310e73696d2d6c6c616d612d332d38620cac020029070a7269673a6e6f64652d61066e6f64\
              652d610b6f70202271756f74656422e0abf18fa03489acf18fa034000000000000000000000000d0\
              3f00010b6f70202271756f74656422000000000000f83f0673657276656492acf18fa034";
+
+    /// The same entry in version 4.
+    const PINNED_V4: &str = "042430313961623263342d376531662d376333612d396432652d356236663861316330643365056b\
+             65792d310e73696d2d6c6c616d612d332d38620cac020029070a7269673a6e6f64652d61066e6f64\
+             652d610b6f70202271756f74656422e0abf18fa03489acf18fa03400000000000000000000000000\
+             d03f00010b6f70202271756f74656422000000000000f83f0673657276656492acf18fa034";
+
+    #[test]
+    fn version_3_entries_still_read() {
+        let bytes = hex::decode(PINNED_V3.replace(char::is_whitespace, "")).unwrap();
+        assert_eq!(LedgerEntry::decode(&bytes).unwrap(), entry());
+    }
 
     #[test]
     fn version_2_entries_still_read() {

@@ -55,6 +55,10 @@ pub struct Payout {
     pub id: String,
     /// Unix seconds.
     pub created_at: u64,
+    /// The points counted up to this time (Unix milliseconds, when the run read them) are
+    /// what it paid: the end of its statements' window. None for runs before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counted_until_ms: Option<u64>,
     pub rate_per_point: f64,
     pub currency: String,
     /// Operators with points to pay; none when nobody earned since the last run.
@@ -97,6 +101,9 @@ impl Usage {
     async fn pay(&self, rate: f64, currency: String) -> Result<Payout, ApiError> {
         let store = self.store.as_ref();
         let mut lines = Vec::new();
+        let counted_until_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         for standing in self.leaderboard().await? {
             let points = (standing.points * MICRO).round() as i64;
             let paid_key = operator_points_paid(&standing.operator);
@@ -117,6 +124,7 @@ impl Usage {
         let payout = Payout {
             id: format!("payout_{}", crate::keys::random_token(16)),
             created_at: crate::keys::unix_now(),
+            counted_until_ms: Some(counted_until_ms),
             rate_per_point: rate,
             currency,
             total_amount: lines.iter().map(|l| l.amount).sum::<f64>() + 0.0,

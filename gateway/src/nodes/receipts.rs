@@ -372,6 +372,24 @@ impl Nodes {
         })
     }
 
+    /// The statement entry of `request_id` in `node`'s statement (the request ended at
+    /// `finished_at_ms`), with its receipt and what the gateway made of it; `None` when the
+    /// statement does not hold it (days older than [`STATEMENT_DAYS`] are dropped).
+    pub async fn statement_entry(
+        &self,
+        node: &str,
+        request_id: &str,
+        finished_at_ms: u64,
+    ) -> Result<Option<StatementEntry>, StoreError> {
+        let day =
+            day_of_request(request_id).unwrap_or_else(|| crate::ledger::day_of(finished_at_ms));
+        let bytes = self
+            .store
+            .record_get(&node_statement(node, &day), request_id)
+            .await?;
+        Ok(bytes.and_then(|bytes| serde_json::from_slice(&bytes).ok()))
+    }
+
     /// The statement day of the entry `request_id`: a UUIDv7's own day; for another id (a batch
     /// line's), the day among `days` that holds it. `None`: not an entry of this statement.
     async fn day_of_entry(

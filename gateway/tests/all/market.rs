@@ -57,7 +57,7 @@ async fn market_prices_move_with_load_and_a_request_pays_its_quoted_price() {
     assert_eq!(idle["prompt"], "0.0005", "{idle}");
     assert_eq!(idle["completion"], "0.001", "{idle}");
     assert_eq!(idle["per_thousand"]["prompt_per_1k"], 0.5, "{idle}");
-    assert_eq!(idle["batch"]["prompt_per_1k"], 0.25, "{idle}");
+    assert_eq!(idle["batch"]["prompt_per_1k"], 0.5, "{idle}");
 
     // Two long streams fill the rig's two slots: the price rises to three times the table.
     let mut streams = Vec::new();
@@ -81,6 +81,8 @@ async fn market_prices_move_with_load_and_a_request_pays_its_quoted_price() {
         pricing(&base, &key).await["per_thousand"]["prompt_per_1k"] == 3.0
     })
     .await;
+    // Batch lines run when capacity is free: their price does not follow the market.
+    assert_eq!(pricing(&base, &key).await["batch"]["prompt_per_1k"], 0.5);
 
     // A request admitted now is quoted the busy price, and says so before its body.
     let response = client()
@@ -95,11 +97,22 @@ async fn market_prices_move_with_load_and_a_request_pays_its_quoted_price() {
         .to_str()
         .unwrap()
         .to_owned();
+    assert_eq!(
+        response.headers()["x-garage-price"],
+        "prompt=3, completion=6"
+    );
+    let cost_header: f64 = response.headers()["x-garage-cost"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     let body: serde_json::Value = response.json().await.unwrap();
     assert!(
         body["usage"]["completion_tokens"].as_u64().unwrap() > 0,
         "{body}"
     );
+    let shown = body["usage"]["cost"].as_f64().unwrap();
+    assert_eq!(shown, cost_header);
 
     // The streams end (their clients go away); the price falls back.
     drop(streams);
@@ -131,6 +144,11 @@ async fn market_prices_move_with_load_and_a_request_pays_its_quoted_price() {
     assert!(
         (credits - (prompt * 3.0 + completion * 6.0) / 1000.0).abs() < 1e-9,
         "{entry}"
+    );
+    // What the answer said it cost is what was charged.
+    assert!(
+        (shown - credits).abs() < 1e-9,
+        "shown {shown}, charged {credits}"
     );
 }
 
@@ -175,4 +193,109 @@ async fn a_meter_that_quotes_nonsense_shows_no_price_and_still_charges() {
         entry["outcome"]["credits"] == 1.0 && entry["event"]["price"].is_null()
     })
     .await;
+}
+
+/// The cost is in the usage of every answer: a whole one (and its header), a stream's last
+/// chunk (when the client asked for usage), an embedding; each what the ledger charged.
+#[tokio::test]
+async fn every_answer_carries_the_cost_it_is_charged() {
+    let engine = paced_sim(0.0).await;
+    let (gw, key) = market_gateway(&engine).await;
+    let base = gw.url();
+    let charged = |request_id: String| {
+        let base = base.clone();
+        async move {
+            let path = format!("/admin/usage/requests/{request_id}");
+            wait_until(Duration::from_secs(10), "the ledger entry", || async {
+                admin_get(&base, &path).await["outcome"]["credits"].is_number()
+            })
+            .await;
+            admin_get(&base, &path).await["outcome"]["credits"]
+                .as_f64()
+                .unwrap()
+        }
+    };
+
+    // A stream whose client asked for usage: the last chunk's usage has the cost.
+    let response = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "count to five"}],
+            "max_tokens": 12,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.headers()["x-garage-price"],
+        "prompt=0.5, completion=1"
+    );
+    assert!(
+        response.headers().get("x-garage-cost").is_none(),
+        "not known before a stream"
+    );
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let text = response.text().await.unwrap();
+    let chunks: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter(|data| *data != "[DONE]")
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect();
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"], json!([]), "{text}");
+    let usage = &last["usage"];
+    let cost = usage["cost"].as_f64().expect("the cost in the usage chunk");
+    let expected = (usage["prompt_tokens"].as_f64().unwrap() * 0.5
+        + usage["completion_tokens"].as_f64().unwrap() * 1.0)
+        / 1000.0;
+    assert!((cost - expected).abs() < 1e-9, "{usage}");
+    assert!((charged(request_id).await - cost).abs() < 1e-9);
+
+    // A stream whose client did not ask for usage gets no usage chunk, cost or not.
+    let text = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat(true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("\"cost\""), "{text}");
+
+    // An embedding: prompt tokens only.
+    let response = client()
+        .post(format!("{base}/v1/embeddings"))
+        .bearer_auth(&key)
+        .json(&json!({"model": MODEL, "input": "embed me"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let header: f64 = response.headers()["x-garage-cost"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let body: serde_json::Value = response.json().await.unwrap();
+    let cost = body["usage"]["cost"].as_f64().unwrap();
+    assert_eq!(cost, header);
+    assert_eq!(
+        cost,
+        body["usage"]["prompt_tokens"].as_f64().unwrap() * 0.5 / 1000.0
+    );
+    assert!((charged(request_id).await - cost).abs() < 1e-9);
 }

@@ -567,3 +567,104 @@ async fn a_rigs_labels_reach_the_routers_description_of_it() {
     )
     .await;
 }
+
+/// A key's budget alerts: as its daily spend passes 50, 80 and 100 % of the meter's daily
+/// budget, a signed `budget.threshold` webhook for each, once (however many requests come
+/// after), with the period's start in its id.
+#[tokio::test]
+async fn a_keys_budget_crossing_its_thresholds_sends_one_signed_alert_each() {
+    use garage_gateway::webhooks::signing::SigningKey;
+    let received: Arc<std::sync::Mutex<Vec<(http::HeaderMap, bytes::Bytes)>>> = Arc::default();
+    let log = received.clone();
+    let app = axum::Router::new().route(
+        "/alerts",
+        axum::routing::post(move |headers: http::HeaderMap, body: bytes::Bytes| {
+            let log = log.clone();
+            async move {
+                log.lock().unwrap().push((headers, body));
+                http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver = format!("http://{}/alerts", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let engine = fast_sim().await;
+    let mut cfg = with_defaults(vec![upstream("a", engine.base_url())]);
+    cfg.webhooks.backoff_base_ms = 50;
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    let created: serde_json::Value = client()
+        .post(format!("{base}/admin/webhooks"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"url": receiver, "events": ["budget.threshold"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key_secret = SigningKey::parse(created["secret"].as_str().unwrap()).unwrap();
+    // One credit per 1,000 tokens; a request of the test's chat costs a little over 0.01.
+    let query = config_query(json!({"period_budgets": {"day": 0.05}}));
+    let (status, body) = upload_plugin(&base, "meter", garage_plugins::METER, &query).await;
+    assert_eq!(status, 200, "{body}");
+    let (key_id, key) = create_key(&base, json!({"name": "watched"})).await;
+    // Until the budget is spent (and a few more, which cross nothing new).
+    let mut spent = false;
+    for _ in 0..30 {
+        let (status, _) = post_chat(&base, &key, &chat(false)).await;
+        if status == 429 {
+            spent = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(spent, "the daily budget was never spent");
+    wait_until(Duration::from_secs(10), "three alerts", || async {
+        received.lock().unwrap().len() >= 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received = received.lock().unwrap().clone();
+    let mut percents = Vec::new();
+    for (headers, body) in &received {
+        let header = |name: &str| headers[name].to_str().unwrap().to_owned();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        key_secret
+            .verify(
+                &header("webhook-id"),
+                &header("webhook-timestamp"),
+                &header("webhook-signature"),
+                body,
+                now,
+            )
+            .expect("signed with the endpoint's secret");
+        let event: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(event["type"], "dev.garage.budget.threshold", "{event}");
+        assert_eq!(event["subject"], key_id.as_str(), "{event}");
+        let data = &event["data"];
+        assert_eq!(
+            (data["scope"].as_str(), data["period"].as_str()),
+            (Some("key"), Some("day"))
+        );
+        assert_eq!(data["budget"], 0.05);
+        let start = data["period_start_ms"].as_u64().unwrap();
+        assert_eq!(start % 86_400_000, 0, "UTC midnight: {event}");
+        assert_eq!(
+            event["id"],
+            format!(
+                "budget:key:{key_id}:day:{start}:{}",
+                data["threshold_percent"]
+            ),
+        );
+        percents.push(data["threshold_percent"].as_u64().unwrap());
+    }
+    percents.sort();
+    assert_eq!(percents, [50, 80, 100], "each threshold once");
+    server.abort();
+}

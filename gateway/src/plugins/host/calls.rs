@@ -630,9 +630,12 @@ pub const QUOTE_KEPT: Duration = Duration::from_secs(1);
 /// Most quotes a version keeps (models, batch or not); past it its cache starts over.
 const MAX_QUOTES: usize = 4096;
 
-/// A meter version's recent quotes, by model and whether for a batch line.
+/// A quote kept: when it was made, and the price (`None`: the meter quoted nothing).
+type Kept = (Instant, Option<Price>);
+
+/// A meter version's recent quotes, by whether for a batch line and model.
 #[derive(Default)]
-pub(crate) struct QuoteCache(Mutex<HashMap<(bool, String), (Instant, Option<Price>)>>);
+pub(crate) struct QuoteCache(Mutex<HashMap<(bool, String), Kept>>);
 
 impl QuoteCache {
     fn get(&self, model: &str, batch: bool, now: Instant) -> Option<Option<Price>> {
