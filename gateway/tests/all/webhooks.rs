@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
@@ -28,12 +29,16 @@ struct Received {
 }
 
 /// What the receiver answers.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Behaviour {
     /// 500 to the first `n` deliveries of each webhook-id, then 200.
     FailFirst(usize),
     /// Never answers.
     Hang,
+    /// A redirect to another URL.
+    Redirect(String),
+    /// 500 with a megabyte of body.
+    HugeError,
 }
 
 /// A webhook receiver on loopback: records every delivery, answers as told.
@@ -56,7 +61,7 @@ impl Receiver {
         let app = axum::Router::new().route(
             "/hook",
             axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
-                let log = log.clone();
+                let (log, behaviour) = (log.clone(), behaviour.clone());
                 async move {
                     let header = |name: &str| {
                         headers
@@ -79,10 +84,16 @@ impl Receiver {
                     };
                     match behaviour {
                         Behaviour::FailFirst(n) if seen <= n => {
-                            (StatusCode::INTERNAL_SERVER_ERROR, "not now")
+                            (StatusCode::INTERNAL_SERVER_ERROR, "not now").into_response()
                         }
-                        Behaviour::FailFirst(_) => (StatusCode::OK, "ok"),
+                        Behaviour::FailFirst(_) => (StatusCode::OK, "ok").into_response(),
                         Behaviour::Hang => std::future::pending().await,
+                        Behaviour::Redirect(to) => {
+                            axum::response::Redirect::temporary(&to).into_response()
+                        }
+                        Behaviour::HugeError => {
+                            (StatusCode::INTERNAL_SERVER_ERROR, "x".repeat(1 << 20)).into_response()
+                        }
                     }
                 }
             }),
@@ -881,4 +892,40 @@ async fn a_retry_pending_at_a_restart_is_made_by_the_next_replica() {
     assert_eq!(got[0].body, got[1].body);
     assert!(got.iter().all(|d| verifies(&secret, d, now())));
     assert_eq!(counter(&metrics_text(&second.url()).await, "delivered"), 1);
+}
+
+#[tokio::test]
+async fn a_redirect_is_not_followed_and_a_huge_answer_is_cut_short() {
+    let gw = gateway(quick(config(vec![]), 2)).await;
+    let base = gw.url();
+    let elsewhere = Receiver::start(Behaviour::FailFirst(0)).await;
+    let redirecting = Receiver::start(Behaviour::Redirect(elsewhere.url.clone())).await;
+    let huge = Receiver::start(Behaviour::HugeError).await;
+    let (redirect_id, _) = endpoint(&base, &redirecting.url, &["budget.threshold"]).await;
+    let (huge_id, _) = endpoint(&base, &huge.url, &["budget.threshold"]).await;
+    gw.state()
+        .webhooks()
+        .emit_now(&[event("budget:key:k:day:0:100", EventKind::BudgetThreshold)])
+        .await
+        .unwrap();
+    for id in [&redirect_id, &huge_id] {
+        wait_until(Duration::from_secs(20), "the delivery to fail", || async {
+            deliveries(&base, id)
+                .await
+                .first()
+                .map(|d| d["state"].clone())
+                == Some(json!("failed"))
+        })
+        .await;
+    }
+    let redirected = &deliveries(&base, &redirect_id).await[0];
+    assert_eq!(redirected["last_status"], 307, "{redirected}");
+    assert_eq!(redirected["attempts"], 2);
+    assert_eq!(redirecting.all().len(), 2);
+    assert!(elsewhere.all().is_empty(), "a redirect was followed");
+    let refused = &deliveries(&base, &huge_id).await[0];
+    assert_eq!(refused["last_status"], 500);
+    let error = refused["last_error"].as_str().unwrap();
+    assert!(error.starts_with("HTTP 500: xxxx"), "{error}");
+    assert!(error.len() < 300, "{} bytes kept", error.len());
 }
