@@ -56,6 +56,7 @@ pub const ENV_FIELDS: &[&str] = &[
     "trust.logprob_tolerance",
     "trust.replay_share",
     "usage.ledger_max_entries",
+    "usage.budget_alert_thresholds",
     "accounts.utc_offset_minutes",
     "accounts.default_completion_tokens",
     "accounts.hold_secs",
