@@ -13,8 +13,8 @@ use crate::metrics::Metrics;
 use crate::nodes::Nodes;
 use crate::plugins::PluginHost;
 use crate::store::Store;
-
 use crate::webhooks::Webhooks;
+
 /// Shared state of a running gateway. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
@@ -36,11 +36,11 @@ pub struct Parts {
     /// The models whose tokens the gateway counts itself.
     pub tokenizers: Arc<crate::ledger::tokens::Tokenizers>,
     pub metrics: Metrics,
+    /// Webhook endpoints and the events for them (`webhooks().emit(…)`).
+    pub webhooks: Arc<Webhooks>,
     pub admin_token: String,
     /// Unix seconds when this gateway started (the `created` of models it lists).
     pub started_at: u64,
-    /// Webhook endpoints and the events for them (`webhooks().emit(…)`).
-    pub webhooks: Arc<Webhooks>,
 }
 
 struct Inner {
@@ -93,14 +93,14 @@ impl AppState {
     pub fn metrics(&self) -> &Metrics {
         &self.0.parts.metrics
     }
+    pub fn webhooks(&self) -> &Arc<Webhooks> {
+        &self.0.parts.webhooks
+    }
     pub fn admin_token(&self) -> &str {
         &self.0.parts.admin_token
     }
     pub fn started_at(&self) -> u64 {
         self.0.parts.started_at
-    }
-    pub fn webhooks(&self) -> &Arc<Webhooks> {
-        &self.0.parts.webhooks
     }
     /// The OpenAPI document as served at `/openapi.json`, written once by the first router
     /// built from this state.

@@ -16,8 +16,8 @@ pub(crate) mod app;
 pub(crate) mod operator;
 pub mod session;
 mod view;
-
 pub(crate) mod webhooks;
+
 use axum::Router;
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
@@ -54,9 +54,9 @@ pub fn router(state: AppState) -> Router {
         .merge(accounts::routes())
         .merge(app::routes())
         .merge(operator::routes())
+        .merge(webhooks::routes())
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(state)
-        .merge(webhooks::routes())
 }
 
 async fn security_headers(request: Request, next: Next) -> Response {

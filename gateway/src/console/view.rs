@@ -20,8 +20,8 @@ pub enum Section {
     Rewards,
     Batches,
     Operators,
-    AppUsage,
     Webhooks,
+    AppUsage,
     AppBatches,
     Playground,
     OwnRigs,
@@ -38,9 +38,9 @@ const ADMIN_NAV: &[(Section, &str, &str)] = &[
     (Section::Rewards, "/console/rewards", "Rewards"),
     (Section::Batches, "/console/batches", "Batches"),
     (Section::Operators, "/console/operators", "Operators"),
+    (Section::Webhooks, "/console/webhooks", "Webhooks"),
 ];
 
-    (Section::Webhooks, "/console/webhooks", "Webhooks"),
 const OPERATOR_NAV: &[(Section, &str, &str)] =
     &[(Section::OwnRigs, "/console/operator", "Rigs and earnings")];
 

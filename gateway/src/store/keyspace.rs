@@ -223,19 +223,6 @@ pub fn batch_finalize_lock(batch_id: &str) -> String {
     format!("batch_finalize:{batch_id}")
 }
 
-// ---- plugins (owner: `plugins`) -------------------------------------------------------------
-
-/// Records: uploaded components, by sha256.
-pub const PLUGIN_COMPONENTS: &str = "plugin_component";
-/// Records: each slot's active version, canary and history, by slot.
-pub const PLUGIN_SLOTS: &str = "plugin_slot";
-/// Records: every version uploaded, by `slot:sha256`.
-pub const PLUGIN_VERSIONS: &str = "plugin_version";
-
-/// Kv prefix of a slot's plugin state (what its `kv` interface sees), shared by its versions.
-pub fn plugin_namespace(slot: &str) -> String {
-    format!("plugin:{slot}:")
-}
 // ---- webhooks and the usage export (owner: `webhooks`) -------------------------------------
 
 /// Records: webhook endpoints, by endpoint id (no secret: signing keys are derived).
@@ -260,3 +247,16 @@ pub fn usage_export_hour(hour: u64) -> String {
 /// Records: the hours [`usage_export_hour`] has, by hour (dropped after the retention).
 pub const USAGE_EXPORT_HOURS: &str = "usage_export_hours";
 
+// ---- plugins (owner: `plugins`) -------------------------------------------------------------
+
+/// Records: uploaded components, by sha256.
+pub const PLUGIN_COMPONENTS: &str = "plugin_component";
+/// Records: each slot's active version, canary and history, by slot.
+pub const PLUGIN_SLOTS: &str = "plugin_slot";
+/// Records: every version uploaded, by `slot:sha256`.
+pub const PLUGIN_VERSIONS: &str = "plugin_version";
+
+/// Kv prefix of a slot's plugin state (what its `kv` interface sees), shared by its versions.
+pub fn plugin_namespace(slot: &str) -> String {
+    format!("plugin:{slot}:")
+}

@@ -438,12 +438,6 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
-    async fn queue_ack(&self, name: &str, id: &str) -> Result<bool, StoreError> {
-        Ok(self.queue_ack_many(name, &[id]).await? == 1)
-    }
-
-    async fn queue_ack_many(&self, name: &str, ids: &[&str]) -> Result<u64, StoreError> {
-        let mut inner = self.lock();
     async fn queue_extend(
         &self,
         queue: &str,
@@ -465,6 +459,12 @@ impl Store for MemoryStore {
         }
     }
 
+    async fn queue_ack(&self, name: &str, id: &str) -> Result<bool, StoreError> {
+        Ok(self.queue_ack_many(name, &[id]).await? == 1)
+    }
+
+    async fn queue_ack_many(&self, name: &str, ids: &[&str]) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
         let Some(queue) = inner.queues.get_mut(name) else {
             return Ok(0);
         };

@@ -101,6 +101,8 @@ pub enum StoreEvent {
     PluginActivated { slot: String },
     /// A batch's lines were queued: wake the rigs waiting for batch work of that model.
     BatchQueued { model: String },
+    /// A webhook endpoint was created or deleted: replicas reload them.
+    WebhooksChanged,
     /// The event stream had a gap (a reconnect): every cache must be dropped.
     Resync,
 }
@@ -109,8 +111,6 @@ pub enum StoreEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueItem {
     pub id: String,
-    /// A webhook endpoint was created or deleted: replicas reload them.
-    WebhooksChanged,
     pub payload: Vec<u8>,
 }
 
@@ -205,6 +205,15 @@ pub trait Store: Send + Sync + 'static {
     /// Gives a leased item back before its lease runs out: it goes to the head of the queue.
     /// True when it was leased.
     async fn queue_release(&self, queue: &str, id: &str) -> Result<bool, StoreError>;
+    /// Leases a leased item again for `lease` from now, longer or shorter than it was (SQS's
+    /// visibility timeout): a worker keeps an item out of sight until it should be tried again.
+    /// True when it was leased; a waiting or missing item is left as it is.
+    async fn queue_extend(
+        &self,
+        queue: &str,
+        id: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError>;
     /// Removes an item, leased or waiting; true when it was there.
     async fn queue_ack(&self, queue: &str, id: &str) -> Result<bool, StoreError>;
     /// `queue_ack` for many items in one round trip; returns how many were there.
@@ -215,15 +224,6 @@ pub trait Store: Send + Sync + 'static {
     /// many it removed.
     async fn queue_drop_waiting(&self, queue: &str) -> Result<u64, StoreError>;
 
-    /// Leases a leased item again for `lease` from now, longer or shorter than it was (SQS's
-    /// visibility timeout): a worker keeps an item out of sight until it should be tried again.
-    /// True when it was leased; a waiting or missing item is left as it is.
-    async fn queue_extend(
-        &self,
-        queue: &str,
-        id: &str,
-        lease: Duration,
-    ) -> Result<bool, StoreError>;
     /// Accounts' money (see [`accounts`]): places a hold for a request if the account's
     /// available balance and every period cap cover it, atomically (concurrent requests on
     /// several replicas cannot hold more than there is). Expired holds are released first.

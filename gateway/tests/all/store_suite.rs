@@ -355,7 +355,6 @@ async fn queues(store: &dyn Store) {
             .is_empty()
     );
 
-    // A queue whose name holds braces works too (on a Redis Cluster, its keys still share a
     // A leased item's lease is set again from now: shortened, it comes back sooner; only a
     // leased item's lease moves.
     store.queue_push(q, &[item("h")]).await.unwrap();
@@ -405,6 +404,7 @@ async fn queues(store: &dyn Store) {
     assert_eq!(store.queue_counts(q).await.unwrap(), counts(0, 1));
     assert!(store.queue_ack(q, "h").await.unwrap());
 
+    // A queue whose name holds braces works too (on a Redis Cluster, its keys still share a
     // slot).
     let odd = "}odd{name}";
     store.queue_push(odd, &[item("z")]).await.unwrap();

@@ -89,6 +89,7 @@ pub struct RedisStore {
     queue_lease: redis::Script,
     queue_ack: redis::Script,
     queue_release: redis::Script,
+    queue_extend: redis::Script,
     queue_counts: redis::Script,
     queue_drop_waiting: redis::Script,
     accounts: accounts::Scripts,
@@ -96,7 +97,6 @@ pub struct RedisStore {
 }
 
 impl Drop for RedisStore {
-    queue_extend: redis::Script,
     fn drop(&mut self) {
         self.subscriber.abort();
     }
@@ -137,6 +137,7 @@ impl RedisStore {
             queue_lease: redis::Script::new(&format!("{NOW_MS}{REQUEUE_EXPIRED}{QUEUE_LEASE}")),
             queue_ack: redis::Script::new(QUEUE_ACK),
             queue_release: redis::Script::new(QUEUE_RELEASE),
+            queue_extend: redis::Script::new(&format!("{NOW_MS}{QUEUE_EXTEND}")),
             queue_counts: redis::Script::new(&format!("{NOW_MS}{QUEUE_COUNTS}")),
             queue_drop_waiting: redis::Script::new(&format!(
                 "{NOW_MS}{REQUEUE_EXPIRED}{QUEUE_DROP_WAITING}"
@@ -145,7 +146,6 @@ impl RedisStore {
             subscriber,
         })
     }
-            queue_extend: redis::Script::new(&format!("{NOW_MS}{QUEUE_EXTEND}")),
 }
 
 #[async_trait]
@@ -388,14 +388,6 @@ impl Store for RedisStore {
         Ok(released == 1)
     }
 
-    async fn queue_ack(&self, queue: &str, id: &str) -> Result<bool, StoreError> {
-        Ok(self.queue_ack_many(queue, &[id]).await? == 1)
-    }
-
-    async fn queue_ack_many(&self, queue: &str, ids: &[&str]) -> Result<u64, StoreError> {
-        let keys = queue_keys(queue);
-        let mut conn = self.conn.clone();
-        let mut found = 0;
     async fn queue_extend(
         &self,
         queue: &str,
@@ -414,6 +406,14 @@ impl Store for RedisStore {
         Ok(extended == 1)
     }
 
+    async fn queue_ack(&self, queue: &str, id: &str) -> Result<bool, StoreError> {
+        Ok(self.queue_ack_many(queue, &[id]).await? == 1)
+    }
+
+    async fn queue_ack_many(&self, queue: &str, ids: &[&str]) -> Result<u64, StoreError> {
+        let keys = queue_keys(queue);
+        let mut conn = self.conn.clone();
+        let mut found = 0;
         for chunk in ids.chunks(PUSH_CHUNK) {
             let mut call = self.queue_ack.prepare_invoke();
             call.key(&keys[..]);
