@@ -659,6 +659,12 @@ async fn credit(base: &str, account: &str, body: Value, key: Option<&str>) -> (u
     (status, response.json().await.unwrap_or_default(), replayed)
 }
 
+async fn account_key(base: &str, account: &str) -> String {
+    create_key(base, json!({"name": "of the account", "account": account}))
+        .await
+        .1
+}
+
 async fn account(base: &str, id: &str) -> Value {
     admin_get(base, &format!("/admin/accounts/{id}")).await
 }
@@ -694,11 +700,138 @@ async fn charge_of(base: &str, request_id: &str) -> i64 {
     Credits::from_charge(credits).micro()
 }
 
+/// Waits until no request of the account holds anything.
+async fn settled(base: &str, id: &str) -> Value {
+    wait_until(Duration::from_secs(20), "every hold settled", || async {
+        let account = account(base, id).await;
+        account["holds"] == 0 && account["reserved_micro"] == 0
+    })
+    .await;
+    account(base, id).await
+}
+
+/// Twenty-four streams of half a credit each, raced through `bases` against two credits: at
+/// most three are admitted (each holds a little more than half a credit: its prompt's bound
+/// and its 50 completion tokens), the balance never goes below zero, and once all settle it is
+/// the top-up minus the ledger's charges, to the micro-credit.
+async fn concurrent_streams_never_overdraw(bases: &[String]) {
+    let id = create_account(&bases[0], json!({"name": "small balance"})).await;
+    let (status, _, _) = credit(
+        &bases[0],
+        &id,
+        json!({"amount": "2", "reason": "prepaid"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201);
+    let key = account_key(&bases[0], &id).await;
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let (base, key) = (bases[i % bases.len()].clone(), key.clone());
+            tokio::spawn(async move { stream(&base, &key, 50).await })
+        })
+        .collect();
+    let mut admitted = Vec::new();
+    for task in tasks {
+        let (status, id, body) = task.await.unwrap();
+        match status {
+            200 => {
+                assert!(body.contains("data: [DONE]"), "{body}");
+                admitted.push(id);
+            }
+            429 => {
+                let error = error_of(&body);
+                assert_eq!(error["code"], "insufficient_quota", "{body}");
+                assert_eq!(error["type"], "insufficient_quota", "{body}");
+            }
+            other => panic!("status {other}: {body}"),
+        }
+    }
+    assert!(
+        (1..=3).contains(&admitted.len()),
+        "{} admitted against two credits",
+        admitted.len()
+    );
+    let after = settled(&bases[0], &id).await;
+    let mut charges = 0;
+    for id in &admitted {
+        charges += charge_of(&bases[0], id).await;
+    }
+    let balance = after["balance_micro"].as_i64().expect("balance");
+    assert!(balance >= 0, "overdrawn: {after}");
+    assert_eq!(balance, 2_000_000 - charges, "{after}");
+    assert_eq!(after["spent_micro"].as_i64(), Some(charges));
+    // Every replica sees the same money.
+    for base in bases {
+        assert_eq!(account(base, &id).await["balance_micro"], balance);
+    }
+    // What is left does not cover another such request.
+    let (status, _, body) = stream(&bases[0], &key, 50).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        error_of(&body)["message"].as_str().unwrap().starts_with(
+            "You exceeded your current quota, please check your plan and billing details."
+        ),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_streams_never_overdraw_on_the_memory_store() {
+    let engine = paced_sim(200.0).await;
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    price_requests(&gw.url()).await;
+    concurrent_streams_never_overdraw(&[gw.url()]).await;
+}
+
 fn on_redis(redis: &RedisServer, engine: &garage_sim_engine::SimEngine) -> garage_gateway::Config {
     let mut cfg = config(vec![upstream("a", engine.base_url())]);
     cfg.store = redis.url();
     cfg.auth.key_secret = Some("shared-replica-secret".into());
     cfg
+}
+
+#[tokio::test]
+async fn concurrent_streams_never_overdraw_on_redis() {
+    let redis = RedisServer::start();
+    let engine = paced_sim(200.0).await;
+    let gw = gateway(on_redis(&redis, &engine)).await;
+    price_requests(&gw.url()).await;
+    concurrent_streams_never_overdraw(&[gw.url()]).await;
+}
+
+/// Waits until the gateway at `base` prices requests with the meter another replica installed.
+async fn same_meter(bases: &[String]) {
+    let active = |base: String| async move {
+        admin_get(&base, "/admin/plugins").await["data"]
+            .as_array()
+            .and_then(|slots| slots.iter().find(|s| s["slot"] == "meter").cloned())
+            .map(|meter| meter["active"]["sha256"].clone())
+    };
+    let first = active(bases[0].clone()).await.expect("a meter");
+    for base in &bases[1..] {
+        wait_until(
+            Duration::from_secs(10),
+            "the meter on every replica",
+            || {
+                let (base, first) = (base.clone(), first.clone());
+                async move { active(base).await == Some(first) }
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn concurrent_streams_never_overdraw_across_two_replicas_on_one_redis() {
+    let redis = RedisServer::start();
+    let engine = paced_sim(200.0).await;
+    let a = gateway(on_redis(&redis, &engine)).await;
+    let b = gateway(on_redis(&redis, &engine)).await;
+    let bases = [a.url(), b.url()];
+    price_requests(&bases[0]).await;
+    same_meter(&bases).await;
+    concurrent_streams_never_overdraw(&bases).await;
 }
 
 #[tokio::test]
@@ -818,6 +951,404 @@ async fn a_key_without_an_account_behaves_as_before() {
         admin_get(&base, &format!("/admin/keys/{key_id}")).await["account"],
         Value::Null
     );
+}
+
+/// Bad amounts and reasons are 400s in OpenAI's shape; unknown accounts 404; a key cannot be
+/// given to an account that does not exist, and a key whose account disappeared is refused.
+#[tokio::test]
+async fn hostile_amounts_accounts_and_keys_are_refused() {
+    let engine = fast_sim().await;
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    let id = create_account(&base, json!({"name": "target"})).await;
+    for (amount, why) in [
+        (json!("NaN"), "NaN"),
+        (json!("Infinity"), "infinity"),
+        (json!(1e300), "huge"),
+        (json!("1000000001"), "past a billion"),
+        (json!(0), "zero"),
+        (json!("0.0000001"), "below a micro-credit"),
+        (json!("1,5"), "a comma"),
+        (json!(null), "null"),
+        (json!([1]), "a list"),
+        (json!(-1), "below a zero balance"),
+    ] {
+        let (status, body, _) =
+            credit(&base, &id, json!({"amount": amount, "reason": "x"}), None).await;
+        assert_eq!(status, 400, "{why}: {body}");
+        error_of(&body.to_string());
+    }
+    for body in [
+        json!({"amount": 1}),
+        json!({"amount": 1, "reason": ""}),
+        json!({"amount": 1, "reason": "a\u{7}bell"}),
+        json!({"amount": 1, "reason": "x".repeat(501)}),
+        json!({"amount": 1, "reason": "x", "extra": true}),
+    ] {
+        let (status, answer, _) = credit(&base, &id, body.clone(), None).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+    }
+    // A balance can be topped up to a billion, not past it.
+    let (status, _, _) = credit(
+        &base,
+        &id,
+        json!({"amount": "1000000000", "reason": "max"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, body, _) = credit(
+        &base,
+        &id,
+        json!({"amount": "0.000001", "reason": "one more"}),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("balance_out_of_range"))
+    );
+    assert_eq!(account(&base, &id).await["balance_micro"], MAX_MONEY);
+
+    for (method, path) in [
+        ("GET", "/admin/accounts/acct_nope"),
+        ("GET", "/admin/accounts/acct_nope/credits"),
+        ("DELETE", "/admin/accounts/acct_nope"),
+        ("PUT", "/admin/accounts/acct_nope/keys/key_nope"),
+        ("DELETE", "/admin/accounts/acct_nope/keys/key_nope"),
+    ] {
+        let response = client()
+            .request(method.parse().unwrap(), format!("{base}{path}"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{method} {path}");
+        error_of(&response.text().await.unwrap());
+    }
+    let (status, body, _) = credit(
+        &base,
+        "acct_nope",
+        json!({"amount": 1, "reason": "x"}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    // Without the admin token: 401.
+    let response = client()
+        .get(format!("{base}/admin/accounts"))
+        .bearer_auth("sk-not-admin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    // Bad accounts.
+    for body in [
+        json!({"name": ""}),
+        json!({"name": "x", "budgets": {"day": 0}}),
+        json!({"name": "x", "budgets": {"fortnight": 1}}),
+        json!({"name": "x", "alert_thresholds": [0]}),
+        json!({"name": "x", "alert_thresholds": [101]}),
+        json!({"name": "x", "low_balance_alert": -1}),
+    ] {
+        let (status, answer) = admin_post(&base, "/admin/accounts", body.clone()).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+    }
+
+    // A key for an account that is not there.
+    let (status, body) = admin_post(
+        &base,
+        "/admin/keys",
+        json!({"name": "k", "account": "acct_nope"}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "account_not_found");
+    // A key whose account record is gone (a store edited by hand): refused, never free.
+    let (key_id, key) = create_key(&base, json!({"name": "orphan", "account": id})).await;
+    gw.state()
+        .store()
+        .record_delete(garage_gateway::store::keyspace::ACCOUNTS, &id)
+        .await
+        .unwrap();
+    let (status, body) = post_chat(&base, &key, &chat(false)).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(error_of(&body)["code"], "account_not_found");
+    // Taking the key from an account it is not in: 404.
+    let other = create_account(&base, json!({"name": "other"})).await;
+    let response = client()
+        .delete(format!("{base}/admin/accounts/{other}/keys/{key_id}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+}
+
+/// A client asking for a huge `max_tokens` is refused (it could cost more than the account
+/// has), not given a hold of everything: the account is untouched and serves the next request.
+/// Why refused and not capped: a hold smaller than what the answer may cost could be overdrawn.
+#[tokio::test]
+async fn a_huge_max_tokens_cannot_grab_the_balance() {
+    let engine = fast_sim().await;
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    price_requests(&base).await;
+    let id = create_account(&base, json!({"name": "grab"})).await;
+    credit(&base, &id, json!({"amount": 3, "reason": "prepaid"}), None).await;
+    let key = account_key(&base, &id).await;
+    for max_tokens in [1_000_000_u64, u64::from(u32::MAX)] {
+        let (status, _, body) = stream(&base, &key, max_tokens).await;
+        assert_eq!(status, 429, "{body}");
+        let error = error_of(&body);
+        assert_eq!(error["code"], "insufficient_quota");
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("lower max_tokens"),
+            "{body}"
+        );
+    }
+    let shown = account(&base, &id).await;
+    assert_eq!(
+        (shown["reserved_micro"].as_i64(), shown["holds"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let (status, _, body) = stream(&base, &key, 50).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// A closed account's keys are refused and it takes no top-ups; what is left can be refunded.
+#[tokio::test]
+async fn a_closed_account_is_refused() {
+    let engine = fast_sim().await;
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    let id = create_account(&base, json!({"name": "leaving"})).await;
+    credit(&base, &id, json!({"amount": 3, "reason": "prepaid"}), None).await;
+    let key = account_key(&base, &id).await;
+    assert_eq!(post_chat(&base, &key, &chat(false)).await.0, 200);
+    let response = client()
+        .delete(format!("{base}/admin/accounts/{id}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (status, body) = post_chat(&base, &key, &chat(false)).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(error_of(&body)["code"], "account_closed");
+    let (status, _, _) = credit(&base, &id, json!({"amount": 1, "reason": "more"}), None).await;
+    assert_eq!(status, 409);
+    let (status, body, _) =
+        credit(&base, &id, json!({"amount": -3, "reason": "refund"}), None).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["balance_after_micro"], 0);
+    let (status, body) =
+        admin_post(&base, "/admin/keys", json!({"name": "k", "account": id})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("account_closed"))
+    );
+}
+
+/// With a meter that quotes nothing (one of `garage:policy@0.4.0`), nothing is held: a request
+/// is admitted while the balance is positive, may overdraw it by its own cost, and the next is
+/// refused.
+#[tokio::test]
+async fn without_a_quote_a_positive_balance_admits() {
+    let engine = fast_sim().await;
+    let gw = gateway(config(vec![upstream("a", engine.base_url())])).await;
+    let base = gw.url();
+    let (status, body) =
+        upload_plugin(&base, "meter", garage_plugins::fixtures::METER_V0_4, "").await;
+    assert_eq!(status, 200, "{body}");
+    let id = create_account(&base, json!({"name": "unquoted"})).await;
+    credit(
+        &base,
+        &id,
+        json!({"amount": "0.001", "reason": "a little"}),
+        None,
+    )
+    .await;
+    let key = account_key(&base, &id).await;
+    // 1 credit per 1,000 tokens: 40 completion tokens and the prompt cost more than 0.001.
+    let (status, request, body) = stream(&base, &key, 40).await;
+    assert_eq!(status, 200, "{body}");
+    let charge = charge_of(&base, &request).await;
+    let after = settled(&base, &id).await;
+    assert_eq!(after["balance_micro"].as_i64(), Some(1_000 - charge));
+    assert!(after["balance_micro"].as_i64() < Some(0), "{after}");
+    let (status, _, body) = stream(&base, &key, 40).await;
+    assert_eq!(status, 429, "{body}");
+}
+
+/// A daily budget through the gateway: spent, the key is refused until local midnight
+/// (`retry-after`), and the account shows the day's spend and its alerts.
+#[tokio::test]
+async fn a_spent_daily_account_budget_waits_for_local_midnight() {
+    let engine = fast_sim().await;
+    let mut cfg = config(vec![upstream("a", engine.base_url())]);
+    let offset_minutes: u64 = 180;
+    cfg.accounts.utc_offset_minutes = offset_minutes as i32;
+    cfg.webhooks.poll_interval_ms = 20;
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    price_requests(&base).await;
+    let hooks = Hooks::start().await;
+    let (status, body) = admin_post(
+        &base,
+        "/admin/webhooks",
+        json!({"url": hooks.url, "events": ["budget.threshold", "balance.low"]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let id = create_account(
+        &base,
+        json!({
+            "name": "daily", "budgets": {"day": 0.6}, "alert_thresholds": [50, 80, 100],
+            "low_balance_alert": 99.9,
+        }),
+    )
+    .await;
+    credit(
+        &base,
+        &id,
+        json!({"amount": 100, "reason": "prepaid"}),
+        None,
+    )
+    .await;
+    let key = account_key(&base, &id).await;
+    // Half a credit each: the first fits, the second would pass 0.6 once the first settles.
+    let (status, first, _) = stream(&base, &key, 50).await;
+    assert_eq!(status, 200);
+    charge_of(&base, &first).await;
+    settled(&base, &id).await;
+    let response = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let body = response.text().await.unwrap();
+    assert_eq!(error_of(&body)["code"], "insufficient_quota");
+    const DAY_MS: u64 = 86_400_000;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let to_midnight = (DAY_MS - (now + offset_minutes * 60_000) % DAY_MS).div_ceil(1000);
+    assert!(
+        retry_after.abs_diff(to_midnight) <= 5,
+        "retry-after {retry_after} s, local midnight in {to_midnight} s"
+    );
+    let shown = account(&base, &id).await;
+    let day = &shown["periods"][0];
+    assert_eq!(day["period"], "day");
+    assert!(day["spent_micro"].as_i64() > Some(500_000), "{shown}");
+    let mut thresholds: Vec<u64> = shown["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["threshold_percent"].as_u64())
+        .collect();
+    thresholds.sort();
+    assert_eq!(thresholds, [50, 80], "{shown}");
+    // The same alerts as webhook events, once each: two budget thresholds, a low balance.
+    wait_until(
+        Duration::from_secs(10),
+        "three alert deliveries",
+        || async { hooks.events().len() >= 3 },
+    )
+    .await;
+    let events = hooks.events();
+    let mut kinds: Vec<(String, u64)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or_default().to_owned(),
+                e["data"]["threshold_percent"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            ("dev.garage.balance.low".to_owned(), 0),
+            ("dev.garage.budget.threshold".to_owned(), 50),
+            ("dev.garage.budget.threshold".to_owned(), 80),
+        ],
+        "{events:?}"
+    );
+    let budget = events
+        .iter()
+        .find(|e| e["data"]["threshold_percent"] == 80)
+        .unwrap();
+    assert_eq!(budget["subject"], id);
+    assert_eq!(budget["data"]["scope"], "account");
+    assert_eq!(budget["data"]["period"], "day");
+    assert_eq!(budget["data"]["budget"], 0.6);
+}
+
+/// A webhook receiver on loopback that keeps the CloudEvents it is sent.
+struct Hooks {
+    url: String,
+    received: Arc<std::sync::Mutex<Vec<Value>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Hooks {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Hooks {
+    async fn start() -> Hooks {
+        let received: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
+        let log = received.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let log = log.clone();
+                async move {
+                    if let Ok(event) = serde_json::from_slice(&body) {
+                        log.lock().unwrap().push(event);
+                    }
+                    "ok"
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Hooks {
+            url,
+            received,
+            task,
+        }
+    }
+
+    /// Each event once (a receiver may be sent one again; its id says so).
+    fn events(&self) -> Vec<Value> {
+        let mut events = self.received.lock().unwrap().clone();
+        events.sort_by_key(|e| e["id"].to_string());
+        events.dedup_by_key(|e| e["id"].to_string());
+        events
+    }
 }
 
 /// Budgets and alerts can be changed; a budget of a period that is not one is refused.
@@ -972,7 +1503,9 @@ async fn post_form(base: &str, cookie: &str, path: &str, form: Vec<(&str, String
 /// top-ups minus the lines' charges exactly.
 #[tokio::test]
 async fn batch_lines_are_charged_to_the_account_and_wait_while_it_has_nothing() {
-    use crate::batch::{create_batch, enroll_by_hand, heartbeat, lines, node_post, upload_ok, wait_batch};
+    use crate::batch::{
+        create_batch, enroll_by_hand, heartbeat, lines, node_post, upload_ok, wait_batch,
+    };
     // The static upstream makes the model known to the batch API; it never runs batch lines.
     let engine = fast_sim().await;
     let mut cfg = config(vec![upstream("static", engine.base_url())]);
@@ -989,7 +1522,13 @@ async fn batch_lines_are_charged_to_the_account_and_wait_while_it_has_nothing() 
 
     // 0.05 credits: less than one line (8 completion tokens cost 0.08).
     let id = create_account(&base, json!({"name": "batches"})).await;
-    credit(&base, &id, json!({"amount": "0.05", "reason": "prepaid"}), None).await;
+    credit(
+        &base,
+        &id,
+        json!({"amount": "0.05", "reason": "prepaid"}),
+        None,
+    )
+    .await;
     let (_, key) = create_key(&base, json!({"name": "batch key", "account": id})).await;
     let file = upload_ok(&base, &key, lines(3, 8)).await;
     let (status, created) = create_batch(&base, &key, &file).await;
@@ -1028,7 +1567,13 @@ async fn batch_lines_are_charged_to_the_account_and_wait_while_it_has_nothing() 
                     })
                 })
                 .collect();
-            node_post(&base, &rig, "/node/v1/batch/results", json!({"results": results})).await
+            node_post(
+                &base,
+                &rig,
+                "/node/v1/batch/results",
+                json!({"results": results}),
+            )
+            .await
         }
     };
     let first = lease(1).await;

@@ -25,7 +25,7 @@ fn chat_line(id: &str, max_tokens: u32) -> String {
     .to_string()
 }
 
-fn lines(n: usize, max_tokens: u32) -> String {
+pub(crate) fn lines(n: usize, max_tokens: u32) -> String {
     (0..n)
         .map(|i| chat_line(&format!("req-{i}"), max_tokens) + "\n")
         .collect()
@@ -49,7 +49,7 @@ async fn upload(base: &str, key: &str, purpose: &str, content: String) -> (u16, 
     (status, response.json().await.unwrap_or_default())
 }
 
-async fn upload_ok(base: &str, key: &str, content: String) -> String {
+pub(crate) async fn upload_ok(base: &str, key: &str, content: String) -> String {
     let (status, file) = upload(base, key, "batch", content).await;
     assert_eq!(status, 200, "{file}");
     file["id"].as_str().expect("file id").to_owned()
@@ -73,7 +73,7 @@ async fn call(
     (status, response.json().await.unwrap_or_default())
 }
 
-async fn create_batch(base: &str, key: &str, file_id: &str) -> (u16, Value) {
+pub(crate) async fn create_batch(base: &str, key: &str, file_id: &str) -> (u16, Value) {
     let body = json!({
         "input_file_id": file_id,
         "endpoint": "/v1/chat/completions",
@@ -107,7 +107,7 @@ fn terminal(batch: &Value) -> bool {
 }
 
 /// Waits for the batch to reach a terminal status; returns it.
-async fn wait_batch(base: &str, key: &str, id: &str, bound: Duration) -> Value {
+pub(crate) async fn wait_batch(base: &str, key: &str, id: &str, bound: Duration) -> Value {
     wait_until(bound, &format!("batch {id} to finish"), || async {
         terminal(&batch(base, key, id).await)
     })
@@ -871,7 +871,7 @@ async fn a_rig_cannot_answer_lines_it_did_not_lease() {
 }
 
 /// Enrolls a rig by hand (no node-runner): its node credential.
-async fn enroll_by_hand(base: &str, name: &str) -> String {
+pub(crate) async fn enroll_by_hand(base: &str, name: &str) -> String {
     let token = enrollment_token(base, 1).await;
     let enrolled: Value = client()
         .post(format!("{base}/node/v1/enroll"))
@@ -888,7 +888,7 @@ async fn enroll_by_hand(base: &str, name: &str) -> String {
         .to_owned()
 }
 
-async fn node_post(base: &str, credential: &str, path: &str, body: Value) -> Value {
+pub(crate) async fn node_post(base: &str, credential: &str, path: &str, body: Value) -> Value {
     let response = client()
         .post(format!("{base}{path}"))
         .bearer_auth(credential)
@@ -901,7 +901,7 @@ async fn node_post(base: &str, credential: &str, path: &str, body: Value) -> Val
 }
 
 /// A heartbeat advertising one healthy engine serving `model`.
-fn heartbeat(model: &str) -> Value {
+pub(crate) fn heartbeat(model: &str) -> Value {
     json!({"gpus": [], "engines": [{"name": "e", "models": [model], "state": "healthy",
         "restarts": 0, "stats": null}]})
 }
