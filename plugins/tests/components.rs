@@ -88,8 +88,10 @@ fn every_component_is_valid_and_exports_exactly_its_world() {
         let world = garage_plugins::world(name).unwrap_or_else(|| panic!("{name} has no world"));
         let mut exports = surface(name, bytes).exports;
         exports.sort();
-        let mut expected: Vec<String> =
-            world_exports(name, world).iter().map(|s| s.to_string()).collect();
+        let mut expected: Vec<String> = world_exports(name, world)
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         expected.sort();
         assert_eq!(exports, expected, "{name} should export the {world} world");
     }
