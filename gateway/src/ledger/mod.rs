@@ -215,6 +215,17 @@ const LEDGER_POSTCARD_V3: u8 = 3;
 const LEDGER_POSTCARD_V4: u8 = 4;
 
 impl LedgerEntry {
+    /// The points the entry's awards gave `operator` (0, not -0, for none).
+    pub fn points_for(&self, operator: &str) -> f64 {
+        self.outcome
+            .awards
+            .iter()
+            .filter(|award| award.operator == operator)
+            .map(|award| award.points)
+            .sum::<f64>()
+            + 0.0
+    }
+
     /// The entry as the store keeps it.
     pub fn encode(&self) -> Result<Vec<u8>, StoreError> {
         let mut buf = Vec::with_capacity(LEDGER_ENTRY_BYTES);

@@ -105,7 +105,7 @@ pub async fn statement(
                 .cmp(&(b.event.finished_at_ms, &b.event.request_id))
         });
         for entry in entries {
-            let points = points_of(&entry, operator);
+            let points = entry.points_for(operator);
             let counted_in_window =
                 entry.processed_at_ms > from_ms && entry.processed_at_ms <= to_ms;
             if points == 0.0 || !counted_in_window {
@@ -154,18 +154,6 @@ pub async fn statement(
 fn counted_until_ms(run: &Payout) -> u64 {
     run.counted_until_ms
         .unwrap_or_else(|| run.created_at.saturating_mul(1000) + 999)
-}
-
-/// The points `entry`'s awards gave `operator`.
-fn points_of(entry: &LedgerEntry, operator: &str) -> f64 {
-    entry
-        .outcome
-        .awards
-        .iter()
-        .filter(|award| award.operator == operator)
-        .map(|award| award.points)
-        .sum::<f64>()
-        + 0.0
 }
 
 fn request_of(entry: &LedgerEntry, points: f64) -> StatementRequest {

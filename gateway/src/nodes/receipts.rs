@@ -423,14 +423,7 @@ impl Nodes {
             let Ok(ledger_entry) = crate::ledger::LedgerEntry::decode(&bytes) else {
                 continue;
             };
-            entry.points = Some(
-                ledger_entry
-                    .outcome
-                    .awards
-                    .iter()
-                    .filter(|award| award.operator == operator)
-                    .fold(0.0, |sum, award| sum + award.points),
-            );
+            entry.points = Some(ledger_entry.points_for(operator));
         }
     }
 }

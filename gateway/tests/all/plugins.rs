@@ -612,21 +612,43 @@ async fn a_keys_budget_crossing_its_thresholds_sends_one_signed_alert_each() {
     assert_eq!(status, 200, "{body}");
     let (key_id, key) = create_key(&base, json!({"name": "watched"})).await;
     // Until the budget is spent (and a few more, which cross nothing new).
-    let mut spent = false;
+    let (mut spent, mut served) = (false, 0);
     for _ in 0..30 {
         let (status, _) = post_chat(&base, &key, &chat(false)).await;
         if status == 429 {
             spent = true;
             break;
         }
+        served += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(spent, "the daily budget was never spent");
-    wait_until(Duration::from_secs(10), "three alerts", || async {
-        received.lock().unwrap().len() >= 3
+    // Every request charged (so every alert there will be is queued), then every queued
+    // alert delivered: what the receiver has is all it gets.
+    let usage = format!("/admin/usage?key_id={key_id}");
+    wait_until(Duration::from_secs(10), "every request charged", || async {
+        let rows = admin_get(&base, &usage).await;
+        let charged: u64 = rows["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row["requests"].as_u64().unwrap())
+            .sum();
+        charged == served
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deliveries = format!(
+        "/admin/webhooks/{}/deliveries",
+        created["id"].as_str().unwrap()
+    );
+    wait_until(Duration::from_secs(10), "every alert delivered", || async {
+        let listed = admin_get(&base, &deliveries).await;
+        let listed = listed["data"].as_array().unwrap().clone();
+        !listed.is_empty()
+            && listed.iter().all(|d| d["state"] == "delivered")
+            && received.lock().unwrap().len() == listed.len()
+    })
+    .await;
     let received = received.lock().unwrap().clone();
     let mut percents = Vec::new();
     for (headers, body) in &received {

@@ -633,25 +633,24 @@ const MAX_QUOTES: usize = 4096;
 /// A quote kept: when it was made, and the price (`None`: the meter quoted nothing).
 type Kept = (Instant, Option<Price>);
 
-/// A meter version's recent quotes, by whether for a batch line and model.
+/// A meter version's recent quotes, by model: for a request, and for a batch line. Looked up
+/// by the borrowed model name, so a request's hit allocates nothing.
 #[derive(Default)]
-pub(crate) struct QuoteCache(Mutex<HashMap<(bool, String), Kept>>);
+pub(crate) struct QuoteCache(Mutex<HashMap<String, [Option<Kept>; 2]>>);
 
 impl QuoteCache {
     fn get(&self, model: &str, batch: bool, now: Instant) -> Option<Option<Price>> {
         let kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        // Looked up by an owned key: a hit allocates one short string, a miss costs a plugin
-        // call anyway.
-        let (at, price) = kept.get(&(batch, model.to_owned()))?;
-        (now.saturating_duration_since(*at) < QUOTE_KEPT).then_some(*price)
+        let (at, price) = kept.get(model)?[usize::from(batch)]?;
+        (now.saturating_duration_since(at) < QUOTE_KEPT).then_some(price)
     }
 
     fn put(&self, model: &str, batch: bool, now: Instant, price: Option<Price>) {
         let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if kept.len() >= MAX_QUOTES {
+        if kept.len() >= MAX_QUOTES && !kept.contains_key(model) {
             kept.clear();
         }
-        kept.insert((batch, model.to_owned()), (now, price));
+        kept.entry(model.to_owned()).or_default()[usize::from(batch)] = Some((now, price));
     }
 }
 
