@@ -93,6 +93,15 @@ fi
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
     needed+=(chromium chromium-driver)
 fi
+# The deployment checks (scripts/check-deploy.sh) validate the compose stack with Debian's
+# docker-compose and its Prometheus rules with promtool; the stack's process-level twin runs
+# Debian's prometheus with the stack's own scrape config.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    needed+=(prometheus)
+fi
+if ! command -v docker-compose >/dev/null 2>&1; then
+    needed+=(docker-compose)
+fi
 # The JavaScript example plugin is built with componentize-js, from npm.
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     needed+=(nodejs npm)
@@ -114,7 +123,7 @@ if [[ ${#needed[@]} -gt 0 ]]; then
         fi
     fi
 else
-    echo "all present: cc, redis-server, redis-cli, nginx, python3 with venv, chromium"
+    echo "all present: cc, redis-server, redis-cli, nginx, python3 with venv, chromium, prometheus, docker-compose"
 fi
 echo "redis-server: $(redis-server --version | head -n1)"
 echo "redis-cli: $(redis-cli --version | head -n1)"
@@ -151,6 +160,12 @@ fi
 # load them), then checked in wasmtime with their own unit tests.
 section "Polyglot plugins: scripts/build-plugins-polyglot.sh --check"
 scripts/build-plugins-polyglot.sh --check
+
+# ---------------------------------------------------------------------------------------------
+# What is shipped beside the binaries: the images' Dockerfiles, the compose stack, its
+# dashboards and alert rules (promtool), and the dependency policy (cargo deny).
+section "Deployment files: scripts/check-deploy.sh"
+scripts/check-deploy.sh
 
 # ---------------------------------------------------------------------------------------------
 section "cargo build --workspace --bins"
