@@ -4,9 +4,13 @@
 #   target/polyglot-plugins/reward-python.wasm   plugins/python/reward (componentize-py)
 #   target/polyglot-plugins/reward-js.wasm       plugins/js/reward     (componentize-js)
 #
+# Both are the `reward` world of garage:policy@0.5.0 (wit/v0.5), written on the author
+# libraries of plugin-sdk/: plugin-sdk/python (garage_policy, on componentize-py's search path)
+# and plugin-sdk/js (@garage/policy, bundled into the JavaScript by rolldown, see build.mjs).
+#
 # Usage: scripts/build-plugins-polyglot.sh [--check] [--force]
 #   --check   then load both components in wasmtime and call them (plugins/python/check_component.py),
-#             and run the policies' unit tests (Python unittest, node --test)
+#             and run the native tests of the libraries and the policies (pytest, node --test)
 #   --force   rebuild even when the inputs did not change
 #
 # Needs python3 (with venv), node >= 18 and npm; fetches the pinned tools from PyPI and npm:
@@ -26,7 +30,7 @@ for arg in "$@"; do
     case "$arg" in
         --check) CHECK=1 ;;
         --force) FORCE=1 ;;
-        -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -34,6 +38,7 @@ done
 OUT=target/polyglot-plugins
 VENV=.venv-plugins
 PY_DIR=plugins/python/reward
+PY_SDK=plugin-sdk/python
 JS_DIR=plugins/js/reward
 mkdir -p "$OUT"
 
@@ -118,19 +123,22 @@ build() {
 }
 
 componentize_version="$("$VENV/bin/componentize-py" --version)"
-py_inputs="$( { hash_files "$PY_DIR" wit; echo "$componentize_version"; } | sha256sum | cut -d' ' -f1)"
+py_inputs="$( { hash_files "$PY_DIR" "$PY_SDK/garage_policy" wit; echo "$componentize_version"; } |
+    sha256sum | cut -d' ' -f1)"
 # VIRTUAL_ENV would make componentize-py bundle that venv's site-packages into the component.
 build reward-python "$py_inputs" \
-    env -u VIRTUAL_ENV "$VENV/bin/componentize-py" -d wit -w reward componentize app \
-    -p "$PY_DIR" --stub-wasi -o "$OUT/reward-python.wasm.tmp"
+    env -u VIRTUAL_ENV "$VENV/bin/componentize-py" -d wit/v0.5 -w reward componentize app \
+    -p "$PY_DIR" -p "$PY_SDK" --stub-wasi -o "$OUT/reward-python.wasm.tmp"
 
 js_inputs="$( { hash_files "$JS_DIR" wit; node --version; } | sha256sum | cut -d' ' -f1)"
 build reward-js "$js_inputs" node "$JS_DIR/build.mjs" "$OUT/reward-js.wasm.tmp"
 
 # --- checks ----------------------------------------------------------------------------------
 if [[ "$CHECK" -eq 1 ]]; then
-    echo "unit tests of the policies"
-    "$VENV/bin/python" -m unittest discover -s "$PY_DIR" -p 'test_*.py'
+    echo "native tests of the libraries and the policies"
+    # -p no:cacheprovider: no .pytest_cache folders in the tree.
+    "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$PY_SDK"
+    "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$PY_DIR"
     node --test --test-reporter=spec "$JS_DIR"/*.test.mjs
     echo "components in wasmtime"
     "$VENV/bin/python" plugins/python/check_component.py "$OUT/reward-python.wasm" "$OUT/reward-js.wasm"

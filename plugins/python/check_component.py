@@ -1,18 +1,18 @@
 #!/usr/bin/env python3
-"""Checks that built components implement the `reward` world of wit/policy.wit, by loading them
-in wasmtime (the `wasmtime` PyPI package, the same engine as the gateway's host) and calling them.
+"""Checks that built components implement the `reward` world of `garage:policy@0.5.0`
+(wit/v0.5/policy.wit), by loading them in wasmtime (the `wasmtime` PyPI package, the same engine as the gateway's host) and calling them.
 
     .venv-plugins/bin/python plugins/python/check_component.py [--allow-wasi] COMPONENT.wasm...
 
 For each component it prints its imports and exports, then checks that:
-  - it exports `on-usage` and `on-report`;
+  - it exports `on-usage` (a list of events in, one result per event out) and `on-report`;
   - it imports nothing but `garage:policy/*` (with --allow-wasi, `wasi:*` too: those are then
     linked to a WASI context with no files, no environment and no arguments, plus wasi:http);
   - it instantiates against host functions for kv/clock/log/config (a fresh instance per call,
     as the gateway does) and pays what the default reward policy pays (plugins/guests/reward):
-    tokens by model weight, batch weight, uptime capped at the period, GPU hours, no award
-    without an operator or points; it logs once per call (debug), and a bad config is the `err`
-    of the result (logged at error level).
+    verified, gateway-counted tokens only (unless the config says otherwise) by model weight,
+    batch weight, uptime capped at the period, GPU hours, no award without an operator or
+    points; a bad config is the `err` of each event's result and of the report's.
 It also prints the compile time and the time of a fresh instance + call. Exits 1 on a failure.
 """
 
@@ -27,7 +27,7 @@ from wasmtime import component as wc
 
 POLICY_IMPORTS = {
     f"garage:policy/{name}@0.2.0" for name in ("types", "kv", "clock", "log", "config")
-}
+} | {"garage:policy/types@0.4.0", "garage:policy/types@0.5.0"}
 
 # The example configuration of the reward slot.
 CONFIG = {
@@ -53,6 +53,8 @@ def usage_event(**over):
         prompt_tokens=1500, completion_tokens=500, cached_tokens=0, latency_ms=900,
         ttft_ms=120, backend="rig-1", rig="rig-1", operator="alice",
         started_at_ms=1_700_000_000_000, finished_at_ms=1_700_000_000_900, batch=False,
+        counted_by="gateway", reported_prompt_tokens=1500, reported_completion_tokens=500,
+        trust="verified", price=None,
     )
     fields.update(over)
     return record(**fields)
@@ -158,6 +160,7 @@ def check(path, allow_wasi):
 
     host = Host(engine, needs_wasi=bool(wasi))
     with_gpu = json.dumps({**CONFIG, "points_per_gpu_hour": 1.0})
+    pays_everyone = {**CONFIG, "verified_only": False, "gateway_counted_only": False}
     cases = [
         # (label, config, export, argument, awards wanted)
         ("70b, 2000 tokens", CONFIG, "on-usage", usage_event(), [("alice", 16.0, "tokens")]),
@@ -168,6 +171,11 @@ def check(path, allow_wasi):
         ("no operator", CONFIG, "on-usage", usage_event(operator=""), []),
         ("no tokens", CONFIG, "on-usage", usage_event(prompt_tokens=0, completion_tokens=0), []),
         ("empty config", {}, "on-usage", usage_event(), [("alice", 2.0, "tokens")]),
+        ("unverified rig", CONFIG, "on-usage", usage_event(trust="unverified"), []),
+        ("suspect rig", CONFIG, "on-usage", usage_event(trust="suspect"), []),
+        ("rig-counted", CONFIG, "on-usage", usage_event(counted_by="backend"), []),
+        ("unverified, paid on request", pays_everyone, "on-usage",
+         usage_event(trust="unverified", counted_by="backend"), [("alice", 16.0, "tokens")]),
         ("30 min up of 60", CONFIG, "on-report", rig_report(), [("alice", 5.0, "uptime")]),
         ("uptime capped", CONFIG, "on-report", rig_report(period_ms=1_800_000, uptime_ms=2_000_000),
          [("alice", 5.0, "uptime")]),
@@ -178,34 +186,43 @@ def check(path, allow_wasi):
     timings = []
     for label, config, export, arg, want in cases:
         host.config_text = config if isinstance(config, str) else json.dumps(config)
-        host.logs.clear()
         started = time.perf_counter()
         try:
-            got = awards(host.call(engine, component, export, arg))
+            if export == "on-usage":
+                results = host.call(engine, component, export, [arg])
+                if len(results) != 1:
+                    raise AssertionError(f"{len(results)} results for one event")
+                got = awards(results[0])
+            else:
+                got = awards(host.call(engine, component, export, arg))
         except Exception as err:  # noqa: BLE001 - report and go on
             got = f"{type(err).__name__}: {err}"
         timings.append(time.perf_counter() - started)
         expect(got == want, f"{export} {label}: {got}")
-        expect(
-            len(host.logs) == 1 and host.logs[0][0] == "debug",
-            f"{export} {label}: one debug log ({host.logs})",
-        )
+
+    # One call for a batch of events: one answer each, in order.
+    host.config_text = json.dumps(CONFIG)
+    batch = [usage_event(request_id=f"req-{i}", completion_tokens=1000 * i) for i in range(3)]
+    try:
+        got = [awards(result) for result in host.call(engine, component, "on-usage", batch)]
+    except Exception as err:  # noqa: BLE001
+        got = f"{type(err).__name__}: {err}"
+    want = [[("alice", 12.0, "tokens")], [("alice", 20.0, "tokens")], [("alice", 28.0, "tokens")]]
+    expect(got == want, f"on-usage of 3 events: {got}")
 
     for bad in ['{"model_weights": [1]}', '{"model_weight": {}}', "[]"]:
         host.config_text = bad
-        host.logs.clear()
-        try:
-            got = host.call(engine, component, "on-usage", usage_event())
-        except Exception as err:  # noqa: BLE001
-            got = err
-        expect(
-            isinstance(got, str) and got.startswith("invalid plugin config"),
-            f"config {bad} -> err ({got!r})",
-        )
-        expect(
-            len(host.logs) == 1 and host.logs[0][0] == "error",
-            f"config {bad} -> one error log ({host.logs})",
-        )
+        for export, arg in (("on-usage", [usage_event(), usage_event()]), ("on-report", rig_report())):
+            try:
+                got = host.call(engine, component, export, arg)
+            except Exception as err:  # noqa: BLE001
+                got = err
+            errs = got if export == "on-usage" else [got]
+            expect(
+                isinstance(errs, list) and len(errs) == len(arg if export == "on-usage" else [arg])
+                and all(isinstance(e, str) and e.startswith("invalid plugin config") for e in errs),
+                f"{export}, config {bad} -> err ({got!r})",
+            )
 
     timings.sort()
     print(f"  fresh instance + call: median {timings[len(timings) // 2] * 1e3:.1f} ms")

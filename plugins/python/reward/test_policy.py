@@ -1,77 +1,105 @@
-"""Unit tests of the reward policy (plain Python, no WebAssembly):
+"""Native tests of the reward policy (pytest, a MemoryHost, no WebAssembly): the cases of the
+Rust default's tests (plugins/guests/reward).
 
-    python3 -m unittest discover -s plugins/python/reward -p 'test_*.py'
-
-The cases mirror the Rust default's tests (plugins/guests/reward).
+    .venv-plugins/bin/python -m pytest plugins/python/reward
 """
 
-import json
-import unittest
+import pytest
 
 import policy
+from garage_policy import Award, CountedBy, PolicyError, RigReport, Trust, UsageEvent
+from garage_policy.testing import MemoryHost
 
-CONFIG = json.dumps(
-    {
-        "points_per_1k_tokens": 2.0,
-        "model_weights": {"llama-3.1-70b": 8.0},
-        "batch_weight": 0.5,
-        "points_per_uptime_hour": 10.0,
-        "points_per_gpu_hour": 1.0,
-    }
-)
-
-
-class ConfigTest(unittest.TestCase):
-    def test_defaults_fill_missing_fields(self):
-        cfg = policy.parse_config("{}")
-        self.assertEqual(cfg, {**policy.DEFAULTS})
-        self.assertEqual(policy.parse_config(" "), cfg)
-
-    def test_bad_configs_are_errors(self):
-        for text in ["[]", "not json", '{"batch_weight": "1"}', '{"default_weight": -1}',
-                     '{"default_weight": true}', '{"default_weight": null}',
-                     '{"model_weights": [1]}', '{"model_weights": null}',
-                     '{"model_weights": {"m": null}}', '{"model_weight": {}}']:
-            with self.subTest(text=text), self.assertRaises(policy.ConfigError) as caught:
-                policy.parse_config(text)
-            self.assertTrue(str(caught.exception).startswith("invalid plugin config"))
-
-    def test_unknown_field_is_named(self):
-        with self.assertRaisesRegex(policy.ConfigError, "unknown field `model_weight`"):
-            policy.parse_config('{"model_weight": {}}')
+CONFIG = {
+    "points_per_1k_tokens": 2.0,
+    "model_weights": {"llama-3.1-70b": 8.0},
+    "batch_weight": 0.5,
+    "points_per_uptime_hour": 10.0,
+    "points_per_gpu_hour": 1.0,
+}
 
 
-class AwardsTest(unittest.TestCase):
-    def setUp(self):
-        self.cfg = policy.parse_config(CONFIG)
-
-    def test_tokens_pay_by_model_weight(self):
-        self.assertEqual(policy.usage_awards(self.cfg, "alice", "llama-3.1-70b", 300, 200, False),
-                         [("alice", 0.5 * 2.0 * 8.0, "tokens")])
-        self.assertEqual(policy.usage_awards(self.cfg, "alice", "qwen-7b", 300, 200, False),
-                         [("alice", 0.5 * 2.0, "tokens")])
-
-    def test_batch_tokens_pay_the_batch_weight(self):
-        self.assertEqual(policy.usage_awards(self.cfg, "alice", "qwen-7b", 1000, 0, True),
-                         [("alice", 1.0, "batch-tokens")])
-
-    def test_static_upstreams_and_empty_requests_earn_nothing(self):
-        self.assertEqual(policy.usage_awards(self.cfg, "", "qwen-7b", 1000, 1000, False), [])
-        self.assertEqual(policy.usage_awards(self.cfg, "alice", "qwen-7b", 0, 0, False), [])
-
-    def test_reports_pay_uptime_capped_at_the_period_and_gpu_hours(self):
-        self.assertEqual(policy.report_awards(self.cfg, "alice", 1_800_000, 2_000_000, 7200.0),
-                         [("alice", 5.0, "uptime"), ("alice", 2.0, "gpu-hours")])
-        self.assertEqual(policy.report_awards(self.cfg, "", 1_800_000, 2_000_000, 7200.0), [])
-        self.assertEqual(policy.report_awards(self.cfg, "alice", 0, 0, float("nan")), [])
-
-    def test_defaults_pay_a_point_per_thousand_tokens_and_per_uptime_hour(self):
-        cfg = policy.parse_config("{}")
-        self.assertEqual(policy.usage_awards(cfg, "alice", "any", 1500, 500, False),
-                         [("alice", 2.0, "tokens")])
-        self.assertEqual(policy.report_awards(cfg, "alice", 3_600_000, 3_600_000, 3600.0),
-                         [("alice", 1.0, "uptime")])
+def verified(**fields):
+    fields = {"operator": "alice", **fields}
+    return UsageEvent(counted_by=CountedBy.GATEWAY, trust=Trust.VERIFIED, **fields)
 
 
-if __name__ == "__main__":
-    unittest.main()
+def test_verified_tokens_pay_by_model_weight():
+    host = MemoryHost(CONFIG)
+    big = verified(model="llama-3.1-70b", prompt_tokens=300, completion_tokens=200)
+    assert policy.tokens(host, big) == [Award("alice", 0.5 * 2.0 * 8.0, "tokens")]
+    small = verified(model="qwen-7b", prompt_tokens=300, completion_tokens=200)
+    assert policy.tokens(host, small) == [Award("alice", 0.5 * 2.0, "tokens")]
+
+
+def test_batch_tokens_pay_the_batch_weight():
+    event = verified(model="qwen-7b", prompt_tokens=1000, batch=True)
+    assert policy.tokens(MemoryHost(CONFIG), event) == [Award("alice", 1.0, "batch-tokens")]
+
+
+@pytest.mark.parametrize("trust", [Trust.UNVERIFIED, Trust.SUSPECT, Trust.QUARANTINED,
+                                   Trust.CONFIGURED])
+def test_work_on_a_rig_not_verified_earns_nothing(trust):
+    event = UsageEvent(operator="alice", completion_tokens=5000, counted_by=CountedBy.GATEWAY,
+                       trust=trust)
+    assert policy.tokens(MemoryHost(CONFIG), event) == []
+
+
+def test_tokens_the_rig_counted_earn_nothing_unless_the_operator_pays_them():
+    event = UsageEvent(operator="alice", completion_tokens=1000, counted_by=CountedBy.BACKEND,
+                       trust=Trust.VERIFIED)
+    assert policy.tokens(MemoryHost(CONFIG), event) == []
+    anyone = MemoryHost({"verified_only": False, "gateway_counted_only": False})
+    unchecked = UsageEvent(operator="alice", completion_tokens=1000)
+    assert policy.tokens(anyone, unchecked) == [Award("alice", 1.0, "tokens")]
+
+
+def test_static_upstreams_and_empty_requests_earn_nothing():
+    host = MemoryHost(CONFIG)
+    assert policy.tokens(host, verified(operator="", completion_tokens=1000)) == []
+    assert policy.tokens(host, verified()) == []
+
+
+def test_a_huge_count_is_capped_not_overflowed():
+    event = verified(prompt_tokens=2**64 - 1, completion_tokens=2**64 - 1)
+    assert policy.tokens(MemoryHost(), event) == [Award("alice", (2**64 - 1) / 1000, "tokens")]
+
+
+def test_reports_pay_uptime_capped_at_the_period_and_gpu_hours():
+    host = MemoryHost(CONFIG)
+    report = RigReport(operator="alice", period_ms=1_800_000, uptime_ms=2_000_000,
+                       gpu_seconds=7200.0)
+    assert policy.uptime(host, report) == [Award("alice", 5.0, "uptime"),
+                                           Award("alice", 2.0, "gpu-hours")]
+    assert policy.uptime(host, RigReport(operator="", uptime_ms=3_600_000)) == []
+    nothing = RigReport(operator="alice", gpu_seconds=float("nan"))
+    assert policy.uptime(host, nothing) == []
+    assert policy.uptime(host, RigReport(operator="alice", gpu_seconds=-7200.0)) == []
+
+
+def test_defaults_pay_a_point_per_thousand_tokens_and_per_uptime_hour():
+    host = MemoryHost()
+    assert policy.tokens(host, verified(prompt_tokens=1500, completion_tokens=500)) == [
+        Award("alice", 2.0, "tokens")]
+    report = RigReport(operator="alice", period_ms=3_600_000, uptime_ms=3_600_000,
+                       gpu_seconds=3600.0)
+    assert policy.uptime(host, report) == [Award("alice", 1.0, "uptime")]
+
+
+@pytest.mark.parametrize("config", [
+    "[]", "not json", '{"batch_weight": "1"}', '{"default_weight": -1}',
+    '{"default_weight": true}', '{"default_weight": null}', '{"model_weights": [1]}',
+    '{"model_weights": null}', '{"model_weights": {"m": null}}', '{"model_weight": {}}',
+    '{"verified_only": 0}', '{"points_per_1k_tokens": 1e999}',
+])
+def test_a_bad_config_is_the_err_of_every_call(config):
+    host = MemoryHost(config)
+    with pytest.raises(PolicyError, match="^invalid plugin config"):
+        policy.tokens(host, verified(completion_tokens=1000))
+    with pytest.raises(PolicyError, match="^invalid plugin config"):
+        policy.uptime(host, RigReport(operator="alice", uptime_ms=1))
+
+
+def test_a_misspelled_field_is_named():
+    with pytest.raises(PolicyError, match="unknown field `model_weight`"):
+        policy.tokens(MemoryHost({"model_weight": {}}), verified())
