@@ -14,7 +14,8 @@
 #   --force   rebuild even when the inputs did not change
 #
 # Needs python3 (with venv), node >= 18 and npm; fetches the pinned tools from PyPI and npm:
-# componentize-py into .venv-plugins/, componentize-js into plugins/js/reward/node_modules/.
+# componentize-py and pytest into .venv-plugins/, componentize-js and rolldown into
+# plugins/js/reward/node_modules/ (where npm ci also links @garage/policy).
 # Idempotent and quick when nothing changed: each step keeps a stamp (a hash of its inputs) and
 # is skipped while the stamp matches.
 #
@@ -30,7 +31,7 @@ for arg in "$@"; do
     case "$arg" in
         --check) CHECK=1 ;;
         --force) FORCE=1 ;;
-        -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -40,6 +41,7 @@ VENV=.venv-plugins
 PY_DIR=plugins/python/reward
 PY_SDK=plugin-sdk/python
 JS_DIR=plugins/js/reward
+JS_SDK=plugin-sdk/js
 mkdir -p "$OUT"
 
 # One build at a time (tests running in parallel may all call this script): the others wait,
@@ -130,7 +132,7 @@ build reward-python "$py_inputs" \
     env -u VIRTUAL_ENV "$VENV/bin/componentize-py" -d wit/v0.5 -w reward componentize app \
     -p "$PY_DIR" -p "$PY_SDK" --stub-wasi -o "$OUT/reward-python.wasm.tmp"
 
-js_inputs="$( { hash_files "$JS_DIR" wit; node --version; } | sha256sum | cut -d' ' -f1)"
+js_inputs="$( { hash_files "$JS_DIR" "$JS_SDK" wit; node --version; } | sha256sum | cut -d' ' -f1)"
 build reward-js "$js_inputs" node "$JS_DIR/build.mjs" "$OUT/reward-js.wasm.tmp"
 
 # --- checks ----------------------------------------------------------------------------------
@@ -139,7 +141,7 @@ if [[ "$CHECK" -eq 1 ]]; then
     # -p no:cacheprovider: no .pytest_cache folders in the tree.
     "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$PY_SDK"
     "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$PY_DIR"
-    node --test --test-reporter=spec "$JS_DIR"/*.test.mjs
+    node --test --test-reporter=spec "$JS_SDK"/test/*.test.mjs "$JS_DIR"/*.test.mjs
     echo "components in wasmtime"
     "$VENV/bin/python" plugins/python/check_component.py "$OUT/reward-python.wasm" "$OUT/reward-js.wasm"
 fi

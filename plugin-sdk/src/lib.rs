@@ -486,3 +486,8 @@ pub mod __private {
     /// Compile-time check behind `export_reward!` outside wasm32.
     pub const fn assert_reward<P: crate::Reward>() {}
 }
+
+/// The Rust examples of the crate's README (`plugin-sdk/README.md`), run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
