@@ -28,6 +28,20 @@ enum Command {
     Serve(ServeArgs),
     /// Run the gateway with simulated rigs and a ready API key: the one-command experience.
     Demo(DemoArgs),
+    /// Exit 0 when the gateway answers its liveness check (`/health`) with 200, 1 otherwise: the
+    /// container image's health check, which has no curl.
+    Health(HealthArgs),
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    /// The address the gateway listens on, as `serve` takes it (GARAGE_LISTEN, so the image's
+    /// setting is the check's too). An unspecified address (0.0.0.0, ::) is asked on loopback.
+    #[arg(long, env = "GARAGE_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Ask this URL instead of the one --listen gives (another host or path, HTTPS).
+    #[arg(long)]
+    url: Option<String>,
 }
 
 #[derive(Args)]
@@ -124,10 +138,44 @@ fn init_logging(format: LogFormat) {
 /// Runs the command line: reads the config, builds the runtime it asks for (`worker_threads`),
 /// and runs the command on it until a signal stops it.
 pub fn main(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Health(args) = &cli.command {
+        return health(args);
+    }
     let command = Prepared::new(cli)?;
     runtime(command.config().worker_threads)
         .context("cannot start the async runtime")?
         .block_on(command.run())
+}
+
+/// `gateway health`: one GET with a deadline, on a runtime of its own (it reads no config).
+fn health(args: &HealthArgs) -> anyhow::Result<()> {
+    /// A live gateway answers `/health` in microseconds; a container's check allows seconds.
+    const TIMEOUT: Duration = Duration::from_secs(5);
+    let url = args.url.clone().unwrap_or_else(|| {
+        let mut address = args.listen;
+        if address.ip().is_unspecified() {
+            address.set_ip(match address {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        format!("http://{address}/health")
+    });
+    // The rig agent's client (reqwest with ring for HTTPS), which this binary links already; made
+    // inside the runtime, whose timers it uses.
+    let ask = async {
+        let client = garage_node_runner::agent::http_client();
+        client.get(&url).timeout(TIMEOUT).send().await
+    };
+    let answer = runtime(1)
+        .context("cannot start the async runtime")?
+        .block_on(ask)
+        .with_context(|| format!("unhealthy: no answer from {url}"))?;
+    if !answer.status().is_success() {
+        anyhow::bail!("unhealthy: {url} answered {}", answer.status());
+    }
+    println!("healthy: {url}");
+    Ok(())
 }
 
 /// A command with its config loaded and logging set up, before any runtime exists.
@@ -153,6 +201,7 @@ impl Prepared {
                 }
                 (config, report.ignored_env, args.common, None)
             }
+            Command::Health(_) => unreachable!("answered by `main` before any config is read"),
             Command::Demo(args) => {
                 let (config, _) = Config::load(None, std::iter::empty())?;
                 let options = DemoOptions {
