@@ -9,6 +9,25 @@ use crate::ledger::billing::Usage as TokenUsage;
 use crate::nodes::receipts::{Answer, Served};
 
 impl Batches {
+    /// Lines in every batch's work queue, by queue (`/metrics` sums them by model).
+    pub async fn backlog(&self) -> Result<Vec<crate::metrics::BatchBacklogSample>, StoreError> {
+        let mut backlog = Vec::new();
+        for bytes in self.store.record_list(QUEUES).await? {
+            let Ok(queue) = serde_json::from_slice::<QueueIndex>(&bytes) else {
+                continue;
+            };
+            let counts = (self.store)
+                .queue_counts(&queue_name(&queue.batch_id, &queue.model))
+                .await?;
+            backlog.push(crate::metrics::BatchBacklogSample {
+                model: queue.model,
+                waiting: counts.waiting,
+                leased: counts.leased,
+            });
+        }
+        Ok(backlog)
+    }
+
     /// Leases lines of the given models to a rig, waiting up to `wait` for some to appear.
     pub async fn lease(
         &self,

@@ -459,6 +459,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         .map(|b| u64::from(b.in_flight()))
         .sum();
     state.metrics().in_flight.set(in_flight as i64);
+    observe(&state).await;
     let runtime = tokio::runtime::Handle::current().metrics();
     (state.metrics().runtime_workers).set(runtime.num_workers() as i64);
     (state.metrics().runtime_tasks).set(runtime.num_alive_tasks() as i64);
@@ -466,6 +467,53 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics().render(),
     )
+}
+
+/// How long a scrape waits for the store before reporting it down: well under Prometheus's
+/// default scrape timeout (10 s), so the scrape itself still succeeds.
+const SCRAPE_STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The store's reachability, each model's backends, this replica's rigs, the batch queues and
+/// the usage queue, into the metrics.
+async fn observe(state: &AppState) {
+    let store_up = tokio::time::timeout(SCRAPE_STORE_TIMEOUT, state.store().ping())
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let (batch_backlog, usage_queued) = if store_up {
+        let (backlog, queued) = tokio::join!(
+            tokio::time::timeout(SCRAPE_STORE_TIMEOUT, state.batches().backlog()),
+            tokio::time::timeout(SCRAPE_STORE_TIMEOUT, state.usage().queued_len()),
+        );
+        (
+            backlog.ok().and_then(Result::ok),
+            queued.ok().and_then(Result::ok).map(|n| n as u64),
+        )
+    } else {
+        (None, None)
+    };
+    let snapshot = state.backends().snapshot();
+    let mut models: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+    for backend in snapshot.all() {
+        let healthy = usize::from(backend.is_healthy());
+        for model in &backend.models {
+            let entry = models.entry(model.as_str()).or_default();
+            entry.0 += healthy;
+            entry.1 += 1;
+        }
+    }
+    state.metrics().observe(crate::metrics::Observation {
+        store_up,
+        models: (models.into_iter())
+            .map(|(model, (healthy, total))| crate::metrics::ModelSample {
+                model,
+                healthy,
+                total,
+            })
+            .collect(),
+        rigs: state.nodes().tunnel_samples(),
+        batch_backlog,
+        usage_queued,
+    });
 }
 
 /// This OpenAPI document.

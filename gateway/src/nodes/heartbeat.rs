@@ -67,8 +67,10 @@ impl Nodes {
         }
         if self.cluster().is_some() {
             self.advertise(tunnel, &heartbeat);
-            tunnel.last_report = Some(heartbeat);
         }
+        // Kept for `/metrics` (the rig's GPUs and engines), and with a cluster to advertise the
+        // rig again to a replica that asks.
+        tunnel.last_report = Some(heartbeat);
         true
     }
 
@@ -139,6 +141,19 @@ impl Nodes {
                 }
             }
         }
+    }
+
+    /// The rigs tunnelled here, their heartbeats' age and last report, for `/metrics`.
+    pub fn tunnel_samples(&self) -> Vec<crate::metrics::RigSample> {
+        (self.tunnels().iter())
+            .map(|(id, tunnel)| crate::metrics::RigSample {
+                node: id.clone(),
+                name: tunnel.record.name.clone(),
+                operator: tunnel.record.operator.clone(),
+                heartbeat_age: tunnel.last_heartbeat.map(|at| at.elapsed()),
+                heartbeat: tunnel.last_report.clone(),
+            })
+            .collect()
     }
 
     /// Each connected rig's routable time since the last call, which starts a new period.

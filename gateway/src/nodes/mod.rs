@@ -164,8 +164,8 @@ struct Tunnel {
     sender: hyper::client::conn::http2::SendRequest<RequestBody>,
     close: CancellationToken,
     last_heartbeat: Option<Instant>,
-    /// The last heartbeat itself, to advertise the rig again to a replica that asks (with a
-    /// cluster).
+    /// The last heartbeat itself: its GPUs and engines for `/metrics`, and with a cluster, to
+    /// advertise the rig again to a replica that asks.
     last_report: Option<Heartbeat>,
     /// Models of the backend currently in routing (empty: not routed).
     routed_models: Vec<String>,
