@@ -102,6 +102,12 @@ fi
 if ! command -v docker-compose >/dev/null 2>&1; then
     needed+=(docker-compose)
 fi
+# The stack's Alertmanager config is checked with amtool, and the twin receives its alerts.
+installing_alertmanager=0
+if ! command -v amtool >/dev/null 2>&1 || ! command -v prometheus-alertmanager >/dev/null 2>&1; then
+    needed+=(prometheus-alertmanager)
+    installing_alertmanager=1
+fi
 # The JavaScript example plugin is built with componentize-js, from npm.
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     needed+=(nodejs npm)
@@ -113,6 +119,10 @@ if [[ ${#needed[@]} -gt 0 ]]; then
         # The test starts its own nginx on a free port; the packaged one is not needed.
         as_root service nginx stop >/dev/null 2>&1 || true
     fi
+    if [[ "$installing_alertmanager" -eq 1 ]]; then
+        # The twin test starts its own on a free port.
+        as_root service prometheus-alertmanager stop >/dev/null 2>&1 || true
+    fi
     if [[ "$installing_redis" -eq 1 ]]; then
         # The Rust tests start their own redis-server on a free port; the packaged service is
         # not needed, so stop the one the package may have started (best effort).
@@ -123,7 +133,7 @@ if [[ ${#needed[@]} -gt 0 ]]; then
         fi
     fi
 else
-    echo "all present: cc, redis-server, redis-cli, nginx, python3 with venv, chromium, prometheus, docker-compose"
+    echo "all present: cc, redis-server, redis-cli, nginx, python3 with venv, chromium, prometheus, docker-compose, alertmanager"
 fi
 echo "redis-server: $(redis-server --version | head -n1)"
 echo "redis-cli: $(redis-cli --version | head -n1)"

@@ -1,17 +1,20 @@
 """The compose stack (deploy/compose) as processes, with its own files: Redis, the two gateway
 replicas with the environment docker-compose.yml gives them, nginx on the stack's nginx.conf,
-three rigs on the stack's node-runner configs (simulated engines), and Debian's Prometheus on
-the stack's prometheus.yml and alert rules. Only the addresses change (each `service:port` of
-the stack becomes a free port on 127.0.0.1) and the scrape interval shortens.
+three rigs on the stack's node-runner configs (simulated engines), and Debian's Prometheus and
+Alertmanager on the stack's prometheus.yml, alert rules and alertmanager.yml. Only the
+addresses change (each `service:port` of the stack becomes a free port on 127.0.0.1), the
+scrape interval shortens, and two gateway settings the fixture explains.
 
 Traffic goes through nginx (chats, streams, embeddings, a batch, a plugin that traps until the
 gateway rolls it back), then every expression of every Grafana dashboard is run against
-Prometheus and must return data, every alert rule must evaluate without error on metrics that
-exist, and a replica that stops fires GarageGatewayDown.
+Prometheus and must return data, and every alert rule must evaluate without error on metrics
+that exist. Then the hostile part: a rig that hangs shows its heartbeat ageing; a replica that
+stops fires GarageGatewayDown, which reaches Alertmanager; with every rig gone and then Redis
+gone, GarageNoHealthyRig and GarageStoreUnreachable go pending.
 
-Needs, besides the gateway binary: node-runner beside it, redis-server, nginx, prometheus and
-docker-compose (scripts/test.sh installs them), and the fixture_trap plugin the gateway's build
-makes.
+Needs, besides the gateway binary: node-runner beside it, redis-server, nginx, prometheus,
+prometheus-alertmanager and docker-compose (scripts/test.sh installs them), and the
+fixture_trap plugin the gateway's build makes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -161,10 +165,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     work = tmp_path_factory.mktemp("stack")
     addresses = {f"{s}:{p}": f"127.0.0.1:{_free_port()}" for s, p in (
         ("gateway-1", 8080), ("gateway-2", 8080), ("nginx", 8080), ("redis", 6379),
-        ("prometheus", 9090),
-        # Nothing listens there: Prometheus's alerts go nowhere (no Alertmanager in Debian's
-        # prometheus package); the test reads them from Prometheus itself.
-        ("alertmanager", 9093))}
+        ("prometheus", 9090), ("alertmanager", 9093))}
     gateway_env = {name: {k: str(v) for k, v in services[name]["environment"].items()}
                    for name in ("gateway-1", "gateway-2")}
     stack = Stack(work, addresses, gateway_env["gateway-1"]["GARAGE_AUTH_ADMIN_TOKEN"])
@@ -222,6 +223,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
             })
         wait_for("three rigs routable", lambda: sum(
             1 for n in stack.admin("GET", "/admin/nodes").json()["data"] if n["routable"]) == 3)
+
+        shutil.copytree(COMPOSE / "alertmanager", work / "alertmanager")
+        stack.start("alertmanager", [
+            tool("prometheus-alertmanager"),
+            f"--config.file={work / 'alertmanager' / 'alertmanager.yml'}",
+            f"--storage.path={work / 'alertmanager' / 'data'}",
+            f"--web.listen-address={addresses['alertmanager:9093']}",
+            # One Alertmanager: no gossip port to find free.
+            "--cluster.listen-address=",
+        ])
+        wait_for("alertmanager", lambda: _healthy(stack.url("alertmanager:9093"), "/-/ready"))
 
         prom = work / "prometheus"
         shutil.copytree(COMPOSE / "prometheus", prom)
@@ -392,10 +404,30 @@ def test_the_stack_serves_and_its_dashboards_and_alerts_see_it(stack: Stack):
         return any(a["labels"]["alertname"] == "GarageGatewayDown"
                    and a["labels"]["instance"] == gone and a["state"] == "firing" for a in alerts)
     wait_for("GarageGatewayDown firing for the stopped replica", gateway_down_firing)
+
+    def gateway_down_received():
+        alerts = httpx.get(stack.url("alertmanager:9093") + "/api/v2/alerts").json()
+        return any(a["labels"]["alertname"] == "GarageGatewayDown"
+                   and a["labels"]["instance"] == gone and a["labels"]["severity"] == "critical"
+                   for a in alerts)
+    wait_for("GarageGatewayDown received by Alertmanager", gateway_down_received)
     wait_for("three rigs routable on the remaining replica", lambda: sum(
         1 for n in stack.admin("GET", "/admin/nodes").json()["data"] if n["routable"]) == 3)
     with httpx.Client(timeout=30) as client:
         _chat(client, base, key, stream=True)
+
+    # A rig that hangs (SIGSTOP: its tunnel stays open, its heartbeats stop) ages past the
+    # heartbeat interval (5 s) while the others keep reporting.
+    hung = stack.procs["rig-1"][0]
+    node_of = {n["name"]: n["id"] for n in stack.admin("GET", "/admin/nodes").json()["data"]}
+    hung.send_signal(signal.SIGSTOP)
+    try:
+        ages = lambda: {s["metric"]["node"]: float(s["value"][1]) for s in stack.query(  # noqa: E731
+            "max by (node) (garage_rig_heartbeat_age_seconds)")["result"]}
+        wait_for("rig-1's heartbeat age past 10 s", lambda: ages().get(node_of["rig-1"], 0) > 10)
+        assert all(age < 10 for node, age in ages().items() if node != node_of["rig-1"]), ages()
+    finally:
+        hung.send_signal(signal.SIGCONT)
 
     # Every rig leaves: each model reads 0 healthy backends (it does not vanish) and
     # GarageNoHealthyRig is on its way (for: 2m).
