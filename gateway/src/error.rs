@@ -149,6 +149,14 @@ pub enum ApiError {
     /// The gateway's state store did not answer.
     #[error("The gateway's state store is unavailable; retry shortly.")]
     StoreDown,
+    /// A policy plugin the request needs faulted and the gateway fails closed (the rate
+    /// limiter, unless `rate_limiter_fail_open`).
+    #[error("{message}")]
+    PolicyUnavailable {
+        message: String,
+        /// Seconds, for the `retry-after` header.
+        retry_after_secs: u64,
+    },
     /// A backend took too long to answer.
     #[error("{0}")]
     GatewayTimeout(String),
@@ -189,7 +197,9 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            ApiError::Unavailable(_) | ApiError::StoreDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::StoreDown | ApiError::PolicyUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -212,6 +222,7 @@ impl ApiError {
             ApiError::BadGateway(_)
             | ApiError::Unavailable(_)
             | ApiError::StoreDown
+            | ApiError::PolicyUnavailable { .. }
             | ApiError::GatewayTimeout(_)
             | ApiError::Internal(_) => "server_error",
         }
@@ -237,6 +248,7 @@ impl ApiError {
             ApiError::Conflict(_) => Some("conflict"),
             ApiError::BadGateway(_) => Some("upstream_error"),
             ApiError::Unavailable(_) | ApiError::StoreDown => Some("no_backend_available"),
+            ApiError::PolicyUnavailable { .. } => Some("policy_unavailable"),
             ApiError::GatewayTimeout(_) => Some("upstream_timeout"),
             _ => None,
         }
@@ -274,12 +286,13 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// Where a failure came from (as Pingora's errors say): the client's request, a backend (an
-/// engine or a rig), the gateway's store, or the gateway itself.
+/// Where a failure came from (as Pingora's errors say): the client's request, a backend (a
+/// rig or a configured upstream), a policy plugin, the gateway's store, or the gateway itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
     Client,
     Backend,
+    Plugin,
     Store,
     Gateway,
 }
@@ -289,6 +302,7 @@ impl Origin {
         match self {
             Origin::Client => "client",
             Origin::Backend => "backend",
+            Origin::Plugin => "plugin",
             Origin::Store => "store",
             Origin::Gateway => "gateway",
         }
@@ -303,6 +317,7 @@ impl ApiError {
                 Origin::Backend
             }
             ApiError::StoreDown => Origin::Store,
+            ApiError::PolicyUnavailable { .. } => Origin::Plugin,
             ApiError::Internal(_) => Origin::Gateway,
             _ => Origin::Client,
         }
@@ -346,19 +361,29 @@ impl ApiError {
             X_SHOULD_RETRY,
             http::HeaderValue::from_static(if self.retryable() { "true" } else { "false" }),
         );
-        if let ApiError::TooManyRequests {
-            retry_after_secs,
-            headers,
-            ..
-        } = self
-        {
-            let map = response.headers_mut();
-            if let Some(secs) = retry_after_secs {
-                map.insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+        match self {
+            ApiError::TooManyRequests {
+                retry_after_secs,
+                headers,
+                ..
+            } => {
+                let map = response.headers_mut();
+                if let Some(secs) = retry_after_secs {
+                    map.insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+                }
+                for (name, value) in headers {
+                    map.insert(name, value);
+                }
             }
-            for (name, value) in headers {
-                map.insert(name, value);
+            ApiError::PolicyUnavailable {
+                retry_after_secs, ..
+            } => {
+                response.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from(retry_after_secs),
+                );
             }
+            _ => {}
         }
         response
     }
@@ -543,6 +568,14 @@ mod tests {
             (ApiError::BadGateway("x".into()), true, Origin::Backend),
             (ApiError::Unavailable("x".into()), true, Origin::Backend),
             (ApiError::StoreDown, true, Origin::Store),
+            (
+                ApiError::PolicyUnavailable {
+                    message: "x".into(),
+                    retry_after_secs: 1,
+                },
+                true,
+                Origin::Plugin,
+            ),
             (ApiError::Internal("x".into()), true, Origin::Gateway),
         ] {
             assert_eq!(error.retryable(), retry, "{error:?}");

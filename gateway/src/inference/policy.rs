@@ -369,7 +369,12 @@ pub async fn admit(
         reserved_tokens: facts.reserved_tokens(),
         key_metadata: serde_json::Value::Object(key.metadata.clone()).to_string(),
     };
-    let Some((decision, reservation)) = plugins.admit_reserving(&admission).await else {
+    let Some(plugins::LimiterAnswer {
+        decision,
+        reservation,
+        by_fallback,
+    }) = plugins.admit_reserving(&admission).await
+    else {
         return Ok(nothing());
     };
     let headers = rate_limit_headers(&decision.headers);
@@ -383,6 +388,14 @@ pub async fn admit(
     }
     if let Some(hold) = &hold {
         accounts.release(hold, request_id).await;
+    }
+    if by_fallback {
+        // The limiter faulted and the gateway fails closed: the policy's failure, not this
+        // key's limit (a 503 the SDKs retry, counted apart from the key's 429s).
+        return Err(ApiError::PolicyUnavailable {
+            message: decision.reason,
+            retry_after_secs: decision.retry_after_ms.div_ceil(1000).max(1),
+        });
     }
     let message = if decision.reason.is_empty() {
         "Rate limit reached for this key; retry later.".to_owned()

@@ -26,7 +26,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub use config::{Isolation, PluginFile, PluginsConfig, SlotLimits};
-pub use host::{PluginHost, Reservation};
+pub use host::{LimiterAnswer, PluginHost, Reservation};
 pub use metrics::PluginMetrics;
 pub use registry::{CanaryInfo, FaultCounts, SlotStatus, StoredVersion, VersionInfo};
 pub use state::kv_namespace;

@@ -551,10 +551,12 @@ async fn a_faulting_rate_limiter_fails_open_or_closed_by_config() {
         )
         .await
         .unwrap();
-        let decision = host.admit(&admission("r1", "{}")).await.unwrap();
-        assert_eq!(decision.allow, fail_open);
+        let answer = host.admit_reserving(&admission("r1", "{}")).await.unwrap();
+        assert_eq!(answer.decision.allow, fail_open);
+        assert!(answer.by_fallback, "the fallback decided");
+        assert!(answer.reservation.is_none(), "nothing to settle");
         if !fail_open {
-            assert!(decision.retry_after_ms > 0);
+            assert!(answer.decision.retry_after_ms > 0);
         }
     }
 }
@@ -615,7 +617,11 @@ async fn a_settlement_goes_to_the_version_that_admitted() {
     )
     .await
     .unwrap();
-    let (decision, reservation) = host
+    let garage_gateway::plugins::LimiterAnswer {
+        decision,
+        reservation,
+        ..
+    } = host
         .admit_reserving(&admission("held-1", "{}"))
         .await
         .unwrap();
@@ -1848,7 +1854,11 @@ async fn a_request_without_a_token_reservation_needs_no_settle() {
     )
     .await
     .unwrap();
-    let (decision, reservation) = host.admit_reserving(&admission("n1", "{}")).await.unwrap();
+    let garage_gateway::plugins::LimiterAnswer {
+        decision,
+        reservation,
+        ..
+    } = host.admit_reserving(&admission("n1", "{}")).await.unwrap();
     assert!(decision.allow);
     assert!(reservation.is_none(), "requests only: nothing to settle");
 
@@ -1860,7 +1870,11 @@ async fn a_request_without_a_token_reservation_needs_no_settle() {
     )
     .await
     .unwrap();
-    let (decision, reservation) = host.admit_reserving(&admission("n2", "{}")).await.unwrap();
+    let garage_gateway::plugins::LimiterAnswer {
+        decision,
+        reservation,
+        ..
+    } = host.admit_reserving(&admission("n2", "{}")).await.unwrap();
     assert!(decision.allow);
     assert!(reservation.is_some(), "tokens reserved: settle them");
 }

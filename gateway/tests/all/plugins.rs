@@ -327,6 +327,51 @@ async fn hostile_components_are_contained_at_run_time() {
     );
 }
 
+/// A rate limiter that faults refuses requests (fails closed) with a 503 from the plugin, not
+/// the key's 429: `policy_unavailable`, retried by the SDKs after `retry-after`, and logged as
+/// the plugin's failure; with `rate_limiter_fail_open` they pass.
+#[tokio::test]
+async fn a_faulting_rate_limiter_is_a_503_from_the_plugin_not_the_keys_limit() {
+    let engine = fast_sim().await;
+    for fail_open in [false, true] {
+        let mut cfg = with_defaults(vec![upstream("a", engine.base_url())]);
+        cfg.plugins.trial_at_upload = false;
+        cfg.plugins.fault_threshold = 1000;
+        cfg.plugins.rate_limiter_fail_open = fail_open;
+        let gw = gateway(cfg).await;
+        let base = gw.url();
+        let (_, key) = create_key(&base, json!({"name": "t"})).await;
+        // The limiter traps on an invalid config (its documented behaviour).
+        let query = config_query(json!({"rpm": "x"}));
+        let (status, body) =
+            upload_plugin(&base, "rate-limiter", garage_plugins::RATE_LIMITER, &query).await;
+        assert_eq!(status, 200, "{body}");
+        let response = client()
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&chat(false))
+            .send()
+            .await
+            .unwrap();
+        if fail_open {
+            assert_eq!(response.status(), 200);
+            continue;
+        }
+        assert_eq!(response.status(), 503);
+        assert_eq!(response.headers()["retry-after"], "1");
+        assert_eq!(response.headers()["x-should-retry"], "true");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "policy_unavailable", "{body}");
+        assert_eq!(body["error"]["type"], "server_error", "{body}");
+        assert!(
+            metrics_text(&base).await.contains(&format!(
+                "garage_requests_total{{model=\"{MODEL}\",route=\"chat_completions\",status=\"503\"}} 1"
+            )),
+            "the refusal is counted"
+        );
+    }
+}
+
 #[tokio::test]
 async fn rollback_activation_by_hash_canary_and_promotion() {
     let engine = fast_sim().await;
@@ -435,20 +480,43 @@ async fn rewards_in_rust_python_and_javascript_pay_the_rig_operator() {
             .as_f64()
             .unwrap_or(0.0)
     };
-    // The Rust one (0.4.0) pays only verified, gateway-counted work unless told otherwise: the
-    // rig is new and no tokenizer is configured. The Python and JavaScript ones (0.2.0) see
-    // neither.
+    // All three pay only verified, gateway-counted work unless told otherwise (the Python and
+    // JavaScript ones are written against 0.5.0 with plugin-sdk's libraries): the rig is new
+    // and no tokenizer is configured, so with their default config a request earns nothing.
     let pays_everyone =
         config_query(json!({"verified_only": false, "gateway_counted_only": false}));
-    let plugins: [(&str, Vec<u8>, &str); 3] = [
-        ("rust", garage_plugins::REWARD.to_vec(), &pays_everyone),
-        ("python", polyglot("reward-python.wasm"), ""),
-        ("javascript", polyglot("reward-js.wasm"), ""),
+    let plugins: [(&str, Vec<u8>); 3] = [
+        ("rust", garage_plugins::REWARD.to_vec()),
+        ("python", polyglot("reward-python.wasm")),
+        ("javascript", polyglot("reward-js.wasm")),
     ];
-    for (language, wasm, query) in plugins {
-        let (status, body) = upload_plugin(&base, "reward", &wasm, query).await;
+    for (language, wasm) in plugins {
+        let (status, body) = upload_plugin(&base, "reward", &wasm, "").await;
         assert_eq!(status, 200, "{language}: {body}");
         let before = points().await;
+        let response = client()
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&chat(false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let id = response.headers()["x-request-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        // The entry is written once the meter and the reward saw the request.
+        let entry = ledger_entry(&base, &id).await;
+        assert_eq!(
+            entry["outcome"]["awards"],
+            json!([]),
+            "{language}: unverified work paid: {entry}"
+        );
+        assert_eq!(points().await, before, "{language}");
+
+        let (status, body) = upload_plugin(&base, "reward", &wasm, &pays_everyone).await;
+        assert_eq!(status, 200, "{language}: {body}");
         assert_eq!(post_chat(&base, &key, &chat(false)).await.0, 200);
         wait_until(
             Duration::from_secs(20),

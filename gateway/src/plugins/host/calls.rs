@@ -37,16 +37,13 @@ impl PluginHost {
     pub async fn admit(&self, admission: &Admission) -> Option<Decision> {
         self.admit_reserving(admission)
             .await
-            .map(|(decision, _)| decision)
+            .map(|admitted| admitted.decision)
     }
 
     /// [`admit`](Self::admit), with the version of the limiter that allowed the request: its
     /// settlement goes to that version ([`settle_with`](Self::settle_with)), whatever was
     /// promoted or rolled back meanwhile. No reservation when the fallback decided.
-    pub async fn admit_reserving(
-        &self,
-        admission: &Admission,
-    ) -> Option<(Decision, Option<Reservation>)> {
+    pub async fn admit_reserving(&self, admission: &Admission) -> Option<LimiterAnswer> {
         let pick = Pick::Hash(&admission.request_id);
         let (plugin, answer) = self
             .call(Slot::RateLimiter, pick, Call::Admit(admission))
@@ -60,9 +57,17 @@ impl PluginHost {
             // A limiter of 0.3.0 may say that the request reserved nothing to settle.
             Ok((decision, settle)) => {
                 let reservation = (decision.allow && settle).then(|| Reservation(plugin));
-                (decision, reservation)
+                LimiterAnswer {
+                    decision,
+                    reservation,
+                    by_fallback: false,
+                }
             }
-            Err(_) => (self.fallback_decision(), None),
+            Err(_) => LimiterAnswer {
+                decision: self.fallback_decision(),
+                reservation: None,
+                by_fallback: true,
+            },
         })
     }
 
@@ -674,6 +679,16 @@ impl Pick<'_> {
             Pick::Random => rand::random_range(0..100),
         }
     }
+}
+
+/// The rate limiter's answer about one request ([`PluginHost::admit_reserving`]).
+pub struct LimiterAnswer {
+    pub decision: Decision,
+    /// The version that allowed it, for its settlement; none when nothing is to be settled.
+    pub reservation: Option<Reservation>,
+    /// The limiter faulted and `rate_limiter_fail_open` decided: a refusal then is the
+    /// plugin's failure, not the key's limit.
+    pub by_fallback: bool,
 }
 
 /// The rate limiter version that admitted a request (see [`PluginHost::admit_reserving`]).

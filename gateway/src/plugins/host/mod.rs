@@ -9,7 +9,7 @@ mod checks;
 mod sync;
 
 pub(crate) use calls::QuoteCache;
-pub use calls::Reservation;
+pub use calls::{LimiterAnswer, Reservation};
 use checks::*;
 
 use std::collections::HashMap;
