@@ -463,6 +463,27 @@ impl NodeConfig {
             .collect()
     }
 
+    /// How `run` starts the agent for this config (`setup` and `doctor` start it the same way).
+    pub fn agent_options(&self) -> Result<crate::agent::AgentOptions, crate::agent::CaFileError> {
+        let http = self
+            .gateway_ca_file
+            .as_deref()
+            .map(crate::agent::http_client_trusting)
+            .transpose()?;
+        Ok(crate::agent::AgentOptions {
+            gateway_url: self.gateways().join(","),
+            name: self.node_name(),
+            enrollment_token: self.enrollment_token.clone(),
+            state_file: Some(self.state_file.clone()),
+            heartbeat_interval: self.heartbeat_interval_secs.map(Duration::from_secs),
+            drain_timeout: Duration::from_secs(self.drain_timeout_secs),
+            http,
+            probe_gpus: true,
+            batch: self.batch.options(),
+            labels: self.labels.clone(),
+        })
+    }
+
     /// The rig's name: the configured one, else the hostname.
     pub fn node_name(&self) -> String {
         self.name.clone().unwrap_or_else(hostname)

@@ -4,9 +4,13 @@
 
 pub mod agent;
 pub mod batch;
+pub mod catalogue;
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod engines;
 pub mod gateways;
 pub mod gpu;
+pub mod probe;
 pub mod receipts;
+pub mod setup;

@@ -48,7 +48,8 @@ pub fn container_name(engine: &EngineConfig) -> String {
 /// `Cmd` holds `vllm serve` arguments: the official `vllm/vllm-openai` image's entrypoint is
 /// `vllm serve` (older tags: `python3 -m vllm.entrypoints.openai.api_server`; both take the
 /// same flags, and `--model` works with both where a positional model works only with the
-/// former).
+/// former). An engine pinned to several GPUs gets `--tensor-parallel-size` (see
+/// [`super::vllm::tensor_parallel_args`]).
 pub fn container_spec(engine: &EngineConfig, docker: &DockerDriver) -> ContainerCreateBody {
     let port = engine.port.to_string();
     let port_key = format!("{port}/tcp");
@@ -68,6 +69,11 @@ pub fn container_spec(engine: &EngineConfig, docker: &DockerDriver) -> Container
         "0.0.0.0".to_owned(),
     ]);
     cmd.extend(docker.args.iter().cloned());
+    // Several pinned GPUs: the model is split across them unless the owner said otherwise.
+    cmd.extend(super::vllm::tensor_parallel_args(
+        &engine.gpus,
+        &docker.args,
+    ));
 
     let mut env: Vec<String> = docker.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     if !docker.env.contains_key("HF_HOME") {

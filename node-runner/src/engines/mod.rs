@@ -12,6 +12,7 @@ mod output;
 mod process;
 mod simulated;
 mod supervisor;
+pub mod vllm;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

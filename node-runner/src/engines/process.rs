@@ -113,9 +113,15 @@ impl ProcessEngine {
             .iter()
             .map(|arg| arg.replace(PORT_PLACEHOLDER, &port));
         let program = args.next().unwrap_or_default();
+        // `vllm serve` on several GPUs splits the model across them unless told otherwise.
+        let parallel = if super::vllm::is_vllm_serve(&driver.command) {
+            super::vllm::tensor_parallel_args(&config.gpus, &driver.command)
+        } else {
+            Vec::new()
+        };
         let mut command = Command::new(&program);
         command
-            .args(args)
+            .args(args.chain(parallel))
             .envs(
                 driver
                     .env
