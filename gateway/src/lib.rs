@@ -7,8 +7,8 @@
 //! A folder per concept, and dependencies that run one way (a test below keeps them so):
 //!
 //! 1. [`config`] and [`store`] (with [`store::keyspace`], every name kept in the store) depend
-//!    on nothing else here; [`metrics`], [`request_id`] and [`error`] (the one place errors
-//!    become OpenAI's shape) only on those.
+//!    on nothing else here; [`metrics`], [`request_id`], [`error`] (the one place errors
+//!    become OpenAI's shape) and [`telemetry`] (traces) only on those.
 //! 2. [`plugins`] (the policy host), [`upstream`] (connections to engines) and [`keys`] (API
 //!    keys) build on them; [`cluster`] (connections to the other replicas) on [`upstream`];
 //!    [`backends`] on [`upstream`], [`cluster`] and [`plugins`]; [`ledger`] (usage, billing,
@@ -41,6 +41,7 @@ pub mod request_id;
 pub mod server;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 pub mod upstream;
 pub mod webhooks;
 

@@ -43,6 +43,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Tokenizer(#[from] crate::ledger::tokens::TokenizerError),
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::TelemetryError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -217,6 +219,11 @@ impl Gateway {
             tracing::warn!("limiter settlements still running at shutdown; abandoned");
         }
         self.state.plugins().shutdown();
+        // The last requests' spans go out (bounded: the collector may be what is down).
+        self.state
+            .telemetry()
+            .shutdown(Duration::from_secs(5))
+            .await;
         for task in self.background {
             task.abort();
         }
@@ -375,7 +382,9 @@ pub async fn assemble(config: Config) -> Result<Assembled, StartError> {
         )
         .emitting_to(webhooks.clone()),
     );
+    let telemetry = crate::telemetry::Telemetry::start(&config.telemetry)?;
     let state = AppState::new(Parts {
+        telemetry,
         tokenizers,
         config,
         store: store.clone(),

@@ -38,6 +38,8 @@ pub struct Parts {
     pub metrics: Metrics,
     /// Webhook endpoints and the events for them (`webhooks().emit(…)`).
     pub webhooks: Arc<Webhooks>,
+    /// Traces of the request path (off unless configured).
+    pub telemetry: crate::telemetry::Telemetry,
     pub admin_token: String,
     /// Unix seconds when this gateway started (the `created` of models it lists).
     pub started_at: u64,
@@ -95,6 +97,9 @@ impl AppState {
     }
     pub fn webhooks(&self) -> &Arc<Webhooks> {
         &self.0.parts.webhooks
+    }
+    pub fn telemetry(&self) -> &crate::telemetry::Telemetry {
+        &self.0.parts.telemetry
     }
     pub fn admin_token(&self) -> &str {
         &self.0.parts.admin_token

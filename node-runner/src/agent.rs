@@ -848,9 +848,13 @@ async fn serve(shared: &Shared, request: http::Request<Incoming>) -> http::Respo
         .local
         .request(parts.method, format!("{base}{path}"))
         .body(body);
+    // W3C Trace Context passes to the engine as it came: the gateway's dispatch span is the
+    // parent of the engine's own (vLLM's --otlp-traces-endpoint).
     for name in [
         http::header::CONTENT_TYPE,
         http::HeaderName::from_static("x-request-id"),
+        http::HeaderName::from_static("traceparent"),
+        http::HeaderName::from_static("tracestate"),
     ] {
         if let Some(value) = parts.headers.get(&name) {
             forward = forward.header(name, value);

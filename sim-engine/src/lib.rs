@@ -17,6 +17,7 @@ mod responses;
 mod scoring;
 mod state;
 mod synth;
+mod traces;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -69,6 +70,10 @@ pub struct SimConfig {
     /// Seeds this engine's [`SimConfig::logprob_noise`]: engines with the same id deviate
     /// alike. `None` draws one at start, so each engine deviates its own way.
     pub engine_id: Option<String>,
+    /// Export a span per inference request to this OTLP/HTTP traces URL
+    /// (`http://HOST:4318/v1/traces`), as a child of the request's `traceparent`, as vLLM's
+    /// `--otlp-traces-endpoint` does. `None`: no spans, and no cost.
+    pub otlp_traces_endpoint: Option<String>,
 }
 
 impl Default for SimConfig {
@@ -84,6 +89,7 @@ impl Default for SimConfig {
             api_key: None,
             logprob_noise: 0.0,
             engine_id: None,
+            otlp_traces_endpoint: None,
         }
     }
 }
@@ -119,6 +125,8 @@ pub struct SimEngine {
     scheme: &'static str,
     state: SimState,
     task: Option<JoinHandle<std::io::Result<()>>>,
+    /// The exporter of the engine's spans, when it makes any.
+    traces: Option<traces::Traces>,
 }
 
 impl SimEngine {
@@ -139,14 +147,16 @@ impl SimEngine {
     /// Serves plain HTTP on a Unix domain socket at `path` (vLLM's `--uds`), made anew: a file
     /// already there is an error (the bind fails). The socket file is removed on shutdown.
     pub async fn start_unix(path: &Path, config: SimConfig) -> std::io::Result<SimEngine> {
+        let traces = start_traces(&config)?;
         let listener = UnixListener::bind(path)?;
         let state = SimState::new(config);
-        let task = spawn_server(listener, &state);
+        let task = spawn_server(listener, &state, traces.as_ref());
         Ok(SimEngine {
             bound: Bound::Unix(path.to_owned()),
             scheme: "http",
             state,
             task: Some(task),
+            traces,
         })
     }
 
@@ -155,6 +165,7 @@ impl SimEngine {
         config: SimConfig,
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> std::io::Result<SimEngine> {
+        let traces = start_traces(&config)?;
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = SimState::new(config);
@@ -166,14 +177,20 @@ impl SimEngine {
                     let _ = tcp.set_nodelay(true);
                 }),
                 &state,
+                traces.as_ref(),
             ),
-            Some(tls) => spawn_server(garage_tls::TlsListener::new(listener, tls)?, &state),
+            Some(tls) => spawn_server(
+                garage_tls::TlsListener::new(listener, tls)?,
+                &state,
+                traces.as_ref(),
+            ),
         };
         Ok(SimEngine {
             bound: Bound::Tcp(addr),
             scheme: if tls_on { "https" } else { "http" },
             state,
             task: Some(task),
+            traces,
         })
     }
 
@@ -243,17 +260,42 @@ impl SimEngine {
         if let Bound::Unix(path) = &self.bound {
             let _ = std::fs::remove_file(path);
         }
+        // The last requests' spans go out.
+        if let Some(traces) = self.traces.take() {
+            traces.shutdown().await;
+        }
     }
 }
 
+/// The span exporter `config` asks for, if any.
+fn start_traces(config: &SimConfig) -> std::io::Result<Option<traces::Traces>> {
+    config
+        .otlp_traces_endpoint
+        .as_deref()
+        .map(traces::Traces::start)
+        .transpose()
+}
+
 /// Serves the engine's API on `listener` until `state` is shut down.
-fn spawn_server<L>(listener: L, state: &SimState) -> JoinHandle<std::io::Result<()>>
+fn spawn_server<L>(
+    listener: L,
+    state: &SimState,
+    traces: Option<&traces::Traces>,
+) -> JoinHandle<std::io::Result<()>>
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
     let shutdown = state.shutdown_token().cancelled_owned();
     let app = router(state.clone());
+    // Only when asked for: an engine without traces pays for no layer.
+    let app = match traces {
+        Some(traces) => app.layer(axum::middleware::from_fn_with_state(
+            traces.tracer(),
+            traces::trace_request,
+        )),
+        None => app,
+    };
     tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)

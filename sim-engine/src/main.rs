@@ -75,6 +75,10 @@ struct Args {
     /// Serve plain HTTP on this Unix domain socket instead of --listen (vLLM's --uds).
     #[arg(long, conflicts_with_all = ["listen", "ssl_certfile"])]
     uds: Option<PathBuf>,
+    /// Export a span per request (a child of its traceparent) to this OTLP/HTTP traces URL,
+    /// e.g. http://127.0.0.1:4318/v1/traces (vLLM's --otlp-traces-endpoint).
+    #[arg(long, value_name = "URL")]
+    otlp_traces_endpoint: Option<String>,
 }
 
 fn non_negative(text: &str) -> Result<f64, String> {
@@ -125,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
         api_key: args.api_key,
         logprob_noise: args.logprob_noise,
         engine_id: args.engine_id,
+        otlp_traces_endpoint: args.otlp_traces_endpoint,
     };
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

@@ -496,6 +496,7 @@ impl Backend {
         path: &str,
         body: Bytes,
         request_id: Option<&http::HeaderValue>,
+        trace: Option<&crate::telemetry::TraceHeaders>,
     ) -> Result<UpstreamResponse, SendError> {
         let request = |body: Bytes,
                        uri: Result<http::Uri, http::uri::InvalidUri>,
@@ -522,6 +523,9 @@ impl Backend {
                     headers.insert(name, value.clone());
                 }
             }
+            if let Some(trace) = trace {
+                trace.apply(headers);
+            }
             Ok(request)
         };
         match &self.transport {
@@ -546,7 +550,9 @@ impl Backend {
                 let request = request(body, TUNNEL_ENDPOINTS.uri(path), None, None)?;
                 send_tunnel(sender.clone(), request).await
             }
-            Transport::Peer { peer, node } => peer.forward(node, path, body, request_id).await,
+            Transport::Peer { peer, node } => {
+                peer.forward(node, path, body, request_id, trace).await
+            }
         }
     }
 

@@ -93,8 +93,15 @@ async fn forward(
     let request_id = headers
         .get(crate::cluster::REQUEST_ID_HEADER)
         .or_else(|| headers.get(crate::request_id::X_REQUEST_ID));
+    // The forwarding replica's dispatch span is the rig's parent: passed on as it came.
+    let trace = headers
+        .get(crate::telemetry::TRACEPARENT)
+        .map(|traceparent| crate::telemetry::TraceHeaders {
+            traceparent: traceparent.clone(),
+            tracestate: headers.get(crate::telemetry::TRACESTATE).cloned(),
+        });
     let response = backend
-        .post(&path, body, request_id)
+        .post(&path, body, request_id, trace.as_ref())
         .await
         .map_err(|err| ApiError::BadGateway(format!("The rig `{node}`: {err}")))?;
     let (mut parts, body) = response.into_parts();

@@ -100,6 +100,7 @@ impl Peer {
         path: &str,
         body: Bytes,
         request_id: Option<&http::HeaderValue>,
+        trace: Option<&crate::telemetry::TraceHeaders>,
     ) -> Result<UpstreamResponse, SendError> {
         let uri = http::Uri::try_from(format!(
             "http://{}{}{node}/v1{path}",
@@ -119,6 +120,9 @@ impl Peer {
         if let Some(id) = request_id {
             headers.insert(crate::request_id::X_REQUEST_ID, id.clone());
             headers.insert(super::REQUEST_ID_HEADER, id.clone());
+        }
+        if let Some(trace) = trace {
+            trace.apply(headers);
         }
         let sender = self.sender().await?;
         let response = send_tunnel(sender, request).await?;

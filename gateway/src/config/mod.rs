@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod telemetry;
+
 /// Prefix of every environment variable that overrides a config field.
 pub const ENV_PREFIX: &str = "GARAGE_";
 
@@ -66,6 +68,12 @@ pub const ENV_FIELDS: &[&str] = &[
     "webhooks.timeout_ms",
     "webhooks.poll_interval_ms",
     "webhooks.export_retention_days",
+    "telemetry.otlp_endpoint",
+    "telemetry.service_name",
+    "telemetry.sampling_ratio",
+    "telemetry.max_queued_spans",
+    "telemetry.export_delay_ms",
+    "telemetry.export_timeout_ms",
     "batch.max_file_bytes",
     "batch.max_files_per_key",
     "batch.max_file_bytes_per_key",
@@ -173,6 +181,9 @@ pub struct Config {
     pub accounts: crate::accounts::config::AccountsConfig,
     /// Webhook deliveries (attempts, backoff, timeout) and the usage export's retention.
     pub webhooks: crate::webhooks::config::WebhooksConfig,
+    /// OpenTelemetry traces of the request path, exported with OTLP/HTTP; off unless a
+    /// collector is named (docs/tracing.md).
+    pub telemetry: telemetry::TelemetryConfig,
     /// The Batch API: files, queues and leases.
     pub batch: BatchConfig,
     /// Install the default policy plugins into slots that were never configured (least-loaded
@@ -547,6 +558,7 @@ impl Default for Config {
             usage: UsageConfig::default(),
             accounts: Default::default(),
             webhooks: Default::default(),
+            telemetry: Default::default(),
             batch: BatchConfig::default(),
             default_plugins: true,
             plugins: crate::plugins::config::PluginsConfig::default(),
@@ -635,7 +647,12 @@ impl Config {
             None => toml::Table::new(),
         };
         let mut report = LoadReport::default();
+        let mut otel_endpoint = None;
         for (name, raw) in env {
+            if name == telemetry::OTEL_EXPORTER_OTLP_ENDPOINT {
+                otel_endpoint = Some(raw);
+                continue;
+            }
             let Some(suffix) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
@@ -648,8 +665,9 @@ impl Config {
             };
             set_path(&mut table, path, parse_env_value(&raw));
         }
-        let config: Config = Config::deserialize(toml::Value::Table(table))
+        let mut config: Config = Config::deserialize(toml::Value::Table(table))
             .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.telemetry.adopt_standard_endpoint(otel_endpoint);
         config.validate()?;
         Ok((config, report))
     }
@@ -782,6 +800,9 @@ impl Config {
             ));
         }
         if let Some(problem) = self.accounts.problem() {
+            return invalid(problem);
+        }
+        if let Err(problem) = self.telemetry.validate() {
             return invalid(problem);
         }
         if let Some(problem) = self.webhooks.problem() {

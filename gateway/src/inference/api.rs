@@ -19,6 +19,7 @@ use crate::ledger::billing::{RequestBounds, TextKind};
 use crate::request_id::X_REQUEST_ID;
 use crate::state::AppState;
 use crate::store::ApiKeyRecord;
+use crate::telemetry::KeyValue;
 
 /// The inference endpoints; they differ in path, required input field, and how a stream
 /// reports its usage.
@@ -462,13 +463,16 @@ async fn proxy(
 ) -> Result<Response, ApiError> {
     // Set by `RequestIdLayer` on every request.
     let request_id = request.headers().get(X_REQUEST_ID).cloned();
+    let mut ctx = RequestCtx::new(endpoint.route(), endpoint.path(), request_id);
+    ctx.trace = state.telemetry().request(
+        request.headers(),
+        endpoint.route(),
+        endpoint.path(),
+        ctx.request_id.as_ref(),
+    );
     let mut unforwarded = Unforwarded {
         state: &state,
-        ctx: Some(RequestCtx::new(
-            endpoint.route(),
-            endpoint.path(),
-            request_id,
-        )),
+        ctx: Some(ctx),
         status: None,
     };
     let headers = std::mem::take(request.headers_mut());
@@ -516,11 +520,15 @@ async fn admit_and_forward(
     // ---- admit
     ctx.error_shape = endpoint.error_shape();
     ctx.charged = endpoint.charged();
+    let trace = ctx.trace.as_deref();
+    let admission = trace.and_then(|trace| trace.phase("admission"));
+    let auth = admission.as_ref().map(|span| span.child("auth"));
     let key = if endpoint.is_anthropic() {
         state.auth().authenticate_anthropic(headers).await?
     } else {
         state.auth().authenticate(headers).await?
     };
+    drop(auth);
     ctx.key = Some(Arc::clone(&key));
     let body = read_body(request.into_body(), state.config().max_body_bytes).await?;
     let admitted = parse(endpoint, &body)?;
@@ -546,6 +554,15 @@ async fn admit_and_forward(
         choices: admitted.choices,
         text: endpoint.text_kind(admitted.stream),
     };
+    if let Some(trace) = trace {
+        trace.set(KeyValue::new(
+            "gen_ai.request.model",
+            admitted.model.clone(),
+        ));
+        trace.set(KeyValue::new("garage.stream", admitted.stream));
+        trace.set(KeyValue::new("garage.key_id", key.id.clone()));
+    }
+    let limiter = admission.as_ref().map(|span| span.child("limiter"));
     let policy::Admitted {
         headers: rate_limit_headers,
         reservation,
@@ -564,11 +581,14 @@ async fn admit_and_forward(
         crate::accounts::HoldFor::of(&key, &ctx.bounds, &body),
     )
     .await?;
+    drop(limiter);
+    drop(admission);
     ctx.hold = hold;
     ctx.reserved_tokens = admitted.facts.reserved_tokens();
     ctx.reservation = reservation;
     ctx.price = price;
     // ---- route
+    let route = trace.and_then(|trace| trace.phase("route"));
     let candidates = policy::order(
         state.plugins(),
         &key.id,
@@ -578,6 +598,10 @@ async fn admit_and_forward(
         candidates,
     )
     .await;
+    if let Some(route) = &route {
+        route.set(KeyValue::new("garage.candidates", candidates.len() as i64));
+    }
+    drop(route);
     ctx.hide_usage_chunk =
         admitted.stream && endpoint.usage_on_request() && !admitted.client_wants_usage;
     ctx.body = if ctx.hide_usage_chunk {

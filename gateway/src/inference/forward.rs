@@ -27,6 +27,7 @@ use crate::nodes::receipts::{Answer, Served};
 use crate::nodes::trust::CheckKind;
 use crate::state::AppState;
 use crate::store::ApiKeyRecord;
+use crate::telemetry::{KeyValue, Phase, RequestTrace, Served as TraceServed};
 use crate::upstream::{UpstreamBody, UpstreamResponse};
 
 /// One request on the inference path, from its arrival to its end: what each phase learned of
@@ -73,6 +74,9 @@ pub struct RequestCtx {
     pub price: Option<crate::plugins::Price>,
     /// What the key's account holds for the request: released if it ends without usage.
     pub hold: Option<crate::accounts::Hold>,
+    /// The request's trace: its spans when traces are on, or a client's `traceparent` to pass
+    /// on when they are off; `None` otherwise (boxed: most requests have none).
+    pub trace: Option<Box<RequestTrace>>,
 }
 
 impl RequestCtx {
@@ -100,6 +104,7 @@ impl RequestCtx {
             charged: true,
             price: None,
             hold: None,
+            trace: None,
         }
     }
 
@@ -175,6 +180,12 @@ pub async fn forward(
             return Err(err);
         }
     };
+    // From the answer's head to its end (the first token and the end of a stream as events).
+    let response_span = abandoned
+        .out()
+        .trace
+        .as_deref()
+        .and_then(|trace| trace.phase("response"));
     let is_event_stream = response
         .headers()
         .get(header::CONTENT_TYPE)
@@ -182,9 +193,20 @@ pub async fn forward(
     if abandoned.out().stream && response.status().is_success() && is_event_stream {
         // From here the stream's body ends the request, however it ends.
         let out = abandoned.disarm();
-        return Ok(stream_response(state, backend, in_flight, response, out));
+        return Ok(stream_response(
+            state,
+            backend,
+            in_flight,
+            response,
+            out,
+            response_span,
+        ));
     }
     let result = whole_response(state, backend, response, abandoned.out()).await;
+    if let (Some(span), Err(err)) = (&response_span, &result) {
+        span.fail(err.to_string());
+    }
+    drop(response_span);
     let out = abandoned.disarm();
     match result {
         Ok((response, outcome)) => {
@@ -274,8 +296,33 @@ async fn send<'a>(
     for (index, backend) in candidates.iter().take(dispatch.max_attempts).enumerate() {
         trying.store(index, Ordering::Relaxed);
         let in_flight = backend.track();
-        let send = backend.post(out.path, out.body.clone(), out.request_id.as_ref());
-        let response = match tokio::time::timeout(dispatch.first_byte_timeout(), send).await {
+        let (span, trace) = match out.trace.as_deref() {
+            Some(trace) => {
+                let rig = backend.rig.as_ref().map(|rig| rig.node_id.as_str());
+                let (span, headers) = trace.dispatch(&backend.id, rig);
+                (span, Some(headers))
+            }
+            None => (None, None),
+        };
+        let send = backend.post(
+            out.path,
+            out.body.clone(),
+            out.request_id.as_ref(),
+            trace.as_ref(),
+        );
+        let sent = tokio::time::timeout(dispatch.first_byte_timeout(), send).await;
+        if let Some(span) = &span {
+            match &sent {
+                Err(_) => span.fail("no answer within dispatch.first_byte_timeout_secs".into()),
+                Ok(Err(err)) => span.fail(err.to_string()),
+                Ok(Ok(response)) => span.set(KeyValue::new(
+                    "http.response.status_code",
+                    i64::from(response.status().as_u16()),
+                )),
+            }
+        }
+        drop(span);
+        let response = match sent {
             // The backend may still be working on it: retrying elsewhere would double the load
             // of a slow request, so a timeout ends the attempt.
             Err(_) => {
@@ -732,6 +779,9 @@ pub fn finish(state: &AppState, ctx: &RequestCtx, outcome: Outcome<'_>) {
     }
     let (backend, reported, output, counted_completion, ttft, answer, accounted) = match outcome {
         Outcome::Failed(_) | Outcome::Refused(_) => {
+            if let Some(trace) = &ctx.trace {
+                trace.end(status, None);
+            }
             settle(state, ctx, 0);
             if let Some(hold) = &ctx.hold {
                 crate::accounts::holds::release_later(state.accounts(), hold, ctx.request_id());
@@ -781,6 +831,17 @@ pub fn finish(state: &AppState, ctx: &RequestCtx, outcome: Outcome<'_>) {
     }
     if reported.is_some() {
         backend.observe(ttft, total.saturating_sub(ttft), usage.completion_tokens);
+    }
+    if let Some(trace) = &ctx.trace {
+        trace.end(
+            status,
+            Some(TraceServed {
+                backend: &backend.id,
+                rig: backend.rig.as_ref().map(|rig| rig.node_id.as_str()),
+                input_tokens: usage.prompt_tokens,
+                output_tokens: usage.completion_tokens,
+            }),
+        );
     }
     let event = usage_event(ctx, backend, usage, counted, ttft, total);
     if let Some(rig) = &backend.rig {
@@ -837,6 +898,7 @@ fn stream_response(
     in_flight: InFlight,
     response: UpstreamResponse,
     out: RequestCtx,
+    response_span: Option<Phase>,
 ) -> Response {
     let generated = state.tokenizers().get(&out.model).map(|_| String::new());
     let status = response.status();
@@ -858,6 +920,7 @@ fn stream_response(
         yielded: 0,
         done: false,
         accounted: None,
+        response_span,
         _in_flight: in_flight,
     };
     Response::builder()
@@ -903,6 +966,8 @@ struct MeteredBody {
     done: bool,
     /// What the request is billed, once the stream's last usage report carried its cost.
     accounted: Option<Box<Accounted>>,
+    /// The trace's `response` span, ended with the stream.
+    response_span: Option<Phase>,
     _in_flight: InFlight,
 }
 
@@ -989,6 +1054,9 @@ impl MeteredBody {
                 {
                     let ttft = self.out.started.elapsed();
                     self.first_chunk_at = Some(ttft);
+                    if let Some(span) = &self.response_span {
+                        span.event("first_token");
+                    }
                     if let Some(series) = &self.out.series {
                         series.time_to_first_token.observe(ttft.as_secs_f64());
                     }
@@ -1171,6 +1239,22 @@ impl MeteredBody {
             (Some(None), Some(hasher)) => Some(answer_of(hasher, self.status, self.receipt.take())),
             _ => None,
         };
+        if let Some(span) = self.response_span.take() {
+            let end = match &self.terminal {
+                Some(None) => "done",
+                Some(Some(_)) => "broken",
+                None => "client_gone",
+            };
+            span.set(KeyValue::new("garage.stream.end", end));
+            span.set(KeyValue::new(
+                "garage.time_to_first_token_ms",
+                ttft.as_millis() as i64,
+            ));
+            if let Some(Some(err)) = &self.terminal {
+                span.fail(format!("the backend's stream broke off: {err}"));
+            }
+            span.event("end_of_stream");
+        }
         finish(
             &self.state,
             &self.out,

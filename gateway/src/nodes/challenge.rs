@@ -219,7 +219,7 @@ async fn ask(backend: &Backend, body: Bytes, timeout: Duration) -> Result<Vec<St
     let request_id = crate::request_id::mint();
     let send = async {
         let response = backend
-            .post("/chat/completions", body, Some(&request_id))
+            .post("/chat/completions", body, Some(&request_id), None)
             .await
             .map_err(|e| e.to_string())?;
         let status = response.status();

@@ -34,6 +34,7 @@ mod scale;
 mod signals;
 mod store_suite;
 mod tls_upstream;
+mod traces;
 mod trust;
 mod upstream;
 mod usage;
