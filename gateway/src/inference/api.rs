@@ -682,7 +682,7 @@ async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiErr
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 502, description = "Backends failed", body = ErrorBody),
-        (status = 503, description = "No healthy backend", body = ErrorBody),
+        (status = 503, description = "No healthy backend or the store is down (`no_backend_available`), or the rate limiter faulted and fails closed (`policy_unavailable`, with `retry-after`)", body = ErrorBody),
         (status = 504, description = "Backend timed out", body = ErrorBody),
     ),
     security(("api_key" = []))
@@ -706,7 +706,7 @@ pub async fn chat_completions(
         (status = 429, description = "Rate limited (`rate_limit_exceeded`), or out of credits or budget (`insufficient_quota`, with `retry-after` when a period resets)", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 502, description = "Backends failed", body = ErrorBody),
-        (status = 503, description = "No healthy backend", body = ErrorBody),
+        (status = 503, description = "No healthy backend or the store is down (`no_backend_available`), or the rate limiter faulted and fails closed (`policy_unavailable`, with `retry-after`)", body = ErrorBody),
     ),
     security(("api_key" = []))
 )]
@@ -729,7 +729,7 @@ pub async fn completions(
         (status = 429, description = "Rate limited (`rate_limit_exceeded`), or out of credits or budget (`insufficient_quota`, with `retry-after` when a period resets)", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 502, description = "Backends failed", body = ErrorBody),
-        (status = 503, description = "No healthy backend", body = ErrorBody),
+        (status = 503, description = "No healthy backend or the store is down (`no_backend_available`), or the rate limiter faulted and fails closed (`policy_unavailable`, with `retry-after`)", body = ErrorBody),
     ),
     security(("api_key" = []))
 )]
@@ -757,7 +757,7 @@ pub async fn embeddings(
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 502, description = "Backends failed", body = ErrorBody),
-        (status = 503, description = "No healthy backend", body = ErrorBody),
+        (status = 503, description = "No healthy backend or the store is down (`no_backend_available`), or the rate limiter faulted and fails closed (`policy_unavailable`, with `retry-after`)", body = ErrorBody),
         (status = 504, description = "Backend timed out", body = ErrorBody),
     ),
     security(("api_key" = []))
@@ -826,7 +826,7 @@ pub enum AnthropicErrors {
     BadGateway(AnthropicErrorBody),
     #[response(
         status = 503,
-        description = "No healthy backend, or the store is down (`overloaded_error`)"
+        description = "No healthy backend, the store is down, or the rate limiter faulted and fails closed (`overloaded_error`, with `retry-after` for the limiter)"
     )]
     Unavailable(AnthropicErrorBody),
     #[response(status = 504, description = "Backend timed out (`timeout_error`)")]
@@ -862,7 +862,7 @@ pub async fn count_tokens(State(state): State<AppState>, request: Request) -> Re
         (status = 429, description = "Rate limited (`rate_limit_exceeded`), or out of credits or budget (`insufficient_quota`, with `retry-after` when a period resets)", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 502, description = "Backends failed", body = ErrorBody),
-        (status = 503, description = "No healthy backend", body = ErrorBody),
+        (status = 503, description = "No healthy backend or the store is down (`no_backend_available`), or the rate limiter faulted and fails closed (`policy_unavailable`, with `retry-after`)", body = ErrorBody),
     ),
     security(("api_key" = []))
 )]
@@ -883,7 +883,7 @@ pub async fn rerank(State(state): State<AppState>, request: Request) -> Result<R
         (status = 429, description = "Rate limited (`rate_limit_exceeded`), or out of credits or budget (`insufficient_quota`, with `retry-after` when a period resets)", body = ErrorBody),
         (status = 404, description = "Unknown model", body = ErrorBody),
         (status = 502, description = "Backends failed", body = ErrorBody),
-        (status = 503, description = "No healthy backend", body = ErrorBody),
+        (status = 503, description = "No healthy backend or the store is down (`no_backend_available`), or the rate limiter faulted and fails closed (`policy_unavailable`, with `retry-after`)", body = ErrorBody),
     ),
     security(("api_key" = []))
 )]
