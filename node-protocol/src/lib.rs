@@ -186,6 +186,23 @@ pub struct EngineStatus {
     pub restarts: u32,
     /// Its load, when it could be scraped.
     pub stats: Option<EngineStats>,
+    /// For the head of an engine group (one model across rigs on a LAN, this rig serving it):
+    /// the member rigs and whether each is up. Empty for an engine on this rig alone, and
+    /// absent from older rigs' heartbeats.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<GroupMember>,
+}
+
+/// A member rig of an engine group, as its head last saw it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct GroupMember {
+    /// The member's address on the LAN (its channel, `host:port`).
+    pub address: String,
+    /// Its Ray worker runs.
+    pub up: bool,
+    /// How often the group restarted its worker.
+    pub generation: u64,
 }
 
 /// `POST /node/v1/heartbeat` body.
@@ -253,6 +270,7 @@ mod tests {
             state,
             restarts: 0,
             stats: None,
+            members: Vec::new(),
         };
         let heartbeat = Heartbeat {
             engines: vec![
@@ -265,6 +283,8 @@ mod tests {
         assert_eq!(heartbeat.serving_models(), ["m1", "m2"]);
         let json = serde_json::to_string(&heartbeat).unwrap();
         assert_eq!(serde_json::from_str::<Heartbeat>(&json).unwrap(), heartbeat);
+        // An engine alone says nothing of members: older gateways read it as before.
+        assert!(!json.contains("members"), "{json}");
     }
 }
 

@@ -101,6 +101,9 @@ pub struct NodeConfig {
     /// Labels routers may read (`[labels]`, e.g. `region = "eu"`), sent with every heartbeat.
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// This rig's GPUs serve another rig's engine group (`[group_member]`).
+    #[serde(default)]
+    pub group_member: Option<GroupMemberConfig>,
 }
 
 /// How the rig takes Batch API work: only while its engines have room, so interactive requests
@@ -213,6 +216,61 @@ pub struct ProcessDriver {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub workdir: Option<PathBuf>,
+    /// This engine is the head of an engine group (`[engines.group]`): one model across this
+    /// rig and member rigs on the same LAN, over Ray.
+    #[serde(default)]
+    pub group: Option<EngineGroup>,
+}
+
+/// Ray's port on a group's head unless configured (Ray's own default).
+pub const DEFAULT_RAY_PORT: u16 = 6379;
+
+fn default_ray_port() -> u16 {
+    DEFAULT_RAY_PORT
+}
+
+fn default_ray_command() -> Vec<String> {
+    vec!["ray".to_owned()]
+}
+
+/// The head's side of an engine group: this rig runs Ray's head and vLLM, pipeline parallel
+/// across itself and its members (tensor parallel across each rig's GPUs). Ray and vLLM's
+/// traffic between rigs is unauthenticated and heavy: a LAN, never the internet.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineGroup {
+    /// This rig's address on the LAN: the members' Ray workers connect to it.
+    pub address: String,
+    /// Ray's port on this rig.
+    #[serde(default = "default_ray_port")]
+    pub ray_port: u16,
+    /// Each member's channel, `host:port` (its `[group_member] listen`).
+    pub members: Vec<String>,
+    /// Shared with the members: the head's requests to them carry it.
+    pub secret: String,
+    /// The `ray` program (and arguments before `start`), e.g. from vLLM's virtualenv.
+    #[serde(default = "default_ray_command")]
+    pub ray_command: Vec<String>,
+}
+
+/// This rig lends its GPUs to an engine group whose head is another rig (`[group_member]`):
+/// it runs a Ray worker that joins the head's Ray, and answers the head on `listen`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupMemberConfig {
+    /// The group's engine name on the head (for logs and the member's answers).
+    pub group: String,
+    /// The head's Ray, `host:port`.
+    pub head: String,
+    /// Where the head asks this rig how its worker is and tells it to restart (on the LAN).
+    pub listen: std::net::SocketAddr,
+    /// The head's `secret`.
+    pub secret: String,
+    /// GPUs given to the group.
+    #[serde(default)]
+    pub gpus: Vec<u32>,
+    #[serde(default = "default_ray_command")]
+    pub ray_command: Vec<String>,
 }
 
 /// The simulated vLLM engine, run inside node-runner (no GPU needed).
@@ -495,8 +553,24 @@ impl NodeConfig {
         if self.heartbeat_interval_secs == Some(0) {
             return invalid("heartbeat_interval_secs must be at least 1".into());
         }
-        if self.engines.is_empty() {
-            return invalid("no engines: a rig needs at least one [[engines]] table".into());
+        if self.engines.is_empty() && self.group_member.is_none() {
+            return invalid(
+                "no engines: a rig needs at least one [[engines]] table (or a [group_member] \
+                 table, lending its GPUs to another rig's engine group)"
+                    .into(),
+            );
+        }
+        if let Some(member) = &self.group_member {
+            let secret_and_ray = validate_group_parts(&member.secret, &member.ray_command);
+            if let Err(message) = secret_and_ray {
+                return invalid(format!("group_member: {message}"));
+            }
+            if !member.head.contains(':') {
+                return invalid(format!(
+                    "group_member: head {:?} must be the head's Ray address, host:port",
+                    member.head
+                ));
+            }
         }
         let mut names = HashSet::new();
         let mut ports = HashMap::new();
@@ -512,6 +586,13 @@ impl NodeConfig {
                 return invalid(format!(
                     "engines {other:?} and {:?} both listen on port {}",
                     engine.name, engine.port
+                ));
+            }
+            let member_gpus = self.group_member.iter().flat_map(|m| &m.gpus);
+            if let Some(gpu) = member_gpus.clone().find(|gpu| engine.gpus.contains(gpu)) {
+                return invalid(format!(
+                    "GPU {gpu} is pinned to engine {:?} and lent to group_member",
+                    engine.name
                 ));
             }
             for gpu in &engine.gpus {
@@ -642,6 +723,27 @@ impl EngineConfig {
                         "engine {name:?}: command is empty (give the program and its arguments)"
                     ));
                 }
+                if let Some(group) = &process.group {
+                    if let Err(message) = validate_group_parts(&group.secret, &group.ray_command) {
+                        return invalid(format!("engine {name:?}: group: {message}"));
+                    }
+                    if group.members.is_empty() {
+                        return invalid(format!(
+                            "engine {name:?}: group has no members (list each member rig's \
+                             listen address, host:port)"
+                        ));
+                    }
+                    if let Some(bad) = group.members.iter().find(|m| !m.contains(':')) {
+                        return invalid(format!(
+                            "engine {name:?}: group member {bad:?} must be host:port"
+                        ));
+                    }
+                    if group.address.trim().is_empty() || group.ray_port == 0 {
+                        return invalid(format!(
+                            "engine {name:?}: group needs this rig's LAN address and a Ray port"
+                        ));
+                    }
+                }
             }
             Driver::Simulated(sim) => {
                 for (field, rate) in [
@@ -690,6 +792,18 @@ impl EngineConfig {
         }
         Ok(())
     }
+}
+
+/// A group's shared secret (long enough not to be guessed on a LAN) and its `ray` program.
+fn validate_group_parts(secret: &str, ray_command: &[String]) -> Result<(), String> {
+    // 16 characters: `openssl rand -hex 16` gives 32.
+    if secret.trim().chars().count() < 16 {
+        return Err("secret must be at least 16 characters (openssl rand -hex 16)".into());
+    }
+    if ray_command.first().is_none_or(|p| p.trim().is_empty()) {
+        return Err("ray_command is empty".into());
+    }
+    Ok(())
 }
 
 /// The machine's hostname, or `"rig"` where it cannot be read.

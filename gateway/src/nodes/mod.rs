@@ -349,6 +349,7 @@ mod tests {
                 state: EngineState::Healthy,
                 restarts: 0,
                 stats: None,
+                members: Vec::new(),
             }],
             ..Heartbeat::default()
         }

@@ -6,6 +6,7 @@
 //! the address of a healthy engine for a model when a request arrives through the tunnel.
 
 pub mod docker;
+pub mod group;
 mod http;
 pub mod metrics;
 mod output;
@@ -74,6 +75,8 @@ struct Engine {
     /// GPUs a simulated engine reports (`reported_gpus` in its config).
     simulated_gpus: Vec<String>,
     live: Arc<watch::Sender<Live>>,
+    /// An engine group's members as its head last saw them (empty for other engines).
+    members: Arc<Mutex<Vec<garage_node_protocol::GroupMember>>>,
     /// Tells the supervisor to stop its engine, with this grace; taken by the first stop.
     stop: Mutex<Option<oneshot::Sender<Duration>>>,
     task: Mutex<Option<JoinHandle<()>>>,
@@ -108,9 +111,11 @@ impl EngineSet {
                     crate::config::Driver::Simulated(sim) => sim.reported_gpus.clone(),
                     _ => Vec::new(),
                 };
+                let members = Arc::new(Mutex::new(Vec::new()));
                 let task = tokio::spawn(supervisor::supervise(
                     config,
                     live.clone(),
+                    Arc::clone(&members),
                     client.clone(),
                     stop_rx,
                 ));
@@ -119,6 +124,7 @@ impl EngineSet {
                     models,
                     simulated_gpus,
                     live,
+                    members,
                     stop: Mutex::new(Some(stop)),
                     task: Mutex::new(Some(task)),
                 }
@@ -142,6 +148,7 @@ impl EngineSet {
                     state: live.state,
                     restarts: live.restarts,
                     stats: live.stats,
+                    members: lock(&engine.members).clone(),
                 }
             })
             .collect()

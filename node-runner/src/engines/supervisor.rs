@@ -4,12 +4,13 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use garage_node_protocol::EngineState;
+use garage_node_protocol::{EngineState, GroupMember};
 use rand::Rng as _;
 use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::docker::{DockerEngine, DockerLauncher};
+use super::group::{GroupInstance, GroupLauncher};
 use super::process::ProcessEngine;
 use super::simulated::SimulatedEngine;
 use super::{EngineError, Live, http, metrics};
@@ -43,11 +44,12 @@ const FAILED_STOP_GRACE: Duration = Duration::from_secs(10);
 pub(crate) async fn supervise(
     config: EngineConfig,
     live: Arc<watch::Sender<Live>>,
+    members: Arc<std::sync::Mutex<Vec<GroupMember>>>,
     client: http::Client,
     stop: oneshot::Receiver<Duration>,
 ) {
     let mut supervisor = Supervisor {
-        launcher: Launcher::new(&config),
+        launcher: Launcher::new(&config, members),
         config,
         live,
         client,
@@ -239,12 +241,18 @@ enum Launcher {
     Process(ProcessDriver),
     Simulated(SimulatedDriver),
     Docker(Box<DockerLauncher>),
+    Group(Box<GroupLauncher>),
 }
 
 impl Launcher {
-    fn new(config: &EngineConfig) -> Launcher {
+    fn new(config: &EngineConfig, members: Arc<std::sync::Mutex<Vec<GroupMember>>>) -> Launcher {
         match &config.driver {
-            Driver::Process(driver) => Launcher::Process(driver.clone()),
+            Driver::Process(driver) => match &driver.group {
+                Some(group) => {
+                    Launcher::Group(Box::new(GroupLauncher::new(driver, group, members)))
+                }
+                None => Launcher::Process(driver.clone()),
+            },
             Driver::Simulated(driver) => Launcher::Simulated(driver.clone()),
             Driver::Docker(driver) => Launcher::Docker(Box::new(DockerLauncher::new(driver))),
         }
@@ -262,6 +270,10 @@ impl Launcher {
                 .start(config)
                 .await
                 .map(|engine| Instance::Docker(Box::new(engine))),
+            Launcher::Group(launcher) => launcher
+                .start(config)
+                .await
+                .map(|group| Instance::Group(Box::new(group))),
         }
     }
 
@@ -277,6 +289,7 @@ enum Instance {
     Process(ProcessEngine),
     Simulated(SimulatedEngine),
     Docker(Box<DockerEngine>),
+    Group(Box<GroupInstance>),
 }
 
 impl Instance {
@@ -285,12 +298,14 @@ impl Instance {
             Instance::Process(engine) => engine.port(),
             Instance::Simulated(engine) => engine.port(),
             Instance::Docker(engine) => engine.port(),
+            Instance::Group(group) => group.port(),
         }
     }
 
     fn pid(&self) -> Option<u32> {
         match self {
             Instance::Process(engine) => Some(engine.pid()),
+            Instance::Group(group) => Some(group.pid()),
             Instance::Simulated(_) | Instance::Docker(_) => None,
         }
     }
@@ -302,6 +317,7 @@ impl Instance {
             Instance::Process(engine) => engine.exited(),
             Instance::Simulated(_) => None,
             Instance::Docker(engine) => engine.exited().await,
+            Instance::Group(group) => group.exited().await,
         }
     }
 
@@ -311,6 +327,7 @@ impl Instance {
             Instance::Process(engine) => engine.stop(grace).await,
             Instance::Simulated(engine) => engine.stop(grace).await,
             Instance::Docker(engine) => engine.stop(grace).await,
+            Instance::Group(group) => group.stop(grace).await,
         }
     }
 }

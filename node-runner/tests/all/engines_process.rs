@@ -57,6 +57,7 @@ fn process_engine(name: &str, port: u16, command: Vec<String>) -> EngineConfig {
             command,
             env: Default::default(),
             workdir: None,
+            group: None,
         }),
         health_timeout_secs: 30,
     }
