@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Release artefacts, built from this checkout: the binaries a rig owner or an operator runs with
-# no Rust toolchain, each with a CycloneDX SBOM, and SHA256SUMS over all of them, in dist/.
+# no Rust toolchain, each with a CycloneDX SBOM and its debug info apart (<bin>.debug), and
+# SHA256SUMS over all of them, in dist/.
 #
 #   scripts/release.sh                     # gateway, garage and node-runner
 #   scripts/release.sh gateway             # some of them (the images build theirs this way)
@@ -150,6 +151,12 @@ for artefact in "${chosen[@]}"; do
         glibc="$(objdump -T "$OUT/$bin" | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -n1)"
         linking="dynamic: $(readelf -d "$OUT/$bin" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' | tr '\n' ' ')(needs $glibc or newer)"
     fi
+    # The line tables (the profile's debug = "line-tables-only", for panics' file:line) are three
+    # quarters of the gateway's 200 MB: they go to <bin>.debug beside it, linked by
+    # .gnu_debuglink for gdb and addr2line, and the binary (and so the image) keeps its symbols.
+    objcopy --only-keep-debug "$OUT/$bin" "$OUT/$bin.debug"
+    chmod 0644 "$OUT/$bin.debug"
+    (cd "$OUT" && objcopy --strip-debug --add-gnu-debuglink="$bin.debug" "$bin")
     "$OUT/$bin" --version >/dev/null
     echo "$bin: $target, $linking; $command" >>"$buildinfo"
 
