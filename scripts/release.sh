@@ -32,9 +32,11 @@ ARTEFACTS=(
     garage:garage-cli:cli:x86_64-unknown-linux-musl
     node-runner:garage-node-runner:node-runner:x86_64-unknown-linux-gnu
 )
-# The default policies the gateway embeds (plugins/build.rs builds them for wasm32-wasip2): each
-# must be found, byte for byte, inside the released gateway.
-EMBEDDED_PLUGINS=(router_round_robin router_least_loaded router_prefix_affinity rate_limiter meter reward)
+# The default policies the gateway embeds (gateway/src/server.rs installs them; plugins/build.rs
+# builds them for wasm32-wasip2): each must be found, byte for byte, inside the released gateway.
+# The other components of garage-plugins (two more routers, the test fixtures) are not referenced
+# by the gateway, and the linker leaves them out.
+EMBEDDED_PLUGINS=(router_least_loaded rate_limiter meter reward)
 
 usage() {
     sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
@@ -176,7 +178,9 @@ done
 # each present byte for byte in the binary (what a normal build embeds, built the same way).
 for artefact in "${chosen[@]}"; do
     [[ "${artefact%%:*}" == gateway ]] || continue
-    plugins="$TARGET_DIR/wasm-plugins/wasm32-wasip2/release"
+    # plugins/build.rs builds them in `wasm-plugins` beside its own build's CACHEDIR.TAG, which
+    # with --target is the target's folder.
+    plugins="$TARGET_DIR/${artefact##*:}/wasm-plugins/wasm32-wasip2/release"
     python3 - "$OUT/gateway" "$plugins" "${EMBEDDED_PLUGINS[@]}" <<'EOF'
 import hashlib, pathlib, sys
 binary = pathlib.Path(sys.argv[1]).read_bytes()
@@ -194,10 +198,10 @@ EOF
         --target wasm32-wasip2 --quiet
     for sbom in $(find plugins/guests -path plugins/guests/target -prune -o -name '*.cdx.json' -newer "$stamp" -print); do
         plugin="$(basename "$(dirname "$sbom")")"
-        if [[ "$sbom" == */fixtures/* ]]; then
-            rm -f "$sbom" # hostile test fixtures: not in the binary
-        else
+        if [[ " ${EMBEDDED_PLUGINS[*]} " == *" ${plugin//-/_} "* ]]; then
             mv "$sbom" "$OUT/gateway.plugin-$plugin.cdx.json"
+        else
+            rm -f "$sbom" # not in the binary
         fi
     done
     rm -f "$stamp"
