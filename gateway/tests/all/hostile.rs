@@ -575,6 +575,7 @@ async fn every_error_is_openai_json() {
         ("/v1/files/%FF", key.as_str()),
         ("/v1/files?limit=abc", &key),
         ("/v1/batches?limit=-1", &key),
+        ("/v1/files?limit=-1", &key),
         ("/admin/keys/%FF", ADMIN),
         ("/admin/usage/requests/%C0", ADMIN),
     ] {
@@ -582,15 +583,29 @@ async fn every_error_is_openai_json() {
         assert_eq!(status, 400, "{path}: {text}");
         error_of(&text);
     }
-    let response = client()
-        .put(format!("{base}/admin/plugins/router?canary=-1"))
-        .bearer_auth(ADMIN)
-        .body(vec![0u8; 8])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
-    error_of(&response.text().await.unwrap());
+    for canary in ["-1", "2147483648"] {
+        let response = client()
+            .put(format!("{base}/admin/plugins/router?canary={canary}"))
+            .bearer_auth(ADMIN)
+            .body(vec![0u8; 8])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "canary={canary}");
+        error_of(&response.text().await.unwrap());
+    }
+    // An unknown slot is a 404 in OpenAI's shape (and in the spec: `openapi::`).
+    for action in ["promote", "rollback"] {
+        let response = client()
+            .post(format!("{base}/admin/plugins/nope/{action}"))
+            .bearer_auth(ADMIN)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{action}");
+        error_of(&response.text().await.unwrap());
+    }
     let response = client()
         .post(format!("{base}/admin/keys"))
         .bearer_auth(ADMIN)
