@@ -92,6 +92,8 @@ pub const ENV_FIELDS: &[&str] = &[
     "plugins.resync_interval_secs",
     "plugins.files",
     "plugins.trial_at_upload",
+    "plugins.record_calls",
+    "plugins.record_every",
     "plugins.router.deadline_ms",
     "plugins.router.memory_mib",
     "plugins.router.isolation",

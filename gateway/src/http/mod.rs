@@ -191,6 +191,12 @@ pub fn routes(state: AppState) -> (axum::Router, utoipa::openapi::OpenApi) {
     // plugin size limit instead of `max_body_bytes`.
     let uploads = OpenApiRouter::new()
         .routes(routes!(plugins_api::upload, plugins_api::deactivate))
+        .routes(routes!(plugins_api::replay))
+        .routes(routes!(
+            plugins_api::start_shadow,
+            plugins_api::shadow,
+            plugins_api::stop_shadow
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin::require_admin,

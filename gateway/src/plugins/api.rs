@@ -1,4 +1,5 @@
-//! The admin API for policy plugins: upload and activate, canaries, promotion, rollback.
+//! The admin API for policy plugins: upload and activate, canaries, promotion, rollback,
+//! replay and shadow.
 
 use axum::Json;
 use axum::extract::State;
@@ -8,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ApiPath, ApiQuery, ErrorBody, from_rejection};
+use crate::plugins::replay::{DEFAULT_REPLAY_LIMIT, MAX_RECORDED, ReplayReport};
 use crate::plugins::{PluginError, Slot, SlotStatus, StoredVersion, VersionInfo};
 use crate::state::AppState;
 
@@ -18,8 +20,11 @@ const ADMIN_ACTOR: &str = "admin";
 impl From<PluginError> for ApiError {
     fn from(err: PluginError) -> Self {
         match err {
-            PluginError::UnknownSlot(_) | PluginError::UnknownVersion(_) => {
-                ApiError::NotFound(err.to_string())
+            PluginError::UnknownSlot(_)
+            | PluginError::UnknownVersion(_)
+            | PluginError::NoShadow(_) => ApiError::NotFound(err.to_string()),
+            PluginError::NoActive(_) | PluginError::ReplayBusy => {
+                ApiError::Conflict(err.to_string())
             }
             PluginError::TooLarge { .. } => ApiError::PayloadTooLarge(err.to_string()),
             err if err.is_client_error() => ApiError::bad_request(err.to_string(), None),
@@ -195,4 +200,128 @@ pub async fn deactivate(
     let slot = slot(&name)?;
     state.plugins().deactivate(slot, ADMIN_ACTOR).await?;
     Ok(Json(Deactivated { slot }))
+}
+
+/// Which recorded calls a replay takes, and the candidate's configuration.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ReplayQuery {
+    /// The candidate's configuration, JSON (as on upload); `{}` when omitted.
+    pub config: Option<String>,
+    /// The most recent recorded calls to replay: 1 to 10000, default 1000.
+    pub limit: Option<usize>,
+}
+
+/// Replays the slot's recently recorded calls through a candidate component (`application/wasm`
+/// body, not stored) and through the active version, each from an empty scratch state with the
+/// recorded clock, and answers what would change: first choices that move (router), requests
+/// newly refused or allowed (rate limiter), charges per key (meter), awards per operator
+/// (reward). Recorded on this replica, in memory; nothing recorded yet answers `replayed: 0`.
+#[utoipa::path(
+    post, path = "/admin/plugins/{slot}/replay", tag = "admin",
+    params(("slot" = String, Path, description = "router, rate-limiter, meter or reward"), ReplayQuery),
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The candidate WebAssembly component"),
+    responses(
+        (status = 200, body = ReplayReport),
+        (status = 400, description = "Not a component of this slot's world, it fails to load or refuses its config, or a bad limit", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "Unknown slot", body = ErrorBody),
+        (status = 409, description = "The slot has no active version, or another replay is running", body = ErrorBody),
+        (status = 413, body = ErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn replay(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ReplayQuery>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ReplayReport>, ApiError> {
+    let slot = slot(&name)?;
+    let limit = query.limit.unwrap_or(DEFAULT_REPLAY_LIMIT);
+    if !(1..=MAX_RECORDED).contains(&limit) {
+        return Err(ApiError::bad_request(
+            format!("limit must be within 1..={MAX_RECORDED}, got {limit}"),
+            Some("limit"),
+        ));
+    }
+    let wasm = body.map_err(|r| from_rejection(r.status(), r.body_text()))?;
+    let config = query.config.as_deref().unwrap_or("{}");
+    Ok(Json(
+        state.plugins().replay(slot, &wasm, config, limit).await?,
+    ))
+}
+
+/// The candidate's configuration of a shadow.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ShadowQuery {
+    /// The candidate's configuration, JSON (as on upload); `{}` when omitted.
+    pub config: Option<String>,
+}
+
+/// Starts a shadow (replacing any): the candidate (`application/wasm` body, not stored) is
+/// called after the active version with the same live inputs, off the request path, on its own
+/// scratch state; its decisions are compared and never acted on. On this replica only.
+#[utoipa::path(
+    put, path = "/admin/plugins/{slot}/shadow", tag = "admin",
+    params(("slot" = String, Path, description = "router, rate-limiter, meter or reward"), ShadowQuery),
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The candidate WebAssembly component"),
+    responses(
+        (status = 200, description = "The shadow runs; its (empty) diff", body = ReplayReport),
+        (status = 400, description = "Not a component of this slot's world, it fails to load or refuses its config", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "Unknown slot", body = ErrorBody),
+        (status = 413, body = ErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn start_shadow(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ShadowQuery>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ReplayReport>, ApiError> {
+    let slot = slot(&name)?;
+    let wasm = body.map_err(|r| from_rejection(r.status(), r.body_text()))?;
+    let config = query.config.as_deref().unwrap_or("{}");
+    Ok(Json(
+        state.plugins().start_shadow(slot, &wasm, config).await?,
+    ))
+}
+
+/// The shadow's diff over the live calls since it started.
+#[utoipa::path(
+    get, path = "/admin/plugins/{slot}/shadow", tag = "admin",
+    params(("slot" = String, Path, description = "router, rate-limiter, meter or reward")),
+    responses(
+        (status = 200, body = ReplayReport),
+        (status = 400, description = "Malformed path", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "Unknown slot, or no shadow runs", body = ErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn shadow(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<ReplayReport>, ApiError> {
+    Ok(Json(state.plugins().shadow_report(slot(&name)?)?))
+}
+
+/// Stops the shadow; its final diff.
+#[utoipa::path(
+    delete, path = "/admin/plugins/{slot}/shadow", tag = "admin",
+    params(("slot" = String, Path, description = "router, rate-limiter, meter or reward")),
+    responses(
+        (status = 200, body = ReplayReport),
+        (status = 400, description = "Malformed path", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "Unknown slot, or no shadow runs", body = ErrorBody),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn stop_shadow(
+    State(state): State<AppState>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Json<ReplayReport>, ApiError> {
+    Ok(Json(state.plugins().stop_shadow(slot(&name)?)?))
 }

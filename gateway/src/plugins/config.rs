@@ -64,6 +64,13 @@ pub struct PluginsConfig {
     /// upload (the default plugins log their configuration errors, then trap). Off, such a
     /// plugin is accepted and its faults are left to the slot's fallback and rollback.
     pub trial_at_upload: bool,
+    /// Recent calls each slot keeps in this replica's memory for replay (`POST
+    /// /admin/plugins/{slot}/replay`): their WIT inputs and decisions, no prompt text. At most
+    /// 10 000; 0 records nothing.
+    pub record_calls: usize,
+    /// Record one call in this many (1: every call). Whatever this says, a call that finds the
+    /// ring busy (another call recording) is not recorded rather than waiting.
+    pub record_every: u32,
 }
 
 impl Default for PluginsConfig {
@@ -82,6 +89,8 @@ impl Default for PluginsConfig {
             resync_interval_secs: 30,
             files: BTreeMap::new(),
             trial_at_upload: true,
+            record_calls: 2000,
+            record_every: 1,
         }
     }
 }
@@ -119,6 +128,15 @@ impl PluginsConfig {
         }
         if self.fault_threshold == 0 {
             return Err("plugins.fault_threshold must be at least 1".into());
+        }
+        if self.record_calls > super::replay::MAX_RECORDED {
+            return Err(format!(
+                "plugins.record_calls must be at most {}",
+                super::replay::MAX_RECORDED
+            ));
+        }
+        if self.record_every == 0 {
+            return Err("plugins.record_every must be at least 1".into());
         }
         if self.max_instances == 0 {
             return Err("plugins.max_instances must be at least 1".into());

@@ -18,7 +18,7 @@ use super::{FaultKind, Slot};
 pub(crate) struct LoadedPlugin {
     pub slot: Slot,
     pub info: VersionInfo,
-    prepared: Prepared,
+    prepared: Arc<Prepared>,
     ctx: Arc<PluginContext>,
     deadline: Duration,
     memory_cap_bytes: usize,
@@ -97,7 +97,7 @@ impl LoadedPlugin {
         LoadedPlugin {
             slot,
             info,
-            prepared,
+            prepared: Arc::new(prepared),
             ctx,
             deadline,
             memory_cap_bytes: limits.memory_bytes(),
@@ -126,6 +126,11 @@ impl LoadedPlugin {
     /// (`garage:policy@0.3.0`); a 0.2.0 component takes one.
     pub fn takes_lists(&self) -> bool {
         self.prepared.takes_lists()
+    }
+
+    /// The compiled, checked component, for a replay's scratch instances.
+    pub fn prepared(&self) -> &Arc<Prepared> {
+        &self.prepared
     }
 
     /// Whether the version's meter quotes prices (`garage:policy@0.5.0`).
@@ -395,7 +400,11 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Names the cause of a failed instantiation or call.
-fn classify(err: &wasmtime::Error, state: &HostState, instantiating: bool) -> (FaultKind, String) {
+pub(crate) fn classify(
+    err: &wasmtime::Error,
+    state: &HostState,
+    instantiating: bool,
+) -> (FaultKind, String) {
     let message = format!("{err:#}");
     if let Some(host) = state.host_error() {
         return (FaultKind::Host, host.to_owned());

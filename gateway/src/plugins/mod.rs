@@ -18,6 +18,7 @@ mod host;
 mod loaded;
 mod metrics;
 mod registry;
+pub mod replay;
 mod state;
 
 use std::fmt;
@@ -168,6 +169,12 @@ pub enum PluginError {
     NoPrevious(Slot),
     #[error("canary share must be within 0..=100 percent, got {0}")]
     InvalidCanary(u8),
+    #[error("slot `{0}` has no active version to compare a candidate with")]
+    NoActive(Slot),
+    #[error("slot `{0}` has no shadow running")]
+    NoShadow(Slot),
+    #[error("another replay is running; retry when it is done")]
+    ReplayBusy,
     #[error("plugin store: {0}")]
     Store(#[from] StoreError),
     #[error("plugin engine: {0}")]

@@ -53,6 +53,8 @@ pub(crate) struct PluginContext {
     config_json: String,
     store: Arc<dyn Store>,
     log_budget: LogBudget,
+    /// What `clock.now-ms` answers, when set: a replay's recorded time of each call.
+    clock: Option<Arc<AtomicU64>>,
 }
 
 impl PluginContext {
@@ -64,7 +66,15 @@ impl PluginContext {
             config_json,
             store,
             log_budget: LogBudget::default(),
+            clock: None,
         }
+    }
+
+    /// The same context with a clock that reads `clock` (Unix ms) instead of the time: a
+    /// replay sets it to each recorded call's time, so windows and periods fall as they did.
+    pub fn with_clock(mut self, clock: Arc<AtomicU64>) -> Self {
+        self.clock = Some(clock);
+        self
     }
 }
 
@@ -302,6 +312,9 @@ impl HostState {
     }
 
     pub fn clock_now_ms(&self) -> u64 {
+        if let Some(clock) = &self.ctx.clock {
+            return clock.load(Ordering::Relaxed);
+        }
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64)

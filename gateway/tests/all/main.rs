@@ -26,6 +26,7 @@ mod payouts;
 mod plugin_host;
 mod plugins;
 mod receipts;
+mod replay;
 mod redis_cluster;
 mod redis_failover;
 mod redis_replicas;

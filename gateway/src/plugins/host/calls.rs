@@ -2,6 +2,7 @@
 //! its fallback and fault accounting, and the rate limiter's reservations.
 
 use super::*;
+use crate::plugins::replay::{Input, Outcome};
 
 impl PluginHost {
     /// Orders `candidates` by preference: indices, best first. `None` means use the built-in
@@ -28,7 +29,18 @@ impl PluginHost {
             Ok(other) => Err(unexpected(&other)),
             Err(fault) => Err(fault),
         };
-        self.settle_answer(&plugin, checked).ok()
+        let order = self.settle_answer(&plugin, checked).ok();
+        self.observe(
+            Slot::Router,
+            || self.is_canary(&plugin),
+            || Input::Route {
+                request: request.clone(),
+                candidates: candidates.to_vec(),
+                infos: infos.to_vec(),
+            },
+            Outcome::Route(order.as_ref().and_then(|order| order.first().copied())),
+        );
+        order
     }
 
     /// Asks the rate limiter whether a request may go now. `None` only when no limiter is
@@ -53,22 +65,26 @@ impl PluginHost {
             Ok(other) => Err(unexpected(&other)),
             Err(fault) => Err(fault),
         };
-        Some(match self.settle_answer(&plugin, checked) {
+        let answer = match self.settle_answer(&plugin, checked) {
             // A limiter of 0.3.0 may say that the request reserved nothing to settle.
-            Ok((decision, settle)) => {
-                let reservation = (decision.allow && settle).then(|| Reservation(plugin));
-                LimiterAnswer {
-                    decision,
-                    reservation,
-                    by_fallback: false,
-                }
-            }
+            Ok((decision, settle)) => LimiterAnswer {
+                reservation: (decision.allow && settle).then(|| Reservation(plugin.clone())),
+                decision,
+                by_fallback: false,
+            },
             Err(_) => LimiterAnswer {
                 decision: self.fallback_decision(),
                 reservation: None,
                 by_fallback: true,
             },
-        })
+        };
+        self.observe(
+            Slot::RateLimiter,
+            || self.is_canary(&plugin),
+            || Input::Admit(admission.clone()),
+            Outcome::Admit((!answer.by_fallback).then_some(answer.decision.allow)),
+        );
+        Some(answer)
     }
 
     /// Tells the limiter version that admitted a request what the request really used.
@@ -76,6 +92,12 @@ impl PluginHost {
         let answer = self
             .call_on(&reservation.0, "active", Call::Settle(settlement))
             .await;
+        self.observe(
+            Slot::RateLimiter,
+            || self.is_canary(&reservation.0),
+            || Input::Settle(settlement.clone()),
+            Outcome::Settled,
+        );
         let checked = match answer {
             Ok(Answer::Settle) => Ok(()),
             Ok(other) => Err(unexpected(&other)),
@@ -113,6 +135,12 @@ impl PluginHost {
             .call(Slot::RateLimiter, pick, Call::Settle(settlement))
             .await
         {
+            self.observe(
+                Slot::RateLimiter,
+                || self.is_canary(&plugin),
+                || Input::Settle(settlement.clone()),
+                Outcome::Settled,
+            );
             let checked = match answer {
                 Ok(Answer::Settle) => Ok(()),
                 Ok(other) => Err(unexpected(&other)),
@@ -206,6 +234,7 @@ impl PluginHost {
                     .collect()),
                 other => Err(Box::new(other)),
             },
+            |charge| Outcome::Charge(charge.as_ref().ok().map(|charge| charge.credits)),
         )
         .await
     }
@@ -244,6 +273,14 @@ impl PluginHost {
                     .collect()),
                 other => Err(Box::new(other)),
             },
+            |awards| {
+                Outcome::Awards(awards.as_ref().ok().map(|awards| {
+                    awards
+                        .iter()
+                        .map(|award| (award.operator.clone(), award.points))
+                        .collect()
+                }))
+            },
         )
         .await
     }
@@ -258,6 +295,7 @@ impl PluginHost {
         events: &[UsageEvent],
         export: ListExport,
         unpack: Unpack<T>,
+        decided: fn(&Result<T, PluginFault>) -> Outcome,
     ) -> Option<Vec<Result<T, PluginFault>>> {
         use futures::StreamExt;
         let bundle = self.cell(slot).bundle.load_full();
@@ -270,9 +308,11 @@ impl PluginHost {
         // Which version each event goes to: the canary by its request id's draw, else active.
         let mut groups: Vec<(Arc<LoadedPlugin>, &'static str, Vec<usize>)> = Vec::new();
         let mut unserved = Vec::new();
+        let mut by_canary = vec![false; events.len()];
         for (i, event) in events.iter().enumerate() {
             let (plugin, role) = match (&canary, &active) {
                 (Some((canary, percent)), _) if Pick::Hash(&event.request_id).draw() < *percent => {
+                    by_canary[i] = true;
                     (canary, "canary")
                 }
                 (_, Some(active)) => (active, "active"),
@@ -311,12 +351,19 @@ impl PluginHost {
         for i in unserved {
             answers[i] = Some(Err(self.missing_answer(slot)));
         }
-        Some(
-            answers
-                .into_iter()
-                .map(|answer| answer.unwrap_or_else(|| Err(self.missing_answer(slot))))
-                .collect(),
-        )
+        let answers: Vec<Result<T, PluginFault>> = answers
+            .into_iter()
+            .map(|answer| answer.unwrap_or_else(|| Err(self.missing_answer(slot))))
+            .collect();
+        for ((event, answer), by_canary) in events.iter().zip(&answers).zip(by_canary) {
+            self.observe(
+                slot,
+                || by_canary,
+                || Input::Usage(event.clone()),
+                decided(answer),
+            );
+        }
+        Some(answers)
     }
 
     /// One call of [`per_event`](Self::per_event): the events of `run` (consecutive indices).

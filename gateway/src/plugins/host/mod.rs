@@ -6,6 +6,7 @@
 mod admin;
 mod calls;
 mod checks;
+mod replay;
 mod sync;
 
 pub(crate) use calls::QuoteCache;
@@ -76,6 +77,8 @@ pub struct PluginHost {
     /// Work started off a request's path (limiter settlements, instances made ahead): owned, so
     /// that a gateway shutting down waits for the settlements of its last requests.
     tasks: tokio_util::task::TaskTracker,
+    /// Held while a replay runs: one at a time, each on a thread of its own.
+    replaying: tokio::sync::Mutex<()>,
 }
 
 /// One slot: the bundle calls read, and what changes it.
@@ -86,6 +89,8 @@ struct SlotCell {
     change: tokio::sync::Mutex<()>,
     calls: AtomicU64,
     faults: Mutex<FaultCounts>,
+    /// Recent calls for replay, and the shadow candidate if one runs.
+    observed: replay::Observed,
 }
 
 /// An immutable snapshot of a slot.
@@ -113,6 +118,7 @@ impl PluginHost {
         config.validate().map_err(PluginError::Engine)?;
         let engine = Arc::new(PluginEngine::new(&config)?);
         let (rollbacks, rollback_queue) = mpsc::channel(ROLLBACK_QUEUE);
+        let record = (config.record_calls, config.record_every);
         let host = Arc::new(PluginHost {
             store,
             config,
@@ -127,6 +133,7 @@ impl PluginHost {
                 change: tokio::sync::Mutex::new(()),
                 calls: AtomicU64::new(0),
                 faults: Mutex::new(FaultCounts::default()),
+                observed: replay::Observed::new(record.0, record.1),
             }),
             metrics: PluginMetrics::new(),
             rollbacks,
@@ -134,6 +141,7 @@ impl PluginHost {
             shutdown: CancellationToken::new(),
             defaults: Mutex::new(HashMap::new()),
             tasks: tokio_util::task::TaskTracker::new(),
+            replaying: tokio::sync::Mutex::new(()),
         });
         for slot in Slot::ALL {
             match host.reload(slot).await {
