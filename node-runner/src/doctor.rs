@@ -1,7 +1,8 @@
 //! `node-runner doctor`: what is wrong with this rig, one line per check, `ok` or `FAIL <what> —
 //! <what to do>`. The config, the gateway (reachable, its TLS trusted), the rig's enrollment
 //! (its credential accepted, or its token good), the container engine and whether containers see
-//! the GPUs, the GPUs the engines pin, and each engine's port (free, or held by a healthy engine).
+//! the GPUs, the members of the engine groups this rig heads, the GPUs the engines pin, and each
+//! engine's port (free, or held by a healthy engine).
 //!
 //! Nothing here changes the rig, with one exception: a rig that has not enrolled yet enrolls,
 //! exactly as its first start would (the token cannot be checked without spending it), and keeps
@@ -130,6 +131,7 @@ pub async fn doctor(options: &DoctorOptions) -> Vec<Check> {
 
     checks.extend(container_engines(&config).await);
     checks.extend(gpus(&config, options.gpus.clone()));
+    checks.extend(group_members(&config).await);
     for engine in &config.engines {
         if engine.port == 0 {
             continue;
@@ -290,6 +292,40 @@ async fn container_engines(config: &NodeConfig) -> Vec<Check> {
                  --runtime=docker` and restart Docker; or use the process driver",
             ),
         });
+    }
+    checks
+}
+
+/// Each member of the engine groups this rig heads: there, and with the same secret.
+async fn group_members(config: &NodeConfig) -> Vec<Check> {
+    let mut checks = Vec::new();
+    for engine in &config.engines {
+        let Driver::Process(process) = &engine.driver else {
+            continue;
+        };
+        let Some(group) = &process.group else {
+            continue;
+        };
+        for member in &group.members {
+            let name = &engine.name;
+            checks.push(
+                match crate::engines::group::member_state(member, &group.secret).await {
+                    Ok(report) => Check::ok(format!(
+                        "group {name:?}: member {member} answers (its Ray worker {})",
+                        if report.running {
+                            "runs"
+                        } else {
+                            "waits for the head"
+                        }
+                    )),
+                    Err(why) => Check::fail(
+                        format!("group {name:?}: member {member} {why}"),
+                        "start node-runner on that rig with its [group_member] table, the same \
+                     secret, and listen on this address; the rigs must share a LAN",
+                    ),
+                },
+            );
+        }
     }
     checks
 }

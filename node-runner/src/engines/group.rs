@@ -194,6 +194,11 @@ fn member_error(member: &str, why: String) -> EngineError {
     EngineError::ExitedDuringStartup(format!("group member {member}: {why}"))
 }
 
+/// Asks a member for its state (`doctor`): its report, or why there is none.
+pub async fn member_state(member: &str, secret: &str) -> Result<MemberReport, String> {
+    ask(&crate::agent::http_client(), member, secret, false).await
+}
+
 /// Asks a member for its state, or to restart its worker.
 async fn ask(
     http: &reqwest::Client,

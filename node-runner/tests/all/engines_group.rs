@@ -235,6 +235,49 @@ async fn a_group_does_not_start_without_its_members() {
     // Neither Ray nor vLLM was started for a group that could not form.
     assert!(read(&dir.path().join("ray-head.log")).is_empty());
     assert!(read(&dir.path().join("vllm.log")).is_empty());
+    // doctor on the head rig: the member that answers, the one that is not there, the secret.
+    let text = |member: &str, secret: &str| {
+        format!(
+            "gateway_url = \"http://127.0.0.1:{}\"\n[[engines]]\nname = \"big\"\nmodels = \
+             [\"m\"]\nport = {}\ndriver = \"process\"\ncommand = [\"vllm\"]\n[engines.group]\n\
+             address = \"127.0.0.1\"\nmembers = [\"{member}\"]\nsecret = \"{secret}\"\n",
+            support::free_port(),
+            support::free_port()
+        )
+    };
+    let absent = format!("127.0.0.1:{}", support::free_port());
+    for (member, secret, expected) in [
+        (
+            member.addr().to_string(),
+            SECRET,
+            "ok   group \"big\": member 127.0.0.1:",
+        ),
+        (
+            absent.clone(),
+            SECRET,
+            &format!("FAIL group \"big\": member {absent} no answer"),
+        ),
+        (
+            member.addr().to_string(),
+            "another-secret-of-32-characters!",
+            "answered 401 Unauthorized — start node-runner on that rig",
+        ),
+    ] {
+        let config = dir.path().join("head.toml");
+        std::fs::write(&config, text(&member, secret)).unwrap();
+        let checks =
+            garage_node_runner::doctor::doctor(&garage_node_runner::doctor::DoctorOptions {
+                config,
+                env: Vec::new(),
+                gpus: None,
+            })
+            .await;
+        let lines: Vec<String> = checks.iter().map(ToString::to_string).collect();
+        assert!(
+            lines.iter().any(|l| l.contains(expected)),
+            "{expected:?} in {lines:#?}"
+        );
+    }
     // The member refuses anyone without the secret.
     let response = support::client()
         .get(format!("http://{}{MEMBER_PATH}", member.addr()))
