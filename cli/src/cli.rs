@@ -30,7 +30,7 @@ Exit status: 0 done; 1 an error (the message says which); 2 a bad command line;
 #[command(
     name = "garage",
     version,
-    about = "Garage command line: batch jobs on a Garage gateway (OpenAI's Batch API)",
+    about = "Garage command line: batch jobs on a Garage gateway (OpenAI's Batch API), and policy plugins from idea to live",
     after_help = EXIT_CODES
 )]
 pub struct Cli {
@@ -67,6 +67,10 @@ enum Command {
     /// Batch jobs: submit a file of prompts, follow it, fetch the results.
     #[command(subcommand)]
     Job(JobCommand),
+    /// Policy plugins: write one (Rust, Python, JavaScript), test it, build it, replay it,
+    /// push it to a gateway as a canary, promote or roll back.
+    #[command(subcommand)]
+    Plugin(crate::plugin::PluginCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -159,9 +163,12 @@ fn resolve_api_key(
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let job = match cli.command {
+        Command::Job(job) => job,
+        Command::Plugin(command) => return crate::plugin::run(cli.gateway.url, command).await,
+    };
     let api_key = resolve_api_key(cli.gateway.api_key, |name| std::env::var(name).ok())?;
     let client = Client::new(cli.gateway.url, api_key)?;
-    let Command::Job(job) = cli.command;
     match job {
         JobCommand::Submit(args) => submit(&client, args).await,
         JobCommand::Status { id, wait, json } => status(&client, &id, wait, json).await,
@@ -462,7 +469,7 @@ fn one_line(batch: &Batch) -> String {
 }
 
 /// `print!` that does not panic when the reader has gone (`garage job list | head -1`).
-fn print_stdout(text: &str) -> anyhow::Result<()> {
+pub(crate) fn print_stdout(text: &str) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     match stdout
         .write_all(text.as_bytes())

@@ -52,6 +52,15 @@ impl GatewayUrl {
         }
         url
     }
+
+    /// The URL of an admin API path (`/admin/...`), each segment percent-encoded.
+    pub fn admin(&self, segments: &[&str]) -> Url {
+        let mut url = self.0.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().push("admin").extend(segments);
+        }
+        url
+    }
 }
 
 impl FromStr for GatewayUrl {
@@ -255,6 +264,34 @@ impl Client {
         let url = self.base.api(&["files", id, "content"]);
         let response = self.send(&url, self.http.get(url.clone())).await?;
         Ok(FileContent { url, response })
+    }
+
+    /// A call to the admin API (the client's key is then the admin token): the JSON answer.
+    /// A body is a WebAssembly component (`application/wasm`); those calls have no overall
+    /// limit, as the gateway compiles the component before it answers (seconds for one
+    /// written in Python or JavaScript), and a replay runs it on many recorded calls.
+    pub async fn admin_call(
+        &self,
+        method: reqwest::Method,
+        segments: &[&str],
+        query: &[(&str, String)],
+        wasm: Option<Vec<u8>>,
+    ) -> Result<Value, ClientError> {
+        let mut url = self.base.admin(segments);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        let request = self.http.request(method, url.clone());
+        let response = match wasm {
+            Some(bytes) => {
+                let request = request
+                    .header(reqwest::header::CONTENT_TYPE, "application/wasm")
+                    .body(bytes);
+                self.send(&url, request).await?
+            }
+            None => self.send(&url, request.timeout(JSON_CALL_TIMEOUT)).await?,
+        };
+        read_json(&url, response).await
     }
 
     async fn call_json<T: DeserializeOwned>(

@@ -1,0 +1,242 @@
+"""`garage plugin test`'s component check: loads a built policy component in wasmtime (the
+`wasmtime` PyPI package, the engine of the gateway's plugin host), calls it with the sample
+calls of a samples file, and compares each answer with the one the file expects.
+
+    python run_component.py WORLD COMPONENT.wasm SAMPLES.json
+
+The host side is the gateway's: key-value state in memory (for the run), a fixed clock
+(`now_ms` of the samples file), log lines on stderr, the configuration of each call, and the
+WASI interfaces the gateway links, with nothing granted. Each call gets a fresh instance, as with the gateway's `isolation = "per-call"`.
+Prints one line per call; exits 1 when a call does not answer what it expects, 2 when the
+component or the samples file cannot be used.
+"""
+
+import importlib.metadata
+import json
+import math
+import sys
+import time
+from types import SimpleNamespace
+
+import wasmtime
+from wasmtime import component as wc
+
+# What each world exports, and how a sample names the call.
+WORLDS = {
+    "reward": ("on-usage", "on-report"),
+}
+POLICY_IMPORT = "garage:policy/"
+# The WASI 0.2 interfaces the gateway links, with nothing granted (no files, environment,
+# arguments, sockets): Rust's std on wasm32-wasip2 imports wasi:cli and wasi:io.
+ALLOWED_WASI = ("wasi:cli/", "wasi:io/", "wasi:clocks/", "wasi:random/", "wasi:filesystem/",
+                "wasi:sockets/")
+DEFAULT_NOW_MS = 1_700_000_000_000
+
+# The records of the reward world (wit/v0.5), field by field with the value a sample that
+# leaves the field out gets: zero, empty, none, or the enum's first case.
+USAGE_EVENT = {
+    "request_id": "", "key_id": "", "model": "", "prompt_tokens": 0, "completion_tokens": 0,
+    "cached_tokens": 0, "latency_ms": 0, "ttft_ms": 0, "backend": "", "rig": "", "operator": "",
+    "started_at_ms": 0, "finished_at_ms": 0, "batch": False, "counted_by": "gateway",
+    "reported_prompt_tokens": None, "reported_completion_tokens": None, "trust": "configured",
+    "price": None,
+}
+RIG_REPORT = {
+    "rig": "", "operator": "", "period_ms": 0, "uptime_ms": 0, "gpu_seconds": 0.0, "at_ms": 0,
+}
+PRICE = {"prompt_per_thousand": 0.0, "completion_per_thousand": 0.0}
+ENUMS = {
+    "counted_by": ("gateway", "backend"),
+    "trust": ("configured", "unverified", "verified", "suspect", "quarantined"),
+}
+
+
+class SampleError(Exception):
+    """A samples file that cannot be used as written."""
+
+
+def record(fields, sample, what):
+    """A WIT record for wasmtime-py (attributes in kebab-case) from a sample in snake_case."""
+    if not isinstance(sample, dict):
+        raise SampleError(f"{what}: expected a JSON object, got {json.dumps(sample)}")
+    unknown = sorted(set(sample) - set(fields))
+    if unknown:
+        raise SampleError(f"{what}: unknown field `{unknown[0]}` (fields: {', '.join(fields)})")
+    value = SimpleNamespace()
+    for name, default in fields.items():
+        given = sample.get(name, default)
+        if name in ENUMS and given not in ENUMS[name]:
+            raise SampleError(f"{what}: `{name}` must be one of {', '.join(ENUMS[name])}")
+        if name == "price" and given is not None:
+            given = record(PRICE, given, f"{what}.price")
+        elif isinstance(default, float) and isinstance(given, int):
+            given = float(given)
+        setattr(value, name.replace("_", "-"), given)
+    return value
+
+
+class Host:
+    """The gateway's side of the contract for one run."""
+
+    def __init__(self, engine, now_ms, wasi):
+        self.kv = {}
+        self.config_text = "{}"
+        self.wasi = wasi
+        self.linker = wc.Linker(engine)
+        if wasi:
+            self.linker.add_wasip2()
+        root = self.linker.root()
+        with root.add_instance("garage:policy/kv@0.2.0") as kv:
+            kv.add_func("get", lambda _s, key: self.kv.get(key))
+            kv.add_func("set", lambda _s, key, value, _ttl: self.kv.__setitem__(key, bytes(value)))
+            kv.add_func("delete", lambda _s, key: self.kv.pop(key, None) and None)
+            kv.add_func("incr", self.incr)
+            kv.add_func("reserve", self.reserve)
+        with root.add_instance("garage:policy/clock@0.2.0") as clock:
+            clock.add_func("now-ms", lambda _s: now_ms)
+        with root.add_instance("garage:policy/log@0.2.0") as log:
+            log.add_func("log", lambda _s, level, message: print(
+                f"      log {level}: {message}", file=sys.stderr))
+        with root.add_instance("garage:policy/config@0.2.0") as config:
+            config.add_func("get", lambda _s: self.config_text)
+        root.close()
+
+    def incr(self, _s, key, delta, _ttl):
+        value = int(self.kv.get(key, b"0")) + delta
+        self.kv[key] = str(value).encode()
+        return value
+
+    def reserve(self, _s, key, amount, limit, _ttl):
+        value = int(self.kv.get(key, b"0")) + amount
+        if value > limit:
+            return None
+        self.kv[key] = str(value).encode()
+        return value
+
+    def call(self, engine, component, export, argument):
+        store = wasmtime.Store(engine)
+        if self.wasi:
+            store.set_wasi(wasmtime.WasiConfig())  # nothing inherited or granted
+        instance = self.linker.instantiate(store, component)
+        func = instance.get_func(store, export)
+        if func is None:
+            raise SampleError(f"the component does not export `{export}`")
+        result = func(store, argument)
+        try:
+            func.post_return(store)
+        except Exception:  # noqa: BLE001 - a no-op, or refused, on newer wasmtime-py
+            pass
+        return result
+
+
+def plain(result):
+    """An answer as JSON-like data: awards as objects, an error result as {"err": text}."""
+    if isinstance(result, str):
+        return {"err": result}
+    return [{"operator": a.operator, "points": a.points, "reason": a.reason} for a in result]
+
+
+def matches(got, want):
+    if isinstance(want, dict) and set(want) == {"err"}:
+        return isinstance(got, dict) and want["err"] in got.get("err", "")
+    if isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
+        return all(matches(g, w) for g, w in zip(got, want))
+    if isinstance(want, (int, float)) and isinstance(got, (int, float)):
+        return math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9)
+    if isinstance(want, dict) and isinstance(got, dict) and set(want) == set(got):
+        return all(matches(got[k], w) for k, w in want.items())
+    return got == want
+
+
+def run_call(host, engine, component, sample, default_config, index):
+    name = sample.get("name", f"call {index + 1}")
+    config = sample.get("config", default_config)
+    host.config_text = config if isinstance(config, str) else json.dumps(config)
+    if "on-usage" in sample:
+        events = sample["on-usage"]
+        if not isinstance(events, list):
+            raise SampleError(f"{name}: `on-usage` takes a list of usage events")
+        argument = [record(USAGE_EVENT, e, f"{name}, event {i + 1}") for i, e in enumerate(events)]
+        answer = host.call(engine, component, "on-usage", argument)
+        got = [plain(result) for result in answer]
+    elif "on-report" in sample:
+        argument = record(RIG_REPORT, sample["on-report"], f"{name}, report")
+        got = plain(host.call(engine, component, "on-report", argument))
+    else:
+        raise SampleError(f"{name}: a call needs `on-usage` (a list of events) or `on-report`")
+    return name, got
+
+
+def main():
+    if len(sys.argv) != 4:
+        print(__doc__, file=sys.stderr)
+        return 2
+    world, path, samples_path = sys.argv[1:]
+    if world not in WORLDS:
+        print(f"no sample calls for the {world} world yet (only {', '.join(WORLDS)})",
+              file=sys.stderr)
+        return 2
+    try:
+        with open(samples_path, encoding="utf-8") as file:
+            samples = json.load(file)
+    except (OSError, ValueError) as err:
+        print(f"cannot read the samples {samples_path}: {err}", file=sys.stderr)
+        return 2
+    if not isinstance(samples, dict) or not isinstance(samples.get("calls"), list):
+        print(f"{samples_path}: expected an object with a `calls` list", file=sys.stderr)
+        return 2
+
+    config = wasmtime.Config()
+    # wasmtime's on-disk cache of compiled code: a component compiles once per version.
+    config.cache = True
+    engine = wasmtime.Engine(config)
+    started = time.perf_counter()
+    try:
+        component = wc.Component.from_file(engine, path)
+    except Exception as err:  # noqa: BLE001 - any load failure is the answer
+        print(f"{path} is not a component wasmtime can load: {err}", file=sys.stderr)
+        return 2
+    compiled_s = time.perf_counter() - started
+    imports = sorted(component.type.imports(engine))
+    exports = set(component.type.exports(engine))
+    version = importlib.metadata.version("wasmtime")
+    print(f"  {path}: compiled in {compiled_s:.2f} s by wasmtime {version}")
+    wasi = [name for name in imports if name.startswith(ALLOWED_WASI)]
+    outside = [name for name in imports
+               if not name.startswith(POLICY_IMPORT) and name not in wasi]
+    missing = [name for name in WORLDS[world] if name not in exports]
+    if outside or missing:
+        if outside:
+            print(f"  the component imports what the gateway does not offer: {', '.join(outside)}",
+                  file=sys.stderr)
+        if missing:
+            print(f"  the component does not export {', '.join(missing)}: not the {world} world",
+                  file=sys.stderr)
+        return 1
+
+    host = Host(engine, samples.get("now_ms", DEFAULT_NOW_MS), bool(wasi))
+    failed = 0
+    for index, sample in enumerate(samples["calls"]):
+        started = time.perf_counter()
+        try:
+            name, got = run_call(host, engine, component, sample, samples.get("config", {}), index)
+        except SampleError as err:
+            print(f"{samples_path}: {err}", file=sys.stderr)
+            return 2
+        except Exception as err:  # noqa: BLE001 - a trap: the gateway would count a fault
+            name, got = sample.get("name", f"call {index + 1}"), {"trap": str(err).splitlines()[0]}
+        took_ms = (time.perf_counter() - started) * 1e3
+        want = sample.get("expect")
+        ok = want is not None and matches(got, want)
+        failed += not ok
+        print(f"  {'ok  ' if ok else 'FAIL'} {name} ({took_ms:.1f} ms)")
+        if not ok:
+            print(f"       got:  {json.dumps(got)}")
+            print(f"       want: {json.dumps(want)}")
+    calls = len(samples["calls"])
+    print(f"  {calls - failed} of {calls} sample calls answered as expected")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
