@@ -205,3 +205,29 @@ def test_new_refuses_what_it_cannot_make(tmp_path):
     assert result.returncode == 1 and "not the Garage SDK" in result.stderr, result.stderr
     result = garage("plugin", "test", str(tmp_path))
     assert result.returncode == 1 and "garage plugin new" in result.stderr, result.stderr
+
+
+def test_the_component_check_refuses_what_it_cannot_call(projects, tmp_path):
+    """`garage plugin test --component`: a component of another world fails the check (exit 5)
+    saying what it lacks; a file that is not a component and a samples file with a misspelled
+    field are errors that say so (exit 1)."""
+    project = projects["rust"].parent.parent
+    meters = sorted((REPO_ROOT / "target" / "wasm-plugins").glob("wasm32-wasip2/release/meter.wasm"))
+    assert meters, "the default plugins are built with the workspace (cargo build -p garage-plugins)"
+    other_world = garage("plugin", "test", "--component", str(meters[0]), cwd=project)
+    assert other_world.returncode == 5, other_world.stderr
+    assert "does not export on-usage, on-report" in other_world.stderr, other_world.stderr
+
+    module = tmp_path / "module.wasm"
+    module.write_bytes(b"\0asm\x01\x00\x00\x00")
+    not_one = garage("plugin", "test", "--component", str(module), cwd=project)
+    assert not_one.returncode == 1, not_one.stderr
+    assert "not a component wasmtime can load" in not_one.stderr, not_one.stderr
+
+    samples = json.loads((project / "samples.json").read_text())
+    samples["calls"][0]["on-usage"][0]["operater"] = "alice"
+    bad = tmp_path / "samples.json"
+    bad.write_text(json.dumps(samples))
+    typo = garage("plugin", "test", "--component", str(projects["rust"]), "--samples", str(bad),
+                  cwd=project)
+    assert typo.returncode == 1 and "unknown field `operater`" in typo.stderr, typo.stderr

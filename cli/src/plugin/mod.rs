@@ -105,6 +105,10 @@ pub struct TestArgs {
     /// Skip the native tests: only build and call the component.
     #[arg(long)]
     no_native: bool,
+    /// Call this component instead of building the project's: one made by another toolchain
+    /// (C, Go, Zig...), checked with the project's samples and tools. Skips the native tests.
+    #[arg(long, value_name = "FILE.wasm")]
+    component: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -228,15 +232,21 @@ fn test(args: TestArgs) -> anyhow::Result<ExitCode> {
     // Canonical: the check runs in the project folder, whatever the caller's.
     let samples = std::fs::canonicalize(&samples)
         .with_context(|| format!("no sample calls at {}", samples.display()))?;
-    if !args.no_native {
-        eprintln!("native tests");
-        if let Err(err) = tools::native_tests(&project, &reuse) {
-            eprintln!("error: {err:#}");
-            return Ok(ExitCode::from(EXIT_TESTS_FAILED));
+    let component = match args.component {
+        Some(component) => std::fs::canonicalize(&component)
+            .with_context(|| format!("no component at {}", component.display()))?,
+        None => {
+            if !args.no_native {
+                eprintln!("native tests");
+                if let Err(err) = tools::native_tests(&project, &reuse) {
+                    eprintln!("error: {err:#}");
+                    return Ok(ExitCode::from(EXIT_TESTS_FAILED));
+                }
+            }
+            eprintln!("building the component");
+            tools::build(&project, &reuse)?
         }
-    }
-    eprintln!("building the component");
-    let component = tools::build(&project, &reuse)?;
+    };
     eprintln!("the component in wasmtime, with {}", samples.display());
     if tools::check_component(&project, &reuse, &component, &samples)? {
         eprintln!("all passed: {}", component.display());
@@ -273,5 +283,6 @@ mod tests {
         assert!(parse(&["plugin", "status", "--json"]).is_ok());
         assert!(parse(&["plugin", "promote", "rate-limiter"]).is_ok());
         assert!(parse(&["plugin", "test", "proj", "--no-native"]).is_ok());
+        assert!(parse(&["plugin", "test", "--component", "c.wasm"]).is_ok());
     }
 }
