@@ -30,11 +30,20 @@ fn verified_tokens_pay_by_model_weight() {
 #[test]
 fn unverified_work_and_static_upstreams_earn_nothing() {
     let host = MemoryHost::with_config(CONFIG);
-    let unverified = UsageEvent { trust: Trust::Unverified, ..verified("qwen-7b", 5000) };
+    let unverified = UsageEvent {
+        trust: Trust::Unverified,
+        ..verified("qwen-7b", 5000)
+    };
     assert_eq!(Policy::on_usage(&host, &unverified), Ok(vec![]));
-    let rig_counted = UsageEvent { counted_by: CountedBy::Backend, ..verified("qwen-7b", 5000) };
+    let rig_counted = UsageEvent {
+        counted_by: CountedBy::Backend,
+        ..verified("qwen-7b", 5000)
+    };
     assert_eq!(Policy::on_usage(&host, &rig_counted), Ok(vec![]));
-    let no_operator = UsageEvent { operator: String::new(), ..verified("qwen-7b", 5000) };
+    let no_operator = UsageEvent {
+        operator: String::new(),
+        ..verified("qwen-7b", 5000)
+    };
     assert_eq!(Policy::on_usage(&host, &no_operator), Ok(vec![]));
 }
 
@@ -47,9 +56,18 @@ fn uptime_pays_per_hour_capped_at_the_period() {
         uptime_ms: 1_800_000,
         ..RigReport::default()
     };
-    assert_eq!(Policy::on_report(&host, &report), Ok(vec![Award::new("alice", 5.0, "uptime")]));
-    let over = RigReport { uptime_ms: 7_200_000, ..report };
-    assert_eq!(Policy::on_report(&host, &over), Ok(vec![Award::new("alice", 10.0, "uptime")]));
+    assert_eq!(
+        Policy::on_report(&host, &report),
+        Ok(vec![Award::new("alice", 5.0, "uptime")])
+    );
+    let over = RigReport {
+        uptime_ms: 7_200_000,
+        ..report
+    };
+    assert_eq!(
+        Policy::on_report(&host, &over),
+        Ok(vec![Award::new("alice", 10.0, "uptime")])
+    );
 }
 
 #[test]
