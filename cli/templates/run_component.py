@@ -16,7 +16,6 @@ import json
 import math
 import sys
 import time
-from types import SimpleNamespace
 
 import wasmtime
 from wasmtime import component as wc
@@ -24,6 +23,7 @@ from wasmtime import component as wc
 # What each world exports, and how a sample names the call.
 WORLDS = {
     "reward": ("on-usage", "on-report"),
+    "meter": ("quote", "charge"),
 }
 POLICY_IMPORT = "garage:policy/"
 # The WASI 0.2 interfaces the gateway links, with nothing granted (no files, environment,
@@ -45,6 +45,7 @@ RIG_REPORT = {
     "rig": "", "operator": "", "period_ms": 0, "uptime_ms": 0, "gpu_seconds": 0.0, "at_ms": 0,
 }
 PRICE = {"prompt_per_thousand": 0.0, "completion_per_thousand": 0.0}
+QUOTE_REQUEST = {"model": "", "batch": False}
 ENUMS = {
     "counted_by": ("gateway", "backend"),
     "trust": ("configured", "unverified", "verified", "suspect", "quarantined"),
@@ -62,7 +63,8 @@ def record(fields, sample, what):
     unknown = sorted(set(sample) - set(fields))
     if unknown:
         raise SampleError(f"{what}: unknown field `{unknown[0]}` (fields: {', '.join(fields)})")
-    value = SimpleNamespace()
+    # wasmtime-py's own record class: an option<record> recognises its value by it.
+    value = wc.Record()
     for name, default in fields.items():
         given = sample.get(name, default)
         if name in ENUMS and given not in ENUMS[name]:
@@ -78,7 +80,7 @@ def record(fields, sample, what):
 class Host:
     """The gateway's side of the contract for one run."""
 
-    def __init__(self, engine, now_ms, wasi):
+    def __init__(self, engine, world, now_ms, wasi):
         self.kv = {}
         self.config_text = "{}"
         self.wasi = wasi
@@ -99,6 +101,10 @@ class Host:
                 f"      log {level}: {message}", file=sys.stderr))
         with root.add_instance("garage:policy/config@0.2.0") as config:
             config.add_func("get", lambda _s: self.config_text)
+        if world == "meter":
+            # No market: the samples run with no rigs and no demand to tell.
+            with root.add_instance("garage:policy/market@0.5.0") as market:
+                market.add_func("get", lambda _s, _model: None)
         root.close()
 
     def incr(self, _s, key, delta, _ttl):
@@ -129,11 +135,19 @@ class Host:
         return result
 
 
-def plain(result):
-    """An answer as JSON-like data: awards as objects, an error result as {"err": text}."""
-    if isinstance(result, str):
-        return {"err": result}
-    return [{"operator": a.operator, "points": a.points, "reason": a.reason} for a in result]
+def answer(result):
+    """One result<T, string> as JSON-like data: wasmtime-py gives an error result as its text,
+    which becomes {"err": text}."""
+    return {"err": result} if isinstance(result, str) else plain(result)
+
+
+def plain(value):
+    """Records as objects with snake_case fields, lists as lists."""
+    if isinstance(value, list):
+        return [plain(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return {name.replace("-", "_"): plain(field) for name, field in vars(value).items()}
 
 
 def matches(got, want):
@@ -143,7 +157,8 @@ def matches(got, want):
         return all(matches(g, w) for g, w in zip(got, want))
     if isinstance(want, (int, float)) and isinstance(got, (int, float)):
         return math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9)
-    if isinstance(want, dict) and isinstance(got, dict) and set(want) == set(got):
+    if isinstance(want, dict) and isinstance(got, dict) and set(want) <= set(got):
+        # The fields a sample names; others (budgets a meter did not use) are not compared.
         return all(matches(got[k], w) for k, w in want.items())
     return got == want
 
@@ -152,18 +167,22 @@ def run_call(host, engine, component, sample, default_config, index):
     name = sample.get("name", f"call {index + 1}")
     config = sample.get("config", default_config)
     host.config_text = config if isinstance(config, str) else json.dumps(config)
-    if "on-usage" in sample:
-        events = sample["on-usage"]
+    if "on-usage" in sample or "charge" in sample:
+        export = "on-usage" if "on-usage" in sample else "charge"
+        events = sample[export]
         if not isinstance(events, list):
-            raise SampleError(f"{name}: `on-usage` takes a list of usage events")
+            raise SampleError(f"{name}: `{export}` takes a list of usage events")
         argument = [record(USAGE_EVENT, e, f"{name}, event {i + 1}") for i, e in enumerate(events)]
-        answer = host.call(engine, component, "on-usage", argument)
-        got = [plain(result) for result in answer]
+        got = [answer(result) for result in host.call(engine, component, export, argument)]
     elif "on-report" in sample:
         argument = record(RIG_REPORT, sample["on-report"], f"{name}, report")
-        got = plain(host.call(engine, component, "on-report", argument))
+        got = answer(host.call(engine, component, "on-report", argument))
+    elif "quote" in sample:
+        argument = record(QUOTE_REQUEST, sample["quote"], f"{name}, quote request")
+        got = answer(host.call(engine, component, "quote", argument))
     else:
-        raise SampleError(f"{name}: a call needs `on-usage` (a list of events) or `on-report`")
+        raise SampleError(f"{name}: a call needs one of `on-usage`, `on-report` (reward), "
+                          "`charge`, `quote` (meter)")
     return name, got
 
 
@@ -214,7 +233,7 @@ def main():
                   file=sys.stderr)
         return 1
 
-    host = Host(engine, samples.get("now_ms", DEFAULT_NOW_MS), bool(wasi))
+    host = Host(engine, world, samples.get("now_ms", DEFAULT_NOW_MS), bool(wasi))
     failed = 0
     for index, sample in enumerate(samples["calls"]):
         started = time.perf_counter()

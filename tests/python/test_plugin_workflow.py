@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ADMIN_TOKEN, REPO_ROOT
+from conftest import (ADMIN_TOKEN, API_KEY, REPO_ROOT, _free_port, _gateway_binary, _logs,
+                      _start, _stop, _wait_until_up)
 
 LANGS = ("rust", "python", "js")
 # A Python or JavaScript component build takes ~15-20 s on a 2-core machine, its first wasmtime
@@ -28,6 +29,27 @@ LANGS = ("rust", "python", "js")
 TOOL_TIMEOUT_S = 600
 # The gateway compiles an uploaded component before it answers.
 ADMIN_TIMEOUT_S = 180
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory):
+    """A `gateway demo` of this module's own: the slots it swaps stay out of the session's
+    shared gateway, which other tests use as it starts."""
+    work = tmp_path_factory.mktemp("plugin-gateway")
+    log = work / "gateway.log"
+    _logs["gateway"] = [log]
+    token_file = work / "admin-token"
+    token_file.write_text(ADMIN_TOKEN + "\n")
+    port = _free_port()
+    proc = _start([str(_gateway_binary()), "demo", "--listen", f"127.0.0.1:{port}",
+                   "--api-key", API_KEY, "--admin-token-file", str(token_file), "--nodes", "1",
+                   "--ttft-ms", "0", "--tokens-per-sec", "0"], log)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(proc, base_url, log)
+        yield base_url
+    finally:
+        _stop(proc, "the plugin workflow's gateway", log)
 
 
 def _garage_binary() -> Path:
@@ -120,8 +142,8 @@ def test_a_broken_policy_fails_its_tests_with_the_test_status(projects):
         ok(garage("plugin", "build", str(project), timeout=TOOL_TIMEOUT_S))
 
 
-def test_replay_then_canary_then_promote(projects, gateway_url):
-    base = ["--url", gateway_url]
+def test_replay_then_canary_then_promote(projects, gateway):
+    base = ["--url", gateway]
     config = json.dumps({"points_per_1k_tokens": 2, "points_per_uptime_hour": 1})
     for lang, component in projects.items():
         replayed = garage("plugin", "replay", "reward", str(component), "--config", config, *base)
@@ -149,8 +171,8 @@ def test_replay_then_canary_then_promote(projects, gateway_url):
         assert status["active"]["config"] == json.loads(config), status
 
 
-def test_admin_refusals_are_clear(projects, gateway_url, tmp_path):
-    base = ["--url", gateway_url]
+def test_admin_refusals_are_clear(projects, gateway, tmp_path):
+    base = ["--url", gateway]
     component = projects["rust"]
 
     # No canary to promote: the gateway's 400, said by the command.
@@ -183,7 +205,7 @@ def test_admin_refusals_are_clear(projects, gateway_url, tmp_path):
     back = ok(garage("plugin", "rollback", "reward", *base)).strip()
     assert back == before["history"][-1]["sha256"], before
     with httpx.Client(timeout=10) as http:
-        listed = http.get(f"{gateway_url}/admin/plugins",
+        listed = http.get(f"{gateway}/admin/plugins",
                           headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
     reward = next(slot for slot in listed["data"] if slot["slot"] == "reward")
     assert reward["active"]["sha256"] == back
@@ -199,7 +221,7 @@ def test_new_refuses_what_it_cannot_make(tmp_path):
     result = garage("plugin", "new", "reward", "Bad_Name", "--lang", "python", cwd=tmp_path)
     assert result.returncode == 1 and "bad name" in result.stderr, result.stderr
     result = garage("plugin", "new", "router", "fast", "--lang", "js", cwd=tmp_path)
-    assert result.returncode == 1 and "reward slot" in result.stderr, result.stderr
+    assert result.returncode == 1 and "reward and meter" in result.stderr, result.stderr
     result = garage("plugin", "new", "reward", "x", "--lang", "rust", "--sdk", str(tmp_path),
                     cwd=tmp_path)
     assert result.returncode == 1 and "not the Garage SDK" in result.stderr, result.stderr
@@ -231,3 +253,20 @@ def test_the_component_check_refuses_what_it_cannot_call(projects, tmp_path):
     typo = garage("plugin", "test", "--component", str(projects["rust"]), "--samples", str(bad),
                   cwd=project)
     assert typo.returncode == 1 and "unknown field `operater`" in typo.stderr, typo.stderr
+
+
+def test_a_meter_from_new_to_promoted(gateway, tmp_path):
+    """The meter template (Rust here; the Python and JavaScript ones build the same way) from
+    `new` to the active version of the gateway's meter slot."""
+    base = ["--url", gateway]
+    ok(garage("plugin", "new", "meter", "price-rust", "--lang", "rust", cwd=tmp_path))
+    project = tmp_path / "price-rust"
+    tested = garage("plugin", "test", cwd=project, timeout=TOOL_TIMEOUT_S)
+    assert "3 of 3 sample calls answered as expected" in ok(tested) + tested.stderr
+    component = project / "dist" / "price-rust.wasm"
+    config = json.dumps({"prompt_per_1k": 0.5, "completion_per_1k": 1.5})
+    sha = ok(garage("plugin", "push", "meter", str(component), "--config", config,
+                    "--canary", "50", *base)).strip()
+    assert ok(garage("plugin", "promote", "meter", *base)).strip() == sha
+    status = json.loads(ok(garage("plugin", "status", "meter", "--json", *base)))
+    assert status["active"]["sha256"] == sha and status["active"]["config"] == json.loads(config)

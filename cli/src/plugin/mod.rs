@@ -57,7 +57,7 @@ pub enum PluginCommand {
 
 #[derive(Debug, Args)]
 pub struct NewArgs {
-    /// The slot the policy fills (templates exist for `reward`).
+    /// The slot the policy fills (templates exist for `reward` and `meter`).
     #[arg(value_enum)]
     slot: Slot,
     /// The project's name: the folder, crate or package, and component file.

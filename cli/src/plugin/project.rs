@@ -142,6 +142,7 @@ macro_rules! template {
 }
 
 const SAMPLES_REWARD: &str = include_str!("../../templates/reward.samples.json");
+const SAMPLES_METER: &str = include_str!("../../templates/meter.samples.json");
 
 const RUST_REWARD: Template = template!("rust", "reward", [
     "Cargo.toml", "rust-toolchain.toml", "src/lib.rs", "src/tests.rs", "gitignore" as ".gitignore",
@@ -155,12 +156,27 @@ const JS_REWARD: Template = template!("js", "reward", [
     "gitignore" as ".gitignore",
 ]);
 
+const RUST_METER: Template = template!("rust", "meter", [
+    "Cargo.toml", "rust-toolchain.toml", "src/lib.rs", "src/tests.rs", "gitignore" as ".gitignore",
+]);
+const PYTHON_METER: Template = template!("python", "meter", [
+    "policy.py", "app.py", "test_policy.py", "pytest.ini", "requirements.txt",
+    "gitignore" as ".gitignore",
+]);
+const JS_METER: Template = template!("js", "meter", [
+    "policy.js", "component.js", "policy.test.mjs", "build.mjs", "package.json",
+    "gitignore" as ".gitignore",
+]);
+
 /// The template of a language and slot, with its sample calls.
 fn template(lang: Lang, slot: Slot) -> Option<(Template, &'static str)> {
     match (lang, slot) {
         (Lang::Rust, Slot::Reward) => Some((RUST_REWARD, SAMPLES_REWARD)),
         (Lang::Python, Slot::Reward) => Some((PYTHON_REWARD, SAMPLES_REWARD)),
         (Lang::Js, Slot::Reward) => Some((JS_REWARD, SAMPLES_REWARD)),
+        (Lang::Rust, Slot::Meter) => Some((RUST_METER, SAMPLES_METER)),
+        (Lang::Python, Slot::Meter) => Some((PYTHON_METER, SAMPLES_METER)),
+        (Lang::Js, Slot::Meter) => Some((JS_METER, SAMPLES_METER)),
         _ => None,
     }
 }
@@ -233,8 +249,8 @@ pub fn create(
     check_name(name)?;
     let Some((files, samples)) = template(lang, slot) else {
         bail!(
-            "no {lang} template for the {slot} slot yet: templates exist for the reward slot in \
-             Rust, Python and JavaScript. For another slot, start from the reward project and \
+            "no {lang} template for the {slot} slot yet: templates exist for the reward and meter \
+             slots in Rust, Python and JavaScript. For another slot, start from one of them and \
              follow plugin-sdk/README.md (the slots' functions) and docs/plugins.md"
         );
     };
@@ -342,13 +358,16 @@ mod tests {
     #[test]
     fn every_template_fills_its_placeholders() {
         let sdk = find_sdk(None).expect("the repository's SDK");
-        for lang in [Lang::Rust, Lang::Python, Lang::Js] {
+        for (lang, slot) in [Lang::Rust, Lang::Python, Lang::Js]
+            .into_iter()
+            .flat_map(|lang| [(lang, Slot::Reward), (lang, Slot::Meter)])
+        {
             let dir = std::env::temp_dir().join(format!(
-                "garage-cli-template-{}-{lang:?}",
+                "garage-cli-template-{}-{lang:?}-{slot}",
                 std::process::id()
             ));
             let _ = std::fs::remove_dir_all(&dir);
-            let project = create(&dir, "pay-me", Slot::Reward, lang, &sdk).expect("created");
+            let project = create(&dir, "pay-me", slot, lang, &sdk).expect("created");
             assert_eq!(
                 Project::open(&dir).expect("opens").manifest,
                 project.manifest
@@ -363,7 +382,7 @@ mod tests {
             }
             assert!(project.manifest.wit.join("policy.wit").is_file());
             // A second `new` into the same folder is refused.
-            let err = create(&dir, "pay-me", Slot::Reward, lang, &sdk).expect_err("exists");
+            let err = create(&dir, "pay-me", slot, lang, &sdk).expect_err("exists");
             assert!(err.to_string().contains("not empty"), "{err}");
             std::fs::remove_dir_all(&dir).expect("cleaned up");
         }
@@ -374,7 +393,7 @@ mod tests {
         let sdk = find_sdk(None).expect("the repository's SDK");
         let dir = std::env::temp_dir().join(format!("garage-cli-router-{}", std::process::id()));
         let err = create(&dir, "r", Slot::Router, Lang::Rust, &sdk).expect_err("no template");
-        assert!(err.to_string().contains("reward slot"), "{err}");
+        assert!(err.to_string().contains("reward and meter"), "{err}");
         assert!(!dir.exists());
     }
 
