@@ -8,7 +8,10 @@ use clap::{Parser, Subcommand};
 
 use crate::agent::{Agent, AgentOptions};
 use crate::config::{Driver, EngineConfig, NodeConfig, SimulatedDriver};
+use crate::doctor::DoctorOptions;
 use crate::engines::EngineSet;
+use crate::probe::GpuInventory;
+use crate::setup::SetupOptions;
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +42,69 @@ enum Command {
         /// The rig's TOML config (its gateway and state file).
         #[arg(long, short, default_value = "node-runner.toml")]
         config: PathBuf,
+    },
+    /// Exit 0 when this rig has enrolled and every engine on a fixed port answers `/health` on
+    /// 127.0.0.1, 1 otherwise, saying what failed: the container image's health check, which
+    /// has no curl (deploy/docker/node-runner.Dockerfile).
+    Health {
+        /// The rig's TOML config (its state file and engines).
+        #[arg(long, short, default_value = "node-runner.toml")]
+        config: PathBuf,
+    },
+    /// Set this rig up in one command: find the GPUs and the container engine, take the
+    /// gateway and a token, pick a model that fits, write the config, enroll, start and
+    /// benchmark the engine, and install the systemd unit (as root) or say how.
+    Setup {
+        /// Write below this directory instead of `/` (etc/node-runner, var/lib/node-runner,
+        /// etc/systemd/system): a dry run, or tests.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// The gateway's URL (asked for on a terminal when missing).
+        #[arg(long)]
+        gateway_url: Option<String>,
+        /// An enrollment token from the gateway's admin (asked for on a terminal when missing).
+        #[arg(long, env = "NODE_RUNNER_ENROLLMENT_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The model to serve; by default the largest of the catalogue that fits the GPUs.
+        #[arg(long)]
+        model: Option<String>,
+        /// The rig's name at the gateway (the hostname when unset).
+        #[arg(long)]
+        name: Option<String>,
+        /// A PEM file of the private CA the gateway's certificate comes from.
+        #[arg(long)]
+        gateway_ca_file: Option<PathBuf>,
+        /// Allow a plain http:// gateway on another machine (a LAN you trust).
+        #[arg(long)]
+        allow_insecure_http: bool,
+        /// The container engine's API (`unix:///run/podman/podman.sock`, `tcp://…`); by
+        /// default DOCKER_HOST or the local socket.
+        #[arg(long)]
+        docker_host: Option<String>,
+        /// Take these GPUs instead of asking NVML: `none`, or `NAME:GIB` items separated by
+        /// commas (`NVIDIA GeForce RTX 4090:24,NVIDIA GeForce RTX 4090:24`).
+        #[arg(long, value_parser = gpu_inventory)]
+        assume_gpus: Option<GpuInventory>,
+        /// The engine's port on 127.0.0.1.
+        #[arg(long, default_value_t = 8001)]
+        port: u16,
+        /// Answer yes to every question: overwrite a config, take the first proposed model.
+        #[arg(long, short)]
+        yes: bool,
+        /// Write the config and the unit only: no engine, no enrollment, no service.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Check this rig and explain what is wrong, one line per check: the gateway (reachable,
+    /// TLS), the enrollment, Docker and GPU passthrough, the GPUs, the engines' ports and
+    /// health. Exits non-zero when a check fails.
+    Doctor {
+        /// The rig's TOML config.
+        #[arg(long, short, default_value = "/etc/node-runner/node-runner.toml")]
+        config: PathBuf,
+        /// Take these GPUs instead of asking NVML (as for `setup`).
+        #[arg(long, value_parser = gpu_inventory)]
+        assume_gpus: Option<GpuInventory>,
     },
     /// Run many simulated rigs in this one process (load and scale testing, no GPU needed).
     Swarm {
@@ -96,36 +162,32 @@ pub fn simulated_engine(
     }
 }
 
+fn gpu_inventory(spec: &str) -> Result<GpuInventory, String> {
+    GpuInventory::parse(spec)
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    init_logging(cli.log_json);
+    // setup and doctor talk to a person: their lines are the output, not log lines.
+    if !matches!(cli.command, Command::Setup { .. } | Command::Doctor { .. }) {
+        init_logging(cli.log_json);
+    }
     match cli.command {
         Command::Run { config } => {
             let config = NodeConfig::load_file(&config, std::env::vars())
                 .with_context(|| format!("cannot load {}", config.display()))?;
-            let name = config.node_name();
-            let http = config
-                .gateway_ca_file
-                .as_deref()
-                .map(crate::agent::http_client_trusting)
-                .transpose()?;
+            // A rig lending its GPUs to another rig's engine group answers that head.
+            let member = match config.group_member.clone() {
+                Some(member) => Some(
+                    crate::engines::group::Member::start(member)
+                        .await
+                        .context("cannot start the engine group's member channel")?,
+                ),
+                None => None,
+            };
             let engines = EngineSet::start(config.engines.clone()).await;
-            let agent = Agent::start(
-                AgentOptions {
-                    gateway_url: config.gateways().join(","),
-                    name,
-                    enrollment_token: config.enrollment_token.clone(),
-                    state_file: Some(config.state_file.clone()),
-                    heartbeat_interval: config.heartbeat_interval_secs.map(Duration::from_secs),
-                    drain_timeout: Duration::from_secs(config.drain_timeout_secs),
-                    http,
-                    probe_gpus: true,
-                    batch: config.batch.options(),
-                    labels: config.labels.clone(),
-                },
-                engines,
-            )
-            .await
-            .context("cannot join the gateway")?;
+            let agent = Agent::start(config.agent_options()?, engines)
+                .await
+                .context("cannot join the gateway")?;
             tracing::info!(node = %agent.node_id(), gateways = %config.gateways().join(","), "rig running; Ctrl-C drains and stops");
             let revoked = tokio::select! {
                 result = wait_for_signal() => { result?; false }
@@ -133,10 +195,63 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             tracing::info!("draining");
             agent.shutdown().await;
+            if let Some(member) = member {
+                member.stop().await;
+            }
             if revoked {
                 anyhow::bail!("this rig was removed by the gateway's admin");
             }
             tracing::info!("stopped cleanly");
+            Ok(())
+        }
+        Command::Setup {
+            root,
+            gateway_url,
+            token,
+            model,
+            name,
+            gateway_ca_file,
+            allow_insecure_http,
+            docker_host,
+            assume_gpus,
+            port,
+            yes,
+            no_start,
+        } => {
+            let options = SetupOptions {
+                gateway_url,
+                token,
+                model,
+                name,
+                gateway_ca_file,
+                allow_insecure_http,
+                docker_host,
+                gpus: assume_gpus,
+                port,
+                yes,
+                no_start,
+                ..SetupOptions::new(root)
+            };
+            crate::setup::setup(options, &mut std::io::stdout()).await?;
+            Ok(())
+        }
+        Command::Doctor {
+            config,
+            assume_gpus,
+        } => {
+            let checks = crate::doctor::doctor(&DoctorOptions {
+                config,
+                env: std::env::vars().collect(),
+                gpus: assume_gpus,
+            })
+            .await;
+            for check in &checks {
+                println!("{check}");
+            }
+            let failed = checks.iter().filter(|check| !check.ok).count();
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} checks failed", checks.len());
+            }
             Ok(())
         }
         Command::Statement { config } => {
@@ -162,6 +277,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+        Command::Health { config } => {
+            let config = NodeConfig::load_file(&config, std::env::vars())
+                .with_context(|| format!("cannot load {}", config.display()))?;
+            let problems = health_problems(&config).await?;
+            if problems.is_empty() {
+                println!("healthy");
+                return Ok(());
+            }
+            anyhow::bail!("unhealthy: {}", problems.join("; "))
         }
         Command::Swarm {
             gateway,
@@ -206,6 +331,39 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// What keeps this rig from serving, as `node-runner health` sees it from outside the running
+/// agent: no identity yet (it has not enrolled), or an engine on a fixed port that does not
+/// answer `/health`. Simulated engines live inside the agent on a port of their own choosing,
+/// so only the agent knows them.
+async fn health_problems(config: &NodeConfig) -> anyhow::Result<Vec<String>> {
+    /// A healthy engine answers `/health` in milliseconds; the image's health check allows more.
+    const TIMEOUT: Duration = Duration::from_secs(5);
+    let mut problems = Vec::new();
+    if crate::agent::read_identity(&config.state_file)?.is_none() {
+        problems.push(format!(
+            "not enrolled (no identity in {})",
+            config.state_file.display()
+        ));
+    }
+    let http = crate::agent::http_client();
+    for engine in &config.engines {
+        if matches!(engine.driver, Driver::Simulated(_)) || engine.port == 0 {
+            continue;
+        }
+        let url = format!("http://127.0.0.1:{}/health", engine.port);
+        match http.get(&url).timeout(TIMEOUT).send().await {
+            Ok(answer) if answer.status().is_success() => {}
+            Ok(answer) => problems.push(format!(
+                "engine {} answered {} at {url}",
+                engine.name,
+                answer.status()
+            )),
+            Err(error) => problems.push(format!("engine {} at {url}: {error}", engine.name)),
+        }
+    }
+    Ok(problems)
 }
 
 /// `--gateway`: one URL or a comma-separated list of replicas, checked before any rig starts.

@@ -4,8 +4,11 @@
 
 mod config_ui;
 mod engines_docker;
+mod engines_group;
 mod engines_process;
 mod engines_simulated;
 mod examples;
 mod failover;
+mod health_cmd;
+mod setup_doctor;
 mod support;
