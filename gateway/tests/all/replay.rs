@@ -694,3 +694,156 @@ async fn shadows_under_load_change_no_decision_and_fail_no_request() {
         .unwrap();
     assert_eq!(response.status(), 404);
 }
+
+/// Mean and p99 of `iterations` calls, after a tenth as many to warm up.
+async fn timed<F, Fut>(iterations: usize, mut call: F) -> (Duration, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for _ in 0..iterations / 10 + 1 {
+        call().await;
+    }
+    let mut samples = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let started = std::time::Instant::now();
+        call().await;
+        samples.push(started.elapsed());
+    }
+    samples.sort();
+    let mean = samples.iter().sum::<Duration>() / iterations as u32;
+    (mean, samples[iterations * 99 / 100])
+}
+
+/// What recording and a shadow cost a routing call (100 candidates, least loaded), and a
+/// request through the gateway under concurrent load with and without three shadows. Prints
+/// figures (`docs/performance.md`); asserts only that every request succeeds:
+/// `cargo test --release -p garage-gateway --test all cost_of_recording_and_shadows -- --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cost_of_recording_and_shadows() {
+    let iterations = if cfg!(debug_assertions) { 50 } else { 20_000 };
+    let infos: Vec<Arc<CandidateInfo>> = (0..100)
+        .map(|i| {
+            Arc::new(CandidateInfo {
+                id: format!("rig-{i}"),
+                rig: format!("rig-{i}"),
+                operator: "op".into(),
+                labels: vec![],
+            })
+        })
+        .collect();
+    let list: Vec<Candidate> = (0..100u32)
+        .map(|i| Candidate {
+            in_flight: i % 5,
+            tokens_per_second: 40.0 + i as f32,
+            ..three([0, 0, 0]).0[0]
+        })
+        .collect();
+    for (what, record_calls, shadow) in [
+        ("no recording", 0, false),
+        ("recording every call", 2000, false),
+        ("recording + shadow", 2000, true),
+        ("no recording (again)", 0, false),
+    ] {
+        let config = PluginsConfig {
+            record_calls,
+            ..host_config()
+        };
+        let host = PluginHost::new(Arc::new(MemoryStore::new()), config)
+            .await
+            .unwrap();
+        install(
+            &host,
+            Slot::Router,
+            garage_plugins::ROUTER_LEAST_LOADED,
+            json!({}),
+        )
+        .await;
+        if shadow {
+            host.start_shadow(Slot::Router, garage_plugins::ROUTER_ROUND_ROBIN, "{}")
+                .await
+                .unwrap();
+        }
+        let (mean, p99) = timed(iterations, || async {
+            assert!(host.route(&route_request(), &list, &infos).await.is_some());
+        })
+        .await;
+        println!("route, 100 candidates, {what:<22} mean {mean:>9.1?}  p99 {p99:>9.1?}");
+    }
+
+    let engine = fast_sim().await;
+    let requests = if cfg!(debug_assertions) { 40 } else { 2000 };
+    for shadows in [false, true, false, true] {
+        let mut cfg = config(vec![
+            upstream("a", engine.base_url()),
+            upstream("b", engine.base_url()),
+        ]);
+        cfg.default_plugins = true;
+        let gw = gateway(cfg).await;
+        let base = gw.url();
+        if shadows {
+            put_shadow(
+                &base,
+                "meter",
+                garage_plugins::METER,
+                json!({"default_price": {"prompt": 100.0, "completion": 100.0}}),
+            )
+            .await;
+            put_shadow(
+                &base,
+                "rate-limiter",
+                garage_plugins::RATE_LIMITER,
+                json!({"rpm": 0}),
+            )
+            .await;
+            put_shadow(
+                &base,
+                "router",
+                garage_plugins::ROUTER_ROUND_ROBIN,
+                json!({}),
+            )
+            .await;
+        }
+        let (_, key) = create_key(&base, json!({"name": "bench"})).await;
+        let started = std::time::Instant::now();
+        let workers: Vec<_> = (0..8)
+            .map(|_| {
+                let (base, key) = (base.clone(), key.clone());
+                tokio::spawn(async move {
+                    let mut samples = Vec::new();
+                    for _ in 0..requests / 8 {
+                        let t = std::time::Instant::now();
+                        let (status, body) = post_chat(&base, &key, &chat(false)).await;
+                        assert_eq!(status, 200, "{body}");
+                        samples.push(t.elapsed());
+                    }
+                    samples
+                })
+            })
+            .collect();
+        let mut samples = Vec::new();
+        for worker in workers {
+            samples.extend(worker.await.unwrap());
+        }
+        let elapsed = started.elapsed();
+        samples.sort();
+        let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+        let p99 = samples[samples.len() * 99 / 100];
+        let dropped = if shadows {
+            let router = shadow_report(&base, "router").await;
+            format!(
+                "router shadow dropped {} of {}",
+                router["shadow"]["dropped"],
+                samples.len()
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "{} requests, 8 at once, shadows {:<5} {:>7.0} req/s  mean {mean:>9.1?}  p99 {p99:>9.1?}  {dropped}",
+            samples.len(),
+            shadows,
+            samples.len() as f64 / elapsed.as_secs_f64(),
+        );
+    }
+}
