@@ -847,3 +847,52 @@ async fn cost_of_recording_and_shadows() {
         );
     }
 }
+
+#[tokio::test]
+async fn recording_settings_out_of_bounds_are_refused_by_name() {
+    for (config, says) in [
+        (
+            PluginsConfig {
+                record_calls: 10_001,
+                ..host_config()
+            },
+            "plugins.record_calls must be at most 10000",
+        ),
+        (
+            PluginsConfig {
+                record_every: 0,
+                ..host_config()
+            },
+            "plugins.record_every must be at least 1",
+        ),
+    ] {
+        let err = PluginHost::new(Arc::new(MemoryStore::new()), config)
+            .await
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains(says), "{err}");
+    }
+    // Zero records nothing: a replay then has nothing to compare.
+    let host = PluginHost::new(
+        Arc::new(MemoryStore::new()),
+        PluginsConfig {
+            record_calls: 0,
+            ..host_config()
+        },
+    )
+    .await
+    .unwrap();
+    install(
+        &host,
+        Slot::Router,
+        garage_plugins::ROUTER_LEAST_LOADED,
+        json!({}),
+    )
+    .await;
+    record_routes(&host).await;
+    let report = host
+        .replay(Slot::Router, garage_plugins::ROUTER_ROUND_ROBIN, "{}", 1000)
+        .await
+        .unwrap();
+    assert_eq!(report.replayed, 0);
+}
