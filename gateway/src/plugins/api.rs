@@ -256,6 +256,10 @@ pub async fn replay(
 pub struct ShadowQuery {
     /// The candidate's configuration, JSON (as on upload); `{}` when omitted.
     pub config: Option<String>,
+    /// Percent of live calls given to the shadow, 1 to 100 (default 100): a shadow repeats the
+    /// policy's work, and a share bounds what it takes from a busy machine. A rate limiter's
+    /// shadow then counts only its share of the requests.
+    pub share: Option<u8>,
 }
 
 /// Starts a shadow (replacing any): the candidate (`application/wasm` body, not stored) is
@@ -267,7 +271,7 @@ pub struct ShadowQuery {
     request_body(content = Vec<u8>, content_type = "application/wasm", description = "The candidate WebAssembly component"),
     responses(
         (status = 200, description = "The shadow runs; its (empty) diff", body = ReplayReport),
-        (status = 400, description = "Not a component of this slot's world, it fails to load or refuses its config", body = ErrorBody),
+        (status = 400, description = "Not a component of this slot's world, it fails to load or refuses its config, or a bad share", body = ErrorBody),
         (status = 401, body = ErrorBody),
         (status = 404, description = "Unknown slot", body = ErrorBody),
         (status = 413, body = ErrorBody),
@@ -281,10 +285,20 @@ pub async fn start_shadow(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<ReplayReport>, ApiError> {
     let slot = slot(&name)?;
+    let share = query.share.unwrap_or(100);
+    if !(1..=100).contains(&share) {
+        return Err(ApiError::bad_request(
+            format!("share must be within 1..=100 percent, got {share}"),
+            Some("share"),
+        ));
+    }
     let wasm = body.map_err(|r| from_rejection(r.status(), r.body_text()))?;
     let config = query.config.as_deref().unwrap_or("{}");
     Ok(Json(
-        state.plugins().start_shadow(slot, &wasm, config).await?,
+        state
+            .plugins()
+            .start_shadow(slot, &wasm, config, share)
+            .await?,
     ))
 }
 

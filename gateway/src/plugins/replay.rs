@@ -170,6 +170,8 @@ pub struct Window {
 pub struct ShadowState {
     /// Unix ms when the shadow started.
     pub started_at_ms: u64,
+    /// Percent of live calls given to the shadow (`?share=`, 100 by default).
+    pub share: u8,
     /// Live calls not given to the shadow because its queue was full.
     pub dropped: u64,
     /// Why the shadow stopped taking calls (it faulted too often), if it did.

@@ -523,6 +523,24 @@ async fn replay_route_contract() {
         .unwrap();
     assert_eq!(response.status(), 401);
 
+    // A shadow's share is a percentage of live calls, 1 to 100.
+    for share in ["0", "101", "300", "half"] {
+        let response = client()
+            .put(format!("{base}/admin/plugins/router/shadow?share={share}"))
+            .bearer_auth(ADMIN)
+            .header("content-type", "application/wasm")
+            .body(rr.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "share={share}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains("share"),
+            "{body}"
+        );
+    }
+
     // No shadow: GET and DELETE say so.
     for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
         let response = client()
@@ -539,10 +557,10 @@ async fn shadow_report(base: &str, slot: &str) -> serde_json::Value {
     admin_get(base, &format!("/admin/plugins/{slot}/shadow")).await
 }
 
-async fn put_shadow(base: &str, slot: &str, wasm: &[u8], config: serde_json::Value) {
+async fn put_shadow(base: &str, slot: &str, wasm: &[u8], config: serde_json::Value, share: u8) {
     let response = client()
         .put(format!(
-            "{base}/admin/plugins/{slot}/shadow{}",
+            "{base}/admin/plugins/{slot}/shadow{}&share={share}",
             config_query(config)
         ))
         .bearer_auth(ADMIN)
@@ -579,6 +597,7 @@ async fn shadows_under_load_change_no_decision_and_fail_no_request() {
         "meter",
         garage_plugins::METER,
         json!({"default_price": {"prompt": 100.0, "completion": 100.0}}),
+        100,
     )
     .await;
     put_shadow(
@@ -586,6 +605,7 @@ async fn shadows_under_load_change_no_decision_and_fail_no_request() {
         "rate-limiter",
         garage_plugins::RATE_LIMITER,
         json!({"rpm": 0}),
+        100,
     )
     .await;
     put_shadow(
@@ -593,6 +613,7 @@ async fn shadows_under_load_change_no_decision_and_fail_no_request() {
         "router",
         garage_plugins::fixtures::INFINITE_LOOP,
         json!({}),
+        100,
     )
     .await;
 
@@ -629,6 +650,7 @@ async fn shadows_under_load_change_no_decision_and_fail_no_request() {
         "{limiter}"
     );
     assert_eq!(limiter["shadow"]["dropped"], 0);
+    assert_eq!(limiter["shadow"]["share"], 100);
 
     // The ledger charged the active price; the shadow's hundredfold stayed in its diff.
     wait_until(
@@ -760,7 +782,7 @@ async fn cost_of_recording_and_shadows() {
         )
         .await;
         if shadow {
-            host.start_shadow(Slot::Router, garage_plugins::ROUTER_ROUND_ROBIN, "{}")
+            host.start_shadow(Slot::Router, garage_plugins::ROUTER_ROUND_ROBIN, "{}", 100)
                 .await
                 .unwrap();
         }
@@ -773,7 +795,9 @@ async fn cost_of_recording_and_shadows() {
 
     let engine = fast_sim().await;
     let requests = if cfg!(debug_assertions) { 40 } else { 2000 };
-    for shadows in [false, true, false, true] {
+    // Shadows on three slots taking every live call, or one in ten (`?share=10`).
+    for share in [0, 100, 10, 0, 100, 10] {
+        let shadows = share > 0;
         let mut cfg = config(vec![
             upstream("a", engine.base_url()),
             upstream("b", engine.base_url()),
@@ -787,6 +811,7 @@ async fn cost_of_recording_and_shadows() {
                 "meter",
                 garage_plugins::METER,
                 json!({"default_price": {"prompt": 100.0, "completion": 100.0}}),
+                share,
             )
             .await;
             put_shadow(
@@ -794,6 +819,7 @@ async fn cost_of_recording_and_shadows() {
                 "rate-limiter",
                 garage_plugins::RATE_LIMITER,
                 json!({"rpm": 0}),
+                share,
             )
             .await;
             put_shadow(
@@ -801,6 +827,7 @@ async fn cost_of_recording_and_shadows() {
                 "router",
                 garage_plugins::ROUTER_ROUND_ROBIN,
                 json!({}),
+                share,
             )
             .await;
         }
@@ -840,9 +867,8 @@ async fn cost_of_recording_and_shadows() {
             String::new()
         };
         println!(
-            "{} requests, 8 at once, shadows {:<5} {:>7.0} req/s  mean {mean:>9.1?}  p99 {p99:>9.1?}  {dropped}",
+            "{} requests, 8 at once, shadow share {share:>3} % {:>7.0} req/s  mean {mean:>9.1?}  p99 {p99:>9.1?}  {dropped}",
             samples.len(),
-            shadows,
             samples.len() as f64 / elapsed.as_secs_f64(),
         );
     }

@@ -47,6 +47,8 @@ pub(crate) struct Shadow {
     sha256: String,
     config: serde_json::Value,
     started_at_ms: u64,
+    /// Percent of live calls given to the shadow.
+    share: u8,
     queue: mpsc::Sender<Recorded>,
     tally: Arc<Mutex<DiffTally>>,
     stopped: Arc<Mutex<Option<String>>>,
@@ -55,6 +57,11 @@ pub(crate) struct Shadow {
 }
 
 impl Shadow {
+    /// Whether this live call is one of the shadow's share.
+    fn draws(&self) -> bool {
+        self.share >= 100 || rand::random_range(0..100u8) < self.share
+    }
+
     /// Hands a live call to the shadow, or drops it when the queue is full.
     fn offer(&self, recorded: Recorded) {
         if self.stop.is_cancelled() {
@@ -68,6 +75,7 @@ impl Shadow {
     fn report(&self, slot: Slot) -> ReplayReport {
         let state = ShadowState {
             started_at_ms: self.started_at_ms,
+            share: self.share,
             dropped: self.dropped.load(Ordering::Relaxed),
             stopped: lock(&self.stopped).clone(),
             config: self.config.clone(),
@@ -302,7 +310,9 @@ impl PluginHost {
         let observed = &self.cell(slot).observed;
         let record = observed.recorder.wants();
         let shadow = observed.shadow.load();
-        let shadow = shadow.as_ref().filter(|_| !by_canary());
+        let shadow = shadow
+            .as_ref()
+            .filter(|shadow| shadow.draws() && !by_canary());
         if !record && shadow.is_none() {
             return;
         }
@@ -426,12 +436,14 @@ impl PluginHost {
 
     /// Starts a shadow of `slot` (replacing any): a candidate called after the active version
     /// with the same live inputs, off the request path, whose decisions are tallied and never
-    /// acted on. On this replica only.
+    /// acted on. On this replica only. `share_percent` of live calls (1 to 100) go to it: its
+    /// work on the CPU is that share of the slot's.
     pub async fn start_shadow(
         &self,
         slot: Slot,
         wasm: &[u8],
         config_json: &str,
+        share_percent: u8,
     ) -> Result<ReplayReport, PluginError> {
         let spec = self.candidate(slot, wasm, config_json).await?;
         let config = serde_json::from_str(config_json)
@@ -441,6 +453,7 @@ impl PluginHost {
             sha256: spec.sha256.clone(),
             config,
             started_at_ms: unix_ms(),
+            share: share_percent.clamp(1, 100),
             queue,
             tally: Arc::new(Mutex::new(DiffTally::new(
                 self.config.rate_limiter_fail_open,
