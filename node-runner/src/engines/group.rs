@@ -432,7 +432,12 @@ async fn answer(
         .get(http::header::AUTHORIZATION)
         .is_some_and(|value| constant_time_eq(value.as_bytes(), expected.as_bytes()));
     if !authorized {
-        return reply(401, "{\"error\":\"the group's secret is required\"}".into());
+        let body = garage_node_protocol::ErrorBody::new(
+            "the group's secret is required",
+            "invalid_request_error",
+            Some("invalid_api_key"),
+        );
+        return reply(401, body.to_json());
     }
     let mut state = state.lock().await;
     match (request.method(), request.uri().path()) {
@@ -441,7 +446,14 @@ async fn answer(
             tracing::info!(group = %config.group, "the head restarts this member's Ray worker");
             restart_worker(config, &mut state).await;
         }
-        _ => return reply(404, "{\"error\":\"no such route\"}".into()),
+        _ => {
+            let body = garage_node_protocol::ErrorBody::new(
+                "no such route",
+                "invalid_request_error",
+                Some("not_found"),
+            );
+            return reply(404, body.to_json());
+        }
     }
     let running = match &mut state.worker {
         Some(worker) => worker.exited().is_none(),
@@ -457,7 +469,7 @@ async fn answer(
 
 /// Compares secrets without leaking where they differ through timing.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
 /// The member list is plain data, valid whatever a panicking holder left.
