@@ -5,7 +5,7 @@ calls of a samples file, and compares each answer with the one the file expects.
     python run_component.py WORLD COMPONENT.wasm SAMPLES.json
 
 The host side is the gateway's: key-value state in memory (for the run), a fixed clock
-(`now_ms` of the samples file), log lines on stderr, the configuration of each call, and the
+(`now_ms` of the samples file, or of a call), log lines on stderr, the configuration of each call, and the
 WASI interfaces the gateway links, with nothing granted. Each call gets a fresh instance, as with the gateway's `isolation = "per-call"`.
 Prints one line per call; exits 1 when a call does not answer what it expects, 2 when the
 component or the samples file cannot be used.
@@ -24,6 +24,8 @@ from wasmtime import component as wc
 WORLDS = {
     "reward": ("on-usage", "on-report"),
     "meter": ("quote", "charge"),
+    "router": ("route",),
+    "rate-limiter": ("admit", "settle"),
 }
 POLICY_IMPORT = "garage:policy/"
 # The WASI 0.2 interfaces the gateway links, with nothing granted (no files, environment,
@@ -46,6 +48,21 @@ RIG_REPORT = {
 }
 PRICE = {"prompt_per_thousand": 0.0, "completion_per_thousand": 0.0}
 QUOTE_REQUEST = {"model": "", "batch": False}
+# The router world (wit/v0.4): the request, each candidate (0.4.0's, with its trust) and what
+# `candidates.describe` tells of it, which a sample gives beside the candidate's fields.
+ROUTE_REQUEST = {
+    "model": "", "key_id": "", "prefix_hash": 0, "prompt_tokens": 0, "max_tokens": 0,
+    "stream": False,
+}
+CANDIDATE = {
+    "in_flight": 0, "engine_running": 0, "engine_waiting": 0, "kv_cache_usage": 0.0,
+    "tokens_per_second": 0.0, "latency_ms": 0.0, "gpu_utilization": 0.0,
+    "gpu_memory_free_bytes": 0, "trust": "configured",
+}
+CANDIDATE_INFO = {"id": "", "rig": "", "operator": "", "labels": {}}
+# The rate limiter world (0.3.0's, which 0.4.0 keeps).
+ADMISSION = {"request_id": "", "key_id": "", "model": "", "reserved_tokens": 0, "key_metadata": ""}
+SETTLEMENT = {"request_id": "", "key_id": "", "model": "", "reserved_tokens": 0, "used_tokens": 0}
 ENUMS = {
     "counted_by": ("gateway", "backend"),
     "trust": ("configured", "unverified", "verified", "suspect", "quarantined"),
@@ -77,12 +94,47 @@ def record(fields, sample, what):
     return value
 
 
+def fnv1a(text):
+    """The candidate's `key`: FNV-1a (64-bit) of its id's UTF-8 bytes, as the gateway makes it."""
+    value = 0xCBF29CE484222325
+    for byte in text.encode():
+        value = ((value ^ byte) * 0x100000001B3) % (1 << 64)
+    return value
+
+
+def candidates(sample, what):
+    """The `candidate` records of a route call and the descriptions `describe` gives."""
+    if not isinstance(sample, list):
+        raise SampleError(f"{what}: `candidates` takes a list of candidates")
+    records, infos = [], []
+    for i, given in enumerate(sample):
+        where = f"{what}, candidate {i + 1}"
+        if not isinstance(given, dict):
+            raise SampleError(f"{where}: expected a JSON object, got {json.dumps(given)}")
+        own = {k: v for k, v in given.items() if k not in CANDIDATE_INFO}
+        about = {k: v for k, v in given.items() if k in CANDIDATE_INFO}
+        labels = about.get("labels", {})
+        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+            raise SampleError(f"{where}: `labels` takes an object of strings")
+        candidate = record(CANDIDATE, own, where)
+        candidate.key = fnv1a(str(about.get("id", "")))
+        records.append(candidate)
+        info = wc.Record()
+        for name in ("id", "rig", "operator"):
+            setattr(info, name, str(about.get(name, "")))
+        info.labels = [(k, v) for k, v in labels.items()]
+        infos.append(info)
+    return records, infos
+
+
 class Host:
     """The gateway's side of the contract for one run."""
 
     def __init__(self, engine, world, now_ms, wasi):
         self.kv = {}
         self.config_text = "{}"
+        self.now_ms = now_ms
+        self.infos = []
         self.wasi = wasi
         self.linker = wc.Linker(engine)
         if wasi:
@@ -95,12 +147,16 @@ class Host:
             kv.add_func("incr", self.incr)
             kv.add_func("reserve", self.reserve)
         with root.add_instance("garage:policy/clock@0.2.0") as clock:
-            clock.add_func("now-ms", lambda _s: now_ms)
+            clock.add_func("now-ms", lambda _s: self.now_ms)
         with root.add_instance("garage:policy/log@0.2.0") as log:
             log.add_func("log", lambda _s, level, message: print(
                 f"      log {level}: {message}", file=sys.stderr))
         with root.add_instance("garage:policy/config@0.2.0") as config:
             config.add_func("get", lambda _s: self.config_text)
+        if world == "router":
+            with root.add_instance("garage:policy/candidates@0.2.0") as described:
+                described.add_func("describe", lambda _s, index: (
+                    self.infos[index] if index < len(self.infos) else None))
         if world == "meter":
             # No market: the samples run with no rigs and no demand to tell.
             with root.add_instance("garage:policy/market@0.5.0") as market:
@@ -119,7 +175,7 @@ class Host:
         self.kv[key] = str(value).encode()
         return value
 
-    def call(self, engine, component, export, argument):
+    def call(self, engine, component, export, *arguments):
         store = wasmtime.Store(engine)
         if self.wasi:
             store.set_wasi(wasmtime.WasiConfig())  # nothing inherited or granted
@@ -127,7 +183,7 @@ class Host:
         func = instance.get_func(store, export)
         if func is None:
             raise SampleError(f"the component does not export `{export}`")
-        result = func(store, argument)
+        result = func(store, *arguments)
         try:
             func.post_return(store)
         except Exception:  # noqa: BLE001 - a no-op, or refused, on newer wasmtime-py
@@ -151,8 +207,9 @@ def plain(value):
 
 
 def matches(got, want):
-    if isinstance(want, dict) and set(want) == {"err"}:
-        return isinstance(got, dict) and want["err"] in got.get("err", "")
+    if isinstance(want, dict) and set(want) in ({"err"}, {"trap"}):
+        key = next(iter(want))
+        return isinstance(got, dict) and key in got and want[key] in got[key]
     if isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
         return all(matches(g, w) for g, w in zip(got, want))
     if isinstance(want, (int, float)) and isinstance(got, (int, float)):
@@ -163,8 +220,12 @@ def matches(got, want):
     return got == want
 
 
-def run_call(host, engine, component, sample, default_config, index):
+def run_call(host, engine, component, sample, defaults, index):
     name = sample.get("name", f"call {index + 1}")
+    default_config, default_now_ms = defaults
+    host.now_ms = sample.get("now_ms", default_now_ms)
+    if not isinstance(host.now_ms, int) or host.now_ms < 0:
+        raise SampleError(f"{name}: `now_ms` takes milliseconds since the epoch")
     config = sample.get("config", default_config)
     host.config_text = config if isinstance(config, str) else json.dumps(config)
     if "on-usage" in sample or "charge" in sample:
@@ -180,9 +241,23 @@ def run_call(host, engine, component, sample, default_config, index):
     elif "quote" in sample:
         argument = record(QUOTE_REQUEST, sample["quote"], f"{name}, quote request")
         got = answer(host.call(engine, component, "quote", argument))
+    elif "route" in sample:
+        route = sample["route"]
+        if not isinstance(route, dict):
+            raise SampleError(f"{name}: `route` takes an object with `request` and `candidates`")
+        request = record(ROUTE_REQUEST, route.get("request", {}), f"{name}, request")
+        listed, host.infos = candidates(route.get("candidates"), name)
+        got = answer(host.call(engine, component, "route", request, listed))
+    elif "admit" in sample:
+        argument = record(ADMISSION, sample["admit"], f"{name}, admission")
+        got = plain(host.call(engine, component, "admit", argument))
+    elif "settle" in sample:
+        argument = record(SETTLEMENT, sample["settle"], f"{name}, settlement")
+        got = plain(host.call(engine, component, "settle", argument))
     else:
         raise SampleError(f"{name}: a call needs one of `on-usage`, `on-report` (reward), "
-                          "`charge`, `quote` (meter)")
+                          "`charge`, `quote` (meter), `route` (router), `admit`, `settle` "
+                          "(rate-limiter)")
     return name, got
 
 
@@ -233,12 +308,14 @@ def main():
                   file=sys.stderr)
         return 1
 
-    host = Host(engine, world, samples.get("now_ms", DEFAULT_NOW_MS), bool(wasi))
+    now_ms = samples.get("now_ms", DEFAULT_NOW_MS)
+    host = Host(engine, world, now_ms, bool(wasi))
     failed = 0
     for index, sample in enumerate(samples["calls"]):
         started = time.perf_counter()
         try:
-            name, got = run_call(host, engine, component, sample, samples.get("config", {}), index)
+            defaults = (samples.get("config", {}), now_ms)
+            name, got = run_call(host, engine, component, sample, defaults, index)
         except SampleError as err:
             print(f"{samples_path}: {err}", file=sys.stderr)
             return 2

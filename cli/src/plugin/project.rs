@@ -143,6 +143,8 @@ macro_rules! template {
 
 const SAMPLES_REWARD: &str = include_str!("../../templates/reward.samples.json");
 const SAMPLES_METER: &str = include_str!("../../templates/meter.samples.json");
+const SAMPLES_ROUTER: &str = include_str!("../../templates/router.samples.json");
+const SAMPLES_RATE_LIMITER: &str = include_str!("../../templates/rate-limiter.samples.json");
 
 const RUST_REWARD: Template = template!("rust", "reward", [
     "Cargo.toml", "rust-toolchain.toml", "src/lib.rs", "src/tests.rs", "gitignore" as ".gitignore",
@@ -168,6 +170,13 @@ const JS_METER: Template = template!("js", "meter", [
     "gitignore" as ".gitignore",
 ]);
 
+const RUST_ROUTER: Template = template!("rust", "router", [
+    "Cargo.toml", "rust-toolchain.toml", "src/lib.rs", "src/tests.rs", "gitignore" as ".gitignore",
+]);
+const RUST_RATE_LIMITER: Template = template!("rust", "rate-limiter", [
+    "Cargo.toml", "rust-toolchain.toml", "src/lib.rs", "src/tests.rs", "gitignore" as ".gitignore",
+]);
+
 /// The template of a language and slot, with its sample calls.
 fn template(lang: Lang, slot: Slot) -> Option<(Template, &'static str)> {
     match (lang, slot) {
@@ -177,6 +186,8 @@ fn template(lang: Lang, slot: Slot) -> Option<(Template, &'static str)> {
         (Lang::Rust, Slot::Meter) => Some((RUST_METER, SAMPLES_METER)),
         (Lang::Python, Slot::Meter) => Some((PYTHON_METER, SAMPLES_METER)),
         (Lang::Js, Slot::Meter) => Some((JS_METER, SAMPLES_METER)),
+        (Lang::Rust, Slot::Router) => Some((RUST_ROUTER, SAMPLES_ROUTER)),
+        (Lang::Rust, Slot::RateLimiter) => Some((RUST_RATE_LIMITER, SAMPLES_RATE_LIMITER)),
         _ => None,
     }
 }
@@ -250,8 +261,9 @@ pub fn create(
     let Some((files, samples)) = template(lang, slot) else {
         bail!(
             "no {lang} template for the {slot} slot yet: templates exist for the reward and meter \
-             slots in Rust, Python and JavaScript. For another slot, start from one of them and \
-             follow plugin-sdk/README.md (the slots' functions) and docs/plugins.md"
+             slots in Rust, Python and JavaScript, and in Rust for the router and rate-limiter \
+             slots. Otherwise start from one of them and follow plugin-sdk/README.md (the \
+             slots' functions) and docs/plugins.md"
         );
     };
     if dir.exists() {
@@ -361,6 +373,7 @@ mod tests {
         for (lang, slot) in [Lang::Rust, Lang::Python, Lang::Js]
             .into_iter()
             .flat_map(|lang| [(lang, Slot::Reward), (lang, Slot::Meter)])
+            .chain([(Lang::Rust, Slot::Router), (Lang::Rust, Slot::RateLimiter)])
         {
             let dir = std::env::temp_dir().join(format!(
                 "garage-cli-template-{}-{lang:?}-{slot}",
@@ -392,8 +405,8 @@ mod tests {
     fn slots_without_a_template_say_what_exists() {
         let sdk = find_sdk(None).expect("the repository's SDK");
         let dir = std::env::temp_dir().join(format!("garage-cli-router-{}", std::process::id()));
-        let err = create(&dir, "r", Slot::Router, Lang::Rust, &sdk).expect_err("no template");
-        assert!(err.to_string().contains("reward and meter"), "{err}");
+        let err = create(&dir, "r", Slot::Router, Lang::Python, &sdk).expect_err("no template");
+        assert!(err.to_string().contains("in Rust for the router"), "{err}");
         assert!(!dir.exists());
     }
 
