@@ -301,3 +301,32 @@ def test_a_meter_from_new_to_promoted(gateway, tmp_path):
     assert ok(garage("plugin", "promote", "meter", *base)).strip() == sha
     status = json.loads(ok(garage("plugin", "status", "meter", "--json", *base)))
     assert status["active"]["sha256"] == sha and status["active"]["config"] == json.loads(config)
+
+
+def test_a_router_from_new_to_promoted_and_a_rate_limiter_tested(gateway, tmp_path):
+    """The Rust router template from `new` to the active version of the router slot, and the
+    Rust rate limiter through its native tests and its sample calls in wasmtime (its counts go
+    on from call to call in the in-memory kv)."""
+    base = ["--url", gateway]
+    ok(garage("plugin", "new", "router", "route-rust", "--lang", "rust", cwd=tmp_path))
+    project = tmp_path / "route-rust"
+    tested = garage("plugin", "test", cwd=project, timeout=TOOL_TIMEOUT_S)
+    assert "4 of 4 sample calls answered as expected" in ok(tested) + tested.stderr
+    component = Path(ok(garage("plugin", "build", str(project), timeout=TOOL_TIMEOUT_S)).strip())
+    assert component == project / "dist" / "route-rust.wasm"
+    sha = ok(garage("plugin", "push", "router", str(component), "--canary", "10", *base)).strip()
+    assert ok(garage("plugin", "promote", "router", *base)).strip() == sha
+    status = json.loads(ok(garage("plugin", "status", "router", "--json", *base)))
+    assert status["active"]["sha256"] == sha
+
+    ok(garage("plugin", "new", "rate-limiter", "limit-rust", "--lang", "rust", cwd=tmp_path))
+    limiter = tmp_path / "limit-rust"
+    tested = garage("plugin", "test", cwd=limiter, timeout=TOOL_TIMEOUT_S)
+    assert "6 of 6 sample calls answered as expected" in ok(tested) + tested.stderr
+    # Hostile: a sample that expects the third request of the minute through fails the test.
+    samples = json.loads((limiter / "samples.json").read_text())
+    samples["calls"][2]["expect"] = {"decision": {"allow": True}}
+    (limiter / "samples.json").write_text(json.dumps(samples))
+    failed = garage("plugin", "test", cwd=limiter, timeout=TOOL_TIMEOUT_S)
+    assert failed.returncode != 0, failed.stdout + failed.stderr
+    assert "5 of 6 sample calls answered as expected" in failed.stdout + failed.stderr
