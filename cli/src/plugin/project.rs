@@ -177,6 +177,15 @@ const RUST_RATE_LIMITER: Template = template!("rust", "rate-limiter", [
     "Cargo.toml", "rust-toolchain.toml", "src/lib.rs", "src/tests.rs", "gitignore" as ".gitignore",
 ]);
 
+const PYTHON_ROUTER: Template = template!("python", "router", [
+    "policy.py", "app.py", "test_policy.py", "pytest.ini", "requirements.txt",
+    "gitignore" as ".gitignore",
+]);
+const PYTHON_RATE_LIMITER: Template = template!("python", "rate-limiter", [
+    "policy.py", "app.py", "test_policy.py", "pytest.ini", "requirements.txt",
+    "gitignore" as ".gitignore",
+]);
+
 /// The template of a language and slot, with its sample calls.
 fn template(lang: Lang, slot: Slot) -> Option<(Template, &'static str)> {
     match (lang, slot) {
@@ -188,6 +197,8 @@ fn template(lang: Lang, slot: Slot) -> Option<(Template, &'static str)> {
         (Lang::Js, Slot::Meter) => Some((JS_METER, SAMPLES_METER)),
         (Lang::Rust, Slot::Router) => Some((RUST_ROUTER, SAMPLES_ROUTER)),
         (Lang::Rust, Slot::RateLimiter) => Some((RUST_RATE_LIMITER, SAMPLES_RATE_LIMITER)),
+        (Lang::Python, Slot::Router) => Some((PYTHON_ROUTER, SAMPLES_ROUTER)),
+        (Lang::Python, Slot::RateLimiter) => Some((PYTHON_RATE_LIMITER, SAMPLES_RATE_LIMITER)),
         _ => None,
     }
 }
@@ -261,9 +272,9 @@ pub fn create(
     let Some((files, samples)) = template(lang, slot) else {
         bail!(
             "no {lang} template for the {slot} slot yet: templates exist for the reward and meter \
-             slots in Rust, Python and JavaScript, and in Rust for the router and rate-limiter \
-             slots. Otherwise start from one of them and follow plugin-sdk/README.md (the \
-             slots' functions) and docs/plugins.md"
+             slots in Rust, Python and JavaScript, and in Rust and Python for the router and \
+             rate-limiter slots. Otherwise start from one of them and follow plugin-sdk/README.md \
+             (the slots' functions) and docs/plugins.md"
         );
     };
     if dir.exists() {
@@ -373,7 +384,11 @@ mod tests {
         for (lang, slot) in [Lang::Rust, Lang::Python, Lang::Js]
             .into_iter()
             .flat_map(|lang| [(lang, Slot::Reward), (lang, Slot::Meter)])
-            .chain([(Lang::Rust, Slot::Router), (Lang::Rust, Slot::RateLimiter)])
+            .chain(
+                [Lang::Rust, Lang::Python]
+                    .into_iter()
+                    .flat_map(|lang| [(lang, Slot::Router), (lang, Slot::RateLimiter)]),
+            )
         {
             let dir = std::env::temp_dir().join(format!(
                 "garage-cli-template-{}-{lang:?}-{slot}",
@@ -405,8 +420,12 @@ mod tests {
     fn slots_without_a_template_say_what_exists() {
         let sdk = find_sdk(None).expect("the repository's SDK");
         let dir = std::env::temp_dir().join(format!("garage-cli-router-{}", std::process::id()));
-        let err = create(&dir, "r", Slot::Router, Lang::Python, &sdk).expect_err("no template");
-        assert!(err.to_string().contains("in Rust for the router"), "{err}");
+        let err = create(&dir, "r", Slot::Router, Lang::Js, &sdk).expect_err("no template");
+        assert!(
+            err.to_string()
+                .contains("in Rust and Python for the router"),
+            "{err}"
+        );
         assert!(!dir.exists());
     }
 
