@@ -186,20 +186,30 @@ const PYTHON_RATE_LIMITER: Template = template!("python", "rate-limiter", [
     "gitignore" as ".gitignore",
 ]);
 
+const JS_ROUTER: Template = template!("js", "router", [
+    "policy.js", "component.js", "policy.test.mjs", "build.mjs", "package.json",
+    "gitignore" as ".gitignore",
+]);
+const JS_RATE_LIMITER: Template = template!("js", "rate-limiter", [
+    "policy.js", "component.js", "policy.test.mjs", "build.mjs", "package.json",
+    "gitignore" as ".gitignore",
+]);
+
 /// The template of a language and slot, with its sample calls.
-fn template(lang: Lang, slot: Slot) -> Option<(Template, &'static str)> {
+fn template(lang: Lang, slot: Slot) -> (Template, &'static str) {
     match (lang, slot) {
-        (Lang::Rust, Slot::Reward) => Some((RUST_REWARD, SAMPLES_REWARD)),
-        (Lang::Python, Slot::Reward) => Some((PYTHON_REWARD, SAMPLES_REWARD)),
-        (Lang::Js, Slot::Reward) => Some((JS_REWARD, SAMPLES_REWARD)),
-        (Lang::Rust, Slot::Meter) => Some((RUST_METER, SAMPLES_METER)),
-        (Lang::Python, Slot::Meter) => Some((PYTHON_METER, SAMPLES_METER)),
-        (Lang::Js, Slot::Meter) => Some((JS_METER, SAMPLES_METER)),
-        (Lang::Rust, Slot::Router) => Some((RUST_ROUTER, SAMPLES_ROUTER)),
-        (Lang::Rust, Slot::RateLimiter) => Some((RUST_RATE_LIMITER, SAMPLES_RATE_LIMITER)),
-        (Lang::Python, Slot::Router) => Some((PYTHON_ROUTER, SAMPLES_ROUTER)),
-        (Lang::Python, Slot::RateLimiter) => Some((PYTHON_RATE_LIMITER, SAMPLES_RATE_LIMITER)),
-        _ => None,
+        (Lang::Rust, Slot::Reward) => (RUST_REWARD, SAMPLES_REWARD),
+        (Lang::Python, Slot::Reward) => (PYTHON_REWARD, SAMPLES_REWARD),
+        (Lang::Js, Slot::Reward) => (JS_REWARD, SAMPLES_REWARD),
+        (Lang::Rust, Slot::Meter) => (RUST_METER, SAMPLES_METER),
+        (Lang::Python, Slot::Meter) => (PYTHON_METER, SAMPLES_METER),
+        (Lang::Js, Slot::Meter) => (JS_METER, SAMPLES_METER),
+        (Lang::Rust, Slot::Router) => (RUST_ROUTER, SAMPLES_ROUTER),
+        (Lang::Rust, Slot::RateLimiter) => (RUST_RATE_LIMITER, SAMPLES_RATE_LIMITER),
+        (Lang::Python, Slot::Router) => (PYTHON_ROUTER, SAMPLES_ROUTER),
+        (Lang::Python, Slot::RateLimiter) => (PYTHON_RATE_LIMITER, SAMPLES_RATE_LIMITER),
+        (Lang::Js, Slot::Router) => (JS_ROUTER, SAMPLES_ROUTER),
+        (Lang::Js, Slot::RateLimiter) => (JS_RATE_LIMITER, SAMPLES_RATE_LIMITER),
     }
 }
 
@@ -269,14 +279,7 @@ pub fn create(
     sdk: &Path,
 ) -> anyhow::Result<Project> {
     check_name(name)?;
-    let Some((files, samples)) = template(lang, slot) else {
-        bail!(
-            "no {lang} template for the {slot} slot yet: templates exist for the reward and meter \
-             slots in Rust, Python and JavaScript, and in Rust and Python for the router and \
-             rate-limiter slots. Otherwise start from one of them and follow plugin-sdk/README.md \
-             (the slots' functions) and docs/plugins.md"
-        );
-    };
+    let (files, samples) = template(lang, slot);
     if dir.exists() {
         let empty = std::fs::read_dir(dir)
             .with_context(|| format!("cannot read {}", dir.display()))?
@@ -383,12 +386,10 @@ mod tests {
         let sdk = find_sdk(None).expect("the repository's SDK");
         for (lang, slot) in [Lang::Rust, Lang::Python, Lang::Js]
             .into_iter()
-            .flat_map(|lang| [(lang, Slot::Reward), (lang, Slot::Meter)])
-            .chain(
-                [Lang::Rust, Lang::Python]
-                    .into_iter()
-                    .flat_map(|lang| [(lang, Slot::Router), (lang, Slot::RateLimiter)]),
-            )
+            .flat_map(|lang| {
+                [Slot::Reward, Slot::Meter, Slot::Router, Slot::RateLimiter]
+                    .map(|slot| (lang, slot))
+            })
         {
             let dir = std::env::temp_dir().join(format!(
                 "garage-cli-template-{}-{lang:?}-{slot}",
@@ -414,19 +415,6 @@ mod tests {
             assert!(err.to_string().contains("not empty"), "{err}");
             std::fs::remove_dir_all(&dir).expect("cleaned up");
         }
-    }
-
-    #[test]
-    fn slots_without_a_template_say_what_exists() {
-        let sdk = find_sdk(None).expect("the repository's SDK");
-        let dir = std::env::temp_dir().join(format!("garage-cli-router-{}", std::process::id()));
-        let err = create(&dir, "r", Slot::Router, Lang::Js, &sdk).expect_err("no template");
-        assert!(
-            err.to_string()
-                .contains("in Rust and Python for the router"),
-            "{err}"
-        );
-        assert!(!dir.exists());
     }
 
     #[test]
