@@ -116,6 +116,18 @@ def projects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return components
 
 
+
+@pytest.mark.parametrize("slot,samples", [("router", 4), ("rate-limiter", 6)])
+@pytest.mark.parametrize("lang", ["python", "js"])
+def test_router_and_rate_limiter_templates_pass_their_tests(tmp_path, lang, slot, samples):
+    """`garage plugin new` then `garage plugin test` for the Python and JavaScript router and
+    rate-limiter templates: native tests, then every sample call in wasmtime."""
+    name = f"t-{slot}-{lang}"
+    assert ok(garage("plugin", "new", slot, name, "--lang", lang, cwd=tmp_path)).strip() == name
+    tested = garage("plugin", "test", cwd=tmp_path / name, timeout=TOOL_TIMEOUT_S)
+    ok(tested)
+    assert f"{samples} of {samples} sample calls answered as expected" in tested.stderr, tested.stderr
+
 def test_a_broken_policy_fails_its_tests_with_the_test_status(projects):
     """`garage plugin test` exits 5 when the policy no longer pays what its native tests expect
     (each language), and when its component no longer answers what samples.json expects."""
