@@ -66,6 +66,15 @@ pub struct Payout {
     pub total_amount: f64,
 }
 
+impl Payout {
+    /// When the run read the points it paid (Unix milliseconds): the end of its statements'
+    /// window. Runs from before `counted_until_ms` was recorded: the end of their second.
+    pub fn read_until_ms(&self) -> u64 {
+        self.counted_until_ms
+            .unwrap_or_else(|| self.created_at.saturating_mul(1000) + 999)
+    }
+}
+
 impl Usage {
     /// Runs a payout: pays every operator their points not paid yet.
     pub async fn run_payout(&self, request: PayoutRequest) -> Result<Payout, ApiError> {
@@ -146,7 +155,12 @@ impl Usage {
             .iter()
             .filter_map(|bytes| serde_json::from_slice(bytes).ok())
             .collect();
-        payouts.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
+        // By when each run read the points, to the millisecond: `created_at` is in seconds, and
+        // two runs within one second were ordered by their random ids (a statement then took
+        // the later run for the earlier one and listed requests already paid).
+        payouts.sort_by(|a, b| {
+            (b.read_until_ms(), b.created_at, &b.id).cmp(&(a.read_until_ms(), a.created_at, &a.id))
+        });
         Ok(payouts)
     }
 

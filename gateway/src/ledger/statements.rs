@@ -85,8 +85,8 @@ pub async fn statement(
     };
     let run: &Payout = &runs[at];
     // Newest first: the run before it is the next one in the list.
-    let from_ms = runs.get(at + 1).map_or(0, counted_until_ms);
-    let to_ms = counted_until_ms(run);
+    let from_ms = runs.get(at + 1).map_or(0, Payout::read_until_ms);
+    let to_ms = run.read_until_ms();
     let mut requests = Vec::new();
     let mut truncated = false;
     let webhooks = state.webhooks();
@@ -147,13 +147,6 @@ pub async fn statement(
         requests,
         truncated,
     })
-}
-
-/// When `run` read the points it paid (for a run recorded before that was kept, the end of the
-/// second it was made in).
-fn counted_until_ms(run: &Payout) -> u64 {
-    run.counted_until_ms
-        .unwrap_or_else(|| run.created_at.saturating_mul(1000) + 999)
 }
 
 fn request_of(entry: &LedgerEntry, points: f64) -> StatementRequest {
