@@ -263,8 +263,9 @@ def test_new_refuses_what_it_cannot_make(tmp_path):
     assert (taken / "keep.txt").read_text() == "mine"
     result = garage("plugin", "new", "reward", "Bad_Name", "--lang", "python", cwd=tmp_path)
     assert result.returncode == 1 and "bad name" in result.stderr, result.stderr
-    result = garage("plugin", "new", "router", "fast", "--lang", "js", cwd=tmp_path)
-    assert result.returncode == 1 and "reward and meter" in result.stderr, result.stderr
+    result = garage("plugin", "new", "nope", "fast", "--lang", "js", cwd=tmp_path)
+    assert result.returncode == 2 and "invalid value 'nope'" in result.stderr, result.stderr
+    assert not (tmp_path / "fast").exists()
     result = garage("plugin", "new", "reward", "x", "--lang", "rust", "--sdk", str(tmp_path),
                     cwd=tmp_path)
     assert result.returncode == 1 and "not the Garage SDK" in result.stderr, result.stderr
