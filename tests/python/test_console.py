@@ -17,7 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoAlertPresentException
+from selenium.common.exceptions import (
+    NoAlertPresentException,
+    NoSuchElementException,
+    StaleElementReferenceException,
+)
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -28,6 +32,9 @@ from conftest import ADMIN_TOKEN, API_KEY, CHAT_MODELS, REPO_ROOT
 
 HOSTILE_NAME = "<img src=x onerror=alert(1)>"
 WAIT_S = 20
+# A form post reloads the page: an element found just before the reload goes stale under the
+# wait's condition, which is then asked again (as for one not there yet).
+PAGE_CHANGES = (NoSuchElementException, StaleElementReferenceException)
 
 
 def _chromium() -> tuple[str, str]:
@@ -87,11 +94,11 @@ def _no_alert_and_no_csp_violation(driver) -> None:
 def _login(driver, base: str, token: str) -> None:
     driver.delete_all_cookies()
     driver.get(f"{base}/console")
-    WebDriverWait(driver, WAIT_S).until(EC.presence_of_element_located((By.ID, "token")))
+    WebDriverWait(driver, WAIT_S, ignored_exceptions=PAGE_CHANGES).until(EC.presence_of_element_located((By.ID, "token")))
     _shot(driver, "login")
     driver.find_element(By.ID, "token").send_keys(token)
     driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
-    WebDriverWait(driver, WAIT_S).until(EC.presence_of_element_located((By.CSS_SELECTOR, "header.top")))
+    WebDriverWait(driver, WAIT_S, ignored_exceptions=PAGE_CHANGES).until(EC.presence_of_element_located((By.CSS_SELECTOR, "header.top")))
 
 
 def _admin(base: str):
@@ -119,7 +126,7 @@ def test_the_operator_console(browser, gateway_url: str) -> None:
     _login(browser, base, ADMIN_TOKEN)
     assert browser.find_element(By.TAG_NAME, "h1").text == "Overview"
     # The script fills the rates in from /console/live.
-    WebDriverWait(browser, WAIT_S).until(
+    WebDriverWait(browser, WAIT_S, ignored_exceptions=PAGE_CHANGES).until(
         lambda d: d.find_element(By.CSS_SELECTOR, "[data-rate=requests]").text not in ("", "–")
     )
     _shot(browser, "overview")
@@ -142,7 +149,7 @@ def test_the_operator_console(browser, gateway_url: str) -> None:
     browser.get(f"{base}/console/keys")
     browser.find_element(By.ID, "name").send_keys("made-in-the-console")
     browser.find_element(By.CSS_SELECTOR, "form[action='/console/keys'] button").click()
-    secret = WebDriverWait(browser, WAIT_S).until(
+    secret = WebDriverWait(browser, WAIT_S, ignored_exceptions=PAGE_CHANGES).until(
         EC.presence_of_element_located((By.CSS_SELECTOR, "[data-secret]"))
     ).text
     assert secret.startswith("sk-garage-"), secret
@@ -151,7 +158,7 @@ def test_the_operator_console(browser, gateway_url: str) -> None:
     row = browser.find_element(By.XPATH, "//tr[td[contains(., 'made-in-the-console')]]")
     key_id = row.get_attribute("data-key")
     row.find_element(By.CSS_SELECTOR, "button.danger").click()
-    WebDriverWait(browser, WAIT_S).until(
+    WebDriverWait(browser, WAIT_S, ignored_exceptions=PAGE_CHANGES).until(
         lambda d: "revoked" in d.find_element(By.CSS_SELECTOR, f"tr[data-key='{key_id}']").text
     )
     assert admin.get(f"/admin/keys/{key_id}").json()["revoked_at"] is not None
@@ -168,13 +175,13 @@ def test_the_operator_console(browser, gateway_url: str) -> None:
     slot.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(wasm))
     slot.find_element(By.XPATH, ".//form[contains(@action, '/upload')]//button").click()
     # The form posts, then the browser lands on the plugins page again: a fresh section.
-    WebDriverWait(browser, WAIT_S).until(EC.staleness_of(slot))
+    WebDriverWait(browser, WAIT_S, ignored_exceptions=PAGE_CHANGES).until(EC.staleness_of(slot))
     router = lambda: next(s for s in admin.get("/admin/plugins").json()["data"] if s["slot"] == "router")
     assert router()["active"]["activated_by"] == "console", router()
     slot = browser.find_element(By.CSS_SELECTOR, "section[data-slot=router]")
     slot.find_element(By.CSS_SELECTOR, "input[name=confirm]").click()
     slot.find_element(By.XPATH, ".//form[contains(@action, '/rollback')]//button").click()
-    WebDriverWait(browser, WAIT_S).until(EC.staleness_of(slot))
+    WebDriverWait(browser, WAIT_S, ignored_exceptions=PAGE_CHANGES).until(EC.staleness_of(slot))
     assert router()["active"]["sha256"] == (router_before or {}).get("sha256"), router()
     _shot(browser, "plugins")
 
@@ -192,7 +199,7 @@ def test_the_operator_console(browser, gateway_url: str) -> None:
 
     # Logged out, the pages send the browser back to the login.
     browser.find_element(By.CSS_SELECTOR, "form[action='/console/logout'] button").click()
-    WebDriverWait(browser, WAIT_S).until(EC.presence_of_element_located((By.ID, "token")))
+    WebDriverWait(browser, WAIT_S, ignored_exceptions=PAGE_CHANGES).until(EC.presence_of_element_located((By.ID, "token")))
     browser.get(f"{base}/console/keys")
     assert browser.current_url.endswith("/console/login")
 
@@ -212,13 +219,13 @@ def test_the_rig_owner_console(browser, gateway_url: str) -> None:
     assert names == ["owners-rig"], names
     assert browser.find_elements(By.CSS_SELECTOR, "svg.chart rect"), "no earnings chart"
     browser.find_element(By.CSS_SELECTOR, "form[action='/console/operator/enroll'] button").click()
-    command = WebDriverWait(browser, WAIT_S).until(
+    command = WebDriverWait(browser, WAIT_S, ignored_exceptions=PAGE_CHANGES).until(
         EC.presence_of_element_located((By.CSS_SELECTOR, "[data-secret]"))
     ).text
     assert command.startswith("node-runner run --gateway-url"), command
     _shot(browser, "rig-owner")
     browser.find_element(By.PARTIAL_LINK_TEXT, "Statement of owners-rig").click()
-    WebDriverWait(browser, WAIT_S).until(EC.title_contains("Statement"))
+    WebDriverWait(browser, WAIT_S, ignored_exceptions=PAGE_CHANGES).until(EC.title_contains("Statement"))
     _no_alert_and_no_csp_violation(browser)
 
 
@@ -236,7 +243,7 @@ def test_the_app_developer_console(browser, gateway_url: str) -> None:
     browser.find_element(By.ID, "pg-key").send_keys(API_KEY)
     Select(browser.find_element(By.ID, "pg-model")).select_by_value(CHAT_MODELS[0])
     browser.find_element(By.CSS_SELECTOR, "#playground button").click()
-    WebDriverWait(browser, WAIT_S).until(
+    WebDriverWait(browser, WAIT_S, ignored_exceptions=PAGE_CHANGES).until(
         lambda d: d.find_element(By.ID, "pg-status").text.startswith("Done")
     )
     answer = browser.find_element(By.ID, "pg-answer").text
