@@ -137,6 +137,13 @@ macro_rules! template {
             include_str!(concat!("../../templates/", $lang, "/", $slot, "/", $file)),
         )),*]
     };
+    // A language's files that are the same whatever the slot.
+    ($lang:literal, [$($file:literal $(as $name:literal)?),* $(,)?]) => {
+        &[$((
+            template!(@name $file $(, $name)?),
+            include_str!(concat!("../../templates/", $lang, "/", $file)),
+        )),*]
+    };
     (@name $file:literal) => { $file };
     (@name $file:literal, $name:literal) => { $name };
 }
@@ -146,54 +153,65 @@ const SAMPLES_METER: &str = include_str!("../../templates/meter.samples.json");
 const SAMPLES_ROUTER: &str = include_str!("../../templates/router.samples.json");
 const SAMPLES_RATE_LIMITER: &str = include_str!("../../templates/rate-limiter.samples.json");
 
-const RUST_REWARD: Template = template!("rust", "reward", [
-    "Cargo.toml", "rust-toolchain.toml", "src/lib.rs", "src/tests.rs", "gitignore" as ".gitignore",
+const RUST_COMMON: Template = template!("rust", [
+    "Cargo.toml", "rust-toolchain.toml", "gitignore" as ".gitignore",
 ]);
-const PYTHON_REWARD: Template = template!("python", "reward", [
-    "policy.py", "app.py", "test_policy.py", "pytest.ini", "requirements.txt",
-    "gitignore" as ".gitignore",
+const PYTHON_COMMON: Template = template!("python", [
+    "pytest.ini", "requirements.txt", "gitignore" as ".gitignore",
 ]);
-const JS_REWARD: Template = template!("js", "reward", [
-    "policy.js", "component.js", "policy.test.mjs", "build.mjs", "package.json",
-    "gitignore" as ".gitignore",
+const JS_COMMON: Template = template!("js", [
+    "build.mjs", "package.json", "gitignore" as ".gitignore",
 ]);
 
-const RUST_METER: Template = template!("rust", "meter", [
-    "Cargo.toml", "rust-toolchain.toml", "src/lib.rs", "src/tests.rs", "gitignore" as ".gitignore",
-]);
-const PYTHON_METER: Template = template!("python", "meter", [
-    "policy.py", "app.py", "test_policy.py", "pytest.ini", "requirements.txt",
-    "gitignore" as ".gitignore",
-]);
-const JS_METER: Template = template!("js", "meter", [
-    "policy.js", "component.js", "policy.test.mjs", "build.mjs", "package.json",
-    "gitignore" as ".gitignore",
-]);
+const RUST_REWARD: Template = template!("rust", "reward", ["src/lib.rs", "src/tests.rs",]);
+const PYTHON_REWARD: Template = template!(
+    "python",
+    "reward",
+    ["policy.py", "app.py", "test_policy.py",]
+);
+const JS_REWARD: Template = template!(
+    "js",
+    "reward",
+    ["policy.js", "component.js", "policy.test.mjs",]
+);
 
-const RUST_ROUTER: Template = template!("rust", "router", [
-    "Cargo.toml", "rust-toolchain.toml", "src/lib.rs", "src/tests.rs", "gitignore" as ".gitignore",
-]);
-const RUST_RATE_LIMITER: Template = template!("rust", "rate-limiter", [
-    "Cargo.toml", "rust-toolchain.toml", "src/lib.rs", "src/tests.rs", "gitignore" as ".gitignore",
-]);
+const RUST_METER: Template = template!("rust", "meter", ["src/lib.rs", "src/tests.rs",]);
+const PYTHON_METER: Template = template!(
+    "python",
+    "meter",
+    ["policy.py", "app.py", "test_policy.py",]
+);
+const JS_METER: Template = template!(
+    "js",
+    "meter",
+    ["policy.js", "component.js", "policy.test.mjs",]
+);
 
-const PYTHON_ROUTER: Template = template!("python", "router", [
-    "policy.py", "app.py", "test_policy.py", "pytest.ini", "requirements.txt",
-    "gitignore" as ".gitignore",
-]);
-const PYTHON_RATE_LIMITER: Template = template!("python", "rate-limiter", [
-    "policy.py", "app.py", "test_policy.py", "pytest.ini", "requirements.txt",
-    "gitignore" as ".gitignore",
-]);
+const RUST_ROUTER: Template = template!("rust", "router", ["src/lib.rs", "src/tests.rs",]);
+const RUST_RATE_LIMITER: Template =
+    template!("rust", "rate-limiter", ["src/lib.rs", "src/tests.rs",]);
 
-const JS_ROUTER: Template = template!("js", "router", [
-    "policy.js", "component.js", "policy.test.mjs", "build.mjs", "package.json",
-    "gitignore" as ".gitignore",
-]);
-const JS_RATE_LIMITER: Template = template!("js", "rate-limiter", [
-    "policy.js", "component.js", "policy.test.mjs", "build.mjs", "package.json",
-    "gitignore" as ".gitignore",
-]);
+const PYTHON_ROUTER: Template = template!(
+    "python",
+    "router",
+    ["policy.py", "app.py", "test_policy.py",]
+);
+const PYTHON_RATE_LIMITER: Template = template!(
+    "python",
+    "rate-limiter",
+    ["policy.py", "app.py", "test_policy.py",]
+);
+
+const JS_ROUTER: Template = template!(
+    "js",
+    "router",
+    ["policy.js", "component.js", "policy.test.mjs",]
+);
+const JS_RATE_LIMITER: Template = template!(
+    "js",
+    "rate-limiter",
+    ["policy.js", "component.js", "policy.test.mjs",]
+);
 
 /// The template of a language and slot, with its sample calls.
 fn template(lang: Lang, slot: Slot) -> (Template, &'static str) {
@@ -308,7 +326,12 @@ pub fn create(
             .replace("{{world}}", slot.as_str())
             .replace("{{rust_channel}}", &rust_channel(repo))
     };
-    for (path, text) in files.iter().copied() {
+    let common = match lang {
+        Lang::Rust => RUST_COMMON,
+        Lang::Python => PYTHON_COMMON,
+        Lang::Js => JS_COMMON,
+    };
+    for (path, text) in common.iter().chain(files).copied() {
         write(&dir.join(path), &fill(text))?;
     }
     write(&dir.join(SAMPLES), samples)?;

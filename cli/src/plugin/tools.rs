@@ -411,14 +411,14 @@ mod tests {
     fn the_pins_are_the_repository_examples_pins() {
         for requirements in [
             repo_file("plugins/python/reward/requirements.txt"),
-            repo_file("cli/templates/python/reward/requirements.txt"),
+            repo_file("cli/templates/python/requirements.txt"),
         ] {
             assert!(requirements.contains(&format!("componentize-py=={COMPONENTIZE_PY}\n")));
             assert!(requirements.contains(&format!("wasmtime=={WASMTIME_PY}\n")));
         }
         for package in [
             repo_file("plugins/js/reward/package.json"),
-            repo_file("cli/templates/js/reward/package.json"),
+            repo_file("cli/templates/js/package.json"),
         ] {
             let json: serde_json::Value = serde_json::from_str(&package).expect("JSON");
             let dev = &json["devDependencies"];
