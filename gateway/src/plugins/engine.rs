@@ -175,8 +175,8 @@ impl PluginEngine {
         // Every tick, a running guest comes here: past its deadline it traps (`Trap::Interrupt`);
         // otherwise a long call yields to the executor (see `HostState::yields`), and the time
         // it spends yielded is not counted against the plugin.
-        store.epoch_deadline_callback(|context| {
-            let state = context.data();
+        store.epoch_deadline_callback(|mut context| {
+            let state = context.data_mut();
             if state.deadline_passed() {
                 return Ok(UpdateDeadline::Interrupt);
             }

@@ -1,7 +1,13 @@
 //! Counters of the plugin host, for the gateway's Prometheus registry.
 
+use std::sync::{Arc, OnceLock};
+
 use prometheus::core::Collector;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+};
+
+use super::Slot;
 
 /// Call latency buckets, seconds: a compiled router answers in tens of microseconds, an
 /// interpreted meter in milliseconds, and a deadline blows at 5 ms or 1 s.
@@ -25,6 +31,16 @@ pub struct PluginMetrics {
     /// `garage_plugin_restores_total{slot}`: slots the store lost (a Redis that came back
     /// empty) and the gateway reinstalled.
     pub restores: IntCounterVec,
+    /// The series every call touches, resolved on first use (`with_label_values` hashes the
+    /// labels and takes the vector's lock each time; two per call on the request path).
+    per_call: Arc<PerCall>,
+}
+
+/// `calls` by slot and role (active, canary), and `call_duration` by slot.
+#[derive(Default)]
+struct PerCall {
+    calls: [[OnceLock<IntCounter>; 2]; 4],
+    durations: [OnceLock<Histogram>; 4],
 }
 
 impl PluginMetrics {
@@ -74,7 +90,22 @@ impl PluginMetrics {
             call_duration,
             rollbacks,
             restores,
+            per_call: Arc::default(),
         }
+    }
+
+    /// Counts a call into `slot` as `role` (`active` or `canary`).
+    pub fn count_call(&self, slot: Slot, role: &'static str) {
+        let cell = &self.per_call.calls[slot.index()][usize::from(role == "canary")];
+        cell.get_or_init(|| self.calls.with_label_values(&[slot.as_str(), role]))
+            .inc();
+    }
+
+    /// Records how long a caller waited for a call into `slot`.
+    pub fn observe_call(&self, slot: Slot, seconds: f64) {
+        self.per_call.durations[slot.index()]
+            .get_or_init(|| self.call_duration.with_label_values(&[slot.as_str()]))
+            .observe(seconds);
     }
 
     /// The collectors, to register with a Prometheus registry.

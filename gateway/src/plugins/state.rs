@@ -119,7 +119,7 @@ impl HostState {
             limits: CallLimits::new(memory_cap_bytes),
             wasi: empty_wasi(),
             table: ResourceTable::new(),
-            call: CallClock::new(Duration::ZERO),
+            call: CallClock::new(Duration::ZERO, Arc::new(AtomicU64::new(0))),
             host_error: None,
             kv_calls: 0,
             log_lines: 0,
@@ -156,7 +156,10 @@ impl HostState {
 
     /// Starts the bookkeeping of a call that may run for `deadline` of guest time.
     pub fn begin_call(&mut self, deadline: Duration) {
-        self.call = CallClock::new(deadline);
+        // The yield counter is reused: a yield's future ends before its call does.
+        let yielded = self.call.yielded_nanos.clone();
+        yielded.store(0, Ordering::Relaxed);
+        self.call = CallClock::new(deadline, yielded);
         self.host_error = None;
         self.limits.hit = false;
         self.kv_calls = 0;
@@ -175,11 +178,15 @@ impl HostState {
     ///
     /// On a busy machine the thread running the guest can wait for a core for milliseconds,
     /// and wall time would count that against the plugin: a 5 ms limiter missed its deadline
-    /// under a burst of requests and the fallback decided instead. So for calls that do not
-    /// yield (the hot path), a call past its deadline by the wall clock is also measured by the
-    /// CPU time its thread spent on it, and only that ends it. The wall clock still bounds
+    /// under a burst of requests and the fallback decided instead. So a call that does not
+    /// yield (the hot path) and is past its deadline by the wall clock is measured from then on
+    /// by the CPU time its thread spends on it, and ends when that reaches another deadline: a
+    /// guest spinning on a core of its own ends at twice its deadline, one that mostly waited
+    /// for a core gets a deadline of real work to finish. The CPU clock is read only from that
+    /// moment: reading a thread's CPU clock is a system call (no vDSO), and reading it at the
+    /// start of every call cost a few percent of the gateway's CPU. The wall clock still bounds
     /// every call (`WALL_CLOCK_FACTOR`).
-    pub fn deadline_passed(&self) -> bool {
+    pub fn deadline_passed(&mut self) -> bool {
         let wall = self.call.started.elapsed();
         if wall >= self.call.deadline * WALL_CLOCK_FACTOR + WALL_CLOCK_SLACK {
             return true;
@@ -188,9 +195,25 @@ impl HostState {
         if wall.saturating_sub(waited) < self.call.deadline {
             return false;
         }
-        match self.call.cpu_used() {
-            Some(cpu) => cpu >= self.call.deadline,
-            None => true,
+        if self.call.deadline > YIELD_ABOVE {
+            return true;
+        }
+        match &self.call.cpu {
+            // First time past the deadline: the CPU clock starts now.
+            None => match thread_cpu() {
+                Some(now) => {
+                    self.call.cpu = Some(CpuClock {
+                        used: Duration::ZERO,
+                        stretch: Some(now),
+                    });
+                    false
+                }
+                None => true,
+            },
+            Some(_) => self
+                .call
+                .cpu_used()
+                .is_none_or(|cpu| cpu >= self.call.deadline),
         }
     }
 
@@ -395,9 +418,9 @@ struct CallClock {
     /// Time the call spent yielded to the executor, in nanoseconds; written by the futures the
     /// epoch callback hands to wasmtime, which outlive the borrow of the state.
     yielded_nanos: Arc<AtomicU64>,
-    /// CPU time the guest's thread spent on the call, for calls that do not yield (see
-    /// [`HostState::deadline_passed`]); `None` for those that do, or where the thread's CPU
-    /// clock cannot be read.
+    /// CPU time the guest's thread spent on the call since it passed its deadline by the wall
+    /// clock, for calls that do not yield (see [`HostState::deadline_passed`]); `None` before
+    /// that, for calls that yield, or where the thread's CPU clock cannot be read.
     cpu: Option<CpuClock>,
 }
 
@@ -420,20 +443,13 @@ fn thread_cpu() -> Option<Duration> {
 }
 
 impl CallClock {
-    fn new(deadline: Duration) -> Self {
-        let cpu = (deadline <= YIELD_ABOVE)
-            .then(thread_cpu)
-            .flatten()
-            .map(|now| CpuClock {
-                used: Duration::ZERO,
-                stretch: Some(now),
-            });
+    fn new(deadline: Duration, yielded_nanos: Arc<AtomicU64>) -> Self {
         CallClock {
             started: Instant::now(),
             deadline,
             host_wait: Duration::ZERO,
-            yielded_nanos: Arc::new(AtomicU64::new(0)),
-            cpu,
+            yielded_nanos,
+            cpu: None,
         }
     }
 

@@ -453,6 +453,34 @@ async fn an_infinite_loop_hits_its_deadline_and_the_runtime_keeps_running() {
     assert!(route(&host, "m", &cands).await.is_some());
 }
 
+/// A hot-path call (a deadline short enough that it does not yield) past its deadline by the
+/// wall clock is then measured by its thread's CPU time, read only from that moment: a spinning
+/// guest is still stopped, as a timeout, and the host goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spinning_hot_path_guest_is_stopped_by_its_cpu_time() {
+    let mut config = config();
+    config.router.deadline_ms = Some(5);
+    config.fault_threshold = 1000;
+    let host = host_with(Arc::new(MemoryStore::new()), config).await;
+    host.install(Slot::Router, components::INFINITE_LOOP, "{}", "test")
+        .await
+        .unwrap();
+    let cands = candidates(3);
+    let started = Instant::now();
+    for _ in 0..3 {
+        assert_eq!(route(&host, "m", &cands).await, None);
+    }
+    // Bounded by the wall clock's backstop (20 × 5 ms + 5 s) even on a machine with no core to
+    // spare; a generous bound, not a measurement.
+    assert!(started.elapsed() < Duration::from_secs(16), "{:?}", started.elapsed());
+    assert_eq!(status(&host, Slot::Router).faults.timeout, 3);
+
+    host.install(Slot::Router, components::ROUTER_ROUND_ROBIN, "{}", "test")
+        .await
+        .unwrap();
+    assert!(route(&host, "m", &cands).await.is_some());
+}
+
 /// A host whose router may run long: the cap or the check must be what stops the plugin, not
 /// the deadline (filling 64 MiB, or lifting 16 MiB in a debug build, takes a while).
 async fn patient_host() -> Arc<PluginHost> {

@@ -478,10 +478,7 @@ impl PluginHost {
     ) -> Result<Answer, (FaultKind, String)> {
         let slot = plugin.slot;
         self.cell(slot).calls.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .calls
-            .with_label_values(&[slot.as_str(), role])
-            .inc();
+        self.metrics.count_call(slot, role);
         let started = Instant::now();
         let mut answer = plugin.invoke(&self.engine, call).await;
         // The pool is full, maybe of idle instances of other slots (each version keeps a few
@@ -490,9 +487,7 @@ impl PluginHost {
             answer = plugin.invoke(&self.engine, call).await;
         }
         self.metrics
-            .call_duration
-            .with_label_values(&[slot.as_str()])
-            .observe(started.elapsed().as_secs_f64());
+            .observe_call(slot, started.elapsed().as_secs_f64());
         if plugin.wants_refill() {
             // The next calls' instances are made off this request's path.
             let (next, engine) = (Arc::clone(plugin), Arc::clone(&self.engine));
