@@ -39,6 +39,13 @@
 #                      starts a second, identical engine on a Unix domain socket (vLLM's --uds)
 #                      for them, and the gateway reaches it through its upstream's unix_socket;
 #                      the direct rows and hyper-floor stay on TCP
+#   BENCH_KEY_LIMITS   1: the API keys carry rate limits that are never reached (rpm 100000000,
+#                      tpm 1000000000 in their metadata), so the default rate limiter reserves
+#                      from its counters on every request, as it does for a realistic key
+#                      (default 0: a key with no limits, for which the limiter reserves nothing)
+#
+# With BENCH_STORE=redis the report also counts the Redis commands each gateway sent per
+# request (INFO commandstats of the gateway's own database's server, before and after a row).
 #
 # Progress goes to stderr; the markdown report goes to stdout and bench/results/latest.md.
 
@@ -70,6 +77,7 @@ UPSTREAMS=${BENCH_UPSTREAMS:-1}
 UPSTREAM=${BENCH_UPSTREAM:-tcp}
 # memory (the embedded store) or redis (a redis-server of the benchmark's own).
 STORE=${BENCH_STORE:-memory}
+KEY_LIMITS=${BENCH_KEY_LIMITS:-0}
 GATEWAY_WORKERS=${BENCH_GATEWAY_WORKERS:-}
 NOISY_PERCENT=10
 MODEL=sim-llama-3-8b
@@ -96,6 +104,7 @@ done
 [[ -n ${CONCURRENCY// /} ]] || die "BENCH_CONCURRENCY is empty"
 [[ $UPSTREAM == tcp || $UPSTREAM == unix ]] || die "BENCH_UPSTREAM must be tcp or unix"
 [[ $STORE == memory || $STORE == redis ]] || die "BENCH_STORE must be memory or redis"
+[[ $KEY_LIMITS == 0 || $KEY_LIMITS == 1 ]] || die "BENCH_KEY_LIMITS must be 0 or 1"
 [[ -z $GATEWAY_WORKERS ]] || { is_uint "$GATEWAY_WORKERS" && ((GATEWAY_WORKERS > 0)); } ||
     die "BENCH_GATEWAY_WORKERS must be a positive integer"
 
@@ -296,6 +305,11 @@ if [[ $STORE == redis ]]; then
     REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 fi
 
+# The API key each gateway makes: with BENCH_KEY_LIMITS=1, limits far above what the run sends.
+KEY_REQUEST='{"name":"bench"}'
+[[ $KEY_LIMITS == 1 ]] &&
+    KEY_REQUEST='{"name":"bench","metadata":{"rpm":100000000,"tpm":1000000000}}'
+
 # Starts a gateway in front of the engine and makes it an API key; sets STARTED_PID,
 # STARTED_URL and STARTED_KEY.
 start_gateway() { # name default_plugins(true|false) extra_toml
@@ -352,7 +366,7 @@ EOF
     local created
     created=$(curl -fsS --max-time 5 -X POST "$STARTED_URL/admin/keys" \
         -H "Authorization: Bearer $ADMIN_TOKEN" -H 'Content-Type: application/json' \
-        -d '{"name":"bench"}') || die "POST /admin/keys failed on the $name gateway"
+        -d "$KEY_REQUEST") || die "POST /admin/keys failed on the $name gateway"
     STARTED_KEY=$(sed -n 's/.*"key"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' <<<"$created")
     [[ -n $STARTED_KEY ]] || die "no key in the POST /admin/keys response: $created"
 }
@@ -523,6 +537,33 @@ plugin_calls() { # gateway_url -> "slot=calls:seconds ..." totals of its plugin 
         END { for (s in n) printf "%s=%d:%.9f ", s, n[s], t[s] }'
 }
 
+# BENCH_STORE=redis: the server's command counts, "command=calls ...", from INFO commandstats
+# (every database of the server: the gateway not under load adds its few background commands).
+redis_commands() {
+    redis-cli -p "$REDIS_PORT" INFO commandstats |
+        sed -n 's/^cmdstat_\([^:]*\):calls=\([0-9]*\),.*/\1=\2/p' | tr '\n' ' '
+}
+redis_per_request() { # before after requests -> "N.NN (command=per-request, ... the largest first)"
+    awk -v a="$1" -v b="$2" -v n="$3" 'BEGIN {
+        k = split(a, x, " "); for (i = 1; i <= k; i++) { split(x[i], kv, "="); c0[kv[1]] = kv[2] }
+        k = split(b, y, " ")
+        for (i = 1; i <= k; i++) {
+            split(y[i], kv, "="); d = kv[2] - c0[kv[1]]
+            # INFO is the benchmark asking, not a gateway.
+            if (d > 0 && kv[1] != "info") { per[kv[1]] = d / n; total += d / n }
+        }
+        printf "%.2f (", total; sep = ""
+        while (1) {
+            best = ""; for (c in per) if (best == "" || per[c] > per[best]) best = c
+            if (best == "") break
+            printf "%s%s %.2f", sep, best, per[best]; sep = ", "; delete per[best]
+        }
+        printf ")"
+    }'
+}
+# Per gateway row on Redis: "mode stream conc per_request".
+REDIS_NOTES=()
+
 # Plugin calls per second in each gateway row (BENCH_PLUGINS=1): "stream conc slot=calls/s ...".
 PLUGIN_RATES=()
 
@@ -561,6 +602,8 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
     [[ $mode == policies ]] && calls_url=$POLICIES_URL
     local calls0=""
     [[ -n $calls_url ]] && calls0=$(plugin_calls "$calls_url")
+    local redis0=""
+    [[ -n $REDIS_URL && $mode != direct ]] && redis0=$(redis_commands)
     gw0=$(proc_ticks "$GATEWAY_PID")
     # shellcheck disable=SC2086 # no pid: no ticks
     pg0=$(proc_ticks $POLICIES_PID)
@@ -592,6 +635,8 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
     en1=$(proc_ticks "$ENGINE_PID" $UDS_ENGINE_PID)
     ch1=$(children_ticks)
     sys1=$(system_ticks)
+    local redis1=""
+    [[ -n $redis0 ]] && redis1=$(redis_commands)
     if [[ -n $calls_url ]]; then
         local calls1 rates
         calls1=$(plugin_calls "$calls_url")
@@ -624,6 +669,12 @@ measure() { # mode(direct|gateway) stream(no|yes) concurrency
         errors=$((errors + $(field "$e" "$line")))
     done
     ((requests > 0)) || die "$mode stream=$stream c=$conc: no request completed"
+    if [[ -n $redis1 ]]; then
+        local per_request
+        per_request=$(redis_per_request "$redis0" "$redis1" "$requests")
+        REDIS_NOTES+=("$mode	$stream	$conc	$per_request")
+        log "  redis commands per request: $per_request"
+    fi
     local sb0 st0 sb1 st1
     read -r sb0 st0 <<<"$sys0"
     read -r sb1 st1 <<<"$sys1"
@@ -691,6 +742,7 @@ for stream in no yes; do
         while :; do
             first=${#ROWS[@]}
             first_rates=${#PLUGIN_RATES[@]}
+            first_redis=${#REDIS_NOTES[@]}
             for ((round = 1; round <= ROUNDS; round++)); do
                 for mode in $MODES; do
                     measure "$mode" "$stream" "$conc"
@@ -706,6 +758,7 @@ for stream in no yes; do
             log "other processes used over $NOISY_PERCENT % of the machine: measuring this group again ($attempt/$NOISY_RETRIES)"
             ROWS=("${ROWS[@]:0:first}")
             PLUGIN_RATES=("${PLUGIN_RATES[@]:0:first_rates}")
+            REDIS_NOTES=("${REDIS_NOTES[@]:0:first_redis}")
             wait_for_compilers 60
         done
         ((ROUNDS > 1)) && keep_median_rounds "$first"
@@ -750,6 +803,11 @@ report() {
         echo "- Store (BENCH_STORE=redis): redis-server $(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p') on loopback, a database per gateway"
     else
         echo "- Store (BENCH_STORE=memory): the embedded store"
+    fi
+    if [[ $KEY_LIMITS == 1 ]]; then
+        echo "- API keys (BENCH_KEY_LIMITS=1): rpm 100000000, tpm 1000000000 in their metadata, never reached: the rate limiter reserves from its counters on every request"
+    else
+        echo "- API keys (BENCH_KEY_LIMITS=0): no limits, so the default rate limiter reserves nothing"
     fi
     if [[ $UPSTREAM == unix ]]; then
         echo "- Upstream (BENCH_UPSTREAM=unix): the gateway and nginx reach a second, identical engine over a Unix domain socket; direct rows and hyper-floor use TCP"
@@ -837,6 +895,19 @@ report() {
         echo "hyper rows: bench/hyper-floor, a bare reverse proxy on the gateway's HTTP stack" \
             "(hyper server, hyper-util pooled client, tokio, mimalloc) that does nothing else: the" \
             "floor under any gateway built on it. Their \"gateway CPU\" column is hyper-floor's."
+    fi
+    if ((${#REDIS_NOTES[@]} > 0)); then
+        echo
+        echo "Redis commands per completed request, every round (INFO commandstats over the row;"
+        echo "scripts count as evalsha, plus the commands they run):"
+        echo
+        echo "| mode | stream | conc | commands per request (by command) |"
+        echo "|---|---|--:|---|"
+        local rn
+        for rn in "${REDIS_NOTES[@]}"; do
+            IFS=$'\t' read -r m s c per <<<"$rn"
+            echo "| $m | $s | $c | $per |"
+        done
     fi
     if ((${#PLUGIN_RATES[@]} > 0)); then
         echo

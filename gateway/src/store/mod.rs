@@ -155,6 +155,11 @@ pub trait Store: Send + Sync + 'static {
     /// Atomically adds `amount` to the counter at `key` (a missing key counts as 0) only if the
     /// result stays at or below `limit`; returns the new value, or `None` (and changes nothing)
     /// when it would exceed the limit. The TTL, as with `kv_incr`, is set only on creation.
+    ///
+    /// A store shared by replicas may lend each a slice of a windowed counter with a large
+    /// limit (the Redis store's quota leases): the units reserved across replicas still never
+    /// pass the limit, but the stored value then runs ahead of them by the unspent slices, and
+    /// the value returned is this replica's view of it.
     async fn kv_reserve(
         &self,
         key: &str,

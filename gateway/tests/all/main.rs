@@ -28,6 +28,7 @@ mod plugins;
 mod receipts;
 mod redis_cluster;
 mod redis_failover;
+mod redis_leases;
 mod redis_replicas;
 mod replay;
 mod rigs;

@@ -9,7 +9,8 @@
 //! - API keys, tag `{keys}`: `{keys}:id:<id>` → JSON record, `{keys}:hash:<hash>` → id,
 //!   `{keys}:index` → sorted set of ids by creation time (written together by `put_key`, read
 //!   together by `list_keys`; the gateway caches keys, so their one slot is not a hot spot);
-//! - `kv:<name>` → plugin state and counters (alone);
+//! - `kv:<name>` → plugin state and counters (alone); a windowed counter with a large limit
+//!   may run ahead of its reservations by the slices replicas hold (see [`leases`]);
 //! - `rec:<kind>` → hash of JSON records by id (one key per kind);
 //! - a work queue, tag `{q:<name>}`: `{q:<name>}:waiting` (sorted set by arrival),
 //!   `{q:<name>}:leased` (sorted set by lease deadline, Unix ms by the server's clock),
@@ -27,10 +28,12 @@ mod accounts;
 mod connection;
 mod deployment;
 mod events;
+mod leases;
 mod migrate;
 mod scripts;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::AsyncCommands;
@@ -40,6 +43,7 @@ use tokio::task::JoinHandle;
 use self::connection::{Connection, SentinelConnection};
 use self::deployment::Deployment;
 use self::events::{EVENTS_CHANNEL, EventSource, forward_events};
+use self::leases::{Grant, Leases, Local};
 use self::scripts::*;
 use super::{
     ApiKeyRecord, CreditOutcome, CreditRecord, EVENT_BUFFER, HoldOutcome, HoldRequest, Money,
@@ -85,6 +89,9 @@ pub struct RedisStore {
     events: broadcast::Sender<StoreEvent>,
     incr_script: redis::Script,
     reserve_script: redis::Script,
+    reserve_slice: redis::Script,
+    /// Slices of windowed counters this replica holds (see [`leases`]).
+    leases: Arc<Leases>,
     queue_push: redis::Script,
     queue_lease: redis::Script,
     queue_ack: redis::Script,
@@ -94,11 +101,14 @@ pub struct RedisStore {
     queue_drop_waiting: redis::Script,
     accounts: accounts::Scripts,
     subscriber: JoinHandle<()>,
+    /// Gives idle slices back to their counters.
+    lease_sweeper: JoinHandle<()>,
 }
 
 impl Drop for RedisStore {
     fn drop(&mut self) {
         self.subscriber.abort();
+        self.lease_sweeper.abort();
     }
 }
 
@@ -128,11 +138,15 @@ impl RedisStore {
         }
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let subscriber = tokio::spawn(forward_events(source, events.clone()));
+        let leases = Arc::new(Leases::default());
+        let lease_sweeper = tokio::spawn(return_idle_slices(conn.clone(), leases.clone()));
         Ok(RedisStore {
             conn,
             events,
             incr_script: redis::Script::new(INCR_WITH_TTL),
             reserve_script: redis::Script::new(RESERVE_WITH_TTL),
+            reserve_slice: redis::Script::new(RESERVE_SLICE),
+            leases,
             queue_push: redis::Script::new(QUEUE_PUSH),
             queue_lease: redis::Script::new(&format!("{NOW_MS}{REQUEUE_EXPIRED}{QUEUE_LEASE}")),
             queue_ack: redis::Script::new(QUEUE_ACK),
@@ -144,7 +158,91 @@ impl RedisStore {
             )),
             accounts: accounts::Scripts::new(),
             subscriber,
+            lease_sweeper,
         })
+    }
+
+    /// `kv_reserve` of a windowed counter with a large limit: from this replica's slice when it
+    /// holds enough, else one script that reserves and takes a new slice (see [`leases`]).
+    async fn reserve_leased(
+        &self,
+        key: String,
+        amount: i64,
+        limit: i64,
+        ttl: Duration,
+    ) -> Result<Option<i64>, StoreError> {
+        let asked_at = Instant::now();
+        let (need, extra, give_back, from_slice) =
+            match self.leases.take(&key, amount, limit, asked_at) {
+                Local::Taken(value) => return Ok(Some(value)),
+                Local::Ask {
+                    need,
+                    extra,
+                    give_back,
+                    from_slice,
+                } => (need, extra, give_back, from_slice),
+            };
+        let mut conn = self.conn.clone();
+        let answer: Result<(i64, i64, i64, i64), _> = self
+            .reserve_slice
+            .key(&key)
+            .arg(need)
+            .arg(limit)
+            .arg(ttl.as_millis().max(1) as u64)
+            .arg(extra)
+            .arg(give_back)
+            .arg(leases::SLICE_SHARE)
+            .invoke_async(&mut conn)
+            .await;
+        match answer {
+            Err(err) => {
+                // The server may have lost its counters (a restart): nothing taken before is
+                // spent after.
+                self.leases.clear();
+                Err(err.into())
+            }
+            Ok((0, ..)) => {
+                self.leases.refused(&key, from_slice);
+                Ok(None)
+            }
+            Ok((_, value, extra, pttl_ms)) => {
+                let grant = Grant {
+                    value,
+                    extra,
+                    pttl_ms,
+                };
+                Ok(Some(
+                    self.leases.granted(&key, limit, amount, &grant, asked_at),
+                ))
+            }
+        }
+    }
+}
+
+/// Every [`leases::SWEEP_EVERY`], gives the slices no call has drawn from for
+/// [`leases::LEASE_IDLE`] back to their counters, so that other replicas can have them.
+async fn return_idle_slices(conn: Connection, leases: Arc<Leases>) {
+    let script = redis::Script::new(RETURN_SLICE);
+    let mut tick = tokio::time::interval(leases::SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let returns = leases.sweep(Instant::now());
+        // One round trip for them all: the calls share the multiplexed connection.
+        let calls = returns.iter().map(|(key, units)| {
+            let mut conn = conn.clone();
+            let script = &script;
+            async move {
+                let result: Result<i64, _> =
+                    script.key(key).arg(*units).invoke_async(&mut conn).await;
+                if let Err(error) = result {
+                    // The units stay counted until the window ends: a replica may be refused
+                    // early, never admitted past the limit.
+                    tracing::warn!(%error, counter = %key, units, "could not give a slice back");
+                }
+            }
+        });
+        futures::future::join_all(calls).await;
     }
 }
 
@@ -214,9 +312,11 @@ impl Store for RedisStore {
         value: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), StoreError> {
+        let key = kv_key(key);
+        self.leases.forget(&key);
         let mut conn = self.conn.clone();
         let mut cmd = redis::cmd("SET");
-        cmd.arg(kv_key(key)).arg(value);
+        cmd.arg(key).arg(value);
         if let Some(ttl) = ttl {
             cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
         }
@@ -230,11 +330,17 @@ impl Store for RedisStore {
         delta: i64,
         ttl: Option<Duration>,
     ) -> Result<i64, StoreError> {
+        let key = kv_key(key);
+        if ttl.is_some()
+            && let Some(value) = self.leases.adjust(&key, delta, Instant::now())
+        {
+            return Ok(value);
+        }
         let mut conn = self.conn.clone();
         let ttl_ms = ttl.map_or(0, |ttl| ttl.as_millis().max(1) as u64);
         Ok(self
             .incr_script
-            .key(kv_key(key))
+            .key(&key)
             .arg(delta)
             .arg(ttl_ms)
             .invoke_async(&mut conn)
@@ -248,6 +354,13 @@ impl Store for RedisStore {
         limit: i64,
         ttl: Option<Duration>,
     ) -> Result<Option<i64>, StoreError> {
+        if let Some(window) = ttl
+            && Leases::eligible(amount, limit, ttl)
+        {
+            return self
+                .reserve_leased(kv_key(key), amount, limit, window)
+                .await;
+        }
         let mut conn = self.conn.clone();
         let ttl_ms = ttl.map_or(0, |ttl| ttl.as_millis().max(1) as u64);
         Ok(self
@@ -261,8 +374,10 @@ impl Store for RedisStore {
     }
 
     async fn kv_delete(&self, key: &str) -> Result<(), StoreError> {
+        let key = kv_key(key);
+        self.leases.forget(&key);
         let mut conn = self.conn.clone();
-        let _: () = conn.del(kv_key(key)).await?;
+        let _: () = conn.del(key).await?;
         Ok(())
     }
 

@@ -29,6 +29,47 @@ end
 return v
 ";
 
+/// A reservation that may take a slice for the replica's local lease (see `leases`).
+/// KEYS: the counter. ARGV: need, limit, TTL ms (0: none), extra wanted, units to give back
+/// first (a slice taken under another limit), the slice's share (1/N of what the call leaves).
+/// Returns {granted (1 or 0), the counter's value, extra granted, the counter's PTTL}: the
+/// counter grows by need + extra only if need fits within the limit, and the extra is at most
+/// 1/N of what is left after the need, so the last units of a limit are taken one at a time.
+pub(super) const RESERVE_SLICE: &str = r"
+local raw = redis.call('GET', KEYS[1])
+local current = tonumber(raw or '0')
+if current == nil then
+  return redis.error_reply('value is not an integer')
+end
+local give_back = tonumber(ARGV[5])
+if raw and give_back > 0 then
+  current = redis.call('DECRBY', KEYS[1], give_back)
+end
+local need = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+if current + need > limit then
+  return {0, current, 0, redis.call('PTTL', KEYS[1])}
+end
+local extra = math.floor((limit - current - need) / tonumber(ARGV[6]))
+extra = math.max(0, math.min(tonumber(ARGV[4]), extra))
+local v = redis.call('INCRBY', KEYS[1], need + extra)
+local pttl = redis.call('PTTL', KEYS[1])
+if tonumber(ARGV[3]) > 0 and pttl == -1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  pttl = tonumber(ARGV[3])
+end
+return {1, v, extra, pttl}
+";
+
+/// Gives a replica's unspent slice back to its counter, if the counter still exists (an
+/// expired one took the slice with it). KEYS: the counter. ARGV: units. Returns the counter.
+pub(super) const RETURN_SLICE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.call('DECRBY', KEYS[1], ARGV[1])
+end
+return 0
+";
+
 /// Queues items not already there (waiting or leased); every payload is replaced.
 /// KEYS: waiting, leased, items, seq. ARGV: id, payload, id, payload...
 pub(super) const QUEUE_PUSH: &str = r"
