@@ -6,7 +6,10 @@
 //!   unreachable, events wait in memory and are retried.
 //! - **At least once, charged once**: a worker leases events (a worker that dies mid-way loses
 //!   its lease and another takes the events over), and the ledger is keyed by request id, so an
-//!   event processed twice is charged and rewarded once.
+//!   event processed twice is charged and rewarded once. The meter keeps its own mark of each
+//!   request it charged (the event can reach it again when the reward plugin, or the meter
+//!   itself, fails after the charge); on the embedded store the ledger drops that mark once the
+//!   request's entry is written, so the marks held are those of events in flight.
 //! - **Replayable**: the ledger keeps each event with what was charged and awarded for it. It is
 //!   the record; the per-day and per-operator counters are a view of it, updated once per
 //!   leased batch of events (a crash between a batch's ledger writes and its counter update
@@ -50,8 +53,8 @@ impl Drop for AbortOnDrop {
 pub use crate::store::keyspace::USAGE_LEDGER as LEDGER;
 use crate::store::keyspace::{
     REWARD_OPERATOR_INDEX as OPERATOR_INDEX, USAGE_DAILY_INDEX as DAILY_INDEX,
-    USAGE_QUEUE as QUEUE, WITHHELD, awarded, operator_points, operator_points_day,
-    unconfirmed_points, usage_counter, withheld_points,
+    USAGE_QUEUE as QUEUE, WITHHELD, awarded, meter_charged_into, operator_points,
+    operator_points_day, unconfirmed_points, usage_counter, withheld_points,
 };
 /// How long a worker owns an event it claimed. Meter and reward calls take milliseconds; a
 /// claim older than this belongs to a worker that died.
@@ -1034,6 +1037,21 @@ impl Usage {
             {
                 let replayed: Vec<&str> = replayed.iter().map(String::as_str).collect();
                 observer.recorded(&written, &replayed).await?;
+            }
+            // In process, an event is taken from memory once and comes back only if it failed
+            // (given back below, unwritten): once its entry is written, the meter never sees it
+            // again, and its mark of the request as charged has done its work. Dropped now, the
+            // marks held are those of events in flight, not an hour of requests (at 12,000
+            // requests a second, ~250 bytes each: gigabytes). On a shared store a replica that
+            // dies leaves its events to another, which reads the ledger first; there the marks
+            // expire (a delete per event would be a round trip per event).
+            if self.in_process && !idle {
+                let mut mark = String::new();
+                for entry in &written {
+                    mark.clear();
+                    meter_charged_into(&mut mark, &entry.event.request_id);
+                    self.store.kv_delete(&mark).await?;
+                }
             }
             processed += entries.len();
             done.extend(entries.into_iter().filter_map(|(lease, _)| lease));

@@ -114,6 +114,15 @@ pub const USAGE_DAILY_INDEX: &str = "usage_daily_index";
 /// Records: operators that were ever awarded points, for the leaderboard.
 pub const REWARD_OPERATOR_INDEX: &str = "reward_operator_index";
 
+/// Kv (in the meter slot's namespace, see [`plugin_namespace`]; the meter sets it for an
+/// hour): the mark the default meter (`plugins/guests/meter`) keeps of a request it charged,
+/// `charged:<request id>`, so that an event that reaches it again is charged once. The ledger
+/// drops it on the embedded store once the request's entry is written. Written into `buf`.
+pub fn meter_charged_into(buf: &mut String, request_id: &str) {
+    buf.push_str("plugin:meter:charged:");
+    buf.push_str(request_id);
+}
+
 /// Kv counter: one total (`requests`, `prompt`, `completion`, `credits_micro`) of a
 /// `key|model|day` slot.
 pub fn usage_counter(slot: &str, name: &str) -> String {

@@ -350,6 +350,164 @@ async fn the_embedded_ledger_keeps_the_newest_entries_and_all_totals() {
     // The totals are counters, not a view of the kept entries.
     let all = admin_get(&base, "/admin/usage").await;
     assert_eq!(all["data"][0]["requests"], 3, "{all}");
+    // The usage export refers to the ledger's entries on this store: the dropped one is left
+    // out, not an error, and the kept ones are whole.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let response = client()
+        .get(format!(
+            "{base}/admin/usage/events?from={}&to={}",
+            now - 600,
+            now + 1
+        ))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let csv = response.text().await.unwrap();
+    let mut exported: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|row| row.split(',').next().unwrap())
+        .collect();
+    exported.sort_unstable();
+    let mut kept: Vec<&str> = ids[1..].iter().map(String::as_str).collect();
+    kept.sort_unstable();
+    assert_eq!(exported, kept, "{csv}");
+    assert!(csv.lines().skip(1).all(|row| row.contains(MODEL)), "{csv}");
+}
+
+/// Charges like the default meter: marks the request charged (`charged:<id>` in the meter's
+/// namespace) and adds to the spend only if the mark is new; then fails, once, on the events it
+/// is told to, as a reward plugin that faults after the meter charged.
+struct MarkingMeter {
+    store: Arc<dyn Store>,
+    fail_once: std::sync::Mutex<Vec<&'static str>>,
+}
+
+const MARK_PREFIX: &str = "plugin:meter:charged:";
+
+#[async_trait]
+impl UsageProcessor for MarkingMeter {
+    async fn process(&self, event: &UsageEvent) -> Result<Outcome, String> {
+        let mark = format!("{MARK_PREFIX}{}", event.request_id);
+        let first = self
+            .store
+            .kv_reserve(&mark, 1, 1, Some(Duration::from_secs(3600)))
+            .await
+            .map_err(|e| e.to_string())?
+            .is_some();
+        if first {
+            self.store
+                .kv_incr("spent", 1, None)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let mut fail_once = self.fail_once.lock().unwrap();
+        if let Some(at) = fail_once.iter().position(|id| *id == event.request_id) {
+            fail_once.remove(at);
+            return Err("reward plugin faulted".into());
+        }
+        Ok(Outcome {
+            credits: 1.0,
+            ..Outcome::default()
+        })
+    }
+}
+
+#[tokio::test]
+async fn in_process_a_redelivered_event_is_charged_once_and_its_mark_goes_with_its_entry() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let usage = Usage::in_process(store.clone());
+    let meter = MarkingMeter {
+        store: store.clone(),
+        fail_once: std::sync::Mutex::new(vec!["r2"]),
+    };
+    for id in ["r1", "r2", "r3"] {
+        usage.record(event(id, "k1"));
+    }
+    assert_eq!(usage.work_once(&meter).await.unwrap(), 2);
+    let mark = |id: &str| {
+        let store = store.clone();
+        let key = format!("{MARK_PREFIX}{id}");
+        async move { store.kv_get(&key).await.unwrap() }
+    };
+    // Written: their marks dropped. r2 was charged, then failed: its mark stays while it waits,
+    // however long that is, so that its redelivery is not charged again.
+    assert_eq!(mark("r1").await, None);
+    assert_eq!(mark("r3").await, None);
+    assert!(mark("r2").await.is_some());
+    assert_eq!(usage.queued_len().await.unwrap(), 1);
+
+    assert_eq!(usage.work_once(&meter).await.unwrap(), 1);
+    assert_eq!(
+        garage_gateway::store::read_counter(store.as_ref(), "spent")
+            .await
+            .unwrap(),
+        3,
+        "r2 charged once over two deliveries"
+    );
+    assert_eq!(mark("r2").await, None);
+    assert_eq!(store.record_count(LEDGER).await.unwrap(), 3);
+    assert_eq!(usage.daily(Some("k1")).await.unwrap()[0].requests, 3);
+}
+
+#[tokio::test]
+async fn on_a_shared_store_the_meters_marks_are_left_to_expire() {
+    // Through the store's queue (as on Redis) a replica that dies leaves its events to
+    // another: the marks are the meter's to keep, the ledger does not drop them.
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let usage = Usage::new(store.clone());
+    let meter = MarkingMeter {
+        store: store.clone(),
+        fail_once: std::sync::Mutex::new(Vec::new()),
+    };
+    queue_raw(&store, &event("r1", "k1")).await;
+    assert_eq!(usage.work_once(&meter).await.unwrap(), 1);
+    assert!(
+        store
+            .kv_get(&format!("{MARK_PREFIX}r1"))
+            .await
+            .unwrap()
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn the_default_meters_marks_leave_the_embedded_store_with_their_requests() {
+    let engine = fast_sim().await;
+    let mut cfg = config(vec![upstream("a", engine.base_url())]);
+    cfg.default_plugins = true;
+    let gw = gateway(cfg).await;
+    let base = gw.url();
+    let (key_id, key) = create_key(&base, json!({"name": "t"})).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(chat_request_id(&base, &key, None).await);
+    }
+    for id in &ids {
+        wait_for_ledger_entry(&base, id).await;
+    }
+    let store = gw.state().store().clone();
+    for id in &ids {
+        let entry = gw.state().usage().ledger_entry(id).await.unwrap().unwrap();
+        assert!(entry.outcome.credits > 0.0, "charged: {entry:?}");
+        assert_eq!(
+            store.kv_get(&format!("{MARK_PREFIX}{id}")).await.unwrap(),
+            None
+        );
+    }
+    // The spend holds the three charges.
+    let spent = garage_gateway::store::read_counter(
+        store.as_ref(),
+        &format!("plugin:meter:spent:{key_id}"),
+    )
+    .await
+    .unwrap();
+    assert!(spent > 0, "{spent}");
 }
 
 #[tokio::test]

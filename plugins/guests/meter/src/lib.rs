@@ -48,7 +48,11 @@
 //! State: `spent:<key>`, the key's total spend in micro-credits (an integer, so replicas add to
 //! it atomically), `spent:<key>:<period>:<first day>` per period (expiring a day after the
 //! period), and `charged:<request id>` for an hour, so an event delivered twice is charged to
-//! the spend once. The returned charge is the same on every delivery within its period.
+//! the spend once. The returned charge is the same on every delivery within its period. On the
+//! embedded store the gateway drops a request's `charged:` mark once its ledger entry is
+//! written (the event never reaches the meter again after that), so the marks held are those
+//! of events in flight, not an hour of requests; the name is part of that agreement
+//! (`store::keyspace::meter_charged_into` in the gateway).
 
 use std::collections::BTreeMap;
 
@@ -484,6 +488,8 @@ mod tests {
         let again = PriceTable::charge(&host, &e).unwrap();
         assert_eq!(first, again);
         assert_eq!(host.counter("spent:key_a"), Some(4_000_000));
+        // The mark's name is what the gateway drops once the request is in its ledger.
+        assert_eq!(host.counter("charged:r1"), Some(1));
     }
 
     /// 2026-12-07 (a Monday) 10:00 UTC, in milliseconds.
