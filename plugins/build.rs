@@ -34,6 +34,8 @@ const GUESTS: &[(&str, &str)] = &[
     ("fixtures/picky-meter", "fixture_picky_meter"),
     ("fixtures/meter-v0-3", "fixture_meter_v0_3"),
     ("fixtures/meter-v0-4", "fixture_meter_v0_4"),
+    ("fixtures/router-v0-4", "fixture_router_v0_4"),
+    ("fixtures/router-says", "fixture_router_says"),
 ];
 
 /// Settings of the outer build that must not leak into the guests' build: flags meant for the

@@ -9,7 +9,7 @@
 //! router component does not claim to export `charge`.
 
 use crate::{
-    Admission, Award, BudgetPeriod, Candidate, CandidateInfo, Charge, CountedBy, Decision, Host,
+    Admission, Award, BudgetPeriod, CandidateInfo, Candidates, Charge, CountedBy, Decision, Host,
     LogLevel, Market, Meter, Price, QuoteRequest, RateLimitHeaders, RateLimiter, Reward, RigReport,
     RouteRequest, Router, Settlement, Trust, UsageEvent,
 };
@@ -19,7 +19,7 @@ mod imports {
     #![expect(missing_docs, reason = "generated from the WIT, whose docs it carries")]
 
     wit_bindgen::generate!({
-        path: "../wit/v0.5",
+        path: "../wit/v0.6",
         inline: r#"
             package garage:plugin-sdk;
 
@@ -28,6 +28,7 @@ mod imports {
                 import garage:policy/types@0.3.0;
                 import garage:policy/types@0.4.0;
                 import garage:policy/types@0.5.0;
+                import garage:policy/types@0.6.0;
                 import garage:policy/kv@0.2.0;
                 import garage:policy/clock@0.2.0;
                 import garage:policy/log@0.2.0;
@@ -47,6 +48,8 @@ pub use imports::garage::policy0_3_0::types as wit_v0_3;
 pub use imports::garage::policy0_4_0::types as wit_v0_4;
 /// The records new in `garage:policy@0.5.0`.
 pub use imports::garage::policy0_5_0::types as wit_v0_5;
+/// The records new in `garage:policy@0.6.0`.
+pub use imports::garage::policy0_6_0::types as wit_v0_6;
 
 use imports::garage::policy0_2_0::{clock, config, kv, log};
 
@@ -82,19 +85,20 @@ macro_rules! world {
     };
 }
 
-// The router and rate limiter worlds are `garage:policy@0.4.0`'s (`wit/v0.4`: candidates that
-// carry the gateway's checks, an admit that says whether a settle is needed), the meter and
-// reward worlds 0.5.0's (`wit/v0.5`: usage events that carry their quoted price, lists of
-// events, the meter's quote and its `market` import). Every other import stays 0.2.0's.
+// The router world is `garage:policy@0.6.0`'s (`wit/v0.6`: candidates as columns, copied into
+// the component a block per column), the rate limiter's 0.4.0's (`wit/v0.4`: an admit that
+// says whether a settle is needed), the meter and reward worlds 0.5.0's (`wit/v0.5`: usage
+// events that carry their quoted price, lists of events, the meter's quote and its `market`
+// import). Every other import stays 0.2.0's.
 world!(
     router,
-    "../wit/v0.4",
-    "garage:policy/router@0.4.0",
+    "../wit/v0.6",
+    "garage:policy/router@0.6.0",
     "export_router_world",
     "garage_plugin_sdk::__private::router",
     {
         "garage:policy/types@0.2.0": crate::guest::imports::garage::policy0_2_0::types,
-        "garage:policy/types@0.4.0": crate::guest::imports::garage::policy0_4_0::types,
+        "garage:policy/types@0.6.0": crate::guest::imports::garage::policy0_6_0::types,
         "garage:policy/candidates@0.2.0": generate,
     }
 );
@@ -258,10 +262,34 @@ impl Host for WorldHost {
 /// `route` of the `router` world, for `export_router!`.
 pub fn route<P: Router>(
     request: wit::RouteRequest,
-    candidates: Vec<wit_v0_4::Candidate>,
+    candidates: wit_v0_6::CandidateColumns,
 ) -> Result<Vec<u32>, String> {
     let request = RouteRequest::from(request);
-    let candidates: Vec<Candidate> = candidates.into_iter().map(Candidate::from).collect();
+    // The columns move into the SDK's type as they are: no copy, no conversion per candidate.
+    let wit_v0_6::CandidateColumns {
+        key,
+        in_flight,
+        engine_running,
+        engine_waiting,
+        kv_cache_usage,
+        tokens_per_second,
+        latency_ms,
+        gpu_utilization,
+        gpu_memory_free_bytes,
+        trust,
+    } = candidates;
+    let candidates = Candidates::from_columns(
+        key,
+        in_flight,
+        engine_running,
+        engine_waiting,
+        kv_cache_usage,
+        tokens_per_second,
+        latency_ms,
+        gpu_utilization,
+        gpu_memory_free_bytes,
+        trust,
+    )?;
     P::route(&ROUTER_HOST, &request, &candidates)
 }
 
@@ -347,23 +375,6 @@ impl From<wit_v0_4::Trust> for Trust {
             wit_v0_4::Trust::Verified => Trust::Verified,
             wit_v0_4::Trust::Suspect => Trust::Suspect,
             wit_v0_4::Trust::Quarantined => Trust::Quarantined,
-        }
-    }
-}
-
-impl From<wit_v0_4::Candidate> for Candidate {
-    fn from(c: wit_v0_4::Candidate) -> Self {
-        Self {
-            key: c.key,
-            in_flight: c.in_flight,
-            engine_running: c.engine_running,
-            engine_waiting: c.engine_waiting,
-            kv_cache_usage: c.kv_cache_usage,
-            tokens_per_second: c.tokens_per_second,
-            latency_ms: c.latency_ms,
-            gpu_utilization: c.gpu_utilization,
-            gpu_memory_free_bytes: c.gpu_memory_free_bytes,
-            trust: c.trust.into(),
         }
     }
 }

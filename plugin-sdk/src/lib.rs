@@ -1,8 +1,8 @@
 //! The SDK for Garage policy plugins (routing, rate limits, metering, rewards) written in Rust.
 //!
-//! A policy is a WebAssembly component implementing one world of the `garage:policy@0.4.0`
-//! WIT package (`wit/v0.4/policy.wit`): `router`, `rate-limiter`, `meter` or `reward`. With
-//! this crate a plugin is plain Rust:
+//! A policy is a WebAssembly component implementing one world of the `garage:policy` WIT
+//! package (`wit/`): `router` (0.6.0, `wit/v0.6`), `rate-limiter` (0.4.0), `meter` or
+//! `reward` (0.5.0). With this crate a plugin is plain Rust:
 //!
 //! 1. implement the slot's trait ([`Router`], [`RateLimiter`], [`Meter`] or [`Reward`]) on a
 //!    unit struct, reading and writing state through the [`Host`] it is handed;
@@ -20,7 +20,7 @@
 //! # A complete plugin
 //!
 //! ```
-//! use garage_plugin_sdk::{Candidate, Host, RouteRequest, Router};
+//! use garage_plugin_sdk::{Candidate, Candidates, Host, RouteRequest, Router};
 //!
 //! /// Sends every request to the candidate with the fewest requests in flight.
 //! pub struct FewestInFlight;
@@ -29,10 +29,10 @@
 //!     fn route(
 //!         _host: &dyn Host,
 //!         _request: &RouteRequest,
-//!         candidates: &[Candidate],
+//!         candidates: &Candidates,
 //!     ) -> Result<Vec<u32>, String> {
 //!         let mut order: Vec<u32> = (0..candidates.len() as u32).collect();
-//!         order.sort_by_key(|&i| candidates[i as usize].in_flight);
+//!         order.sort_by_key(|&i| candidates.in_flight()[i as usize]);
 //!         Ok(order)
 //!     }
 //! }
@@ -42,10 +42,10 @@
 //! // Natively, the same code runs against an in-memory host.
 //! use garage_plugin_sdk::testing::MemoryHost;
 //!
-//! let candidates = [
+//! let candidates = Candidates::from([
 //!     Candidate { in_flight: 4, ..Candidate::new("busy") },
 //!     Candidate { in_flight: 1, ..Candidate::new("idle") },
-//! ];
+//! ]);
 //! let order = FewestInFlight::route(&MemoryHost::new(), &RouteRequest::default(), &candidates);
 //! assert_eq!(order, Ok(vec![1, 0]));
 //! ```
@@ -116,7 +116,7 @@
 //!
 //! # Inside the component
 //!
-//! The bindings come from `wit_bindgen::generate!` over the repository's `wit/v0.4` folder, one
+//! The bindings come from `wit_bindgen::generate!` over the repository's `wit/` folders, one
 //! module per world, and exist only when compiling for `wasm32`: elsewhere the export macros
 //! merely check that the type implements the slot's trait. Converting between the WIT records
 //! and this crate's [`types`] happens here, not in plugins. Plain Rust `std` on
@@ -137,36 +137,39 @@ mod guest;
 
 pub use host::Host;
 pub use types::{
-    Admission, Award, BudgetPeriod, BudgetUse, Candidate, CandidateInfo, Charge, CountedBy,
-    Decision, LogLevel, Market, Price, QuoteRequest, RateLimitHeaders, RigReport, RouteRequest,
-    Settlement, Trust, UsageEvent, candidate_key,
+    Admission, Award, BudgetPeriod, BudgetUse, Candidate, CandidateInfo, Candidates, Charge,
+    CountedBy, Decision, LogLevel, Market, Price, QuoteRequest, RateLimitHeaders, RigReport,
+    RouteRequest, Settlement, Trust, UsageEvent, candidate_key,
 };
 
 /// The `router` world: picks where a request goes.
 ///
 /// ```
-/// use garage_plugin_sdk::{Candidate, Host, RouteRequest, Router, testing::MemoryHost};
+/// use garage_plugin_sdk::{Candidate, Candidates, Host, RouteRequest, Router};
+/// use garage_plugin_sdk::testing::MemoryHost;
 ///
 /// /// The candidates in the order the gateway gave them.
 /// struct AsGiven;
 ///
 /// impl Router for AsGiven {
-///     fn route(_: &dyn Host, _: &RouteRequest, candidates: &[Candidate]) -> Result<Vec<u32>, String> {
+///     fn route(_: &dyn Host, _: &RouteRequest, candidates: &Candidates) -> Result<Vec<u32>, String> {
 ///         Ok((0..candidates.len() as u32).collect())
 ///     }
 /// }
 ///
-/// let two = [Candidate::new("a"), Candidate::new("b")];
+/// let two = Candidates::from([Candidate::new("a"), Candidate::new("b")]);
 /// assert_eq!(AsGiven::route(&MemoryHost::new(), &RouteRequest::default(), &two), Ok(vec![0, 1]));
 /// ```
 pub trait Router {
-    /// Orders the candidates by preference: indices into `candidates`, best first. The gateway
-    /// tries them in that order; candidates left out are not tried. An error, an empty list or
-    /// an index out of range makes the gateway use its built-in round robin for this request.
+    /// The candidates to try, best first: indices into `candidates`. The gateway tries them in
+    /// that order and only them, so the best few are enough (the default least-loaded router
+    /// answers 3); every index is fine too. An error, an empty list, an index out of range or
+    /// one repeated makes the gateway use its built-in round robin for this request and count
+    /// a fault.
     fn route(
         host: &dyn Host,
         request: &RouteRequest,
-        candidates: &[Candidate],
+        candidates: &Candidates,
     ) -> Result<Vec<u32>, String>;
 }
 
@@ -304,10 +307,10 @@ pub trait Reward {
 /// implements [`Router`], so the crate still builds and tests natively.
 ///
 /// ```
-/// # use garage_plugin_sdk::{Candidate, Host, RouteRequest, Router};
+/// # use garage_plugin_sdk::{Candidates, Host, RouteRequest, Router};
 /// struct First;
 /// impl Router for First {
-///     fn route(_: &dyn Host, _: &RouteRequest, _: &[Candidate]) -> Result<Vec<u32>, String> {
+///     fn route(_: &dyn Host, _: &RouteRequest, _: &Candidates) -> Result<Vec<u32>, String> {
 ///         Ok(vec![0])
 ///     }
 /// }
@@ -323,7 +326,7 @@ macro_rules! export_router {
             impl $crate::__private::router::Guest for GarageRouterExport {
                 fn route(
                     request: $crate::__private::wit::RouteRequest,
-                    candidates: ::std::vec::Vec<$crate::__private::wit_v0_4::Candidate>,
+                    candidates: $crate::__private::wit_v0_6::CandidateColumns,
                 ) -> ::std::result::Result<::std::vec::Vec<u32>, ::std::string::String> {
                     $crate::__private::route::<$plugin>(request, candidates)
                 }

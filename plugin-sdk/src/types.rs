@@ -51,6 +51,227 @@ pub struct Candidate {
     pub trust: Trust,
 }
 
+/// The candidates of one `route` call (WIT `candidate-columns`, new in 0.6.0): a column per
+/// [`Candidate`] field, which the gateway copies into the component as one block each, where a
+/// list of records costs a copy per field per candidate.
+///
+/// Read a candidate whole with [`get`](Self::get) or [`iter`](Self::iter) (a [`Candidate`] is
+/// a few numbers, built on the spot from the columns), or a column at once for a tight loop
+/// ([`in_flight`](Self::in_flight), [`tokens_per_second`](Self::tokens_per_second), ...).
+/// Build them in tests from candidates:
+///
+/// ```
+/// use garage_plugin_sdk::{Candidate, Candidates, Trust};
+///
+/// let candidates = Candidates::from([
+///     Candidate { in_flight: 2, ..Candidate::new("a") },
+///     Candidate { trust: Trust::Verified, ..Candidate::new("b") },
+/// ]);
+/// assert_eq!(candidates.len(), 2);
+/// assert_eq!(candidates.in_flight(), &[2, 0]);
+/// assert_eq!(candidates.get(1).map(|c| c.trust), Some(Trust::Verified));
+/// assert_eq!(candidates.iter().map(|c| c.load()).sum::<u64>(), 2);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Candidates {
+    key: Vec<u64>,
+    in_flight: Vec<u32>,
+    engine_running: Vec<u32>,
+    engine_waiting: Vec<u32>,
+    kv_cache_usage: Vec<f32>,
+    tokens_per_second: Vec<f32>,
+    latency_ms: Vec<f32>,
+    gpu_utilization: Vec<f32>,
+    gpu_memory_free_bytes: Vec<u64>,
+    trust: Vec<u8>,
+}
+
+impl Candidates {
+    /// How many candidates there are.
+    pub fn len(&self) -> usize {
+        self.key.len()
+    }
+
+    /// Whether there are none (the gateway never calls a router without candidates).
+    pub fn is_empty(&self) -> bool {
+        self.key.is_empty()
+    }
+
+    /// Candidate `index`, or `None` past the end.
+    pub fn get(&self, index: usize) -> Option<Candidate> {
+        (index < self.len()).then(|| Candidate {
+            key: self.key[index],
+            in_flight: self.in_flight[index],
+            engine_running: self.engine_running[index],
+            engine_waiting: self.engine_waiting[index],
+            kv_cache_usage: self.kv_cache_usage[index],
+            tokens_per_second: self.tokens_per_second[index],
+            latency_ms: self.latency_ms[index],
+            gpu_utilization: self.gpu_utilization[index],
+            gpu_memory_free_bytes: self.gpu_memory_free_bytes[index],
+            trust: Trust::from_code(self.trust[index]),
+        })
+    }
+
+    /// Every candidate in order (index 0 first).
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = Candidate> + '_ {
+        (0..self.len()).map(|index| self.get(index).unwrap_or_default())
+    }
+
+    /// Adds a candidate at the end.
+    pub fn push(&mut self, c: Candidate) {
+        self.key.push(c.key);
+        self.in_flight.push(c.in_flight);
+        self.engine_running.push(c.engine_running);
+        self.engine_waiting.push(c.engine_waiting);
+        self.kv_cache_usage.push(c.kv_cache_usage);
+        self.tokens_per_second.push(c.tokens_per_second);
+        self.latency_ms.push(c.latency_ms);
+        self.gpu_utilization.push(c.gpu_utilization);
+        self.gpu_memory_free_bytes.push(c.gpu_memory_free_bytes);
+        self.trust.push(c.trust.code());
+    }
+
+    /// Every candidate's [`Candidate::key`].
+    pub fn keys(&self) -> &[u64] {
+        &self.key
+    }
+
+    /// Every candidate's [`Candidate::in_flight`].
+    pub fn in_flight(&self) -> &[u32] {
+        &self.in_flight
+    }
+
+    /// Every candidate's [`Candidate::engine_running`].
+    pub fn engine_running(&self) -> &[u32] {
+        &self.engine_running
+    }
+
+    /// Every candidate's [`Candidate::engine_waiting`].
+    pub fn engine_waiting(&self) -> &[u32] {
+        &self.engine_waiting
+    }
+
+    /// Every candidate's [`Candidate::kv_cache_usage`].
+    pub fn kv_cache_usage(&self) -> &[f32] {
+        &self.kv_cache_usage
+    }
+
+    /// Every candidate's [`Candidate::tokens_per_second`].
+    pub fn tokens_per_second(&self) -> &[f32] {
+        &self.tokens_per_second
+    }
+
+    /// Every candidate's [`Candidate::latency_ms`].
+    pub fn latency_ms(&self) -> &[f32] {
+        &self.latency_ms
+    }
+
+    /// Every candidate's [`Candidate::gpu_utilization`].
+    pub fn gpu_utilization(&self) -> &[f32] {
+        &self.gpu_utilization
+    }
+
+    /// Every candidate's [`Candidate::gpu_memory_free_bytes`].
+    pub fn gpu_memory_free_bytes(&self) -> &[u64] {
+        &self.gpu_memory_free_bytes
+    }
+
+    /// Candidate `index`'s [`Candidate::trust`] (`Unverified` past the end).
+    pub fn trust(&self, index: usize) -> Trust {
+        self.trust
+            .get(index)
+            .map_or(Trust::Unverified, |&code| Trust::from_code(code))
+    }
+
+    /// Candidate `index`'s [`Candidate::load`] (0 past the end).
+    pub fn load(&self, index: usize) -> u64 {
+        if index >= self.len() {
+            return 0;
+        }
+        u64::from(self.in_flight[index])
+            + u64::from(self.engine_running[index])
+            + u64::from(self.engine_waiting[index])
+    }
+
+    /// The columns as the WIT record carries them, checked to be of one length.
+    #[expect(clippy::too_many_arguments, reason = "one argument per WIT column")]
+    #[cfg_attr(
+        not(target_arch = "wasm32"),
+        allow(dead_code, reason = "the component's glue calls it")
+    )]
+    pub(crate) fn from_columns(
+        key: Vec<u64>,
+        in_flight: Vec<u32>,
+        engine_running: Vec<u32>,
+        engine_waiting: Vec<u32>,
+        kv_cache_usage: Vec<f32>,
+        tokens_per_second: Vec<f32>,
+        latency_ms: Vec<f32>,
+        gpu_utilization: Vec<f32>,
+        gpu_memory_free_bytes: Vec<u64>,
+        trust: Vec<u8>,
+    ) -> Result<Candidates, String> {
+        let n = key.len();
+        let lengths = [
+            in_flight.len(),
+            engine_running.len(),
+            engine_waiting.len(),
+            kv_cache_usage.len(),
+            tokens_per_second.len(),
+            latency_ms.len(),
+            gpu_utilization.len(),
+            gpu_memory_free_bytes.len(),
+            trust.len(),
+        ];
+        if lengths.iter().any(|&len| len != n) {
+            return Err(format!(
+                "candidate columns of different lengths: {n} keys, others {lengths:?}"
+            ));
+        }
+        Ok(Candidates {
+            key,
+            in_flight,
+            engine_running,
+            engine_waiting,
+            kv_cache_usage,
+            tokens_per_second,
+            latency_ms,
+            gpu_utilization,
+            gpu_memory_free_bytes,
+            trust,
+        })
+    }
+}
+
+impl FromIterator<Candidate> for Candidates {
+    fn from_iter<I: IntoIterator<Item = Candidate>>(iter: I) -> Self {
+        let mut candidates = Candidates::default();
+        for c in iter {
+            candidates.push(c);
+        }
+        candidates
+    }
+}
+
+impl From<&[Candidate]> for Candidates {
+    fn from(rows: &[Candidate]) -> Self {
+        rows.iter().copied().collect()
+    }
+}
+
+impl<const N: usize> From<[Candidate; N]> for Candidates {
+    fn from(rows: [Candidate; N]) -> Self {
+        rows.into_iter().collect()
+    }
+}
+
+impl From<Vec<Candidate>> for Candidates {
+    fn from(rows: Vec<Candidate>) -> Self {
+        rows.into_iter().collect()
+    }
+}
+
 /// How far the gateway trusts a backend, from its checks (WIT `trust`, new in 0.4.0).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Trust {
@@ -81,6 +302,37 @@ impl Trust {
     /// ```
     pub fn is_trusted(self) -> bool {
         matches!(self, Trust::Verified | Trust::Configured)
+    }
+
+    /// The number `candidate-columns.trust` carries for this trust (0.6.0): its position in
+    /// the WIT enum.
+    pub fn code(self) -> u8 {
+        match self {
+            Trust::Configured => 0,
+            Trust::Unverified => 1,
+            Trust::Verified => 2,
+            Trust::Suspect => 3,
+            Trust::Quarantined => 4,
+        }
+    }
+
+    /// The trust a `candidate-columns.trust` number stands for; a number this SDK does not
+    /// know (from a later contract) reads as `Unverified`, as the WIT says.
+    ///
+    /// ```
+    /// use garage_plugin_sdk::Trust;
+    ///
+    /// assert_eq!(Trust::from_code(Trust::Suspect.code()), Trust::Suspect);
+    /// assert_eq!(Trust::from_code(200), Trust::Unverified);
+    /// ```
+    pub fn from_code(code: u8) -> Trust {
+        match code {
+            0 => Trust::Configured,
+            2 => Trust::Verified,
+            3 => Trust::Suspect,
+            4 => Trust::Quarantined,
+            _ => Trust::Unverified,
+        }
     }
 }
 

@@ -74,7 +74,9 @@ pub fn world(name: &str) -> Option<&'static str> {
         "fixture-infinite-loop"
         | "fixture-memory-bomb"
         | "fixture-trap"
-        | "fixture-huge-output" => "router",
+        | "fixture-huge-output"
+        | "fixture-router-v0-4"
+        | "fixture-router-says" => "router",
         _ => return None,
     })
 }
@@ -115,9 +117,20 @@ pub mod fixtures {
     /// for a component from before 0.5.0: it quotes nothing.
     pub const METER_V0_4: &[u8] = component!("fixture_meter_v0_4");
 
+    /// A router built against `garage:policy@0.4.0` with wit-bindgen alone (no SDK), standing
+    /// for a router from before 0.6.0: candidate records in, every index out, sorted by the
+    /// least-loaded score of that time (a verified rig's score halved).
+    pub const ROUTER_V0_4: &[u8] = component!("fixture_router_v0_4");
+
+    /// A router of `garage:policy@0.6.0` answering the indices its config lists
+    /// (`{"answer": [2, 0]}`: out of range, repeated or none), or without one the candidate
+    /// with the most free GPU memory, then the verified one with the largest key.
+    pub const ROUTER_SAYS: &[u8] = component!("fixture_router_says");
+
     /// The fixtures, by name: `fixture-infinite-loop`, `fixture-memory-bomb`, `fixture-trap`,
     /// `fixture-wrong-world`, `fixture-huge-output`, `fixture-picky-meter`,
-    /// `fixture-meter-v0-3`.
+    /// `fixture-meter-v0-3`, `fixture-meter-v0-4`, `fixture-router-v0-4`,
+    /// `fixture-router-says`.
     pub fn all() -> &'static [(&'static str, &'static [u8])] {
         const ALL: &[(&str, &[u8])] = &[
             ("fixture-infinite-loop", INFINITE_LOOP),
@@ -128,6 +141,8 @@ pub mod fixtures {
             ("fixture-picky-meter", PICKY_METER),
             ("fixture-meter-v0-3", METER_V0_3),
             ("fixture-meter-v0-4", METER_V0_4),
+            ("fixture-router-v0-4", ROUTER_V0_4),
+            ("fixture-router-says", ROUTER_SAYS),
         ];
         ALL
     }

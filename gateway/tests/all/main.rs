@@ -32,6 +32,7 @@ mod redis_leases;
 mod redis_replicas;
 mod replay;
 mod rigs;
+mod router_columns;
 mod scale;
 mod signals;
 mod store_suite;

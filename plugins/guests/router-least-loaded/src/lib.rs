@@ -7,6 +7,12 @@
 //! when none is measured). The `+ 1` counts the request being placed: among idle rigs the
 //! fastest wins instead of a tie. Ties go to the emptier KV cache, then to the lower index.
 //!
+//! It answers the best `top` candidates only (8 unless configured), best first: the gateway
+//! tries those and no others, and tries at most `dispatch.max_attempts` (3 by default) anyway.
+//! Picking them takes one pass over the candidates (each compared with the worst of the best
+//! so far), not a sort of all of them, so a call costs about the same over 100 candidates as
+//! over 1,000.
+//!
 //! Config (every field optional):
 //!
 //! - `{"prefer": {"region": "eu"}}`: candidates whose labels match every pair come first, each
@@ -15,24 +21,39 @@
 //! - `{"prefer_trusted": true}`: within those groups, verified rigs and the operator's own
 //!   upstreams first, then rigs not verified yet, suspect rigs last (the gateway's checks, as
 //!   `candidate.trust` carries them); each still a fallback for the one before.
+//! - `{"top": 8}`: how many candidates to answer, 1 or more; keep it at least the gateway's
+//!   `dispatch.max_attempts`.
 //!
 //! State: none.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
-use garage_plugin_sdk::{Candidate, Host, RouteRequest, Router, Trust, config};
+use garage_plugin_sdk::{Candidates, Host, RouteRequest, Router, Trust, config};
 use serde::Deserialize;
 
-/// Orders every candidate by expected queueing time, shortest first.
+/// Orders the candidates by expected queueing time, shortest first, and answers the best few.
 pub struct LeastLoaded;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct Config {
     /// Labels a candidate must all have to be preferred.
     prefer: BTreeMap<String, String>,
     /// Verified rigs before unverified ones, suspect ones last.
     prefer_trusted: bool,
+    /// Candidates answered, best first.
+    top: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            prefer: BTreeMap::new(),
+            prefer_trusted: false,
+            top: 8,
+        }
+    }
 }
 
 /// The rank of a candidate's trust, lowest first, with `prefer_trusted`.
@@ -44,13 +65,38 @@ fn trust_rank(trust: Trust) -> u8 {
     }
 }
 
+/// What a candidate is ranked by, lowest first: not preferred, trust rank, score (seconds of
+/// work), KV-cache use, index.
+#[derive(Clone, Copy)]
+struct Rank {
+    not_preferred: bool,
+    trust: u8,
+    score: f64,
+    kv_cache_usage: f32,
+    index: u32,
+}
+
+impl Rank {
+    fn cmp(&self, other: &Rank) -> Ordering {
+        self.not_preferred
+            .cmp(&other.not_preferred)
+            .then(self.trust.cmp(&other.trust))
+            .then(self.score.total_cmp(&other.score))
+            .then(self.kv_cache_usage.total_cmp(&other.kv_cache_usage))
+            .then(self.index.cmp(&other.index))
+    }
+}
+
 impl Router for LeastLoaded {
     fn route(
         host: &dyn Host,
         _request: &RouteRequest,
-        candidates: &[Candidate],
+        candidates: &Candidates,
     ) -> Result<Vec<u32>, String> {
         let config = config::cached::<Config>(host)?;
+        if config.top == 0 {
+            return Err("invalid plugin config: top must be 1 or more".into());
+        }
         let prefer = &config.prefer;
         let preferred = |index: u32| {
             prefer.is_empty()
@@ -60,43 +106,52 @@ impl Router for LeastLoaded {
                         .all(|(key, value)| info.label(key) == Some(value.as_str()))
                 })
         };
-        let unknown_speed = median_known_speed(candidates).unwrap_or(1.0);
-        let score = |c: &Candidate| {
-            let speed = if is_known(c.tokens_per_second) {
-                f64::from(c.tokens_per_second)
+        let speeds = candidates.tokens_per_second();
+        let unknown_speed = median_known_speed(speeds).unwrap_or(1.0);
+        let (in_flight, running, waiting) = (
+            candidates.in_flight(),
+            candidates.engine_running(),
+            candidates.engine_waiting(),
+        );
+        let kv = candidates.kv_cache_usage();
+        let rank = |i: usize| {
+            let speed = if is_known(speeds[i]) {
+                f64::from(speeds[i])
             } else {
                 unknown_speed
             };
-            (c.load() + 1) as f64 / speed
-        };
-        let trust = |c: &Candidate| {
-            if config.prefer_trusted {
-                trust_rank(c.trust)
-            } else {
-                0
+            let load = u64::from(in_flight[i]) + u64::from(running[i]) + u64::from(waiting[i]);
+            let index = i as u32;
+            Rank {
+                not_preferred: !preferred(index),
+                trust: if config.prefer_trusted {
+                    trust_rank(candidates.trust(i))
+                } else {
+                    0
+                },
+                score: (load + 1) as f64 / speed,
+                kv_cache_usage: kv[i],
+                index,
             }
         };
-        let mut ranked: Vec<(bool, u8, f64, f32, u32)> = candidates
-            .iter()
-            .zip(0u32..)
-            .map(|(c, index)| {
-                (
-                    !preferred(index),
-                    trust(c),
-                    score(c),
-                    c.kv_cache_usage,
-                    index,
-                )
-            })
-            .collect();
-        ranked.sort_by(|a, b| {
-            a.0.cmp(&b.0)
-                .then(a.1.cmp(&b.1))
-                .then(a.2.total_cmp(&b.2))
-                .then(a.3.total_cmp(&b.3))
-                .then(a.4.cmp(&b.4))
-        });
-        Ok(ranked.into_iter().map(|(.., index)| index).collect())
+        // The best `top` so far, best first: a candidate that does not beat the worst of them
+        // costs one comparison.
+        let top = config.top.min(candidates.len());
+        let mut best: Vec<Rank> = Vec::with_capacity(top + 1);
+        for i in 0..candidates.len() {
+            let candidate = rank(i);
+            if best.len() == top
+                && best
+                    .last()
+                    .is_some_and(|worst| candidate.cmp(worst) != Ordering::Less)
+            {
+                continue;
+            }
+            let at = best.partition_point(|kept| kept.cmp(&candidate) == Ordering::Less);
+            best.insert(at, candidate);
+            best.truncate(top);
+        }
+        Ok(best.into_iter().map(|rank| rank.index).collect())
     }
 }
 
@@ -107,29 +162,29 @@ fn is_known(tokens_per_second: f32) -> bool {
     tokens_per_second.is_finite() && tokens_per_second > 0.0
 }
 
-/// Median of the measured speeds, `None` when no candidate is measured.
-fn median_known_speed(candidates: &[Candidate]) -> Option<f64> {
-    let mut speeds: Vec<f64> = candidates
-        .iter()
-        .map(|c| c.tokens_per_second)
-        .filter(|&s| is_known(s))
-        .map(f64::from)
-        .collect();
-    if speeds.is_empty() {
+/// Median of the measured speeds, `None` when no candidate is measured. A selection, not a
+/// sort: linear in the candidates.
+fn median_known_speed(speeds: &[f32]) -> Option<f64> {
+    let mut known: Vec<f32> = speeds.iter().copied().filter(|&s| is_known(s)).collect();
+    if known.is_empty() {
         return None;
     }
-    speeds.sort_by(f64::total_cmp);
-    let mid = speeds.len() / 2;
-    Some(if speeds.len().is_multiple_of(2) {
-        (speeds[mid - 1] + speeds[mid]) / 2.0
+    let (count, mid) = (known.len(), known.len() / 2);
+    let (below, &mut middle, _) = known.select_nth_unstable_by(mid, f32::total_cmp);
+    let middle = f64::from(middle);
+    Some(if count.is_multiple_of(2) {
+        // The other middle one is the largest of those below.
+        let lower = below.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        (f64::from(lower) + middle) / 2.0
     } else {
-        speeds[mid]
+        middle
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use garage_plugin_sdk::Candidate;
     use garage_plugin_sdk::testing::MemoryHost;
 
     fn rig(id: &str, load: u32, tokens_per_second: f32) -> Candidate {
@@ -141,7 +196,12 @@ mod tests {
     }
 
     fn route(candidates: &[Candidate]) -> Vec<u32> {
-        LeastLoaded::route(&MemoryHost::new(), &RouteRequest::default(), candidates).unwrap()
+        LeastLoaded::route(
+            &MemoryHost::new(),
+            &RouteRequest::default(),
+            &Candidates::from(candidates),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -222,6 +282,7 @@ mod tests {
             rig("unlabelled", 1, 50.0),
             rig("eu-idle", 0, 50.0),
         ];
+        let candidates = Candidates::from(candidates);
         let order = LeastLoaded::route(&host, &RouteRequest::default(), &candidates).unwrap();
         assert_eq!(order, vec![3, 1, 0, 2]);
     }
@@ -238,6 +299,7 @@ mod tests {
         // Without the setting, trust does not matter: load alone.
         assert_eq!(route(&candidates), vec![0, 1, 2, 3]);
         let host = MemoryHost::with_config(r#"{"prefer_trusted": true}"#);
+        let candidates = Candidates::from(candidates);
         let order = LeastLoaded::route(&host, &RouteRequest::default(), &candidates).unwrap();
         assert_eq!(order, vec![2, 3, 1, 0]);
     }
@@ -245,7 +307,8 @@ mod tests {
     #[test]
     fn a_bad_config_is_an_error() {
         let host = MemoryHost::with_config(r#"{"prefer": "eu"}"#);
-        let error = LeastLoaded::route(&host, &RouteRequest::default(), &[rig("a", 0, 1.0)]);
+        let one = Candidates::from([rig("a", 0, 1.0)]);
+        let error = LeastLoaded::route(&host, &RouteRequest::default(), &one);
         assert!(error.is_err());
     }
 
@@ -257,7 +320,70 @@ mod tests {
             rig("c", 0, 40.0),
             rig("d", 0, 80.0),
         ];
-        assert_eq!(median_known_speed(&candidates), Some(30.0));
+        let speeds = Candidates::from(candidates);
+        assert_eq!(median_known_speed(speeds.tokens_per_second()), Some(30.0));
+        assert_eq!(median_known_speed(&[20.0, 0.0, 10.0]), Some(15.0));
+        assert_eq!(median_known_speed(&[5.0, 10.0, 1.0]), Some(5.0));
         assert_eq!(median_known_speed(&[]), None);
+    }
+
+    /// The answer over many candidates is the first `top` of a full sort, as the router
+    /// answered before it stopped sorting.
+    #[test]
+    fn the_top_few_are_the_head_of_a_full_sort() {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        for (count, top) in [(1000, 8), (100, 3), (5, 8), (64, 1)] {
+            let candidates: Vec<Candidate> = (0..count)
+                .map(|i| Candidate {
+                    in_flight: next(6) as u32,
+                    engine_waiting: next(3) as u32,
+                    kv_cache_usage: next(4) as f32 / 4.0,
+                    ..rig(
+                        &format!("rig-{i}"),
+                        0,
+                        [0.0, 20.0, 40.0, 100.0][next(4) as usize],
+                    )
+                })
+                .collect();
+            let host = MemoryHost::with_config(format!(r#"{{"top": {top}}}"#));
+            let columns = Candidates::from(&candidates[..]);
+            let order = LeastLoaded::route(&host, &RouteRequest::default(), &columns).unwrap();
+            let unknown = median_known_speed(columns.tokens_per_second()).unwrap_or(1.0);
+            let seconds = |c: &Candidate| {
+                let speed = if is_known(c.tokens_per_second) {
+                    f64::from(c.tokens_per_second)
+                } else {
+                    unknown
+                };
+                (c.load() + 1) as f64 / speed
+            };
+            let mut sorted: Vec<u32> = (0..count as u32).collect();
+            sorted.sort_by(|&a, &b| {
+                let (a, b) = (&candidates[a as usize], &candidates[b as usize]);
+                seconds(a)
+                    .total_cmp(&seconds(b))
+                    .then(a.kv_cache_usage.total_cmp(&b.kv_cache_usage))
+            });
+            sorted.truncate(top.min(count));
+            assert_eq!(order, sorted, "{count} candidates, top {top}");
+        }
+    }
+
+    #[test]
+    fn eight_answered_unless_configured_and_top_zero_is_an_error() {
+        let many: Vec<Candidate> = (0..20)
+            .map(|i| rig(&format!("r{i}"), 19 - i, 10.0))
+            .collect();
+        let order = route(&many);
+        assert_eq!(order, (12..20).rev().collect::<Vec<u32>>());
+        let host = MemoryHost::with_config(r#"{"top": 0}"#);
+        let error = LeastLoaded::route(&host, &RouteRequest::default(), &Candidates::from(many));
+        assert!(error.unwrap_err().contains("top must be 1 or more"));
     }
 }

@@ -15,7 +15,7 @@
 //! Config: `{"epsilon": 0.25}`: how far above the average load a rig may go before its prefixes
 //! spill to their next choice; 0 spreads strictly, larger values favour the cache. State: none.
 
-use garage_plugin_sdk::{Candidate, Host, RouteRequest, Router, config, hrw};
+use garage_plugin_sdk::{Candidates, Host, RouteRequest, Router, config, hrw};
 use serde::Deserialize;
 
 /// Rendezvous hashing of the prompt prefix, with bounded load.
@@ -39,7 +39,7 @@ impl Router for PrefixAffinity {
     fn route(
         host: &dyn Host,
         request: &RouteRequest,
-        candidates: &[Candidate],
+        candidates: &Candidates,
     ) -> Result<Vec<u32>, String> {
         let epsilon = config::cached::<Config>(host)?.epsilon;
         if !(epsilon.is_finite() && epsilon >= 0.0) {
@@ -51,15 +51,14 @@ impl Router for PrefixAffinity {
             return Ok(Vec::new());
         }
 
-        let total: u64 = candidates.iter().map(Candidate::load).sum();
+        let total: u64 = (0..candidates.len()).map(|i| candidates.load(i)).sum();
         let fair_share = (total + 1) as f64 / candidates.len() as f64;
         let bound = ((1.0 + epsilon) * fair_share).ceil();
-        let overloaded = |c: &Candidate| (c.load() + 1) as f64 > bound;
+        let overloaded = |index: usize| (candidates.load(index) + 1) as f64 > bound;
 
-        let by_score = hrw::rank(request.prefix_hash, candidates.iter().map(|c| c.key));
-        let (fits, spills): (Vec<usize>, Vec<usize>) = by_score
-            .into_iter()
-            .partition(|&index| !overloaded(&candidates[index]));
+        let by_score = hrw::rank(request.prefix_hash, candidates.keys().iter().copied());
+        let (fits, spills): (Vec<usize>, Vec<usize>) =
+            by_score.into_iter().partition(|&index| !overloaded(index));
         Ok(fits
             .into_iter()
             .chain(spills)
@@ -73,6 +72,7 @@ garage_plugin_sdk::export_router!(PrefixAffinity);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use garage_plugin_sdk::Candidate;
     use garage_plugin_sdk::testing::MemoryHost;
 
     fn request(prefix_hash: u64) -> RouteRequest {
@@ -94,7 +94,7 @@ mod tests {
     }
 
     fn route(host: &MemoryHost, prefix_hash: u64, candidates: &[Candidate]) -> Vec<u32> {
-        PrefixAffinity::route(host, &request(prefix_hash), candidates).unwrap()
+        PrefixAffinity::route(host, &request(prefix_hash), &Candidates::from(candidates)).unwrap()
     }
 
     #[test]
@@ -158,10 +158,12 @@ mod tests {
     #[test]
     fn bad_config_is_an_error_the_gateway_falls_back_on() {
         let host = MemoryHost::with_config(r#"{"epsilon": -1}"#);
-        let error = PrefixAffinity::route(&host, &request(1), &rigs(&[0])).unwrap_err();
+        let error =
+            PrefixAffinity::route(&host, &request(1), &Candidates::from(rigs(&[0]))).unwrap_err();
         assert!(error.contains("epsilon must be a number >= 0"), "{error}");
         let host = MemoryHost::with_config(r#"{"epsilonn": 1}"#);
-        let error = PrefixAffinity::route(&host, &request(1), &rigs(&[0])).unwrap_err();
+        let error =
+            PrefixAffinity::route(&host, &request(1), &Candidates::from(rigs(&[0]))).unwrap_err();
         assert!(error.contains("unknown field `epsilonn`"), "{error}");
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Config: none. State: `rr:<model>`, a counter that only grows.
 
-use garage_plugin_sdk::{Candidate, Host, RouteRequest, Router};
+use garage_plugin_sdk::{Candidates, Host, RouteRequest, Router};
 
 /// Starts each request one candidate further along, then tries the others in order.
 pub struct RoundRobin;
@@ -12,7 +12,7 @@ impl Router for RoundRobin {
     fn route(
         host: &dyn Host,
         request: &RouteRequest,
-        candidates: &[Candidate],
+        candidates: &Candidates,
     ) -> Result<Vec<u32>, String> {
         let count = candidates.len() as i64;
         if count == 0 {
@@ -29,6 +29,7 @@ garage_plugin_sdk::export_router!(RoundRobin);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use garage_plugin_sdk::Candidate;
     use garage_plugin_sdk::testing::MemoryHost;
 
     fn request(model: &str) -> RouteRequest {
@@ -41,11 +42,11 @@ mod tests {
     #[test]
     fn each_request_starts_one_further_and_lists_everyone() {
         let host = MemoryHost::new();
-        let three = [
+        let three = Candidates::from([
             Candidate::new("a"),
             Candidate::new("b"),
             Candidate::new("c"),
-        ];
+        ]);
         let firsts: Vec<Vec<u32>> = (0..4)
             .map(|_| RoundRobin::route(&host, &request("m"), &three).unwrap())
             .collect();
@@ -58,7 +59,7 @@ mod tests {
     #[test]
     fn models_take_turns_independently() {
         let host = MemoryHost::new();
-        let two = [Candidate::new("a"), Candidate::new("b")];
+        let two = Candidates::from([Candidate::new("a"), Candidate::new("b")]);
         assert_eq!(
             RoundRobin::route(&host, &request("x"), &two),
             Ok(vec![0, 1])
@@ -77,7 +78,10 @@ mod tests {
     #[test]
     fn no_candidates_means_an_empty_order_and_no_state() {
         let host = MemoryHost::new();
-        assert_eq!(RoundRobin::route(&host, &request("m"), &[]), Ok(vec![]));
+        assert_eq!(
+            RoundRobin::route(&host, &request("m"), &Candidates::default()),
+            Ok(vec![])
+        );
         assert!(host.keys().is_empty());
     }
 }
