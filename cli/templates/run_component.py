@@ -49,7 +49,8 @@ RIG_REPORT = {
 PRICE = {"prompt_per_thousand": 0.0, "completion_per_thousand": 0.0}
 QUOTE_REQUEST = {"model": "", "batch": False}
 # The router world (wit/v0.4): the request, each candidate (0.4.0's, with its trust) and what
-# `candidates.describe` tells of it, which a sample gives beside the candidate's fields.
+# `candidates.describe` tells of it, which a sample gives beside the candidate's fields. A
+# router of 0.6.0 (wit/v0.6, the Rust SDK's) takes the same candidates as columns.
 ROUTE_REQUEST = {
     "model": "", "key_id": "", "prefix_hash": 0, "prompt_tokens": 0, "max_tokens": 0,
     "stream": False,
@@ -125,6 +126,28 @@ def candidates(sample, what):
         info.labels = [(k, v) for k, v in labels.items()]
         infos.append(info)
     return records, infos
+
+
+def takes_columns(engine, component):
+    """Whether the router's `route` takes its candidates as columns (garage:policy@0.6.0's
+    `candidate-columns`, a record of lists) rather than a list of records."""
+    route = component.type.exports(engine).get("route")
+    params = getattr(getattr(route, "ty", None), "params", None) or []
+    return len(params) == 2 and isinstance(params[1][1], wc.RecordType)
+
+
+def columns(records):
+    """The `candidate-columns` of candidate records: a list per field, trust as the enum's
+    position (0 configured ... 4 quarantined)."""
+    value = wc.Record()
+    for name in ["key", *CANDIDATE]:
+        field = name.replace("_", "-")
+        cells = [getattr(r, field) for r in records]
+        if name == "trust":
+            # wasmtime-py passes a list<u8> as bytes.
+            cells = bytes(ENUMS["trust"].index(cell) for cell in cells)
+        setattr(value, field, cells)
+    return value
 
 
 class Host:
@@ -247,6 +270,8 @@ def run_call(host, engine, component, sample, defaults, index):
             raise SampleError(f"{name}: `route` takes an object with `request` and `candidates`")
         request = record(ROUTE_REQUEST, route.get("request", {}), f"{name}, request")
         listed, host.infos = candidates(route.get("candidates"), name)
+        if takes_columns(engine, component):
+            listed = columns(listed)
         got = answer(host.call(engine, component, "route", request, listed))
     elif "admit" in sample:
         argument = record(ADMISSION, sample["admit"], f"{name}, admission")

@@ -1,7 +1,7 @@
 //! {{name}}: a router. Least loaded first, load counted in seconds of work: a candidate's
 //! requests (in flight here, running and waiting in its engine, plus this one) over its
 //! measured tokens per second. A rig not measured yet counts at `unmeasured_tps` (config).
-use garage_plugin_sdk::{Candidate, Host, RouteRequest, Router, config};
+use garage_plugin_sdk::{Candidate, Candidates, Host, RouteRequest, Router, config};
 
 pub struct Policy;
 
@@ -15,7 +15,7 @@ impl Router for Policy {
     fn route(
         host: &dyn Host,
         _: &RouteRequest,
-        candidates: &[Candidate],
+        candidates: &Candidates,
     ) -> Result<Vec<u32>, String> {
         let config: Config = config::parse(host)?;
         let unmeasured = config.unmeasured_tps.unwrap_or(10.0);
@@ -28,11 +28,11 @@ impl Router for Policy {
             };
             (c.load() + 1) as f64 / speed
         };
+        let seconds: Vec<f64> = candidates.iter().map(|c| seconds(&c)).collect();
         let mut order: Vec<u32> = (0..candidates.len() as u32).collect();
-        // A stable sort: ties keep the gateway's order.
-        order.sort_by(|&a, &b| {
-            seconds(&candidates[a as usize]).total_cmp(&seconds(&candidates[b as usize]))
-        });
+        // A stable sort: ties keep the gateway's order. The gateway tries the first few only
+        // (`dispatch.max_attempts`): answering them alone would do.
+        order.sort_by(|&a, &b| seconds[a as usize].total_cmp(&seconds[b as usize]));
         Ok(order)
     }
 }

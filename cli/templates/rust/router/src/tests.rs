@@ -1,6 +1,6 @@
 //! Native tests (`cargo test`): the policy against the SDK's in-memory host, no WebAssembly.
 use garage_plugin_sdk::testing::MemoryHost;
-use garage_plugin_sdk::{Candidate, RouteRequest, Router};
+use garage_plugin_sdk::{Candidate, Candidates, RouteRequest, Router};
 
 use super::Policy;
 
@@ -16,7 +16,7 @@ fn route(config: &str, candidates: &[Candidate]) -> Result<Vec<u32>, String> {
     Policy::route(
         &MemoryHost::with_config(config),
         &RouteRequest::default(),
-        candidates,
+        &Candidates::from(candidates),
     )
 }
 
