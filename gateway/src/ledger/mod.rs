@@ -1041,8 +1041,8 @@ impl Usage {
             // In process, an event is taken from memory once and comes back only if it failed
             // (given back below, unwritten): once its entry is written, the meter never sees it
             // again, and its mark of the request as charged has done its work. Dropped now, the
-            // marks held are those of events in flight, not an hour of requests (at 12,000
-            // requests a second, ~250 bytes each: gigabytes). On a shared store a replica that
+            // marks held are those of events in flight, not an hour of requests (gigabytes, on
+            // a saturated gateway). On a shared store a replica that
             // dies leaves its events to another, which reads the ledger first; there the marks
             // expire (a delete per event would be a round trip per event).
             if self.in_process && !idle {
