@@ -18,6 +18,11 @@ use garage_plugins::{ROUTER_LEAST_LOADED, ROUTER_ROUND_ROBIN};
 /// Warm instances (the default), generous deadlines for a debug build on a busy machine, no
 /// trial call at upload (the hostile answers would be refused there), no resync.
 async fn host() -> Arc<PluginHost> {
+    host_recording(PluginsConfig::default().record_calls).await
+}
+
+/// [`host`], keeping the last `record_calls` calls for replay (0: none).
+async fn host_recording(record_calls: usize) -> Arc<PluginHost> {
     let hot = SlotLimits {
         deadline_ms: Some(500),
         isolation: Isolation::Warm,
@@ -28,6 +33,7 @@ async fn host() -> Arc<PluginHost> {
         max_instances: 16,
         resync_interval_secs: 0,
         trial_at_upload: false,
+        record_calls,
         ..PluginsConfig::default()
     };
     let host = PluginHost::new(Arc::new(MemoryStore::new()), config)
@@ -280,17 +286,25 @@ async fn recorded_routes_replay_through_both_contracts() {
 
 /// The cost of a warm route call over 100 and 1,000 candidates: records (0.4.0, every index
 /// answered after a sort) beside columns (0.6.0's least-loaded, the best 8 in one pass, and
-/// round robin, every index). Printed; run in release to read real numbers.
+/// round robin, every index), with every call recorded for replay (the default) and without.
+/// Printed; run in release to read real numbers.
 #[tokio::test]
 async fn route_cost_records_against_columns() {
     let iterations = if cfg!(debug_assertions) { 20 } else { 2000 };
-    let host = host().await;
+    let recording = host().await;
+    let not_recording = host_recording(0).await;
     let hundred = candidates(100);
     let thousand = candidates(1000);
-    for (name, router) in [
-        ("0.4.0 records, sorts all", ROUTER_V0_4),
-        ("0.6.0 least-loaded", ROUTER_LEAST_LOADED),
-        ("0.6.0 round-robin", ROUTER_ROUND_ROBIN),
+    for (name, router, host) in [
+        ("0.4.0 records, sorts all", ROUTER_V0_4, &recording),
+        ("0.6.0 least-loaded", ROUTER_LEAST_LOADED, &recording),
+        ("0.6.0 round-robin", ROUTER_ROUND_ROBIN, &recording),
+        ("0.4.0, not recording", ROUTER_V0_4, &not_recording),
+        (
+            "0.6.0 l-l, not recording",
+            ROUTER_LEAST_LOADED,
+            &not_recording,
+        ),
     ] {
         host.install(Slot::Router, router, "{}", "bench")
             .await
@@ -306,7 +320,9 @@ async fn route_cost_records_against_columns() {
             println!("{name:<26} {n:>4} candidates  {stats}");
         }
     }
-    assert_eq!(status(&host).faults, Default::default());
+    for host in [&recording, &not_recording] {
+        assert_eq!(status(host).faults, Default::default());
+    }
 }
 
 async fn measure<F, Fut>(iterations: usize, mut call: F) -> String

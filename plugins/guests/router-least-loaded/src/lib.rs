@@ -107,7 +107,12 @@ impl Router for LeastLoaded {
                 })
         };
         let speeds = candidates.tokens_per_second();
-        let unknown_speed = median_known_speed(speeds).unwrap_or(1.0);
+        // The median only matters when some rig is unmeasured: most calls skip it.
+        let unknown_speed = if speeds.iter().all(|&s| is_known(s)) {
+            1.0
+        } else {
+            median_known_speed(speeds).unwrap_or(1.0)
+        };
         let (in_flight, running, waiting) = (
             candidates.in_flight(),
             candidates.engine_running(),
