@@ -43,6 +43,8 @@
 #                      tpm 1000000000 in their metadata), so the default rate limiter reserves
 #                      from its counters on every request, as it does for a realistic key
 #                      (default 0: a key with no limits, for which the limiter reserves nothing)
+#   BENCH_POLICIES_TOML  extra TOML for the gateway with policies (BENCH_PLUGINS=both), e.g.
+#                      $'[plugins.rate-limiter]\nwarm_instances = 32' (default: none)
 #
 # With BENCH_STORE=redis the report also counts the Redis commands each gateway sent per
 # request (INFO commandstats of the gateway's own database's server, before and after a row).
@@ -382,7 +384,7 @@ start_gateway gateway "$DEFAULT_PLUGINS" "$HOT_FILES"
 GATEWAY_PID=$STARTED_PID GATEWAY_URL=$STARTED_URL API_KEY=$STARTED_KEY
 POLICIES_URL="" POLICIES_KEY=""
 if [[ $PLUGINS == both ]]; then
-    start_gateway policies true ""
+    start_gateway policies true "${BENCH_POLICIES_TOML:-}"
     POLICIES_PID=$STARTED_PID POLICIES_URL=$STARTED_URL POLICIES_KEY=$STARTED_KEY
 fi
 export BENCH_KEY=$API_KEY BENCH_MODEL=$MODEL
