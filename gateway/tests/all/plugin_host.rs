@@ -472,7 +472,11 @@ async fn a_spinning_hot_path_guest_is_stopped_by_its_cpu_time() {
     }
     // Bounded by the wall clock's backstop (20 × 5 ms + 5 s) even on a machine with no core to
     // spare; a generous bound, not a measurement.
-    assert!(started.elapsed() < Duration::from_secs(16), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(16),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(status(&host, Slot::Router).faults.timeout, 3);
 
     host.install(Slot::Router, components::ROUTER_ROUND_ROBIN, "{}", "test")
