@@ -119,7 +119,8 @@ pub const REWARD_OPERATOR_INDEX: &str = "reward_operator_index";
 /// `charged:<request id>`, so that an event that reaches it again is charged once. The ledger
 /// drops it on the embedded store once the request's entry is written. Written into `buf`.
 pub fn meter_charged_into(buf: &mut String, request_id: &str) {
-    buf.push_str("plugin:meter:charged:");
+    buf.push_str(PLUGIN_KV);
+    buf.push_str("meter:charged:");
     buf.push_str(request_id);
 }
 
@@ -267,5 +268,8 @@ pub const PLUGIN_VERSIONS: &str = "plugin_version";
 
 /// Kv prefix of a slot's plugin state (what its `kv` interface sees), shared by its versions.
 pub fn plugin_namespace(slot: &str) -> String {
-    format!("plugin:{slot}:")
+    format!("{PLUGIN_KV}{slot}:")
 }
+
+/// What every slot's kv namespace starts with.
+const PLUGIN_KV: &str = "plugin:";

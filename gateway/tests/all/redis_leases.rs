@@ -4,8 +4,6 @@
 //! never pass the limit; a slice a replica stops drawing from comes back to the others; an
 //! outage or a window's end never lets a slice be spent twice.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -232,59 +230,11 @@ async fn a_slice_held_at_a_windows_end_is_not_spent_in_the_next() {
     }
 }
 
-/// A `redis-server` that writes every command to its append-only file before answering, so a
-/// restart (even after SIGKILL) keeps every counter.
-struct DurableRedis {
-    child: Child,
-    port: u16,
-}
-
-impl DurableRedis {
-    fn start(dir: &Path, port: u16) -> DurableRedis {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH (scripts/test.sh installs it)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        DurableRedis { child, port }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for DurableRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test]
 async fn redis_going_away_mid_lease_fails_the_reservation_and_admits_nothing_extra_after() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mut redis = DurableRedis::start(dir.path(), port);
+    let mut redis = RedisServer::start_durable(dir.path(), port);
     let url = redis.url();
     let (a, b) = (replica(&url).await, replica(&url).await);
     let mut admitted = 0;
@@ -323,7 +273,7 @@ async fn redis_going_away_mid_lease_fails_the_reservation_and_admits_nothing_ext
 
     // Redis comes back with its counter: both replicas take the rest, never more than the
     // limit; what A held when the error came is not spent again.
-    let _redis = DurableRedis::start(dir.path(), port);
+    let _redis = RedisServer::start_durable(dir.path(), port);
     let mut back = false;
     for _ in 0..500 {
         if a.kv_reserve("outage", 1, LIMIT, WINDOW)

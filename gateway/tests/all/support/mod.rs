@@ -54,6 +54,27 @@ impl RedisServer {
 
     /// A server on a given port (to restart one where clients expect it).
     pub fn start_on(port: u16) -> RedisServer {
+        Self::spawn(port, &["--appendonly", "no"])
+    }
+
+    /// A server that writes every command to its append-only file in `dir` before answering,
+    /// so a restart on the same `dir` and `port` (even after SIGKILL) keeps every key.
+    pub fn start_durable(dir: &std::path::Path, port: u16) -> RedisServer {
+        let dir = dir.to_str().expect("a UTF-8 temporary directory");
+        Self::spawn(
+            port,
+            &[
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                dir,
+            ],
+        )
+    }
+
+    fn spawn(port: u16, persistence: &[&str]) -> RedisServer {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -62,9 +83,8 @@ impl RedisServer {
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
             ])
+            .args(persistence)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -83,10 +103,17 @@ impl RedisServer {
     }
 }
 
-impl Drop for RedisServer {
-    fn drop(&mut self) {
+impl RedisServer {
+    /// Stops the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
