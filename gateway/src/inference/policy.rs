@@ -456,10 +456,12 @@ pub async fn order(
         max_tokens: facts.max_tokens,
         stream,
     };
-    let described: Vec<plugins::Candidate> = candidates.iter().map(|b| describe(b)).collect();
-    let infos: Vec<Arc<plugins::CandidateInfo>> =
-        candidates.iter().map(|b| b.info.load_full()).collect();
-    match plugins.route(&request, &described, &infos).await {
+    let input = plugins::RouteInput {
+        request,
+        candidates: candidates.iter().map(|b| describe(b)).collect(),
+        infos: candidates.iter().map(|b| b.info.load_full()).collect(),
+    };
+    match plugins.route(Arc::new(input)).await {
         Some(order) => order
             .into_iter()
             .filter_map(|i| candidates.get(i as usize).cloned())

@@ -26,6 +26,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub use bindings::RouteInput;
 pub use config::{Isolation, PluginFile, PluginsConfig, SlotLimits};
 pub use host::{LimiterAnswer, PluginHost, Reservation};
 pub use metrics::PluginMetrics;

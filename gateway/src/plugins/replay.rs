@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::Slot;
-use super::types::{Admission, Candidate, CandidateInfo, RouteRequest, Settlement, UsageEvent};
+use super::bindings::RouteInput;
+use super::types::{Admission, Settlement, UsageEvent};
 
 /// Most calls a replay may take from the ring (and most a ring may keep).
 pub const MAX_RECORDED: usize = 10_000;
@@ -34,11 +35,8 @@ const MAX_LISTED: usize = 20;
 /// The input of one recorded call.
 #[derive(Debug, Clone)]
 pub(crate) enum Input {
-    Route {
-        request: RouteRequest,
-        candidates: Vec<Candidate>,
-        infos: Vec<Arc<CandidateInfo>>,
-    },
+    /// The call's own input, shared with it.
+    Route(Arc<RouteInput>),
     Admit(Admission),
     Settle(Settlement),
     /// A usage event, for a meter's `charge` or a reward's `on-usage`.
@@ -318,7 +316,8 @@ impl DiffTally {
         self.faults.active += u64::from(active.faulted());
         self.faults.candidate += u64::from(candidate.faulted());
         match (input, active, candidate) {
-            (Input::Route { request, infos, .. }, Outcome::Route(a), Outcome::Route(c)) => {
+            (Input::Route(input), Outcome::Route(a), Outcome::Route(c)) => {
+                let (request, infos) = (&input.request, &input.infos);
                 self.routes += 1;
                 if a == c {
                     return;

@@ -107,7 +107,7 @@ pub(crate) struct HostState {
     /// is unusable (see `PluginHost::upload`'s configuration check).
     error_logged: Option<String>,
     /// Who the candidates of the `route` call in progress are, for `candidates.describe`.
-    candidates: Vec<Arc<CandidateInfo>>,
+    candidates: Option<Arc<[Arc<CandidateInfo>]>>,
     /// The market of the model of the `quote` call in progress, for `market.get`.
     market: Option<crate::plugins::Market>,
 }
@@ -124,15 +124,15 @@ impl HostState {
             kv_calls: 0,
             log_lines: 0,
             error_logged: None,
-            candidates: Vec::new(),
+            candidates: None,
             market: None,
         }
     }
 
-    /// Sets who the candidates of the coming `route` call are (empty after it).
-    pub fn set_candidates(&mut self, infos: &[Arc<CandidateInfo>]) {
-        self.candidates.clear();
-        self.candidates.extend(infos.iter().cloned());
+    /// Sets who the candidates of the coming `route` call are (`None` after it): the call's
+    /// own list, shared, not copied.
+    pub fn set_candidates(&mut self, infos: Option<&Arc<[Arc<CandidateInfo>]>>) {
+        self.candidates = infos.cloned();
     }
 
     /// Sets the market of the coming `quote` call (`None` after it).
@@ -147,7 +147,10 @@ impl HostState {
 
     /// Who `candidates[index]` of the `route` call in progress is.
     pub fn candidate(&self, index: u32) -> Option<&CandidateInfo> {
-        self.candidates.get(index as usize).map(|info| &**info)
+        self.candidates
+            .as_ref()?
+            .get(index as usize)
+            .map(|info| &**info)
     }
 
     pub fn limiter(&mut self) -> &mut dyn ResourceLimiter {

@@ -95,7 +95,12 @@ struct Cands {
 }
 
 async fn route(host: &PluginHost, model: &str, cands: &Cands) -> Option<Vec<u32>> {
-    host.route(&request(model), &cands.list, &cands.infos).await
+    host.route(crate::support::route_input(
+        request(model),
+        &cands.list,
+        &cands.infos,
+    ))
+    .await
 }
 
 fn candidates(n: usize) -> Cands {
@@ -543,7 +548,11 @@ async fn nonsensical_or_failing_answers_fall_back() {
     );
     // ...over 2 candidates it repeats an index, and over none the router is not even called.
     assert_eq!(route(&host, "m", &candidates(2)).await, None);
-    assert_eq!(host.route(&request("m"), &[], &[]).await, None);
+    assert_eq!(
+        host.route(crate::support::route_input(request("m"), &[], &[]))
+            .await,
+        None
+    );
     // An invalid config makes the plugin return its own error: a fallback, not a crash.
     host.install(
         Slot::Router,

@@ -106,7 +106,7 @@ async fn record_routes(host: &PluginHost) {
     for (loads, expected) in LOADS {
         let (list, infos) = three(loads);
         let order = host
-            .route(&route_request(), &list, &infos)
+            .route(crate::support::route_input(route_request(), &list, &infos))
             .await
             .expect("the router answers");
         assert_eq!(infos[order[0] as usize].id, expected, "least loaded first");
@@ -371,7 +371,9 @@ async fn hostile_candidates_stop_their_replay_and_serving_goes_on() {
         let serving = async {
             for _ in 0..20 {
                 let (list, infos) = three([0, 1, 2]);
-                let order = host.route(&route_request(), &list, &infos).await;
+                let order = host
+                    .route(crate::support::route_input(route_request(), &list, &infos))
+                    .await;
                 assert_eq!(
                     order.map(|o| o[0]),
                     Some(0),
@@ -787,7 +789,11 @@ async fn cost_of_recording_and_shadows() {
                 .unwrap();
         }
         let (mean, p99) = timed(iterations, || async {
-            assert!(host.route(&route_request(), &list, &infos).await.is_some());
+            assert!(
+                host.route(crate::support::route_input(route_request(), &list, &infos))
+                    .await
+                    .is_some()
+            );
         })
         .await;
         println!("route, 100 candidates, {what:<22} mean {mean:>9.1?}  p99 {p99:>9.1?}");

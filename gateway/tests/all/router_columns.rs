@@ -109,7 +109,10 @@ async fn every_column_reaches_a_0_6_router_value_for_value() {
         .unwrap();
     for n in [2, 100, 1000] {
         let (list, infos) = candidates(n);
-        let order = host.route(&request(), &list, &infos).await.unwrap();
+        let order = host
+            .route(crate::support::route_input(request(), &list, &infos))
+            .await
+            .unwrap();
         // The fixture answers the most free GPU memory (a u64 column), then the verified
         // candidate (the u8 trust column) with the largest key (the u64 key column).
         let most_memory = (0..n)
@@ -136,7 +139,10 @@ async fn the_least_loaded_router_of_0_6_answers_the_best_eight_in_order() {
         .unwrap();
     for n in [3, 100, 1000] {
         let (list, infos) = candidates(n);
-        let order = host.route(&request(), &list, &infos).await.unwrap();
+        let order = host
+            .route(crate::support::route_input(request(), &list, &infos))
+            .await
+            .unwrap();
         // Every speed is measured here, so no median is involved.
         let mut expected: Vec<u32> = (0..n as u32).collect();
         expected.sort_by(|&a, &b| {
@@ -158,7 +164,10 @@ async fn the_least_loaded_router_of_0_6_answers_the_best_eight_in_order() {
     .await
     .unwrap();
     let (list, infos) = candidates(100);
-    let order = host.route(&request(), &list, &infos).await.unwrap();
+    let order = host
+        .route(crate::support::route_input(request(), &list, &infos))
+        .await
+        .unwrap();
     assert_eq!(order.len(), 3);
     assert!(order.iter().all(|&i| i % 3 == 0), "{order:?}");
 }
@@ -176,7 +185,10 @@ async fn a_0_6_router_reads_candidates_describe() {
     .await
     .unwrap();
     let (list, infos) = candidates(100);
-    let order = host.route(&request(), &list, &infos).await.unwrap();
+    let order = host
+        .route(crate::support::route_input(request(), &list, &infos))
+        .await
+        .unwrap();
     assert_eq!(order.len(), 60);
     // The 50 eu (even) candidates first, then the best 10 of the others as fallbacks.
     assert!(order[..50].iter().all(|i| i % 2 == 0), "{order:?}");
@@ -203,12 +215,14 @@ async fn a_router_of_0_4_still_routes_on_records() {
     list[2].in_flight = 2; // 3 / 10, halved when verified: 1.5 / 10
     list[3].in_flight = 5; // 6 / 10
     assert_eq!(
-        host.route(&request(), &list, &infos).await,
+        host.route(crate::support::route_input(request(), &list, &infos))
+            .await,
         Some(vec![1, 2, 0, 3])
     );
     list[2].trust = Trust::Verified;
     assert_eq!(
-        host.route(&request(), &list, &infos).await,
+        host.route(crate::support::route_input(request(), &list, &infos))
+            .await,
         Some(vec![2, 1, 0, 3])
     );
     assert_eq!(status(&host).faults, Default::default());
@@ -229,13 +243,22 @@ async fn a_0_6_router_answering_nonsense_falls_back_and_is_counted() {
         host.install(Slot::Router, ROUTER_SAYS, &config, "test")
             .await
             .unwrap();
-        assert_eq!(host.route(&request(), &list, &infos).await, None, "{kind}");
+        assert_eq!(
+            host.route(crate::support::route_input(request(), &list, &infos))
+                .await,
+            None,
+            "{kind}"
+        );
     }
     // Leaving candidates out is not: the host tries the ones named, in that order.
     host.install(Slot::Router, ROUTER_SAYS, r#"{"answer": [2]}"#, "test")
         .await
         .unwrap();
-    assert_eq!(host.route(&request(), &list, &infos).await, Some(vec![2]));
+    assert_eq!(
+        host.route(crate::support::route_input(request(), &list, &infos))
+            .await,
+        Some(vec![2])
+    );
     let faults = status(&host).faults;
     assert_eq!(faults.bad_output, 3, "{faults:?}");
 }
@@ -250,7 +273,10 @@ async fn recorded_routes_replay_through_both_contracts() {
         .unwrap();
     let (list, infos) = candidates(50);
     for _ in 0..5 {
-        let live = host.route(&request(), &list, &infos).await.unwrap();
+        let live = host
+            .route(crate::support::route_input(request(), &list, &infos))
+            .await
+            .unwrap();
         assert_ne!(
             live[0], 1,
             "the fixture's first choice is not the one `answer` names"
@@ -313,8 +339,10 @@ async fn route_cost_records_against_columns() {
             (100, &hundred, iterations),
             (1000, &thousand, iterations / 4),
         ] {
+            // Built once, as the gateway builds it once per request: what is measured is the call.
+            let input = crate::support::route_input(request(), list, infos);
             let stats = measure(iterations, || async {
-                assert!(host.route(&request(), list, infos).await.is_some());
+                assert!(host.route(input.clone()).await.is_some());
             })
             .await;
             println!("{name:<26} {n:>4} candidates  {stats}");

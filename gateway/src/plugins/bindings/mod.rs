@@ -134,11 +134,21 @@ pub(crate) enum Live {
     V0_6(v0_6::Live),
 }
 
+/// What a router is asked in one `route` call. Built once per call and shared, not copied, by
+/// the call, the instance's `candidates.describe` and the replay recorder.
+#[derive(Debug, Clone)]
+pub struct RouteInput {
+    pub request: RouteRequest,
+    /// The candidates' numbers.
+    pub candidates: Vec<Candidate>,
+    /// Who the candidates are (for `candidates.describe`), index for index.
+    pub infos: Arc<[Arc<CandidateInfo>]>,
+}
+
 /// The arguments of one call into a plugin, by export.
 #[derive(Clone, Copy)]
 pub(crate) enum Call<'a> {
-    /// The candidates' numbers, and who they are (for `candidates.describe`), index for index.
-    Route(&'a RouteRequest, &'a [Candidate], &'a [Arc<CandidateInfo>]),
+    Route(&'a RouteInput),
     Admit(&'a Admission),
     Settle(&'a Settlement),
     /// A meter's quote, and the market of the model for its `market` import.

@@ -209,12 +209,14 @@ impl Live {
         call: Call<'_>,
     ) -> wasmtime::Result<Answer> {
         Ok(match (self, call) {
-            (Live::Router(router), Call::Route(request, candidates, infos)) => {
-                store.data_mut().set_candidates(infos);
+            (Live::Router(router), Call::Route(input)) => {
+                store.data_mut().set_candidates(Some(&input.infos));
                 let candidates: Vec<types::Candidate> =
-                    candidates.iter().map(older_candidate).collect();
-                let answer = router.call_route(&mut *store, request, &candidates).await;
-                store.data_mut().set_candidates(&[]);
+                    input.candidates.iter().map(older_candidate).collect();
+                let answer = router
+                    .call_route(&mut *store, &input.request, &candidates)
+                    .await;
+                store.data_mut().set_candidates(None);
                 Answer::Route(answer?)
             }
             (Live::RateLimiter(limiter), Call::Admit(admission)) => {

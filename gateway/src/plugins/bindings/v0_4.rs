@@ -112,10 +112,12 @@ impl Live {
         call: Call<'_>,
     ) -> wasmtime::Result<Answer> {
         Ok(match (self, call) {
-            (Live::Router(router), Call::Route(request, candidates, infos)) => {
-                store.data_mut().set_candidates(infos);
-                let answer = router.call_route(&mut *store, request, candidates).await;
-                store.data_mut().set_candidates(&[]);
+            (Live::Router(router), Call::Route(input)) => {
+                store.data_mut().set_candidates(Some(&input.infos));
+                let answer = router
+                    .call_route(&mut *store, &input.request, &input.candidates)
+                    .await;
+                store.data_mut().set_candidates(None);
                 Answer::Route(answer?)
             }
             (Live::Meter(meter), Call::Charge(events)) => {

@@ -76,11 +76,13 @@ impl Live {
         call: Call<'_>,
     ) -> wasmtime::Result<Answer> {
         match (self, call) {
-            (Live::Router(router), Call::Route(request, candidates, infos)) => {
-                let columns = Columns::of(candidates);
-                store.data_mut().set_candidates(infos);
-                let answer = router.call_route(&mut *store, request, &columns.0).await;
-                store.data_mut().set_candidates(&[]);
+            (Live::Router(router), Call::Route(input)) => {
+                let columns = Columns::of(&input.candidates);
+                store.data_mut().set_candidates(Some(&input.infos));
+                let answer = router
+                    .call_route(&mut *store, &input.request, &columns.0)
+                    .await;
+                store.data_mut().set_candidates(None);
                 Ok(Answer::Route(answer?))
             }
             (_, call) => wasmtime::bail!(

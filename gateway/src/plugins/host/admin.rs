@@ -81,7 +81,7 @@ impl PluginHost {
             max_tokens: 0,
             stream: false,
         };
-        let candidates = [Candidate {
+        let candidates = vec![Candidate {
             key: crate::plugins::candidate_key(CONFIG_CHECK),
             in_flight: 0,
             engine_running: 0,
@@ -93,12 +93,17 @@ impl PluginHost {
             gpu_memory_free_bytes: 0,
             trust: crate::plugins::Trust::Configured,
         }];
-        let infos = [Arc::new(CandidateInfo {
+        let infos: Arc<[Arc<CandidateInfo>]> = Arc::new([Arc::new(CandidateInfo {
             id: CONFIG_CHECK.into(),
             rig: String::new(),
             operator: String::new(),
             labels: Vec::new(),
-        })];
+        })]);
+        let route = RouteInput {
+            request,
+            candidates,
+            infos,
+        };
         let admission = Admission {
             request_id: CONFIG_CHECK.into(),
             key_id: CONFIG_CHECK.into(),
@@ -129,7 +134,7 @@ impl PluginHost {
             price: None,
         };
         let call = match slot {
-            Slot::Router => Call::Route(&request, &candidates, &infos),
+            Slot::Router => Call::Route(&route),
             Slot::RateLimiter => Call::Admit(&admission),
             Slot::Meter => Call::Charge(std::slice::from_ref(&event)),
             Slot::Reward => Call::OnUsage(std::slice::from_ref(&event)),

@@ -5,26 +5,20 @@ use super::*;
 use crate::plugins::replay::{Input, Outcome};
 
 impl PluginHost {
-    /// Orders `candidates` by preference: indices, best first. `None` means use the built-in
-    /// round robin: no router installed, no candidates, or the router faulted (a trap, its
-    /// deadline, an error, an empty list, an index out of range or repeated). `infos` says who
-    /// the candidates are, index for index, for a router that asks (`candidates.describe`).
-    pub async fn route(
-        &self,
-        request: &RouteRequest,
-        candidates: &[Candidate],
-        infos: &[Arc<CandidateInfo>],
-    ) -> Option<Vec<u32>> {
-        debug_assert_eq!(candidates.len(), infos.len());
-        if candidates.is_empty() {
+    /// Orders the candidates of `input` by preference: indices, best first. `None` means use
+    /// the built-in round robin: no router installed, no candidates, or the router faulted (a
+    /// trap, its deadline, an error, an empty list, an index out of range or repeated).
+    /// `input.infos` says who the candidates are, index for index, for a router that asks
+    /// (`candidates.describe`). The input is shared with the replay recorder, not copied.
+    pub async fn route(&self, input: Arc<RouteInput>) -> Option<Vec<u32>> {
+        debug_assert_eq!(input.candidates.len(), input.infos.len());
+        if input.candidates.is_empty() {
             return None;
         }
         let pick = Pick::Random;
-        let (plugin, answer) = self
-            .call(Slot::Router, pick, Call::Route(request, candidates, infos))
-            .await?;
+        let (plugin, answer) = self.call(Slot::Router, pick, Call::Route(&input)).await?;
         let checked = match answer {
-            Ok(Answer::Route(Ok(order))) => check_route(order, candidates.len()),
+            Ok(Answer::Route(Ok(order))) => check_route(order, input.candidates.len()),
             Ok(Answer::Route(Err(message))) => Err((FaultKind::PluginError, message)),
             Ok(other) => Err(unexpected(&other)),
             Err(fault) => Err(fault),
@@ -33,11 +27,7 @@ impl PluginHost {
         self.observe(
             Slot::Router,
             || self.is_canary(&plugin),
-            || Input::Route {
-                request: request.clone(),
-                candidates: candidates.to_vec(),
-                infos: infos.to_vec(),
-            },
+            || Input::Route(input),
             Outcome::Route(order.as_ref().and_then(|order| order.first().copied())),
         );
         order

@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::Price;
-use super::bindings::{Answer, Call};
+use super::bindings::{Answer, Call, RouteInput};
 use super::config::{PluginFile, PluginsConfig};
 use super::engine::PluginEngine;
 use super::loaded::{self, LoadedPlugin};

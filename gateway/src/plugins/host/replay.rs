@@ -147,11 +147,7 @@ impl Scratch {
         // admission depends on the market of that moment, which is not recorded.
         let unpriced;
         let call = match input {
-            Input::Route {
-                request,
-                candidates,
-                infos,
-            } => Call::Route(request, candidates, infos),
+            Input::Route(input) => Call::Route(input),
             Input::Admit(admission) => Call::Admit(admission),
             Input::Settle(settlement) => Call::Settle(settlement),
             Input::Usage(event) if slot == Slot::Meter => {
@@ -209,10 +205,10 @@ fn outcome_of(
     match answer {
         Err((kind, _)) => fault(kind),
         Ok(Answer::Route(Ok(order))) => {
-            let Input::Route { candidates, .. } = input else {
+            let Input::Route(input) = input else {
                 return fault(FaultKind::BadOutput);
             };
-            match check_route(order, candidates.len()) {
+            match check_route(order, input.candidates.len()) {
                 Ok(order) => (Outcome::Route(order.first().copied()), None),
                 Err((kind, _)) => fault(kind),
             }
@@ -243,7 +239,7 @@ fn outcome_of(
 /// The decision a faulted call of `input`'s export stands for.
 fn faulted(slot: Slot, input: &Input) -> Outcome {
     match input {
-        Input::Route { .. } => Outcome::Route(None),
+        Input::Route(_) => Outcome::Route(None),
         Input::Admit(_) => Outcome::Admit(None),
         Input::Settle(_) => Outcome::Settled,
         Input::Usage(_) if slot == Slot::Meter => Outcome::Charge(None),

@@ -571,3 +571,16 @@ pub async fn ledger_entry_within(base: &str, id: &str, bound: Duration) -> serde
 pub async fn ledger_entry(base: &str, id: &str) -> serde_json::Value {
     ledger_entry_within(base, id, Duration::from_secs(10)).await
 }
+
+/// A router's input from its parts, as the gateway builds one per request.
+pub fn route_input(
+    request: garage_gateway::plugins::RouteRequest,
+    candidates: &[garage_gateway::plugins::Candidate],
+    infos: &[std::sync::Arc<garage_gateway::plugins::CandidateInfo>],
+) -> std::sync::Arc<garage_gateway::plugins::RouteInput> {
+    std::sync::Arc::new(garage_gateway::plugins::RouteInput {
+        request,
+        candidates: candidates.to_vec(),
+        infos: infos.iter().cloned().collect(),
+    })
+}
