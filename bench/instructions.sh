@@ -26,6 +26,9 @@
 #                      (default 1)
 #   BENCH_MAX_INSTANCES  the gateway's plugins.max_instances (default 4; valgrind cannot
 #                      reserve the address space of the default pool of 1000, nor of 16)
+#   BENCH_COMPONENTS   components to upload before counting, as `slot=path` words (e.g.
+#                      "router=r.wasm meter=m.wasm"): what a plugin of your own costs per
+#                      request; `slot=none` empties the slot (what one default policy costs)
 #   BENCH_GATEWAY_LOG  the gateway's RUST_LOG (default warn; the gateway's own default is info,
 #                      where the span each request runs in costs ~6k instructions more)
 #
@@ -57,6 +60,17 @@ start_engine
 # valgrind cannot reserve the address space of the gateway's default instance pool.
 start_target $((20000 + RANDOM % 10000)) "[plugins]"$'\n'"max_instances = ${BENCH_MAX_INSTANCES:-4}" \
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/callgrind.out"
+
+for component in ${BENCH_COMPONENTS:-}; do
+    slot=${component%%=*} file=${component#*=}
+    if [[ $file == none ]]; then
+        curl -fsS -o /dev/null -X DELETE "$URL/admin/plugins/$slot" \
+            -H "Authorization: Bearer $ADMIN" || die "could not empty $slot"
+    else
+        curl -fsS -o /dev/null -X PUT "$URL/admin/plugins/$slot" -H "Authorization: Bearer $ADMIN" \
+            -H 'Content-Type: application/wasm' --data-binary "@$file" || die "could not upload $component"
+    fi
+done
 
 SCRIPT=bench/chat.lua
 [[ $STREAM == 1 ]] && SCRIPT=bench/chat_stream.lua
