@@ -317,13 +317,15 @@ pub fn quote<P: Meter>(request: wit_v0_5::QuoteRequest) -> Result<Option<wit_v0_
     P::quote(&METER_HOST, &request).map(|price| price.map(Into::into))
 }
 
-/// `charge` of the `meter` world, for `export_meter!`: the plugin's `charge` of each event.
+/// `charge` of the `meter` world, for `export_meter!`: the plugin's `charge_all` of the run
+/// (by default its `charge` of each event).
 pub fn charge<P: Meter>(
     events: Vec<wit_v0_5::UsageEvent>,
 ) -> Vec<Result<wit_v0_5::Charge, String>> {
-    events
+    let events: Vec<UsageEvent> = events.into_iter().map(UsageEvent::from).collect();
+    P::charge_all(&METER_HOST, &events)
         .into_iter()
-        .map(|event| P::charge(&METER_HOST, &UsageEvent::from(event)).map(Into::into))
+        .map(|charge| charge.map(Into::into))
         .collect()
 }
 

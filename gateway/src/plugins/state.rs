@@ -15,6 +15,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::Slot;
 use super::types::CandidateInfo;
+use crate::store::local::LocalKv;
 use crate::store::{Store, StoreError};
 
 /// Longest key a plugin may use, before namespacing.
@@ -25,6 +26,9 @@ const MAX_KV_VALUE_BYTES: usize = 1 << 20;
 /// Store operations one call may make. A policy needs a handful; a guest looping on the store
 /// would hammer Redis while its deadline (which excludes host time) barely moves.
 const MAX_KV_CALLS_PER_CALL: u32 = 1000;
+/// Keys under this prefix are this replica's own, kept in the loaded version's memory instead of
+/// the shared store (see [`LocalKv`] and docs/plugins.md, "Replica-local state").
+pub const LOCAL_KEY_PREFIX: &str = "local:";
 /// Log lines one call may write; the rest are dropped (and counted).
 const MAX_LOG_LINES_PER_CALL: u32 = 32;
 /// Log lines one plugin version may write per second across all its calls.
@@ -52,6 +56,8 @@ pub(crate) struct PluginContext {
     namespace: String,
     config_json: String,
     store: Arc<dyn Store>,
+    /// The `local:` keys of this loaded version on this replica.
+    local: LocalKv,
     log_budget: LogBudget,
     /// What `clock.now-ms` answers, when set: a replay's recorded time of each call.
     clock: Option<Arc<AtomicU64>>,
@@ -65,6 +71,7 @@ impl PluginContext {
             namespace: kv_namespace(slot),
             config_json,
             store,
+            local: LocalKv::default(),
             log_budget: LogBudget::default(),
             clock: None,
         }
@@ -242,7 +249,9 @@ impl HostState {
         self.limits.hit
     }
 
-    fn key(&mut self, key: &str) -> wasmtime::Result<String> {
+    /// Checks a key against the quotas and says where it lives: a `local:` key in the loaded
+    /// version's memory, any other in the shared store under the slot's namespace.
+    fn key<'k>(&mut self, key: &'k str) -> wasmtime::Result<Key<'k>> {
         if key.len() > MAX_KV_KEY_BYTES {
             wasmtime::bail!("kv key of {} bytes (at most {MAX_KV_KEY_BYTES})", key.len());
         }
@@ -250,7 +259,11 @@ impl HostState {
         if self.kv_calls > MAX_KV_CALLS_PER_CALL {
             wasmtime::bail!("more than {MAX_KV_CALLS_PER_CALL} kv operations in one call");
         }
-        Ok(format!("{}{key}", self.ctx.namespace))
+        Ok(if key.starts_with(LOCAL_KEY_PREFIX) {
+            Key::Local(key)
+        } else {
+            Key::Shared(format!("{}{key}", self.ctx.namespace))
+        })
     }
 
     /// A store operation starts: the guest's time stops until [`settle`](Self::settle).
@@ -276,7 +289,10 @@ impl HostState {
     }
 
     pub async fn kv_get(&mut self, key: &str) -> wasmtime::Result<Option<Vec<u8>>> {
-        let key = self.key(key)?;
+        let key = match self.key(key)? {
+            Key::Local(key) => return Ok(self.ctx.local.get(key)),
+            Key::Shared(key) => key,
+        };
         let store = self.ctx.store.clone();
         let started = self.wait_begins();
         let result = store.kv_get(&key).await;
@@ -295,7 +311,10 @@ impl HostState {
                 value.len()
             );
         }
-        let key = self.key(key)?;
+        let key = match self.key(key)? {
+            Key::Local(key) => return local(self.ctx.local.set(key, value, ttl(ttl_ms))),
+            Key::Shared(key) => key,
+        };
         let store = self.ctx.store.clone();
         let started = self.wait_begins();
         let result = store.kv_set(&key, value, ttl(ttl_ms)).await;
@@ -303,7 +322,13 @@ impl HostState {
     }
 
     pub async fn kv_delete(&mut self, key: &str) -> wasmtime::Result<()> {
-        let key = self.key(key)?;
+        let key = match self.key(key)? {
+            Key::Local(key) => {
+                self.ctx.local.delete(key);
+                return Ok(());
+            }
+            Key::Shared(key) => key,
+        };
         let store = self.ctx.store.clone();
         let started = self.wait_begins();
         let result = store.kv_delete(&key).await;
@@ -316,7 +341,10 @@ impl HostState {
         delta: i64,
         ttl_ms: Option<u64>,
     ) -> wasmtime::Result<i64> {
-        let key = self.key(key)?;
+        let key = match self.key(key)? {
+            Key::Local(key) => return local(self.ctx.local.incr(key, delta, ttl(ttl_ms))),
+            Key::Shared(key) => key,
+        };
         let store = self.ctx.store.clone();
         let started = self.wait_begins();
         let result = store.kv_incr(&key, delta, ttl(ttl_ms)).await;
@@ -330,7 +358,12 @@ impl HostState {
         limit: i64,
         ttl_ms: Option<u64>,
     ) -> wasmtime::Result<Option<i64>> {
-        let key = self.key(key)?;
+        let key = match self.key(key)? {
+            Key::Local(key) => {
+                return local(self.ctx.local.reserve(key, amount, limit, ttl(ttl_ms)));
+            }
+            Key::Shared(key) => key,
+        };
         let store = self.ctx.store.clone();
         let started = self.wait_begins();
         let result = store.kv_reserve(&key, amount, limit, ttl(ttl_ms)).await;
@@ -394,6 +427,21 @@ fn empty_wasi() -> WasiCtx {
 
 fn ttl(ttl_ms: Option<u64>) -> Option<Duration> {
     ttl_ms.map(Duration::from_millis)
+}
+
+/// Where a plugin's key lives.
+enum Key<'k> {
+    /// A `local:` key, as the plugin named it, in the loaded version's [`LocalKv`].
+    Local(&'k str),
+    /// Any other, with the slot's namespace, in the shared store.
+    Shared(String),
+}
+
+/// The answer of a `local:` key's operation. It fails only for the plugin's own doing (a
+/// counter on a value that is not an integer, replica-local state full of keys without a
+/// TTL): a trap that counts as the plugin's fault, unlike a shared store's failure.
+fn local<T>(result: Result<T, StoreError>) -> wasmtime::Result<T> {
+    result.map_err(|err| wasmtime::Error::msg(format!("kv: {err}")))
 }
 
 /// Cuts a plugin's message to [`MAX_LOG_MESSAGE_BYTES`] and neutralises control characters, so
@@ -588,5 +636,155 @@ impl LogBudget {
         }
         window.lines += 1;
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    fn version(slot: Slot, sha256: &str, store: &Arc<MemoryStore>) -> Arc<PluginContext> {
+        let store: Arc<dyn Store> = store.clone();
+        Arc::new(PluginContext::new(slot, sha256, "{}".into(), store))
+    }
+
+    fn instance(ctx: &Arc<PluginContext>) -> HostState {
+        let mut state = HostState::new(ctx.clone(), 1 << 20);
+        state.begin_call(Duration::from_secs(1));
+        state
+    }
+
+    /// `local:` keys stay in the loaded version's memory: its instances share them, the
+    /// shared store never has them, and neither another version of the slot nor another slot
+    /// can read them (while shared keys are the slot's, whichever version wrote them).
+    #[tokio::test]
+    async fn local_keys_are_the_loaded_versions_own() {
+        let store = Arc::new(MemoryStore::new());
+        let limiter_a = version(Slot::RateLimiter, A, &store);
+        let limiter_b = version(Slot::RateLimiter, B, &store);
+        let meter_a = version(Slot::Meter, A, &store);
+
+        let mut writer = instance(&limiter_a);
+        writer.kv_set("local:held:r1", b"k", None).await.unwrap();
+        writer.kv_set("shared", b"s", None).await.unwrap();
+        assert_eq!(writer.kv_incr("local:n", 2, None).await.unwrap(), 2);
+
+        let mut other_instance = instance(&limiter_a);
+        assert_eq!(
+            other_instance
+                .kv_get("local:held:r1")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(&b"k"[..])
+        );
+        assert_eq!(other_instance.kv_incr("local:n", 1, None).await.unwrap(), 3);
+
+        let mut next_version = instance(&limiter_b);
+        assert_eq!(next_version.kv_get("local:held:r1").await.unwrap(), None);
+        assert_eq!(next_version.kv_incr("local:n", 1, None).await.unwrap(), 1);
+        assert_eq!(
+            next_version.kv_get("shared").await.unwrap().as_deref(),
+            Some(&b"s"[..]),
+            "shared keys are the slot's"
+        );
+        let mut other_slot = instance(&meter_a);
+        assert_eq!(other_slot.kv_get("local:held:r1").await.unwrap(), None);
+        assert_eq!(other_slot.kv_get("shared").await.unwrap(), None);
+
+        // The shared store holds only the shared key, under the slot's namespace.
+        let namespace = kv_namespace(Slot::RateLimiter);
+        for name in ["local:held:r1", "local:n"] {
+            assert_eq!(
+                store.kv_get(&format!("{namespace}{name}")).await.unwrap(),
+                None
+            );
+            assert_eq!(store.kv_get(name).await.unwrap(), None);
+        }
+        assert!(
+            store
+                .kv_get(&format!("{namespace}shared"))
+                .await
+                .unwrap()
+                .is_some()
+        );
+
+        writer.kv_delete("local:held:r1").await.unwrap();
+        assert_eq!(other_instance.kv_get("local:held:r1").await.unwrap(), None);
+        // Deleting a local key in one version touches no other's.
+        let mut b_writer = instance(&limiter_b);
+        b_writer.kv_set("local:x", b"b", None).await.unwrap();
+        writer.kv_delete("local:x").await.unwrap();
+        assert!(b_writer.kv_get("local:x").await.unwrap().is_some());
+    }
+
+    /// Local keys expire as shared ones do, and a counter's window does not slide.
+    #[tokio::test]
+    async fn local_keys_expire_like_shared_ones() {
+        let store = Arc::new(MemoryStore::new());
+        let ctx = version(Slot::RateLimiter, A, &store);
+        let mut state = instance(&ctx);
+        state.kv_set("local:brief", b"1", Some(5)).await.unwrap();
+        assert_eq!(
+            state.kv_reserve("local:w", 3, 4, Some(5)).await.unwrap(),
+            Some(3)
+        );
+        assert_eq!(
+            state
+                .kv_reserve("local:w", 3, 4, Some(60_000))
+                .await
+                .unwrap(),
+            None
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(state.kv_get("local:brief").await.unwrap(), None);
+        assert_eq!(
+            state.kv_reserve("local:w", 3, 4, None).await.unwrap(),
+            Some(3),
+            "a new window"
+        );
+    }
+
+    /// The quotas of shared keys hold for local ones: key and value sizes, operations per
+    /// call; and a local key's failure is the plugin's fault, not the host's.
+    #[tokio::test]
+    async fn local_keys_keep_the_kv_quotas() {
+        let store = Arc::new(MemoryStore::new());
+        let ctx = version(Slot::RateLimiter, A, &store);
+        let mut state = instance(&ctx);
+        let long = format!("local:{}", "k".repeat(MAX_KV_KEY_BYTES));
+        let error = state.kv_set(&long, b"1", None).await.unwrap_err();
+        assert!(error.to_string().contains("kv key of"), "{error}");
+        let huge = vec![0u8; MAX_KV_VALUE_BYTES + 1];
+        let error = state.kv_set("local:v", &huge, None).await.unwrap_err();
+        assert!(error.to_string().contains("kv value of"), "{error}");
+
+        state
+            .kv_set("local:text", b"not a number", None)
+            .await
+            .unwrap();
+        let error = state.kv_incr("local:text", 1, None).await.unwrap_err();
+        assert!(error.to_string().contains("not an integer"), "{error}");
+        assert_eq!(state.host_error(), None, "the plugin's own doing");
+
+        state.begin_call(Duration::from_secs(1));
+        for i in 0..MAX_KV_CALLS_PER_CALL {
+            state.kv_get(&format!("local:{i}")).await.unwrap();
+        }
+        let error = state.kv_get("local:one-more").await.unwrap_err();
+        assert!(
+            error.to_string().contains("kv operations in one call"),
+            "{error}"
+        );
+        // The next call starts afresh.
+        state.begin_call(Duration::from_secs(1));
+        assert_eq!(
+            state.kv_get("local:text").await.unwrap().as_deref(),
+            Some(&b"not a number"[..])
+        );
     }
 }

@@ -11,6 +11,7 @@ use tokio::sync::broadcast;
 
 pub mod accounts;
 pub mod keyspace;
+pub mod local;
 mod memory;
 mod redis;
 

@@ -48,10 +48,13 @@
 //! State: `spent:<key>`, the key's total spend in micro-credits (an integer, so replicas add to
 //! it atomically), `spent:<key>:<period>:<first day>` per period (expiring a day after the
 //! period), and `charged:<request id>` for an hour, so an event delivered twice is charged to
-//! the spend once. The returned charge is the same on every delivery within its period. On the
-//! embedded store the gateway drops a request's `charged:` mark once its ledger entry is
-//! written (the event never reaches the meter again after that), so the marks held are those
-//! of events in flight, not an hour of requests; the name is part of that agreement
+//! the spend once. A run of events charged in one call makes one `kv.reserve` per event (its
+//! mark) and one `kv.incr` per spend counter it adds to, the run's sum, however many of its
+//! events feed that counter; each charge reports the counters as they stood just after it.
+//! The returned charge is the same on every delivery within its period. On the embedded store
+//! the gateway drops a request's `charged:` mark once its ledger entry is written (the event
+//! never reaches the meter again after that), so the marks held are those of events in flight,
+//! not an hour of requests; the name is part of that agreement
 //! (`store::keyspace::meter_charged_into` in the gateway).
 
 use std::collections::BTreeMap;
@@ -243,48 +246,153 @@ impl Meter for PriceTable {
     }
 
     fn charge(host: &dyn Host, event: &UsageEvent) -> Result<Charge, String> {
-        let config = load_config(host)?;
-        let table = config.price(&event.model);
-        // The price quoted at admission, else the table's (with the batch discount).
+        let mut charges = Self::charge_all(host, std::slice::from_ref(event));
+        charges.pop().unwrap_or_else(|| Err("no charge".into()))
+    }
+
+    /// The run's charges, with one store operation per event (its `charged:` mark) and one per
+    /// spend counter the run adds to, however many of its events feed that counter: each
+    /// event's charge reports the counters as they stood just after it, as if charged one by
+    /// one.
+    fn charge_all(host: &dyn Host, events: &[UsageEvent]) -> Vec<Result<Charge, String>> {
+        let config = match load_config(host) {
+            Ok(config) => config,
+            Err(error) => return events.iter().map(|_| Err(error.clone())).collect(),
+        };
+        let now_ms = host.now_ms();
+        // Period budgets, in the operator's zone: the spend of the period the run ends in.
+        let offset_ms = config.utc_offset_minutes * 60_000;
+        let local_day = (now_ms as i64 + offset_ms).div_euclid(MS_PER_DAY);
+
+        // Each event's price, the spend counters it adds to, and what it adds (nothing when
+        // its mark says it was charged before: it reads the spend back unchanged).
+        let mut runs: Vec<EventRun> = Vec::with_capacity(events.len());
+        let mut counters: BTreeMap<String, Counter> = BTreeMap::new();
+        for event in events {
+            let credits = config.credits(event);
+            let first_delivery = host
+                .kv_reserve(
+                    &format!("charged:{}", event.request_id),
+                    1,
+                    1,
+                    Some(CHARGED_TTL_MS),
+                )
+                .is_some();
+            let micros = if first_delivery {
+                (credits * MICROS_PER_CREDIT).round() as i64
+            } else {
+                0
+            };
+            let mut touches = vec![format!("spent:{}", event.key_id)];
+            counters
+                .entry(touches[0].clone())
+                .or_insert(Counter { ttl: None, add: 0 })
+                .add += micros;
+            let periods = config
+                .key_period_budgets
+                .get(&event.key_id)
+                .unwrap_or(&config.period_budgets);
+            let mut period_budgets = Vec::new();
+            for (period, budget) in periods.by_period() {
+                let Some(budget) = budget else { continue };
+                let (first, next) = period.bounds(local_day);
+                let start_ms = (first * MS_PER_DAY - offset_ms).max(0) as u64;
+                let end_ms = (next * MS_PER_DAY - offset_ms).max(0) as u64;
+                let key = format!("spent:{}:{}:{first}", event.key_id, period.name());
+                // Kept a day past the period's end: long enough for late deliveries.
+                let ttl = end_ms.saturating_sub(now_ms) + MS_PER_DAY as u64;
+                counters
+                    .entry(key.clone())
+                    .or_insert(Counter {
+                        ttl: Some(ttl),
+                        add: 0,
+                    })
+                    .add += micros;
+                touches.push(key);
+                period_budgets.push((period, budget, start_ms, end_ms));
+            }
+            runs.push(EventRun {
+                credits,
+                micros,
+                touches,
+                period_budgets,
+            });
+        }
+
+        // One increment per counter; then, from the last event back, each counter's value
+        // just after each event.
+        let mut after: BTreeMap<&str, i64> = counters
+            .iter()
+            .map(|(key, counter)| (key.as_str(), host.kv_incr(key, counter.add, counter.ttl)))
+            .collect();
+        let mut stood: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
+        for (run, stood) in runs.iter().zip(stood.iter_mut()).rev() {
+            for key in &run.touches {
+                let value = after
+                    .get_mut(key.as_str())
+                    .expect("every counter was added to");
+                stood.push(*value as f64 / MICROS_PER_CREDIT);
+                *value -= run.micros;
+            }
+        }
+
+        events
+            .iter()
+            .zip(runs)
+            .zip(stood)
+            .map(|((event, run), stood)| Ok(config.charge(event, &run, &stood)))
+            .collect()
+    }
+}
+
+/// One event of a run: its price, what it adds to its spend counters and which they are (the
+/// lifetime spend, then each period budget's).
+struct EventRun {
+    credits: f64,
+    micros: i64,
+    touches: Vec<String>,
+    /// (period, budget, start, end) of each period budget of the event's key.
+    period_budgets: Vec<(Period, f64, u64, u64)>,
+}
+
+/// A spend counter the run adds to: its TTL on creation, and the sum of the run's events.
+struct Counter {
+    ttl: Option<u64>,
+    add: i64,
+}
+
+impl Config {
+    /// An event's price in credits: the price quoted at admission, else the table's (with the
+    /// batch discount); cached prompt tokens pay the table's ratio of cached to uncached.
+    fn credits(&self, event: &UsageEvent) -> f64 {
+        let table = self.price(&event.model);
         let (prompt, completion) = match event.price {
             Some(quoted) => (quoted.prompt_per_thousand, quoted.completion_per_thousand),
             None => {
-                let share = config.batch_share(event.batch);
+                let share = self.batch_share(event.batch);
                 (table.prompt * share, table.completion * share)
             }
         };
-        // Cached prompt tokens pay the table's ratio of cached to uncached.
         let cached_ratio = match table.cached_prompt {
             Some(cached) if table.prompt > 0.0 => cached / table.prompt,
             _ => 1.0,
         };
         let cached = event.cached_tokens.min(event.prompt_tokens);
-        let credits = ((event.prompt_tokens - cached) as f64 * prompt
+        ((event.prompt_tokens - cached) as f64 * prompt
             + cached as f64 * prompt * cached_ratio
             + event.completion_tokens as f64 * completion)
-            / 1_000.0;
+            / 1_000.0
+    }
 
-        let spent_key = format!("spent:{}", event.key_id);
-        let first_delivery = host
-            .kv_reserve(
-                &format!("charged:{}", event.request_id),
-                1,
-                1,
-                Some(CHARGED_TTL_MS),
-            )
-            .is_some();
-        let micros = if first_delivery {
-            (credits * MICROS_PER_CREDIT).round() as i64
-        } else {
-            0 // Already added to the spend: read it back unchanged.
-        };
-        let spent = host.kv_incr(&spent_key, micros, None) as f64 / MICROS_PER_CREDIT;
-
-        let budget = config
+    /// The charge of an event whose spend counters stood at `stood` (credits; the lifetime
+    /// spend, then each period's) just after it.
+    fn charge(&self, event: &UsageEvent, run: &EventRun, stood: &[f64]) -> Charge {
+        let spent = stood[0];
+        let budget = self
             .budgets
             .get(&event.key_id)
             .copied()
-            .or(config.default_budget);
+            .or(self.default_budget);
         let lifetime_spent = budget.is_some_and(|budget| spent >= budget);
         let mut budgets: Vec<BudgetUse> = budget
             .map(|limit| BudgetUse {
@@ -296,24 +404,10 @@ impl Meter for PriceTable {
             })
             .into_iter()
             .collect();
-
-        // Period budgets, in the operator's zone: the spend of the period the request ended in.
-        let offset_ms = config.utc_offset_minutes * 60_000;
-        let local_day = (host.now_ms() as i64 + offset_ms).div_euclid(MS_PER_DAY);
-        let periods = config
-            .key_period_budgets
-            .get(&event.key_id)
-            .unwrap_or(&config.period_budgets);
         let mut period_spent_until: Option<u64> = None;
-        for (period, budget) in periods.by_period() {
-            let Some(budget) = budget else { continue };
-            let (first, next) = period.bounds(local_day);
-            let start_ms = (first * MS_PER_DAY - offset_ms).max(0) as u64;
-            let end_ms = (next * MS_PER_DAY - offset_ms).max(0) as u64;
-            let key = format!("spent:{}:{}:{first}", event.key_id, period.name());
-            // Kept a day past the period's end: long enough for late deliveries.
-            let ttl = end_ms.saturating_sub(host.now_ms()) + MS_PER_DAY as u64;
-            let spent = host.kv_incr(&key, micros, Some(ttl)) as f64 / MICROS_PER_CREDIT;
+        for (&(period, budget, start_ms, end_ms), &spent) in
+            run.period_budgets.iter().zip(&stood[1..])
+        {
             if spent >= budget {
                 period_spent_until = period_spent_until.max(Some(end_ms));
             }
@@ -325,8 +419,8 @@ impl Meter for PriceTable {
                 resets_at_ms: Some(end_ms),
             });
         }
-        Ok(Charge {
-            credits,
+        Charge {
+            credits: run.credits,
             budget_exhausted: lifetime_spent || period_spent_until.is_some(),
             // A lifetime budget spent holds for good, whatever the periods say.
             exhausted_until_ms: if lifetime_spent {
@@ -335,7 +429,7 @@ impl Meter for PriceTable {
                 period_spent_until
             },
             budgets,
-        })
+        }
     }
 }
 
@@ -490,6 +584,62 @@ mod tests {
         assert_eq!(host.counter("spent:key_a"), Some(4_000_000));
         // The mark's name is what the gateway drops once the request is in its ledger.
         assert_eq!(host.counter("charged:r1"), Some(1));
+    }
+
+    /// A run charged in one call answers what the events charged one by one would, with one
+    /// addition per spend counter instead of one per event.
+    #[test]
+    fn a_run_is_charged_as_its_events_one_by_one() {
+        let config = r#"{"default_budget": 10.0, "period_budgets": {"day": 6.0},
+                         "budgets": {"key_b": 3.0}}"#;
+        // Each event costs 2 credits: 2,000 tokens at the default 1 credit per 1,000.
+        let run: Vec<UsageEvent> = [
+            ("r1", "key_a"),
+            ("r2", "key_b"),
+            ("r3", "key_a"),
+            ("r1", "key_a"), // delivered twice in the run: charged once
+            ("r4", "key_b"),
+            ("r5", "key_a"),
+            ("r6", "key_a"),
+        ]
+        .iter()
+        .map(|(id, key)| event(id, key, "m", 1_000, 1_000))
+        .collect();
+        let one_by_one = MemoryHost::with_config(config);
+        one_by_one.set_now_ms(MONDAY_10H);
+        let expected: Vec<Result<Charge, String>> = run
+            .iter()
+            .map(|e| PriceTable::charge(&one_by_one, e))
+            .collect();
+        let together = MemoryHost::with_config(config);
+        together.set_now_ms(MONDAY_10H);
+        let charges = PriceTable::charge_all(&together, &run);
+        assert_eq!(charges, expected);
+        let exhausted: Vec<bool> = charges
+            .iter()
+            .map(|c| c.as_ref().unwrap().budget_exhausted)
+            .collect();
+        // key_a: 2, 4, 4 (again), 6 (the day's budget), 8; key_b: 2, 4 (its own budget, 3).
+        assert_eq!(exhausted, [false, false, false, false, true, true, true]);
+        for key in ["spent:key_a", "spent:key_b"] {
+            assert_eq!(together.counter(key), one_by_one.counter(key), "{key}");
+        }
+        assert_eq!(together.counter("spent:key_a"), Some(8_000_000));
+        // Charged again, the run adds nothing and reads the same spend.
+        let again = PriceTable::charge_all(&together, &run[..1]);
+        assert_eq!(again[0].as_ref().unwrap().budgets[0].spent, 8.0);
+        assert_eq!(together.counter("spent:key_a"), Some(8_000_000));
+    }
+
+    /// A configuration error fails every event of the run.
+    #[test]
+    fn a_bad_config_fails_the_whole_run() {
+        let host = MemoryHost::with_config(r#"{"default_budget": -1}"#);
+        let run = [event("r1", "k", "m", 1, 1), event("r2", "k", "m", 1, 1)];
+        let charges = PriceTable::charge_all(&host, &run);
+        assert_eq!(charges.len(), 2);
+        assert!(charges.iter().all(Result::is_err));
+        assert!(host.keys().is_empty());
     }
 
     /// 2026-12-07 (a Monday) 10:00 UTC, in milliseconds.

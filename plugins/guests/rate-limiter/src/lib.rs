@@ -21,8 +21,12 @@
 //! requests and for tokens, the tightest limit that applies.
 //!
 //! State: `rpm:<key>:<window>`, `tpm:<key>:<window>`, `rpm-model:<key>:<window>:<model>`,
-//! `tpm-model:<key>:<window>:<model>` (counters that expire with their window) and
-//! `held:<request id>` (which token counters a request reserved from, until settled).
+//! `tpm-model:<key>:<window>:<model>` (counters that expire with their window), shared by every
+//! replica, and `local:held:<request id>` (which token counters a request reserved from, until
+//! settled), kept in this replica's memory: the gateway settles a request on the replica and
+//! the loaded version that admitted it, so the record never needs the shared store (three
+//! round trips a request on Redis, when it was there). A record lost with its replica only
+//! leaves the request's unspent tokens counted until the window ends: the limits stay exact.
 //!
 //! An invalid plugin config is logged and traps, so the gateway's fail-open or fail-closed
 //! choice for a faulting limiter applies; invalid key metadata is logged and ignored.
@@ -259,8 +263,9 @@ fn clamp(limit: u64) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
+/// A `local:` key: replica-local state (see the module's comment).
 fn held_key(request_id: &str) -> String {
-    format!("held:{request_id}")
+    format!("local:held:{request_id}")
 }
 
 /// The client-facing reason, worded like OpenAI's.
@@ -445,12 +450,15 @@ mod tests {
         let host = host(r#"{"tpm": 1000}"#);
         assert!(WindowLimiter::admit(&host, &admission("r1", 800, "{}")).allow);
         assert!(!WindowLimiter::admit(&host, &admission("r2", 800, "{}")).allow);
+        // The record of what r1 reserved is replica-local state; the counters are shared.
+        assert!(host.kv_get("local:held:r1").is_some());
+        assert!(host.keys().iter().all(|k| k == "local:held:r1" || !k.contains("held")));
 
         WindowLimiter::settle(&host, &settlement("r1", 800, 150));
         let again = WindowLimiter::admit(&host, &admission("r2", 800, "{}"));
         assert!(again.allow);
         assert_eq!(again.headers.remaining_tokens, Some(50));
-        assert_eq!(host.kv_get("held:r1"), None, "settled once");
+        assert_eq!(host.kv_get("local:held:r1"), None, "settled once");
     }
 
     #[test]
