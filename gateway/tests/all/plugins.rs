@@ -418,14 +418,18 @@ async fn rollback_activation_by_hash_canary_and_promotion() {
     assert_eq!(refused.status(), 401);
 }
 
+/// The other replica follows by the store's event, not by its periodic re-read (turned off
+/// here, so nothing else could bring the version). How fast it follows is bench/cluster.sh's to
+/// measure; the bound only keeps a broken follower from hanging the suite.
 #[tokio::test]
-async fn an_activation_reaches_every_replica_within_a_second() {
+async fn an_activation_reaches_every_replica_by_its_event() {
     let redis = RedisServer::start();
     let engine = fast_sim().await;
     let replica = || {
         let mut cfg = with_defaults(vec![upstream("a", engine.base_url())]);
         cfg.store = redis.url();
         cfg.auth.key_secret = Some("s".into());
+        cfg.plugins.resync_interval_secs = 0;
         cfg
     };
     let one = gateway(replica()).await;
@@ -440,7 +444,7 @@ async fn an_activation_reaches_every_replica_within_a_second() {
     assert_eq!(status, 200, "{body}");
     let started = Instant::now();
     wait_until(
-        Duration::from_secs(1),
+        Duration::from_secs(30),
         "the other replica follows",
         || async { slot_status(&two.url(), "router").await["active"]["sha256"] == body["sha256"] },
     )
