@@ -125,6 +125,15 @@ impl PluginsConfig {
                      and warm_max_age_secs above 0"
                 ));
             }
+            if limits.warm_max_instances < limits.warm_instances {
+                return Err(format!(
+                    "plugins.{slot}.warm_max_instances ({}) must be at least warm_instances ({})",
+                    limits.warm_max_instances, limits.warm_instances
+                ));
+            }
+            if limits.warm_idle_secs == 0 {
+                return Err(format!("plugins.{slot}.warm_idle_secs must be at least 1"));
+            }
         }
         if self.fault_threshold == 0 {
             return Err("plugins.fault_threshold must be at least 1".into());
@@ -182,9 +191,19 @@ pub struct SlotLimits {
     /// How calls get their instance: `warm` (the default) reuses a small pool of instances
     /// across calls; `per-call` gives every call a fresh one. See [`Isolation`].
     pub isolation: Isolation,
-    /// Idle warm instances kept per version; calls beyond them at once get a fresh instance,
-    /// kept afterwards while the pool has room.
+    /// Idle warm instances a version keeps however quiet it is: the floor of its pool. The pool
+    /// grows past it to as many instances as calls were in flight at once (a call that finds
+    /// no idle instance makes one and puts it back after), up to `warm_max_instances`, and
+    /// shrinks back to it once instances sat unused for `warm_idle_secs`.
     pub warm_instances: usize,
+    /// Idle warm instances a version keeps at most, after a burst of calls in flight at once
+    /// (calls waiting on a Redis store, a burst of requests); calls beyond them still run, on
+    /// instances made for them and torn down after. Every instance holds a slot of
+    /// `plugins.max_instances` and its linear memory (kilobytes for a compiled plugin,
+    /// megabytes for Python or JavaScript) while it waits.
+    pub warm_max_instances: usize,
+    /// Seconds an idle instance above the floor stays unused before it is torn down.
+    pub warm_idle_secs: u64,
     /// Calls a warm instance serves before it is retired (bounds leaks inside the guest).
     pub warm_max_uses: u32,
     /// Seconds a warm instance lives before it is retired, however few calls it served.
@@ -227,6 +246,8 @@ impl Default for SlotLimits {
             memory_mib: 64,
             isolation: Isolation::Warm,
             warm_instances: 4,
+            warm_max_instances: 64,
+            warm_idle_secs: 10,
             warm_max_uses: 10_000,
             warm_max_age_secs: 60,
             ready_instances: 2,

@@ -1,8 +1,8 @@
 //! One version of a plugin, compiled, checked and ready to call.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use wasmtime::{Store, Trap};
@@ -22,7 +22,8 @@ pub(crate) struct LoadedPlugin {
     ctx: Arc<PluginContext>,
     deadline: Duration,
     memory_cap_bytes: usize,
-    warm: Option<WarmPool>,
+    /// Shared with the task that trims it when idle (which holds it weakly).
+    warm: Option<Arc<WarmPool>>,
     /// Fresh instances made ahead of calls (when not `warm`).
     ready: Option<ReadyPool>,
     /// When recent faults happened, for the automatic rollback.
@@ -41,6 +42,8 @@ struct Instance {
     live: Live,
     uses: u32,
     born: Instant,
+    /// When it was last put back into the warm pool.
+    idle_since: Instant,
 }
 
 /// Used instances waiting to be torn down per version, at most; fewer with a small instance
@@ -70,16 +73,88 @@ struct ReadyPool {
     healthy: AtomicBool,
 }
 
+/// Idle instances of a version, elastic: a call takes the most recently used one; one that
+/// finds none instantiates, and puts its instance back after the call, so the pool grows to as
+/// many instances as calls were in flight at once (up to `max`). Instances idle for
+/// `idle_for` are torn down, least recently used first, down to `floor`: a burst's instances
+/// stay while bursts keep coming, and a pool at rest holds `floor`.
 struct WarmPool {
+    /// Ordered by `idle_since`, oldest first (instances are pushed and popped at the end).
     idle: Mutex<Vec<Instance>>,
-    keep: usize,
+    floor: usize,
+    max: usize,
+    idle_for: Duration,
     max_uses: u32,
     max_age: Duration,
+    /// Set while a task is scheduled to trim the pool back to its floor.
+    trimming: AtomicBool,
+    /// Instances made for calls that found the pool empty, since the version was loaded.
+    instantiated: AtomicU64,
 }
 
 impl WarmPool {
     fn retires(&self, instance: &Instance) -> bool {
         instance.uses >= self.max_uses || instance.born.elapsed() >= self.max_age
+    }
+
+    /// Takes out the instances idle since before `now - idle_for`, past the floor, and those
+    /// due for retirement; the caller tears them down outside the lock. Also says whether the
+    /// pool is still above its floor.
+    fn take_stale(&self, now: Instant) -> (Vec<Instance>, bool) {
+        let mut idle = lock(&self.idle);
+        let spare = idle.len().saturating_sub(self.floor);
+        let stale = idle
+            .iter()
+            .take(spare)
+            .take_while(|instance| {
+                now.saturating_duration_since(instance.idle_since) >= self.idle_for
+            })
+            .count();
+        let mut gone: Vec<Instance> = idle.drain(..stale).collect();
+        let mut kept = Vec::with_capacity(idle.len());
+        for instance in idle.drain(..) {
+            if self.retires(&instance) {
+                gone.push(instance);
+            } else {
+                kept.push(instance);
+            }
+        }
+        *idle = kept;
+        let above = idle.len() > self.floor;
+        (gone, above)
+    }
+
+    /// Starts the task that trims the pool back to its floor once its instances sat idle, unless
+    /// one runs. The task holds the pool weakly: a version swapped out takes its pool with it.
+    fn schedule_trim(self: &Arc<Self>) {
+        if self.trimming.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.trimming.store(false, Ordering::Release);
+            return;
+        };
+        let pool: Weak<WarmPool> = Arc::downgrade(self);
+        let period = self.idle_for;
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(pool) = pool.upgrade() else { return };
+                let (gone, above) = pool.take_stale(Instant::now());
+                drop(gone);
+                if above {
+                    continue;
+                }
+                pool.trimming.store(false, Ordering::Release);
+                // A call may have grown the pool between the trim and the flag's clearing, and
+                // seen the flag still set: look again, and go on if nobody else took over.
+                if lock(&pool.idle).len() <= pool.floor
+                    || pool.trimming.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+            }
+        });
     }
 }
 
@@ -101,11 +176,17 @@ impl LoadedPlugin {
             ctx,
             deadline,
             memory_cap_bytes: limits.memory_bytes(),
-            warm: warm.then(|| WarmPool {
-                idle: Mutex::new(Vec::new()),
-                keep: limits.warm_instances,
-                max_uses: limits.warm_max_uses,
-                max_age: Duration::from_secs(limits.warm_max_age_secs),
+            warm: warm.then(|| {
+                Arc::new(WarmPool {
+                    idle: Mutex::new(Vec::new()),
+                    floor: limits.warm_instances,
+                    max: limits.warm_max_instances.max(limits.warm_instances),
+                    idle_for: Duration::from_secs(limits.warm_idle_secs),
+                    max_uses: limits.warm_max_uses,
+                    max_age: Duration::from_secs(limits.warm_max_age_secs),
+                    trimming: AtomicBool::new(false),
+                    instantiated: AtomicU64::new(0),
+                })
             }),
             ready: (!warm && limits.ready_instances > 0).then(|| ReadyPool {
                 idle: Mutex::new(Vec::new()),
@@ -152,21 +233,7 @@ impl LoadedPlugin {
         call: Call<'_>,
     ) -> Result<Answer, (FaultKind, String)> {
         let _ticking = engine.ticking();
-        let mut instance = match self.take_warm().or_else(|| self.take_ready()) {
-            Some(mut instance) => {
-                instance.store.data_mut().begin_call(self.deadline);
-                instance
-            }
-            None => match self.instantiate(engine).await {
-                Ok(instance) => instance,
-                // The pool is full, maybe of this version's used instances that a starved
-                // refill has not torn down yet: tear them down here and try once more.
-                Err((FaultKind::Host, _)) if self.drop_retired() => {
-                    self.instantiate(engine).await?
-                }
-                Err(fault) => return Err(fault),
-            },
-        };
+        let mut instance = self.checkout(engine).await?;
         instance.store.set_epoch_deadline(1);
         let result = instance.live.call(&mut instance.store, call).await;
         match result {
@@ -189,6 +256,25 @@ impl LoadedPlugin {
         }
     }
 
+    /// The instance for a call: a warm one, else one made ahead, else a fresh one.
+    async fn checkout(&self, engine: &PluginEngine) -> Result<Instance, (FaultKind, String)> {
+        if let Some(mut instance) = self.take_warm().or_else(|| self.take_ready()) {
+            instance.store.data_mut().begin_call(self.deadline);
+            return Ok(instance);
+        }
+        let instance = match self.instantiate(engine).await {
+            Ok(instance) => instance,
+            // The pool is full, maybe of this version's used instances that a starved refill
+            // has not torn down yet: tear them down here and try once more.
+            Err((FaultKind::Host, _)) if self.drop_retired() => self.instantiate(engine).await?,
+            Err(fault) => return Err(fault),
+        };
+        if let Some(warm) = &self.warm {
+            warm.instantiated.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(instance)
+    }
+
     /// A fresh instance, its instantiation on the call's clock (start functions run guest
     /// code).
     async fn instantiate(&self, engine: &PluginEngine) -> Result<Instance, (FaultKind, String)> {
@@ -197,12 +283,16 @@ impl LoadedPlugin {
         store.data_mut().begin_call(self.deadline);
         store.set_epoch_deadline(1);
         match self.prepared.instantiate(&mut store).await {
-            Ok(live) => Ok(Instance {
-                store,
-                live,
-                uses: 0,
-                born: Instant::now(),
-            }),
+            Ok(live) => {
+                let now = Instant::now();
+                Ok(Instance {
+                    store,
+                    live,
+                    uses: 0,
+                    born: now,
+                    idle_since: now,
+                })
+            }
             Err(err) => Err(classify(&err, store.data(), true)),
         }
     }
@@ -302,15 +392,38 @@ impl LoadedPlugin {
         }
     }
 
-    fn put_back(&self, instance: Instance) {
+    /// Keeps a used instance warm, unless it is due for retirement or the pool holds its
+    /// maximum; past the floor, the pool is trimmed once idle (see [`WarmPool`]).
+    fn put_back(&self, mut instance: Instance) {
         let Some(warm) = &self.warm else { return };
         if warm.retires(&instance) {
             return;
         }
-        let mut idle = lock(&warm.idle);
-        if idle.len() < warm.keep {
-            idle.push(instance);
+        instance.idle_since = Instant::now();
+        let above = {
+            let mut idle = lock(&warm.idle);
+            if idle.len() >= warm.max {
+                // Torn down below, outside the lock.
+                None
+            } else {
+                idle.push(instance);
+                Some(idle.len() > warm.floor)
+            }
+        };
+        if above == Some(true) {
+            warm.schedule_trim();
         }
+    }
+
+    /// The warm pool's idle instances now, and the instances made since the version was loaded
+    /// for calls that found none idle (`None` for `per-call` isolation).
+    #[cfg(test)]
+    fn warm_counts(&self) -> Option<(usize, u64)> {
+        let warm = self.warm.as_ref()?;
+        Some((
+            lock(&warm.idle).len(),
+            warm.instantiated.load(Ordering::Relaxed),
+        ))
     }
 
     /// Notes a fault that counts towards a rollback; true when the version crossed the
@@ -428,5 +541,146 @@ pub(crate) fn classify(
         }
         // Otherwise a host import refused the guest (a key too long...): the plugin's doing.
         None => (FaultKind::Trap, message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The warm pool's sizes, on real instances of the default router: calls in flight are
+    //! instances checked out and not yet put back.
+
+    use super::*;
+    use crate::plugins::config::PluginsConfig;
+    use crate::store::MemoryStore;
+
+    async fn router(limits: &SlotLimits) -> (PluginEngine, LoadedPlugin) {
+        let engine = PluginEngine::new(&PluginsConfig::default()).expect("engine");
+        let wasm = Arc::new(garage_plugins::ROUTER_LEAST_LOADED.to_vec());
+        let component = engine.compile("pool-test", wasm).await.expect("compiles");
+        let prepared = engine.prepare(Slot::Router, &component).expect("a router");
+        let ctx = Arc::new(PluginContext::new(
+            Slot::Router,
+            "pool-test",
+            "{}".into(),
+            Arc::new(MemoryStore::new()),
+        ));
+        let info = VersionInfo {
+            sha256: "pool-test".into(),
+            size: 0,
+            config: serde_json::json!({}),
+            activated_at: 0,
+            activated_by: "test".into(),
+        };
+        let deadline = Duration::from_secs(1);
+        let plugin = LoadedPlugin::new(Slot::Router, info, prepared, ctx, deadline, limits, 1);
+        (engine, plugin)
+    }
+
+    fn elastic(floor: usize, max: usize) -> SlotLimits {
+        SlotLimits {
+            warm_instances: floor,
+            warm_max_instances: max,
+            warm_idle_secs: 1,
+            ..SlotLimits::default()
+        }
+    }
+
+    /// `n` calls in flight at once: `n` instances checked out.
+    async fn in_flight(engine: &PluginEngine, plugin: &LoadedPlugin, n: usize) -> Vec<Instance> {
+        let mut instances = Vec::new();
+        for _ in 0..n {
+            let mut instance = plugin.checkout(engine).await.expect("an instance");
+            instance.uses += 1;
+            instances.push(instance);
+        }
+        instances
+    }
+
+    fn finish(plugin: &LoadedPlugin, instances: Vec<Instance>) {
+        for instance in instances {
+            plugin.put_away(instance, true);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_pool_grows_to_the_calls_in_flight_and_trims_back_to_its_floor() {
+        let (engine, plugin) = router(&elastic(2, 6)).await;
+        let burst = in_flight(&engine, &plugin, 5).await;
+        assert_eq!(
+            plugin.warm_counts(),
+            Some((0, 5)),
+            "an empty pool: five made"
+        );
+        finish(&plugin, burst);
+        assert_eq!(plugin.warm_counts(), Some((5, 5)), "all five kept");
+        // The same burst again finds all of its instances warm.
+        let burst = in_flight(&engine, &plugin, 5).await;
+        assert_eq!(plugin.warm_counts(), Some((0, 5)), "none made");
+        finish(&plugin, burst);
+        // Quiet: the trim task takes the pool back to its floor, and no further.
+        let pool = plugin.warm.as_ref().unwrap();
+        let mut idle = 5;
+        for _ in 0..100 {
+            idle = plugin.warm_counts().unwrap().0;
+            if idle <= 2 && !pool.trimming.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(idle, 2, "trimmed to warm_instances");
+        let (gone, above) = pool.take_stale(Instant::now() + Duration::from_secs(3600));
+        assert!(
+            gone.is_empty() && !above,
+            "the floor stays however long it idles"
+        );
+        assert!(
+            !pool.trimming.load(Ordering::Acquire),
+            "the trim task is done"
+        );
+    }
+
+    /// Hostile: a burst far beyond the cap is served (on instances made for it), and keeps only
+    /// the cap; a faulted instance and one past its uses are never put back.
+    #[tokio::test]
+    async fn a_burst_beyond_the_cap_keeps_only_the_cap_and_never_a_faulted_instance() {
+        let mut limits = elastic(1, 4);
+        limits.warm_max_uses = 3;
+        let (engine, plugin) = router(&limits).await;
+        let burst = in_flight(&engine, &plugin, 12).await;
+        assert_eq!(burst.len(), 12);
+        finish(&plugin, burst);
+        assert_eq!(
+            plugin.warm_counts(),
+            Some((4, 12)),
+            "the cap, of twelve made"
+        );
+
+        let mut burst = in_flight(&engine, &plugin, 4).await;
+        assert_eq!(plugin.warm_counts(), Some((0, 12)));
+        let faulted = burst.pop().unwrap();
+        plugin.put_away(faulted, false);
+        let mut worn = burst.pop().unwrap();
+        worn.uses = limits.warm_max_uses;
+        plugin.put_away(worn, true);
+        finish(&plugin, burst);
+        assert_eq!(
+            plugin.warm_counts(),
+            Some((2, 12)),
+            "neither the faulted nor the worn-out instance is back"
+        );
+    }
+
+    /// Hot swap: a version's trim task holds its pool weakly, so a version swapped out (its
+    /// last call finished) is torn down with its instances, trim pending or not.
+    #[tokio::test]
+    async fn a_pending_trim_does_not_keep_a_swapped_out_version_alive() {
+        let (engine, plugin) = router(&elastic(1, 8)).await;
+        let burst = in_flight(&engine, &plugin, 4).await;
+        finish(&plugin, burst);
+        let pool = plugin.warm.as_ref().unwrap();
+        assert!(pool.trimming.load(Ordering::Acquire), "a trim is pending");
+        let weak = Arc::downgrade(pool);
+        drop(plugin);
+        assert!(weak.upgrade().is_none(), "the pool went with its version");
     }
 }

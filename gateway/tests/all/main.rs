@@ -42,4 +42,5 @@ mod traces;
 mod trust;
 mod upstream;
 mod usage;
+mod warm_pool;
 mod webhooks;
