@@ -1045,6 +1045,8 @@ impl Usage {
             // a saturated gateway). On a shared store a replica that
             // dies leaves its events to another, which reads the ledger first; there the marks
             // expire (a delete per event would be a round trip per event).
+            // The same holds for an account's mark of the request as settled (a day of ids
+            // per account, else).
             if self.in_process && !idle {
                 let mut mark = String::new();
                 for entry in &written {
@@ -1052,6 +1054,11 @@ impl Usage {
                     meter_charged_into(&mut mark, &entry.event.request_id);
                     self.store.kv_delete(&mark).await?;
                 }
+                let settled: Vec<&str> = written
+                    .iter()
+                    .map(|entry| entry.event.request_id.as_str())
+                    .collect();
+                self.store.account_forget_settled(&settled).await?;
             }
             processed += entries.len();
             done.extend(entries.into_iter().filter_map(|(lease, _)| lease));

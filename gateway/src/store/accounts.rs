@@ -11,7 +11,7 @@
 //! Time is the caller's (`now_ms`): holds expire and settlements are forgotten by the clock
 //! the gateway passes, so that tests move it instead of sleeping.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 
 /// A hold to place for a request at its admission.
 #[derive(Debug, Clone, PartialEq)]
@@ -108,9 +108,10 @@ pub(super) struct Book {
     spent: i64,
     /// Holds by request id: amount and expiry (Unix ms).
     holds: HashMap<String, (i64, u64)>,
-    /// Settled request ids and until when each is remembered, oldest first.
+    /// Settled request ids and until when each is remembered.
     settled: HashMap<String, u64>,
-    settled_order: VecDeque<(u64, String)>,
+    /// The same, soonest forgotten first; an id forgotten early leaves nothing behind.
+    settled_order: BTreeSet<(u64, String)>,
     /// Period counters: spend and when the counter may be forgotten.
     periods: HashMap<String, (i64, u64)>,
     credits: Vec<CreditRecord>,
@@ -177,15 +178,20 @@ impl Book {
         }
     }
 
-    pub(super) fn settle(&mut self, settle: &SettleRequest<'_>) -> SettleOutcome {
-        while let Some((until, _)) = self.settled_order.front() {
+    /// Settles a request once (see [`SettleRequest`]). The settlements whose time ran out are
+    /// forgotten first, their ids added to `forgotten`.
+    pub(super) fn settle(
+        &mut self,
+        settle: &SettleRequest<'_>,
+        forgotten: &mut Vec<String>,
+    ) -> SettleOutcome {
+        while let Some((until, _)) = self.settled_order.first() {
             if *until > settle.now_ms {
                 break;
             }
-            if let Some((_, id)) = self.settled_order.pop_front()
-                && self.settled.get(&id).is_some_and(|u| *u <= settle.now_ms)
-            {
+            if let Some((_, id)) = self.settled_order.pop_first() {
                 self.settled.remove(&id);
+                forgotten.push(id);
             }
         }
         if self.settled.contains_key(settle.request_id) {
@@ -214,11 +220,25 @@ impl Book {
         self.settled
             .insert(settle.request_id.to_owned(), settle.remember_until_ms);
         self.settled_order
-            .push_back((settle.remember_until_ms, settle.request_id.to_owned()));
+            .insert((settle.remember_until_ms, settle.request_id.to_owned()));
         SettleOutcome::Settled {
             balance: self.balance,
             periods,
         }
+    }
+
+    /// Forgets that `request_id` was settled (its ledger entry is written: see
+    /// [`Store::account_forget_settled`](super::Store::account_forget_settled)).
+    pub(super) fn forget_settled(&mut self, request_id: &str) {
+        if let Some(until) = self.settled.remove(request_id) {
+            self.settled_order.remove(&(until, request_id.to_owned()));
+        }
+    }
+
+    /// Settlements remembered (what [`forget_settled`](Self::forget_settled) frees).
+    #[cfg(test)]
+    pub(super) fn settled_len(&self) -> (usize, usize) {
+        (self.settled.len(), self.settled_order.len())
     }
 
     pub(super) fn release(&mut self, request_id: &str) -> bool {

@@ -43,6 +43,9 @@ struct Inner {
     queues: HashMap<String, Queue>,
     /// Accounts' money, by account id.
     accounts: HashMap<String, Book>,
+    /// Which account's book remembers a request's settlement, until it is forgotten
+    /// ([`Store::account_forget_settled`]) or its time runs out.
+    settled_in: HashMap<String, String>,
 }
 
 /// A kind with a bound: past `max` records, the oldest inserted go.
@@ -548,11 +551,41 @@ impl Store for MemoryStore {
         settle: &SettleRequest<'_>,
     ) -> Result<SettleOutcome, StoreError> {
         let mut inner = self.lock();
-        Ok(inner
+        let inner = &mut *inner;
+        let mut forgotten = Vec::new();
+        let outcome = inner
             .accounts
             .entry(settle.account.to_owned())
             .or_default()
-            .settle(settle))
+            .settle(settle, &mut forgotten);
+        for id in forgotten {
+            if inner
+                .settled_in
+                .get(&id)
+                .is_some_and(|a| a == settle.account)
+            {
+                inner.settled_in.remove(&id);
+            }
+        }
+        if matches!(outcome, SettleOutcome::Settled { .. }) {
+            inner
+                .settled_in
+                .insert(settle.request_id.to_owned(), settle.account.to_owned());
+        }
+        Ok(outcome)
+    }
+
+    async fn account_forget_settled(&self, request_ids: &[&str]) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        for id in request_ids {
+            if let Some(account) = inner.settled_in.remove(*id)
+                && let Some(book) = inner.accounts.get_mut(&account)
+            {
+                book.forget_settled(id);
+            }
+        }
+        Ok(())
     }
 
     async fn account_release(&self, account: &str, request_id: &str) -> Result<bool, StoreError> {
@@ -643,6 +676,76 @@ mod tests {
         assert_eq!(inner.kv.len(), 21, "the 100 expired keys are gone");
         assert!(inner.kv.contains_key("kept"));
         assert!(inner.expiries.len() <= 1, "{}", inner.expiries.len());
+    }
+
+    fn settlement<'a>(account: &'a str, request_id: &'a str, now_ms: u64) -> SettleRequest<'a> {
+        SettleRequest {
+            account,
+            request_id,
+            charge: 10,
+            now_ms,
+            periods: &[],
+            remember_until_ms: now_ms + 1000,
+        }
+    }
+
+    /// An account's mark of a request as settled goes when the ledger says its entry is
+    /// written, and with it every trace of the id; one whose time ran out goes too. Ids the
+    /// store never settled, or settled in another account, are left alone.
+    #[tokio::test]
+    async fn a_forgotten_settlement_leaves_nothing_behind() {
+        let store = MemoryStore::new();
+        let settled = |outcome: SettleOutcome| matches!(outcome, SettleOutcome::Settled { .. });
+        for i in 0..100 {
+            let id = format!("r{i}");
+            assert!(settled(
+                store
+                    .account_settle(&settlement("a", &id, 0))
+                    .await
+                    .unwrap()
+            ));
+        }
+        assert!(settled(
+            store
+                .account_settle(&settlement("b", "other", 0))
+                .await
+                .unwrap()
+        ));
+        assert_eq!(
+            store
+                .account_settle(&settlement("a", "r7", 1))
+                .await
+                .unwrap(),
+            SettleOutcome::AlreadySettled,
+            "remembered until forgotten"
+        );
+        let ids: Vec<String> = (0..100).map(|i| format!("r{i}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        store.account_forget_settled(&ids).await.unwrap();
+        store
+            .account_forget_settled(&["never-settled", "r1"])
+            .await
+            .unwrap();
+        {
+            let inner = store.lock();
+            assert_eq!(inner.accounts["a"].settled_len(), (0, 0));
+            assert_eq!(
+                inner.accounts["b"].settled_len(),
+                (1, 1),
+                "b's own mark stays"
+            );
+            assert_eq!(inner.settled_in.len(), 1);
+        }
+        // Time runs out for b's mark when b next settles: no index entry is left behind.
+        assert!(settled(
+            store
+                .account_settle(&settlement("b", "late", 5000))
+                .await
+                .unwrap()
+        ));
+        let inner = store.lock();
+        assert_eq!(inner.accounts["b"].settled_len(), (1, 1));
+        assert_eq!(inner.settled_in.keys().collect::<Vec<_>>(), ["late"]);
     }
 
     /// A key deleted, or given another expiry, leaves nothing behind: the ledger drops the

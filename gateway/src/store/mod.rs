@@ -242,6 +242,16 @@ pub trait Store: Send + Sync + 'static {
     /// Releases a request's hold without a debit (it failed before producing usage); true when
     /// it held something.
     async fn account_release(&self, account: &str, request_id: &str) -> Result<bool, StoreError>;
+    /// Forgets the settlements of these requests, whose ledger entries are written: on the
+    /// embedded store an event is never handed over again once its entry is written (the
+    /// usage worker takes it from memory once, and skips a request the ledger has), so the
+    /// mark has done its work; kept for [`SETTLED_KEPT`](crate::accounts::SETTLED_KEPT), it was a
+    /// day of request ids per account in memory. A shared store keeps its marks until they
+    /// expire (a replica that dies leaves its events to another): this does nothing there.
+    async fn account_forget_settled(&self, request_ids: &[&str]) -> Result<(), StoreError> {
+        let _ = request_ids;
+        Ok(())
+    }
     /// Adds `delta` micro-credits to an account's balance and appends `entry` to its credit
     /// ledger, in one step; refused when the balance would pass `max_balance`, or when a
     /// negative `delta` would take it below `min_balance`.

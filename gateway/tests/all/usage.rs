@@ -476,6 +476,95 @@ async fn on_a_shared_store_the_meters_marks_are_left_to_expire() {
     );
 }
 
+/// Settles each event into one account, as the gateway does once the meter priced it; then
+/// fails, once, on the events it is told to (a failure after the debit: harsher than the
+/// gateway, which settles last).
+struct SettlingMeter {
+    store: Arc<dyn Store>,
+    fail_once: std::sync::Mutex<Vec<&'static str>>,
+}
+
+#[async_trait]
+impl UsageProcessor for SettlingMeter {
+    async fn process(&self, event: &UsageEvent) -> Result<Outcome, String> {
+        settle_once(&self.store, &event.request_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut fail_once = self.fail_once.lock().unwrap();
+        if let Some(at) = fail_once.iter().position(|id| *id == event.request_id) {
+            fail_once.remove(at);
+            return Err("reward plugin faulted".into());
+        }
+        Ok(Outcome {
+            credits: 1.0,
+            ..Outcome::default()
+        })
+    }
+}
+
+/// Debits one micro-credit for `request_id` from account `acct`; true when it did (false: the
+/// store remembers the request as settled).
+async fn settle_once(
+    store: &Arc<dyn Store>,
+    request_id: &str,
+) -> Result<bool, garage_gateway::store::StoreError> {
+    use garage_gateway::store::{SettleOutcome, SettleRequest};
+    let outcome = store
+        .account_settle(&SettleRequest {
+            account: "acct",
+            request_id,
+            charge: 1,
+            now_ms: 1,
+            periods: &[],
+            remember_until_ms: 24 * 3600 * 1000,
+        })
+        .await?;
+    Ok(matches!(outcome, SettleOutcome::Settled { .. }))
+}
+
+#[tokio::test]
+async fn in_process_a_settlement_is_remembered_until_its_entry_is_written() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let usage = Usage::in_process(store.clone());
+    let meter = SettlingMeter {
+        store: store.clone(),
+        fail_once: std::sync::Mutex::new(vec!["r2"]),
+    };
+    for id in ["r1", "r2", "r3"] {
+        usage.record(event(id, "k1"));
+    }
+    assert_eq!(usage.work_once(&meter).await.unwrap(), 2);
+    // r2 was debited, then failed: remembered while it waits, so that its redelivery is not
+    // debited again.
+    assert!(!settle_once(&store, "r2").await.unwrap());
+    assert_eq!(usage.work_once(&meter).await.unwrap(), 1);
+    let money = store.account_money("acct", 1, &[]).await.unwrap();
+    assert_eq!(money.spent, 3, "r2 debited once over two deliveries");
+    assert_eq!(store.record_count(LEDGER).await.unwrap(), 3);
+    // Written, all three are forgotten: a probe settles each anew (nothing in the gateway
+    // settles a request whose entry the ledger has: the worker skips it).
+    for id in ["r1", "r2", "r3"] {
+        assert!(settle_once(&store, id).await.unwrap(), "{id} forgotten");
+    }
+}
+
+#[tokio::test]
+async fn on_a_shared_store_settlements_are_left_to_expire() {
+    // As the meter's marks: through the store's queue another replica may take an event over.
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let usage = Usage::new(store.clone());
+    let meter = SettlingMeter {
+        store: store.clone(),
+        fail_once: std::sync::Mutex::new(Vec::new()),
+    };
+    queue_raw(&store, &event("r1", "k1")).await;
+    assert_eq!(usage.work_once(&meter).await.unwrap(), 1);
+    assert!(
+        !settle_once(&store, "r1").await.unwrap(),
+        "still remembered"
+    );
+}
+
 #[tokio::test]
 async fn the_default_meters_marks_leave_the_embedded_store_with_their_requests() {
     let engine = fast_sim().await;
