@@ -452,7 +452,11 @@ mod tests {
         assert!(!WindowLimiter::admit(&host, &admission("r2", 800, "{}")).allow);
         // The record of what r1 reserved is replica-local state; the counters are shared.
         assert!(host.kv_get("local:held:r1").is_some());
-        assert!(host.keys().iter().all(|k| k == "local:held:r1" || !k.contains("held")));
+        assert!(
+            host.keys()
+                .iter()
+                .all(|k| k == "local:held:r1" || !k.contains("held"))
+        );
 
         WindowLimiter::settle(&host, &settlement("r1", 800, 150));
         let again = WindowLimiter::admit(&host, &admission("r2", 800, "{}"));
