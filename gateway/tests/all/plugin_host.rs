@@ -1660,8 +1660,8 @@ async fn a_batch_of_events_is_one_call_of_the_meter_and_of_the_reward() {
     assert!(charges.iter().all(Result::is_ok));
     assert_eq!(
         status(&host, Slot::Meter).calls,
-        meter_calls + 3,
-        "100 events: calls of 64 and 36"
+        meter_calls + 8,
+        "100 events: six calls of 16 and one of 4"
     );
 }
 
