@@ -245,8 +245,8 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets the settlements of these requests, whose ledger entries are written: on the
     /// embedded store an event is never handed over again once its entry is written (the
     /// usage worker takes it from memory once, and skips a request the ledger has), so the
-    /// mark has done its work; kept for [`SETTLED_KEPT`](crate::accounts::SETTLED_KEPT), it was a
-    /// day of request ids per account in memory. A shared store keeps its marks until they
+    /// mark has done its work; kept for its `remember_until_ms` (a day), it was a day of
+    /// request ids per account in memory. A shared store keeps its marks until they
     /// expire (a replica that dies leaves its events to another): this does nothing there.
     async fn account_forget_settled(&self, request_ids: &[&str]) -> Result<(), StoreError> {
         let _ = request_ids;
