@@ -448,6 +448,25 @@ pub async fn order(
     if candidates.len() < 2 || !plugins.is_active(plugins::Slot::Router) {
         return candidates;
     }
+    let input = route_input(key_id, model, stream, facts, &candidates);
+    match plugins.route(input).await {
+        Some(order) => order
+            .into_iter()
+            .filter_map(|i| candidates.get(i as usize).cloned())
+            .collect(),
+        None => candidates,
+    }
+}
+
+/// What the router is asked about `candidates`: the request, each candidate's numbers and who
+/// it is, read from the backends now, index for index, in one pass.
+pub fn route_input(
+    key_id: &str,
+    model: &str,
+    stream: bool,
+    facts: &RequestFacts,
+    candidates: &[Arc<Backend>],
+) -> Arc<plugins::RouteInput> {
     let request = plugins::RouteRequest {
         model: model.to_owned(),
         key_id: key_id.to_owned(),
@@ -456,18 +475,19 @@ pub async fn order(
         max_tokens: facts.max_tokens,
         stream,
     };
-    let input = plugins::RouteInput {
+    let mut rows = Vec::with_capacity(candidates.len());
+    let infos: Arc<[Arc<plugins::CandidateInfo>]> = candidates
+        .iter()
+        .map(|b| {
+            rows.push(describe(b));
+            b.info.load_full()
+        })
+        .collect();
+    Arc::new(plugins::RouteInput {
         request,
-        candidates: candidates.iter().map(|b| describe(b)).collect(),
-        infos: candidates.iter().map(|b| b.info.load_full()).collect(),
-    };
-    match plugins.route(Arc::new(input)).await {
-        Some(order) => order
-            .into_iter()
-            .filter_map(|i| candidates.get(i as usize).cloned())
-            .collect(),
-        None => candidates,
-    }
+        candidates: rows,
+        infos,
+    })
 }
 
 fn describe(backend: &Backend) -> plugins::Candidate {

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use garage_gateway::inference::policy;
 use garage_gateway::plugins::{
     Candidate, CandidateInfo, Isolation, PluginHost, PluginsConfig, RouteRequest, Slot, SlotLimits,
     SlotStatus, Trust, candidate_key,
@@ -310,6 +311,89 @@ async fn recorded_routes_replay_through_both_contracts() {
     );
 }
 
+/// The gateway's input to a router is read from the backends at each request, index for index
+/// with the window it was handed: a backend's numbers changed between two requests reach the
+/// router at the second, one cooled down leaves the window, and who a candidate is
+/// (`candidates.describe`) is always the candidate at that index, however the window rotates.
+#[tokio::test]
+async fn the_routers_input_is_the_windows_backends_as_they_are_now() {
+    let dispatch = garage_gateway::config::DispatchConfig::default();
+    let client = Arc::new(garage_gateway::upstream::http_client(&dispatch, None).unwrap());
+    let upstreams: Vec<_> = (0..5)
+        .map(|i| {
+            crate::support::upstream(&format!("rig-{i}"), format!("http://rig-{i}.invalid/v1"))
+        })
+        .collect();
+    let backends = garage_gateway::backends::Backends::from_upstreams(&upstreams, |_| {
+        Ok::<_, ()>(Arc::clone(&client))
+    })
+    .unwrap();
+    let set = backends.snapshot();
+    let model = crate::support::MODEL;
+    let facts = policy::RequestFacts {
+        prefix_hash: 7,
+        prompt_tokens: 100,
+        max_tokens: 64,
+    };
+    let aligned = |candidates: &[Arc<garage_gateway::backends::Backend>]| {
+        let input = policy::route_input("key-1", model, true, &facts, candidates);
+        assert_eq!(input.candidates.len(), candidates.len());
+        assert_eq!(input.infos.len(), candidates.len());
+        for ((backend, row), info) in candidates.iter().zip(&input.candidates).zip(&*input.infos) {
+            assert_eq!(row.key, backend.key);
+            assert_eq!(row.key, candidate_key(&backend.id));
+            assert_eq!(info.id, backend.id);
+        }
+        assert_eq!(input.request.model, model);
+        assert!(input.request.stream);
+        input
+    };
+    // Every rotation of the window stays aligned.
+    let mut firsts = Vec::new();
+    for _ in 0..5 {
+        let window = set.candidates(model).unwrap();
+        aligned(&window);
+        firsts.push(window[0].id.clone());
+    }
+    firsts.sort();
+    firsts.dedup();
+    assert_eq!(firsts.len(), 5, "the window rotates: {firsts:?}");
+
+    // Numbers that change between two requests are the second request's.
+    let window = set.candidates(model).unwrap();
+    let busy = window[2].track();
+    let also = window[2].track();
+    window[3].observe(Duration::from_millis(40), Duration::from_secs(1), 50);
+    let input = aligned(&window);
+    assert_eq!(input.candidates[2].in_flight, 2);
+    assert_eq!(input.candidates[3].latency_ms, 40.0);
+    assert_eq!(input.candidates[3].tokens_per_second, 50.0);
+    assert!(
+        input
+            .candidates
+            .iter()
+            .enumerate()
+            .all(|(i, c)| i == 2 || c.in_flight == 0)
+    );
+    drop((busy, also));
+    let input = aligned(&window);
+    assert_eq!(
+        input.candidates[2].in_flight, 0,
+        "requests that ended are not counted"
+    );
+
+    // A backend cooled down is not in the next window, and no row or info stands for it.
+    let gone = window[1].clone();
+    gone.cool_down(Duration::from_secs(60));
+    for _ in 0..5 {
+        let window = set.candidates(model).unwrap();
+        assert_eq!(window.len(), 4);
+        let input = aligned(&window);
+        assert!(input.candidates.iter().all(|c| c.key != gone.key));
+        assert!(input.infos.iter().all(|info| info.id != gone.id));
+    }
+}
+
 /// The cost of a warm route call over 100 and 1,000 candidates: records (0.4.0, every index
 /// answered after a sort) beside columns (0.6.0's least-loaded, the best 8 in one pass, and
 /// round robin, every index), with every call recorded for replay (the default) and without.
@@ -351,6 +435,87 @@ async fn route_cost_records_against_columns() {
     for host in [&recording, &not_recording] {
         assert_eq!(status(host).faults, Default::default());
     }
+}
+
+/// Where a route call's time goes, at 4, 100 and 1,000 candidates, warm, recording every call
+/// (the default): a router that reads nothing and answers one index (the host's columns,
+/// their copy into the guest, the call and its answer), the default least-loaded router (that
+/// and its scan of every candidate), round robin (that and an answer of every index); then
+/// the gateway's whole route step over a fleet of that many upstreams serving one model (the
+/// healthy window of candidates, the rows the router is handed, the call, the answer mapped
+/// back to backends). Printed, not asserted: `cargo test --release -p garage-gateway --test
+/// all router_columns::route_cost_by_step -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement: run in release with --ignored --nocapture"]
+async fn route_cost_by_step() {
+    let iterations = if cfg!(debug_assertions) { 20 } else { 4000 };
+    let host = host().await;
+    let fleets = [4, 100, 1000].map(|n| (n, candidates(n)));
+    for (name, router, config) in [
+        (
+            "answers [0], reads nothing",
+            ROUTER_SAYS,
+            r#"{"answer": [0]}"#,
+        ),
+        ("least-loaded", ROUTER_LEAST_LOADED, "{}"),
+        ("round-robin", ROUTER_ROUND_ROBIN, "{}"),
+    ] {
+        host.install(Slot::Router, router, config, "bench")
+            .await
+            .unwrap();
+        for (n, (list, infos)) in &fleets {
+            let input = crate::support::route_input(request(), list, infos);
+            let stats = measure(iterations, || async {
+                assert!(host.route(input.clone()).await.is_some());
+            })
+            .await;
+            println!("call, {name:<26} {n:>4} candidates  {stats}");
+        }
+    }
+    host.install(Slot::Router, ROUTER_LEAST_LOADED, "{}", "bench")
+        .await
+        .unwrap();
+    let dispatch = garage_gateway::config::DispatchConfig::default();
+    let client = Arc::new(garage_gateway::upstream::http_client(&dispatch, None).unwrap());
+    let facts = policy::RequestFacts {
+        prefix_hash: 7,
+        prompt_tokens: 100,
+        max_tokens: 64,
+    };
+    for n in [4, 100, 1000] {
+        let upstreams: Vec<_> = (0..n)
+            .map(|i| {
+                crate::support::upstream(&format!("rig-{i}"), format!("http://rig-{i}.invalid/v1"))
+            })
+            .collect();
+        let backends = garage_gateway::backends::Backends::from_upstreams(&upstreams, |_| {
+            Ok::<_, ()>(Arc::clone(&client))
+        })
+        .unwrap();
+        let set = backends.snapshot();
+        let model = crate::support::MODEL;
+        let offered = set.candidates(model).unwrap().len();
+        let window = measure(iterations, || async {
+            assert!(set.candidates(model).unwrap().len() >= 4.min(n));
+        })
+        .await;
+        println!("gateway's window alone,  {n:>4} upstreams ({offered:>3} offered)  {window}");
+        let input = measure(iterations, || async {
+            let candidates = set.candidates(model).unwrap();
+            let input = policy::route_input("key-1", model, false, &facts, &candidates);
+            assert_eq!(input.infos.len(), candidates.len());
+        })
+        .await;
+        println!("... and the router's input, {n:>4} upstreams ({offered:>3} offered)  {input}");
+        let stats = measure(iterations, || async {
+            let candidates = set.candidates(model).unwrap();
+            let order = policy::order(&host, "key-1", model, false, &facts, candidates).await;
+            assert_eq!(order.len(), 8.min(n));
+        })
+        .await;
+        println!("gateway's route step, {n:>4} upstreams ({offered:>3} offered)  {stats}");
+    }
+    assert_eq!(status(&host).faults, Default::default());
 }
 
 async fn measure<F, Fut>(iterations: usize, mut call: F) -> String

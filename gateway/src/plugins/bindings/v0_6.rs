@@ -108,33 +108,50 @@ impl Columns {
         let mut c = SPARE
             .with(|spare| spare.borrow_mut().take())
             .unwrap_or_else(empty);
-        c.key.clear();
-        c.in_flight.clear();
-        c.engine_running.clear();
-        c.engine_waiting.clear();
-        c.kv_cache_usage.clear();
-        c.tokens_per_second.clear();
-        c.latency_ms.clear();
-        c.gpu_utilization.clear();
-        c.gpu_memory_free_bytes.clear();
-        c.trust.clear();
-        c.key.extend(candidates.iter().map(|x| x.key));
-        c.in_flight.extend(candidates.iter().map(|x| x.in_flight));
-        c.engine_running
-            .extend(candidates.iter().map(|x| x.engine_running));
-        c.engine_waiting
-            .extend(candidates.iter().map(|x| x.engine_waiting));
-        c.kv_cache_usage
-            .extend(candidates.iter().map(|x| x.kv_cache_usage));
-        c.tokens_per_second
-            .extend(candidates.iter().map(|x| x.tokens_per_second));
-        c.latency_ms.extend(candidates.iter().map(|x| x.latency_ms));
-        c.gpu_utilization
-            .extend(candidates.iter().map(|x| x.gpu_utilization));
-        c.gpu_memory_free_bytes
-            .extend(candidates.iter().map(|x| x.gpu_memory_free_bytes));
-        c.trust
-            .extend(candidates.iter().map(|x| trust_code(x.trust)));
+        let n = candidates.len();
+        // Each column sized once, then one pass over the rows writes every column: a row is
+        // read once, not once per column.
+        c.key.resize(n, 0);
+        c.in_flight.resize(n, 0);
+        c.engine_running.resize(n, 0);
+        c.engine_waiting.resize(n, 0);
+        c.kv_cache_usage.resize(n, 0.0);
+        c.tokens_per_second.resize(n, 0.0);
+        c.latency_ms.resize(n, 0.0);
+        c.gpu_utilization.resize(n, 0.0);
+        c.gpu_memory_free_bytes.resize(n, 0);
+        c.trust.resize(n, 0);
+        let columns = c
+            .key
+            .iter_mut()
+            .zip(&mut c.in_flight)
+            .zip(&mut c.engine_running)
+            .zip(&mut c.engine_waiting)
+            .zip(&mut c.kv_cache_usage)
+            .zip(&mut c.tokens_per_second)
+            .zip(&mut c.latency_ms)
+            .zip(&mut c.gpu_utilization)
+            .zip(&mut c.gpu_memory_free_bytes)
+            .zip(&mut c.trust);
+        for (
+            x,
+            (
+                ((((((((key, in_flight), running), waiting), kv), speed), latency), gpu), free),
+                trust,
+            ),
+        ) in candidates.iter().zip(columns)
+        {
+            *key = x.key;
+            *in_flight = x.in_flight;
+            *running = x.engine_running;
+            *waiting = x.engine_waiting;
+            *kv = x.kv_cache_usage;
+            *speed = x.tokens_per_second;
+            *latency = x.latency_ms;
+            *gpu = x.gpu_utilization;
+            *free = x.gpu_memory_free_bytes;
+            *trust = trust_code(x.trust);
+        }
         Columns(c)
     }
 }
@@ -230,6 +247,58 @@ mod tests {
         assert_eq!(second.0.key, [7]);
         assert_eq!(second.0.trust, [2]);
         assert_eq!(second.0.key.as_ptr(), buffer, "the spare buffer is reused");
+    }
+
+    /// The spare buffers of a bigger call never leak into a smaller one's columns, nor a
+    /// smaller one's into the next bigger one: every column is exactly this call's rows.
+    #[test]
+    fn columns_are_this_calls_rows_whatever_the_spare_held() {
+        let rows = |n: u64, trust: Trust| -> Vec<Candidate> {
+            (0..n)
+                .map(|i| Candidate {
+                    in_flight: (n + i) as u32,
+                    engine_running: i as u32 * 3,
+                    kv_cache_usage: i as f32 / 100.0,
+                    gpu_memory_free_bytes: n << 20 | i,
+                    ..candidate(n * 1000 + i, trust)
+                })
+                .collect()
+        };
+        for (n, trust) in [
+            (1000, Trust::Suspect),
+            (3, Trust::Verified),
+            (0, Trust::Configured),
+            (40, Trust::Quarantined),
+            (7, Trust::Unverified),
+        ] {
+            let rows = rows(n, trust);
+            let columns = Columns::of(&rows);
+            let c = &columns.0;
+            assert_eq!(c.key, rows.iter().map(|r| r.key).collect::<Vec<_>>());
+            assert_eq!(
+                c.in_flight,
+                rows.iter().map(|r| r.in_flight).collect::<Vec<_>>()
+            );
+            assert_eq!(
+                c.engine_running,
+                rows.iter().map(|r| r.engine_running).collect::<Vec<_>>()
+            );
+            assert_eq!(c.engine_waiting, vec![2; rows.len()]);
+            assert_eq!(
+                c.kv_cache_usage,
+                rows.iter().map(|r| r.kv_cache_usage).collect::<Vec<_>>()
+            );
+            assert_eq!(c.tokens_per_second, vec![40.0; rows.len()]);
+            assert_eq!(c.latency_ms, vec![12.0; rows.len()]);
+            assert_eq!(c.gpu_utilization, vec![0.25; rows.len()]);
+            assert_eq!(
+                c.gpu_memory_free_bytes,
+                rows.iter()
+                    .map(|r| r.gpu_memory_free_bytes)
+                    .collect::<Vec<_>>()
+            );
+            assert_eq!(c.trust, vec![trust_code(trust); rows.len()], "{n} rows");
+        }
     }
 
     #[test]

@@ -113,50 +113,103 @@ impl Router for LeastLoaded {
         } else {
             median_known_speed(speeds).unwrap_or(1.0)
         };
-        let (in_flight, running, waiting) = (
-            candidates.in_flight(),
-            candidates.engine_running(),
-            candidates.engine_waiting(),
-        );
-        let kv = candidates.kv_cache_usage();
-        let rank = |i: usize| {
-            let speed = if is_known(speeds[i]) {
-                f64::from(speeds[i])
+        let top = config.top.min(candidates.len());
+        let mut best = Best::new(top);
+        // One pass over the columns side by side (no index checked against five lengths per
+        // candidate). A candidate is first compared with the worst of the best so far on its
+        // group (preference and trust, 0 unless configured) and score alone: most are
+        // strictly worse and cost one comparison; ties and better ones go through `Rank::cmp`.
+        let columns = candidates
+            .in_flight()
+            .iter()
+            .zip(candidates.engine_running())
+            .zip(candidates.engine_waiting())
+            .zip(speeds)
+            .zip(candidates.kv_cache_usage());
+        let grouped = !prefer.is_empty() || config.prefer_trusted;
+        for (i, ((((&in_flight, &running), &waiting), &speed), &kv)) in columns.enumerate() {
+            let speed = if is_known(speed) {
+                f64::from(speed)
             } else {
                 unknown_speed
             };
-            let load = u64::from(in_flight[i]) + u64::from(running[i]) + u64::from(waiting[i]);
+            let load = u64::from(in_flight) + u64::from(running) + u64::from(waiting);
+            let score = (load + 1) as f64 / speed;
             let index = i as u32;
-            Rank {
-                not_preferred: !preferred(index),
-                trust: if config.prefer_trusted {
-                    trust_rank(candidates.trust(i))
-                } else {
-                    0
-                },
-                score: (load + 1) as f64 / speed,
-                kv_cache_usage: kv[i],
-                index,
-            }
-        };
-        // The best `top` so far, best first: a candidate that does not beat the worst of them
-        // costs one comparison.
-        let top = config.top.min(candidates.len());
-        let mut best: Vec<Rank> = Vec::with_capacity(top + 1);
-        for i in 0..candidates.len() {
-            let candidate = rank(i);
-            if best.len() == top
-                && best
-                    .last()
-                    .is_some_and(|worst| candidate.cmp(worst) != Ordering::Less)
-            {
+            let (not_preferred, trust) = if grouped {
+                (
+                    !preferred(index),
+                    if config.prefer_trusted {
+                        trust_rank(candidates.trust(i))
+                    } else {
+                        0
+                    },
+                )
+            } else {
+                (false, 0)
+            };
+            if best.beats_none(not_preferred, trust, score) {
                 continue;
             }
-            let at = best.partition_point(|kept| kept.cmp(&candidate) == Ordering::Less);
-            best.insert(at, candidate);
-            best.truncate(top);
+            best.offer(Rank {
+                not_preferred,
+                trust,
+                score,
+                kv_cache_usage: kv,
+                index,
+            });
         }
-        Ok(best.into_iter().map(|rank| rank.index).collect())
+        Ok(best.kept.into_iter().map(|rank| rank.index).collect())
+    }
+}
+
+/// The best `top` candidates so far, best first.
+struct Best {
+    kept: Vec<Rank>,
+    top: usize,
+}
+
+impl Best {
+    fn new(top: usize) -> Best {
+        Best {
+            kept: Vec::with_capacity(top + 1),
+            top,
+        }
+    }
+
+    /// Whether a candidate of this group and score is strictly worse than the worst kept
+    /// while they are `top` already, so that it cannot be kept whatever its KV cache and
+    /// index (a NaN score is never strictly worse here: `offer` orders it as `total_cmp`
+    /// does).
+    fn beats_none(&self, not_preferred: bool, trust: u8, score: f64) -> bool {
+        if self.kept.len() < self.top {
+            return false;
+        }
+        let Some(worst) = self.kept.last() else {
+            return true;
+        };
+        match (not_preferred, trust).cmp(&(worst.not_preferred, worst.trust)) {
+            Ordering::Greater => true,
+            Ordering::Less => false,
+            Ordering::Equal => score > worst.score,
+        }
+    }
+
+    /// Keeps `candidate` in its place if it beats the worst kept (or fewer than `top` are).
+    fn offer(&mut self, candidate: Rank) {
+        if self.kept.len() == self.top
+            && self
+                .kept
+                .last()
+                .is_none_or(|worst| candidate.cmp(worst) != Ordering::Less)
+        {
+            return;
+        }
+        let at = self
+            .kept
+            .partition_point(|kept| kept.cmp(&candidate) == Ordering::Less);
+        self.kept.insert(at, candidate);
+        self.kept.truncate(self.top);
     }
 }
 
@@ -373,6 +426,69 @@ mod tests {
                 let (a, b) = (&candidates[a as usize], &candidates[b as usize]);
                 seconds(a)
                     .total_cmp(&seconds(b))
+                    .then(a.kv_cache_usage.total_cmp(&b.kv_cache_usage))
+            });
+            sorted.truncate(top.min(count));
+            assert_eq!(order, sorted, "{count} candidates, top {top}");
+        }
+    }
+
+    /// A candidate skipped after one comparison with the worst kept is never one a full sort
+    /// would keep: with trust ranks (`prefer_trusted`), scores tied by the dozen, KV caches
+    /// tied or not, the answer is the head of a full sort on every key.
+    #[test]
+    fn the_quick_skip_keeps_what_a_full_sort_keeps() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let trusts = [
+            Trust::Configured,
+            Trust::Unverified,
+            Trust::Verified,
+            Trust::Suspect,
+            Trust::Quarantined,
+        ];
+        for (count, top, prefer_trusted) in [
+            (1000, 8, true),
+            (1000, 8, false),
+            (300, 1, true),
+            (50, 20, true),
+            (9, 8, false),
+        ] {
+            let candidates: Vec<Candidate> = (0..count)
+                .map(|i| Candidate {
+                    in_flight: next(3) as u32,
+                    kv_cache_usage: next(2) as f32 / 2.0,
+                    trust: trusts[next(5) as usize],
+                    ..rig(&format!("rig-{i}"), 0, [20.0, 40.0][next(2) as usize])
+                })
+                .collect();
+            let config = format!(r#"{{"top": {top}, "prefer_trusted": {prefer_trusted}}}"#);
+            let host = MemoryHost::with_config(config);
+            let columns = Candidates::from(&candidates[..]);
+            let order = LeastLoaded::route(&host, &RouteRequest::default(), &columns).unwrap();
+            let key = |c: &Candidate| {
+                let trust = if prefer_trusted {
+                    trust_rank(c.trust)
+                } else {
+                    0
+                };
+                (
+                    trust,
+                    (c.load() + 1) as f64 / f64::from(c.tokens_per_second),
+                )
+            };
+            let mut sorted: Vec<u32> = (0..count as u32).collect();
+            sorted.sort_by(|&a, &b| {
+                let (a, b) = (&candidates[a as usize], &candidates[b as usize]);
+                let ((trust_a, score_a), (trust_b, score_b)) = (key(a), key(b));
+                trust_a
+                    .cmp(&trust_b)
+                    .then(score_a.total_cmp(&score_b))
                     .then(a.kv_cache_usage.total_cmp(&b.kv_cache_usage))
             });
             sorted.truncate(top.min(count));
