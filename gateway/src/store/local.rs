@@ -10,11 +10,12 @@
 //! that would pass it removes expired keys, then the keys that expire soonest (Redis's
 //! `volatile-ttl`); when only keys without a TTL are left, the write fails.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::StoreError;
+use super::memory::{HashMap as Map, counter, live};
 
 /// What one loaded version's local keys may hold, keys and values together, each key counted
 /// with [`ENTRY_OVERHEAD_BYTES`] more: about 140,000 of the default rate limiter's records of a
@@ -25,8 +26,6 @@ pub const LOCAL_KV_BUDGET_BYTES: usize = 16 << 20;
 const ENTRY_OVERHEAD_BYTES: usize = 96;
 /// Expired keys removed per write, at most (as in the embedded store).
 const EXPIRED_PER_WRITE: usize = 8;
-
-type Map<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
 
 /// One loaded version's replica-local keys.
 pub struct LocalKv {
@@ -93,7 +92,7 @@ impl LocalKv {
     /// `kv.incr`: adds `delta` (a missing key counts as 0); the TTL applies on creation only.
     pub fn incr(&self, key: &str, delta: i64, ttl: Option<Duration>) -> Result<i64, StoreError> {
         let mut inner = self.lock();
-        let (value, expiry) = inner.counter(key, ttl)?;
+        let (value, expiry) = counter(&inner.kv, key, ttl)?;
         let next = value.saturating_add(delta);
         inner.put(key, next.to_string().into_bytes(), expiry, self.budget)?;
         Ok(next)
@@ -108,7 +107,7 @@ impl LocalKv {
         ttl: Option<Duration>,
     ) -> Result<Option<i64>, StoreError> {
         let mut inner = self.lock();
-        let (value, expiry) = inner.counter(key, ttl)?;
+        let (value, expiry) = counter(&inner.kv, key, ttl)?;
         let next = value.saturating_add(amount);
         if next > limit {
             return Ok(None);
@@ -132,30 +131,7 @@ impl LocalKv {
     }
 }
 
-fn live(entry: &(Vec<u8>, Option<Instant>), now: Instant) -> bool {
-    entry.1.is_none_or(|expiry| expiry > now)
-}
-
 impl Inner {
-    /// The live integer at `key` (0 when missing or expired) and the expiry it keeps.
-    fn counter(
-        &self,
-        key: &str,
-        ttl: Option<Duration>,
-    ) -> Result<(i64, Option<Instant>), StoreError> {
-        let now = Instant::now();
-        match self.kv.get(key) {
-            Some(entry @ (bytes, expiry)) if live(entry, now) => {
-                let value = std::str::from_utf8(bytes)
-                    .ok()
-                    .and_then(|text| text.parse::<i64>().ok())
-                    .ok_or_else(|| StoreError::Corrupt(format!("{key} is not an integer")))?;
-                Ok((value, *expiry))
-            }
-            _ => Ok((0, ttl.map(|ttl| now + ttl))),
-        }
-    }
-
     fn remove(&mut self, key: &str) {
         if let Some((name, (value, expiry))) = self.kv.remove_entry(key) {
             self.bytes -= cost(&name, &value);

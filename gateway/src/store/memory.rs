@@ -15,7 +15,7 @@ use super::{
 
 /// Hash maps with foldhash instead of std's SipHash (several lookups per request; see
 /// docs/journal/benchmarks.md). Seeded per process, like std's: keys can come from clients.
-type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::quality::RandomState>;
+pub(super) type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::quality::RandomState>;
 
 #[derive(Default)]
 struct Inner {
@@ -212,19 +212,20 @@ impl Inner {
     }
 }
 
-fn live(entry: &(Vec<u8>, Option<Instant>), now: Instant) -> bool {
+/// Whether a kv entry has not expired (also the replica-local keys' rule, `store::local`).
+pub(super) fn live(entry: &(Vec<u8>, Option<Instant>), now: Instant) -> bool {
     entry.1.is_none_or(|expiry| expiry > now)
 }
 
-/// The live integer at `key` (0 when missing or expired) and the expiry it keeps: its own, or
-/// `ttl` from now for a counter about to be created.
-fn counter(
-    inner: &Inner,
+/// The live integer at `key` in `kv` (0 when missing or expired) and the expiry it keeps: its
+/// own, or `ttl` from now for a counter about to be created. Shared with `store::local`.
+pub(super) fn counter(
+    kv: &HashMap<Arc<str>, (Vec<u8>, Option<Instant>)>,
     key: &str,
     ttl: Option<Duration>,
 ) -> Result<(i64, Option<Instant>), StoreError> {
     let now = Instant::now();
-    match inner.kv.get(key) {
+    match kv.get(key) {
         Some(entry @ (bytes, expiry)) if live(entry, now) => {
             let value = std::str::from_utf8(bytes)
                 .ok()
@@ -301,7 +302,7 @@ impl Store for MemoryStore {
         ttl: Option<Duration>,
     ) -> Result<i64, StoreError> {
         let mut inner = self.lock();
-        let (value, expiry) = counter(&inner, key, ttl)?;
+        let (value, expiry) = counter(&inner.kv, key, ttl)?;
         let next = value.saturating_add(delta);
         inner.put_kv(key, next.to_string().into_bytes(), expiry);
         Ok(next)
@@ -315,7 +316,7 @@ impl Store for MemoryStore {
         ttl: Option<Duration>,
     ) -> Result<Option<i64>, StoreError> {
         let mut inner = self.lock();
-        let (value, expiry) = counter(&inner, key, ttl)?;
+        let (value, expiry) = counter(&inner.kv, key, ttl)?;
         let next = value.saturating_add(amount);
         if next > limit {
             return Ok(None);
