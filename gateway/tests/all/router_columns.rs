@@ -317,17 +317,7 @@ async fn recorded_routes_replay_through_both_contracts() {
 /// (`candidates.describe`) is always the candidate at that index, however the window rotates.
 #[tokio::test]
 async fn the_routers_input_is_the_windows_backends_as_they_are_now() {
-    let dispatch = garage_gateway::config::DispatchConfig::default();
-    let client = Arc::new(garage_gateway::upstream::http_client(&dispatch, None).unwrap());
-    let upstreams: Vec<_> = (0..5)
-        .map(|i| {
-            crate::support::upstream(&format!("rig-{i}"), format!("http://rig-{i}.invalid/v1"))
-        })
-        .collect();
-    let backends = garage_gateway::backends::Backends::from_upstreams(&upstreams, |_| {
-        Ok::<_, ()>(Arc::clone(&client))
-    })
-    .unwrap();
+    let backends = fleet(5);
     let set = backends.snapshot();
     let model = crate::support::MODEL;
     let facts = policy::RequestFacts {
@@ -475,23 +465,13 @@ async fn route_cost_by_step() {
     host.install(Slot::Router, ROUTER_LEAST_LOADED, "{}", "bench")
         .await
         .unwrap();
-    let dispatch = garage_gateway::config::DispatchConfig::default();
-    let client = Arc::new(garage_gateway::upstream::http_client(&dispatch, None).unwrap());
     let facts = policy::RequestFacts {
         prefix_hash: 7,
         prompt_tokens: 100,
         max_tokens: 64,
     };
     for n in [4, 100, 1000] {
-        let upstreams: Vec<_> = (0..n)
-            .map(|i| {
-                crate::support::upstream(&format!("rig-{i}"), format!("http://rig-{i}.invalid/v1"))
-            })
-            .collect();
-        let backends = garage_gateway::backends::Backends::from_upstreams(&upstreams, |_| {
-            Ok::<_, ()>(Arc::clone(&client))
-        })
-        .unwrap();
+        let backends = fleet(n);
         let set = backends.snapshot();
         let model = crate::support::MODEL;
         let offered = set.candidates(model).unwrap().len();
@@ -538,4 +518,19 @@ where
     let p50 = samples[iterations / 2];
     let p99 = samples[iterations * 99 / 100];
     format!("mean {mean:>9.1?}  p50 {p50:>9.1?}  p99 {p99:>9.1?}")
+}
+
+/// `n` upstreams serving the test model, named `rig-<i>`, never dialled.
+fn fleet(n: usize) -> garage_gateway::backends::Backends {
+    let dispatch = garage_gateway::config::DispatchConfig::default();
+    let client = Arc::new(garage_gateway::upstream::http_client(&dispatch, None).unwrap());
+    let upstreams: Vec<_> = (0..n)
+        .map(|i| {
+            crate::support::upstream(&format!("rig-{i}"), format!("http://rig-{i}.invalid/v1"))
+        })
+        .collect();
+    garage_gateway::backends::Backends::from_upstreams(&upstreams, |_| {
+        Ok::<_, ()>(Arc::clone(&client))
+    })
+    .unwrap()
 }
