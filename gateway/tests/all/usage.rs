@@ -390,6 +390,23 @@ struct MarkingMeter {
 
 const MARK_PREFIX: &str = "plugin:meter:charged:";
 
+/// A priced outcome, unless `request_id` is one of `fail_once` (taken off it): then the error
+/// of a reward plugin that faults after the meter charged.
+fn fail_once(
+    fail_once: &std::sync::Mutex<Vec<&'static str>>,
+    request_id: &str,
+) -> Result<Outcome, String> {
+    let mut fail_once = fail_once.lock().unwrap();
+    if let Some(at) = fail_once.iter().position(|id| *id == request_id) {
+        fail_once.remove(at);
+        return Err("reward plugin faulted".into());
+    }
+    Ok(Outcome {
+        credits: 1.0,
+        ..Outcome::default()
+    })
+}
+
 #[async_trait]
 impl UsageProcessor for MarkingMeter {
     async fn process(&self, event: &UsageEvent) -> Result<Outcome, String> {
@@ -406,15 +423,7 @@ impl UsageProcessor for MarkingMeter {
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        let mut fail_once = self.fail_once.lock().unwrap();
-        if let Some(at) = fail_once.iter().position(|id| *id == event.request_id) {
-            fail_once.remove(at);
-            return Err("reward plugin faulted".into());
-        }
-        Ok(Outcome {
-            credits: 1.0,
-            ..Outcome::default()
-        })
+        fail_once(&self.fail_once, &event.request_id)
     }
 }
 
@@ -490,15 +499,7 @@ impl UsageProcessor for SettlingMeter {
         settle_once(&self.store, &event.request_id)
             .await
             .map_err(|e| e.to_string())?;
-        let mut fail_once = self.fail_once.lock().unwrap();
-        if let Some(at) = fail_once.iter().position(|id| *id == event.request_id) {
-            fail_once.remove(at);
-            return Err("reward plugin faulted".into());
-        }
-        Ok(Outcome {
-            credits: 1.0,
-            ..Outcome::default()
-        })
+        fail_once(&self.fail_once, &event.request_id)
     }
 }
 
