@@ -58,7 +58,7 @@ fn ask(model: &str, stream: bool) -> Value {
 }
 
 /// Posts a chat request; returns status, request id and body text.
-async fn post(base: &str, key: &str, body: &Value) -> (u16, String, String) {
+pub(crate) async fn post(base: &str, key: &str, body: &Value) -> (u16, String, String) {
     let response = client()
         .post(format!("{base}/v1/chat/completions"))
         .bearer_auth(key)
@@ -290,8 +290,9 @@ async fn a_model_whose_last_rig_left_is_unavailable_not_unknown() {
     }
 }
 
-/// Starts well inside a minute: the default limiter counts in fixed windows of a minute.
-async fn inside_a_minute() {
+/// Starts well inside a minute: the default limiter counts in fixed windows of a minute, and a
+/// test that reads its counters must not see one end.
+pub(crate) async fn inside_a_minute() {
     let into_minute = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -9,21 +9,9 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::cluster::inside_a_minute;
 use crate::support::*;
 use serde_json::{Value, json};
-
-/// Starts well inside a minute: the default limiter counts in fixed windows of a minute, and a
-/// test that reads its counters must not see one end.
-async fn inside_a_minute() {
-    let into_minute = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        % 60_000;
-    if into_minute > 40_000 {
-        tokio::time::sleep(Duration::from_millis(61_000 - into_minute as u64)).await;
-    }
-}
 
 /// A gateway with the default policies on `redis`, in front of `upstream_url`.
 async fn replica(redis: &RedisServer, upstream_url: String) -> garage_gateway::Gateway {
@@ -34,21 +22,7 @@ async fn replica(redis: &RedisServer, upstream_url: String) -> garage_gateway::G
 
 /// Posts a chat request; returns status and request id.
 async fn post(base: &str, key: &str, body: &Value) -> (u16, String) {
-    let response = client()
-        .post(format!("{base}/v1/chat/completions"))
-        .bearer_auth(key)
-        .json(body)
-        .send()
-        .await
-        .expect("gateway answers");
-    let status = response.status().as_u16();
-    let id = response
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let _ = response.bytes().await;
+    let (status, id, _) = crate::cluster::post(base, key, body).await;
     (status, id)
 }
 
