@@ -36,6 +36,8 @@ const GUESTS: &[(&str, &str)] = &[
     ("fixtures/meter-v0-4", "fixture_meter_v0_4"),
     ("fixtures/router-v0-4", "fixture_router_v0_4"),
     ("fixtures/router-says", "fixture_router_says"),
+    ("fixtures/limiter-says", "fixture_limiter_says"),
+    ("fixtures/limiter-v0-4", "fixture_limiter_v0_4"),
 ];
 
 /// Settings of the outer build that must not leak into the guests' build: flags meant for the

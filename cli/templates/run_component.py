@@ -61,7 +61,7 @@ CANDIDATE = {
     "gpu_memory_free_bytes": 0, "trust": "configured",
 }
 CANDIDATE_INFO = {"id": "", "rig": "", "operator": "", "labels": {}}
-# The rate limiter world (0.3.0's, which 0.4.0 keeps).
+# The rate limiter world (0.3.0's, which 0.4.0 keeps; 0.7.0's `admit` answers `unlimited_ms` too).
 ADMISSION = {"request_id": "", "key_id": "", "model": "", "reserved_tokens": 0, "key_metadata": ""}
 SETTLEMENT = {"request_id": "", "key_id": "", "model": "", "reserved_tokens": 0, "used_tokens": 0}
 ENUMS = {

@@ -19,7 +19,7 @@ mod imports {
     #![expect(missing_docs, reason = "generated from the WIT, whose docs it carries")]
 
     wit_bindgen::generate!({
-        path: "../wit/v0.6",
+        path: "../wit/v0.7",
         inline: r#"
             package garage:plugin-sdk;
 
@@ -29,6 +29,7 @@ mod imports {
                 import garage:policy/types@0.4.0;
                 import garage:policy/types@0.5.0;
                 import garage:policy/types@0.6.0;
+                import garage:policy/types@0.7.0;
                 import garage:policy/kv@0.2.0;
                 import garage:policy/clock@0.2.0;
                 import garage:policy/log@0.2.0;
@@ -50,6 +51,8 @@ pub use imports::garage::policy0_4_0::types as wit_v0_4;
 pub use imports::garage::policy0_5_0::types as wit_v0_5;
 /// The records new in `garage:policy@0.6.0`.
 pub use imports::garage::policy0_6_0::types as wit_v0_6;
+/// The records new in `garage:policy@0.7.0`.
+pub use imports::garage::policy0_7_0::types as wit_v0_7;
 
 use imports::garage::policy0_2_0::{clock, config, kv, log};
 
@@ -86,8 +89,8 @@ macro_rules! world {
 }
 
 // The router world is `garage:policy@0.6.0`'s (`wit/v0.6`: candidates as columns, copied into
-// the component a block per column), the rate limiter's 0.4.0's (`wit/v0.4`: an admit that
-// says whether a settle is needed), the meter and reward worlds 0.5.0's (`wit/v0.5`: usage
+// the component a block per column), the rate limiter's 0.7.0's (`wit/v0.7`: an admit that
+// says whether a settle is needed, and whether the key's requests for the model need ask), the meter and reward worlds 0.5.0's (`wit/v0.5`: usage
 // events that carry their quoted price, lists of events, the meter's quote and its `market`
 // import). Every other import stays 0.2.0's.
 world!(
@@ -104,13 +107,13 @@ world!(
 );
 world!(
     rate_limiter,
-    "../wit/v0.4",
-    "garage:policy/rate-limiter@0.4.0",
+    "../wit/v0.7",
+    "garage:policy/rate-limiter@0.7.0",
     "export_rate_limiter_world",
     "garage_plugin_sdk::__private::rate_limiter",
     {
         "garage:policy/types@0.2.0": crate::guest::imports::garage::policy0_2_0::types,
-        "garage:policy/types@0.3.0": crate::guest::imports::garage::policy0_3_0::types,
+        "garage:policy/types@0.7.0": crate::guest::imports::garage::policy0_7_0::types,
     }
 );
 world!(
@@ -294,12 +297,13 @@ pub fn route<P: Router>(
 }
 
 /// `admit` of the `rate-limiter` world, for `export_rate_limiter!`.
-pub fn admit<P: RateLimiter>(request: wit::Admission) -> wit_v0_3::Admitted {
+pub fn admit<P: RateLimiter>(request: wit::Admission) -> wit_v0_7::Admitted {
     let decision = P::admit(&WasmHost, &Admission::from(request));
-    let settle = decision.settle;
-    wit_v0_3::Admitted {
+    let (settle, unlimited_ms) = (decision.settle, decision.unlimited_ms);
+    wit_v0_7::Admitted {
         decision: decision.into(),
         settle,
+        unlimited_ms,
     }
 }
 

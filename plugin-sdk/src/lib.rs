@@ -1,7 +1,7 @@
 //! The SDK for Garage policy plugins (routing, rate limits, metering, rewards) written in Rust.
 //!
 //! A policy is a WebAssembly component implementing one world of the `garage:policy` WIT
-//! package (`wit/`): `router` (0.6.0, `wit/v0.6`), `rate-limiter` (0.4.0), `meter` or
+//! package (`wit/`): `router` (0.6.0, `wit/v0.6`), `rate-limiter` (0.7.0), `meter` or
 //! `reward` (0.5.0). With this crate a plugin is plain Rust:
 //!
 //! 1. implement the slot's trait ([`Router`], [`RateLimiter`], [`Meter`] or [`Reward`]) on a
@@ -373,7 +373,7 @@ macro_rules! export_rate_limiter {
             impl $crate::__private::rate_limiter::Guest for GarageRateLimiterExport {
                 fn admit(
                     request: $crate::__private::wit::Admission,
-                ) -> $crate::__private::wit_v0_3::Admitted {
+                ) -> $crate::__private::wit_v0_7::Admitted {
                     $crate::__private::admit::<$plugin>(request)
                 }
                 fn settle(settlement: $crate::__private::wit::Settlement) {

@@ -483,6 +483,13 @@ pub struct Decision {
     /// default; [`without_settle`](Self::without_settle) for a request the limiter reserved
     /// nothing for that it would adjust (saves the gateway a call per request).
     pub settle: bool,
+    /// A promise that no limit of this limiter applies to this key's requests for this model,
+    /// whatever they reserve: for this many milliseconds the gateway may allow them without
+    /// calling `admit` (0, the default: ask every time). Honoured only with an allow that needs
+    /// no settle and reports no headers, for at most a minute, and forgotten when the plugin
+    /// or its configuration changes; requests admitted on it are not counted by the limiter.
+    /// See [`unlimited_for`](Self::unlimited_for).
+    pub unlimited_ms: u32,
 }
 
 impl Decision {
@@ -500,6 +507,7 @@ impl Decision {
             reason: String::new(),
             headers,
             settle: true,
+            unlimited_ms: 0,
         }
     }
 
@@ -515,6 +523,24 @@ impl Decision {
         Self {
             settle: false,
             ..self
+        }
+    }
+
+    /// An allow that promises the key's requests for this model need not ask for `ms`
+    /// milliseconds: for a key this limiter does not limit at all, whatever its requests
+    /// reserve. Implies [`without_settle`](Self::without_settle); the gateway keeps the promise
+    /// at most a minute, and not at all for a denial or an allow with headers.
+    ///
+    /// ```
+    /// use garage_plugin_sdk::{Decision, RateLimitHeaders};
+    ///
+    /// let free = Decision::allow(RateLimitHeaders::default()).unlimited_for(60_000);
+    /// assert_eq!((free.settle, free.unlimited_ms), (false, 60_000));
+    /// ```
+    pub fn unlimited_for(self, ms: u32) -> Self {
+        Self {
+            unlimited_ms: ms,
+            ..self.without_settle()
         }
     }
 
@@ -534,6 +560,7 @@ impl Decision {
             reason: reason.into(),
             headers,
             settle: false,
+            unlimited_ms: 0,
         }
     }
 }

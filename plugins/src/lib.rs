@@ -127,10 +127,21 @@ pub mod fixtures {
     /// with the most free GPU memory, then the verified one with the largest key.
     pub const ROUTER_SAYS: &[u8] = component!("fixture_router_says");
 
+    /// A rate limiter of `garage:policy@0.7.0` answering what its config says
+    /// (`{"allow": false, "settle": true, "unlimited_ms": 60000, "remaining_requests": 3}`,
+    /// every field optional), promises included; it counts its `admit` calls in its state
+    /// (`admits`).
+    pub const LIMITER_SAYS: &[u8] = component!("fixture_limiter_says");
+
+    /// A rate limiter built against `garage:policy@0.4.0` with wit-bindgen alone (no SDK),
+    /// standing for a limiter from before 0.7.0: it allows `{"limit": N}` requests per key in
+    /// all (default 2), nothing to settle, and can promise nothing.
+    pub const LIMITER_V0_4: &[u8] = component!("fixture_limiter_v0_4");
+
     /// The fixtures, by name: `fixture-infinite-loop`, `fixture-memory-bomb`, `fixture-trap`,
     /// `fixture-wrong-world`, `fixture-huge-output`, `fixture-picky-meter`,
     /// `fixture-meter-v0-3`, `fixture-meter-v0-4`, `fixture-router-v0-4`,
-    /// `fixture-router-says`.
+    /// `fixture-router-says`, `fixture-limiter-says`, `fixture-limiter-v0-4`.
     pub fn all() -> &'static [(&'static str, &'static [u8])] {
         const ALL: &[(&str, &[u8])] = &[
             ("fixture-infinite-loop", INFINITE_LOOP),
@@ -143,6 +154,8 @@ pub mod fixtures {
             ("fixture-meter-v0-4", METER_V0_4),
             ("fixture-router-v0-4", ROUTER_V0_4),
             ("fixture-router-says", ROUTER_SAYS),
+            ("fixture-limiter-says", LIMITER_SAYS),
+            ("fixture-limiter-v0-4", LIMITER_V0_4),
         ];
         ALL
     }

@@ -34,6 +34,9 @@ pub(crate) struct LoadedPlugin {
     last_fault_log: Mutex<Option<Instant>>,
     /// This version's recent quotes, when it is a meter (see `PluginHost::quote`).
     pub quotes: crate::plugins::host::QuoteCache,
+    /// This version's promises of keys it does not limit, when it is a rate limiter (see
+    /// `PluginHost::admit_reserving`).
+    pub unlimited: crate::plugins::host::Unlimited,
 }
 
 /// An instance with its store.
@@ -200,6 +203,7 @@ impl LoadedPlugin {
             rollback_requested: AtomicBool::new(false),
             last_fault_log: Mutex::new(None),
             quotes: Default::default(),
+            unlimited: Default::default(),
         }
     }
 

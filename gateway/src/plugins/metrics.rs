@@ -31,6 +31,10 @@ pub struct PluginMetrics {
     /// `garage_plugin_restores_total{slot}`: slots the store lost (a Redis that came back
     /// empty) and the gateway reinstalled.
     pub restores: IntCounterVec,
+    /// `garage_plugin_admissions_promised_total{role}`: requests the gateway allowed without
+    /// calling the rate limiter, on its promise that it does not limit their key and model
+    /// (`garage:policy@0.7.0`).
+    pub promised: IntCounterVec,
     /// The series every call touches, resolved on first use (`with_label_values` hashes the
     /// labels and takes the vector's lock each time; two per call on the request path).
     per_call: Arc<PerCall>,
@@ -41,6 +45,7 @@ pub struct PluginMetrics {
 struct PerCall {
     calls: [[OnceLock<IntCounter>; 2]; 4],
     durations: [OnceLock<Histogram>; 4],
+    promised: [OnceLock<IntCounter>; 2],
 }
 
 impl PluginMetrics {
@@ -84,12 +89,22 @@ impl PluginMetrics {
             &["slot"],
         )
         .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
+        let promised = IntCounterVec::new(
+            Opts::new(
+                "garage_plugin_admissions_promised_total",
+                "Requests allowed without calling the rate limiter, on its promise that it does \
+                 not limit their key and model, by the role of its version",
+            ),
+            &["role"],
+        )
+        .unwrap_or_else(|e| unreachable!("static metric definition: {e}"));
         PluginMetrics {
             calls,
             faults,
             call_duration,
             rollbacks,
             restores,
+            promised,
             per_call: Arc::default(),
         }
     }
@@ -98,6 +113,13 @@ impl PluginMetrics {
     pub fn count_call(&self, slot: Slot, role: &'static str) {
         let cell = &self.per_call.calls[slot.index()][usize::from(role == "canary")];
         cell.get_or_init(|| self.calls.with_label_values(&[slot.as_str(), role]))
+            .inc();
+    }
+
+    /// Counts a request allowed on a promise of the rate limiter's version of `role`.
+    pub fn count_promised(&self, role: &'static str) {
+        self.per_call.promised[usize::from(role == "canary")]
+            .get_or_init(|| self.promised.with_label_values(&[role]))
             .inc();
     }
 
@@ -116,6 +138,7 @@ impl PluginMetrics {
             Box::new(self.call_duration.clone()),
             Box::new(self.rollbacks.clone()),
             Box::new(self.restores.clone()),
+            Box::new(self.promised.clone()),
         ]
     }
 

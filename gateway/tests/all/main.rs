@@ -18,6 +18,7 @@ mod config_ui;
 mod console;
 mod counting;
 mod hostile;
+mod limiter_promises;
 mod local_state;
 mod market;
 mod messages;

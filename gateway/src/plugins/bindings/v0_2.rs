@@ -219,9 +219,11 @@ impl Live {
                 store.data_mut().set_candidates(None);
                 Answer::Route(answer?)
             }
-            (Live::RateLimiter(limiter), Call::Admit(admission)) => {
-                Answer::Admit(limiter.call_admit(store, admission).await?, true)
-            }
+            (Live::RateLimiter(limiter), Call::Admit(admission)) => Answer::Admit {
+                decision: limiter.call_admit(store, admission).await?,
+                settle: true,
+                unlimited_ms: 0,
+            },
             (Live::RateLimiter(limiter), Call::Settle(settlement)) => {
                 limiter.call_settle(store, settlement).await?;
                 Answer::Settle

@@ -107,7 +107,11 @@ impl Live {
         Ok(match (self, call) {
             (Live::RateLimiter(limiter), Call::Admit(admission)) => {
                 let admitted = limiter.call_admit(store, admission).await?;
-                Answer::Admit(admitted.decision, admitted.settle)
+                Answer::Admit {
+                    decision: admitted.decision,
+                    settle: admitted.settle,
+                    unlimited_ms: 0,
+                }
             }
             (Live::RateLimiter(limiter), Call::Settle(settlement)) => {
                 limiter.call_settle(store, settlement).await?;

@@ -2,6 +2,7 @@
 //! its fallback and fault accounting, and the rate limiter's reservations.
 
 use super::*;
+use crate::plugins::host::unlimited;
 use crate::plugins::replay::{Input, Outcome};
 
 impl PluginHost {
@@ -45,23 +46,55 @@ impl PluginHost {
     /// [`admit`](Self::admit), with the version of the limiter that allowed the request: its
     /// settlement goes to that version ([`settle_with`](Self::settle_with)), whatever was
     /// promoted or rolled back meanwhile. No reservation when the fallback decided.
+    ///
+    /// A limiter of `garage:policy@0.7.0` may promise that it does not limit a key's requests
+    /// for a model: while the promise holds, such a request is allowed here without a call
+    /// (counted in `garage_plugin_admissions_promised_total`).
     pub async fn admit_reserving(&self, admission: &Admission) -> Option<LimiterAnswer> {
         let pick = Pick::Hash(&admission.request_id);
-        let (plugin, answer) = self
-            .call(Slot::RateLimiter, pick, Call::Admit(admission))
-            .await?;
+        let (plugin, role) = self.pick(Slot::RateLimiter, pick)?;
+        if plugin.unlimited.covers(admission, Instant::now()) {
+            self.metrics.count_promised(role);
+            let answer = LimiterAnswer {
+                decision: unlimited::promised_decision(),
+                reservation: None,
+                by_fallback: false,
+            };
+            self.observe(
+                Slot::RateLimiter,
+                || self.is_canary(&plugin),
+                || Input::Admit(admission.clone()),
+                Outcome::Admit(Some(true)),
+            );
+            return Some(answer);
+        }
+        let answer = self.call_on(&plugin, role, Call::Admit(admission)).await;
         let checked = match answer {
-            Ok(Answer::Admit(decision, settle)) => Ok((check_decision(decision), settle)),
+            Ok(Answer::Admit {
+                decision,
+                settle,
+                unlimited_ms,
+            }) => Ok((check_decision(decision), settle, unlimited_ms)),
             Ok(other) => Err(unexpected(&other)),
             Err(fault) => Err(fault),
         };
         let answer = match self.settle_answer(&plugin, checked) {
-            // A limiter of 0.3.0 may say that the request reserved nothing to settle.
-            Ok((decision, settle)) => LimiterAnswer {
-                reservation: (decision.allow && settle).then(|| Reservation(plugin.clone())),
-                decision,
-                by_fallback: false,
-            },
+            // A limiter of 0.3.0 may say that the request reserved nothing to settle; one of
+            // 0.7.0 that it does not limit the key's requests for the model at all.
+            Ok((decision, settle, unlimited_ms)) => {
+                plugin.unlimited.remember(
+                    admission,
+                    &decision,
+                    settle,
+                    unlimited_ms,
+                    Instant::now(),
+                );
+                LimiterAnswer {
+                    reservation: (decision.allow && settle).then(|| Reservation(plugin.clone())),
+                    decision,
+                    by_fallback: false,
+                }
+            }
             Err(_) => LimiterAnswer {
                 decision: self.fallback_decision(),
                 reservation: None,
@@ -448,15 +481,19 @@ impl PluginHost {
         pick: Pick<'_>,
         call: Call<'_>,
     ) -> Option<(Arc<LoadedPlugin>, Result<Answer, (FaultKind, String)>)> {
-        let cell = self.cell(slot);
-        let bundle = cell.bundle.load_full();
-        let (plugin, role) = match &bundle.canary {
-            Some((canary, percent)) if pick.draw() < *percent => (canary.clone(), "canary"),
-            _ => (bundle.active.clone()?, "active"),
-        };
-        drop(bundle);
+        let (plugin, role) = self.pick(slot, pick)?;
         let answer = self.call_on(&plugin, role, call).await;
         Some((plugin, answer))
+    }
+
+    /// The version of `slot` a call goes to (canary or active), and its role. `None`: the
+    /// slot is empty for this call.
+    fn pick(&self, slot: Slot, pick: Pick<'_>) -> Option<(Arc<LoadedPlugin>, &'static str)> {
+        let bundle = self.cell(slot).bundle.load();
+        match &bundle.canary {
+            Some((canary, percent)) if pick.draw() < *percent => Some((canary.clone(), "canary")),
+            _ => Some((bundle.active.clone()?, "active")),
+        }
     }
 
     /// Calls `plugin`, a version of its slot, as `role` (`active` or `canary`, for metrics).

@@ -1,17 +1,20 @@
 //! [`PluginHost`]: the slots, their versions, and calls into them.
 //!
 //! By concern: the registry ([`admin`]), calls ([`calls`]), checks of the answers
-//! ([`checks`]) and keeping current across replicas ([`sync`]).
+//! ([`checks`]), a rate limiter's promises of keys it does not limit ([`unlimited`]) and
+//! keeping current across replicas ([`sync`]).
 
 mod admin;
 mod calls;
 mod checks;
 mod replay;
 mod sync;
+mod unlimited;
 
 pub(crate) use calls::QuoteCache;
 pub use calls::{LimiterAnswer, Reservation};
 use checks::*;
+pub(crate) use unlimited::Unlimited;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};

@@ -213,7 +213,7 @@ fn outcome_of(
                 Err((kind, _)) => fault(kind),
             }
         }
-        Ok(Answer::Admit(decision, _)) => (Outcome::Admit(Some(decision.allow)), None),
+        Ok(Answer::Admit { decision, .. }) => (Outcome::Admit(Some(decision.allow)), None),
         Ok(Answer::Settle) => (Outcome::Settled, None),
         Ok(Answer::Charge(mut charges)) if charges.len() == 1 => match charges.pop() {
             Some(Ok(charge)) => match check_charge(charge) {

@@ -28,6 +28,11 @@
 //! round trips a request on Redis, when it was there). A record lost with its replica only
 //! leaves the request's unspent tokens counted until the window ends: the limits stay exact.
 //!
+//! A key and model to which no limit applies (none in the key's metadata, none in the config)
+//! are promised unlimited for a minute (`garage:policy@0.7.0`): the gateway then admits their
+//! requests without calling the limiter, until the promise ends or the key's metadata or this
+//! config changes.
+//!
 //! An invalid plugin config is logged and traps, so the gateway's fail-open or fail-closed
 //! choice for a faulting limiter applies; invalid key metadata is logged and ignored.
 
@@ -101,6 +106,11 @@ impl RateLimiter for WindowLimiter {
         let window = FixedWindow::new(config.window_ms).at(host.now_ms());
         let metadata = key_limits(host, request);
         let checks = checks(&config, &metadata, request, &window);
+        if checks.is_empty() {
+            // No limit for this key and model, in its metadata or the config: none will apply
+            // until either changes, and the gateway forgets the promise when they do.
+            return Decision::allow(RateLimitHeaders::default()).unlimited_for(UNLIMITED_MS);
+        }
 
         let mut headers = Headers::default();
         let mut taken: Vec<&Check> = Vec::new();
@@ -258,6 +268,10 @@ fn checks(config: &Config, key: &Limits, request: &Admission, window: &Window) -
         .collect()
 }
 
+/// How long a key and model without limits are promised to stay so (the gateway keeps a
+/// promise at most a minute, and forgets it when the key's metadata or this config changes).
+const UNLIMITED_MS: u32 = 60_000;
+
 /// Limits beyond `i64::MAX` are as good as none; `kv.reserve` counts in `s64`.
 fn clamp(limit: u64) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
@@ -360,11 +374,36 @@ mod tests {
         let decision = WindowLimiter::admit(&host, &admission("r1", 100, "{}"));
         assert_eq!(
             decision,
-            Decision::allow(RateLimitHeaders::default()).without_settle(),
-            "nothing reserved, nothing to settle"
+            Decision::allow(RateLimitHeaders::default()).unlimited_for(60_000),
+            "nothing reserved, nothing to settle, and none of this key's requests need ask"
         );
+        assert!(!decision.settle);
         WindowLimiter::settle(&host, &settlement("r1", 100, 10));
         assert!(host.keys().is_empty());
+    }
+
+    /// A promise is made only where no limit applies: for a key limited on one model, its
+    /// requests for another model are promised, its requests for that model never are.
+    #[test]
+    fn only_a_key_and_model_without_any_limit_are_promised_unlimited() {
+        let host = host("{}");
+        let meta = r#"{"models": {"m": {"rpm": 100}}}"#;
+        let limited = WindowLimiter::admit(&host, &admission("r1", 10, meta));
+        assert!(limited.allow);
+        assert_eq!(limited.unlimited_ms, 0, "the key is limited on m");
+        let other = Admission {
+            model: "other".into(),
+            ..admission("r2", 10, meta)
+        };
+        assert_eq!(WindowLimiter::admit(&host, &other).unlimited_ms, 60_000);
+        for (config, meta) in [
+            (r#"{"tpm": 1000}"#, "{}"),
+            ("{}", r#"{"rpm": 5}"#),
+            (r#"{"models": {"m": {"tpm": 9}}}"#, "{}"),
+        ] {
+            let decision = WindowLimiter::admit(&self::host(config), &admission("r3", 1, meta));
+            assert_eq!(decision.unlimited_ms, 0, "{config} {meta}");
+        }
     }
 
     #[test]

@@ -18,7 +18,9 @@ impl RateLimiter for Policy {
         // A bad config traps: the gateway's fail-open or fail-closed setting decides.
         let config: Limits = config::parse(host).unwrap_or_else(|err| panic!("{err}"));
         let Some(rpm) = key.rpm.or(config.rpm) else {
-            return Decision::allow(RateLimitHeaders::default()).without_settle();
+            // No limit for this key: the gateway need not ask again about its requests for a
+            // minute (it forgets the promise when this config or the key's metadata changes).
+            return Decision::allow(RateLimitHeaders::default()).unlimited_for(60_000);
         };
         let window = FixedWindow::new(60_000).at(host.now_ms());
         let counter = window.key(&format!("rpm:{}", request.key_id));
