@@ -139,14 +139,7 @@ impl PluginHost {
             } else {
                 "The rate limiter is unavailable; retry shortly.".to_owned()
             },
-            headers: RateLimitHeaders {
-                limit_requests: None,
-                remaining_requests: None,
-                reset_requests_ms: None,
-                limit_tokens: None,
-                remaining_tokens: None,
-                reset_tokens_ms: None,
-            },
+            headers: no_headers(),
         }
     }
 

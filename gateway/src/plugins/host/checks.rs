@@ -39,6 +39,18 @@ pub(super) fn check_route(
     Ok(order)
 }
 
+/// `x-ratelimit-*` values of an answer that reports none (the gateway's own allow or refusal).
+pub(super) fn no_headers() -> RateLimitHeaders {
+    RateLimitHeaders {
+        limit_requests: None,
+        remaining_requests: None,
+        reset_requests_ms: None,
+        limit_tokens: None,
+        remaining_tokens: None,
+        reset_tokens_ms: None,
+    }
+}
+
 pub(super) fn check_decision(mut decision: Decision) -> Decision {
     if decision.reason.chars().count() > MAX_REASON_CHARS {
         decision.reason = cut(&decision.reason, MAX_REASON_CHARS);

@@ -64,7 +64,7 @@ impl Unlimited {
         now: Instant,
     ) {
         let honoured =
-            unlimited_ms > 0 && decision.allow && !settle && no_headers(&decision.headers);
+            unlimited_ms > 0 && decision.allow && !settle && reports_none(&decision.headers);
         let mut promises = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let about = about(admission);
         if !honoured {
@@ -95,7 +95,7 @@ impl Unlimited {
     }
 }
 
-fn no_headers(h: &RateLimitHeaders) -> bool {
+fn reports_none(h: &RateLimitHeaders) -> bool {
     [
         h.limit_requests,
         h.remaining_requests,
@@ -114,14 +114,7 @@ pub fn promised_decision() -> Decision {
         allow: true,
         retry_after_ms: 0,
         reason: String::new(),
-        headers: RateLimitHeaders {
-            limit_requests: None,
-            remaining_requests: None,
-            reset_requests_ms: None,
-            limit_tokens: None,
-            remaining_tokens: None,
-            reset_tokens_ms: None,
-        },
+        headers: super::no_headers(),
     }
 }
 
