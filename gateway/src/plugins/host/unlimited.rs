@@ -15,12 +15,12 @@ pub const MAX_PROMISE: Duration = Duration::from_secs(60);
 /// are dropped and, if none was, a new promise is not kept (its key's requests keep asking).
 const MAX_PROMISES: usize = 16_384;
 
-/// Who a promise is about: the admission's key, model and key metadata, as the limiter saw
-/// them.
+/// Who a promise is about: the admission's key and model, and a hash of the key's metadata
+/// (which can be large), as the limiter saw them.
 struct Promise {
     key_id: String,
     model: String,
-    key_metadata: String,
+    metadata: u64,
     until: Instant,
 }
 
@@ -28,19 +28,23 @@ impl Promise {
     fn is_for(&self, admission: &Admission) -> bool {
         self.key_id == admission.key_id
             && self.model == admission.model
-            && self.key_metadata == admission.key_metadata
+            && self.metadata == hash(&admission.key_metadata)
     }
 }
 
-/// One version's promises, by a hash of what they are about (checked in full on a hit, so a
-/// collision only costs a call).
+/// One version's promises, by a hash of what they are about (the key and model checked in
+/// full on a hit, so a collision of that hash only costs a call).
 #[derive(Default)]
 pub(crate) struct Unlimited(Mutex<HashMap<u64, Promise>>);
 
-fn about(admission: &Admission) -> u64 {
+fn hash(value: impl Hash) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (&admission.key_id, &admission.model, &admission.key_metadata).hash(&mut hasher);
+    value.hash(&mut hasher);
     hasher.finish()
+}
+
+fn about(admission: &Admission) -> u64 {
+    hash((&admission.key_id, &admission.model, &admission.key_metadata))
 }
 
 impl Unlimited {
@@ -83,7 +87,7 @@ impl Unlimited {
             Promise {
                 key_id: admission.key_id.clone(),
                 model: admission.model.clone(),
-                key_metadata: admission.key_metadata.clone(),
+                metadata: hash(&admission.key_metadata),
                 until: now + kept,
             },
         );
