@@ -64,7 +64,7 @@ pub fn all() -> &'static [(&'static str, &'static [u8])] {
 pub fn world(name: &str) -> Option<&'static str> {
     Some(match name {
         "router-round-robin" | "router-least-loaded" | "router-prefix-affinity" => "router",
-        "rate-limiter" => "rate-limiter",
+        "rate-limiter" | "fixture-limiter-says" | "fixture-limiter-v0-4" => "rate-limiter",
         "meter"
         | "fixture-wrong-world"
         | "fixture-picky-meter"
@@ -83,7 +83,10 @@ pub fn world(name: &str) -> Option<&'static str> {
 
 /// Hostile components, built from real source like the defaults, for the host's tests. Every
 /// one but the meters ([`WRONG_WORLD`](fixtures::WRONG_WORLD),
-/// [`PICKY_METER`](fixtures::PICKY_METER), [`METER_V0_3`](fixtures::METER_V0_3)) is a router. Garbage bytes need no fixture.
+/// [`PICKY_METER`](fixtures::PICKY_METER), [`METER_V0_3`](fixtures::METER_V0_3),
+/// [`METER_V0_4`](fixtures::METER_V0_4)) and the rate limiters
+/// ([`LIMITER_SAYS`](fixtures::LIMITER_SAYS), [`LIMITER_V0_4`](fixtures::LIMITER_V0_4)) is a
+/// router. Garbage bytes need no fixture.
 pub mod fixtures {
     /// A router that never returns: the epoch deadline must interrupt it.
     pub const INFINITE_LOOP: &[u8] = component!("fixture_infinite_loop");
