@@ -25,10 +25,10 @@ struct Promise {
 }
 
 impl Promise {
-    fn is_for(&self, admission: &Admission) -> bool {
+    fn is_for(&self, admission: &Admission, metadata: u64) -> bool {
         self.key_id == admission.key_id
             && self.model == admission.model
-            && self.metadata == hash(&admission.key_metadata)
+            && self.metadata == metadata
     }
 }
 
@@ -50,10 +50,11 @@ fn about(admission: &Admission) -> u64 {
 impl Unlimited {
     /// Whether a promise covers `admission` at `now`: the gateway may allow it without a call.
     pub fn covers(&self, admission: &Admission, now: Instant) -> bool {
+        let (about, metadata) = (about(admission), hash(&admission.key_metadata));
         let promises = self.0.lock().unwrap_or_else(|p| p.into_inner());
         promises
-            .get(&about(admission))
-            .is_some_and(|promise| promise.until > now && promise.is_for(admission))
+            .get(&about)
+            .is_some_and(|promise| promise.until > now && promise.is_for(admission, metadata))
     }
 
     /// Keeps what the limiter answered `admission`, if it is a promise the gateway honours: an
@@ -69,8 +70,8 @@ impl Unlimited {
     ) {
         let honoured =
             unlimited_ms > 0 && decision.allow && !settle && reports_none(&decision.headers);
+        let (about, metadata) = (about(admission), hash(&admission.key_metadata));
         let mut promises = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let about = about(admission);
         if !honoured {
             promises.remove(&about);
             return;
@@ -87,7 +88,7 @@ impl Unlimited {
             Promise {
                 key_id: admission.key_id.clone(),
                 model: admission.model.clone(),
-                metadata: hash(&admission.key_metadata),
+                metadata,
                 until: now + kept,
             },
         );
