@@ -3,9 +3,11 @@
 //! configuration loads a new version, which starts with none.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
-use std::sync::Mutex;
+use std::hash::BuildHasher;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use foldhash::quality::RandomState;
 
 use crate::plugins::types::{Admission, Decision, RateLimitHeaders};
 
@@ -33,25 +35,19 @@ impl Promise {
 }
 
 /// One version's promises, by a hash of what they are about (the key and model checked in
-/// full on a hit, so a collision of that hash only costs a call).
+/// full on a hit, so a collision of that hash only costs a call). The hashes are seeded per
+/// version: the model is the client's to name.
 #[derive(Default)]
-pub(crate) struct Unlimited(Mutex<HashMap<u64, Promise>>);
-
-fn hash(value: impl Hash) -> u64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    value.hash(&mut hasher);
-    hasher.finish()
-}
-
-fn about(admission: &Admission) -> u64 {
-    hash((&admission.key_id, &admission.model, &admission.key_metadata))
+pub(crate) struct Unlimited {
+    seed: RandomState,
+    promises: Mutex<HashMap<u64, Promise, RandomState>>,
 }
 
 impl Unlimited {
     /// Whether a promise covers `admission` at `now`: the gateway may allow it without a call.
     pub fn covers(&self, admission: &Admission, now: Instant) -> bool {
-        let (about, metadata) = (about(admission), hash(&admission.key_metadata));
-        let promises = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (about, metadata) = self.about(admission);
+        let promises = self.lock();
         promises
             .get(&about)
             .is_some_and(|promise| promise.until > now && promise.is_for(admission, metadata))
@@ -70,8 +66,8 @@ impl Unlimited {
     ) {
         let honoured =
             unlimited_ms > 0 && decision.allow && !settle && reports_none(&decision.headers);
-        let (about, metadata) = (about(admission), hash(&admission.key_metadata));
-        let mut promises = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let (about, metadata) = self.about(admission);
+        let mut promises = self.lock();
         if !honoured {
             promises.remove(&about);
             return;
@@ -94,9 +90,22 @@ impl Unlimited {
         );
     }
 
+    /// The hash of what `admission` is about, and the hash of its key's metadata (part of it).
+    fn about(&self, admission: &Admission) -> (u64, u64) {
+        let metadata = self.seed.hash_one(&admission.key_metadata);
+        let about = self
+            .seed
+            .hash_one((&admission.key_id, &admission.model, metadata));
+        (about, metadata)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Promise, RandomState>> {
+        self.promises.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
+        self.lock().len()
     }
 }
 
