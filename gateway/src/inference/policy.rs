@@ -367,7 +367,8 @@ pub async fn admit(
         key_id: key.id.clone(),
         model: model.to_owned(),
         reserved_tokens: facts.reserved_tokens(),
-        key_metadata: serde_json::Value::Object(key.metadata.clone()).to_string(),
+        // Written from the key's map as it is (a JSON object cannot fail to serialize).
+        key_metadata: serde_json::to_string(&key.metadata).unwrap_or_else(|_| "{}".to_owned()),
     };
     let Some(plugins::LimiterAnswer {
         decision,
